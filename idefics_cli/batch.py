@@ -1,0 +1,234 @@
+"""Batch: which pages to do, in what order, and the background queue that feeds the model.
+
+Contract:
+- `walk(inputs)` expands files, folders (recursive; hidden entries skipped; symlinked folders followed
+  once, so loops are safe) and quoted globs into a sorted, de-duplicated list of `Input(path, rel)`;
+  `rel` is the path relative to the folder or glob root it came from (used for `--out DIR` and shards).
+- `in_shard(rel, index, count)`: a document belongs to shard `sha1(rel) % count`, stable as files are added.
+- `done_keys(records)`: the (sha256, page, settings) keys that already have an `ok` record.
+- `prefetch(...)` runs document opening, rasterization and preprocessing in a background thread and
+  yields ready `Batch`es (or `Failure`s) through a bounded queue, so memory stays flat in the number of
+  pages and the model never waits on the CPU.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from queue import Queue
+
+from .errors import IdeficsError, classify
+
+GLOB_CHARS = set("*?[")
+
+
+@dataclass(frozen=True)
+class Input:
+    path: str
+    rel: str
+
+
+def walk(inputs: list[str]) -> tuple[list[Input], list[IdeficsError]]:
+    """Expand inputs; returns (documents, errors for inputs that matched nothing)."""
+    found: dict[str, Input] = {}
+    errors = []
+    for given in inputs:
+        if given == "-":
+            found["-"] = Input("-", "stdin")
+        elif os.path.isdir(given):
+            for path in _walk_dir(given):
+                found.setdefault(os.path.realpath(path), Input(path, os.path.relpath(path, given)))
+        elif os.path.lexists(given) or not (GLOB_CHARS & set(given)):
+            if not os.path.exists(given):
+                errors.append(IdeficsError("not_found", "no such file or folder", path=given))
+            else:
+                found.setdefault(os.path.realpath(given), Input(given, os.path.basename(given)))
+        else:
+            root = _glob_root(given)
+            matches = sorted(p for p in glob.glob(given, recursive=True) if os.path.isfile(p))
+            if not matches:
+                errors.append(IdeficsError("not_found", "the pattern matched no file", path=given))
+            for path in matches:
+                found.setdefault(os.path.realpath(path), Input(path, os.path.relpath(path, root)))
+    return sorted(found.values(), key=lambda i: (i.rel, i.path)), errors
+
+
+def _glob_root(pattern: str) -> str:
+    parts = pattern.split(os.sep)
+    fixed = []
+    for part in parts:
+        if GLOB_CHARS & set(part):
+            break
+        fixed.append(part)
+    return os.sep.join(fixed) or "."
+
+
+def _walk_dir(root: str) -> Iterator[str]:
+    seen = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if not name.startswith("."):
+                yield os.path.join(folder, name)
+
+
+def in_shard(rel: str, index: int, count: int) -> bool:
+    digest = hashlib.sha1(rel.encode("utf-8", "surrogateescape")).hexdigest()
+    return int(digest, 16) % count == index
+
+
+def parse_shard(spec: str | None) -> tuple[int, int] | None:
+    from .errors import UsageError
+
+    if not spec:
+        return None
+    try:
+        index, count = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise UsageError(f"bad --shard {spec!r}", "use I/N with 0 <= I < N, e.g. 0/4") from None
+    if count < 1 or not 0 <= index < count:
+        raise UsageError(f"bad --shard {spec!r}", "use I/N with 0 <= I < N, e.g. 0/4")
+    return index, count
+
+
+def done_keys(records: list[dict]) -> set[tuple]:
+    return {(r.get("sha256"), r.get("page"), r.get("settings")) for r in records if r.get("status") == "ok"}
+
+
+@dataclass
+class PageTask:
+    input: Input
+    sha256: str
+    page: int
+    pages: int
+
+
+@dataclass
+class Batch:
+    tasks: list[PageTask]
+    images: list = field(default_factory=list)
+    inputs: object = None
+    preprocess_s: float = 0.0
+
+
+@dataclass
+class Failure:
+    """A document or page that failed before the model: becomes an error record."""
+
+    input: Input
+    error: IdeficsError
+    sha256: str = ""
+    page: int = 0
+    pages: int = 0
+
+
+@dataclass
+class DocumentDone:
+    """All chosen pages of a document have been queued (the writer can finish its .md after them)."""
+
+    input: Input
+    sha256: str
+    pages: list[int]
+    page_count: int
+
+
+def prefetch(docs: list[Input], open_doc, select_pages, is_done, build, batch_size: int, depth: int = 2,
+             stop: threading.Event | None = None, on_pages=None) -> Iterator[Batch | Failure | DocumentDone]:
+    """Yield batches built in a background thread; at most `depth` batches wait in the queue."""
+    import time
+
+    queue: Queue = Queue(maxsize=max(depth, 1))
+    stop = stop or threading.Event()
+    sentinel = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                queue.put(item, timeout=0.1)
+                return True
+            except Exception:  # queue.Full
+                continue
+        return False
+
+    pending: list[tuple[PageTask, object]] = []
+    finished: list[DocumentDone] = []
+
+    def flush() -> bool:
+        """Queue the pending pages as one batch, then the documents they complete."""
+        if pending:
+            t0 = time.perf_counter()
+            batch = Batch([t for t, _ in pending], [im for _, im in pending])
+            pending.clear()
+            try:
+                batch.inputs = build(batch.images)
+                batch.preprocess_s = time.perf_counter() - t0
+                ok = put(batch)
+            except Exception as exc:  # noqa: BLE001 - recorded per page
+                ok = all(put(Failure(t.input, classify(exc, t.input.path, "read"), t.sha256, t.page, t.pages))
+                         for t in batch.tasks)
+            if not ok:
+                return False
+        while finished:
+            if not put(finished.pop(0)):
+                return False
+        return True
+
+    def produce_document(item: Input) -> bool:
+        try:
+            doc = open_doc(item.path)
+        except Exception as exc:  # noqa: BLE001 - recorded for the document
+            return put(Failure(item, classify(exc, item.path, "read")))
+        with doc:
+            try:
+                chosen = select_pages(doc)
+            except Exception as exc:  # noqa: BLE001
+                return put(Failure(item, classify(exc, item.path, "read"), doc.sha256, 0, doc.page_count))
+            todo = [p for p in chosen if not is_done(doc.sha256, p)]
+            if on_pages:
+                on_pages(len(chosen), len(chosen) - len(todo))
+            for page in todo:
+                try:
+                    image = doc.render(page)
+                except Exception as exc:  # noqa: BLE001
+                    if not put(Failure(item, classify(exc, item.path, "read"), doc.sha256, page, doc.page_count)):
+                        return False
+                    continue
+                pending.append((PageTask(item, doc.sha256, page, doc.page_count), image))
+                if len(pending) >= batch_size and not flush():
+                    return False
+            finished.append(DocumentDone(item, doc.sha256, chosen, doc.page_count))
+            return flush() if not pending else True
+
+    def produce():
+        try:
+            for item in docs:
+                if stop.is_set() or not produce_document(item):
+                    return
+            flush()
+        except BaseException as exc:  # noqa: BLE001 - surfaced in the consumer
+            put(exc)
+        finally:
+            put(sentinel)
+
+    thread = threading.Thread(target=produce, name="idefics-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = queue.get()
+            if item is sentinel:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)

@@ -1,0 +1,42 @@
+"""The `idefics` command line: wiring only.
+
+Contract: this package builds the Typer app and registers one small module per command. No module here
+imports torch or transformers at import time, so `idefics --help` stays instant; each command imports the
+library stages it needs when it runs, and hands its body to `output.run()` for errors and exit codes.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from . import ask, transcribe
+
+app = typer.Typer(
+    name="idefics",
+    help="Ask documents questions and transcribe them with Idefics2-8B, locally, 4-bit, on one GPU.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command(epilog=ask.EPILOG)(ask.ask)
+app.command(epilog=transcribe.EPILOG)(transcribe.transcribe)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"idefics-cli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
+    """Ask documents questions and transcribe them with Idefics2-8B, locally, 4-bit, on one GPU."""
+
+
+def entry() -> None:
+    app()

@@ -1,0 +1,64 @@
+"""Options shared by the commands (DESIGN.md §1), declared once as Typer annotations.
+
+Contract: commands take these as parameters and call `model_options(...)` to build the library's
+`ModelOptions`; help panels group them as "Model" and "Document". No heavy imports.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from typing import Annotated
+
+import typer
+
+from ..model import DEFAULT_MODEL, ModelOptions
+
+MODEL_PANEL = "Model"
+DOC_PANEL = "Document"
+
+
+class Quant(str, enum.Enum):
+    bit4 = "4bit"
+    bit8 = "8bit"
+    none = "none"
+
+
+class Dtype(str, enum.Enum):
+    auto = "auto"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+Model = Annotated[str, typer.Option("--model", "-m", envvar="IDEFICS_MODEL", rich_help_panel=MODEL_PANEL,
+                                    help="Hub id or local folder of the model.")]
+Revision = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).",
+                                              rich_help_panel=MODEL_PANEL)]
+QuantOpt = Annotated[Quant, typer.Option("--quant", help="4bit = bitsandbytes nf4 + double quant.",
+                                         rich_help_panel=MODEL_PANEL)]
+DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="auto: bfloat16/float16 on a GPU, float32 on the CPU.",
+                                         rich_help_panel=MODEL_PANEL)]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", rich_help_panel=MODEL_PANEL)]
+Offline = Annotated[bool, typer.Option("--offline", help="Never touch the network; use the local cache only.",
+                                       rich_help_panel=MODEL_PANEL)]
+Split = Annotated[bool, typer.Option("--split/--no-split",
+                                     help="Image splitting: 4 crops + the original (5 x 64 visual tokens).",
+                                     rich_help_panel=MODEL_PANEL)]
+Pages = Annotated[str | None, typer.Option("--pages", "-p", help="1-based pages per document: 3, 1-4, 1,3,7-, -2.",
+                                           rich_help_panel=DOC_PANEL)]
+Dpi = Annotated[int | None, typer.Option(min=10, max=1200, rich_help_panel=DOC_PANEL,
+                                         help="Render PDFs at this DPI (default: longest side 1960 px).")]
+Password = Annotated[str | None, typer.Option(help="Password for encrypted PDFs.", rich_help_panel=DOC_PANEL)]
+
+
+def max_new_tokens_option(default: int):
+    return Annotated[int, typer.Option(min=1, max=32768, help="Most tokens to generate per answer.",
+                                       rich_help_panel=MODEL_PANEL)]
+
+
+def model_options(model: str, revision: str | None, quant: Quant, dtype: Dtype, device: str, offline: bool,
+                  split: bool, max_new_tokens: int) -> ModelOptions:
+    offline = offline or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    return ModelOptions(model=model or DEFAULT_MODEL, revision=revision, quant=quant.value, dtype=dtype.value,
+                        device=device, offline=offline, split=split, max_new_tokens=max_new_tokens)

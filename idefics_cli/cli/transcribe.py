@@ -1,0 +1,152 @@
+"""`idefics transcribe PATH...`: files, folders and globs to page records; batched and resumable.
+
+Contract: inputs are walked (batch.walk), filtered by `--shard`, and every chosen page is transcribed
+once per settings: with `--out` the records file (or folder) is resumed, `--force` redoes pages.
+Without `--out`, JSONL goes to stdout when it is piped and readable text when it is a terminal.
+Progress and the final summary go to stderr. Exit 0 all done, 3 partial, 4 nothing readable.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from . import options as o
+
+EPILOG = """[bold]Examples[/bold]
+
+  idefics transcribe scans/ --out transcripts/          # one .md per document + records.jsonl
+
+  idefics transcribe 'archive/**/*.pdf' --out pages.jsonl
+
+  idefics transcribe invoices/ | jq -r 'select(.status=="ok") | .text'
+
+  idefics transcribe scans/ --out transcripts/          # run again: picks up where it stopped
+
+  idefics transcribe big/ --out part3.jsonl --shard 3/8  # one job of an array of 8
+"""
+
+
+def transcribe(
+    paths: Annotated[list[str], typer.Argument(metavar="PATH...", show_default=False,
+                                               help="Files, folders (recursive) or quoted globs; - for stdin.")],
+    out: Annotated[str | None, typer.Option("--out", "-o", help="A .jsonl file, or a folder (one .md per "
+                                                                 "document + records.jsonl).")] = None,
+    prompt: Annotated[str | None, typer.Option(help="Instruction sent with each page (default: a transcription "
+                                                    "prompt, see README).")] = None,
+    batch_size: Annotated[str, typer.Option(help="Pages per generate call: N or auto.")] = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Redo pages that are already done.")] = False,
+    shard: Annotated[str | None, typer.Option(help="I/N: only the documents of shard I (0-based) of N.")] = None,
+    engine: Annotated[str, typer.Option(help="local, or ray (pip install 'idefics-cli[ray]').")] = "local",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+    pages: o.Pages = None,
+    dpi: o.Dpi = None,
+    password: o.Password = None,
+    model: o.Model = o.DEFAULT_MODEL,
+    revision: o.Revision = None,
+    quant: o.QuantOpt = o.Quant.bit4,
+    dtype: o.DtypeOpt = o.Dtype.auto,
+    device: o.Device = "auto",
+    offline: o.Offline = False,
+    split: o.Split = True,
+    max_new_tokens: o.max_new_tokens_option(1024) = 1024,
+) -> None:
+    """Transcribe every page of files, folders or globs to JSONL records (and Markdown with --out DIR)."""
+    from ..output import Output, run
+
+    output = Output(quiet=quiet)
+    opts = o.model_options(model, revision, quant, dtype, device, offline, split, max_new_tokens)
+    raise typer.Exit(run(lambda: _transcribe(output, paths, out, prompt, batch_size, force, shard, engine, pages,
+                                             dpi, password, opts), output))
+
+
+def _transcribe(output, paths, out, prompt, batch_size, force, shard, engine_name, pages, dpi, password, opts):
+    import os
+
+    from .. import batch as b
+    from ..documents import DEFAULT_LONGEST_SIDE, open_document
+    from ..errors import ExitStatus, UsageError
+    from ..pages import parse_page_spec
+    from ..pipeline import FolderSink, JsonlSink, Settings, StdoutSink, transcribe
+    from ..prompts import TRANSCRIBE_PROMPT
+    from ..records import settings_hash
+
+    if engine_name not in ("local", "ray"):
+        raise UsageError(f"unknown --engine {engine_name!r}", "use local or ray")
+    if engine_name == "ray":
+        raise UsageError("--engine ray is not available in this version", "use --engine local")
+    if batch_size != "auto" and (not batch_size.isdigit() or int(batch_size) < 1):
+        raise UsageError(f"bad --batch-size {batch_size!r}", "use a positive number or auto")
+    spec = parse_page_spec(pages)
+    shard_spec = b.parse_shard(shard)
+    prompt = prompt or TRANSCRIBE_PROMPT
+    docs, missing = b.walk(paths)
+    for err in missing:
+        output.error(err)
+    if shard_spec:
+        docs = [d for d in docs if b.in_shard(d.rel, *shard_spec)]
+    if not docs:
+        if missing:
+            return ExitStatus.INPUT
+        output.warn("no documents to transcribe")
+        return ExitStatus.OK
+
+    settings = Settings(prompt=prompt, max_new_tokens=opts.max_new_tokens, batch_size=1, force=force,
+                        settings=settings_hash(model=opts.model, revision=opts.revision, quant=opts.quant,
+                                               split=opts.split, render=dpi or DEFAULT_LONGEST_SIDE,
+                                               render_unit="dpi" if dpi else "longest_side", prompt=prompt,
+                                               max_new_tokens=opts.max_new_tokens))
+    if out is None:
+        sink = StdoutSink(output, as_json=not output.stdout_tty)
+    elif out.endswith((".jsonl", ".json", ".ndjson")) or (os.path.exists(out) and not os.path.isdir(out)):
+        sink = JsonlSink(out)
+    else:
+        sink = FolderSink(out, docs, settings.settings)
+    try:
+        from ..model import load
+
+        with output.status(f"Loading {opts.model} ({opts.quant})…"):
+            engine = load(opts)
+        settings.batch_size = engine.auto_batch_size() if batch_size == "auto" else int(batch_size)
+        with _progress(output) as progress:
+            summary = transcribe(engine, docs, sink, settings,
+                                 open_doc=lambda path: open_document(path, password=password, dpi=dpi),
+                                 select_pages=lambda doc: spec.resolve(doc.page_count), progress=progress)
+    finally:
+        sink.close()
+    if not output.quiet:
+        output.console.print(summary.line(), markup=False)
+        for line in summary.failures[:20]:
+            output.console.print(f"  failed: {line}", markup=False, style="red")
+    return ExitStatus.INPUT if missing and not (summary.ok + summary.skipped) else (
+        ExitStatus.PARTIAL if missing else summary.exit_status)
+
+
+class _progress:
+    """A Rich progress bar on a terminal's stderr (pages done/total, pages/s, ETA, failures)."""
+
+    def __init__(self, output):
+        self.output = output
+        self.bar = None
+
+    def __enter__(self):
+        if self.output.quiet or not self.output.stderr_tty:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("transcribing"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[rate]:.2f} pages/s"), TimeRemainingColumn(),
+                            TextColumn("[red]{task.fields[failed]} failed"), console=self.output.console)
+        self.bar.start()
+        self.task = self.bar.add_task("pages", total=None, rate=0.0, failed=0)
+        return self.update
+
+    def update(self, summary) -> None:
+        rate = summary.ok / summary.seconds if summary.seconds else 0.0
+        self.bar.update(self.task, total=summary.total, completed=summary.ok + summary.skipped + summary.failed,
+                        rate=rate, failed=summary.failed)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()

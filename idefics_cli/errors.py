@@ -1,0 +1,97 @@
+"""Errors and exit statuses: one table from failure to code to exit status.
+
+Contract: every failure a user can cause raises `IdeficsError(code, message, hint=...)`. The code is one
+of the documented error codes (DESIGN.md §4) or `usage`/`internal`; `EXIT_FOR_CODE` maps it to the
+exit status of DESIGN.md §5. `classify()` turns any exception raised while reading or generating into an
+`IdeficsError` so batch code can record it per page. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitStatus(enum.IntEnum):
+    OK = 0
+    INTERNAL = 1
+    USAGE = 2
+    PARTIAL = 3
+    INPUT = 4
+    MODEL = 5
+    INTERRUPTED = 130
+
+
+INPUT_CODES = (
+    "not_found",
+    "permission_denied",
+    "unsupported_format",
+    "corrupt",
+    "encrypted",
+    "wrong_password",
+    "empty_document",
+    "page_out_of_range",
+    "image_too_large",
+)
+MODEL_CODES = ("model_error", "out_of_memory", "generation_error")
+
+EXIT_FOR_CODE: dict[str, ExitStatus] = {
+    **{code: ExitStatus.INPUT for code in INPUT_CODES},
+    **{code: ExitStatus.MODEL for code in MODEL_CODES},
+    "usage": ExitStatus.USAGE,
+    "output_error": ExitStatus.INPUT,
+    "interrupted": ExitStatus.INTERRUPTED,
+    "internal": ExitStatus.INTERNAL,
+}
+
+
+class IdeficsError(Exception):
+    """A failure with a documented code, a one-line message and an optional hint."""
+
+    def __init__(self, code: str, message: str, hint: str | None = None, path: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.hint = hint
+        self.path = path
+
+    @property
+    def exit_status(self) -> ExitStatus:
+        return EXIT_FOR_CODE.get(self.code, ExitStatus.INTERNAL)
+
+    def one_line(self) -> str:
+        where = f"{self.path}: " if self.path else ""
+        hint = f" ({self.hint})" if self.hint else ""
+        return f"error [{self.code}]: {where}{self.message}{hint}".replace("\n", " ")
+
+    def to_dict(self) -> dict:
+        return {"code": self.code, "message": self.message}
+
+
+class UsageError(IdeficsError):
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__("usage", message, hint)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for CUDA/CPU out-of-memory errors, without importing torch."""
+    name = type(exc).__name__
+    if name == "OutOfMemoryError" or isinstance(exc, MemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def classify(exc: BaseException, path: str | None = None, stage: str = "generate") -> IdeficsError:
+    """Map any exception to an IdeficsError (used to record a failed page and go on)."""
+    if isinstance(exc, IdeficsError):
+        if path and not exc.path:
+            exc.path = path
+        return exc
+    if is_oom(exc):
+        hint = "try --no-split, --batch-size 1 or --quant 4bit"
+        return IdeficsError("out_of_memory", "ran out of memory", hint, path)
+    if isinstance(exc, FileNotFoundError):
+        return IdeficsError("not_found", "no such file", path=path)
+    if isinstance(exc, PermissionError):
+        return IdeficsError("permission_denied", "permission denied", path=path)
+    code = "generation_error" if stage == "generate" else "corrupt"
+    return IdeficsError(code, f"{type(exc).__name__}: {exc}".splitlines()[0][:300], path=path)

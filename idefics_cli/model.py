@@ -1,0 +1,396 @@
+"""The model stage: load Idefics2, build its inputs, and stream its greedy answers.
+
+Contract:
+- `load(options)` returns an `Engine` holding the processor and the model, loaded the way the
+  idefics2-8b model card does it (AutoProcessor + Idefics2ForConditionalGeneration, safetensors only,
+  never remote code, sdpa attention, bitsandbytes nf4 + double quant for `quant="4bit"`). Failures raise
+  `IdeficsError("model_error" | "out_of_memory", ...)` with a hint.
+- `Engine.build_inputs(batch)` turns [(images, question), ...] into processor outputs exactly as
+  `processor.apply_chat_template` + `processor(text=..., images=...)` would (left padding for batches).
+- `Engine.stream_generate(inputs)` yields text pieces as they are generated (greedy, stops at
+  `<end_of_utterance>`); the returned `Generation` then knows the token counts and the finish reason.
+  `Engine.generate(inputs)` is its join; `Engine.generate_batch(inputs)` answers a left-padded batch.
+- Token arithmetic (image tokens per image, context size) is read from the processor and the config,
+  never hard-coded, so Idefics3-style processors work too.
+torch and transformers are imported inside functions only.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from queue import Queue
+
+from .errors import IdeficsError, UsageError, is_oom
+from .prompts import user_turn
+
+DEFAULT_MODEL = "HuggingFaceM4/idefics2-8b"
+QUANT_NAMES = {"4bit": "nf4", "8bit": "int8", "none": "none"}
+
+
+@dataclass
+class ModelOptions:
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    quant: str = "4bit"
+    dtype: str = "auto"
+    device: str = "auto"
+    offline: bool = False
+    split: bool = True
+    max_new_tokens: int = 512
+
+
+@dataclass
+class Generation:
+    """One answer in progress; filled in while `stream_generate` runs."""
+
+    text: str = ""
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    first_token_s: float | None = None
+    total_s: float = 0.0
+    token_ids: list[int] = field(default_factory=list)
+
+
+def quiet_libraries() -> None:
+    """Send transformers/bitsandbytes chatter away from stdout (errors only, no progress bars)."""
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", module="bitsandbytes")
+    warnings.filterwarnings("ignore", module="transformers")
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise IdeficsError("model_error", f"--device {device}: no CUDA GPU is available", "use --device cpu")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+
+
+def quantization_config(quant: str, dtype):
+    from transformers import BitsAndBytesConfig
+
+    if quant == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype)
+    if quant == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def check_local_model(path: str) -> None:
+    """Refuse a local folder that is not a safetensors model, before anything is unpickled."""
+    if not os.path.isdir(path):
+        raise IdeficsError("model_error", f"model folder {path!r} does not exist", "give a hub id or a local folder")
+    names = os.listdir(path)
+    if "config.json" not in names:
+        raise IdeficsError("model_error", f"{path} has no config.json", "is it a saved model folder?")
+    if not any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in names):
+        raise IdeficsError("model_error", f"{path} has no .safetensors weights (only safetensors are loaded)",
+                           "convert the weights to safetensors")
+
+
+def looks_local(model: str) -> bool:
+    return os.path.isabs(model) or model.startswith((".", "~")) or os.path.exists(model) or model.count("/") > 1
+
+
+def is_cached(model: str, revision: str | None) -> bool:
+    """True when config and weights of a hub model are already in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    def cached(name: str) -> bool:
+        return isinstance(try_to_load_from_cache(model, name, revision=revision), str)
+
+    return cached("config.json") and (cached("model.safetensors.index.json") or cached("model.safetensors"))
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe of the hub endpoint, so a machine without network fails in seconds, not minutes."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            return True
+    except OSError:
+        return False
+
+
+def local_only(options: ModelOptions) -> bool:
+    """Whether to load without touching the network: offline, a local folder, or a hub id already cached."""
+    if options.offline or looks_local(options.model):
+        return True
+    if is_cached(options.model, options.revision):
+        return True
+    if not hub_reachable():
+        raise IdeficsError("model_error", f"{options.model} is not in the local cache and the hub cannot be reached",
+                           "run `idefics pull` with network access first, or point --model at a local copy")
+    return False
+
+
+def model_error(exc: BaseException, options: ModelOptions) -> IdeficsError:
+    if is_oom(exc):
+        return IdeficsError("out_of_memory", f"out of memory loading {options.model}", "try --quant 4bit")
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if options.offline or "offline" in text.lower() or "connect" in text.lower() or "local_files_only" in text:
+        hint = "run `idefics pull` with network access first, or point --model at a local copy"
+        return IdeficsError("model_error", f"{options.model} is not in the local cache and the hub cannot be reached",
+                            hint)
+    if "safetensors" in text.lower():
+        return IdeficsError("model_error", f"{options.model}: no safetensors weights (only safetensors are loaded)")
+    if "is not a local folder" in text or "Repository Not Found" in text or "404" in text:
+        return IdeficsError("model_error", f"model {options.model!r} was not found on the hub or on disk",
+                            "check --model, or point it at a local copy")
+    return IdeficsError("model_error", f"cannot load {options.model}: {text[:300]}")
+
+
+class Engine:
+    """A loaded processor + model pair and what is known about it."""
+
+    def __init__(self, processor, model, options: ModelOptions, device: str, dtype, load_s: float):
+        self.processor = processor
+        self.model = model
+        self.options = options
+        self.device = device
+        self.dtype = dtype
+        self.load_s = load_s
+        tokenizer = processor.tokenizer
+        self.image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
+        self.eos_ids = set(self._eos_ids())
+        self.context_size = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        self._lock = threading.Lock()
+
+    def _eos_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+    @property
+    def info(self) -> dict:
+        return {"id": self.options.model, "revision": self.options.revision,
+                "quantization": QUANT_NAMES[self.options.quant], "dtype": str(self.dtype).replace("torch.", ""),
+                "device": self.device}
+
+    # ---- inputs --------------------------------------------------------------------------------
+    def prompt(self, n_images: int, question: str) -> str:
+        return self.processor.apply_chat_template([user_turn(n_images, question)], add_generation_prompt=True)
+
+    def prompt_tokens(self, n_images: int, question: str) -> int:
+        """Exact prompt length in tokens with the images expanded, computed without any pixels."""
+        return len(self.processor(text=[self.prompt(n_images, question)]).input_ids[0])
+
+    def check_context(self, n_images: int, question: str, max_new_tokens: int) -> int:
+        """Refuse up front a prompt that cannot fit the context; returns the prompt length."""
+        total = self.prompt_tokens(n_images, question)
+        if self.context_size and total + max_new_tokens > self.context_size:
+            one = self.prompt_tokens(1, question)
+            fit = (self.context_size - max_new_tokens - one) // (self.prompt_tokens(2, question) - one) + 1
+            raise UsageError(f"{n_images} page images need {total} prompt tokens + {max_new_tokens} new tokens, more "
+                             f"than the model's context of {self.context_size}",
+                             f"at most {max(fit, 0)} pages fit: narrow --pages")
+        return total
+
+    def build_inputs(self, batch: list[tuple[list, str]], split: bool | None = None):
+        """Processor outputs for [(images, question), ...]: one user turn each, left-padded, on the device.
+
+        `split` overrides image splitting for this call only (the out-of-memory fallback).
+        """
+        prompts = [self.prompt(len(images), question) for images, question in batch]
+        images = [list(imgs) for imgs, _ in batch]
+        kwargs = {"padding": True} if len(batch) > 1 else {}
+        with self._lock:
+            image_processor = self.processor.image_processor
+            default = image_processor.do_image_splitting
+            image_processor.do_image_splitting = default if split is None else split
+            try:
+                inputs = self.processor(text=prompts, images=images if any(images) else None, return_tensors="pt",
+                                        **kwargs)
+            finally:
+                image_processor.do_image_splitting = default
+        return inputs.to(self.model.device)
+
+    def auto_batch_size(self) -> int:
+        """Pages per generate call: from free GPU memory on CUDA (about 1.5 GiB a page with split), 4 on CPU."""
+        import torch
+
+        if not self.device.startswith("cuda"):
+            return 4
+        free, _ = torch.cuda.mem_get_info(torch.device(self.device))
+        per_page = (1.5 if self.options.split else 0.4) * 2**30
+        return max(1, min(32, int(free * 0.8 // per_page)))
+
+    def usage(self, inputs, row: int = 0) -> dict:
+        ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()]
+        return {"prompt_tokens": int(ids.numel()), "image_tokens": int((ids == self.image_token_id).sum())}
+
+    # ---- generation ----------------------------------------------------------------------------
+    def _gen_kwargs(self, max_new_tokens: int | None) -> dict:
+        return {"do_sample": False, "max_new_tokens": max_new_tokens or self.options.max_new_tokens}
+
+    def stream_generate(self, inputs, max_new_tokens: int | None = None, generation: Generation | None = None):
+        """Yield text pieces of the greedy answer while it is generated (batch of one)."""
+        import torch
+        from transformers.generation.streamers import BaseStreamer
+
+        gen = generation if generation is not None else Generation()
+        pieces: Queue = Queue()
+        stop = threading.Event()
+        tokenizer = self.processor.tokenizer
+        start = time.perf_counter()
+
+        class _Streamer(BaseStreamer):
+            prompt_seen = False
+
+            def put(self, value):
+                if not self.prompt_seen:
+                    self.prompt_seen = True
+                    return
+                gen.token_ids.extend(int(t) for t in value.reshape(-1).tolist())
+                pieces.put(("tokens", None))
+
+            def end(self):
+                pass
+
+        class _Stop:
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        from transformers import StoppingCriteriaList
+
+        def run():
+            try:
+                with torch.inference_mode():
+                    self.model.generate(**inputs, **self._gen_kwargs(max_new_tokens), streamer=_Streamer(),
+                                        stopping_criteria=StoppingCriteriaList([_Stop()]))
+                pieces.put(("done", None))
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread
+                pieces.put(("error", exc))
+
+        thread = threading.Thread(target=run, name="idefics-generate", daemon=True)
+        thread.start()
+        emitted = ""
+        try:
+            while True:
+                kind, payload = pieces.get()
+                if kind == "error":
+                    raise generation_error(payload)
+                text = tokenizer.decode(self._answer_ids(gen.token_ids), skip_special_tokens=True)
+                if kind == "done":
+                    new = text[len(emitted):] if text.startswith(emitted) else text
+                    if new:
+                        yield new
+                    emitted = text
+                    break
+                if text.endswith("\ufffd") or not text.startswith(emitted):
+                    continue  # an unfinished multi-byte character: wait for the next token
+                if len(text) > len(emitted):
+                    if gen.first_token_s is None:
+                        gen.first_token_s = time.perf_counter() - start
+                    yield text[len(emitted):]
+                    emitted = text
+        finally:
+            stop.set()
+            thread.join()
+        gen.text = emitted
+        gen.completion_tokens = len(gen.token_ids)
+        gen.finish_reason = "stop" if gen.token_ids and gen.token_ids[-1] in self.eos_ids else "length"
+        gen.total_s = time.perf_counter() - start
+        if gen.first_token_s is None:
+            gen.first_token_s = gen.total_s
+
+    def _answer_ids(self, ids: list[int]) -> list[int]:
+        return [i for i in ids if i not in self.eos_ids]
+
+    def generate(self, inputs, max_new_tokens: int | None = None) -> Generation:
+        gen = Generation()
+        for _ in self.stream_generate(inputs, max_new_tokens, gen):
+            pass
+        return gen
+
+    def generate_batch(self, inputs, max_new_tokens: int | None = None) -> list[Generation]:
+        """Greedy answers for a left-padded batch (no streaming)."""
+        import torch
+
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                out = self.model.generate(**inputs, **self._gen_kwargs(max_new_tokens))
+        except Exception as exc:
+            raise generation_error(exc) from exc
+        elapsed = time.perf_counter() - start
+        new = out[:, inputs["input_ids"].shape[1]:].tolist()
+        results = []
+        for ids in new:
+            ended = next((k for k, t in enumerate(ids) if t in self.eos_ids), None)
+            ids = ids[: ended + 1] if ended is not None else ids
+            text = self.processor.tokenizer.decode(self._answer_ids(ids), skip_special_tokens=True)
+            results.append(Generation(text=text, completion_tokens=len(ids), token_ids=ids, total_s=elapsed,
+                                      first_token_s=None, finish_reason="stop" if ended is not None else "length"))
+        return results
+
+
+def generation_error(exc: BaseException) -> IdeficsError:
+    if isinstance(exc, IdeficsError):
+        return exc
+    if is_oom(exc):
+        return IdeficsError("out_of_memory", "ran out of memory while generating",
+                            "try --no-split, fewer pages or --batch-size 1")
+    return IdeficsError("generation_error", f"generation failed: {type(exc).__name__}: {str(exc)[:300]}")
+
+
+def load(options: ModelOptions) -> Engine:
+    """Load processor and model as the model card does, 4-bit by default."""
+    start = time.perf_counter()
+    if options.offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    if looks_local(options.model):
+        check_local_model(options.model)
+    common = {"revision": options.revision, "local_files_only": local_only(options), "trust_remote_code": False}
+    quiet_libraries()
+    import torch
+    from transformers import AutoProcessor, Idefics2ForConditionalGeneration
+
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, device)
+    try:
+        processor = AutoProcessor.from_pretrained(options.model, **common)
+        processor.image_processor.do_image_splitting = options.split
+        processor.tokenizer.padding_side = "left"
+        kwargs = {"dtype": dtype, "use_safetensors": True, "attn_implementation": "sdpa", **common}
+        quant = quantization_config(options.quant, dtype)
+        if quant is not None:
+            if not device.startswith("cuda") and options.quant == "8bit":
+                raise IdeficsError("model_error", "--quant 8bit needs a CUDA GPU", "use --quant 4bit or none")
+            kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": device if device != "cuda" else f"cuda:{torch.cuda.current_device()}"}
+        model = Idefics2ForConditionalGeneration.from_pretrained(options.model, **kwargs)
+        model.eval()
+    except IdeficsError:
+        raise
+    except Exception as exc:  # transformers raises OSError/ValueError/EnvironmentError for these
+        raise model_error(exc, options) from exc
+    return Engine(processor, model, options, device, dtype, time.perf_counter() - start)

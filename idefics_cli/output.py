@@ -1,0 +1,94 @@
+"""Output: the one object that decides what goes to stdout and what to stderr.
+
+Contract: stdout carries data only (answer text, JSON lines, transcriptions), written and flushed piece
+by piece; status, spinners, progress, hints and errors go to stderr through a Rich console. `run()`
+wraps a command body: `IdeficsError` -> one line `error [code]: ...` on stderr and its exit status;
+Ctrl-C/SIGTERM -> exit 130; a closed stdout (`| head -1`) -> a quiet exit; anything else -> a one-line
+internal error (exit 1), with the traceback only when IDEFICS_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import traceback
+
+from .errors import ExitStatus, IdeficsError
+
+
+class Output:
+    def __init__(self, quiet: bool = False):
+        from rich.console import Console
+
+        self.quiet = quiet
+        self.console = Console(stderr=True, highlight=False)
+        self.stdout_tty = sys.stdout.isatty()
+        self.stderr_tty = sys.stderr.isatty()
+
+    # ---- data (stdout) ------------------------------------------------------------------------
+    def write(self, text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def json_line(self, obj: dict) -> None:
+        self.write(json.dumps(obj, ensure_ascii=False) + "\n")
+
+    # ---- status (stderr) ----------------------------------------------------------------------
+    def status(self, message: str):
+        """A spinner on a terminal's stderr; nothing otherwise."""
+        if self.quiet or not self.stderr_tty:
+            return contextlib.nullcontext()
+        return self.console.status(message, spinner="dots")
+
+    def info(self, message: str) -> None:
+        if not self.quiet and self.stderr_tty:
+            self.console.print(message, style="dim")
+
+    def warn(self, message: str) -> None:
+        self.console.print(f"warning: {message}", style="yellow", markup=False)
+
+    def error(self, err: IdeficsError) -> None:
+        self.console.print(err.one_line(), style="bold red" if self.stderr_tty else None, markup=False,
+                           soft_wrap=True)
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run(body, out: Output | None = None) -> int:
+    """Run a command body and turn whatever happens into an exit status (never a traceback)."""
+    out = out or Output()
+    previous = signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        status = body()
+        return int(status or ExitStatus.OK)
+    except IdeficsError as err:
+        if os.environ.get("IDEFICS_DEBUG"):
+            traceback.print_exc()
+        out.error(err)
+        return int(err.exit_status)
+    except KeyboardInterrupt:
+        out.console.print("interrupted", style="yellow")
+        return int(ExitStatus.INTERRUPTED)
+    except BrokenPipeError:
+        _silence_stdout()
+        return int(ExitStatus.OK)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence
+        if os.environ.get("IDEFICS_DEBUG"):
+            traceback.print_exc()
+        msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        out.error(IdeficsError("internal", msg, "this is a bug; rerun with IDEFICS_DEBUG=1 and report it"))
+        return int(ExitStatus.INTERNAL)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _silence_stdout() -> None:
+    """After EPIPE, point stdout at /dev/null so the interpreter's final flush stays quiet."""
+    with contextlib.suppress(Exception):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())

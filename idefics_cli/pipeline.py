@@ -1,0 +1,217 @@
+"""Transcription pipeline: pages in, page records out, through a sink that loses nothing.
+
+Contract: `transcribe(engine, docs, sink, settings)` walks the documents' chosen pages through the
+background prefetch queue, answers them in batches (identical to one page at a time), and hands each
+finished `PageRecord` to the sink at once. A failed document or page becomes an error record and the run
+goes on; a batch that runs out of memory is retried one page at a time, then that page without image
+splitting, before `out_of_memory` is recorded. Sinks: `JsonlSink` (a records file, resumable),
+`FolderSink` (records.jsonl + one `.md` per document, written atomically), `StdoutSink` (JSONL or text).
+Returns a `Summary`; its `exit_status` is 0, 3 (partial) or 4 (nothing readable).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from .batch import Batch, DocumentDone, Failure, Input, done_keys, prefetch
+from .errors import ExitStatus, IdeficsError, classify
+from .records import PageRecord
+from .writers import OutputLock, RecordLog, atomic_write, safe_join
+
+
+@dataclass
+class Settings:
+    prompt: str
+    max_new_tokens: int
+    batch_size: int
+    settings: str
+    force: bool = False
+    pages_spec: object = None
+    password: str | None = None
+    dpi: int | None = None
+
+
+@dataclass
+class Summary:
+    ok: int = 0
+    skipped: int = 0
+    failed: int = 0
+    total: int = 0
+    seconds: float = 0.0
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def exit_status(self) -> ExitStatus:
+        if not self.failed:
+            return ExitStatus.OK
+        return ExitStatus.PARTIAL if self.ok + self.skipped else ExitStatus.INPUT
+
+    def line(self) -> str:
+        rate = self.ok / self.seconds if self.seconds else 0.0
+        return (f"{self.ok} pages transcribed, {self.skipped} already done, {self.failed} failed "
+                f"in {self.seconds:.1f}s ({rate:.2f} pages/s)")
+
+
+class StdoutSink:
+    """JSONL on stdout when piped; each page's text under a header on a terminal."""
+
+    existing: list[dict] = []
+
+    def __init__(self, out, as_json: bool):
+        self.out, self.as_json = out, as_json
+
+    def write(self, record: dict) -> None:
+        if self.as_json:
+            self.out.json_line(record)
+        elif record["status"] == "ok":
+            self.out.write(f"==> {record['path']} [page {record['page']}/{record['pages']}] <==\n{record['text']}\n\n")
+
+    def document_done(self, done: DocumentDone) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class JsonlSink:
+    """Records appended to one .jsonl file, with a lock and crash-safe resume."""
+
+    def __init__(self, path: str):
+        self.lock = OutputLock(path + ".lock").__enter__()
+        self.log = RecordLog(path)
+        self.existing = self.log.existing
+
+    def write(self, record: dict) -> None:
+        self.log.write(record)
+
+    def document_done(self, done: DocumentDone) -> None:
+        pass
+
+    def close(self) -> None:
+        self.log.close()
+        self.lock.__exit__()
+
+
+class FolderSink(JsonlSink):
+    """records.jsonl plus one Markdown file per document, mirroring the input tree."""
+
+    def __init__(self, folder: str, docs: list[Input], settings: str):
+        os.makedirs(folder, exist_ok=True)
+        super().__init__(os.path.join(folder, "records.jsonl"))
+        self.folder, self.settings = folder, settings
+        self.texts: dict[str, dict[int, dict]] = {}
+        for record in self.existing:
+            self._remember(record)
+        stems = [os.path.splitext(d.rel)[0] for d in docs]
+        self.md_rel = {d.rel: (stem if stems.count(stem) == 1 else d.rel) + ".md" for d, stem in zip(docs, stems)}
+
+    def _remember(self, record: dict) -> None:
+        if record.get("settings") == self.settings and record.get("page"):
+            self.texts.setdefault(record.get("sha256", ""), {})[record["page"]] = record
+
+    def md_path(self, rel: str) -> str:
+        return safe_join(self.folder, self.md_rel.get(rel, rel + ".md"))
+
+    def write(self, record: dict) -> None:
+        super().write(record)
+        self._remember(record)
+
+    def document_done(self, done: DocumentDone) -> None:
+        pages = self.texts.pop(done.sha256, {})
+        parts = []
+        for page in done.pages:
+            record = pages.get(page)
+            if record and record.get("status") == "ok":
+                parts.append(f"<!-- page {page} -->\n\n{record['text'].strip()}\n")
+            else:
+                err = (record or {}).get("error") or {"code": "missing", "message": "not transcribed"}
+                parts.append(f"<!-- page {page}: error [{err['code']}] {err['message']} -->\n")
+        atomic_write(self.md_path(done.input.rel), "\n".join(parts))
+
+
+def failure_record(item: Failure, settings: str) -> PageRecord:
+    return PageRecord(path=item.input.path, page=item.page, pages=item.pages, status="error", sha256=item.sha256,
+                      settings=settings, error=item.error.to_dict())
+
+
+def transcribe(engine, docs: list[Input], sink, settings: Settings, open_doc, select_pages, progress=None) -> Summary:
+    summary = Summary()
+    start = time.perf_counter()
+    done = set() if settings.force else done_keys(sink.existing)
+
+    def is_done(sha256: str, page: int) -> bool:
+        return (sha256, page, settings.settings) in done
+
+    def on_pages(total: int, skipped: int) -> None:
+        summary.total += total
+        summary.skipped += skipped
+        if progress:
+            progress(summary)
+
+    def build(images):
+        return engine.build_inputs([([image], settings.prompt) for image in images])
+
+    for item in prefetch(docs, open_doc, select_pages, is_done, build, settings.batch_size, on_pages=on_pages):
+        if isinstance(item, DocumentDone):
+            sink.document_done(item)
+            continue
+        if isinstance(item, Failure):
+            records = [failure_record(item, settings.settings)]
+        else:
+            records = answer_batch(engine, item, settings)
+        for record in records:
+            sink.write(record.to_dict())
+            if record.status == "ok":
+                summary.ok += 1
+            else:
+                summary.failed += 1
+                summary.failures.append(f"{record.path} page {record.page}: {record.error['code']}")
+        summary.seconds = time.perf_counter() - start
+        if progress:
+            progress(summary)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def answer_batch(engine, batch: Batch, settings: Settings) -> list[PageRecord]:
+    """Generate a batch; on out-of-memory fall back to single pages, then to single pages without split."""
+    try:
+        gens = engine.generate_batch(batch.inputs, settings.max_new_tokens)
+    except IdeficsError as err:
+        if err.code != "out_of_memory":
+            return [error_record(task, err, settings) for task in batch.tasks]
+        return [answer_single(engine, task, image, settings) for task, image in zip(batch.tasks, batch.images)]
+    share = batch.preprocess_s / len(batch.tasks)
+    return [ok_record(task, gen, engine.usage(batch.inputs, row), share, settings)
+            for row, (task, gen) in enumerate(zip(batch.tasks, gens))]
+
+
+def answer_single(engine, task, image, settings: Settings) -> PageRecord:
+    """One page alone, and if that runs out of memory too, once more without image splitting."""
+    err = None
+    for split in (None, False) if engine.options.split else (None,):
+        try:
+            t0 = time.perf_counter()
+            inputs = engine.build_inputs([([image], settings.prompt)], split=split)
+            preprocess_s = time.perf_counter() - t0
+            gen = engine.generate_batch(inputs, settings.max_new_tokens)[0]
+            return ok_record(task, gen, engine.usage(inputs), preprocess_s, settings)
+        except Exception as exc:  # noqa: BLE001 - recorded per page
+            err = classify(exc, task.input.path)
+            if err.code != "out_of_memory":
+                break
+    return error_record(task, err, settings)
+
+
+def ok_record(task, gen, usage, preprocess_s: float, settings: Settings) -> PageRecord:
+    return PageRecord(path=task.input.path, page=task.page, pages=task.pages, status="ok", sha256=task.sha256,
+                      settings=settings.settings, text=gen.text, finish_reason=gen.finish_reason,
+                      usage={**usage, "completion_tokens": gen.completion_tokens},
+                      timing={"preprocess_s": round(preprocess_s, 4), "generate_s": round(gen.total_s, 4)})
+
+
+def error_record(task, err: IdeficsError, settings: Settings) -> PageRecord:
+    return PageRecord(path=task.input.path, page=task.page, pages=task.pages, status="error", sha256=task.sha256,
+                      settings=settings.settings, error=err.to_dict())

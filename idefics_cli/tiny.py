@@ -1,0 +1,117 @@
+"""Build a small, randomly initialised Idefics2 with the real idefics2-8b tokenizer and settings.
+
+Contract: `build(out_dir, size="tiny")` writes a folder that loads exactly like HuggingFaceM4/idefics2-8b
+(config, safetensors weights, generation config, processor with the idefics2-8b chat template and image
+settings, tokenizer with ids 32000-32002 for `<fake_token_around_image>`, `<image>`, `<end_of_utterance>`)
+but with tiny random weights. Every linear layer that bitsandbytes quantizes has dimensions that are
+multiples of 64, so the 4-bit path runs on the CPU. Used by the tests, the benchmarks and the offline
+demo; its answers are gibberish by design. The tokenizer is Mistral-7B-v0.1's sentencepiece model, taken
+from the `mistral-common` wheel (needs `pip install 'idefics-cli[test]'`).
+
+    python -m idefics_cli.tiny OUT_DIR [--size tiny|mid|full]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{message['role'].capitalize()}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+GENERATION = {"bos_token_id": 1, "eos_token_id": [2, 32002], "pad_token_id": 0, "bad_words_ids": [[32000], [32001]]}
+PROCESSOR = {"do_image_splitting": True, "size": {"shortest_edge": 378, "longest_edge": 980}}
+
+# (vision hidden, vision mlp, vision layers, vision heads, text hidden, text mlp, text layers, heads, kv heads,
+#  perceiver depth, perceiver heads, perceiver head dim, perceiver kv heads)
+SIZES = {
+    "tiny": (64, 128, 2, 2, 128, 256, 2, 4, 2, 1, 2, 64, 1),
+    "mid": (256, 1024, 4, 4, 1024, 2816, 4, 16, 8, 1, 8, 64, 2),
+    "full": (1152, 4304, 27, 16, 4096, 14336, 32, 32, 8, 3, 16, 96, 4),
+}
+
+
+def tokenizer_model_path() -> str:
+    import mistral_common
+
+    return os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
+
+
+def config(size: str = "tiny"):
+    """The Idefics2Config of the given size (text vocabulary and image arithmetic as idefics2-8b)."""
+    from transformers import Idefics2Config
+
+    vh, vi, vl, vn, th, ti, tl, tn, tkv, pd, pn, phd, pkv = SIZES[size]
+    return Idefics2Config(
+        vision_config=dict(hidden_size=vh, intermediate_size=vi, num_hidden_layers=vl, num_attention_heads=vn,
+                           patch_size=14, image_size=980),
+        perceiver_config=dict(hidden_size=th, rms_norm_eps=1e-5, resampler_n_latents=64, resampler_depth=pd,
+                              resampler_n_heads=pn, resampler_head_dim=phd, num_key_value_heads=pkv),
+        text_config=dict(model_type="mistral", hidden_size=th, intermediate_size=ti, num_hidden_layers=tl,
+                         num_attention_heads=tn, num_key_value_heads=tkv, vocab_size=32003,
+                         max_position_embeddings=32768, rope_theta=10000.0, rms_norm_eps=1e-5, pad_token_id=0),
+        image_token_id=32001,
+        tie_word_embeddings=False,
+    )
+
+
+def build_processor(out_dir: str):
+    """Save the idefics2-8b processor (real tokenizer, chat template, image settings) into out_dir."""
+    from transformers import AutoTokenizer, Idefics2Processor
+    from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
+
+    with tempfile.TemporaryDirectory() as tok_dir:
+        shutil.copy(tokenizer_model_path(), os.path.join(tok_dir, "tokenizer.model"))
+        with open(os.path.join(tok_dir, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                       "unk_token": "<unk>", "pad_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
+                       "legacy": False}, f)
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    image_processor = Idefics2ImageProcessorPil(**PROCESSOR)
+    processor = Idefics2Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=64,
+                                  chat_template=CHAT_TEMPLATE)
+    processor.save_pretrained(out_dir)
+    return processor
+
+
+def build(out_dir: str, size: str = "tiny", seed: int = 0, device: str = "cpu", dtype=None) -> str:
+    """Write a random Idefics2 of `size` with idefics2-8b's tokenizer and settings to out_dir."""
+    import torch
+    from transformers import GenerationConfig, Idefics2ForConditionalGeneration
+
+    os.makedirs(out_dir, exist_ok=True)
+    build_processor(out_dir)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Idefics2ForConditionalGeneration(config(size))
+    if dtype is not None:
+        model = model.to(dtype)
+    model.generation_config = GenerationConfig(**GENERATION)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m idefics_cli.tiny", description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    print(build(args.out_dir, args.size, args.seed), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

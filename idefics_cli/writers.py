@@ -1,0 +1,138 @@
+"""Writers: JSONL records and atomic files that survive crashes (DESIGN.md §6).
+
+Contract:
+- `RecordLog(path)` appends one record per `write()` call as a single line, flushed at once and fsynced
+  at least every `fsync_every` seconds and on close. On open it drops a torn last line left by a crash
+  and reads back the records already there (`existing`), skipping lines that are not valid JSON.
+- `OutputLock(path)` is an exclusive, non-blocking `flock`: a second process on the same output is
+  refused with a clear error instead of interleaving lines.
+- `atomic_write(path, text)` writes to a temporary file in the same folder, fsyncs and renames it into place.
+- `safe_join(root, rel)` maps any relative path (`../`, absolute, odd bytes) to a path inside root.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+from .errors import IdeficsError
+
+
+class OutputLock:
+    def __init__(self, path: str):
+        self.path = path
+        self.fd: int | None = None
+
+    def __enter__(self):
+        import fcntl
+
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            raise IdeficsError("usage", f"another idefics process is writing to {self.path.removesuffix('.lock')}",
+                               "wait for it to finish, or choose another --out") from None
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def output_error(path: str, exc: OSError) -> IdeficsError:
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return IdeficsError("output_error", f"cannot write output: {reason}", "check free space and permissions",
+                        path=path)
+
+
+class RecordLog:
+    """An append-only JSONL file of records, crash-safe and resumable."""
+
+    def __init__(self, path: str, fsync_every: float = 2.0):
+        self.path = path
+        self.fsync_every = fsync_every
+        self.existing: list[dict] = []
+        try:
+            self._repair_and_read()
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise output_error(path, exc) from exc
+        self.last_sync = time.monotonic()
+
+    def _repair_and_read(self) -> None:
+        if not os.path.exists(self.path):
+            return
+        with open(self.path, "rb+") as f:
+            data = f.read()
+            end = data.rfind(b"\n") + 1
+            if end != len(data):  # a torn last line from a crash: drop it
+                f.truncate(end)
+                f.flush()
+                os.fsync(f.fileno())
+        for line in data[:end].splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                self.existing.append(record)
+
+    def write(self, record: dict) -> None:
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        try:
+            written = os.write(self.fd, line)
+            if written != len(line):
+                raise OSError(28, "short write")
+            if time.monotonic() - self.last_sync >= self.fsync_every:
+                os.fsync(self.fd)
+                self.last_sync = time.monotonic()
+        except OSError as exc:
+            raise output_error(self.path, exc) from exc
+
+    def close(self) -> None:
+        if self.fd is not None:
+            try:
+                os.fsync(self.fd)
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+
+
+def atomic_write(path: str, text: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    except OSError as exc:
+        raise output_error(path, exc) from exc
+
+
+def safe_join(root: str, rel: str) -> str:
+    """A path under root for rel, whatever rel holds: never outside root."""
+    parts = []
+    for part in rel.replace("\\", "/").split("/"):
+        if part in ("", ".", ".."):
+            continue
+        part = part.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        part = "".join(ch if ch.isprintable() else "_" for ch in part).lstrip(".") or "_"
+        parts.append(part[:200])
+    path = os.path.join(os.path.abspath(root), *(parts or ["_"]))
+    assert os.path.commonpath([os.path.abspath(root), path]) == os.path.abspath(root)
+    return path

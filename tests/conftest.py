@@ -1,0 +1,82 @@
+"""Shared fixtures: one tiny random Idefics2 (real idefics2-8b tokenizer and settings) per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """Folder of a tiny random Idefics2 that loads exactly like idefics2-8b."""
+    from transformers.utils import logging
+
+    from idefics_cli.tiny import build
+
+    logging.set_verbosity_error()
+    return build(str(tmp_path_factory.mktemp("tiny-idefics2")), size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_model):
+    """The tiny model loaded through the CLI's own loading code, unquantized float32 on the CPU."""
+    from idefics_cli.model import ModelOptions, load
+
+    return load(ModelOptions(model=tiny_model, quant="none", device="cpu", max_new_tokens=8))
+
+
+def make_image(width: int = 320, height: int = 240, seed: int = 0):
+    """A small deterministic picture with some structure (so crops differ)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), (250, 250, 245))
+    draw = ImageDraw.Draw(img)
+    for k in range(8):
+        x = (seed * 37 + k * 53) % width
+        y = (seed * 11 + k * 29) % height
+        draw.rectangle([x, y, x + width // 6, y + height // 8], fill=((k * 40 + seed * 7) % 256, 90, 200 - k * 20))
+    draw.text((10, 10), f"Invoice {seed}: total $ {seed * 17 + 3}.50", fill="black")
+    return img
+
+
+def make_pdf(path, n_pages: int = 3, size=(300, 200)) -> str:
+    """A small PDF with n distinct pages (small page size keeps the tiny model fast)."""
+    import pymupdf
+
+    doc = pymupdf.open()
+    for i in range(n_pages):
+        page = doc.new_page(width=size[0], height=size[1])
+        page.insert_text((20, 40 + 10 * (i % 5)), f"Page {i + 1} of the report", fontsize=14)
+        page.draw_rect(pymupdf.Rect(20 + 5 * i, 80, 120 + 5 * i, 150), color=(0, 0, 1), fill=(i / n_pages, 0.5, 0.2))
+    doc.save(str(path))
+    doc.close()
+    return str(path)
+
+
+def run_idefics(*args, input: bytes | None = None, timeout: float = 300, env: dict | None = None,
+                cwd: str | None = None) -> subprocess.CompletedProcess:
+    """Run the real `idefics` entry point in a subprocess."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "idefics_cli", *map(str, args)], input=input, capture_output=True,
+                          timeout=timeout, env=full_env, cwd=cwd)
+
+
+@pytest.fixture
+def cli():
+    """Invoke the Typer app in-process; returns the click Result (stdout and stderr kept apart)."""
+    from typer.testing import CliRunner
+
+    from idefics_cli.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args, input=None):
+        return runner.invoke(app, [str(a) for a in args], input=input, catch_exceptions=False)
+
+    return invoke

@@ -1,0 +1,463 @@
+import hashlib
+import io
+import os
+import struct
+import subprocess
+import sys
+import zlib
+
+import pymupdf
+import pytest
+from PIL import Image
+
+from idefics_cli import documents
+from idefics_cli.documents import DEFAULT_LONGEST_SIDE, MAX_PIXELS, Document, open_document, sniff
+from idefics_cli.errors import IdeficsError, UsageError
+
+RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
+
+
+def pdf_bytes(*sizes, rotation=0, **save_kwargs):
+    doc = pymupdf.open()
+    for width, height in sizes or [(595, 842)]:
+        page = doc.new_page(width=width, height=height)
+        page.insert_text((20, 40), "Hello", fontname="helv", fontsize=12)
+        if rotation:
+            page.set_rotation(rotation)
+    return doc.tobytes(**save_kwargs)
+
+
+def image_bytes(im, fmt, **kwargs):
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def write(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return str(path)
+
+
+def error_of(fn, *args, **kwargs):
+    with pytest.raises(IdeficsError) as exc:
+        fn(*args, **kwargs)
+    return exc.value
+
+
+def close(a, b, tol=3):
+    return all(abs(x - y) <= tol for x, y in zip(a, b, strict=True))
+
+
+def png_header(width, height, bit_depth=8, color_type=2):
+    """A small PNG whose header (valid CRCs) claims any size: a decompression bomb's header."""
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 4096)  # the start of an endless stream of zeros
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def zero_page_pdf():
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [] /Count 0 >>"]
+    out, offsets = bytearray(b"%PDF-1.4\n"), []
+    for i, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n%s\nendobj\n" % (i, body)
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return bytes(out)
+
+
+# --- sniffing ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("head", "kind"),
+    [
+        (b"%PDF-1.7\n", "pdf"),
+        (b"\x00junk\n" * 20 + b"%PDF-1.4\n", "pdf"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00", "png"),
+        (b"\xff\xd8\xff\xe0\x00\x10JFIF", "jpeg"),
+        (b"RIFF\x10\x00\x00\x00WEBPVP8 ", "webp"),
+        (b"GIF89a\x01\x00", "gif"),
+        (b"GIF87a\x01\x00", "gif"),
+        (b"BM" + b"\x00" * 12 + b"\x28\x00\x00\x00", "bmp"),
+        (b"II*\x00\x08\x00", "tiff"),
+        (b"MM\x00*\x00\x08", "tiff"),
+        (b"BMW annual report, plain text", None),
+        (b"hello world", None),
+        (b"", None),
+        (b"x" * 1100 + b"%PDF-1.4", None),
+    ],
+)
+def test_sniff(head, kind):
+    assert sniff(head) == kind
+
+
+def test_sniff_agrees_with_pillow_output():
+    im = Image.new("RGB", (4, 4))
+    for fmt, kind in [
+        ("PNG", "png"),
+        ("JPEG", "jpeg"),
+        ("WEBP", "webp"),
+        ("GIF", "gif"),
+        ("BMP", "bmp"),
+        ("TIFF", "tiff"),
+    ]:
+        assert sniff(image_bytes(im, fmt)) == kind
+    assert sniff(pdf_bytes()) == "pdf"
+
+
+def test_import_is_cheap():
+    code = "import sys, idefics_cli.documents; assert not {'pymupdf', 'PIL', 'fitz'} & set(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- images -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"])
+def test_each_image_format_is_one_rgb_page_of_the_same_size(tmp_path, fmt):
+    path = write(tmp_path, f"a.{fmt.lower()}", image_bytes(Image.new("RGB", (37, 23), BLUE), fmt))
+    with open_document(path) as doc:
+        assert isinstance(doc, Document) and doc.kind == documents.sniff(open(path, "rb").read())
+        assert doc.page_count == 1 and doc.path == path
+        im = doc.render(1)
+    assert im.mode == "RGB" and im.size == (37, 23)
+    assert close(im.getpixel((10, 10)), BLUE, 8)
+
+
+def test_animated_gif_is_its_first_frame(tmp_path):
+    frames = [Image.new("RGB", (8, 8), c) for c in (RED, GREEN, BLUE)]
+    data = image_bytes(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
+    with open_document(write(tmp_path, "a.gif", data)) as doc:
+        assert doc.page_count == 1
+        assert doc.render(1).getpixel((0, 0)) == RED
+
+
+def test_multi_frame_tiff_is_one_page_per_frame(tmp_path):
+    frames = [Image.new("RGB", (8 + i, 8), c) for i, c in enumerate((RED, GREEN, BLUE))]
+    data = image_bytes(frames[0], "TIFF", save_all=True, append_images=frames[1:])
+    with open_document(write(tmp_path, "scan.tif", data)) as doc:
+        assert doc.page_count == 3
+        renders = [doc.render(p) for p in (3, 1, 2)]
+    assert [(im.size[0], im.getpixel((0, 0))) for im in renders] == [(10, BLUE), (8, RED), (9, GREEN)]
+
+
+def test_magic_bytes_beat_the_extension(tmp_path):
+    path = write(tmp_path, "really_a_png.pdf", image_bytes(Image.new("RGB", (5, 5), RED), "PNG"))
+    with open_document(path) as doc:
+        assert doc.kind == "png" and doc.render(1).getpixel((2, 2)) == RED
+    with open_document(write(tmp_path, "really_a_pdf.png", pdf_bytes())) as doc:
+        assert doc.kind == "pdf"
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    im = Image.new("RGB", (40, 20), WHITE)  # stored landscape, with a red mark at the stored top-left
+    im.paste(RED, (0, 0, 6, 6))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    data = image_bytes(im, "JPEG", quality=95, exif=exif.tobytes())
+    with open_document(write(tmp_path, "photo.jpg", data)) as doc:
+        out = doc.render(1)
+    assert out.size == (20, 40)
+    assert close(out.getpixel((17, 2)), RED, 40)  # the stored top-left corner is now the top-right
+    assert close(out.getpixel((2, 2)), WHITE, 40)
+
+
+def test_rgba_is_composited_onto_white(tmp_path):
+    im = Image.new("RGBA", (3, 1), (0, 0, 0, 0))
+    im.putpixel((1, 0), (0, 0, 0, 128))
+    im.putpixel((2, 0), (255, 0, 0, 255))
+    with open_document(write(tmp_path, "a.png", image_bytes(im, "PNG"))) as doc:
+        out = doc.render(1)
+    assert out.mode == "RGB"
+    assert out.getpixel((0, 0)) == WHITE
+    assert close(out.getpixel((1, 0)), (127, 127, 127), 2)
+    assert out.getpixel((2, 0)) == RED
+
+
+def test_la_and_palette_transparency_become_white(tmp_path):
+    la = Image.new("LA", (2, 1), (0, 0))
+    la.putpixel((1, 0), (0, 255))
+    pal = Image.new("P", (2, 1), 0)
+    pal.putpalette([0, 0, 255, 255, 0, 0] + [0] * 762)
+    pal.putpixel((1, 0), 1)
+    cases = [("la.png", la, {}), ("p.png", pal, {"transparency": 0}), ("p.gif", pal, {"transparency": 0})]
+    for name, im, kwargs in cases:
+        with open_document(write(tmp_path, name, image_bytes(im, name.split(".")[1].upper(), **kwargs))) as doc:
+            out = doc.render(1)
+        assert out.mode == "RGB"
+        assert out.getpixel((0, 0)) == WHITE, name
+        assert out.getpixel((1, 0)) != WHITE, name
+
+
+def test_cmyk_jpeg_becomes_rgb(tmp_path):
+    data = image_bytes(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG", quality=95)  # red in CMYK
+    with open_document(write(tmp_path, "cmyk.jpg", data)) as doc:
+        out = doc.render(1)
+    assert out.mode == "RGB" and close(out.getpixel((4, 4)), RED, 10)
+
+
+def test_16_bit_png_is_scaled_to_8_bits(tmp_path):
+    im = Image.new("I;16", (3, 1), 0)
+    im.putpixel((0, 0), 65535)
+    im.putpixel((1, 0), 32896)
+    with open_document(write(tmp_path, "deep.png", image_bytes(im, "PNG"))) as doc:
+        out = doc.render(1)
+    assert out.mode == "RGB"
+    assert [out.getpixel((x, 0)) for x in range(3)] == [WHITE, (128, 128, 128), (0, 0, 0)]
+
+
+def test_grayscale_and_bilevel_become_rgb(tmp_path):
+    for mode in ("L", "1"):
+        with open_document(write(tmp_path, f"{mode}.png", image_bytes(Image.new(mode, (4, 4), 255), "PNG"))) as doc:
+            assert doc.render(1).getpixel((0, 0)) == WHITE
+
+
+def test_images_are_not_resized(tmp_path):
+    with open_document(write(tmp_path, "big.png", image_bytes(Image.new("RGB", (3000, 50)), "PNG"))) as doc:
+        assert doc.render(1).size == (3000, 50)
+
+
+def test_decompression_bomb_header_is_refused(tmp_path):
+    err = error_of(open_document, write(tmp_path, "bomb.png", png_header(50000, 50000)))
+    assert err.code == "image_too_large" and err.path.endswith("bomb.png")
+
+
+def test_own_pixel_limit_holds_even_without_pillows(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    err = error_of(open_document, write(tmp_path, "bomb.png", png_header(20000, 10000)))
+    assert err.code == "image_too_large" and "20000x10000" in err.message
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "TIFF"])
+def test_truncated_image_is_corrupt(tmp_path, fmt):
+    im = Image.effect_noise((64, 64), 60).convert("RGB")
+    data = image_bytes(im, fmt)
+    path = write(tmp_path, "cut", data[: len(data) // 2])
+    with pytest.raises(IdeficsError) as exc:
+        with open_document(path) as doc:
+            doc.render(1)
+    assert exc.value.code == "corrupt" and exc.value.path == path
+
+
+# --- PDFs -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("size", "rotation", "expected"),
+    [
+        ((595, 842), 0, (1386, 1960)),
+        ((842, 595), 0, (1960, 1386)),
+        ((595, 842), 90, (1960, 1386)),
+        ((612, 792), 0, (1515, 1960)),
+        ((100, 100), 0, (1960, 1960)),
+    ],
+)
+def test_pdf_default_render_longest_side(tmp_path, size, rotation, expected):
+    with open_document(write(tmp_path, "a.pdf", pdf_bytes(size, rotation=rotation))) as doc:
+        im = doc.render(1)
+    assert im.mode == "RGB" and max(im.size) == DEFAULT_LONGEST_SIDE
+    assert im.size == expected
+
+
+def test_pdf_dpi_72_is_the_page_size_in_points(tmp_path):
+    with open_document(write(tmp_path, "a.pdf", pdf_bytes((595, 842), (300, 200))), dpi=72) as doc:
+        assert doc.page_count == 2
+        assert doc.render(1).size == (595, 842)
+        assert doc.render(2).size == (300, 200)
+
+
+def test_pdf_longest_side_option(tmp_path):
+    with open_document(write(tmp_path, "a.pdf", pdf_bytes()), longest_side=980) as doc:
+        assert doc.render(1).size == (693, 980)
+
+
+def test_huge_page_stays_within_the_pixel_budget(tmp_path):
+    a0 = (2384, 3370)
+    for kwargs in ({"dpi": 600}, {"longest_side": 100_000}):
+        with open_document(write(tmp_path, "a0.pdf", pdf_bytes(a0)), **kwargs) as doc:
+            w, h = doc.render(1).size
+        assert w * h <= MAX_PIXELS
+        assert w * h > 0.98 * MAX_PIXELS
+        assert abs(w / h - a0[0] / a0[1]) < 0.01
+
+
+def test_pdf_renders_text(tmp_path):
+    with open_document(write(tmp_path, "a.pdf", pdf_bytes()), dpi=72) as doc:
+        im = doc.render(1)
+    assert im.getextrema() == ((0, 255), (0, 255), (0, 255))  # black text on a white page
+
+
+def test_encrypted_pdf(tmp_path):
+    data = pdf_bytes(encryption=pymupdf.PDF_ENCRYPT_AES_256, user_pw="user", owner_pw="owner")
+    path = write(tmp_path, "secret.pdf", data)
+    err = error_of(open_document, path)
+    assert (err.code, err.path) == ("encrypted", path) and "--password" in err.hint
+    assert error_of(open_document, path, password="nope").code == "wrong_password"
+    assert error_of(open_document, path, password="").code == "wrong_password"
+    for password in ("user", "owner"):
+        with open_document(path, password=password) as doc:
+            assert doc.page_count == 1 and doc.render(1).size == (1386, 1960)
+
+
+def test_owner_password_only_opens_without_password(tmp_path):
+    data = pdf_bytes(encryption=pymupdf.PDF_ENCRYPT_AES_256, owner_pw="owner", permissions=0)
+    with open_document(write(tmp_path, "locked.pdf", data)) as doc:
+        assert doc.page_count == 1
+
+
+def test_zero_page_pdf_is_empty(tmp_path):
+    assert pymupdf.open(stream=zero_page_pdf(), filetype="pdf").page_count == 0
+    err = error_of(open_document, write(tmp_path, "empty.pdf", zero_page_pdf()))
+    assert err.code == "empty_document"
+
+
+@pytest.mark.parametrize("cut", [0.3, 0.6, 0.95])
+def test_truncated_pdf_is_repaired_or_corrupt(tmp_path, cut, capsys):
+    data = pdf_bytes((595, 842), (595, 842))
+    path = write(tmp_path, "cut.pdf", data[: int(len(data) * cut)])
+    try:
+        with open_document(path) as doc:
+            for page in range(1, doc.page_count + 1):
+                try:
+                    assert doc.render(page).mode == "RGB"
+                except IdeficsError as e:
+                    assert e.code == "corrupt"
+    except IdeficsError as e:
+        assert e.code == "corrupt" and e.path == path
+    assert capsys.readouterr().out == ""  # MuPDF's complaints never reach stdout
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (b"%PDF-1.4\n" + bytes(range(256)) * 4, "corrupt"),
+        (b"%PDF-", "corrupt"),
+        (bytes(range(256)) * 4, "unsupported_format"),
+        (b"just some text\n", "unsupported_format"),
+    ],
+)
+def test_garbage(tmp_path, data, code):
+    err = error_of(open_document, write(tmp_path, "junk.pdf", data))
+    assert err.code == code
+    if code == "unsupported_format":
+        assert "PDF" in err.message and "PNG" in err.message
+
+
+def test_broken_page_content_is_corrupt_or_renders(tmp_path):
+    raw = (
+        b"%PDF-1.4\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj 2 0 obj<</Type/Pages/Kids[3 0 R]/Count 1>>endobj "
+        b"3 0 obj<</Type/Page/Parent 2 0 R/MediaBox[0 0 100 100]/Contents 4 0 R>>endobj "
+        b"4 0 obj<</Length 9999/Filter/FlateDecode>>stream\nnot deflate\nendstream endobj trailer<</Root 1 0 R>>"
+    )
+    with open_document(write(tmp_path, "bad.pdf", raw), dpi=72) as d:
+        try:
+            assert d.render(1).size == (100, 100)
+        except IdeficsError as e:
+            assert e.code == "corrupt"
+
+
+# --- files, stdin, hashing, page numbers ------------------------------------------------------------------
+
+
+def test_empty_file(tmp_path):
+    err = error_of(open_document, write(tmp_path, "empty.pdf", b""))
+    assert err.code == "empty_document"
+
+
+def test_missing_file(tmp_path):
+    path = str(tmp_path / "nope.pdf")
+    err = error_of(open_document, path)
+    assert (err.code, err.path) == ("not_found", path) and err.hint
+    assert error_of(open_document, str(tmp_path / "nope.pdf" / "x")).code == "not_found"
+
+
+def test_directory(tmp_path):
+    err = error_of(open_document, str(tmp_path))
+    assert err.code == "unsupported_format" and "directory" in err.message
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root can read anything")
+def test_permission_denied(tmp_path):
+    path = write(tmp_path, "locked.pdf", pdf_bytes())
+    os.chmod(path, 0)
+    assert error_of(open_document, path).code == "permission_denied"
+
+
+def test_permission_denied_even_as_root(tmp_path, monkeypatch):
+    def deny(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(documents, "open", deny, raising=False)
+    err = error_of(open_document, write(tmp_path, "locked.pdf", pdf_bytes()))
+    assert err.code == "permission_denied" and err.hint
+
+
+def test_stdin_via_data_and_via_sys_stdin(monkeypatch):
+    data = pdf_bytes()
+    with open_document("-", data=data) as doc:
+        assert (doc.path, doc.kind, doc.page_count) == ("-", "pdf", 1)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(image_bytes(Image.new("RGB", (2, 2)), "PNG"))))
+    with open_document("-") as doc:
+        assert (doc.path, doc.kind) == ("-", "png")
+
+
+def test_stdin_terminal_is_a_usage_error(monkeypatch):
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Tty())
+    with pytest.raises(UsageError):
+        open_document("-")
+
+
+def test_sha256_is_of_the_source_bytes(tmp_path):
+    for name, data in [("a.pdf", pdf_bytes()), ("a.png", image_bytes(Image.new("RGB", (3, 3)), "PNG"))]:
+        with open_document(write(tmp_path, name, data)) as doc:
+            assert doc.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_render_out_of_range(tmp_path):
+    path = write(tmp_path, "a.pdf", pdf_bytes((200, 200), (200, 200)))
+    with open_document(path) as doc:
+        for page in (0, 3, -1):
+            err = error_of(doc.render, page)
+            assert (err.code, err.path) == ("page_out_of_range", path)
+        assert "the document has 2 pages" in error_of(doc.render, 3).message
+
+
+def test_bad_render_options_are_usage_errors():
+    with pytest.raises(UsageError):
+        open_document("-", data=pdf_bytes(), dpi=0)
+    with pytest.raises(UsageError):
+        open_document("-", data=pdf_bytes(), longest_side=-5)
+
+
+def test_samples_generate_and_open(tmp_path):
+    subprocess.run(
+        [sys.executable, "samples/make_samples.py", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        cwd=os.path.join(os.path.dirname(__file__), ".."),
+    )
+    counts = {}
+    for name in ("invoice.pdf", "report.pdf", "receipt.jpg"):
+        assert (tmp_path / name).stat().st_size < 100_000
+        with open_document(str(tmp_path / name)) as doc:
+            counts[name] = doc.page_count
+            first = doc.render(1)
+    assert counts == {"invoice.pdf": 1, "report.pdf": 4, "receipt.jpg": 1}
+    assert first.size[0] < first.size[1]  # the receipt is upright after EXIF orientation
+
+
+def test_pdf_with_junk_before_the_header_opens():
+    with open_document("-", data=b"junk\n" * 50 + pdf_bytes()) as doc:
+        assert doc.kind == "pdf" and doc.render(1).size == (1386, 1960)

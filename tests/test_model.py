@@ -1,0 +1,117 @@
+"""model.py against the model card's plain transformers code, on the tiny random Idefics2."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import make_image
+
+from idefics_cli.errors import IdeficsError, UsageError
+from idefics_cli.model import ModelOptions, load
+from idefics_cli.tiny import CHAT_TEMPLATE, GENERATION
+
+
+def plain_inputs(model_dir, image, question, split=True):
+    """The model card's code: AutoProcessor -> apply_chat_template -> processor(text, images)."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir, do_image_splitting=split)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return processor, processor(text=prompt, images=[image], return_tensors="pt")
+
+
+def test_fixture_carries_idefics2_8b_tokenizer_template_and_settings(engine, tiny_model):
+    import json
+    import os
+
+    tok = engine.processor.tokenizer
+    assert tok.convert_tokens_to_ids(["<fake_token_around_image>", "<image>", "<end_of_utterance>"]) == [
+        32000, 32001, 32002]
+    assert len(tok) == 32003 and tok.pad_token_id == 0
+    assert engine.processor.chat_template == CHAT_TEMPLATE
+    ip = engine.processor.image_processor
+    assert ip.do_image_splitting and dict(ip.size) == {"shortest_edge": 378, "longest_edge": 980}
+    assert list(ip.image_mean) == [0.5] * 3 and list(ip.image_std) == [0.5] * 3
+    gen = json.load(open(os.path.join(tiny_model, "generation_config.json")))
+    assert {k: gen[k] for k in GENERATION} == GENERATION
+    for name, module in engine.model.named_modules():
+        if type(module).__name__ == "Linear" and name != "lm_head":
+            assert module.in_features % 64 == 0 and module.out_features % 64 == 0, name
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_build_inputs_equal_model_card_code(engine, tiny_model, split):
+    image = make_image(500, 380, seed=3)
+    _, expected = plain_inputs(tiny_model, image, "What is the total?", split)
+    got = engine.build_inputs([([image], "What is the total?")], split=split)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert got[key].dtype == expected[key].dtype and got[key].shape == expected[key].shape, key
+        assert (got[key] == expected[key]).all(), key
+    image_tokens = (got["input_ids"] == 32001).sum().item()
+    assert image_tokens == (320 if split else 64)
+    assert (got["input_ids"] == 32000).sum().item() == (6 if split else 2)
+
+
+def test_stream_generate_matches_plain_greedy_generate(engine, tiny_model):
+    import torch
+
+    image = make_image(300, 420, seed=5)
+    processor, inputs = plain_inputs(tiny_model, image, "Read the page.")
+    with torch.inference_mode():
+        out = engine.model.generate(**inputs, max_new_tokens=10, do_sample=False)
+    expected = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+    pieces = list(engine.stream_generate(engine.build_inputs([([image], "Read the page.")]), max_new_tokens=10))
+    assert len(pieces) > 1 and "".join(pieces) == expected
+    gen = engine.generate(engine.build_inputs([([image], "Read the page.")]), max_new_tokens=10)
+    assert gen.text == expected and gen.completion_tokens == 10 and gen.finish_reason == "length"
+
+
+def test_batch_with_left_padding_equals_single_answers(engine):
+    batch = [([make_image(320, 240, 1)], "What is this?"),
+             ([make_image(200, 500, 2)], "Please read every word of the page, slowly and carefully.")]
+    inputs = engine.build_inputs(batch)
+    assert inputs["attention_mask"][0, 0] == 0 and inputs["input_ids"][0, 0] == 0  # left padding with pad id 0
+    batched = engine.generate_batch(inputs, max_new_tokens=8)
+    single = [engine.generate_batch(engine.build_inputs([item]), max_new_tokens=8)[0] for item in batch]
+    assert [g.token_ids for g in batched] == [g.token_ids for g in single]
+    assert [g.text for g in batched] == [g.text for g in single]
+
+
+def test_context_refused_up_front_with_pages_that_fit(engine):
+    assert engine.check_context(2, "q?", 100) == engine.prompt_tokens(2, "q?")
+    with pytest.raises(UsageError) as info:
+        engine.check_context(1, "q?", 32700)
+    assert "at most 0 pages fit" in info.value.one_line()
+    with pytest.raises(UsageError, match="context"):
+        engine.check_context(120, "q?", 512)
+
+
+def test_four_bit_loads_linear4bit_and_answers(tiny_model):
+    import bitsandbytes as bnb
+
+    engine4 = load(ModelOptions(model=tiny_model, quant="4bit", device="cpu", max_new_tokens=6))
+    assert engine4.info["quantization"] == "nf4"
+    layers = [m for m in engine4.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) > 10
+    assert layers[0].weight.quant_state.quant_type == "nf4" and layers[0].weight.quant_state.nested
+    gen = engine4.generate(engine4.build_inputs([([make_image()], "What is it?")]))
+    assert gen.completion_tokens == 6 and gen.text
+
+
+def test_local_folder_without_safetensors_is_refused_before_unpickling(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not a pickle, never read")
+    with pytest.raises(IdeficsError) as info:
+        load(ModelOptions(model=str(tmp_path)))
+    assert info.value.code == "model_error" and "safetensors" in info.value.message
+
+
+def test_hub_id_not_cached_offline_is_a_model_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(IdeficsError) as info:
+        load(ModelOptions(model="someorg/not-cached-model", offline=True))
+    assert info.value.code == "model_error" and "cache" in info.value.message
