@@ -30,8 +30,15 @@ class Output:
 
     # ---- data (stdout) ------------------------------------------------------------------------
     def write(self, text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            _silence_stdout()
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise IdeficsError("output_error", f"cannot write to stdout: {reason}") from None
 
     def json_line(self, obj: dict) -> None:
         self.write(json.dumps(obj, ensure_ascii=False) + "\n")

@@ -1,0 +1,79 @@
+"""output.py and the process-level promises: stdout is data, closed pipes and full disks end cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import make_image, run_idefics
+
+from idefics_cli.errors import ExitStatus, IdeficsError
+from idefics_cli.output import Output, run
+
+FAST = ["--quant", "none", "--max-new-tokens", "4"]
+
+
+def test_run_maps_errors_to_exit_status_and_one_line(capsys):
+    out = Output()
+    assert run(lambda: 0, out) == 0
+    assert run(lambda: (_ for _ in ()).throw(IdeficsError("corrupt", "bad xref", path="a.pdf")), out) == 4
+    assert capsys.readouterr().err.strip() == "error [corrupt]: a.pdf: bad xref"
+
+    def boom():
+        raise ValueError("unexpected\nsecond line")
+
+    assert run(boom, out) == ExitStatus.INTERNAL
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error [internal]: ValueError: unexpected" in err and "Traceback" not in err
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    assert run(interrupted, out) == 130
+
+
+def test_stdout_closed_early_ends_quietly(tiny_model, tmp_path):
+    image = tmp_path / "p.png"
+    make_image().save(image)
+    cmd = (f"{sys.executable} -m idefics_cli ask {image} {image} {image} 'q' --each-page --model {tiny_model} "
+           f"--quant none --max-new-tokens 30 | head -c 5")
+    result = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.stdout == b"==> /"
+    assert b"Traceback" not in result.stderr and b"Exception ignored" not in result.stderr
+    assert result.returncode == 0, result.stderr
+
+
+def test_full_disk_on_stdout_is_a_clear_error(tiny_model, tmp_path):
+    image = tmp_path / "p.png"
+    make_image().save(image)
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "idefics_cli", "ask", str(image), "q", "--model", tiny_model,
+                                 *FAST], stdout=full, stderr=subprocess.PIPE, timeout=300,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 4 and lines == ["error [output_error]: cannot write to stdout: No space left on device"]
+
+
+def test_offline_makes_no_network_connection(tiny_model, tmp_path):
+    """Every socket connect fails loudly in the child; --offline must never try one."""
+    guard = tmp_path / "guard"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(
+        "import socket, sys\n"
+        "def _refuse(self, *a, **k):\n"
+        "    sys.stderr.write('NETWORK ATTEMPT\\n')\n"
+        "    raise OSError('network disabled by test')\n"
+        "socket.socket.connect = _refuse\nsocket.socket.connect_ex = _refuse\n"
+        "socket.create_connection = lambda *a, **k: _refuse(None)\n")
+    image = tmp_path / "p.png"
+    make_image().save(image)
+    env = {"PYTHONPATH": str(guard), "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path / "cache")}
+    local = run_idefics("ask", image, "q", "--json", "--offline", "--model", tiny_model, *FAST, env=env)
+    assert local.returncode == 0 and b"NETWORK ATTEMPT" not in local.stderr, local.stderr[-2000:]
+    assert json.loads(local.stdout)["usage"]["image_tokens"] == 320
+    hub = run_idefics("ask", image, "q", "--offline", "--model", "HuggingFaceM4/idefics2-8b", *FAST, env=env)
+    assert hub.returncode == 5 and b"NETWORK ATTEMPT" not in hub.stderr
+    assert hub.stderr.decode().strip().startswith("error [model_error]")
