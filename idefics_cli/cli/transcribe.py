@@ -39,6 +39,8 @@ def transcribe(
     force: Annotated[bool, typer.Option("--force", help="Redo pages that are already done.")] = False,
     shard: Annotated[str | None, typer.Option(help="I/N: only the documents of shard I (0-based) of N.")] = None,
     engine: Annotated[str, typer.Option(help="local, or ray (pip install 'idefics-cli[ray]').")] = "local",
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster to join (default: RAY_ADDRESS, else a "
+                                                         "local Ray).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
     pages: o.Pages = None,
     dpi: o.Dpi = None,
@@ -58,10 +60,11 @@ def transcribe(
     output = Output(quiet=quiet)
     opts = o.model_options(model, revision, quant, dtype, device, offline, split, max_new_tokens)
     raise typer.Exit(run(lambda: _transcribe(output, paths, out, prompt, batch_size, force, shard, engine, pages,
-                                             dpi, password, opts), output))
+                                             dpi, password, opts, ray_address), output))
 
 
-def _transcribe(output, paths, out, prompt, batch_size, force, shard, engine_name, pages, dpi, password, opts):
+def _transcribe(output, paths, out, prompt, batch_size, force, shard, engine_name, pages, dpi, password, opts,
+                ray_address=None):
     import os
 
     from .. import batch as b
@@ -74,8 +77,6 @@ def _transcribe(output, paths, out, prompt, batch_size, force, shard, engine_nam
 
     if engine_name not in ("local", "ray"):
         raise UsageError(f"unknown --engine {engine_name!r}", "use local or ray")
-    if engine_name == "ray":
-        raise UsageError("--engine ray is not available in this version", "use --engine local")
     if batch_size != "auto" and (not batch_size.isdigit() or int(batch_size) < 1):
         raise UsageError(f"bad --batch-size {batch_size!r}", "use a positive number or auto")
     spec = parse_page_spec(pages)
@@ -104,15 +105,24 @@ def _transcribe(output, paths, out, prompt, batch_size, force, shard, engine_nam
     else:
         sink = FolderSink(out, docs, settings.settings)
     try:
-        from ..model import load
+        from functools import partial
 
-        with output.status(f"Loading {opts.model} ({opts.quant})…"):
-            engine = load(opts)
-        settings.batch_size = engine.auto_batch_size() if batch_size == "auto" else int(batch_size)
-        with _progress(output) as progress:
-            summary = transcribe(engine, docs, sink, settings,
-                                 open_doc=lambda path: open_document(path, password=password, dpi=dpi),
-                                 select_pages=lambda doc: spec.resolve(doc.page_count), progress=progress)
+        open_doc = partial(open_document, password=password, dpi=dpi)
+        select_pages = partial(_select, spec)
+        if engine_name == "ray":
+            from .. import ray_engine
+
+            settings.batch_size = 4 if batch_size == "auto" else int(batch_size)
+            with _progress(output) as progress:
+                summary = ray_engine.run(opts, docs, sink, settings, open_doc, select_pages, ray_address, progress)
+        else:
+            from ..model import load
+
+            with output.status(f"Loading {opts.model} ({opts.quant})…"):
+                engine = load(opts)
+            settings.batch_size = engine.auto_batch_size() if batch_size == "auto" else int(batch_size)
+            with _progress(output) as progress:
+                summary = transcribe(engine, docs, sink, settings, open_doc, select_pages, progress=progress)
     finally:
         sink.close()
     if not output.quiet:
@@ -121,6 +131,10 @@ def _transcribe(output, paths, out, prompt, batch_size, force, shard, engine_nam
             output.console.print(f"  failed: {line}", markup=False, style="red")
     return ExitStatus.INPUT if missing and not (summary.ok + summary.skipped) else (
         ExitStatus.PARTIAL if missing else summary.exit_status)
+
+
+def _select(spec, doc) -> list[int]:
+    return spec.resolve(doc.page_count)
 
 
 class _progress:

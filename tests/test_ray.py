@@ -1,0 +1,137 @@
+"""`transcribe --engine ray`: same records as the local engine, actor crashes survived, resume across engines."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections import Counter
+
+import pytest
+from conftest import make_image, make_pdf
+
+ray = pytest.importorskip("ray")
+
+FAST = ["--quant", "none", "--max-new-tokens", "3", "--dpi", "36", "-q"]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray per module, with a fixed CPU count."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def folder(tmp_path):
+    docs = tmp_path / "docs"
+    (docs / "sub").mkdir(parents=True)
+    make_pdf(docs / "report.pdf", n_pages=3)
+    make_image(300, 200, seed=3).save(docs / "sub" / "scan.png")
+    (docs / "broken.pdf").write_bytes(b"%PDF-1.7\ngarbage without objects")
+    (docs / "notes.txt").write_text("not a document")
+    return docs
+
+
+def records(path) -> list[dict]:
+    return [json.loads(line) for line in open(path)]
+
+
+def essence(rows: list[dict]) -> list[tuple]:
+    return sorted((os.path.basename(r["path"]), r["page"], r["status"], r["text"], (r["error"] or {}).get("code"),
+                   r["sha256"], r["settings"]) for r in rows)
+
+
+def test_ray_records_equal_local_records(cli, tiny_model, local_ray, folder, tmp_path):
+    local = cli("transcribe", folder, "--out", tmp_path / "local.jsonl", "--model", tiny_model, *FAST)
+    remote = cli("transcribe", folder, "--out", tmp_path / "ray.jsonl", "--engine", "ray", "--model", tiny_model,
+                 *FAST)
+    assert local.exit_code == remote.exit_code == 3, remote.stderr
+    a, b = records(tmp_path / "local.jsonl"), records(tmp_path / "ray.jsonl")
+    assert essence(a) == essence(b)
+    assert Counter(r["status"] for r in b) == {"ok": 4, "error": 2}
+    assert {(r["error"] or {}).get("code") for r in b} == {None, "corrupt", "unsupported_format"}
+
+
+def test_ray_folder_output_writes_markdown(cli, tiny_model, local_ray, folder, tmp_path):
+    out = tmp_path / "out"
+    result = cli("transcribe", folder, "--out", out, "--engine", "ray", "--model", tiny_model, *FAST)
+    assert result.exit_code == 3
+    assert (out / "report.md").read_text().count("<!-- page ") == 3
+    assert (out / "sub" / "scan.md").exists()
+
+
+def actor_pids() -> list[int]:
+    """PIDs of Ray worker processes running our model actor (Ray titles them `ray::MapWorker(...)`)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = open(f"/proc/{entry}/cmdline", "rb").read().decode(errors="replace")
+            except OSError:
+                continue
+            if cmdline.startswith("ray::") and "MapWorker" in cmdline and "Transcriber" in cmdline:
+                pids.append(int(entry))
+    return pids
+
+
+def test_killed_model_actor_is_replaced_and_every_page_done_once(tiny_model, local_ray, tmp_path):
+    from idefics_cli.batch import walk
+    from idefics_cli.documents import open_document
+    from idefics_cli.model import ModelOptions
+    from idefics_cli.pipeline import JsonlSink, Settings
+    from idefics_cli.ray_engine import run
+
+    docs_dir = tmp_path / "many"
+    docs_dir.mkdir()
+    for i in range(3):
+        make_pdf(docs_dir / f"d{i}.pdf", n_pages=4)
+    docs, _ = walk([str(docs_dir)])
+    out = str(tmp_path / "kill.jsonl")
+    sink = JsonlSink(out)
+    settings = Settings(prompt="Transcribe.", max_new_tokens=3, batch_size=1, settings="s1")
+    options = ModelOptions(model=tiny_model, quant="none", device="cpu", max_new_tokens=3)
+    killed = []
+
+    def killer():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            if os.path.exists(out) and open(out).read().count("\n") >= 2:
+                for pid in actor_pids():
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                    return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    summary = run(options, docs, sink, settings, lambda p: open_document(p, dpi=36), lambda d: list(
+        range(1, d.page_count + 1)))
+    sink.close()
+    thread.join(timeout=5)
+    assert killed, "the model actor was never found to kill"
+    rows = records(out)
+    assert Counter((os.path.basename(r["path"]), r["page"]) for r in rows) == {
+        (f"d{i}.pdf", p): 1 for i in range(3) for p in range(1, 5)}
+    assert all(r["status"] == "ok" for r in rows) and summary.ok == 12
+
+
+@pytest.mark.parametrize("first,second", [("local", "ray"), ("ray", "local")])
+def test_resume_across_engines(cli, tiny_model, local_ray, folder, tmp_path, first, second):
+    out = tmp_path / "resume.jsonl"
+    part = cli("transcribe", folder, "--out", out, "--engine", first, "--pages", "1", "--model", tiny_model, *FAST)
+    assert part.exit_code == 3
+    done_first = [r for r in records(out) if r["status"] == "ok"]
+    assert len(done_first) == 2  # page 1 of report.pdf and scan.png
+    rest = cli("transcribe", folder, "--out", out, "--engine", second, "--model", tiny_model, *FAST)
+    assert rest.exit_code == 3
+    ok = [(os.path.basename(r["path"]), r["page"]) for r in records(out) if r["status"] == "ok"]
+    assert Counter(ok) == {("report.pdf", 1): 1, ("report.pdf", 2): 1, ("report.pdf", 3): 1, ("scan.png", 1): 1}
+
+
+def test_stdin_is_refused_with_ray(cli, tiny_model, local_ray):
+    result = cli("transcribe", "-", "--engine", "ray", "--model", tiny_model, *FAST)
+    assert result.exit_code == 2 and "stdin" in result.stderr
