@@ -11,7 +11,8 @@ Contract:
   JavaScript is run, no attachment or embedded file is extracted.
 - Images (Pillow): PNG, JPEG, WebP, GIF (first frame only), BMP, TIFF (every frame is a page). EXIF
   orientation is applied, transparency is composited onto white, every mode ends as RGB. Images are
-  never resized: the model's processor does that, so we feed it what plain Pillow code would.
+  never resized: the model's processor does that, so we feed it what plain Pillow code would (an image
+  1 px wide or high is padded with white to 2 px, since the processor cannot split it).
 - Every failure is an `IdeficsError` with `path` set and one of the codes: not_found, permission_denied,
   unsupported_format, corrupt, encrypted, wrong_password, empty_document, page_out_of_range,
   image_too_large. PyMuPDF and Pillow are imported lazily, so importing this module is cheap.
@@ -19,6 +20,7 @@ Contract:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import math
@@ -232,10 +234,21 @@ class ImageDocument(Document):
             out = ImageOps.exif_transpose(im)
         except Exception:  # a broken EXIF block must not lose the page
             out = im.copy()
-        return _to_rgb(out)
+        return _at_least_two_pixels(_to_rgb(out))
 
     def close(self) -> None:
         self._im.close()
+
+
+def _at_least_two_pixels(im: Image) -> Image:
+    """Pad a 1-pixel-wide or -high image with white: the processor cannot split it into crops otherwise."""
+    from PIL import Image as PILImage
+
+    if im.width >= 2 and im.height >= 2:
+        return im
+    out = PILImage.new("RGB", (max(im.width, 2), max(im.height, 2)), (255, 255, 255))
+    out.paste(im, (0, 0))
+    return out
 
 
 def _to_rgb(im: Image) -> Image:
@@ -270,6 +283,8 @@ def _read(path: str) -> bytes:
     except IsADirectoryError:
         raise IdeficsError("unsupported_format", "is a directory, not a document", "pass a file", path) from None
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise IdeficsError("not_found", "a loop of symbolic links", "check the link", path) from None
         raise IdeficsError("corrupt", f"cannot read the file ({e.strerror or e})", path=path) from None
 
 

@@ -31,6 +31,10 @@ class Output:
     # ---- data (stdout) ------------------------------------------------------------------------
     def write(self, text: str) -> None:
         try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates from a non-UTF-8 file name: escape them
+            text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+        try:
             sys.stdout.write(text)
             sys.stdout.flush()
         except BrokenPipeError:
@@ -41,7 +45,12 @@ class Output:
             raise IdeficsError("output_error", f"cannot write to stdout: {reason}") from None
 
     def json_line(self, obj: dict) -> None:
-        self.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        line = json.dumps(obj, ensure_ascii=False)
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates (a non-UTF-8 file name): let JSON escape them
+            line = json.dumps(obj)
+        self.write(line + "\n")
 
     # ---- status (stderr) ----------------------------------------------------------------------
     def status(self, message: str):

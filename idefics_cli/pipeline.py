@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from .batch import Batch, DocumentDone, Failure, Input, done_keys, prefetch
@@ -101,25 +102,30 @@ class FolderSink(JsonlSink):
         os.makedirs(folder, exist_ok=True)
         super().__init__(os.path.join(folder, "records.jsonl"))
         self.folder, self.settings = folder, settings
-        self.texts: dict[str, dict[int, dict]] = {}
+        # this run's records by (path, sha256), dropped once the .md is written; records already in the file
+        # by sha256 and kept, since byte-identical files share them (resume is by content)
+        self.texts: dict[tuple[str, str], dict[int, dict]] = {}
+        self.earlier: dict[str, dict[int, dict]] = {}
         for record in self.existing:
-            self._remember(record)
+            if self._usable(record):
+                self.earlier.setdefault(record.get("sha256", ""), {})[record["page"]] = record
         stems = [os.path.splitext(d.rel)[0] for d in docs]
-        self.md_rel = {d.rel: (stem if stems.count(stem) == 1 else d.rel) + ".md" for d, stem in zip(docs, stems)}
+        counts = Counter(stems)  # not stems.count(): quadratic in the number of documents
+        self.md_rel = {d.rel: (stem if counts[stem] == 1 else d.rel) + ".md" for d, stem in zip(docs, stems)}
 
-    def _remember(self, record: dict) -> None:
-        if record.get("settings") == self.settings and record.get("page"):
-            self.texts.setdefault(record.get("sha256", ""), {})[record["page"]] = record
+    def _usable(self, record: dict) -> bool:
+        return record.get("settings") == self.settings and bool(record.get("page"))
 
     def md_path(self, rel: str) -> str:
         return safe_join(self.folder, self.md_rel.get(rel, rel + ".md"))
 
     def write(self, record: dict) -> None:
         super().write(record)
-        self._remember(record)
+        if self._usable(record):
+            self.texts.setdefault((record["path"], record.get("sha256", "")), {})[record["page"]] = record
 
     def document_done(self, done: DocumentDone) -> None:
-        pages = self.texts.pop(done.sha256, {})
+        pages = {**self.earlier.get(done.sha256, {}), **self.texts.pop((done.input.path, done.sha256), {})}
         parts = []
         for page in done.pages:
             record = pages.get(page)

@@ -84,7 +84,10 @@ class RecordLog:
                 self.existing.append(record)
 
     def write(self, record: dict) -> None:
-        line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        try:
+            line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        except UnicodeEncodeError:  # lone surrogates (a non-UTF-8 file name): let JSON escape them
+            line = (json.dumps(record) + "\n").encode()
         try:
             written = os.write(self.fd, line)
             if written != len(line):

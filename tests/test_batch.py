@@ -1,0 +1,172 @@
+"""batch.py: walking inputs, shard specs, resume keys and the prefetch queue."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from idefics_cli import batch
+from idefics_cli.errors import IdeficsError, UsageError
+
+
+def touch(root, *names) -> None:
+    for name in names:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+
+
+def rels(docs) -> list[str]:
+    return [d.rel for d in docs]
+
+
+def test_walk_recurses_sorted_and_skips_hidden(tmp_path):
+    root = tmp_path / "in"
+    touch(root, "b.pdf", "a.png", "sub/deeper/c.tiff", "sub/z.jpg", ".hidden.pdf", ".git/config", "sub/.cache/x.pdf")
+    docs, missing = batch.walk([str(root)])
+    assert not missing
+    assert rels(docs) == ["a.png", "b.pdf", "sub/deeper/c.tiff", "sub/z.jpg"]
+    assert [d.path for d in docs] == [os.path.join(str(root), r) for r in rels(docs)]
+
+
+def test_walk_order_does_not_depend_on_creation_order(tmp_path):
+    names = ["m.pdf", "a/b.pdf", "Z.pdf", "a.pdf", "é.pdf", "a b.pdf", "10.pdf", "9.pdf"]
+    touch(tmp_path / "one", *names)
+    touch(tmp_path / "two", *reversed(names))
+    one, _ = batch.walk([str(tmp_path / "one")])
+    two, _ = batch.walk([str(tmp_path / "two")])
+    assert rels(one) == rels(two) == sorted(names)
+    assert batch.walk([str(tmp_path / "one")]) == (one, [])
+
+
+def test_walk_survives_a_symlink_loop_and_lists_files_once(tmp_path):
+    root = tmp_path / "in"
+    touch(root, "a.pdf", "sub/b.pdf")
+    os.symlink("..", root / "sub" / "loop")  # sub/loop -> in
+    os.symlink(root / "a.pdf", root / "alias.pdf")  # the same file under another name
+    docs, missing = batch.walk([str(root)])
+    assert not missing
+    real = [os.path.realpath(d.path) for d in docs]
+    assert len(real) == len(set(real)) == 2
+    assert sorted(real) == sorted(os.path.realpath(root / n) for n in ("a.pdf", "sub/b.pdf"))
+
+
+def test_walk_follows_a_symlinked_folder_once(tmp_path):
+    touch(tmp_path / "elsewhere", "x.pdf")
+    root = tmp_path / "in"
+    root.mkdir()
+    os.symlink(tmp_path / "elsewhere", root / "linked")
+    docs, _ = batch.walk([str(root)])
+    assert rels(docs) == ["linked/x.pdf"]
+
+
+def test_walk_globs(tmp_path):
+    root = tmp_path / "in"
+    touch(root, "a.pdf", "b.png", "sub/c.pdf", "sub/deep/d.pdf", "sub/e.png")
+    docs, missing = batch.walk([str(root / "**" / "*.pdf")])
+    assert not missing
+    assert rels(docs) == ["a.pdf", "sub/c.pdf", "sub/deep/d.pdf"]  # relative to the fixed part of the pattern
+    docs, _ = batch.walk([str(root / "sub" / "*.png")])
+    assert rels(docs) == ["e.png"]
+    docs, _ = batch.walk([str(root / "?.p[dn]*")])
+    assert rels(docs) == ["a.pdf", "b.png"]
+
+
+def test_walk_mixed_inputs_are_deduplicated(tmp_path):
+    root = tmp_path / "in"
+    touch(root, "a.pdf", "sub/b.pdf")
+    docs, missing = batch.walk([str(root), str(root / "a.pdf"), str(root / "**" / "*.pdf")])
+    assert not missing
+    assert sorted(os.path.realpath(d.path) for d in docs) == sorted(
+        os.path.realpath(root / n) for n in ("a.pdf", "sub/b.pdf"))
+
+
+def test_walk_reports_missing_paths_and_empty_globs(tmp_path):
+    touch(tmp_path, "real.pdf")
+    docs, missing = batch.walk([str(tmp_path / "real.pdf"), str(tmp_path / "nope.pdf"), str(tmp_path / "*.xyz")])
+    assert rels(docs) == ["real.pdf"]
+    assert [(e.code, e.path) for e in missing] == [("not_found", str(tmp_path / "nope.pdf")),
+                                                   ("not_found", str(tmp_path / "*.xyz"))]
+    assert all(isinstance(e, IdeficsError) and e.message for e in missing)
+
+
+def test_walk_a_file_whose_name_has_glob_characters(tmp_path):
+    touch(tmp_path, "report [draft].pdf")
+    docs, missing = batch.walk([str(tmp_path / "report [draft].pdf")])
+    assert not missing and rels(docs) == ["report [draft].pdf"]
+
+
+def test_walk_stdin():
+    docs, missing = batch.walk(["-"])
+    assert docs == [batch.Input("-", "stdin")] and not missing
+
+
+@pytest.mark.parametrize("spec, expected", [(None, None), ("", None), ("0/1", (0, 1)), ("0/3", (0, 3)),
+                                            ("2/3", (2, 3)), (" 1 / 4 ", (1, 4))])
+def test_parse_shard(spec, expected):
+    assert batch.parse_shard(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["3/3", "-1/3", "1/0", "0/0", "a/b", "1", "1/2/3", "1.5/3", "/3", "1/"])
+def test_parse_shard_errors(spec):
+    with pytest.raises(UsageError) as exc:
+        batch.parse_shard(spec)
+    assert exc.value.code == "usage" and exc.value.exit_status == 2 and "I/N" in exc.value.hint
+
+
+def test_in_shard_partitions():
+    names = [f"dir/{k}.pdf" for k in range(100)]
+    for n in (1, 2, 5):
+        owners = [[i for i in range(n) if batch.in_shard(name, i, n)] for name in names]
+        assert all(len(o) == 1 for o in owners)
+    assert batch.in_shard(os.fsdecode(b"odd\xff.pdf"), 0, 1)  # non-UTF-8 names hash too
+
+
+def test_done_keys_only_counts_ok_records():
+    records = [
+        {"sha256": "a", "page": 1, "settings": "s", "status": "ok"},
+        {"sha256": "a", "page": 2, "settings": "s", "status": "error"},
+        {"sha256": "a", "page": 3, "settings": "t", "status": "ok"},
+        {"sha256": "b", "page": 1, "settings": "s", "status": "ok"},
+        {"sha256": "b", "page": 1, "settings": "s", "status": "ok"},
+        {"page": 9},  # a record missing fields is tolerated and never done
+    ]
+    assert batch.done_keys(records) == {("a", 1, "s"), ("a", 3, "t"), ("b", 1, "s")}
+    assert batch.done_keys([]) == set()
+
+
+def test_prefetch_batches_failures_and_document_order(tmp_path):
+    from conftest import make_image, make_pdf
+
+    from idefics_cli.documents import open_document
+
+    make_pdf(tmp_path / "a.pdf", 3)
+    (tmp_path / "b.txt").write_text("not a document")
+    make_image(64, 48).save(tmp_path / "c.png")
+    make_pdf(tmp_path / "d.pdf", 2)
+    docs = [batch.Input(str(tmp_path / n), n) for n in ("a.pdf", "b.txt", "missing.pdf", "c.png", "d.pdf")]
+    with open_document(str(tmp_path / "d.pdf")) as d:
+        d_sha = d.sha256
+    counts = []
+    items = list(batch.prefetch(docs, lambda path: open_document(path, dpi=36),
+                                lambda doc: list(range(1, doc.page_count + 1)),
+                                lambda sha, page: sha == d_sha and page == 1,  # d.pdf page 1 is already done
+                                lambda images: [im.size for im in images], batch_size=2,
+                                on_pages=lambda total, skipped: counts.append((total, skipped))))
+    handed = []
+    order = []
+    for item in items:
+        if isinstance(item, batch.Batch):
+            assert 1 <= len(item.tasks) <= 2 and item.inputs == [im.size for im in item.images]
+            handed += [(t.input.rel, t.page) for t in item.tasks]
+        elif isinstance(item, batch.DocumentDone):
+            todo = [p for p in item.pages if not (item.input.rel == "d.pdf" and p == 1)]
+            assert all((item.input.rel, p) in handed for p in todo)  # its pages came first
+            order.append(item.input.rel)
+        else:
+            order.append((item.input.rel, item.error.code))
+    assert handed == [("a.pdf", 1), ("a.pdf", 2), ("a.pdf", 3), ("c.png", 1), ("d.pdf", 2)]
+    # a document that fails to open is reported at once; a finished one after the batch holding its last page
+    assert order == [("b.txt", "unsupported_format"), ("missing.pdf", "not_found"), "a.pdf", "c.png", "d.pdf"]
+    assert counts == [(3, 0), (1, 0), (2, 1)]

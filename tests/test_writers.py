@@ -1,0 +1,133 @@
+"""writers.py: the records log (append, repair, read back), atomic files and the output lock."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from idefics_cli.errors import IdeficsError
+from idefics_cli.writers import OutputLock, RecordLog, atomic_write
+
+
+def test_record_log_appends_one_line_per_record_and_reads_them_back(tmp_path):
+    path = str(tmp_path / "r.jsonl")
+    log = RecordLog(path)
+    assert log.existing == []
+    records = [{"page": 1, "text": "é文件 \"quoted\"\nnew line"}, {"page": 2, "text": None}]
+    for r in records:
+        log.write(r)
+    log.close()
+    data = open(path, "rb").read()
+    assert data.count(b"\n") == 2 and data.endswith(b"\n")
+    assert "é文件".encode() in data  # UTF-8, not \u escapes
+    again = RecordLog(path)
+    assert again.existing == records
+    again.write({"page": 3})
+    again.close()
+    assert RecordLog(path).existing == [*records, {"page": 3}]
+
+
+def test_record_log_drops_a_torn_last_line(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(b'{"page": 1}\n{"page": 2}\n{"page": 3, "te')
+    log = RecordLog(str(path))
+    assert log.existing == [{"page": 1}, {"page": 2}]
+    assert path.read_bytes() == b'{"page": 1}\n{"page": 2}\n'  # repaired on disk before appending
+    log.write({"page": 3})
+    log.close()
+    assert path.read_bytes() == b'{"page": 1}\n{"page": 2}\n{"page": 3}\n'
+
+
+def test_record_log_whole_file_torn(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(b'{"page": 1, "st')
+    log = RecordLog(str(path))
+    assert log.existing == [] and path.read_bytes() == b""
+    log.close()
+
+
+def test_record_log_skips_bad_lines_but_keeps_them(tmp_path):
+    path = tmp_path / "r.jsonl"
+    content = b'{"page": 1}\nnot json\n[1, 2]\n\n"a string"\n{"page": 2}\n'
+    path.write_bytes(content)
+    log = RecordLog(str(path))
+    assert log.existing == [{"page": 1}, {"page": 2}]
+    log.close()
+    assert path.read_bytes() == content  # only a torn tail is ever removed
+
+
+def test_record_log_escapes_non_utf8_names(tmp_path):
+    path = str(tmp_path / "r.jsonl")
+    name = os.fsdecode(b"scan\xff.pdf")  # a file name that is not UTF-8 (surrogateescape)
+    log = RecordLog(path)
+    log.write({"path": name, "text": "é"})
+    log.close()
+    data = open(path, "rb").read()
+    data.decode("utf-8")  # the file stays valid UTF-8
+    assert RecordLog(path).existing == [{"path": name, "text": "é"}]  # and round-trips the real name
+
+
+def test_record_log_in_a_missing_folder_is_an_output_error(tmp_path):
+    with pytest.raises(IdeficsError) as exc:
+        RecordLog(str(tmp_path / "no" / "such" / "r.jsonl"))
+    assert exc.value.code == "output_error" and exc.value.path.endswith("r.jsonl")
+
+
+def test_atomic_write_replaces_and_leaves_no_temp_file(tmp_path):
+    path = tmp_path / "sub" / "doc.md"
+    atomic_write(str(path), "first\n")
+    atomic_write(str(path), "second é\n")
+    assert path.read_text(encoding="utf-8") == "second é\n"
+    assert os.listdir(tmp_path / "sub") == ["doc.md"]
+
+
+def test_atomic_write_failure_leaves_no_temp_and_keeps_old_content(tmp_path):
+    target = tmp_path / "taken"
+    target.mkdir()  # a folder where the file should go: the rename fails
+    (target / "inside").write_text("x")
+    with pytest.raises(IdeficsError) as exc:
+        atomic_write(str(target), "text")
+    assert exc.value.code == "output_error"
+    assert sorted(os.listdir(tmp_path)) == ["taken"] and os.listdir(target) == ["inside"]
+
+
+def test_output_lock_refuses_a_second_holder(tmp_path):
+    lock_path = str(tmp_path / "out" / "records.jsonl.lock")
+    with OutputLock(lock_path):
+        with pytest.raises(IdeficsError) as exc:
+            OutputLock(lock_path).__enter__()
+        err = exc.value
+        assert err.code == "usage" and err.exit_status == 2
+        assert str(tmp_path / "out" / "records.jsonl") in err.message and "\n" not in err.one_line()
+    with OutputLock(lock_path):  # released: free again
+        pass
+
+
+def test_output_lock_held_by_another_process(tmp_path):
+    import subprocess
+    import sys
+
+    lock_path = str(tmp_path / "records.jsonl.lock")
+    code = ("import sys, time; from idefics_cli.writers import OutputLock\n"
+            "with OutputLock(sys.argv[1]):\n    print('held', flush=True); sys.stdin.read()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, lock_path], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"held\n"
+        with pytest.raises(IdeficsError, match="another idefics process"):
+            OutputLock(lock_path).__enter__()
+    finally:
+        proc.communicate(b"", timeout=30)
+    with OutputLock(lock_path):
+        pass
+
+
+def test_record_lines_are_json(tmp_path):
+    path = str(tmp_path / "r.jsonl")
+    log = RecordLog(path, fsync_every=0)
+    for k in range(50):
+        log.write({"page": k, "text": "x" * k})
+    log.close()
+    lines = open(path, encoding="utf-8").read().splitlines()
+    assert [json.loads(line)["page"] for line in lines] == list(range(50))
