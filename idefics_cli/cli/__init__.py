@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from . import ask, transcribe
+from . import ask, chat, crops, doctor, pull, quantize, transcribe
 
 app = typer.Typer(
     name="idefics",
@@ -22,6 +22,11 @@ app = typer.Typer(
 )
 app.command(epilog=ask.EPILOG)(ask.ask)
 app.command(epilog=transcribe.EPILOG)(transcribe.transcribe)
+app.command(epilog=chat.EPILOG)(chat.chat)
+app.command(epilog=crops.EPILOG)(crops.crops)
+app.command(epilog=doctor.EPILOG)(doctor.doctor)
+app.command(epilog=pull.EPILOG)(pull.pull)
+app.command(epilog=quantize.EPILOG)(quantize.quantize)
 
 
 def _version(value: bool) -> None:

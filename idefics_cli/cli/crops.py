@@ -1,0 +1,96 @@
+"""`idefics crops DOC`: a PNG contact sheet of the exact images the model receives for one page.
+
+Contract: only the processor is loaded (no model weights). The page is rendered as `ask` renders it, run
+through the processor, and the images are taken back out of `pixel_values` (de-normalized, padding cropped
+with `pixel_attention_mask`), so the sheet shows the real pixels: with splitting 4 crops + the whole page,
+without it the whole page alone; the count is read from the processor output. Each panel is labelled with
+its position and size. `--out` names the sheet (default `<doc>-page<N>-crops.png`); `--dir` writes each
+image as `crop-<k>-<position>.png` instead (plus the sheet when `--out` is given too). The written paths
+go to stdout, one per line.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+
+from . import options as o
+
+EPILOG = """[bold]Examples[/bold]
+
+  idefics crops samples/invoice.pdf                    # invoice-page1-crops.png
+
+  idefics crops report.pdf --page 3 --out p3.png
+
+  idefics crops scan.jpg --no-split --dir crops/       # crops/crop-1-whole.png
+
+  idefics crops report.pdf --dpi 72                    # see what a low-resolution render loses
+"""
+
+
+def crops(
+    doc: Annotated[str, typer.Argument(metavar="DOC", show_default=False, help="A PDF or image (- for stdin).")],
+    page: Annotated[int, typer.Option("--page", min=1, help="1-based page to show.", rich_help_panel=o.DOC_PANEL)] = 1,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Where to write the sheet (PNG).")] = None,
+    dir_: Annotated[str | None, typer.Option("--dir", help="Write each image separately into this folder.")] = None,
+    dpi: o.Dpi = None,
+    password: o.Password = None,
+    model: o.Model = o.DEFAULT_MODEL,
+    revision: o.Revision = None,
+    offline: o.Offline = False,
+    split: o.Split = True,
+) -> None:
+    """Show the exact images (4 crops + the whole page) the model receives for a page, as a PNG sheet."""
+    from ..output import Output, run
+
+    output = Output()
+    opts = o.model_options(model, revision, o.Quant.none, o.Dtype.auto, "cpu", offline, split, 1)
+    raise typer.Exit(run(lambda: _crops(output, doc, page, out, dir_, dpi, password, opts), output))
+
+
+def default_sheet_name(doc: str, page: int) -> str:
+    stem = "stdin" if doc == "-" else os.path.splitext(os.path.basename(doc.rstrip("/")))[0] or "document"
+    return f"{stem}-page{page}-crops.png"
+
+
+def _crops(out, doc_path, page, sheet_path, dir_, dpi, password, opts) -> int:
+    from ..diagnostics import contact_sheet, load_processor, model_images
+    from ..documents import open_document
+    from ..errors import IdeficsError
+
+    if sheet_path is not None and not sheet_path.lower().endswith(".png"):
+        sheet_path += ".png"
+    with open_document(doc_path, password=password, dpi=dpi) as doc:
+        image = doc.render(page)
+    with out.status(f"Loading the processor of {opts.model}…"):
+        processor = load_processor(opts)
+    images, names, image_tokens = model_images(processor, image)
+    labels = [f"{name} · {im.width}x{im.height} px" for name, im in zip(names, images, strict=True)]
+    written = []
+    try:
+        if dir_ is not None:
+            os.makedirs(dir_, exist_ok=True)
+            for k, (name, im) in enumerate(zip(names, images, strict=True), 1):
+                path = os.path.join(dir_, f"crop-{k}-{name}.png")
+                im.save(path, format="PNG")
+                written.append(path)
+        if dir_ is None or sheet_path is not None:
+            sheet_path = sheet_path or default_sheet_name(doc_path, page)
+            title = (f"{os.path.basename(doc_path)} · page {page} · rendered {image.width}x{image.height} px -> "
+                     f"{len(images)} image(s), {image_tokens} image tokens · {opts.model}")
+            sheet, _ = contact_sheet(images, labels, title)
+            parent = os.path.dirname(sheet_path)
+            if parent:
+                os.makedirs(parent, exist_ok=True)
+            sheet.save(sheet_path, format="PNG")
+            written.append(sheet_path)
+    except OSError as exc:
+        where = exc.filename or "the output"
+        raise IdeficsError("output_error", f"cannot write {where}: {exc.strerror or exc}") from exc
+    for label in labels:
+        out.info(label)
+    for path in written:
+        out.write(path + "\n")
+    return 0

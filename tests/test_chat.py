@@ -1,0 +1,170 @@
+"""`idefics chat`: every turn feeds the model the processor's own formatting of the whole conversation."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import signal
+import sys
+import time
+
+import pytest
+import torch
+from conftest import make_pdf
+from transformers import AutoProcessor, Idefics2ForConditionalGeneration
+
+from idefics_cli.documents import open_document
+from idefics_cli.prompts import assistant_turn, user_turn
+
+FAST = ["--quant", "none", "--device", "cpu", "--max-new-tokens", "5", "--dpi", "40"]
+
+
+@pytest.fixture
+def model_calls(monkeypatch):
+    """Record what reaches `generate` (the real one still runs)."""
+    calls = []
+    original = Idefics2ForConditionalGeneration.generate
+
+    def recording(self, *args, **kwargs):
+        calls.append({k: v.detach().clone() for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Idefics2ForConditionalGeneration, "generate", recording)
+    return calls
+
+
+def test_scripted_turns_pages_and_save(cli, tiny_model, tmp_path, model_calls):
+    pdf = make_pdf(tmp_path / "report.pdf", n_pages=3)
+    saved = tmp_path / "chat.json"
+    script = f"What is the title?\n\nAnd the colour?\n/pages 2-3\nWhat changed?\n/save {saved}\n"
+    result = cli("chat", pdf, "--pages", "1", "--model", tiny_model, *FAST, input=script)
+    assert result.exit_code == 0, result.stderr
+    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [a["turn"] for a in answers] == [1, 2, 3]
+    assert {a["schema"] for a in answers} == {"idefics-cli.answer/1"}
+    one, three = [{"path": pdf, "pages": [1]}], [{"path": pdf, "pages": [1, 2, 3]}]
+    assert [a["sources"] for a in answers] == [one, one, three]
+    assert len(model_calls) == 3
+
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    with open_document(pdf, dpi=40) as doc:
+        p1, p2, p3 = (doc.render(p) for p in (1, 2, 3))
+    a1, a2, a3 = (a["answer"] for a in answers)
+    messages = [user_turn(1, "What is the title?"), assistant_turn(a1), user_turn(0, "And the colour?")]
+    turns = [(messages[:1], [p1]), (messages, [p1]),
+             (messages + [assistant_turn(a2), user_turn(2, "What changed?")], [p1, p2, p3])]
+    for k, (msgs, images) in enumerate(turns):
+        text = processor.apply_chat_template(msgs, add_generation_prompt=True)
+        want = processor(text=[text], images=[images], return_tensors="pt")
+        got = model_calls[k]
+        assert torch.equal(got["input_ids"], want["input_ids"]), f"turn {k + 1}"
+        assert torch.equal(got["pixel_values"], want["pixel_values"]), f"turn {k + 1}"
+        assert answers[k]["usage"]["prompt_tokens"] == want["input_ids"].shape[1]
+    assert model_calls[1]["pixel_values"].shape[1] == 5 and model_calls[2]["pixel_values"].shape[1] == 15
+
+    data = json.loads(saved.read_text())
+    assert data["schema"] == "idefics-cli.chat/1"
+    assert data["messages"] == turns[2][0] + [assistant_turn(a3)]
+    assert data["sources"] == [{"message": 0, "path": pdf, "pages": [1]}, {"message": 4, "path": pdf, "pages": [2, 3]}]
+
+
+def test_reset_starts_over_with_the_current_pages(cli, tiny_model, tmp_path, model_calls):
+    pdf = make_pdf(tmp_path / "r.pdf", n_pages=2)
+    result = cli("chat", pdf, "-p", "2", "--model", tiny_model, *FAST, input="One?\n/reset\nTwo?\n")
+    assert result.exit_code == 0, result.stderr
+    assert [json.loads(line)["turn"] for line in result.stdout.splitlines()] == [1, 1]
+    assert model_calls[0]["pixel_values"].shape == model_calls[1]["pixel_values"].shape
+    assert model_calls[1]["input_ids"].shape[1] < model_calls[0]["input_ids"].shape[1] + 5  # no history
+
+
+@pytest.mark.parametrize(("script", "code"), [("/nope\n", "usage"), ("/pages 9\n", "page_out_of_range")])
+def test_bad_commands_are_fatal_when_scripted(cli, tiny_model, tmp_path, script, code):
+    pdf = make_pdf(tmp_path / "r.pdf", n_pages=2)
+    result = cli("chat", pdf, "--model", tiny_model, *FAST, input=script)
+    assert result.exit_code in (2, 4) and f"[{code}]" in result.stderr and result.stdout == ""
+
+
+class Terminal:
+    """`idefics chat` on a real pseudo-terminal (stdin, stdout and stderr are all the tty)."""
+
+    def __init__(self, *args: str):
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:
+            os.environ["HF_HUB_OFFLINE"] = "1"
+            os.execv(sys.executable, [sys.executable, "-m", "idefics_cli", "chat", *args])
+        self.seen = b""
+        self.pos = 0
+        self.status = None
+
+    def wait_for(self, token: bytes, timeout: float = 120) -> bool:
+        """Read until `token` shows up after the previous match."""
+        end = time.monotonic() + timeout
+        while True:
+            found = self.seen.find(token, self.pos)
+            if found >= 0:
+                self.pos = found + len(token)
+                return True
+            if time.monotonic() > end:
+                return False
+            if select.select([self.fd], [], [], 0.2)[0]:
+                try:
+                    self.seen += os.read(self.fd, 65536)
+                except OSError:
+                    return False
+
+    def type(self, text: str) -> None:
+        os.write(self.fd, text.encode())
+
+    def exit_code(self, timeout: float = 30) -> int | None:
+        end = time.monotonic() + timeout
+        while self.status is None and time.monotonic() < end:
+            self.wait_for(b"\x00", 0.2)  # keep draining the terminal
+            done, status = os.waitpid(self.pid, os.WNOHANG)
+            self.status = status if done else None
+        return None if self.status is None else os.waitstatus_to_exitcode(self.status)
+
+    def close(self) -> None:
+        if self.status is None:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        os.close(self.fd)
+
+
+def test_terminal_session_streams_saves_and_leaves_on_ctrl_d(tiny_model, tmp_path):
+    pdf = make_pdf(tmp_path / "r.pdf", n_pages=1)
+    term = Terminal(pdf, "--model", tiny_model, *FAST)
+    try:
+        assert term.wait_for(b">>> "), term.seen[-2000:]
+        mark = term.pos
+        term.type("What is it?\r")
+        assert term.wait_for(b"\n>>> "), term.seen[-2000:]
+        assert b'"schema"' not in term.seen[mark:]  # a terminal gets the streamed text, not JSON
+        term.type(f"/save {tmp_path / 's.json'}\r")
+        assert term.wait_for(b"saved 2 messages"), term.seen[-2000:]
+        assert term.wait_for(b">>> "), term.seen[-2000:]
+        time.sleep(0.5)  # let readline put the terminal in raw mode before the Ctrl-D arrives
+        term.type("\x04")  # Ctrl-D
+        assert term.exit_code() == 0, term.seen[-2000:]
+    finally:
+        term.close()
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert [m["role"] for m in data["messages"]] == ["user", "assistant"]
+    assert data["messages"][1]["content"][0]["text"].encode() in term.seen.replace(b"\r\n", b"\n")
+
+
+def test_terminal_ctrl_c_at_the_prompt_stays_sigterm_leaves(tiny_model, tmp_path):
+    pdf = make_pdf(tmp_path / "r.pdf", n_pages=1)
+    term = Terminal(pdf, "--model", tiny_model, *FAST)
+    try:
+        assert term.wait_for(b">>> "), term.seen[-2000:]
+        time.sleep(0.5)
+        term.type("\x03")  # Ctrl-C at the prompt: a fresh prompt, still running
+        assert term.wait_for(b">>> ", 10)  # a new prompt
+        assert term.exit_code(2) is None
+        os.kill(term.pid, signal.SIGTERM)
+        assert term.exit_code() == 130, term.seen[-2000:]
+    finally:
+        term.close()
+    assert b"interrupted" in term.seen

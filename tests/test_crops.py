@@ -1,0 +1,101 @@
+"""`idefics crops`: the sheet and the --dir images are exactly the pixels the processor hands the model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+from conftest import make_image, make_pdf
+from PIL import Image
+
+from idefics_cli.diagnostics import sheet_layout
+from idefics_cli.documents import open_document
+
+
+def expected_images(model_dir: str, image, split: bool = True) -> list[np.ndarray]:
+    """The processor's pixel_values for one page, de-normalized and unpadded, computed independently here."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    processor.image_processor.do_image_splitting = split
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}])
+    inputs = processor(text=[prompt], images=[[image]], return_tensors="pt")
+    ip = processor.image_processor
+    mean, std = np.array(ip.image_mean).reshape(3, 1, 1), np.array(ip.image_std).reshape(3, 1, 1)
+    out = []
+    for pv, mask in zip(inputs["pixel_values"][0].double().numpy(), inputs["pixel_attention_mask"][0].numpy(),
+                        strict=True):
+        arr = np.clip(np.round((pv * std + mean) * 255), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+        h, w = int(mask.any(1).sum()), int(mask.any(0).sum())
+        assert mask[:h, :w].all() and not mask[h:].any() and not mask[:, w:].any()  # padding is bottom/right
+        out.append(arr[:h, :w])
+    return out
+
+
+def test_dir_and_sheet_are_the_processor_pixels(cli, tiny_model, tmp_path):
+    src = tmp_path / "page.png"
+    make_image(1200, 800, seed=3).save(src)  # crops 600x400, whole 980x653: padding inside pixel_values
+    crops_dir, sheet_path = tmp_path / "crops", tmp_path / "out" / "sheet.png"
+    result = cli("crops", src, "--model", tiny_model, "--dir", crops_dir, "--out", sheet_path)
+    assert result.exit_code == 0, result.stderr
+    names = ["crop-1-top-left.png", "crop-2-top-right.png", "crop-3-bottom-left.png", "crop-4-bottom-right.png",
+             "crop-5-whole.png"]
+    assert result.stdout.splitlines() == [str(crops_dir / n) for n in names] + [str(sheet_path)]
+
+    with open_document(str(src)) as doc:
+        expected = expected_images(tiny_model, doc.render(1))
+    assert len(expected) == 5
+    assert [e.shape[:2] for e in expected] == [(400, 600)] * 4 + [(653, 980)]
+    for name, want in zip(names, expected, strict=True):
+        assert np.array_equal(np.asarray(Image.open(crops_dir / name).convert("RGB")), want), name
+
+    sheet = np.asarray(Image.open(sheet_path).convert("RGB"))
+    corners, size = sheet_layout([(e.shape[1], e.shape[0]) for e in expected])
+    assert (sheet.shape[1], sheet.shape[0]) == size
+    for (x, y), want in zip(corners, expected, strict=True):
+        assert np.array_equal(sheet[y: y + want.shape[0], x: x + want.shape[1]], want)
+
+
+def test_pdf_page_no_split_and_default_name(cli, tiny_model, tmp_path, monkeypatch):
+    pdf = make_pdf(tmp_path / "report.pdf", n_pages=3)
+    monkeypatch.chdir(tmp_path)
+    result = cli("crops", pdf, "--page", "2", "--dpi", "60", "--no-split", "--model", tiny_model)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == "report-page2-crops.png\n"
+    with open_document(pdf, dpi=60) as doc:
+        (want,) = expected_images(tiny_model, doc.render(2), split=False)
+    sheet = np.asarray(Image.open(tmp_path / "report-page2-crops.png").convert("RGB"))
+    ((x, y),), _ = sheet_layout([(want.shape[1], want.shape[0])])
+    assert np.array_equal(sheet[y: y + want.shape[0], x: x + want.shape[1]], want)
+
+    result = cli("crops", pdf, "--page", "2", "--dpi", "60", "--no-split", "--model", tiny_model, "--dir", "one")
+    assert result.stdout == os.path.join("one", "crop-1-whole.png") + "\n"
+
+
+def test_needs_no_model_weights(cli, tiny_model, tmp_path):
+    """Only the processor is loaded: a folder without any weights is enough."""
+    proc_only = tmp_path / "processor-only"
+    shutil.copytree(tiny_model, proc_only, ignore=shutil.ignore_patterns("*.safetensors"))
+    src = tmp_path / "p.png"
+    make_image(200, 150).save(src)
+    result = cli("crops", src, "--model", proc_only, "--dir", tmp_path / "d")
+    assert result.exit_code == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 5
+
+
+@pytest.mark.parametrize(("args", "code", "status"), [
+    (["missing.pdf"], "not_found", 4),
+    (["{pdf}", "--page", "7"], "page_out_of_range", 4),
+    (["{pdf}", "--model", "/nonexistent/model"], "model_error", 5),
+])
+def test_errors_are_one_line(cli, tiny_model, tmp_path, args, code, status):
+    pdf = make_pdf(tmp_path / "r.pdf", n_pages=2)
+    args = [a.format(pdf=pdf) for a in args]
+    if "--model" not in args:
+        args += ["--model", tiny_model]
+    result = cli("crops", *args, "--out", tmp_path / "s.png")
+    assert result.exit_code == status
+    assert result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1 and f"[{code}]" in result.stderr

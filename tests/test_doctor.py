@@ -1,0 +1,97 @@
+"""`idefics doctor`: every field, a real bitsandbytes 4-bit matmul, the cache lookup and the verdict."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import huggingface_hub.constants
+
+from idefics_cli.diagnostics import check_4bit, model_files
+
+TOP = {"schema", "ok", "reason", "versions", "system", "cuda", "setup", "bnb_4bit", "model", "estimate"}
+VERSIONS = {"python", "torch", "transformers", "bitsandbytes", "accelerate", "pymupdf", "pillow", "huggingface_hub",
+            "idefics_cli"}
+BNB = {"ran", "ok", "device", "dtype", "max_error", "quantization_error", "tolerance", "error", "seconds"}
+MODEL = {"id", "revision", "local_folder", "available", "path", "commit", "missing", "size_bytes", "pre_quantized"}
+ESTIMATE = {"parameters", "quantized_parameters", "bytes_per_quantized_parameter", "weights_bytes",
+            "image_tokens_per_image", "images_per_page", "prompt_tokens", "max_new_tokens", "kv_cache_bytes",
+            "activations_bytes", "overhead_bytes", "total_bytes", "free_bytes", "fits"}
+
+
+def test_json_has_every_field_and_a_real_4bit_check(cli, tiny_model, engine):
+    result = cli("doctor", "--json", "--model", tiny_model, "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert set(report) == TOP and report["schema"] == "idefics-cli.doctor/1"
+    assert report["ok"] is True and report["reason"] is None
+    assert set(report["versions"]) == VERSIONS and report["versions"]["bitsandbytes"]
+    assert set(report["cuda"]) == {"available", "version", "devices"}
+    assert report["system"]["ram_available_bytes"] > 0 and report["system"]["cpus"] >= 1
+    assert report["setup"] == {"model": tiny_model, "revision": None, "quant": "4bit", "quantization": "nf4",
+                               "dtype": "float32", "device": "cpu", "split": True}
+    bnb = report["bnb_4bit"]
+    assert set(bnb) == BNB and bnb["ran"] and bnb["ok"] and bnb["device"] == "cpu"
+    assert bnb["max_error"] <= bnb["tolerance"]
+    assert 0.01 < bnb["quantization_error"] < 0.25  # nf4 really rounded the weights: not a float shortcut
+    assert set(report["model"]) == MODEL
+    assert report["model"]["available"] and report["model"]["local_folder"] and report["model"]["missing"] == []
+    est = report["estimate"]
+    assert set(est) == ESTIMATE
+    assert est["parameters"] == sum(p.numel() for p in engine.model.parameters())  # counted from config.json
+    assert 0 < est["quantized_parameters"] < est["parameters"]
+    assert est["image_tokens_per_image"] == 64 and est["images_per_page"] == 5
+    assert est["total_bytes"] == est["weights_bytes"] + est["kv_cache_bytes"] + est["activations_bytes"] + est[
+        "overhead_bytes"]
+    assert est["fits"] is True
+
+
+def test_no_split_and_no_quant_change_the_estimate(cli, tiny_model):
+    base = json.loads(cli("doctor", "--json", "--model", tiny_model, "--device", "cpu").stdout)["estimate"]
+    other = json.loads(cli("doctor", "--json", "--model", tiny_model, "--device", "cpu", "--no-split",
+                           "--quant", "none").stdout)["estimate"]
+    assert other["images_per_page"] == 1 and other["prompt_tokens"] < base["prompt_tokens"]
+    assert other["weights_bytes"] > base["weights_bytes"]  # 4 bytes/param float32 vs ~0.52 for nf4 linears
+
+
+def test_human_report_and_missing_model_exit_5(cli, tiny_model, tmp_path):
+    result = cli("doctor", "--model", tiny_model, "--device", "cpu")
+    assert result.exit_code == 0
+    assert "verdict    ✓ ready" in result.stdout and "bitsandbytes nf4 matmul on cpu" in result.stdout
+
+    result = cli("doctor", "--json", "--model", str(tmp_path / "nothing-here"), "--device", "cpu")
+    assert result.exit_code == 5
+    report = json.loads(result.stdout)
+    assert report["ok"] is False and "not complete in the local folder" in report["reason"]
+    assert len(result.stderr.strip().splitlines()) == 1 and "error [model_error]" in result.stderr
+
+
+def fake_cache(cache: str, repo: str, model_dir: str, commit: str = "0123456789abcdef0123456789abcdef01234567"):
+    """Lay a model folder out the way huggingface_hub caches a snapshot."""
+    base = os.path.join(cache, "models--" + repo.replace("/", "--"))
+    os.makedirs(os.path.join(base, "refs"))
+    with open(os.path.join(base, "refs", "main"), "w") as f:
+        f.write(commit)
+    shutil.copytree(model_dir, os.path.join(base, "snapshots", commit))
+    return commit
+
+
+def test_cached_model_is_found_with_its_commit(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    commit = fake_cache(str(tmp_path), "acme/tiny-idefics2", tiny_model)
+    found = model_files("acme/tiny-idefics2", None)
+    assert found["available"] and found["commit"] == commit and not found["local_folder"]
+    os.remove(os.path.join(found["path"], "model.safetensors"))
+    found = model_files("acme/tiny-idefics2", None)
+    assert not found["available"] and found["missing"] == ["model.safetensors"]
+    assert not model_files("acme/not-pulled", None)["available"]
+
+
+def test_check_4bit_half_precision_and_failure():
+    import torch
+
+    half = check_4bit("cpu", torch.bfloat16)
+    assert half["ran"] and half["ok"] and half["dtype"] == "bfloat16" and half["max_error"] <= half["tolerance"]
+    broken = check_4bit("no-such-device", torch.float32)
+    assert broken["ok"] is False and broken["ran"] is False and broken["error"]

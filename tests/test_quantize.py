@@ -1,0 +1,73 @@
+"""`idefics quantize`: the saved nf4 folder loads Linear4bit layers as saved, answers as --quant 4bit, is smaller."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import make_image
+
+from idefics_cli.cli.quantize import weights_bytes
+from idefics_cli.model import ModelOptions, load
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_model, tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from idefics_cli.cli import app
+
+    out = tmp_path_factory.mktemp("q") / "tiny-nf4"
+    result = CliRunner().invoke(app, ["quantize", str(out), "--model", tiny_model, "--device", "cpu"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == f"{out}\n"
+    assert "weights:" in result.stderr and "->" in result.stderr
+    return str(out)
+
+
+def linear4bit(model) -> dict:
+    import bitsandbytes as bnb
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+
+def test_saved_folder_is_nf4_and_smaller(quantized, tiny_model):
+    with open(os.path.join(quantized, "config.json")) as f:
+        qc = json.load(f)["quantization_config"]
+    assert qc["load_in_4bit"] and qc["bnb_4bit_quant_type"] == "nf4" and qc["bnb_4bit_use_double_quant"]
+    names = set(os.listdir(quantized))
+    assert {"model.safetensors", "generation_config.json", "processor_config.json", "tokenizer.json",
+            "chat_template.jinja"} <= names
+    assert weights_bytes(quantized) < weights_bytes(tiny_model)
+    assert not [n for n in os.listdir(os.path.dirname(quantized)) if n.startswith(".idefics-quantize-")]
+
+
+def test_loads_linear4bit_without_requantizing(quantized, tiny_model):
+    saved = load(ModelOptions(model=quantized, quant="4bit", device="cpu")).model
+    fresh = load(ModelOptions(model=tiny_model, quant="4bit", device="cpu")).model
+    saved_layers, fresh_layers = linear4bit(saved), linear4bit(fresh)
+    assert saved_layers and saved_layers.keys() == fresh_layers.keys()
+    for name, layer in saved_layers.items():
+        assert layer.weight.dtype == torch.uint8, name  # packed nf4 straight from disk
+        assert torch.equal(layer.weight.data, fresh_layers[name].weight.data), name
+        assert layer.weight.quant_state.quant_type == "nf4"
+
+
+def test_answers_exactly_as_quant_4bit_on_the_original(cli, quantized, tiny_model, tmp_path):
+    img = tmp_path / "page.png"
+    make_image(200, 150, seed=5).save(img)
+    args = [img, "What is the total?", "--json", "--device", "cpu", "--max-new-tokens", "8"]
+    original = cli("ask", *args, "--model", tiny_model, "--quant", "4bit")
+    saved = cli("ask", *args, "--model", quantized, "--quant", "4bit")
+    assert original.exit_code == 0 and saved.exit_code == 0, (original.stderr, saved.stderr)
+    a, b = json.loads(original.stdout), json.loads(saved.stdout)
+    assert a["answer"] and a["answer"] == b["answer"]
+    assert a["usage"] == b["usage"] and b["model"]["quantization"] == "nf4"
+
+
+def test_refuses_a_folder_that_is_not_empty(cli, tiny_model, quantized):
+    result = cli("quantize", quantized, "--model", tiny_model, "--device", "cpu")
+    assert result.exit_code == 2 and "not an empty folder" in result.stderr and result.stdout == ""
