@@ -1,0 +1,137 @@
+"""Hostile inputs: every broken, odd or malicious file gets its documented code, and nothing runs or leaks."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from hostile import build
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from idefics_cli.documents import open_document
+from idefics_cli.errors import EXIT_FOR_CODE, INPUT_CODES, IdeficsError
+
+FAST = ["--quant", "none", "--max-new-tokens", "1"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("hostile"))
+    cases = build(root)
+    assert len(cases) >= 40
+    return cases
+
+
+def test_corpus_has_forty_cases_and_every_kind(corpus):
+    names = {c.name for c in corpus}
+    assert len(corpus) >= 40
+    assert {"bomb.png", "cmyk.jpg", "animated.gif", "multi-frame.tiff", "symlink-loop", "many-pages.pdf",
+            "javascript-attachment.pdf", "folder-named-pdf", "non-utf8", "newline"} <= names
+
+
+def _expected(case, got: str) -> bool:
+    return got == case.code if isinstance(case.code, str) else got in case.code
+
+
+def test_ask_reports_each_case_with_its_code(cli, tiny_model, corpus):
+    failures = []
+    for case in corpus:
+        dpi = [] if "--dpi" in case.extra else ["--dpi", "36"]
+        result = cli("ask", case.path, "What is written here?", *case.extra, *dpi, "--model", tiny_model, *FAST)
+        lines = result.stderr.strip().splitlines()
+        if result.exit_code == 0:
+            got = "ok"
+            if result.stdout.count("\n") != 1:
+                failures.append((case.name, "answer", result.stdout))
+        else:
+            got = lines[0].split("]")[0].removeprefix("error [") if lines else "?"
+            if len(lines) != 1 or result.exit_code != EXIT_FOR_CODE.get(got) or result.stdout:
+                failures.append((case.name, result.exit_code, result.stderr))
+            shown = os.path.basename(case.path).replace("\n", " ")
+            if got in INPUT_CODES and shown.encode("utf-8", "replace") and shown[:3] not in lines[0]:
+                failures.append((case.name, "file not named", lines[0]))
+        if "Traceback" in result.stderr or not _expected(case, got):
+            failures.append((case.name, got, case.code, result.stderr[-300:]))
+    assert not failures, failures
+
+
+def test_transcribe_records_each_case_and_goes_on(cli, tiny_model, corpus, tmp_path):
+    out = tmp_path / "out"
+    folder = os.path.dirname(corpus[0].path)
+    big = next(c for c in corpus if c.name == "many-pages.pdf")
+    aside = str(tmp_path / "many-pages.pdf")
+    os.rename(big.path, aside)  # 10,000 pages belong to the --pages -1 case, not to this run
+    try:
+        result = cli("transcribe", folder, "--out", out, "--model", tiny_model, "--dpi", "36", "-q", *FAST)
+    finally:
+        os.rename(aside, big.path)
+    assert result.exit_code == 3, result.stderr
+    assert "Traceback" not in result.stderr
+    records = [json.loads(line) for line in open(out / "records.jsonl")]
+    by_file: dict[str, list[dict]] = {}
+    for record in records:
+        by_file.setdefault(os.path.basename(record["path"]), []).append(record)
+    for case in corpus:
+        name = os.path.basename(case.path)
+        if case.name in ("missing", "folder-named-pdf", "many-pages.pdf"):
+            continue
+        rows = by_file.get(name)
+        assert rows, f"no record for {case.name}"
+        code = "encrypted" if "--password" in case.extra else case.code
+        got = {r["error"]["code"] if r["status"] == "error" else "ok" for r in rows}
+        assert all(_expected(type(case)(case.name, case.path, code), g) for g in got), (case.name, got)
+        if "error" in {r["status"] for r in rows} and code != "ok":
+            assert len(rows) == 1 and rows[0]["text"] is None
+    assert len(by_file["multi-frame.tiff"]) == 3 and len(by_file["animated.gif"]) == 1
+    leftovers = [n for _, _, files in os.walk(out) for n in files if n.startswith(".tmp")]
+    assert not leftovers
+    for md in (p for p in out.rglob("*.md")):
+        assert str(md.resolve()).startswith(str(out.resolve()))
+
+
+def test_ten_thousand_page_pdf_last_page_only(cli, tiny_model, corpus):
+    big = next(c for c in corpus if c.name == "many-pages.pdf")
+    result = cli("ask", big.path, "--pages=-1", "What is on it?", "--json", "--model", tiny_model, *FAST)
+    answer = json.loads(result.stdout)
+    assert answer["sources"][0]["pages"] == [10_000] and answer["usage"]["image_tokens"] == 320
+
+
+def test_javascript_and_attachments_are_never_run_or_extracted(cli, tiny_model, corpus, tmp_path, monkeypatch):
+    case = next(c for c in corpus if c.name == "javascript-attachment.pdf")
+    monkeypatch.chdir(tmp_path)
+    if os.path.exists("/tmp/idefics-pwned"):
+        os.unlink("/tmp/idefics-pwned")
+    result = cli("transcribe", case.path, "--out", tmp_path / "o", "--model", tiny_model, "-q", *FAST)
+    assert result.exit_code == 0
+    assert not os.path.exists("/tmp/idefics-pwned")
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert written == ["o/javascript-attachment.md", "o/records.jsonl", "o/records.jsonl.lock"]
+
+
+def test_huge_page_rendered_within_pixel_budget(corpus):
+    from idefics_cli.documents import MAX_PIXELS
+
+    for name, dpi in (("huge-page.pdf", 300), ("a0-page.pdf", 600), ("a0-page.pdf", None)):
+        case = next(c for c in corpus if c.name == name)
+        with open_document(case.path, dpi=dpi) as doc:
+            image = doc.render(1)
+        assert image.width * image.height <= MAX_PIXELS
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(st.binary(max_size=2048),
+                 st.sampled_from([b"%PDF-1.4\n", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF89a", b"II*\x00",
+                                  b"RIFF\x00\x00\x00\x00WEBP", b"BM\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+                                  b"(\x00\x00\x00"]).flatmap(lambda head: st.binary(max_size=1024).map(
+                                      lambda tail: head + tail))))
+def test_random_bytes_open_to_a_result_or_a_documented_error(data):
+    try:
+        with open_document("fuzz.bin", data=data) as doc:
+            assert doc.page_count >= 1
+            image = doc.render(1)
+            assert image.mode == "RGB"
+    except IdeficsError as err:
+        assert err.code in INPUT_CODES, err.code
+        assert "\n" not in err.one_line()
