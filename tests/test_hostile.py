@@ -135,3 +135,19 @@ def test_random_bytes_open_to_a_result_or_a_documented_error(data):
     except IdeficsError as err:
         assert err.code in INPUT_CODES, err.code
         assert "\n" not in err.one_line()
+
+
+def test_transcribe_to_a_full_disk_is_a_clear_error(tiny_model, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import make_image
+
+    make_image().save(tmp_path / "p.png")
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "idefics_cli", "transcribe", str(tmp_path / "p.png"),
+                                 "--model", tiny_model, "-q", *FAST], stdout=full, stderr=subprocess.PIPE,
+                                timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 4, lines
+    assert lines == ["error [output_error]: cannot write to stdout: No space left on device"]
