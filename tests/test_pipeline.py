@@ -1,0 +1,91 @@
+"""pipeline.py: out-of-memory fallbacks (fault injection around the real engine) and remote code never run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from conftest import make_image
+
+from idefics_cli.batch import Batch, Input, PageTask
+from idefics_cli.pipeline import Settings, answer_batch
+
+SETTINGS = Settings(prompt="Transcribe.", max_new_tokens=4, batch_size=2, settings="s")
+
+
+class OomInjector:
+    """The real engine, except that generate calls matching `fails(inputs)` raise CUDA's out-of-memory error.
+
+    A CPU cannot run out of GPU memory, so the fault is injected; everything else is the real model.
+    """
+
+    def __init__(self, engine, fails):
+        self.engine, self.fails, self.calls = engine, fails, []
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def generate_batch(self, inputs, max_new_tokens=None):
+        import torch
+
+        rows, images = inputs["input_ids"].shape[0], inputs["pixel_values"].shape[1]
+        self.calls.append((rows, images))
+        if self.fails(rows, images):
+            from idefics_cli.model import generation_error
+
+            raise generation_error(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+        return self.engine.generate_batch(inputs, max_new_tokens)
+
+
+def _batch(engine):
+    images = [make_image(320, 240, 1), make_image(240, 320, 2)]
+    tasks = [PageTask(Input(f"p{i}.png", f"p{i}.png"), f"sha{i}", 1, 1) for i in range(2)]
+    return Batch(tasks, images, engine.build_inputs([([im], SETTINGS.prompt) for im in images]))
+
+
+def _single_texts(engine, split):
+    batch = _batch(engine)
+    return [engine.generate_batch(engine.build_inputs([([im], SETTINGS.prompt)], split=split), 4)[0].text
+            for im in batch.images]
+
+
+def test_oom_batch_is_retried_page_by_page(engine):
+    injector = OomInjector(engine, lambda rows, images: rows > 1)
+    records = answer_batch(injector, _batch(engine), SETTINGS)
+    assert [r.status for r in records] == ["ok", "ok"]
+    assert [r.text for r in records] == _single_texts(engine, None)
+    assert injector.calls == [(2, 5), (1, 5), (1, 5)]
+
+
+def test_oom_single_page_is_retried_without_split(engine):
+    injector = OomInjector(engine, lambda rows, images: images == 5)  # every split input runs out of memory
+    records = answer_batch(injector, _batch(engine), SETTINGS)
+    assert [r.status for r in records] == ["ok", "ok"]
+    assert [r.text for r in records] == _single_texts(engine, False)
+    assert [r.usage["image_tokens"] for r in records] == [64, 64]
+    assert injector.calls == [(2, 5), (1, 5), (1, 1), (1, 5), (1, 1)]
+
+
+def test_oom_everywhere_records_out_of_memory_and_goes_on(engine):
+    injector = OomInjector(engine, lambda rows, images: True)
+    records = answer_batch(injector, _batch(engine), SETTINGS)
+    assert [(r.status, r.error["code"]) for r in records] == [("error", "out_of_memory")] * 2
+    assert all(r.text is None for r in records)
+
+
+def test_remote_code_in_a_model_folder_is_never_imported(cli, tiny_model, tmp_path):
+    """A folder whose config points at custom code: we load the built-in Idefics2 and never import it."""
+    evil = tmp_path / "evil-model"
+    shutil.copytree(tiny_model, evil)
+    marker = tmp_path / "pwned"
+    (evil / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    (evil / "configuration_evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    config = json.loads((evil / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig",
+                          "AutoModelForImageTextToText": "modeling_evil.EvilModel"}
+    (evil / "config.json").write_text(json.dumps(config))
+    make_image().save(tmp_path / "p.png")
+    result = cli("ask", tmp_path / "p.png", "q", "--model", evil, "--quant", "none", "--max-new-tokens", "2")
+    assert result.exit_code == 0, result.stderr
+    assert not marker.exists() and not os.path.exists(evil / "__pycache__")
