@@ -65,7 +65,7 @@ def test_ray_folder_output_writes_markdown(cli, tiny_model, local_ray, folder, t
 
 
 def actor_pids() -> list[int]:
-    """PIDs of Ray worker processes running our model actor (Ray titles them `ray::MapWorker(...)`)."""
+    """PIDs of Ray worker processes running our model actor (titled `ray::MapWorker(...)` or `ray::_MapWorker`)."""
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -73,7 +73,7 @@ def actor_pids() -> list[int]:
                 cmdline = open(f"/proc/{entry}/cmdline", "rb").read().decode(errors="replace")
             except OSError:
                 continue
-            if cmdline.startswith("ray::") and "MapWorker" in cmdline and "Transcriber" in cmdline:
+            if cmdline.startswith("ray::") and "MapWorker" in cmdline:
                 pids.append(int(entry))
     return pids
 
@@ -97,14 +97,17 @@ def test_killed_model_actor_is_replaced_and_every_page_done_once(tiny_model, loc
     killed = []
 
     def killer():
+        """Once the model actor is up and working, kill it (SIGKILL) mid-run."""
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not killed:
-            if os.path.exists(out) and open(out).read().count("\n") >= 2:
+            pids = actor_pids()
+            if pids:
+                time.sleep(2.0)  # let it load the model and start answering
                 for pid in actor_pids():
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
-                    return
-            time.sleep(0.2)
+                return
+            time.sleep(0.1)
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
