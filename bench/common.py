@@ -1,0 +1,208 @@
+"""Shared helpers of the benchmarks: models, documents, timed child processes, medians and tables.
+
+Contract: every benchmark runs what it measures in a child process (so imports, loading and memory are
+the child's own) and compares it with a baseline measured in the same run, interleaved (A, B, A, B, ...)
+so that load from other processes on the machine hits both alike; figures are medians of several runs.
+Nothing here imports torch: the driver stays light and builds models in a child process too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+QUESTION = "What is the total amount due on this page?"
+TRANSCRIBE_PROMPT = "Transcribe all the text on this page, in reading order, as Markdown."
+
+
+def parser(description: str, reps: int) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description.strip().splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="smallest run: tiny model, 2 pages, 1 repetition")
+    p.add_argument("--reps", type=int, default=reps, help=f"runs of each side, interleaved (default {reps})")
+    p.add_argument("--model", help="an Idefics2 folder to use instead of building the random one")
+    return p
+
+
+def env() -> dict:
+    """Environment of every child: offline, quiet, same for baseline and CLI."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONUNBUFFERED": "1"}
+
+
+def idefics_cmd() -> list[str]:
+    """The installed `idefics` entry point (what users run), else `python -m idefics_cli`."""
+    exe = shutil.which("idefics", path=os.path.dirname(sys.executable)) or shutil.which("idefics")
+    return [exe] if exe else [sys.executable, "-m", "idefics_cli"]
+
+
+def cache_dir() -> str:
+    path = os.environ.get("IDEFICS_BENCH_CACHE") or os.path.join(tempfile.gettempdir(), "idefics-bench")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def model_dir(size: str) -> str:
+    """A random Idefics2 of `tiny.SIZES[size]` (real idefics2-8b tokenizer), built once per shape and cached."""
+    from idefics_cli import tiny
+
+    key = hashlib.sha1(json.dumps([size, tiny.SIZES[size]]).encode()).hexdigest()[:10]
+    out = os.path.join(cache_dir(), f"idefics2-{size}-{key}")
+    if not os.path.exists(os.path.join(out, "config.json")):
+        tmp = out + f".tmp{os.getpid()}"
+        print(f"building the random {size} Idefics2 in {out} ...", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "idefics_cli.tiny", tmp, "--size", size], env=env(), check=True,
+                       capture_output=True)
+        os.replace(tmp, out)
+    return out
+
+
+def make_pdf(path: str, pages: int) -> str:
+    """A US-letter PDF of `pages` distinct pages of invoice-like text (rendered at 1960 px like real scans)."""
+    import pymupdf
+
+    doc = pymupdf.open()
+    for i in range(pages):
+        page = doc.new_page(width=612, height=792)
+        page.insert_text((72, 72), f"INVOICE No. {1000 + i}", fontsize=20)
+        for k in range(24):
+            page.insert_text((72, 110 + 24 * k), f"Item {k + 1}: widget type {(i * 7 + k) % 13}, "
+                             f"quantity {(i + k) % 9 + 1}, price $ {(i * 31 + k * 17) % 500}.99", fontsize=11)
+        page.draw_rect(pymupdf.Rect(72, 700, 540, 740), color=(0, 0, 0), fill=((i % 5) / 5, 0.8, 0.9))
+        page.insert_text((80, 725), f"Total amount due: $ {(i * 997) % 10000}.00", fontsize=14)
+    doc.save(path)
+    doc.close()
+    return path
+
+
+def make_page_image(path: str) -> str:
+    """Page 1 of such a PDF as a PNG photo of the page (1515 x 1960 px)."""
+    import pymupdf
+
+    pdf = make_pdf(path + ".pdf", 1)
+    with pymupdf.open(pdf) as doc:
+        page = doc[0]
+        scale = 1960 / max(page.rect.width, page.rect.height)
+        page.get_pixmap(matrix=pymupdf.Matrix(scale, scale), alpha=False).save(path)
+    return path
+
+
+@dataclass
+class Run:
+    """One child process: wall time, time to its first stdout byte, peak RSS, output."""
+
+    wall: float
+    first_byte: float | None
+    max_rss_mib: float
+    stdout: str
+    stderr: str
+    code: int
+
+
+def run(cmd: list[str], timeout: float = 3600, extra_env: dict | None = None) -> Run:
+    """Run `cmd`; time it from spawn to exit and to its first byte on stdout; peak RSS from wait4()."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**env(), **(extra_env or {})},
+                            cwd=ROOT)
+    first: list[float] = []
+    chunks: list[bytes] = []
+    errs: list[bytes] = []
+
+    def read_out():
+        while chunk := proc.stdout.read1(65536):
+            if not first:
+                first.append(time.perf_counter() - start)
+            chunks.append(chunk)
+
+    threads = [threading.Thread(target=read_out), threading.Thread(target=lambda: errs.append(proc.stderr.read()))]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            proc.kill()
+        time.sleep(0.005)
+    wall = time.perf_counter() - start
+    for t in threads:
+        t.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    result = Run(wall, first[0] if first else None, usage.ru_maxrss / 1024, b"".join(chunks).decode(),
+                 b"".join(errs).decode(errors="replace"), proc.returncode)
+    if result.code != 0:
+        raise SystemExit(f"command failed ({result.code}): {' '.join(cmd)}\n{result.stderr[-3000:]}")
+    return result
+
+
+def interleave(sides: dict, reps: int) -> dict[str, list]:
+    """Call each side's function once per round, alternating the order, `reps` rounds; results per side."""
+    out: dict[str, list] = {name: [] for name in sides}
+    names = list(sides)
+    for k in range(reps):
+        for name in names if k % 2 == 0 else names[::-1]:
+            out[name].append(sides[name]())
+            print(f"  round {k + 1}/{reps} {name}: done", file=sys.stderr, flush=True)
+    return out
+
+
+def median(values) -> float:
+    return statistics.median(values)
+
+
+def fmt(value: float, unit: str = "") -> str:
+    return f"{value:.3g}{unit}" if abs(value) < 100 else f"{value:.0f}{unit}"
+
+
+def table(title: str, rows: list[list], headers: list[str]) -> str:
+    """A Markdown table (also readable on a terminal), printed and returned."""
+    cells = [[str(c) for c in row] for row in [headers, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    text = f"\n{title}\n\n" + "\n".join(lines) + "\n"
+    print(text, flush=True)
+    return text
+
+
+def verdict(ratio: float, target: float, at_most: bool) -> str:
+    ok = ratio <= target if at_most else ratio >= target
+    return f"{'met' if ok else 'NOT met'} ({'<=' if at_most else '>='} {target}x)"
+
+
+def machine() -> str:
+    """One line about this machine: CPU, cores, memory, Python and library versions, date."""
+    from importlib.metadata import version
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    libs = ", ".join(f"{n} {version(n)}" for n in ("torch", "transformers", "bitsandbytes"))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB; Python {platform.python_version()}, {libs}; "
+            f"load average {load:.2f}; {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
+
+
+def header(name: str, args) -> None:
+    print(f"# {name}: {' '.join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])}", flush=True)
+    print(f"# machine: {machine()}", flush=True)
+    if args.smoke:
+        print("# smoke run: tiny model, smallest sizes, 1 repetition; the figures mean nothing", flush=True)

@@ -1,0 +1,168 @@
+"""P5 (GPU): peak VRAM, prefill time, decode tokens/s at batch 1 and pages/min at the auto batch size.
+
+    python bench/gpu.py [--pages-per-batch 1] [--max-new-tokens 64] [--smoke]
+
+The full idefics2-8b shape (tiny.SIZES["full"]) with random weights is built directly on the GPU in
+bf16 and saved, then loaded through the CLI's own `idefics_cli.model.load`: in 4-bit (nf4, double quant,
+bf16 compute, split on: the user's path) and, as the baseline, in bf16 without quantization. Pages/min
+run the CLI's transcription pipeline (prefetch + batches at `Engine.auto_batch_size()`); the model card's
+plain snippet (render, processor, generate, one page at a time) runs on the same 4-bit model as the
+pages/min baseline. Targets: 4-bit peak VRAM <= 6.0 GiB; 4-bit pages/min >= 2x the snippet's. Without
+CUDA it says so and exits 0. Meant to finish in under 6 minutes on one H200.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import common as c
+
+
+def one_page_inputs(engine, pdf):
+    from idefics_cli.documents import open_document
+
+    with open_document(pdf) as doc:
+        image = doc.render(1)
+    return engine.build_inputs([([image], c.QUESTION)])
+
+
+def timed_generate(engine, inputs, new_tokens: int) -> float:
+    import torch
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        engine.model.generate(**inputs, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def pipeline_pages_per_min(engine, pdf, pages: int, batch_size: int, new_tokens: int, tmp: str) -> float:
+    """The CLI's transcription pipeline (prefetch thread, batches) over `pages` pages, in pages/min."""
+    from idefics_cli.batch import Input
+    from idefics_cli.documents import open_document
+    from idefics_cli.pipeline import JsonlSink, Settings, transcribe
+
+    out = os.path.join(tmp, f"records-{time.monotonic_ns()}.jsonl")
+    sink = JsonlSink(out)
+    settings = Settings(prompt=c.TRANSCRIBE_PROMPT, max_new_tokens=new_tokens, batch_size=batch_size, settings="b",
+                        force=True)
+    try:
+        summary = transcribe(engine, [Input(pdf, "doc.pdf")], sink, settings, open_doc=open_document,
+                             select_pages=lambda doc: list(range(1, pages + 1)))
+    finally:
+        sink.close()
+    if summary.ok != pages:
+        raise SystemExit(f"the pipeline transcribed {summary.ok} of {pages} pages: {summary.failures[:3]}")
+    return 60 * pages / summary.seconds
+
+
+def snippet_pages_per_min(engine, pdf, pages: int, new_tokens: int) -> float:
+    """The model card's snippet, one page at a time: render, processor, generate (same loaded model)."""
+    import pymupdf
+    import torch
+    from PIL import Image
+
+    processor, model = engine.processor, engine.model
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": c.TRANSCRIBE_PROMPT}]}]
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with pymupdf.open(pdf) as doc:
+        for k in range(pages):
+            page = doc[k]
+            scale = 1960 / max(page.rect.width, page.rect.height)
+            pix = page.get_pixmap(matrix=pymupdf.Matrix(scale, scale), alpha=False)
+            image = Image.frombytes("RGB", (pix.width, pix.height), pix.samples)
+            prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+            inputs = processor(text=prompt, images=[image], return_tensors="pt").to(model.device)
+            out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
+            processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    torch.cuda.synchronize()
+    return 60 * pages / (time.perf_counter() - t0)
+
+
+def measure(label: str, model_dir: str, quant: str, pdf: str, args, tmp: str, snippet: bool) -> dict:
+    import torch
+
+    from idefics_cli.model import ModelOptions, load
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()  # anything left over from an earlier measurement is not counted
+    t0 = time.perf_counter()
+    engine = load(ModelOptions(model=model_dir, quant=quant, dtype="bfloat16", device="cuda", split=True,
+                               max_new_tokens=args.max_new_tokens))
+    load_s = time.perf_counter() - t0
+    inputs = one_page_inputs(engine, pdf)
+    timed_generate(engine, inputs, 2)  # warm-up
+    prefill = statistics.median(timed_generate(engine, inputs, 1) for _ in range(args.reps))
+    full = statistics.median(timed_generate(engine, inputs, args.max_new_tokens) for _ in range(args.reps))
+    decode_tps = (args.max_new_tokens - 1) / max(full - prefill, 1e-9)
+    peak = (torch.cuda.max_memory_allocated() - before) / 2**30
+    reserved = torch.cuda.max_memory_reserved() / 2**30
+    batch = engine.auto_batch_size()
+    pages = batch * args.batches
+    print(f"  {label}: loaded in {load_s:.0f} s, peak {peak:.2f} GiB, auto batch size {batch}", file=sys.stderr)
+    ppm = pipeline_pages_per_min(engine, pdf, pages, batch, args.max_new_tokens, tmp)
+    row = {"label": label, "load": load_s, "peak": peak, "reserved": reserved, "prefill": prefill, "decode": decode_tps,
+           "batch": batch, "ppm": ppm}
+    if snippet:
+        row["snippet"] = snippet_pages_per_min(engine, pdf, args.snippet_pages, args.max_new_tokens)
+    del engine, inputs
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def main(argv=None) -> int:
+    p = c.parser(__doc__, reps=3)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batches", type=int, default=2, help="pages/min over this many batches of the auto size")
+    p.add_argument("--snippet-pages", type=int, default=6, help="pages of the plain snippet's loop")
+    args = p.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("P5 skipped: no CUDA GPU here (bench/gpu.py needs one; nothing was measured)")
+        return 0
+    if args.smoke:
+        args.reps, args.max_new_tokens, args.batches, args.snippet_pages = 1, 8, 1, 2
+    c.header("P5 GPU", args)
+    print(f"# GPU: {torch.cuda.get_device_name()}", flush=True)
+    from idefics_cli import tiny
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model
+        if not model_dir:
+            t0 = time.perf_counter()
+            model_dir = tiny.build(os.path.join(tmp, "model"), size="tiny" if args.smoke else "full", device="cuda",
+                                   dtype=torch.bfloat16)
+            gc.collect()
+            torch.cuda.empty_cache()
+            print(f"  built and saved the random model in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        pdf = c.make_pdf(os.path.join(tmp, "doc.pdf"), max(32 * args.batches, args.snippet_pages))
+        bf16 = measure("bf16, no quantization", model_dir, "none", pdf, args, tmp, snippet=False)
+        nf4 = measure("4-bit nf4, split", model_dir, "4bit", pdf, args, tmp, snippet=True)
+    rows = []
+    for r in (bf16, nf4):
+        rows.append([r["label"], f"{r['peak']:.2f} GiB ({r['reserved']:.2f} reserved)", f"{r['load']:.0f} s",
+                     f"{r['prefill'] * 1000:.0f} ms", f"{r['decode']:.1f}", r["batch"], f"{r['ppm']:.1f}"])
+    rows.append(["model card snippet (4-bit, page by page)", "", "", "", "", 1, f"{nf4['snippet']:.1f}"])
+    c.table(f"P5 {torch.cuda.get_device_name()}, full idefics2-8b shape, random weights, {args.max_new_tokens} new "
+            f"tokens a page", rows, ["configuration", "peak VRAM", "load", "prefill", "decode tok/s (batch 1)",
+                                      "batch", "pages/min"])
+    vram = nf4["peak"]
+    speed = nf4["ppm"] / nf4["snippet"]
+    print(f"4-bit peak VRAM {vram:.2f} GiB: {'met' if vram <= 6.0 else 'NOT met'} (<= 6.0 GiB); "
+          f"4-bit pages/min {speed:.2f}x the snippet's: {c.verdict(speed, 2.0, at_most=False)}; "
+          f"vs bf16: VRAM {vram / bf16['peak']:.2f}x, pages/min {nf4['ppm'] / bf16['ppm']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Smoke tests of the benchmarks: each bench script runs at its smallest size (--smoke) so it cannot rot.
+
+Benchmarks are not tests: nothing here asserts a timing. The scripts selected in this session start at
+once, in parallel child processes, on the session's tiny model; each test then checks its own script
+exited 0 and printed its table (and, where it compares outputs, that they were identical).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = {"help": False, "ask": True, "transcribe": True, "memory": True, "gpu": False}  # name -> takes --model
+
+
+@pytest.fixture(scope="module")
+def smoke(request, tiny_model, tmp_path_factory):
+    """Start the smoke run of every bench script selected in this session; returns name -> Popen."""
+    selected = {item.name.removeprefix("test_").split("_")[0] for item in request.session.items
+                if item.module is request.module}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "IDEFICS_BENCH_CACHE": str(tmp_path_factory.mktemp("bench"))}
+    procs = {}
+    for name, takes_model in SCRIPTS.items():
+        if name in selected:
+            cmd = [sys.executable, os.path.join(ROOT, "bench", f"{name}.py"), "--smoke"]
+            procs[name] = subprocess.Popen(cmd + (["--model", tiny_model] if takes_model else []), env=env,
+                                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    yield procs
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def finished(smoke, name: str) -> str:
+    out, err = smoke[name].communicate(timeout=600)
+    assert smoke[name].returncode == 0, f"bench/{name}.py --smoke failed:\n{out}\n{err[-3000:]}"
+    return out
+
+
+def test_help_smoke(smoke):
+    out = finished(smoke, "help")
+    assert "P1 `idefics --help` wall time" in out and "idefics --help" in out and "x |" in out
+
+
+def test_ask_smoke(smoke):
+    out = finished(smoke, "ask")
+    assert "P2 one page image" in out and "answers identical: yes" in out and "first-token ratio" in out
+
+
+def test_transcribe_smoke(smoke):
+    out = finished(smoke, "transcribe")
+    assert "P3 2-page PDF" in out and "texts identical: yes" in out and "pages/s" in out
+
+
+def test_memory_smoke(smoke):
+    out = finished(smoke, "memory")
+    assert "P4 peak RSS" in out and "MiB" in out
+
+
+def test_gpu_smoke(smoke):
+    out = finished(smoke, "gpu")
+    import torch
+
+    if torch.cuda.is_available():
+        assert "P5" in out and "pages/min" in out
+    else:
+        assert out.startswith("P5 skipped: no CUDA GPU")
