@@ -13,11 +13,12 @@ import common as c
 
 
 def main(argv=None) -> int:
-    args = c.parser(__doc__, reps=7).parse_args(argv)
+    args = c.parser(__doc__, reps=11).parse_args(argv)
     reps = 1 if args.smoke else args.reps
     c.header("P1 idefics --help", args)
     cli = [*c.idefics_cmd(), "--help"]
     base = [sys.executable, "-c", "import torch, transformers"]
+    c.run(base), c.run(cli)  # warm-up: page cache and bytecode
     runs = c.interleave({"baseline": lambda: c.run(base), "cli": lambda: c.run(cli)}, reps)
     if "Usage" not in runs["cli"][0].stdout:
         raise SystemExit("idefics --help printed no usage")

@@ -17,7 +17,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     pretty_exceptions_show_locals=False,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,  # plain help: 0.2 s instead of 0.4 s (bench/help.py)
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command(epilog=ask.EPILOG)(ask.ask)

@@ -15,14 +15,12 @@ import typer
 
 from . import options as o
 
-EPILOG = """[bold]Examples[/bold]
+EPILOG = """Examples:
 
+\b
   idefics ask samples/invoice.pdf "What is the total amount due?"
-
   idefics ask report.pdf scan.png --pages 2-3 "Which year had the highest revenue?" --json | jq -r .answer
-
   cat receipt.jpg | idefics ask - "What is the merchant's name?"
-
   idefics ask report.pdf --each-page "What is this page about?" --json
 """
 

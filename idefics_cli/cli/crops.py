@@ -18,14 +18,12 @@ import typer
 
 from . import options as o
 
-EPILOG = """[bold]Examples[/bold]
+EPILOG = """Examples:
 
+\b
   idefics crops samples/invoice.pdf                    # invoice-page1-crops.png
-
   idefics crops report.pdf --page 3 --out p3.png
-
   idefics crops scan.jpg --no-split --dir crops/       # crops/crop-1-whole.png
-
   idefics crops report.pdf --dpi 72                    # see what a low-resolution render loses
 """
 

@@ -20,14 +20,12 @@ import typer
 from . import options as o
 
 SCHEMA = "idefics-cli.doctor/1"
-EPILOG = """[bold]Examples[/bold]
+EPILOG = """Examples:
 
+\b
   idefics doctor                                     # the default setup: idefics2-8b, 4-bit, split
-
   idefics doctor --json | jq .estimate.total_bytes
-
   idefics doctor --model ./idefics2-nf4 --no-split   # a quantized folder, without image splitting
-
   idefics doctor --device cpu --quant none
 """
 

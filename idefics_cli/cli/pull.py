@@ -17,12 +17,11 @@ import typer
 from . import options as o
 
 ALLOW_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.jinja", "*.txt"]
-EPILOG = """[bold]Examples[/bold]
+EPILOG = """Examples:
 
+\b
   idefics pull                                        # HuggingFaceM4/idefics2-8b
-
   idefics pull HuggingFaceM4/idefics2-8b-chatty --revision main
-
   HF_HOME=/data/hf idefics pull && HF_HOME=/data/hf idefics ask --offline doc.pdf "Summary?"
 """
 

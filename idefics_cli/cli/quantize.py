@@ -20,14 +20,12 @@ import typer
 
 from . import options as o
 
-EPILOG = """[bold]Examples[/bold]
+EPILOG = """Examples:
 
+\b
   idefics quantize ~/models/idefics2-8b-nf4
-
   idefics quantize ./chatty-nf4 --model HuggingFaceM4/idefics2-8b-chatty
-
   idefics ask --model ~/models/idefics2-8b-nf4 --offline doc.pdf "What is the total?"
-
   idefics quantize ./nf4 --device cpu --dtype bfloat16   # prepare on a CPU box, run on a GPU
 """
 

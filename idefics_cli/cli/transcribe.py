@@ -14,16 +14,13 @@ import typer
 
 from . import options as o
 
-EPILOG = """[bold]Examples[/bold]
+EPILOG = """Examples:
 
+\b
   idefics transcribe scans/ --out transcripts/          # one .md per document + records.jsonl
-
   idefics transcribe 'archive/**/*.pdf' --out pages.jsonl
-
   idefics transcribe invoices/ | jq -r 'select(.status=="ok") | .text'
-
   idefics transcribe scans/ --out transcripts/          # run again: picks up where it stopped
-
   idefics transcribe big/ --out part3.jsonl --shard 3/8  # one job of an array of 8
 """
 
