@@ -35,7 +35,8 @@ GIB = 2**30
 # ---- crops -------------------------------------------------------------------------------------
 def load_processor(options):
     """The processor alone (no model weights), with `do_image_splitting` set from `options.split`."""
-    from .model import looks_local, model_error, quiet_libraries
+    from .hub import looks_local
+    from .model import model_error, quiet_libraries
 
     if options.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
@@ -261,7 +262,7 @@ def _missing_weights(folder: str) -> list[str]:
 
 def model_files(model: str, revision: str | None) -> dict:
     """Where the model's files are: a local folder, the HF cache (which commit), or nowhere yet."""
-    from .model import looks_local
+    from .hub import looks_local
 
     found = {"id": model, "revision": revision, "local_folder": False, "available": False, "path": None,
              "commit": None, "missing": [], "size_bytes": None, "pre_quantized": None}

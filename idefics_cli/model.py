@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from queue import Queue
 
 from .errors import IdeficsError, UsageError, is_oom
+from .hub import check_local_model, local_only, looks_local
 from .prompts import user_turn
 
 DEFAULT_MODEL = "HuggingFaceM4/idefics2-8b"
@@ -97,59 +98,6 @@ def quantization_config(quant: str, dtype):
     if quant == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
-
-
-def check_local_model(path: str) -> None:
-    """Refuse a local folder that is not a safetensors model, before anything is unpickled."""
-    if not os.path.isdir(path):
-        raise IdeficsError("model_error", f"model folder {path!r} does not exist", "give a hub id or a local folder")
-    names = os.listdir(path)
-    if "config.json" not in names:
-        raise IdeficsError("model_error", f"{path} has no config.json", "is it a saved model folder?")
-    if not any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in names):
-        raise IdeficsError("model_error", f"{path} has no .safetensors weights (only safetensors are loaded)",
-                           "convert the weights to safetensors")
-
-
-def looks_local(model: str) -> bool:
-    return os.path.isabs(model) or model.startswith((".", "~")) or os.path.exists(model) or model.count("/") > 1
-
-
-def is_cached(model: str, revision: str | None) -> bool:
-    """True when config and weights of a hub model are already in the local Hugging Face cache."""
-    from huggingface_hub import try_to_load_from_cache
-
-    def cached(name: str) -> bool:
-        return isinstance(try_to_load_from_cache(model, name, revision=revision), str)
-
-    return cached("config.json") and (cached("model.safetensors.index.json") or cached("model.safetensors"))
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP probe of the hub endpoint, so a machine without network fails in seconds, not minutes."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    try:
-        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
-            return True
-    except OSError:
-        return False
-
-
-def local_only(options: ModelOptions) -> bool:
-    """Whether to load without touching the network: offline, a local folder, or a hub id already cached."""
-    if options.offline or looks_local(options.model):
-        return True
-    if is_cached(options.model, options.revision):
-        return True
-    if not hub_reachable():
-        raise IdeficsError("model_error", f"{options.model} is not in the local cache and the hub cannot be reached",
-                           "run `idefics pull` with network access first, or point --model at a local copy")
-    return False
 
 
 def model_error(exc: BaseException, options: ModelOptions) -> IdeficsError:
@@ -233,11 +181,15 @@ class Engine:
         return inputs.to(self.model.device)
 
     def auto_batch_size(self) -> int:
-        """Pages per generate call: from free GPU memory on CUDA (about 1.5 GiB a page with split), 4 on CPU."""
+        """Pages per generate call: from free GPU memory on CUDA (about 1.5 GiB a page with split), 8 on CPU.
+
+        On the CPU a 4-bit decode step costs about the same for 1 or 8 rows (the weights are dequantized once a
+        step), so 8 pages a call transcribe faster than 4 (bench/transcribe.py).
+        """
         import torch
 
         if not self.device.startswith("cuda"):
-            return 4
+            return 8
         free, _ = torch.cuda.mem_get_info(torch.device(self.device))
         per_page = (1.5 if self.options.split else 0.4) * 2**30
         return max(1, min(32, int(free * 0.8 // per_page)))
@@ -377,9 +329,6 @@ def load(options: ModelOptions) -> Engine:
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
     try:
-        processor = AutoProcessor.from_pretrained(options.model, **common)
-        processor.image_processor.do_image_splitting = options.split
-        processor.tokenizer.padding_side = "left"
         kwargs = {"dtype": dtype, "use_safetensors": True, "attn_implementation": "sdpa", **common}
         quant = quantization_config(options.quant, dtype)
         if quant is not None:
@@ -387,7 +336,28 @@ def load(options: ModelOptions) -> Engine:
                 raise IdeficsError("model_error", "--quant 8bit needs a CUDA GPU", "use --quant 4bit or none")
             kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": device if device != "cuda" else f"cuda:{torch.cuda.current_device()}"}
-        model = Idefics2ForConditionalGeneration.from_pretrained(options.model, **kwargs)
+        # The weights load in a short-lived thread while this one loads the processor. Its OpenMP workers end
+        # with it: a thread that keeps idle OpenMP workers makes libgomp throttle those of the thread that
+        # generates (4-bit matmuls on the CPU ran 1.4x slower in a streaming `ask`; bench/ask.py).
+        loaded: dict = {}
+
+        def load_weights():
+            try:
+                loaded["model"] = Idefics2ForConditionalGeneration.from_pretrained(options.model, **kwargs)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+                loaded["error"] = exc
+
+        loader = threading.Thread(target=load_weights, name="idefics-load", daemon=True)
+        loader.start()
+        try:
+            processor = AutoProcessor.from_pretrained(options.model, **common)
+            processor.image_processor.do_image_splitting = options.split
+            processor.tokenizer.padding_side = "left"
+        finally:
+            loader.join()
+        if "error" in loaded:
+            raise loaded["error"]
+        model = loaded["model"]
         model.eval()
     except IdeficsError:
         raise

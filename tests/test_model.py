@@ -107,6 +107,19 @@ def test_local_folder_without_safetensors_is_refused_before_unpickling(tmp_path)
     assert info.value.code == "model_error" and "safetensors" in info.value.message
 
 
+def test_corrupt_weights_fail_as_a_model_error_from_the_loading_thread(tmp_path, tiny_model):
+    """The weights load in a thread beside the processor; its failure still reaches the caller as model_error."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    weights = next(folder.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(IdeficsError) as info:
+        load(ModelOptions(model=str(folder), device="cpu", quant="none"))
+    assert info.value.code == "model_error"
+
+
 def test_hub_id_not_cached_offline_is_a_model_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     import huggingface_hub.constants as constants

@@ -43,7 +43,7 @@ def _pull(out, model: str, revision: str | None) -> int:
 
     from ..diagnostics import human_bytes, probe_endpoint
     from ..errors import IdeficsError, UsageError
-    from ..model import looks_local
+    from ..hub import looks_local
 
     if looks_local(model):
         raise UsageError(f"{model} is a local path; pull downloads a model from the hub", "pass a hub id (owner/name)")
