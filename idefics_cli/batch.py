@@ -141,7 +141,7 @@ class DocumentDone:
     page_count: int
 
 
-def prefetch(docs: list[Input], open_doc, select_pages, is_done, build, batch_size: int, depth: int = 2,
+def prefetch(docs: list[Input], open_doc, select_pages, is_done, build, batch_size: int, depth: int = 1,
              stop: threading.Event | None = None, on_pages=None) -> Iterator[Batch | Failure | DocumentDone]:
     """Yield batches built in a background thread; at most `depth` batches wait in the queue."""
     import time

@@ -12,6 +12,7 @@ Returns a `Summary`; its `exit_status` is 0, 3 (partial) or 4 (nothing readable)
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -156,17 +157,33 @@ def transcribe(engine, docs: list[Input], sink, settings: Settings, open_doc, se
         if progress:
             progress(summary)
 
-    def build(images):
-        return engine.build_inputs([([image], settings.prompt) for image in images])
+    # Preprocessing a batch and the model's prefill are the two memory peaks of a run. The first two batches are
+    # built at once; each later one only when the model has finished a prefill (a turn), so builds run while
+    # the model decodes and rarely add their peak to the prefill's (bench/memory.py) and the model never waits.
+    turns, stop = threading.Semaphore(2), threading.Event()
 
-    for item in prefetch(docs, open_doc, select_pages, is_done, build, settings.batch_size, on_pages=on_pages):
+    def build(images):
+        while not turns.acquire(timeout=0.1):
+            if stop.is_set():
+                raise IdeficsError("interrupted", "stopped before this page was prepared")
+        try:
+            return engine.build_inputs([([image], settings.prompt) for image in images])
+        except BaseException:
+            turns.release()  # no prefill will follow this batch
+            raise
+
+    def prefilled():
+        turns.release()
+
+    for item in prefetch(docs, open_doc, select_pages, is_done, build, settings.batch_size, stop=stop,
+                         on_pages=on_pages):
         if isinstance(item, DocumentDone):
             sink.document_done(item)
             continue
         if isinstance(item, Failure):
             records = [failure_record(item, settings.settings)]
         else:
-            records = answer_batch(engine, item, settings)
+            records = answer_batch(engine, item, settings, prefilled)
         for record in records:
             sink.write(record.to_dict())
             if record.status == "ok":
@@ -177,14 +194,29 @@ def transcribe(engine, docs: list[Input], sink, settings: Settings, open_doc, se
         summary.seconds = time.perf_counter() - start
         if progress:
             progress(summary)
+        item = records = None  # this batch's pixels are freed before the next batch is waited for
     summary.seconds = time.perf_counter() - start
     return summary
 
 
-def answer_batch(engine, batch: Batch, settings: Settings) -> list[PageRecord]:
-    """Generate a batch; on out-of-memory fall back to single pages, then to single pages without split."""
+def answer_batch(engine, batch: Batch, settings: Settings, prefilled=None) -> list[PageRecord]:
+    """Generate a batch; on out-of-memory fall back to single pages, then to single pages without split.
+
+    `prefilled()`, if given, is called once: at the batch's first generated token, or when generation fails.
+    """
+    called = []
+
+    def once():
+        if prefilled is not None and not called:
+            called.append(True)
+            prefilled()
+
     try:
-        gens = engine.generate_batch(batch.inputs, settings.max_new_tokens)
+        try:
+            gens = engine.generate_batch(batch.inputs, settings.max_new_tokens,
+                                         on_first_token=once if prefilled is not None else None)
+        finally:
+            once()
     except IdeficsError as err:
         if err.code != "out_of_memory":
             return [error_record(task, err, settings) for task in batch.tasks]

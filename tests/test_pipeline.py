@@ -26,7 +26,7 @@ class OomInjector:
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
-    def generate_batch(self, inputs, max_new_tokens=None):
+    def generate_batch(self, inputs, max_new_tokens=None, on_first_token=None):
         import torch
 
         rows, images = inputs["input_ids"].shape[0], inputs["pixel_values"].shape[1]
@@ -35,7 +35,7 @@ class OomInjector:
             from idefics_cli.model import generation_error
 
             raise generation_error(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
-        return self.engine.generate_batch(inputs, max_new_tokens)
+        return self.engine.generate_batch(inputs, max_new_tokens, on_first_token)
 
 
 def _batch(engine):
@@ -89,3 +89,78 @@ def test_remote_code_in_a_model_folder_is_never_imported(cli, tiny_model, tmp_pa
     result = cli("ask", tmp_path / "p.png", "q", "--model", evil, "--quant", "none", "--max-new-tokens", "2")
     assert result.exit_code == 0, result.stderr
     assert not marker.exists() and not os.path.exists(evil / "__pycache__")
+
+
+def test_prefilled_is_called_once_at_the_first_token_and_changes_no_text(engine):
+    seen = []
+    original = engine.generate_batch
+
+    class Watch:
+        def __getattr__(self, name):
+            return getattr(engine, name)
+
+        def generate_batch(self, inputs, max_new_tokens=None, on_first_token=None):
+            def first():
+                seen.append("first token")
+                on_first_token()
+            out = original(inputs, max_new_tokens, on_first_token=first)
+            seen.append("generated")
+            return out
+
+    calls = []
+    with_turns = answer_batch(Watch(), _batch(engine), SETTINGS, lambda: calls.append(list(seen)))
+    plain = answer_batch(engine, _batch(engine), SETTINGS)
+    assert calls == [["first token"]] and seen == ["first token", "generated"]
+    assert [r.text for r in with_turns] == [r.text for r in plain] and all(r.status == "ok" for r in plain)
+
+
+def test_prefilled_is_called_once_when_generation_fails(engine):
+    calls = []
+    injector = OomInjector(engine, lambda rows, images: rows > 1)  # the batch fails, single pages work
+    records = answer_batch(injector, _batch(engine), SETTINGS, lambda: calls.append(1))
+    assert [r.status for r in records] == ["ok", "ok"] and calls == [1]
+
+
+class FailingBuilds:
+    """The real engine, except that its first `fails` preprocessing calls raise."""
+
+    def __init__(self, engine, fails: int):
+        self.engine, self.fails, self.calls = engine, fails, 0
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def build_inputs(self, batch, split=None):
+        self.calls += 1
+        if self.calls <= self.fails:
+            raise ValueError("preprocessing failed")
+        return self.engine.build_inputs(batch, split)
+
+
+def test_failed_preprocessing_gives_back_its_turn_and_the_run_goes_on(engine, tmp_path):
+    """More failed builds than turns ahead: each failure returns its turn, so the run cannot stall."""
+    import threading
+
+    from conftest import make_pdf
+
+    from idefics_cli.documents import open_document
+    from idefics_cli.pipeline import StdoutSink, transcribe
+
+    class Sink(StdoutSink):
+        def __init__(self):
+            self.records = []
+
+        def write(self, record):
+            self.records.append(record)
+
+    pdf = make_pdf(tmp_path / "doc.pdf", 6)
+    sink, settings = Sink(), Settings(prompt="Transcribe.", max_new_tokens=2, batch_size=1, settings="s")
+    result = {}
+    run = threading.Thread(target=lambda: result.setdefault("summary", transcribe(
+        FailingBuilds(engine, fails=4), [Input(str(pdf), "doc.pdf")], sink, settings, open_doc=open_document,
+        select_pages=lambda doc: list(range(1, doc.page_count + 1)))), daemon=True)
+    run.start()
+    run.join(timeout=120)
+    assert not run.is_alive(), "the run stalled"
+    assert [r["status"] for r in sorted(sink.records, key=lambda r: r["page"])] == ["error"] * 4 + ["ok"] * 2
+    assert result["summary"].failed == 4 and result["summary"].ok == 2
