@@ -46,7 +46,7 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 
 
 def one_malloc_arena() -> bool:
-    """Ask glibc for one malloc arena shared by all threads (mallopt M_ARENA_MAX=1), before any thread starts.
+    """Ask glibc for one malloc arena shared by all threads (mallopt M_ARENA_MAX=1); `transcribe` calls it first.
 
     `transcribe` preprocesses in a background thread and frees those buffers in the main thread; with an arena
     per thread the freed memory piled up in both, and peak RSS crept up with the number of pages (bench/memory.py:
@@ -63,5 +63,4 @@ def one_malloc_arena() -> bool:
 
 
 def entry() -> None:
-    one_malloc_arena()
     app()

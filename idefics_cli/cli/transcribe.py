@@ -53,7 +53,9 @@ def transcribe(
 ) -> None:
     """Transcribe every page of files, folders or globs to JSONL records (and Markdown with --out DIR)."""
     from ..output import Output, run
+    from . import one_malloc_arena
 
+    one_malloc_arena()  # before any thread starts: flat peak memory over long runs (bench/memory.py)
     output = Output(quiet=quiet)
     opts = o.model_options(model, revision, quant, dtype, device, offline, split, max_new_tokens)
     raise typer.Exit(run(lambda: _transcribe(output, paths, out, prompt, batch_size, force, shard, engine, pages,
