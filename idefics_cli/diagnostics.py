@@ -13,7 +13,6 @@ Contract:
   `model_files(model, revision)` (local folder or HF cache, complete or not, commit, size) and
   `memory_estimate(...)` (parameters counted from config.json on the meta device, bytes per parameter for
   the quantization, KV cache for one page's prompt).
-- `probe_endpoint(url)` says within seconds whether the hub (or the proxy) can be reached.
 torch, transformers, bitsandbytes and PIL are imported inside functions only.
 """
 
@@ -23,7 +22,6 @@ import json
 import os
 import platform
 import sys
-import threading
 import time
 
 from .errors import IdeficsError
@@ -347,31 +345,6 @@ def memory_estimate(config_path: str, processor_config_path: str | None, quant: 
             "images_per_page": images, "prompt_tokens": int(prompt), "max_new_tokens": max_new_tokens,
             "kv_cache_bytes": int(kv), "activations_bytes": int(activations), "overhead_bytes": overhead,
             "total_bytes": int(weights + kv + activations + overhead)}
-
-
-def probe_endpoint(url: str, timeout: float = 4.0) -> str | None:
-    """None when the hub answers an HTTP HEAD within `timeout` (any status), else why not.
-
-    Uses huggingface_hub's own HTTP session, so proxies and certificates are honoured; runs in a thread
-    because name resolution ignores timeouts.
-    """
-    from huggingface_hub.utils import get_session
-
-    outcome: list[str | None] = []
-
-    def attempt():
-        try:
-            get_session().head(url, timeout=timeout)
-            outcome.append(None)
-        except Exception as exc:  # noqa: BLE001 - any failure means "unreachable"
-            outcome.append((str(exc).splitlines() or [type(exc).__name__])[0][:200] or type(exc).__name__)
-
-    thread = threading.Thread(target=attempt, name="idefics-probe", daemon=True)
-    thread.start()
-    thread.join(timeout + 1)
-    if not outcome:
-        return f"no answer within {timeout:g} s"
-    return outcome[0]
 
 
 def human_bytes(n: int | None) -> str:

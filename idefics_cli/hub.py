@@ -3,12 +3,14 @@
 Contract: `check_local_model(path)` refuses a folder that is not a safetensors model before anything is
 read; `looks_local(name)` tells a path from a hub id; `local_only(options)` says whether loading must stay
 off the network (offline, a local folder, or a hub id already cached) and raises `IdeficsError("model_error")`
-within seconds when the model is not cached and the hub cannot be reached. No heavy imports.
+within seconds when the model is not cached and the hub cannot be reached; `probe_endpoint(url)` says
+why the hub (or the proxy) cannot be reached, or None. No heavy imports.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 
 from .errors import IdeficsError
 
@@ -39,19 +41,29 @@ def is_cached(model: str, revision: str | None) -> bool:
     return cached("config.json") and (cached("model.safetensors.index.json") or cached("model.safetensors"))
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP probe of the hub endpoint, so a machine without network fails in seconds, not minutes."""
-    import socket
-    from urllib.parse import urlparse
+def probe_endpoint(url: str, timeout: float = 4.0) -> str | None:
+    """None when the hub answers an HTTP HEAD within `timeout` (any status), else why not.
 
-    from huggingface_hub import constants
+    Uses huggingface_hub's own HTTP session, so proxies and certificates are honoured; runs in a thread
+    because name resolution ignores timeouts.
+    """
+    from huggingface_hub.utils import get_session
 
-    url = urlparse(constants.ENDPOINT)
-    try:
-        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
-            return True
-    except OSError:
-        return False
+    outcome: list[str | None] = []
+
+    def attempt():
+        try:
+            get_session().head(url, timeout=timeout)
+            outcome.append(None)
+        except Exception as exc:  # noqa: BLE001 - any failure means "unreachable"
+            outcome.append((str(exc).splitlines() or [type(exc).__name__])[0][:200] or type(exc).__name__)
+
+    thread = threading.Thread(target=attempt, name="idefics-probe", daemon=True)
+    thread.start()
+    thread.join(timeout + 1)
+    if not outcome:
+        return f"no answer within {timeout:g} s"
+    return outcome[0]
 
 
 def local_only(options) -> bool:
@@ -60,7 +72,9 @@ def local_only(options) -> bool:
         return True
     if is_cached(options.model, options.revision):
         return True
-    if not hub_reachable():
+    from huggingface_hub import constants
+
+    if probe_endpoint(constants.ENDPOINT, timeout=3) is not None:
         raise IdeficsError("model_error", f"{options.model} is not in the local cache and the hub cannot be reached",
                            "run `idefics pull` with network access first, or point --model at a local copy")
     return False

@@ -110,6 +110,7 @@ def _free_bytes(cuda: dict, device: str | None) -> int | None:
 def _estimate(opts, files, quant, dtype, device) -> dict:
     """The memory estimate, from a local or cached config.json (fetched when online and not cached)."""
     from .. import diagnostics as d
+    from ..hub import probe_endpoint
 
     folder = files["path"]
     config = os.path.join(folder, "config.json") if folder else None
@@ -118,7 +119,7 @@ def _estimate(opts, files, quant, dtype, device) -> dict:
         if not (config and os.path.exists(config)) and not files["local_folder"] and not opts.offline:
             from huggingface_hub import constants, hf_hub_download
 
-            why = None if constants.HF_HUB_OFFLINE else d.probe_endpoint(constants.ENDPOINT, timeout=3)
+            why = None if constants.HF_HUB_OFFLINE else probe_endpoint(constants.ENDPOINT, timeout=3)
             if constants.HF_HUB_OFFLINE or why:
                 return {"error": f"config.json is not cached and the hub cannot be reached ({why or 'offline'})"}
             config = hf_hub_download(opts.model, "config.json", revision=opts.revision, etag_timeout=5)

@@ -41,9 +41,9 @@ def pull(
 def _pull(out, model: str, revision: str | None) -> int:
     import os
 
-    from ..diagnostics import human_bytes, probe_endpoint
+    from ..diagnostics import human_bytes
     from ..errors import IdeficsError, UsageError
-    from ..hub import looks_local
+    from ..hub import looks_local, probe_endpoint
 
     if looks_local(model):
         raise UsageError(f"{model} is a local path; pull downloads a model from the hub", "pass a hub id (owner/name)")
