@@ -6,7 +6,8 @@ Contract:
   never remote code, sdpa attention, bitsandbytes nf4 + double quant for `quant="4bit"`). Failures raise
   `IdeficsError("model_error" | "out_of_memory", ...)` with a hint.
 - `Engine.build_inputs(batch)` turns [(images, question), ...] into processor outputs exactly as
-  `processor.apply_chat_template` + `processor(text=..., images=...)` would (left padding for batches).
+  `processor.apply_chat_template` + `processor(text=..., images=...)` would (left padding for batches; the
+  pixels of a batch one row at a time, inputs.py; the pixel mask as bool).
 - `Engine.stream_generate(inputs)` yields text pieces as they are generated (greedy, stops at
   `<end_of_utterance>`); the returned `Generation` then knows the token counts and the finish reason.
   `Engine.generate(inputs)` is its join; `Engine.generate_batch(inputs)` answers a left-padded batch.
@@ -164,21 +165,28 @@ class Engine:
     def build_inputs(self, batch: list[tuple[list, str]], split: bool | None = None):
         """Processor outputs for [(images, question), ...]: one user turn each, left-padded, on the device.
 
-        `split` overrides image splitting for this call only (the out-of-memory fallback).
+        `split` overrides image splitting for this call only (the out-of-memory fallback). The pixels of a
+        batch are built one row at a time (inputs.py).
         """
+        from . import inputs as rows_
+
         prompts = [self.prompt(len(images), question) for images, question in batch]
         images = [list(imgs) for imgs, _ in batch]
         kwargs = {"padding": True} if len(batch) > 1 else {}
+        image_processor = self.processor.image_processor
+        split = image_processor.do_image_splitting if split is None else split
+        by_row = len(batch) > 1 and rows_.row_by_row(self.processor)
         with self._lock:
-            image_processor = self.processor.image_processor
             default = image_processor.do_image_splitting
-            image_processor.do_image_splitting = default if split is None else split
+            image_processor.do_image_splitting = split  # the text's image tokens depend on it
             try:
-                inputs = self.processor(text=prompts, images=images if any(images) else None, return_tensors="pt",
-                                        **kwargs)
+                inputs = self.processor(text=prompts, images=None if by_row or not any(images) else images,
+                                        return_tensors="pt", **kwargs)
             finally:
                 image_processor.do_image_splitting = default
-        if "pixel_attention_mask" in inputs:  # 0/1 as int64 from the processor: the same mask in 1/8 of the memory
+        if by_row:
+            inputs.update(rows_.pixels(image_processor, images, split))
+        elif "pixel_attention_mask" in inputs:  # 0/1 as int64 from the processor: the same mask in 1/8 of the memory
             # through numpy, not torch: a torch op here would start OpenMP workers in the prefetch thread, and a
             # second idle OpenMP team makes libgomp throttle the one that generates (1.25x slower batches)
             import torch
@@ -288,30 +296,11 @@ class Engine:
             pass
         return gen
 
-    def generate_batch(self, inputs, max_new_tokens: int | None = None, on_first_token=None) -> list[Generation]:
-        """Greedy answers for a left-padded batch (no streaming).
-
-        `on_first_token()`, if given, is called once the prefill (vision tower, connector, prompt) is done and
-        the first new tokens exist: the pipeline uses it to keep preprocessing out of the prefill's memory peak.
-        """
+    def generate_batch(self, inputs, max_new_tokens: int | None = None) -> list[Generation]:
+        """Greedy answers for a left-padded batch (no streaming)."""
         import torch
 
         kwargs = self._gen_kwargs(max_new_tokens)
-        if on_first_token is not None:
-            from transformers.generation.streamers import BaseStreamer
-
-            class _FirstToken(BaseStreamer):
-                calls = 0
-
-                def put(self, value):
-                    self.calls += 1
-                    if self.calls == 2:  # the first call carries the prompt
-                        on_first_token()
-
-                def end(self):
-                    pass
-
-            kwargs["streamer"] = _FirstToken()
         start = time.perf_counter()
         try:
             with torch.inference_mode():

@@ -2,11 +2,13 @@
 
 Contract: `transcribe(engine, docs, sink, settings)` walks the documents' chosen pages through the
 background prefetch queue, answers them in batches (identical to one page at a time), and hands each
-finished `PageRecord` to the sink at once. A failed document or page becomes an error record and the run
-goes on; a batch that runs out of memory is retried one page at a time, then that page without image
-splitting, before `out_of_memory` is recorded. Sinks: `JsonlSink` (a records file, resumable),
-`FolderSink` (records.jsonl + one `.md` per document, written atomically), `StdoutSink` (JSONL or text).
-Returns a `Summary`; its `exit_status` is 0, 3 (partial) or 4 (nothing readable).
+finished `PageRecord` to the sink at once. The next batch is prepared while the model works on the current
+one, never further ahead, so at most two batches' pixels exist at once, whatever the page count. A failed
+document or page becomes an error record and the run goes on; a batch that runs out of memory is retried
+one page at a time, then that page without image splitting, before `out_of_memory` is recorded. Sinks:
+`JsonlSink` (a records file, resumable), `FolderSink` (records.jsonl + one `.md` per document, written
+atomically), `StdoutSink` (JSONL or text). Returns a `Summary`; its `exit_status` is 0, 3 (partial) or 4
+(nothing readable).
 """
 
 from __future__ import annotations
@@ -157,10 +159,11 @@ def transcribe(engine, docs: list[Input], sink, settings: Settings, open_doc, se
         if progress:
             progress(summary)
 
-    # Preprocessing a batch and the model's prefill are the two memory peaks of a run. The first two batches are
-    # built at once; each later one only when the model has finished a prefill (a turn), so builds run while
-    # the model decodes and rarely add their peak to the prefill's (bench/memory.py) and the model never waits.
-    turns, stop = threading.Semaphore(2), threading.Event()
+    # One batch is built ahead, while the model works on the one before it: a build may start only when the
+    # model has started the previous batch (a turn). So a build overlaps that batch's prefill, whose big matrix
+    # products lose less to a busy core than the decode's many small steps (bench/transcribe.py), and at most
+    # two batches' pixels exist at a time, whatever the page count (bench/memory.py).
+    turns, stop = threading.Semaphore(1), threading.Event()
 
     def build(images):
         while not turns.acquire(timeout=0.1):
@@ -169,11 +172,8 @@ def transcribe(engine, docs: list[Input], sink, settings: Settings, open_doc, se
         try:
             return engine.build_inputs([([image], settings.prompt) for image in images])
         except BaseException:
-            turns.release()  # no prefill will follow this batch
+            turns.release()  # this batch never reaches the model, the next build may start
             raise
-
-    def prefilled():
-        turns.release()
 
     for item in prefetch(docs, open_doc, select_pages, is_done, build, settings.batch_size, stop=stop,
                          on_pages=on_pages):
@@ -183,7 +183,8 @@ def transcribe(engine, docs: list[Input], sink, settings: Settings, open_doc, se
         if isinstance(item, Failure):
             records = [failure_record(item, settings.settings)]
         else:
-            records = answer_batch(engine, item, settings, prefilled)
+            turns.release()
+            records = answer_batch(engine, item, settings)
         for record in records:
             sink.write(record.to_dict())
             if record.status == "ok":
@@ -199,24 +200,10 @@ def transcribe(engine, docs: list[Input], sink, settings: Settings, open_doc, se
     return summary
 
 
-def answer_batch(engine, batch: Batch, settings: Settings, prefilled=None) -> list[PageRecord]:
-    """Generate a batch; on out-of-memory fall back to single pages, then to single pages without split.
-
-    `prefilled()`, if given, is called once: at the batch's first generated token, or when generation fails.
-    """
-    called = []
-
-    def once():
-        if prefilled is not None and not called:
-            called.append(True)
-            prefilled()
-
+def answer_batch(engine, batch: Batch, settings: Settings) -> list[PageRecord]:
+    """Generate a batch; on out-of-memory fall back to single pages, then to single pages without split."""
     try:
-        try:
-            gens = engine.generate_batch(batch.inputs, settings.max_new_tokens,
-                                         on_first_token=once if prefilled is not None else None)
-        finally:
-            once()
+        gens = engine.generate_batch(batch.inputs, settings.max_new_tokens)
     except IdeficsError as err:
         if err.code != "out_of_memory":
             return [error_record(task, err, settings) for task in batch.tasks]

@@ -26,7 +26,7 @@ class OomInjector:
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
-    def generate_batch(self, inputs, max_new_tokens=None, on_first_token=None):
+    def generate_batch(self, inputs, max_new_tokens=None):
         import torch
 
         rows, images = inputs["input_ids"].shape[0], inputs["pixel_values"].shape[1]
@@ -35,7 +35,7 @@ class OomInjector:
             from idefics_cli.model import generation_error
 
             raise generation_error(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
-        return self.engine.generate_batch(inputs, max_new_tokens, on_first_token)
+        return self.engine.generate_batch(inputs, max_new_tokens)
 
 
 def _batch(engine):
@@ -91,36 +91,6 @@ def test_remote_code_in_a_model_folder_is_never_imported(cli, tiny_model, tmp_pa
     assert not marker.exists() and not os.path.exists(evil / "__pycache__")
 
 
-def test_prefilled_is_called_once_at_the_first_token_and_changes_no_text(engine):
-    seen = []
-    original = engine.generate_batch
-
-    class Watch:
-        def __getattr__(self, name):
-            return getattr(engine, name)
-
-        def generate_batch(self, inputs, max_new_tokens=None, on_first_token=None):
-            def first():
-                seen.append("first token")
-                on_first_token()
-            out = original(inputs, max_new_tokens, on_first_token=first)
-            seen.append("generated")
-            return out
-
-    calls = []
-    with_turns = answer_batch(Watch(), _batch(engine), SETTINGS, lambda: calls.append(list(seen)))
-    plain = answer_batch(engine, _batch(engine), SETTINGS)
-    assert calls == [["first token"]] and seen == ["first token", "generated"]
-    assert [r.text for r in with_turns] == [r.text for r in plain] and all(r.status == "ok" for r in plain)
-
-
-def test_prefilled_is_called_once_when_generation_fails(engine):
-    calls = []
-    injector = OomInjector(engine, lambda rows, images: rows > 1)  # the batch fails, single pages work
-    records = answer_batch(injector, _batch(engine), SETTINGS, lambda: calls.append(1))
-    assert [r.status for r in records] == ["ok", "ok"] and calls == [1]
-
-
 class FailingBuilds:
     """The real engine, except that its first `fails` preprocessing calls raise."""
 
@@ -164,3 +134,77 @@ def test_failed_preprocessing_gives_back_its_turn_and_the_run_goes_on(engine, tm
     assert not run.is_alive(), "the run stalled"
     assert [r["status"] for r in sorted(sink.records, key=lambda r: r["page"])] == ["error"] * 4 + ["ok"] * 2
     assert result["summary"].failed == 4 and result["summary"].ok == 2
+
+
+class Schedule:
+    """The real engine, watched: logs each build's and each generate call's start and end, in order."""
+
+    def __init__(self, engine):
+        import threading
+
+        self.engine, self.log, self.lock = engine, [], threading.Lock()
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def _logged(self, what, call):
+        with self.lock:
+            self.log.append(what + " start")
+        try:
+            return call()
+        finally:
+            with self.lock:
+                self.log.append(what + " end")
+
+    def build_inputs(self, batch, split=None):
+        return self._logged("build", lambda: self.engine.build_inputs(batch, split))
+
+    def generate_batch(self, inputs, max_new_tokens=None):
+        import time
+
+        def slower():  # a slower model, so that a build ahead surely has the time to run
+            time.sleep(0.3)
+            return self.engine.generate_batch(inputs, max_new_tokens)
+
+        return self._logged("generate", slower)
+
+
+def test_one_batch_is_built_ahead_while_the_model_works_on_the_previous_one(engine, tmp_path):
+    from conftest import make_pdf
+
+    from idefics_cli.documents import open_document
+    from idefics_cli.pipeline import StdoutSink, transcribe
+
+    class Sink(StdoutSink):
+        def __init__(self):
+            self.records = []
+
+        def write(self, record):
+            self.records.append(record)
+
+    pdf = make_pdf(tmp_path / "doc.pdf", 8)
+    watch, sink = Schedule(engine), Sink()
+    settings = Settings(prompt="Transcribe.", max_new_tokens=2, batch_size=2, settings="s")
+    summary = transcribe(watch, [Input(str(pdf), "doc.pdf")], sink, settings, open_doc=open_document,
+                         select_pages=lambda doc: list(range(1, doc.page_count + 1)))
+    assert summary.ok == 8
+    builds = generated = 0
+    for event in watch.log:
+        builds += event == "build start"
+        generated += event == "generate end"
+        # batch k + 1 is built only once the model has taken batch k, after batch k - 1 was answered: so at most
+        # two batches' pixels exist at a time ...
+        assert builds <= generated + 2, watch.log
+    assert builds == generated == 4
+    # ... and it is: the second build ran while the model generated the first batch
+    assert watch.log.index("build start", 1) < watch.log.index("generate end"), watch.log
+    expected = [engine.generate_batch(engine.build_inputs([([im], "Transcribe.")]), 2)[0].text
+                for im in _pdf_images(pdf)]
+    assert [r["text"] for r in sorted(sink.records, key=lambda r: r["page"])] == expected
+
+
+def _pdf_images(pdf):
+    from idefics_cli.documents import open_document
+
+    with open_document(str(pdf)) as doc:
+        return [doc.render(page) for page in range(1, doc.page_count + 1)]
