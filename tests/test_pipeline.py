@@ -9,7 +9,7 @@ import shutil
 from conftest import make_image
 
 from idefics_cli.batch import Batch, Input, PageTask
-from idefics_cli.pipeline import Settings, answer_batch
+from idefics_cli.pipeline import Settings, StdoutSink, answer_batch
 
 SETTINGS = Settings(prompt="Transcribe.", max_new_tokens=4, batch_size=2, settings="s")
 
@@ -91,6 +91,16 @@ def test_remote_code_in_a_model_folder_is_never_imported(cli, tiny_model, tmp_pa
     assert not marker.exists() and not os.path.exists(evil / "__pycache__")
 
 
+class ListSink(StdoutSink):
+    """Keeps the records it is given."""
+
+    def __init__(self):
+        self.records = []
+
+    def write(self, record):
+        self.records.append(record)
+
+
 class FailingBuilds:
     """The real engine, except that its first `fails` preprocessing calls raise."""
 
@@ -114,17 +124,10 @@ def test_failed_preprocessing_gives_back_its_turn_and_the_run_goes_on(engine, tm
     from conftest import make_pdf
 
     from idefics_cli.documents import open_document
-    from idefics_cli.pipeline import StdoutSink, transcribe
-
-    class Sink(StdoutSink):
-        def __init__(self):
-            self.records = []
-
-        def write(self, record):
-            self.records.append(record)
+    from idefics_cli.pipeline import transcribe
 
     pdf = make_pdf(tmp_path / "doc.pdf", 6)
-    sink, settings = Sink(), Settings(prompt="Transcribe.", max_new_tokens=2, batch_size=1, settings="s")
+    sink, settings = ListSink(), Settings(prompt="Transcribe.", max_new_tokens=2, batch_size=1, settings="s")
     result = {}
     run = threading.Thread(target=lambda: result.setdefault("summary", transcribe(
         FailingBuilds(engine, fails=4), [Input(str(pdf), "doc.pdf")], sink, settings, open_doc=open_document,
@@ -173,17 +176,10 @@ def test_one_batch_is_built_ahead_while_the_model_works_on_the_previous_one(engi
     from conftest import make_pdf
 
     from idefics_cli.documents import open_document
-    from idefics_cli.pipeline import StdoutSink, transcribe
-
-    class Sink(StdoutSink):
-        def __init__(self):
-            self.records = []
-
-        def write(self, record):
-            self.records.append(record)
+    from idefics_cli.pipeline import transcribe
 
     pdf = make_pdf(tmp_path / "doc.pdf", 8)
-    watch, sink = Schedule(engine), Sink()
+    watch, sink = Schedule(engine), ListSink()
     settings = Settings(prompt="Transcribe.", max_new_tokens=2, batch_size=2, settings="s")
     summary = transcribe(watch, [Input(str(pdf), "doc.pdf")], sink, settings, open_doc=open_document,
                          select_pages=lambda doc: list(range(1, doc.page_count + 1)))
