@@ -174,16 +174,17 @@ class Engine:
         images = [list(imgs) for imgs, _ in batch]
         kwargs = {"padding": True} if len(batch) > 1 else {}
         image_processor = self.processor.image_processor
-        split = image_processor.do_image_splitting if split is None else split
+        # the configured default comes from the options: the processor's attribute is briefly overridden under
+        # the lock by other threads (the main thread's no-split fallback while the prefetch thread builds)
+        split = self.options.split if split is None else split
         by_row = len(batch) > 1 and rows_.row_by_row(self.processor)
         with self._lock:
-            default = image_processor.do_image_splitting
             image_processor.do_image_splitting = split  # the text's image tokens depend on it
             try:
                 inputs = self.processor(text=prompts, images=None if by_row or not any(images) else images,
                                         return_tensors="pt", **kwargs)
             finally:
-                image_processor.do_image_splitting = default
+                image_processor.do_image_splitting = self.options.split
         if by_row:
             inputs.update(rows_.pixels(image_processor, images, split))
         elif "pixel_attention_mask" in inputs:  # 0/1 as int64 from the processor: the same mask in 1/8 of the memory
