@@ -1,8 +1,8 @@
 """Errors and exit statuses: one table from failure to code to exit status.
 
 Contract: every failure a user can cause raises `IdeficsError(code, message, hint=...)`. The code is one
-of the documented error codes (DESIGN.md §4) or `usage`/`internal`; `EXIT_FOR_CODE` maps it to the
-exit status of DESIGN.md §5. `classify()` turns any exception raised while reading or generating into an
+of the documented error codes (docs/formats.md) or `usage`/`internal`; `EXIT_FOR_CODE` maps it to the
+exit status documented there. `classify()` turns any exception raised while reading or generating into an
 `IdeficsError` so batch code can record it per page. Nothing here imports torch.
 """
 

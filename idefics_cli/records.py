@@ -1,4 +1,4 @@
-"""Records: the typed results that leave the program (DESIGN.md §4).
+"""Records: the typed results that leave the program (docs/formats.md).
 
 Contract: `Answer` is what `ask --json` prints (schema `idefics-cli.answer/1`); `PageRecord` is one line of
 `transcribe` output (schema `idefics-cli.page/1`). Both are plain dataclasses whose `to_dict()` gives

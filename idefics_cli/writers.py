@@ -1,4 +1,4 @@
-"""Writers: JSONL records and atomic files that survive crashes (DESIGN.md §6).
+"""Writers: JSONL records and atomic files that survive crashes (docs/batching.md).
 
 Contract:
 - `RecordLog(path)` appends one record per `write()` call as a single line, flushed at once and fsynced

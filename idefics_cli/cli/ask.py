@@ -2,7 +2,7 @@
 
 Contract: every chosen page of every document becomes one image in a single user turn (images first,
 then the question), answered greedily and streamed piece by piece to stdout; `--json` prints the answer
-object of DESIGN.md §4 instead; `--each-page` asks each page on its own (NDJSON with `--json`).
+object of docs/formats.md instead; `--each-page` asks each page on its own (NDJSON with `--json`).
 Documents are opened and page specs checked before the model loads, so input errors are instant.
 """
 

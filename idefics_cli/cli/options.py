@@ -1,4 +1,4 @@
-"""Options shared by the commands (DESIGN.md §1), declared once as Typer annotations.
+"""Options shared by the commands (see README.md), declared once as Typer annotations.
 
 Contract: commands take these as parameters and call `model_options(...)` to build the library's
 `ModelOptions`; help panels group them as "Model" and "Document". No heavy imports.
