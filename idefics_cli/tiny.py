@@ -5,14 +5,18 @@ Contract: `build(out_dir, size="tiny")` writes a folder that loads exactly like 
 settings, tokenizer with ids 32000-32002 for `<fake_token_around_image>`, `<image>`, `<end_of_utterance>`)
 but with tiny random weights. Every linear layer that bitsandbytes quantizes has dimensions that are
 multiples of 64, so the 4-bit path runs on the CPU. Used by the tests, the benchmarks and the offline
-demo; its answers are gibberish by design. The tokenizer is Mistral-7B-v0.1's sentencepiece model, taken
-from the `mistral-common` wheel (needs `pip install 'idefics-cli[test]'`).
+demo; its answers are gibberish by design. The tokenizer is Mistral-7B-v0.1's sentencepiece model (the base
+vocabulary of idefics2-8b), shipped as idefics_cli/data/mistral-tokenizer.model.v1: a byte-for-byte copy of
+`mistral_common/data/tokenizer.model.v1` from the mistral-common 1.13.1 wheel (Apache-2.0), checked against
+TOKENIZER_SHA256 on every build. Reading it needs sentencepiece and protobuf (`pip install
+'idefics-cli[tiny]'`); without them `build` fails at once with a one-line message saying so.
 
     python -m idefics_cli.tiny OUT_DIR [--size tiny|mid|full]
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -28,6 +32,8 @@ CHAT_TEMPLATE = (
 )
 GENERATION = {"bos_token_id": 1, "eos_token_id": [2, 32002], "pad_token_id": 0, "bad_words_ids": [[32000], [32001]]}
 PROCESSOR = {"do_image_splitting": True, "size": {"shortest_edge": 378, "longest_edge": 980}}
+TOKENIZER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "mistral-tokenizer.model.v1")
+TOKENIZER_SHA256 = "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055"
 
 # (vision hidden, vision mlp, vision layers, vision heads, text hidden, text mlp, text layers, heads, kv heads,
 #  perceiver depth, perceiver heads, perceiver head dim, perceiver kv heads)
@@ -40,9 +46,25 @@ SIZES = {
 
 
 def tokenizer_model_path() -> str:
-    import mistral_common
+    """The bundled Mistral-7B-v0.1 sentencepiece model, verified; ModuleNotFoundError if it cannot be read."""
+    from importlib.util import find_spec
 
-    return os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
+    missing = [name for name, module in (("sentencepiece", "sentencepiece"), ("protobuf", "google.protobuf"))
+               if _find(find_spec, module) is None]
+    if missing:  # transformers would fall back to a tiktoken reader and fail with a misleading message
+        raise ModuleNotFoundError(f"the tiny model's tokenizer needs {' and '.join(missing)}: "
+                                  "pip install 'idefics-cli[tiny]'")
+    with open(TOKENIZER_FILE, "rb") as f:
+        if hashlib.sha256(f.read()).hexdigest() != TOKENIZER_SHA256:
+            raise RuntimeError(f"{TOKENIZER_FILE} is not the Mistral-7B-v0.1 tokenizer (sha256 mismatch)")
+    return TOKENIZER_FILE
+
+
+def _find(find_spec, module: str):
+    try:
+        return find_spec(module)
+    except ImportError:  # the parent package (google) is missing
+        return None
 
 
 def config(size: str = "tiny"):
@@ -111,7 +133,10 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
-    print(build(args.out_dir, args.size, args.seed), file=sys.stderr)
+    try:
+        print(build(args.out_dir, args.size, args.seed), file=sys.stderr)
+    except ModuleNotFoundError as exc:  # mistral-common or sentencepiece missing: say which extra to install
+        sys.exit(f"error: {exc}")
 
 
 if __name__ == "__main__":

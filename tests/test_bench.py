@@ -7,6 +7,7 @@ exited 0 and printed its table (and, where it compares outputs, that they were i
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -70,3 +71,15 @@ def test_gpu_smoke(smoke):
         assert "P5" in out and "pages/min" in out
     else:
         assert out.startswith("P5 skipped: no CUDA GPU")
+
+
+def test_pymupdf_compare_runs_and_an_install_matches_itself(tmp_path):
+    """bench/pymupdf_compare.py end to end with this interpreter as both installs: every page identical."""
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "pymupdf_compare.py"), "--python", sys.executable,
+           "--python", sys.executable, "--work", str(tmp_path)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = result.stdout.strip().splitlines()[-1]
+    n = len(json.load(open(tmp_path / "cases.json")))
+    assert n >= 30 and last.endswith(f": {n}/{n}"), last
+    assert "| sample-invoice.pdf | ok, 1 p" in result.stdout and "| aes256-r6-none.pdf | encrypted |" in result.stdout

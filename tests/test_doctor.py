@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import huggingface_hub.constants
 
 from idefics_cli.diagnostics import check_4bit, model_files
 
-TOP = {"schema", "ok", "reason", "versions", "system", "cuda", "setup", "bnb_4bit", "model", "estimate"}
+TOP = {"schema", "ok", "reason", "versions", "system", "cuda", "setup", "bnb_4bit", "model", "estimate", "extras"}
 VERSIONS = {"python", "torch", "transformers", "bitsandbytes", "accelerate", "pymupdf", "pillow", "huggingface_hub",
             "idefics_cli"}
 BNB = {"ran", "ok", "device", "dtype", "max_error", "quantization_error", "tolerance", "error", "seconds"}
@@ -45,6 +47,9 @@ def test_json_has_every_field_and_a_real_4bit_check(cli, tiny_model, engine):
     assert est["total_bytes"] == est["weights_bytes"] + est["kv_cache_bytes"] + est["activations_bytes"] + est[
         "overhead_bytes"]
     assert est["fits"] is True
+    assert set(report["extras"]) == {"ray", "serve", "schema"}
+    for extra in report["extras"].values():
+        assert set(extra) == {"installed", "packages", "enables", "install"} and extra["enables"]
 
 
 def test_no_split_and_no_quant_change_the_estimate(cli, tiny_model):
@@ -59,6 +64,7 @@ def test_human_report_and_missing_model_exit_5(cli, tiny_model, tmp_path):
     result = cli("doctor", "--model", tiny_model, "--device", "cpu")
     assert result.exit_code == 0
     assert "verdict    ✓ ready" in result.stdout and "bitsandbytes nf4 matmul on cpu" in result.stdout
+    assert "extras     ray" in result.stdout and "serve" in result.stdout and "schema" in result.stdout
 
     result = cli("doctor", "--json", "--model", str(tmp_path / "nothing-here"), "--device", "cpu")
     assert result.exit_code == 5
@@ -95,3 +101,49 @@ def test_check_4bit_half_precision_and_failure():
     assert half["ran"] and half["ok"] and half["dtype"] == "bfloat16" and half["max_error"] <= half["tolerance"]
     broken = check_4bit("no-such-device", torch.float32)
     assert broken["ok"] is False and broken["ran"] is False and broken["error"]
+
+
+EXTRAS_PROBE = """
+import json, sys
+from idefics_cli import extras
+print(json.dumps({"report": extras.report(), "imported": sorted(
+    m for m in ("ray", "pyarrow", "pandas", "fastapi", "uvicorn", "xgrammar") if m in sys.modules)}))
+"""
+
+
+def _fake_distribution(site, name: str, version: str, module: bool = True) -> None:
+    """A real installed distribution as importlib sees it, whose module refuses to be imported."""
+    info = site / f"{name}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    if module:
+        (site / name).mkdir()
+        (site / name / "__init__.py").write_text(f"raise RuntimeError('{name} was imported')\n")
+
+
+def test_extras_are_found_from_metadata_without_importing_them(tmp_path):
+    from importlib import metadata
+
+    site = tmp_path / "site"
+    site.mkdir()
+    _fake_distribution(site, "fastapi", "0.120.0")
+    _fake_distribution(site, "uvicorn", "0.38.0")
+    _fake_distribution(site, "xgrammar", "0.1.25", module=False)  # metadata left behind, module gone: broken
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), root])}
+    out = subprocess.run([sys.executable, "-c", EXTRAS_PROBE], env=env, capture_output=True, text=True, check=True)
+    found = json.loads(out.stdout)
+    assert found["imported"] == []  # nothing optional was imported, not even the two that would raise
+    serve, schema, ray = (found["report"][k] for k in ("serve", "schema", "ray"))
+    assert serve["installed"] is True and serve["packages"] == {"fastapi": "0.120.0", "uvicorn": "0.38.0"}
+    assert schema["installed"] is False and schema["packages"] == {"xgrammar": "0.1.25"}
+    assert schema["install"] == "pip install xgrammar" and "--schema" in schema["enables"]
+
+    def have(dist):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    assert ray["packages"] == {d: have(d) for d in ("ray", "pyarrow", "pandas")}  # this environment's truth
+    assert ray["installed"] is all(ray["packages"].values()) and "--engine ray" in ray["enables"]

@@ -3,7 +3,8 @@
 Contract: reports library versions, CUDA and each GPU's free memory, a real bitsandbytes 4-bit matmul
 on the chosen device (nf4 quantize + `matmul_4bit`, compared with float math), whether the model is a
 complete local folder or in the HF cache (which commit), and a memory estimate for model x quantization
-x split from its config.json. The report goes to stdout (one JSON object with `--json`, schema
+x split from its config.json, and which optional features (extras: ray, serve, schema) are installed, from
+package metadata without importing them. The report goes to stdout (one JSON object with `--json`, schema
 `idefics-cli.doctor/1`). Exit 0 when the setup can run: 4-bit works on the device (for `--quant 4bit`),
 the model is available locally and, on a GPU, the estimate fits in free memory; else exit 5 with a
 one-line reason on stderr. The network is touched only to fetch config.json for the estimate of a model
@@ -52,6 +53,7 @@ def doctor(
 def diagnose(opts) -> dict:
     """Every check, as one JSON-ready dict (`ok` and `reason` hold the verdict)."""
     from .. import diagnostics as d
+    from .. import extras
     from ..errors import IdeficsError
     from ..model import QUANT_NAMES, quiet_libraries, resolve_device, resolve_dtype
 
@@ -75,6 +77,7 @@ def diagnose(opts) -> dict:
         "tolerance": None, "error": "no usable device", "seconds": None}
     report["model"] = files
     report["estimate"] = _estimate(opts, files, quant, dtype, device)
+    report["extras"] = extras.report()  # optional features: reported, never a reason to fail
 
     if device and quant == "4bit" and not report["bnb_4bit"]["ok"]:
         problems.append(f"bitsandbytes 4-bit does not work on {device}: {report['bnb_4bit']['error']}")
@@ -190,5 +193,12 @@ def render(r: dict) -> str:
                      f" {hb(e['free_bytes'])} free{fits}")
     else:
         lines.append(f"memory     estimate unavailable: {e.get('error')}")
+    for k, (name, x) in enumerate(r["extras"].items()):
+        head = "extras     " if k == 0 else " " * 11
+        if x["installed"]:
+            have = ", ".join(f"{dist} {ver}" for dist, ver in x["packages"].items())
+            lines.append(f"{head}{name:<7}{ok} {have}: {x['enables']}")
+        else:
+            lines.append(f"{head}{name:<7}- not installed ({x['install']}), would enable {x['enables']}")
     lines.append(f"verdict    {ok} ready" if r["ok"] else f"verdict    {bad} not ready: {r['reason']}")
     return "\n".join(lines) + "\n"
