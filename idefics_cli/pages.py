@@ -5,9 +5,10 @@ Contract: `parse_page_spec(spec)` turns the user's text into a `PageSpec` or rai
 `IdeficsError("page_out_of_range")`. Syntax (1-based, comma-separated, whitespace ignored):
 `3` one page, `1-4` a range, `7-` page 7 to the last page, `-2` the last two pages, `all` every page.
 `None` means every page. Pages come back in the order given, each page once (first mention wins).
-A closed range must not run backwards (`3-1` is an error) and every named page must exist: a page past
-the end, an open range starting past the end or `-N` with N greater than the page count is an error,
-never silently clipped. `str(spec)` is a normalized spec that parses back to an equal `PageSpec`.
+A closed range must not run backwards (`3-1` is a usage error). A spec means "these pages, where they
+exist": pages, ranges and open ends are clipped to each document (`2-3` of a one-page image is nothing,
+`-5` of a three-page PDF is all three), and only a document that has none of the chosen pages raises
+`page_out_of_range`. `str(spec)` is a normalized spec that parses back to an equal `PageSpec`.
 """
 
 from __future__ import annotations
@@ -58,24 +59,23 @@ class PageSpec:
         return ",".join(map(str, self.ranges)) or "all"
 
     def resolve(self, n_pages: int) -> list[int]:
-        """1-based page numbers of a document with `n_pages` pages, in spec order, without duplicates."""
+        """1-based page numbers of a document with `n_pages` pages, in spec order, without duplicates.
+
+        Clipped to the document; `page_out_of_range` when none of the chosen pages exists.
+        """
         if not self.ranges:
             return list(range(1, n_pages + 1))
         pages: dict[int, None] = {}
         for r in self.ranges:
             if r.tail:
-                if r.tail > n_pages:
-                    noun = "page" if n_pages == 1 else "pages"
-                    raise IdeficsError(
-                        "page_out_of_range",
-                        f"the last {r.tail} pages are out of range (the document has {n_pages} {noun})",
-                    )
-                first, last = n_pages - r.tail + 1, n_pages
+                first, last = max(n_pages - r.tail + 1, 1), n_pages
             else:
-                first, last = r.start, n_pages if r.end is None else r.end
-                if first > n_pages or last > n_pages:
-                    raise out_of_range(first if first > n_pages else last, n_pages)
+                first, last = r.start, n_pages if r.end is None else min(r.end, n_pages)
             pages.update(dict.fromkeys(range(first, last + 1)))
+        if not pages:
+            noun = "page" if n_pages == 1 else "pages"
+            raise IdeficsError("page_out_of_range",
+                               f"none of the chosen pages ({self}) is in the document (it has {n_pages} {noun})")
         return list(pages)
 
 

@@ -37,18 +37,27 @@ def test_bad_specs_are_usage_errors(spec):
     assert exc.value.hint
 
 
-@pytest.mark.parametrize(("spec", "page"), [("7", 7), ("6-", 6), ("2-9", 9), ("1,6", 6)])
-def test_out_of_range(spec, page):
-    with pytest.raises(IdeficsError) as exc:
-        parse_page_spec(spec).resolve(5)
-    assert exc.value.code == "page_out_of_range"
-    assert exc.value.message == f"page {page} is out of range (the document has 5 pages)"
-
-
-def test_tail_longer_than_document():
-    with pytest.raises(IdeficsError) as exc:
-        parse_page_spec("-6").resolve(5)
-    assert exc.value.code == "page_out_of_range"
+@pytest.mark.parametrize(("spec", "n", "expected"), [
+    ("2-3", 1, None),  # an image: none of the pages exists
+    ("1-3", 2, [1, 2]),  # a range past the end is clipped
+    ("2-9", 5, [2, 3, 4, 5]),
+    ("1,6", 5, [1]),  # a single page past the end is left out
+    ("6-,2", 5, [2]),
+    ("-6", 5, [1, 2, 3, 4, 5]),  # the last six of five pages: all five
+    ("7", 5, None),
+    ("6-", 5, None),
+    ("6-8,9", 5, None),
+])
+def test_ranges_are_clipped_to_each_document(spec, n, expected):
+    """A spec means "these pages, where they exist"; only a document with none of them is an error."""
+    if expected is None:
+        with pytest.raises(IdeficsError) as exc:
+            parse_page_spec(spec).resolve(n)
+        assert exc.value.code == "page_out_of_range"
+        noun = "page" if n == 1 else "pages"
+        assert exc.value.message == f"none of the chosen pages ({spec}) is in the document (it has {n} {noun})"
+    else:
+        assert parse_page_spec(spec).resolve(n) == expected
 
 
 def test_str_is_normalized_and_round_trips():
