@@ -109,6 +109,8 @@ def build(out_dir: str, size: str = "tiny", seed: int = 0, device: str = "cpu", 
     import torch
     from transformers import GenerationConfig, Idefics2ForConditionalGeneration
 
+    from .writers import follow_umask
+
     os.makedirs(out_dir, exist_ok=True)
     build_processor(out_dir)
     torch.manual_seed(seed)
@@ -118,6 +120,7 @@ def build(out_dir: str, size: str = "tiny", seed: int = 0, device: str = "cpu", 
         model = model.to(dtype)
     model.generation_config = GenerationConfig(**GENERATION)
     model.save_pretrained(out_dir)
+    follow_umask(out_dir)  # transformers writes the weights 0600
     return out_dir
 
 

@@ -5,7 +5,8 @@ Contract:
   at least every `fsync_every` seconds and on close. On open it drops a torn last line left by a crash
   and reads back the records already there (`existing`), skipping lines that are not valid JSON.
 - `OutputLock(path)` is an exclusive, non-blocking `flock`: a second process on the same output is
-  refused with a clear error instead of interleaving lines.
+  refused with a clear error instead of interleaving lines. The lock file is removed when released.
+- Files are created with the permissions the umask allows (0666 & ~umask), like any other tool's output.
 - `atomic_write(path, text)` writes to a temporary file in the same folder, fsyncs and renames it into place.
 - `safe_join(root, rel)` maps any relative path (`../`, absolute, odd bytes) to a path inside root.
 """
@@ -29,18 +30,30 @@ class OutputLock:
         import fcntl
 
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            self.fd = None
-            raise IdeficsError("usage", f"another idefics process is writing to {self.path.removesuffix('.lock')}",
-                               "wait for it to finish, or choose another --out") from None
-        return self
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise IdeficsError("usage", f"another idefics process is writing to "
+                                   f"{self.path.removesuffix('.lock')}",
+                                   "wait for it to finish, or choose another --out") from None
+            try:  # the holder before us may have removed the file after we opened it: lock the one on disk
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd = fd
+                return self
+            os.close(fd)
 
     def __exit__(self, *exc):
         if self.fd is not None:
+            try:
+                os.unlink(self.path)  # removed while still held, so no one can lock a file that is going away
+            except OSError:
+                pass
             os.close(self.fd)
             self.fd = None
 
@@ -60,7 +73,7 @@ class RecordLog:
         self.existing: list[dict] = []
         try:
             self._repair_and_read()
-            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         except OSError as exc:
             raise output_error(path, exc) from exc
         self.last_sync = time.monotonic()
@@ -108,12 +121,35 @@ class RecordLog:
             self.fd = None
 
 
+def umask() -> int:
+    """The process umask, read without changing it (from /proc where there is one)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(folder: str) -> None:
+    """Give the files of a folder just written by another library (transformers saves weights 0600) the umask's mode."""
+    mode = 0o666 & ~umask()
+    for root, _, files in os.walk(folder):
+        for name in files:
+            os.chmod(os.path.join(root, name), mode)
+
+
 def atomic_write(path: str, text: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
         try:
+            os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes it private; the output should follow the umask
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
                 f.flush()

@@ -71,3 +71,12 @@ def test_answers_exactly_as_quant_4bit_on_the_original(cli, quantized, tiny_mode
 def test_refuses_a_folder_that_is_not_empty(cli, tiny_model, quantized):
     result = cli("quantize", quantized, "--model", tiny_model, "--device", "cpu")
     assert result.exit_code == 2 and "not an empty folder" in result.stderr and result.stdout == ""
+
+
+def test_saved_files_follow_the_umask(quantized, tiny_model):
+    """transformers writes weights 0600; the tiny model and a quantized copy are readable like any other output."""
+    from idefics_cli.writers import umask
+
+    for folder in (quantized, tiny_model):
+        modes = {name: os.stat(os.path.join(folder, name)).st_mode & 0o777 for name in os.listdir(folder)}
+        assert modes and set(modes.values()) == {0o666 & ~umask()}, modes

@@ -131,3 +131,34 @@ def test_record_lines_are_json(tmp_path):
     log.close()
     lines = open(path, encoding="utf-8").read().splitlines()
     assert [json.loads(line)["page"] for line in lines] == list(range(50))
+
+
+def test_output_lock_file_is_removed_when_released(tmp_path):
+    lock_path = tmp_path / "records.jsonl.lock"
+    with OutputLock(str(lock_path)):
+        assert lock_path.exists()
+    assert not lock_path.exists()
+    with OutputLock(str(lock_path)):  # and it can be taken again
+        with pytest.raises(IdeficsError, match="another idefics process"):
+            OutputLock(str(lock_path)).__enter__()
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o002])
+def test_outputs_follow_the_umask(tmp_path, mask):
+    from idefics_cli.writers import follow_umask, umask
+
+    previous = os.umask(mask)
+    try:
+        assert umask() == mask
+        atomic_write(str(tmp_path / "doc.md"), "text")
+        RecordLog(str(tmp_path / "records.jsonl")).close()
+        (tmp_path / "weights").mkdir()
+        fd = os.open(tmp_path / "weights" / "model.safetensors", os.O_CREAT | os.O_WRONLY, 0o600)
+        os.close(fd)
+        follow_umask(str(tmp_path / "weights"))
+    finally:
+        os.umask(previous)
+    expected = 0o666 & ~mask
+    for name in ("doc.md", "records.jsonl", "weights/model.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected, name

@@ -65,6 +65,7 @@ def _quantize(out, opts, out_dir: str) -> int:
     from ..diagnostics import human_bytes
     from ..errors import IdeficsError, UsageError
     from ..model import load
+    from ..writers import follow_umask
 
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
@@ -90,6 +91,7 @@ def _quantize(out, opts, out_dir: str) -> int:
             engine.model.save_pretrained(tmp)
             AutoProcessor.from_pretrained(opts.model, revision=opts.revision, local_files_only=opts.offline,
                                           trust_remote_code=False).save_pretrained(tmp)
+            follow_umask(tmp)  # transformers writes the weights 0600
         if os.path.isdir(out_dir):
             os.rmdir(out_dir)  # empty, checked above
         os.rename(tmp, out_dir)
