@@ -2,8 +2,10 @@
 
 Contract:
 - `walk(inputs)` expands files, folders (recursive; hidden entries skipped; symlinked folders followed
-  once, so loops are safe) and quoted globs into a sorted, de-duplicated list of `Input(path, rel)`;
-  `rel` is the path relative to the folder or glob root it came from (used for `--out DIR` and shards).
+  once, so loops are safe) and quoted globs into a de-duplicated list of `Input(path, rel)`: explicit
+  inputs in the order given, each expansion sorted; files an expansion meets that are not supported
+  documents (by extension, then magic bytes) are skipped, not listed. `rel` is the path relative to the
+  folder or glob root it came from (used for `--out DIR` and shards).
 - `in_shard(rel, index, count)`: a document belongs to shard `sha1(rel) % count`, stable as files are added.
 - `done_keys(records)`: the (sha256, page, settings) keys that already have an `ok` record.
 - `prefetch(...)` runs document opening, rasterization and preprocessing in a background thread and
@@ -32,16 +34,49 @@ class Input:
     rel: str
 
 
-def walk(inputs: list[str]) -> tuple[list[Input], list[IdeficsError]]:
-    """Expand inputs; returns (documents, errors for inputs that matched nothing)."""
+DOCUMENT_EXTENSIONS = (".pdf", ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".gif", ".bmp", ".dib", ".tif",
+                       ".tiff")
+
+
+def is_document(path: str) -> bool:
+    """Whether a file met while expanding a folder or glob is a supported document: by extension, then magic bytes."""
+    from .documents import sniff
+
+    if path.lower().endswith(DOCUMENT_EXTENSIONS):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return sniff(f.read(1024)) is not None
+    except OSError:
+        return False
+
+
+def walk(inputs: list[str], skipped: list[str] | None = None) -> tuple[list[Input], list[IdeficsError]]:
+    """Expand inputs; returns (documents, errors for inputs that matched nothing).
+
+    Explicit inputs keep the order given; what one folder or glob expands to is sorted by relative path. Files
+    of an expansion that are not supported documents (`is_document`) are left out and appended to `skipped`;
+    a file named explicitly is always kept (opening it reports what is wrong with it).
+    """
     found: dict[str, Input] = {}
     errors = []
+
+    def add(items: list[Input]) -> None:
+        for item in sorted(items, key=lambda i: (i.rel, i.path)):
+            real = os.path.realpath(item.path)
+            if real in found:
+                continue
+            if not is_document(item.path):
+                if skipped is not None:
+                    skipped.append(item.path)
+                continue
+            found[real] = item
+
     for given in inputs:
         if given == "-":
-            found["-"] = Input("-", "stdin")
+            found.setdefault("-", Input("-", "stdin"))
         elif os.path.isdir(given):
-            for path in _walk_dir(given):
-                found.setdefault(os.path.realpath(path), Input(path, os.path.relpath(path, given)))
+            add([Input(path, os.path.relpath(path, given)) for path in _walk_dir(given)])
         elif os.path.lexists(given) or not (GLOB_CHARS & set(given)):
             if not os.path.exists(given):
                 errors.append(IdeficsError("not_found", "no such file or folder", path=given))
@@ -49,12 +84,11 @@ def walk(inputs: list[str]) -> tuple[list[Input], list[IdeficsError]]:
                 found.setdefault(os.path.realpath(given), Input(given, os.path.basename(given)))
         else:
             root = _glob_root(given)
-            matches = sorted(p for p in glob.glob(given, recursive=True) if os.path.isfile(p))
+            matches = [p for p in glob.glob(given, recursive=True) if os.path.isfile(p)]
             if not matches:
                 errors.append(IdeficsError("not_found", "the pattern matched no file", path=given))
-            for path in matches:
-                found.setdefault(os.path.realpath(path), Input(path, os.path.relpath(path, root)))
-    return sorted(found.values(), key=lambda i: (i.rel, i.path)), errors
+            add([Input(path, os.path.relpath(path, root)) for path in matches])
+    return list(found.values()), errors
 
 
 def _glob_root(pattern: str) -> str:

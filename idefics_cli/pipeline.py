@@ -45,6 +45,7 @@ class Summary:
     total: int = 0
     seconds: float = 0.0
     failures: list[str] = field(default_factory=list)
+    not_documents: int = 0  # files a folder or glob held that are not supported documents: skipped, not failed
 
     @property
     def exit_status(self) -> ExitStatus:
@@ -54,7 +55,8 @@ class Summary:
 
     def line(self) -> str:
         rate = self.ok / self.seconds if self.seconds else 0.0
-        return (f"{self.ok} pages transcribed, {self.skipped} already done, {self.failed} failed "
+        skipped = f", {self.not_documents} files skipped (not documents)" if self.not_documents else ""
+        return (f"{self.ok} pages transcribed, {self.skipped} already done, {self.failed} failed{skipped} "
                 f"in {self.seconds:.1f}s ({rate:.2f} pages/s)")
 
 

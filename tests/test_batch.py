@@ -170,3 +170,33 @@ def test_prefetch_batches_failures_and_document_order(tmp_path):
     # a document that fails to open is reported at once; a finished one after the batch holding its last page
     assert order == [("b.txt", "unsupported_format"), ("missing.pdf", "not_found"), "a.pdf", "c.png", "d.pdf"]
     assert counts == [(3, 0), (1, 0), (2, 1)]
+
+
+def test_walk_keeps_the_order_of_explicit_inputs_and_sorts_only_expansions(tmp_path):
+    touch(tmp_path, "report.pdf", "receipt.jpg", "scans/b.png", "scans/a.png", "more/z.pdf", "more/y.pdf")
+    docs, missing = batch.walk([str(tmp_path / "report.pdf"), str(tmp_path / "scans"), str(tmp_path / "receipt.jpg"),
+                                str(tmp_path / "more" / "*.pdf"), "-"])
+    assert not missing
+    assert [d.path for d in docs] == [str(tmp_path / "report.pdf"), str(tmp_path / "scans" / "a.png"),
+                                      str(tmp_path / "scans" / "b.png"), str(tmp_path / "receipt.jpg"),
+                                      str(tmp_path / "more" / "y.pdf"), str(tmp_path / "more" / "z.pdf"), "-"]
+    docs, _ = batch.walk([str(tmp_path / "receipt.jpg"), str(tmp_path / "report.pdf")])
+    assert rels(docs) == ["receipt.jpg", "report.pdf"]
+
+
+def test_walk_skips_what_an_expansion_meets_that_is_not_a_document(tmp_path):
+    """By extension, then magic bytes; a file named explicitly is kept, whatever it is."""
+    touch(tmp_path / "in", "a.pdf", "README.md", "make_samples.py", "notes.txt")
+    (tmp_path / "in" / "scan-without-extension").write_bytes(b"%PDF-1.7\n...")
+    (tmp_path / "in" / "photo.data").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 16)
+    skipped: list[str] = []
+    docs, missing = batch.walk([str(tmp_path / "in")], skipped)
+    assert not missing
+    assert rels(docs) == ["a.pdf", "photo.data", "scan-without-extension"]
+    assert sorted(os.path.basename(p) for p in skipped) == ["README.md", "make_samples.py", "notes.txt"]
+    skipped.clear()
+    docs, _ = batch.walk([str(tmp_path / "in" / "*")], skipped)
+    assert rels(docs) == ["a.pdf", "photo.data", "scan-without-extension"] and len(skipped) == 3
+    skipped.clear()
+    docs, _ = batch.walk([str(tmp_path / "in" / "README.md")], skipped)
+    assert rels(docs) == ["README.md"] and skipped == []

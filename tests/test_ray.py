@@ -32,7 +32,8 @@ def folder(tmp_path):
     make_pdf(docs / "report.pdf", n_pages=3)
     make_image(300, 200, seed=3).save(docs / "sub" / "scan.png")
     (docs / "broken.pdf").write_bytes(b"%PDF-1.7\ngarbage without objects")
-    (docs / "notes.txt").write_text("not a document")
+    (docs / "notes.pdf").write_text("not a document, whatever its name says")
+    (docs / "notes.txt").write_text("not a document: skipped")
     return docs
 
 

@@ -292,8 +292,9 @@ def _bad_files(folder) -> dict[str, str]:
     doc.new_page(width=200, height=150).insert_text((20, 40), "secret")
     doc.save(str(folder / "locked.pdf"), encryption=pymupdf.PDF_ENCRYPT_AES_256, user_pw="u", owner_pw="o")
     doc.close()
-    (folder / "notes.txt").write_text("just some notes, not a document\n")
-    return {"broken.pdf": "corrupt", "locked.pdf": "encrypted", "notes.txt": "unsupported_format"}
+    (folder / "notes.pdf").write_text("just some notes, not a document, whatever its name says\n")
+    (folder / "notes.txt").write_text("just some notes: not a document, so the walk skips it\n")
+    return {"broken.pdf": "corrupt", "locked.pdf": "encrypted", "notes.pdf": "unsupported_format"}
 
 
 def test_bad_files_get_one_error_record_each_and_partial_exit(tmp_path, cli, tiny_model):
@@ -552,3 +553,24 @@ def test_small_max_new_tokens_gives_finish_reason_length(tmp_path, cli, tiny_mod
     assert len(records) == 2
     for r in records:
         assert r["finish_reason"] == "length" and r["usage"]["completion_tokens"] == 2 and r["text"]
+
+
+def test_files_a_folder_holds_that_are_not_documents_are_skipped_not_failed(tmp_path, cli, tiny_model):
+    """samples/ with README.md and make_samples.py: exit 0, no error record, the summary counts them skipped."""
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    make_image(160, 120, seed=2).save(folder / "receipt.png")
+    (folder / "README.md").write_text("# Samples\n")
+    (folder / "make_samples.py").write_text("print('hello')\n")
+    out = tmp_path / "out"
+    args = ["transcribe", folder, "--out", out, *model_args(tiny_model, "--no-split")]
+    for _ in range(2):  # a rerun adds nothing either
+        res = cli(*args)
+        assert res.exit_code == 0, res.stderr
+        assert "0 failed, 2 files skipped (not documents)" in res.stderr
+        records = read_records(out / "records.jsonl")
+        assert [(os.path.basename(r["path"]), r["status"]) for r in records] == [("receipt.png", "ok")]
+    assert sorted(os.listdir(out)) == ["receipt.md", "records.jsonl"]
+    # named explicitly, a file that is not a document stays an error
+    res = cli("transcribe", folder / "README.md", "--out", tmp_path / "r.jsonl", *model_args(tiny_model))
+    assert res.exit_code == 4 and "unsupported_format" in res.stderr

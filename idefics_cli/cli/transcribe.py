@@ -81,7 +81,8 @@ def _transcribe(output, paths, out, prompt, batch_size, force, shard, engine_nam
     spec = parse_page_spec(pages)
     shard_spec = b.parse_shard(shard)
     prompt = prompt or TRANSCRIBE_PROMPT
-    docs, missing = b.walk(paths)
+    not_documents: list[str] = []
+    docs, missing = b.walk(paths, not_documents)
     for err in missing:
         output.error(err)
     if shard_spec:
@@ -89,7 +90,8 @@ def _transcribe(output, paths, out, prompt, batch_size, force, shard, engine_nam
     if not docs:
         if missing:
             return ExitStatus.INPUT
-        output.warn("no documents to transcribe")
+        skipped = f" ({len(not_documents)} files skipped: not documents)" if not_documents else ""
+        output.warn(f"no documents to transcribe{skipped}")
         return ExitStatus.OK
 
     settings = Settings(prompt=prompt, max_new_tokens=opts.max_new_tokens, batch_size=1, force=force,
@@ -124,6 +126,7 @@ def _transcribe(output, paths, out, prompt, batch_size, force, shard, engine_nam
                 summary = transcribe(engine, docs, sink, settings, open_doc, select_pages, progress=progress)
     finally:
         sink.close()
+    summary.not_documents = len(not_documents)
     if not output.quiet:
         output.console.print(summary.line(), markup=False)
         for line in summary.failures[:20]:
