@@ -7,8 +7,9 @@ one, never further ahead, so at most two batches' pixels exist at once, whatever
 document or page becomes an error record and the run goes on; a batch that runs out of memory is retried
 one page at a time, then that page without image splitting, before `out_of_memory` is recorded. Sinks:
 `JsonlSink` (a records file, resumable), `FolderSink` (records.jsonl + one `.md` per document, written
-atomically), `StdoutSink` (JSONL or text). Returns a `Summary`; its `exit_status` is 0, 3 (partial) or 4
-(nothing readable).
+atomically), `StdoutSink` (JSONL or text); `open_sink(out, ...)` picks one for `--out`, refusing a path that is
+neither a `.jsonl` file nor a folder (usage) or cannot be written (`output_error`) before any model loads.
+Returns a `Summary`; its `exit_status` is 0, 3 (partial) or 4 (nothing readable).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from .batch import Batch, DocumentDone, Failure, Input, done_keys, prefetch
 from .errors import ExitStatus, IdeficsError, classify
 from .records import PageRecord
-from .writers import OutputLock, RecordLog, atomic_write, safe_join
+from .writers import OutputLock, RecordLog, atomic_write, output_error, safe_join
 
 
 @dataclass
@@ -81,12 +82,39 @@ class StdoutSink:
         pass
 
 
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+OUT_HINT = "give a .jsonl file (--out pages.jsonl) or a folder (--out transcripts/; end a dotted folder name with /)"
+
+
+def open_sink(out: str, docs: list[Input], settings: str):
+    """The sink for `--out`: a .jsonl file or a folder; anything else is a usage error, an unwritable one an
+    `output_error`, both raised here, before any model loads."""
+    from .errors import UsageError
+
+    if out.endswith(JSONL_SUFFIXES):
+        return JsonlSink(out)
+    if os.path.isdir(out) or out.endswith(("/", os.sep)):
+        return FolderSink(out, docs, settings)
+    if os.path.lexists(out):
+        raise UsageError(f"--out {out} is neither a .jsonl file nor a folder", OUT_HINT)
+    if os.path.splitext(os.path.basename(out))[1]:
+        raise UsageError(f"--out {out} is neither a .jsonl file nor a folder", OUT_HINT)
+    return FolderSink(out, docs, settings)
+
+
 class JsonlSink:
     """Records appended to one .jsonl file, with a lock and crash-safe resume."""
 
     def __init__(self, path: str):
-        self.lock = OutputLock(path + ".lock").__enter__()
-        self.log = RecordLog(path)
+        try:
+            self.lock = OutputLock(path + ".lock").__enter__()
+        except OSError as exc:
+            raise output_error(path, exc) from exc
+        try:
+            self.log = RecordLog(path)
+        except BaseException:
+            self.lock.__exit__()
+            raise
         self.existing = self.log.existing
 
     def write(self, record: dict) -> None:
@@ -104,7 +132,10 @@ class FolderSink(JsonlSink):
     """records.jsonl plus one Markdown file per document, mirroring the input tree."""
 
     def __init__(self, folder: str, docs: list[Input], settings: str):
-        os.makedirs(folder, exist_ok=True)
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            raise output_error(folder, exc) from exc
         super().__init__(os.path.join(folder, "records.jsonl"))
         self.folder, self.settings = folder, settings
         # this run's records by (path, sha256), dropped once the .md is written; records already in the file

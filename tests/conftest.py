@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -65,6 +66,26 @@ def run_idefics(*args, input: bytes | None = None, timeout: float = 300, env: di
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "idefics_cli", *map(str, args)], input=input, capture_output=True,
                           timeout=timeout, env=full_env, cwd=cwd)
+
+
+_TRACE = ("import json, os, sys\n"
+          "from idefics_cli.cli import app\n"
+          "try:\n"
+          "    app(sys.argv[1:], prog_name='idefics')\n"
+          "finally:\n"
+          "    with open(os.environ['IDEFICS_TRACE_FILE'], 'w') as f:\n"
+          "        json.dump(sorted(m for m in ('torch', 'transformers') if m in sys.modules), f)\n")
+
+
+def run_traced(*args, tmp_path, input: bytes | None = None, timeout: float = 300, env: dict | None = None,
+               cwd: str | None = None) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Run the `idefics` app in a subprocess; also returns which of torch and transformers it imported."""
+    trace = os.path.join(str(tmp_path), "imported.json")
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {}), "IDEFICS_TRACE_FILE": trace}
+    proc = subprocess.run([sys.executable, "-c", _TRACE, *map(str, args)], input=input, capture_output=True,
+                          timeout=timeout, env=full_env, cwd=cwd)
+    with open(trace) as f:
+        return proc, json.load(f)
 
 
 @pytest.fixture

@@ -80,3 +80,14 @@ def test_saved_files_follow_the_umask(quantized, tiny_model):
     for folder in (quantized, tiny_model):
         modes = {name: os.stat(os.path.join(folder, name)).st_mode & 0o777 for name in os.listdir(folder)}
         assert modes and set(modes.values()) == {0o666 & ~umask()}, modes
+
+
+def test_unwritable_out_dir_fails_before_the_model_loads(tmp_path, tiny_model):
+    from conftest import run_traced
+
+    (tmp_path / "a-file").write_text("x")
+    for out_dir in (tmp_path / "a-file" / "nf4", "/proc/idefics-nf4"):
+        res, imported = run_traced("quantize", out_dir, "--model", tiny_model, "--device", "cpu", tmp_path=tmp_path)
+        stderr = res.stderr.decode()
+        assert res.returncode == 4 and stderr.startswith("error [output_error]: "), stderr
+        assert len(stderr.strip().splitlines()) == 1 and imported == []

@@ -387,7 +387,7 @@ def test_piped_stdout_is_only_page_jsonl(tmp_path, tiny_model):
     folder.mkdir()
     make_pdf(folder / "doc.pdf", 2)
     make_image(200, 150, seed=3).save(folder / "pic.png")
-    (folder / "readme.txt").write_text("not a document")
+    (folder / "readme.pdf").write_text("not a document, whatever its name says")
     res = run_idefics("transcribe", folder, *model_args(tiny_model))
     assert res.returncode == 3, res.stderr.decode(errors="replace")
     stdout = res.stdout.decode("utf-8")
@@ -574,3 +574,38 @@ def test_files_a_folder_holds_that_are_not_documents_are_skipped_not_failed(tmp_
     # named explicitly, a file that is not a document stays an error
     res = cli("transcribe", folder / "README.md", "--out", tmp_path / "r.jsonl", *model_args(tiny_model))
     assert res.exit_code == 4 and "unsupported_format" in res.stderr
+
+
+# ---- --out ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["parent_is_a_file", "parent_is_a_file_jsonl", "proc", "proc_jsonl", "sys"])
+def test_unwritable_out_is_an_output_error_before_the_model_loads(tmp_path, tiny_model, where):
+    from conftest import run_traced
+
+    make_image(120, 90, seed=1).save(tmp_path / "pic.png")
+    (tmp_path / "a-file").write_text("x")
+    out = {"parent_is_a_file": tmp_path / "a-file" / "out", "parent_is_a_file_jsonl": tmp_path / "a-file" / "r.jsonl",
+           "proc": "/proc/idefics-out", "proc_jsonl": "/proc/self/r.jsonl", "sys": "/sys/idefics-out"}[where]
+    res, imported = run_traced("transcribe", tmp_path / "pic.png", "--out", out, *model_args(tiny_model),
+                               tmp_path=tmp_path)
+    stderr = res.stderr.decode()
+    assert res.returncode == 4, stderr
+    assert stderr.startswith("error [output_error]: ") and len(stderr.strip().splitlines()) == 1, stderr
+    assert str(out) in stderr and res.stdout == b""
+    assert imported == []  # found before the model (torch, transformers) loads
+
+
+@pytest.mark.parametrize("out", ["result.txt", "notes.md", "a-file"])
+def test_out_that_is_neither_jsonl_nor_a_folder_is_a_usage_error(tmp_path, cli, tiny_model, out):
+    make_image(120, 90, seed=1).save(tmp_path / "pic.png")
+    (tmp_path / "a-file").write_text("keep me")
+    res = cli("transcribe", tmp_path / "pic.png", "--out", tmp_path / out, *model_args(tiny_model))
+    assert res.exit_code == 2, res.stderr
+    assert "neither a .jsonl file nor a folder" in res.stderr and "--out pages.jsonl" in res.stderr
+    assert sorted(os.listdir(tmp_path)) == ["a-file", "pic.png"]
+    assert (tmp_path / "a-file").read_text() == "keep me"
+    # a dotted folder name is a folder when it ends with / (or exists as one)
+    res = cli("transcribe", tmp_path / "pic.png", "--out", f"{tmp_path / 'out.v2'}/", *model_args(tiny_model))
+    assert res.exit_code == 0, res.stderr
+    assert sorted(os.listdir(tmp_path / "out.v2")) == ["pic.md", "records.jsonl"]

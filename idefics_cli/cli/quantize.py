@@ -65,28 +65,29 @@ def _quantize(out, opts, out_dir: str) -> int:
     from ..diagnostics import human_bytes
     from ..errors import IdeficsError, UsageError
     from ..model import load
-    from ..writers import follow_umask
+    from ..writers import follow_umask, umask
 
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise UsageError(f"{out_dir} exists and is not an empty folder", "choose a new folder")
-    with out.status(f"Loading {opts.model} in 4-bit…"):
-        engine = load(opts)
-    cfg = getattr(engine.model.config, "quantization_config", None)
-    if cfg is None or not getattr(cfg, "load_in_4bit", False):
-        raise IdeficsError("model_error", f"{opts.model} did not load as a 4-bit model")
-    source = _source_folder(opts)
-    before = weights_bytes(source) if source and os.path.isdir(source) else None
-
-    from transformers import AutoProcessor
-
     parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".idefics-quantize-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the model folder should not be
+    try:  # the temporary folder is made first, so an unwritable OUT_DIR fails before the model loads
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".idefics-quantize-", dir=parent)
+    except OSError as exc:
+        raise IdeficsError("output_error", f"cannot write {out_dir}: {exc.strerror or exc}") from exc
     try:
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private; the model folder should not be
+        with out.status(f"Loading {opts.model} in 4-bit…"):
+            engine = load(opts)
+        cfg = getattr(engine.model.config, "quantization_config", None)
+        if cfg is None or not getattr(cfg, "load_in_4bit", False):
+            raise IdeficsError("model_error", f"{opts.model} did not load as a 4-bit model")
+        source = _source_folder(opts)
+        before = weights_bytes(source) if source and os.path.isdir(source) else None
+
+        from transformers import AutoProcessor
+
         with out.status(f"Saving to {out_dir}…"):
             engine.model.save_pretrained(tmp)
             AutoProcessor.from_pretrained(opts.model, revision=opts.revision, local_files_only=opts.offline,

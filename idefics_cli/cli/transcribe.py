@@ -64,13 +64,11 @@ def transcribe(
 
 def _transcribe(output, paths, out, prompt, batch_size, force, shard, engine_name, pages, dpi, password, opts,
                 ray_address=None):
-    import os
-
     from .. import batch as b
     from ..documents import DEFAULT_LONGEST_SIDE, open_document
     from ..errors import ExitStatus, UsageError
     from ..pages import parse_page_spec
-    from ..pipeline import FolderSink, JsonlSink, Settings, StdoutSink, transcribe
+    from ..pipeline import Settings, StdoutSink, open_sink, transcribe
     from ..prompts import TRANSCRIBE_PROMPT
     from ..records import settings_hash
 
@@ -99,12 +97,7 @@ def _transcribe(output, paths, out, prompt, batch_size, force, shard, engine_nam
                                                split=opts.split, render=dpi or DEFAULT_LONGEST_SIDE,
                                                render_unit="dpi" if dpi else "longest_side", prompt=prompt,
                                                max_new_tokens=opts.max_new_tokens))
-    if out is None:
-        sink = StdoutSink(output, as_json=not output.stdout_tty)
-    elif out.endswith((".jsonl", ".json", ".ndjson")) or (os.path.exists(out) and not os.path.isdir(out)):
-        sink = JsonlSink(out)
-    else:
-        sink = FolderSink(out, docs, settings.settings)
+    sink = StdoutSink(output, as_json=not output.stdout_tty) if out is None else open_sink(out, docs, settings.settings)
     try:
         from functools import partial
 
