@@ -104,6 +104,23 @@ def _palette_transparent_png() -> bytes:
     return buf.getvalue()
 
 
+def page_tree_cycle_pdf(good_pages: int = 0) -> bytes:
+    """A PDF whose page tree loops back on itself after `good_pages` readable pages (MuPDF: "cycle in page tree")."""
+    objs = [b"<< /Type /Catalog /Pages 2 0 R >>",
+            b"<< /Type /Pages /Kids [%s] /Count %d >>" % (b" ".join(b"%d 0 R" % (4 + k) for k in range(good_pages))
+                                                          + b" 3 0 R", good_pages + 1),
+            b"<< /Type /Pages /Parent 2 0 R /Kids [3 0 R] /Count 1 >>"]
+    objs += [b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 200 150] >>"] * good_pages
+    out, offsets = b"%PDF-1.7\n", []
+    for number, body in enumerate(objs, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objs) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    return out + b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objs) + 1, xref)
+
+
 def build(root: str) -> list[Case]:
     os.makedirs(root, exist_ok=True)
     cases: list[Case] = []
@@ -150,6 +167,7 @@ def build(root: str) -> list[Case]:
     add("webp.webp", _image_bytes(fmt="WEBP"), "ok")
     add("webp-corrupt.webp", _image_bytes(fmt="WEBP")[:30], "corrupt")
     add("javascript-attachment.pdf", _javascript_pdf(), "ok")
+    add("page-tree-cycle.pdf", page_tree_cycle_pdf(), "corrupt")
     add("many-pages.pdf", _many_pages_pdf(10_000), "ok", extra=["--pages=-1"])
     add("name with spaces.png", _image_bytes(), "ok")
     add("newline", _image_bytes(), "ok", filename="new\nline.png")

@@ -206,3 +206,44 @@ def test_help_imports_no_torch_and_shows_examples(args):
     assert "HEAVY []" in result.stdout, result.stdout[-500:]
     if args != ["--help"]:
         assert "Examples" in result.stdout
+
+
+@pytest.mark.parametrize("each_page", [False, True])
+def test_every_chosen_page_is_decoded_before_the_model_loads(tiny_model, tmp_path, each_page):
+    """A truncated image or a PDF whose page 2 loops in its page tree fails at once, without importing torch."""
+    from conftest import run_traced
+    from hostile import page_tree_cycle_pdf
+
+    cycle = tmp_path / "cycle.pdf"
+    cycle.write_bytes(page_tree_cycle_pdf(good_pages=1))  # page 1 reads, page 2 does not
+    truncated = tmp_path / "truncated.png"
+    make_image(320, 240).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:-300])  # header intact, pixel data cut short
+    good = make_pdf(tmp_path / "good.pdf", 2)
+    each = ["--each-page"] if each_page else []
+    for docs, bad, page in (([good, cycle], cycle, 2), ([truncated, good], truncated, 1)):
+        res, imported = run_traced("ask", *docs, "What is it?", "--model", tiny_model, *each, *FAST,
+                                   tmp_path=tmp_path)
+        stderr = res.stderr.decode()
+        assert res.returncode == 4, stderr
+        assert stderr.startswith(f"error [corrupt]: {bad}: page {page} could not be decoded"), stderr
+        assert len(stderr.strip().splitlines()) == 1 and res.stdout == b""
+        assert imported == []  # the model never started loading
+
+
+def test_pages_are_clipped_to_each_document(cli, tiny_model, tmp_path):
+    """The README's `ask report.pdf scan.png --pages 1-2`: pages 1-2 of the report, the image's one page."""
+    report = make_pdf(tmp_path / "report.pdf", n_pages=3)
+    scan = tmp_path / "scan.png"
+    make_image(seed=5).save(scan)
+    result = cli("ask", report, scan, "--pages", "1-2", "Which year?", "--json", "--model", tiny_model, "--dpi", "72",
+                 *FAST)
+    assert result.exit_code == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["sources"] == [{"path": report, "pages": [1, 2]}, {"path": str(scan), "pages": [1]}]
+    result = cli("ask", report, "--pages", "2-9", "Which year?", "--json", "--model", tiny_model, "--dpi", "72",
+                 *FAST)
+    assert json.loads(result.stdout)["sources"] == [{"path": report, "pages": [2, 3]}]
+    # a document that has none of the chosen pages is the one error
+    result = cli("ask", report, scan, "--pages", "2-3", "Which year?", "--model", tiny_model, *FAST)
+    assert result.exit_code == 4 and result.stderr.startswith(f"error [page_out_of_range]: {scan}: none of the")

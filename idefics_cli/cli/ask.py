@@ -3,7 +3,8 @@
 Contract: every chosen page of every document becomes one image in a single user turn (images first,
 then the question), answered greedily and streamed piece by piece to stdout; `--json` prints the answer
 object of docs/formats.md instead; `--each-page` asks each page on its own (NDJSON with `--json`).
-Documents are opened and page specs checked before the model loads, so input errors are instant.
+Documents are opened, page specs checked and every chosen page decoded before the model loads, so input
+errors are instant.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ EPILOG = """Examples:
 
 \b
   idefics ask samples/invoice.pdf "What is the total amount due?"
-  idefics ask report.pdf scan.png --pages 2-3 "Which year had the highest revenue?" --json | jq -r .answer
+  idefics ask report.pdf scan.png --pages 1-2 "Which year had the highest revenue?" --json | jq -r .answer
   cat receipt.jpg | idefics ask - "What is the merchant's name?"
   idefics ask report.pdf --each-page "What is this page about?" --json
 """
@@ -65,15 +66,24 @@ def _ask(out, args, pages, dpi, password, as_json, each_page, opts) -> int:
     if paths.count("-") > 1:
         raise UsageError("stdin (-) can be read only once")
     spec = parse_page_spec(pages)
-    docs = []
+    chosen = []
     for path in paths:
         doc = open_document(path, password=password, dpi=dpi)
         try:
-            docs.append((doc, spec.resolve(doc.page_count)))
+            chosen.extend((doc, p) for p in spec.resolve(doc.page_count))
         except IdeficsError as err:
             raise classify(err, path) from None
-    groups = [[(doc, p)] for doc, chosen in docs for p in chosen] if each_page else [
-        [(doc, p) for doc, chosen in docs for p in chosen]]
+    # every chosen page is decoded before the model loads, so a page that cannot be read fails at once; with
+    # --each-page the images are dropped again (rendered anew when their turn comes) to keep memory flat
+    t0 = time.perf_counter()
+    images = []
+    with out.status(f"Rendering {len(chosen)} page(s)…"):
+        for doc, p in chosen:
+            image = doc.render(p)
+            images.append(None if each_page else image)
+    render_s = time.perf_counter() - t0
+    pages_ = [(doc, p, image) for (doc, p), image in zip(chosen, images)]
+    groups = [[page] for page in pages_] if each_page else [pages_]
 
     from ..model import load
 
@@ -82,21 +92,22 @@ def _ask(out, args, pages, dpi, password, as_json, each_page, opts) -> int:
     for group in groups:
         engine.check_context(len(group), question, opts.max_new_tokens)
     for group in groups:
-        _answer(out, engine, group, question, as_json, each_page and not as_json, start)
+        _answer(out, engine, group, question, as_json, each_page and not as_json, start,
+                0.0 if each_page else render_s)
     return 0
 
 
-def _answer(out, engine, group, question, as_json, header, start) -> None:
+def _answer(out, engine, group, question, as_json, header, start, render_s: float) -> None:
     from ..model import Generation
     from ..records import Answer, Source
 
     t0 = time.perf_counter()
-    with out.status(f"Rendering {len(group)} page(s)…"):
-        images = [doc.render(page) for doc, page in group]
+    with out.status(f"Preparing {len(group)} page(s)…"):
+        images = [image if image is not None else doc.render(page) for doc, page, image in group]
         inputs = engine.build_inputs([(images, question)])
-    preprocess_s = time.perf_counter() - t0
+    preprocess_s = render_s + time.perf_counter() - t0
     if header:
-        doc, page = group[0]
+        doc, page, _ = group[0]
         out.write(f"==> {doc.path} [page {page}] <==\n")
     gen = Generation()
     pieces = engine.stream_generate(inputs, generation=gen)
@@ -114,7 +125,7 @@ def _answer(out, engine, group, question, as_json, header, start) -> None:
     if not as_json:
         return
     sources: list[Source] = []
-    for doc, page in group:
+    for doc, page, _ in group:
         if sources and sources[-1].path == doc.path:
             sources[-1].pages.append(page)
         else:
