@@ -7,7 +7,8 @@ Contract:
   documents (by extension, then magic bytes) are skipped, not listed. `rel` is the path relative to the
   folder or glob root it came from (used for `--out DIR` and shards).
 - `in_shard(rel, index, count)`: a document belongs to shard `sha1(rel) % count`, stable as files are added.
-- `done_keys(records)`: the (sha256, page, settings) keys that already have an `ok` record.
+- `done_keys(records)`: the (sha256, page, settings) keys that already have an `ok` record;
+  `needs_model(docs, ...)`: whether any chosen page is still to be done (else the model need not load).
 - `prefetch(...)` runs document opening, rasterization and preprocessing in a background thread and
   yields ready `Batch`es (or `Failure`s) through a bounded queue, so memory stays flat in the number of
   pages and the model never waits on the CPU.
@@ -136,6 +137,29 @@ def parse_shard(spec: str | None) -> tuple[int, int] | None:
 
 def done_keys(records: list[dict]) -> set[tuple]:
     return {(r.get("sha256"), r.get("page"), r.get("settings")) for r in records if r.get("status") == "ok"}
+
+
+def needs_model(docs: list[Input], open_doc, select_pages, is_done) -> bool:
+    """Whether any chosen page of `docs` is still to be done (stdin always counts as work).
+
+    Stops at the first document with work left; a document that cannot be opened, or has none of the chosen
+    pages, needs no model (it fails again, as an error record).
+    """
+    for item in docs:
+        if item.path == "-":
+            return True
+        try:
+            doc = open_doc(item.path)
+        except Exception:  # noqa: BLE001 - recorded when the pipeline meets it
+            continue
+        with doc:
+            try:
+                chosen = select_pages(doc)
+            except Exception:  # noqa: BLE001
+                continue
+            if not all(is_done(doc.sha256, page) for page in chosen):
+                return True
+    return False
 
 
 @dataclass

@@ -200,3 +200,30 @@ def test_walk_skips_what_an_expansion_meets_that_is_not_a_document(tmp_path):
     skipped.clear()
     docs, _ = batch.walk([str(tmp_path / "in" / "README.md")], skipped)
     assert rels(docs) == ["README.md"] and skipped == []
+
+
+def test_needs_model_stops_at_the_first_document_with_work_left(tmp_path):
+    from conftest import make_pdf
+
+    from idefics_cli.documents import open_document
+
+    a, b = make_pdf(tmp_path / "a.pdf", 2), make_pdf(tmp_path / "b.pdf", 1, size=(200, 100))
+    (tmp_path / "bad.pdf").write_bytes(b"not a pdf")
+    docs, _ = batch.walk([a, str(tmp_path / "bad.pdf"), b])
+    sha = {d.path: open_document(d.path).sha256 for d in docs if d.path != str(tmp_path / "bad.pdf")}
+    opened = []
+
+    def open_doc(path):
+        opened.append(os.path.basename(path))
+        return open_document(path)
+
+    def select(doc):
+        return list(range(1, doc.page_count + 1))
+
+    done = {(sha[a], 1), (sha[a], 2), (sha[b], 1)}
+    assert batch.needs_model(docs, open_doc, select, lambda s, p: (s, p) in done) is False
+    assert opened == ["a.pdf", "bad.pdf", "b.pdf"]
+    opened.clear()
+    assert batch.needs_model(docs, open_doc, select, lambda s, p: (s, p) in done - {(sha[a], 2)}) is True
+    assert opened == ["a.pdf"]
+    assert batch.needs_model([batch.Input("-", "stdin")], open_doc, select, lambda s, p: True) is True

@@ -609,3 +609,33 @@ def test_out_that_is_neither_jsonl_nor_a_folder_is_a_usage_error(tmp_path, cli, 
     res = cli("transcribe", tmp_path / "pic.png", "--out", f"{tmp_path / 'out.v2'}/", *model_args(tiny_model))
     assert res.exit_code == 0, res.stderr
     assert sorted(os.listdir(tmp_path / "out.v2")) == ["pic.md", "records.jsonl"]
+
+
+def test_rerun_with_nothing_left_to_do_never_imports_torch(tmp_path, cli, tiny_model):
+    from conftest import run_traced
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    make_pdf(folder / "doc.pdf", 2)
+    make_image(160, 120, seed=8).save(folder / "pic.png")
+    out = tmp_path / "out"
+    args = ["transcribe", folder, "--out", out, *model_args(tiny_model, "--no-split")]
+    assert cli(*args).exit_code == 0
+    first = read_records(out / "records.jsonl")
+    os.unlink(out / "doc.md")  # rebuilt from the records, still without the model
+    res, imported = run_traced(*args, tmp_path=tmp_path)
+    stderr = res.stderr.decode()
+    assert res.returncode == 0, stderr
+    assert imported == []
+    assert "nothing left to do" in stderr and "0 pages transcribed, 3 already done" in stderr
+    assert read_records(out / "records.jsonl") == first and md_sections(out / "doc.md")
+    # a document that cannot be read is tried again (and fails again) without the model too
+    (folder / "broken.pdf").write_bytes(b"%PDF-1.7\ngarbage")
+    res, imported = run_traced(*args, tmp_path=tmp_path)
+    assert res.returncode == 3 and imported == [], res.stderr.decode()
+    assert [r["error"]["code"] for r in read_records(out / "records.jsonl")[3:]] == ["corrupt"]
+    # a new page to do loads the model
+    make_image(160, 120, seed=9).save(folder / "new.png")
+    res, imported = run_traced(*args, tmp_path=tmp_path)
+    assert res.returncode == 3 and imported == ["torch", "transformers"], res.stderr.decode()
+    assert "1 pages transcribed, 3 already done, 1 failed" in res.stderr.decode()

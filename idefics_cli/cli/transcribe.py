@@ -1,7 +1,8 @@
 """`idefics transcribe PATH...`: files, folders and globs to page records; batched and resumable.
 
 Contract: inputs are walked (batch.walk), filtered by `--shard`, and every chosen page is transcribed
-once per settings: with `--out` the records file (or folder) is resumed, `--force` redoes pages.
+once per settings: with `--out` the records file (or folder) is resumed, `--force` redoes pages. When no
+chosen page is left for the model (a rerun of a finished job), the model is never loaded (no torch import).
 Without `--out`, JSONL goes to stdout when it is piped and readable text when it is a terminal.
 Progress and the final summary go to stderr. Exit 0 all done, 3 partial, 4 nothing readable.
 """
@@ -103,7 +104,15 @@ def _transcribe(output, paths, out, prompt, batch_size, force, shard, engine_nam
 
         open_doc = partial(open_document, password=password, dpi=dpi)
         select_pages = partial(_select, spec)
-        if engine_name == "ray":
+        done = set() if force else b.done_keys(sink.existing)
+        if not b.needs_model(docs, open_doc, select_pages, lambda sha256, page: (sha256, page, settings.settings)
+                             in done):
+            # nothing left for the model: no torch import; documents that cannot be read are recorded again
+            summary = transcribe(None, docs, sink, settings, open_doc, select_pages)
+            if not summary.failed and not output.quiet:
+                output.console.print("nothing left to do: every chosen page is already done (--force redoes them)",
+                                     markup=False)
+        elif engine_name == "ray":
             from .. import ray_engine
 
             settings.batch_size = 4 if batch_size == "auto" else int(batch_size)
