@@ -33,19 +33,20 @@ GIB = 2**30
 # ---- crops -------------------------------------------------------------------------------------
 def load_processor(options):
     """The processor alone (no model weights), with `do_image_splitting` set from `options.split`."""
-    from .hub import looks_local
+    from .hub import local_only, looks_local
     from .model import model_error, quiet_libraries
 
     if options.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
     if looks_local(options.model) and not os.path.isdir(options.model):
         raise IdeficsError("model_error", f"model folder {options.model!r} does not exist")
+    offline = local_only(options, need="processor")  # not cached and no hub: fails here, in a second
     quiet_libraries()
     from transformers import AutoProcessor
 
     try:
         processor = AutoProcessor.from_pretrained(options.model, revision=options.revision,
-                                                  local_files_only=options.offline, trust_remote_code=False)
+                                                  local_files_only=offline, trust_remote_code=False)
     except Exception as exc:  # OSError/ValueError from transformers and huggingface_hub
         raise model_error(exc, options) from exc
     if hasattr(processor.image_processor, "do_image_splitting"):

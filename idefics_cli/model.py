@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from queue import Queue
 
 from .errors import IdeficsError, UsageError, is_oom
-from .hub import check_local_model, local_only, looks_local
+from .hub import PULL_HINT, check_local_model, local_only, looks_local
 from .prompts import user_turn
 
 DEFAULT_MODEL = "HuggingFaceM4/idefics2-8b"
@@ -106,9 +106,8 @@ def model_error(exc: BaseException, options: ModelOptions) -> IdeficsError:
         return IdeficsError("out_of_memory", f"out of memory loading {options.model}", "try --quant 4bit")
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if options.offline or "offline" in text.lower() or "connect" in text.lower() or "local_files_only" in text:
-        hint = "run `idefics pull` with network access first, or point --model at a local copy"
-        return IdeficsError("model_error", f"{options.model} is not in the local cache and the hub cannot be reached",
-                            hint)
+        why = "(offline)" if options.offline else "and the hub cannot be reached"
+        return IdeficsError("model_error", f"{options.model} is not in the local cache {why}", PULL_HINT)
     if "safetensors" in text.lower():
         return IdeficsError("model_error", f"{options.model}: no safetensors weights (only safetensors are loaded)")
     if "is not a local folder" in text or "Repository Not Found" in text or "404" in text:

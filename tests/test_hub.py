@@ -1,5 +1,6 @@
 """hub.py: local folders vs hub ids, the safetensors check, and failing fast when the hub is out of reach."""
 
+import os
 import socket
 import time
 from types import SimpleNamespace
@@ -49,7 +50,47 @@ def test_uncached_hub_id_without_hub_fails_in_seconds(monkeypatch, tmp_path):
     assert err.value.code == "model_error" and time.monotonic() - start < 5
 
 
-def test_offline_and_local_folders_never_touch_the_network(monkeypatch):
+def test_offline_and_local_folders_never_touch_the_network(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(hub, "probe_endpoint", lambda *a, **k: pytest.fail("probed the network"))
-    assert hub.local_only(SimpleNamespace(model="org/x", revision=None, offline=True)) is True
     assert hub.local_only(SimpleNamespace(model="./folder", revision=None, offline=False)) is True
+    with pytest.raises(IdeficsError) as err:  # offline and not cached: says so, at once
+        hub.local_only(SimpleNamespace(model="org/x", revision=None, offline=True))
+    assert err.value.code == "model_error"
+    assert err.value.message == "org/x is not in the local cache (offline)"
+
+
+COMMANDS = {
+    "ask": ["ask", "{png}", "What is it?"],
+    "chat": ["chat", "{png}"],
+    "crops": ["crops", "{png}", "--out", "{tmp}/sheet.png"],
+    "doctor": ["doctor"],
+    "transcribe": ["transcribe", "{png}", "--out", "{tmp}/out.jsonl"],
+    "transcribe-ray": ["transcribe", "{png}", "--out", "{tmp}/ray.jsonl", "--engine", "ray"],
+    "quantize": ["quantize", "{tmp}/nf4"],
+}
+
+
+@pytest.mark.parametrize("offline", [False, True], ids=["hub-unreachable", "offline"])
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_fails_fast_on_a_model_that_is_not_cached(tmp_path, command, offline):
+    """One fast path: a default (hub) model that is not cached fails with one line before torch is imported,
+    without retries; offline, it says the model is not in the local cache, not that the hub is unreachable."""
+    from conftest import make_image, run_traced
+
+    make_image(80, 60).save(tmp_path / "p.png")
+    args = [a.format(png=tmp_path / "p.png", tmp=tmp_path) for a in COMMANDS[command]]
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"),
+           "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}", "HF_HUB_OFFLINE": "1" if offline else "0",
+           "IDEFICS_MODEL": ""}
+    res, imported = run_traced(*args, *(["--offline"] if offline else []),
+                               tmp_path=tmp_path, env=env, input=b"")
+    lines = res.stderr.decode().strip().splitlines()
+    assert res.returncode == 5, lines
+    assert len(lines) == 1 and lines[0].startswith("error [model_error]: HuggingFaceM4/idefics2-8b is not in the "
+                                                   "local cache"), lines
+    assert ("hub cannot be reached" in lines[0]) is not offline
+    assert imported == [] and res.stdout == b""
+    assert not [name for name in os.listdir(tmp_path) if name.startswith((".idefics-quantize", "nf4"))]

@@ -64,6 +64,7 @@ def _quantize(out, opts, out_dir: str) -> int:
 
     from ..diagnostics import human_bytes
     from ..errors import IdeficsError, UsageError
+    from ..hub import local_only
     from ..model import load
     from ..writers import follow_umask, umask
 
@@ -90,7 +91,8 @@ def _quantize(out, opts, out_dir: str) -> int:
 
         with out.status(f"Saving to {out_dir}…"):
             engine.model.save_pretrained(tmp)
-            AutoProcessor.from_pretrained(opts.model, revision=opts.revision, local_files_only=opts.offline,
+            AutoProcessor.from_pretrained(opts.model, revision=opts.revision,
+                                          local_files_only=local_only(opts, need="processor"),
                                           trust_remote_code=False).save_pretrained(tmp)
             follow_umask(tmp)  # transformers writes the weights 0600
         if os.path.isdir(out_dir):

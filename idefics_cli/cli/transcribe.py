@@ -114,6 +114,9 @@ def _transcribe(output, paths, out, prompt, batch_size, force, shard, engine_nam
                                      markup=False)
         elif engine_name == "ray":
             from .. import ray_engine
+            from ..hub import local_only
+
+            local_only(opts)  # fail at once here rather than in every actor
 
             settings.batch_size = 4 if batch_size == "auto" else int(batch_size)
             with _progress(output) as progress:
