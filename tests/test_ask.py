@@ -232,18 +232,18 @@ def test_every_chosen_page_is_decoded_before_the_model_loads(tiny_model, tmp_pat
 
 
 def test_pages_are_clipped_to_each_document(cli, tiny_model, tmp_path):
-    """The README's `ask report.pdf scan.png --pages 1-2`: pages 1-2 of the report, the image's one page."""
-    report = make_pdf(tmp_path / "report.pdf", n_pages=3)
+    """The README's `ask report.pdf scan.png --pages 1-3`: pages 1-3 of the report, the image's one page."""
+    report = make_pdf(tmp_path / "report.pdf", n_pages=4)
     scan = tmp_path / "scan.png"
     make_image(seed=5).save(scan)
-    result = cli("ask", report, scan, "--pages", "1-2", "Which year?", "--json", "--model", tiny_model, "--dpi", "72",
+    result = cli("ask", report, scan, "--pages", "1-3", "Which year?", "--json", "--model", tiny_model, "--dpi", "72",
                  *FAST)
     assert result.exit_code == 0, result.stderr
     answer = json.loads(result.stdout)
-    assert answer["sources"] == [{"path": report, "pages": [1, 2]}, {"path": str(scan), "pages": [1]}]
-    result = cli("ask", report, "--pages", "2-9", "Which year?", "--json", "--model", tiny_model, "--dpi", "72",
+    assert answer["sources"] == [{"path": report, "pages": [1, 2, 3]}, {"path": str(scan), "pages": [1]}]
+    result = cli("ask", report, "--pages", "3-9", "Which year?", "--json", "--model", tiny_model, "--dpi", "72",
                  *FAST)
-    assert json.loads(result.stdout)["sources"] == [{"path": report, "pages": [2, 3]}]
+    assert json.loads(result.stdout)["sources"] == [{"path": report, "pages": [3, 4]}]
     # a document that has none of the chosen pages is the one error
     result = cli("ask", report, scan, "--pages", "2-3", "Which year?", "--model", tiny_model, *FAST)
     assert result.exit_code == 4 and result.stderr.startswith(f"error [page_out_of_range]: {scan}: none of the")

@@ -20,7 +20,7 @@ EPILOG = """Examples:
 
 \b
   idefics ask samples/invoice.pdf "What is the total amount due?"
-  idefics ask report.pdf scan.png --pages 1-2 "Which year had the highest revenue?" --json | jq -r .answer
+  idefics ask report.pdf scan.png --pages 1-3 "Which year had the highest revenue?" --json | jq -r .answer
   cat receipt.jpg | idefics ask - "What is the merchant's name?"
   idefics ask report.pdf --each-page "What is this page about?" --json
 """

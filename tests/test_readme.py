@@ -1,0 +1,106 @@
+"""README.md: every `idefics` example in its shell blocks runs, as written, on the tiny model.
+
+Each example line is run by bash in a folder holding the files the README names (the bundled samples, a scan,
+a folder of scans). `idefics` there is a small wrapper that adds `--model TINY` (and, for the commands that
+generate, a small `--max-new-tokens` on the CPU) in front of the example's own options, so an example that
+names its own `--model` keeps it. Only what cannot run here is left out, each with its reason.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import make_image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOT_HERE = {  # the examples that cannot run on this machine, and why
+    "pip install": "installs packages",
+    "idefics pull": "downloads from the hub",
+    "--install-completion": "edits the user's shell start-up files",
+    "ray start": "starts a Ray cluster",
+    "--engine ray": "needs a Ray cluster (tests/test_ray.py runs the Ray engine)",
+    "SLURM_ARRAY_TASK_ID": "needs a Slurm job array",
+}
+
+
+def readme_examples() -> list[str]:
+    """The command lines of README.md's bash blocks that mention idefics (continued lines joined)."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        blocks = re.findall(r"```bash\n(.*?)```", f.read(), re.S)
+    lines = []
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.strip()
+            if line and not line.startswith("#") and re.search(r"\bidefics\b", line):
+                lines.append(line)
+    return lines
+
+
+def runnable(line: str) -> str:
+    """The part of an example that runs here: setup steps that install packages are dropped."""
+    steps = [s for s in line.split(" && ") if not s.startswith("pip install")]
+    return " && ".join(steps)
+
+
+def why_not(line: str) -> str | None:
+    step = runnable(line)
+    if "python -m pytest" in step:
+        return "runs the whole test suite"
+    return next((why for marker, why in NOT_HERE.items() if marker in step), None)
+
+
+EXAMPLES = readme_examples()
+
+
+def test_readme_has_examples_and_most_run_here():
+    assert len(EXAMPLES) >= 10
+    assert sum(why_not(line) is None for line in EXAMPLES) >= 8
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tiny_model):
+    """A folder with what the examples name, and a bin/ whose `idefics` runs this checkout on the tiny model."""
+    root = tmp_path_factory.mktemp("readme")
+    shutil.copytree(os.path.join(ROOT, "samples"), root / "samples")
+    for name in ("report.pdf", "receipt.jpg", "invoice.pdf"):
+        shutil.copy(root / "samples" / name, root / name)
+    make_image(seed=7).save(root / "scan.png")
+    (root / "scans").mkdir()
+    make_image(seed=8).save(root / "scans" / "page-1.png")
+    shutil.copy(root / "samples" / "invoice.pdf", root / "scans" / "invoice.pdf")
+    (root / "scans" / "notes.txt").write_text("not a document: skipped\n")
+    bin_dir = root / "bin"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "idefics"
+    wrapper.write_text(f"""#!/bin/sh
+command="$1"; shift
+case "$command" in
+  ask|transcribe|chat) exec "{sys.executable}" -m idefics_cli "$command" --model "{tiny_model}" --device cpu \\
+                            --max-new-tokens 8 "$@" ;;
+  crops|doctor|quantize) exec "{sys.executable}" -m idefics_cli "$command" --model "{tiny_model}" "$@" ;;
+  *) exec "{sys.executable}" -m idefics_cli "$command" "$@" ;;
+esac
+""")
+    wrapper.chmod(0o755)
+    return root
+
+
+@pytest.mark.parametrize("line", EXAMPLES, ids=[f"{k}:{line[:60]}" for k, line in enumerate(EXAMPLES)])
+def test_readme_example_runs(line, workdir, tmp_path):
+    reason = why_not(line)
+    if reason:
+        pytest.skip(reason)
+    command = runnable(line).replace("/tmp/idefics-tiny", str(tmp_path / "idefics-tiny"))
+    env = {**os.environ, "PATH": f"{workdir / 'bin'}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}"
+                                 f"{os.environ.get('PATH', '')}",
+           "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])), "HF_HUB_OFFLINE": "1"}
+    env.pop("IDEFICS_MODEL", None)
+    res = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=workdir, env=env, capture_output=True,
+                         stdin=subprocess.DEVNULL, timeout=600)
+    assert res.returncode == 0, (command, res.stderr.decode(errors="replace")[-2000:])
+    assert "Traceback" not in res.stderr.decode(errors="replace")
