@@ -208,8 +208,8 @@ def answer_batch(engine, batch: Batch, settings: Settings) -> list[PageRecord]:
         if err.code != "out_of_memory":
             return [error_record(task, err, settings) for task in batch.tasks]
         return [answer_single(engine, task, image, settings) for task, image in zip(batch.tasks, batch.images)]
-    share = batch.preprocess_s / len(batch.tasks)
-    return [ok_record(task, gen, engine.usage(batch.inputs, row), share, settings)
+    n = len(batch.tasks)
+    return [ok_record(task, gen, engine.usage(batch.inputs, row), batch.preprocess_s / n, settings, n)
             for row, (task, gen) in enumerate(zip(batch.tasks, gens))]
 
 
@@ -230,11 +230,13 @@ def answer_single(engine, task, image, settings: Settings) -> PageRecord:
     return error_record(task, err, settings)
 
 
-def ok_record(task, gen, usage, preprocess_s: float, settings: Settings) -> PageRecord:
+def ok_record(task, gen, usage, preprocess_s: float, settings: Settings, batch_size: int = 1) -> PageRecord:
+    """A page's record; its `timing` is its share of its batch's time (`batch_size` pages shared one call)."""
     return PageRecord(path=task.input.path, page=task.page, pages=task.pages, status="ok", sha256=task.sha256,
                       settings=settings.settings, text=gen.text, finish_reason=gen.finish_reason,
                       usage={**usage, "completion_tokens": gen.completion_tokens},
-                      timing={"preprocess_s": round(preprocess_s, 4), "generate_s": round(gen.total_s, 4)})
+                      timing={"preprocess_s": round(preprocess_s, 4), "generate_s": round(gen.total_s / batch_size, 4),
+                              "batch_size": batch_size})
 
 
 def error_record(task, err: IdeficsError, settings: Settings) -> PageRecord:
