@@ -4,18 +4,23 @@ Contract:
 - `open_document(path, ...)` reads the source bytes exactly once (from `path`, from stdin for "-", or from
   `data` when given), hashes them (`Document.sha256`), decides the format from magic bytes with `sniff()`
   (never from the extension) and opens it from memory. `Document.page_count` is known after opening;
-  `Document.render(page)` (1-based) returns a fresh RGB `PIL.Image.Image`. A Document is a context manager
-  and is not thread-safe: use one per thread.
+  `Document.render(page)` (1-based) returns a fresh RGB `PIL.Image.Image`; `Document.warnings(page)` then
+  names what may be wrong with it (errors.WARNINGS: blank_page, xfa_form, repaired, downscaled,
+  first_frame_only). A Document is a context manager and is not thread-safe: use one per thread.
 - PDF (PyMuPDF): each page is rendered so its longest side is `longest_side` px (default 1960), or at
   `dpi` when given, page rotation honored, never above `MAX_PIXELS`. Pages are only rasterized: no
-  JavaScript is run, no attachment or embedded file is extracted.
+  JavaScript is run, no attachment or embedded file is extracted. 0 pages is `empty_document` only for an
+  empty page tree, else `corrupt`; a damaged encryption dictionary is `corrupt`, not a password question;
+  AES-256 passwords are also tried SASLprep-normalised (damage.py, passwords.py).
 - Images (Pillow): PNG, JPEG, WebP, GIF (first frame only), BMP, TIFF (every frame is a page). EXIF
-  orientation is applied, transparency is composited onto white, every mode ends as RGB. Images are
+  orientation is applied, transparency is composited onto white, every mode ends as RGB (deep gray scaled by
+  its real range: a 12-bit TIFF by 4095); a PNG cut off after its pixel data is read. Images are
   never resized: the model's processor does that, so we feed it what plain Pillow code would (an image
   1 px wide or high is padded with white to 2 px, since the processor cannot split it).
 - Every failure is an `IdeficsError` with `path` set and one of the codes: not_found, permission_denied,
   unsupported_format, corrupt, encrypted, wrong_password, empty_document, page_out_of_range,
-  image_too_large. PyMuPDF and Pillow are imported lazily, so importing this module is cheap.
+  image_too_large. PyMuPDF and Pillow are imported lazily, so importing this module is cheap; libtiff's
+  own stderr messages are turned off (IDEFICS_DEBUG=1 keeps them).
 """
 
 from __future__ import annotations
