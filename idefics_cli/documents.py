@@ -202,7 +202,8 @@ class PdfDocument(Document):
                 raise self._error("empty_document", "the PDF has no pages")
             if self._doc.is_repaired:
                 self.doc_warnings.append("repaired")
-            if self._doc.xref_get_key(self._doc.pdf_catalog(), "AcroForm/XFA")[0] != "null":
+            catalog = self._doc.pdf_catalog()
+            if catalog > 0 and self._doc.xref_get_key(catalog, "AcroForm/XFA")[0] != "null":
                 self.doc_warnings.append("xfa_form")
         except BaseException as e:
             self._doc.close()

@@ -20,6 +20,7 @@ import pytest
 from conftest import make_image, make_pdf, run_idefics
 
 from idefics_cli import batch
+from idefics_cli.pipeline import Summary
 from idefics_cli.records import PAGE_SCHEMA
 from idefics_cli.writers import OutputLock, atomic_write, safe_join
 
@@ -125,7 +126,7 @@ def test_batch_of_four_equals_four_single_pages(tmp_path, cli, sharp_model, engi
     four, ones = read_records(tmp_path / "b4.jsonl"), read_records(tmp_path / "b1.jsonl")
     assert len(four) == len(ones) == 4 and all(r["status"] == "ok" for r in four + ones)
     # one generate call served the four pages (they share its time); the singles had one call each
-    assert len({r["timing"]["generate_s"] for r in four}) == 1
+    assert len({r["timing"]["generate_s"] for r in four}) == 1 and {r["timing"]["batch_size"] for r in four} == {4}
     by_path = {r["path"]: r for r in ones}
     for r in four:
         single = by_path[r["path"]]
@@ -322,6 +323,23 @@ def test_only_bad_files_exit_4(tmp_path, cli, tiny_model):
     records = read_records(tmp_path / "r.jsonl")
     assert sorted(r["error"]["code"] for r in records) == sorted(bad.values())
     assert all(r["status"] == "error" for r in records)
+
+
+def test_summary_lists_every_failure_or_says_how_many_more_and_where(tmp_path, cli, tiny_model):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(23):
+        (folder / f"broken-{i:02}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    make_image(200, 150, seed=1).save(folder / "good.png")
+    res = cli("transcribe", folder, "--out", tmp_path / "r.jsonl", *model_args(tiny_model, "--no-split"))
+    assert res.exit_code == 3, res.stderr
+    failed = [line for line in res.stderr.splitlines() if line.startswith("  failed: ")]
+    assert len(failed) == 20
+    assert res.stderr.splitlines()[-1] == f"  and 3 more (see {tmp_path / 'r.jsonl'})"
+    few = Summary(failures=["a.pdf page 0: corrupt"] * 3)
+    assert few.failure_lines("r.jsonl") == ["  failed: a.pdf page 0: corrupt"] * 3
+    nowhere = Summary(failures=["a.pdf page 0: corrupt"] * 25)
+    assert len(nowhere.failure_lines(None)) == 25  # nowhere else to look: all of them
 
 
 # ---- shards ----------------------------------------------------------------------------------------------

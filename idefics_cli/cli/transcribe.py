@@ -135,8 +135,8 @@ def _transcribe(output, paths, out, prompt, batch_size, force, shard, engine_nam
         sink.close()
     if not output.quiet:
         output.console.print(summary.line(), markup=False)
-        for line in summary.failures[:20]:
-            output.console.print(f"  failed: {line}", markup=False, style="red")
+        for line in summary.failure_lines(getattr(sink, "records_name", None)):
+            output.console.print(line, markup=False, style="red")
     return ExitStatus.INPUT if missing and not (summary.ok + summary.skipped) else (
         ExitStatus.PARTIAL if missing else summary.exit_status)
 
