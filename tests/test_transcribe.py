@@ -27,8 +27,8 @@ from idefics_cli.writers import OutputLock, atomic_write, safe_join
 # CPU float32 everywhere (as the `engine` fixture), so answers are exactly reproducible on any machine;
 # tests add --no-split where image splitting is beside the point
 FAST = ["--device", "cpu", "--quant", "none", "--max-new-tokens", "6", "--dpi", "72"]
-PAGE_FIELDS = {"schema", "path", "page", "pages", "status", "text", "error", "finish_reason", "sha256", "settings",
-               "usage", "timing"}
+PAGE_FIELDS = {"schema", "path", "page", "pages", "status", "text", "error", "finish_reason", "warnings", "sha256",
+               "settings", "usage", "timing"}
 
 
 def model_args(model_dir: str, *extra: str) -> list[str]:
@@ -425,7 +425,8 @@ def test_piped_stdout_is_only_page_jsonl(tmp_path, tiny_model):
         assert set(r["usage"]) == {"prompt_tokens", "image_tokens", "completion_tokens"}
         assert r["usage"]["image_tokens"] == 320 and r["usage"]["prompt_tokens"] > 320
         assert 1 <= r["usage"]["completion_tokens"] <= 6
-        assert all(isinstance(v, float) for v in r["timing"].values())
+        assert set(r["timing"]) == {"preprocess_s", "generate_s", "batch_size"} and r["warnings"] == []
+        assert isinstance(r["timing"]["generate_s"], float) and r["timing"]["batch_size"] >= 1
     assert sorted((os.path.basename(r["path"]), r["page"], r["pages"]) for r in ok) == [
         ("doc.pdf", 1, 2), ("doc.pdf", 2, 2), ("pic.png", 1, 1)]
     (err,) = [r for r in records if r["status"] == "error"]
