@@ -10,8 +10,8 @@ Contract:
 - `done_keys(records)`: the (sha256, page, settings) keys that already have an `ok` record;
   `needs_model(docs, ...)`: whether any chosen page is still to be done (else the model need not load).
 - `prefetch(...)` runs document opening, rasterization and preprocessing in a background thread and
-  yields ready `Batch`es (or `Failure`s) through a bounded queue, so memory stays flat in the number of
-  pages and the model never waits on the CPU.
+  yields ready `Batch`es (or `Failure`s, or `BlankPage`s that need no model) through a bounded queue, so
+  memory stays flat in the number of pages and the model never waits on the CPU.
 """
 
 from __future__ import annotations
@@ -168,6 +168,14 @@ class PageTask:
     sha256: str
     page: int
     pages: int
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BlankPage:
+    """A page that rendered as one flat colour: recorded with empty text, never sent to the model."""
+
+    task: PageTask
 
 
 @dataclass
@@ -200,7 +208,8 @@ class DocumentDone:
 
 
 def prefetch(docs: list[Input], open_doc, select_pages, is_done, build, batch_size: int, depth: int = 1,
-             stop: threading.Event | None = None, on_pages=None) -> Iterator[Batch | Failure | DocumentDone]:
+             stop: threading.Event | None = None,
+             on_pages=None) -> Iterator[Batch | Failure | BlankPage | DocumentDone]:
     """Yield batches built in a background thread; at most `depth` batches wait in the queue."""
     import time
 
@@ -260,7 +269,12 @@ def prefetch(docs: list[Input], open_doc, select_pages, is_done, build, batch_si
                     if not put(Failure(item, classify(exc, item.path, "read"), doc.sha256, page, doc.page_count)):
                         return False
                     continue
-                pending.append((PageTask(item, doc.sha256, page, doc.page_count), image))
+                task = PageTask(item, doc.sha256, page, doc.page_count, doc.warnings(page))
+                if "blank_page" in task.warnings:  # the pages queued before it go first: records stay in order
+                    if not flush() or not put(BlankPage(task)):
+                        return False
+                    continue
+                pending.append((task, image))
                 if len(pending) >= batch_size and not flush():
                     return False
             finished.append(DocumentDone(item, doc.sha256, chosen, doc.page_count))

@@ -6,9 +6,10 @@ q1, assistant a1, user q2, ...]) and the page images in the order their `{"type"
 pages; `/pages` attaches new ones to the next question, earlier turns keep theirs). `inputs(question)`
 returns exactly `processor(text=processor.apply_chat_template(messages + [user turn],
 add_generation_prompt=True), images=[all images])`, on the model's device. `commit(question, answer)`
-appends the turn; a failed or interrupted turn is simply not committed. `to_dict()` is the `/save` file
-(schema `idefics-cli.chat/1`): the messages, plus `sources` naming the document pages of each image-bearing
-message. Nothing here imports torch.
+appends the turn; a failed turn is not committed, an interrupted one is, with what was answered so far and
+`"interrupted": true` on the assistant message (the chat template reads only role and content).
+`to_dict()` is the `/save` file (schema `idefics-cli.chat/1`): the messages, plus `sources` naming the
+document pages of each image-bearing message. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -67,9 +68,13 @@ class Conversation:
                              f"the model's context of {context}", "/reset to start over, or show fewer pages")
         return inputs.to(self.engine.model.device)
 
-    def commit(self, question: str, answer: str) -> None:
+    def commit(self, question: str, answer: str, interrupted: bool = False) -> None:
+        """Append a turn; an answer stopped by Ctrl-C is kept as far as it went, marked `"interrupted": true`."""
         index = len(self.messages)
-        self.messages.extend([user_turn(len(self.pending), question), assistant_turn(answer)])
+        reply = assistant_turn(answer)
+        if interrupted:
+            reply["interrupted"] = True
+        self.messages.extend([user_turn(len(self.pending), question), reply])
         for p in self.pending:
             if self.sources and self.sources[-1]["message"] == index and self.sources[-1]["path"] == p.path:
                 self.sources[-1]["pages"].append(p.page)

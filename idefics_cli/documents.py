@@ -4,18 +4,23 @@ Contract:
 - `open_document(path, ...)` reads the source bytes exactly once (from `path`, from stdin for "-", or from
   `data` when given), hashes them (`Document.sha256`), decides the format from magic bytes with `sniff()`
   (never from the extension) and opens it from memory. `Document.page_count` is known after opening;
-  `Document.render(page)` (1-based) returns a fresh RGB `PIL.Image.Image`. A Document is a context manager
-  and is not thread-safe: use one per thread.
+  `Document.render(page)` (1-based) returns a fresh RGB `PIL.Image.Image`; `Document.warnings(page)` then
+  names what may be wrong with it (errors.WARNINGS: blank_page, xfa_form, repaired, downscaled,
+  first_frame_only). A Document is a context manager and is not thread-safe: use one per thread.
 - PDF (PyMuPDF): each page is rendered so its longest side is `longest_side` px (default 1960), or at
   `dpi` when given, page rotation honored, never above `MAX_PIXELS`. Pages are only rasterized: no
-  JavaScript is run, no attachment or embedded file is extracted.
+  JavaScript is run, no attachment or embedded file is extracted. 0 pages is `empty_document` only for an
+  empty page tree, else `corrupt`; a damaged encryption dictionary is `corrupt`, not a password question;
+  AES-256 passwords are also tried SASLprep-normalised (damage.py, passwords.py).
 - Images (Pillow): PNG, JPEG, WebP, GIF (first frame only), BMP, TIFF (every frame is a page). EXIF
-  orientation is applied, transparency is composited onto white, every mode ends as RGB. Images are
+  orientation is applied, transparency is composited onto white, every mode ends as RGB (deep gray scaled by
+  its real range: a 12-bit TIFF by 4095); a PNG cut off after its pixel data is read. Images are
   never resized: the model's processor does that, so we feed it what plain Pillow code would (an image
   1 px wide or high is padded with white to 2 px, since the processor cannot split it).
 - Every failure is an `IdeficsError` with `path` set and one of the codes: not_found, permission_denied,
   unsupported_format, corrupt, encrypted, wrong_password, empty_document, page_out_of_range,
-  image_too_large. PyMuPDF and Pillow are imported lazily, so importing this module is cheap.
+  image_too_large. PyMuPDF and Pillow are imported lazily, so importing this module is cheap; libtiff's
+  own stderr messages are turned off (IDEFICS_DEBUG=1 keeps them).
 """
 
 from __future__ import annotations
@@ -25,12 +30,15 @@ import hashlib
 import io
 import math
 import os
+import re
 import sys
 import warnings
 from typing import TYPE_CHECKING
 
+from idefics_cli import damage
 from idefics_cli.errors import IdeficsError, UsageError
 from idefics_cli.pages import out_of_range
+from idefics_cli.passwords import candidates
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -54,6 +62,7 @@ _MAGIC = (
 )
 _BMP_HEADER_SIZES = (12, 16, 40, 52, 56, 64, 108, 124)
 _pymupdf_ready = False
+_libtiff_quiet = False
 
 
 def sniff(head: bytes) -> str | None:
@@ -74,7 +83,12 @@ def sniff(head: bytes) -> str | None:
 
 
 def _why(exc: BaseException) -> str:
+    """One line on an exception; for MuPDF's, the innermost reason ("cycle in page tree"), without its code."""
+    while exc.__cause__ is not None and type(exc).__module__.startswith("pymupdf"):
+        exc = exc.__cause__
     text = (str(exc).strip().splitlines() or [""])[0][:200]
+    if type(exc).__module__.startswith("pymupdf") and text:
+        return re.sub(r"^code=\d+: ", "", text)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
@@ -92,6 +106,30 @@ def _pymupdf():
     return pymupdf
 
 
+def _quiet_libtiff() -> None:
+    """Turn off libtiff's message handlers: they print straight to file descriptor 2, past any Python redirection
+    ("PackBitsDecode: Not enough data for scanline 0."), while the failure reaches us as Pillow's OSError anyway.
+    Process-wide and thread-safe, unlike redirecting fd 2; IDEFICS_DEBUG=1 keeps them."""
+    global _libtiff_quiet
+    if _libtiff_quiet or os.environ.get("IDEFICS_DEBUG"):
+        return
+    _libtiff_quiet = True
+    try:
+        import ctypes
+
+        from PIL import _imaging
+
+        lib = ctypes.CDLL(_imaging.__file__)  # already loaded: dlsym finds libtiff among its dependencies
+        for name in ("TIFFSetErrorHandler", "TIFFSetWarningHandler", "TIFFSetErrorHandlerExt",
+                     "TIFFSetWarningHandlerExt"):
+            setter = getattr(lib, name, None)
+            if setter is not None:
+                setter.restype, setter.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+                setter(None)
+    except (ImportError, OSError, AttributeError):  # no libtiff in this Pillow: nothing to quiet
+        pass
+
+
 class Document:
     """An opened document: `path`, `kind` (one of FORMATS), `sha256` of the source bytes, `page_count`."""
 
@@ -100,6 +138,9 @@ class Document:
         self.kind = kind
         self.sha256 = hashlib.sha256(data).hexdigest()
         self.page_count = 0
+        self.doc_warnings: list[str] = []  # true of every page: repaired, xfa_form, first_frame_only
+        self._warnings: dict[int, list[str]] = {}
+        self._notes: dict[int, list[str]] = {}  # found while rendering a page: downscaled
 
     def _error(self, code: str, message: str, hint: str | None = None) -> IdeficsError:
         return IdeficsError(code, message, hint, self.path)
@@ -111,11 +152,18 @@ class Document:
             err.path = self.path
             raise err
         try:
-            return self._render(page)
+            image = self._render(page)
         except (IdeficsError, MemoryError, KeyboardInterrupt):
             raise
         except Exception as e:
             raise self._error("corrupt", f"page {page} could not be decoded ({_why(e)})") from e
+        blank = ["blank_page"] if all(low == high for low, high in image.getextrema()) else []
+        self._warnings[page] = [*self.doc_warnings, *self._notes.pop(page, []), *blank]
+        return image
+
+    def warnings(self, page: int) -> list[str]:
+        """Warning codes of a page (see WARNINGS in errors.py); complete once the page has been rendered."""
+        return list(self._warnings.get(page, self.doc_warnings))
 
     def _render(self, page: int) -> Image:
         raise NotImplementedError
@@ -144,20 +192,35 @@ class PdfDocument(Document):
             raise self._error("corrupt", f"not a readable PDF ({_why(e)})") from e
         try:
             if self._doc.needs_pass:
-                if password is None:
-                    raise self._error("encrypted", "the PDF is encrypted", "pass --password")
-                if not self._doc.authenticate(password):
-                    raise self._error("wrong_password", "the password does not open this PDF", "check --password")
+                self._authenticate(password)
             self.page_count = self._doc.page_count
             if self.page_count == 0:
-                if self._doc.is_repaired:
-                    raise self._error("corrupt", "the PDF is damaged and no page could be recovered")
+                if not damage.empty_page_tree(self._doc):
+                    found = damage.page_objects(self._doc)
+                    raise self._error("corrupt", f"the PDF is damaged: its page tree reaches none of its {found} "
+                                      "page objects" if found else "the PDF is damaged and no page could be recovered")
                 raise self._error("empty_document", "the PDF has no pages")
+            if self._doc.is_repaired:
+                self.doc_warnings.append("repaired")
+            catalog = self._doc.pdf_catalog()
+            if catalog > 0 and self._doc.xref_get_key(catalog, "AcroForm/XFA")[0] != "null":
+                self.doc_warnings.append("xfa_form")
         except BaseException as e:
             self._doc.close()
             if isinstance(e, (IdeficsError, KeyboardInterrupt, MemoryError)):
                 raise
             raise self._error("corrupt", f"not a readable PDF ({_why(e)})") from e
+
+    def _authenticate(self, password: str | None) -> None:
+        """Open an encrypted PDF; AES-256 passwords are tried as typed, then SASLprep-normalised (PDF 2.0)."""
+        if password is not None and any(self._doc.authenticate(p) for p in candidates(password)):
+            return
+        why = damage.encryption_damage(self._doc)
+        if why:
+            raise self._error("corrupt", f"the PDF cannot be decrypted with any password: {why}")
+        if password is None:
+            raise self._error("encrypted", "the PDF is encrypted", "pass --password")
+        raise self._error("wrong_password", "the password does not open this PDF", "check --password")
 
     def scale_for(self, width: float, height: float) -> float:
         """Zoom factor for a page of `width` x `height` points (rotation applied), within MAX_PIXELS."""
@@ -178,6 +241,9 @@ class PdfDocument(Document):
         if rect.width <= 0 or rect.height <= 0:
             raise self._error("corrupt", f"page {page} has an empty page box")
         scale = self.scale_for(rect.width, rect.height)
+        wanted = self._dpi / 72 if self._dpi else self._longest_side / max(rect.width, rect.height)
+        if scale < wanted * 0.99:
+            self._notes[page] = ["downscaled"]
         pix = p.get_pixmap(matrix=pymupdf.Matrix(scale, scale), colorspace=pymupdf.csRGB, alpha=False)
         return PILImage.frombytes("RGB", (pix.width, pix.height), pix.samples, "raw", "RGB", pix.stride)
 
@@ -190,6 +256,9 @@ class ImageDocument(Document):
         super().__init__(path, kind, data)
         from PIL import Image as PILImage
 
+        _quiet_libtiff()
+        if kind == "png" and not data.endswith(damage.IEND):
+            data = damage.complete_png(data) or data  # cut after its pixel data: read what is all there
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
@@ -204,6 +273,8 @@ class ImageDocument(Document):
             self._check_size()
             # TIFF: every frame is a page; GIF, animated PNG/WebP: the first frame only.
             self.page_count = getattr(self._im, "n_frames", 1) if kind == "tiff" else 1
+            if kind != "tiff" and getattr(self._im, "n_frames", 1) > 1:
+                self.doc_warnings.append("first_frame_only")
         except BaseException as e:
             self._im.close()
             if isinstance(e, (IdeficsError, KeyboardInterrupt, MemoryError)):
@@ -230,11 +301,12 @@ class ImageDocument(Document):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
             im.load()  # decode fully here, so truncated data fails now, as `corrupt`
+        bits = _bits_per_sample(im)
         try:
             out = ImageOps.exif_transpose(im)
         except Exception:  # a broken EXIF block must not lose the page
             out = im.copy()
-        return _at_least_two_pixels(_to_rgb(out))
+        return _at_least_two_pixels(_to_rgb(out, bits))
 
     def close(self) -> None:
         self._im.close()
@@ -251,12 +323,26 @@ def _at_least_two_pixels(im: Image) -> Image:
     return out
 
 
-def _to_rgb(im: Image) -> Image:
-    """Any Pillow mode -> RGB: 16/32-bit gray scaled to 8 bits, transparency composited onto white."""
+def _bits_per_sample(im: Image) -> int | None:
+    """The bits per sample a TIFF declares (12-bit scans arrive in 16-bit containers), else None."""
+    tags = getattr(im, "tag_v2", None)
+    value = tags.get(258) if tags is not None else None
+    if isinstance(value, (tuple, list)):
+        value = value[0] if value else None
+    return int(value) if isinstance(value, int) and 1 <= value <= 32 else None
+
+
+def _to_rgb(im: Image, bits: int | None = None) -> Image:
+    """Any Pillow mode -> RGB: deep gray scaled by its real range (`bits`, default 16) to 8 bits, float gray in
+    [0, 1] to 0-255, transparency composited onto white."""
     from PIL import Image as PILImage
 
-    if im.mode.startswith("I"):  # I, I;16, I;16B, ...: 16-bit samples (PNG, TIFF)
-        im = im.convert("I").point(lambda v: v * (1 / 257), "L")
+    if im.mode.startswith("I"):  # I, I;16, I;16B, ...: 12-, 16- or 32-bit samples (PNG, TIFF)
+        top = (1 << (bits if bits and bits > 8 else 16)) - 1
+        im = im.convert("I").point(lambda v: v * (255 / top), "L")
+    elif im.mode == "F":  # 32-bit float samples: scientific TIFFs hold 0..1
+        low, high = im.getextrema()
+        im = im.point(lambda v: v * 255, "L") if 0 <= low and high <= 1 else im.convert("L")
     if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or im.has_transparency_data:
         rgba = im.convert("RGBA")
         out = PILImage.new("RGB", rgba.size, (255, 255, 255))

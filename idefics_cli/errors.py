@@ -3,7 +3,8 @@
 Contract: every failure a user can cause raises `IdeficsError(code, message, hint=...)`. The code is one
 of the documented error codes (docs/formats.md) or `usage`/`internal`; `EXIT_FOR_CODE` maps it to the
 exit status documented there. `classify()` turns any exception raised while reading or generating into an
-`IdeficsError` so batch code can record it per page. Nothing here imports torch.
+`IdeficsError` so batch code can record it per page. `WARNINGS` names the warning codes of a page that was
+read but may not say what the user expects. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -42,6 +43,22 @@ EXIT_FOR_CODE: dict[str, ExitStatus] = {
     "interrupted": ExitStatus.INTERRUPTED,
     "internal": ExitStatus.INTERNAL,
 }
+
+
+# Warning codes: the page was read, but what the model sees may not be what the user expects.
+WARNINGS = {
+    "blank_page": "the page is one flat colour: there is nothing to read on it",
+    "xfa_form": "the PDF is an XFA form: what renders may be only its placeholder (\"Please wait...\")",
+    "repaired": "the file is damaged and was repaired to be read: pages may be missing or wrong",
+    "downscaled": "the page is too large for the pixel budget and was rendered smaller than asked",
+    "first_frame_only": "the image is animated: only its first frame is read",
+}
+
+
+def warning_line(code: str, path: str | None = None, page: int | None = None) -> str:
+    """One line for stderr: `path page N: code (what it means)`."""
+    where = f"{path} page {page}: " if path and page else f"{path}: " if path else ""
+    return f"{where}{code} ({WARNINGS.get(code, code)})".replace("\n", " ")
 
 
 class IdeficsError(Exception):

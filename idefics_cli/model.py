@@ -57,9 +57,14 @@ class Generation:
 
 
 def quiet_libraries() -> None:
-    """Send transformers/bitsandbytes chatter away from stdout (errors only, no progress bars)."""
+    """Send transformers/bitsandbytes chatter away from stdout (errors only, no progress bars), and keep
+    bitsandbytes' import-time log lines ("Failed to load CPU gemm_4bit_forward from kernels-community") off
+    stderr unless IDEFICS_DEBUG=1."""
+    import logging
     import warnings
 
+    if not os.environ.get("IDEFICS_DEBUG"):
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", module="bitsandbytes")
     warnings.filterwarnings("ignore", module="transformers")

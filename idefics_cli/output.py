@@ -4,17 +4,20 @@ Contract: stdout carries data only (answer text, JSON lines, transcriptions), wr
 by piece; status, spinners, progress, hints and errors go to stderr through a Rich console. `run()`
 wraps a command body: `IdeficsError` -> one line `error [code]: ...` on stderr and its exit status;
 Ctrl-C/SIGTERM -> exit 130; a closed stdout (`| head -1`) -> a quiet exit; anything else -> a one-line
-internal error (exit 1), with the traceback only when IDEFICS_DEBUG=1.
+internal error (exit 1), with the traceback only when IDEFICS_DEBUG=1. Python warnings are hidden while a
+command runs (IDEFICS_DEBUG=1 shows them); piped stderr lines are never wrapped.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
 import traceback
+import warnings
 
 from .errors import ExitStatus, IdeficsError
 
@@ -24,9 +27,10 @@ class Output:
         from rich.console import Console
 
         self.quiet = quiet
-        self.console = Console(stderr=True, highlight=False)
         self.stdout_tty = sys.stdout.isatty()
         self.stderr_tty = sys.stderr.isatty()
+        # piped or logged, a line is never wrapped at 80 columns: one message stays one line for grep and logs
+        self.console = Console(stderr=True, highlight=False, soft_wrap=not self.stderr_tty)
 
     # ---- data (stdout) ------------------------------------------------------------------------
     def write(self, text: str) -> None:
@@ -76,9 +80,19 @@ def _sigterm(signum, frame):
 
 
 def run(body, out: Output | None = None) -> int:
-    """Run a command body and turn whatever happens into an exit status (never a traceback)."""
+    """Run a command body and turn whatever happens into an exit status (never a traceback).
+
+    Python warnings (Pillow's `UserWarning`s on odd metadata, library deprecations) and bitsandbytes' import-time
+    log lines are not shown: stderr holds one line per error. IDEFICS_DEBUG=1 shows them.
+    """
     out = out or Output()
     previous = signal.signal(signal.SIGTERM, _sigterm)
+    quiet = warnings.catch_warnings()
+    quiet.__enter__()
+    if not os.environ.get("IDEFICS_DEBUG"):
+        warnings.simplefilter("ignore")
+        # bitsandbytes logs "Failed to load CPU gemm_4bit_forward from kernels-community" when it is imported
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         status = body()
         return int(status or ExitStatus.OK)
@@ -100,6 +114,7 @@ def run(body, out: Output | None = None) -> int:
         out.error(IdeficsError("internal", msg, "this is a bug; rerun with IDEFICS_DEBUG=1 and report it"))
         return int(ExitStatus.INTERNAL)
     finally:
+        quiet.__exit__(None, None, None)
         signal.signal(signal.SIGTERM, previous)
 
 

@@ -4,7 +4,8 @@ Contract: `transcribe(engine, docs, sink, settings)` walks the documents' chosen
 background prefetch queue, answers them in batches (identical to one page at a time), and hands each
 finished `PageRecord` to the sink at once. The next batch is prepared while the model works on the current
 one, never further ahead, so at most two batches' pixels exist at once, whatever the page count. A failed
-document or page becomes an error record and the run goes on; a batch that runs out of memory is retried
+document or page becomes an error record and the run goes on; a blank page (one flat colour) is recorded
+as "" with the warning `blank_page`, without the model; a batch that runs out of memory is retried
 one page at a time, then that page without image splitting, before `out_of_memory` is recorded. Sinks:
 `JsonlSink` (a records file, resumable), `FolderSink` (records.jsonl + one `.md` per document, written
 atomically), `StdoutSink` (JSONL or text); `open_sink(out, ...)` picks one for `--out`, refusing a path that is
@@ -20,8 +21,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .batch import Batch, DocumentDone, Failure, Input, done_keys, prefetch
-from .errors import ExitStatus, IdeficsError, classify
+from .batch import Batch, BlankPage, DocumentDone, Failure, Input, done_keys, prefetch
+from .errors import ExitStatus, IdeficsError, classify, warning_line
 from .records import PageRecord
 from .writers import OutputLock, RecordLog, atomic_write, output_error, safe_join
 
@@ -54,6 +55,15 @@ class Summary:
             return ExitStatus.OK
         return ExitStatus.PARTIAL if self.ok + self.skipped else ExitStatus.INPUT
 
+    def failure_lines(self, records: str | None, limit: int = 20) -> list[str]:
+        """One line per failed page; past `limit`, a last line says how many more and where they are recorded
+        (`records`; None: nowhere else, so every failure is listed)."""
+        shown = self.failures if records is None or len(self.failures) <= limit else self.failures[:limit]
+        lines = [f"  failed: {failure}" for failure in shown]
+        if len(shown) < len(self.failures):
+            lines.append(f"  and {len(self.failures) - len(shown)} more (see {records})")
+        return lines
+
     def line(self) -> str:
         rate = self.ok / self.seconds if self.seconds else 0.0
         skipped = f", {self.not_documents} files skipped (not documents)" if self.not_documents else ""
@@ -68,11 +78,14 @@ class StdoutSink:
 
     def __init__(self, out, as_json: bool):
         self.out, self.as_json = out, as_json
+        self.records_name = "the records on stdout" if as_json else None  # text on a terminal shows no errors
 
     def write(self, record: dict) -> None:
         if self.as_json:
             self.out.json_line(record)
         elif record["status"] == "ok":
+            for code in record.get("warnings") or ():
+                self.out.warn(warning_line(code, record["path"], record["page"]))
             self.out.write(f"==> {record['path']} [page {record['page']}/{record['pages']}] <==\n{record['text']}\n\n")
 
     def document_done(self, done: DocumentDone) -> None:
@@ -110,6 +123,7 @@ class JsonlSink:
             self.lock = OutputLock(path + ".lock").__enter__()
         except OSError as exc:
             raise output_error(path, exc) from exc
+        self.records_name = path
         try:
             self.log = RecordLog(path)
         except BaseException:
@@ -215,6 +229,8 @@ def transcribe(engine, docs: list[Input], sink, settings: Settings, open_doc, se
             continue
         if isinstance(item, Failure):
             records = [failure_record(item, settings.settings)]
+        elif isinstance(item, BlankPage):
+            records = [blank_record(item.task, settings)]
         else:
             turns.release()
             records = answer_batch(engine, item, settings)
@@ -241,8 +257,8 @@ def answer_batch(engine, batch: Batch, settings: Settings) -> list[PageRecord]:
         if err.code != "out_of_memory":
             return [error_record(task, err, settings) for task in batch.tasks]
         return [answer_single(engine, task, image, settings) for task, image in zip(batch.tasks, batch.images)]
-    share = batch.preprocess_s / len(batch.tasks)
-    return [ok_record(task, gen, engine.usage(batch.inputs, row), share, settings)
+    n = len(batch.tasks)
+    return [ok_record(task, gen, engine.usage(batch.inputs, row), batch.preprocess_s / n, settings, n)
             for row, (task, gen) in enumerate(zip(batch.tasks, gens))]
 
 
@@ -263,13 +279,23 @@ def answer_single(engine, task, image, settings: Settings) -> PageRecord:
     return error_record(task, err, settings)
 
 
-def ok_record(task, gen, usage, preprocess_s: float, settings: Settings) -> PageRecord:
+def ok_record(task, gen, usage, preprocess_s: float, settings: Settings, batch_size: int = 1) -> PageRecord:
+    """A page's record; its `timing` is its share of its batch's time (`batch_size` pages shared one call)."""
     return PageRecord(path=task.input.path, page=task.page, pages=task.pages, status="ok", sha256=task.sha256,
                       settings=settings.settings, text=gen.text, finish_reason=gen.finish_reason,
                       usage={**usage, "completion_tokens": gen.completion_tokens},
-                      timing={"preprocess_s": round(preprocess_s, 4), "generate_s": round(gen.total_s, 4)})
+                      timing={"preprocess_s": round(preprocess_s, 4), "generate_s": round(gen.total_s / batch_size, 4),
+                              "batch_size": batch_size}, warnings=list(task.warnings))
+
+
+def blank_record(task, settings: Settings) -> PageRecord:
+    """A flat-colour page: nothing to read, so "" without asking the model (warning blank_page)."""
+    return PageRecord(path=task.input.path, page=task.page, pages=task.pages, status="ok", sha256=task.sha256,
+                      settings=settings.settings, text="", finish_reason="stop", warnings=list(task.warnings),
+                      usage={"prompt_tokens": 0, "image_tokens": 0, "completion_tokens": 0},
+                      timing={"preprocess_s": 0.0, "generate_s": 0.0, "batch_size": 0})
 
 
 def error_record(task, err: IdeficsError, settings: Settings) -> PageRecord:
     return PageRecord(path=task.input.path, page=task.page, pages=task.pages, status="error", sha256=task.sha256,
-                      settings=settings.settings, error=err.to_dict())
+                      settings=settings.settings, error=err.to_dict(), warnings=list(task.warnings))

@@ -20,14 +20,14 @@ from dataclasses import asdict
 
 from .batch import Batch, DocumentDone, Input, PageTask, done_keys
 from .errors import IdeficsError, UsageError, classify
-from .pipeline import Settings, Summary, answer_batch
+from .pipeline import Settings, Summary, answer_batch, blank_record
 from .records import PageRecord
 
 
 def _row(item: Input, sha256="", page=0, pages=0, chosen=(), skip=False, error: IdeficsError | None = None) -> dict:
     return {"path": item.path, "rel": item.rel, "sha256": sha256, "page": page, "pages": pages,
             "chosen": list(chosen), "skip": skip, "error_code": error.code if error else "",
-            "error_message": error.message if error else "", "image": b"", "width": 0, "height": 0}
+            "error_message": error.message if error else "", "image": b"", "width": 0, "height": 0, "warnings": "[]"}
 
 
 class Expand:
@@ -59,7 +59,8 @@ class Render:
         try:
             with self.open_doc(row["path"]) as doc:
                 image = doc.render(int(row["page"]))
-            row.update(image=image.tobytes(), width=image.width, height=image.height)
+            row.update(image=image.tobytes(), width=image.width, height=image.height,
+                       warnings=_dumps(doc.warnings(int(row["page"]))))
         except Exception as exc:  # noqa: BLE001
             err = classify(exc, row["path"], "read")
             row.update(error_code=err.code, error_message=err.message)
@@ -79,11 +80,14 @@ class Transcriber:
         from PIL import Image
 
         rows = [{k: batch[k][i] for k in batch} for i in range(len(batch["path"]))]
-        todo = [i for i, r in enumerate(rows) if not r["error_code"] and not r["skip"]]
-        results: dict[int, PageRecord] = {}
+        tasks_of = {i: PageTask(Input(r["path"], r["rel"]), r["sha256"], int(r["page"]), int(r["pages"]),
+                                json.loads(r["warnings"] or "[]"))
+                    for i, r in enumerate(rows) if not r["error_code"] and not r["skip"]}
+        results: dict[int, PageRecord] = {i: blank_record(t, self.settings) for i, t in tasks_of.items()
+                                          if "blank_page" in t.warnings}  # nothing to read: no model
+        todo = [i for i in tasks_of if i not in results]
         if todo:
-            tasks = [PageTask(Input(rows[i]["path"], rows[i]["rel"]), rows[i]["sha256"], int(rows[i]["page"]),
-                              int(rows[i]["pages"])) for i in todo]
+            tasks = [tasks_of[i] for i in todo]
             images = [Image.frombytes("RGB", (int(rows[i]["width"]), int(rows[i]["height"])), rows[i]["image"])
                       for i in todo]
             t0 = time.perf_counter()
@@ -95,7 +99,7 @@ class Transcriber:
                 err = classify(exc, tasks[0].input.path)
                 records = [PageRecord(t.input.path, t.page, t.pages, "error", t.sha256, self.settings.settings,
                                       error=err.to_dict()) for t in tasks]
-            results = dict(zip(todo, records))
+            results.update(zip(todo, records))
         for i, row in enumerate(rows):
             if row["error_code"]:
                 err = {"code": str(row["error_code"]), "message": str(row["error_message"])}

@@ -2,8 +2,8 @@
 
 Contract: `Answer` is what `ask --json` prints (schema `idefics-cli.answer/1`); `PageRecord` is one line of
 `transcribe` output (schema `idefics-cli.page/1`). Both are plain dataclasses whose `to_dict()` gives
-exactly the documented JSON fields; `settings_hash()` is the short hash of everything that changes a
-page's text, used by resume.
+exactly the documented JSON fields (`warnings`: codes of errors.WARNINGS, empty when all is well);
+`settings_hash()` is the short hash of everything that changes a page's text, used by resume.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class Answer:
     model: dict
     usage: dict
     timing: dict
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"schema": ANSWER_SCHEMA, **asdict(self)}
@@ -50,12 +51,13 @@ class PageRecord:
     finish_reason: str | None = None
     usage: dict = field(default_factory=dict)
     timing: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         return {"schema": PAGE_SCHEMA, "path": d.pop("path"), "page": d.pop("page"), "pages": d.pop("pages"),
                 "status": d.pop("status"), "text": d.pop("text"), "error": d.pop("error"),
-                "finish_reason": d.pop("finish_reason"), **d}
+                "finish_reason": d.pop("finish_reason"), "warnings": d.pop("warnings"), **d}
 
     @property
     def key(self) -> tuple[str, int, str]:

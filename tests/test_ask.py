@@ -193,6 +193,18 @@ def test_error_in_subprocess_has_no_traceback_unless_debug(tmp_path):
     assert debug.returncode == 4 and b"Traceback" in debug.stderr
 
 
+def test_text_answer_cut_by_max_new_tokens_says_so_on_stderr(cli, tiny_model, tmp_path):
+    image = tmp_path / "p.png"
+    make_image().save(image)
+    cut = cli("ask", image, "What is it?", "--model", tiny_model, "--quant", "none", "--max-new-tokens", "1")
+    as_json = json.loads(cli("ask", image, "What is it?", "--model", tiny_model, "--quant", "none",
+                             "--max-new-tokens", "1", "--json").stdout)
+    assert cut.exit_code == 0 and as_json["finish_reason"] == "length"
+    assert cut.stderr.splitlines() == [
+        "warning: the answer was cut at --max-new-tokens 1; raise it for the whole answer"]
+    assert as_json["warnings"] == []
+
+
 def test_usage_errors(cli):
     assert cli("ask", "only-a-question").exit_code == 2
     assert cli("ask", "a.pdf", "q", "--quant", "3bit").exit_code == 2

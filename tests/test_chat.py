@@ -79,11 +79,16 @@ def test_reset_starts_over_with_the_current_pages(cli, tiny_model, tmp_path, mod
     assert model_calls[1]["input_ids"].shape[1] < model_calls[0]["input_ids"].shape[1] + 5  # no history
 
 
-@pytest.mark.parametrize(("script", "code"), [("/nope\n", "usage"), ("/pages 9\n", "page_out_of_range")])
-def test_bad_commands_are_fatal_when_scripted(cli, tiny_model, tmp_path, script, code):
+@pytest.mark.parametrize(("script", "code", "status"), [("/nope\n", "usage", 2), ("/pages 9\n", "page_out_of_range", 4),
+                                                      ("/pages x-\n", "usage", 2)])
+def test_a_bad_line_is_one_error_and_the_scripted_conversation_goes_on(cli, tiny_model, tmp_path, script, code,
+                                                                      status):
     pdf = make_pdf(tmp_path / "r.pdf", n_pages=2)
-    result = cli("chat", pdf, "--model", tiny_model, *FAST, input=script)
-    assert result.exit_code in (2, 4) and f"[{code}]" in result.stderr and result.stdout == ""
+    result = cli("chat", pdf, "--model", tiny_model, *FAST, input="First?\n" + script + "Second?\n")
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error [{code}]"), result.stderr
+    assert [json.loads(line)["turn"] for line in result.stdout.splitlines()] == [1, 2]
+    assert result.exit_code == status  # the status of the first failed line
 
 
 class Terminal:
@@ -152,6 +157,34 @@ def test_terminal_session_streams_saves_and_leaves_on_ctrl_d(tiny_model, tmp_pat
     data = json.loads((tmp_path / "s.json").read_text())
     assert [m["role"] for m in data["messages"]] == ["user", "assistant"]
     assert data["messages"][1]["content"][0]["text"].encode() in term.seen.replace(b"\r\n", b"\n")
+
+
+def test_terminal_ctrl_c_during_an_answer_keeps_it_marked_interrupted(tiny_model, tmp_path):
+    pdf = make_pdf(tmp_path / "r.pdf", n_pages=1)
+    term = Terminal(pdf, "--model", tiny_model, "--quant", "none", "--device", "cpu", "--max-new-tokens", "4000",
+                    "--dpi", "40")
+    try:
+        assert term.wait_for(b">>> "), term.seen[-2000:]
+        term.type("What is it?\r")
+        assert term.wait_for(b"What is it?"), term.seen[-2000:]
+        time.sleep(3)  # well into a 4000-token answer
+        term.type("\x03")
+        assert term.wait_for(b"interrupted"), term.seen[-2000:]
+        assert term.wait_for(b">>> "), term.seen[-2000:]
+        mark = term.pos
+        term.type(f"/save {tmp_path / 's.json'}\r")
+        assert term.wait_for(b"saved 2 messages"), term.seen[-2000:]
+        assert term.wait_for(b">>> "), term.seen[-2000:]
+        time.sleep(0.5)
+        assert term.seen.count(b">>> ", mark) == 1  # the prompt once, not once per stream
+        term.type("\x04")
+        assert term.exit_code() == 0, term.seen[-2000:]
+    finally:
+        term.close()
+    assert term.seen.count(b">>> ") == 3  # the first question, after the stopped answer, after /save
+    saved = json.loads((tmp_path / "s.json").read_text())["messages"]
+    assert [m["role"] for m in saved] == ["user", "assistant"] and saved[1]["interrupted"] is True
+    assert saved[1]["content"][0]["text"].encode() in term.seen.replace(b"\r\n", b"\n")
 
 
 def test_terminal_ctrl_c_at_the_prompt_stays_sigterm_leaves(tiny_model, tmp_path):

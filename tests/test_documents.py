@@ -461,3 +461,85 @@ def test_samples_generate_and_open(tmp_path):
 def test_pdf_with_junk_before_the_header_opens():
     with open_document("-", data=b"junk\n" * 50 + pdf_bytes()) as doc:
         assert doc.kind == "pdf" and doc.render(1).size == (1386, 1960)
+
+
+# ---- telling the truth about a page (real-world classes; the files are built by tests/hostile.py) ----------------
+
+def _code(data: bytes, password=None, page=None) -> str:
+    try:
+        with open_document("f", data=data, password=password) as doc:
+            for p in [page] if page else range(1, doc.page_count + 1):
+                doc.render(p)
+        return "ok"
+    except IdeficsError as err:
+        return f"{err.code}: {err.message}"
+
+
+def test_pdf_with_unreachable_page_objects_is_corrupt_and_an_empty_one_is_empty():
+    import hostile
+
+    assert _code(hostile._count_zero_pdf()) == (
+        "corrupt: the PDF is damaged: its page tree reaches none of its 2 page objects")
+    assert _code(hostile._empty_pdf()) == "empty_document: the PDF has no pages"
+
+
+def test_damaged_encryption_says_what_is_wrong_instead_of_asking_for_a_password():
+    import hostile
+
+    for password in (None, "user"):
+        assert _code(hostile._damaged_encryption_pdf(), password) == (
+            "corrupt: the PDF cannot be decrypted with any password: its encryption dictionary is damaged: /U is 28 "
+            "bytes, revision 6 needs 48")
+    assert _code(hostile._encrypted_pdf("user").replace(b"/R 6", b"/R 9", 1), "user") == (
+        "corrupt: not a readable PDF (unknown crypt revision 9)")
+
+
+def test_aes256_password_is_normalised_with_saslprep():
+    import hostile
+
+    data = hostile._encrypted_pdf("pässwörd pin")  # what a conforming writer keys from "pässwörd\u00a0pin"
+    assert _code(data, "pa\u0308sswo\u0308rd\u00a0pin") == "ok"
+    assert _code(data, "I\u00adpässwörd pin").startswith("wrong_password")
+
+
+def test_mupdf_reasons_come_without_their_error_codes():
+    import hostile
+
+    assert _code(hostile._cycle_pdf(), page=2) == "corrupt: page 2 could not be decoded (cycle in page tree)"
+    assert _code(hostile._cycle_pdf(), page=1) == "ok"
+
+
+def test_twelve_bit_gray_is_scaled_by_its_real_range():
+    import hostile
+
+    with open_document("t.tif", data=hostile._tiff_bits(12)) as doc:
+        image = doc.render(1)
+    assert image.getextrema() == ((0, 255),) * 3
+    assert 120 <= image.getpixel((32, 0))[0] <= 135  # mid-ramp is mid-gray, not black
+
+
+def test_png_cut_after_its_pixels_reads_pixel_identical():
+    import hostile
+
+    cut, pixels = hostile._png_cut_after_pixels()
+    with open_document("cut.png", data=cut) as doc:
+        assert doc.render(1).tobytes() == pixels
+
+
+def _warnings(data: bytes, page: int = 1, **kwargs) -> list[str]:
+    with open_document("w", data=data, **kwargs) as doc:
+        doc.render(page)
+        return doc.warnings(page)
+
+
+def test_pages_read_but_maybe_not_as_expected_carry_warnings():
+    import hostile
+
+    assert _warnings(hostile._blank_pdf()) == ["blank_page"]
+    assert _warnings(hostile._image_bytes(color=(255, 255, 255), blank=True)) == ["blank_page"]
+    assert _warnings(hostile._xfa_pdf()) == ["xfa_form"]
+    assert _warnings(hostile._pdf_bytes(2).replace(b"startxref", b"startxreF"), 2) == ["repaired"]
+    assert _warnings(hostile._animated_gif()) == ["first_frame_only"]
+    assert _warnings(hostile._pdf_bytes(1, size=(14400, 14400)), dpi=300) == ["downscaled"]
+    assert _warnings(hostile._pdf_bytes(1, size=(14400, 14400)), dpi=10) == []
+    assert _warnings(hostile._pdf_bytes(2)) == [] and _warnings(hostile._image_bytes()) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 from hostile import build
@@ -45,6 +46,11 @@ def test_ask_reports_each_case_with_its_code(cli, tiny_model, corpus):
             got = "ok"
             if result.stdout.count("\n") != 1:
                 failures.append((case.name, "answer", result.stdout))
+            # stderr holds one note per warning of a page read, and nothing else
+            noted = {m.group(1) for line in lines if (m := re.search(r" page \d+: (\w+) \(", line))}
+            if isinstance(case.code, str) and noted != set(case.warnings) or any(
+                    not line.startswith("warning: ") for line in lines):
+                failures.append((case.name, "stderr", case.warnings, result.stderr))
         else:
             got = lines[0].split("]")[0].removeprefix("error [") if lines else "?"
             if len(lines) != 1 or result.exit_code != EXIT_FOR_CODE.get(got) or result.stdout:
@@ -79,9 +85,20 @@ def test_transcribe_records_each_case_and_goes_on(cli, tiny_model, corpus, tmp_p
             continue
         rows = by_file.get(name)
         assert rows, f"no record for {case.name}"
-        code = "encrypted" if "--password" in case.extra else case.code
+        if "--pages" in case.extra:
+            continue  # its code is for the chosen pages only
+        if case.name == "page-tree-cycle.pdf":  # page 1 is reachable, pages 2 and 3 sit in the cycle
+            got = sorted((r["page"], r["error"]["code"] if r["error"] else "ok") for r in rows)
+            assert got == [(1, "ok"), (2, "corrupt"), (3, "corrupt")], got
+            continue
+        code = "encrypted" if "--password" in case.extra and case.code != "corrupt" else case.code
         got = {r["error"]["code"] if r["status"] == "error" else "ok" for r in rows}
         assert all(_expected(type(case)(case.name, case.path, code), g) for g in got), (case.name, got)
+        for record in rows:
+            if record["status"] == "ok" and isinstance(case.code, str):
+                assert record["warnings"] == list(case.warnings), (case.name, record)
+            if "blank_page" in case.warnings:
+                assert record["text"] == "" and record["usage"]["completion_tokens"] == 0
         if "error" in {r["status"] for r in rows} and code != "ok":
             assert len(rows) == 1 and rows[0]["text"] is None
     assert len(by_file["multi-frame.tiff"]) == 3 and len(by_file["animated.gif"]) == 1
@@ -89,6 +106,14 @@ def test_transcribe_records_each_case_and_goes_on(cli, tiny_model, corpus, tmp_p
     assert not leftovers
     for md in (p for p in out.rglob("*.md")):
         assert str(md.resolve()).startswith(str(out.resolve()))
+
+
+def test_pages_come_out_with_the_pixels_the_file_holds(corpus):
+    checked = [c for c in corpus if c.check]
+    assert {"cut-last-chunk.png", "twelve-bit.tif"} <= {c.name for c in checked}
+    for case in checked:
+        with open_document(case.path) as doc:
+            assert case.check(doc.render(1)), case.name
 
 
 def test_ten_thousand_page_pdf_last_page_only(cli, tiny_model, corpus):
@@ -151,3 +176,28 @@ def test_transcribe_to_a_full_disk_is_a_clear_error(tiny_model, tmp_path):
     lines = result.stderr.decode().strip().splitlines()
     assert result.returncode == 4, lines
     assert lines == ["error [output_error]: cannot write to stdout: No space left on device"]
+
+
+def test_stderr_holds_one_line_per_error_and_nothing_else(tiny_model, corpus):
+    """No libtiff text on fd 2, no Pillow UserWarning, no bitsandbytes log line; IDEFICS_DEBUG=1 shows them all."""
+    from conftest import run_idefics
+
+    path = {c.name: c.path for c in corpus}
+    args = ["--model", tiny_model, "--quant", "4bit", "--max-new-tokens", "1", "--json"]
+    broken = run_idefics("ask", path["libtiff-error.tif"], "What?", *args)
+    assert broken.returncode == 4
+    assert broken.stderr.decode().splitlines() == [
+        f"error [corrupt]: {path['libtiff-error.tif']}: page 1 could not be decoded (OSError: decoder error -2)"]
+    fine = run_idefics("ask", path["corrupt-exif.jpg"], "What?", *args)
+    assert fine.returncode == 0 and fine.stderr == b"", fine.stderr.decode()
+    noisy = run_idefics("ask", path["corrupt-exif.jpg"], "What?", *args, env={"IDEFICS_DEBUG": "1"})
+    text = noisy.stderr.decode()
+    assert "UserWarning: Corrupt EXIF data" in text, text
+    import subprocess
+    import sys
+
+    bnb = subprocess.run([sys.executable, "-c", "import bitsandbytes"], capture_output=True, timeout=120)
+    if b"gemm_4bit_forward" in bnb.stderr:  # logged on import on CPUs with AVX512-BF16 and no `kernels` package
+        assert "gemm_4bit_forward" in text, text
+    noisy = run_idefics("ask", path["libtiff-error.tif"], "What?", *args, env={"IDEFICS_DEBUG": "1"})
+    assert "PackBitsDecode: Not enough data" in noisy.stderr.decode()

@@ -34,6 +34,25 @@ def test_run_maps_errors_to_exit_status_and_one_line(capsys):
     assert run(interrupted, out) == 130
 
 
+def test_piped_stderr_lines_are_never_wrapped(capsys):
+    out = Output()
+    long = "a/" * 90 + "scan.pdf page 3: repaired (the file is damaged and was repaired to be read)"
+    out.warn(long)
+    out.console.print("  failed: " + long, markup=False, style="red")
+    assert capsys.readouterr().err.splitlines() == [f"warning: {long}", f"  failed: {long}"]
+
+
+def test_python_warnings_stay_off_stderr_unless_debugging():
+    script = ("import sys, warnings\nfrom idefics_cli.output import run\n"
+              "def body():\n    warnings.warn('Corrupt EXIF data', UserWarning)\n    return 0\n"
+              "sys.exit(run(body))\n")
+    quiet = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert quiet.returncode == 0 and quiet.stderr == b""
+    debug = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60,
+                           env={**os.environ, "IDEFICS_DEBUG": "1"})
+    assert b"UserWarning: Corrupt EXIF data" in debug.stderr
+
+
 def test_stdout_closed_early_ends_quietly(tiny_model, tmp_path):
     image = tmp_path / "p.png"
     make_image().save(image)

@@ -204,3 +204,22 @@ def _pdf_images(pdf):
 
     with open_document(str(pdf)) as doc:
         return [doc.render(page) for page in range(1, doc.page_count + 1)]
+
+
+def test_each_page_gets_its_share_of_the_batch_time(engine):
+    batch = _batch(engine)
+    gens_before = []
+
+    class Timed:
+        def __getattr__(self, name):
+            return getattr(engine, name)
+
+        def generate_batch(self, inputs, max_new_tokens=None):
+            gens_before.extend(engine.generate_batch(inputs, max_new_tokens))
+            return gens_before
+
+    records = answer_batch(Timed(), batch, SETTINGS)
+    whole = gens_before[0].total_s  # the one generate call that answered both pages
+    assert [r.timing["batch_size"] for r in records] == [2, 2]
+    assert sum(r.timing["generate_s"] for r in records) <= round(whole, 4) + 1e-4
+    assert all(r.timing["generate_s"] == round(whole / 2, 4) for r in records)

@@ -20,14 +20,15 @@ import pytest
 from conftest import make_image, make_pdf, run_idefics
 
 from idefics_cli import batch
+from idefics_cli.pipeline import Summary
 from idefics_cli.records import PAGE_SCHEMA
 from idefics_cli.writers import OutputLock, atomic_write, safe_join
 
 # CPU float32 everywhere (as the `engine` fixture), so answers are exactly reproducible on any machine;
 # tests add --no-split where image splitting is beside the point
 FAST = ["--device", "cpu", "--quant", "none", "--max-new-tokens", "6", "--dpi", "72"]
-PAGE_FIELDS = {"schema", "path", "page", "pages", "status", "text", "error", "finish_reason", "sha256", "settings",
-               "usage", "timing"}
+PAGE_FIELDS = {"schema", "path", "page", "pages", "status", "text", "error", "finish_reason", "warnings", "sha256",
+               "settings", "usage", "timing"}
 
 
 def model_args(model_dir: str, *extra: str) -> list[str]:
@@ -125,7 +126,7 @@ def test_batch_of_four_equals_four_single_pages(tmp_path, cli, sharp_model, engi
     four, ones = read_records(tmp_path / "b4.jsonl"), read_records(tmp_path / "b1.jsonl")
     assert len(four) == len(ones) == 4 and all(r["status"] == "ok" for r in four + ones)
     # one generate call served the four pages (they share its time); the singles had one call each
-    assert len({r["timing"]["generate_s"] for r in four}) == 1
+    assert len({r["timing"]["generate_s"] for r in four}) == 1 and {r["timing"]["batch_size"] for r in four} == {4}
     by_path = {r["path"]: r for r in ones}
     for r in four:
         single = by_path[r["path"]]
@@ -325,6 +326,23 @@ def test_only_bad_files_exit_4(tmp_path, cli, tiny_model):
     assert all(r["status"] == "error" for r in records)
 
 
+def test_summary_lists_every_failure_or_says_how_many_more_and_where(tmp_path, cli, tiny_model):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(23):
+        (folder / f"broken-{i:02}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    make_image(200, 150, seed=1).save(folder / "good.png")
+    res = cli("transcribe", folder, "--out", tmp_path / "r.jsonl", *model_args(tiny_model, "--no-split"))
+    assert res.exit_code == 3, res.stderr
+    failed = [line for line in res.stderr.splitlines() if line.startswith("  failed: ")]
+    assert len(failed) == 20
+    assert res.stderr.splitlines()[-1] == f"  and 3 more (see {tmp_path / 'r.jsonl'})"
+    few = Summary(failures=["a.pdf page 0: corrupt"] * 3)
+    assert few.failure_lines("r.jsonl") == ["  failed: a.pdf page 0: corrupt"] * 3
+    nowhere = Summary(failures=["a.pdf page 0: corrupt"] * 25)
+    assert len(nowhere.failure_lines(None)) == 25  # nowhere else to look: all of them
+
+
 # ---- shards ----------------------------------------------------------------------------------------------
 
 
@@ -408,7 +426,8 @@ def test_piped_stdout_is_only_page_jsonl(tmp_path, tiny_model):
         assert set(r["usage"]) == {"prompt_tokens", "image_tokens", "completion_tokens"}
         assert r["usage"]["image_tokens"] == 320 and r["usage"]["prompt_tokens"] > 320
         assert 1 <= r["usage"]["completion_tokens"] <= 6
-        assert all(isinstance(v, float) for v in r["timing"].values())
+        assert set(r["timing"]) == {"preprocess_s", "generate_s", "batch_size"} and r["warnings"] == []
+        assert isinstance(r["timing"]["generate_s"], float) and r["timing"]["batch_size"] >= 1
     assert sorted((os.path.basename(r["path"]), r["page"], r["pages"]) for r in ok) == [
         ("doc.pdf", 1, 2), ("doc.pdf", 2, 2), ("pic.png", 1, 1)]
     (err,) = [r for r in records if r["status"] == "error"]

@@ -12,6 +12,7 @@ import sys
 import typer
 
 from . import ask, chat, crops, doctor, pull, quantize, transcribe
+from .options import Command
 
 app = typer.Typer(
     name="idefics",
@@ -22,13 +23,13 @@ app = typer.Typer(
     rich_markup_mode=None,  # plain help: 0.2 s instead of 0.4 s (bench/help.py)
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-app.command(epilog=ask.EPILOG)(ask.ask)
-app.command(epilog=transcribe.EPILOG)(transcribe.transcribe)
-app.command(epilog=chat.EPILOG)(chat.chat)
-app.command(epilog=crops.EPILOG)(crops.crops)
-app.command(epilog=doctor.EPILOG)(doctor.doctor)
-app.command(epilog=pull.EPILOG)(pull.pull)
-app.command(epilog=quantize.EPILOG)(quantize.quantize)
+app.command(cls=Command, epilog=ask.EPILOG)(ask.ask)
+app.command(cls=Command, epilog=transcribe.EPILOG)(transcribe.transcribe)
+app.command(cls=Command, epilog=chat.EPILOG)(chat.chat)
+app.command(cls=Command, epilog=crops.EPILOG)(crops.crops)
+app.command(cls=Command, epilog=doctor.EPILOG)(doctor.doctor)
+app.command(cls=Command, epilog=pull.EPILOG)(pull.pull)
+app.command(cls=Command, epilog=quantize.EPILOG)(quantize.quantize)
 
 
 def _version(value: bool) -> None:

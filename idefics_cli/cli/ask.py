@@ -2,7 +2,8 @@
 
 Contract: every chosen page of every document becomes one image in a single user turn (images first,
 then the question), answered greedily and streamed piece by piece to stdout; `--json` prints the answer
-object of docs/formats.md instead; `--each-page` asks each page on its own (NDJSON with `--json`).
+object of docs/formats.md instead (its `warnings` are the pages' warning codes; in text mode each is a line
+on stderr); `--each-page` asks each page on its own (NDJSON with `--json`).
 Documents are opened, page specs checked and every chosen page decoded before the model loads, so input
 errors are instant.
 """
@@ -97,7 +98,14 @@ def _ask(out, args, pages, dpi, password, as_json, each_page, opts) -> int:
     return 0
 
 
+def cut_note(max_new_tokens: int, group=None) -> str:
+    """The stderr note for an answer that --max-new-tokens cut short (`finish_reason` "length" in JSON)."""
+    where = f"{group[0][0].path} page {group[0][1]}: " if group else ""
+    return f"{where}the answer was cut at --max-new-tokens {max_new_tokens}; raise it for the whole answer"
+
+
 def _answer(out, engine, group, question, as_json, header, start, render_s: float) -> None:
+    from ..errors import warning_line
     from ..model import Generation
     from ..records import Answer, Source
 
@@ -106,6 +114,11 @@ def _answer(out, engine, group, question, as_json, header, start, render_s: floa
         images = [image if image is not None else doc.render(page) for doc, page, image in group]
         inputs = engine.build_inputs([(images, question)])
     preprocess_s = render_s + time.perf_counter() - t0
+    warnings = list(dict.fromkeys(code for doc, page, _ in group for code in doc.warnings(page)))
+    if not as_json:
+        for doc, page, _ in group:
+            for code in doc.warnings(page):
+                out.warn(warning_line(code, doc.path, page))
     if header:
         doc, page, _ = group[0]
         out.write(f"==> {doc.path} [page {page}] <==\n")
@@ -122,6 +135,8 @@ def _answer(out, engine, group, question, as_json, header, start, render_s: floa
                     status = None
                 out.write(piece)
         out.write("\n")
+        if gen.finish_reason == "length":
+            out.warn(cut_note(engine.options.max_new_tokens, group if header else None))
     if not as_json:
         return
     sources: list[Source] = []
@@ -135,5 +150,5 @@ def _answer(out, engine, group, question, as_json, header, start, render_s: floa
                     usage={**engine.usage(inputs), "completion_tokens": gen.completion_tokens},
                     timing={"load_s": round(engine.load_s, 4), "preprocess_s": round(preprocess_s, 4),
                             "first_token_s": round(gen.first_token_s or 0.0, 4),
-                            "total_s": round(time.perf_counter() - start, 4)})
+                            "total_s": round(time.perf_counter() - start, 4)}, warnings=warnings)
     out.json_line(answer.to_dict())

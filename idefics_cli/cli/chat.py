@@ -5,8 +5,10 @@ user q2, ...]) through the processor's chat template, so later questions see the
 answers. On a terminal: a prompt with line editing and history (readline), answers streamed to stdout,
 `/pages SPEC` shows other pages with the next question, `/reset` starts over, `/save FILE.json` writes the
 conversation (messages in the transformers chat format + sources), `/help`; Ctrl-C stops an answer,
-Ctrl-D leaves. When stdin is not a terminal: one question (or /command) per input line, and one JSON
-answer per output line (schema `idefics-cli.answer/1` plus `"turn"`); a bad /command is fatal there.
+Ctrl-D leaves; an answer stopped by Ctrl-C stays in the conversation as far as it went, marked
+`"interrupted": true` (so in `/save` too). When stdin is not a terminal: one question (or /command) per input
+line, and one JSON answer per output line (schema `idefics-cli.answer/1` plus `"turn"`); a bad line is one
+error line on stderr and the conversation goes on (the exit status is then that of the first failed line).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ HELP = ("/pages SPEC   show these pages with the next question (earlier turns ke
         "/reset        forget the conversation (the current pages come with the next question)\n"
         "/save FILE    write the conversation as JSON\n"
         "//text        ask a question that starts with /\n"
-        "Ctrl-C stops an answer, Ctrl-D (or /quit) leaves.")
+        "Ctrl-C stops an answer (kept, marked interrupted), Ctrl-D (or /quit) leaves.")
 
 
 def chat(
@@ -73,11 +75,16 @@ class Session:
 
     def _render(self, spec: str | None):
         from ..conversation import PageImage
+        from ..errors import warning_line
         from ..pages import parse_page_spec
 
         chosen = parse_page_spec(spec).resolve(self.doc.page_count)
         with self.out.status(f"Rendering {len(chosen)} page(s)…"):
-            return [PageImage(self.doc.path, p, self.doc.render(p)) for p in chosen]
+            pages = [PageImage(self.doc.path, p, self.doc.render(p)) for p in chosen]
+        for p in chosen if self.interactive else ():  # piped, they are in each JSON answer's "warnings"
+            for code in self.doc.warnings(p):
+                self.out.warn(warning_line(code, self.doc.path, p))
+        return pages
 
     def run(self) -> int:
         from ..conversation import Conversation
@@ -91,13 +98,28 @@ class Session:
         try:
             if self.interactive:
                 return self._interactive()
-            for line in sys.stdin:
-                text = line.strip()
-                if text:
-                    self._handle(text)
-            return 0
+            return self._scripted()
         finally:
             self.doc.close()
+
+    def _scripted(self) -> int:
+        """One question or /command a line; a bad line is one error line and the conversation goes on. The exit
+        status is that of the first failed line (0 when none failed)."""
+        from ..errors import IdeficsError
+
+        status = 0
+        for line in sys.stdin:
+            text = line.strip()
+            if not text:
+                continue
+            try:
+                self._handle(text)
+            except IdeficsError as err:
+                if err.code == "model_error":
+                    raise
+                self.out.error(err)
+                status = status or int(err.exit_status)
+        return status
 
     # ---- terminal -------------------------------------------------------------------------------
     def _interactive(self) -> int:
@@ -141,9 +163,13 @@ class Session:
                 self._handle(text)
             except Terminated:
                 raise
+            except AnswerInterrupted:
+                self.out.write("\n")
+                self.out.console.print("(answer interrupted: kept as far as it went, marked interrupted)",
+                                       style="yellow")
             except KeyboardInterrupt:
                 self.out.write("\n")
-                self.out.console.print("(answer stopped; this turn is forgotten)", style="yellow")
+                self.out.console.print("(stopped)", style="yellow")
             except IdeficsError as err:  # the turn is forgotten; the conversation goes on
                 if err.code == "model_error":
                     raise
@@ -206,13 +232,24 @@ class Session:
         gen = Generation()
         pieces = self.engine.stream_generate(inputs, generation=gen)
         if self.interactive:
-            with self.out.status("Thinking…") as status:
-                for piece in pieces:
-                    if status is not None:
-                        status.stop()
-                        status = None
-                    self.out.write(piece)
+            answered = []
+            try:
+                with self.out.status("Thinking…") as status:
+                    for piece in pieces:
+                        if status is not None:
+                            status.stop()
+                            status = None
+                        answered.append(piece)
+                        self.out.write(piece)
+            except Terminated:
+                raise
+            except KeyboardInterrupt:
+                self.conv.commit(question, "".join(answered), interrupted=True)
+                raise AnswerInterrupted from None
             self.out.write("\n")
+            if gen.finish_reason == "length":
+                self.out.warn(f"the answer was cut at --max-new-tokens {self.opts.max_new_tokens}; raise it for the "
+                              "whole answer")
         else:
             for _ in pieces:
                 pass
@@ -225,13 +262,19 @@ class Session:
                         usage={**self.engine.usage(inputs), "completion_tokens": gen.completion_tokens},
                         timing={"load_s": round(self.engine.load_s, 4), "preprocess_s": round(preprocess_s, 4),
                                 "first_token_s": round(gen.first_token_s or 0.0, 4),
-                                "total_s": round(time.perf_counter() - start, 4)})
+                                "total_s": round(time.perf_counter() - start, 4)},
+                        warnings=list(dict.fromkeys(code for seen in self.conv.seen() for page in seen["pages"]
+                                                    for code in self.doc.warnings(page))))
         record = answer.to_dict()
         self.out.json_line({"schema": record.pop("schema"), "turn": self.conv.turn, **record})
 
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM: leaves the chat (exit 130), where Ctrl-C only stops the current answer."""
+
+
+class AnswerInterrupted(KeyboardInterrupt):
+    """Ctrl-C during an answer: what was answered is kept in the conversation, marked interrupted."""
 
 
 def _terminate(signum, frame):

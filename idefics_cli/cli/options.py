@@ -1,7 +1,10 @@
 """Options shared by the commands (see README.md), declared once as Typer annotations.
 
 Contract: commands take these as parameters and call `model_options(...)` to build the library's
-`ModelOptions`; help panels group them as "Model" and "Document". No heavy imports.
+`ModelOptions`; help panels group them as "Model" and "Document". `Command` is the command class of every
+command: usage lines name the arguments as written (`idefics ask [OPTIONS] DOC... QUESTION`, `[MODEL]` when
+optional) and a value option without a metavar shows its name (`--pages PAGES`), never a Python type
+(`<str>`, `<list[str]>`); choices are listed. No heavy imports.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import os
 from typing import Annotated
 
 import typer
+from typer.core import TyperCommand
 
 from ..model import DEFAULT_MODEL, ModelOptions
 
@@ -31,8 +35,42 @@ class Dtype(str, enum.Enum):
     float32 = "float32"
 
 
-Model = Annotated[str, typer.Option("--model", "-m", envvar="IDEFICS_MODEL", rich_help_panel=MODEL_PANEL,
-                                    help="Hub id or local folder of the model.")]
+class Command(TyperCommand):
+    """Help that reads like the README: arguments by their metavar, option values by a name, not a type."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                pieces.append(_argument_name(param))
+        return pieces
+
+    def format_options(self, ctx, formatter) -> None:
+        args, opts = [], []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "option" and not (param.is_flag or param.count) and param.metavar is None \
+                    and not param.type_descriptor.is_choice:
+                param.metavar = param.name.upper()
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if param.param_type_name == "argument":
+                args.append((_argument_name(param), record[1]))
+            else:
+                opts.append(record)
+        for title, rows in (("Arguments", args), ("Options", opts)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+def _argument_name(param) -> str:
+    name = param.metavar or param.name.upper()
+    return name if param.required else f"[{name}]"
+
+
+Model = Annotated[str, typer.Option("--model", "-m", metavar="ID_OR_DIR", envvar="IDEFICS_MODEL",
+                                    rich_help_panel=MODEL_PANEL, help="Hub id or local folder of the model.")]
 Revision = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).",
                                               rich_help_panel=MODEL_PANEL)]
 QuantOpt = Annotated[Quant, typer.Option("--quant", help="4bit = bitsandbytes nf4 + double quant.",
@@ -45,15 +83,15 @@ Offline = Annotated[bool, typer.Option("--offline", help="Never touch the networ
 Split = Annotated[bool, typer.Option("--split/--no-split",
                                      help="Image splitting: 4 crops + the original (5 x 64 visual tokens).",
                                      rich_help_panel=MODEL_PANEL)]
-Pages = Annotated[str | None, typer.Option("--pages", "-p", help="1-based pages per document: 3, 1-4, 1,3,7-, -2.",
-                                           rich_help_panel=DOC_PANEL)]
+Pages = Annotated[str | None, typer.Option("--pages", "-p", metavar="SPEC", rich_help_panel=DOC_PANEL,
+                                           help="1-based pages per document: 3, 1-4, 1,3,7-, -2.")]
 Dpi = Annotated[int | None, typer.Option(min=10, max=1200, rich_help_panel=DOC_PANEL,
                                          help="Render PDFs at this DPI (default: longest side 1960 px).")]
 Password = Annotated[str | None, typer.Option(help="Password for encrypted PDFs.", rich_help_panel=DOC_PANEL)]
 
 
 def max_new_tokens_option(default: int):
-    return Annotated[int, typer.Option(min=1, max=32768, help="Most tokens to generate per answer.",
+    return Annotated[int, typer.Option(min=1, max=32768, metavar="N", help="Most tokens to generate per answer.",
                                        rich_help_panel=MODEL_PANEL)]
 
 

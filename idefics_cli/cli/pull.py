@@ -27,7 +27,7 @@ EPILOG = """Examples:
 
 
 def pull(
-    model: Annotated[str, typer.Argument(metavar="[MODEL]", envvar="IDEFICS_MODEL", show_default=True,
+    model: Annotated[str, typer.Argument(metavar="MODEL", envvar="IDEFICS_MODEL", show_default=True,
                                          help="Hub id of the model.")] = o.DEFAULT_MODEL,
     revision: o.Revision = None,
 ) -> None:

@@ -9,11 +9,19 @@ Progress and the final summary go to stderr. Exit 0 all done, 3 partial, 4 nothi
 
 from __future__ import annotations
 
+import enum
 from typing import Annotated
 
 import typer
 
+from ..prompts import TRANSCRIBE_PROMPT
 from . import options as o
+
+
+class EngineName(str, enum.Enum):
+    local = "local"
+    ray = "ray"
+
 
 EPILOG = """Examples:
 
@@ -31,12 +39,12 @@ def transcribe(
                                                help="Files, folders (recursive) or quoted globs; - for stdin.")],
     out: Annotated[str | None, typer.Option("--out", "-o", help="A .jsonl file, or a folder (one .md per "
                                                                  "document + records.jsonl).")] = None,
-    prompt: Annotated[str | None, typer.Option(help="Instruction sent with each page (default: a transcription "
-                                                    "prompt, see README).")] = None,
+    prompt: Annotated[str | None, typer.Option(help="Instruction sent with each page.",
+                                               show_default=TRANSCRIBE_PROMPT)] = None,
     batch_size: Annotated[str, typer.Option(help="Pages per generate call: N or auto.")] = "auto",
     force: Annotated[bool, typer.Option("--force", help="Redo pages that are already done.")] = False,
     shard: Annotated[str | None, typer.Option(help="I/N: only the documents of shard I (0-based) of N.")] = None,
-    engine: Annotated[str, typer.Option(help="local, or ray (pip install 'idefics-cli[ray]').")] = "local",
+    engine: Annotated[EngineName, typer.Option(help="ray needs pip install 'idefics-cli[ray]'.")] = "local",
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster to join (default: RAY_ADDRESS, else a "
                                                          "local Ray).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
@@ -73,6 +81,7 @@ def _transcribe(output, paths, out, prompt, batch_size, force, shard, engine_nam
     from ..prompts import TRANSCRIBE_PROMPT
     from ..records import settings_hash
 
+    engine_name = getattr(engine_name, "value", engine_name)
     if engine_name not in ("local", "ray"):
         raise UsageError(f"unknown --engine {engine_name!r}", "use local or ray")
     if batch_size != "auto" and (not batch_size.isdigit() or int(batch_size) < 1):
@@ -134,8 +143,8 @@ def _transcribe(output, paths, out, prompt, batch_size, force, shard, engine_nam
     summary.not_documents = len(not_documents)
     if not output.quiet:
         output.console.print(summary.line(), markup=False)
-        for line in summary.failures[:20]:
-            output.console.print(f"  failed: {line}", markup=False, style="red")
+        for line in summary.failure_lines(getattr(sink, "records_name", None)):
+            output.console.print(line, markup=False, style="red")
     return ExitStatus.INPUT if missing and not (summary.ok + summary.skipped) else (
         ExitStatus.PARTIAL if missing else summary.exit_status)
 
