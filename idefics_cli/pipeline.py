@@ -170,7 +170,7 @@ def transcribe(engine, docs: list[Input], sink, settings: Settings, open_doc, se
             if stop.is_set():
                 raise IdeficsError("interrupted", "stopped before this page was prepared")
         try:
-            return engine.build_inputs([([image], settings.prompt) for image in images])
+            return engine.prepare([([image], settings.prompt) for image in images], collect=True)
         except BaseException:
             turns.release()  # this batch never reaches the model, the next build may start
             raise
@@ -219,7 +219,7 @@ def answer_single(engine, task, image, settings: Settings) -> PageRecord:
     for split in (None, False) if engine.options.split else (None,):
         try:
             t0 = time.perf_counter()
-            inputs = engine.build_inputs([([image], settings.prompt)], split=split)
+            inputs = engine.prepare([([image], settings.prompt)], split=split, collect=True)
             preprocess_s = time.perf_counter() - t0
             gen = engine.generate_batch(inputs, settings.max_new_tokens)[0]
             return ok_record(task, gen, engine.usage(inputs), preprocess_s, settings)

@@ -93,7 +93,7 @@ def _answer(out, engine, group, question, as_json, header, start) -> None:
     t0 = time.perf_counter()
     with out.status(f"Rendering {len(group)} page(s)…"):
         images = [doc.render(page) for doc, page in group]
-        inputs = engine.build_inputs([(images, question)])
+        inputs = engine.prepare([(images, question)])
     preprocess_s = time.perf_counter() - t0
     if header:
         doc, page = group[0]
