@@ -206,7 +206,8 @@ class Engine:
 
         return prepare(self, batch, self.options.split if split is None else split, collect)
 
-    def _model_kwargs(self, inputs) -> dict:
+    def model_kwargs(self, inputs) -> dict:
+        """generate() kwargs for `inputs`: a `prepare`d entry's images encoded chunk by chunk (vision.py)."""
         from .vision import auto_chunk, model_kwargs
 
         chunk = self.vision_chunk or auto_chunk(self.model, self.device)
@@ -267,7 +268,7 @@ class Engine:
         def run():
             try:
                 with torch.inference_mode():
-                    self.model.generate(**self._model_kwargs(inputs), **self._gen_kwargs(max_new_tokens),
+                    self.model.generate(**self.model_kwargs(inputs), **self._gen_kwargs(max_new_tokens),
                                         streamer=_Streamer(),
                                         stopping_criteria=StoppingCriteriaList([_Stop()]))
                 pieces.put(("done", None))
@@ -323,7 +324,7 @@ class Engine:
         start = time.perf_counter()
         try:
             with torch.inference_mode():
-                out = self.model.generate(**self._model_kwargs(inputs), **kwargs)
+                out = self.model.generate(**self.model_kwargs(inputs), **kwargs)
         except Exception as exc:
             raise generation_error(exc) from exc
         elapsed = time.perf_counter() - start

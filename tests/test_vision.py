@@ -72,7 +72,7 @@ def test_chunked_answer_equals_the_model_card_path(engines, tiny_model, sharp_mo
         engine.vision_chunk = chunk
         try:
             inputs = engine.prepare([(images, QUESTION)])
-            assert "pixel_values" not in inputs and "pixel_values" not in engine._model_kwargs(
+            assert "pixel_values" not in inputs and "pixel_values" not in engine.model_kwargs(
                 engine.prepare([(images, QUESTION)]))
             assert inputs["input_ids"].tolist() == reference["input_ids"].tolist()
             gen = engine.generate(inputs, max_new_tokens=10)
