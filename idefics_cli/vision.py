@@ -6,7 +6,8 @@ Contract:
   pixels are built while `encode` runs (ask: a page's pixels exist only until its chunk is encoded).
 - Pixels always come from transformers' own image processor, one source image at a time (its splitting, resizing,
   normalisation), each resulting image trimmed back to its own size with the processor's pixel mask. Images are
-  bucketed by exact (height, width), so no image is ever padded to another one's shape.
+  bucketed by exact (height, width), so no image is ever padded to another one's shape. A `VisionInputs` is
+  used once: `encode` consumes its pixels.
 - `encode(model, vision, chunk)` runs `model.model.get_image_features` (vision tower + connector, the code path
   `generate` uses for `pixel_values`) over one bucket at a time, at most `chunk` images a call, with no pixel mask
   (every patch is real). Whenever `chunk` images wait, the largest bucket is encoded and its pixels freed, so at
@@ -31,12 +32,12 @@ class VisionInputs:
     """The source images of each row, and the trimmed pixels built from them so far (bucketed by shape)."""
 
     def __init__(self, rows: list[list], split: bool):
-        self.rows = [list(r) for r in rows]
+        self.rows = len(rows)
         self.split = split
         self.buckets: dict[tuple[int, int], list[tuple[int, int, object]]] = {}  # shape -> [(row, slot, pixels)]
-        self.slots = [0] * len(self.rows)  # images (crops) built so far per row
+        self.slots = [0] * self.rows  # images (crops) built so far per row
         self.next = 0  # index into `sources` of the next source image to build
-        self.sources = [(r, image) for r, row in enumerate(self.rows) for image in row]
+        self.sources = [(r, image) for r, row in enumerate(rows) for image in row]  # each dropped once built
 
     @property
     def pending(self) -> int:
@@ -104,7 +105,7 @@ def encode(model, vision: VisionInputs, chunk: int, image_processor=None) -> lis
     import torch
 
     chunk = max(1, chunk)
-    features: list[dict[int, object]] = [{} for _ in vision.rows]
+    features: list[dict[int, object]] = [{} for _ in range(vision.rows)]
     while vision.next < len(vision.sources):
         vision.build_one(image_processor)
         while vision.pending >= chunk:
@@ -120,18 +121,19 @@ def _flush(model, vision: VisionInputs, shape, chunk: int, features) -> None:
     import torch
 
     items = vision.buckets.pop(shape)
-    device = model.device
-    for start in range(0, len(items), chunk):
-        part = items[start:start + chunk]
+    while items:
+        part, items[:chunk] = items[:chunk], []
         stacked = np.stack([p for _, _, p in part])[:, None]  # [n, 1, 3, h, w]: one image per "row"
-        pixel_values = torch.from_numpy(stacked).to(device)
-        del stacked
+        places = [(row, slot) for row, slot, _ in part]
+        part = None  # the images' own arrays go; the stacked copy is what the tower reads
+        pixel_values = torch.from_numpy(stacked).to(model.device)
+        stacked = None
         with torch.inference_mode():
             out = model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
-        for (row, slot, _), feats in zip(part, out.pooler_output):
+        pixel_values = None
+        for (row, slot), feats in zip(places, out.pooler_output):
             features[row][slot] = feats
-        del pixel_values, out
-    items.clear()
+        out = None
 
 
 def prepare(engine, batch: list[tuple[list, str]], split: bool, collect: bool):

@@ -94,6 +94,7 @@ def _answer(out, engine, group, question, as_json, header, start) -> None:
     with out.status(f"Rendering {len(group)} page(s)…"):
         images = [doc.render(page) for doc, page in group]
         inputs = engine.prepare([(images, question)])
+        del images  # each page image is dropped once its pixels are built (vision.py)
     preprocess_s = time.perf_counter() - t0
     if header:
         doc, page = group[0]
