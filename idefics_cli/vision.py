@@ -1,7 +1,8 @@
 """Image features in bounded, same-shape chunks: the vision tower and connector without padding or whole-prompt peaks.
 
 Contract:
-- `VisionInputs(rows, split)` stands for the images of each row (prompt) of a batch; `collect(image_processor)`
+- `VisionInputs(rows, split)` stands for the images of each row (prompt) of a batch (images, or functions that
+  render one when called, so a page exists only until its pixels are built); `collect(image_processor)`
   may build all their pixels ahead of time (the transcribe prefetch thread: numpy only, no torch op), or the
   pixels are built while `encode` runs (ask: a page's pixels exist only until its chunk is encoded).
 - Pixels always come from transformers' own image processor, one source image at a time (its splitting, resizing,
@@ -14,7 +15,8 @@ Contract:
   most `chunk` + one source image's pixels exist at once, whatever the number of pages. It returns the
   features of each row in prompt order ([images x image_seq_len, hidden] per row), ready for
   `mm_encoder_outputs` (the transformers 5 name of precomputed `image_hidden_states`).
-- `auto_chunk(model, device)` sizes a chunk from free GPU memory, or from available RAM on the CPU.
+- `auto_chunk(model, device)` sizes a chunk from free GPU memory, or from available RAM on the CPU
+  (`IDEFICS_VISION_CHUNK=N` sets it).
 - `prepare(engine, batch, split, collect)`: the processor's token ids for the batch plus a `"vision"` entry.
 - `model_kwargs(model, inputs, chunk, image_processor)`: generate kwargs, the `"vision"` entry swapped for
   `mm_encoder_outputs`.
@@ -50,6 +52,7 @@ class VisionInputs:
         row, image = self.sources[self.next]
         self.sources[self.next] = (row, None)  # the source is no longer needed once its pixels exist
         self.next += 1
+        image = image() if callable(image) else image  # a page rendered only now (ask)
         out = image_processor([[image]], do_image_splitting=self.split)
         values, mask = out["pixel_values"][0], out["pixel_attention_mask"][0]
         for k in range(values.shape[0]):
@@ -69,10 +72,11 @@ class VisionInputs:
 
 
 def auto_chunk(model, device: str) -> int:
-    """Images a vision call: what a quarter of free GPU memory (or a tenth of available RAM, at most 1 GiB) holds.
+    """Images a vision call: what a quarter of free GPU memory (or a tenth of available RAM, at most 512 MiB) holds.
 
-    Per image: its float32 pixels at the tower's full size plus the tower's activations for one layer (hidden
-    states, q/k/v and the MLP's intermediate), counted twice for the allocator's slack.
+    Per image: its float32 pixels at the tower's full size (twice: the image and the stacked chunk) plus one
+    layer's activations (hidden states, q/k/v, the MLP's intermediate) counted twice for the allocator's slack;
+    on the CPU also the attention scores of every head, which its attention kernels may materialise.
     """
     env = os.environ.get(CHUNK_ENV, "").strip()
     if env.isdigit() and int(env) > 0:
@@ -82,11 +86,12 @@ def auto_chunk(model, device: str) -> int:
     vc = model.config.vision_config
     patches = (vc.image_size // vc.patch_size) ** 2
     width = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 4
-    per_image = 3 * vc.image_size ** 2 * 4 + patches * (4 * vc.hidden_size + vc.intermediate_size) * width * 2
+    per_image = 2 * 3 * vc.image_size ** 2 * 4 + patches * (4 * vc.hidden_size + vc.intermediate_size) * width * 2
     if device.startswith("cuda"):
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         return max(1, min(32, int(free * 0.25 // per_image)))
-    return max(1, min(16, int(min(_available_ram() * 0.1, 2**30) // per_image)))
+    per_image += patches ** 2 * vc.num_attention_heads * width
+    return max(1, min(16, int(min(_available_ram() * 0.1, 2**29) // per_image)))
 
 
 def _available_ram() -> int:

@@ -8,6 +8,7 @@ Documents are opened and page specs checked before the model loads, so input err
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Annotated
 
@@ -92,9 +93,9 @@ def _answer(out, engine, group, question, as_json, header, start) -> None:
 
     t0 = time.perf_counter()
     with out.status(f"Rendering {len(group)} page(s)…"):
-        images = [doc.render(page) for doc, page in group]
-        inputs = engine.prepare([(images, question)])
-        del images  # each page image is dropped once its pixels are built (vision.py)
+        # each page is rendered when its pixels are built, just before its chunk goes through the vision tower
+        # (vision.py), so a question over N pages never holds N page images; render errors keep their codes
+        inputs = engine.prepare([([functools.partial(doc.render, page) for doc, page in group], question)])
     preprocess_s = time.perf_counter() - t0
     if header:
         doc, page = group[0]
