@@ -1,9 +1,11 @@
 """Transcription pipeline: pages in, page records out, through a sink that loses nothing.
 
 Contract: `transcribe(engine, docs, sink, settings)` walks the documents' chosen pages through the
-background prefetch queue, answers them in batches (identical to one page at a time), and hands each
-finished `PageRecord` to the sink at once. The next batch is prepared while the model works on the current
-one, never further ahead, so at most two batches' pixels exist at once, whatever the page count. A failed
+background prefetch queue, answers them in batches (pages of one size where possible, batch.py; the same
+answers as one page at a time except where float rounding decides a near-tie, README), and hands each
+finished `PageRecord` to the sink at once. The next batch is prepared (its pixels built, `Engine.prepare`)
+while the model works on the current one, never further ahead, so at most two batches' pixels exist at
+once, whatever the page count; the vision tower encodes them in same-shape chunks (vision.py). A failed
 document or page becomes an error record and the run goes on; a batch that runs out of memory is retried
 one page at a time, then that page without image splitting, before `out_of_memory` is recorded. Sinks:
 `JsonlSink` (a records file, resumable), `FolderSink` (records.jsonl + one `.md` per document, written
