@@ -94,19 +94,27 @@ def model_dir(size: str) -> str:
     return out
 
 
-def make_pdf(path: str, pages: int) -> str:
-    """A US-letter PDF of `pages` distinct pages of invoice-like text (rendered at 1960 px like real scans)."""
+def make_pdf(path: str, pages: int, layout: str = "portrait") -> str:
+    """A US-letter PDF of `pages` distinct pages of invoice-like text (rendered at 1960 px like real scans).
+
+    `layout`: "portrait" (every page), "mixed" (portrait and landscape pages alternate, as in reports with wide
+    tables), or "varied" (a cycle of US-letter, A4 and legal, portrait or landscape: six page sizes).
+    """
     import pymupdf
 
+    sizes = {"portrait": [(612, 792)], "mixed": [(612, 792), (792, 612)],
+             "varied": [(612, 792), (842, 595), (595, 842), (792, 612), (612, 1008), (1008, 612)]}[layout]
     doc = pymupdf.open()
     for i in range(pages):
-        page = doc.new_page(width=612, height=792)
+        width, height = sizes[i % len(sizes)]
+        page = doc.new_page(width=width, height=height)
         page.insert_text((72, 72), f"INVOICE No. {1000 + i}", fontsize=20)
-        for k in range(24):
+        for k in range(min(24, (height - 200) // 24)):
             page.insert_text((72, 110 + 24 * k), f"Item {k + 1}: widget type {(i * 7 + k) % 13}, "
                              f"quantity {(i + k) % 9 + 1}, price $ {(i * 31 + k * 17) % 500}.99", fontsize=11)
-        page.draw_rect(pymupdf.Rect(72, 700, 540, 740), color=(0, 0, 0), fill=((i % 5) / 5, 0.8, 0.9))
-        page.insert_text((80, 725), f"Total amount due: $ {(i * 997) % 10000}.00", fontsize=14)
+        bottom = height - 92
+        page.draw_rect(pymupdf.Rect(72, bottom, 540, bottom + 40), color=(0, 0, 0), fill=((i % 5) / 5, 0.8, 0.9))
+        page.insert_text((80, bottom + 25), f"Total amount due: $ {(i * 997) % 10000}.00", fontsize=14)
     doc.save(path)
     doc.close()
     return path
@@ -206,6 +214,15 @@ def table(title: str, rows: list[list], headers: list[str]) -> str:
 def verdict(ratio: float, target: float, at_most: bool) -> str:
     ok = ratio <= target if at_most else ratio >= target
     return f"{'met' if ok else 'NOT met'} ({'<=' if at_most else '>='} {target}x)"
+
+
+def load_average() -> str:
+    """The 1-minute load average now (figures are only worth recording below 0.5)."""
+    return f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a"
+
+
+def footer() -> None:
+    print(f"# load average at the end: {load_average()}", flush=True)
 
 
 def machine() -> str:

@@ -1,6 +1,6 @@
 """P5 (GPU): peak VRAM, prefill time, decode tokens/s at batch 1 and pages/min at the auto batch size.
 
-    python bench/gpu.py [--pages-per-batch 1] [--max-new-tokens 64] [--smoke]
+    python bench/gpu.py [--pages-per-batch 1] [--max-new-tokens 64] [--ask-pages 25] [--smoke]
 
 The full idefics2-8b shape (tiny.SIZES["full"]) with random weights is built directly on the GPU in
 bf16 and saved, then loaded through the CLI's own `idefics_cli.model.load`: in 4-bit (nf4, double quant,
@@ -9,6 +9,12 @@ run the CLI's transcription pipeline (prefetch + batches at `Engine.auto_batch_s
 plain snippet (render, processor, generate, one page at a time) runs on the same 4-bit model as the
 pages/min baseline. Targets: 4-bit peak VRAM <= 6.0 GiB; 4-bit pages/min >= 2x the snippet's. Without
 CUDA it says so and exits 0. Meant to finish in under 6 minutes on one H200.
+
+Then one question over `--ask-pages` pages (25: a report) on the 4-bit model: the CLI's path (the vision
+tower over bounded same-shape chunks) against the model card's (one processor call, every image padded into
+one `pixel_values`, one `generate`): peak VRAM (weights included; target under 12 GiB, so that a 16 GB card
+can do it) and time to first token (from the rendered pages to the first new token), or the plain path's
+out-of-memory. `--smoke` without CUDA runs this comparison alone, on the CPU: 3 small pages, the tiny model.
 """
 
 from __future__ import annotations
@@ -86,6 +92,61 @@ def snippet_pages_per_min(engine, pdf, pages: int, new_tokens: int) -> float:
     return 60 * pages / (time.perf_counter() - t0)
 
 
+def ask_pages(engine, pdf: str, pages: int, plain: bool, base: int = 0, dpi: int | None = None) -> dict:
+    """One question over `pages` pages, up to its first new token: time, peak memory, that token (or OOM)."""
+    import torch
+
+    from idefics_cli.documents import open_document
+
+    with open_document(pdf, dpi=dpi) as doc:
+        images = [doc.render(k) for k in range(1, pages + 1)]
+    cuda = engine.device.startswith("cuda")
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    kwargs = None
+    t0 = time.perf_counter()
+    try:
+        if plain:  # the model card: one processor call (padded pixel_values), generate encodes them all at once
+            kwargs = dict(engine.build_inputs([(images, c.QUESTION)]))
+        else:
+            kwargs = engine.model_kwargs(engine.prepare([(images, c.QUESTION)]))
+        with torch.inference_mode():
+            out = engine.model.generate(**kwargs, do_sample=False, max_new_tokens=1, min_new_tokens=1)
+        if cuda:
+            torch.cuda.synchronize()
+        first = out[0, kwargs["input_ids"].shape[1]:].tolist()
+    except torch.OutOfMemoryError:
+        kwargs = None
+        gc.collect()
+        torch.cuda.empty_cache()
+        return {"oom": True, "peak": torch.cuda.max_memory_allocated() / 2**30}
+    ttft = time.perf_counter() - t0
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else None
+    kwargs = out = None
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return {"oom": False, "ttft": ttft, "peak": peak, "first": first}
+
+
+def ask_table(title: str, pages: int, cli: dict, plain: dict) -> None:
+    def cells(r):
+        if r["oom"]:
+            return ["out of memory", f"(at {r['peak']:.2f} GiB)"]
+        return [f"{r['ttft']:.2f} s", "" if r["peak"] is None else f"{r['peak']:.2f} GiB"]
+
+    same = not cli["oom"] and not plain["oom"] and cli["first"] == plain["first"]
+    c.table(title, [["model card (one processor call, pixel_values)", *cells(plain), ""],
+                    ["idefics ask (chunked, same-shape vision calls)", *cells(cli),
+                     "" if cli["peak"] is None else f"{'met' if cli['peak'] < 12 else 'NOT met'} (< 12 GiB)"]],
+            ["path", "time to first token", "peak VRAM", "target"])
+    print(f"first new token identical: {'yes' if same else 'no' if not plain['oom'] else 'n/a (plain OOM)'}; "
+          f"{pages} pages", flush=True)
+
+
 def measure(label: str, model_dir: str, quant: str, pdf: str, args, tmp: str, snippet: bool) -> dict:
     import torch
 
@@ -113,6 +174,10 @@ def measure(label: str, model_dir: str, quant: str, pdf: str, args, tmp: str, sn
            "batch": batch, "ppm": ppm}
     if snippet:
         row["snippet"] = snippet_pages_per_min(engine, pdf, args.snippet_pages, args.max_new_tokens)
+        del inputs
+        row["ask"] = ask_pages(engine, pdf, args.ask_pages, plain=False, base=before)
+        row["ask_plain"] = ask_pages(engine, pdf, args.ask_pages, plain=True, base=before)
+        inputs = None
     del engine, inputs
     gc.collect()
     torch.cuda.empty_cache()
@@ -124,11 +189,14 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batches", type=int, default=2, help="pages/min over this many batches of the auto size")
     p.add_argument("--snippet-pages", type=int, default=6, help="pages of the plain snippet's loop")
+    p.add_argument("--ask-pages", type=int, default=25, help="pages of the one-question case")
     args = p.parse_args(argv)
     import torch
 
     if not torch.cuda.is_available():
-        print("P5 skipped: no CUDA GPU here (bench/gpu.py needs one; nothing was measured)")
+        print("P5 skipped: no CUDA GPU here (bench/gpu.py needs one; nothing was measured)", flush=True)
+        if args.smoke:
+            cpu_smoke(args)
         return 0
     if args.smoke:
         args.reps, args.max_new_tokens, args.batches, args.snippet_pages = 1, 8, 1, 2
@@ -145,7 +213,7 @@ def main(argv=None) -> int:
             gc.collect()
             torch.cuda.empty_cache()
             print(f"  built and saved the random model in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-        pdf = c.make_pdf(os.path.join(tmp, "doc.pdf"), max(32 * args.batches, args.snippet_pages))
+        pdf = c.make_pdf(os.path.join(tmp, "doc.pdf"), max(32 * args.batches, args.snippet_pages, args.ask_pages))
         bf16 = measure("bf16, no quantization", model_dir, "none", pdf, args, tmp, snippet=False)
         nf4 = measure("4-bit nf4, split", model_dir, "4bit", pdf, args, tmp, snippet=True)
     rows = []
@@ -161,7 +229,24 @@ def main(argv=None) -> int:
     print(f"4-bit peak VRAM {vram:.2f} GiB: {'met' if vram <= 6.0 else 'NOT met'} (<= 6.0 GiB); "
           f"4-bit pages/min {speed:.2f}x the snippet's: {c.verdict(speed, 2.0, at_most=False)}; "
           f"vs bf16: VRAM {vram / bf16['peak']:.2f}x, pages/min {nf4['ppm'] / bf16['ppm']:.2f}x")
+    ask_table(f"P5 ask over {args.ask_pages} pages, 4-bit nf4, {torch.cuda.get_device_name()}", args.ask_pages,
+              nf4["ask"], nf4["ask_plain"])
+    c.footer()
     return 0
+
+
+def cpu_smoke(args) -> None:
+    """The ask comparison alone, on the CPU (tiny model, 3 small pages), so that its code runs without a GPU."""
+    from idefics_cli import tiny
+    from idefics_cli.model import ModelOptions, load
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model or tiny.build(os.path.join(tmp, "model"), size="tiny")
+        pdf = c.make_pdf(os.path.join(tmp, "doc.pdf"), 3, "mixed")
+        engine = load(ModelOptions(model=model_dir, quant="none", device="cpu"))
+        cli = ask_pages(engine, pdf, 3, plain=False, dpi=72)
+        plain = ask_pages(engine, pdf, 3, plain=True, dpi=72)
+    ask_table("P5 ask over 3 pages on the CPU (smoke: tiny model, no VRAM)", 3, cli, plain)
 
 
 if __name__ == "__main__":

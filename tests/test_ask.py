@@ -33,18 +33,61 @@ def plain_answer(model_dir, image_path, question, split, max_new_tokens):
 
 @pytest.fixture
 def spy_generate(monkeypatch):
-    """Record what reaches the real `generate` (it still runs)."""
+    """Record what reaches the real `generate` and each call of the vision tower (they still run)."""
     from transformers import Idefics2ForConditionalGeneration
+    from transformers.models.idefics2.modeling_idefics2 import Idefics2Model
 
-    calls = []
+    calls, vision = [], []
     real = Idefics2ForConditionalGeneration.generate
+    real_features = Idefics2Model.get_image_features
 
     def recording(self, *args, **kwargs):
-        calls.append({k: v for k, v in kwargs.items() if k in ("input_ids", "pixel_values", "pixel_attention_mask")})
-        return real(self, *args, **kwargs)
+        # the CLI encodes its chunks just before `generate`, the plain path inside it: both belong to this call
+        call = {k: v for k, v in kwargs.items() if k in ("input_ids", "pixel_values", "pixel_attention_mask",
+                                                         "mm_encoder_outputs")}
+        call["vision"] = vision[:]
+        vision.clear()
+        calls.append(call)
+        try:
+            return real(self, *args, **kwargs)
+        finally:
+            call["vision"] += vision
+            vision.clear()
+
+    def features(self, pixel_values, pixel_attention_mask=None, **kwargs):
+        vision.append((pixel_values.clone(), pixel_attention_mask))
+        return real_features(self, pixel_values, pixel_attention_mask, **kwargs)
 
     monkeypatch.setattr(Idefics2ForConditionalGeneration, "generate", recording)
+    monkeypatch.setattr(Idefics2Model, "get_image_features", features)
     return calls
+
+
+def trimmed(pixel_values, mask) -> list:
+    """Each image of a padded [rows, images, 3, H, W] batch cut back to its real size (the mask's extent)."""
+    out = []
+    for values, masks in zip(pixel_values, mask):
+        for image, m in zip(values, masks):
+            if m.any():
+                out.append(image[:, : int(m.any(1).sum()), : int(m.any(0).sum())])
+    return out
+
+
+def vision_images(call) -> list:
+    """The images the CLI's chunked vision calls received, unpadded (every call carries no pixel mask)."""
+    assert all(mask is None for _, mask in call["vision"])
+    return [image for values, _ in call["vision"] for row in values for image in row]
+
+
+def same_images(got: list, expected: list) -> bool:
+    """The same images, each exactly (the CLI encodes them grouped by shape, so order may differ)."""
+    left = list(got)
+    for image in expected:
+        match = next((k for k, g in enumerate(left) if g.shape == image.shape and (g == image).all()), None)
+        if match is None:
+            return False
+        left.pop(match)
+    return not left
 
 
 @pytest.mark.parametrize("split", [True, False])
@@ -62,8 +105,10 @@ def test_answer_and_model_inputs_equal_model_card_code(cli, tiny_model, tmp_path
     assert answer["split"] is split and answer["usage"]["image_tokens"] == (320 if split else 64)
     assert len(spy_generate) == 2  # the plain snippet, then the CLI
     seen = spy_generate[-1]
-    for key in ("input_ids", "pixel_values", "pixel_attention_mask"):
-        assert seen[key].shape == plain[key].shape and (seen[key] == plain[key]).all(), key
+    assert seen["input_ids"].shape == plain["input_ids"].shape and (seen["input_ids"] == plain["input_ids"]).all()
+    # the pixels: the processor's own, each image unpadded, through the vision tower before generate
+    assert "pixel_values" not in seen and "mm_encoder_outputs" in seen
+    assert same_images(vision_images(seen), trimmed(plain["pixel_values"], plain["pixel_attention_mask"]))
 
 
 def test_json_fields_are_real(cli, tiny_model, tmp_path):
@@ -89,7 +134,7 @@ def test_pdf_pages_reach_the_model_as_two_images(cli, tiny_model, tmp_path, spy_
     answer = json.loads(result.stdout)
     assert answer["usage"]["image_tokens"] == 2 * 320
     assert answer["sources"] == [{"path": pdf, "pages": [2, 3]}]
-    assert spy_generate[0]["pixel_values"].shape[:2] == (1, 10)  # 2 images x (4 crops + original)
+    assert len(vision_images(spy_generate[0])) == 10  # 2 images x (4 crops + original)
 
 
 def test_several_documents_and_each_page(cli, tiny_model, tmp_path):

@@ -166,7 +166,8 @@ def test_prefetch_batches_failures_and_document_order(tmp_path):
             order.append(item.input.rel)
         else:
             order.append((item.input.rel, item.error.code))
-    assert handed == [("a.pdf", 1), ("a.pdf", 2), ("a.pdf", 3), ("c.png", 1), ("d.pdf", 2)]
+    # batches of one page size first: a.pdf page 3 waits for d.pdf page 2 (same size), not for c.png
+    assert handed == [("a.pdf", 1), ("a.pdf", 2), ("a.pdf", 3), ("d.pdf", 2), ("c.png", 1)]
     # a document that fails to open is reported at once; a finished one after the batch holding its last page
     assert order == [("b.txt", "unsupported_format"), ("missing.pdf", "not_found"), "a.pdf", "c.png", "d.pdf"]
     assert counts == [(3, 0), (1, 0), (2, 1)]
@@ -227,3 +228,33 @@ def test_needs_model_stops_at_the_first_document_with_work_left(tmp_path):
     assert batch.needs_model(docs, open_doc, select, lambda s, p: (s, p) in done - {(sha[a], 2)}) is True
     assert opened == ["a.pdf"]
     assert batch.needs_model([batch.Input("-", "stdin")], open_doc, select, lambda s, p: True) is True
+
+
+def test_prefetch_groups_pages_by_size_within_a_bounded_window(tmp_path):
+    """Alternating portrait and landscape pages: every batch holds one page size, none waits long."""
+    import pymupdf
+
+    from idefics_cli.documents import open_document
+
+    pdf = pymupdf.open()
+    for k in range(11):
+        pdf.new_page(width=200, height=300) if k % 2 == 0 else pdf.new_page(width=300, height=200)
+    pdf.save(str(tmp_path / "mixed.pdf"))
+    built, waiting = [], []
+
+    def build(images):
+        built.append([im.size for im in images])
+        return None
+
+    items = list(batch.prefetch([batch.Input(str(tmp_path / "mixed.pdf"), "mixed.pdf")],
+                                lambda path: open_document(path, dpi=36), lambda doc: list(range(1, 12)),
+                                lambda sha, page: False, build, batch_size=2))
+    batches = [i for i in items if isinstance(i, batch.Batch)]
+    assert isinstance(items[-1], batch.DocumentDone) and len(items) == len(batches) + 1
+    pages = sorted(t.page for b in batches for t in b.tasks)
+    assert pages == list(range(1, 12))  # each page exactly once
+    assert all(len(b.tasks) == 2 for b in batches[:-1])  # full batches
+    assert all(len(set(sizes)) == 1 for sizes in built)  # one size a batch (the last one holds one page)
+    for b in batches:  # a page is batched at most a window (two batches) after the pages before it
+        waiting.append(max(t.page for t in b.tasks) - min(t.page for t in b.tasks))
+    assert max(waiting) <= 2 * 2

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = {"help": False, "ask": True, "transcribe": True, "memory": True, "gpu": False}  # name -> takes --model
+SCRIPTS = {"help": False, "ask": True, "transcribe": True, "memory": True, "shapes": True, "pages": True,
+           "gpu": False}  # name -> takes --model
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +57,26 @@ def test_ask_smoke(smoke):
 
 def test_transcribe_smoke(smoke):
     out = finished(smoke, "transcribe")
-    assert "P3 2-page PDF" in out and "texts identical: yes" in out and "pages/s" in out
+    assert "P3 2-page PDF (portrait)" in out and "pages/s" in out
+    # a count of identical pages, not yes/no, and the batch-invariant side (--batch-size 1) beside the default
+    assert re.search(r"pages identical to the plain loop: \d/2", out) and "--batch-size 1, batch-invariant" in out
+    assert "batch-invariant --batch-size 1 costs" in out and "# load average at the end" in out
 
 
 def test_memory_smoke(smoke):
     out = finished(smoke, "memory")
     assert "P4 peak RSS" in out and "MiB" in out
+
+
+def test_shapes_smoke(smoke):
+    out = finished(smoke, "shapes")
+    assert "P6 idefics transcribe, 4 pages" in out and "portrait and landscape alternating" in out and "MiB" in out
+
+
+def test_pages_smoke(smoke):
+    out = finished(smoke, "pages")
+    assert "P7 peak RSS of idefics ask" in out and "4 pages, portrait and landscape alternating" in out
+    assert re.search(r"2 portrait pages \(baseline\)\s*\|\s*640\s*\|", out)  # image tokens: 2 pages x 320 (split)
 
 
 def test_gpu_smoke(smoke):
@@ -69,8 +85,9 @@ def test_gpu_smoke(smoke):
 
     if torch.cuda.is_available():
         assert "P5" in out and "pages/min" in out
-    else:
-        assert out.startswith("P5 skipped: no CUDA GPU")
+    else:  # the ask-over-many-pages comparison still runs, on the CPU
+        assert out.startswith("P5 skipped: no CUDA GPU") and "P5 ask over 3 pages on the CPU" in out
+        assert "first new token identical: " in out and "idefics ask (chunked" in out
 
 
 def test_pymupdf_compare_runs_and_an_install_matches_itself(tmp_path):

@@ -29,7 +29,7 @@ class OomInjector:
     def generate_batch(self, inputs, max_new_tokens=None):
         import torch
 
-        rows, images = inputs["input_ids"].shape[0], inputs["pixel_values"].shape[1]
+        rows, images = inputs["input_ids"].shape[0], max(inputs["vision"].slots)  # images (crops) a row
         self.calls.append((rows, images))
         if self.fails(rows, images):
             from idefics_cli.model import generation_error
@@ -41,7 +41,7 @@ class OomInjector:
 def _batch(engine):
     images = [make_image(320, 240, 1), make_image(240, 320, 2)]
     tasks = [PageTask(Input(f"p{i}.png", f"p{i}.png"), f"sha{i}", 1, 1) for i in range(2)]
-    return Batch(tasks, images, engine.build_inputs([([im], SETTINGS.prompt) for im in images]))
+    return Batch(tasks, images, engine.prepare([([im], SETTINGS.prompt) for im in images], collect=True))
 
 
 def _single_texts(engine, split):
@@ -110,11 +110,11 @@ class FailingBuilds:
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
-    def build_inputs(self, batch, split=None):
+    def prepare(self, batch, split=None, collect=False):
         self.calls += 1
         if self.calls <= self.fails:
             raise ValueError("preprocessing failed")
-        return self.engine.build_inputs(batch, split)
+        return self.engine.prepare(batch, split, collect)
 
 
 def test_failed_preprocessing_gives_back_its_turn_and_the_run_goes_on(engine, tmp_path):
@@ -159,8 +159,8 @@ class Schedule:
             with self.lock:
                 self.log.append(what + " end")
 
-    def build_inputs(self, batch, split=None):
-        return self._logged("build", lambda: self.engine.build_inputs(batch, split))
+    def prepare(self, batch, split=None, collect=False):
+        return self._logged("build", lambda: self.engine.prepare(batch, split, collect))
 
     def generate_batch(self, inputs, max_new_tokens=None):
         import time

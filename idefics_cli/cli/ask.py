@@ -10,12 +10,15 @@ errors are instant.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Annotated
 
 import typer
 
 from . import options as o
+
+KEEP_BYTES = 64 * 2**20  # decoded page images kept from the check before loading (about 7 pages at 1960 px)
 
 EPILOG = """Examples:
 
@@ -74,14 +77,18 @@ def _ask(out, args, pages, dpi, password, as_json, each_page, opts) -> int:
             chosen.extend((doc, p) for p in spec.resolve(doc.page_count))
         except IdeficsError as err:
             raise classify(err, path) from None
-    # every chosen page is decoded before the model loads, so a page that cannot be read fails at once; with
-    # --each-page the images are dropped again (rendered anew when their turn comes) to keep memory flat
+    # every chosen page is decoded before the model loads, so a page that cannot be read fails at once. The
+    # images are kept up to KEEP_BYTES (a few pages: no second rendering for the usual question); past that they
+    # are dropped and rendered again when their chunk goes through the vision tower (vision.py), so a question
+    # over N pages never holds N page images
     t0 = time.perf_counter()
-    images = []
+    images, kept = [], 0
     with out.status(f"Rendering {len(chosen)} page(s)…"):
         for doc, p in chosen:
             image = doc.render(p)
-            images.append(None if each_page else image)
+            kept += image.width * image.height * len(image.getbands())
+            images.append(image if kept <= KEEP_BYTES else None)
+            image = None
     render_s = time.perf_counter() - t0
     pages_ = [(doc, p, image) for (doc, p), image in zip(chosen, images)]
     groups = [[page] for page in pages_] if each_page else [pages_]
@@ -111,8 +118,9 @@ def _answer(out, engine, group, question, as_json, header, start, render_s: floa
 
     t0 = time.perf_counter()
     with out.status(f"Preparing {len(group)} page(s)…"):
-        images = [image if image is not None else doc.render(page) for doc, page, image in group]
-        inputs = engine.build_inputs([(images, question)])
+        pages = [image if image is not None else functools.partial(doc.render, page) for doc, page, image in group]
+        inputs = engine.prepare([(pages, question)])
+        pages = None
     preprocess_s = render_s + time.perf_counter() - t0
     warnings = list(dict.fromkeys(code for doc, page, _ in group for code in doc.warnings(page)))
     if not as_json:

@@ -1,0 +1,170 @@
+"""Image features in bounded, same-shape chunks: the vision tower and connector without padding or whole-prompt peaks.
+
+Contract:
+- `VisionInputs(rows, split)` stands for the images of each row (prompt) of a batch (images, or functions that
+  render one when called, so a page exists only until its pixels are built); `collect(image_processor)`
+  may build all their pixels ahead of time (the transcribe prefetch thread: numpy only, no torch op), or the
+  pixels are built while `encode` runs (ask: a page's pixels exist only until its chunk is encoded).
+- Pixels always come from transformers' own image processor, one source image at a time (its splitting, resizing,
+  normalisation), each resulting image trimmed back to its own size with the processor's pixel mask. Images are
+  bucketed by exact (height, width), so no image is ever padded to another one's shape. A `VisionInputs` is
+  used once: `encode` consumes its pixels.
+- `encode(model, vision, chunk)` runs `model.model.get_image_features` (vision tower + connector, the code path
+  `generate` uses for `pixel_values`) over one bucket at a time, at most `chunk` images a call, with no pixel mask
+  (every patch is real). Whenever `chunk` images wait, the largest bucket is encoded and its pixels freed, so at
+  most `chunk` + one source image's pixels exist at once, whatever the number of pages. It returns the
+  features of each row in prompt order ([images x image_seq_len, hidden] per row), ready for
+  `mm_encoder_outputs` (the transformers 5 name of precomputed `image_hidden_states`).
+- `auto_chunk(model, device)` sizes a chunk from free GPU memory, or from available RAM on the CPU
+  (`IDEFICS_VISION_CHUNK=N` sets it).
+- `prepare(engine, batch, split, collect)`: the processor's token ids for the batch plus a `"vision"` entry.
+- `model_kwargs(model, inputs, chunk, image_processor)`: generate kwargs, the `"vision"` entry swapped for
+  `mm_encoder_outputs`.
+numpy and torch are imported inside functions.
+"""
+
+from __future__ import annotations
+
+import os
+
+CHUNK_ENV = "IDEFICS_VISION_CHUNK"
+
+
+class VisionInputs:
+    """The source images of each row, and the trimmed pixels built from them so far (bucketed by shape)."""
+
+    def __init__(self, rows: list[list], split: bool):
+        self.rows = len(rows)
+        self.split = split
+        self.buckets: dict[tuple[int, int], list[tuple[int, int, object]]] = {}  # shape -> [(row, slot, pixels)]
+        self.slots = [0] * self.rows  # images (crops) built so far per row
+        self.next = 0  # index into `sources` of the next source image to build
+        self.sources = [(r, image) for r, row in enumerate(rows) for image in row]  # each dropped once built
+
+    @property
+    def pending(self) -> int:
+        return sum(len(b) for b in self.buckets.values())
+
+    def build_one(self, image_processor) -> None:
+        """Pixels of the next source image: the processor's images for it, each trimmed to its real size."""
+        import numpy as np
+
+        row, image = self.sources[self.next]
+        self.sources[self.next] = (row, None)  # the source is no longer needed once its pixels exist
+        self.next += 1
+        image = image() if callable(image) else image  # a page rendered only now (ask)
+        out = image_processor([[image]], do_image_splitting=self.split)
+        values, mask = out["pixel_values"][0], out["pixel_attention_mask"][0]
+        for k in range(values.shape[0]):
+            h, w = int(mask[k].any(axis=1).sum()), int(mask[k].any(axis=0).sum())
+            pixels = np.ascontiguousarray(values[k, :, :h, :w])
+            self.buckets.setdefault((h, w), []).append((row, self.slots[row], pixels))
+            self.slots[row] += 1
+
+    def collect(self, image_processor) -> VisionInputs:
+        """Build every pixel now (bounded by the caller's batch); `encode` then only runs the model."""
+        while self.next < len(self.sources):
+            self.build_one(image_processor)
+        return self
+
+    def pixel_bytes(self) -> int:
+        return sum(p.nbytes for b in self.buckets.values() for _, _, p in b)
+
+
+def auto_chunk(model, device: str) -> int:
+    """Images a vision call: what a quarter of free GPU memory (or a tenth of available RAM, at most 512 MiB) holds.
+
+    Per image: its float32 pixels at the tower's full size (twice: the image and the stacked chunk) plus one
+    layer's activations (hidden states, q/k/v, the MLP's intermediate) counted twice for the allocator's slack;
+    on the CPU also the attention scores of every head, which its attention kernels may materialise.
+    """
+    env = os.environ.get(CHUNK_ENV, "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    import torch
+
+    vc = model.config.vision_config
+    patches = (vc.image_size // vc.patch_size) ** 2
+    width = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 4
+    per_image = 2 * 3 * vc.image_size ** 2 * 4 + patches * (4 * vc.hidden_size + vc.intermediate_size) * width * 2
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return max(1, min(32, int(free * 0.25 // per_image)))
+    per_image += patches ** 2 * vc.num_attention_heads * width
+    return max(1, min(16, int(min(_available_ram() * 0.1, 2**29) // per_image)))
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 2**30
+
+
+def encode(model, vision: VisionInputs, chunk: int, image_processor=None) -> list:
+    """Features of every row, in prompt order; pixels built (if not collected) and freed chunk by chunk."""
+    import torch
+
+    chunk = max(1, chunk)
+    features: list[dict[int, object]] = [{} for _ in range(vision.rows)]
+    while vision.next < len(vision.sources):
+        vision.build_one(image_processor)
+        while vision.pending >= chunk:
+            _flush(model, vision, max(vision.buckets, key=lambda s: len(vision.buckets[s])), chunk, features)
+    for shape in sorted(vision.buckets, key=lambda s: -len(vision.buckets[s])):
+        _flush(model, vision, shape, chunk, features)
+    return [torch.cat([row[k] for k in range(len(row))]) if row else None for row in features]
+
+
+def _flush(model, vision: VisionInputs, shape, chunk: int, features) -> None:
+    """Encode one bucket, `chunk` images a call, and drop its pixels."""
+    import numpy as np
+    import torch
+
+    items = vision.buckets.pop(shape)
+    while items:
+        part, items[:chunk] = items[:chunk], []
+        stacked = np.stack([p for _, _, p in part])[:, None]  # [n, 1, 3, h, w]: one image per "row"
+        places = [(row, slot) for row, slot, _ in part]
+        part = None  # the images' own arrays go; the stacked copy is what the tower reads
+        pixel_values = torch.from_numpy(stacked).to(model.device)
+        stacked = None
+        with torch.inference_mode():
+            out = model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+        pixel_values = None
+        for (row, slot), feats in zip(places, out.pooler_output):
+            features[row][slot] = feats
+        out = None
+
+
+def prepare(engine, batch: list[tuple[list, str]], split: bool, collect: bool):
+    """`engine.build_inputs`'s token ids plus a `"vision"` entry instead of pixels (`collect`: pixels built now).
+
+    Processors whose text depends on the pixels (not Idefics2's fixed image tokens) get `build_inputs` as is.
+    """
+    from .inputs import row_by_row
+
+    if not row_by_row(engine.processor):
+        return engine.build_inputs(batch, split)
+    inputs = engine._processor_call(batch, split, None).to(engine.model.device)
+    vision = VisionInputs([images for images, _ in batch], split)
+    inputs["vision"] = vision.collect(engine.processor.image_processor) if collect else vision
+    return inputs
+
+
+def model_kwargs(model, inputs, chunk: int, image_processor) -> dict:
+    """generate kwargs: `inputs` with a `"vision"` entry encoded into `mm_encoder_outputs`."""
+    kwargs = dict(inputs)
+    vision = kwargs.pop("vision", None)
+    if vision is None:
+        return kwargs
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    rows = [f for f in encode(model, vision, chunk, image_processor) if f is not None]
+    if rows:
+        kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=rows)}
+    return kwargs

@@ -1,0 +1,147 @@
+"""vision.py: chunked, same-shape image encoding gives the plain model-card answer, with bounded pixels.
+
+The reference is the model card's code: one processor call over all the images (which pads them to a common
+size and sends a pixel mask) and one `generate` with `pixel_values`. Everything runs on the CPU in float32.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import make_image
+
+QUESTION = "What is the total amount due?"
+CASES = {
+    "one page": [("form", 420, 300, 7)],
+    "same-shape pages": [("form", 420, 300, 1), ("noise", 420, 300, 2), ("dark", 420, 300, 3)],
+    "mixed-shape pages": [("dark", 320, 240, 1), ("form", 200, 400, 2), ("noise", 300, 300, 3), ("red", 520, 260, 4)],
+}
+
+
+def picture(kind: str, width: int, height: int, seed: int):
+    """Pages that look different enough for the sharpened model to answer them differently."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    if kind == "form":
+        return make_image(width, height, seed)
+    if kind == "noise":
+        rng = np.random.default_rng(seed)
+        return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    image = Image.new("RGB", (width, height), (0, 0, 0) if kind == "dark" else (230, 20, 20))
+    draw = ImageDraw.Draw(image)
+    draw.text((20, 20), f"Total: {seed * 42}", fill="white")
+    draw.rectangle([40, 40, width // 2, height // 2], fill=(20, 20, 230))
+    return image
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model, sharp_model):
+    from idefics_cli.model import ModelOptions, load
+
+    loaded = {}
+    for name, folder in (("tiny", tiny_model), ("sharp", sharp_model)):
+        for split in (True, False):
+            loaded[name, split] = load(ModelOptions(model=folder, quant="none", device="cpu", split=split))
+    return loaded
+
+
+def plain(model_dir, model, images, split, max_new_tokens=10):
+    """The model card's snippet: one processor call, one generate with pixel_values."""
+    import torch
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir, do_image_splitting=split)
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": QUESTION}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = processor(text=prompt, images=images, return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return inputs, out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("split", [True, False], ids=["split", "no-split"])
+@pytest.mark.parametrize("which", ["tiny", "sharp"])
+def test_chunked_answer_equals_the_model_card_path(engines, tiny_model, sharp_model, which, split, case):
+    engine = engines[which, split]
+    images = [picture(*spec) for spec in CASES[case]]
+    reference, expected = plain(tiny_model if which == "tiny" else sharp_model, engine.model, images, split)
+    if case == "mixed-shape pages":
+        assert not reference["pixel_attention_mask"].all()  # the premise: the plain path pads
+    for chunk in (1, 3, None):  # one image a call, chunks that cut across pages, the automatic size
+        engine.vision_chunk = chunk
+        try:
+            inputs = engine.prepare([(images, QUESTION)])
+            assert "pixel_values" not in inputs and "pixel_values" not in engine.model_kwargs(
+                engine.prepare([(images, QUESTION)]))
+            assert inputs["input_ids"].tolist() == reference["input_ids"].tolist()
+            gen = engine.generate(inputs, max_new_tokens=10)
+        finally:
+            engine.vision_chunk = None
+        assert gen.token_ids == expected, (which, split, case, chunk)
+
+
+def test_the_sharpened_model_looks_at_the_pixels(engines, sharp_model):
+    """Without this, the identity above could hold for a model that ignores images."""
+    engine = engines["sharp", True]
+    pages = [picture(*spec) for spec in CASES["mixed-shape pages"]]
+    answers = {tuple(plain(sharp_model, engine.model, [page], True)[1]) for page in pages}
+    assert len(answers) >= 3
+
+
+def test_batched_rows_equal_the_plain_batch(engines):
+    """A transcribe batch (one page a row, mixed shapes): the same greedy ids as the padded processor batch."""
+    engine = engines["sharp", True]
+    batch = [([picture(*spec)], "Transcribe.") for spec in CASES["mixed-shape pages"]]
+    expected = [g.token_ids for g in engine.generate_batch(engine.build_inputs(batch), max_new_tokens=6)]
+    prepared = engine.prepare(batch, collect=True)
+    assert prepared["vision"].next == len(batch)  # every pixel built ahead (the prefetch thread's work)
+    assert [g.token_ids for g in engine.generate_batch(prepared, max_new_tokens=6)] == expected
+
+
+def test_pixels_are_unpadded_grouped_by_shape_and_bounded(engines, monkeypatch):
+    """Each vision call gets <= chunk images of one shape, no mask; at most chunk + one page's images wait."""
+    from transformers.models.idefics2.modeling_idefics2 import Idefics2Model
+
+    from idefics_cli import vision
+
+    engine = engines["tiny", True]
+    calls, waiting = [], []
+    real_features, real_build = Idefics2Model.get_image_features, vision.VisionInputs.build_one
+
+    def features(self, pixel_values, pixel_attention_mask=None, **kwargs):
+        calls.append((tuple(pixel_values.shape), pixel_attention_mask))
+        return real_features(self, pixel_values, pixel_attention_mask, **kwargs)
+
+    def build_one(self, image_processor):
+        real_build(self, image_processor)
+        waiting.append(self.pending)
+
+    monkeypatch.setattr(Idefics2Model, "get_image_features", features)
+    monkeypatch.setattr(vision.VisionInputs, "build_one", build_one)
+    pages = [make_image(*((420, 300) if k % 2 else (300, 420)), seed=k) for k in range(8)]
+    engine.vision_chunk = 4
+    try:
+        engine.generate(engine.prepare([(pages, QUESTION)]), max_new_tokens=1)
+    finally:
+        engine.vision_chunk = None
+    assert len(waiting) == 8 and max(waiting) <= 4 + 5 - 1  # built page by page, flushed at the chunk size
+    assert sum(shape[0] for shape, _ in calls) == 8 * 5 and all(shape[0] <= 4 for shape, _ in calls)
+    assert all(mask is None and shape[1] == 1 for shape, mask in calls)
+    # one shape per call, and it is the images' own: the processor's pixels of one page, trimmed by its mask
+    shapes = {shape[-2:] for shape, _ in calls}
+    own = set()
+    for page in pages:
+        out = engine.processor.image_processor([[page]], do_image_splitting=True)
+        for mask in out["pixel_attention_mask"][0]:
+            own.add((int(mask.any(1).sum()), int(mask.any(0).sum())))
+    assert shapes == own
+
+
+def test_auto_chunk(engines, monkeypatch):
+    from idefics_cli.vision import CHUNK_ENV, auto_chunk
+
+    engine = engines["tiny", True]
+    assert 1 <= auto_chunk(engine.model, "cpu") <= 16
+    monkeypatch.setenv(CHUNK_ENV, "3")
+    assert auto_chunk(engine.model, "cpu") == 3
