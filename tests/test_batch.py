@@ -238,7 +238,8 @@ def test_prefetch_groups_pages_by_size_within_a_bounded_window(tmp_path):
 
     pdf = pymupdf.open()
     for k in range(11):
-        pdf.new_page(width=200, height=300) if k % 2 == 0 else pdf.new_page(width=300, height=200)
+        page = pdf.new_page(width=200, height=300) if k % 2 == 0 else pdf.new_page(width=300, height=200)
+        page.insert_text((20, 40), f"Page {k + 1}", fontsize=14)  # not blank: blank pages never reach a batch
     pdf.save(str(tmp_path / "mixed.pdf"))
     built, waiting = [], []
 

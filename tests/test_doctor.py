@@ -147,3 +147,16 @@ def test_extras_are_found_from_metadata_without_importing_them(tmp_path):
 
     assert ray["packages"] == {d: have(d) for d in ("ray", "pyarrow", "pandas")}  # this environment's truth
     assert ray["installed"] is all(ray["packages"].values()) and "--engine ray" in ray["enables"]
+
+
+def test_json_verdict_when_the_model_is_not_cached(tmp_path):
+    """Offline with a hub model that is not cached: one error line, exit 5, and still a JSON verdict on stdout."""
+    from conftest import run_idefics
+
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"), "IDEFICS_MODEL": ""}
+    res = run_idefics("doctor", "--json", "--offline", env=env, timeout=60)
+    assert res.returncode == 5
+    assert res.stderr.decode().strip().startswith("error [model_error]: HuggingFaceM4/idefics2-8b is not in the")
+    report = json.loads(res.stdout)
+    assert report == {"schema": "idefics-cli.doctor/1", "ok": False,
+                      "reason": "HuggingFaceM4/idefics2-8b is not in the local cache (offline)"}

@@ -8,7 +8,8 @@ package metadata without importing them. The report goes to stdout (one JSON obj
 `idefics-cli.doctor/1`). Exit 0 when the setup can run: 4-bit works on the device (for `--quant 4bit`),
 the model is available locally and, on a GPU, the estimate fits in free memory; else exit 5 with a
 one-line reason on stderr. A hub model that is not cached while offline or without the hub fails first,
-within a second, like every command (hub.local_only), before the checks run. The network is touched only
+within a second, like every command (hub.local_only), before the checks run (`--json` then prints only
+`schema`, `ok` and `reason`). The network is touched only
 to fetch config.json for the estimate of a model that is not cached yet, never with `--offline`.
 """
 
@@ -147,7 +148,12 @@ def _doctor(out, opts, as_json: bool) -> int:
     from ..errors import IdeficsError
     from ..hub import local_only
 
-    local_only(opts)  # a model that is not cached and cannot be fetched: one line at once, before the checks
+    try:
+        local_only(opts)  # a model that is not cached and cannot be fetched: one line at once, before the checks
+    except IdeficsError as err:
+        if as_json:  # a script still reads the verdict on stdout
+            out.json_line({"schema": SCHEMA, "ok": False, "reason": err.message})
+        raise
     with out.status("Checking…"):
         report = diagnose(opts)
     if as_json:
