@@ -122,14 +122,7 @@ def page_tree_cycle_pdf(good_pages: int = 0) -> bytes:
                                                           + b" 3 0 R", good_pages + 1),
             b"<< /Type /Pages /Parent 2 0 R /Kids [3 0 R] /Count 1 >>"]
     objs += [b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 200 150] >>"] * good_pages
-    out, offsets = b"%PDF-1.7\n", []
-    for number, body in enumerate(objs, 1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objs) + 1)
-    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
-    return out + b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objs) + 1, xref)
+    return _pdf_from_objects(objs)
 
 
 def _pdf_from_objects(objects: list[bytes], trailer: bytes = b"") -> bytes:
