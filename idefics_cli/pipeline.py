@@ -110,9 +110,7 @@ def open_sink(out: str, docs: list[Input], settings: str):
         return JsonlSink(out)
     if os.path.isdir(out) or out.endswith(("/", os.sep)):
         return FolderSink(out, docs, settings)
-    if os.path.lexists(out):
-        raise UsageError(f"--out {out} is neither a .jsonl file nor a folder", OUT_HINT)
-    if os.path.splitext(os.path.basename(out))[1]:
+    if os.path.lexists(out) or os.path.splitext(os.path.basename(out))[1]:  # a file, or a name with a suffix
         raise UsageError(f"--out {out} is neither a .jsonl file nor a folder", OUT_HINT)
     return FolderSink(out, docs, settings)
 
