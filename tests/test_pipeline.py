@@ -32,7 +32,7 @@ class OomInjector:
         rows, images = inputs["input_ids"].shape[0], max(inputs["vision"].slots)  # images (crops) a row
         self.calls.append((rows, images))
         if self.fails(rows, images):
-            from idefics_cli.model import generation_error
+            from idefics_cli.engine import generation_error
 
             raise generation_error(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
         return self.engine.generate_batch(inputs, max_new_tokens)

@@ -112,8 +112,8 @@ def cut_note(max_new_tokens: int, group=None) -> str:
 
 
 def _answer(out, engine, group, question, as_json, header, start, render_s: float) -> None:
+    from ..engine import Generation
     from ..errors import warning_line
-    from ..model import Generation
     from ..records import Answer, Source
 
     t0 = time.perf_counter()

@@ -223,7 +223,7 @@ class Session:
             self.out.console.print(message, style="dim", markup=False)
 
     def _ask(self, question: str) -> None:
-        from ..model import Generation
+        from ..engine import Generation
         from ..records import Answer, Source
 
         start = time.perf_counter()

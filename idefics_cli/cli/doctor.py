@@ -56,8 +56,9 @@ def diagnose(opts) -> dict:
     """Every check, as one JSON-ready dict (`ok` and `reason` hold the verdict)."""
     from .. import diagnostics as d
     from .. import extras
+    from ..engine import QUANT_NAMES
     from ..errors import IdeficsError
-    from ..model import QUANT_NAMES, quiet_libraries, resolve_device, resolve_dtype
+    from ..model import quiet_libraries, resolve_device, resolve_dtype
 
     quiet_libraries()
     report: dict = {"schema": SCHEMA, "ok": False, "reason": None, "versions": d.versions(), "system": d.system_info(),

@@ -1,0 +1,272 @@
+"""The engine: a loaded processor + model pair that builds inputs and streams greedy answers.
+
+Contract:
+- `Engine.build_inputs(batch)` turns [(images, question), ...] into processor outputs exactly as
+  `processor.apply_chat_template` + `processor(text=..., images=...)` would (left padding for batches; the
+  pixels of a batch one row at a time, inputs.py; the pixel mask as bool): the plain path.
+  `Engine.prepare(batch)` gives the same token ids, but the images reach the model through vision.py, in
+  bounded same-shape chunks encoded when generation starts (what `ask` and `transcribe` use).
+- `Engine.stream_generate(inputs)` yields text pieces as they are generated (greedy, stops at
+  `<end_of_utterance>`); the returned `Generation` then knows the token counts and the finish reason.
+  `Engine.generate(inputs)` is its join; `Engine.generate_batch(inputs)` answers a left-padded batch.
+- Token arithmetic (image tokens per image, context size) is read from the processor and the config,
+  never hard-coded, so Idefics3-style processors work too.
+torch and transformers are imported inside functions only.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from queue import Queue
+from typing import TYPE_CHECKING
+
+from .errors import IdeficsError, UsageError, is_oom
+from .prompts import user_turn
+
+if TYPE_CHECKING:
+    from .model import ModelOptions
+
+QUANT_NAMES = {"4bit": "nf4", "8bit": "int8", "none": "none"}
+
+
+@dataclass
+class Generation:
+    """One answer in progress; filled in while `stream_generate` runs."""
+
+    text: str = ""
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    first_token_s: float | None = None
+    total_s: float = 0.0
+    token_ids: list[int] = field(default_factory=list)
+
+
+class Engine:
+    """A loaded processor + model pair and what is known about it."""
+
+    def __init__(self, processor, model, options: ModelOptions, device: str, dtype, load_s: float):
+        self.processor = processor
+        self.model = model
+        self.options = options
+        self.device = device
+        self.dtype = dtype
+        self.load_s = load_s
+        tokenizer = processor.tokenizer
+        self.image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
+        self.eos_ids = set(self._eos_ids())
+        self.context_size = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        self._lock = threading.Lock()
+        self.vision_chunk: int | None = None  # images per vision call; None: vision.auto_chunk
+
+    def _eos_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+    @property
+    def info(self) -> dict:
+        return {"id": self.options.model, "revision": self.options.revision,
+                "quantization": QUANT_NAMES[self.options.quant], "dtype": str(self.dtype).replace("torch.", ""),
+                "device": self.device}
+
+    # ---- inputs --------------------------------------------------------------------------------
+    def prompt(self, n_images: int, question: str) -> str:
+        return self.processor.apply_chat_template([user_turn(n_images, question)], add_generation_prompt=True)
+
+    def prompt_tokens(self, n_images: int, question: str) -> int:
+        """Exact prompt length in tokens with the images expanded, computed without any pixels."""
+        return len(self.processor(text=[self.prompt(n_images, question)]).input_ids[0])
+
+    def check_context(self, n_images: int, question: str, max_new_tokens: int) -> int:
+        """Refuse up front a prompt that cannot fit the context; returns the prompt length."""
+        total = self.prompt_tokens(n_images, question)
+        if self.context_size and total + max_new_tokens > self.context_size:
+            one = self.prompt_tokens(1, question)
+            fit = (self.context_size - max_new_tokens - one) // (self.prompt_tokens(2, question) - one) + 1
+            raise UsageError(f"{n_images} page images need {total} prompt tokens + {max_new_tokens} new tokens, more "
+                             f"than the model's context of {self.context_size}",
+                             f"at most {max(fit, 0)} pages fit: narrow --pages")
+        return total
+
+    def build_inputs(self, batch: list[tuple[list, str]], split: bool | None = None):
+        """Processor outputs for [(images, question), ...]: one user turn each, left-padded, on the device.
+
+        `split` overrides image splitting for this call only (the out-of-memory fallback). The pixels of a
+        batch are built one row at a time (inputs.py). This is the plain path; `prepare` is what the CLI runs.
+        """
+        from . import inputs as rows_
+
+        images = [list(imgs) for imgs, _ in batch]
+        split = self.options.split if split is None else split
+        by_row = len(batch) > 1 and rows_.row_by_row(self.processor)
+        inputs = self._processor_call(batch, split, None if by_row or not any(images) else images)
+        if by_row:
+            inputs.update(rows_.pixels(self.processor.image_processor, images, split))
+        elif "pixel_attention_mask" in inputs:  # 0/1 as int64 from the processor: the same mask in 1/8 of the memory
+            # through numpy, not torch: a torch op here would start OpenMP workers in the prefetch thread, and a
+            # second idle OpenMP team makes libgomp throttle the one that generates (1.25x slower batches)
+            import torch
+
+            inputs["pixel_attention_mask"] = torch.from_numpy(inputs["pixel_attention_mask"].numpy().astype(bool))
+        return inputs.to(self.model.device)
+
+    def _processor_call(self, batch, split: bool, images):
+        prompts = [self.prompt(len(imgs), question) for imgs, question in batch]
+        kwargs = {"padding": True} if len(batch) > 1 else {}
+        image_processor = self.processor.image_processor
+        # the configured default comes from the options: the processor's attribute is briefly overridden under
+        # the lock by other threads (the main thread's no-split fallback while the prefetch thread builds)
+        with self._lock:
+            image_processor.do_image_splitting = split  # the text's image tokens depend on it
+            try:
+                return self.processor(text=prompts, images=images, return_tensors="pt", **kwargs)
+            finally:
+                image_processor.do_image_splitting = self.options.split
+
+    def prepare(self, batch: list[tuple[list, str]], split: bool | None = None, collect: bool = False):
+        """The processor's token ids; the images go to the model through vision.py (same-shape chunks, no padding)."""
+        from .vision import prepare
+
+        return prepare(self, batch, self.options.split if split is None else split, collect)
+
+    def model_kwargs(self, inputs) -> dict:
+        """generate() kwargs for `inputs`: a `prepare`d entry's images encoded chunk by chunk (vision.py)."""
+        from .vision import auto_chunk, model_kwargs
+
+        chunk = self.vision_chunk or auto_chunk(self.model, self.device)
+        return model_kwargs(self.model, inputs, chunk, self.processor.image_processor)
+
+    def auto_batch_size(self) -> int:
+        """Pages per generate call: from free GPU memory on CUDA (about 1.5 GiB a page with split), 8 on CPU.
+
+        On the CPU a 4-bit decode step costs about the same for 1 or 8 rows (the weights are dequantized once a
+        step), so 8 pages a call transcribe faster than 4 (bench/transcribe.py).
+        """
+        import torch
+
+        if not self.device.startswith("cuda"):
+            return 8
+        free, _ = torch.cuda.mem_get_info(torch.device(self.device))
+        per_page = (1.5 if self.options.split else 0.4) * 2**30
+        return max(1, min(32, int(free * 0.8 // per_page)))
+
+    def usage(self, inputs, row: int = 0) -> dict:
+        ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()]
+        return {"prompt_tokens": int(ids.numel()), "image_tokens": int((ids == self.image_token_id).sum())}
+
+    # ---- generation ----------------------------------------------------------------------------
+    def _gen_kwargs(self, max_new_tokens: int | None) -> dict:
+        return {"do_sample": False, "max_new_tokens": max_new_tokens or self.options.max_new_tokens}
+
+    def stream_generate(self, inputs, max_new_tokens: int | None = None, generation: Generation | None = None):
+        """Yield text pieces of the greedy answer while it is generated (batch of one)."""
+        import torch
+        from transformers.generation.streamers import BaseStreamer
+
+        gen = generation if generation is not None else Generation()
+        pieces: Queue = Queue()
+        stop = threading.Event()
+        tokenizer = self.processor.tokenizer
+        start = time.perf_counter()
+
+        class _Streamer(BaseStreamer):
+            prompt_seen = False
+
+            def put(self, value):
+                if not self.prompt_seen:
+                    self.prompt_seen = True
+                    return
+                gen.token_ids.extend(int(t) for t in value.reshape(-1).tolist())
+                pieces.put(("tokens", None))
+
+            def end(self):
+                pass
+
+        class _Stop:
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        from transformers import StoppingCriteriaList
+
+        def run():
+            try:
+                with torch.inference_mode():
+                    self.model.generate(**self.model_kwargs(inputs), **self._gen_kwargs(max_new_tokens),
+                                        streamer=_Streamer(),
+                                        stopping_criteria=StoppingCriteriaList([_Stop()]))
+                pieces.put(("done", None))
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread
+                pieces.put(("error", exc))
+
+        thread = threading.Thread(target=run, name="idefics-generate", daemon=True)
+        thread.start()
+        emitted = ""
+        try:
+            while True:
+                kind, payload = pieces.get()
+                if kind == "error":
+                    raise generation_error(payload)
+                text = tokenizer.decode(self._answer_ids(gen.token_ids), skip_special_tokens=True)
+                if kind == "done":
+                    new = text[len(emitted):] if text.startswith(emitted) else text
+                    if new:
+                        yield new
+                    emitted = text
+                    break
+                if text.endswith("\ufffd") or not text.startswith(emitted):
+                    continue  # an unfinished multi-byte character: wait for the next token
+                if len(text) > len(emitted):
+                    if gen.first_token_s is None:
+                        gen.first_token_s = time.perf_counter() - start
+                    yield text[len(emitted):]
+                    emitted = text
+        finally:
+            stop.set()
+            thread.join()
+        gen.text = emitted
+        gen.completion_tokens = len(gen.token_ids)
+        gen.finish_reason = "stop" if gen.token_ids and gen.token_ids[-1] in self.eos_ids else "length"
+        gen.total_s = time.perf_counter() - start
+        if gen.first_token_s is None:
+            gen.first_token_s = gen.total_s
+
+    def _answer_ids(self, ids: list[int]) -> list[int]:
+        return [i for i in ids if i not in self.eos_ids]
+
+    def generate(self, inputs, max_new_tokens: int | None = None) -> Generation:
+        gen = Generation()
+        for _ in self.stream_generate(inputs, max_new_tokens, gen):
+            pass
+        return gen
+
+    def generate_batch(self, inputs, max_new_tokens: int | None = None) -> list[Generation]:
+        """Greedy answers for a left-padded batch (no streaming)."""
+        import torch
+
+        kwargs = self._gen_kwargs(max_new_tokens)
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                out = self.model.generate(**self.model_kwargs(inputs), **kwargs)
+        except Exception as exc:
+            raise generation_error(exc) from exc
+        elapsed = time.perf_counter() - start
+        new = out[:, inputs["input_ids"].shape[1]:].tolist()
+        results = []
+        for ids in new:
+            ended = next((k for k, t in enumerate(ids) if t in self.eos_ids), None)
+            ids = ids[: ended + 1] if ended is not None else ids
+            text = self.processor.tokenizer.decode(self._answer_ids(ids), skip_special_tokens=True)
+            results.append(Generation(text=text, completion_tokens=len(ids), token_ids=ids, total_s=elapsed,
+                                      first_token_s=None, finish_reason="stop" if ended is not None else "length"))
+        return results
+
+
+def generation_error(exc: BaseException) -> IdeficsError:
+    if isinstance(exc, IdeficsError):
+        return exc
+    if is_oom(exc):
+        return IdeficsError("out_of_memory", "ran out of memory while generating",
+                            "try --no-split, fewer pages or --batch-size 1")
+    return IdeficsError("generation_error", f"generation failed: {type(exc).__name__}: {str(exc)[:300]}")
