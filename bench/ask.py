@@ -52,6 +52,7 @@ def main(argv=None) -> int:
     if not same:
         print("answers differ:\n" + "\n---\n".join(sorted(answers)), file=sys.stderr)
         return 1
+    c.footer()
     return 0
 
 

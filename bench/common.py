@@ -4,6 +4,14 @@ Contract: every benchmark runs what it measures in a child process (so imports, 
 the child's own) and compares it with a baseline measured in the same run, interleaved (A, B, A, B, ...)
 so that load from other processes on the machine hits both alike; figures are medians of several runs.
 Nothing here imports torch: the driver stays light and builds models in a child process too.
+
+Quiet-machine gate: a ratio taken while other jobs load the machine is not a result. Every `run` records the
+1-minute load average before and after the child, and the CPU that *other* processes used while it ran
+("foreign load", in cores: the machine's busy time from /proc/stat minus the child's and this driver's own CPU
+time, over the wall time; the load average after a run mostly counts the benchmark itself). `footer()` prints
+them and marks the whole benchmark NOT QUIET when the load average before the first run, or the foreign load
+of any run, exceeds `QUIET` (0.5): such figures must not go into RESULTS.md. `header()` first waits (up to
+`--settle` seconds, default 120) for the load average to fall under `QUIET`.
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ def parser(description: str, reps: int) -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="smallest run: tiny model, 2 pages, 1 repetition")
     p.add_argument("--reps", type=int, default=reps, help=f"runs of each side, interleaved (default {reps})")
     p.add_argument("--model", help="an Idefics2 folder to use instead of building the random one")
+    p.add_argument("--settle", type=float, default=120,
+                   help="seconds to wait at the start for the load average to fall under 0.5 (default 120)")
     return p
 
 
@@ -132,6 +142,41 @@ def make_page_image(path: str) -> str:
     return path
 
 
+QUIET = 0.5  # load average / foreign cores above which figures are not recorded
+LOADS: list[dict] = []  # one entry per `run`: load average before/after, foreign load during
+
+
+def _busy_seconds() -> float | None:
+    """CPU seconds all processors have spent busy since boot (/proc/stat), or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def one_minute_load() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+
+
+def settle(limit: float) -> float:
+    """Wait up to `limit` seconds for the 1-minute load average to fall under QUIET; returns it."""
+    deadline = time.monotonic() + limit
+    load = one_minute_load()
+    while load >= QUIET and time.monotonic() < deadline:
+        print(f"# waiting for a quiet machine: load average {load:.2f}", file=sys.stderr, flush=True)
+        time.sleep(10)
+        load = one_minute_load()
+    return load
+
+
 @dataclass
 class Run:
     """One child process: wall time, time to its first stdout byte, peak RSS, output."""
@@ -146,6 +191,7 @@ class Run:
 
 def run(cmd: list[str], timeout: float = 3600, extra_env: dict | None = None) -> Run:
     """Run `cmd`; time it from spawn to exit and to its first byte on stdout; peak RSS from wait4()."""
+    load_before, busy0, own0 = one_minute_load(), _busy_seconds(), _own_cpu()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**env(), **(extra_env or {})},
                             cwd=ROOT)
@@ -171,6 +217,10 @@ def run(cmd: list[str], timeout: float = 3600, extra_env: dict | None = None) ->
             proc.kill()
         time.sleep(0.005)
     wall = time.perf_counter() - start
+    busy1, own1 = _busy_seconds(), _own_cpu()
+    child_cpu = usage.ru_utime + usage.ru_stime
+    foreign = None if busy0 is None else max(0.0, (busy1 - busy0 - child_cpu - (own1 - own0)) / wall)
+    LOADS.append({"before": load_before, "after": one_minute_load(), "foreign": foreign, "wall": wall})
     for t in threads:
         t.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -202,6 +252,8 @@ def fmt(value: float, unit: str = "") -> str:
 
 def table(title: str, rows: list[list], headers: list[str]) -> str:
     """A Markdown table (also readable on a terminal), printed and returned."""
+    if not quiet():
+        title += f" [NOT QUIET: load above {QUIET}, not for RESULTS.md]"
     cells = [[str(c) for c in row] for row in [headers, *rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
@@ -221,8 +273,30 @@ def load_average() -> str:
     return f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a"
 
 
+START_LOAD: list[float] = []
+
+
+def quiet() -> bool:
+    """True when the machine was quiet for the whole benchmark (see the module docstring)."""
+    foreign = [r["foreign"] for r in LOADS if r["foreign"] is not None]
+    return all(x < QUIET for x in START_LOAD) and all(x < QUIET for x in foreign)
+
+
 def footer() -> None:
+    foreign = [r["foreign"] for r in LOADS if r["foreign"] is not None]
+    if LOADS:
+        pairs = [f"{r['before']:.2f}/{r['after']:.2f}" for r in LOADS]
+        print(f"# load average before/after each run: {', '.join(pairs)}", flush=True)
+    if foreign:
+        print(f"# foreign load during each run (cores used by other processes): "
+              f"{', '.join(f'{x:.2f}' for x in foreign)}; max {max(foreign):.2f}", flush=True)
     print(f"# load average at the end: {load_average()}", flush=True)
+    if quiet():
+        print(f"# QUIET: load average at the start and foreign load of every run under {QUIET}", flush=True)
+    else:
+        start = f"{START_LOAD[0]:.2f}" if START_LOAD else "n/a"
+        print(f"# NOT QUIET (load average at the start {start}, foreign load up to "
+              f"{max(foreign, default=0):.2f}): these figures must not be recorded in RESULTS.md", flush=True)
 
 
 def machine() -> str:
@@ -244,6 +318,7 @@ def machine() -> str:
 
 def header(name: str, args) -> None:
     prime()
+    START_LOAD.append(settle(0 if args.smoke else getattr(args, "settle", 120)))
     print(f"# {name}: {' '.join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])}", flush=True)
     print(f"# machine: {machine()}", flush=True)
     if args.smoke:

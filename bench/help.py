@@ -29,6 +29,7 @@ def main(argv=None) -> int:
         ['python -c "import torch, transformers" (baseline)', f"{b:.3f} s", "1.00x", ""],
         ["idefics --help", f"{h:.3f} s", f"{ratio:.3f}x", c.verdict(ratio, 0.10, at_most=True)],
     ], ["command", "wall (median)", "ratio", "target"])
+    c.footer()
     return 0
 
 

@@ -17,7 +17,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"help": False, "ask": True, "transcribe": True, "memory": True, "shapes": True, "pages": True,
-           "gpu": False}  # name -> takes --model
+           "decompose": True, "gpu": False}  # name -> takes --model
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,19 @@ def test_transcribe_smoke(smoke):
     # a count of identical pages, not yes/no, and the batch-invariant side (--batch-size 1) beside the default
     assert re.search(r"pages identical to the plain loop: \d/2", out) and "--batch-size 1, batch-invariant" in out
     assert "batch-invariant --batch-size 1 costs" in out and "# load average at the end" in out
+    assert "model only (engine's batched generate" in out and re.search(r"pages/s = [\d.]+x of model-only", out)
+    # the quiet-machine gate: load before/after each run and the other processes' load are always reported
+    assert "# load average before/after each run: " in out and "# foreign load during each run" in out
+    assert "# QUIET" in out or "# NOT QUIET" in out
+
+
+def test_decompose_smoke(smoke):
+    out = finished(smoke, "decompose")
+    assert "P3 decomposition: seconds per page, 2-page PDF" in out
+    for stage in ("render (PyMuPDF)", "preprocess (processor)", "vision tower + connector", "language prefill",
+                  "decode, 4 tokens"):
+        assert re.search(rf"\| {re.escape(stage)}\s*\| -?[\d.]+\s*\| -?[\d.]+", out), stage
+    assert re.search(r"bound on the speed-up over the plain loop at batch 2 .* = [\d.]+x", out)
 
 
 def test_memory_smoke(smoke):

@@ -1,0 +1,110 @@
+"""Child processes that time the model's stages through idefics-cli's own engine (the driver is elsewhere).
+
+    python bench/stages.py model-only MODEL PDF PROMPT [--batch-size auto|N] [--max-new-tokens N]
+        JSON {"seconds", "texts", "batch_size"}: every page rendered and preprocessed first (not timed), then
+        only the engine's batched generate (vision tower + connector, prefill, decode) is timed, batch by batch.
+    python bench/stages.py decompose MODEL PDF PROMPT [--batch-sizes 1,8] [--max-new-tokens N]
+        JSON {"render_s", "preprocess_s", "batches": {B: {vision_s, prefill_s, decode_token_s, ...}}}: seconds
+        per page to render, to preprocess (processor: resize, split, normalise), and per call of B pages the
+        vision tower + connector, the language prefill (a generate of one token on precomputed image features)
+        and one decode step (from a generate of T tokens forced to length T, minus the one-token generate), after
+        one untimed warm-up page.
+
+Both load the model with `idefics_cli.model.load` (4-bit nf4, CPU, float32 compute), as `idefics transcribe` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+
+def _load(model_dir: str):
+    from idefics_cli.model import ModelOptions, load
+
+    return load(ModelOptions(model=model_dir, device="cpu", offline=True))
+
+
+def _pages(pdf: str) -> tuple[list, float]:
+    """Every page of `pdf` rendered as `transcribe` renders it; seconds per page."""
+    from idefics_cli.documents import open_document
+
+    with open_document(pdf) as doc:
+        start = time.perf_counter()
+        images = [doc.render(p) for p in range(1, doc.page_count + 1)]
+    return images, (time.perf_counter() - start) / len(images)
+
+
+def model_only(args) -> None:
+    engine = _load(args.model)
+    size = engine.auto_batch_size() if args.batch_size == "auto" else int(args.batch_size)
+    images, _ = _pages(args.pdf)
+    batches = [engine.prepare([([im], args.question) for im in images[k:k + size]], collect=True)
+               for k in range(0, len(images), size)]
+    images = None
+    texts = []
+    start = time.perf_counter()
+    for k in range(len(batches)):
+        texts += [g.text for g in engine.generate_batch(batches[k], args.max_new_tokens)]
+        batches[k] = None
+    print(json.dumps({"seconds": time.perf_counter() - start, "texts": texts, "batch_size": size}))
+
+
+def _generate(engine, kwargs: dict, tokens: int) -> float:
+    import torch
+
+    start = time.perf_counter()
+    with torch.inference_mode():
+        engine.model.generate(**kwargs, do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens)
+    return time.perf_counter() - start
+
+
+def decompose(args) -> None:
+    engine = _load(args.model)
+    images, render_s = _pages(args.pdf)
+    tokens = args.max_new_tokens
+    out = {"render_s": render_s, "tokens": tokens, "batches": {}}
+    _generate(engine, engine.model_kwargs(engine.prepare([([images[0]], args.question)], collect=True)), 2)  # warm-up
+    pre = []
+    for size in [int(b) for b in args.batch_sizes.split(",")]:
+        rows = {"vision_s": [], "prefill_s": [], "decode_token_s": []}
+        for k in range(0, len(images) - size + 1, size):
+            batch = [([im], args.question) for im in images[k:k + size]]
+            t0 = time.perf_counter()
+            inputs = engine.prepare(batch, collect=True)
+            pre.append((time.perf_counter() - t0) / size)
+            t0 = time.perf_counter()
+            kwargs = engine.model_kwargs(inputs)
+            rows["vision_s"].append(time.perf_counter() - t0)
+            one = _generate(engine, kwargs, 1)
+            many = _generate(engine, kwargs, tokens)
+            rows["prefill_s"].append(one)
+            rows["decode_token_s"].append((many - one) / (tokens - 1))
+        out["batches"][size] = {name: statistics.median(v) for name, v in rows.items()}
+        out["batches"][size]["calls"] = len(rows["vision_s"])
+        out["batches"][size]["prompt_tokens"] = int(inputs["input_ids"].shape[1])
+    out["preprocess_s"] = statistics.median(pre)
+    print(json.dumps(out))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("mode", choices=["model-only", "decompose"])
+    p.add_argument("model")
+    p.add_argument("pdf")
+    p.add_argument("question")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", default="auto")
+    p.add_argument("--batch-sizes", default="1,8")
+    args = p.parse_args(argv)
+    from idefics_cli.model import quiet_libraries
+
+    quiet_libraries()
+    (model_only if args.mode == "model-only" else decompose)(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
