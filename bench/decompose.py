@@ -26,20 +26,8 @@ import tempfile
 import common as c
 
 
-def main(argv=None) -> int:
-    p = c.parser(__doc__, reps=3)
-    p.add_argument("--pages", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    args = p.parse_args(argv)
-    reps, pages, n = (1, 2, 4) if args.smoke else (args.reps, args.pages, args.max_new_tokens)
-    sizes = [1, 2] if args.smoke else [1, 8]
-    c.header("P3 decomposition", args)
-    model = args.model or c.model_dir("tiny" if args.smoke else "mid")
-    with tempfile.TemporaryDirectory() as tmp:
-        pdf = c.make_pdf(os.path.join(tmp, "doc.pdf"), pages)
-        cmd = [sys.executable, os.path.join(c.HERE, "stages.py"), "decompose", model, pdf, c.TRANSCRIBE_PROMPT,
-               "--max-new-tokens", str(n), "--batch-sizes", ",".join(map(str, sizes))]
-        runs = [json.loads(r.stdout) for r in c.interleave({"decompose": lambda: c.run(cmd)}, reps)["decompose"]]
+def report(runs: list[dict], sizes: list[int], pages: int, n: int, where: str = "") -> float:
+    """The stage table (seconds per page, medians over `runs` of stages.decompose_engine) and the bound."""
 
     def med(key, size=None):
         return c.median(r[key] if size is None else r["batches"][str(size)][key] for r in runs)
@@ -58,13 +46,33 @@ def main(argv=None) -> int:
     serial = render + pre + sum(per_page[1].values())
     model_b = sum(per_page[sizes[-1]].values())
     rows.append(["page total, serial", f"{serial:.3f}", f"{render + pre + model_b:.3f}", ""])
-    c.table(f"P3 decomposition: seconds per page, {pages}-page PDF, {n} new tokens, median of {reps} run(s)",
+    c.table(f"P3 decomposition{where}: seconds per page, {pages}-page PDF, {n} new tokens, median of {len(runs)} "
+            "run(s)",
             rows, ["stage", "batch 1", f"batch {sizes[-1]}", "batch vs 1"])
     bound = serial / model_b
     print(f"bound on the speed-up over the plain loop at batch {sizes[-1]} (render + preprocess hidden, decode "
           f"shared): {serial:.3f} / {model_b:.3f} = {bound:.2f}x; without hiding render + preprocess: "
           f"{serial / (render + pre + model_b):.2f}x; model-only at batch 1 vs {sizes[-1]}: "
           f"{sum(per_page[1].values()) / model_b:.2f}x", flush=True)
+    return bound
+
+
+def main(argv=None) -> int:
+    p = c.parser(__doc__, reps=3)
+    p.add_argument("--pages", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    args = p.parse_args(argv)
+    reps, pages, n = (1, 2, 4) if args.smoke else (args.reps, args.pages, args.max_new_tokens)
+    sizes = [1, 2] if args.smoke else [1, 8]
+    c.header("P3 decomposition", args)
+    model = args.model or c.model_dir("tiny" if args.smoke else "mid")
+    with tempfile.TemporaryDirectory() as tmp:
+        pdf = c.make_pdf(os.path.join(tmp, "doc.pdf"), pages)
+        cmd = [sys.executable, os.path.join(c.HERE, "stages.py"), "decompose", model, pdf, c.TRANSCRIBE_PROMPT,
+               "--max-new-tokens", str(n), "--batch-sizes", ",".join(map(str, sizes))]
+        runs = [json.loads(r.stdout) for r in c.interleave({"decompose": lambda: c.run(cmd)}, reps)["decompose"]]
+
+    report(runs, sizes, pages, n)
     c.footer()
     return 0
 

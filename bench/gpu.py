@@ -15,6 +15,9 @@ tower over bounded same-shape chunks) against the model card's (one processor ca
 one `pixel_values`, one `generate`): peak VRAM (weights included; target under 12 GiB, so that a 16 GB card
 can do it) and time to first token (from the rendered pages to the first new token), or the plain path's
 out-of-memory. `--smoke` without CUDA runs this comparison alone, on the CPU: 3 small pages, the tiny model.
+
+Then P3's decomposition (bench/decompose.py) on the 4-bit model: seconds per page to render, preprocess, run the
+vision tower + connector, prefill and decode, at batch 1 and 8, and the bound on what batching can give.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import tempfile
 import time
 
 import common as c
+import decompose
+import stages
 
 
 def one_page_inputs(engine, pdf):
@@ -132,6 +137,17 @@ def ask_pages(engine, pdf: str, pages: int, plain: bool, base: int = 0, dpi: int
     return {"oom": False, "ttft": ttft, "peak": peak, "first": first}
 
 
+def stage_times(engine, pdf: str, pages: int, tokens: int, sizes: list[int], dpi: int | None = None) -> dict:
+    """P3's decomposition (bench/decompose.py) on this engine: render, preprocess, vision, prefill, decode."""
+    from idefics_cli.documents import open_document
+
+    with open_document(pdf, dpi=dpi) as doc:
+        t0 = time.perf_counter()
+        images = [doc.render(k) for k in range(1, pages + 1)]
+        render_s = (time.perf_counter() - t0) / pages
+    return {"render_s": render_s, **stages.decompose_engine(engine, images, c.TRANSCRIBE_PROMPT, tokens, sizes)}
+
+
 def ask_table(title: str, pages: int, cli: dict, plain: dict) -> None:
     def cells(r):
         if r["oom"]:
@@ -178,6 +194,7 @@ def measure(label: str, model_dir: str, quant: str, pdf: str, args, tmp: str, sn
         row["ask"] = ask_pages(engine, pdf, args.ask_pages, plain=False, base=before)
         row["ask_plain"] = ask_pages(engine, pdf, args.ask_pages, plain=True, base=before)
         inputs = None
+        row["stages"] = stage_times(engine, pdf, 16, args.max_new_tokens, [1, 8])
     del engine, inputs
     gc.collect()
     torch.cuda.empty_cache()
@@ -231,6 +248,7 @@ def main(argv=None) -> int:
           f"vs bf16: VRAM {vram / bf16['peak']:.2f}x, pages/min {nf4['ppm'] / bf16['ppm']:.2f}x")
     ask_table(f"P5 ask over {args.ask_pages} pages, 4-bit nf4, {torch.cuda.get_device_name()}", args.ask_pages,
               nf4["ask"], nf4["ask_plain"])
+    decompose.report([nf4["stages"]], [1, 8], 16, args.max_new_tokens, f" on {torch.cuda.get_device_name()}, 4-bit")
     c.footer()
     return 0
 
@@ -246,7 +264,9 @@ def cpu_smoke(args) -> None:
         engine = load(ModelOptions(model=model_dir, quant="none", device="cpu"))
         cli = ask_pages(engine, pdf, 3, plain=False, dpi=72)
         plain = ask_pages(engine, pdf, 3, plain=True, dpi=72)
+        times = stage_times(engine, pdf, 3, 4, [1, 2], dpi=72)
     ask_table("P5 ask over 3 pages on the CPU (smoke: tiny model, no VRAM)", 3, cli, plain)
+    decompose.report([times], [1, 2], 3, 4, " on the CPU (smoke)")
 
 
 if __name__ == "__main__":

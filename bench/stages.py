@@ -53,41 +53,59 @@ def model_only(args) -> None:
     print(json.dumps({"seconds": time.perf_counter() - start, "texts": texts, "batch_size": size}))
 
 
+def _sync(engine) -> None:
+    if engine.device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
 def _generate(engine, kwargs: dict, tokens: int) -> float:
     import torch
 
+    _sync(engine)
     start = time.perf_counter()
     with torch.inference_mode():
         engine.model.generate(**kwargs, do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens)
+    _sync(engine)
     return time.perf_counter() - start
 
 
-def decompose(args) -> None:
-    engine = _load(args.model)
-    images, render_s = _pages(args.pdf)
-    tokens = args.max_new_tokens
-    out = {"render_s": render_s, "tokens": tokens, "batches": {}}
-    _generate(engine, engine.model_kwargs(engine.prepare([([images[0]], args.question)], collect=True)), 2)  # warm-up
+def decompose_engine(engine, images: list, question: str, tokens: int, sizes: list[int]) -> dict:
+    """Stage times over `images` (rendered pages) at each batch size in `sizes`; see the module docstring."""
+    out: dict = {"tokens": tokens, "batches": {}}
+    _generate(engine, engine.model_kwargs(engine.prepare([([images[0]], question)], collect=True)), 2)  # warm-up
     pre = []
-    for size in [int(b) for b in args.batch_sizes.split(",")]:
-        rows = {"vision_s": [], "prefill_s": [], "decode_token_s": []}
+    for size in sizes:
+        rows: dict[str, list] = {"vision_s": [], "prefill_s": [], "decode_token_s": []}
         for k in range(0, len(images) - size + 1, size):
-            batch = [([im], args.question) for im in images[k:k + size]]
+            batch = [([im], question) for im in images[k:k + size]]
             t0 = time.perf_counter()
             inputs = engine.prepare(batch, collect=True)
             pre.append((time.perf_counter() - t0) / size)
+            _sync(engine)
             t0 = time.perf_counter()
             kwargs = engine.model_kwargs(inputs)
+            _sync(engine)
             rows["vision_s"].append(time.perf_counter() - t0)
             one = _generate(engine, kwargs, 1)
             many = _generate(engine, kwargs, tokens)
             rows["prefill_s"].append(one)
             rows["decode_token_s"].append((many - one) / (tokens - 1))
-        out["batches"][size] = {name: statistics.median(v) for name, v in rows.items()}
-        out["batches"][size]["calls"] = len(rows["vision_s"])
-        out["batches"][size]["prompt_tokens"] = int(inputs["input_ids"].shape[1])
+            kwargs = None
+        out["batches"][str(size)] = {name: statistics.median(v) for name, v in rows.items()}
+        out["batches"][str(size)]["calls"] = len(rows["vision_s"])
+        out["batches"][str(size)]["prompt_tokens"] = int(inputs["input_ids"].shape[1])
     out["preprocess_s"] = statistics.median(pre)
-    print(json.dumps(out))
+    return out
+
+
+def decompose(args) -> None:
+    engine = _load(args.model)
+    images, render_s = _pages(args.pdf)
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    print(json.dumps({"render_s": render_s, **decompose_engine(engine, images, args.question, args.max_new_tokens,
+                                                               sizes)}))
 
 
 def main(argv=None) -> None:

@@ -101,6 +101,7 @@ def test_gpu_smoke(smoke):
     else:  # the ask-over-many-pages comparison still runs, on the CPU
         assert out.startswith("P5 skipped: no CUDA GPU") and "P5 ask over 3 pages on the CPU" in out
         assert "first new token identical: " in out and "idefics ask (chunked" in out
+        assert "P3 decomposition on the CPU (smoke)" in out and "vision tower + connector" in out
 
 
 def test_pymupdf_compare_runs_and_an_install_matches_itself(tmp_path):
