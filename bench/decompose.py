@@ -13,7 +13,13 @@ the vision tower runs on every page whatever the batch. So
 
     bound(B) = (render + preprocess + vision_1 + prefill_1 + T * decode_1) / (vision_B + prefill_B + T * decode_B)
 
-with every term per page. The same formula with idefics2-8b's shapes on a GPU is in bench/RESULTS.md.
+with every term per page.
+
+`--roofline` prints the same bound for the real idefics2-8b shape (tiny.SIZES["full"]) on a GPU, from its shapes
+alone: vision + connector and prefill at the device's dense bf16 peak (compute-bound), a decode step at its memory
+bandwidth (every 4-bit weight read once a step, whatever the batch), render + preprocess as measured here on the
+CPU (`--cpu-page-s`, one core). These are floors for every term, so the ratio is what batching could give at best;
+bench/gpu.py measures the real terms when a GPU is lent.
 """
 
 from __future__ import annotations
@@ -57,11 +63,54 @@ def report(runs: list[dict], sizes: list[int], pages: int, n: int, where: str = 
     return bound
 
 
+def roofline(tokens: int, batch: int, cpu_page_s: float, tflops: float, tbps: float, step_ms: float | None = None
+             ) -> float:
+    """The bound of the module docstring for idefics2-8b's shape on a GPU of `tflops` (bf16) and `tbps` (TB/s)."""
+    from idefics_cli import tiny
+
+    vh, vi, vl, _, th, ti, tl, tn, tkv, pd, _, _, _ = tiny.SIZES["full"]
+    patches = 5 * (980 // 14) * (756 // 14)  # a US-letter page split: 4 crops + the page, each 756 x 980 px
+    vision_params = vl * (4 * vh * vh + 2 * vh * vi)
+    vision = 2 * vision_params * patches + vl * 5 * 4 * (patches // 5) ** 2 * vh  # linear layers + attention
+    connector = 2 * (2 * vh * ti + ti * th) * patches  # the modality projection (SwiGLU) on every patch
+    text_params = tl * (2 * th * th + 2 * th * th * tkv // tn + 3 * th * ti) + 32003 * th
+    prompt = 5 * 64 + 30  # image tokens + the question and the chat template
+    prefill = 2 * text_params * prompt
+    step_bytes = text_params * 0.5 * 1.06  # nf4 weights + double-quantized scales, read once per decode step
+    vision_s, prefill_s = (vision + connector) / (tflops * 1e12), prefill / (tflops * 1e12)
+    step_s = step_ms / 1000 if step_ms else step_bytes / (tbps * 1e12)
+    serial = cpu_page_s + vision_s + prefill_s + tokens * step_s
+    batched = max(cpu_page_s, vision_s + prefill_s + tokens * step_s / batch)  # CPU stages overlap the GPU's
+    step = f"{step_ms} ms a step, given" if step_ms else f"{step_bytes / 1e9:.1f} GB a step"
+    rows = [["render + preprocess (CPU, measured)", f"{cpu_page_s * 1000:.0f}", f"{cpu_page_s * 1000:.0f}"],
+            [f"vision tower + connector ({(vision + connector) / 1e12:.1f} TFLOP)", f"{vision_s * 1000:.1f}",
+             f"{vision_s * 1000:.1f}"],
+            [f"language prefill ({prompt} tokens, {prefill / 1e12:.1f} TFLOP)", f"{prefill_s * 1000:.1f}",
+             f"{prefill_s * 1000:.1f}"],
+            [f"decode, {tokens} tokens ({step})", f"{tokens * step_s * 1000:.1f}",
+             f"{tokens * step_s / batch * 1000:.1f}"]]
+    c.table(f"P3 roofline for idefics2-8b on a GPU of {tflops:.0f} TFLOP/s bf16 and {tbps} TB/s: ms per page (floors)",
+            rows, ["stage", "batch 1", f"batch {batch}"])
+    bound = serial / batched
+    print(f"bound at batch {batch}: {serial * 1000:.0f} / {batched * 1000:.0f} ms = {bound:.2f}x; the page rate is "
+          f"capped at {1 / batched:.1f} pages/s by {'the CPU stages' if batched == cpu_page_s else 'the GPU'}",
+          flush=True)
+    return bound
+
+
 def main(argv=None) -> int:
     p = c.parser(__doc__, reps=3)
     p.add_argument("--pages", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--roofline", action="store_true", help="only the idefics2-8b GPU bound from its shapes")
+    p.add_argument("--cpu-page-s", type=float, default=0.3, help="render + preprocess seconds a page (--roofline)")
+    p.add_argument("--tflops", type=float, default=989, help="dense bf16 TFLOP/s (--roofline; H200: 989)")
+    p.add_argument("--tbps", type=float, default=4.8, help="memory bandwidth in TB/s (--roofline; H200: 4.8)")
+    p.add_argument("--step-ms", type=float, help="a decode step's time instead of the bandwidth floor (--roofline)")
     args = p.parse_args(argv)
+    if args.roofline:
+        roofline(args.max_new_tokens, 8, args.cpu_page_s, args.tflops, args.tbps, args.step_ms)
+        return 0
     reps, pages, n = (1, 2, 4) if args.smoke else (args.reps, args.pages, args.max_new_tokens)
     sizes = [1, 2] if args.smoke else [1, 8]
     c.header("P3 decomposition", args)
