@@ -273,3 +273,20 @@ def test_constrained_differs_when_the_free_answer_does_not_fit(fitted_engine):
     assert constrained[0] != FITTED
     data, code = st.read_answer(constrained[0], s, reasons[0])
     assert code is None and isinstance(data["total"], int), constrained[0]
+
+
+@pytest.mark.parametrize("fmt", sorted(st.FORMATS))
+def test_allowed_formats_are_enforced(engine, fmt):
+    import xgrammar
+
+    s = parse({"type": "string", "format": fmt})
+    matcher = xgrammar.GrammarMatcher(st.compiled(s, engine.processor.tokenizer, 32003, [2, 32002]))
+    assert not (matcher.accept_string('"soon!! x"') and matcher.is_completed())
+
+
+def test_grammar_compiled_once_per_schema_and_tokenizer(engine):
+    tokenizer = engine.processor.tokenizer
+    first = st.compiled(parse("total float"), tokenizer, 32003, [2, 32002])
+    assert st.compiled(parse('{"type": "object", "properties": {"total": {"type": "number"}}, "required": '
+                             '["total"]}'), tokenizer, 32003, [32002, 2]) is first
+    assert st.compiled(parse("total int"), tokenizer, 32003, [2, 32002]) is not first
