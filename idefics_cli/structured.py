@@ -56,7 +56,7 @@ ENFORCED = {"type", "enum", "const", "$ref", "$defs", "definitions", "anyOf",
             "minLength", "maxLength", "pattern", "format"}
 FORMATS = {"date", "time", "date-time", "duration", "email", "uri", "uri-reference", "uuid", "ipv4", "ipv6",
            "hostname"}
-WHY = {"oneOf": "use anyOf (exclusivity is not enforced)", "allOf": "merge the subschemas into one",
+WHY = {"oneOf": "use anyOf: exclusivity is not enforced", "allOf": "merge the subschemas into one",
        "not": "", "if": "", "then": "", "else": "", "uniqueItems": "", "contains": "",
        "dependentRequired": "", "dependentSchemas": ""}
 _LOOKAROUND = re.compile(r"\(\?<?[=!]|\\[1-9]")
@@ -102,7 +102,7 @@ def parse_schema(value: str, grammar_check: bool = True) -> Schema:
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"cannot read the schema file {value}: {exc}") from exc
         source = "file"
-    elif text.endswith(".json") and "," not in text and "\n" not in text:
+    elif (text.endswith(".json") or "/" in text or os.sep in text) and "," not in text and "\n" not in text:
         raise UsageError(f"no such schema file: {value}")
     else:
         schema, source = concise_schema(text), "concise"

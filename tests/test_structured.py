@@ -121,13 +121,20 @@ def test_bad_schemas_are_usage_errors(value, named):
 
 def test_keyword_errors_do_not_import_torch(tmp_path):
     code = ("import sys\nfrom idefics_cli.structured import parse_schema\nfrom idefics_cli.errors import UsageError\n"
-            "try:\n    parse_schema(sys.argv[1])\nexcept UsageError as e:\n    print(e.one_line())\n"
+            "for value in sys.argv[1:]:\n    try:\n        parse_schema(value)\n"
+            "    except UsageError as e:\n        print(e.one_line())\n"
             "print(sorted(m for m in ('torch', 'transformers', 'xgrammar') if m in sys.modules))\n")
-    out = subprocess.run([sys.executable, "-c", code, '{"properties": {"a": {"uniqueItems": true}}}'],
-                         capture_output=True, text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert out.stdout.splitlines() == ["error [usage]: --schema: keyword 'uniqueItems' at /properties/a/uniqueItems "
-                                       "is not enforced by constrained decoding (the grammar engine cannot enforce "
-                                       "it; remove it)", "[]"]
+    values = ['{"properties": {"a": {"uniqueItems": true}}}', '{"type": "object", "oneOf": [{"type": "object"}]}',
+              '{"requried": ["a"]}', "total integer", '{"type": 3}', "{nope", "schemas/missing"]
+    out = subprocess.run([sys.executable, "-c", code, *values], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    lines = out.stdout.splitlines()
+    assert lines[0] == ("error [usage]: --schema: keyword 'uniqueItems' at /properties/a/uniqueItems is not "
+                        "enforced by constrained decoding (the grammar engine cannot enforce it; remove it)")
+    for line, named in zip(lines[1:], ["'oneOf'", "'requried'", "'integer'", "'type'", "not valid JSON",
+                                       "no such schema file: schemas/missing"]):
+        assert line.startswith("error [usage]: ") and named in line
+    assert lines[len(values):] == ["[]"]
 
 
 @pytest.mark.parametrize("schema, bad", [
