@@ -13,12 +13,13 @@ Contract:
   required; the result is an object schema. One difference: an unknown type word is a usage error (llm
   silently makes it a string).
 - `with_schema(question, schema)` is the exact question the model sees: the user's question, a blank line,
-  then `SCHEMA_PROMPT` followed by the schema as compact JSON (see `SCHEMA_PROMPT`).
+  then `SCHEMA_PROMPT`, a space and the schema as one line of JSON (`json.dumps`, `, ` and `: `).
 - `logits_processors(schema, tokenizer, vocab_size, stop_ids)` gives the list to pass as
   `model.generate(logits_processor=...)` for one generate call of any number of rows (left padding is fine:
-  each row's matcher reads its own last token); a new list for every call. Decoding is greedy over the
-  tokens the grammar allows, as compact JSON (`, ` and `: ` separators, no other whitespace), then a stop
-  token. `for_engine(engine, schema)` reads the three arguments from a loaded `Engine`.
+  each row's matcher reads its own last token); a new list for every call (`GrammarProcessor` keeps state).
+  Decoding is greedy over the tokens the grammar allows, as compact JSON (`, ` and `: ` separators, no other
+  whitespace, none before the JSON), then a stop token. `for_engine(engine, schema)` reads the three
+  arguments from a loaded `Engine`.
 - Grammars are compiled once per (schema hash, tokenizer) and process (`compiled`); not on disk: a compile
   takes milliseconds (bench/SCHEMA.md).
 - `read_answer(text, schema, finish_reason)` -> `(data, code)`: the parsed, validated value and None, or
@@ -244,8 +245,47 @@ def compiled(schema: Schema, tokenizer, vocab_size: int, stop_ids) -> Any:
 
 def logits_processors(schema: Schema, tokenizer, vocab_size: int, stop_ids) -> list:
     """For one `model.generate` call (any batch size, left-padded): `logits_processor=` this list."""
-    xgr = _xgrammar()
-    return [xgr.contrib.hf.LogitsProcessor(compiled(schema, tokenizer, vocab_size, stop_ids))]
+    return [GrammarProcessor(compiled(schema, tokenizer, vocab_size, stop_ids))]
+
+
+class GrammarProcessor:
+    """A logits processor for one generate call: one xgrammar matcher per row, all moved on together.
+
+    Like `xgrammar.contrib.hf.LogitsProcessor` (one matcher per row, each fed its row's last token, so left
+    padding does not matter; a row that reached a stop token is left alone), but the rows are accepted and
+    their masks filled by one BatchGrammarMatcher call (0.31x the time at batch 8, bench/SCHEMA.md) and the
+    last tokens are read with one device sync per step instead of one per row.
+    """
+
+    def __init__(self, grammar):
+        self.grammar = grammar
+        self.matchers: list | None = None
+
+    def __call__(self, input_ids, scores):
+        xgr = _xgrammar()
+        rows = input_ids.shape[0]
+        if self.matchers is None:  # the first call comes after the prompt: nothing to accept yet
+            self.matchers = [xgr.GrammarMatcher(self.grammar) for _ in range(rows)]
+            self.mask = xgr.allocate_token_bitmask(rows, self.grammar.tokenizer_info.vocab_size)
+            self.batch = xgr.BatchGrammarMatcher()
+        else:
+            if rows != len(self.matchers):
+                raise RuntimeError(f"GrammarProcessor made for {len(self.matchers)} rows got {rows}")
+            last = input_ids[:, -1].tolist()
+            live = [k for k, m in enumerate(self.matchers) if not m.is_terminated()]
+            accepted = xgr.BatchGrammarMatcher.batch_accept_token([self.matchers[k] for k in live],
+                                                                 [last[k] for k in live])
+            if not all(accepted):
+                raise RuntimeError("a token outside the grammar was chosen")
+        live = [k for k, m in enumerate(self.matchers) if not m.is_terminated()]
+        if live:
+            self.batch.batch_fill_next_token_bitmask([self.matchers[k] for k in live], self.mask, live)
+        if scores.device.type == "cuda":
+            xgr.apply_token_bitmask_inplace(scores, self.mask.to(scores.device, non_blocking=True))
+            return scores
+        on_cpu = scores.to("cpu")  # xgrammar's kernels: CUDA or CPU
+        xgr.apply_token_bitmask_inplace(on_cpu, self.mask)
+        return on_cpu.to(scores.device)
 
 
 def for_engine(engine, schema: Schema) -> list:
