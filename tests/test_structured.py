@@ -210,6 +210,23 @@ def test_batch_equals_single_rows(engine):
     assert all(st.read_answer(t, s, r)[1] is None for t, r in zip(batched, reasons))
 
 
+def test_same_tokens_as_xgrammars_own_processor(engine):
+    """GrammarProcessor (batched matcher calls) picks what xgrammar.contrib.hf.LogitsProcessor picks."""
+    import torch
+    import xgrammar
+
+    s = parse(SCHEMAS[0])  # three different answers of different lengths
+    rows = [([], st.with_schema(q, s)) for q in QUESTIONS]
+    inputs = engine.build_inputs(rows)
+    grammar = st.compiled(s, engine.processor.tokenizer, 32003, engine.eos_ids)
+    outs = []
+    for processor in (st.GrammarProcessor(grammar), xgrammar.contrib.hf.LogitsProcessor(grammar)):
+        with torch.inference_mode():
+            outs.append(engine.model.generate(**inputs, logits_processor=[processor], do_sample=False,
+                                              max_new_tokens=40))
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_batch_of_pages_equals_single_pages(sharp_engine):
     """The same with a page image on every row (the sharp model, so the image counts)."""
     s = parse(SCHEMAS[6])
