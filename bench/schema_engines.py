@@ -7,10 +7,11 @@ invoice schema with the idefics2-8b tokenizer (the bundled Mistral-7B-v0.1 vocab
 added tokens; mask width = the model config's vocab size, 32003) on this CPU; the time to build its tokenizer
 view (once per process); the grammar compile time for the invoice schema (median of --reps fresh compiles,
 caches off where the engine has one); and the per-step cost of constrained decoding at batch 1 and 8: accept
-the previous token, fill the next-token mask, apply it to a float32 logits row block. The token path is one
-compact JSON instance of the schema (the grammar's own separators), the same for every engine. Ratios are
-against xgrammar in the same run. The machine's load average is printed: figures taken on a busy machine are
-provisional.
+the previous token, fill the next-token mask, apply it to a float32 logits row block. xgrammar runs twice:
+row by row (as its transformers processor does) and with its BatchGrammarMatcher (as
+structured.GrammarProcessor does). The token path is one compact JSON instance of the schema (the grammar's
+own separators), the same for every engine. Ratios are against xgrammar row by row in the same run. The
+machine's load average is printed: figures taken on a busy machine are provisional.
 """
 
 from __future__ import annotations
