@@ -41,7 +41,7 @@ from .errors import UsageError
 TRUNCATED = "schema_truncated"
 MISMATCH = "schema_mismatch"
 SCHEMA_PROMPT = "Answer with JSON only, valid against this JSON Schema:"
-SEPARATORS = (", ", ": ")  # what xgrammar emits with any_whitespace=False and no indent
+SEPARATORS = (", ", ": ")  # item and key separators of the answer (json.dumps's); no other whitespace
 EXTRA_HINT = "--schema needs xgrammar and jsonschema: pip install 'idefics-cli[schema]'"
 CONCISE_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}
 
@@ -214,7 +214,7 @@ def grammar(schema: dict):
     """The xgrammar Grammar of `schema` (no tokenizer needed); UsageError if it cannot be converted."""
     xgr = _xgrammar()
     try:
-        return xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+        return xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False, separators=SEPARATORS)
     except Exception as exc:  # noqa: BLE001 - xgrammar raises RuntimeError with its C++ location first
         message = re.sub(r"^\[[^\]]*\] \S+: ", "", str(exc).strip().splitlines()[0])
         raise UsageError(f"--schema cannot be turned into a grammar: {message[:200]}") from None
@@ -239,7 +239,8 @@ def compiled(schema: Schema, tokenizer, vocab_size: int, stop_ids) -> Any:
     key = (schema.sha256, tkey)
     if key not in _COMPILED:
         compiler = xgr.GrammarCompiler(_INFOS[tkey], cache_enabled=False)
-        _COMPILED[key] = compiler.compile_json_schema(json.dumps(schema.schema), any_whitespace=False)
+        _COMPILED[key] = compiler.compile_json_schema(json.dumps(schema.schema), any_whitespace=False,
+                                                        separators=SEPARATORS)
     return _COMPILED[key]
 
 
