@@ -1,0 +1,140 @@
+"""P11: decode speed with `--schema` against without, at batch 1 and 8 (target >= 0.90x), and compile time.
+
+    python bench/schema.py [--reps N] [--max-new-tokens 48] [--smoke] [--model DIR]
+
+One child process loads the random mid-size Idefics2 (4-bit nf4, CPU, float32 compute) and, for batch 1 and
+batch 8 (the CPU's automatic batch size), generates greedy answers to the same page image(s) with and without
+the invoice schema's logits processor (idefics_cli/structured.py, xgrammar), interleaved (A, B, B, A, ...)
+so that load from other processes hits both alike. Decode speed = rows x steps / time between the first and
+the last decode step, read from a timestamp processor placed after the grammar's: it includes the mask
+work and excludes the prefill (vision and prompt), which a schema does not change. The constrained rows
+answer in the invoice schema (the random model rarely closes its strings, so both sides usually run the
+whole budget). The child also times the grammar side: building xgrammar's view of the idefics2 tokenizer
+(once per process), compiling the invoice schema cold (median of 5), and a second `compiled()` call (the
+per-process cache).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import common as c
+
+BATCHES = (1, 8)
+
+
+def child(model: str, image: str, reps: int, max_new_tokens: int, batches: list[int]) -> dict:
+    import torch
+    from PIL import Image
+    from schema_engines import INVOICE_SCHEMA
+    from transformers import LogitsProcessor
+
+    from idefics_cli import structured as st
+    from idefics_cli.model import ModelOptions, load, quiet_libraries
+
+    quiet_libraries()
+    engine = load(ModelOptions(model=model, device="cpu", max_new_tokens=max_new_tokens))
+    tokenizer = engine.processor.tokenizer
+    vocab = engine.model.config.get_text_config().vocab_size
+    stops = sorted(engine.eos_ids)
+    schema = st.parse_schema(json.dumps(INVOICE_SCHEMA))
+    out: dict = {"grammar": {}}
+
+    import xgrammar as xgr
+
+    t0 = time.perf_counter()
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab, stop_token_ids=stops)
+    out["grammar"]["tokenizer_info_s"] = time.perf_counter() - t0
+    compiles = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        xgr.GrammarCompiler(info, cache_enabled=False).compile_json_schema(json.dumps(schema.schema),
+                                                                           any_whitespace=False)
+        compiles.append(time.perf_counter() - t0)
+    out["grammar"]["compile_s"] = statistics.median(compiles)
+    st.compiled(schema, tokenizer, vocab, stops)  # fills the cache
+    t0 = time.perf_counter()
+    st.compiled(schema, tokenizer, vocab, stops)
+    out["grammar"]["cached_s"] = time.perf_counter() - t0
+
+    class Clock(LogitsProcessor):
+        def __init__(self):
+            self.stamps: list[float] = []
+
+        def __call__(self, input_ids, scores):
+            self.stamps.append(time.perf_counter())
+            return scores
+
+    page = Image.open(image).convert("RGB")
+    question = st.with_schema("Extract the invoice fields.", schema)
+
+    def run(batch: int, constrained: bool) -> dict:
+        inputs = engine.build_inputs([([page], question)] * batch)
+        clock = Clock()
+        processors = [*(st.for_engine(engine, schema) if constrained else []), clock]
+        with torch.inference_mode():
+            engine.model.generate(**inputs, logits_processor=processors, do_sample=False,
+                                  max_new_tokens=max_new_tokens)
+        steps = len(clock.stamps) - 1
+        return {"tokens_per_s": batch * steps / (clock.stamps[-1] - clock.stamps[0]) if steps else 0.0,
+                "steps": steps}
+
+    run(1, True)  # warm-up: first generate call, first grammar use
+    for batch in batches:
+        sides = {"plain": lambda b=batch: run(b, False), "schema": lambda b=batch: run(b, True)}
+        out[str(batch)] = c.interleave(sides, reps)
+    return out
+
+
+def main(argv=None) -> int:
+    p = c.parser(__doc__, reps=3)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--child", help=argparse_suppress())
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(**json.loads(args.child))))
+        return 0
+    reps = 1 if args.smoke else args.reps
+    c.header("P11 --schema decode speed", args)
+    model = args.model or c.model_dir("tiny" if args.smoke else "mid")
+    batches = [1, 2] if args.smoke else list(BATCHES)
+    tokens = 4 if args.smoke else args.max_new_tokens
+    with tempfile.TemporaryDirectory() as tmp:
+        image = c.make_page_image(os.path.join(tmp, "page.png"))
+        spec = {"model": model, "image": image, "reps": reps, "max_new_tokens": tokens, "batches": batches}
+        result = c.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
+                       extra_env={"PYTHONPATH": os.pathsep.join([c.ROOT, c.HERE])})
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    rows = []
+    for batch in batches:
+        runs = data[str(batch)]
+        plain = c.median(r["tokens_per_s"] for r in runs["plain"])
+        schema = c.median(r["tokens_per_s"] for r in runs["schema"])
+        steps = min(r["steps"] for side in runs.values() for r in side)
+        ratio = schema / plain
+        rows.append([batch, c.fmt(plain, " tok/s"), c.fmt(schema, " tok/s"), f"{ratio:.3f}x",
+                     c.verdict(ratio, 0.90, at_most=False), steps])
+    c.table(f"P11 decode with the invoice schema vs without ({tokens} new tokens, median of {reps})", rows,
+            ["batch", "without", "with --schema", "ratio", "target", "fewest steps"])
+    g = data["grammar"]
+    c.table("P11 grammar (xgrammar, idefics2 tokenizer)", [
+        ["tokenizer view (once per process)", c.fmt(g["tokenizer_info_s"] * 1000, " ms")],
+        ["compile the invoice schema (cold, median of 5)", c.fmt(g["compile_s"] * 1000, " ms")],
+        ["compiled() again (per-process cache)", c.fmt(g["cached_s"] * 1000, " ms")]], ["step", "time"])
+    c.footer()
+    return 0
+
+
+def argparse_suppress():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""Structured output (`--schema`): parse and check a schema, constrain decoding to it, read the answer back.
+
+Contract:
+- `parse_schema(value)` reads a `--schema` value: a JSON Schema file path, inline JSON Schema (starts with
+  `{`), or llm's concise syntax (`concise_schema`). It checks the schema against its JSON Schema meta-schema
+  and refuses every keyword the grammar engine (xgrammar) cannot enforce, as a `UsageError` (exit 2) naming
+  the keyword and where it is. The keyword checks import neither torch nor transformers; the last check
+  (the schema converts to a grammar: regex patterns, contradictory bounds) imports xgrammar, still before
+  any model loads. Returns a `Schema` with `.schema` (dict), `.sha256` (hash of its canonical JSON, for the
+  settings hash and `--json`), `.source` ("file", "json" or "concise").
+- Concise syntax (as simonw/llm's): fields separated by commas, or by newlines when there is a newline;
+  each is `name [type][: description]`; types `str` (default), `int`, `float`, `bool`; every field is
+  required; the result is an object schema. One difference: an unknown type word is a usage error (llm
+  silently makes it a string).
+- `with_schema(question, schema)` is the exact question the model sees: the user's question, a blank line,
+  then `SCHEMA_PROMPT`, a space and the schema as one line of JSON (`json.dumps`, `, ` and `: `).
+- `logits_processors(schema, tokenizer, vocab_size, stop_ids)` gives the list to pass as
+  `model.generate(logits_processor=...)` for one generate call of any number of rows (left padding is fine:
+  each row's matcher reads its own last token); a new list for every call (`GrammarProcessor` keeps state).
+  Decoding is greedy over the tokens the grammar allows, as compact JSON (`, ` and `: ` separators, no other
+  whitespace, none before the JSON), then a stop token. `for_engine(engine, schema)` reads the three
+  arguments from a loaded `Engine`.
+- Grammars are compiled once per (schema hash, tokenizer) and process (`compiled`); not on disk: a compile
+  takes milliseconds (bench/SCHEMA.md).
+- `read_answer(text, schema, finish_reason)` -> `(data, code)`: the parsed, validated value and None, or
+  None and `TRUNCATED` (the answer was cut by max_new_tokens before the JSON ended) or `MISMATCH` (it
+  ended but does not validate: a format the grammar lets through, e.g. 2024-02-30 for a date).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import UsageError
+
+TRUNCATED = "schema_truncated"
+MISMATCH = "schema_mismatch"
+SCHEMA_PROMPT = "Answer with JSON only, valid against this JSON Schema:"
+SEPARATORS = (", ", ": ")  # item and key separators of the answer (json.dumps's); no other whitespace
+EXTRA_HINT = "--schema needs xgrammar and jsonschema: pip install 'idefics-cli[schema]'"
+CONCISE_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}
+
+# Keywords that only annotate, and keywords xgrammar 0.2.9 enforces while decoding (each checked by feeding
+# its matcher a violating instance: tests/test_structured.py). Everything else is refused by name.
+ANNOTATIONS = {"$schema", "$id", "$anchor", "$comment", "title", "description", "default", "examples",
+               "deprecated", "readOnly", "writeOnly", "contentEncoding", "contentMediaType"}
+ENFORCED = {"type", "enum", "const", "$ref", "$defs", "definitions", "anyOf",
+            "properties", "required", "additionalProperties", "patternProperties", "propertyNames",
+            "maxProperties", "minProperties", "unevaluatedProperties",
+            "items", "prefixItems", "minItems", "maxItems",
+            "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
+            "minLength", "maxLength", "pattern", "format"}
+FORMATS = {"date", "time", "date-time", "duration", "email", "uri", "uri-reference", "uuid", "ipv4", "ipv6",
+           "hostname"}
+WHY = {"oneOf": "use anyOf: exclusivity is not enforced", "allOf": "merge the subschemas into one",
+       "not": "", "if": "", "then": "", "else": "", "uniqueItems": "", "contains": "",
+       "dependentRequired": "", "dependentSchemas": ""}
+_LOOKAROUND = re.compile(r"\(\?<?[=!]|\\[1-9]")
+_SUBSCHEMA = {"additionalProperties", "propertyNames", "unevaluatedProperties", "items"}
+_SUBSCHEMA_MAPS = {"properties", "patternProperties", "$defs", "definitions"}
+_SUBSCHEMA_LISTS = {"anyOf", "prefixItems", "items"}
+
+
+@dataclass(frozen=True)
+class Schema:
+    """A checked `--schema`: the JSON Schema, its hash and where it came from."""
+
+    schema: dict
+    sha256: str
+    source: str
+
+    @property
+    def canonical(self) -> str:
+        return canonical(self.schema)
+
+
+def canonical(schema: dict) -> str:
+    """The schema as compact JSON with sorted keys: what the hash covers."""
+    return json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def schema_hash(schema: dict) -> str:
+    return hashlib.sha256(canonical(schema).encode()).hexdigest()
+
+
+# ---- parsing and checking (no torch) -------------------------------------------------------------------
+def parse_schema(value: str, grammar_check: bool = True) -> Schema:
+    """A `--schema` value -> a checked Schema; UsageError naming what is wrong. See the module contract."""
+    text = value.strip()
+    if not text:
+        raise UsageError("--schema is empty")
+    if text.startswith("{"):
+        schema, source = _loads(text, "--schema"), "json"
+    elif os.path.isfile(value):
+        try:
+            with open(value, encoding="utf-8") as f:
+                schema = _loads(f.read(), value)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read the schema file {value}: {exc}") from exc
+        source = "file"
+    elif (text.endswith(".json") or "/" in text or os.sep in text) and "," not in text and "\n" not in text:
+        raise UsageError(f"no such schema file: {value}")
+    else:
+        schema, source = concise_schema(text), "concise"
+    check_schema(schema)
+    if grammar_check:
+        grammar(schema)
+    return Schema(schema, schema_hash(schema), source)
+
+
+def _loads(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{where} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+
+
+def concise_schema(text: str) -> dict:
+    """llm's concise syntax -> an object JSON Schema (every field required, in the order given)."""
+    fields = [f.strip() for f in text.split("\n" if "\n" in text else ",") if f.strip()]
+    properties: dict[str, dict] = {}
+    for field in fields:
+        info, _, description = field.partition(":")
+        parts = info.split()
+        if not parts:
+            raise UsageError(f"--schema field {field!r} has no name", "write it as: name [int|float|bool|str]")
+        if len(parts) > 2 or (len(parts) == 2 and parts[1] not in CONCISE_TYPES):
+            raise UsageError(f"--schema field {field!r}: unknown type {' '.join(parts[1:])!r}",
+                             "types are str (the default), int, float and bool")
+        if parts[0] in properties:
+            raise UsageError(f"--schema names the field {parts[0]!r} twice")
+        prop = {"type": CONCISE_TYPES[parts[1] if len(parts) == 2 else "str"]}
+        if description.strip():
+            prop["description"] = description.strip()
+        properties[parts[0]] = prop
+    if not properties:
+        raise UsageError("--schema has no fields")
+    return {"type": "object", "properties": properties, "required": list(properties)}
+
+
+def check_schema(schema: Any) -> None:
+    """Meta-schema check, then every keyword must be one the grammar enforces (or an annotation)."""
+    jsonschema = _jsonschema()
+    if not isinstance(schema, dict):
+        raise UsageError(f"a JSON Schema must be an object, not {type(schema).__name__}")
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    try:
+        cls.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        where = "/".join(str(p) for p in exc.path)
+        keyword = exc.path[-1] if exc.path else exc.validator
+        raise UsageError(f"invalid JSON Schema: {keyword!r} at /{where}: {exc.message[:200]}") from None
+    _check_keywords(schema, "")
+
+
+def _check_keywords(node: Any, where: str) -> None:
+    if isinstance(node, bool):
+        return
+    for key, sub in node.items():
+        at = f"{where}/{key}"
+        if key not in ENFORCED and key not in ANNOTATIONS:
+            if key.startswith("x-"):
+                continue
+            why = WHY.get(key)
+            hint = why or "the grammar engine cannot enforce it; remove it"
+            what = "is not enforced by constrained decoding" if why is not None else "is not supported"
+            raise UsageError(f"--schema: keyword {key!r} at {at} {what}", hint)
+        if key == "pattern" or key == "patternProperties":
+            for pattern in [sub] if key == "pattern" else sub:
+                if _LOOKAROUND.search(pattern):
+                    raise UsageError(f"--schema: pattern {pattern!r} at {at} uses a lookaround or a backreference, "
+                                     "which constrained decoding does not enforce")
+        if key == "format" and sub not in FORMATS:
+            raise UsageError(f"--schema: format {sub!r} at {at} is not enforced by constrained decoding",
+                             f"formats that are: {', '.join(sorted(FORMATS))}")
+        if key in _SUBSCHEMA_MAPS:
+            for name, child in sub.items():
+                _check_keywords(child, f"{at}/{name}")
+        elif key in _SUBSCHEMA_LISTS and isinstance(sub, list):
+            for k, child in enumerate(sub):
+                _check_keywords(child, f"{at}/{k}")
+        elif key in _SUBSCHEMA and isinstance(sub, (dict, bool)):
+            _check_keywords(sub, at)
+
+
+def _jsonschema():
+    try:
+        import jsonschema
+    except ImportError:
+        raise UsageError("jsonschema is not installed", EXTRA_HINT) from None
+    return jsonschema
+
+
+def with_schema(question: str, schema: Schema) -> str:
+    """The question the model gets: `question`, a blank line, SCHEMA_PROMPT, a space, the schema's JSON."""
+    return f"{question}\n\n{SCHEMA_PROMPT} {json.dumps(schema.schema, ensure_ascii=False)}"
+
+
+# ---- grammar (imports xgrammar, hence torch) ---------------------------------------------------------------
+def _xgrammar():
+    try:
+        import xgrammar
+    except ImportError:
+        raise UsageError("xgrammar is not installed", EXTRA_HINT) from None
+    return xgrammar
+
+
+def grammar(schema: dict):
+    """The xgrammar Grammar of `schema` (no tokenizer needed); UsageError if it cannot be converted."""
+    xgr = _xgrammar()
+    try:
+        return xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False, separators=SEPARATORS)
+    except Exception as exc:  # noqa: BLE001 - xgrammar raises RuntimeError with its C++ location first
+        message = re.sub(r"^\[[^\]]*\] \S+: ", "", str(exc).strip().splitlines()[0])
+        raise UsageError(f"--schema cannot be turned into a grammar: {message[:200]}") from None
+
+
+_INFOS: dict[tuple, Any] = {}
+_COMPILED: dict[tuple, Any] = {}
+
+
+def _tokenizer_key(tokenizer, vocab_size: int, stop_ids) -> tuple:
+    return (getattr(tokenizer, "name_or_path", ""), type(tokenizer).__name__, len(tokenizer), vocab_size,
+            tuple(sorted(stop_ids)))
+
+
+def compiled(schema: Schema, tokenizer, vocab_size: int, stop_ids) -> Any:
+    """The CompiledGrammar for (schema, tokenizer), compiled once per process."""
+    xgr = _xgrammar()
+    tkey = _tokenizer_key(tokenizer, vocab_size, stop_ids)
+    if tkey not in _INFOS:
+        _INFOS[tkey] = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                          stop_token_ids=sorted(stop_ids))
+    key = (schema.sha256, tkey)
+    if key not in _COMPILED:
+        compiler = xgr.GrammarCompiler(_INFOS[tkey], cache_enabled=False)
+        _COMPILED[key] = compiler.compile_json_schema(json.dumps(schema.schema), any_whitespace=False,
+                                                        separators=SEPARATORS)
+    return _COMPILED[key]
+
+
+def logits_processors(schema: Schema, tokenizer, vocab_size: int, stop_ids) -> list:
+    """For one `model.generate` call (any batch size, left-padded): `logits_processor=` this list."""
+    return [GrammarProcessor(compiled(schema, tokenizer, vocab_size, stop_ids))]
+
+
+class GrammarProcessor:
+    """A logits processor for one generate call: one xgrammar matcher per row, all moved on together.
+
+    Like `xgrammar.contrib.hf.LogitsProcessor` (one matcher per row, each fed its row's last token, so left
+    padding does not matter; a row that reached a stop token is left alone), but the rows are accepted and
+    their masks filled by one BatchGrammarMatcher call (0.31x the time at batch 8, bench/SCHEMA.md) and the
+    last tokens are read with one device sync per step instead of one per row.
+    """
+
+    def __init__(self, grammar):
+        self.grammar = grammar
+        self.matchers: list | None = None
+
+    def __call__(self, input_ids, scores):
+        xgr = _xgrammar()
+        rows = input_ids.shape[0]
+        if self.matchers is None:  # the first call comes after the prompt: nothing to accept yet
+            self.matchers = [xgr.GrammarMatcher(self.grammar) for _ in range(rows)]
+            self.mask = xgr.allocate_token_bitmask(rows, self.grammar.tokenizer_info.vocab_size)
+            self.batch = xgr.BatchGrammarMatcher()
+        else:
+            if rows != len(self.matchers):
+                raise RuntimeError(f"GrammarProcessor made for {len(self.matchers)} rows got {rows}")
+            last = input_ids[:, -1].tolist()
+            live = [k for k, m in enumerate(self.matchers) if not m.is_terminated()]
+            accepted = xgr.BatchGrammarMatcher.batch_accept_token([self.matchers[k] for k in live],
+                                                                 [last[k] for k in live])
+            if not all(accepted):
+                raise RuntimeError("a token outside the grammar was chosen")
+        live = [k for k, m in enumerate(self.matchers) if not m.is_terminated()]
+        if live:
+            self.batch.batch_fill_next_token_bitmask([self.matchers[k] for k in live], self.mask, live)
+        if scores.device.type == "cuda":
+            xgr.apply_token_bitmask_inplace(scores, self.mask.to(scores.device, non_blocking=True))
+            return scores
+        on_cpu = scores.to("cpu")  # xgrammar's kernels: CUDA or CPU
+        xgr.apply_token_bitmask_inplace(on_cpu, self.mask)
+        return on_cpu.to(scores.device)
+
+
+def for_engine(engine, schema: Schema) -> list:
+    """`logits_processors` with the tokenizer, vocabulary width and stop tokens of a loaded Engine."""
+    eos = engine.model.generation_config.eos_token_id
+    stop = set(eos if isinstance(eos, (list, tuple)) else [eos])
+    vocab = engine.model.config.get_text_config().vocab_size
+    return logits_processors(schema, engine.processor.tokenizer, vocab, stop)
+
+
+# ---- reading the answer --------------------------------------------------------------------------------------
+def read_answer(text: str, schema: Schema, finish_reason: str | None) -> tuple[Any, str | None]:
+    """(data, None) for an answer that parses and validates; else (None, TRUNCATED or MISMATCH)."""
+    jsonschema = _jsonschema()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return None, TRUNCATED if finish_reason == "length" else MISMATCH
+    cls = jsonschema.validators.validator_for(schema.schema, default=jsonschema.Draft202012Validator)
+    validator = cls(schema.schema, format_checker=cls.FORMAT_CHECKER)
+    if not validator.is_valid(data):
+        return None, TRUNCATED if finish_reason == "length" else MISMATCH
+    return data, None
