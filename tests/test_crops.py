@@ -10,7 +10,7 @@ import pytest
 from conftest import make_image, make_pdf
 from PIL import Image
 
-from idefics_cli.diagnostics import sheet_layout
+from idefics_cli.crops import sheet_layout
 from idefics_cli.documents import open_document
 
 

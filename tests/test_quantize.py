@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import make_image
 
-from idefics_cli.cli.quantize import weights_bytes
 from idefics_cli.model import ModelOptions, load
+from idefics_cli.quantize import weights_bytes
 
 
 @pytest.fixture(scope="module")
