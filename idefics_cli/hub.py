@@ -1,14 +1,17 @@
 """Where the model comes from: a local folder, the Hugging Face cache, or the hub (probed before loading).
 
 Contract: `check_local_model(path)` refuses a folder that is not a safetensors model before anything is
-read; `looks_local(name)` tells a path from a hub id; `local_only(options, need)` is the one fast path of every
-command that loads a model or processor: it says whether loading stays off the network (a local folder, or a
-hub id already cached; callers pass it on as `local_files_only=`) and raises `IdeficsError("model_error")`
-before any heavy import when a hub id is not cached and either `options.offline` ("not in the local cache
-(offline)") or the hub cannot be reached; `probe_endpoint(url)` says why the hub (or the proxy) cannot be
-reached, or None; `pull(model, revision, offline)` downloads what loading needs into the HF cache (when
-offline, only finds it there) and maps every failure to one `model_error`. Offline is the caller's option:
-nothing here reads or writes the environment's offline variables. No heavy imports.
+read; `looks_local(name)` tells a path from a hub id; `local_only(options, need)` is the one fast path of
+every command that loads a model or processor: it says whether loading stays off the network (a local
+folder, or a hub id already cached; callers pass it on as `local_files_only=`) and raises
+`IdeficsError("model_error")` before any heavy import when a hub id is not cached and either
+`options.offline` ("not in the local cache (offline)") or the hub cannot be reached;
+`cached_snapshot(model, revision, need)` finds a hub id's folder in the HF cache, and
+`source(options, local_files_only)` is what loaders hand `from_pretrained` (that folder when loading stays
+local, so a cached model loads without a single connection); `probe_endpoint(url)` says why the hub (or the
+proxy) cannot be reached, or None; `pull(model, revision, offline)` downloads what loading needs into the HF
+cache (when offline, only finds it there) and maps every failure to one `model_error`. Offline is the
+caller's option: nothing here reads or writes the environment's offline variables. No heavy imports.
 """
 
 from __future__ import annotations
@@ -35,20 +38,38 @@ def looks_local(model: str) -> bool:
     return os.path.isabs(model) or model.startswith((".", "~")) or os.path.exists(model) or model.count("/") > 1
 
 
-def is_cached(model: str, revision: str | None, need: str = "model") -> bool:
-    """True when what loading needs is already in the local Hugging Face cache: config and weights for
-    `need="model"`, the processor's config for `need="processor"`."""
+def cached_snapshot(model: str, revision: str | None, need: str = "model") -> str | None:
+    """The snapshot folder of a hub id in the local Hugging Face cache when what loading needs is there (config
+    and weights for `need="model"`, the processor's config for `need="processor"`), else None. Reads the
+    cache's files only."""
     from huggingface_hub import try_to_load_from_cache
 
-    def cached(name: str) -> bool:
+    def cached(name: str) -> str | None:
         try:
-            return isinstance(try_to_load_from_cache(model, name, revision=revision), str)
+            path = try_to_load_from_cache(model, name, revision=revision)
         except Exception:  # noqa: BLE001 - an invalid repo id or revision is "not cached"
-            return False
+            return None
+        return path if isinstance(path, str) else None
 
     if need == "processor":
-        return cached("preprocessor_config.json") or cached("processor_config.json")
-    return cached("config.json") and (cached("model.safetensors.index.json") or cached("model.safetensors"))
+        found = cached("preprocessor_config.json") or cached("processor_config.json")
+    else:
+        weights = cached("model.safetensors.index.json") or cached("model.safetensors")
+        found = cached("config.json") if weights else None
+    return os.path.dirname(found) if found else None
+
+
+def is_cached(model: str, revision: str | None, need: str = "model") -> bool:
+    return cached_snapshot(model, revision, need) is not None
+
+
+def source(options, local_files_only: bool, need: str = "model") -> str:
+    """What to hand `from_pretrained`: when loading stays local, a cached hub id's snapshot folder, so
+    huggingface_hub's download path is never entered (even with `local_files_only` it builds request headers,
+    and huggingface_hub 2.4 fetches an agent registry from the hub for them); else `options.model`."""
+    if local_files_only and not looks_local(options.model):
+        return cached_snapshot(options.model, options.revision, need) or options.model
+    return options.model
 
 
 def probe_endpoint(url: str, timeout: float = 4.0) -> str | None:

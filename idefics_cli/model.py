@@ -4,7 +4,8 @@ Contract:
 - `ModelOptions` carries every model setting, `offline` included: offline is an option like any other, passed
   on as `local_files_only=` (nothing here reads or writes the process environment's offline variables).
 - `load_processor(options)` is the one processor loader (`load`, `crops` and `quantize` use it): the same
-  local-folder check and offline/cache decision (`hub.local_only(options, need="processor")`), the same
+  local-folder check and offline/cache decision (`hub.local_only(options, need="processor")`, a cached hub
+  id read from its snapshot folder: `hub.source`), the same
   errors, and the runtime settings (`do_image_splitting` from `options.split`, left padding) unless
   `configure=False` asks for the processor exactly as saved.
 - `load(options)` returns an `Engine` (engine.py) holding the processor and the model, loaded the way the
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 from .engine import Engine
 from .errors import IdeficsError, is_oom
-from .hub import PULL_HINT, check_local_model, local_only, looks_local
+from .hub import PULL_HINT, check_local_model, local_only, looks_local, source
 
 DEFAULT_MODEL = "HuggingFaceM4/idefics2-8b"
 
@@ -116,8 +117,9 @@ def load_processor(options: ModelOptions, configure: bool = True, local_files_on
     from transformers import AutoProcessor
 
     try:
-        processor = AutoProcessor.from_pretrained(options.model, revision=options.revision,
-                                                  local_files_only=local_files_only, trust_remote_code=False)
+        processor = AutoProcessor.from_pretrained(source(options, local_files_only, need="processor"),
+                                                  revision=options.revision, local_files_only=local_files_only,
+                                                  trust_remote_code=False)
     except Exception as exc:  # OSError/ValueError from transformers and huggingface_hub
         raise model_error(exc, options) from exc
     if configure:
@@ -154,7 +156,8 @@ def load(options: ModelOptions) -> Engine:
 
         def load_weights():
             try:
-                loaded["model"] = Idefics2ForConditionalGeneration.from_pretrained(options.model, **kwargs)
+                loaded["model"] = Idefics2ForConditionalGeneration.from_pretrained(
+                    source(options, common["local_files_only"]), **kwargs)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
                 loaded["error"] = exc
 

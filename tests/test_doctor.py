@@ -10,7 +10,7 @@ import sys
 
 import huggingface_hub.constants
 
-from idefics_cli.doctor import check_4bit, model_files
+from idefics_cli.doctor import check_4bit, memory_estimate, model_files
 
 TOP = {"schema", "ok", "reason", "versions", "system", "cuda", "setup", "bnb_4bit", "model", "estimate", "extras"}
 VERSIONS = {"python", "torch", "transformers", "bitsandbytes", "accelerate", "pymupdf", "pillow", "huggingface_hub",
@@ -71,6 +71,34 @@ def test_human_report_and_missing_model_exit_5(cli, tiny_model, tmp_path):
     report = json.loads(result.stdout)
     assert report["ok"] is False and "not complete in the local folder" in report["reason"]
     assert len(result.stderr.strip().splitlines()) == 1 and "error [model_error]" in result.stderr
+
+
+def test_images_per_page_are_what_the_image_processor_makes(tiny_model, tmp_path):
+    """Not a fixed 5: Idefics2 splitting makes 4 crops + the page (1 without), as the real processor does for a
+    page, and an image processor that tiles differently (Idefics3's grid) is counted as it tiles."""
+    from PIL import Image
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    from idefics_cli.crops import model_images
+    from idefics_cli.model import ModelOptions, load_processor
+
+    page = Image.new("RGB", (1386, 1960), "white")  # a portrait page at the default render size
+    for split in (True, False):
+        est = memory_estimate(os.path.join(tiny_model, "config.json"),
+                              os.path.join(tiny_model, "processor_config.json"), "4bit", split, 4, 16, False)
+        seen, _, _ = model_images(load_processor(ModelOptions(model=tiny_model, split=split)), page)
+        assert est["images_per_page"] == len(seen) == (5 if split else 1)
+
+    grid = tmp_path / "grid"
+    grid.mkdir()
+    shutil.copy(os.path.join(tiny_model, "config.json"), grid)
+    (grid / "processor_config.json").write_text(json.dumps({"image_seq_len": 81}))
+    tiler = Idefics3ImageProcessorPil()
+    tiler.save_pretrained(grid)
+    made = tiler([[page]], return_tensors="pt")["pixel_values"].shape[1]
+    est = memory_estimate(str(grid / "config.json"), str(grid / "processor_config.json"), "4bit", True, 4, 16, False)
+    assert made > 5 and est["images_per_page"] == made and est["image_tokens_per_image"] == 81
+    assert est["prompt_tokens"] == 81 * made + made + 1 + 32
 
 
 def fake_cache(cache: str, repo: str, model_dir: str, commit: str = "0123456789abcdef0123456789abcdef01234567"):
