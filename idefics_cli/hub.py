@@ -139,7 +139,6 @@ def pull(model: str, revision: str | None, offline: str | None = None, on_start=
     fails in seconds instead of retrying for minutes. `offline`: None, or why we are offline (said in the error):
     then the snapshot is only looked up in the cache.
     `on_start(cache_folder)` is called once the download starts."""
-    _quiet_hub()
     from huggingface_hub import constants, snapshot_download
 
     if offline is None:

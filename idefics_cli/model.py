@@ -4,10 +4,10 @@ Contract:
 - `ModelOptions` carries every model setting, `offline` included: offline is an option like any other, passed
   on as `local_files_only=` (nothing here reads or writes the process environment's offline variables).
 - `load_processor(options)` is the one processor loader (`load`, `crops` and `quantize` use it): the same
-  local-folder check and offline/cache decision (`hub.local_only(options, need="processor")`, a cached hub
-  id read from its snapshot folder: `hub.source`), the same
-  errors, and the runtime settings (`do_image_splitting` from `options.split`, left padding) unless
-  `configure=False` asks for the processor exactly as saved.
+  local-folder check and offline/cache decision (`hub.local_only(options, need="processor")`; a cached hub
+  id is read from its snapshot folder, `hub.source`), the same errors, and the runtime settings
+  (`do_image_splitting` from `options.split`, left padding) unless `configure=False` asks for the
+  processor exactly as saved. `load` reads the weights from the same place (`hub.source`).
 - `load(options)` returns an `Engine` (engine.py) holding the processor and the model, loaded the way the
   idefics2-8b model card does it (AutoProcessor + Idefics2ForConditionalGeneration, safetensors only,
   never remote code, sdpa attention, bitsandbytes nf4 + double quant for `quant="4bit"`). Failures raise
