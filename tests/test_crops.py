@@ -1,4 +1,4 @@
-"""`idefics crops`: the sheet and the --dir images are exactly the pixels the processor hands the model."""
+"""crops.py and `idefics crops`: the sheet and the --dir images are exactly the pixels the processor hands the model."""
 
 from __future__ import annotations
 

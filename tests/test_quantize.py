@@ -1,4 +1,5 @@
-"""`idefics quantize`: the saved nf4 folder loads Linear4bit layers as saved, answers as --quant 4bit, is smaller."""
+"""quantize.py and `idefics quantize`: the saved nf4 folder loads Linear4bit layers as saved, answers as --quant 4bit,
+is smaller."""
 
 from __future__ import annotations
 
