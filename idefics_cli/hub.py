@@ -1,11 +1,17 @@
 """Where the model comes from: a local folder, the Hugging Face cache, or the hub (probed before loading).
 
 Contract: `check_local_model(path)` refuses a folder that is not a safetensors model before anything is
-read; `looks_local(name)` tells a path from a hub id; `local_only(options, need)` is the one fast path of every
-command that loads a model or processor: it says whether loading stays off the network (a local folder, or a
-hub id already cached) and raises `IdeficsError("model_error")` before any heavy import when a hub id is not
-cached and either we are offline ("not in the local cache") or the hub cannot be reached; `probe_endpoint(url)`
-says why the hub (or the proxy) cannot be reached, or None. No heavy imports.
+read; `looks_local(name)` tells a path from a hub id; `local_only(options, need)` is the one fast path of
+every command that loads a model or processor: it says whether loading stays off the network (a local
+folder, or a hub id already cached; callers pass it on as `local_files_only=`) and raises
+`IdeficsError("model_error")` before any heavy import when a hub id is not cached and either
+`options.offline` ("not in the local cache (offline)") or the hub cannot be reached;
+`cached_snapshot(model, revision, need)` finds a hub id's folder in the HF cache, and
+`source(options, local_files_only)` is what loaders hand `from_pretrained` (that folder when loading stays
+local, so a cached model loads without a single connection); `probe_endpoint(url)` says why the hub (or the
+proxy) cannot be reached, or None; `pull(model, revision, offline)` downloads what loading needs into the HF
+cache (when offline, only finds it there) and maps every failure to one `model_error`. Offline is the
+caller's option: nothing here reads or writes the environment's offline variables. No heavy imports.
 """
 
 from __future__ import annotations
@@ -32,20 +38,38 @@ def looks_local(model: str) -> bool:
     return os.path.isabs(model) or model.startswith((".", "~")) or os.path.exists(model) or model.count("/") > 1
 
 
-def is_cached(model: str, revision: str | None, need: str = "model") -> bool:
-    """True when what loading needs is already in the local Hugging Face cache: config and weights for
-    `need="model"`, the processor's config for `need="processor"`."""
+def cached_snapshot(model: str, revision: str | None, need: str = "model") -> str | None:
+    """The snapshot folder of a hub id in the local Hugging Face cache when what loading needs is there (config
+    and weights for `need="model"`, the processor's config for `need="processor"`), else None. Reads the
+    cache's files only."""
     from huggingface_hub import try_to_load_from_cache
 
-    def cached(name: str) -> bool:
+    def cached(name: str) -> str | None:
         try:
-            return isinstance(try_to_load_from_cache(model, name, revision=revision), str)
+            path = try_to_load_from_cache(model, name, revision=revision)
         except Exception:  # noqa: BLE001 - an invalid repo id or revision is "not cached"
-            return False
+            return None
+        return path if isinstance(path, str) else None
 
     if need == "processor":
-        return cached("preprocessor_config.json") or cached("processor_config.json")
-    return cached("config.json") and (cached("model.safetensors.index.json") or cached("model.safetensors"))
+        found = cached("preprocessor_config.json") or cached("processor_config.json")
+    else:
+        weights = cached("model.safetensors.index.json") or cached("model.safetensors")
+        found = cached("config.json") if weights else None
+    return os.path.dirname(found) if found else None
+
+
+def is_cached(model: str, revision: str | None, need: str = "model") -> bool:
+    return cached_snapshot(model, revision, need) is not None
+
+
+def source(options, local_files_only: bool, need: str = "model") -> str:
+    """What to hand `from_pretrained`: when loading stays local, a cached hub id's snapshot folder, so
+    huggingface_hub's download path is never entered (even with `local_files_only` it builds request headers,
+    and huggingface_hub 2.4 fetches an agent registry from the hub for them); else `options.model`."""
+    if local_files_only and not looks_local(options.model):
+        return cached_snapshot(options.model, options.revision, need) or options.model
+    return options.model
 
 
 def probe_endpoint(url: str, timeout: float = 4.0) -> str | None:
@@ -79,14 +103,14 @@ PULL_HINT = "run `idefics pull` with network access first, or point --model at a
 def local_only(options, need: str = "model") -> bool:
     """Whether to load without touching the network: a local folder, or a hub id already cached. The one fast
     path of every command that loads a model or processor: a hub id that is not cached fails here, before any
-    heavy import, when offline (`--offline`, HF_HUB_OFFLINE) or when the hub cannot be reached within
+    heavy import, when `options.offline` or when the hub cannot be reached within
     `IDEFICS_PROBE_TIMEOUT` seconds (default 1.5). `need` is "model" or "processor" (see `is_cached`)."""
     if looks_local(options.model):
         return True
     _quiet_hub()
     if is_cached(options.model, options.revision, need):
         return True
-    if options.offline or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+    if options.offline:
         raise IdeficsError("model_error", f"{options.model} is not in the local cache (offline)", PULL_HINT)
     from huggingface_hub import constants
 
@@ -103,3 +127,51 @@ def _quiet_hub() -> None:
         from huggingface_hub.utils import logging
 
         logging.set_verbosity_error()
+
+
+ALLOW_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.jinja", "*.txt"]  # what loading needs
+
+
+def pull(model: str, revision: str | None, offline: str | None = None, on_start=None) -> str:
+    """Download the model's weights, config and processor files into the HF cache; the snapshot folder.
+
+    The hub (or the proxy) is probed first (`IDEFICS_PROBE_TIMEOUT`, default 5 s), so without a network this
+    fails in seconds instead of retrying for minutes. `offline`: None, or why we are offline (said in the error):
+    then the snapshot is only looked up in the cache.
+    `on_start(cache_folder)` is called once the download starts."""
+    from huggingface_hub import constants, snapshot_download
+
+    if offline is None:
+        why = probe_endpoint(constants.ENDPOINT, timeout=float(os.environ.get("IDEFICS_PROBE_TIMEOUT", "5")))
+        if why:
+            raise IdeficsError("model_error", f"cannot reach the hub {constants.ENDPOINT} ({why})",
+                               "check the network or proxy; offline, copy a pulled HF cache and use --offline")
+    if on_start is not None:
+        on_start(constants.HF_HUB_CACHE)
+    try:
+        return snapshot_download(model, revision=revision, allow_patterns=ALLOW_PATTERNS,
+                                 local_files_only=offline is not None, etag_timeout=10)
+    except Exception as exc:  # noqa: BLE001 - mapped to one line below
+        raise pull_error(exc, model, revision, offline) from exc
+
+
+def pull_error(exc: Exception, model: str, revision: str | None, offline: str | None) -> IdeficsError:
+    from huggingface_hub import errors
+
+    if isinstance(exc, errors.GatedRepoError):
+        return IdeficsError("model_error", f"{model} is gated", "accept its license on the hub, then `hf auth login`")
+    if isinstance(exc, errors.RepositoryNotFoundError):
+        return IdeficsError("model_error", f"model {model!r} was not found on the hub", "check the id (owner/name)")
+    if isinstance(exc, errors.RevisionNotFoundError):
+        return IdeficsError("model_error", f"revision {revision!r} of {model} was not found", "check --revision")
+    if offline is not None:
+        return IdeficsError("model_error", f"{model} is not in the local cache and {offline}",
+                            "turn offline mode off to download it")
+    if isinstance(exc, errors.LocalEntryNotFoundError):  # the hub failed after the probe got an answer
+        why = str(exc).splitlines()[0].removeprefix("Got: ")[:200] if str(exc) else type(exc).__name__
+        return IdeficsError("model_error", f"could not download {model} from the hub ({why})",
+                            "check the network, proxy or HF_ENDPOINT; run it again to resume")
+    if isinstance(exc, OSError) and "No space left" in str(exc):
+        return IdeficsError("model_error", "no space left on the device for the download", "free space or set HF_HOME")
+    text = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+    return IdeficsError("model_error", f"download of {model} failed: {text}", "run it again: it resumes")

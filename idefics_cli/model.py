@@ -1,6 +1,13 @@
 """The model stage: load Idefics2 and its processor.
 
 Contract:
+- `ModelOptions` carries every model setting, `offline` included: offline is an option like any other, passed
+  on as `local_files_only=` (nothing here reads or writes the process environment's offline variables).
+- `load_processor(options)` is the one processor loader (`load`, `crops` and `quantize` use it): the same
+  local-folder check and offline/cache decision (`hub.local_only(options, need="processor")`; a cached hub
+  id is read from its snapshot folder, `hub.source`), the same errors, and the runtime settings
+  (`do_image_splitting` from `options.split`, left padding) unless `configure=False` asks for the
+  processor exactly as saved. `load` reads the weights from the same place (`hub.source`).
 - `load(options)` returns an `Engine` (engine.py) holding the processor and the model, loaded the way the
   idefics2-8b model card does it (AutoProcessor + Idefics2ForConditionalGeneration, safetensors only,
   never remote code, sdpa attention, bitsandbytes nf4 + double quant for `quant="4bit"`). Failures raise
@@ -17,7 +24,7 @@ from dataclasses import dataclass
 
 from .engine import Engine
 from .errors import IdeficsError, is_oom
-from .hub import PULL_HINT, check_local_model, local_only, looks_local
+from .hub import PULL_HINT, check_local_model, local_only, looks_local, source
 
 DEFAULT_MODEL = "HuggingFaceM4/idefics2-8b"
 
@@ -99,18 +106,38 @@ def model_error(exc: BaseException, options: ModelOptions) -> IdeficsError:
     return IdeficsError("model_error", f"cannot load {options.model}: {text[:300]}")
 
 
+def load_processor(options: ModelOptions, configure: bool = True, local_files_only: bool | None = None):
+    """The processor alone (no weights). `configure`: apply `options.split` and left padding (False: as saved).
+    `local_files_only`: the caller's own `hub.local_only` decision, else made here for the processor's files."""
+    if local_files_only is None:
+        if looks_local(options.model) and not os.path.isdir(options.model):
+            raise IdeficsError("model_error", f"model folder {options.model!r} does not exist")
+        local_files_only = local_only(options, need="processor")  # not cached and no hub: fails here, at once
+    quiet_libraries()
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(source(options, local_files_only, need="processor"),
+                                                  revision=options.revision, local_files_only=local_files_only,
+                                                  trust_remote_code=False)
+    except Exception as exc:  # OSError/ValueError from transformers and huggingface_hub
+        raise model_error(exc, options) from exc
+    if configure:
+        if hasattr(processor.image_processor, "do_image_splitting"):
+            processor.image_processor.do_image_splitting = options.split
+        processor.tokenizer.padding_side = "left"
+    return processor
+
+
 def load(options: ModelOptions) -> Engine:
     """Load processor and model as the model card does, 4-bit by default."""
     start = time.perf_counter()
-    if options.offline:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        os.environ["TRANSFORMERS_OFFLINE"] = "1"
     if looks_local(options.model):
         check_local_model(options.model)
     common = {"revision": options.revision, "local_files_only": local_only(options), "trust_remote_code": False}
     quiet_libraries()
     import torch
-    from transformers import AutoProcessor, Idefics2ForConditionalGeneration
+    from transformers import Idefics2ForConditionalGeneration
 
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
@@ -129,16 +156,15 @@ def load(options: ModelOptions) -> Engine:
 
         def load_weights():
             try:
-                loaded["model"] = Idefics2ForConditionalGeneration.from_pretrained(options.model, **kwargs)
+                loaded["model"] = Idefics2ForConditionalGeneration.from_pretrained(
+                    source(options, common["local_files_only"]), **kwargs)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
                 loaded["error"] = exc
 
         loader = threading.Thread(target=load_weights, name="idefics-load", daemon=True)
         loader.start()
         try:
-            processor = AutoProcessor.from_pretrained(options.model, **common)
-            processor.image_processor.do_image_splitting = options.split
-            processor.tokenizer.padding_side = "left"
+            processor = load_processor(options, local_files_only=common["local_files_only"])
         finally:
             loader.join()
         if "error" in loaded:

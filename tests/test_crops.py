@@ -1,4 +1,4 @@
-"""`idefics crops`: the sheet and the --dir images are exactly the pixels the processor hands the model."""
+"""crops.py and `idefics crops`: the sheet and the --dir images are exactly the pixels the processor hands the model."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from conftest import make_image, make_pdf
 from PIL import Image
 
-from idefics_cli.diagnostics import sheet_layout
+from idefics_cli.crops import save_crops, sheet_layout
 from idefics_cli.documents import open_document
 
 
@@ -99,3 +99,20 @@ def test_errors_are_one_line(cli, tiny_model, tmp_path, args, code, status):
     assert result.exit_code == status
     assert result.stdout == ""
     assert len(result.stderr.strip().splitlines()) == 1 and f"[{code}]" in result.stderr
+
+
+def test_an_unwritable_sheet_or_folder_is_one_output_error(tmp_path):
+    """crops.save_crops: a write failure is an output_error naming the path, never a traceback."""
+    from idefics_cli.errors import IdeficsError
+
+    images = [make_image(40, 30, seed=k) for k in range(2)]
+    (tmp_path / "a-file").write_text("x")
+    for folder, sheet in ((str(tmp_path / "a-file" / "crops"), None), (None, str(tmp_path / "a-file" / "s.png"))):
+        with pytest.raises(IdeficsError) as err:
+            save_crops(images, ["tile-1", "whole"], folder, sheet, "title", ["a", "b"])
+        assert err.value.code == "output_error" and "a-file" in err.value.message
+    written = save_crops(images, ["tile-1", "whole"], str(tmp_path / "d"), str(tmp_path / "s" / "s.png"), "t",
+                         ["a", "b"])
+    assert written == [str(tmp_path / "d" / "crop-1-tile-1.png"), str(tmp_path / "d" / "crop-2-whole.png"),
+                       str(tmp_path / "s" / "s.png")]
+    assert all(os.path.getsize(p) > 0 for p in written)

@@ -1,16 +1,15 @@
-"""`idefics doctor`: every field, a real bitsandbytes 4-bit matmul, the cache lookup and the verdict."""
+"""doctor.py and `idefics doctor`: every field, a real bitsandbytes 4-bit matmul, the cache lookup, the estimate and the
+verdict."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import huggingface_hub.constants
 
-from idefics_cli.diagnostics import check_4bit, model_files
+from idefics_cli.doctor import check_4bit, memory_estimate, model_files
 
 TOP = {"schema", "ok", "reason", "versions", "system", "cuda", "setup", "bnb_4bit", "model", "estimate", "extras"}
 VERSIONS = {"python", "torch", "transformers", "bitsandbytes", "accelerate", "pymupdf", "pillow", "huggingface_hub",
@@ -73,6 +72,34 @@ def test_human_report_and_missing_model_exit_5(cli, tiny_model, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1 and "error [model_error]" in result.stderr
 
 
+def test_images_per_page_are_what_the_image_processor_makes(tiny_model, tmp_path):
+    """Not a fixed 5: Idefics2 splitting makes 4 crops + the page (1 without), as the real processor does for a
+    page, and an image processor that tiles differently (Idefics3's grid) is counted as it tiles."""
+    from PIL import Image
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    from idefics_cli.crops import model_images
+    from idefics_cli.model import ModelOptions, load_processor
+
+    page = Image.new("RGB", (1386, 1960), "white")  # a portrait page at the default render size
+    for split in (True, False):
+        est = memory_estimate(os.path.join(tiny_model, "config.json"),
+                              os.path.join(tiny_model, "processor_config.json"), "4bit", split, 4, 16, False)
+        seen, _, _ = model_images(load_processor(ModelOptions(model=tiny_model, split=split)), page)
+        assert est["images_per_page"] == len(seen) == (5 if split else 1)
+
+    grid = tmp_path / "grid"
+    grid.mkdir()
+    shutil.copy(os.path.join(tiny_model, "config.json"), grid)
+    (grid / "processor_config.json").write_text(json.dumps({"image_seq_len": 81}))
+    tiler = Idefics3ImageProcessorPil()
+    tiler.save_pretrained(grid)
+    made = tiler([[page]], return_tensors="pt")["pixel_values"].shape[1]
+    est = memory_estimate(str(grid / "config.json"), str(grid / "processor_config.json"), "4bit", True, 4, 16, False)
+    assert made > 5 and est["images_per_page"] == made and est["image_tokens_per_image"] == 81
+    assert est["prompt_tokens"] == 81 * made + made + 1 + 32
+
+
 def fake_cache(cache: str, repo: str, model_dir: str, commit: str = "0123456789abcdef0123456789abcdef01234567"):
     """Lay a model folder out the way huggingface_hub caches a snapshot."""
     base = os.path.join(cache, "models--" + repo.replace("/", "--"))
@@ -101,52 +128,6 @@ def test_check_4bit_half_precision_and_failure():
     assert half["ran"] and half["ok"] and half["dtype"] == "bfloat16" and half["max_error"] <= half["tolerance"]
     broken = check_4bit("no-such-device", torch.float32)
     assert broken["ok"] is False and broken["ran"] is False and broken["error"]
-
-
-EXTRAS_PROBE = """
-import json, sys
-from idefics_cli import extras
-print(json.dumps({"report": extras.report(), "imported": sorted(
-    m for m in ("ray", "pyarrow", "pandas", "fastapi", "uvicorn", "xgrammar") if m in sys.modules)}))
-"""
-
-
-def _fake_distribution(site, name: str, version: str, module: bool = True) -> None:
-    """A real installed distribution as importlib sees it, whose module refuses to be imported."""
-    info = site / f"{name}-{version}.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
-    if module:
-        (site / name).mkdir()
-        (site / name / "__init__.py").write_text(f"raise RuntimeError('{name} was imported')\n")
-
-
-def test_extras_are_found_from_metadata_without_importing_them(tmp_path):
-    from importlib import metadata
-
-    site = tmp_path / "site"
-    site.mkdir()
-    _fake_distribution(site, "fastapi", "0.120.0")
-    _fake_distribution(site, "uvicorn", "0.38.0")
-    _fake_distribution(site, "xgrammar", "0.1.25", module=False)  # metadata left behind, module gone: broken
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), root])}
-    out = subprocess.run([sys.executable, "-c", EXTRAS_PROBE], env=env, capture_output=True, text=True, check=True)
-    found = json.loads(out.stdout)
-    assert found["imported"] == []  # nothing optional was imported, not even the two that would raise
-    serve, schema, ray = (found["report"][k] for k in ("serve", "schema", "ray"))
-    assert serve["installed"] is True and serve["packages"] == {"fastapi": "0.120.0", "uvicorn": "0.38.0"}
-    assert schema["installed"] is False and schema["packages"] == {"xgrammar": "0.1.25"}
-    assert schema["install"] == "pip install xgrammar" and "--schema" in schema["enables"]
-
-    def have(dist):
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return None
-
-    assert ray["packages"] == {d: have(d) for d in ("ray", "pyarrow", "pandas")}  # this environment's truth
-    assert ray["installed"] is all(ray["packages"].values()) and "--engine ray" in ray["enables"]
 
 
 def test_json_verdict_when_the_model_is_not_cached(tmp_path):

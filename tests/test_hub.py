@@ -94,3 +94,41 @@ def test_every_command_fails_fast_on_a_model_that_is_not_cached(tmp_path, comman
     assert ("hub cannot be reached" in lines[0]) is not offline
     assert imported == [] and res.stdout == b""
     assert not [name for name in os.listdir(tmp_path) if name.startswith((".idefics-quantize", "nf4"))]
+
+
+NO_NETWORK = ("import sys\n"
+              "def _audit(event, args):\n"
+              "    if event == 'socket.connect':\n"
+              "        sys.stderr.write(f'NETWORK ATTEMPT {args[1]}\\n')\n"
+              "        raise OSError('network disabled by test')\n"
+              "sys.addaudithook(_audit)\n")
+
+
+ASK = ["ask", "{png}", "What is it?", "--device", "cpu", "--quant", "none", "--max-new-tokens", "2"]
+
+
+@pytest.mark.parametrize("command, offline", [
+    (ASK, True),
+    (["crops", "{png}", "--out", "{tmp}/sheet.png"], True),
+    (["doctor", "--json", "--device", "cpu"], True),
+    (ASK, False),
+], ids=["ask-offline", "crops-offline", "doctor-offline", "ask-online"])
+def test_a_cached_hub_model_loads_without_a_single_connection(tmp_path, tiny_model, command, offline):
+    """A cached hub model is read from its snapshot folder: no connection, online or with `--offline` alone (the
+    hub's own HF_HUB_OFFLINE unset: offline travels in the options, not through the process environment)."""
+    from conftest import make_image, run_idefics
+    from test_doctor import fake_cache
+
+    cache = tmp_path / "hf" / "hub"
+    fake_cache(str(cache), "acme/tiny-idefics2", tiny_model)
+    guard = tmp_path / "guard"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(NO_NETWORK)
+    make_image(80, 60).save(tmp_path / "p.png")
+    args = [a.format(png=tmp_path / "p.png", tmp=tmp_path) for a in command]
+    env = {"HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(cache),
+           "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}", "PYTHONPATH": str(guard), "IDEFICS_MODEL": ""}
+    res = run_idefics(*args, *(["--offline"] if offline else []), "--model", "acme/tiny-idefics2", env=env,
+                      timeout=300)
+    assert res.returncode == 0 and b"NETWORK ATTEMPT" not in res.stderr, res.stderr.decode()[-2000:]
+    assert res.stdout

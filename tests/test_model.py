@@ -142,3 +142,29 @@ def test_readme_states_the_cpu_auto_batch_size_the_code_uses(engine):
     row = next(line for line in readme.splitlines() if line.startswith("| `--batch-size"))
     assert engine.device == "cpu"
     assert re.search(rf"\b{engine.auto_batch_size()} on the CPU", row), row
+
+
+def test_load_processor_is_the_one_loader_and_offline_stays_in_the_options(tiny_model, tmp_path, monkeypatch):
+    """`load`, `crops` and `quantize` load the processor through `load_processor`: the runtime settings unless
+    asked for the saved one, the same errors, and offline passed on as `local_files_only` without ever being
+    written into the process environment."""
+    import os
+
+    import huggingface_hub.constants as constants
+
+    from idefics_cli.model import load_processor
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    configured = load_processor(ModelOptions(model=tiny_model, split=False, offline=True))
+    assert configured.image_processor.do_image_splitting is False and configured.tokenizer.padding_side == "left"
+    saved = load_processor(ModelOptions(model=tiny_model, split=False, offline=True), configure=False)
+    assert saved.image_processor.do_image_splitting is True  # as written in preprocessor_config.json
+    with pytest.raises(IdeficsError, match="does not exist"):
+        load_processor(ModelOptions(model=str(tmp_path / "missing")))
+    with pytest.raises(IdeficsError) as info:
+        load_processor(ModelOptions(model="someorg/not-cached-model", offline=True))
+    assert info.value.message == "someorg/not-cached-model is not in the local cache (offline)"
+    load(ModelOptions(model=tiny_model, offline=True, quant="none", device="cpu"))
+    assert "HF_HUB_OFFLINE" not in os.environ and "TRANSFORMERS_OFFLINE" not in os.environ

@@ -41,3 +41,15 @@ def test_engine_lists_its_choices_and_prompt_shows_its_default():
 def test_engine_choice_is_checked_by_the_parser():
     result = CliRunner().invoke(app, ["transcribe", "x.pdf", "--engine", "spark"])
     assert result.exit_code == 2 and "spark" in result.output
+
+
+@pytest.mark.parametrize("value, offline", [("1", True), ("true", True), ("ON", True), ("yes", True), ("", False),
+                                            ("0", False), ("false", False), ("no", False)])
+def test_offline_defaults_to_the_users_hub_switch_read_as_the_hub_reads_it(monkeypatch, value, offline):
+    """HF_HUB_OFFLINE is read in this one place, as huggingface_hub reads it ("false" is not offline)."""
+    from idefics_cli.cli.options import Dtype, Quant, env_offline, model_options
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    assert env_offline() is offline
+    assert model_options("m", None, Quant.none, Dtype.auto, "cpu", False, True, 8).offline is offline
+    assert model_options("m", None, Quant.none, Dtype.auto, "cpu", True, True, 8).offline is True  # --offline

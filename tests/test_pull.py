@@ -1,4 +1,4 @@
-"""`idefics pull`: fails fast and cleanly without a network; with HF_HUB_OFFLINE it reports the cached copy."""
+"""`idefics pull` (hub.pull): fails fast and cleanly without a network; offline it reports the cached copy."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def test_unreachable_hub_is_one_line_exit_5_fast(endpoint):
 
 def test_offline_cached_prints_the_snapshot(cli, tiny_model, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the user's own switch: pull only looks in the cache
     commit = fake_cache(str(tmp_path), "acme/tiny-idefics2", tiny_model)
     result = cli("pull", "acme/tiny-idefics2")
     assert result.exit_code == 0, result.stderr

@@ -1,4 +1,5 @@
-"""`idefics quantize`: the saved nf4 folder loads Linear4bit layers as saved, answers as --quant 4bit, is smaller."""
+"""quantize.py and `idefics quantize`: the saved nf4 folder loads Linear4bit layers as saved, answers as --quant 4bit,
+is smaller."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import pytest
 import torch
 from conftest import make_image
 
-from idefics_cli.cli.quantize import weights_bytes
 from idefics_cli.model import ModelOptions, load
+from idefics_cli.quantize import weights_bytes
 
 
 @pytest.fixture(scope="module")

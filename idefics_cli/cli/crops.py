@@ -1,8 +1,9 @@
 """`idefics crops DOC`: a PNG contact sheet of the exact images the model receives for one page.
 
-Contract: only the processor is loaded (no model weights). The page is rendered as `ask` renders it, run
-through the processor, and the images are taken back out of `pixel_values` (de-normalized, padding cropped
-with `pixel_attention_mask`), so the sheet shows the real pixels: with splitting 4 crops + the whole page,
+Contract: parsing and printing over the library's `crops` module. Only the processor is loaded (no model
+weights, `model.load_processor`). The page is rendered as `ask` renders it, run through the processor, and
+the images are taken back out of `pixel_values` (de-normalized, padding cropped with
+`pixel_attention_mask`), so the sheet shows the real pixels: with splitting 4 crops + the whole page,
 without it the whole page alone; the count is read from the processor output. Each panel is labelled with
 its position and size. `--out` names the sheet (default `<doc>-page<N>-crops.png`); `--dir` writes each
 image as `crop-<k>-<position>.png` instead (plus the sheet when `--out` is given too). The written paths
@@ -54,39 +55,23 @@ def default_sheet_name(doc: str, page: int) -> str:
 
 
 def _crops(out, doc_path, page, sheet_path, dir_, dpi, password, opts) -> int:
-    from ..diagnostics import contact_sheet, load_processor, model_images
+    from ..crops import model_images, save_crops
     from ..documents import open_document
-    from ..errors import IdeficsError
+    from ..model import load_processor
 
     if sheet_path is not None and not sheet_path.lower().endswith(".png"):
         sheet_path += ".png"
+    if dir_ is None and sheet_path is None:
+        sheet_path = default_sheet_name(doc_path, page)
     with open_document(doc_path, password=password, dpi=dpi) as doc:
         image = doc.render(page)
     with out.status(f"Loading the processor of {opts.model}…"):
         processor = load_processor(opts)
     images, names, image_tokens = model_images(processor, image)
     labels = [f"{name} · {im.width}x{im.height} px" for name, im in zip(names, images, strict=True)]
-    written = []
-    try:
-        if dir_ is not None:
-            os.makedirs(dir_, exist_ok=True)
-            for k, (name, im) in enumerate(zip(names, images, strict=True), 1):
-                path = os.path.join(dir_, f"crop-{k}-{name}.png")
-                im.save(path, format="PNG")
-                written.append(path)
-        if dir_ is None or sheet_path is not None:
-            sheet_path = sheet_path or default_sheet_name(doc_path, page)
-            title = (f"{os.path.basename(doc_path)} · page {page} · rendered {image.width}x{image.height} px -> "
-                     f"{len(images)} image(s), {image_tokens} image tokens · {opts.model}")
-            sheet, _ = contact_sheet(images, labels, title)
-            parent = os.path.dirname(sheet_path)
-            if parent:
-                os.makedirs(parent, exist_ok=True)
-            sheet.save(sheet_path, format="PNG")
-            written.append(sheet_path)
-    except OSError as exc:
-        where = exc.filename or "the output"
-        raise IdeficsError("output_error", f"cannot write {where}: {exc.strerror or exc}") from exc
+    title = (f"{os.path.basename(doc_path)} · page {page} · rendered {image.width}x{image.height} px -> "
+             f"{len(images)} image(s), {image_tokens} image tokens · {opts.model}")
+    written = save_crops(images, names, dir_, sheet_path, title, labels)
     for label in labels:
         out.info(label)
     for path in written:

@@ -1,10 +1,11 @@
 """Options shared by the commands (see README.md), declared once as Typer annotations.
 
 Contract: commands take these as parameters and call `model_options(...)` to build the library's
-`ModelOptions`; help panels group them as "Model" and "Document". `Command` is the command class of every
-command: usage lines name the arguments as written (`idefics ask [OPTIONS] DOC... QUESTION`, `[MODEL]` when
-optional) and a value option without a metavar shows its name (`--pages PAGES`), never a Python type
-(`<str>`, `<list[str]>`); choices are listed. No heavy imports.
+`ModelOptions` (`--offline` defaults to the user's own HF hub offline variable, `env_offline()`: the one
+place the environment's offline setting is read); help panels group them as "Model" and "Document".
+`Command` is the command class of every command: usage lines name the arguments as written (`idefics ask
+[OPTIONS] DOC... QUESTION`, `[MODEL]` when optional) and a value option without a metavar shows its name
+(`--pages PAGES`), never a Python type (`<str>`, `<list[str]>`); choices are listed. No heavy imports.
 """
 
 from __future__ import annotations
@@ -95,8 +96,17 @@ def max_new_tokens_option(default: int):
                                        rich_help_panel=MODEL_PANEL)]
 
 
+OFFLINE_ENV = "HF_HUB_OFFLINE"  # the Hugging Face hub's own switch, read here and nowhere else
+
+
+def env_offline() -> bool:
+    """Whether the user's environment asks for offline mode, read as huggingface_hub reads it (1, on, yes,
+    true): the default of `--offline`. The library never reads or writes it; offline travels in the options."""
+    return os.environ.get(OFFLINE_ENV, "").upper() in ("1", "ON", "YES", "TRUE")
+
+
 def model_options(model: str, revision: str | None, quant: Quant, dtype: Dtype, device: str, offline: bool,
                   split: bool, max_new_tokens: int) -> ModelOptions:
-    offline = offline or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    offline = offline or env_offline()
     return ModelOptions(model=model or DEFAULT_MODEL, revision=revision, quant=quant.value, dtype=dtype.value,
                         device=device, offline=offline, split=split, max_new_tokens=max_new_tokens)

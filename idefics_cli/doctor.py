@@ -1,19 +1,19 @@
-"""Diagnostics: what the processor really feeds the model (`crops`), and whether a setup can run (`doctor`).
+"""Whether a setup can run the model, and if not why not: the checks behind `idefics doctor`.
 
 Contract:
-- `load_processor(options)` loads only the processor (no weights) the way `model.load` does.
-- `model_images(processor, image)` runs the processor on one page image and takes the images back out of
-  `pixel_values`: de-normalized (x * std + mean, / rescale factor, rounded, uint8) and cropped to the
-  `pixel_attention_mask`, so they are exactly the pixels the vision encoder sees. The count comes from the
-  processor output (5 with idefics2 splitting, 1 without, whatever an Idefics3-style processor makes).
-- `contact_sheet(panels, labels, title)` lays panels out (2 x 2 crops + the whole page when there are 5,
-  else one row) under label strips and returns the sheet and each panel's top-left corner.
-- Doctor checks, each returning plain JSON-ready dicts: `versions()`, `cuda_info()`, `system_info()`,
+- `diagnose(options)` runs every check and returns one JSON-ready report (schema `SCHEMA`) whose `ok` and
+  `reason` hold the verdict. It first takes the one fast path of every command (`hub.local_only`): a hub
+  model that is not cached while `options.offline` or without the hub raises `IdeficsError("model_error")`
+  at once, before the checks. The network is touched only to fetch the config files for the estimate of a
+  model that is not cached yet (never when offline).
+- The checks, each returning plain JSON-ready dicts: `versions()`, `cuda_info()`, `system_info()`,
   `check_4bit(device, dtype)` (a real bitsandbytes nf4 quantize + `matmul_4bit`, compared with float),
-  `model_files(model, revision)` (local folder or HF cache, complete or not, commit, size) and
-  `memory_estimate(...)` (parameters counted from config.json on the meta device, bytes per parameter for
-  the quantization, KV cache for one page's prompt).
-torch, transformers, bitsandbytes and PIL are imported inside functions only.
+  `model_files(model, revision)` (local folder or HF cache, complete or not, commit, size), `extras.report()`
+  and `memory_estimate(...)`: parameters counted from config.json on the meta device, bytes per parameter
+  for the quantization, and the KV cache for one page's prompt, whose images per page and image tokens per
+  image are read from the model's image processor and processor configs (`page_images`), never hard-coded.
+- `human_bytes(n)` writes a byte count for people (B, KiB, MiB, GiB).
+torch, transformers, bitsandbytes and huggingface_hub are imported inside functions only.
 """
 
 from __future__ import annotations
@@ -24,132 +24,10 @@ import platform
 import sys
 import time
 
-from .errors import IdeficsError
-
-POSITIONS_5 = ("top-left", "top-right", "bottom-left", "bottom-right", "whole")
+SCHEMA = "idefics-cli.doctor/1"
 GIB = 2**30
 
 
-# ---- crops -------------------------------------------------------------------------------------
-def load_processor(options):
-    """The processor alone (no model weights), with `do_image_splitting` set from `options.split`."""
-    from .hub import local_only, looks_local
-    from .model import model_error, quiet_libraries
-
-    if options.offline:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-    if looks_local(options.model) and not os.path.isdir(options.model):
-        raise IdeficsError("model_error", f"model folder {options.model!r} does not exist")
-    offline = local_only(options, need="processor")  # not cached and no hub: fails here, in a second
-    quiet_libraries()
-    from transformers import AutoProcessor
-
-    try:
-        processor = AutoProcessor.from_pretrained(options.model, revision=options.revision,
-                                                  local_files_only=offline, trust_remote_code=False)
-    except Exception as exc:  # OSError/ValueError from transformers and huggingface_hub
-        raise model_error(exc, options) from exc
-    if hasattr(processor.image_processor, "do_image_splitting"):
-        processor.image_processor.do_image_splitting = options.split
-    return processor
-
-
-def position_names(n: int) -> list[str]:
-    if n == len(POSITIONS_5):
-        return list(POSITIONS_5)
-    if n == 1:
-        return ["whole"]
-    return [f"tile-{k + 1}" for k in range(n - 1)] + ["whole"]
-
-
-def denormalize(pixel_values, pixel_attention_mask, image_processor) -> list:
-    """[n, 3, H, W] normalized floats (+ [n, H, W] mask) -> n RGB PIL images, padding cropped away."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    x = pixel_values.detach().to("cpu", torch.float64)
-    if getattr(image_processor, "do_normalize", True):
-        mean = torch.tensor(image_processor.image_mean, dtype=torch.float64).view(1, -1, 1, 1)
-        std = torch.tensor(image_processor.image_std, dtype=torch.float64).view(1, -1, 1, 1)
-        x = x * std + mean
-    if getattr(image_processor, "do_rescale", True):
-        x = x / image_processor.rescale_factor
-    pixels = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    images = []
-    for k in range(pixels.shape[0]):
-        arr = pixels[k]
-        if pixel_attention_mask is not None:
-            mask = pixel_attention_mask[k].bool().cpu().numpy()
-            rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-            if rows.size and cols.size:
-                arr = arr[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1]
-        images.append(Image.fromarray(np.ascontiguousarray(arr), "RGB"))
-    return images
-
-
-def model_images(processor, image) -> tuple[list, list[str], int]:
-    """(images the model sees for one page, their position names, image tokens in the prompt)."""
-    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}])
-    inputs = processor(text=[prompt], images=[[image]], return_tensors="pt")
-    mask = inputs.get("pixel_attention_mask")
-    images = denormalize(inputs["pixel_values"][0], None if mask is None else mask[0], processor.image_processor)
-    image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-    return images, position_names(len(images)), int((inputs["input_ids"][0] == image_token_id).sum())
-
-
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow without FreeType
-        return ImageFont.load_default()
-
-
-def font_size(sizes: list[tuple[int, int]]) -> int:
-    """Label font size in px, growing with the panels so labels stay readable when the sheet is scaled down."""
-    return max(14, min(40, min(w for w, _ in sizes) // 28))
-
-
-def sheet_layout(sizes: list[tuple[int, int]]):
-    """Top-left corners of each panel (the image, under its label strip) and the sheet size."""
-    fs = font_size(sizes)
-    label_h, gap, top = int(fs * 1.6), max(8, fs // 2), int(fs * 2.6)
-    if len(sizes) == 5:  # 2 x 2 crops in their places, the whole page to the right
-        col_w = [max(sizes[0][0], sizes[2][0]), max(sizes[1][0], sizes[3][0])]
-        row_h = [max(sizes[0][1], sizes[1][1]), max(sizes[2][1], sizes[3][1])]
-        xs, ys = [gap, 2 * gap + col_w[0]], [top + label_h, top + 2 * label_h + gap + row_h[0]]
-        corners = [(xs[k % 2], ys[k // 2]) for k in range(4)]
-        corners.append((3 * gap + sum(col_w), top + label_h))
-        width = corners[4][0] + sizes[4][0] + gap
-        height = max(ys[1] + row_h[1], corners[4][1] + sizes[4][1]) + gap
-        return corners, (width, height)
-    corners, x = [], gap
-    for w, _ in sizes:
-        corners.append((x, top + label_h))
-        x += w + gap
-    return corners, (x, top + label_h + max(h for _, h in sizes) + gap)
-
-
-def contact_sheet(panels: list, labels: list[str], title: str):
-    """One PNG-ready image: a title line, then every panel under its label. Returns (sheet, corners)."""
-    from PIL import Image, ImageDraw
-
-    sizes = [p.size for p in panels]
-    corners, size = sheet_layout(sizes)
-    fs = font_size(sizes)
-    sheet = Image.new("RGB", size, (34, 34, 38))
-    draw = ImageDraw.Draw(sheet)
-    draw.text((max(8, fs // 2), fs // 2), title, fill=(240, 240, 240), font=_font(int(fs * 1.2)))
-    font = _font(fs)
-    for panel, label, (x, y) in zip(panels, labels, corners, strict=True):
-        draw.text((x, y - int(fs * 1.35)), label, fill=(255, 214, 102), font=font)
-        sheet.paste(panel, (x, y))
-    return sheet, corners
-
-
-# ---- doctor ------------------------------------------------------------------------------------
 PACKAGES = {"torch": "torch", "transformers": "transformers", "bitsandbytes": "bitsandbytes",
             "accelerate": "accelerate", "pymupdf": "PyMuPDF", "pillow": "pillow", "huggingface_hub": "huggingface_hub",
             "idefics_cli": "idefics-cli"}
@@ -237,7 +115,7 @@ def check_4bit(device: str, dtype) -> dict:
     return result
 
 
-def _dir_size(path: str) -> int:
+def dir_size(path: str) -> int:
     total = 0
     for root, _, files in os.walk(path):
         for name in files:
@@ -291,7 +169,7 @@ def model_files(model: str, revision: str | None) -> dict:
         missing.append("preprocessor_config.json")
     if not {"tokenizer.json", "tokenizer.model"} & set(names):
         missing.append("tokenizer.json")
-    found.update(missing=missing, available=not missing, size_bytes=_dir_size(folder))
+    found.update(missing=missing, available=not missing, size_bytes=dir_size(folder))
     if "config.json" not in missing:
         with open(os.path.join(folder, "config.json")) as f:
             qc = json.load(f).get("quantization_config")
@@ -314,24 +192,49 @@ def _count_parameters(config) -> tuple[int, int]:
     return total, linear
 
 
+def page_images(folder: str, split: bool) -> int:
+    """How many images the processor makes of one page: its image processor, built from the model's
+    preprocessor_config.json, run on a blank page-shaped image (the default render: longest side 1960 px).
+    For Idefics2 that is 4 crops + the whole page with splitting, 1 without (transformers' `split_images`)."""
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    image_processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+    if hasattr(image_processor, "do_image_splitting"):
+        image_processor.do_image_splitting = split
+    pixels = image_processor([[Image.new("RGB", (1386, 1960), "white")]], return_tensors="pt")["pixel_values"]
+    return int(pixels.shape[1])  # [batch, images, channels, height, width]
+
+
+def image_tokens_per_image(config, processor_config_path: str | None) -> int:
+    """`image_seq_len` of processor_config.json, else the perceiver's latents (what each image becomes)."""
+    if processor_config_path and os.path.exists(processor_config_path):
+        with open(processor_config_path) as f:
+            seq_len = json.load(f).get("image_seq_len")
+        if seq_len:
+            return int(seq_len)
+    perceiver = getattr(config, "perceiver_config", None)
+    seq_len = getattr(perceiver, "resampler_n_latents", None)
+    if not seq_len:
+        raise ValueError("neither processor_config.json nor config.json says how many tokens an image takes")
+    return int(seq_len)
+
+
 def memory_estimate(config_path: str, processor_config_path: str | None, quant: str, split: bool, dtype_bytes: int,
                     max_new_tokens: int, cuda: bool) -> dict:
-    """Bytes needed to answer about one page: weights + KV cache + activations (+ CUDA context)."""
+    """Bytes needed to answer about one page: weights + KV cache + activations (+ CUDA context). The image
+    processor's config (preprocessor_config.json) is read from the folder of `config_path`."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(os.path.dirname(config_path))
+    folder = os.path.dirname(config_path)
+    config = AutoConfig.from_pretrained(folder)
     total, linear = _count_parameters(config)
     per_param = {"4bit": 0.5 + 1 / 64 + 8 / (64 * 256), "8bit": 1.0}.get(quant)  # nf4 + double-quant absmax
     if per_param is None:
         per_param, linear = dtype_bytes, 0
     weights = linear * per_param + (total - linear) * dtype_bytes
-    seq_len = None
-    if processor_config_path and os.path.exists(processor_config_path):
-        with open(processor_config_path) as f:
-            seq_len = json.load(f).get("image_seq_len")
-    perceiver = getattr(config, "perceiver_config", None)
-    seq_len = seq_len or getattr(perceiver, "resampler_n_latents", None) or 64
-    images = 5 if split else 1
+    seq_len = image_tokens_per_image(config, processor_config_path)
+    images = page_images(folder, split)
     text = config.get_text_config()
     prompt = seq_len * images + images + 1 + 32  # image tokens, fake tokens, template + a question
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -346,6 +249,97 @@ def memory_estimate(config_path: str, processor_config_path: str | None, quant: 
             "images_per_page": images, "prompt_tokens": int(prompt), "max_new_tokens": max_new_tokens,
             "kv_cache_bytes": int(kv), "activations_bytes": int(activations), "overhead_bytes": overhead,
             "total_bytes": int(weights + kv + activations + overhead)}
+
+
+def diagnose(options) -> dict:
+    """Every check, as one JSON-ready dict (`ok` and `reason` hold the verdict)."""
+    from . import extras
+    from .engine import QUANT_NAMES
+    from .errors import IdeficsError
+    from .hub import local_only
+    from .model import quiet_libraries, resolve_device, resolve_dtype
+
+    local = local_only(options)  # not cached and cannot be fetched: one error at once, before the checks
+    quiet_libraries()
+    report: dict = {"schema": SCHEMA, "ok": False, "reason": None, "versions": versions(), "system": system_info(),
+                    "cuda": cuda_info()}
+    problems: list[str] = []
+    try:
+        device = resolve_device(options.device)
+    except IdeficsError as err:
+        device = None
+        problems.append(err.message)
+    dtype = resolve_dtype(options.dtype, device or "cpu")
+    files = model_files(options.model, options.revision)
+    quant = "4bit" if files["pre_quantized"] == "nf4" else options.quant
+    report["setup"] = {"model": options.model, "revision": options.revision, "quant": quant,
+                       "quantization": QUANT_NAMES[quant], "dtype": str(dtype).replace("torch.", ""),
+                       "device": device or options.device, "split": options.split}
+    report["bnb_4bit"] = check_4bit(device, dtype) if device else {
+        "ran": False, "ok": False, "device": None, "dtype": None, "max_error": None, "quantization_error": None,
+        "tolerance": None, "error": "no usable device", "seconds": None}
+    report["model"] = files
+    report["estimate"] = _estimate(options, files, local, quant, dtype, device)
+    report["extras"] = extras.report()  # optional features: reported, never a reason to fail
+
+    if device and quant == "4bit" and not report["bnb_4bit"]["ok"]:
+        problems.append(f"bitsandbytes 4-bit does not work on {device}: {report['bnb_4bit']['error']}")
+    if quant == "8bit" and device and not device.startswith("cuda"):
+        problems.append("--quant 8bit needs a CUDA GPU")
+    if not files["available"]:
+        where = "the local folder" if files["local_folder"] else "the local HF cache"
+        hint = "" if files["local_folder"] else f" (run `idefics pull {options.model}`)"
+        problems.append(f"{options.model} is not complete in {where}, missing {', '.join(files['missing'][:3])}{hint}")
+    need, free = report["estimate"].get("total_bytes"), free_bytes(report["cuda"], device)
+    report["estimate"]["free_bytes"] = free
+    report["estimate"]["fits"] = None if need is None or free is None else need <= free
+    if report["estimate"]["fits"] is False and device and device.startswith("cuda"):
+        problems.append(f"needs about {human_bytes(need)} but {device} has {human_bytes(free)} free"
+                        " (try --quant 4bit or --no-split)")
+    report["ok"] = not problems
+    report["reason"] = "; ".join(problems) or None
+    return report
+
+
+def free_bytes(cuda: dict, device: str | None) -> int | None:
+    """Free memory on the device: the GPU's from `cuda_info()`, else the RAM available."""
+    if device is None:
+        return None
+    if device.startswith("cuda"):
+        index = int(device.split(":")[1]) if ":" in device else 0
+        gpus = [g for g in cuda["devices"] if g["index"] == index]
+        return gpus[0]["free_bytes"] if gpus else None
+    return system_info()["ram_available_bytes"]
+
+
+CONFIG_FILES = ("config.json", "processor_config.json", "preprocessor_config.json")
+
+
+def _estimate(options, files: dict, local: bool, quant: str, dtype, device) -> dict:
+    """The memory estimate, from a local or cached config.json (fetched when it is not cached and `local_only`
+    said the hub can be reached)."""
+    folder = files["path"]
+    config = os.path.join(folder, "config.json") if folder else None
+    try:
+        if not (config and os.path.exists(config)) and not local:
+            from huggingface_hub import hf_hub_download
+
+            config = hf_hub_download(options.model, "config.json", revision=options.revision, etag_timeout=5)
+            folder = os.path.dirname(config)
+            for name in CONFIG_FILES[1:]:
+                try:
+                    hf_hub_download(options.model, name, revision=options.revision, etag_timeout=5)
+                except Exception:  # noqa: BLE001 - optional here: missing, the estimate says what is
+                    pass
+        if not (config and os.path.exists(config)):
+            return {"error": "config.json is not in the local cache" + (" (offline)" if options.offline else "")}
+        import torch
+
+        nbytes = torch.empty((), dtype=dtype).element_size()
+        return memory_estimate(config, os.path.join(folder, "processor_config.json"), quant, options.split, nbytes,
+                               options.max_new_tokens, bool(device and device.startswith("cuda")))
+    except Exception as exc:  # noqa: BLE001 - the estimate is advisory
+        return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
 
 
 def human_bytes(n: int | None) -> str:

@@ -1,0 +1,141 @@
+"""What the processor really feeds the model for one page: its images, taken back out, and a contact sheet.
+
+Contract:
+- `model_images(processor, image)` runs the processor on one page image and takes the images back out of
+  `pixel_values`: de-normalized (x * std + mean, / rescale factor, rounded, uint8) and cropped to the
+  `pixel_attention_mask`, so they are exactly the pixels the vision encoder sees. The count comes from the
+  processor output (5 with idefics2 splitting, 1 without, whatever an Idefics3-style processor makes).
+  The processor comes from `model.load_processor(options)` (no weights).
+- `contact_sheet(panels, labels, title)` lays panels out (`sheet_layout`: 2 x 2 crops + the whole page when
+  there are 5, else one row) under label strips and returns the sheet.
+- `save_crops(images, names, folder, sheet_path, title, labels)` writes each image as
+  `crop-<k>-<position>.png` into `folder` (when given) and the sheet to `sheet_path` (when given) and returns
+  the written paths; a write failure is `IdeficsError("output_error")`.
+torch and PIL are imported inside functions only.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .errors import IdeficsError
+
+POSITIONS_5 = ("top-left", "top-right", "bottom-left", "bottom-right", "whole")
+
+
+def position_names(n: int) -> list[str]:
+    if n == len(POSITIONS_5):
+        return list(POSITIONS_5)
+    if n == 1:
+        return ["whole"]
+    return [f"tile-{k + 1}" for k in range(n - 1)] + ["whole"]
+
+
+def denormalize(pixel_values, pixel_attention_mask, image_processor) -> list:
+    """[n, 3, H, W] normalized floats (+ [n, H, W] mask) -> n RGB PIL images, padding cropped away."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    x = pixel_values.detach().to("cpu", torch.float64)
+    if getattr(image_processor, "do_normalize", True):
+        mean = torch.tensor(image_processor.image_mean, dtype=torch.float64).view(1, -1, 1, 1)
+        std = torch.tensor(image_processor.image_std, dtype=torch.float64).view(1, -1, 1, 1)
+        x = x * std + mean
+    if getattr(image_processor, "do_rescale", True):
+        x = x / image_processor.rescale_factor
+    pixels = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    images = []
+    for k in range(pixels.shape[0]):
+        arr = pixels[k]
+        if pixel_attention_mask is not None:
+            mask = pixel_attention_mask[k].bool().cpu().numpy()
+            rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+            if rows.size and cols.size:
+                arr = arr[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1]
+        images.append(Image.fromarray(np.ascontiguousarray(arr), "RGB"))
+    return images
+
+
+def model_images(processor, image) -> tuple[list, list[str], int]:
+    """(images the model sees for one page, their position names, image tokens in the prompt)."""
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}])
+    inputs = processor(text=[prompt], images=[[image]], return_tensors="pt")
+    mask = inputs.get("pixel_attention_mask")
+    images = denormalize(inputs["pixel_values"][0], None if mask is None else mask[0], processor.image_processor)
+    image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    return images, position_names(len(images)), int((inputs["input_ids"][0] == image_token_id).sum())
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType
+        return ImageFont.load_default()
+
+
+def font_size(sizes: list[tuple[int, int]]) -> int:
+    """Label font size in px, growing with the panels so labels stay readable when the sheet is scaled down."""
+    return max(14, min(40, min(w for w, _ in sizes) // 28))
+
+
+def sheet_layout(sizes: list[tuple[int, int]]):
+    """Top-left corners of each panel (the image, under its label strip) and the sheet size."""
+    fs = font_size(sizes)
+    label_h, gap, top = int(fs * 1.6), max(8, fs // 2), int(fs * 2.6)
+    if len(sizes) == 5:  # 2 x 2 crops in their places, the whole page to the right
+        col_w = [max(sizes[0][0], sizes[2][0]), max(sizes[1][0], sizes[3][0])]
+        row_h = [max(sizes[0][1], sizes[1][1]), max(sizes[2][1], sizes[3][1])]
+        xs, ys = [gap, 2 * gap + col_w[0]], [top + label_h, top + 2 * label_h + gap + row_h[0]]
+        corners = [(xs[k % 2], ys[k // 2]) for k in range(4)]
+        corners.append((3 * gap + sum(col_w), top + label_h))
+        width = corners[4][0] + sizes[4][0] + gap
+        height = max(ys[1] + row_h[1], corners[4][1] + sizes[4][1]) + gap
+        return corners, (width, height)
+    corners, x = [], gap
+    for w, _ in sizes:
+        corners.append((x, top + label_h))
+        x += w + gap
+    return corners, (x, top + label_h + max(h for _, h in sizes) + gap)
+
+
+def contact_sheet(panels: list, labels: list[str], title: str):
+    """One PNG-ready image: a title line, then every panel under its label (placed by `sheet_layout`)."""
+    from PIL import Image, ImageDraw
+
+    sizes = [p.size for p in panels]
+    corners, size = sheet_layout(sizes)
+    fs = font_size(sizes)
+    sheet = Image.new("RGB", size, (34, 34, 38))
+    draw = ImageDraw.Draw(sheet)
+    draw.text((max(8, fs // 2), fs // 2), title, fill=(240, 240, 240), font=_font(int(fs * 1.2)))
+    font = _font(fs)
+    for panel, label, (x, y) in zip(panels, labels, corners, strict=True):
+        draw.text((x, y - int(fs * 1.35)), label, fill=(255, 214, 102), font=font)
+        sheet.paste(panel, (x, y))
+    return sheet
+
+
+def save_crops(images: list, names: list[str], folder: str | None, sheet_path: str | None, title: str,
+               labels: list[str]) -> list[str]:
+    """Write the images into `folder` and/or the contact sheet to `sheet_path`; the paths written, in order."""
+    written = []
+    try:
+        if folder is not None:
+            os.makedirs(folder, exist_ok=True)
+            for k, (name, im) in enumerate(zip(names, images, strict=True), 1):
+                path = os.path.join(folder, f"crop-{k}-{name}.png")
+                im.save(path, format="PNG")
+                written.append(path)
+        if sheet_path is not None:
+            parent = os.path.dirname(sheet_path)
+            if parent:
+                os.makedirs(parent, exist_ok=True)
+            contact_sheet(images, labels, title).save(sheet_path, format="PNG")
+            written.append(sheet_path)
+    except OSError as exc:
+        where = exc.filename or "the output"
+        raise IdeficsError("output_error", f"cannot write {where}: {exc.strerror or exc}") from exc
+    return written

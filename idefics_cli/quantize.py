@@ -1,0 +1,76 @@
+"""Save a model quantized to 4-bit once, so later loads are fast and small: the library behind `idefics quantize`.
+
+Contract: `save_4bit(options, out_dir, status)` loads the model exactly as `--quant 4bit` loads it (`model.load`:
+bitsandbytes nf4, double quant, compute in the chosen dtype) and writes it to `out_dir` with
+`save_pretrained` (safetensors, bitsandbytes 4-bit serialization; config.json carries the
+`quantization_config`), together with the processor exactly as saved (`model.load_processor(configure=False)`:
+no runtime setting leaks in) and the generation config. `out_dir` must be empty or missing (else
+`UsageError`); it is written under a temporary name beside it, made before the model loads (so an unwritable
+`out_dir` fails at once, `output_error`), and renamed into place, so a crash never leaves a half-written
+model. Returns `Quantized(out_dir, before_bytes, after_bytes, dtype)` (weights sizes; `before_bytes` None
+when the source folder is unknown). `status(message)` returns a context manager around each long step (a
+spinner in the CLI). `weights_bytes(folder)` sums a folder's .safetensors files.
+torch and transformers are imported inside functions only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+from .errors import IdeficsError, UsageError
+
+
+@dataclass(frozen=True)
+class Quantized:
+    out_dir: str
+    before_bytes: int | None
+    after_bytes: int
+    dtype: str
+
+
+def weights_bytes(folder: str) -> int:
+    """Total size of the .safetensors files in a folder (HF cache symlinks followed)."""
+    return sum(os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder) if n.endswith(".safetensors"))
+
+
+def save_4bit(options, out_dir: str, status=lambda message: contextlib.nullcontext()) -> Quantized:
+    """Load `options.model` in 4-bit and save it with its processor into the new folder `out_dir`."""
+    from .doctor import model_files
+    from .model import load, load_processor
+    from .writers import follow_umask, umask
+
+    out_dir = os.path.abspath(os.path.expanduser(out_dir))
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise UsageError(f"{out_dir} exists and is not an empty folder", "choose a new folder")
+    parent = os.path.dirname(out_dir)
+    try:  # the temporary folder is made first, so an unwritable OUT_DIR fails before the model loads
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".idefics-quantize-", dir=parent)
+    except OSError as exc:
+        raise IdeficsError("output_error", f"cannot write {out_dir}: {exc.strerror or exc}") from exc
+    try:
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private; the model folder should not be
+        with status(f"Loading {options.model} in 4-bit…"):
+            engine = load(options)
+        cfg = getattr(engine.model.config, "quantization_config", None)
+        if cfg is None or not getattr(cfg, "load_in_4bit", False):
+            raise IdeficsError("model_error", f"{options.model} did not load as a 4-bit model")
+        source = model_files(options.model, options.revision)["path"]
+        before = weights_bytes(source) if source and os.path.isdir(source) else None
+        with status(f"Saving to {out_dir}…"):
+            engine.model.save_pretrained(tmp)
+            load_processor(options, configure=False).save_pretrained(tmp)
+            follow_umask(tmp)  # transformers writes the weights 0600
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)  # empty, checked above
+        os.rename(tmp, out_dir)
+    except OSError as exc:
+        raise IdeficsError("output_error", f"cannot write {out_dir}: {exc.strerror or exc}") from exc
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return Quantized(out_dir, before, weights_bytes(out_dir), engine.info["dtype"])

@@ -1,0 +1,46 @@
+"""extras.py: optional features found from package metadata, without importing them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+EXTRAS_PROBE = """
+import json, sys
+from idefics_cli import extras
+print(json.dumps({"report": extras.report(), "imported": sorted(
+    m for m in ("ray", "pyarrow", "pandas", "fastapi", "uvicorn", "xgrammar") if m in sys.modules)}))
+"""
+
+
+def _fake_distribution(site, name: str, version: str, module: bool = True) -> None:
+    """A real installed distribution as importlib sees it, whose module refuses to be imported."""
+    info = site / f"{name}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    if module:
+        (site / name).mkdir()
+        (site / name / "__init__.py").write_text(f"raise RuntimeError('{name} was imported')\n")
+
+
+def test_extras_are_found_from_metadata_without_importing_them(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    _fake_distribution(site, "fastapi", "0.120.0")
+    _fake_distribution(site, "uvicorn", "0.38.0")
+    _fake_distribution(site, "xgrammar", "0.1.25", module=False)  # metadata left behind, module gone: broken
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), root])}
+    # -S: no site-packages, so the child sees only the fake distributions, whatever this environment has installed
+    out = subprocess.run([sys.executable, "-S", "-c", EXTRAS_PROBE], env=env, capture_output=True, text=True,
+                         check=True)
+    found = json.loads(out.stdout)
+    assert found["imported"] == []  # nothing optional was imported, not even the two that would raise
+    serve, schema, ray = (found["report"][k] for k in ("serve", "schema", "ray"))
+    assert serve["installed"] is True and serve["packages"] == {"fastapi": "0.120.0", "uvicorn": "0.38.0"}
+    assert schema["installed"] is False and schema["packages"] == {"xgrammar": "0.1.25"}
+    assert schema["install"] == "pip install xgrammar" and "--schema" in schema["enables"]
+    assert ray["packages"] == {"ray": None, "pyarrow": None, "pandas": None} and ray["installed"] is False
+    assert ray["install"] == "pip install ray pyarrow pandas" and "--engine ray" in ray["enables"]
