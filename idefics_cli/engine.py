@@ -287,11 +287,16 @@ class Engine:
         """
         from .selection import Selection, ask, open_pages
 
-        if not isinstance(documents, Selection):
-            documents = open_pages(documents, pages, password=password, dpi=dpi)
-        elif (pages, password, dpi) != (None, None, None):
-            raise UsageError("pages, password and dpi are options of open_pages when documents is a Selection")
-        return ask(self, documents, question, max_new_tokens, logits_processor)
+        if isinstance(documents, Selection):
+            if (pages, password, dpi) != (None, None, None):
+                raise UsageError("pages, password and dpi are options of open_pages when documents is a Selection")
+            return ask(self, documents, question, max_new_tokens, logits_processor)
+        selection = open_pages(documents, pages, password=password, dpi=dpi)
+        try:
+            return ask(self, selection, question, max_new_tokens, logits_processor, close=True)
+        except BaseException:
+            selection.close()
+            raise
 
 
 def generation_error(exc: BaseException) -> IdeficsError:

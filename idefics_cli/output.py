@@ -60,14 +60,20 @@ class Output:
     def stream(self, response, where: str = "") -> None:
         """Write an answer's pieces to stdout as they come (a spinner on stderr until the first), then a newline.
 
-        An answer cut by its max_new_tokens gets a note on stderr, prefixed by `where` ("file page N: ").
+        An answer cut by its max_new_tokens gets a note on stderr, prefixed by `where` ("file page N: "). Anything
+        that stops the writing (Ctrl-C, a closed stdout) stops the answer too (`response.close()`: generation ends,
+        what was read is kept, marked interrupted).
         """
-        with self.status("Thinking…") as spinner:
-            for piece in response:
-                if spinner is not None:
-                    spinner.stop()
-                    spinner = None
-                self.write(piece)
+        try:
+            with self.status("Thinking…") as spinner:
+                for piece in response:
+                    if spinner is not None:
+                        spinner.stop()
+                        spinner = None
+                    self.write(piece)
+        except BaseException:
+            response.close()
+            raise
         self.write("\n")
         if response.finish_reason == "length":
             self.warn(f"{where}the answer was cut at --max-new-tokens {response.max_new_tokens}; raise it for the "

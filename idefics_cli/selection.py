@@ -120,9 +120,12 @@ def check_question(question: str) -> str:
     return question
 
 
-def ask(engine, selection: Selection, question: str, max_new_tokens: int | None = None,
-        logits_processor=None) -> Response:
-    """One question over every page of `selection`, as one user turn (images first); see the module contract."""
+def ask(engine, selection: Selection, question: str, max_new_tokens: int | None = None, logits_processor=None,
+        close: bool = False) -> Response:
+    """One question over every page of `selection`, as one user turn (images first); see the module contract.
+
+    `close`: close the selection's documents when the answer ends (`Engine.ask` opened them itself).
+    """
     check_question(question)
     limit = max_new_tokens or engine.options.max_new_tokens
     engine.check_context(len(selection), question, limit)
@@ -132,4 +135,5 @@ def ask(engine, selection: Selection, question: str, max_new_tokens: int | None 
     return Response(engine.stream_generate(inputs, limit, logits_processor), question=question,
                     sources=selection.sources(), split=engine.options.split, model=engine.info,
                     usage=engine.usage(inputs), load_s=engine.load_s, preprocess_s=preprocess_s,
-                    started=selection.started, max_new_tokens=limit, warnings=selection.warnings())
+                    started=selection.started, max_new_tokens=limit, warnings=selection.warnings(),
+                    on_end=(lambda _: selection.close()) if close else None)
