@@ -34,10 +34,7 @@ class Response:
         self._error: BaseException | None = None
         self._ended_at: float | None = None
         self._on_end = on_end
-        self.question = question
-        self.sources = sources
-        self.split = split
-        self.model = model
+        self.question, self.sources, self.split, self.model = question, sources, split, model
         self.max_new_tokens = max_new_tokens
         self.warnings = list(warnings or [])
         self.extra = dict(extra or {})
