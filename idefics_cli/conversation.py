@@ -1,7 +1,7 @@
 """Conversation: a multi-turn chat about page images, formatted by the processor's own chat template.
 
 Contract: a `Conversation` holds messages in the transformers chat format ([user turn with page images +
-q1, assistant a1, user q2, ...]) and the page images in the order their `{"type": "image"}` entries appear.
+q1, assistant a1, user q2, ...]) and the pages shown, in the order their `{"type": "image"}` entries appear.
 `attach(pages)` queues rendered pages for the next user turn (the first question carries the chosen
 pages; `/pages` attaches new ones to the next question, earlier turns keep theirs). `inputs(question)`
 returns exactly `processor(text=processor.apply_chat_template(messages + [user turn],
@@ -9,15 +9,25 @@ add_generation_prompt=True), images=[all images])`, on the model's device. `comm
 appends the turn; a failed turn is not committed, an interrupted one is, with what was answered so far and
 `"interrupted": true` on the assistant message (the chat template reads only role and content).
 `to_dict()` is the `/save` file (schema `idefics-cli.chat/1`): the messages, plus `sources` naming the
-document pages of each image-bearing message. Nothing here imports torch.
+document pages of each image-bearing message.
+`ChatSession` is a chat about one document: `ChatSession.open(path, pages)` decodes the chosen pages before
+any model loads; `start(engine)` checks that they fit the context; `ask(question)` returns the streaming
+`Response` (response.py; its `to_dict()` is a chat JSON line: the answer object plus `turn`), and the turn is
+committed when the answer ends (interrupted or not); `show(spec)`, `reset()` and `save(path)` are `/pages`,
+`/reset` and `/save` (an atomic write, writers.py). Nothing here imports torch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import time
 from dataclasses import dataclass, field
 
 from .errors import UsageError
 from .prompts import assistant_turn, user_turn
+from .response import Response
 
 CHAT_SCHEMA = "idefics-cli.chat/1"
 
@@ -27,13 +37,14 @@ class PageImage:
     path: str
     page: int
     image: object  # PIL.Image.Image
+    warnings: list[str] = field(default_factory=list)  # codes of errors.WARNINGS for this page
 
 
 @dataclass
 class Conversation:
     engine: object
     messages: list[dict] = field(default_factory=list)
-    images: list = field(default_factory=list)
+    shown: list[PageImage] = field(default_factory=list)  # the pages of the committed turns
     sources: list[dict] = field(default_factory=list)
     pending: list[PageImage] = field(default_factory=list)
 
@@ -47,7 +58,7 @@ class Conversation:
         self.pending = list(pages)
 
     def reset(self, pages: list[PageImage]) -> None:
-        self.messages, self.images, self.sources = [], [], []
+        self.messages, self.shown, self.sources = [], [], []
         self.attach(pages)
 
     def next_messages(self, question: str) -> list[dict]:
@@ -58,7 +69,7 @@ class Conversation:
 
     def inputs(self, question: str, max_new_tokens: int):
         """Processor outputs for the whole conversation plus `question`, refused if over the context."""
-        images = self.images + [p.image for p in self.pending]
+        images = [p.image for p in self.shown + self.pending]
         processor = self.engine.processor
         inputs = processor(text=[self.prompt(question)], images=[images] if images else None, return_tensors="pt")
         total = int(inputs["input_ids"].shape[1])
@@ -80,7 +91,7 @@ class Conversation:
                 self.sources[-1]["pages"].append(p.page)
             else:
                 self.sources.append({"message": index, "path": p.path, "pages": [p.page]})
-        self.images.extend(p.image for p in self.pending)
+        self.shown.extend(self.pending)
         self.pending = []
 
     def seen(self) -> list[dict]:
@@ -95,6 +106,90 @@ class Conversation:
                 merged.append({"path": path, "pages": [page]})
         return merged
 
+    def warnings(self) -> list[str]:
+        """The warning codes of every page the model sees in the next turn, each once."""
+        return list(dict.fromkeys(code for p in self.shown + self.pending for code in p.warnings))
+
     def to_dict(self) -> dict:
         return {"schema": CHAT_SCHEMA, "model": self.engine.info, "split": self.engine.options.split,
                 "messages": self.messages, "sources": self.sources}
+
+
+class ChatSession:
+    """A chat about one document: its chosen pages, then a `Conversation` with a loaded engine."""
+
+    def __init__(self, doc, spec: str | None = None, status=None):
+        self.doc = doc
+        self.conv: Conversation | None = None
+        self.pages = self.render(spec, status)
+
+    @classmethod
+    def open(cls, path: str, pages: str | None = None, *, password: str | None = None, dpi: int | None = None,
+             status=None) -> ChatSession:
+        """Open the document and decode the chosen pages (before any model loads: input errors come at once)."""
+        from .documents import open_document
+
+        doc = open_document(path, password=password, dpi=dpi)
+        try:
+            return cls(doc, pages, status)
+        except BaseException:
+            doc.close()
+            raise
+
+    def render(self, spec: str | None, status=None) -> list[PageImage]:
+        """The chosen pages of the document, decoded; `status(message)` is shown meanwhile when given."""
+        from .pages import parse_page_spec
+
+        chosen = parse_page_spec(spec).resolve(self.doc.page_count)
+        with status(f"Rendering {len(chosen)} page(s)…") if status else contextlib.nullcontext():
+            return [PageImage(self.doc.path, p, self.doc.render(p), self.doc.warnings(p)) for p in chosen]
+
+    def start(self, engine) -> ChatSession:
+        """Begin the conversation on `engine`: the pages must fit its context with room for an answer."""
+        engine.check_context(len(self.pages), "", engine.options.max_new_tokens)
+        self.conv = Conversation(engine)
+        self.conv.attach(self.pages)
+        return self
+
+    @property
+    def engine(self):
+        return self.conv.engine
+
+    def show(self, spec: str | None, status=None) -> list[PageImage]:
+        """`/pages SPEC`: these pages come with the next question (earlier turns keep theirs)."""
+        self.pages = self.render(spec, status)
+        self.conv.attach(self.pages)
+        return self.pages
+
+    def reset(self) -> None:
+        """`/reset`: forget the conversation; the current pages come with the next question."""
+        self.conv.reset(self.pages)
+
+    def save(self, path: str) -> int:
+        """`/save FILE`: write the conversation as JSON (atomically); returns how many messages were written."""
+        from .writers import atomic_write
+
+        atomic_write(os.path.expanduser(path), json.dumps(self.conv.to_dict(), ensure_ascii=False, indent=2) + "\n")
+        return len(self.conv.messages)
+
+    def ask(self, question: str, max_new_tokens: int | None = None, logits_processor=None) -> Response:
+        """The next turn: the whole conversation plus `question`; committed when the answer has been read."""
+        from .records import Source
+
+        engine, conv = self.engine, self.conv
+        start = time.perf_counter()
+        limit = max_new_tokens or engine.options.max_new_tokens
+        inputs = conv.inputs(question, limit)
+        preprocess_s = time.perf_counter() - start
+
+        def commit(response: Response) -> None:
+            conv.commit(question, response.received, interrupted=response.interrupted)
+
+        return Response(engine.stream_generate(inputs, limit, logits_processor), question=question,
+                        sources=[Source(s["path"], s["pages"]) for s in conv.seen()], split=engine.options.split,
+                        model=engine.info, usage=engine.usage(inputs), load_s=engine.load_s,
+                        preprocess_s=preprocess_s, started=start, max_new_tokens=limit, warnings=conv.warnings(),
+                        extra={"turn": conv.turn + 1}, on_end=commit)
+
+    def close(self) -> None:
+        self.doc.close()

@@ -6,9 +6,13 @@ Contract:
   pixels of a batch one row at a time, inputs.py; the pixel mask as bool): the plain path.
   `Engine.prepare(batch)` gives the same token ids, but the images reach the model through vision.py, in
   bounded same-shape chunks encoded when generation starts (what `ask` and `transcribe` use).
-- `Engine.stream_generate(inputs)` yields text pieces as they are generated (greedy, stops at
-  `<end_of_utterance>`); the returned `Generation` then knows the token counts and the finish reason.
-  `Engine.generate(inputs)` is its join; `Engine.generate_batch(inputs)` answers a left-padded batch.
+- `Engine.stream_generate(inputs)` is a generator of text pieces as they are generated (greedy, stops at
+  `<end_of_utterance>`) whose return value (`StopIteration.value`) is the finished `Generation` (text, token
+  counts, finish reason, timing); it changes nothing it is given. `Engine.generate(inputs)` is its join;
+  `Engine.generate_batch(inputs)` answers a left-padded batch. All three take `logits_processor`, handed to
+  `model.generate` as is (constrained decoding hooks in there).
+- `Engine.ask(documents, question, ...)` is the library's question: it returns the iterable `Response`
+  (response.py) built by selection.py, the same answer and JSON object as `idefics ask`.
 - Token arithmetic (image tokens per image, context size) is read from the processor and the config,
   never hard-coded, so Idefics3-style processors work too.
 torch and transformers are imported inside functions only.
@@ -33,7 +37,7 @@ QUANT_NAMES = {"4bit": "nf4", "8bit": "int8", "none": "none"}
 
 @dataclass
 class Generation:
-    """One answer in progress; filled in while `stream_generate` runs."""
+    """One finished answer: what `stream_generate` returns and `generate_batch` gives per row."""
 
     text: str = ""
     completion_tokens: int = 0
@@ -156,15 +160,23 @@ class Engine:
         return {"prompt_tokens": int(ids.numel()), "image_tokens": int((ids == self.image_token_id).sum())}
 
     # ---- generation ----------------------------------------------------------------------------
-    def _gen_kwargs(self, max_new_tokens: int | None) -> dict:
-        return {"do_sample": False, "max_new_tokens": max_new_tokens or self.options.max_new_tokens}
+    def _gen_kwargs(self, max_new_tokens: int | None, logits_processor=None) -> dict:
+        kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens or self.options.max_new_tokens}
+        if logits_processor is not None:
+            kwargs["logits_processor"] = logits_processor
+        return kwargs
 
-    def stream_generate(self, inputs, max_new_tokens: int | None = None, generation: Generation | None = None):
-        """Yield text pieces of the greedy answer while it is generated (batch of one)."""
+    def stream_generate(self, inputs, max_new_tokens: int | None = None, logits_processor=None):
+        """Yield text pieces of the greedy answer while it is generated (batch of one); return the `Generation`.
+
+        Generation starts at the first `next()`; closing the generator (or an exception in the consumer, Ctrl-C)
+        stops it within a token.
+        """
         import torch
         from transformers.generation.streamers import BaseStreamer
 
-        gen = generation if generation is not None else Generation()
+        token_ids: list[int] = []
+        first_token_s = None
         pieces: Queue = Queue()
         stop = threading.Event()
         tokenizer = self.processor.tokenizer
@@ -177,7 +189,7 @@ class Engine:
                 if not self.prompt_seen:
                     self.prompt_seen = True
                     return
-                gen.token_ids.extend(int(t) for t in value.reshape(-1).tolist())
+                token_ids.extend(int(t) for t in value.reshape(-1).tolist())
                 pieces.put(("tokens", None))
 
             def end(self):
@@ -192,8 +204,8 @@ class Engine:
         def run():
             try:
                 with torch.inference_mode():
-                    self.model.generate(**self.model_kwargs(inputs), **self._gen_kwargs(max_new_tokens),
-                                        streamer=_Streamer(),
+                    self.model.generate(**self.model_kwargs(inputs),
+                                        **self._gen_kwargs(max_new_tokens, logits_processor), streamer=_Streamer(),
                                         stopping_criteria=StoppingCriteriaList([_Stop()]))
                 pieces.put(("done", None))
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread
@@ -207,7 +219,7 @@ class Engine:
                 kind, payload = pieces.get()
                 if kind == "error":
                     raise generation_error(payload)
-                text = tokenizer.decode(self._answer_ids(gen.token_ids), skip_special_tokens=True)
+                text = tokenizer.decode(self._answer_ids(token_ids), skip_special_tokens=True)
                 if kind == "done":
                     new = text[len(emitted):] if text.startswith(emitted) else text
                     if new:
@@ -217,34 +229,35 @@ class Engine:
                 if text.endswith("\ufffd") or not text.startswith(emitted):
                     continue  # an unfinished multi-byte character: wait for the next token
                 if len(text) > len(emitted):
-                    if gen.first_token_s is None:
-                        gen.first_token_s = time.perf_counter() - start
+                    if first_token_s is None:
+                        first_token_s = time.perf_counter() - start
                     yield text[len(emitted):]
                     emitted = text
         finally:
             stop.set()
             thread.join()
-        gen.text = emitted
-        gen.completion_tokens = len(gen.token_ids)
-        gen.finish_reason = "stop" if gen.token_ids and gen.token_ids[-1] in self.eos_ids else "length"
-        gen.total_s = time.perf_counter() - start
-        if gen.first_token_s is None:
-            gen.first_token_s = gen.total_s
+        total_s = time.perf_counter() - start
+        return Generation(text=emitted, completion_tokens=len(token_ids), token_ids=token_ids,
+                          finish_reason="stop" if token_ids and token_ids[-1] in self.eos_ids else "length",
+                          first_token_s=total_s if first_token_s is None else first_token_s, total_s=total_s)
 
     def _answer_ids(self, ids: list[int]) -> list[int]:
         return [i for i in ids if i not in self.eos_ids]
 
-    def generate(self, inputs, max_new_tokens: int | None = None) -> Generation:
-        gen = Generation()
-        for _ in self.stream_generate(inputs, max_new_tokens, gen):
-            pass
-        return gen
+    def generate(self, inputs, max_new_tokens: int | None = None, logits_processor=None) -> Generation:
+        """The join of `stream_generate`: the whole greedy answer at once."""
+        stream = self.stream_generate(inputs, max_new_tokens, logits_processor)
+        while True:
+            try:
+                next(stream)
+            except StopIteration as done:
+                return done.value
 
-    def generate_batch(self, inputs, max_new_tokens: int | None = None) -> list[Generation]:
+    def generate_batch(self, inputs, max_new_tokens: int | None = None, logits_processor=None) -> list[Generation]:
         """Greedy answers for a left-padded batch (no streaming)."""
         import torch
 
-        kwargs = self._gen_kwargs(max_new_tokens)
+        kwargs = self._gen_kwargs(max_new_tokens, logits_processor)
         start = time.perf_counter()
         try:
             with torch.inference_mode():
@@ -261,6 +274,29 @@ class Engine:
             results.append(Generation(text=text, completion_tokens=len(ids), token_ids=ids, total_s=elapsed,
                                       first_token_s=None, finish_reason="stop" if ended is not None else "length"))
         return results
+
+    # ---- the library's question ----------------------------------------------------------------
+    def ask(self, documents, question: str, *, pages: str | None = None, password: str | None = None,
+            dpi: int | None = None, max_new_tokens: int | None = None, logits_processor=None):
+        """Ask `question` about the chosen pages of `documents`; returns the streaming `Response`.
+
+        `documents`: paths (a str or a list of them, "-" for stdin), or a `Selection` already opened with
+        `idefics_cli.open_pages` (then `pages`, `password` and `dpi` were given there). Input errors, a prompt
+        over the context and an empty question raise `IdeficsError` here, before anything is generated;
+        generation starts when the answer is first read.
+        """
+        from .selection import Selection, ask, open_pages
+
+        if isinstance(documents, Selection):
+            if (pages, password, dpi) != (None, None, None):
+                raise UsageError("pages, password and dpi are options of open_pages when documents is a Selection")
+            return ask(self, documents, question, max_new_tokens, logits_processor)
+        selection = open_pages(documents, pages, password=password, dpi=dpi)
+        try:
+            return ask(self, selection, question, max_new_tokens, logits_processor, close=True)
+        except BaseException:
+            selection.close()
+            raise
 
 
 def generation_error(exc: BaseException) -> IdeficsError:

@@ -1,11 +1,12 @@
 """Output: the one object that decides what goes to stdout and what to stderr.
 
 Contract: stdout carries data only (answer text, JSON lines, transcriptions), written and flushed piece
-by piece; status, spinners, progress, hints and errors go to stderr through a Rich console. `run()`
-wraps a command body: `IdeficsError` -> one line `error [code]: ...` on stderr and its exit status;
-Ctrl-C/SIGTERM -> exit 130; a closed stdout (`| head -1`) -> a quiet exit; anything else -> a one-line
-internal error (exit 1), with the traceback only when IDEFICS_DEBUG=1. Python warnings are hidden while a
-command runs (IDEFICS_DEBUG=1 shows them); piped stderr lines are never wrapped.
+by piece (`stream(response)`: an answer as it is generated, with the note of an answer cut short); status,
+spinners, progress, hints and errors go to stderr through a Rich console. `run()` wraps a command body:
+`IdeficsError` -> one line `error [code]: ...` on stderr and its exit status; Ctrl-C/SIGTERM -> exit 130; a
+closed stdout (`| head -1`) -> a quiet exit; anything else -> a one-line internal error (exit 1), with the
+traceback only when IDEFICS_DEBUG=1. Python warnings are hidden while a command runs (IDEFICS_DEBUG=1 shows
+them); piped stderr lines are never wrapped.
 """
 
 from __future__ import annotations
@@ -55,6 +56,28 @@ class Output:
         except UnicodeEncodeError:  # lone surrogates (a non-UTF-8 file name): let JSON escape them
             line = json.dumps(obj)
         self.write(line + "\n")
+
+    def stream(self, response, where: str = "") -> None:
+        """Write an answer's pieces to stdout as they come (a spinner on stderr until the first), then a newline.
+
+        An answer cut by its max_new_tokens gets a note on stderr, prefixed by `where` ("file page N: "). Anything
+        that stops the writing (Ctrl-C, a closed stdout) stops the answer too (`response.close()`: generation ends,
+        what was read is kept, marked interrupted).
+        """
+        try:
+            with self.status("Thinking…") as spinner:
+                for piece in response:
+                    if spinner is not None:
+                        spinner.stop()
+                        spinner = None
+                    self.write(piece)
+        except BaseException:
+            response.close()
+            raise
+        self.write("\n")
+        if response.finish_reason == "length":
+            self.warn(f"{where}the answer was cut at --max-new-tokens {response.max_new_tokens}; raise it for the "
+                      "whole answer")
 
     # ---- status (stderr) ----------------------------------------------------------------------
     def status(self, message: str):

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 from conftest import make_image, make_pdf, run_idefics
@@ -160,21 +159,64 @@ def test_stdin_document(tiny_model, tmp_path):
     assert answer["sources"] == [{"path": "-", "pages": [1]}] and answer["usage"]["image_tokens"] == 320
 
 
+_GATED = """
+import sys
+from transformers import AutoTokenizer, Idefics2ForConditionalGeneration, LogitsProcessorList
+
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+real = Idefics2ForConditionalGeneration.generate
+
+
+def gated(self, *args, **kwargs):
+    prompt, held = kwargs["input_ids"].shape[1], []
+
+    def gate(input_ids, scores):
+        text = tokenizer.decode(input_ids[0, prompt:], skip_special_tokens=True)
+        if not held and text.strip() and not text.endswith("\\ufffd"):
+            held.append(True)
+            sys.stderr.write("gate held\\n")
+            sys.stdin.buffer.read(1)  # the next token waits until the test has seen text on stdout
+        return scores
+
+    kwargs["logits_processor"] = LogitsProcessorList([gate])
+    return real(self, *args, **kwargs)
+
+
+Idefics2ForConditionalGeneration.generate = gated
+from idefics_cli.cli import app
+
+app(sys.argv[2:], prog_name="idefics")
+"""
+
+
 def test_stream_reaches_stdout_before_generation_ends(tiny_model, tmp_path):
+    """Generation is held at a gate once it has produced visible text; the text must reach stdout meanwhile.
+
+    Events, not timing: a CLI that kept the answer until the end would never print while the gate holds.
+    """
+    import select
+
     image_path = tmp_path / "p.png"
     make_image(seed=9).save(image_path)
-    proc = subprocess.Popen([sys.executable, "-m", "idefics_cli", "ask", str(image_path), "Tell me everything.",
-                             "--model", tiny_model, "--quant", "none", "--max-new-tokens", "400"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    first = os.read(proc.stdout.fileno(), 64)
-    running_at_first_piece = proc.poll() is None
-    t_first = time.monotonic()
-    rest = proc.stdout.read()
-    proc.wait(timeout=300)
-    t_end = time.monotonic()
-    assert first and running_at_first_piece and proc.returncode == 0
-    assert len(rest) > len(first) and t_end - t_first > 0.2
-    assert b"Traceback" not in proc.stderr.read()
+    proc = subprocess.Popen([sys.executable, "-c", _GATED, tiny_model, "ask", str(image_path), "Tell me everything.",
+                             "--model", tiny_model, "--quant", "none", "--max-new-tokens", "40"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        streamed = select.select([proc.stdout], [], [], 240)[0]
+        first = os.read(proc.stdout.fileno(), 4096) if streamed else b""
+        held = proc.poll() is None
+        proc.stdin.write(b"x")
+        proc.stdin.close()
+        rest = proc.stdout.read()
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = proc.stderr.read()
+    assert b"gate held" in stderr and b"Traceback" not in stderr, stderr[-2000:]
+    assert first.strip() and held and proc.returncode == 0
+    assert rest.endswith(b"\n")  # the rest of the answer came after the gate opened
 
 
 def test_prompt_too_long_is_refused_up_front(cli, tiny_model, tmp_path):

@@ -201,3 +201,42 @@ def test_terminal_ctrl_c_at_the_prompt_stays_sigterm_leaves(tiny_model, tmp_path
     finally:
         term.close()
     assert b"interrupted" in term.seen
+
+
+def test_save_is_atomic_and_a_failed_save_leaves_nothing_behind(cli, tiny_model, tmp_path):
+    """`/save` onto a folder fails as one output_error line; no temporary file is left beside it (writers.py)."""
+    pdf = make_pdf(tmp_path / "r.pdf", n_pages=1)
+    folder = tmp_path / "taken"
+    folder.mkdir()
+    saved = tmp_path / "ok.json"
+    result = cli("chat", pdf, "--model", tiny_model, *FAST, input=f"One?\n/save {folder}\n/save {saved}\n")
+    assert result.exit_code == 4, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error [output_error]"), result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.json", "r.pdf", "taken"]
+    assert list(folder.iterdir()) == []
+    assert [m["role"] for m in json.loads(saved.read_text())["messages"]] == ["user", "assistant"]
+
+
+def test_library_session_commits_each_turn_when_its_answer_is_read(engine, tmp_path):
+    """conversation.ChatSession: the turn joins the conversation once read; a closed answer is kept, interrupted."""
+    from idefics_cli.conversation import ChatSession
+
+    pdf = make_pdf(tmp_path / "r.pdf", n_pages=2)
+    chat = ChatSession.open(pdf, "1", dpi=40).start(engine)
+    try:
+        first = chat.ask("What is it?")
+        assert chat.conv.turn == 0  # nothing read yet
+        record = first.to_dict()
+        assert record["turn"] == 1 and list(record)[:2] == ["schema", "turn"] and chat.conv.turn == 1
+        assert chat.conv.messages[-1] == assistant_turn(first.text)
+        chat.show("2")
+        second = chat.ask("And now?", max_new_tokens=50)
+        piece = next(iter(second))
+        second.close()
+        assert chat.conv.turn == 2 and chat.conv.messages[-1]["interrupted"] is True
+        assert chat.conv.messages[-1]["content"][0]["text"] == piece
+        assert second.to_dict()["sources"] == [{"path": pdf, "pages": [1, 2]}]
+        assert chat.save(str(tmp_path / "c.json")) == 4
+    finally:
+        chat.close()

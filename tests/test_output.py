@@ -96,3 +96,31 @@ def test_offline_makes_no_network_connection(tiny_model, tmp_path):
     hub = run_idefics("ask", image, "q", "--offline", "--model", "HuggingFaceM4/idefics2-8b", *FAST, env=env)
     assert hub.returncode == 5 and b"NETWORK ATTEMPT" not in hub.stderr
     assert hub.stderr.decode().strip().startswith("error [model_error]")
+
+
+def test_stream_writes_pieces_and_a_stop_while_writing_stops_the_answer(engine, tmp_path, capsys, monkeypatch):
+    """`Output.stream`: the pieces, then a newline; Ctrl-C while a piece is written (not only while waiting for
+    the next) stops generating and keeps what was read, marked interrupted (chat commits it so)."""
+    image = tmp_path / "p.png"
+    make_image(seed=3).save(image)
+    out = Output()
+    answer = engine.ask([str(image)], "What is it?", max_new_tokens=4)
+    out.stream(answer)
+    captured = capsys.readouterr()
+    assert captured.out == answer.text + "\n"
+    assert captured.err == "warning: the answer was cut at --max-new-tokens 4; raise it for the whole answer\n"
+
+    long = engine.ask([str(image)], "What is it?", max_new_tokens=300)
+    written = []
+
+    def write(text):
+        written.append(text)
+        if len(written) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(out, "write", write)
+    try:
+        out.stream(long)
+    except KeyboardInterrupt:
+        pass
+    assert long.interrupted and long.done and long.text == "".join(written) and long.finish_reason is None

@@ -8,6 +8,7 @@ names its own `--model` keeps it. Only what cannot run here is left out, each wi
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -104,3 +105,31 @@ def test_readme_example_runs(line, workdir, tmp_path):
                          stdin=subprocess.DEVNULL, timeout=600)
     assert res.returncode == 0, (command, res.stderr.decode(errors="replace")[-2000:])
     assert "Traceback" not in res.stderr.decode(errors="replace")
+
+
+def readme_python() -> str:
+    """The README's "Python" section: its one python block, as written."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        section = f.read().split("\n## Python\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 1
+    return blocks[0]
+
+
+def test_readme_python_runs_on_the_tiny_model(workdir, tiny_model):
+    """The Python section, run as written; only `load`'s model is the tiny one (on the CPU, 8 new tokens),
+    as the shell examples' wrapper does for `--model`."""
+    code, loads = re.subn(r'idefics_cli\.load\("[^"]*"\)',
+                          f'idefics_cli.load({tiny_model!r}, device="cpu", max_new_tokens=8)', readme_python())
+    assert loads == 1, "the README's example loads the model once"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
+           "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=workdir, env=env, capture_output=True, timeout=600)
+    stderr = res.stderr.decode(errors="replace")
+    assert res.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
+    out = res.stdout.decode()
+    record = json.loads(out.splitlines()[-1])
+    assert out.startswith(record["answer"] + "\n")  # what streamed is the whole answer
+    assert out.splitlines()[-2] == f"{record['finish_reason']} {record['usage']}"
+    assert record["sources"] == [{"path": "report.pdf", "pages": [2, 3]}] and record["usage"]["completion_tokens"]
+    assert record["model"]["quantization"] == "nf4"

@@ -9,14 +9,13 @@ Ctrl-D leaves; an answer stopped by Ctrl-C stays in the conversation as far as i
 `"interrupted": true` (so in `/save` too). When stdin is not a terminal: one question (or /command) per input
 line, and one JSON answer per output line (schema `idefics-cli.answer/1` plus `"turn"`); a bad line is one
 error line on stderr and the conversation goes on (the exit status is then that of the first failed line).
+The session is the library's (conversation.py: `ChatSession`, its answers the `Response` of response.py); this
+module parses the command line and runs the REPL.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import time
 from typing import Annotated
 
 import typer
@@ -52,55 +51,48 @@ def chat(
     device: o.Device = "auto",
     offline: o.Offline = False,
     split: o.Split = True,
-    max_new_tokens: o.max_new_tokens_option(512) = 512,
+    max_new_tokens: o.max_new_tokens_option(o.ANSWER_TOKENS) = o.ANSWER_TOKENS,
 ) -> None:
     """Chat about a document: the page images stay in the conversation; JSON lines when piped."""
-    from ..output import Output, run
+    from ..output import Output
 
     out = Output()
     opts = o.model_options(model, revision, quant, dtype, device, offline, split, max_new_tokens)
-    raise typer.Exit(run(lambda: Session(out, doc, pages, dpi, password, opts).run(), out))
+    o.run_and_exit(lambda: Session(out, doc, pages, dpi, password, opts).run(), out)
 
 
 class Session:
+    """The REPL around a library `ChatSession`: reads lines, runs /commands, prints answers."""
+
     def __init__(self, out, path, pages, dpi, password, opts):
-        from ..documents import open_document
+        from ..conversation import ChatSession
 
         if path == "-" and sys.stdin is not None and not sys.stdin.isatty():
             raise_usage("chat reads questions from stdin, so the document cannot come from stdin too")
         self.out, self.opts = out, opts
         self.interactive = sys.stdin is not None and sys.stdin.isatty()
-        self.doc = open_document(path, password=password, dpi=dpi)
-        self.pages = self._render(pages)
+        self.chat = ChatSession.open(path, pages, password=password, dpi=dpi, status=out.status)
+        self._warn(self.chat.pages)
 
-    def _render(self, spec: str | None):
-        from ..conversation import PageImage
+    def _warn(self, pages) -> None:
         from ..errors import warning_line
-        from ..pages import parse_page_spec
 
-        chosen = parse_page_spec(spec).resolve(self.doc.page_count)
-        with self.out.status(f"Rendering {len(chosen)} page(s)…"):
-            pages = [PageImage(self.doc.path, p, self.doc.render(p)) for p in chosen]
-        for p in chosen if self.interactive else ():  # piped, they are in each JSON answer's "warnings"
-            for code in self.doc.warnings(p):
-                self.out.warn(warning_line(code, self.doc.path, p))
-        return pages
+        for p in pages if self.interactive else ():  # piped, they are in each JSON answer's "warnings"
+            for code in p.warnings:
+                self.out.warn(warning_line(code, p.path, p.page))
 
     def run(self) -> int:
-        from ..conversation import Conversation
         from ..model import load
 
-        with self.out.status(f"Loading {self.opts.model} ({self.opts.quant})…"):
-            self.engine = load(self.opts)
-        self.engine.check_context(len(self.pages), "", self.opts.max_new_tokens)
-        self.conv = Conversation(self.engine)
-        self.conv.attach(self.pages)
         try:
+            with self.out.status(f"Loading {self.opts.model} ({self.opts.quant})…"):
+                engine = load(self.opts)
+            self.chat.start(engine)
             if self.interactive:
                 return self._interactive()
             return self._scripted()
         finally:
-            self.doc.close()
+            self.chat.close()
 
     def _scripted(self) -> int:
         """One question or /command a line; a bad line is one error line and the conversation goes on. The exit
@@ -138,8 +130,8 @@ class Session:
     def _loop(self) -> int:
         from ..errors import IdeficsError
 
-        pages = ",".join(str(p.page) for p in self.pages)
-        self.out.console.print(f"Chatting about {self.doc.path} (page {pages}) with {self.opts.model}. "
+        pages = ",".join(str(p.page) for p in self.chat.pages)
+        self.out.console.print(f"Chatting about {self.chat.doc.path} (page {pages}) with {self.opts.model}. "
                                "/help for commands, Ctrl-D to leave.", style="dim", markup=False)
         while True:
             try:
@@ -191,82 +183,37 @@ class Session:
     def _pages(self, spec: str) -> None:
         if not spec:
             raise_usage("/pages needs a page spec", "e.g. /pages 2 or /pages 1-3")
-        self.pages = self._render(spec)
-        self.conv.attach(self.pages)
-        self._note(f"the next question shows page(s) {','.join(str(p.page) for p in self.pages)}")
+        pages = self.chat.show(spec, status=self.out.status)
+        self._warn(pages)
+        self._note(f"the next question shows page(s) {','.join(str(p.page) for p in pages)}")
 
     def _reset(self, _arg: str) -> None:
-        self.conv.reset(self.pages)
+        self.chat.reset()
         self._note("conversation reset")
 
     def _help(self, _arg: str) -> None:
         self.out.console.print(HELP, markup=False, highlight=False)
 
     def _save(self, path: str) -> None:
-        from ..errors import IdeficsError
-
         if not path:
             raise_usage("/save needs a file name", "e.g. /save chat.json")
-        path = os.path.expanduser(path)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(self.conv.to_dict(), f, ensure_ascii=False, indent=2)
-                f.write("\n")
-            os.replace(tmp, path)
-        except OSError as exc:
-            raise IdeficsError("output_error", f"cannot write {path}: {exc.strerror or exc}") from exc
-        self._note(f"saved {len(self.conv.messages)} messages to {path}")
+        self._note(f"saved {self.chat.save(path)} messages to {path}")
 
     def _note(self, message: str) -> None:
         if self.interactive or self.out.stderr_tty:
             self.out.console.print(message, style="dim", markup=False)
 
     def _ask(self, question: str) -> None:
-        from ..engine import Generation
-        from ..records import Answer, Source
-
-        start = time.perf_counter()
-        inputs = self.conv.inputs(question, self.opts.max_new_tokens)
-        preprocess_s = time.perf_counter() - start
-        gen = Generation()
-        pieces = self.engine.stream_generate(inputs, generation=gen)
-        if self.interactive:
-            answered = []
-            try:
-                with self.out.status("Thinking…") as status:
-                    for piece in pieces:
-                        if status is not None:
-                            status.stop()
-                            status = None
-                        answered.append(piece)
-                        self.out.write(piece)
-            except Terminated:
-                raise
-            except KeyboardInterrupt:
-                self.conv.commit(question, "".join(answered), interrupted=True)
-                raise AnswerInterrupted from None
-            self.out.write("\n")
-            if gen.finish_reason == "length":
-                self.out.warn(f"the answer was cut at --max-new-tokens {self.opts.max_new_tokens}; raise it for the "
-                              "whole answer")
-        else:
-            for _ in pieces:
-                pass
-        self.conv.commit(question, gen.text)
-        if self.interactive:
+        response = self.chat.ask(question)
+        if not self.interactive:
+            self.out.json_line(response.to_dict())
             return
-        answer = Answer(question=question, answer=gen.text, finish_reason=gen.finish_reason,
-                        sources=[Source(s["path"], s["pages"]) for s in self.conv.seen()],
-                        split=self.opts.split, model=self.engine.info,
-                        usage={**self.engine.usage(inputs), "completion_tokens": gen.completion_tokens},
-                        timing={"load_s": round(self.engine.load_s, 4), "preprocess_s": round(preprocess_s, 4),
-                                "first_token_s": round(gen.first_token_s or 0.0, 4),
-                                "total_s": round(time.perf_counter() - start, 4)},
-                        warnings=list(dict.fromkeys(code for seen in self.conv.seen() for page in seen["pages"]
-                                                    for code in self.doc.warnings(page))))
-        record = answer.to_dict()
-        self.out.json_line({"schema": record.pop("schema"), "turn": self.conv.turn, **record})
+        try:
+            self.out.stream(response)
+        except Terminated:
+            raise
+        except KeyboardInterrupt:  # the answer so far is in the conversation, marked interrupted
+            raise AnswerInterrupted from None
 
 
 class Terminated(KeyboardInterrupt):

@@ -42,11 +42,11 @@ def crops(
     split: o.Split = True,
 ) -> None:
     """Show the exact images (4 crops + the whole page) the model receives for a page, as a PNG sheet."""
-    from ..output import Output, run
+    from ..output import Output
 
     output = Output()
     opts = o.model_options(model, revision, o.Quant.none, o.Dtype.auto, "cpu", offline, split, 1)
-    raise typer.Exit(run(lambda: _crops(output, doc, page, out, dir_, dpi, password, opts), output))
+    o.run_and_exit(lambda: _crops(output, doc, page, out, dir_, dpi, password, opts), output)
 
 
 def default_sheet_name(doc: str, page: int) -> str:

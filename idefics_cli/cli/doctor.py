@@ -42,11 +42,11 @@ def doctor(
     max_new_tokens: o.max_new_tokens_option(512) = 512,
 ) -> None:
     """Check versions, GPU, 4-bit support, the model cache and the memory needed; exit 5 if it cannot run."""
-    from ..output import Output, run
+    from ..output import Output
 
     out = Output()
     opts = o.model_options(model, revision, quant, dtype, device, offline, split, max_new_tokens)
-    raise typer.Exit(run(lambda: _doctor(out, opts, json_), out))
+    o.run_and_exit(lambda: _doctor(out, opts, json_), out)
 
 
 def _doctor(out, opts, as_json: bool) -> int:

@@ -2,23 +2,25 @@
 
 Contract: commands take these as parameters and call `model_options(...)` to build the library's
 `ModelOptions` (`--offline` defaults to the user's own HF hub offline variable, `env_offline()`: the one
-place the environment's offline setting is read); help panels group them as "Model" and "Document".
-`Command` is the command class of every command: usage lines name the arguments as written (`idefics ask
-[OPTIONS] DOC... QUESTION`, `[MODEL]` when optional) and a value option without a metavar shows its name
-(`--pages PAGES`), never a Python type (`<str>`, `<list[str]>`); choices are listed. No heavy imports.
+place the environment's offline setting is read; `ANSWER_TOKENS`, the default `--max-new-tokens` of answers, is
+the library's); every command ends with `run_and_exit(body, out)`; help panels group them as "Model" and
+"Document". `Command` is the command class of every command: usage lines name the arguments as written
+(`idefics ask [OPTIONS] DOC... QUESTION`, `[MODEL]` when optional) and a value option without a metavar shows its
+name (`--pages PAGES`), never a Python type (`<str>`, `<list[str]>`); choices are listed. No heavy imports.
 """
 
 from __future__ import annotations
 
 import enum
 import os
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from typer.core import TyperCommand
 
 from ..model import DEFAULT_MODEL, ModelOptions
 
+ANSWER_TOKENS = ModelOptions.max_new_tokens  # ask, chat: the library's default answer length
 MODEL_PANEL = "Model"
 DOC_PANEL = "Document"
 
@@ -110,3 +112,10 @@ def model_options(model: str, revision: str | None, quant: Quant, dtype: Dtype, 
     offline = offline or env_offline()
     return ModelOptions(model=model or DEFAULT_MODEL, revision=revision, quant=quant.value, dtype=dtype.value,
                         device=device, offline=offline, split=split, max_new_tokens=max_new_tokens)
+
+
+def run_and_exit(body, out=None) -> NoReturn:
+    """A command's last line: run its body through `output.run` (errors as one line) and exit with the status."""
+    from ..output import run
+
+    raise typer.Exit(run(body, out))

@@ -32,10 +32,10 @@ def pull(
     revision: o.Revision = None,
 ) -> None:
     """Download the model's safetensors, config and processor files into the HF cache (for offline use)."""
-    from ..output import Output, run
+    from ..output import Output
 
     out = Output()
-    raise typer.Exit(run(lambda: _pull(out, model, revision), out))
+    o.run_and_exit(lambda: _pull(out, model, revision), out)
 
 
 def _pull(out, model: str, revision: str | None) -> int:

@@ -36,11 +36,11 @@ def quantize(
     offline: o.Offline = False,
 ) -> None:
     """Load the model in 4-bit (nf4) and save it with its processor, for fast, small loads."""
-    from ..output import Output, run
+    from ..output import Output
 
     out = Output()
     opts = o.model_options(model, revision, o.Quant.bit4, dtype, device, offline, True, 1)
-    raise typer.Exit(run(lambda: _quantize(out, opts, out_dir), out))
+    o.run_and_exit(lambda: _quantize(out, opts, out_dir), out)
 
 
 def _quantize(out, opts, out_dir: str) -> int:

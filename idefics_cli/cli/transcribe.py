@@ -61,14 +61,14 @@ def transcribe(
     max_new_tokens: o.max_new_tokens_option(1024) = 1024,
 ) -> None:
     """Transcribe every page of files, folders or globs to JSONL records (and Markdown with --out DIR)."""
-    from ..output import Output, run
+    from ..output import Output
     from . import one_malloc_arena
 
     one_malloc_arena()  # before any thread starts: flat peak memory over long runs (bench/memory.py)
     output = Output(quiet=quiet)
     opts = o.model_options(model, revision, quant, dtype, device, offline, split, max_new_tokens)
-    raise typer.Exit(run(lambda: _transcribe(output, paths, out, prompt, batch_size, force, shard, engine, pages,
-                                             dpi, password, opts, ray_address), output))
+    o.run_and_exit(lambda: _transcribe(output, paths, out, prompt, batch_size, force, shard, engine, pages,
+                   dpi, password, opts, ray_address), output)
 
 
 def _transcribe(output, paths, out, prompt, batch_size, force, shard, engine_name, pages, dpi, password, opts,

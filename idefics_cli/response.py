@@ -1,0 +1,132 @@
+"""The answer object: one streamed answer that knows its text, finish reason, usage and timing once read.
+
+Contract: a `Response` wraps the piece generator of `Engine.stream_generate` (generation starts when it is first
+read). Iterating it yields the text pieces as they are generated, each piece once: iterating again gives only
+pieces not yet seen (after a `break`, the rest; after the end, nothing). `.text`, `.finish_reason`, `.usage`,
+`.timing` and `to_dict()` are those of the whole answer: the first access reads whatever was not iterated yet.
+`to_dict()` is exactly the answer object of docs/formats.md (schema `idefics-cli.answer/1`, plus any `extra`
+fields after the schema, such as chat's `turn`): what `ask --json` and chat's JSON lines print.
+When the stream ends, `on_end(response)` runs once (chat commits its turn there). Ctrl-C while reading keeps
+what was generated: `.interrupted` is True, `.text` holds the answer so far, `.finish_reason` is None and
+`on_end` still runs; any other error is raised again by every later read. `close()` stops the generation;
+`.received` is the text read so far, without reading more.
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+from .records import Answer, Source
+
+
+class Response:
+    """One answer: iterate it for the streamed pieces; `.text`, `.usage` and `to_dict()` once it is read."""
+
+    def __init__(self, stream: Iterator[str], *, question: str, sources: list[Source], split: bool, model: dict,
+                 usage: dict, load_s: float, preprocess_s: float, started: float, max_new_tokens: int,
+                 warnings: list[str] | None = None, extra: dict | None = None,
+                 on_end: Callable[[Response], None] | None = None):
+        self._stream: Iterator[str] | None = stream
+        self._pieces: list[str] = []
+        self._generation = None  # engine.Generation once the stream has ended
+        self._error: BaseException | None = None
+        self._ended_at: float | None = None
+        self._on_end = on_end
+        self.question, self.sources, self.split, self.model = question, sources, split, model
+        self.max_new_tokens = max_new_tokens
+        self.warnings = list(warnings or [])
+        self.extra = dict(extra or {})
+        self.interrupted = False
+        self._prompt_usage = dict(usage)
+        self._load_s, self._preprocess_s, self._started = load_s, preprocess_s, started
+
+    # ---- streaming -----------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[str]:
+        while self._stream is not None:
+            try:
+                piece = next(self._stream)
+            except StopIteration as done:
+                self._end(done.value)
+                return
+            except KeyboardInterrupt:
+                self.interrupted = True
+                self._end(None)
+                raise
+            except BaseException as exc:
+                self._stream, self._error = None, exc
+                raise
+            self._pieces.append(piece)
+            yield piece
+
+    def _end(self, generation) -> None:
+        self._stream, self._generation, self._ended_at = None, generation, time.perf_counter()
+        if self._on_end is not None:
+            self._on_end(self)
+
+    def _read(self) -> None:
+        """Read the rest of the answer (nothing when it has ended); a stream that failed fails again."""
+        for _ in self:
+            pass
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """Stop generating (the pieces read so far stay); a closed answer that had not ended is interrupted."""
+        if self._stream is not None:
+            self._stream.close()
+            self.interrupted = True
+            self._end(None)
+
+    @property
+    def received(self) -> str:
+        """The text read so far, without reading more."""
+        return "".join(self._pieces)
+
+    @property
+    def done(self) -> bool:
+        """Whether the stream has ended (finished, interrupted or failed)."""
+        return self._stream is None
+
+    # ---- what is known once read ---------------------------------------------------------------
+    @property
+    def text(self) -> str:
+        self._read()
+        return "".join(self._pieces)
+
+    @property
+    def finish_reason(self) -> str | None:
+        """"stop" (end of utterance) or "length" (cut at max_new_tokens); None when interrupted."""
+        self._read()
+        return self._generation.finish_reason if self._generation else None
+
+    @property
+    def usage(self) -> dict:
+        """{"prompt_tokens", "image_tokens", "completion_tokens"} (completion None when interrupted)."""
+        self._read()
+        return {**self._prompt_usage,
+                "completion_tokens": self._generation.completion_tokens if self._generation else None}
+
+    @property
+    def timing(self) -> dict:
+        """Seconds: load_s (the model), preprocess_s (pages to inputs), first_token_s (from the start of
+        generation), total_s (from the moment the pages were opened to the end of the answer)."""
+        self._read()
+        first = self._generation.first_token_s if self._generation else None
+        return {"load_s": round(self._load_s, 4), "preprocess_s": round(self._preprocess_s, 4),
+                "first_token_s": round(first or 0.0, 4), "total_s": round(self._ended_at - self._started, 4)}
+
+    def to_dict(self) -> dict:
+        """The answer object of `ask --json` (schema idefics-cli.answer/1), `extra` fields after the schema."""
+        record = Answer(question=self.question, answer=self.text, finish_reason=self.finish_reason,
+                        sources=self.sources, split=self.split, model=self.model, usage=self.usage,
+                        timing=self.timing, warnings=self.warnings).to_dict()
+        return {"schema": record.pop("schema"), **self.extra, **record}
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        state = "interrupted" if self.interrupted else "done" if self.done else "streaming"
+        return f"<Response {state} {self.question!r}: {''.join(self._pieces)[:40]!r}>"

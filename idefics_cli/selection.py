@@ -1,0 +1,139 @@
+"""Selection: the pages a question is about, opened and decoded before the model loads; the question itself.
+
+Contract:
+- `open_pages(documents, pages=None, password=None, dpi=None)` opens every document (paths; "-" is stdin, read
+  at most once), resolves the page spec for each (pages.py: ranges clipped to each document, only a document
+  with none of the pages is an error) and decodes every chosen page at once (documents.py), so an unreadable
+  page fails before any model loads. Decoded images are kept up to KEEP_BYTES; past that they are dropped and
+  rendered again when their chunk goes through the vision tower (vision.py), so a question over N pages never
+  holds N page images. `status(message)`, when given, is a context manager shown while the pages decode.
+- A `Selection` knows its pages in order, the sources of the answer (pages merged per document), the warning
+  codes of its pages (`warnings()`, deduplicated; `page_warnings()` per page), when it was opened and how long
+  decoding took; `each_page()` gives one selection per page (their decoding time counted once, in none).
+- `ask(engine, selection, question, max_new_tokens, logits_processor)` refuses an empty question and a prompt
+  over the model's context up front, builds the inputs (`Engine.prepare`) and returns the streaming `Response`
+  (response.py) whose `to_dict()` is `ask --json`'s object. Nothing is generated until it is read.
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import time
+from dataclasses import dataclass, field
+
+from .errors import IdeficsError, UsageError, classify
+from .response import Response
+
+KEEP_BYTES = 64 * 2**20  # decoded page images kept from the check before loading (about 7 pages at 1960 px)
+
+
+@dataclass
+class ChosenPage:
+    doc: object  # documents.Document
+    page: int
+    image: object = None  # the decoded PIL image, or None: rendered again when needed
+
+
+@dataclass
+class Selection:
+    pages: list[ChosenPage]
+    started: float = field(default_factory=time.perf_counter)  # when the documents were opened
+    render_s: float = 0.0  # time spent decoding these pages
+
+    def __len__(self) -> int:
+        return len(self.pages)
+
+    def decode(self, keep_bytes: int | None = None) -> Selection:
+        """Decode every page now (an unreadable page fails here); keep the images up to `keep_bytes`."""
+        keep_bytes = KEEP_BYTES if keep_bytes is None else keep_bytes
+        t0, kept = time.perf_counter(), 0
+        for chosen in self.pages:
+            image = chosen.doc.render(chosen.page)
+            kept += image.width * image.height * len(image.getbands())
+            chosen.image = image if kept <= keep_bytes else None
+            image = None
+        self.render_s += time.perf_counter() - t0
+        return self
+
+    def images(self) -> list:
+        """The page images in order: the kept ones, a function rendering the page for the others."""
+        return [p.image if p.image is not None else functools.partial(p.doc.render, p.page) for p in self.pages]
+
+    def each_page(self) -> list[Selection]:
+        return [Selection([p], started=self.started) for p in self.pages]
+
+    def sources(self) -> list:
+        from .records import Source
+
+        sources: list[Source] = []
+        for p in self.pages:
+            if sources and sources[-1].path == p.doc.path:
+                sources[-1].pages.append(p.page)
+            else:
+                sources.append(Source(p.doc.path, [p.page]))
+        return sources
+
+    def page_warnings(self) -> list[tuple[str, int, str]]:
+        """(path, page, code) for each warning of each page, in page order."""
+        return [(p.doc.path, p.page, code) for p in self.pages for code in p.doc.warnings(p.page)]
+
+    def warnings(self) -> list[str]:
+        return list(dict.fromkeys(code for _, _, code in self.page_warnings()))
+
+    def close(self) -> None:
+        for doc in {id(p.doc): p.doc for p in self.pages}.values():
+            doc.close()
+
+
+def open_pages(documents, pages: str | None = None, *, password: str | None = None, dpi: int | None = None,
+               status=None) -> Selection:
+    """Open `documents` (a path or a list of paths), choose `pages` in each and decode them all."""
+    from .documents import open_document
+    from .pages import parse_page_spec
+
+    started = time.perf_counter()
+    paths = [documents] if isinstance(documents, (str, os.PathLike)) else list(documents)
+    paths = [os.fspath(p) for p in paths]
+    if not paths:
+        raise UsageError("give at least one document")
+    if paths.count("-") > 1:
+        raise UsageError("stdin (-) can be read only once")
+    spec = parse_page_spec(pages)
+    chosen: list[ChosenPage] = []
+    for path in paths:
+        doc = open_document(path, password=password, dpi=dpi)
+        try:
+            chosen.extend(ChosenPage(doc, p) for p in spec.resolve(doc.page_count))
+        except IdeficsError as err:
+            raise classify(err, path) from None
+    selection = Selection(chosen, started=started)
+    with status(f"Rendering {len(chosen)} page(s)…") if status else contextlib.nullcontext():
+        return selection.decode()
+
+
+def check_question(question: str) -> str:
+    if not question.strip():
+        raise UsageError("the question is empty")
+    return question
+
+
+def ask(engine, selection: Selection, question: str, max_new_tokens: int | None = None, logits_processor=None,
+        close: bool = False) -> Response:
+    """One question over every page of `selection`, as one user turn (images first); see the module contract.
+
+    `close`: close the selection's documents when the answer ends (`Engine.ask` opened them itself).
+    """
+    check_question(question)
+    limit = max_new_tokens or engine.options.max_new_tokens
+    engine.check_context(len(selection), question, limit)
+    t0 = time.perf_counter()
+    inputs = engine.prepare([(selection.images(), question)])
+    preprocess_s = selection.render_s + time.perf_counter() - t0
+    return Response(engine.stream_generate(inputs, limit, logits_processor), question=question,
+                    sources=selection.sources(), split=engine.options.split, model=engine.info,
+                    usage=engine.usage(inputs), load_s=engine.load_s, preprocess_s=preprocess_s,
+                    started=selection.started, max_new_tokens=limit, warnings=selection.warnings(),
+                    on_end=(lambda _: selection.close()) if close else None)
