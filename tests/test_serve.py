@@ -112,7 +112,18 @@ def docs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(sharp_model, docs):
+def started(sharp_model):
+    """The module's server, started (not yet ready): the reference runs load their models meanwhile."""
+    srv = Server(sharp_model, "--api-key", KEY, "--max-batch", "4", "--max-queue", "32", "--max-request-mb", "1",
+                 "--grace", "120")
+    try:
+        yield srv
+    finally:
+        assert srv.stop() == 0, "\n".join(srv.lines)
+
+
+@pytest.fixture(scope="module")
+def reference(sharp_model, docs, started):
     """`idefics ask --json` answers, run while the server starts (each run loads the model)."""
     runs = {
         "page": [docs["png"], QUESTION],
@@ -130,12 +141,8 @@ def reference(sharp_model, docs):
 
 
 @pytest.fixture(scope="module")
-def server(sharp_model):
-    srv = Server(sharp_model, "--api-key", KEY, "--max-batch", "4", "--max-queue", "32", "--max-request-mb", "1")
-    try:
-        yield srv.wait_ready()
-    finally:
-        assert srv.stop() == 0, "\n".join(srv.lines)
+def server(started, reference):
+    return started.wait_ready()
 
 
 def test_answers_equal_ask_json_streamed_or_not(server, reference, docs):
@@ -332,21 +339,26 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(server, docs):
     assert logged and all(re.search(r" tokens=\d+ \d+\.\d+s$", line) for line in logged)
 
 
-def test_sigterm_drains_in_flight_requests_and_exits_0(sharp_model, docs):
-    srv = Server(sharp_model, "--grace", "120").wait_ready()
-    try:
-        client = srv.client(None)
-        messages = [image_message(data_url(docs["image"]), QUESTION)]
-        stream = client.chat.completions.create(model="x", messages=messages, stream=True, max_tokens=40,
-                                                stream_options={"include_usage": True})
-        first = next(iter(stream))
-        assert first.choices[0].delta.role == "assistant"
-        srv.proc.send_signal(signal.SIGTERM)
-        rest = list(stream)
-        usage = [c.usage for c in rest if c.usage is not None]
-        finish = [c.choices[0].finish_reason for c in rest if c.choices and c.choices[0].finish_reason]
-        assert usage and (usage[0].completion_tokens == 40 or finish == ["stop"])
-        assert srv.proc.wait(60) == 0
-        assert any("stopped" in line for line in srv.lines), srv.lines
-    finally:
-        srv.stop()
+def test_sigterm_drains_in_flight_requests_and_exits_0(server, docs):
+    """The module's last test: SIGTERM while a stream is in flight; it finishes whole, then the server exits 0."""
+    client = server.client()
+    messages = [image_message(data_url(docs["image"]), QUESTION)]
+    stream = client.chat.completions.create(model="x", messages=messages, stream=True, max_tokens=40,
+                                            stream_options={"include_usage": True})
+    first = next(iter(stream))
+    assert first.choices[0].delta.role == "assistant"
+    server.proc.send_signal(signal.SIGTERM)
+    rest = list(stream)
+    usage = [c.usage for c in rest if c.usage is not None]
+    finish = [c.choices[0].finish_reason for c in rest if c.choices and c.choices[0].finish_reason]
+    assert usage and (usage[0].completion_tokens == 40 or finish == ["stop"])
+    assert server.proc.wait(60) == 0
+    assert any("stopped" in line for line in server.lines), server.lines
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{server.url}/health", timeout=5)
+
+
+def test_a_non_loopback_host_without_a_key_refuses_to_start(tmp_path):
+    res = run_idefics("serve", "--host", "0.0.0.0", "--port", "0", "--model", str(tmp_path / "no-model"))
+    assert res.returncode == 2
+    assert b"error [usage]" in res.stderr and b"--api-key" in res.stderr
