@@ -25,7 +25,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 KEY = "test-key-123"
-FLAGS = ["--quant", "none", "--device", "cpu", "--max-new-tokens", "8"]
+FLAGS = ["--quant", "none", "--device", "cpu", "--max-new-tokens", "8", "--no-split"]  # split: test_serve_scheduler.py
 QUESTION = "What is the total amount due?"
 FOLLOW_UP = "And who is the merchant?"
 

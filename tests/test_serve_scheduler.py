@@ -20,7 +20,7 @@ from idefics_cli.serve.scheduler import Job, QueueFull, Scheduler
 def sharp_engine(sharp_model):
     from idefics_cli.model import ModelOptions, load
 
-    return load(ModelOptions(model=sharp_model, quant="none", device="cpu", max_new_tokens=8, split=False))
+    return load(ModelOptions(model=sharp_model, quant="none", device="cpu", max_new_tokens=8, split=True))
 
 
 @pytest.fixture
