@@ -362,3 +362,9 @@ def test_a_non_loopback_host_without_a_key_refuses_to_start(tmp_path):
     res = run_idefics("serve", "--host", "0.0.0.0", "--port", "0", "--model", str(tmp_path / "no-model"))
     assert res.returncode == 2
     assert b"error [usage]" in res.stderr and b"--api-key" in res.stderr
+
+
+def test_a_model_that_cannot_load_ends_the_server_with_its_error(tmp_path):
+    res = run_idefics("serve", "--port", "0", "--model", str(tmp_path / "no-model"), "--offline", timeout=120)
+    assert res.returncode == 5, res.stderr.decode()
+    assert b"error [model_error]" in res.stderr and b"listening on" in res.stderr
