@@ -1,6 +1,6 @@
 """P8 and P9: `idefics serve`'s prefix cache and batching, through HTTP, against the same server's own baseline.
 
-    python bench/serve.py [--reps N] [--max-new-tokens 32] [--smoke] [--model DIR]
+    python bench/serve.py [--reps N] [--max-new-tokens 64] [--smoke] [--model DIR]
 
 One server (a child process: the random mid-size Idefics2, 4-bit nf4 on the CPU, --max-batch 8) answers
 streamed chat completions over pages of a generated invoice PDF, sent as `file` parts with a page selection.
@@ -102,9 +102,9 @@ def ask(url: str, pdf_b64: str, page: int, question: str) -> tuple[float, float,
 
 def main(argv=None) -> int:
     p = c.parser(__doc__, reps=3)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=64)
     args = p.parse_args(argv)
-    reps = 2 if args.smoke else args.reps
+    reps = 1 if args.smoke else args.reps
     n = 8 if args.smoke else args.max_new_tokens
     c.header("P8/P9 idefics serve", args)
     model = args.model or c.model_dir("tiny" if args.smoke else "mid")

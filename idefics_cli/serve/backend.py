@@ -16,6 +16,7 @@ Contract (so the server can follow the library's API when it changes, by editing
 - `KV` holds per-layer key/value tensors of one row ([1, heads, length, dim]); `KV.head(n)` copies the first
   n positions. `Batch` is rows of several prompts, left-padded, advanced one token a step by `Batch.step`;
   rows join (`add`) and leave (`keep`) between steps, so a finished row frees its place at once.
+- `free_memory(device)`: free GPU memory on CUDA, else available RAM (sizes the prefix cache).
 - `tokens_per_image(engine)`: what one image adds to a prompt (to refuse a prompt before rendering).
 - `suppressed_ids(engine)`: single-token `bad_words_ids` of the generation config (masked as `generate` does);
   `eos_ids(engine)`, `decode(engine, ids)`.
@@ -217,3 +218,14 @@ def tokens_per_image(engine) -> int:
     from ..prompts import user_turn
 
     return len(prompt_ids(engine, [user_turn(1, "")])) - len(prompt_ids(engine, [user_turn(0, "")]))
+
+
+def free_memory(device: str) -> int:
+    """Free bytes where the model runs: free GPU memory on CUDA, else available RAM."""
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    from ..vision import _available_ram
+
+    return int(_available_ram())

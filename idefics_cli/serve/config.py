@@ -57,11 +57,7 @@ def check(config: ServeConfig) -> None:
 
 
 def default_cache_bytes(device: str) -> int:
-    if device.startswith("cuda"):
-        import torch
+    from .backend import free_memory
 
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        return int(free * 0.25)
-    from ..vision import _available_ram
-
-    return int(min(_available_ram() * 0.1, 4 * 2**30))
+    free = free_memory(device)
+    return int(free * 0.25) if device.startswith("cuda") else int(min(free * 0.1, 4 * 2**30))
