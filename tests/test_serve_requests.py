@@ -58,6 +58,12 @@ def test_parts_become_images_first_then_text_and_earlier_turns_keep_their_images
     ({"messages": [{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]},
                    {"role": "user", "content": "x"}]}, "usage", "messages[0].content[0]"),
     ([], "usage", None),
+    ({"messages": [{"role": "user", "content": "\ud800"}]}, "usage", "messages[0].content[0].text"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": float("nan")}, "usage", "temperature"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,\ud800"}}]}]},
+     "corrupt", "messages[0].content[0]"),
+    ({"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_data": "é"}}]}]},
+     "corrupt", "messages[0].content[0]"),
 ])
 def test_bad_requests_name_their_code_and_param(body, code, param):
     with pytest.raises(RequestError) as info:

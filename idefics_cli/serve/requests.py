@@ -151,8 +151,8 @@ def _messages(messages, req: ChatRequest, max_images: int | None) -> None:
             here = f"{where}.content[{j}]"
             kind = part.get("type") if isinstance(part, dict) else None
             if kind in ("text", "input_text"):
-                if not isinstance(part.get("text"), str):
-                    raise bad(f"{here}.text must be a string", f"{here}.text")
+                if not isinstance(part.get("text"), str) or not _utf8(part["text"]):
+                    raise bad(f"{here}.text must be a string of valid Unicode", f"{here}.text")
                 texts.append(part["text"])
             elif kind in ("image_url", "file"):
                 if role != "user":
@@ -219,9 +219,17 @@ def _attach(part: dict, kind: str, here: str, req: ChatRequest) -> int:
     return len(chosen)
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")  # a lone surrogate ("\ud800" in JSON) is not text the tokenizer can take
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _data_url(url: str, here: str) -> bytes:
     m = _DATA_URL.fullmatch(url)
-    if m is None:
+    if m is None or not _utf8(url):
         raise RequestError("corrupt", "not a valid data: URL", here)
     if ";base64" in m["params"].lower():
         return _base64(m["data"], here)
