@@ -99,3 +99,16 @@ def test_help_imports_no_server_or_model_stack():
     res = subprocess.run([sys.executable, "-c", "import json\n" + code], capture_output=True, timeout=120)
     assert res.returncode == 0, res.stderr.decode()
     assert json.loads(res.stdout.decode().strip().splitlines()[-1]) == []
+
+
+def test_serve_help_reads_like_the_other_commands():
+    import re
+
+    from typer.testing import CliRunner
+
+    from idefics_cli.cli import app
+
+    text = CliRunner().invoke(app, ["serve", "--help"], prog_name="idefics", terminal_width=200).stdout
+    assert text.splitlines()[0] == "Usage: idefics serve [OPTIONS]"
+    assert not re.search(r"<(str|int|float|list\[str\]|int range)>|\[\[|\{", text), text
+    assert "--api-key KEY" in text and "--max-batch N" in text and "--cache-mb MB" in text
