@@ -156,3 +156,42 @@ def test_the_lru_is_bounded_by_bytes():
     assert list(cache.entries) == ["b", "d"]
     assert not cache.put("huge", Blob(101)) and cache.get("a") is None
     assert cache.stats()["hits"] == 1 and cache.stats()["misses"] == 1
+
+
+def test_stopping_cancels_what_is_in_flight(make_scheduler):
+    scheduler = make_scheduler(max_batch=1)
+    started = threading.Event()
+    result = {}
+
+    def run():
+        try:
+            result["jobs"] = run_jobs(scheduler, [([user_turn(0, "Go on")], [], 2000),
+                                                  ([user_turn(0, "Hi")], [], 8)], lambda job: started.set())
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            result["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert started.wait(60)  # its first token: sent while it joins the batch (a stop must cancel it then too)
+    scheduler.stop(cancel=True, timeout=60)  # what the server does once --grace has run out
+    thread.join(60)
+    assert "jobs" in result, result
+    running, waiting = result["jobs"]
+    assert running.finish_reason == "cancelled" and len(running.token_ids) < 2000
+    assert waiting.finish_reason == "cancelled" and waiting.token_ids == []
+    assert not scheduler.thread.is_alive()
+
+
+def test_a_full_queue_is_a_503_with_retry_after(sharp_engine):
+    from fastapi.testclient import TestClient
+
+    from idefics_cli.serve.app import ServerState, build_app
+    from idefics_cli.serve.config import ServeConfig
+
+    scheduler = Scheduler(sharp_engine, PrefixCache(0), max_batch=1, max_queue=1)  # not started: nothing leaves
+    scheduler.submit(Job([1, 2], [], 4))
+    state = ServerState(engine=sharp_engine, scheduler=scheduler, status="ok", model_id="m")
+    r = TestClient(build_app(ServeConfig(), state)).post("/v1/chat/completions",
+                                                          json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["code"] == "overloaded"

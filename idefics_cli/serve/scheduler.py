@@ -92,6 +92,7 @@ class Scheduler:
         self.max_batch, self.max_queue = max(1, max_batch), max(0, max_queue)
         self.waiting: deque[Job] = deque()
         self.rows: list[Job] = []
+        self.admitting: list[Job] = []
         self.batch = backend.Batch(engine)
         self.settings = backend.settings_key(engine)
         self.eos = backend.eos_ids(engine)
@@ -133,7 +134,7 @@ class Scheduler:
         with self.cond:
             self.stopping = True
             if cancel:
-                for job in [*self.waiting, *self.rows]:
+                for job in [*self.waiting, *self.admitting, *self.rows]:
                     job.cancelled.set()
             self.cond.notify()
         if self.thread is not None:
@@ -147,11 +148,13 @@ class Scheduler:
                     self.cond.wait()
                 if self.stopping and not self.rows and not self.waiting:
                     return
-                admit = []
+                admit = self.admitting = []  # between the queue and the batch: stop() must still see them
                 while self.waiting and len(self.rows) + len(admit) < self.max_batch:
                     admit.append(self.waiting.popleft())
             for job in admit:
                 self._admit(job)
+            with self.cond:
+                self.admitting = []
             self._retire()
             if self.rows:
                 self._step()
