@@ -175,7 +175,12 @@ class Scheduler:
             self._accept(job, token)
             if not job.done:
                 with self.cond:
-                    self.batch.add(kv)
+                    try:
+                        self.batch.add(kv)
+                    except BaseException as exc:  # e.g. out of memory halfway: the batch is no longer whole
+                        for row in self.rows:
+                            row.fail(classify(exc))
+                        raise
                     self.rows.append(job)
         except BaseException as exc:  # noqa: BLE001 - the worker survives every job
             job.fail(classify(exc))
