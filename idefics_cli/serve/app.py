@@ -7,8 +7,9 @@ Contract:
   A failed load sets `state.error` and calls `state.on_fatal()` (the server exits with the model error).
 - `POST /v1/chat/completions`: body read with a cap (413 over --max-request-mb), JSON decoded, checked by
   requests.py, tokenized and refused when prompt + max tokens exceed the context (400 `usage`), pages rendered
-  (off the event loop), queued (503 + `Retry-After` when --max-queue requests wait), answered as one
-  `chat.completion` or, with `stream`, as server-sent `chat.completion.chunk` events ending in `data: [DONE]`
+  (off the event loop, at most half the CPU cores' worth of requests at a time), queued (503 + `Retry-After`
+  when --max-queue requests wait), answered as one `chat.completion` or, with `stream`, as server-sent
+  `chat.completion.chunk` events ending in `data: [DONE]`
   (usage in a last chunk with `stream_options.include_usage`). `usage.prompt_tokens_details.cached_tokens` is
   the prompt tokens taken from the prefix cache. A client that disconnects cancels its job.
 - `GET /v1/models` lists the one model. With an API key, /v1/* needs `Authorization: Bearer KEY` (compared in
@@ -24,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import os
 import sys
 import time
 import uuid
@@ -107,6 +109,9 @@ class AccessLog:
 
 def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
     key = config.api_key.encode() if config.api_key else None
+    # requests decoded and rendered at once: more would only take CPU (and the GIL) from the batch that generates,
+    # and hold more rendered pages in memory
+    preparing = asyncio.Semaphore(max(1, min(4, (os.cpu_count() or 2) // 2)))
 
     def authorized(request: Request) -> bool:
         if key is None:
@@ -182,7 +187,8 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
             return error_response(400, "usage", "the request body is not valid JSON")
         loop = asyncio.get_running_loop()
         try:
-            req, job = await asyncio.to_thread(_prepare, state, body, loop)
+            async with preparing:
+                req, job = await asyncio.to_thread(_prepare, state, body, loop)
         except IdeficsError as err:
             return _from_error(err)
         try:
@@ -224,7 +230,6 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
         return error_response(exc.status_code, code, f"{request.method} {request.url.path}: {exc.detail}")
 
     async def internal(request: Request, exc: Exception) -> JSONResponse:
-        import os
         import traceback
 
         if os.environ.get("IDEFICS_DEBUG"):
