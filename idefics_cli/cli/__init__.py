@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from . import ask, chat, crops, doctor, pull, quantize, transcribe
+from . import ask, chat, crops, doctor, pull, quantize, serve, transcribe
 from .options import Command
 
 app = typer.Typer(
@@ -30,6 +30,7 @@ app.command(cls=Command, epilog=crops.EPILOG)(crops.crops)
 app.command(cls=Command, epilog=doctor.EPILOG)(doctor.doctor)
 app.command(cls=Command, epilog=pull.EPILOG)(pull.pull)
 app.command(cls=Command, epilog=quantize.EPILOG)(quantize.quantize)
+app.command(cls=Command, epilog=serve.EPILOG)(serve.serve)
 
 
 def _version(value: bool) -> None:

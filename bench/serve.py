@@ -1,0 +1,159 @@
+"""P8 and P9: `idefics serve`'s prefix cache and batching, through HTTP, against the same server's own baseline.
+
+    python bench/serve.py [--reps N] [--max-new-tokens 64] [--smoke] [--model DIR]
+
+One server (a child process: the random mid-size Idefics2, 4-bit nf4 on the CPU, --max-batch 8) answers
+streamed chat completions over pages of a generated invoice PDF, sent as `file` parts with a page selection.
+- P8: a first question over a page, then a second question over the same page (its image prefix now cached):
+  time to first token (request sent -> first piece of the answer) of the second <= 0.15x the first's.
+  Every round uses a page the server has not seen.
+- P9: 8 one-page requests (8 pages not seen before) sent at once, against 8 others sent one after another:
+  total wall of the concurrent 8 <= 0.5x the sequential 8. Rounds alternate which side goes first.
+Figures are medians over --reps rounds. Only the driver's HTTP timing is measured; the server stays loaded.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import common as c
+
+FOLLOW_UP = "What is the invoice number on this page?"
+
+
+class Server:
+    def __init__(self, model: str, max_new_tokens: int, smoke: bool):
+        cmd = [*c.idefics_cmd(), "serve", "--model", model, "--device", "cpu", "--port", "0", "--max-batch", "8",
+               "--max-queue", "64", "--max-new-tokens", str(max_new_tokens)]
+        if smoke:
+            cmd += ["--quant", "none"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=c.env(), cwd=c.ROOT)
+        self.url = None
+        self.lines: list[str] = []
+        found = threading.Event()
+
+        def read():
+            for raw in self.proc.stderr:
+                line = raw.decode(errors="replace").rstrip()
+                self.lines.append(line)
+                m = re.search(r"listening on (http://\S+)", line)
+                if m:
+                    self.url = m.group(1)
+                    found.set()
+            found.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        found.wait(600)
+        import httpx
+
+        deadline = time.monotonic() + 1800
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None or self.url is None:
+                raise SystemExit("the server did not start:\n" + "\n".join(self.lines[-20:]))
+            try:
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise SystemExit("the server never became ready")
+
+    def close(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(120)
+
+
+def ask(url: str, pdf_b64: str, page: int, question: str) -> tuple[float, float, str]:
+    """One streamed request: (time to first piece, total wall, answer)."""
+    import json
+
+    import httpx
+
+    body = {"stream": True, "messages": [{"role": "user", "content": [
+        {"type": "file", "file": {"file_data": f"data:application/pdf;base64,{pdf_b64}", "pages": str(page)}},
+        {"type": "text", "text": question}]}]}
+    start = time.perf_counter()
+    first, pieces = None, []
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=3600) as r:
+        if r.status_code != 200:
+            raise SystemExit(f"HTTP {r.status_code}: {r.read().decode()[:500]}")
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise SystemExit(f"error: {chunk['error']}")
+            content = chunk["choices"][0]["delta"].get("content") if chunk["choices"] else None
+            if content:
+                first = first if first is not None else time.perf_counter() - start
+                pieces.append(content)
+    wall = time.perf_counter() - start
+    return (first if first is not None else wall), wall, "".join(pieces)
+
+
+def main(argv=None) -> int:
+    p = c.parser(__doc__, reps=3)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    args = p.parse_args(argv)
+    reps = 1 if args.smoke else args.reps
+    n = 8 if args.smoke else args.max_new_tokens
+    c.header("P8/P9 idefics serve", args)
+    model = args.model or c.model_dir("tiny" if args.smoke else "mid")
+    pages_needed = reps + reps * 16
+    with tempfile.TemporaryDirectory() as tmp:
+        pdf = c.make_pdf(os.path.join(tmp, "invoices.pdf"), pages_needed)
+        with open(pdf, "rb") as f:
+            data = base64.b64encode(f.read()).decode()
+        server = Server(model, n, args.smoke)
+        try:
+            fresh = iter(range(1, pages_needed + 1))
+            first, second = [], []
+            for k in range(reps):
+                page = next(fresh)
+                first.append(ask(server.url, data, page, c.QUESTION)[0])
+                second.append(ask(server.url, data, page, FOLLOW_UP)[0])
+                print(f"  P8 round {k + 1}/{reps}: {first[-1]:.2f} s then {second[-1]:.2f} s", file=sys.stderr)
+            sequential, concurrent = [], []
+
+            def run_sequential():
+                pages = [next(fresh) for _ in range(8)]
+                start = time.perf_counter()
+                for page in pages:
+                    ask(server.url, data, page, c.QUESTION)
+                sequential.append(time.perf_counter() - start)
+
+            def run_concurrent():
+                pages = [next(fresh) for _ in range(8)]
+                start = time.perf_counter()
+                with ThreadPoolExecutor(8) as pool:
+                    list(pool.map(lambda page: ask(server.url, data, page, c.QUESTION), pages))
+                concurrent.append(time.perf_counter() - start)
+
+            c.interleave({"sequential": run_sequential, "concurrent": run_concurrent}, reps)
+        finally:
+            server.close()
+    p8 = c.median(second) / c.median(first)
+    p9 = c.median(concurrent) / c.median(sequential)
+    c.table(f"P8 second question over the same page, time to first token, median of {reps}", [
+        ["first question (page not cached; baseline)", f"{c.median(first):.2f} s", "1.00x", ""],
+        ["second question (image prefix cached)", f"{c.median(second):.2f} s", f"{p8:.3f}x", c.verdict(p8, 0.15, True)],
+    ], ["request", "first token", "ratio", "target"])
+    c.table(f"P9 8 one-page requests, {n} new tokens, total wall, median of {reps}", [
+        ["one after another (baseline)", f"{c.median(sequential):.2f} s", "1.00x", ""],
+        ["8 at once (batched)", f"{c.median(concurrent):.2f} s", f"{p9:.3f}x", c.verdict(p9, 0.5, True)],
+    ], ["requests", "wall", "ratio", "target"])
+    c.footer()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

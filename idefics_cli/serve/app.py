@@ -1,0 +1,370 @@
+"""The ASGI app (FastAPI as plain routes): OpenAI-compatible chat completions, models and health.
+
+Contract:
+- `build_app(config, state)` returns the app. `state` (a `ServerState`) is filled by the lifespan: the model
+  loads in a thread (`state.loader`), then a `Scheduler` starts; until then `GET /health` answers 503
+  `{"status": "loading"}` and chat requests 503 with `Retry-After`; once loaded 200 `{"status": "ok", ...}`.
+  A failed load sets `state.error` and calls `state.on_fatal()` (the server exits with the model error).
+- `POST /v1/chat/completions`: body read with a cap (413 over --max-request-mb), JSON decoded, checked by
+  requests.py, tokenized and refused when prompt + max tokens exceed the context (400 `usage`), pages rendered
+  (off the event loop, at most half the CPU cores' worth of requests at a time), queued (503 + `Retry-After`
+  when --max-queue requests wait), answered as one `chat.completion` or, with `stream`, as server-sent
+  `chat.completion.chunk` events ending in `data: [DONE]`
+  (usage in a last chunk with `stream_options.include_usage`). `usage.prompt_tokens_details.cached_tokens` is
+  the prompt tokens taken from the prefix cache. A client that disconnects cancels its job.
+- `GET /v1/models` lists the one model. With an API key, /v1/* needs `Authorization: Bearer KEY` (compared in
+  constant time; 401 otherwise); /health is open. CORS headers only with --cors ORIGIN.
+- Every error is OpenAI's `{"error": {"message", "type", "code", "param"}}`: 400 with the CLI's error codes for
+  bad requests and documents, 401, 404, 405, 413, 503 (`overloaded`, `loading`, `shutting_down`,
+  `out_of_memory`), 500 only for a failure of the server itself (`generation_error`, `internal`).
+- One access-log line per request on stderr: `METHOD PATH STATUS tokens=N S.SSSs`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import StarletteHTTPException as HTTPException
+from fastapi.middleware import Middleware
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from ..errors import IdeficsError
+from . import backend
+from .config import ServeConfig
+from .requests import RequestError, parse
+from .scheduler import Job, QueueFull
+
+LOG_KEY = "idefics.log"
+
+
+@dataclass
+class ServerState:
+    loader: object = None  # () -> engine
+    engine: object = None
+    scheduler: object = None
+    cache: object = None
+    status: str = "loading"  # loading | ok | error | stopping
+    error: IdeficsError | None = None
+    model_id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+    on_ready: object = None
+    on_fatal: object = None
+    per_image: int = 0
+
+
+def error_response(status: int, code: str, message: str, param: str | None = None, headers=None) -> JSONResponse:
+    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+            405: "invalid_request_error", 413: "invalid_request_error"}.get(status, "server_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "code": code, "param": param}}, status,
+                        headers=headers)
+
+
+def _from_error(err: IdeficsError) -> JSONResponse:
+    param = getattr(err, "param", None)
+    message = f"{param}: {err.message}" if param and err.code != "usage" else err.message
+    if err.hint:
+        message += f" ({err.hint})"
+    if err.code in ("out_of_memory",):
+        return error_response(503, err.code, message, param, {"Retry-After": "5"})
+    if err.code in ("generation_error", "model_error", "internal"):
+        return error_response(500, err.code, message, param)
+    return error_response(400, err.code, message, param)
+
+
+class AccessLog:
+    """ASGI middleware: one line per HTTP request on stderr once its response has ended."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        record = scope[LOG_KEY] = {"status": 0, "tokens": 0}
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                record["status"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except BaseException:
+            record["status"] = record["status"] or 500
+            raise
+        finally:
+            line = (f"{scope['method']} {scope['path']} {record['status'] or '-'} tokens={record['tokens']} "
+                    f"{time.perf_counter() - start:.3f}s")
+            print(line, file=sys.stderr, flush=True)
+
+
+def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
+    key = config.api_key.encode() if config.api_key else None
+    # requests decoded and rendered at once: more would only take CPU (and the GIL) from the batch that generates,
+    # and hold more rendered pages in memory
+    preparing = asyncio.Semaphore(max(1, min(4, (os.cpu_count() or 2) // 2)))
+
+    def authorized(request: Request) -> bool:
+        if key is None:
+            return True
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        return hmac.compare_digest(given.strip().encode(), key) and scheme.lower() == "bearer"
+
+    def unauthorized() -> JSONResponse:
+        return error_response(401, "invalid_api_key", "missing or wrong API key (send Authorization: Bearer KEY)",
+                              headers={"WWW-Authenticate": "Bearer"})
+
+    def not_ready() -> JSONResponse | None:
+        if state.status == "ok":
+            return None
+        if state.status == "stopping":
+            return error_response(503, "shutting_down", "the server is shutting down", headers={"Retry-After": "5"})
+        if state.status == "error":
+            return error_response(503, "model_error", state.error.message if state.error else "model failed")
+        return error_response(503, "loading", "the model is still loading", headers={"Retry-After": "5"})
+
+    async def health(request: Request) -> JSONResponse:
+        body = {"status": state.status, "model": state.model_id}
+        if state.scheduler is not None:
+            body.update(state.scheduler.load())
+        if state.cache is not None:
+            body["cache"] = state.cache.stats()
+        return JSONResponse(body, 200 if state.status == "ok" else 503)
+
+    async def models(request: Request) -> JSONResponse:
+        if not authorized(request):
+            return unauthorized()
+        if (refusal := not_ready()) is not None:
+            return refusal
+        info = backend.describe(state.engine)
+        return JSONResponse({"object": "list", "data": [{"id": state.model_id, "object": "model",
+                                                         "created": state.created, "owned_by": "idefics-cli",
+                                                         "idefics": info}]})
+
+    async def read_body(request: Request) -> bytes | JSONResponse:
+        limit = config.max_request_bytes
+        too_big = error_response(413, "request_too_large", f"the request is over --max-request-mb "
+                                 f"{config.max_request_mb:g} MiB", headers={"Connection": "close"})
+        length = request.headers.get("content-length", "")
+        declared = int(length) if length.isdigit() else None
+        drain = max(4 * limit, 16 * 2**20)  # read (and drop) this much of a body that is too big, so that the
+        if declared is not None and declared > drain:  # client, still sending, gets the 413 and not a reset
+            return too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > drain:
+                return too_big
+            if size <= limit:
+                chunks.append(chunk)
+        return too_big if size > limit else b"".join(chunks)
+
+    async def chat(request: Request) -> Response:
+        record = request.scope.get(LOG_KEY, {})
+        if not authorized(request):
+            return unauthorized()
+        if (refusal := not_ready()) is not None:
+            return refusal
+        scheduler = state.scheduler
+        if scheduler.busy():
+            return error_response(503, "overloaded", "too many requests are waiting", headers={"Retry-After": "1"})
+        raw = await read_body(request)
+        if isinstance(raw, Response):
+            return raw
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):
+            return error_response(400, "usage", "the request body is not valid JSON")
+        loop = asyncio.get_running_loop()
+        try:
+            async with preparing:
+                req, job = await asyncio.to_thread(_prepare, state, body, loop)
+        except IdeficsError as err:
+            return _from_error(err)
+        try:
+            scheduler.submit(job)
+        except QueueFull as exc:
+            code = "shutting_down" if scheduler.stopping else "overloaded"
+            return error_response(503, code, str(exc), headers={"Retry-After": "1"})
+        watcher = asyncio.create_task(_watch_disconnect(request, job))
+        try:
+            kind, payload = await job.events.get()
+        except BaseException:
+            job.cancel()
+            watcher.cancel()
+            raise
+        if kind == "error":
+            watcher.cancel()
+            return _from_error(payload)
+        if kind == "done":  # cancelled before it started: the client went away, or the server is stopping
+            watcher.cancel()
+            return error_response(503, "cancelled", "the request was cancelled before it started")
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_id}
+        if req.stream:
+            return StreamingResponse(_stream(job, req, meta, record, watcher), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            error = await _drain(job)
+        finally:
+            watcher.cancel()
+            job.cancel()
+        record["tokens"] = len(job.token_ids)
+        if error is not None:
+            return _from_error(error)
+        return JSONResponse({**meta, "object": "chat.completion", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": job.text}, "logprobs": None,
+             "finish_reason": _finish(job)}], "usage": _usage(job)})
+
+    async def not_found(request: Request, exc: HTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, f"{request.method} {request.url.path}: {exc.detail}")
+
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        import traceback
+
+        if os.environ.get("IDEFICS_DEBUG"):
+            traceback.print_exception(exc, file=sys.stderr)
+        print(f"internal error in {request.url.path}: {type(exc).__name__}: {str(exc)[:300]}".replace("\n", " "),
+              file=sys.stderr, flush=True)
+        return error_response(500, "internal", f"internal error: {type(exc).__name__}")
+
+    middleware = [Middleware(AccessLog)]
+    if config.cors:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        middleware.append(Middleware(CORSMiddleware, allow_origins=[config.cors], allow_methods=["GET", "POST"],
+                                     allow_headers=["authorization", "content-type"]))
+    # FastAPI without its request models and docs: OpenAI bodies are loose, and a bad one must get OpenAI's error
+    # object with the CLI's codes (requests.py), not a 422; plain Starlette-style routes do exactly that
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, middleware=middleware, lifespan=_lifespan(state),
+                  exception_handlers={HTTPException: not_found, Exception: internal})
+    app.add_route("/health", health, methods=["GET"])
+    app.add_route("/v1/models", models, methods=["GET"])
+    app.add_route("/v1/chat/completions", chat, methods=["POST"])
+    return app
+
+
+def _prepare(state: ServerState, body, loop):
+    """Parse, tokenize, check the context and render (a worker thread: none of it runs on the event loop)."""
+    engine = state.engine
+    context = backend.context_size(engine)
+    req = parse(body, max_images=(context // state.per_image) if context and state.per_image else None)
+    try:
+        max_tokens = req.max_tokens or backend.default_max_tokens(engine)
+        ids = backend.prompt_ids(engine, req.messages)
+        if context and len(ids) + max_tokens > context:
+            raise RequestError("usage", f"the prompt needs {len(ids)} tokens + {max_tokens} new tokens, more than "
+                               f"the model's context of {context}", "messages", "send fewer pages or turns")
+        req.render()
+    finally:
+        req.close()
+    job = Job(ids, req.images, max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+              stop=req.stop, loop=loop)
+    req.images = []
+    return req, job
+
+
+async def _watch_disconnect(request: Request, job: Job) -> None:
+    """Cancel the job when the client goes away (the body is read: the next message is the disconnect)."""
+    while not job.done:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            job.cancel()
+            return
+
+
+async def _drain(job: Job) -> IdeficsError | None:
+    while True:
+        kind, payload = await job.events.get()
+        if kind == "error":
+            return payload
+        if kind == "done":
+            return None
+
+
+def _finish(job: Job) -> str:
+    return job.finish_reason if job.finish_reason in ("stop", "length") else "stop"
+
+
+def _usage(job: Job) -> dict:
+    prompt, completion = len(job.ids), len(job.token_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": job.cached_tokens}}
+
+
+def _sse(obj) -> bytes:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+async def _stream(job: Job, req, meta: dict, record: dict, watcher):
+    chunk = {**meta, "object": "chat.completion.chunk"}
+    try:
+        yield _sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                          "logprobs": None, "finish_reason": None}]})
+        while True:
+            kind, payload = await job.events.get()
+            record["tokens"] = len(job.token_ids)
+            if kind == "delta":
+                yield _sse({**chunk, "choices": [{"index": 0, "delta": {"content": payload}, "logprobs": None,
+                                                  "finish_reason": None}]})
+            elif kind == "error":
+                body = json.loads(_from_error(payload).body)
+                yield _sse(body)
+                break
+            elif kind == "done":
+                yield _sse({**chunk, "choices": [{"index": 0, "delta": {}, "logprobs": None,
+                                                  "finish_reason": _finish(job)}]})
+                if req.include_usage:
+                    yield _sse({**chunk, "choices": [], "usage": _usage(job)})
+                break
+        yield b"data: [DONE]\n\n"
+    finally:
+        job.cancel()
+        watcher.cancel()
+
+
+def _lifespan(state: ServerState):
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        task = asyncio.create_task(asyncio.to_thread(_load, state))
+        try:
+            yield
+        finally:
+            state.status = "stopping"
+            if state.scheduler is not None:
+                await asyncio.to_thread(state.scheduler.stop, True, 30)
+            if not task.done():
+                task.cancel()
+
+    return lifespan
+
+
+def _load(state: ServerState) -> None:
+    from ..errors import classify
+
+    try:
+        state.engine = state.loader()
+        state.model_id = backend.describe(state.engine)["id"]
+        state.per_image = backend.tokens_per_image(state.engine)
+        if state.on_ready is not None:
+            state.on_ready(state)
+        state.status = "ok"
+    except BaseException as exc:  # noqa: BLE001 - reported, and the server exits
+        state.error = classify(exc, stage="load")
+        if state.error.code == "corrupt":
+            state.error.code = "model_error"
+        state.status = "error"
+        if state.on_fatal is not None:
+            state.on_fatal(state)

@@ -1,0 +1,71 @@
+"""The prefix cache: key/value caches of prompts' image prefixes, least recently used first out, bounded by bytes.
+
+Contract: `prefix_key(settings, ids, image_hashes)` names a prefix by the model's settings (backend.settings_key),
+the prefix's token ids (the chat template's text up to the last image, earlier turns included) and the content
+hashes of its images, so two requests share an entry exactly when the model would see the same prefix.
+`PrefixCache(max_bytes)`: `get(key)` returns the stored value (a backend.KV, never modified by its users) and
+marks it recently used; `put(key, value)` stores it and evicts the least recently used entries until the total
+of their `nbytes` fits `max_bytes` (a value larger than the whole budget is not stored). `hits`/`misses` count
+lookups. Thread-safe. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+
+
+def image_hash(image) -> str:
+    """Content hash of a decoded RGB image (its size, mode and pixels)."""
+    digest = hashlib.sha256(f"{image.mode}:{image.width}x{image.height}:".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def prefix_key(settings: str, ids: list[int], image_hashes: list[str]) -> str:
+    digest = hashlib.sha256(settings.encode())
+    digest.update(b"\0" + ",".join(map(str, ids)).encode())
+    digest.update(b"\0" + ",".join(image_hashes).encode())
+    return digest.hexdigest()
+
+
+class PrefixCache:
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max(0, int(max_bytes))
+        self.entries: OrderedDict[str, object] = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: str):
+        with self._lock:
+            value = self.entries.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self.entries.move_to_end(key)
+            self.hits += 1
+            return value
+
+    def put(self, key: str, value) -> bool:
+        """Store `value` (evicting the least recently used); False when it alone is over the budget."""
+        size = int(value.nbytes)
+        with self._lock:
+            if size > self.max_bytes:
+                return False
+            old = self.entries.pop(key, None)
+            if old is not None:
+                self.bytes -= int(old.nbytes)
+            while self.entries and self.bytes + size > self.max_bytes:
+                _, evicted = self.entries.popitem(last=False)
+                self.bytes -= int(evicted.nbytes)
+            self.entries[key] = value
+            self.bytes += size
+            return True
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"entries": len(self.entries), "bytes": self.bytes, "max_bytes": self.max_bytes,
+                    "hits": self.hits, "misses": self.misses}

@@ -1,0 +1,243 @@
+"""Chat requests: an OpenAI `/v1/chat/completions` body in, the conversation the model sees out.
+
+Contract:
+- `parse(body, options)` checks a decoded JSON body and returns a `ChatRequest`, or raises `RequestError` (an
+  `IdeficsError` with the OpenAI `param` it is about; `usage` for a malformed request, the documents' own codes,
+  e.g. `corrupt`, `unsupported_format`, `page_out_of_range`, `image_too_large`, for a bad file). Nothing is
+  rendered yet: `ChatRequest.pages` are the chosen (document, page) pairs, so a prompt can be refused for its
+  length before any pixel exists; `render()` then decodes them with the CLI's own rules (documents.py: PDFs
+  rasterized at a longest side of 1960 px within the pixel budget, images as Pillow reads them).
+- `messages`: roles `system`/`developer` (text only), `user`, `assistant` (text only); content a string or a
+  list of parts: `text`, `image_url` (`data:` URLs only; every frame of a TIFF is a page), `file` with
+  `file_data` (a `data:` URL or bare base64; PDFs and images) and, an extension, `file.pages` (the CLI's page
+  spec, `"1-3,7"`; default every page) and `file.password`. Each message's images come first, then its text
+  (joined by newlines): the model card's layout, which `ask` and `chat` use, so a question is answered the same
+  whatever order a client sends its parts in. Earlier messages keep their images, as in `chat`.
+- Nothing here reads a server-side path or fetches a URL: a URL that is not `data:` and a `file_id` are refused.
+- Generation: `max_completion_tokens` or `max_tokens` (1..32768; default the server's --max-new-tokens),
+  `temperature` (0..2) with `top_p` (0..1] and `seed`; temperature 0 or absent is greedy. `stop`: a string or
+  up to 4. `stream`, `stream_options.include_usage`. `n` other than 1, tools and functions are refused.
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import urllib.parse
+from dataclasses import dataclass, field
+
+from ..errors import IdeficsError
+
+MAX_NEW_TOKENS = 32768
+_DATA_URL = re.compile(r"data:(?P<type>[^,;]*)(?P<params>(?:;[^,;]*)*),(?P<data>.*)", re.DOTALL)
+
+
+class RequestError(IdeficsError):
+    def __init__(self, code: str, message: str, param: str | None = None, hint: str | None = None):
+        super().__init__(code, message, hint)
+        self.param = param
+
+
+def bad(message: str, param: str | None = None, hint: str | None = None) -> RequestError:
+    return RequestError("usage", message, param, hint)
+
+
+@dataclass
+class ChatRequest:
+    messages: list[dict]  # transformers chat format, images as {"type": "image"}
+    pages: list = field(default_factory=list)  # [(Document, page)] in prompt order
+    max_tokens: int | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+    images: list = field(default_factory=list)  # PIL images, after render()
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def greedy(self) -> bool:
+        return not self.temperature
+
+    def render(self) -> None:
+        """Decode every chosen page (documents.py); a page that cannot be decoded raises its error code."""
+        try:
+            for doc, page in self.pages:
+                self.images.append(doc.render(page))
+                self.warnings.extend(w for w in doc.warnings(page) if w not in self.warnings)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close the documents (once; the chosen pages are forgotten with them)."""
+        pages, self.pages = self.pages, []
+        for doc in {id(d): d for d, _ in pages}.values():
+            doc.close()
+
+
+def _number(body: dict, name: str, low: float, high: float, integer: bool = False):
+    value = body.get(name)
+    if value is None:
+        return None
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+        what = "an integer" if integer else "a number"
+        raise bad(f"{name} must be {what} from {low} to {high}", name)
+    return value
+
+
+def parse(body, *, max_images: int | None = None) -> ChatRequest:
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    if body.get("n") not in (None, 1):
+        raise bad("only n=1 is supported", "n")
+    for unsupported in ("tools", "functions", "tool_choice", "function_call"):
+        if body.get(unsupported):
+            raise bad(f"{unsupported} are not supported by this server", unsupported)
+    max_tokens = _number(body, "max_completion_tokens", 1, MAX_NEW_TOKENS, integer=True)
+    if max_tokens is None:
+        max_tokens = _number(body, "max_tokens", 1, MAX_NEW_TOKENS, integer=True)
+    temperature = _number(body, "temperature", 0, 2) or 0.0
+    top_p = _number(body, "top_p", 0, 1)
+    if top_p == 0:
+        raise bad("top_p must be above 0", "top_p")
+    seed = _number(body, "seed", -(2**63), 2**63 - 1, integer=True)
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise bad("stop must be a non-empty string or a list of up to 4", "stop")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool) and stream is not None:
+        raise bad("stream must be true or false", "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise bad("stream_options must be an object", "stream_options")
+    req = ChatRequest(messages=[], max_tokens=max_tokens, temperature=float(temperature),
+                      top_p=float(1.0 if top_p is None else top_p), seed=seed, stop=stop, stream=bool(stream),
+                      include_usage=bool(options.get("include_usage")))
+    try:
+        _messages(body.get("messages"), req, max_images)
+    except BaseException:
+        req.close()
+        raise
+    return req
+
+
+def _messages(messages, req: ChatRequest, max_images: int | None) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages must be a non-empty list", "messages")
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise bad(f"{where} must be an object", where)
+        role = message.get("role")
+        if role not in ("system", "developer", "user", "assistant"):
+            raise bad(f"{where}.role must be system, developer, user or assistant", f"{where}.role")
+        role = "system" if role == "developer" else role
+        content = message.get("content")
+        if content is None and role == "assistant":
+            content = ""
+        if isinstance(content, str):
+            parts = [{"type": "text", "text": content}]
+        elif isinstance(content, list):
+            parts = content
+        else:
+            raise bad(f"{where}.content must be a string or a list of parts", f"{where}.content")
+        texts, n_images = [], 0
+        for j, part in enumerate(parts):
+            here = f"{where}.content[{j}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in ("text", "input_text"):
+                if not isinstance(part.get("text"), str) or not _utf8(part["text"]):
+                    raise bad(f"{here}.text must be a string of valid Unicode", f"{here}.text")
+                texts.append(part["text"])
+            elif kind in ("image_url", "file"):
+                if role != "user":
+                    raise bad(f"{here}: only user messages can carry images or files", here)
+                n_images += _attach(part, kind, here, req)
+                if max_images is not None and len(req.pages) > max_images:
+                    raise RequestError("usage", f"more than {max_images} page images in one request",
+                                       here, "choose fewer pages with file.pages")
+            else:
+                raise bad(f"{here}.type must be text, image_url or file", f"{here}.type")
+        text = "\n".join(texts)
+        req.messages.append({"role": role, "content": [{"type": "image"} for _ in range(n_images)]
+                             + [{"type": "text", "text": text}]})
+    if req.messages[-1]["role"] != "user":
+        raise bad("the last message must be the user's", f"messages[{len(messages) - 1}].role")
+
+
+def _attach(part: dict, kind: str, here: str, req: ChatRequest) -> int:
+    """Open the document of an image_url or file part and queue its chosen pages; returns how many."""
+    from ..documents import open_document
+    from ..pages import parse_page_spec
+
+    spec_text, password = None, None
+    if kind == "image_url":
+        inner = part.get("image_url")
+        url = inner.get("url") if isinstance(inner, dict) else inner
+        if not isinstance(url, str):
+            raise bad(f"{here}.image_url.url must be a string", f"{here}.image_url")
+        if not url.startswith("data:"):
+            raise bad(f"{here}: only data: URLs are accepted (the server never fetches a URL)", f"{here}.image_url",
+                      "send the image inline as data:image/png;base64,...")
+        data = _data_url(url, here)
+    else:
+        inner = part.get("file")
+        if not isinstance(inner, dict):
+            raise bad(f"{here}.file must be an object", f"{here}.file")
+        if inner.get("file_id") is not None:
+            raise bad(f"{here}: file_id is not supported (there is no file store)", f"{here}.file.file_id",
+                      "send the file inline as file_data")
+        raw = inner.get("file_data")
+        if not isinstance(raw, str) or not raw:
+            raise bad(f"{here}.file.file_data must be a data: URL or base64 text", f"{here}.file.file_data")
+        data = _data_url(raw, here) if raw.startswith("data:") else _base64(raw, here)
+        spec_text, password = inner.get("pages"), inner.get("password")
+        if spec_text is not None and not isinstance(spec_text, (str, int)):
+            raise bad(f"{here}.file.pages must be a page spec such as \"1-3,7\"", f"{here}.file.pages")
+        if password is not None and not isinstance(password, str):
+            raise bad(f"{here}.file.password must be a string", f"{here}.file.password")
+    try:
+        spec = parse_page_spec(None if spec_text is None else str(spec_text))
+    except IdeficsError as err:
+        raise RequestError(err.code, err.message, f"{here}.file.pages", err.hint) from None
+    try:
+        doc = open_document(here, data=data, password=password)
+    except IdeficsError as err:
+        hint = "pass file.password" if err.code == "encrypted" else None if err.code == "wrong_password" else err.hint
+        raise RequestError(err.code, err.message, here, hint) from None
+    try:
+        chosen = spec.resolve(doc.page_count)
+    except IdeficsError as err:
+        doc.close()
+        raise RequestError(err.code, err.message, here) from None
+    req.pages.extend((doc, p) for p in chosen)
+    return len(chosen)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")  # a lone surrogate ("\ud800" in JSON) is not text the tokenizer can take
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _data_url(url: str, here: str) -> bytes:
+    m = _DATA_URL.fullmatch(url)
+    if m is None or not _utf8(url):
+        raise RequestError("corrupt", "not a valid data: URL", here)
+    if ";base64" in m["params"].lower():
+        return _base64(m["data"], here)
+    return urllib.parse.unquote_to_bytes(m["data"])
+
+
+def _base64(text: str, here: str) -> bytes:
+    try:
+        return base64.b64decode(re.sub(r"\s+", "", text), validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError("corrupt", "the file data is not valid base64", here) from None
