@@ -83,8 +83,10 @@ def test_killed_model_actor_is_replaced_and_every_page_done_once(tiny_model, loc
     from idefics_cli.batch import walk
     from idefics_cli.documents import open_document
     from idefics_cli.model import ModelOptions
-    from idefics_cli.pipeline import JsonlSink, Settings
+    from idefics_cli.pipeline import Job
     from idefics_cli.ray_engine import run
+    from idefics_cli.sinks import JsonlSink
+    from idefics_cli.transcription import TranscribeRequest
 
     docs_dir = tmp_path / "many"
     docs_dir.mkdir()
@@ -93,8 +95,8 @@ def test_killed_model_actor_is_replaced_and_every_page_done_once(tiny_model, loc
     docs, _ = walk([str(docs_dir)])
     out = str(tmp_path / "kill.jsonl")
     sink = JsonlSink(out)
-    settings = Settings(prompt="Transcribe.", max_new_tokens=3, batch_size=1, settings="s1")
     options = ModelOptions(model=tiny_model, quant="none", device="cpu", max_new_tokens=3)
+    request = TranscribeRequest((str(docs_dir),), out, options, prompt="Transcribe.", batch_size=1)
     killed = []
 
     def killer():
@@ -112,8 +114,10 @@ def test_killed_model_actor_is_replaced_and_every_page_done_once(tiny_model, loc
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    summary = run(options, docs, sink, settings, lambda p: open_document(p, dpi=36), lambda d: list(
-        range(1, d.page_count + 1)))
+    job = Job(request, docs, sink, lambda p: open_document(p, dpi=36), lambda d: list(range(1, d.page_count + 1)))
+    for _ in run(job):
+        pass
+    summary = job.summary
     sink.close()
     thread.join(timeout=5)
     assert killed, "the model actor was never found to kill"
