@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from idefics_cli.errors import IdeficsError
+from idefics_cli.errors import IdeficsError, UsageError
 from idefics_cli.writers import OutputLock, RecordLog, atomic_write, safe_join
 
 
@@ -96,8 +96,8 @@ def test_atomic_write_failure_leaves_no_temp_and_keeps_old_content(tmp_path):
 def test_output_lock_refuses_a_second_holder(tmp_path):
     lock_path = str(tmp_path / "out" / "records.jsonl.lock")
     with OutputLock(lock_path):
-        with pytest.raises(IdeficsError) as exc:
-            OutputLock(lock_path).__enter__()
+        with pytest.raises(UsageError) as exc:
+            OutputLock(lock_path).acquire()
         err = exc.value
         assert err.code == "usage" and err.exit_status == 2
         assert str(tmp_path / "out" / "records.jsonl") in err.message and "\n" not in err.one_line()
