@@ -54,12 +54,12 @@ class Job:
         self.start = time.perf_counter()
 
     @property
-    def settings(self) -> str:
+    def settings_hash(self) -> str:
         """The settings hash of this run's records (their resume key, with the file's sha256 and the page)."""
         return self.request.settings_hash
 
     def is_done(self, sha256: str, page: int) -> bool:
-        return (sha256, page, self.settings) in self.done
+        return (sha256, page, self.settings_hash) in self.done
 
     def pages(self, total: int, skipped: int) -> None:
         """A document's chosen pages were counted: `total`, of which `skipped` are already done."""
@@ -99,9 +99,9 @@ def transcribe(engine, job: Job) -> Iterator[PageRecord]:
             job.sink.document_done(item)
             continue
         if isinstance(item, Failure):
-            records = [failure_record(item, job.settings)]
+            records = [failure_record(item, job.settings_hash)]
         elif isinstance(item, BlankPage):
-            records = [blank_record(item.task, job.settings)]
+            records = [blank_record(item.task, job.settings_hash)]
         else:
             records = answer_batch(engine, item, request)
         item = None  # this batch's pixels are freed before the next batch is waited for

@@ -40,8 +40,8 @@ class Pages:
     The image travels as raw RGB bytes.
     """
 
-    def __init__(self, open_doc, select_pages, done: set, settings: str):
-        self.open_doc, self.select_pages, self.done, self.settings = open_doc, select_pages, done, settings
+    def __init__(self, open_doc, select_pages, done: set, settings_hash: str):
+        self.open_doc, self.select_pages, self.done, self.settings_hash = open_doc, select_pages, done, settings_hash
 
     def __call__(self, row: dict):
         item = Input(row["path"], row["rel"])
@@ -58,7 +58,7 @@ class Pages:
                 return
             for page in chosen:
                 out = _row(item, doc.sha256, page, doc.page_count, chosen,
-                           skip=(doc.sha256, page, self.settings) in self.done)
+                           skip=(doc.sha256, page, self.settings_hash) in self.done)
                 if not out["skip"]:
                     try:
                         image = doc.render(page)
@@ -175,7 +175,7 @@ def run(job: Job, address: str | None = None) -> Iterator[PageRecord]:
     gpus = int(ray.cluster_resources().get("GPU", 0))
     ds = ray.data.from_items([{"path": d.path, "rel": d.rel} for d in job.docs],
                              override_num_blocks=max(1, len(job.docs)))
-    ds = ds.flat_map(Pages(job.open_doc, job.select_pages, job.done, job.settings))
+    ds = ds.flat_map(Pages(job.open_doc, job.select_pages, job.done, job.settings_hash))
     ds = ds.map_batches(Transcriber, batch_size=job.request.batch_size, batch_format="numpy",
                         fn_constructor_kwargs={"request": job.request},
                         **_map_batches_args(ray, max(gpus, 1), 1 if gpus else 0))
