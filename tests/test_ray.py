@@ -100,17 +100,15 @@ def test_killed_model_actor_is_replaced_and_every_page_done_once(tiny_model, loc
     killed = []
 
     def killer():
-        """Once the model actor is up and working, kill it (SIGKILL) mid-run."""
+        """Once the model actor has answered its first page (a record is written), kill it (SIGKILL) mid-run."""
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not killed:
-            pids = actor_pids()
-            if pids:
-                time.sleep(2.0)  # let it load the model and start answering
+            if os.path.exists(out) and os.path.getsize(out) > 0:
                 for pid in actor_pids():
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
                 return
-            time.sleep(0.1)
+            time.sleep(0.05)
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
