@@ -55,19 +55,12 @@ def timed_generate(engine, inputs, new_tokens: int) -> float:
 
 def pipeline_pages_per_min(engine, pdf, pages: int, batch_size: int, new_tokens: int, tmp: str) -> float:
     """The CLI's transcription pipeline (prefetch thread, batches) over `pages` pages, in pages/min."""
-    from idefics_cli.batch import Input
-    from idefics_cli.documents import open_document
-    from idefics_cli.pipeline import JsonlSink, Settings, transcribe
-
     out = os.path.join(tmp, f"records-{time.monotonic_ns()}.jsonl")
-    sink = JsonlSink(out)
-    settings = Settings(prompt=c.TRANSCRIBE_PROMPT, max_new_tokens=new_tokens, batch_size=batch_size, settings="b",
-                        force=True)
-    try:
-        summary = transcribe(engine, [Input(pdf, "doc.pdf")], sink, settings, open_doc=open_document,
-                             select_pages=lambda doc: list(range(1, pages + 1)))
-    finally:
-        sink.close()
+    run = engine.transcribe([pdf], out=out, prompt=c.TRANSCRIBE_PROMPT, pages=f"1-{pages}", batch_size=batch_size,
+                            force=True)
+    assert engine.options.max_new_tokens == new_tokens  # the engine's own options make the request
+    run.run()
+    summary = run.summary
     if summary.ok != pages:
         raise SystemExit(f"the pipeline transcribed {summary.ok} of {pages} pages: {summary.failures[:3]}")
     return 60 * pages / summary.seconds

@@ -1,4 +1,4 @@
-"""Batch: which pages to do, in what order, and the background queue that feeds the model.
+"""Batch: which pages to do, in what order, and the items the prefetcher hands the model (prefetch.py).
 
 Contract:
 - `walk(inputs)` expands files, folders (recursive; hidden entries skipped; symlinked folders followed
@@ -9,12 +9,8 @@ Contract:
 - `in_shard(rel, index, count)`: a document belongs to shard `sha1(rel) % count`, stable as files are added.
 - `done_keys(records)`: the (sha256, page, settings) keys that already have an `ok` record;
   `needs_model(docs, ...)`: whether any chosen page is still to be done (else the model need not load).
-- `prefetch(...)` runs document opening, rasterization and preprocessing in a background thread and
-  yields ready `Batch`es (or `Failure`s, or `BlankPage`s that need no model) through a bounded queue, so
-  memory stays flat in the number of pages and the model never waits on the CPU. Batches group pages of one
-  pixel size from a look-ahead window of at most two batches of rendered pages (full batches always; mixed
-  sizes only when the window is full or at the end); a `DocumentDone` follows the batches holding all of its
-  pages.
+- `PageTask` (a page to do), `Batch` (pages and their built inputs), `BlankPage`, `Failure` and
+  `DocumentDone` are what prefetch.py hands the model's thread.
 """
 
 from __future__ import annotations
@@ -22,12 +18,10 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from queue import Queue
 
-from .errors import IdeficsError, classify
+from .errors import IdeficsError
 
 GLOB_CHARS = set("*?[")
 
@@ -208,121 +202,3 @@ class DocumentDone:
     sha256: str
     pages: list[int]
     page_count: int
-
-
-def prefetch(docs: list[Input], open_doc, select_pages, is_done, build, batch_size: int, depth: int = 1,
-             stop: threading.Event | None = None,
-             on_pages=None) -> Iterator[Batch | Failure | BlankPage | DocumentDone]:
-    """Yield batches built in a background thread; at most `depth` batches wait in the queue."""
-    import time
-
-    queue: Queue = Queue(maxsize=max(depth, 1))
-    stop = stop or threading.Event()
-    sentinel = object()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                queue.put(item, timeout=0.1)
-                return True
-            except Exception:  # queue.Full
-                continue
-        return False
-
-    pending: list[tuple[PageTask, object]] = []  # the look-ahead window: rendered pages not yet in a batch
-    finished: list[DocumentDone] = []
-
-    def next_batch(final: bool) -> list | None:
-        """`batch_size` pages of one size if the window holds them; else, once the window is full (2 batches) or
-        at the end, the oldest page's size first, topped up with the oldest others (a vision call per size)."""
-        groups: dict = {}
-        for k, (_, image) in enumerate(pending):
-            groups.setdefault(getattr(image, "size", None), []).append(k)
-        chosen = next((ks[:batch_size] for ks in groups.values() if len(ks) >= batch_size), None)
-        if chosen is None and pending and (final or len(pending) >= 2 * batch_size):
-            first = groups[getattr(pending[0][1], "size", None)]
-            chosen = (first + [k for k in range(len(pending)) if k not in set(first)])[:batch_size]
-        if chosen is None:
-            return None
-        take = set(chosen)
-        out = [pending[k] for k in sorted(take)]
-        pending[:] = [p for k, p in enumerate(pending) if k not in take]
-        return out
-
-    def flush(final: bool = False) -> bool:
-        """Queue the batches the window allows, then the documents none of whose pages still wait."""
-        while (ready := next_batch(final)) is not None:
-            t0 = time.perf_counter()
-            batch = Batch([t for t, _ in ready], [im for _, im in ready])
-            ready = None
-            try:
-                batch.inputs = build(batch.images)
-                batch.preprocess_s = time.perf_counter() - t0
-                ok = put(batch)
-            except Exception as exc:  # noqa: BLE001 - recorded per page
-                ok = all(put(Failure(t.input, classify(exc, t.input.path, "read"), t.sha256, t.page, t.pages))
-                         for t in batch.tasks)
-            batch = None
-            if not ok:
-                return False
-        while finished and not any(t.input == finished[0].input for t, _ in pending):
-            if not put(finished.pop(0)):
-                return False
-        return True
-
-    def produce_document(item: Input) -> bool:
-        try:
-            doc = open_doc(item.path)
-        except Exception as exc:  # noqa: BLE001 - recorded for the document
-            return put(Failure(item, classify(exc, item.path, "read")))
-        with doc:
-            try:
-                chosen = select_pages(doc)
-            except Exception as exc:  # noqa: BLE001
-                return put(Failure(item, classify(exc, item.path, "read"), doc.sha256, 0, doc.page_count))
-            todo = [p for p in chosen if not is_done(doc.sha256, p)]
-            if on_pages:
-                on_pages(len(chosen), len(chosen) - len(todo))
-            for page in todo:
-                try:
-                    image = doc.render(page)
-                except Exception as exc:  # noqa: BLE001
-                    if not put(Failure(item, classify(exc, item.path, "read"), doc.sha256, page, doc.page_count)):
-                        return False
-                    continue
-                task = PageTask(item, doc.sha256, page, doc.page_count, doc.warnings(page))
-                if "blank_page" in task.warnings:  # needs no model: recorded at once, before its DocumentDone
-                    if not put(BlankPage(task)):
-                        return False
-                    continue
-                pending.append((task, image))
-                image = None
-                if not flush():
-                    return False
-            finished.append(DocumentDone(item, doc.sha256, chosen, doc.page_count))
-            return flush()
-
-    def produce():
-        try:
-            for item in docs:
-                if stop.is_set() or not produce_document(item):
-                    return
-            flush(final=True)
-        except BaseException as exc:  # noqa: BLE001 - surfaced in the consumer
-            put(exc)
-        finally:
-            put(sentinel)
-
-    thread = threading.Thread(target=produce, name="idefics-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = queue.get()
-            if item is sentinel:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join(timeout=5)

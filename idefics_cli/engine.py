@@ -64,7 +64,6 @@ class Engine:
         self.image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
         self.eos_ids = set(self._eos_ids())
         self.context_size = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-        self._lock = threading.Lock()
         self.vision_chunk: int | None = None  # images per vision call; None: vision.auto_chunk
         self.prefill_chunk = int(os.environ.get(PREFILL_CHUNK_ENV) or PREFILL_CHUNK)  # tokens; 0: whole prompts
 
@@ -100,8 +99,9 @@ class Engine:
     def build_inputs(self, batch: list[tuple[list, str]], split: bool | None = None):
         """Processor outputs for [(images, question), ...]: one user turn each, left-padded, on the device.
 
-        `split` overrides image splitting for this call only (the out-of-memory fallback). The pixels of a
-        batch are built one row at a time (inputs.py). This is the plain path; `prepare` is what the CLI runs.
+        `split` overrides image splitting for this call only (the out-of-memory fallback); no shared state is
+        changed, so threads may build inputs at the same time. The pixels of a batch are built one row at a
+        time (inputs.py). This is the plain path; `prepare` is what the CLI runs.
         """
         from . import inputs as rows_
 
@@ -121,16 +121,29 @@ class Engine:
 
     def _processor_call(self, batch, split: bool, images):
         prompts = [self.prompt(len(imgs), question) for imgs, question in batch]
-        kwargs = {"padding": True} if len(batch) > 1 else {}
-        image_processor = self.processor.image_processor
-        # the configured default comes from the options: the processor's attribute is briefly overridden under
-        # the lock by other threads (the main thread's no-split fallback while the prefetch thread builds)
-        with self._lock:
-            image_processor.do_image_splitting = split  # the text's image tokens depend on it
-            try:
-                return self.processor(text=prompts, images=images, return_tensors="pt", **kwargs)
-            finally:
-                image_processor.do_image_splitting = self.options.split
+        # Other threads build inputs at the same time (the prefetch thread, the main thread's no-split fallback), so
+        # no call changes what the processor keeps between calls: the split picks a processor, and padding is asked
+        # for on every call (one row: no pad), since a fast tokenizer keeps its padding setting from the last call.
+        return self._processor_for(split)(text=prompts, images=images, return_tensors="pt", padding=True)
+
+    def _processor_for(self, split: bool):
+        """The loaded processor, or for the other image splitting a copy of it whose image processor splits that way.
+
+        A per-call `do_image_splitting=` is not enough: Idefics2's processor expands each image's tokens in the
+        text from its image processor's attribute. Neither processor is changed once made.
+        """
+        if getattr(self.processor.image_processor, "do_image_splitting", split) == split:
+            return self.processor
+        copies = self.__dict__.setdefault("_split_processors", {})
+        processor = copies.get(split)
+        if processor is None:  # two threads may both make one: equal copies, either will do
+            import copy
+
+            processor = copy.copy(self.processor)
+            processor.image_processor = copy.copy(self.processor.image_processor)
+            processor.image_processor.do_image_splitting = split
+            copies[split] = processor
+        return processor
 
     def prepare(self, batch: list[tuple[list, str]], split: bool | None = None, collect: bool = False):
         """The processor's token ids; the images go to the model through vision.py (same-shape chunks, no padding)."""
@@ -315,6 +328,20 @@ class Engine:
         except BaseException:
             selection.close()
             raise
+
+    # ---- transcription ---------------------------------------------------------------------------
+    def transcribe(self, inputs, out: str | None = None, **request_fields):
+        """Transcribe files, folders or globs with this engine, as `idefics transcribe` does.
+
+        Returns a `Transcription` (transcription.py): iterate it for each page's `PageRecord` (`path`, `page`,
+        `status`, `text`, ...) as it is written; `out` (a .jsonl file or a folder) gets the same records and
+        files as the CLI's `--out` and is resumed the same way; its `summary` and `exit_status` are known
+        afterwards. `request_fields` are `TranscribeRequest`'s (prompt, pages, dpi, password, batch_size,
+        force, shard); the model options are this engine's.
+        """
+        from .transcription import TranscribeRequest, Transcription
+
+        return Transcription(TranscribeRequest(inputs, out, self.options, **request_fields), engine=self)
 
 
 def generation_error(exc: BaseException) -> IdeficsError:

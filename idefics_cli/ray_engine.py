@@ -1,9 +1,10 @@
 """`transcribe --engine ray`: the same pipeline on Ray Data, for many GPUs or nodes.
 
-Contract: `run(...)` turns the documents into a manifest of (document, page) rows, rasterizes pages in
-Ray CPU tasks, answers them in `map_batches` with a callable class that loads the model inside the actor
-(one actor per GPU, `num_gpus=1`; on a machine without GPUs, CPU actors), and streams the rows back to
-the driver, which writes exactly the records the local engine writes, through the same sinks, with the
+Contract: `run(job)` (pipeline.Job) turns each document into rows in one Ray CPU task that opens and hashes
+the file once and yields one row per chosen page with its rendered image (done pages marked skip, not
+rendered), answers them in `map_batches` with a callable class that loads the model inside the actor (one
+actor per GPU, `num_gpus=1`; on a machine without GPUs, CPU actors), and streams the rows back to the
+driver, which yields and writes exactly the records the local engine writes, through the same sinks, with the
 same resume keys. Every stage catches errors per row into the row's error fields (Ray's block-level
 error tolerance would drop whole blocks). Crashed tasks and actors are retried by Ray. The processor runs
 in the actor, next to the model: its pixel tensors are ~10x larger than the page image they come from.
@@ -16,12 +17,12 @@ import inspect
 import json
 import os
 import time
-from dataclasses import asdict
+from collections.abc import Iterator
 
-from .batch import Batch, DocumentDone, Input, PageTask, done_keys
+from .batch import Batch, DocumentDone, Input, PageTask
 from .errors import IdeficsError, UsageError, classify
-from .pipeline import Settings, Summary, answer_batch, blank_record
-from .records import PageRecord
+from .pipeline import Job, answer_batch
+from .records import PageRecord, blank_record, error_record, task_error
 
 
 def _row(item: Input, sha256="", page=0, pages=0, chosen=(), skip=False, error: IdeficsError | None = None) -> dict:
@@ -30,60 +31,64 @@ def _row(item: Input, sha256="", page=0, pages=0, chosen=(), skip=False, error: 
             "error_message": error.message if error else "", "image": b"", "width": 0, "height": 0, "warnings": "[]"}
 
 
-class Expand:
-    """Document -> one row per chosen page (done pages marked `skip`), or one error row."""
+class Pages:
+    """Document -> one row per chosen page, rendered in this one CPU task (the file is read and hashed once).
 
-    def __init__(self, open_doc, select_pages, done: set, settings: str):
-        self.open_doc, self.select_pages, self.done, self.settings = open_doc, select_pages, done, settings
+    Done pages are marked `skip` (not rendered); a page that cannot be rendered gets its error fields, a
+    document that cannot be opened (or has none of the chosen pages) one error row. Rows are yielded one by
+    one, so Ray Data streams a long document's pages on in blocks instead of holding all of its images.
+    The image travels as raw RGB bytes.
+    """
 
-    def __call__(self, row: dict) -> list[dict]:
+    def __init__(self, open_doc, select_pages, done: set, settings_hash: str):
+        self.open_doc, self.select_pages, self.done, self.settings_hash = open_doc, select_pages, done, settings_hash
+
+    def __call__(self, row: dict):
         item = Input(row["path"], row["rel"])
         try:
-            with self.open_doc(item.path) as doc:
-                chosen = self.select_pages(doc)
-                return [_row(item, doc.sha256, p, doc.page_count, chosen,
-                             skip=(doc.sha256, p, self.settings) in self.done) for p in chosen]
+            doc = self.open_doc(item.path)
         except Exception as exc:  # noqa: BLE001 - recorded per row
-            return [_row(item, error=classify(exc, item.path, "read"))]
-
-
-class Render:
-    """Rasterize one page in a CPU task; the image travels as raw RGB bytes."""
-
-    def __init__(self, open_doc):
-        self.open_doc = open_doc
-
-    def __call__(self, row: dict) -> dict:
-        if row["error_code"] or row["skip"]:
-            return row
-        try:
-            with self.open_doc(row["path"]) as doc:
-                image = doc.render(int(row["page"]))
-            row.update(image=image.tobytes(), width=image.width, height=image.height,
-                       warnings=_dumps(doc.warnings(int(row["page"]))))
-        except Exception as exc:  # noqa: BLE001
-            err = classify(exc, row["path"], "read")
-            row.update(error_code=err.code, error_message=err.message)
-        return row
+            yield _row(item, error=classify(exc, item.path, "read"))
+            return
+        with doc:
+            try:
+                chosen = self.select_pages(doc)
+            except Exception as exc:  # noqa: BLE001
+                yield _row(item, doc.sha256, 0, doc.page_count, error=classify(exc, item.path, "read"))
+                return
+            for page in chosen:
+                out = _row(item, doc.sha256, page, doc.page_count, chosen,
+                           skip=(doc.sha256, page, self.settings_hash) in self.done)
+                if not out["skip"]:
+                    try:
+                        image = doc.render(page)
+                        out.update(image=image.tobytes(), width=image.width, height=image.height,
+                                   warnings=_dumps(doc.warnings(page)))
+                    except Exception as exc:  # noqa: BLE001
+                        err = classify(exc, item.path, "read")
+                        out.update(error_code=err.code, error_message=err.message)
+                    image = None
+                yield out
 
 
 class Transcriber:
     """The model actor: loads the engine once, answers batches of rows."""
 
-    def __init__(self, model_options: dict, settings: dict):
-        from .model import ModelOptions, load
+    def __init__(self, request):
+        from .model import load
 
-        self.engine = load(ModelOptions(**model_options))
-        self.settings = Settings(**settings)
+        self.engine = load(request.options)
+        self.request = request
 
     def __call__(self, batch: dict) -> dict:
         from PIL import Image
 
+        settings = self.request.settings_hash
         rows = [{k: batch[k][i] for k in batch} for i in range(len(batch["path"]))]
         tasks_of = {i: PageTask(Input(r["path"], r["rel"]), r["sha256"], int(r["page"]), int(r["pages"]),
                                 json.loads(r["warnings"] or "[]"))
                     for i, r in enumerate(rows) if not r["error_code"] and not r["skip"]}
-        results: dict[int, PageRecord] = {i: blank_record(t, self.settings) for i, t in tasks_of.items()
+        results: dict[int, PageRecord] = {i: blank_record(t, settings) for i, t in tasks_of.items()
                                           if "blank_page" in t.warnings}  # nothing to read: no model
         todo = [i for i in tasks_of if i not in results]
         if todo:
@@ -92,19 +97,18 @@ class Transcriber:
                       for i in todo]
             t0 = time.perf_counter()
             try:
-                inputs = self.engine.prepare([([im], self.settings.prompt) for im in images], collect=True)
+                inputs = self.engine.prepare([([im], self.request.prompt) for im in images], collect=True)
                 records = answer_batch(self.engine, Batch(tasks, images, inputs, time.perf_counter() - t0),
-                                       self.settings)
+                                       self.request)
             except Exception as exc:  # noqa: BLE001 - recorded per row
                 err = classify(exc, tasks[0].input.path)
-                records = [PageRecord(t.input.path, t.page, t.pages, "error", t.sha256, self.settings.settings,
-                                      error=err.to_dict()) for t in tasks]
+                records = [task_error(t, err, settings) for t in tasks]
             results.update(zip(todo, records))
         for i, row in enumerate(rows):
             if row["error_code"]:
                 err = {"code": str(row["error_code"]), "message": str(row["error_message"])}
-                results[i] = PageRecord(str(row["path"]), int(row["page"]), int(row["pages"]), "error",
-                                        str(row["sha256"]), self.settings.settings, error=err)
+                results[i] = error_record(str(row["path"]), err, settings, int(row["page"]), int(row["pages"]),
+                                          str(row["sha256"]))
         return {"record": [_dumps(results[i].to_dict()) if i in results else "" for i in range(len(rows))],
                 "page": [int(r["page"]) for r in rows], "skip": [bool(r["skip"]) for r in rows],
                 "path": [str(r["path"]) for r in rows], "rel": [str(r["rel"]) for r in rows],
@@ -157,9 +161,9 @@ def _quiet_ray() -> None:
                 handler.setLevel(logging.ERROR)
 
 
-def run(model_options, docs: list[Input], sink, settings: Settings, open_doc, select_pages, address=None,
-        progress=None) -> Summary:
-    if any(d.path == "-" for d in docs):
+def run(job: Job, address: str | None = None) -> Iterator[PageRecord]:
+    """The job's records on Ray (its request's batch size resolved), each yielded once written."""
+    if any(d.path == "-" for d in job.docs):
         raise UsageError("--engine ray cannot read stdin (-)", "save the document to a file first")
     ray = init(address)
     ctx = ray.data.DataContext.get_current()
@@ -167,14 +171,13 @@ def run(model_options, docs: list[Input], sink, settings: Settings, open_doc, se
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    summary = Summary()
-    start = time.perf_counter()
-    done = set() if settings.force else done_keys(sink.existing)
+    job.begin()
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    ds = ray.data.from_items([{"path": d.path, "rel": d.rel} for d in docs], override_num_blocks=max(1, len(docs)))
-    ds = ds.flat_map(Expand(open_doc, select_pages, done, settings.settings)).map(Render(open_doc))
-    ds = ds.map_batches(Transcriber, batch_size=settings.batch_size, batch_format="numpy",
-                        fn_constructor_kwargs={"model_options": asdict(model_options), "settings": asdict(settings)},
+    ds = ray.data.from_items([{"path": d.path, "rel": d.rel} for d in job.docs],
+                             override_num_blocks=max(1, len(job.docs)))
+    ds = ds.flat_map(Pages(job.open_doc, job.select_pages, job.done, job.settings_hash))
+    ds = ds.map_batches(Transcriber, batch_size=job.request.batch_size, batch_format="numpy",
+                        fn_constructor_kwargs={"request": job.request},
                         **_map_batches_args(ray, max(gpus, 1), 1 if gpus else 0))
     remaining: dict[tuple[str, str], set[int]] = {}
     for row in ds.iter_rows():
@@ -182,22 +185,12 @@ def run(model_options, docs: list[Input], sink, settings: Settings, open_doc, se
         chosen = json.loads(row["chosen"])
         if key not in remaining:
             remaining[key] = set(chosen)
-            summary.total += max(len(chosen), 1)
+            job.pages(max(len(chosen), 1), 0)
         if row["record"]:
-            record = json.loads(row["record"])
-            sink.write(record)
-            if record["status"] == "ok":
-                summary.ok += 1
-            else:
-                summary.failed += 1
-                summary.failures.append(f"{record['path']} page {record['page']}: {record['error']['code']}")
+            yield job.emit(PageRecord.from_dict(json.loads(row["record"])))
         else:
-            summary.skipped += 1
+            job.pages(0, 1)
         remaining[key].discard(int(row["page"]))
         if row["sha256"] and chosen and not remaining[key]:
-            sink.document_done(DocumentDone(Input(row["path"], row["rel"]), row["sha256"], chosen, 0))
-        summary.seconds = time.perf_counter() - start
-        if progress:
-            progress(summary)
-    summary.seconds = time.perf_counter() - start
-    return summary
+            job.sink.document_done(DocumentDone(Input(row["path"], row["rel"]), row["sha256"], chosen, 0))
+    job.tick()

@@ -3,14 +3,19 @@
 Contract: `Answer` is what `ask --json` prints (schema `idefics-cli.answer/1`); `PageRecord` is one line of
 `transcribe` output (schema `idefics-cli.page/1`). Both are plain dataclasses whose `to_dict()` gives
 exactly the documented JSON fields (`warnings`: codes of errors.WARNINGS, empty when all is well);
-`settings_hash()` is the short hash of everything that changes a page's text, used by resume.
+`PageRecord.from_dict` reads one back. Every page record is made by one of the factories here (`ok_record`,
+`blank_record`, `error_record`), whichever engine runs. `Summary` counts a run's records (`add`), and gives
+its summary lines and exit status (0 all done, 3 partial, 4 nothing readable). `settings_hash()` is the short
+hash of everything that changes a page's text, used by resume (each record's `settings` field).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+
+from .errors import ExitStatus, IdeficsError
 
 ANSWER_SCHEMA = "idefics-cli.answer/1"
 PAGE_SCHEMA = "idefics-cli.page/1"
@@ -59,9 +64,85 @@ class PageRecord:
                 "status": d.pop("status"), "text": d.pop("text"), "error": d.pop("error"),
                 "finish_reason": d.pop("finish_reason"), "warnings": d.pop("warnings"), **d}
 
+    @classmethod
+    def from_dict(cls, record: dict) -> PageRecord:
+        """The record a `to_dict()` gave (a line of a records file, or a row that crossed a process)."""
+        return cls(**{f.name: record[f.name] for f in fields(cls) if f.name in record})
+
+
+def ok_record(task, gen, usage: dict, preprocess_s: float, settings: str, batch_size: int = 1) -> PageRecord:
+    """A page's answer; its `timing` is its share of its batch's time (`batch_size` pages shared one call).
+
+    `task` is the page (`input.path`, `page`, `pages`, `sha256`, `warnings`: batch.PageTask); `gen` its
+    generation (`text`, `finish_reason`, `completion_tokens`, `total_s`); `settings` the run's settings hash.
+    """
+    return PageRecord(path=task.input.path, page=task.page, pages=task.pages, status="ok", sha256=task.sha256,
+                      settings=settings, text=gen.text, finish_reason=gen.finish_reason,
+                      usage={**usage, "completion_tokens": gen.completion_tokens},
+                      timing={"preprocess_s": round(preprocess_s, 4), "generate_s": round(gen.total_s / batch_size, 4),
+                              "batch_size": batch_size}, warnings=list(task.warnings))
+
+
+def blank_record(task, settings: str) -> PageRecord:
+    """A flat-colour page: nothing to read, so "" without asking the model (warning blank_page)."""
+    return PageRecord(path=task.input.path, page=task.page, pages=task.pages, status="ok", sha256=task.sha256,
+                      settings=settings, text="", finish_reason="stop", warnings=list(task.warnings),
+                      usage={"prompt_tokens": 0, "image_tokens": 0, "completion_tokens": 0},
+                      timing={"preprocess_s": 0.0, "generate_s": 0.0, "batch_size": 0})
+
+
+def error_record(path: str, error: IdeficsError | dict, settings: str, page: int = 0, pages: int = 0,
+                 sha256: str = "", warnings=()) -> PageRecord:
+    """A page (or a whole document, page 0) that failed: its error code and message, no text."""
+    error = error.to_dict() if isinstance(error, IdeficsError) else dict(error)
+    return PageRecord(path=path, page=page, pages=pages, status="error", sha256=sha256, settings=settings,
+                      error=error, warnings=list(warnings))
+
+
+def task_error(task, error: IdeficsError, settings: str) -> PageRecord:
+    """`error_record` for a page task (batch.PageTask) that failed in the model or its preprocessing."""
+    return error_record(task.input.path, error, settings, task.page, task.pages, task.sha256, task.warnings)
+
+
+@dataclass
+class Summary:
+    """What a run did: pages done, already done, failed, and how long it took; `add` counts one record."""
+
+    ok: int = 0
+    skipped: int = 0
+    failed: int = 0
+    total: int = 0
+    seconds: float = 0.0
+    failures: list[str] = field(default_factory=list)
+    not_documents: int = 0  # files a folder or glob held that are not supported documents: skipped, not failed
+
+    def add(self, record: PageRecord) -> None:
+        if record.status == "ok":
+            self.ok += 1
+        else:
+            self.failed += 1
+            self.failures.append(f"{record.path} page {record.page}: {record.error['code']}")
+
     @property
-    def key(self) -> tuple[str, int, str]:
-        return (self.sha256, self.page, self.settings)
+    def exit_status(self) -> ExitStatus:
+        if not self.failed:
+            return ExitStatus.OK
+        return ExitStatus.PARTIAL if self.ok + self.skipped else ExitStatus.INPUT
+
+    def failure_lines(self, records: str | None, limit: int = 20) -> list[str]:
+        """One line per failed page; past `limit`, a last line says how many more and where they are recorded
+        (`records`; None: nowhere else, so every failure is listed)."""
+        shown = self.failures if records is None or len(self.failures) <= limit else self.failures[:limit]
+        lines = [f"  failed: {failure}" for failure in shown]
+        if len(shown) < len(self.failures):
+            lines.append(f"  and {len(self.failures) - len(shown)} more (see {records})")
+        return lines
+
+    def line(self) -> str:
+        rate = self.ok / self.seconds if self.seconds else 0.0
+        skipped = f", {self.not_documents} files skipped (not documents)" if self.not_documents else ""
+        return (f"{self.ok} pages transcribed, {self.skipped} already done, {self.failed} failed{skipped} "
+                f"in {self.seconds:.1f}s ({rate:.2f} pages/s)")
 
 
 def settings_hash(**settings) -> str:

@@ -4,8 +4,9 @@ Contract:
 - `RecordLog(path)` appends one record per `write()` call as a single line, flushed at once and fsynced
   at least every `fsync_every` seconds and on close. On open it drops a torn last line left by a crash
   and reads back the records already there (`existing`), skipping lines that are not valid JSON.
-- `OutputLock(path)` is an exclusive, non-blocking `flock`: a second process on the same output is
-  refused with a clear error instead of interleaving lines. The lock file is removed when released.
+- `OutputLock(path)` is an exclusive, non-blocking `flock` (`acquire`/`release`, or a `with` block): a second
+  process on the same output is refused with a usage error instead of interleaving lines. The lock file is
+  removed when released.
 - Files are created with the permissions the umask allows (0666 & ~umask), like any other tool's output.
 - `atomic_write(path, text)` writes to a temporary file in the same folder, fsyncs and renames it into place.
 - `safe_join(root, rel)` maps any relative path (`../`, absolute, odd bytes) to a path inside root.
@@ -18,7 +19,7 @@ import os
 import tempfile
 import time
 
-from .errors import IdeficsError
+from .errors import IdeficsError, UsageError
 
 
 class OutputLock:
@@ -26,7 +27,14 @@ class OutputLock:
         self.path = path
         self.fd: int | None = None
 
-    def __enter__(self):
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> OutputLock:
+        """Take the lock or raise a usage error naming the output another process writes."""
         import fcntl
 
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
@@ -36,9 +44,8 @@ class OutputLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise IdeficsError("usage", f"another idefics process is writing to "
-                                   f"{self.path.removesuffix('.lock')}",
-                                   "wait for it to finish, or choose another --out") from None
+                raise UsageError(f"another idefics process is writing to {self.path.removesuffix('.lock')}",
+                                 "wait for it to finish, or choose another --out") from None
             try:  # the holder before us may have removed the file after we opened it: lock the one on disk
                 same = os.path.samestat(os.fstat(fd), os.stat(self.path))
             except FileNotFoundError:
@@ -48,7 +55,7 @@ class OutputLock:
                 return self
             os.close(fd)
 
-    def __exit__(self, *exc):
+    def release(self) -> None:
         if self.fd is not None:
             try:
                 os.unlink(self.path)  # removed while still held, so no one can lock a file that is going away

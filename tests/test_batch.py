@@ -1,7 +1,8 @@
-"""batch.py: walking inputs, shard specs, resume keys and the prefetch queue."""
+"""batch.py: walking inputs, shards, resume keys."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import pytest
@@ -136,43 +137,6 @@ def test_done_keys_only_counts_ok_records():
     assert batch.done_keys([]) == set()
 
 
-def test_prefetch_batches_failures_and_document_order(tmp_path):
-    from conftest import make_image, make_pdf
-
-    from idefics_cli.documents import open_document
-
-    make_pdf(tmp_path / "a.pdf", 3)
-    (tmp_path / "b.txt").write_text("not a document")
-    make_image(64, 48).save(tmp_path / "c.png")
-    make_pdf(tmp_path / "d.pdf", 2)
-    docs = [batch.Input(str(tmp_path / n), n) for n in ("a.pdf", "b.txt", "missing.pdf", "c.png", "d.pdf")]
-    with open_document(str(tmp_path / "d.pdf")) as d:
-        d_sha = d.sha256
-    counts = []
-    items = list(batch.prefetch(docs, lambda path: open_document(path, dpi=36),
-                                lambda doc: list(range(1, doc.page_count + 1)),
-                                lambda sha, page: sha == d_sha and page == 1,  # d.pdf page 1 is already done
-                                lambda images: [im.size for im in images], batch_size=2,
-                                on_pages=lambda total, skipped: counts.append((total, skipped))))
-    handed = []
-    order = []
-    for item in items:
-        if isinstance(item, batch.Batch):
-            assert 1 <= len(item.tasks) <= 2 and item.inputs == [im.size for im in item.images]
-            handed += [(t.input.rel, t.page) for t in item.tasks]
-        elif isinstance(item, batch.DocumentDone):
-            todo = [p for p in item.pages if not (item.input.rel == "d.pdf" and p == 1)]
-            assert all((item.input.rel, p) in handed for p in todo)  # its pages came first
-            order.append(item.input.rel)
-        else:
-            order.append((item.input.rel, item.error.code))
-    # batches of one page size first: a.pdf page 3 waits for d.pdf page 2 (same size), not for c.png
-    assert handed == [("a.pdf", 1), ("a.pdf", 2), ("a.pdf", 3), ("d.pdf", 2), ("c.png", 1)]
-    # a document that fails to open is reported at once; a finished one after the batch holding its last page
-    assert order == [("b.txt", "unsupported_format"), ("missing.pdf", "not_found"), "a.pdf", "c.png", "d.pdf"]
-    assert counts == [(3, 0), (1, 0), (2, 1)]
-
-
 def test_walk_keeps_the_order_of_explicit_inputs_and_sorts_only_expansions(tmp_path):
     touch(tmp_path, "report.pdf", "receipt.jpg", "scans/b.png", "scans/a.png", "more/z.pdf", "more/y.pdf")
     docs, missing = batch.walk([str(tmp_path / "report.pdf"), str(tmp_path / "scans"), str(tmp_path / "receipt.jpg"),
@@ -230,32 +194,33 @@ def test_needs_model_stops_at_the_first_document_with_work_left(tmp_path):
     assert batch.needs_model([batch.Input("-", "stdin")], open_doc, select, lambda s, p: True) is True
 
 
-def test_prefetch_groups_pages_by_size_within_a_bounded_window(tmp_path):
-    """Alternating portrait and landscape pages: every batch holds one page size, none waits long."""
-    import pymupdf
+def _touch_tree(root, names) -> None:
+    for name in names:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
 
-    from idefics_cli.documents import open_document
 
-    pdf = pymupdf.open()
-    for k in range(11):
-        page = pdf.new_page(width=200, height=300) if k % 2 == 0 else pdf.new_page(width=300, height=200)
-        page.insert_text((20, 40), f"Page {k + 1}", fontsize=14)  # not blank: blank pages never reach a batch
-    pdf.save(str(tmp_path / "mixed.pdf"))
-    built, waiting = [], []
+def test_shards_cover_everything_once_and_are_stable_when_files_are_added(tmp_path):
+    root = tmp_path / "corpus"
+    _touch_tree(root, [f"doc{k:02d}.pdf" for k in range(20)] + [f"sub/dir/scan {k}.png" for k in range(10)]
+                + ["é文件.pdf", "sub/ünï.tiff"])
+    docs, missing = batch.walk([str(root)])
+    assert not missing and len(docs) == 32
+    rels = {d.rel for d in docs}
+    shards = [{d.rel for d in docs if batch.in_shard(d.rel, i, 3)} for i in range(3)]
+    assert set().union(*shards) == rels
+    assert sum(len(s) for s in shards) == len(rels)  # disjoint
+    assert all(shards), "32 documents over 3 shards: none should be empty"
 
-    def build(images):
-        built.append([im.size for im in images])
-        return None
-
-    items = list(batch.prefetch([batch.Input(str(tmp_path / "mixed.pdf"), "mixed.pdf")],
-                                lambda path: open_document(path, dpi=36), lambda doc: list(range(1, 12)),
-                                lambda sha, page: False, build, batch_size=2))
-    batches = [i for i in items if isinstance(i, batch.Batch)]
-    assert isinstance(items[-1], batch.DocumentDone) and len(items) == len(batches) + 1
-    pages = sorted(t.page for b in batches for t in b.tasks)
-    assert pages == list(range(1, 12))  # each page exactly once
-    assert all(len(b.tasks) == 2 for b in batches[:-1])  # full batches
-    assert all(len(set(sizes)) == 1 for sizes in built)  # one size a batch (the last one holds one page)
-    for b in batches:  # a page is batched at most a window (two batches) after the pages before it
-        waiting.append(max(t.page for t in b.tasks) - min(t.page for t in b.tasks))
-    assert max(waiting) <= 2 * 2
+    _touch_tree(root, ["doc99.pdf", "sub/new one.png", "aaa.pdf"])
+    docs2, _ = batch.walk([str(root)])
+    assert len(docs2) == 35
+    rel_of = {d.path: d.rel for d in docs2}
+    for d in docs:
+        assert rel_of[d.path] == d.rel
+        assert [i for i in range(3) if batch.in_shard(rel_of[d.path], i, 3)] == \
+               [i for i in range(3) if batch.in_shard(d.rel, i, 3)]
+    # the rule is the documented one: sha1(relative path) % N
+    for d in docs2:
+        assert batch.in_shard(d.rel, int(hashlib.sha1(d.rel.encode()).hexdigest(), 16) % 3, 3)

@@ -61,3 +61,35 @@ def test_rows_without_images_stay_zero(engine):
     assert values.shape[:2] == (3, 1) and not values[0].any() and not values[2].any() and not mask[0].any()
     assert mask[1].any() and values[1].any()
     assert inputs.pixels(engine.processor.image_processor, [[], []], True) == {}
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_building_inputs_changes_no_shared_state(engine, tiny_model, split, monkeypatch):
+    """Threads build inputs at once (prefetch, the no-split fallback): no call may change the processor or the
+    tokenizer's settings, and a call's own split still decides its image tokens and pixels."""
+    import torch
+
+    image_processor = engine.processor.image_processor
+    changed = []
+
+    class Watched(type(image_processor)):
+        def __setattr__(self, name, value):
+            changed.append(name)
+            super().__setattr__(name, value)
+
+    monkeypatch.setattr(image_processor, "__class__", Watched)
+    backend = engine.processor.tokenizer._tokenizer
+    engine.build_inputs([([make_image(320, 240, 1)], "a"), ([make_image(200, 300, 2)], "b")])  # settles padding
+    padding = backend.padding
+    one, two = [([make_image(320, 240, 1)], "Read it.")], [([make_image(320, 240, 1)], "a"), ([make_image(9, 9)], "b")]
+    for batch in (one, two, one):
+        built = engine.build_inputs(batch, split=split)
+        prepared = engine.prepare(batch, split=split, collect=True)
+        expected = one_call(tiny_model, batch, split)
+        assert torch.equal(built["input_ids"], expected["input_ids"]) and torch.equal(
+            prepared["input_ids"], expected["input_ids"])
+        assert torch.equal(built["pixel_values"], expected["pixel_values"])
+        assert prepared["vision"].slots[0] == (5 if split else 1)  # crops built with the call's own split
+        assert backend.padding == padding
+    assert changed == [] and image_processor.do_image_splitting is engine.options.split
+    assert not hasattr(engine, "_lock")

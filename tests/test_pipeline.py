@@ -1,4 +1,5 @@
-"""pipeline.py: out-of-memory fallbacks (fault injection around the real engine) and remote code never run."""
+"""pipeline.py: out-of-memory fallbacks (fault injection around the real engine), the build/generate schedule,
+and remote code never run."""
 
 from __future__ import annotations
 
@@ -9,9 +10,25 @@ import shutil
 from conftest import make_image
 
 from idefics_cli.batch import Batch, Input, PageTask
-from idefics_cli.pipeline import Settings, StdoutSink, answer_batch
+from idefics_cli.model import ModelOptions
+from idefics_cli.pipeline import Job, answer_batch, transcribe
+from idefics_cli.sinks import Sink
+from idefics_cli.transcription import TranscribeRequest
 
-SETTINGS = Settings(prompt="Transcribe.", max_new_tokens=4, batch_size=2, settings="s")
+SETTINGS = TranscribeRequest((), options=ModelOptions(max_new_tokens=4), prompt="Transcribe.", batch_size=2)
+
+
+def run_job(engine, pdf, batch_size: int, sink) -> Job:
+    """The local engine over every page of one PDF, to the end; returns the job (its summary filled in)."""
+    from idefics_cli.documents import open_document
+
+    request = TranscribeRequest((str(pdf),), options=ModelOptions(max_new_tokens=2), prompt="Transcribe.",
+                                batch_size=batch_size)
+    job = Job(request, [Input(str(pdf), "doc.pdf")], sink, open_document,
+              lambda doc: list(range(1, doc.page_count + 1)))
+    for _ in transcribe(engine, job):
+        pass
+    return job
 
 
 class OomInjector:
@@ -91,7 +108,7 @@ def test_remote_code_in_a_model_folder_is_never_imported(cli, tiny_model, tmp_pa
     assert not marker.exists() and not os.path.exists(evil / "__pycache__")
 
 
-class ListSink(StdoutSink):
+class ListSink(Sink):
     """Keeps the records it is given."""
 
     def __init__(self):
@@ -123,15 +140,11 @@ def test_failed_preprocessing_gives_back_its_turn_and_the_run_goes_on(engine, tm
 
     from conftest import make_pdf
 
-    from idefics_cli.documents import open_document
-    from idefics_cli.pipeline import transcribe
-
     pdf = make_pdf(tmp_path / "doc.pdf", 6)
-    sink, settings = ListSink(), Settings(prompt="Transcribe.", max_new_tokens=2, batch_size=1, settings="s")
+    sink = ListSink()
     result = {}
-    run = threading.Thread(target=lambda: result.setdefault("summary", transcribe(
-        FailingBuilds(engine, fails=4), [Input(str(pdf), "doc.pdf")], sink, settings, open_doc=open_document,
-        select_pages=lambda doc: list(range(1, doc.page_count + 1)))), daemon=True)
+    run = threading.Thread(target=lambda: result.setdefault("summary", run_job(
+        FailingBuilds(engine, fails=4), pdf, 1, sink).summary), daemon=True)
     run.start()
     run.join(timeout=120)
     assert not run.is_alive(), "the run stalled"
@@ -146,6 +159,7 @@ class Schedule:
         import threading
 
         self.engine, self.log, self.lock = engine, [], threading.Lock()
+        self.second_build = threading.Event()
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
@@ -160,30 +174,25 @@ class Schedule:
                 self.log.append(what + " end")
 
     def prepare(self, batch, split=None, collect=False):
+        with self.lock:
+            if self.log.count("build start") == 1:
+                self.second_build.set()
         return self._logged("build", lambda: self.engine.prepare(batch, split, collect))
 
     def generate_batch(self, inputs, max_new_tokens=None):
-        import time
-
-        def slower():  # a slower model, so that a build ahead surely has the time to run
-            time.sleep(0.3)
+        def first_waits():  # the first generate call ends only once the next build has started (or never will)
+            self.second_build.wait(60)
             return self.engine.generate_batch(inputs, max_new_tokens)
 
-        return self._logged("generate", slower)
+        return self._logged("generate", first_waits)
 
 
 def test_one_batch_is_built_ahead_while_the_model_works_on_the_previous_one(engine, tmp_path):
     from conftest import make_pdf
 
-    from idefics_cli.documents import open_document
-    from idefics_cli.pipeline import transcribe
-
     pdf = make_pdf(tmp_path / "doc.pdf", 8)
     watch, sink = Schedule(engine), ListSink()
-    settings = Settings(prompt="Transcribe.", max_new_tokens=2, batch_size=2, settings="s")
-    summary = transcribe(watch, [Input(str(pdf), "doc.pdf")], sink, settings, open_doc=open_document,
-                         select_pages=lambda doc: list(range(1, doc.page_count + 1)))
-    assert summary.ok == 8
+    assert run_job(watch, pdf, 2, sink).summary.ok == 8
     builds = generated = 0
     for event in watch.log:
         builds += event == "build start"

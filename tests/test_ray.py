@@ -83,8 +83,10 @@ def test_killed_model_actor_is_replaced_and_every_page_done_once(tiny_model, loc
     from idefics_cli.batch import walk
     from idefics_cli.documents import open_document
     from idefics_cli.model import ModelOptions
-    from idefics_cli.pipeline import JsonlSink, Settings
+    from idefics_cli.pipeline import Job
     from idefics_cli.ray_engine import run
+    from idefics_cli.sinks import JsonlSink
+    from idefics_cli.transcription import TranscribeRequest
 
     docs_dir = tmp_path / "many"
     docs_dir.mkdir()
@@ -93,27 +95,27 @@ def test_killed_model_actor_is_replaced_and_every_page_done_once(tiny_model, loc
     docs, _ = walk([str(docs_dir)])
     out = str(tmp_path / "kill.jsonl")
     sink = JsonlSink(out)
-    settings = Settings(prompt="Transcribe.", max_new_tokens=3, batch_size=1, settings="s1")
     options = ModelOptions(model=tiny_model, quant="none", device="cpu", max_new_tokens=3)
+    request = TranscribeRequest((str(docs_dir),), out, options, prompt="Transcribe.", batch_size=1)
     killed = []
 
     def killer():
-        """Once the model actor is up and working, kill it (SIGKILL) mid-run."""
+        """Once the model actor has answered its first page (a record is written), kill it (SIGKILL) mid-run."""
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not killed:
-            pids = actor_pids()
-            if pids:
-                time.sleep(2.0)  # let it load the model and start answering
+            if os.path.exists(out) and os.path.getsize(out) > 0:
                 for pid in actor_pids():
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
                 return
-            time.sleep(0.1)
+            time.sleep(0.05)
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    summary = run(options, docs, sink, settings, lambda p: open_document(p, dpi=36), lambda d: list(
-        range(1, d.page_count + 1)))
+    job = Job(request, docs, sink, lambda p: open_document(p, dpi=36), lambda d: list(range(1, d.page_count + 1)))
+    for _ in run(job):
+        pass
+    summary = job.summary
     sink.close()
     thread.join(timeout=5)
     assert killed, "the model actor was never found to kill"
@@ -139,3 +141,37 @@ def test_resume_across_engines(cli, tiny_model, local_ray, folder, tmp_path, fir
 def test_stdin_is_refused_with_ray(cli, tiny_model, local_ray):
     result = cli("transcribe", "-", "--engine", "ray", "--model", tiny_model, *FAST)
     assert result.exit_code == 2 and "stdin" in result.stderr
+
+
+
+def test_each_document_is_opened_and_hashed_once(tiny_model, local_ray, tmp_path):
+    """Not once per page: reading and hashing a file a page would cost pages x file size."""
+    from idefics_cli.batch import walk
+    from idefics_cli.model import ModelOptions
+    from idefics_cli.pipeline import Job
+    from idefics_cli.ray_engine import run
+    from idefics_cli.sinks import JsonlSink
+    from idefics_cli.transcription import TranscribeRequest
+
+    log = str(tmp_path / "opened.log")
+
+    def counted_open(path):  # defined here, so that Ray ships it by value to its workers
+        from idefics_cli.documents import open_document
+
+        with open(log, "a") as f:
+            f.write(os.path.basename(path) + "\n")
+        return open_document(path, dpi=36)
+
+    make_pdf(tmp_path / "four.pdf", n_pages=4)
+    make_image(200, 100, seed=1).save(tmp_path / "one.png")
+    docs, _ = walk([str(tmp_path / "four.pdf"), str(tmp_path / "one.png")])
+    out = str(tmp_path / "r.jsonl")
+    request = TranscribeRequest(tuple(d.path for d in docs), out, ModelOptions(
+        model=tiny_model, quant="none", device="cpu", max_new_tokens=2), batch_size=2)
+    with JsonlSink(out) as sink:
+        job = Job(request, docs, sink, counted_open, lambda d: list(range(1, d.page_count + 1)))
+        records = list(run(job))
+    assert sorted((os.path.basename(r.path), r.page, r.status) for r in records) == [
+        ("four.pdf", p, "ok") for p in range(1, 5)] + [("one.png", 1, "ok")]
+    assert Counter(open(log).read().split()) == {"four.pdf": 1, "one.png": 1}
+    assert job.summary.ok == 5 and job.summary.total == 5

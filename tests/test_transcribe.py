@@ -20,9 +20,8 @@ import pytest
 from conftest import make_image, make_pdf, run_idefics
 
 from idefics_cli import batch
-from idefics_cli.pipeline import Summary
-from idefics_cli.records import PAGE_SCHEMA
-from idefics_cli.writers import OutputLock, atomic_write, safe_join
+from idefics_cli.records import PAGE_SCHEMA, Summary
+from idefics_cli.writers import OutputLock
 
 # CPU float32 everywhere (as the `engine` fixture), so answers are exactly reproducible on any machine;
 # tests add --no-split where image splitting is beside the point
@@ -323,38 +322,6 @@ def test_summary_lists_every_failure_or_says_how_many_more_and_where(tmp_path, c
 # ---- shards ----------------------------------------------------------------------------------------------
 
 
-def _touch_tree(root, names) -> None:
-    for name in names:
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"")
-
-
-def test_shards_cover_everything_once_and_are_stable_when_files_are_added(tmp_path):
-    root = tmp_path / "corpus"
-    _touch_tree(root, [f"doc{k:02d}.pdf" for k in range(20)] + [f"sub/dir/scan {k}.png" for k in range(10)]
-                + ["é文件.pdf", "sub/ünï.tiff"])
-    docs, missing = batch.walk([str(root)])
-    assert not missing and len(docs) == 32
-    rels = {d.rel for d in docs}
-    shards = [{d.rel for d in docs if batch.in_shard(d.rel, i, 3)} for i in range(3)]
-    assert set().union(*shards) == rels
-    assert sum(len(s) for s in shards) == len(rels)  # disjoint
-    assert all(shards), "32 documents over 3 shards: none should be empty"
-
-    _touch_tree(root, ["doc99.pdf", "sub/new one.png", "aaa.pdf"])
-    docs2, _ = batch.walk([str(root)])
-    assert len(docs2) == 35
-    rel_of = {d.path: d.rel for d in docs2}
-    for d in docs:
-        assert rel_of[d.path] == d.rel
-        assert [i for i in range(3) if batch.in_shard(rel_of[d.path], i, 3)] == \
-               [i for i in range(3) if batch.in_shard(d.rel, i, 3)]
-    # the rule is the documented one: sha1(relative path) % N
-    for d in docs2:
-        assert batch.in_shard(d.rel, int(hashlib.sha1(d.rel.encode()).hexdigest(), 16) % 3, 3)
-
-
 def test_shard_option_splits_a_run(tmp_path, cli, tiny_model):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -416,30 +383,6 @@ def test_piped_stdout_is_only_page_jsonl(tmp_path, tiny_model):
 
 
 # ---- names and output paths ------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("rel", [
-    "../../x", "../../../etc/passwd", "/etc/passwd", "a/../../b.md", "..", ".", "", "./../.hidden",
-    "with space/my file.md", "é文件.pdf.md", "dir\\..\\..\\win.md", "nul\x00byte\n.md",
-    os.fsdecode(b"bad\xff\xfename.md"), "x" * 300 + ".md",
-])
-def test_safe_join_stays_inside_the_root(tmp_path, rel):
-    root = tmp_path / "out"
-    root.mkdir()
-    path = safe_join(str(root), rel)
-    real_root = os.path.realpath(root)
-    assert os.path.commonpath([real_root, os.path.realpath(path)]) == real_root and path != str(root)
-    path.encode("utf-8")  # no lone surrogates left: the name is a valid UTF-8 file name
-    atomic_write(path, "content")
-    written = [os.path.join(d, f) for d, _, files in os.walk(tmp_path) for f in files]
-    assert written == [path]
-
-
-def test_safe_join_keeps_ordinary_names(tmp_path):
-    root = str(tmp_path)
-    assert safe_join(root, "sub/my file.md") == os.path.join(root, "sub", "my file.md")
-    assert safe_join(root, "é文件.md") == os.path.join(root, "é文件.md")
-    assert safe_join(root, os.fsdecode(b"bad\xff.md")) == os.path.join(root, "bad\ufffd.md")
 
 
 def test_odd_file_names_get_their_markdown_inside_out(tmp_path, cli, tiny_model):

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from idefics_cli.errors import IdeficsError
-from idefics_cli.writers import OutputLock, RecordLog, atomic_write
+from idefics_cli.errors import IdeficsError, UsageError
+from idefics_cli.writers import OutputLock, RecordLog, atomic_write, safe_join
 
 
 def test_record_log_appends_one_line_per_record_and_reads_them_back(tmp_path):
@@ -96,8 +96,8 @@ def test_atomic_write_failure_leaves_no_temp_and_keeps_old_content(tmp_path):
 def test_output_lock_refuses_a_second_holder(tmp_path):
     lock_path = str(tmp_path / "out" / "records.jsonl.lock")
     with OutputLock(lock_path):
-        with pytest.raises(IdeficsError) as exc:
-            OutputLock(lock_path).__enter__()
+        with pytest.raises(UsageError) as exc:
+            OutputLock(lock_path).acquire()
         err = exc.value
         assert err.code == "usage" and err.exit_status == 2
         assert str(tmp_path / "out" / "records.jsonl") in err.message and "\n" not in err.one_line()
@@ -162,3 +162,27 @@ def test_outputs_follow_the_umask(tmp_path, mask):
     expected = 0o666 & ~mask
     for name in ("doc.md", "records.jsonl", "weights/model.safetensors"):
         assert (tmp_path / name).stat().st_mode & 0o777 == expected, name
+
+
+@pytest.mark.parametrize("rel", [
+    "../../x", "../../../etc/passwd", "/etc/passwd", "a/../../b.md", "..", ".", "", "./../.hidden",
+    "with space/my file.md", "é文件.pdf.md", "dir\\..\\..\\win.md", "nul\x00byte\n.md",
+    os.fsdecode(b"bad\xff\xfename.md"), "x" * 300 + ".md",
+])
+def test_safe_join_stays_inside_the_root(tmp_path, rel):
+    root = tmp_path / "out"
+    root.mkdir()
+    path = safe_join(str(root), rel)
+    real_root = os.path.realpath(root)
+    assert os.path.commonpath([real_root, os.path.realpath(path)]) == real_root and path != str(root)
+    path.encode("utf-8")  # no lone surrogates left: the name is a valid UTF-8 file name
+    atomic_write(path, "content")
+    written = [os.path.join(d, f) for d, _, files in os.walk(tmp_path) for f in files]
+    assert written == [path]
+
+
+def test_safe_join_keeps_ordinary_names(tmp_path):
+    root = str(tmp_path)
+    assert safe_join(root, "sub/my file.md") == os.path.join(root, "sub", "my file.md")
+    assert safe_join(root, "é文件.md") == os.path.join(root, "é文件.md")
+    assert safe_join(root, os.fsdecode(b"bad\xff.md")) == os.path.join(root, "bad\ufffd.md")

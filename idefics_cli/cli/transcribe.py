@@ -1,10 +1,11 @@
 """`idefics transcribe PATH...`: files, folders and globs to page records; batched and resumable.
 
-Contract: inputs are walked (batch.walk), filtered by `--shard`, and every chosen page is transcribed
-once per settings: with `--out` the records file (or folder) is resumed, `--force` redoes pages. When no
-chosen page is left for the model (a rerun of a finished job), the model is never loaded (no torch import).
-Without `--out`, JSONL goes to stdout when it is piped and readable text when it is a terminal.
-Progress and the final summary go to stderr. Exit 0 all done, 3 partial, 4 nothing readable.
+Contract: parsing only; the run is a `TranscribeRequest` run by `Transcription` (transcription.py): inputs
+are walked, filtered by `--shard`, and every chosen page is transcribed once per settings: with `--out` the
+records file (or folder) is resumed, `--force` redoes pages. When no chosen page is left for the model (a
+rerun of a finished job), the model is never loaded (no torch import). Without `--out`, JSONL goes to
+stdout when it is piped and readable text when it is a terminal. Progress and the final summary go to
+stderr. Exit 0 all done, 3 partial, 4 nothing readable.
 """
 
 from __future__ import annotations
@@ -73,110 +74,9 @@ def transcribe(
 
 def _transcribe(output, paths, out, prompt, batch_size, force, shard, engine_name, pages, dpi, password, opts,
                 ray_address=None):
-    from .. import batch as b
-    from ..documents import DEFAULT_LONGEST_SIDE, open_document
-    from ..errors import ExitStatus, UsageError
-    from ..pages import parse_page_spec
-    from ..pipeline import Settings, StdoutSink, open_sink, transcribe
-    from ..prompts import TRANSCRIBE_PROMPT
-    from ..records import settings_hash
+    from ..transcription import TranscribeRequest, Transcription
 
-    engine_name = getattr(engine_name, "value", engine_name)
-    if engine_name not in ("local", "ray"):
-        raise UsageError(f"unknown --engine {engine_name!r}", "use local or ray")
-    if batch_size != "auto" and (not batch_size.isdigit() or int(batch_size) < 1):
-        raise UsageError(f"bad --batch-size {batch_size!r}", "use a positive number or auto")
-    spec = parse_page_spec(pages)
-    shard_spec = b.parse_shard(shard)
-    prompt = prompt or TRANSCRIBE_PROMPT
-    not_documents: list[str] = []
-    docs, missing = b.walk(paths, not_documents)
-    for err in missing:
-        output.error(err)
-    if shard_spec:
-        docs = [d for d in docs if b.in_shard(d.rel, *shard_spec)]
-    if not docs:
-        if missing:
-            return ExitStatus.INPUT
-        skipped = f" ({len(not_documents)} files skipped: not documents)" if not_documents else ""
-        output.warn(f"no documents to transcribe{skipped}")
-        return ExitStatus.OK
-
-    settings = Settings(prompt=prompt, max_new_tokens=opts.max_new_tokens, batch_size=1, force=force,
-                        settings=settings_hash(model=opts.model, revision=opts.revision, quant=opts.quant,
-                                               split=opts.split, render=dpi or DEFAULT_LONGEST_SIDE,
-                                               render_unit="dpi" if dpi else "longest_side", prompt=prompt,
-                                               max_new_tokens=opts.max_new_tokens))
-    sink = StdoutSink(output, as_json=not output.stdout_tty) if out is None else open_sink(out, docs, settings.settings)
-    try:
-        from functools import partial
-
-        open_doc = partial(open_document, password=password, dpi=dpi)
-        select_pages = partial(_select, spec)
-        done = set() if force else b.done_keys(sink.existing)
-        if not b.needs_model(docs, open_doc, select_pages, lambda sha256, page: (sha256, page, settings.settings)
-                             in done):
-            # nothing left for the model: no torch import; documents that cannot be read are recorded again
-            summary = transcribe(None, docs, sink, settings, open_doc, select_pages)
-            if not summary.failed and not output.quiet:
-                output.console.print("nothing left to do: every chosen page is already done (--force redoes them)",
-                                     markup=False)
-        elif engine_name == "ray":
-            from .. import ray_engine
-            from ..hub import local_only
-
-            local_only(opts)  # fail at once here rather than in every actor
-
-            settings.batch_size = 4 if batch_size == "auto" else int(batch_size)
-            with _progress(output) as progress:
-                summary = ray_engine.run(opts, docs, sink, settings, open_doc, select_pages, ray_address, progress)
-        else:
-            from ..model import load
-
-            with output.status(f"Loading {opts.model} ({opts.quant})…"):
-                engine = load(opts)
-            settings.batch_size = engine.auto_batch_size() if batch_size == "auto" else int(batch_size)
-            with _progress(output) as progress:
-                summary = transcribe(engine, docs, sink, settings, open_doc, select_pages, progress=progress)
-    finally:
-        sink.close()
-    summary.not_documents = len(not_documents)
-    if not output.quiet:
-        output.console.print(summary.line(), markup=False)
-        for line in summary.failure_lines(getattr(sink, "records_name", None)):
-            output.console.print(line, markup=False, style="red")
-    return ExitStatus.INPUT if missing and not (summary.ok + summary.skipped) else (
-        ExitStatus.PARTIAL if missing else summary.exit_status)
-
-
-def _select(spec, doc) -> list[int]:
-    return spec.resolve(doc.page_count)
-
-
-class _progress:
-    """A Rich progress bar on a terminal's stderr (pages done/total, pages/s, ETA, failures)."""
-
-    def __init__(self, output):
-        self.output = output
-        self.bar = None
-
-    def __enter__(self):
-        if self.output.quiet or not self.output.stderr_tty:
-            return None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn("transcribing"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[rate]:.2f} pages/s"), TimeRemainingColumn(),
-                            TextColumn("[red]{task.fields[failed]} failed"), console=self.output.console)
-        self.bar.start()
-        self.task = self.bar.add_task("pages", total=None, rate=0.0, failed=0)
-        return self.update
-
-    def update(self, summary) -> None:
-        rate = summary.ok / summary.seconds if summary.seconds else 0.0
-        self.bar.update(self.task, total=summary.total, completed=summary.ok + summary.skipped + summary.failed,
-                        rate=rate, failed=summary.failed)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
+    request = TranscribeRequest(tuple(paths), out, opts, prompt=prompt, pages=pages, dpi=dpi, password=password,
+                                batch_size=batch_size, force=force, shard=shard, engine=engine_name,
+                                ray_address=ray_address)
+    return Transcription(request, output=output).run()

@@ -1,0 +1,58 @@
+"""sinks.py: which sink an `--out` gets, and that a sink's lock lives exactly as long as the sink."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from idefics_cli.batch import DocumentDone, Input
+from idefics_cli.errors import UsageError
+from idefics_cli.sinks import FolderSink, JsonlSink, NullSink, open_sink
+
+
+def test_open_sink_picks_by_name(tmp_path):
+    docs = [Input(str(tmp_path / "a.pdf"), "a.pdf")]
+    with open_sink(str(tmp_path / "r.jsonl"), docs, "s") as sink:
+        assert type(sink) is JsonlSink
+    with open_sink(str(tmp_path / "out.v2") + "/", docs, "s") as sink:
+        assert type(sink) is FolderSink
+    with open_sink(str(tmp_path / "plain"), docs, "s") as sink:
+        assert type(sink) is FolderSink
+    with pytest.raises(UsageError, match="neither a .jsonl file nor a folder"):
+        open_sink(str(tmp_path / "notes.md"), docs, "s")
+    assert sorted(os.listdir(tmp_path)) == ["out.v2", "plain", "r.jsonl"]  # and no lock file is left
+
+
+def test_a_sink_holds_its_lock_until_closed_and_a_second_one_is_refused(tmp_path):
+    path = str(tmp_path / "r.jsonl")
+    with JsonlSink(path) as sink:
+        sink.write({"status": "ok", "page": 1})
+        with pytest.raises(UsageError, match="another idefics process is writing to"):
+            JsonlSink(path)
+        assert os.path.exists(path + ".lock")
+    assert not os.path.exists(path + ".lock")
+    with JsonlSink(path) as again:  # free again, and it reads back what was written
+        assert again.existing == [{"status": "ok", "page": 1}]
+
+
+def test_folder_sink_writes_markdown_from_this_run_and_earlier_records(tmp_path):
+    doc = Input(str(tmp_path / "in" / "a.pdf"), "sub/a.pdf")
+    record = {"path": doc.path, "page": 1, "status": "ok", "text": "one", "sha256": "h", "settings": "s"}
+    with FolderSink(str(tmp_path / "out"), [doc], "s") as sink:
+        sink.write(record)
+    with FolderSink(str(tmp_path / "out"), [doc], "s") as sink:  # a rerun: page 1 from the file, page 2 new
+        sink.write({**record, "page": 2, "text": "two"})
+        sink.document_done(DocumentDone(doc, "h", [1, 2, 3], 3))
+    md = (tmp_path / "out" / "sub" / "a.md").read_text()
+    assert md == ("<!-- page 1 -->\n\none\n\n<!-- page 2 -->\n\ntwo\n\n"
+                  "<!-- page 3: error [missing] not transcribed -->\n")
+    lines = (tmp_path / "out" / "records.jsonl").read_text().splitlines()
+    assert [json.loads(line)["page"] for line in lines] == [1, 2]
+
+
+def test_null_sink_keeps_nothing():
+    with NullSink() as sink:
+        sink.write({"status": "ok"})
+        assert sink.existing == [] and sink.records_name is None

@@ -1,0 +1,130 @@
+"""transcription.py: a transcribe run as a library object (`TranscribeRequest`, `Transcription`, `Engine.transcribe`).
+
+The runs use the session's tiny engine (float32 on the CPU); the CLI runs beside them use the same model options,
+so they share the resume key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+
+import pytest
+from conftest import make_image, make_pdf
+
+from idefics_cli.errors import UsageError
+from idefics_cli.model import ModelOptions
+from idefics_cli.records import PageRecord, settings_hash
+from idefics_cli.transcription import TranscribeRequest
+
+
+def same_options(tiny_model) -> list[str]:
+    """The CLI flags of the `engine` fixture's model options."""
+    return ["--model", tiny_model, "--quant", "none", "--device", "cpu", "--max-new-tokens", "8"]
+
+
+@pytest.fixture
+def scans(tmp_path, monkeypatch):
+    """tmp_path/scans with a PDF of two pages, an image and a file that is not a document; cwd is tmp_path."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    make_pdf(folder / "invoice.pdf", 2)
+    make_image(seed=8).save(folder / "page-1.png")
+    (folder / "notes.txt").write_text("not a document: skipped\n")
+    monkeypatch.chdir(tmp_path)
+    return folder
+
+
+def essence(record: dict) -> tuple:
+    return (record["path"], record["page"], record["status"], record["text"], record["settings"], record["sha256"],
+            json.dumps(record["usage"]), record["warnings"])
+
+
+def test_the_readme_line_gives_the_clis_records_files_and_resume(engine, tiny_model, scans, cli, capsys):
+    transcription = engine.transcribe(["scans/"], out="transcripts/")
+    for record in transcription:
+        print(record.path, record.page, record.status)
+    printed = capsys.readouterr().out.splitlines()
+    assert sorted(printed) == ["scans/invoice.pdf 1 ok", "scans/invoice.pdf 2 ok", "scans/page-1.png 1 ok"]
+    assert transcription.exit_status == 0 and list(transcription) == []  # iterating again: nothing new
+    summary = transcription.summary
+    assert (summary.ok, summary.skipped, summary.failed, summary.total, summary.not_documents) == (3, 0, 0, 3, 1)
+    with open("transcripts/records.jsonl") as f:
+        written = [json.loads(line) for line in f]
+    assert sorted(os.listdir("transcripts")) == ["invoice.md", "page-1.md", "records.jsonl"]
+    # the CLI with the same model options: the same resume key, so nothing is left to do (and no model loads)
+    res = cli("transcribe", "scans/", "--out", "transcripts/", *same_options(tiny_model))
+    assert res.exit_code == 0 and "nothing left to do" in res.stderr, res.stderr
+    assert "0 pages transcribed, 3 already done, 0 failed, 1 files skipped (not documents)" in res.stderr
+    # and what the CLI writes for these pages is what the library wrote
+    res = cli("transcribe", "scans/", "--out", "cli.jsonl", *same_options(tiny_model))
+    assert res.exit_code == 0, res.stderr
+    with open("cli.jsonl") as f:
+        assert sorted(map(essence, map(json.loads, f))) == sorted(map(essence, written))
+    assert [PageRecord.from_dict(r).to_dict() for r in written] == written
+
+
+def test_without_out_nothing_is_written_and_records_are_yielded(engine, scans, capsys):
+    before = sorted(os.listdir("."))
+    records = list(engine.transcribe("scans/invoice.pdf", pages="2"))
+    assert [(r.path, r.page, r.pages, r.status) for r in records] == [("scans/invoice.pdf", 2, 2, "ok")]
+    assert sorted(os.listdir(".")) == before
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""  # a library run prints nothing
+
+
+def test_a_run_left_early_is_closed_and_the_next_one_resumes(engine, scans):
+    transcription = engine.transcribe(["scans/"], out="pages.jsonl", batch_size=1)
+    first = next(iter(transcription))
+    assert os.path.exists("pages.jsonl.lock")
+    transcription.close()  # the output is closed and unlocked now
+    assert not os.path.exists("pages.jsonl.lock")
+    with engine.transcribe(["scans/"], out="pages.jsonl", batch_size=1) as rest:
+        later = list(rest)
+    assert rest.summary.skipped >= 1 and rest.exit_status == 0
+    done = [(r.path, r.page) for r in [first, *later]]
+    assert sorted(done) == [("scans/invoice.pdf", 1), ("scans/invoice.pdf", 2), ("scans/page-1.png", 1)]
+
+
+def test_missing_inputs_and_bad_documents_set_the_exit_status(engine, scans):
+    (scans / "broken.pdf").write_bytes(b"%PDF-1.7\ngarbage")
+    transcription = engine.transcribe(["scans/broken.pdf", "nowhere.pdf"])
+    records = list(transcription)
+    assert [(r.status, r.error["code"]) for r in records] == [("error", "corrupt")]
+    assert [e.code for e in transcription.errors] == ["not_found"] and transcription.exit_status == 4
+    transcription = engine.transcribe(["nowhere.pdf"])
+    assert list(transcription) == [] and transcription.exit_status == 4
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"batch_size": "0"}, "bad --batch-size"), ({"batch_size": 0}, "bad --batch-size"),
+    ({"batch_size": "many"}, "bad --batch-size"), ({"engine": "spark"}, "unknown --engine"),
+    ({"pages": "3-1"}, "runs backwards"), ({"shard": "3/3"}, "bad --shard"),
+])
+def test_a_bad_request_is_a_usage_error_when_it_is_made(fields, message):
+    with pytest.raises(UsageError, match=message):
+        TranscribeRequest(("scans/",), **fields)
+
+
+def test_the_settings_hash_is_the_resume_key_of_earlier_versions_and_only_what_changes_text_changes_it():
+    options = ModelOptions(model="m", quant="4bit", split=True, max_new_tokens=1024)
+    request = TranscribeRequest(["a.pdf"], options=options)
+    # the formula records written by earlier versions carry: they must still resume
+    assert request.settings_hash == settings_hash(model="m", revision=None, quant="4bit", split=True, render=1960,
+                                                  render_unit="longest_side", prompt=request.prompt,
+                                                  max_new_tokens=1024)
+    assert request.inputs == ("a.pdf",) and request.batch_size is None
+    for same in ({"batch_size": 4}, {"force": True}, {"out": "x.jsonl"}, {"pages": "2"}, {"shard": "0/2"},
+                 {"password": "pw"}, {"engine": "ray"}):
+        assert replace(request, **same).settings_hash == request.settings_hash, same
+    changed = [replace(request, prompt="Read it."), replace(request, dpi=150),
+               replace(request, options=replace(options, split=False)),
+               replace(request, options=replace(options, max_new_tokens=8)),
+               replace(request, options=replace(options, quant="none"))]
+    assert len({r.settings_hash for r in changed} | {request.settings_hash}) == len(changed) + 1
+
+
+def test_a_loaded_engine_runs_locally(engine):
+    with pytest.raises(UsageError, match="locally"):
+        engine.transcribe(["scans/"], engine="ray")
