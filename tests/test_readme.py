@@ -127,9 +127,16 @@ def test_readme_python_runs_on_the_tiny_model(workdir, tiny_model):
     res = subprocess.run([sys.executable, "-c", code], cwd=workdir, env=env, capture_output=True, timeout=600)
     stderr = res.stderr.decode(errors="replace")
     assert res.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
-    out = res.stdout.decode()
+    lines = res.stdout.decode().splitlines(keepends=True)
+    k = max(i for i, line in enumerate(lines) if line.startswith('{"schema"'))  # the answer's JSON line
+    out, transcribed = "".join(lines[:k + 1]), "".join(lines[k:])
     record = json.loads(out.splitlines()[-1])
     assert out.startswith(record["answer"] + "\n")  # what streamed is the whole answer
     assert out.splitlines()[-2] == f"{record['finish_reason']} {record['usage']}"
+    # engine.transcribe: one line per page of scans/, as its records file says, written under transcripts/
+    lines = transcribed.splitlines()[1:]
+    with open(os.path.join(workdir, "transcripts", "records.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert lines and lines == [f"{r['path']} {r['page']} {r['status']}" for r in records]
     assert record["sources"] == [{"path": "report.pdf", "pages": [2, 3]}] and record["usage"]["completion_tokens"]
     assert record["model"]["quantization"] == "nf4"
