@@ -6,8 +6,7 @@ spinners, progress, hints and errors go to stderr through a Rich console. `run()
 `IdeficsError` -> one line `error [code]: ...` on stderr and its exit status; Ctrl-C/SIGTERM -> exit 130; a
 closed stdout (`| head -1`) -> a quiet exit; anything else -> a one-line internal error (exit 1), with the
 traceback only when IDEFICS_DEBUG=1. Python warnings are hidden while a command runs (IDEFICS_DEBUG=1 shows
-them); piped stderr lines are never wrapped. `run()` also makes glibc give every freed block of 1 MiB or more
-back to the system (`release_large_frees`).
+them); piped stderr lines are never wrapped.
 """
 
 from __future__ import annotations
@@ -103,30 +102,6 @@ def _sigterm(signum, frame):
     raise KeyboardInterrupt
 
 
-MMAP_THRESHOLD = 1 << 20  # bytes; glibc's M_MMAP_THRESHOLD
-
-
-def release_large_frees() -> bool:
-    """Allocate every block of MMAP_THRESHOLD bytes or more with mmap, so that freeing it returns it to the system.
-
-    glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which page images,
-    pixels and activations come from the heap, where a freed block stays in the process while anything above it
-    lives, and each thread's heap (arena) keeps its own. `ask` over 24 pages then peaked at 2030 MiB instead of
-    1501 MiB (mid model). Setting the threshold fixes it (and stops the raising). Skipped off glibc, or where the
-    user set MALLOC_MMAP_THRESHOLD_ themselves; returns whether it was applied.
-    """
-    import platform
-
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or platform.libc_ver()[0] != "glibc":
-        return False
-    import ctypes
-
-    try:
-        return bool(ctypes.CDLL(None).mallopt(-3, MMAP_THRESHOLD))  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
-
-
 def run(body, out: Output | None = None) -> int:
     """Run a command body and turn whatever happens into an exit status (never a traceback).
 
@@ -134,7 +109,6 @@ def run(body, out: Output | None = None) -> int:
     log lines are not shown: stderr holds one line per error. IDEFICS_DEBUG=1 shows them.
     """
     out = out or Output()
-    release_large_frees()
     previous = signal.signal(signal.SIGTERM, _sigterm)
     quiet = warnings.catch_warnings()
     quiet.__enter__()

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 from conftest import make_image, run_idefics
 
 from idefics_cli.errors import ExitStatus, IdeficsError
@@ -126,50 +125,3 @@ def test_stream_writes_pieces_and_a_stop_while_writing_stops_the_answer(engine, 
         pass
     assert long.interrupted and long.done and long.text == "".join(written) and long.finish_reason is None
 
-
-RELEASE_CHECK = """
-import ctypes, sys
-from idefics_cli.output import release_large_frees
-
-libc = ctypes.CDLL(None)
-libc.malloc.restype = ctypes.c_void_p
-libc.free.argtypes = [ctypes.c_void_p]
-applied = release_large_frees() if sys.argv[1] == "on" else False
-
-
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**20
-
-
-def touch(p, n):
-    ctypes.memset(p, 1, n)
-
-
-big = libc.malloc(8 << 20)  # freeing an 8 MiB block raises glibc's dynamic mmap threshold to 8 MiB
-touch(big, 8 << 20)
-libc.free(big)
-blocks = [libc.malloc(2 << 20) for _ in range(24)]  # 48 MiB of 2 MiB blocks (page-image sized)
-for p in blocks:
-    touch(p, 2 << 20)
-before = rss()
-for p in blocks[:-1]:  # the last one stays: on the heap it pins everything below it
-    libc.free(p)
-print(applied, round(before - rss()))
-"""
-
-
-def test_large_freed_blocks_go_back_to_the_system():
-    """Without a fixed mmap threshold, freed 2 MiB blocks stay in the process (glibc's dynamic threshold)."""
-    import platform
-
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("glibc only")
-    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
-    results = {}
-    for mode in ("off", "on"):
-        out = subprocess.run([sys.executable, "-c", RELEASE_CHECK, mode], capture_output=True, text=True, env=env,
-                             check=True).stdout.split()
-        results[mode] = (out[0] == "True", int(out[1]))
-    assert results["on"][0] and results["on"][1] >= 40, results  # 46 MiB freed go back
-    assert results["off"][1] < 10, results  # the default keeps them: what the fix is for
