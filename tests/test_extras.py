@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -32,10 +33,12 @@ def test_extras_are_found_from_metadata_without_importing_them(tmp_path):
     _fake_distribution(site, "uvicorn", "0.38.0")
     _fake_distribution(site, "xgrammar", "0.1.25", module=False)  # metadata left behind, module gone: broken
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), root])}
+    code = tmp_path / "code"  # the package alone: no idefics-cli metadata (an .egg-info in a checkout) beside it
+    shutil.copytree(os.path.join(root, "idefics_cli"), code / "idefics_cli")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(code)])}
     # -S: no site-packages, so the child sees only the fake distributions, whatever this environment has installed
     out = subprocess.run([sys.executable, "-S", "-c", EXTRAS_PROBE], env=env, capture_output=True, text=True,
-                         check=True)
+                         cwd=tmp_path, check=True)  # not the checkout's folder, where an .egg-info may lie
     found = json.loads(out.stdout)
     assert found["imported"] == []  # nothing optional was imported, not even the two that would raise
     serve, schema, ray = (found["report"][k] for k in ("serve", "schema", "ray"))

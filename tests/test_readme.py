@@ -116,7 +116,7 @@ def readme_python() -> str:
     return blocks[0]
 
 
-def test_readme_python_runs_on_the_tiny_model(workdir, tiny_model):
+def test_readme_python_runs_on_the_tiny_model(workdir, tiny_model, tmp_path):
     """The Python section, run as written; only `load`'s model is the tiny one (on the CPU, 8 new tokens),
     as the shell examples' wrapper does for `--model`."""
     code, loads = re.subn(r'idefics_cli\.load\("[^"]*"\)',
@@ -124,7 +124,9 @@ def test_readme_python_runs_on_the_tiny_model(workdir, tiny_model):
     assert loads == 1, "the README's example loads the model once"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
            "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run([sys.executable, "-c", code], cwd=workdir, env=env, capture_output=True, timeout=600)
+    run_dir = tmp_path / "python"  # a copy: the shell examples may have transcribed scans/ already (resume)
+    shutil.copytree(workdir, run_dir, ignore=shutil.ignore_patterns("transcripts"))
+    res = subprocess.run([sys.executable, "-c", code], cwd=run_dir, env=env, capture_output=True, timeout=600)
     stderr = res.stderr.decode(errors="replace")
     assert res.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
     lines = res.stdout.decode().splitlines(keepends=True)
@@ -135,7 +137,7 @@ def test_readme_python_runs_on_the_tiny_model(workdir, tiny_model):
     assert out.splitlines()[-2] == f"{record['finish_reason']} {record['usage']}"
     # engine.transcribe: one line per page of scans/, as its records file says, written under transcripts/
     lines = transcribed.splitlines()[1:]
-    with open(os.path.join(workdir, "transcripts", "records.jsonl")) as f:
+    with open(os.path.join(run_dir, "transcripts", "records.jsonl")) as f:
         records = [json.loads(line) for line in f]
     assert lines and lines == [f"{r['path']} {r['page']} {r['status']}" for r in records]
     assert record["sources"] == [{"path": "report.pdf", "pages": [2, 3]}] and record["usage"]["completion_tokens"]
