@@ -61,12 +61,12 @@ def serve(
     max_new_tokens: o.max_new_tokens_option(512) = 512,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (chat completions with images and PDFs)."""
-    from ..output import Output, run
+    from ..output import Output
 
     out = Output()
     opts = o.model_options(model, revision, quant, dtype, device, offline, split, max_new_tokens)
-    raise typer.Exit(run(lambda: _serve(host, port, api_key, max_batch, max_queue, cache_mb, max_request_mb, grace,
-                                         cors, opts), out))
+    o.run_and_exit(lambda: _serve(host, port, api_key, max_batch, max_queue, cache_mb, max_request_mb, grace, cors,
+                                  opts), out)
 
 
 def _serve(host, port, api_key, max_batch, max_queue, cache_mb, max_request_mb, grace, cors, opts) -> int:
