@@ -114,20 +114,21 @@ def transcribe(engine, job: Job) -> Iterator[PageRecord]:
     job.tick()
 
 
-def grammar_processors(engine, request: TranscribeRequest):
-    """The `logits_processor` of one generate call: a new grammar processor with a schema, else None."""
+def generate(engine, inputs, request: TranscribeRequest):
+    """`engine.generate_batch` for the request; with a schema, a new grammar processor for this call."""
     if request.schema is None:
-        return None
+        return engine.generate_batch(inputs, request.options.max_new_tokens)
     from .structured import for_engine
 
-    return for_engine(engine, request.schema)
+    return engine.generate_batch(inputs, request.options.max_new_tokens,
+                                 logits_processor=for_engine(engine, request.schema))
 
 
 def answer_batch(engine, batch: Batch, request: TranscribeRequest) -> list[PageRecord]:
     """Generate a batch; on out-of-memory fall back to single pages, then to single pages without split."""
-    settings, max_new_tokens = request.settings_hash, request.options.max_new_tokens
+    settings = request.settings_hash
     try:
-        gens = engine.generate_batch(batch.inputs, max_new_tokens, grammar_processors(engine, request))
+        gens = generate(engine, batch.inputs, request)
     except IdeficsError as err:
         if err.code != "out_of_memory":
             return [task_error(task, err, settings) for task in batch.tasks]
@@ -145,7 +146,7 @@ def answer_single(engine, task, image, request: TranscribeRequest) -> PageRecord
             t0 = time.perf_counter()
             inputs = engine.prepare([([image], request.model_prompt)], split=split, collect=True)
             preprocess_s = time.perf_counter() - t0
-            gen = engine.generate_batch(inputs, request.options.max_new_tokens, grammar_processors(engine, request))[0]
+            gen = generate(engine, inputs, request)[0]
             return ok_record(task, gen, engine.usage(inputs), preprocess_s, request.settings_hash,
                              schema=request.schema)
         except Exception as exc:  # noqa: BLE001 - recorded per page
