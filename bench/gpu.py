@@ -18,11 +18,17 @@ out-of-memory. `--smoke` without CUDA runs this comparison alone, on the CPU: 3 
 
 Then P3's decomposition (bench/decompose.py) on the 4-bit model: seconds per page to render, preprocess, run the
 vision tower + connector, prefill and decode, at batch 1 and 8, and the bound on what batching can give.
+
+Then P11 on the 4-bit model (bench/schema.py's measure at this shape): decode tokens/s with the invoice schema's
+grammar (`--schema`, structured.py) against without, at batch 1 and 8, interleaved; decode = rows x steps / the
+time between the first and the last decode step (a timestamp processor after the grammar's, with a CUDA sync),
+so the prefill is left out. Target: >= 0.90x. `--smoke` without CUDA runs it too (batch 1 and 2, 4 tokens).
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import os
 import statistics
 import sys
@@ -156,6 +162,59 @@ def ask_table(title: str, pages: int, cli: dict, plain: dict) -> None:
           f"{pages} pages", flush=True)
 
 
+def schema_decode(engine, pdf: str, batches: list[int], tokens: int, reps: int, dpi: int | None = None) -> dict:
+    """P11: decode tokens/s with the invoice schema's grammar and without, per batch size (medians, interleaved)."""
+    import torch
+    from schema_engines import INVOICE_SCHEMA
+
+    from idefics_cli import structured as st
+    from idefics_cli.documents import open_document
+
+    schema = st.parse_schema(json.dumps(INVOICE_SCHEMA))
+    with open_document(pdf, dpi=dpi) as doc:
+        image = doc.render(1)
+    question = st.with_schema("Extract the invoice fields.", schema)
+    cuda = engine.device.startswith("cuda")
+
+    class Clock:
+        def __init__(self):
+            self.stamps: list[float] = []
+
+        def __call__(self, input_ids, scores):
+            if cuda:
+                torch.cuda.synchronize()
+            self.stamps.append(time.perf_counter())
+            return scores
+
+    def run(batch: int, constrained: bool) -> dict:
+        inputs = engine.build_inputs([([image], question)] * batch)
+        clock = Clock()
+        processors = [*(st.for_engine(engine, schema) if constrained else []), clock]
+        with torch.inference_mode():
+            engine.model.generate(**inputs, logits_processor=processors, do_sample=False, max_new_tokens=tokens)
+        steps = len(clock.stamps) - 1
+        return {"tokens_per_s": batch * steps / (clock.stamps[-1] - clock.stamps[0]) if steps else 0.0, "steps": steps}
+
+    run(1, True)  # warm-up: the grammar's tokenizer view and compile, the first generate call
+    out = {}
+    for batch in batches:
+        runs = c.interleave({"plain": lambda b=batch: run(b, False), "schema": lambda b=batch: run(b, True)}, reps)
+        plain = c.median(r["tokens_per_s"] for r in runs["plain"])
+        constrained = c.median(r["tokens_per_s"] for r in runs["schema"])
+        steps = min(r["steps"] for side in runs.values() for r in side)
+        out[batch] = {"plain": plain, "schema": constrained, "steps": steps}
+    return out
+
+
+def schema_table(title: str, results: dict) -> None:
+    rows = []
+    for batch, r in results.items():
+        ratio = r["schema"] / r["plain"] if r["plain"] else 0.0
+        rows.append([batch, c.fmt(r["plain"], " tok/s"), c.fmt(r["schema"], " tok/s"), f"{ratio:.3f}x",
+                     c.verdict(ratio, 0.90, at_most=False), r["steps"]])
+    c.table(title, rows, ["batch", "without", "with --schema", "ratio", "target", "fewest steps"])
+
+
 def measure(label: str, model_dir: str, quant: str, pdf: str, args, tmp: str, snippet: bool) -> dict:
     import torch
 
@@ -188,6 +247,7 @@ def measure(label: str, model_dir: str, quant: str, pdf: str, args, tmp: str, sn
         row["ask_plain"] = ask_pages(engine, pdf, args.ask_pages, plain=True, base=before)
         inputs = None
         row["stages"] = stage_times(engine, pdf, 16, args.max_new_tokens, [1, 8])
+        row["schema"] = schema_decode(engine, pdf, [1, 8], args.max_new_tokens, args.reps)
     del engine, inputs
     gc.collect()
     torch.cuda.empty_cache()
@@ -242,12 +302,15 @@ def main(argv=None) -> int:
     ask_table(f"P5 ask over {args.ask_pages} pages, 4-bit nf4, {torch.cuda.get_device_name()}", args.ask_pages,
               nf4["ask"], nf4["ask_plain"])
     decompose.report([nf4["stages"]], [1, 8], 16, args.max_new_tokens, f" on {torch.cuda.get_device_name()}, 4-bit")
+    schema_table(f"P11 decode tokens/s with and without a schema, 4-bit nf4, {torch.cuda.get_device_name()} "
+                 f"({args.max_new_tokens} new tokens, median of {args.reps})", nf4["schema"])
     c.footer()
     return 0
 
 
 def cpu_smoke(args) -> None:
-    """The ask comparison alone, on the CPU (tiny model, 3 small pages), so that its code runs without a GPU."""
+    """The ask comparison, P3's decomposition and P11 on the CPU (tiny model, 3 small pages): their code runs
+    without a GPU."""
     from idefics_cli import tiny
     from idefics_cli.model import ModelOptions, load
 
@@ -258,8 +321,10 @@ def cpu_smoke(args) -> None:
         cli = ask_pages(engine, pdf, 3, plain=False, dpi=72)
         plain = ask_pages(engine, pdf, 3, plain=True, dpi=72)
         times = stage_times(engine, pdf, 3, 4, [1, 2], dpi=72)
+        schema = schema_decode(engine, pdf, [1, 2], 4, 1, dpi=72)
     ask_table("P5 ask over 3 pages on the CPU (smoke: tiny model, no VRAM)", 3, cli, plain)
     decompose.report([times], [1, 2], 3, 4, " on the CPU (smoke)")
+    schema_table("P11 decode tokens/s with and without a schema on the CPU (smoke)", schema)
 
 
 if __name__ == "__main__":

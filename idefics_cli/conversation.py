@@ -14,7 +14,10 @@ document pages of each image-bearing message.
 any model loads; `start(engine)` checks that they fit the context; `ask(question)` returns the streaming
 `Response` (response.py; its `to_dict()` is a chat JSON line: the answer object plus `turn`), and the turn is
 committed when the answer ends (interrupted or not); `show(spec)`, `reset()` and `save(path)` are `/pages`,
-`/reset` and `/save` (an atomic write, writers.py). Nothing here imports torch.
+`/reset` and `/save` (an atomic write, writers.py). With a schema (`start(engine, schema=...)`, or `ask(...,
+schema=...)`; structured.py) the model gets `structured.with_schema(question, schema)` (so the conversation
+keeps that text in the user turn), decoding is constrained and the `Response` has `.data`.
+Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -121,6 +124,7 @@ class ChatSession:
     def __init__(self, doc, spec: str | None = None, status=None):
         self.doc = doc
         self.conv: Conversation | None = None
+        self.schema = None  # structured.Schema for every turn, set by start()
         self.pages = self.render(spec, status)
 
     @classmethod
@@ -144,8 +148,13 @@ class ChatSession:
         with status(f"Rendering {len(chosen)} page(s)…") if status else contextlib.nullcontext():
             return [PageImage(self.doc.path, p, self.doc.render(p), self.doc.warnings(p)) for p in chosen]
 
-    def start(self, engine) -> ChatSession:
-        """Begin the conversation on `engine`: the pages must fit its context with room for an answer."""
+    def start(self, engine, schema=None) -> ChatSession:
+        """Begin the conversation on `engine`: the pages must fit its context with room for an answer.
+
+        `schema`: every answer constrained to it (a structured.Schema, a dict or a `--schema` string)."""
+        from .structured import as_schema
+
+        self.schema = as_schema(schema)
         engine.check_context(len(self.pages), "", engine.options.max_new_tokens)
         self.conv = Conversation(engine)
         self.conv.attach(self.pages)
@@ -172,24 +181,35 @@ class ChatSession:
         atomic_write(os.path.expanduser(path), json.dumps(self.conv.to_dict(), ensure_ascii=False, indent=2) + "\n")
         return len(self.conv.messages)
 
-    def ask(self, question: str, max_new_tokens: int | None = None, logits_processor=None) -> Response:
-        """The next turn: the whole conversation plus `question`; committed when the answer has been read."""
+    def ask(self, question: str, max_new_tokens: int | None = None, logits_processor=None,
+            schema=None) -> Response:
+        """The next turn: the whole conversation plus `question`; committed when the answer has been read.
+
+        `schema` for this turn only (default: the session's, from `start`)."""
         from .records import Source
+        from .structured import as_schema
 
         engine, conv = self.engine, self.conv
         start = time.perf_counter()
+        schema = as_schema(schema) or self.schema
+        prompt = question
+        if schema is not None:
+            from .structured import for_engine, with_schema
+
+            prompt = with_schema(question, schema)
+            logits_processor = [*(logits_processor or []), *for_engine(engine, schema)]
         limit = max_new_tokens or engine.options.max_new_tokens
-        inputs = conv.inputs(question, limit)
+        inputs = conv.inputs(prompt, limit)
         preprocess_s = time.perf_counter() - start
 
         def commit(response: Response) -> None:
-            conv.commit(question, response.received, interrupted=response.interrupted)
+            conv.commit(prompt, response.received, interrupted=response.interrupted)
 
         return Response(engine.stream_generate(inputs, limit, logits_processor), question=question,
                         sources=[Source(s["path"], s["pages"]) for s in conv.seen()], split=engine.options.split,
                         model=engine.info, usage=engine.usage(inputs), load_s=engine.load_s,
                         preprocess_s=preprocess_s, started=start, max_new_tokens=limit, warnings=conv.warnings(),
-                        extra={"turn": conv.turn + 1}, on_end=commit)
+                        extra={"turn": conv.turn + 1}, on_end=commit, schema=schema)
 
     def close(self) -> None:
         self.doc.close()

@@ -308,8 +308,11 @@ class Engine:
 
     # ---- the library's question ----------------------------------------------------------------
     def ask(self, documents, question: str, *, pages: str | None = None, password: str | None = None,
-            dpi: int | None = None, max_new_tokens: int | None = None, logits_processor=None):
+            dpi: int | None = None, max_new_tokens: int | None = None, logits_processor=None, schema=None):
         """Ask `question` about the chosen pages of `documents`; returns the streaming `Response`.
+
+        `schema`: a JSON Schema (a dict) or a string as `--schema` takes (a file, inline JSON, the concise
+        syntax): the answer is constrained to it and `Response.data` is the parsed value (structured.py).
 
         `documents`: paths (a str or a list of them, "-" for stdin), or a `Selection` already opened with
         `idefics_cli.open_pages` (then `pages`, `password` and `dpi` were given there). Input errors, a prompt
@@ -317,14 +320,16 @@ class Engine:
         generation starts when the answer is first read.
         """
         from .selection import Selection, ask, open_pages
+        from .structured import as_schema
 
+        schema = as_schema(schema)
         if isinstance(documents, Selection):
             if (pages, password, dpi) != (None, None, None):
                 raise UsageError("pages, password and dpi are options of open_pages when documents is a Selection")
-            return ask(self, documents, question, max_new_tokens, logits_processor)
+            return ask(self, documents, question, max_new_tokens, logits_processor, schema=schema)
         selection = open_pages(documents, pages, password=password, dpi=dpi)
         try:
-            return ask(self, selection, question, max_new_tokens, logits_processor, close=True)
+            return ask(self, selection, question, max_new_tokens, logits_processor, close=True, schema=schema)
         except BaseException:
             selection.close()
             raise
@@ -337,7 +342,7 @@ class Engine:
         `status`, `text`, ...) as it is written; `out` (a .jsonl file or a folder) gets the same records and
         files as the CLI's `--out` and is resumed the same way; its `summary` and `exit_status` are known
         afterwards. `request_fields` are `TranscribeRequest`'s (prompt, pages, dpi, password, batch_size,
-        force, shard); the model options are this engine's.
+        force, shard, schema); the model options are this engine's.
         """
         from .transcription import TranscribeRequest, Transcription
 

@@ -33,7 +33,9 @@ INPUT_CODES = (
     "page_out_of_range",
     "image_too_large",
 )
-MODEL_CODES = ("model_error", "out_of_memory", "generation_error")
+# schema_truncated / schema_mismatch: a `--schema` answer that was cut before its JSON ended, or that ended and
+# does not validate (structured.py); like generation_error, the model did not deliver: `ask` exits 5
+MODEL_CODES = ("model_error", "out_of_memory", "generation_error", "schema_truncated", "schema_mismatch")
 
 EXIT_FOR_CODE: dict[str, ExitStatus] = {
     **{code: ExitStatus.INPUT for code in INPUT_CODES},

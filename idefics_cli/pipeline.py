@@ -12,6 +12,9 @@ document or page becomes an error record and the run goes on; a blank page (one 
 as "" with the warning `blank_page`, without the model; a batch that runs out of memory is retried one
 page at a time, then that page without image splitting, before `out_of_memory` is recorded. With
 `engine=None` (nothing is left for the model) only documents that cannot be read are recorded again.
+With a schema (`request.schema`), every generate call gets its own grammar processor (structured.py: one
+grammar state per row, the grammar compiled once per process) and the pages are asked `request.model_prompt`;
+`ok_record` reads each answer back (`data`, or an error record `schema_truncated` / `schema_mismatch`).
 """
 
 from __future__ import annotations
@@ -90,7 +93,7 @@ def transcribe(engine, job: Job) -> Iterator[PageRecord]:
     job.begin()
 
     def build(images):
-        return engine.prepare([([image], request.prompt) for image in images], collect=True)
+        return engine.prepare([([image], request.model_prompt) for image in images], collect=True)
 
     prefetcher = Prefetcher(job.docs, job.open_doc, job.select_pages, job.is_done, build, request.batch_size or 1,
                             on_pages=job.pages)
@@ -101,7 +104,7 @@ def transcribe(engine, job: Job) -> Iterator[PageRecord]:
         if isinstance(item, Failure):
             records = [failure_record(item, job.settings_hash)]
         elif isinstance(item, BlankPage):
-            records = [blank_record(item.task, job.settings_hash)]
+            records = [blank_record(item.task, job.settings_hash, request.schema)]
         else:
             records = answer_batch(engine, item, request)
         item = None  # this batch's pixels are freed before the next batch is waited for
@@ -111,17 +114,27 @@ def transcribe(engine, job: Job) -> Iterator[PageRecord]:
     job.tick()
 
 
+def generate(engine, inputs, request: TranscribeRequest):
+    """`engine.generate_batch` for the request; with a schema, a new grammar processor for this call."""
+    if request.schema is None:
+        return engine.generate_batch(inputs, request.options.max_new_tokens)
+    from .structured import for_engine
+
+    return engine.generate_batch(inputs, request.options.max_new_tokens,
+                                 logits_processor=for_engine(engine, request.schema))
+
+
 def answer_batch(engine, batch: Batch, request: TranscribeRequest) -> list[PageRecord]:
     """Generate a batch; on out-of-memory fall back to single pages, then to single pages without split."""
-    settings, max_new_tokens = request.settings_hash, request.options.max_new_tokens
+    settings = request.settings_hash
     try:
-        gens = engine.generate_batch(batch.inputs, max_new_tokens)
+        gens = generate(engine, batch.inputs, request)
     except IdeficsError as err:
         if err.code != "out_of_memory":
             return [task_error(task, err, settings) for task in batch.tasks]
         return [answer_single(engine, task, image, request) for task, image in zip(batch.tasks, batch.images)]
     n = len(batch.tasks)
-    return [ok_record(task, gen, engine.usage(batch.inputs, row), batch.preprocess_s / n, settings, n)
+    return [ok_record(task, gen, engine.usage(batch.inputs, row), batch.preprocess_s / n, settings, n, request.schema)
             for row, (task, gen) in enumerate(zip(batch.tasks, gens))]
 
 
@@ -131,10 +144,11 @@ def answer_single(engine, task, image, request: TranscribeRequest) -> PageRecord
     for split in (None, False) if engine.options.split else (None,):
         try:
             t0 = time.perf_counter()
-            inputs = engine.prepare([([image], request.prompt)], split=split, collect=True)
+            inputs = engine.prepare([([image], request.model_prompt)], split=split, collect=True)
             preprocess_s = time.perf_counter() - t0
-            gen = engine.generate_batch(inputs, request.options.max_new_tokens)[0]
-            return ok_record(task, gen, engine.usage(inputs), preprocess_s, request.settings_hash)
+            gen = generate(engine, inputs, request)[0]
+            return ok_record(task, gen, engine.usage(inputs), preprocess_s, request.settings_hash,
+                             schema=request.schema)
         except Exception as exc:  # noqa: BLE001 - recorded per page
             err = classify(exc, task.input.path)
             if err.code != "out_of_memory":

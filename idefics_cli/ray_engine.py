@@ -88,7 +88,7 @@ class Transcriber:
         tasks_of = {i: PageTask(Input(r["path"], r["rel"]), r["sha256"], int(r["page"]), int(r["pages"]),
                                 json.loads(r["warnings"] or "[]"))
                     for i, r in enumerate(rows) if not r["error_code"] and not r["skip"]}
-        results: dict[int, PageRecord] = {i: blank_record(t, settings) for i, t in tasks_of.items()
+        results: dict[int, PageRecord] = {i: blank_record(t, settings, self.request.schema) for i, t in tasks_of.items()
                                           if "blank_page" in t.warnings}  # nothing to read: no model
         todo = [i for i in tasks_of if i not in results]
         if todo:
@@ -97,7 +97,7 @@ class Transcriber:
                       for i in todo]
             t0 = time.perf_counter()
             try:
-                inputs = self.engine.prepare([([im], self.request.prompt) for im in images], collect=True)
+                inputs = self.engine.prepare([([im], self.request.model_prompt) for im in images], collect=True)
                 records = answer_batch(self.engine, Batch(tasks, images, inputs, time.perf_counter() - t0),
                                        self.request)
             except Exception as exc:  # noqa: BLE001 - recorded per row

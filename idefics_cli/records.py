@@ -4,9 +4,13 @@ Contract: `Answer` is what `ask --json` prints (schema `idefics-cli.answer/1`); 
 `transcribe` output (schema `idefics-cli.page/1`). Both are plain dataclasses whose `to_dict()` gives
 exactly the documented JSON fields (`warnings`: codes of errors.WARNINGS, empty when all is well);
 `PageRecord.from_dict` reads one back. Every page record is made by one of the factories here (`ok_record`,
-`blank_record`, `error_record`), whichever engine runs. `Summary` counts a run's records (`add`), and gives
-its summary lines and exit status (0 all done, 3 partial, 4 nothing readable). `settings_hash()` is the short
-hash of everything that changes a page's text, used by resume (each record's `settings` field).
+`blank_record`, `error_record`), whichever engine runs. With `--schema` (a `structured.Schema`), answers and
+page records also have `"data"` (the parsed answer, or null), and the answer object `"schema_sha256"`; a page
+whose answer has no valid JSON (`schema_truncated`, `schema_mismatch`) is an error record that keeps the raw
+text; a blank page is `ok` with `"data": null`. Without a schema neither field is written. `Summary` counts a
+run's records (`add`), and gives its summary lines and exit status (0 all done, 3 partial, 4 nothing readable).
+`settings_hash()` is the short hash of everything that changes a page's text, used by resume (each record's
+`settings` field).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import asdict, dataclass, field, fields
 from .errors import ExitStatus, IdeficsError
 
 ANSWER_SCHEMA = "idefics-cli.answer/1"
+NO_DATA = "<no data>"  # PageRecord.data of a run without --schema: no "data" field is written (compared by identity)
 PAGE_SCHEMA = "idefics-cli.page/1"
 
 
@@ -38,9 +43,22 @@ class Answer:
     usage: dict
     timing: dict
     warnings: list[str] = field(default_factory=list)
+    structured: dict | None = None  # with --schema: {"data", "schema_sha256", "error"} (error None when valid)
 
     def to_dict(self) -> dict:
-        return {"schema": ANSWER_SCHEMA, **asdict(self)}
+        d = {"schema": ANSWER_SCHEMA, **asdict(self)}
+        structured = d.pop("structured")
+        if structured is None:
+            return d
+        out = {}
+        for key, value in d.items():
+            out[key] = value
+            if key == "answer":
+                out["data"] = structured["data"]
+                out["schema_sha256"] = structured["schema_sha256"]
+        if structured.get("error") is not None:
+            out["error"] = structured["error"]
+        return out
 
 
 @dataclass
@@ -57,12 +75,17 @@ class PageRecord:
     usage: dict = field(default_factory=dict)
     timing: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    data: object = NO_DATA  # with --schema: the parsed answer or None; NO_DATA: a run without a schema
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        return {"schema": PAGE_SCHEMA, "path": d.pop("path"), "page": d.pop("page"), "pages": d.pop("pages"),
-                "status": d.pop("status"), "text": d.pop("text"), "error": d.pop("error"),
-                "finish_reason": d.pop("finish_reason"), "warnings": d.pop("warnings"), **d}
+        data = d.pop("data")
+        head = {"schema": PAGE_SCHEMA, "path": d.pop("path"), "page": d.pop("page"), "pages": d.pop("pages"),
+                "status": d.pop("status"), "text": d.pop("text")}
+        if self.data is not NO_DATA:
+            head["data"] = data
+        return {**head, "error": d.pop("error"), "finish_reason": d.pop("finish_reason"),
+                "warnings": d.pop("warnings"), **d}
 
     @classmethod
     def from_dict(cls, record: dict) -> PageRecord:
@@ -70,25 +93,37 @@ class PageRecord:
         return cls(**{f.name: record[f.name] for f in fields(cls) if f.name in record})
 
 
-def ok_record(task, gen, usage: dict, preprocess_s: float, settings: str, batch_size: int = 1) -> PageRecord:
+def ok_record(task, gen, usage: dict, preprocess_s: float, settings: str, batch_size: int = 1,
+              schema=None) -> PageRecord:
     """A page's answer; its `timing` is its share of its batch's time (`batch_size` pages shared one call).
 
     `task` is the page (`input.path`, `page`, `pages`, `sha256`, `warnings`: batch.PageTask); `gen` its
     generation (`text`, `finish_reason`, `completion_tokens`, `total_s`); `settings` the run's settings hash.
+    With `schema` (structured.Schema) the answer is read as JSON: `data` when it validates, else an error
+    record (`schema_truncated` or `schema_mismatch`) that keeps the raw text.
     """
-    return PageRecord(path=task.input.path, page=task.page, pages=task.pages, status="ok", sha256=task.sha256,
-                      settings=settings, text=gen.text, finish_reason=gen.finish_reason,
-                      usage={**usage, "completion_tokens": gen.completion_tokens},
+    data, error = NO_DATA, None
+    if schema is not None:
+        from . import structured
+
+        data, code = structured.read_answer(gen.text, schema, gen.finish_reason)
+        if code is not None:
+            error = structured.answer_error(code).to_dict()
+    return PageRecord(path=task.input.path, page=task.page, pages=task.pages, status="error" if error else "ok",
+                      sha256=task.sha256, settings=settings, text=gen.text, error=error,
+                      finish_reason=gen.finish_reason, usage={**usage, "completion_tokens": gen.completion_tokens},
                       timing={"preprocess_s": round(preprocess_s, 4), "generate_s": round(gen.total_s / batch_size, 4),
-                              "batch_size": batch_size}, warnings=list(task.warnings))
+                              "batch_size": batch_size}, warnings=list(task.warnings), data=data)
 
 
-def blank_record(task, settings: str) -> PageRecord:
-    """A flat-colour page: nothing to read, so "" without asking the model (warning blank_page)."""
+def blank_record(task, settings: str, schema=None) -> PageRecord:
+    """A flat-colour page: nothing to read, so "" without asking the model (warning blank_page); with a
+    schema, `"data": null`."""
     return PageRecord(path=task.input.path, page=task.page, pages=task.pages, status="ok", sha256=task.sha256,
                       settings=settings, text="", finish_reason="stop", warnings=list(task.warnings),
                       usage={"prompt_tokens": 0, "image_tokens": 0, "completion_tokens": 0},
-                      timing={"preprocess_s": 0.0, "generate_s": 0.0, "batch_size": 0})
+                      timing={"preprocess_s": 0.0, "generate_s": 0.0, "batch_size": 0},
+                      data=NO_DATA if schema is None else None)
 
 
 def error_record(path: str, error: IdeficsError | dict, settings: str, page: int = 0, pages: int = 0,

@@ -6,6 +6,9 @@ pieces not yet seen (after a `break`, the rest; after the end, nothing). `.text`
 `.timing` and `to_dict()` are those of the whole answer: the first access reads whatever was not iterated yet.
 `to_dict()` is exactly the answer object of docs/formats.md (schema `idefics-cli.answer/1`, plus any `extra`
 fields after the schema, such as chat's `turn`): what `ask --json` and chat's JSON lines print.
+With a `schema` (structured.Schema, `--schema`), `.data` is the parsed, validated answer (None when it is
+not: `.schema_error` is then the IdeficsError `schema_truncated` or `schema_mismatch`), and `to_dict()` adds
+`"data"` and `"schema_sha256"` after `"answer"`, and `"error"` when there is no data.
 When the stream ends, `on_end(response)` runs once (chat commits its turn there). Ctrl-C while reading keeps
 what was generated: `.interrupted` is True, `.text` holds the answer so far, `.finish_reason` is None and
 `on_end` still runs; any other error is raised again by every later read. `close()` stops the generation;
@@ -27,7 +30,7 @@ class Response:
     def __init__(self, stream: Iterator[str], *, question: str, sources: list[Source], split: bool, model: dict,
                  usage: dict, load_s: float, preprocess_s: float, started: float, max_new_tokens: int,
                  warnings: list[str] | None = None, extra: dict | None = None,
-                 on_end: Callable[[Response], None] | None = None):
+                 on_end: Callable[[Response], None] | None = None, schema=None):
         self._stream: Iterator[str] | None = stream
         self._pieces: list[str] = []
         self._generation = None  # engine.Generation once the stream has ended
@@ -39,6 +42,8 @@ class Response:
         self.warnings = list(warnings or [])
         self.extra = dict(extra or {})
         self.interrupted = False
+        self.schema = schema
+        self._read_back: tuple | None = None  # (data, code) once read against the schema
         self._prompt_usage = dict(usage)
         self._load_s, self._preprocess_s, self._started = load_s, preprocess_s, started
 
@@ -117,11 +122,40 @@ class Response:
         return {"load_s": round(self._load_s, 4), "preprocess_s": round(self._preprocess_s, 4),
                 "first_token_s": round(first or 0.0, 4), "total_s": round(self._ended_at - self._started, 4)}
 
+    def _structured(self) -> tuple:
+        if self._read_back is None:
+            from .structured import read_answer
+
+            self._read_back = read_answer(self.text, self.schema, self.finish_reason)
+        return self._read_back
+
+    @property
+    def data(self):
+        """With a schema: the parsed, validated answer (None when the answer has none); without one: None."""
+        return self._structured()[0] if self.schema is not None else None
+
+    @property
+    def schema_error(self):
+        """With a schema: None when `.data` is the answer, else the IdeficsError saying why there is none."""
+        if self.schema is None:
+            return None
+        code = self._structured()[1]
+        if code is None:
+            return None
+        from .structured import answer_error
+
+        return answer_error(code, self.max_new_tokens)
+
     def to_dict(self) -> dict:
         """The answer object of `ask --json` (schema idefics-cli.answer/1), `extra` fields after the schema."""
+        structured = None
+        if self.schema is not None:
+            error = self.schema_error
+            structured = {"data": self.data, "schema_sha256": self.schema.sha256,
+                          "error": error.to_dict() if error else None}
         record = Answer(question=self.question, answer=self.text, finish_reason=self.finish_reason,
                         sources=self.sources, split=self.split, model=self.model, usage=self.usage,
-                        timing=self.timing, warnings=self.warnings).to_dict()
+                        timing=self.timing, warnings=self.warnings, structured=structured).to_dict()
         return {"schema": record.pop("schema"), **self.extra, **record}
 
     def __str__(self) -> str:

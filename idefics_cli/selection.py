@@ -10,9 +10,11 @@ Contract:
 - A `Selection` knows its pages in order, the sources of the answer (pages merged per document), the warning
   codes of its pages (`warnings()`, deduplicated; `page_warnings()` per page), when it was opened and how long
   decoding took; `each_page()` gives one selection per page (their decoding time counted once, in none).
-- `ask(engine, selection, question, max_new_tokens, logits_processor)` refuses an empty question and a prompt
-  over the model's context up front, builds the inputs (`Engine.prepare`) and returns the streaming `Response`
-  (response.py) whose `to_dict()` is `ask --json`'s object. Nothing is generated until it is read.
+- `ask(engine, selection, question, max_new_tokens, logits_processor, schema=None)` refuses an empty question
+  and a prompt over the model's context up front, builds the inputs (`Engine.prepare`) and returns the
+  streaming `Response` (response.py) whose `to_dict()` is `ask --json`'s object. Nothing is generated until it
+  is read. With a `schema` (structured.Schema) the model gets `structured.with_schema(question, schema)` and
+  decoding is constrained to the schema (its grammar processor after any given `logits_processor`).
 Nothing here imports torch.
 """
 
@@ -121,19 +123,25 @@ def check_question(question: str) -> str:
 
 
 def ask(engine, selection: Selection, question: str, max_new_tokens: int | None = None, logits_processor=None,
-        close: bool = False) -> Response:
+        close: bool = False, schema=None) -> Response:
     """One question over every page of `selection`, as one user turn (images first); see the module contract.
 
     `close`: close the selection's documents when the answer ends (`Engine.ask` opened them itself).
     """
     check_question(question)
+    prompt = question
+    if schema is not None:
+        from .structured import for_engine, with_schema
+
+        prompt = with_schema(question, schema)
+        logits_processor = [*(logits_processor or []), *for_engine(engine, schema)]
     limit = max_new_tokens or engine.options.max_new_tokens
-    engine.check_context(len(selection), question, limit)
+    engine.check_context(len(selection), prompt, limit)
     t0 = time.perf_counter()
-    inputs = engine.prepare([(selection.images(), question)])
+    inputs = engine.prepare([(selection.images(), prompt)])
     preprocess_s = selection.render_s + time.perf_counter() - t0
     return Response(engine.stream_generate(inputs, limit, logits_processor), question=question,
                     sources=selection.sources(), split=engine.options.split, model=engine.info,
                     usage=engine.usage(inputs), load_s=engine.load_s, preprocess_s=preprocess_s,
                     started=selection.started, max_new_tokens=limit, warnings=selection.warnings(),
-                    on_end=(lambda _: selection.close()) if close else None)
+                    on_end=(lambda _: selection.close()) if close else None, schema=schema)

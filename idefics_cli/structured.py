@@ -20,11 +20,19 @@ Contract:
   Decoding is greedy over the tokens the grammar allows, as compact JSON (`, ` and `: ` separators, no other
   whitespace, none before the JSON), then a stop token. `for_engine(engine, schema)` reads the three
   arguments from a loaded `Engine`.
+- A decode loop of its own (the server's scheduler) keeps a `RowGrammar` per constrained row
+  (`row_grammar(engine, schema)`): `mask_rows(logits, grammars)` masks, in place, each row that has one (None:
+  unconstrained), all rows filled by one batched matcher call; `RowGrammar.accept(token)` moves a row on
+  with the token it took.
 - Grammars are compiled once per (schema hash, tokenizer) and process (`compiled`); not on disk: a compile
   takes milliseconds (bench/SCHEMA.md).
 - `read_answer(text, schema, finish_reason)` -> `(data, code)`: the parsed, validated value and None, or
   None and `TRUNCATED` (the answer was cut by max_new_tokens before the JSON ended) or `MISMATCH` (it
   ended but does not validate: a format the grammar lets through, e.g. 2024-02-30 for a date).
+  `answer_error(code, max_new_tokens)` is that code as an `IdeficsError` (exit 5, errors.MODEL_CODES).
+- `as_schema(value, grammar_check=True)`: what the library's `schema=` takes: a `Schema`, a dict (a JSON
+  Schema) or a string (as `--schema`). `permissive_object()` is the schema of "any JSON object" (the
+  server's `response_format: json_object`).
 """
 
 from __future__ import annotations
@@ -111,6 +119,26 @@ def parse_schema(value: str, grammar_check: bool = True) -> Schema:
     if grammar_check:
         grammar(schema)
     return Schema(schema, schema_hash(schema), source)
+
+
+def as_schema(value, grammar_check: bool = True) -> Schema | None:
+    """A `Schema` from a Schema, a dict (JSON Schema) or a string (file, inline JSON or concise); None stays None."""
+    if value is None or isinstance(value, Schema):
+        return value
+    if isinstance(value, dict):
+        check_schema(value)
+        if grammar_check:
+            grammar(value)
+        return Schema(value, schema_hash(value), "json")
+    if isinstance(value, (str, os.PathLike)):
+        return parse_schema(os.fspath(value), grammar_check)
+    raise UsageError(f"schema must be a JSON Schema (a dict), a string or a file path, not {type(value).__name__}")
+
+
+def permissive_object() -> Schema:
+    """Any JSON object (keys and values of any JSON type): `response_format: {"type": "json_object"}`."""
+    schema = {"type": "object", "additionalProperties": True}
+    return Schema(schema, schema_hash(schema), "json")
 
 
 def _loads(text: str, where: str) -> Any:
@@ -291,10 +319,49 @@ class GrammarProcessor:
 
 def for_engine(engine, schema: Schema) -> list:
     """`logits_processors` with the tokenizer, vocabulary width and stop tokens of a loaded Engine."""
+    return logits_processors(schema, *_engine_args(engine))
+
+
+def _engine_args(engine) -> tuple:
     eos = engine.model.generation_config.eos_token_id
     stop = set(eos if isinstance(eos, (list, tuple)) else [eos])
-    vocab = engine.model.config.get_text_config().vocab_size
-    return logits_processors(schema, engine.processor.tokenizer, vocab, stop)
+    return engine.processor.tokenizer, engine.model.config.get_text_config().vocab_size, stop
+
+
+class RowGrammar:
+    """One row's grammar state in a decode loop that is not `model.generate` (serve/scheduler.py)."""
+
+    def __init__(self, compiled_grammar):
+        self.matcher = _xgrammar().GrammarMatcher(compiled_grammar)
+        self.width = compiled_grammar.tokenizer_info.vocab_size
+
+    @property
+    def done(self) -> bool:
+        return self.matcher.is_terminated()
+
+    def accept(self, token: int) -> None:
+        if not self.matcher.is_terminated() and not self.matcher.accept_token(int(token)):
+            raise RuntimeError("a token outside the grammar was chosen")
+
+
+def row_grammar(engine, schema: Schema) -> RowGrammar:
+    return RowGrammar(compiled(schema, *_engine_args(engine)))
+
+
+def mask_rows(logits, grammars: list) -> None:
+    """Mask `logits` [rows, vocab] in place: each row whose grammar is not None gets its grammar's mask."""
+    live = [k for k, g in enumerate(grammars) if g is not None and not g.done]
+    if not live:
+        return
+    xgr = _xgrammar()
+    mask = xgr.allocate_token_bitmask(len(grammars), grammars[live[0]].width)
+    xgr.BatchGrammarMatcher().batch_fill_next_token_bitmask([grammars[k].matcher for k in live], mask, live)
+    cuda = logits.device.type == "cuda"
+    work = logits if logits.is_contiguous() and (cuda or logits.device.type == "cpu") else \
+        logits.contiguous() if cuda else logits.to("cpu").contiguous()
+    xgr.apply_token_bitmask_inplace(work, mask.to(work.device, non_blocking=True) if cuda else mask, indices=live)
+    if work is not logits:
+        logits.copy_(work)
 
 
 # ---- reading the answer --------------------------------------------------------------------------------------
@@ -310,3 +377,14 @@ def read_answer(text: str, schema: Schema, finish_reason: str | None) -> tuple[A
     if not validator.is_valid(data):
         return None, TRUNCATED if finish_reason == "length" else MISMATCH
     return data, None
+
+
+def answer_error(code: str, max_new_tokens: int | None = None):
+    """The IdeficsError of a `read_answer` code (exit 5, like generation_error)."""
+    from .errors import IdeficsError
+
+    if code == TRUNCATED:
+        cut = f" --max-new-tokens {max_new_tokens}" if max_new_tokens else " --max-new-tokens"
+        return IdeficsError(code, f"the answer was cut at{cut} before its JSON ended", "raise --max-new-tokens")
+    return IdeficsError(code, "the answer does not validate against the schema",
+                        "a format the grammar lets through (e.g. a date that does not exist)")

@@ -3,9 +3,13 @@
 Contract:
 - `TranscribeRequest` is a frozen description of a run: inputs (files, folders, globs, `-`), `out` (a `.jsonl`
   file, a folder, or None), the model options, prompt, pages, dpi, password, batch size (None: auto), force,
-  shard, engine (`local` or `ray`). Bad values raise `UsageError` when it is made. `settings_hash`, the resume
-  key written in every record's `settings` field, is computed here and nowhere else: from everything that
-  changes a page's text (model id and revision, quantization, split, render size, prompt, max new tokens).
+  shard, engine (`local` or `ray`), schema (`--schema`: a structured.Schema, a dict or a string; its keywords
+  are checked when the request is made, its grammar just before the model loads, so a finished rerun still
+  imports no torch). Bad values raise `UsageError` when it is made. `settings_hash`, the resume key written
+  in every record's `settings` field, is computed here and nowhere else: from everything that changes a
+  page's text (model id and revision, quantization, split, render size, prompt, max new tokens, and the
+  schema's hash when there is one). `model_prompt` is what the model gets with each page: the prompt, or with
+  a schema `structured.with_schema(prompt, schema)`.
 - `Transcription(request, engine=None, output=None)` runs it when iterated, yielding each `PageRecord`
   (`path`, `page`, `status`, ...) once it is written to the sink `out` names (`JsonlSink`, `FolderSink`;
   without `out`, stdout through `output`, or nothing for a library caller): the same records, resume and
@@ -51,6 +55,7 @@ class TranscribeRequest:
     shard: str | None = None  # "I/N"
     engine: str = "local"
     ray_address: str | None = None
+    schema: object = None  # structured.Schema once made (given as a Schema, a dict or a --schema string)
     settings_hash: str = field(init=False)
 
     def __post_init__(self):
@@ -74,15 +79,36 @@ class TranscribeRequest:
         set_("batch_size", size)
         parse_page_spec(self.pages)
         parse_shard(self.shard)
+        if self.schema is not None:
+            from .structured import as_schema
+
+            set_("schema", as_schema(self.schema, grammar_check=False))  # the grammar: check_grammar()
         set_("settings_hash", self._settings_hash())
 
     def _settings_hash(self) -> str:
         from .documents import DEFAULT_LONGEST_SIDE
 
         opts = self.options
+        extra = {"schema": self.schema.sha256} if self.schema is not None else {}  # no schema: hashes as before
         return settings_hash(model=opts.model, revision=opts.revision, quant=opts.quant, split=opts.split,
                              render=self.dpi or DEFAULT_LONGEST_SIDE, render_unit="dpi" if self.dpi else "longest_side",
-                             prompt=self.prompt, max_new_tokens=opts.max_new_tokens)
+                             prompt=self.prompt, max_new_tokens=opts.max_new_tokens, **extra)
+
+    @property
+    def model_prompt(self) -> str:
+        """What the model is asked with each page: the prompt, plus the schema's text with a schema."""
+        if self.schema is None:
+            return self.prompt
+        from .structured import with_schema
+
+        return with_schema(self.prompt, self.schema)
+
+    def check_grammar(self) -> None:
+        """The schema converts to a grammar (imports xgrammar): a UsageError now, before any model loads."""
+        if self.schema is not None:
+            from .structured import grammar
+
+            grammar(self.schema.schema)
 
     @property
     def page_spec(self):
@@ -191,6 +217,8 @@ class Transcription:
                                      markup=False)
         elif request.engine == "ray":
             from . import ray_engine
+
+            request.check_grammar()
             from .hub import local_only
 
             local_only(request.options)  # fail at once here rather than in every actor
@@ -198,6 +226,7 @@ class Transcription:
             with Progress(output) as job.progress:
                 yield from ray_engine.run(job, request.ray_address)
         else:
+            request.check_grammar()
             engine = self.engine
             if engine is None:
                 from .model import load

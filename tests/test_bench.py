@@ -17,14 +17,14 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"help": False, "ask": True, "transcribe": True, "memory": True, "shapes": True, "pages": True,
-           "decompose": True, "gpu": False}  # name -> takes --model
+           "decompose": True, "gpu": False, "schema": True, "schema_engines": False}  # name -> takes --model
 
 
 @pytest.fixture(scope="module")
 def smoke(request, tiny_model, tmp_path_factory):
     """Start the smoke run of every bench script selected in this session; returns name -> Popen."""
-    selected = {item.name.removeprefix("test_").split("_")[0] for item in request.session.items
-                if item.module is request.module}
+    selected = {name for item in request.session.items if item.module is request.module
+                for name in SCRIPTS if item.name.startswith(f"test_{name}_smoke")}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "IDEFICS_BENCH_CACHE": str(tmp_path_factory.mktemp("bench"))}
     procs = {}
     for name, takes_model in SCRIPTS.items():
@@ -102,6 +102,21 @@ def test_gpu_smoke(smoke):
         assert out.startswith("P5 skipped: no CUDA GPU") and "P5 ask over 3 pages on the CPU" in out
         assert "first new token identical: " in out and "idefics ask (chunked" in out
         assert "P3 decomposition on the CPU (smoke)" in out and "vision tower + connector" in out
+        assert "P11 decode tokens/s with and without a schema on the CPU (smoke)" in out
+
+
+def test_schema_smoke(smoke):
+    out = finished(smoke, "schema")
+    assert "P11 decode with the invoice schema vs without" in out and "P11 grammar (xgrammar" in out
+    assert re.search(r"\| 1\s*\| [\d.]+ tok/s\s*\| [\d.]+ tok/s\s*\| [\d.]+x", out)
+    assert "compile the invoice schema" in out
+
+
+def test_schema_engines_smoke(smoke):
+    out = finished(smoke, "schema_engines")
+    for engine in ("xgrammar", "xgrammar batch matcher", "llguidance", "outlines-core"):
+        assert re.search(rf"\| {re.escape(engine)}\s*\| yes", out), engine
+    assert "# load average at the end" in out
 
 
 def test_pymupdf_compare_runs_and_an_install_matches_itself(tmp_path):

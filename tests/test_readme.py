@@ -26,6 +26,10 @@ NOT_HERE = {  # the examples that cannot run on this machine, and why
     "ray start": "starts a Ray cluster",
     "--engine ray": "needs a Ray cluster (tests/test_ray.py runs the Ray engine)",
     "SLURM_ARRAY_TASK_ID": "needs a Slurm job array",
+    "invoice_number": "the random stand-in model never ends a free-text field (exit 5, schema_truncated): "
+                      "tests/test_schema.py runs --schema",
+    "invoice.schema.json": "the random stand-in model never ends a free-text field (exit 5, schema_truncated): "
+                           "tests/test_schema.py runs --schema",
 }
 
 

@@ -112,3 +112,38 @@ def test_serve_help_reads_like_the_other_commands():
     assert text.splitlines()[0] == "Usage: idefics serve [OPTIONS]"
     assert not re.search(r"<(str|int|float|list\[str\]|int range)>|\[\[|\{", text), text
     assert "--api-key KEY" in text and "--max-batch N" in text and "--cache-mb MB" in text
+
+
+# ---- response_format (structured output) ------------------------------------------------------------------
+def test_response_format_kinds():
+    from idefics_cli import structured as st
+
+    messages = [{"role": "user", "content": "Fields?"}]
+    assert parse({"messages": messages}).schema is None
+    assert parse({"messages": messages, "response_format": {"type": "text"}}).schema is None
+    assert parse({"messages": messages, "response_format": {"type": "json_object"}}).schema == st.permissive_object()
+    schema = {"type": "object", "properties": {"total": {"type": "number"}}, "required": ["total"]}
+    req = parse({"messages": messages, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "invoice", "strict": True, "schema": schema}}})
+    assert req.schema.schema == schema and req.schema.sha256 == st.parse_schema("total float").sha256
+    assert req.messages == [{"role": "user", "content": [{"type": "text", "text": "Fields?"}]}]  # unchanged
+
+
+@pytest.mark.parametrize("fmt, param, says", [
+    ({"type": "xml"}, "response_format.type", "text, json_object or json_schema"),
+    ("json", "response_format.type", "text, json_object or json_schema"),
+    ({"type": "json_schema"}, "response_format.json_schema", "an object with a schema"),
+    ({"type": "json_schema", "json_schema": {"name": "x"}}, "response_format.json_schema.schema", "JSON Schema"),
+    ({"type": "json_schema", "json_schema": {"name": 3, "schema": {}}}, "response_format.json_schema.name", "string"),
+    ({"type": "json_schema", "json_schema": {"strict": "yes", "schema": {}}}, "response_format.json_schema.strict",
+     "true or false"),
+    ({"type": "json_schema", "json_schema": {"schema": {"type": "array", "uniqueItems": True}}},
+     "response_format.json_schema.schema", "keyword 'uniqueItems' at /uniqueItems"),
+    ({"type": "json_schema", "json_schema": {"schema": {"type": "objekt"}}}, "response_format.json_schema.schema",
+     "invalid JSON Schema"),
+])
+def test_bad_response_formats_are_usage_errors_naming_their_param(fmt, param, says):
+    with pytest.raises(RequestError) as info:
+        parse({"messages": [{"role": "user", "content": "Fields?"}], "response_format": fmt})
+    assert (info.value.code, info.value.param) == ("usage", param) and says in info.value.message
+    assert "--schema" not in info.value.message

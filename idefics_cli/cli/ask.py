@@ -3,7 +3,11 @@
 Contract: every chosen page of every document becomes one image in a single user turn (images first,
 then the question), answered greedily and streamed piece by piece to stdout; `--json` prints the answer
 object of docs/formats.md instead (its `warnings` are the pages' warning codes; in text mode each is a line
-on stderr); `--each-page` asks each page on its own (NDJSON with `--json`).
+on stderr); `--each-page` asks each page on its own (NDJSON with `--json`). `--schema` (checked first, a usage
+error before anything is opened) constrains the answer to a JSON Schema: text mode prints the JSON object
+(not streamed), `--json` adds `data` and `schema_sha256`; an answer without valid JSON (cut by
+--max-new-tokens, or not validating) prints an error line (text) or `"data": null` and `error` (JSON), and
+the command exits 5.
 Documents are opened, page specs checked and every chosen page decoded before the model loads, so input
 errors are instant. The work is the library's (selection.py, `Engine.ask`, the `Response` of response.py);
 this module parses the command line and prints.
@@ -24,6 +28,7 @@ EPILOG = """Examples:
   idefics ask report.pdf scan.png --pages 1-3 "Which year had the highest revenue?" --json | jq -r .answer
   cat receipt.jpg | idefics ask - "What is the merchant's name?"
   idefics ask report.pdf --each-page "What is this page about?" --json
+  idefics ask invoice.pdf "Extract the invoice fields" --schema 'vendor, total float, due_date'
 """
 
 
@@ -36,6 +41,7 @@ def ask(
     password: o.Password = None,
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object (schema idefics-cli.answer/1).")] = False,
     each_page: Annotated[bool, typer.Option("--each-page", help="Ask every page separately.")] = False,
+    schema: o.SchemaOpt = None,
     model: o.Model = o.DEFAULT_MODEL,
     revision: o.Revision = None,
     quant: o.QuantOpt = o.Quant.bit4,
@@ -50,14 +56,19 @@ def ask(
 
     out = Output()
     opts = o.model_options(model, revision, quant, dtype, device, offline, split, max_new_tokens)
-    o.run_and_exit(lambda: _ask(out, docs_and_question, pages, dpi, password, json_, each_page, opts), out)
+    o.run_and_exit(lambda: _ask(out, docs_and_question, pages, dpi, password, json_, each_page, opts, schema), out)
 
 
-def _ask(out, args, pages, dpi, password, as_json, each_page, opts) -> int:
+def _ask(out, args, pages, dpi, password, as_json, each_page, opts, schema_value=None) -> int:
     from ..errors import UsageError, warning_line
     from ..model import load
     from ..selection import check_question, open_pages
 
+    schema = None
+    if schema_value is not None:
+        from ..structured import parse_schema
+
+        schema = parse_schema(schema_value)  # a bad schema is a usage error before anything is opened
     if len(args) < 2:
         raise UsageError("give at least one document and a question", 'e.g. idefics ask doc.pdf "What is this?"')
     *paths, question = args
@@ -65,11 +76,14 @@ def _ask(out, args, pages, dpi, password, as_json, each_page, opts) -> int:
     selection = open_pages(paths, pages, password=password, dpi=dpi, status=out.status)  # before the model loads
     with out.status(f"Loading {opts.model} ({opts.quant})…"):
         engine = load(opts)
+    status = 0
     for group in selection.each_page() if each_page else [selection]:
         with out.status(f"Preparing {len(group)} page(s)…"):
-            response = engine.ask(group, question)
+            response = engine.ask(group, question, schema=schema)
         if as_json:
             out.json_line(response.to_dict())
+            if response.schema_error is not None:
+                status = status or int(response.schema_error.exit_status)
             continue
         for path, page, code in group.page_warnings():
             out.warn(warning_line(code, path, page))
@@ -77,5 +91,27 @@ def _ask(out, args, pages, dpi, password, as_json, each_page, opts) -> int:
         if each_page:
             where = f"{group.pages[0].doc.path} page {group.pages[0].page}: "
             out.write(f"==> {group.pages[0].doc.path} [page {group.pages[0].page}] <==\n")
-        out.stream(response, where)
+        if schema is None:
+            out.stream(response, where)
+        else:
+            status = _print_data(out, response, where) or status
+    return status
+
+
+def _print_data(out, response, where: str) -> int:
+    """`--schema` in text mode: the JSON object on stdout, or an error line (exit status 5) when there is none."""
+    import json
+
+    try:
+        with out.status("Thinking…"):
+            _ = response.text  # read the whole answer (under the spinner)
+    except BaseException:
+        response.close()
+        raise
+    err = response.schema_error
+    if err is not None:
+        err.path = where.removesuffix(": ") or None
+        out.error(err)
+        return int(err.exit_status)
+    out.write(json.dumps(response.data, ensure_ascii=False) + "\n")
     return 0

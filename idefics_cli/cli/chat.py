@@ -9,6 +9,8 @@ Ctrl-D leaves; an answer stopped by Ctrl-C stays in the conversation as far as i
 `"interrupted": true` (so in `/save` too). When stdin is not a terminal: one question (or /command) per input
 line, and one JSON answer per output line (schema `idefics-cli.answer/1` plus `"turn"`); a bad line is one
 error line on stderr and the conversation goes on (the exit status is then that of the first failed line).
+`--schema` (checked before the document is opened) constrains every answer to a JSON Schema: the JSON lines
+get `data` and `schema_sha256`; an answer without valid JSON is also an error line (exit status 5).
 The session is the library's (conversation.py: `ChatSession`, its answers the `Response` of response.py); this
 module parses the command line and runs the REPL.
 """
@@ -28,6 +30,7 @@ EPILOG = """Examples:
   idefics chat report.pdf --pages 1-2
   printf 'What is the title?\\nWho wrote it?\\n' | idefics chat report.pdf -p 1 | jq -r .answer
   printf 'Total?\\n/pages 2\\nAnd on this page?\\n/save chat.json\\n' | idefics chat invoice.pdf -p 1
+  echo 'Extract the invoice fields' | idefics chat invoice.pdf --schema 'vendor, total float'
 
 \b
 In the chat:  /pages SPEC · /reset · /save FILE.json · /help · Ctrl-D to leave
@@ -44,6 +47,7 @@ def chat(
     pages: o.Pages = None,
     dpi: o.Dpi = None,
     password: o.Password = None,
+    schema: o.SchemaOpt = None,
     model: o.Model = o.DEFAULT_MODEL,
     revision: o.Revision = None,
     quant: o.QuantOpt = o.Quant.bit4,
@@ -58,15 +62,20 @@ def chat(
 
     out = Output()
     opts = o.model_options(model, revision, quant, dtype, device, offline, split, max_new_tokens)
-    o.run_and_exit(lambda: Session(out, doc, pages, dpi, password, opts).run(), out)
+    o.run_and_exit(lambda: Session(out, doc, pages, dpi, password, opts, schema).run(), out)
 
 
 class Session:
     """The REPL around a library `ChatSession`: reads lines, runs /commands, prints answers."""
 
-    def __init__(self, out, path, pages, dpi, password, opts):
+    def __init__(self, out, path, pages, dpi, password, opts, schema=None):
         from ..conversation import ChatSession
 
+        self.schema = None
+        if schema is not None:
+            from ..structured import parse_schema
+
+            self.schema = parse_schema(schema)  # a usage error before the document is opened
         if path == "-" and sys.stdin is not None and not sys.stdin.isatty():
             raise_usage("chat reads questions from stdin, so the document cannot come from stdin too")
         self.out, self.opts = out, opts
@@ -87,7 +96,7 @@ class Session:
         try:
             with self.out.status(f"Loading {self.opts.model} ({self.opts.quant})…"):
                 engine = load(self.opts)
-            self.chat.start(engine)
+            self.chat.start(engine, schema=self.schema)
             if self.interactive:
                 return self._interactive()
             return self._scripted()
@@ -207,13 +216,15 @@ class Session:
         response = self.chat.ask(question)
         if not self.interactive:
             self.out.json_line(response.to_dict())
-            return
-        try:
-            self.out.stream(response)
-        except Terminated:
-            raise
-        except KeyboardInterrupt:  # the answer so far is in the conversation, marked interrupted
-            raise AnswerInterrupted from None
+        else:
+            try:
+                self.out.stream(response)
+            except Terminated:
+                raise
+            except KeyboardInterrupt:  # the answer so far is in the conversation, marked interrupted
+                raise AnswerInterrupted from None
+        if response.schema_error is not None:  # --schema: the turn stays; the line counts as failed
+            raise response.schema_error
 
 
 class Terminated(KeyboardInterrupt):

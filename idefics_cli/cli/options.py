@@ -91,6 +91,10 @@ Pages = Annotated[str | None, typer.Option("--pages", "-p", metavar="SPEC", rich
 Dpi = Annotated[int | None, typer.Option(min=10, max=1200, rich_help_panel=DOC_PANEL,
                                          help="Render PDFs at this DPI (default: longest side 1960 px).")]
 Password = Annotated[str | None, typer.Option(help="Password for encrypted PDFs.", rich_help_panel=DOC_PANEL)]
+SchemaOpt = Annotated[str | None, typer.Option("--schema", metavar="SCHEMA",
+                                               help="Answer as JSON valid against this JSON Schema: a file, inline "
+                                                    "JSON, or fields 'vendor, total float, paid bool' (types str, "
+                                                    "int, float, bool). Needs idefics-cli[schema].")]
 
 
 def max_new_tokens_option(default: int):

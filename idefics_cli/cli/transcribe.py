@@ -5,7 +5,8 @@ are walked, filtered by `--shard`, and every chosen page is transcribed once per
 records file (or folder) is resumed, `--force` redoes pages. When no chosen page is left for the model (a
 rerun of a finished job), the model is never loaded (no torch import). Without `--out`, JSONL goes to
 stdout when it is piped and readable text when it is a terminal. Progress and the final summary go to
-stderr. Exit 0 all done, 3 partial, 4 nothing readable.
+stderr. Exit 0 all done, 3 partial, 4 nothing readable. `--schema` (checked when the request is made, before
+anything is walked) constrains every page's answer to a JSON Schema: records get `data`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ EPILOG = """Examples:
   idefics transcribe invoices/ | jq -r 'select(.status=="ok") | .text'
   idefics transcribe scans/ --out transcripts/          # run again: picks up where it stopped
   idefics transcribe big/ --out part3.jsonl --shard 3/8  # one job of an array of 8
+  idefics transcribe invoices/ --schema invoice.schema.json --out invoices.jsonl
 """
 
 
@@ -49,6 +51,7 @@ def transcribe(
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster to join (default: RAY_ADDRESS, else a "
                                                          "local Ray).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+    schema: o.SchemaOpt = None,
     pages: o.Pages = None,
     dpi: o.Dpi = None,
     password: o.Password = None,
@@ -69,14 +72,14 @@ def transcribe(
     output = Output(quiet=quiet)
     opts = o.model_options(model, revision, quant, dtype, device, offline, split, max_new_tokens)
     o.run_and_exit(lambda: _transcribe(output, paths, out, prompt, batch_size, force, shard, engine, pages,
-                   dpi, password, opts, ray_address), output)
+                   dpi, password, opts, ray_address, schema), output)
 
 
 def _transcribe(output, paths, out, prompt, batch_size, force, shard, engine_name, pages, dpi, password, opts,
-                ray_address=None):
+                ray_address=None, schema=None):
     from ..transcription import TranscribeRequest, Transcription
 
     request = TranscribeRequest(tuple(paths), out, opts, prompt=prompt, pages=pages, dpi=dpi, password=password,
                                 batch_size=batch_size, force=force, shard=shard, engine=engine_name,
-                                ray_address=ray_address)
+                                ray_address=ray_address, schema=schema)
     return Transcription(request, output=output).run()

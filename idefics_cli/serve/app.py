@@ -269,7 +269,7 @@ def _prepare(state: ServerState, body, loop):
     finally:
         req.close()
     job = Job(ids, req.images, max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-              stop=req.stop, loop=loop)
+              stop=req.stop, loop=loop, schema=req.schema)
     req.images = []
     return req, job
 

@@ -18,6 +18,9 @@ Contract (so the server can follow the library's API when it changes, by editing
   rows join (`add`) and leave (`keep`) between steps, so a finished row frees its place at once.
 - `free_memory(device)`: free GPU memory on CUDA, else available RAM (sizes the prefix cache).
 - `tokens_per_image(engine)`: what one image adds to a prompt (to refuse a prompt before rendering).
+- `row_grammar(engine, schema)`: a constrained row's grammar state (structured.RowGrammar; its `accept(token)`
+  moves it on); `constrain(logits, grammars)` masks in place each row of the logits whose grammar is not None
+  (the rows of one step, filled by one batched matcher call): `response_format`.
 - `suppressed_ids(engine)`: single-token `bad_words_ids` of the generation config (masked as `generate` does);
   `eos_ids(engine)`, `decode(engine, ids)`.
 torch is imported inside functions only.
@@ -65,6 +68,18 @@ def image_token_id(engine) -> int:
 def suppressed_ids(engine) -> list[int]:
     bad = getattr(engine.model.generation_config, "bad_words_ids", None) or []
     return [words[0] for words in bad if len(words) == 1]
+
+
+def row_grammar(engine, schema):
+    from ..structured import row_grammar as make
+
+    return make(engine, schema)
+
+
+def constrain(logits, grammars: list) -> None:
+    from ..structured import mask_rows
+
+    mask_rows(logits, grammars)
 
 
 def decode(engine, ids: list[int]) -> str:

@@ -17,7 +17,12 @@ Contract:
 - Generation: `max_completion_tokens` or `max_tokens` (1..32768; default the server's --max-new-tokens),
   `temperature` (0..2) with `top_p` (0..1] and `seed`; temperature 0 or absent is greedy. `stop`: a string or
   up to 4. `stream`, `stream_options.include_usage`. `n` other than 1, tools and functions are refused.
-Nothing here imports torch.
+- `response_format` (`ChatRequest.schema`, a structured.Schema or None): `{"type": "text"}` (the default),
+  `{"type": "json_object"}` (any JSON object: structured.permissive_object) or `{"type": "json_schema",
+  "json_schema": {"name", "schema", "strict"}}` (checked as `--schema` is: a schema the grammar cannot enforce
+  is a 400 `usage` naming the keyword; `strict` is accepted either way: the schema is always enforced). The
+  messages are not changed: as with OpenAI, tell the model in the prompt what to answer.
+Only a `json_schema` schema's grammar check imports xgrammar (and so torch); nothing else here does.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class ChatRequest:
     include_usage: bool = False
     images: list = field(default_factory=list)  # PIL images, after render()
     warnings: list[str] = field(default_factory=list)
+    schema: object = None  # structured.Schema from response_format, or None
 
     @property
     def greedy(self) -> bool:
@@ -115,15 +121,47 @@ def parse(body, *, max_images: int | None = None) -> ChatRequest:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise bad("stream_options must be an object", "stream_options")
+    schema = response_format(body.get("response_format"))
     req = ChatRequest(messages=[], max_tokens=max_tokens, temperature=float(temperature),
                       top_p=float(1.0 if top_p is None else top_p), seed=seed, stop=stop, stream=bool(stream),
-                      include_usage=bool(options.get("include_usage")))
+                      include_usage=bool(options.get("include_usage")), schema=schema)
     try:
         _messages(body.get("messages"), req, max_images)
     except BaseException:
         req.close()
         raise
     return req
+
+
+def response_format(value):
+    """`response_format` -> a structured.Schema, or None for text."""
+    from .. import structured
+
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return structured.permissive_object()
+    if kind != "json_schema":
+        raise bad("response_format.type must be text, json_object or json_schema", "response_format.type")
+    inner = value.get("json_schema")
+    if not isinstance(inner, dict):
+        raise bad("response_format.json_schema must be an object with a schema", "response_format.json_schema")
+    name, strict, schema = inner.get("name"), inner.get("strict"), inner.get("schema")
+    if name is not None and not isinstance(name, str):
+        raise bad("response_format.json_schema.name must be a string", "response_format.json_schema.name")
+    if strict is not None and not isinstance(strict, bool):
+        raise bad("response_format.json_schema.strict must be true or false", "response_format.json_schema.strict")
+    if not isinstance(schema, dict):
+        raise bad("response_format.json_schema.schema must be a JSON Schema object",
+                  "response_format.json_schema.schema")
+    try:
+        return structured.as_schema(schema)
+    except IdeficsError as err:
+        raise RequestError(err.code, err.message.replace("--schema", "response_format.json_schema.schema"),
+                           "response_format.json_schema.schema", err.hint) from None
 
 
 def _messages(messages, req: ChatRequest, max_images: int | None) -> None:

@@ -16,6 +16,9 @@ Contract:
   temperature, softmax sampling with top-p from a generator seeded by `seed`. Text is decoded from all answer
   tokens so far and emitted only when it is stable (no partial UTF-8 character, no possible start of a stop
   string); a stop string ends the answer before it.
+- A job with a `schema` (`response_format`) gets its own grammar state when it is admitted: at every step,
+  its row of the logits is masked to the tokens its grammar allows (before the argmax or the sampling; rows
+  without a schema are left alone), and the token it takes moves its grammar on.
 - The worker never dies of a job: an exception fails the jobs it touched (`errors.classify`) and it goes on.
 """
 
@@ -38,8 +41,10 @@ class QueueFull(Exception):
 class Job:
     def __init__(self, ids: list[int], images: list, max_tokens: int, *, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
-                 loop: asyncio.AbstractEventLoop | None = None):
+                 loop: asyncio.AbstractEventLoop | None = None, schema=None):
         self.ids, self.images, self.max_tokens = ids, images, max_tokens
+        self.schema = schema  # structured.Schema or None
+        self.grammar = None  # its RowGrammar once admitted
         self.temperature, self.top_p, self.seed, self.stop = temperature, top_p, seed, list(stop or [])
         self.loop = loop
         self.events: asyncio.Queue = asyncio.Queue()
@@ -168,6 +173,8 @@ class Scheduler:
             job.finish("cancelled")
             return
         try:
+            if job.schema is not None:
+                job.grammar = backend.row_grammar(self.engine, job.schema)
             logits, kv = self._prefill(job)
             job.images = []
             token = self._choose(logits[None], [job])[0]
@@ -237,6 +244,8 @@ class Scheduler:
 
         if self.suppressed:
             logits[:, self.suppressed] = float("-inf")
+        if any(job.grammar is not None for job in jobs):
+            backend.constrain(logits, [job.grammar for job in jobs])
         out = []
         for row, job in zip(logits, jobs):
             if not job.temperature:
@@ -258,6 +267,8 @@ class Scheduler:
         """One new token of a job: update its text, emit what is stable, decide whether it has ended."""
         if job.first_token_s is None:
             job.first_token_s = time.perf_counter() - job.submitted
+        if job.grammar is not None:
+            job.grammar.accept(token)
         job.token_ids.append(token)
         ended = None
         if token in self.eos:
