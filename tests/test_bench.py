@@ -17,7 +17,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"help": False, "ask": True, "transcribe": True, "memory": True, "shapes": True, "pages": True,
-           "decompose": True, "gpu": False}  # name -> takes --model
+           "decompose": True, "gpu": False, "serve": True}  # name -> takes --model
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +92,13 @@ def test_pages_smoke(smoke):
     assert re.search(r"2 portrait pages \(baseline\)\s*\|\s*640\s*\|", out)  # image tokens: 2 pages x 320 (split)
 
 
+def test_serve_smoke(smoke):
+    out = finished(smoke, "serve")
+    assert "P8 second question over the same page" in out and "P9 8 one-page requests" in out
+    assert "P10 idefics ask over one page" in out and "idefics ask --server (page not cached)" in out
+    assert "answers identical: yes" in out
+
+
 def test_gpu_smoke(smoke):
     out = finished(smoke, "gpu")
     import torch
@@ -102,6 +109,7 @@ def test_gpu_smoke(smoke):
         assert out.startswith("P5 skipped: no CUDA GPU") and "P5 ask over 3 pages on the CPU" in out
         assert "first new token identical: " in out and "idefics ask (chunked" in out
         assert "P3 decomposition on the CPU (smoke)" in out and "vision tower + connector" in out
+        assert "P8 second question over the same page on the CPU (smoke: tiny model)" in out and "P9 8 one-page" in out
 
 
 def test_pymupdf_compare_runs_and_an_install_matches_itself(tmp_path):

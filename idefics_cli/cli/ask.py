@@ -6,7 +6,8 @@ object of docs/formats.md instead (its `warnings` are the pages' warning codes; 
 on stderr); `--each-page` asks each page on its own (NDJSON with `--json`).
 Documents are opened, page specs checked and every chosen page decoded before the model loads, so input
 errors are instant. The work is the library's (selection.py, `Engine.ask`, the `Response` of response.py);
-this module parses the command line and prints.
+this module parses the command line and prints. With `--server URL` (IDEFICS_SERVER) the pages are still
+rendered here and a running `idefics serve` answers (client.py): the same text, JSON and exit statuses.
 """
 
 from __future__ import annotations
@@ -44,18 +45,20 @@ def ask(
     offline: o.Offline = False,
     split: o.Split = True,
     max_new_tokens: o.max_new_tokens_option(o.ANSWER_TOKENS) = o.ANSWER_TOKENS,
+    server: o.Server = None,
+    api_key: o.ApiKey = None,
 ) -> None:
     """Ask a question about the pages of one or more documents; the answer streams to stdout."""
     from ..output import Output
 
     out = Output()
     opts = o.model_options(model, revision, quant, dtype, device, offline, split, max_new_tokens)
-    o.run_and_exit(lambda: _ask(out, docs_and_question, pages, dpi, password, json_, each_page, opts), out)
+    o.run_and_exit(lambda: _ask(out, docs_and_question, pages, dpi, password, json_, each_page, opts, server,
+                                api_key), out)
 
 
-def _ask(out, args, pages, dpi, password, as_json, each_page, opts) -> int:
+def _ask(out, args, pages, dpi, password, as_json, each_page, opts, server=None, api_key=None) -> int:
     from ..errors import UsageError, warning_line
-    from ..model import load
     from ..selection import check_question, open_pages
 
     if len(args) < 2:
@@ -63,8 +66,7 @@ def _ask(out, args, pages, dpi, password, as_json, each_page, opts) -> int:
     *paths, question = args
     check_question(question)
     selection = open_pages(paths, pages, password=password, dpi=dpi, status=out.status)  # before the model loads
-    with out.status(f"Loading {opts.model} ({opts.quant})…"):
-        engine = load(opts)
+    engine = o.engine(opts, server, api_key, out)  # loaded here, or a running server's (--server)
     for group in selection.each_page() if each_page else [selection]:
         with out.status(f"Preparing {len(group)} page(s)…"):
             response = engine.ask(group, question)
