@@ -257,7 +257,7 @@ class RemoteEngine:
                 "max_tokens": max_new_tokens or self.options.max_new_tokens}
         if stream:
             body.update(stream=True, stream_options={"include_usage": True})
-        return json.dumps(body, ensure_ascii=False).encode()
+        return json.dumps(body).encode()  # ASCII: text the server cannot take (a lone surrogate) is its 400, not ours
 
     def _models(self) -> dict:
         deadline = time.monotonic() + LOAD_WAIT_S

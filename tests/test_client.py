@@ -47,7 +47,7 @@ def started(sharp_model):
 
 @pytest.fixture(scope="module")
 def local(sharp_model, docs, started):
-    """The local runs (each loads the model), made while the server starts."""
+    """The local runs (each loads the model), made while the server starts; and one early client of it."""
     model = ["--model", sharp_model, *FLAGS]
     runs = {
         "json": (["ask", docs["pdf"], "--pages", "1-2", QUESTION, "--json", *model], None),
@@ -55,8 +55,14 @@ def local(sharp_model, docs, started):
         "transcribe": (["transcribe", docs["pdf"], "--out", str(docs["root"] / "local.jsonl"), *model], None),
         "chat": (["chat", docs["png"], *model], TURNS),
     }
-    with ThreadPoolExecutor(2) as pool:
-        futures = {k: pool.submit(run_idefics, *args, input=stdin) for k, (args, stdin) in runs.items()}
+
+    def early():  # a client started as soon as the server listens: it waits while the model loads
+        assert started._seen.wait(240) and started.url, "\n".join(started.lines)
+        return run_idefics("ask", docs["png"], QUESTION, "--server", started.url, "--api-key", KEY, *TOKENS)
+
+    with ThreadPoolExecutor(3) as pool:
+        futures = {"early": pool.submit(early)}
+        futures.update({k: pool.submit(run_idefics, *args, input=stdin) for k, (args, stdin) in runs.items()})
         out = {k: f.result() for k, f in futures.items()}
     for k, res in out.items():
         assert res.returncode == 0, (k, res.stderr.decode())
@@ -197,3 +203,11 @@ def test_server_urls_are_normalized_and_checked():
     for bad in ("ftp://h:1", "http://", "http://h:notaport"):
         with pytest.raises(UsageError):
             normalize_url(bad)
+
+
+def test_a_client_started_while_the_server_loads_waits_for_it(server, local):
+    """`ask --server` run as soon as the server listened (while its model loaded: /v1/models answers 503 `loading`)
+    waits for the model and answers as the local run does."""
+    assert local["early"].stdout == local["text"].stdout
+    waited = [line for line in server.lines if line.startswith("GET /v1/models 503")]
+    print(f"the early client was refused {len(waited)} time(s) while the model loaded")
