@@ -211,3 +211,17 @@ def test_a_client_started_while_the_server_loads_waits_for_it(server, local):
     assert local["early"].stdout == local["text"].stdout
     waited = [line for line in server.lines if line.startswith("GET /v1/models 503")]
     print(f"the early client was refused {len(waited)} time(s) while the model loaded")
+
+
+def test_server_options_are_checked_before_connecting(cli, docs):
+    result = cli("transcribe", "x.pdf", "--server", "http://127.0.0.1:9", "--engine", "ray")
+    assert result.exit_code == 2 and "--server and --engine ray cannot be combined" in result.stderr
+    result = cli("ask", docs["png"], "Q?", "--server", "ftp://127.0.0.1:9")
+    assert result.exit_code == 2 and "is not an http(s) URL" in result.stderr
+
+
+def test_a_model_option_the_server_does_not_serve_is_reported(server, local, docs):
+    res = remote(server, "ask", docs["png"], QUESTION, "--model", "someone/other-model")
+    assert res.returncode == 0, res.stderr.decode()
+    assert res.stdout == local["text"].stdout
+    assert f"--model someone/other-model is not used: the server at {server.url} serves " in res.stderr.decode()
