@@ -8,13 +8,13 @@ bf16 compute, split on: the user's path) and, as the baseline, in bf16 without q
 run the CLI's transcription pipeline (prefetch + batches at `Engine.auto_batch_size()`); the model card's
 plain snippet (render, processor, generate, one page at a time) runs on the same 4-bit model as the
 pages/min baseline. Targets: 4-bit peak VRAM <= 6.0 GiB; 4-bit pages/min >= 2x the snippet's. Without
-CUDA it says so and exits 0. Meant to finish in under 6 minutes on one H200.
+CUDA it says so and exits 0. Meant to finish in under 6 minutes on one H200 (P8 and P9, last, add 2 to 3).
 
 Then one question over `--ask-pages` pages (25: a report) on the 4-bit model: the CLI's path (the vision
 tower over bounded same-shape chunks) against the model card's (one processor call, every image padded into
 one `pixel_values`, one `generate`): peak VRAM (weights included; target under 12 GiB, so that a 16 GB card
 can do it) and time to first token (from the rendered pages to the first new token), or the plain path's
-out-of-memory. `--smoke` without CUDA runs this comparison alone, on the CPU: 3 small pages, the tiny model.
+out-of-memory. `--smoke` without CUDA runs this comparison, on the CPU: 3 small pages, the tiny model.
 
 Then P3's decomposition (bench/decompose.py) on the 4-bit model: seconds per page to render, preprocess, run the
 vision tower + connector, prefill and decode, at batch 1 and 8, and the bound on what batching can give.
@@ -23,6 +23,9 @@ Then P11 on the 4-bit model (bench/schema.py's measure at this shape): decode to
 grammar (`--schema`, structured.py) against without, at batch 1 and 8, interleaved; decode = rows x steps / the
 time between the first and the last decode step (a timestamp processor after the grammar's, with a CUDA sync),
 so the prefill is left out. Target: >= 0.90x. `--smoke` without CUDA runs it too (batch 1 and 2, 4 tokens).
+Last, bench/serve.py's P8 and P9 through an `idefics serve` child process on the GPU with the same model (4-bit): a
+second question over a cached page, time to first token <= 0.15x the first's; 8 one-page requests at once, wall
+<= 0.5x the same sent one after another. `--smoke` without CUDA runs them too, on the CPU with the tiny model.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import time
 
 import common as c
 import decompose
+import serve
 import stages
 
 
@@ -254,6 +258,19 @@ def measure(label: str, model_dir: str, quant: str, pdf: str, args, tmp: str, sn
     return row
 
 
+def serve_p8_p9(model_dir: str, pdf: str, reps: int, new_tokens: int, device: str, smoke: bool) -> dict:
+    """bench/serve.py's P8 and P9 on this model: an `idefics serve` child process on `device` (4-bit unless smoke)."""
+    import base64
+
+    with open(pdf, "rb") as f:
+        data = base64.b64encode(f.read()).decode()
+    server = serve.Server(model_dir, new_tokens, smoke, device=device)
+    try:
+        return serve.p8_p9(server, data, iter(range(1, reps * 17 + 1)), reps)
+    finally:
+        server.close()
+
+
 def main(argv=None) -> int:
     p = c.parser(__doc__, reps=3)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -283,9 +300,11 @@ def main(argv=None) -> int:
             gc.collect()
             torch.cuda.empty_cache()
             print(f"  built and saved the random model in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-        pdf = c.make_pdf(os.path.join(tmp, "doc.pdf"), max(32 * args.batches, args.snippet_pages, args.ask_pages))
+        pdf = c.make_pdf(os.path.join(tmp, "doc.pdf"), max(32 * args.batches, args.snippet_pages, args.ask_pages,
+                                                                   17 * args.reps))
         bf16 = measure("bf16, no quantization", model_dir, "none", pdf, args, tmp, snippet=False)
         nf4 = measure("4-bit nf4, split", model_dir, "4bit", pdf, args, tmp, snippet=True)
+        served = serve_p8_p9(model_dir, pdf, args.reps, args.max_new_tokens, "cuda", args.smoke)
     rows = []
     for r in (bf16, nf4):
         rows.append([r["label"], f"{r['peak']:.2f} GiB ({r['reserved']:.2f} reserved)", f"{r['load']:.0f} s",
@@ -304,6 +323,8 @@ def main(argv=None) -> int:
     decompose.report([nf4["stages"]], [1, 8], 16, args.max_new_tokens, f" on {torch.cuda.get_device_name()}, 4-bit")
     schema_table(f"P11 decode tokens/s with and without a schema, 4-bit nf4, {torch.cuda.get_device_name()} "
                  f"({args.max_new_tokens} new tokens, median of {args.reps})", nf4["schema"])
+    serve.p8_p9_tables(served, args.reps, args.max_new_tokens, f" on {torch.cuda.get_device_name()}, 4-bit nf4, "
+                       f"{'tiny' if args.smoke else 'full'} shape")
     c.footer()
     return 0
 
@@ -322,9 +343,12 @@ def cpu_smoke(args) -> None:
         plain = ask_pages(engine, pdf, 3, plain=True, dpi=72)
         times = stage_times(engine, pdf, 3, 4, [1, 2], dpi=72)
         schema = schema_decode(engine, pdf, [1, 2], 4, 1, dpi=72)
+        del engine
+        served = serve_p8_p9(model_dir, c.make_pdf(os.path.join(tmp, "serve.pdf"), 17), 1, 4, "cpu", smoke=True)
     ask_table("P5 ask over 3 pages on the CPU (smoke: tiny model, no VRAM)", 3, cli, plain)
     decompose.report([times], [1, 2], 3, 4, " on the CPU (smoke)")
     schema_table("P11 decode tokens/s with and without a schema on the CPU (smoke)", schema)
+    serve.p8_p9_tables(served, 1, 4, " on the CPU (smoke: tiny model)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""P8 and P9: `idefics serve`'s prefix cache and batching, through HTTP, against the same server's own baseline.
+"""P8, P9 and P10: `idefics serve`'s prefix cache, batching and the CLI as its client, against same-run baselines.
 
     python bench/serve.py [--reps N] [--max-new-tokens 64] [--smoke] [--model DIR]
 
@@ -9,12 +9,17 @@ streamed chat completions over pages of a generated invoice PDF, sent as `file` 
   Every round uses a page the server has not seen.
 - P9: 8 one-page requests (8 pages not seen before) sent at once, against 8 others sent one after another:
   total wall of the concurrent 8 <= 0.5x the sequential 8. Rounds alternate which side goes first.
-Figures are medians over --reps rounds. Only the driver's HTTP timing is measured; the server stays loaded.
+- P10: `idefics ask --server URL PAGE Q` (the CLI as a client: no torch, a page the server has not seen) against a
+  cold `idefics ask PAGE Q` (loads the model): wall from spawn to exit of each, <= 0.25x. Both answer the same
+  page; their answers are compared. Rounds alternate which side goes first.
+Figures are medians over --reps rounds. P8 and P9 time the driver's HTTP requests, P10 child processes; the
+server stays loaded.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import signal
@@ -31,11 +36,11 @@ FOLLOW_UP = "What is the invoice number on this page?"
 
 
 class Server:
-    def __init__(self, model: str, max_new_tokens: int, smoke: bool):
-        cmd = [*c.idefics_cmd(), "serve", "--model", model, "--device", "cpu", "--port", "0", "--max-batch", "8",
+    def __init__(self, model: str, max_new_tokens: int, smoke: bool, device: str = "cpu"):
+        cmd = [*c.idefics_cmd(), "serve", "--model", model, "--device", device, "--port", "0", "--max-batch", "8",
                "--max-queue", "64", "--max-new-tokens", str(max_new_tokens)]
         if smoke:
-            cmd += ["--quant", "none"]
+            cmd += ["--quant", "none", "--no-split"]  # the smoke only checks that the code runs: 1 crop a page
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=c.env(), cwd=c.ROOT)
         self.url = None
         self.lines: list[str] = []
@@ -100,15 +105,92 @@ def ask(url: str, pdf_b64: str, page: int, question: str) -> tuple[float, float,
     return (first if first is not None else wall), wall, "".join(pieces)
 
 
+def p10(server: Server, model: str, pdf: str, pages: list[int], n: int, smoke: bool) -> tuple[list, list, list]:
+    """P10: `idefics ask --server` (a page the server has not seen) against a cold `idefics ask` of the same page
+    (model loading included), each a child process timed from spawn to exit; rounds alternate which goes first."""
+    local_flags = ["--model", model, "--device", "cpu", "--max-new-tokens", str(n)]
+    local_flags += ["--quant", "none", "--no-split"] if smoke else []  # as the server (Server)
+    rounds = iter(pages)
+    cold, warm, same = [], [], []
+
+    def one_round():
+        page = next(rounds)
+        args = ["ask", pdf, "--pages", str(page), c.QUESTION, "--json"]
+        answers = {}
+
+        def run_cold():
+            r = c.run([*c.idefics_cmd(), *args, *local_flags])
+            cold.append(r.wall)
+            answers["cold"] = json.loads(r.stdout)["answer"]
+
+        def run_server():
+            r = c.run([*c.idefics_cmd(), *args, "--server", server.url, "--max-new-tokens", str(n)])
+            warm.append(r.wall)
+            answers["server"] = json.loads(r.stdout)["answer"]
+
+        first, second = (run_cold, run_server) if len(cold) % 2 == 0 else (run_server, run_cold)
+        first()
+        second()
+        same.append(answers["cold"] == answers["server"])
+        print(f"  P10 round {len(cold)}: cold {cold[-1]:.2f} s, --server {warm[-1]:.2f} s", file=sys.stderr)
+
+    for _ in pages:
+        one_round()
+    return cold, warm, same
+
+
+def p8_p9(server: Server, data: str, fresh, reps: int) -> dict:
+    """P8 and P9 on a started server over the base64 PDF `data`, each round on pages from `fresh` not seen before:
+    {"first", "second"} (time to first token) and {"sequential", "concurrent"} (wall of 8 requests), per round."""
+    first, second = [], []
+    for k in range(reps):
+        page = next(fresh)
+        first.append(ask(server.url, data, page, c.QUESTION)[0])
+        second.append(ask(server.url, data, page, FOLLOW_UP)[0])
+        print(f"  P8 round {k + 1}/{reps}: {first[-1]:.2f} s then {second[-1]:.2f} s", file=sys.stderr)
+    sequential, concurrent = [], []
+
+    def run_sequential():
+        pages = [next(fresh) for _ in range(8)]
+        start = time.perf_counter()
+        for page in pages:
+            ask(server.url, data, page, c.QUESTION)
+        sequential.append(time.perf_counter() - start)
+
+    def run_concurrent():
+        pages = [next(fresh) for _ in range(8)]
+        start = time.perf_counter()
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda page: ask(server.url, data, page, c.QUESTION), pages))
+        concurrent.append(time.perf_counter() - start)
+
+    c.interleave({"sequential": run_sequential, "concurrent": run_concurrent}, reps)
+    return {"first": first, "second": second, "sequential": sequential, "concurrent": concurrent}
+
+
+def p8_p9_tables(r: dict, reps: int, n: int, where: str = "") -> None:
+    p8 = c.median(r["second"]) / c.median(r["first"])
+    p9 = c.median(r["concurrent"]) / c.median(r["sequential"])
+    c.table(f"P8 second question over the same page{where}, time to first token, median of {reps}", [
+        ["first question (page not cached; baseline)", f"{c.median(r['first']):.2f} s", "1.00x", ""],
+        ["second question (image prefix cached)", f"{c.median(r['second']):.2f} s", f"{p8:.3f}x",
+         c.verdict(p8, 0.15, True)],
+    ], ["request", "first token", "ratio", "target"])
+    c.table(f"P9 8 one-page requests{where}, {n} new tokens, total wall, median of {reps}", [
+        ["one after another (baseline)", f"{c.median(r['sequential']):.2f} s", "1.00x", ""],
+        ["8 at once (batched)", f"{c.median(r['concurrent']):.2f} s", f"{p9:.3f}x", c.verdict(p9, 0.5, True)],
+    ], ["requests", "wall", "ratio", "target"])
+
+
 def main(argv=None) -> int:
     p = c.parser(__doc__, reps=3)
     p.add_argument("--max-new-tokens", type=int, default=64)
     args = p.parse_args(argv)
     reps = 1 if args.smoke else args.reps
     n = 8 if args.smoke else args.max_new_tokens
-    c.header("P8/P9 idefics serve", args)
+    c.header("P8/P9/P10 idefics serve", args)
     model = args.model or c.model_dir("tiny" if args.smoke else "mid")
-    pages_needed = reps + reps * 16
+    pages_needed = reps + reps * 16 + reps
     with tempfile.TemporaryDirectory() as tmp:
         pdf = c.make_pdf(os.path.join(tmp, "invoices.pdf"), pages_needed)
         with open(pdf, "rb") as f:
@@ -116,41 +198,18 @@ def main(argv=None) -> int:
         server = Server(model, n, args.smoke)
         try:
             fresh = iter(range(1, pages_needed + 1))
-            first, second = [], []
-            for k in range(reps):
-                page = next(fresh)
-                first.append(ask(server.url, data, page, c.QUESTION)[0])
-                second.append(ask(server.url, data, page, FOLLOW_UP)[0])
-                print(f"  P8 round {k + 1}/{reps}: {first[-1]:.2f} s then {second[-1]:.2f} s", file=sys.stderr)
-            sequential, concurrent = [], []
-
-            def run_sequential():
-                pages = [next(fresh) for _ in range(8)]
-                start = time.perf_counter()
-                for page in pages:
-                    ask(server.url, data, page, c.QUESTION)
-                sequential.append(time.perf_counter() - start)
-
-            def run_concurrent():
-                pages = [next(fresh) for _ in range(8)]
-                start = time.perf_counter()
-                with ThreadPoolExecutor(8) as pool:
-                    list(pool.map(lambda page: ask(server.url, data, page, c.QUESTION), pages))
-                concurrent.append(time.perf_counter() - start)
-
-            c.interleave({"sequential": run_sequential, "concurrent": run_concurrent}, reps)
+            rounds = p8_p9(server, data, fresh, reps)
+            cold, warm, same = p10(server, model, pdf, [next(fresh) for _ in range(reps)], n, args.smoke)
         finally:
             server.close()
-    p8 = c.median(second) / c.median(first)
-    p9 = c.median(concurrent) / c.median(sequential)
-    c.table(f"P8 second question over the same page, time to first token, median of {reps}", [
-        ["first question (page not cached; baseline)", f"{c.median(first):.2f} s", "1.00x", ""],
-        ["second question (image prefix cached)", f"{c.median(second):.2f} s", f"{p8:.3f}x", c.verdict(p8, 0.15, True)],
-    ], ["request", "first token", "ratio", "target"])
-    c.table(f"P9 8 one-page requests, {n} new tokens, total wall, median of {reps}", [
-        ["one after another (baseline)", f"{c.median(sequential):.2f} s", "1.00x", ""],
-        ["8 at once (batched)", f"{c.median(concurrent):.2f} s", f"{p9:.3f}x", c.verdict(p9, 0.5, True)],
-    ], ["requests", "wall", "ratio", "target"])
+    p8_p9_tables(rounds, reps, n)
+    p10_ratio = c.median(warm) / c.median(cold)
+    c.table(f"P10 idefics ask over one page, wall from spawn to exit, median of {reps}", [
+        ["cold idefics ask (loads the model; baseline)", f"{c.median(cold):.2f} s", "1.00x", ""],
+        ["idefics ask --server (page not cached)", f"{c.median(warm):.2f} s", f"{p10_ratio:.3f}x",
+         c.verdict(p10_ratio, 0.25, True)],
+    ], ["run", "wall", "ratio", "target"])
+    print(f"answers identical: {'yes' if all(same) else f'no ({sum(same)}/{len(same)})'}", flush=True)
     c.footer()
     return 0
 

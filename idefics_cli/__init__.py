@@ -4,6 +4,8 @@ Contract: the library face. `load(model, **options)` loads the model once and re
 (engine.py) whose `ask(documents, question, pages=...)` returns a streaming `Response` (response.py): iterate
 it for the text pieces; `.text`, `.finish_reason`, `.usage` and `.to_dict()` (the `idefics ask --json`
 object) once it is read. `open_pages(...)` decodes the chosen pages ahead of loading, as the CLI does.
+`connect(url, api_key=None)` is the model of a running `idefics serve` used the same way (client.py: `ask`,
+`transcribe`, and `ChatSession.start`), with no torch in this process.
 The keywords of `load` are the CLI's model options, with the same defaults. Importing this package imports
 neither torch nor transformers: they load with the model.
 """
@@ -18,7 +20,7 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 __version__ = "0.1.0"
-__all__ = ["DEFAULT_MODEL", "load", "open_pages"]
+__all__ = ["DEFAULT_MODEL", "connect", "load", "open_pages"]
 
 _DEFAULTS = ModelOptions()  # one set of defaults: the CLI's options and this function's keywords
 
@@ -49,3 +51,14 @@ def open_pages(documents, pages: str | None = None, *, password: str | None = No
     from .selection import open_pages as open_
 
     return open_(documents, pages, password=password, dpi=dpi)
+
+
+def connect(url: str, *, api_key: str | None = None, max_new_tokens: int = _DEFAULTS.max_new_tokens):
+    """The model of a running `idefics serve` at `url`, used like a loaded engine (`ask`, `transcribe`, chat).
+
+    Pages are rendered here, as `idefics ask --server` does, and answered by the server. Raises
+    `IdeficsError("model_error")` naming the URL when the server cannot be reached or refuses the key.
+    """
+    from .client import connect as connect_
+
+    return connect_(url, api_key=api_key, max_new_tokens=max_new_tokens)

@@ -5,7 +5,8 @@ q1, assistant a1, user q2, ...]) and the pages shown, in the order their `{"type
 `attach(pages)` queues rendered pages for the next user turn (the first question carries the chosen
 pages; `/pages` attaches new ones to the next question, earlier turns keep theirs). `inputs(question)`
 returns exactly `processor(text=processor.apply_chat_template(messages + [user turn],
-add_generation_prompt=True), images=[all images])`, on the model's device. `commit(question, answer)`
+add_generation_prompt=True), images=[all images])`, on the model's device. An engine with `chat_inputs` (a server's,
+client.py) is handed the messages and images instead. `commit(question, answer)`
 appends the turn; a failed turn is not committed, an interrupted one is, with what was answered so far and
 `"interrupted": true` on the assistant message (the chat template reads only role and content).
 `to_dict()` is the `/save` file (schema `idefics-cli.chat/1`): the messages, plus `sources` naming the
@@ -73,6 +74,9 @@ class Conversation:
     def inputs(self, question: str, max_new_tokens: int):
         """Processor outputs for the whole conversation plus `question`, refused if over the context."""
         images = [p.image for p in self.shown + self.pending]
+        remote = getattr(self.engine, "chat_inputs", None)
+        if remote is not None:  # a server's model (client.py): it gets the messages and pages, and checks the context
+            return remote(self.next_messages(question), images, max_new_tokens)
         processor = self.engine.processor
         inputs = processor(text=[self.prompt(question)], images=[images] if images else None, return_tensors="pt")
         total = int(inputs["input_ids"].shape[1])

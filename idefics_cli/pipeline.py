@@ -10,7 +10,8 @@ while the model works on the current one, never further ahead, so at most two ba
 once, whatever the page count; the vision tower encodes them in same-shape chunks (vision.py). A failed
 document or page becomes an error record and the run goes on; a blank page (one flat colour) is recorded
 as "" with the warning `blank_page`, without the model; a batch that runs out of memory is retried one
-page at a time, then that page without image splitting, before `out_of_memory` is recorded. With
+page at a time, then that page without image splitting, before `out_of_memory` is recorded; a `model_error` (a
+server that went away, client.py) ends the run, the records written so far kept for a rerun. With
 `engine=None` (nothing is left for the model) only documents that cannot be read are recorded again.
 With a schema (`request.schema`), every generate call gets its own grammar processor (structured.py: one
 grammar state per row, the grammar compiled once per process) and the pages are asked `request.model_prompt`;
@@ -130,6 +131,8 @@ def answer_batch(engine, batch: Batch, request: TranscribeRequest) -> list[PageR
     try:
         gens = generate(engine, batch.inputs, request)
     except IdeficsError as err:
+        if err.code == "model_error":  # a server that went away (client.py): stop; a rerun resumes
+            raise
         if err.code != "out_of_memory":
             return [task_error(task, err, settings) for task in batch.tasks]
         return [answer_single(engine, task, image, request) for task, image in zip(batch.tasks, batch.images)]

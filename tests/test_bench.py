@@ -17,7 +17,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"help": False, "ask": True, "transcribe": True, "memory": True, "shapes": True, "pages": True,
-           "decompose": True, "gpu": False, "schema": True, "schema_engines": False}  # name -> takes --model
+           "decompose": True, "gpu": False, "schema": True, "schema_engines": False,
+           "serve": True}  # name -> takes --model
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +93,13 @@ def test_pages_smoke(smoke):
     assert re.search(r"2 portrait pages \(baseline\)\s*\|\s*640\s*\|", out)  # image tokens: 2 pages x 320 (split)
 
 
+def test_serve_smoke(smoke):
+    out = finished(smoke, "serve")
+    assert "P8 second question over the same page" in out and "P9 8 one-page requests" in out
+    assert "P10 idefics ask over one page" in out and "idefics ask --server (page not cached)" in out
+    assert "answers identical: yes" in out
+
+
 def test_gpu_smoke(smoke):
     out = finished(smoke, "gpu")
     import torch
@@ -103,6 +111,7 @@ def test_gpu_smoke(smoke):
         assert "first new token identical: " in out and "idefics ask (chunked" in out
         assert "P3 decomposition on the CPU (smoke)" in out and "vision tower + connector" in out
         assert "P11 decode tokens/s with and without a schema on the CPU (smoke)" in out
+        assert "P8 second question over the same page on the CPU (smoke: tiny model)" in out and "P9 8 one-page" in out
 
 
 def test_schema_smoke(smoke):

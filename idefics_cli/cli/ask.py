@@ -10,7 +10,8 @@ error before anything is opened) constrains the answer to a JSON Schema: text mo
 the command exits 5.
 Documents are opened, page specs checked and every chosen page decoded before the model loads, so input
 errors are instant. The work is the library's (selection.py, `Engine.ask`, the `Response` of response.py);
-this module parses the command line and prints.
+this module parses the command line and prints. With `--server URL` (IDEFICS_SERVER) the pages are still
+rendered here and a running `idefics serve` answers (client.py): the same text, JSON and exit statuses.
 """
 
 from __future__ import annotations
@@ -50,18 +51,21 @@ def ask(
     offline: o.Offline = False,
     split: o.Split = True,
     max_new_tokens: o.max_new_tokens_option(o.ANSWER_TOKENS) = o.ANSWER_TOKENS,
+    server: o.Server = None,
+    api_key: o.ApiKey = None,
 ) -> None:
     """Ask a question about the pages of one or more documents; the answer streams to stdout."""
     from ..output import Output
 
     out = Output()
     opts = o.model_options(model, revision, quant, dtype, device, offline, split, max_new_tokens)
-    o.run_and_exit(lambda: _ask(out, docs_and_question, pages, dpi, password, json_, each_page, opts, schema), out)
+    o.run_and_exit(lambda: _ask(out, docs_and_question, pages, dpi, password, json_, each_page, opts, schema, server,
+                                api_key), out)
 
 
-def _ask(out, args, pages, dpi, password, as_json, each_page, opts, schema_value=None) -> int:
+def _ask(out, args, pages, dpi, password, as_json, each_page, opts, schema_value=None, server=None,
+         api_key=None) -> int:
     from ..errors import UsageError, warning_line
-    from ..model import load
     from ..selection import check_question, open_pages
 
     schema = None
@@ -74,8 +78,7 @@ def _ask(out, args, pages, dpi, password, as_json, each_page, opts, schema_value
     *paths, question = args
     check_question(question)
     selection = open_pages(paths, pages, password=password, dpi=dpi, status=out.status)  # before the model loads
-    with out.status(f"Loading {opts.model} ({opts.quant})…"):
-        engine = load(opts)
+    engine = o.engine(opts, server, api_key, out)  # loaded here, or a running server's (--server)
     status = 0
     for group in selection.each_page() if each_page else [selection]:
         with out.status(f"Preparing {len(group)} page(s)…"):

@@ -12,7 +12,8 @@ error line on stderr and the conversation goes on (the exit status is then that 
 `--schema` (checked before the document is opened) constrains every answer to a JSON Schema: the JSON lines
 get `data` and `schema_sha256`; an answer without valid JSON is also an error line (exit status 5).
 The session is the library's (conversation.py: `ChatSession`, its answers the `Response` of response.py); this
-module parses the command line and runs the REPL.
+module parses the command line and runs the REPL. With `--server URL` the turns go to a running `idefics serve`
+(client.py), with the same answers, JSON lines and exit statuses.
 """
 
 from __future__ import annotations
@@ -56,19 +57,21 @@ def chat(
     offline: o.Offline = False,
     split: o.Split = True,
     max_new_tokens: o.max_new_tokens_option(o.ANSWER_TOKENS) = o.ANSWER_TOKENS,
+    server: o.Server = None,
+    api_key: o.ApiKey = None,
 ) -> None:
     """Chat about a document: the page images stay in the conversation; JSON lines when piped."""
     from ..output import Output
 
     out = Output()
     opts = o.model_options(model, revision, quant, dtype, device, offline, split, max_new_tokens)
-    o.run_and_exit(lambda: Session(out, doc, pages, dpi, password, opts, schema).run(), out)
+    o.run_and_exit(lambda: Session(out, doc, pages, dpi, password, opts, schema, server, api_key).run(), out)
 
 
 class Session:
     """The REPL around a library `ChatSession`: reads lines, runs /commands, prints answers."""
 
-    def __init__(self, out, path, pages, dpi, password, opts, schema=None):
+    def __init__(self, out, path, pages, dpi, password, opts, schema=None, server=None, api_key=None):
         from ..conversation import ChatSession
 
         self.schema = None
@@ -78,7 +81,7 @@ class Session:
             self.schema = parse_schema(schema)  # a usage error before the document is opened
         if path == "-" and sys.stdin is not None and not sys.stdin.isatty():
             raise_usage("chat reads questions from stdin, so the document cannot come from stdin too")
-        self.out, self.opts = out, opts
+        self.out, self.opts, self.server, self.api_key = out, opts, server, api_key
         self.interactive = sys.stdin is not None and sys.stdin.isatty()
         self.chat = ChatSession.open(path, pages, password=password, dpi=dpi, status=out.status)
         self._warn(self.chat.pages)
@@ -91,11 +94,8 @@ class Session:
                 self.out.warn(warning_line(code, p.path, p.page))
 
     def run(self) -> int:
-        from ..model import load
-
         try:
-            with self.out.status(f"Loading {self.opts.model} ({self.opts.quant})…"):
-                engine = load(self.opts)
+            engine = o.engine(self.opts, self.server, self.api_key, self.out)  # or a running server's (--server)
             self.chat.start(engine, schema=self.schema)
             if self.interactive:
                 return self._interactive()
@@ -140,7 +140,8 @@ class Session:
         from ..errors import IdeficsError
 
         pages = ",".join(str(p.page) for p in self.chat.pages)
-        self.out.console.print(f"Chatting about {self.chat.doc.path} (page {pages}) with {self.opts.model}. "
+        model = self.chat.engine.options.model  # the server's with --server
+        self.out.console.print(f"Chatting about {self.chat.doc.path} (page {pages}) with {model}. "
                                "/help for commands, Ctrl-D to leave.", style="dim", markup=False)
         while True:
             try:

@@ -3,8 +3,10 @@
 Contract: commands take these as parameters and call `model_options(...)` to build the library's
 `ModelOptions` (`--offline` defaults to the user's own HF hub offline variable, `env_offline()`: the one
 place the environment's offline setting is read; `ANSWER_TOKENS`, the default `--max-new-tokens` of answers, is
-the library's); every command ends with `run_and_exit(body, out)`; help panels group them as "Model" and
-"Document". `Command` is the command class of every command: usage lines name the arguments as written
+the library's); `engine(opts, server, api_key, out)` loads the model, or with `--server` (IDEFICS_SERVER)
+connects to a running `idefics serve` instead (client.py); every command ends with `run_and_exit(body, out)`;
+help panels group them as "Model", "Server" and "Document". `Command` is the command class of every command:
+usage lines name the arguments as written
 (`idefics ask [OPTIONS] DOC... QUESTION`, `[MODEL]` when optional) and a value option without a metavar shows its
 name (`--pages PAGES`), never a Python type (`<str>`, `<list[str]>`); choices are listed. No heavy imports.
 """
@@ -95,6 +97,32 @@ SchemaOpt = Annotated[str | None, typer.Option("--schema", metavar="SCHEMA",
                                                help="Answer as JSON valid against this JSON Schema: a file, inline "
                                                     "JSON, or fields 'vendor, total float, paid bool' (types str, "
                                                     "int, float, bool). Needs idefics-cli[schema].")]
+
+
+SERVER_PANEL = "Server"
+Server = Annotated[str | None, typer.Option("--server", metavar="URL", envvar="IDEFICS_SERVER", show_envvar=True,
+                                            rich_help_panel=SERVER_PANEL,
+                                            help="Use the model of a running `idefics serve` (pages are rendered "
+                                                 "here); the model options are then the server's.")]
+ApiKey = Annotated[str | None, typer.Option("--api-key", metavar="KEY", envvar="IDEFICS_API_KEY", show_envvar=True,
+                                            rich_help_panel=SERVER_PANEL, help="The --server's API key.")]
+
+
+def engine(opts: ModelOptions, server: str | None, api_key: str | None, out):
+    """The engine a command runs on: the model loaded here, or with `server` that server's model (client.py;
+    nothing of torch is imported then). A `--model` other than the server's is reported, not used."""
+    if not server:
+        from ..model import load
+
+        with out.status(f"Loading {opts.model} ({opts.quant})…"):
+            return load(opts)
+    from ..client import connect
+
+    with out.status(f"Connecting to {server}…"):
+        remote = connect(server, api_key=api_key, max_new_tokens=opts.max_new_tokens)
+    if opts.model not in (DEFAULT_MODEL, remote.options.model):
+        out.warn(f"--model {opts.model} is not used: the server at {remote.url} serves {remote.options.model}")
+    return remote
 
 
 def max_new_tokens_option(default: int):

@@ -6,7 +6,9 @@ records file (or folder) is resumed, `--force` redoes pages. When no chosen page
 rerun of a finished job), the model is never loaded (no torch import). Without `--out`, JSONL goes to
 stdout when it is piped and readable text when it is a terminal. Progress and the final summary go to
 stderr. Exit 0 all done, 3 partial, 4 nothing readable. `--schema` (checked when the request is made, before
-anything is walked) constrains every page's answer to a JSON Schema: records get `data`.
+anything is walked) constrains every page's answer to a JSON Schema: records get `data`. With `--server URL` a
+running `idefics serve` answers (client.py; pages rendered here, a batch sent at once): the same records and
+settings hash as a local run of the server's model, so either resumes the other.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ def transcribe(
     offline: o.Offline = False,
     split: o.Split = True,
     max_new_tokens: o.max_new_tokens_option(1024) = 1024,
+    server: o.Server = None,
+    api_key: o.ApiKey = None,
 ) -> None:
     """Transcribe every page of files, folders or globs to JSONL records (and Markdown with --out DIR)."""
     from ..output import Output
@@ -72,14 +76,22 @@ def transcribe(
     output = Output(quiet=quiet)
     opts = o.model_options(model, revision, quant, dtype, device, offline, split, max_new_tokens)
     o.run_and_exit(lambda: _transcribe(output, paths, out, prompt, batch_size, force, shard, engine, pages,
-                   dpi, password, opts, ray_address, schema), output)
+                   dpi, password, opts, ray_address, schema, server, api_key), output)
 
 
 def _transcribe(output, paths, out, prompt, batch_size, force, shard, engine_name, pages, dpi, password, opts,
-                ray_address=None, schema=None):
+                ray_address=None, schema=None, server=None, api_key=None):
     from ..transcription import TranscribeRequest, Transcription
 
+    engine = None
+    if server:  # a running server's model: its settings make the records' settings hash (resume)
+        if engine_name != "local":
+            from ..errors import UsageError
+
+            raise UsageError("--server and --engine ray cannot be combined", "drop one of them")
+        engine = o.engine(opts, server, api_key, output)
+        opts = engine.options
     request = TranscribeRequest(tuple(paths), out, opts, prompt=prompt, pages=pages, dpi=dpi, password=password,
                                 batch_size=batch_size, force=force, shard=shard, engine=engine_name,
                                 ray_address=ray_address, schema=schema)
-    return Transcription(request, output=output).run()
+    return Transcription(request, engine=engine, output=output).run()

@@ -11,9 +11,11 @@ Contract:
   when --max-queue requests wait), answered as one `chat.completion` or, with `stream`, as server-sent
   `chat.completion.chunk` events ending in `data: [DONE]`
   (usage in a last chunk with `stream_options.include_usage`). `usage.prompt_tokens_details.cached_tokens` is
-  the prompt tokens taken from the prefix cache. A client that disconnects cancels its job.
-- `GET /v1/models` lists the one model. With an API key, /v1/* needs `Authorization: Bearer KEY` (compared in
-  constant time; 401 otherwise); /health is open. CORS headers only with --cors ORIGIN.
+  the prompt tokens taken from the prefix cache, `...image_tokens` (ours) its image tokens. A client that
+  disconnects cancels its job.
+- `GET /v1/models` lists the one model (`idefics`: its settings, what `--server` clients report). With an API
+  key, /v1/* needs `Authorization: Bearer KEY` (compared in constant time; 401 otherwise); /health is open.
+  CORS headers only with --cors ORIGIN.
 - Every error is OpenAI's `{"error": {"message", "type", "code", "param"}}`: 400 with the CLI's error codes for
   bad requests and documents, 401, 404, 405, 413, 503 (`overloaded`, `loading`, `shutting_down`,
   `out_of_memory`), 500 only for a failure of the server itself (`generation_error`, `internal`).
@@ -210,8 +212,10 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
             watcher.cancel()
             return error_response(503, "cancelled", "the request was cancelled before it started")
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_id}
+        image_token = backend.image_token_id(state.engine)
         if req.stream:
-            return StreamingResponse(_stream(job, req, meta, record, watcher), media_type="text/event-stream",
+            return StreamingResponse(_stream(job, req, meta, record, watcher, image_token),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             error = await _drain(job)
@@ -223,7 +227,7 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
             return _from_error(error)
         return JSONResponse({**meta, "object": "chat.completion", "choices": [
             {"index": 0, "message": {"role": "assistant", "content": job.text}, "logprobs": None,
-             "finish_reason": _finish(job)}], "usage": _usage(job)})
+             "finish_reason": _finish(job)}], "usage": _usage(job, image_token)})
 
     async def not_found(request: Request, exc: HTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
@@ -296,17 +300,22 @@ def _finish(job: Job) -> str:
     return job.finish_reason if job.finish_reason in ("stop", "length") else "stop"
 
 
-def _usage(job: Job) -> dict:
+def _usage(job: Job, image_token: int | None = None) -> dict:
+    """OpenAI's usage; `prompt_tokens_details.image_tokens` (ours) counts the prompt's image tokens, as
+    `ask --json` does, so `idefics ask --server` prints the same usage as a local run."""
     prompt, completion = len(job.ids), len(job.token_ids)
+    details = {"cached_tokens": job.cached_tokens}
+    if image_token is not None:
+        details["image_tokens"] = sum(1 for t in job.ids if t == image_token)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": job.cached_tokens}}
+            "prompt_tokens_details": details}
 
 
 def _sse(obj) -> bytes:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
 
 
-async def _stream(job: Job, req, meta: dict, record: dict, watcher):
+async def _stream(job: Job, req, meta: dict, record: dict, watcher, image_token: int | None = None):
     chunk = {**meta, "object": "chat.completion.chunk"}
     try:
         yield _sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
@@ -325,7 +334,7 @@ async def _stream(job: Job, req, meta: dict, record: dict, watcher):
                 yield _sse({**chunk, "choices": [{"index": 0, "delta": {}, "logprobs": None,
                                                   "finish_reason": _finish(job)}]})
                 if req.include_usage:
-                    yield _sse({**chunk, "choices": [], "usage": _usage(job)})
+                    yield _sse({**chunk, "choices": [], "usage": _usage(job, image_token)})
                 break
         yield b"data: [DONE]\n\n"
     finally:

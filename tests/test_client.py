@@ -1,0 +1,227 @@
+"""client.py and `--server`: ask, chat and transcribe through a running `idefics serve` equal local runs.
+
+One real server (127.0.0.1, ephemeral port, an API key; the sharp tiny model, float32 CPU, tests/test_serve.py's
+`Server`) answers the `--server` runs; the local runs they are compared with load the same model in their own
+processes, started while the server loads. Timings differ between any two runs and are left out of comparisons.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import make_image, make_pdf, run_idefics, run_traced
+
+pytest.importorskip("fastapi")
+from test_serve import FLAGS, KEY, Server  # noqa: E402 - after the skip: the server needs the serve extra
+
+QUESTION = "What is the total amount due?"
+TURNS = b"What is on this page?\nAnd who is the merchant?\n"
+TOKENS = ["--max-new-tokens", "8"]
+
+
+def untimed(obj: dict) -> dict:
+    return {k: v for k, v in obj.items() if k != "timing"}
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("client-docs")
+    make_image(320, 240, seed=5).save(root / "page.png")
+    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    return {"png": str(root / "page.png"), "pdf": make_pdf(root / "report.pdf", 3), "root": root,
+            "corrupt": str(root / "corrupt.png")}
+
+
+@pytest.fixture(scope="module")
+def started(sharp_model):
+    srv = Server(sharp_model, "--api-key", KEY, "--max-batch", "4")
+    try:
+        yield srv
+    finally:
+        assert srv.stop() == 0, "\n".join(srv.lines)
+
+
+@pytest.fixture(scope="module")
+def local(sharp_model, docs, started):
+    """The local runs (each loads the model), made while the server starts; and one early client of it."""
+    model = ["--model", sharp_model, *FLAGS]
+    runs = {
+        "json": (["ask", docs["pdf"], "--pages", "1-2", QUESTION, "--json", *model], None),
+        "text": (["ask", docs["png"], QUESTION, *model], None),
+        "transcribe": (["transcribe", docs["pdf"], "--out", str(docs["root"] / "local.jsonl"), *model], None),
+        "chat": (["chat", docs["png"], *model], TURNS),
+    }
+
+    def early():  # a client started as soon as the server listens: it waits while the model loads
+        assert started._seen.wait(240) and started.url, "\n".join(started.lines)
+        return run_idefics("ask", docs["png"], QUESTION, "--server", started.url, "--api-key", KEY, *TOKENS)
+
+    with ThreadPoolExecutor(3) as pool:
+        futures = {"early": pool.submit(early)}
+        futures.update({k: pool.submit(run_idefics, *args, input=stdin) for k, (args, stdin) in runs.items()})
+        out = {k: f.result() for k, f in futures.items()}
+    for k, res in out.items():
+        assert res.returncode == 0, (k, res.stderr.decode())
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(started, local):
+    return started.wait_ready()
+
+
+def remote(server, *args, input=None, key=KEY):
+    """`idefics ARGS` as a client of the server (IDEFICS_SERVER and IDEFICS_API_KEY from the environment)."""
+    return run_idefics(*args, *TOKENS, input=input, env={"IDEFICS_SERVER": server.url, "IDEFICS_API_KEY": key})
+
+
+def test_ask_json_over_the_server_equals_the_local_run(server, local, docs):
+    res = remote(server, "ask", docs["pdf"], "--pages", "1-2", QUESTION, "--json")
+    assert res.returncode == 0, res.stderr.decode()
+    got, want = json.loads(res.stdout), json.loads(local["json"].stdout)
+    assert untimed(got) == untimed(want)  # answer, finish reason, sources, split, model, usage, warnings
+    assert got["usage"]["image_tokens"] > 0 and got["sources"] == [{"path": docs["pdf"], "pages": [1, 2]}]
+    assert set(got["timing"]) == set(want["timing"])
+
+
+def test_ask_text_over_the_server_equals_the_local_run(server, local, docs):
+    res = run_idefics("ask", docs["png"], QUESTION, "--server", server.url, "--api-key", KEY, *TOKENS)
+    assert res.returncode == 0, res.stderr.decode()
+    assert res.stdout == local["text"].stdout
+    assert ("cut at --max-new-tokens" in res.stderr.decode()) == ("cut at --max-new-tokens"
+                                                                   in local["text"].stderr.decode())
+
+
+def test_transcribe_over_the_server_gives_the_local_records_and_resumes_them(server, local, docs):
+    out = docs["root"] / "remote.jsonl"
+    res = remote(server, "transcribe", docs["pdf"], "--out", str(out))
+    assert res.returncode == 0, res.stderr.decode()
+    mine = [json.loads(line) for line in out.read_text().splitlines()]
+    theirs = [json.loads(line) for line in (docs["root"] / "local.jsonl").read_text().splitlines()]
+    assert len(mine) == 3 and all(r["status"] == "ok" for r in mine)
+    assert sorted(map(untimed, mine), key=lambda r: r["page"]) == sorted(map(untimed, theirs),
+                                                                        key=lambda r: r["page"])
+    # the same settings hash: a `--server` run finds the local run's pages done (and nothing is written)
+    before = (docs["root"] / "local.jsonl").read_text()
+    again = remote(server, "transcribe", docs["pdf"], "--out", str(docs["root"] / "local.jsonl"))
+    assert again.returncode == 0, again.stderr.decode()
+    assert "nothing left to do" in again.stderr.decode()
+    assert (docs["root"] / "local.jsonl").read_text() == before
+
+
+def test_chat_over_the_server_gives_the_local_turns(server, local, docs):
+    res = remote(server, "chat", docs["png"], input=TURNS)
+    assert res.returncode == 0, res.stderr.decode()
+    got = [json.loads(line) for line in res.stdout.splitlines()]
+    want = [json.loads(line) for line in local["chat"].stdout.splitlines()]
+    assert [g["turn"] for g in got] == [1, 2]
+    assert [untimed(g) for g in got] == [untimed(w) for w in want]
+    assert got[1]["usage"]["prompt_tokens"] > got[0]["usage"]["prompt_tokens"]  # the first turn is kept
+
+
+def test_the_client_imports_neither_torch_nor_transformers(server, docs, tmp_path):
+    res, imported = run_traced("ask", docs["png"], QUESTION, "--server", server.url, "--api-key", KEY, *TOKENS,
+                               tmp_path=tmp_path)
+    assert res.returncode == 0, res.stderr.decode()
+    assert imported == []
+
+
+def test_the_library_connects_and_answers_as_ask_does(server, local, docs):
+    import idefics_cli
+
+    engine = idefics_cli.connect(server.url + "/v1/", api_key=KEY, max_new_tokens=8)
+    assert engine.url == server.url and engine.options.split is False
+    answer = engine.ask(docs["png"], QUESTION)
+    assert answer.text + "\n" == local["text"].stdout.decode()
+    assert answer.to_dict()["model"]["id"] == engine.options.model
+
+
+def test_a_server_that_is_down_is_a_model_error_naming_the_url(docs, tmp_path):
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    for args in (["ask", docs["png"], QUESTION], ["transcribe", docs["png"], "--out", str(tmp_path / "r.jsonl")],
+                 ["chat", docs["png"]]):
+        res = run_idefics(*args, "--server", url, input=b"Hello?\n")
+        lines = res.stderr.decode().strip().splitlines()
+        assert res.returncode == 5, (args, lines)
+        assert len(lines) == 1 and lines[0].startswith(f"error [model_error]: cannot reach the idefics server at "
+                                                       f"{url}: "), lines
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_server_errors_come_back_with_the_clis_codes(server, docs):
+    # over the model's context (32768): the server refuses with `usage`, exit 2, as a local run does
+    res = run_idefics("ask", docs["png"], QUESTION, "--server", server.url, "--api-key", KEY,
+                      "--max-new-tokens", "32768")
+    lines = res.stderr.decode().strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error [usage]: "), lines
+    assert "context" in lines[0]
+    # a wrong key: model_error naming the option and the variable
+    res = remote(server, "ask", docs["png"], QUESTION, key="wrong-key")
+    lines = res.stderr.decode().strip().splitlines()
+    assert res.returncode == 5 and len(lines) == 1, lines
+    assert "refused the API key" in lines[0] and "--api-key" in lines[0] and "IDEFICS_API_KEY" in lines[0]
+    # a corrupt document fails here, before anything is sent, with the code of a local run
+    res = remote(server, "ask", docs["corrupt"], QUESTION)
+    lines = res.stderr.decode().strip().splitlines()
+    assert res.returncode == 4 and lines[0].startswith("error [corrupt]: "), lines
+
+
+def test_pages_reach_the_server_as_the_very_pixels_of_a_local_run(docs):
+    """PNG data: URLs decode, through the server's own reader, to the images the local run feeds the processor."""
+    from idefics_cli.client import png_data_url
+    from idefics_cli.documents import open_document
+    from idefics_cli.serve.requests import _data_url
+
+    cmyk = docs["root"] / "cmyk.jpg"
+    make_image(200, 150, seed=9).convert("CMYK").save(cmyk)
+    pages = []
+    for path in (docs["pdf"], docs["png"], str(cmyk)):
+        with open_document(path) as doc:
+            pages.append(doc.render(1))
+    for image in pages:
+        url = png_data_url(image)
+        with open_document("part", data=_data_url(url, "part")) as doc:
+            seen = doc.render(1)
+        assert image.mode == "RGB" and seen.mode == "RGB"
+        assert seen.size == image.size and seen.tobytes() == image.tobytes()
+        assert url.startswith("data:image/png;base64,") and base64.b64decode(url.split(",", 1)[1])[:4] == b"\x89PNG"
+
+
+def test_server_urls_are_normalized_and_checked():
+    from idefics_cli.client import normalize_url
+    from idefics_cli.errors import UsageError
+
+    assert normalize_url("127.0.0.1:8000") == "http://127.0.0.1:8000"
+    assert normalize_url(" http://localhost:8000/v1/ ") == "http://localhost:8000"
+    assert normalize_url("https://h.example/idefics/") == "https://h.example/idefics"
+    for bad in ("ftp://h:1", "http://", "http://h:notaport"):
+        with pytest.raises(UsageError):
+            normalize_url(bad)
+
+
+def test_a_client_started_while_the_server_loads_waits_for_it(server, local):
+    """`ask --server` run as soon as the server listened (while its model loaded: /v1/models answers 503 `loading`)
+    waits for the model and answers as the local run does."""
+    assert local["early"].stdout == local["text"].stdout
+    waited = [line for line in server.lines if line.startswith("GET /v1/models 503")]
+    print(f"the early client was refused {len(waited)} time(s) while the model loaded")
+
+
+def test_server_options_are_checked_before_connecting(cli, docs):
+    result = cli("transcribe", "x.pdf", "--server", "http://127.0.0.1:9", "--engine", "ray")
+    assert result.exit_code == 2 and "--server and --engine ray cannot be combined" in result.stderr
+    result = cli("ask", docs["png"], "Q?", "--server", "ftp://127.0.0.1:9")
+    assert result.exit_code == 2 and "is not an http(s) URL" in result.stderr
+
+
+def test_a_model_option_the_server_does_not_serve_is_reported(server, local, docs):
+    res = remote(server, "ask", docs["png"], QUESTION, "--model", "someone/other-model")
+    assert res.returncode == 0, res.stderr.decode()
+    assert res.stdout == local["text"].stdout
+    assert f"--model someone/other-model is not used: the server at {server.url} serves " in res.stderr.decode()
