@@ -6,7 +6,7 @@ Contract:
   may build all their pixels ahead of time (the transcribe prefetch thread: numpy only, no torch op), or the
   pixels are built while `encode` runs (ask: a page's pixels exist only until its chunk is encoded).
 - Pixels always come from transformers' own image processor, one source image at a time (its splitting, resizing,
-  normalisation), each resulting image trimmed back to its own size with the processor's pixel mask. Images are
+  normalisation), each resulting image at its own size (asked unpadded: `do_pad=False`). Images are
   bucketed by exact (height, width), so no image is ever padded to another one's shape. A `VisionInputs` is
   used once: `encode` consumes its pixels.
 - `encode(model, vision, chunk)` runs `model.model.get_image_features` (vision tower + connector, the code path
@@ -46,19 +46,13 @@ class VisionInputs:
         return sum(len(b) for b in self.buckets.values())
 
     def build_one(self, image_processor) -> None:
-        """Pixels of the next source image: the processor's images for it, each trimmed to its real size."""
-        import numpy as np
-
+        """Pixels of the next source image: the processor's images for it, each at its real size."""
         row, image = self.sources[self.next]
         self.sources[self.next] = (row, None)  # the source is no longer needed once its pixels exist
         self.next += 1
         image = image() if callable(image) else image  # a page rendered only now (ask)
-        out = image_processor([[image]], do_image_splitting=self.split)
-        values, mask = out["pixel_values"][0], out["pixel_attention_mask"][0]
-        for k in range(values.shape[0]):
-            h, w = int(mask[k].any(axis=1).sum()), int(mask[k].any(axis=0).sum())
-            pixels = np.ascontiguousarray(values[k, :, :h, :w])
-            self.buckets.setdefault((h, w), []).append((row, self.slots[row], pixels))
+        for pixels in _own_size_pixels(image_processor, image, self.split):
+            self.buckets.setdefault(pixels.shape[-2:], []).append((row, self.slots[row], pixels))
             self.slots[row] += 1
 
     def collect(self, image_processor) -> VisionInputs:
@@ -69,6 +63,24 @@ class VisionInputs:
 
     def pixel_bytes(self) -> int:
         return sum(p.nbytes for b in self.buckets.values() for _, _, p in b)
+
+
+def _own_size_pixels(image_processor, image, split: bool) -> list:
+    """The processor's images for one source image (crops, then the whole), each at its own size, contiguous.
+
+    Asked without padding (`do_pad=False`): the same values as the padded call trimmed with its pixel mask, without
+    the zero-filled arrays, masks and stacking copies (a quarter of a page's preprocessing). A processor that pads
+    anyway gets trimmed with its mask.
+    """
+    import numpy as np
+
+    out = image_processor([[image]], do_image_splitting=split, do_pad=False)
+    values, mask = out["pixel_values"][0], out.get("pixel_attention_mask")
+    if mask is None:
+        return [np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for v in values]
+    mask = mask[0]
+    return [np.ascontiguousarray(values[k, :, :int(mask[k].any(axis=1).sum()), :int(mask[k].any(axis=0).sum())])
+            for k in range(values.shape[0])]
 
 
 def auto_chunk(model, device: str) -> int:

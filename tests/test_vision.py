@@ -145,3 +145,22 @@ def test_auto_chunk(engines, monkeypatch):
     assert 1 <= auto_chunk(engine.model, "cpu") <= 16
     monkeypatch.setenv(CHUNK_ENV, "3")
     assert auto_chunk(engine.model, "cpu") == 3
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["split", "no-split"])
+def test_unpadded_pixels_equal_the_padded_call_trimmed(engines, split):
+    """`do_pad=False` gives, value for value, the padded processor call's images cut back to their masks."""
+    import numpy as np
+
+    from idefics_cli.vision import _own_size_pixels
+
+    image_processor = engines["tiny", split].processor.image_processor
+    for page in (make_image(1515, 1960, 1), make_image(1961, 1517, 2), make_image(301, 37, 3), make_image(5, 5, 4)):
+        own = _own_size_pixels(image_processor, page, split)
+        out = image_processor([[page]], do_image_splitting=split)
+        values, mask = out["pixel_values"][0], out["pixel_attention_mask"][0]
+        assert len(own) == values.shape[0] == (5 if split else 1)
+        for k, pixels in enumerate(own):
+            h, w = int(mask[k].any(1).sum()), int(mask[k].any(0).sum())
+            assert pixels.shape == (3, h, w) and pixels.flags.c_contiguous and pixels.dtype == np.float32
+            assert np.array_equal(pixels, values[k, :, :h, :w])
