@@ -90,7 +90,9 @@ def check_4bit(device: str, dtype) -> dict:
     result = {"ran": False, "ok": False, "device": device, "dtype": str(dtype).replace("torch.", ""),
               "max_error": None, "quantization_error": None, "tolerance": tolerance, "error": None, "seconds": None}
     try:
-        import bitsandbytes as bnb
+        from .model import import_bitsandbytes
+
+        bnb = import_bitsandbytes()  # before any other bitsandbytes import: it must not reach the hub
         import bitsandbytes.functional as F
 
         gen = torch.Generator().manual_seed(0)

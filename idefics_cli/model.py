@@ -50,6 +50,7 @@ def quiet_libraries() -> None:
 
     if not os.environ.get("IDEFICS_DEBUG"):
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        logging.getLogger("kernels").setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", module="bitsandbytes")
     warnings.filterwarnings("ignore", module="transformers")
@@ -80,8 +81,33 @@ def resolve_dtype(dtype: str, device: str):
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
 
 
+def import_bitsandbytes():
+    """Import bitsandbytes without letting it reach the hub: on a CPU with AVX512-BF16 its CPU backend asks the hub
+    (kernels-community) for a compiled kernel while it is imported, a connection and code fetched at run time that
+    `--offline` and the hub's own offline switch would not otherwise stop. The import runs with huggingface_hub's
+    offline flag set, so that lookup stays local and, finding nothing cached, bitsandbytes keeps its own CPU code
+    (what ran before transformers 5.25 brought in the `kernels` package). ImportError when it is not installed."""
+    import sys
+
+    if "bitsandbytes" in sys.modules:
+        return sys.modules["bitsandbytes"]
+    quiet_libraries()
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        import bitsandbytes
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+    return bitsandbytes
+
+
 def quantization_config(quant: str, dtype):
     from transformers import BitsAndBytesConfig
+
+    if quant in ("4bit", "8bit"):
+        import_bitsandbytes()
 
     if quant == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
