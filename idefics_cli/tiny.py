@@ -132,13 +132,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
     try:
+        tokenizer_model_path()  # sentencepiece or protobuf missing: say which extra, before torch loads
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
         print(build(args.out_dir, args.size, args.seed), file=sys.stderr)
-    except ModuleNotFoundError as exc:  # mistral-common or sentencepiece missing: say which extra to install
+    except ModuleNotFoundError as exc:  # say which extra to install
         sys.exit(f"error: {exc}")
 
 
