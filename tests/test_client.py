@@ -142,8 +142,15 @@ def test_transcribe_over_the_server_gives_the_local_records_and_resumes_them(ser
 
 
 def client(server, *args):
-    """`idefics ARGS --server URL --api-key KEY` (the caller's own --max-new-tokens)."""
-    return run_idefics(*args, "--server", server.url, "--api-key", KEY)
+    """`idefics ARGS --server URL --api-key KEY` (the caller's own --max-new-tokens), in this process: a `--schema`
+    run imports the grammar engine (and torch) for its schema check anyway, so a subprocess would only add an
+    interpreter and those imports; the HTTP to the server is the same."""
+    from typer.testing import CliRunner
+
+    from idefics_cli.cli import app
+
+    return Run(CliRunner().invoke(app, [str(a) for a in (*args, "--server", server.url, "--api-key", KEY)],
+                                  catch_exceptions=False))
 
 
 def test_ask_schema_over_the_server_equals_the_local_run(server, local, docs):
