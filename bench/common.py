@@ -8,10 +8,12 @@ Nothing here imports torch: the driver stays light and builds models in a child 
 Quiet-machine gate: a ratio taken while other jobs load the machine is not a result. Every `run` records the
 1-minute load average before and after the child, and the CPU that *other* processes used while it ran
 ("foreign load", in cores: the machine's busy time from /proc/stat minus the child's and this driver's own CPU
-time, over the wall time; the load average after a run mostly counts the benchmark itself). `footer()` prints
-them and marks the whole benchmark NOT QUIET when the load average before the first run, or the foreign load
-of any run, exceeds `QUIET` (0.5): such figures must not go into RESULTS.md. `header()` first waits (up to
-`--settle` seconds, default 120) for the load average to fall under `QUIET`.
+time, over the wall time; the load average after a run mostly counts the benchmark itself). A long-lived child
+of the benchmark that works while runs are timed (bench/serve.py's server) is registered with `own(pid)`: its
+CPU (/proc/PID/stat utime + stime, plus its waited-for children's) counts as the benchmark's own, not foreign.
+`footer()` prints them and marks the whole benchmark NOT QUIET when the load average before the first run, or
+the foreign load of any run, exceeds `QUIET` (0.5): such figures must not go into RESULTS.md. `header()` first
+waits (up to `--settle` seconds, default 120) for the load average to fall under `QUIET`.
 """
 
 from __future__ import annotations
@@ -157,9 +159,29 @@ def _busy_seconds() -> float | None:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+OWN_PIDS: set[int] = set()  # long-lived children of the benchmark (own(pid)): their CPU is not foreign load
+
+
+def own(pid: int) -> None:
+    """Count the CPU of the benchmark's long-lived child `pid` (e.g. a server it started) as its own."""
+    OWN_PIDS.add(pid)
+
+
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds of process `pid` and its waited-for children (/proc/PID/stat), 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": field 3 (state) is fields[0]
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime stime cutime cstime
+
+
 def _own_cpu() -> float:
+    """This driver's CPU, its waited-for children's (os.times) and its registered long-lived children's."""
     t = os.times()
-    return t.user + t.system
+    return t.user + t.system + sum(_proc_cpu(pid) for pid in OWN_PIDS)
 
 
 def one_minute_load() -> float:

@@ -4,7 +4,7 @@ Contract:
 - `connect(url, api_key=None, max_new_tokens=None)` asks the server for its model (`GET /v1/models`; while the
   server is still loading it waits, up to LOAD_WAIT_S) and returns a `RemoteEngine`. A server that is down or
   refuses the connection is `model_error` naming the URL, at once or after CONNECT_TIMEOUT_S; a refused API
-  key (401) is `model_error` with a hint about --api-key / IDEFICS_API_KEY.
+  key (401) is `model_error` with a hint about --api-key / IDEFICS_API_KEY (transport.py: HTTP and errors).
 - `RemoteEngine` has what `ask`, `chat` and `transcribe` use of a loaded `Engine` (engine.py), so the
   commands and the library run the same code paths with either: `options` and `info` are the server's model
   settings (`max_new_tokens` the caller's), `ask` and `transcribe` are `Engine`'s own methods; `prepare(batch)`
@@ -16,37 +16,38 @@ Contract:
   `chat_inputs(messages, images, max_new_tokens)` sends a whole conversation (conversation.py);
   `check_context` is left to the server (it refuses a prompt over the context with `usage`);
   `auto_batch_size()` is the server's --max-batch.
+- `--schema`: `grammar_processors(schema)` (what selection.py, conversation.py and pipeline.py ask an engine
+  for) gives a `ResponseFormat` in place of a grammar processor; passed as `logits_processor`, it makes the
+  request's `response_format` `{"type": "json_schema", "json_schema": {"name", "schema", "strict": true}}`,
+  which the server enforces with the same grammar engine. The prompt (`structured.with_schema`) is built
+  here as in a local run, and the answer is read back here (`Response`: `data`, codes, exit statuses). Any
+  other logits processor cannot cross the wire: a `UsageError`.
 - Errors keep the CLI's codes: the server's error object carries them (a 400's `usage`, `corrupt`, ...), a
   503 `out_of_memory` stays `out_of_memory`, an overloaded server (503) is retried after its Retry-After for
   up to OVERLOAD_WAIT_S, anything else the server fails with, or a connection lost, is `model_error`.
-- HTTP is the standard library's http.client (no dependency beyond the core ones); nothing here imports torch,
-  transformers or numpy. The pages are rendered by the caller (selection.py, documents.py), as in local runs.
+- Nothing here imports torch, transformers or numpy. The pages are rendered by the caller (selection.py,
+  documents.py), as in local runs.
 """
 
 from __future__ import annotations
 
 import base64
-import http.client
 import io
 import json
-import socket
-import ssl
 import time
-import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .engine import Engine, Generation
-from .errors import EXIT_FOR_CODE, IdeficsError, UsageError
+from .errors import IdeficsError, UsageError
 from .model import ModelOptions
+from .transport import CONNECT_TIMEOUT_S, LOST, SERVER_HINT, Loading, Transport, events, normalize_url
 
-CONNECT_TIMEOUT_S = 1.5  # a server that does not answer the connection: model_error well within 2 s
+__all__ = ["CONNECT_TIMEOUT_S", "LOAD_WAIT_S", "RemoteEngine", "ResponseFormat", "connect", "normalize_url",
+           "png_data_url"]
+
 LOAD_WAIT_S = 600.0  # how long a request waits for a server that is still loading its model
-OVERLOAD_WAIT_S = 120.0  # how long a request is retried while the server's queue is full
-SERVER_HINT = "start it with `idefics serve`, or check --server / IDEFICS_SERVER"
-KEY_HINT = "pass --api-key KEY or set IDEFICS_API_KEY: the key `idefics serve` was started with"
 QUANT_OPTIONS = {"nf4": "4bit", "int8": "8bit", "none": "none"}  # engine.QUANT_NAMES, reversed
-_CLIENT_CODES = set(EXIT_FOR_CODE) - {"internal", "interrupted"}
 
 
 @dataclass
@@ -67,22 +68,18 @@ class RemoteInputs:
         self.usage = [None] * len(self.rows)
 
 
-def normalize_url(url: str) -> str:
-    """`host:port`, `http://host:port/`, or an OpenAI base URL ending in /v1: the server's root URL."""
-    url = url.strip()
-    if "://" not in url:
-        url = f"http://{url}"
-    url = url.rstrip("/")
-    if url.endswith("/v1"):
-        url = url[:-3]
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UsageError(f"--server {url!r} is not an http(s) URL", "e.g. --server http://127.0.0.1:8000")
-    try:
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError:
-        raise UsageError(f"--server {url!r} has a bad port", "e.g. --server http://127.0.0.1:8000") from None
-    return url
+@dataclass(frozen=True)
+class ResponseFormat:
+    """A schema's constraint as the server takes it: stands where a local run has a grammar processor."""
+
+    schema: object  # structured.Schema
+
+    def as_dict(self) -> dict:
+        return {"type": "json_schema", "json_schema": {"name": "idefics_cli", "schema": self.schema.schema,
+                                                       "strict": True}}
+
+    def __call__(self, input_ids, scores):  # never called: the server applies the grammar
+        raise TypeError("a ResponseFormat is sent to the server, it does not run here")
 
 
 def connect(url: str, api_key: str | None = None, max_new_tokens: int | None = None) -> RemoteEngine:
@@ -97,11 +94,8 @@ class RemoteEngine:
     transcribe = Engine.transcribe
 
     def __init__(self, url: str, api_key: str | None = None, max_new_tokens: int | None = None):
-        self.url = normalize_url(url)
-        self.api_key = api_key or None
-        parts = urllib.parse.urlsplit(self.url)
-        self._https, self._host, self._port, self._root = (parts.scheme == "https", parts.hostname, parts.port,
-                                                           parts.path)
+        self.http = Transport(url, api_key)
+        self.url, self.api_key = self.http.url, self.http.api_key
         start = time.perf_counter()
         card = self._models()
         self.load_s = time.perf_counter() - start  # what a local run spends loading: here, reaching the server
@@ -136,11 +130,15 @@ class RemoteEngine:
     def auto_batch_size(self) -> int:
         """Pages a transcription sends at once: the server's --max-batch (rows it decodes together)."""
         try:
-            health = self._json("GET", "/health")
+            health = self.http.json("GET", "/health")
         except IdeficsError:
             return 4
         size = health.get("max_batch")
         return size if isinstance(size, int) and size > 0 else 4
+
+    def grammar_processors(self, schema) -> list:
+        """`--schema` through the server: its `response_format` (see the module contract)."""
+        return [ResponseFormat(schema)]
 
     def prepare(self, batch: list[tuple[list, str]], split: bool | None = None, collect: bool = False):
         """One request per (images, question): a user turn with the pages first, then the question.
@@ -185,15 +183,14 @@ class RemoteEngine:
 
         Closing the generator closes the connection: the server cancels the generation.
         """
-        _no_logits_processor(logits_processor)
-        body = self._body(inputs.rows[0], max_new_tokens, stream=True)
+        body = self._body(inputs.rows[0], max_new_tokens, logits_processor, stream=True)
         start = time.perf_counter()
-        conn, resp = self._post(body)
+        conn, resp = self.http.send("POST", "/v1/chat/completions", body)
         pieces, first, finish, usage = [], None, None, None
         try:
-            for event in _events(resp):
+            for event in events(resp):
                 if "error" in event:
-                    raise self._error(500, event)
+                    raise self.http.error(500, event)
                 if event.get("usage"):
                     usage = event["usage"]
                 for choice in event.get("choices") or []:
@@ -204,12 +201,13 @@ class RemoteEngine:
                         pieces.append(piece)
                         yield piece
                     finish = choice.get("finish_reason") or finish
-        except (OSError, http.client.HTTPException, ValueError) as exc:
-            raise self._lost(exc) from None
+        except (*LOST, ValueError) as exc:
+            raise self.http.lost(exc) from None
         finally:
             conn.close()
         if finish is None or usage is None:
-            raise IdeficsError("model_error", f"the server at {self.url} ended the answer early", SERVER_HINT)
+            raise IdeficsError("model_error", f"the server at {self.url} ended the answer early",
+                               "it was stopped, or cancelled the answer: ask again")
         total = time.perf_counter() - start
         inputs.usage[0] = _prompt_usage(usage)
         return RemoteGeneration(text="".join(pieces), completion_tokens=int(usage.get("completion_tokens", 0)),
@@ -222,12 +220,12 @@ class RemoteEngine:
     def generate_batch(self, inputs: RemoteInputs, max_new_tokens: int | None = None,
                        logits_processor=None) -> list[RemoteGeneration]:
         """Every row's answer, the rows sent at once (the server batches them); the first error is raised."""
-        _no_logits_processor(logits_processor)
+        bodies = [self._body(row, max_new_tokens, logits_processor) for row in inputs.rows]
         start = time.perf_counter()
 
         def one(row: int):
             try:
-                return self._json("POST", "/v1/chat/completions", self._body(inputs.rows[row], max_new_tokens))
+                return self.http.json("POST", "/v1/chat/completions", bodies[row])
             except IdeficsError as err:
                 return err
 
@@ -251,10 +249,14 @@ class RemoteEngine:
                                         prompt_usage=inputs.usage[row]))
         return out
 
-    # ---- HTTP ----------------------------------------------------------------------------------
-    def _body(self, messages: list[dict], max_new_tokens: int | None, stream: bool = False) -> bytes:
+    # ---- requests --------------------------------------------------------------------------------
+    def _body(self, messages: list[dict], max_new_tokens: int | None, logits_processor=None,
+              stream: bool = False) -> bytes:
         body = {"model": self.model_id, "messages": messages,
                 "max_tokens": max_new_tokens or self.options.max_new_tokens}
+        formats = _response_formats(logits_processor)
+        if formats:
+            body["response_format"] = formats[0].as_dict()
         if stream:
             body.update(stream=True, stream_options={"include_usage": True})
         return json.dumps(body).encode()  # ASCII: text the server cannot take (a lone surrogate) is its 400, not ours
@@ -263,8 +265,8 @@ class RemoteEngine:
         deadline = time.monotonic() + LOAD_WAIT_S
         while True:
             try:
-                listing = self._json("GET", "/v1/models")
-            except _Loading:
+                listing = self.http.json("GET", "/v1/models")
+            except Loading:
                 if time.monotonic() > deadline:
                     raise IdeficsError("model_error", f"the server at {self.url} is still loading its model after "
                                        f"{LOAD_WAIT_S:.0f} s", SERVER_HINT) from None
@@ -276,143 +278,20 @@ class RemoteEngine:
                                    "/v1/models)", SERVER_HINT)
             return data[0]
 
-    def _connection(self) -> http.client.HTTPConnection:
-        if self._https:
-            conn = http.client.HTTPSConnection(self._host, self._port, timeout=CONNECT_TIMEOUT_S,
-                                               context=ssl.create_default_context())
-        else:
-            conn = http.client.HTTPConnection(self._host, self._port, timeout=CONNECT_TIMEOUT_S)
-        try:
-            conn.connect()
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
-            raise self._unreachable(exc) from None
-        conn.sock.settimeout(None)  # an answer may take long to start (a prefill over many pages): no read timeout
-        return conn
 
-    def _send(self, method: str, path: str, body: bytes | None):
-        """(connection, response) of one request whose status is 200; retried while the server is overloaded."""
-        headers = {"Accept": "application/json, text/event-stream", "User-Agent": "idefics-cli"}
-        if body is not None:
-            headers["Content-Type"] = "application/json"
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        deadline = time.monotonic() + OVERLOAD_WAIT_S
-        while True:
-            conn = self._connection()
-            try:
-                conn.request(method, self._root + path, body=body, headers=headers)
-                resp = conn.getresponse()
-                if resp.status == 200:
-                    return conn, resp
-                raw = resp.read()
-            except (OSError, http.client.HTTPException) as exc:
-                conn.close()
-                raise self._lost(exc) from None
-            conn.close()
-            err = self._error(resp.status, raw)
-            if isinstance(err, _Overloaded) and time.monotonic() < deadline:
-                time.sleep(_retry_after(resp.getheader("Retry-After")))
-                continue
-            raise err
-
-    def _post(self, body: bytes):
-        return self._send("POST", "/v1/chat/completions", body)
-
-    def _json(self, method: str, path: str, body: bytes | None = None) -> dict:
-        conn, resp = self._send(method, path, body)
-        try:
-            raw = resp.read()
-        except (OSError, http.client.HTTPException) as exc:
-            raise self._lost(exc) from None
-        finally:
-            conn.close()
-        try:
-            return json.loads(raw)
-        except ValueError:
-            raise IdeficsError("model_error", f"{self.url} answered {path} with something that is not JSON",
-                               SERVER_HINT) from None
-
-    # ---- errors ----------------------------------------------------------------------------------
-    def _unreachable(self, exc: BaseException) -> IdeficsError:
-        if isinstance(exc, socket.timeout):
-            why = f"no answer within {CONNECT_TIMEOUT_S:g} s"
-        elif isinstance(exc, socket.gaierror):
-            why = f"unknown host {self._host}"
-        else:
-            why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        return IdeficsError("model_error", f"cannot reach the idefics server at {self.url}: {why}", SERVER_HINT)
-
-    def _lost(self, exc: BaseException) -> IdeficsError:
-        why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        return IdeficsError("model_error", f"lost the connection to the idefics server at {self.url}: {why}",
-                            SERVER_HINT)
-
-    def _error(self, status: int, raw) -> IdeficsError:
-        """The server's OpenAI error object as the CLI's error (its code kept where the CLI has it)."""
-        obj = raw
-        if isinstance(raw, bytes):
-            try:
-                obj = json.loads(raw)
-            except ValueError:
-                obj = None
-        error = obj.get("error") if isinstance(obj, dict) else None
-        code = error.get("code") if isinstance(error, dict) else None
-        message = (error.get("message") if isinstance(error, dict) else None) or f"HTTP {status}"
-        message = str(message).replace("\n", " ")[:500]
-        if status == 401 or code == "invalid_api_key":
-            return IdeficsError("model_error", f"the server at {self.url} refused the API key", KEY_HINT)
-        if status == 503 and code == "loading":
-            return _Loading("model_error", f"the server at {self.url} is still loading its model")
-        if code == "overloaded":
-            return _Overloaded("model_error", f"the server at {self.url} is overloaded: {message}",
-                               "try again later, or start it with a larger --max-queue")
-        if code == "request_too_large":
-            return UsageError(f"the pages are too large for the server at {self.url}: {message}",
-                              "choose fewer pages (--pages), or start the server with a larger --max-request-mb")
-        if code in _CLIENT_CODES and code != "model_error":
-            return IdeficsError(code, message)
-        return IdeficsError("model_error", f"the server at {self.url} failed: {message}", SERVER_HINT)
-
-
-class _Loading(IdeficsError):
-    """503 `loading`: the server is up, its model not yet."""
-
-
-class _Overloaded(IdeficsError):
-    """503 `overloaded`: the server's queue is full (retried after its Retry-After)."""
-
-
-def _retry_after(value: str | None) -> float:
-    try:
-        return min(max(float(value), 0.1), 10.0)
-    except (TypeError, ValueError):
-        return 1.0
-
-
-def _no_logits_processor(logits_processor) -> None:
-    if logits_processor is not None:
+def _response_formats(logits_processor) -> list[ResponseFormat]:
+    """The ResponseFormats among `logits_processor` (at most one); any other processor is a usage error."""
+    processors = list(logits_processor or [])
+    if any(not isinstance(p, ResponseFormat) for p in processors):
         raise UsageError("a logits processor cannot run through a server", "run without --server")
+    if len({p.schema.sha256 for p in processors}) > 1:
+        raise UsageError("one schema per answer through a server")
+    return processors
 
 
 def _prompt_usage(usage: dict) -> dict:
     details = usage.get("prompt_tokens_details") or {}
     return {"prompt_tokens": usage.get("prompt_tokens"), "image_tokens": details.get("image_tokens")}
-
-
-def _events(resp):
-    """The JSON objects of a server-sent event stream, up to `data: [DONE]`."""
-    while True:
-        line = resp.readline()
-        if not line:
-            return
-        line = line.strip()
-        if not line.startswith(b"data:"):
-            continue
-        data = line[5:].strip()
-        if data == b"[DONE]":
-            return
-        yield json.loads(data)
 
 
 def png_data_url(image) -> str:

@@ -198,10 +198,10 @@ class ChatSession:
         schema = as_schema(schema) or self.schema
         prompt = question
         if schema is not None:
-            from .structured import for_engine, with_schema
+            from .structured import with_schema
 
             prompt = with_schema(question, schema)
-            logits_processor = [*(logits_processor or []), *for_engine(engine, schema)]
+            logits_processor = [*(logits_processor or []), *engine.grammar_processors(schema)]
         limit = max_new_tokens or engine.options.max_new_tokens
         inputs = conv.inputs(prompt, limit)
         preprocess_s = time.perf_counter() - start

@@ -10,8 +10,10 @@ Contract:
   `<end_of_utterance>`) whose return value (`StopIteration.value`) is the finished `Generation` (text, token
   counts, finish reason, timing); it changes nothing it is given. `Engine.generate(inputs)` is its join;
   `Engine.generate_batch(inputs)` answers a left-padded batch. All three take `logits_processor`, handed to
-  `model.generate` as is (constrained decoding hooks in there). A prompt over `prefill_chunk` tokens (1024;
-  IDEFICS_PREFILL_CHUNK) whose images are pre-encoded is prefilled a chunk at a time (bounded activations).
+  `model.generate` as is (constrained decoding hooks in there): `Engine.grammar_processors(schema)` is that
+  list for a `--schema` (structured.for_engine; a remote engine, client.py, answers its own kind). A prompt
+  over `prefill_chunk` tokens (1024; IDEFICS_PREFILL_CHUNK) whose images are pre-encoded is prefilled a
+  chunk at a time (bounded activations).
 - `Engine.ask(documents, question, ...)` is the library's question: it returns the iterable `Response`
   (response.py) built by selection.py, the same answer and JSON object as `idefics ask`.
 - Token arithmetic (image tokens per image, context size) is read from the processor and the config,
@@ -177,6 +179,12 @@ class Engine:
         return {"prompt_tokens": int(ids.numel()), "image_tokens": int((ids == self.image_token_id).sum())}
 
     # ---- generation ----------------------------------------------------------------------------
+    def grammar_processors(self, schema) -> list:
+        """The logits processors that constrain one generate call to `schema` (structured.Schema)."""
+        from .structured import for_engine
+
+        return for_engine(self, schema)
+
     def _gen_kwargs(self, max_new_tokens: int | None, logits_processor=None) -> dict:
         kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens or self.options.max_new_tokens}
         if logits_processor is not None:

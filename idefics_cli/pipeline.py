@@ -119,10 +119,8 @@ def generate(engine, inputs, request: TranscribeRequest):
     """`engine.generate_batch` for the request; with a schema, a new grammar processor for this call."""
     if request.schema is None:
         return engine.generate_batch(inputs, request.options.max_new_tokens)
-    from .structured import for_engine
-
     return engine.generate_batch(inputs, request.options.max_new_tokens,
-                                 logits_processor=for_engine(engine, request.schema))
+                                 logits_processor=engine.grammar_processors(request.schema))
 
 
 def answer_batch(engine, batch: Batch, request: TranscribeRequest) -> list[PageRecord]:

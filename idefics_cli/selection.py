@@ -131,10 +131,10 @@ def ask(engine, selection: Selection, question: str, max_new_tokens: int | None 
     check_question(question)
     prompt = question
     if schema is not None:
-        from .structured import for_engine, with_schema
+        from .structured import with_schema
 
         prompt = with_schema(question, schema)
-        logits_processor = [*(logits_processor or []), *for_engine(engine, schema)]
+        logits_processor = [*(logits_processor or []), *engine.grammar_processors(schema)]
     limit = max_new_tokens or engine.options.max_new_tokens
     engine.check_context(len(selection), prompt, limit)
     t0 = time.perf_counter()

@@ -100,6 +100,31 @@ def test_serve_smoke(smoke):
     assert "answers identical: yes" in out
 
 
+def test_a_registered_child_s_cpu_is_the_benchmark_s_own_not_foreign():
+    """bench/common.py's quiet gate: the CPU of a long-lived child registered with own() (bench/serve.py's server)
+    counts as the benchmark's own, read from /proc/PID/stat; a process that is gone counts 0."""
+    if not os.path.exists("/proc/self/stat"):
+        pytest.skip("no /proc")
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import common
+    finally:
+        sys.path.pop(0)
+    burn = ("import sys, time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass\n"
+            "print('burnt', flush=True)\nsys.stdin.read()\n")
+    child = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "burnt\n"
+        before = common._own_cpu()
+        common.own(child.pid)
+        assert common._proc_cpu(child.pid) >= 0.5
+        assert common._own_cpu() - before >= 0.5  # the child's CPU (at least its 0.5 s of busy loop) is now own
+    finally:
+        common.OWN_PIDS.discard(child.pid)
+        child.communicate("")
+    assert common._proc_cpu(child.pid) == 0.0
+
+
 def test_gpu_smoke(smoke):
     out = finished(smoke, "gpu")
     import torch

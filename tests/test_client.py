@@ -1,8 +1,10 @@
 """client.py and `--server`: ask, chat and transcribe through a running `idefics serve` equal local runs.
 
 One real server (127.0.0.1, ephemeral port, an API key; the sharp tiny model, float32 CPU, tests/test_serve.py's
-`Server`) answers the `--server` runs; the local runs they are compared with load the same model in their own
-processes, started while the server loads. Timings differ between any two runs and are left out of comparisons.
+`Server`) answers the `--server` runs (subprocesses: the real entry point). The local runs they are compared with
+are the same commands run in this process (the app through click's runner: no second interpreter, torch and the
+model load once), made while the server loads. Timings differ between any two runs and are left out of
+comparisons.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import socket
-from concurrent.futures import ThreadPoolExecutor
+import threading
 
 import pytest
 from conftest import make_image, make_pdf, run_idefics, run_traced
@@ -21,6 +23,9 @@ from test_serve import FLAGS, KEY, Server  # noqa: E402 - after the skip: the se
 QUESTION = "What is the total amount due?"
 TURNS = b"What is on this page?\nAnd who is the merchant?\n"
 TOKENS = ["--max-new-tokens", "8"]
+SCHEMA = "paid bool"  # a short object: it ends well within SCHEMA_TOKENS
+SCHEMA_TOKENS = ["--max-new-tokens", "24"]
+CUT_SCHEMA = "vendor, invoice_number, due_date"  # three strings: 8 tokens cut it
 
 
 def untimed(obj: dict) -> dict:
@@ -45,27 +50,50 @@ def started(sharp_model):
         assert srv.stop() == 0, "\n".join(srv.lines)
 
 
+class Run:
+    """What a local run printed and returned (the fields of a CompletedProcess that the tests read)."""
+
+    def __init__(self, result):
+        self.returncode, self.stdout, self.stderr = result.exit_code, result.stdout_bytes, result.stderr_bytes
+
+
 @pytest.fixture(scope="module")
 def local(sharp_model, docs, started):
-    """The local runs (each loads the model), made while the server starts; and one early client of it."""
+    """The local runs (in this process, each loading the model), made while the server starts; and one early
+    client of it (a subprocess started as soon as the server listens: it waits while the model loads)."""
+    from typer.testing import CliRunner
+
+    from idefics_cli.cli import app
+
     model = ["--model", sharp_model, *FLAGS]
+    schema = ["--schema", SCHEMA, *SCHEMA_TOKENS]
     runs = {
         "json": (["ask", docs["pdf"], "--pages", "1-2", QUESTION, "--json", *model], None),
         "text": (["ask", docs["png"], QUESTION, *model], None),
         "transcribe": (["transcribe", docs["pdf"], "--out", str(docs["root"] / "local.jsonl"), *model], None),
         "chat": (["chat", docs["png"], *model], TURNS),
+        "schema_json": (["ask", docs["pdf"], "--pages", "1-2", QUESTION, "--json", *model, *schema], None),
+        "schema_text": (["ask", docs["png"], QUESTION, *model, *schema], None),
+        "schema_cut_json": (["ask", docs["png"], QUESTION, "--json", *model, "--schema", CUT_SCHEMA], None),
+        "schema_cut_text": (["ask", docs["png"], QUESTION, *model, "--schema", CUT_SCHEMA], None),
+        "schema_transcribe": (["transcribe", docs["pdf"], "--out", str(docs["root"] / "local-schema.jsonl"),
+                               *model, *schema], None),
     }
+    out = {}
 
-    def early():  # a client started as soon as the server listens: it waits while the model loads
+    def early():
         assert started._seen.wait(240) and started.url, "\n".join(started.lines)
-        return run_idefics("ask", docs["png"], QUESTION, "--server", started.url, "--api-key", KEY, *TOKENS)
+        out["early"] = run_idefics("ask", docs["png"], QUESTION, "--server", started.url, "--api-key", KEY,
+                                   *TOKENS)
 
-    with ThreadPoolExecutor(3) as pool:
-        futures = {"early": pool.submit(early)}
-        futures.update({k: pool.submit(run_idefics, *args, input=stdin) for k, (args, stdin) in runs.items()})
-        out = {k: f.result() for k, f in futures.items()}
+    thread = threading.Thread(target=early)
+    thread.start()
+    runner = CliRunner()
+    for k, (args, stdin) in runs.items():
+        out[k] = Run(runner.invoke(app, [str(a) for a in args], input=stdin, catch_exceptions=False))
+    thread.join()
     for k, res in out.items():
-        assert res.returncode == 0, (k, res.stderr.decode())
+        assert res.returncode == (5 if k.startswith("schema_cut") else 0), (k, res.stderr.decode())
     return out
 
 
@@ -111,6 +139,50 @@ def test_transcribe_over_the_server_gives_the_local_records_and_resumes_them(ser
     assert again.returncode == 0, again.stderr.decode()
     assert "nothing left to do" in again.stderr.decode()
     assert (docs["root"] / "local.jsonl").read_text() == before
+
+
+def client(server, *args):
+    """`idefics ARGS --server URL --api-key KEY` (the caller's own --max-new-tokens), in this process: a `--schema`
+    run imports the grammar engine (and torch) for its schema check anyway, so a subprocess would only add an
+    interpreter and those imports; the HTTP to the server is the same."""
+    from typer.testing import CliRunner
+
+    from idefics_cli.cli import app
+
+    return Run(CliRunner().invoke(app, [str(a) for a in (*args, "--server", server.url, "--api-key", KEY)],
+                                  catch_exceptions=False))
+
+
+def test_ask_schema_over_the_server_equals_the_local_run(server, local, docs):
+    """`--schema` goes as `response_format` json_schema; data, schema hash, text output and codes as locally."""
+    res = client(server, "ask", docs["pdf"], "--pages", "1-2", QUESTION, "--json", "--schema", SCHEMA,
+                 *SCHEMA_TOKENS)
+    assert res.returncode == 0, res.stderr.decode()
+    got, want = json.loads(res.stdout), json.loads(local["schema_json"].stdout)
+    assert untimed(got) == untimed(want)
+    assert isinstance(got["data"], dict) and isinstance(got["data"]["paid"], bool) and got["schema_sha256"]
+    res = client(server, "ask", docs["png"], QUESTION, "--schema", SCHEMA, *SCHEMA_TOKENS)
+    assert (res.returncode, res.stdout) == (0, local["schema_text"].stdout)
+    assert isinstance(json.loads(res.stdout)["paid"], bool)
+    # cut by --max-new-tokens: data null, `schema_truncated`, exit 5, in JSON and in text, as locally
+    res = client(server, "ask", docs["png"], QUESTION, "--json", "--schema", CUT_SCHEMA, *TOKENS)
+    got, want = json.loads(res.stdout), json.loads(local["schema_cut_json"].stdout)
+    assert res.returncode == 5 and untimed(got) == untimed(want)
+    assert got["data"] is None and got["error"]["code"] == "schema_truncated" and got["finish_reason"] == "length"
+    res = client(server, "ask", docs["png"], QUESTION, "--schema", CUT_SCHEMA, *TOKENS)
+    assert (res.returncode, res.stdout, res.stderr) == (5, b"", local["schema_cut_text"].stderr)
+    assert res.stderr.decode().startswith("error [schema_truncated]: ")
+
+
+def test_transcribe_schema_over_the_server_gives_the_local_records(server, local, docs):
+    out = docs["root"] / "remote-schema.jsonl"
+    res = client(server, "transcribe", docs["pdf"], "--out", str(out), "--schema", SCHEMA, *SCHEMA_TOKENS)
+    assert res.returncode == 0, res.stderr.decode()
+    mine = sorted((untimed(json.loads(line)) for line in out.read_text().splitlines()), key=lambda r: r["page"])
+    theirs = sorted((untimed(json.loads(line)) for line in (docs["root"] / "local-schema.jsonl").read_text()
+                     .splitlines()), key=lambda r: r["page"])
+    assert len(mine) == 3 and all(r["status"] == "ok" and isinstance(r["data"]["paid"], bool) for r in mine)
+    assert mine == theirs  # texts, data and the settings hash (the schema's included)
 
 
 def test_chat_over_the_server_gives_the_local_turns(server, local, docs):
@@ -191,18 +263,6 @@ def test_pages_reach_the_server_as_the_very_pixels_of_a_local_run(docs):
         assert image.mode == "RGB" and seen.mode == "RGB"
         assert seen.size == image.size and seen.tobytes() == image.tobytes()
         assert url.startswith("data:image/png;base64,") and base64.b64decode(url.split(",", 1)[1])[:4] == b"\x89PNG"
-
-
-def test_server_urls_are_normalized_and_checked():
-    from idefics_cli.client import normalize_url
-    from idefics_cli.errors import UsageError
-
-    assert normalize_url("127.0.0.1:8000") == "http://127.0.0.1:8000"
-    assert normalize_url(" http://localhost:8000/v1/ ") == "http://localhost:8000"
-    assert normalize_url("https://h.example/idefics/") == "https://h.example/idefics"
-    for bad in ("ftp://h:1", "http://", "http://h:notaport"):
-        with pytest.raises(UsageError):
-            normalize_url(bad)
 
 
 def test_a_client_started_while_the_server_loads_waits_for_it(server, local):

@@ -1,7 +1,8 @@
 """`idefics serve` end to end: a real server on 127.0.0.1 (ephemeral port) and the official openai client.
 
-One server (API key, batch 4, 1 MiB request cap) serves most tests; the SIGTERM test starts its own. Answers are
-compared with `idefics ask --json` on the same model, page and question (the sharp tiny model, float32 CPU).
+One server (API key, batch 4, 1 MiB request cap) serves the module's tests; its last test ends it with SIGTERM
+(tests/test_serve_server.py: a full queue, SIGTERM past --grace). Answers are compared with `idefics ask --json`
+on the same model, page and question (the sharp tiny model, float32 CPU).
 """
 
 from __future__ import annotations
@@ -124,19 +125,21 @@ def started(sharp_model):
 
 @pytest.fixture(scope="module")
 def reference(sharp_model, docs, started):
-    """`idefics ask --json` answers, run while the server starts (each run loads the model)."""
+    """`idefics ask --json` answers, run while the server starts: the app in this process (click's runner; each
+    run loads the model, as `idefics ask` does, without a second interpreter)."""
+    from typer.testing import CliRunner
+
+    from idefics_cli.cli import app
+
     runs = {
         "page": [docs["png"], QUESTION],
         "pdf": [docs["pdf"], "--pages", "2-3", FOLLOW_UP],
     }
-    with ThreadPoolExecutor(2) as pool:
-        futures = {k: pool.submit(run_idefics, "ask", *args, "--json", "--model", sharp_model, *FLAGS)
-                   for k, args in runs.items()}
-        out = {}
-        for k, fut in futures.items():
-            res = fut.result()
-            assert res.returncode == 0, res.stderr.decode()
-            out[k] = json.loads(res.stdout)
+    runner, out = CliRunner(), {}
+    for k, args in runs.items():
+        res = runner.invoke(app, ["ask", *args, "--json", "--model", sharp_model, *FLAGS], catch_exceptions=False)
+        assert res.exit_code == 0, res.stderr
+        out[k] = json.loads(res.stdout)
     return out
 
 

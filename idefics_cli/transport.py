@@ -1,0 +1,192 @@
+"""HTTP to a running `idefics serve`: connections, retries, server-sent events and errors as the CLI's errors.
+
+Contract:
+- `normalize_url(url)`: `host:port`, `http://host:port/` or an OpenAI base URL ending in /v1 -> the server's
+  root URL; anything else (another scheme, no host, a bad port) is a `UsageError`.
+- `Transport(url, api_key)` talks to that server. `send(method, path, body)` returns (connection, response)
+  of a request whose status is 200 (the caller closes the connection); `json(method, path, body)` reads
+  and parses that response. A server that does not accept the connection is `model_error` naming the URL,
+  at once or after CONNECT_TIMEOUT_S (no read timeout once connected: a prefill over many pages may take
+  long); a connection lost halfway is `model_error` (`lost(exc)`). An overloaded server (503
+  `overloaded`) is retried after its Retry-After (0.1 to 10 s) for up to OVERLOAD_WAIT_S, then raised.
+- `error(status, body)` maps the server's OpenAI error object to the CLI's error: 401 -> `model_error`
+  with a hint about --api-key / IDEFICS_API_KEY; 503 `loading` -> `Loading` (the caller waits);
+  `overloaded` -> `Overloaded`; `request_too_large` -> `UsageError`; a code the CLI has (`usage`,
+  `corrupt`, `out_of_memory`, ...) keeps it; anything else is `model_error` naming the URL.
+- `events(resp)` yields the JSON objects of a server-sent event stream up to `data: [DONE]`.
+- The standard library's http.client only: nothing here imports torch, transformers or numpy.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+import urllib.parse
+
+from .errors import EXIT_FOR_CODE, IdeficsError, UsageError
+
+CONNECT_TIMEOUT_S = 1.5  # a server that does not answer the connection: model_error well within 2 s
+OVERLOAD_WAIT_S = 120.0  # how long a request is retried while the server's queue is full
+SERVER_HINT = "start it with `idefics serve`, or check --server / IDEFICS_SERVER"
+KEY_HINT = "pass --api-key KEY or set IDEFICS_API_KEY: the key `idefics serve` was started with"
+_CLIENT_CODES = set(EXIT_FOR_CODE) - {"internal", "interrupted"}
+LOST = (OSError, http.client.HTTPException)  # what a dropped connection raises while reading
+
+
+class Loading(IdeficsError):
+    """503 `loading`: the server is up, its model not yet."""
+
+
+class Overloaded(IdeficsError):
+    """503 `overloaded`: the server's queue is full (retried after its Retry-After)."""
+
+
+def normalize_url(url: str) -> str:
+    """`host:port`, `http://host:port/`, or an OpenAI base URL ending in /v1: the server's root URL."""
+    url = url.strip()
+    if "://" not in url:
+        url = f"http://{url}"
+    url = url.rstrip("/")
+    if url.endswith("/v1"):
+        url = url[:-3]
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"--server {url!r} is not an http(s) URL", "e.g. --server http://127.0.0.1:8000")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise UsageError(f"--server {url!r} has a bad port", "e.g. --server http://127.0.0.1:8000") from None
+    return url
+
+
+class Transport:
+    """Requests to one server (see the module contract)."""
+
+    def __init__(self, url: str, api_key: str | None = None):
+        self.url = normalize_url(url)
+        self.api_key = api_key or None
+        parts = urllib.parse.urlsplit(self.url)
+        self._https, self._host, self._port, self._root = (parts.scheme == "https", parts.hostname, parts.port,
+                                                           parts.path)
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._https:
+            import ssl  # only for https: its import is not free
+
+            conn = http.client.HTTPSConnection(self._host, self._port, timeout=CONNECT_TIMEOUT_S,
+                                               context=ssl.create_default_context())
+        else:
+            conn = http.client.HTTPConnection(self._host, self._port, timeout=CONNECT_TIMEOUT_S)
+        try:
+            conn.connect()
+        except LOST as exc:
+            conn.close()
+            raise self.unreachable(exc) from None
+        conn.sock.settimeout(None)  # an answer may take long to start (a prefill over many pages): no read timeout
+        return conn
+
+    def send(self, method: str, path: str, body: bytes | None = None):
+        """(connection, response) of one request whose status is 200; retried while the server is overloaded."""
+        headers = {"Accept": "application/json, text/event-stream", "User-Agent": "idefics-cli"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        deadline = time.monotonic() + OVERLOAD_WAIT_S
+        while True:
+            conn = self._connection()
+            try:
+                conn.request(method, self._root + path, body=body, headers=headers)
+                resp = conn.getresponse()
+                if resp.status == 200:
+                    return conn, resp
+                raw = resp.read()
+            except LOST as exc:
+                conn.close()
+                raise self.lost(exc) from None
+            conn.close()
+            err = self.error(resp.status, raw)
+            if isinstance(err, Overloaded) and time.monotonic() < deadline:
+                time.sleep(retry_after(resp.getheader("Retry-After")))
+                continue
+            raise err
+
+    def json(self, method: str, path: str, body: bytes | None = None) -> dict:
+        conn, resp = self.send(method, path, body)
+        try:
+            raw = resp.read()
+        except LOST as exc:
+            raise self.lost(exc) from None
+        finally:
+            conn.close()
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise IdeficsError("model_error", f"{self.url} answered {path} with something that is not JSON",
+                               SERVER_HINT) from None
+
+    # ---- errors ----------------------------------------------------------------------------------
+    def unreachable(self, exc: BaseException) -> IdeficsError:
+        if isinstance(exc, socket.timeout):
+            why = f"no answer within {CONNECT_TIMEOUT_S:g} s"
+        elif isinstance(exc, socket.gaierror):
+            why = f"unknown host {self._host}"
+        else:
+            why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        return IdeficsError("model_error", f"cannot reach the idefics server at {self.url}: {why}", SERVER_HINT)
+
+    def lost(self, exc: BaseException) -> IdeficsError:
+        why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        return IdeficsError("model_error", f"lost the connection to the idefics server at {self.url}: {why}",
+                            SERVER_HINT)
+
+    def error(self, status: int, raw) -> IdeficsError:
+        """The server's OpenAI error object as the CLI's error (its code kept where the CLI has it)."""
+        obj = raw
+        if isinstance(raw, bytes):
+            try:
+                obj = json.loads(raw)
+            except ValueError:
+                obj = None
+        error = obj.get("error") if isinstance(obj, dict) else None
+        code = error.get("code") if isinstance(error, dict) else None
+        message = (error.get("message") if isinstance(error, dict) else None) or f"HTTP {status}"
+        message = str(message).replace("\n", " ")[:500]
+        if status == 401 or code == "invalid_api_key":
+            return IdeficsError("model_error", f"the server at {self.url} refused the API key", KEY_HINT)
+        if status == 503 and code == "loading":
+            return Loading("model_error", f"the server at {self.url} is still loading its model")
+        if code == "overloaded":
+            return Overloaded("model_error", f"the server at {self.url} is overloaded: {message}",
+                              "try again later, or start it with a larger --max-queue")
+        if code == "request_too_large":
+            return UsageError(f"the pages are too large for the server at {self.url}: {message}",
+                              "choose fewer pages (--pages), or start the server with a larger --max-request-mb")
+        if code in _CLIENT_CODES and code != "model_error":
+            return IdeficsError(code, message)
+        return IdeficsError("model_error", f"the server at {self.url} failed: {message}", SERVER_HINT)
+
+
+def retry_after(value: str | None) -> float:
+    """Seconds to wait before retrying an overloaded server: its Retry-After, within 0.1 to 10 s (1 s if none)."""
+    try:
+        return min(max(float(value), 0.1), 10.0)
+    except (TypeError, ValueError):
+        return 1.0
+
+
+def events(resp):
+    """The JSON objects of a server-sent event stream, up to `data: [DONE]`."""
+    while True:
+        line = resp.readline()
+        if not line:
+            return
+        line = line.strip()
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            return
+        yield json.loads(data)

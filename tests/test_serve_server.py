@@ -1,0 +1,130 @@
+"""server.py over real HTTP: a full queue answers 503 with Retry-After; SIGTERM past --grace cancels and exits 0.
+
+One server (127.0.0.1, ephemeral port; the tiny model, float32 CPU) with one row and one waiting place
+(`--max-batch 1 --max-queue 1`) and a one-second `--grace`; long answers (thousands of tokens) keep it busy.
+The SIGTERM test is the module's last: it ends the server.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from conftest import make_image
+
+httpx = pytest.importorskip("httpx")
+from test_serve import Server, data_url, image_message  # noqa: E402 - after the skip: the serve extra
+
+LONG = 4000  # tokens: an answer that outlives every step of these tests (the tiny model never stops by itself)
+
+
+@pytest.fixture(scope="module")
+def server(sharp_model):
+    srv = Server(sharp_model, "--max-batch", "1", "--max-queue", "1", "--grace", "1")
+    try:
+        yield srv.wait_ready()
+    finally:
+        if srv.proc.poll() is None:  # a test failed before SIGTERM ended it
+            srv.proc.kill()
+            srv.proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def messages():
+    return [image_message(data_url(make_image(96, 64, seed=4)), "What is this?")]
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    path = tmp_path_factory.mktemp("serve-server") / "page.png"
+    make_image(96, 64, seed=4).save(path)
+    return str(path)
+
+
+def wait_for(server, **want) -> dict:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        health = server.health()
+        if all(health[k] == v for k, v in want.items()):
+            return health
+        time.sleep(0.05)
+    raise AssertionError(f"the server never reached {want}: {server.health()}")
+
+
+class Streaming:
+    """A streamed chat completion held open in a thread until `close()`."""
+
+    def __init__(self, server, messages, max_tokens: int = LONG):
+        self.client = httpx.Client(timeout=120)
+        self.status = None
+        self.stop = threading.Event()
+        body = {"messages": messages, "stream": True, "max_tokens": max_tokens}
+        self.thread = threading.Thread(target=self._run, args=(server.url, body), daemon=True)
+        self.thread.start()
+
+    def _run(self, url, body):
+        try:
+            with self.client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+                self.status = r.status_code
+                for _ in r.iter_lines():
+                    if self.stop.is_set():
+                        break
+        except httpx.HTTPError:
+            pass
+
+    def close(self):
+        self.stop.set()  # the thread hangs up at the stream's next line
+        self.thread.join(60)
+        self.client.close()
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_the_cli_waits_its_turn(server, messages, page):
+    running = Streaming(server, messages)  # takes the one row
+    wait_for(server, running=1)
+    waiting = Streaming(server, messages)  # takes the one waiting place
+    wait_for(server, running=1, waiting=1)
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": messages, "max_tokens": 4}, timeout=30)
+    assert r.status_code == 503, r.text
+    assert float(r.headers["Retry-After"]) > 0
+    error = r.json()["error"]
+    assert error["code"] == "overloaded" and error["type"] and error["message"] and "param" in error
+    # `idefics ask --server` meanwhile is refused, retries after Retry-After, and is answered once there is room
+    client = subprocess.Popen([sys.executable, "-m", "idefics_cli", "ask", page, "What is this?", "--server",
+                               server.url, "--max-new-tokens", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while sum(line.startswith("POST /v1/chat/completions 503") for line in server.lines) < 2:
+        assert time.monotonic() < deadline and client.poll() is None, server.lines
+        time.sleep(0.05)
+    running.close()
+    waiting.close()  # it had its turn once the first hung up: both were answered (200) before hanging up
+    assert (running.status, waiting.status) == (200, 200)
+    out, err = client.communicate(timeout=120)
+    assert client.returncode == 0, err.decode()
+    assert out.strip() and b"Traceback" not in err
+    wait_for(server, running=0, waiting=0)
+
+
+def test_sigterm_past_grace_cancels_the_answer_and_exits_0(server, page):
+    """The module's last test: an answer of thousands of tokens is in flight; SIGTERM with --grace 1 cancels it."""
+    client = subprocess.Popen([sys.executable, "-m", "idefics_cli", "ask", page, "What is this?", "--server",
+                               server.url, "--max-new-tokens", str(LONG)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    wait_for(server, running=1)
+    server.proc.send_signal(signal.SIGTERM)
+    start = time.monotonic()
+    assert server.proc.wait(60) == 0, "\n".join(server.lines)
+    assert time.monotonic() - start < 30  # cancelled after the grace, not left to finish its 4000 tokens
+    assert any("stopped" in line for line in server.lines), server.lines
+    out, err = client.communicate(timeout=60)
+    lines = err.decode().strip().splitlines()
+    # the client's answer ends with one error line naming the server (no traceback), exit 5
+    assert client.returncode == 5 and b"Traceback" not in err, err.decode()
+    assert len(lines) == 1 and lines[0].startswith("error [model_error]: ") and server.url in lines[0], lines
+    logged = [line for line in server.lines if line.startswith("POST /v1/chat/completions")]
+    assert logged, server.lines
+    print(json.dumps({"client": lines, "server": logged[-1:]}))

@@ -1,0 +1,60 @@
+"""transport.py: server URLs, the server's error objects as the CLI's errors, Retry-After, server-sent events.
+
+The HTTP itself runs against real servers in tests/test_client.py and tests/test_serve.py (a full queue's 503).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from idefics_cli.errors import UsageError
+from idefics_cli.transport import Loading, Overloaded, Transport, events, normalize_url, retry_after
+
+
+def test_server_urls_are_normalized_and_checked():
+    assert normalize_url("127.0.0.1:8000") == "http://127.0.0.1:8000"
+    assert normalize_url(" http://localhost:8000/v1/ ") == "http://localhost:8000"
+    assert normalize_url("https://h.example/idefics/") == "https://h.example/idefics"
+    for bad in ("ftp://h:1", "http://", "http://h:notaport"):
+        with pytest.raises(UsageError):
+            normalize_url(bad)
+
+
+def body(code, message="m") -> bytes:
+    return json.dumps({"error": {"message": message, "type": "t", "code": code, "param": None}}).encode()
+
+
+def test_error_objects_keep_the_clis_codes():
+    http = Transport("127.0.0.1:9")
+    cases = [
+        (400, body("usage", "max_tokens\ntoo big"), None, "usage"),
+        (400, body("corrupt"), None, "corrupt"),
+        (503, body("out_of_memory"), None, "out_of_memory"),
+        (503, body("loading"), Loading, "model_error"),
+        (503, body("overloaded"), Overloaded, "model_error"),
+        (413, body("request_too_large"), UsageError, "usage"),
+        (401, body("invalid_api_key"), None, "model_error"),
+        (500, body("internal"), None, "model_error"),
+        (502, b"<html>bad gateway</html>", None, "model_error"),
+    ]
+    for status, raw, cls, code in cases:
+        err = http.error(status, raw)
+        assert err.code == code, (status, raw, err.code)
+        if cls is not None:
+            assert isinstance(err, cls), (status, raw, type(err))
+        assert "\n" not in err.message
+    assert "refused the API key" in http.error(401, b"").message and "IDEFICS_API_KEY" in http.error(401, b"").hint
+    assert "http://127.0.0.1:9" in http.error(502, b"").message
+
+
+def test_retry_after_is_bounded():
+    assert [retry_after(v) for v in ("1", "0", "3600", None, "soon")] == [1.0, 0.1, 10.0, 1.0, 1.0]
+
+
+def test_server_sent_events_end_at_done():
+    stream = io.BytesIO(b': comment\n\ndata: {"a": 1}\n\ndata:{"b": 2}\n\ndata: [DONE]\n\ndata: {"c": 3}\n\n')
+    assert list(events(stream)) == [{"a": 1}, {"b": 2}]
+    assert list(events(io.BytesIO(b'data: {"a": 1}\n\n'))) == [{"a": 1}]  # a stream cut before [DONE]
