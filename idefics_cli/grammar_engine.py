@@ -6,7 +6,8 @@ Contract:
   not know) is a `UsageError` (exit 2). Decoding is compact JSON: `, ` and `: ` separators (`SEPARATORS`), no
   other whitespace, none before the value. An object schema that lists properties and says nothing of other
   keys gets `"additionalProperties": false` (`closed`): the grammar allows only the listed keys, as xgrammar's
-  did (llguidance follows JSON Schema, which allows any other key).
+  did (llguidance follows JSON Schema, which allows any other key). A number's fraction has no length bound
+  (`multipleOf` bounds it).
 - `tokenizer_view(tokenizer, vocab_size, stop_ids)`: llguidance's view of a Hugging Face tokenizer (the bytes
   of each of `vocab_size` tokens; `stop_ids` are its end-of-sequence tokens), built once per process.
 - `Compiled.of(schema, tokenizer, vocab_size, stop_ids)`: the grammar for one view (`.view`); `matcher()` a fresh
@@ -17,7 +18,7 @@ Contract:
   when the value is complete), the rest are left alone; all masks are filled by one llguidance call.
 - `GrammarProcessor(compiled)`: a transformers logits processor for one `generate` call of any number of rows
   (left padding is fine: each row's grammar is fed its row's last token); it keeps state, so one per call.
-Only `mask_rows` (hence `GrammarProcessor`) imports torch; nothing here imports transformers.
+Only `mask_rows` (hence `GrammarProcessor`) imports torch; `build` needs neither torch nor transformers.
 """
 
 from __future__ import annotations
