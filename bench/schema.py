@@ -4,14 +4,14 @@
 
 One child process loads the random mid-size Idefics2 (4-bit nf4, CPU, float32 compute) and, for batch 1 and
 batch 8 (the CPU's automatic batch size), generates greedy answers to the same page image(s) with and without
-the invoice schema's logits processor (idefics_cli/structured.py, xgrammar), interleaved (A, B, B, A, ...)
+the invoice schema's logits processor (idefics_cli/structured.py, llguidance), interleaved (A, B, B, A, ...)
 so that load from other processes hits both alike. Decode speed = rows x steps / time between the first and
 the last decode step, read from a timestamp processor placed after the grammar's: it includes the mask
 work and excludes the prefill (vision and prompt), which a schema does not change. The constrained rows
 answer in the invoice schema (the random model rarely closes its strings, so both sides usually run the
-whole budget). The child also times the grammar side: building xgrammar's view of the idefics2 tokenizer
-(once per process), compiling the invoice schema cold (median of 5), and a second `compiled()` call (the
-per-process cache).
+whole budget). The child also times the grammar side: building llguidance's view of the idefics2 tokenizer
+(once per process; grammar_engine.tokenizer_view), compiling the invoice schema cold (median of 5), and a
+second `compiled()` call (the per-process cache).
 """
 
 from __future__ import annotations
@@ -45,16 +45,15 @@ def child(model: str, image: str, reps: int, max_new_tokens: int, batches: list[
     schema = st.parse_schema(json.dumps(INVOICE_SCHEMA))
     out: dict = {"grammar": {}}
 
-    import xgrammar as xgr
+    from idefics_cli import grammar_engine
 
     t0 = time.perf_counter()
-    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab, stop_token_ids=stops)
+    grammar_engine.tokenizer_view(tokenizer, vocab, stops)
     out["grammar"]["tokenizer_info_s"] = time.perf_counter() - t0
     compiles = []
     for _ in range(5):
         t0 = time.perf_counter()
-        xgr.GrammarCompiler(info, cache_enabled=False).compile_json_schema(json.dumps(schema.schema),
-                                                                           any_whitespace=False)
+        grammar_engine.Compiled.of(schema.schema, tokenizer, vocab, stops)  # the view is cached: the grammar alone
         compiles.append(time.perf_counter() - t0)
     out["grammar"]["compile_s"] = statistics.median(compiles)
     st.compiled(schema, tokenizer, vocab, stops)  # fills the cache
@@ -122,7 +121,7 @@ def main(argv=None) -> int:
     c.table(f"P11 decode with the invoice schema vs without ({tokens} new tokens, median of {reps})", rows,
             ["batch", "without", "with --schema", "ratio", "target", "fewest steps"])
     g = data["grammar"]
-    c.table("P11 grammar (xgrammar, idefics2 tokenizer)", [
+    c.table("P11 grammar (llguidance, idefics2 tokenizer)", [
         ["tokenizer view (once per process)", c.fmt(g["tokenizer_info_s"] * 1000, " ms")],
         ["compile the invoice schema (cold, median of 5)", c.fmt(g["compile_s"] * 1000, " ms")],
         ["compiled() again (per-process cache)", c.fmt(g["cached_s"] * 1000, " ms")]], ["step", "time"])

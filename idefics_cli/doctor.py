@@ -30,7 +30,7 @@ GIB = 2**30
 
 PACKAGES = {"torch": "torch", "transformers": "transformers", "bitsandbytes": "bitsandbytes",
             "accelerate": "accelerate", "pymupdf": "PyMuPDF", "pillow": "pillow", "huggingface_hub": "huggingface_hub",
-            "idefics_cli": "idefics-cli"}
+            "llguidance": "llguidance", "jsonschema": "jsonschema", "idefics_cli": "idefics-cli"}
 
 
 def versions() -> dict:

@@ -3,11 +3,12 @@
 Contract:
 - `parse_schema(value)` reads a `--schema` value: a JSON Schema file path, inline JSON Schema (starts with
   `{`), or llm's concise syntax (`concise_schema`). It checks the schema against its JSON Schema meta-schema
-  and refuses every keyword the grammar engine (xgrammar) cannot enforce, as a `UsageError` (exit 2) naming
-  the keyword and where it is. The keyword checks import neither torch nor transformers; the last check
-  (the schema converts to a grammar: regex patterns, contradictory bounds) imports xgrammar, still before
-  any model loads. Returns a `Schema` with `.schema` (dict), `.sha256` (hash of its canonical JSON, for the
-  settings hash and `--json`), `.source` ("file", "json" or "concise").
+  and refuses every keyword the grammar engine (llguidance) cannot enforce, as a `UsageError` (exit 2) naming
+  the keyword and where it is; the last check (the schema converts to a grammar: regex patterns, formats,
+  contradictory bounds; `grammar`) runs llguidance without a tokenizer. None of it imports torch or
+  transformers, so a bad schema fails before any model loads. Returns a `Schema` with `.schema` (dict),
+  `.sha256` (hash of its canonical JSON, for the settings hash and `--json`), `.source` ("file", "json" or
+  "concise").
 - Concise syntax (as simonw/llm's): fields separated by commas, or by newlines when there is a newline;
   each is `name [type][: description]`; types `str` (default), `int`, `float`, `bool`; every field is
   required; the result is an object schema. One difference: an unknown type word is a usage error (llm
@@ -22,10 +23,10 @@ Contract:
   arguments from a loaded `Engine`.
 - A decode loop of its own (the server's scheduler) keeps a `RowGrammar` per constrained row
   (`row_grammar(engine, schema)`): `mask_rows(logits, grammars)` masks, in place, each row that has one (None:
-  unconstrained), all rows filled by one batched matcher call; `RowGrammar.accept(token)` moves a row on
-  with the token it took.
-- Grammars are compiled once per (schema hash, tokenizer) and process (`compiled`); not on disk: a compile
-  takes milliseconds (bench/SCHEMA.md).
+  unconstrained), all rows filled by one batched llguidance call; `RowGrammar.accept(token)` moves a row on
+  with the token it took. These come from grammar_engine.py, which holds everything llguidance-specific.
+- Grammars are compiled once per (schema hash, tokenizer) and process (`compiled`), over a tokenizer view built
+  once per process; not on disk: a compile takes about a millisecond (bench/SCHEMA.md).
 - `read_answer(text, schema, finish_reason)` -> `(data, code)`: the parsed, validated value and None, or
   None and `TRUNCATED` (the answer was cut by max_new_tokens before the JSON ended) or `MISMATCH` (it
   ended but does not validate: a format the grammar lets through, e.g. 2024-02-30 for a date).
@@ -44,34 +45,33 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from . import grammar_engine
 from .errors import UsageError
+from .grammar_engine import SEPARATORS, GrammarProcessor, RowGrammar, mask_rows  # noqa: F401 - the public interface
 
 TRUNCATED = "schema_truncated"
 MISMATCH = "schema_mismatch"
 SCHEMA_PROMPT = "Answer with JSON only, valid against this JSON Schema:"
-SEPARATORS = (", ", ": ")  # item and key separators of the answer (json.dumps's); no other whitespace
-EXTRA_HINT = "--schema needs xgrammar and jsonschema: pip install 'idefics-cli[schema]'"
 CONCISE_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}
 
-# Keywords that only annotate, and keywords xgrammar 0.2.9 enforces while decoding (each checked by feeding
-# its matcher a violating instance: tests/test_structured.py). Everything else is refused by name.
+# Keywords that only annotate, and keywords llguidance 1.9 enforces while decoding (each checked by feeding a
+# matcher an instance that breaks it: tests/test_structured.py). Everything else is refused by name.
 ANNOTATIONS = {"$schema", "$id", "$anchor", "$comment", "title", "description", "default", "examples",
                "deprecated", "readOnly", "writeOnly", "contentEncoding", "contentMediaType"}
-ENFORCED = {"type", "enum", "const", "$ref", "$defs", "definitions", "anyOf",
-            "properties", "required", "additionalProperties", "patternProperties", "propertyNames",
-            "maxProperties", "minProperties", "unevaluatedProperties",
+ENFORCED = {"type", "enum", "const", "$ref", "$defs", "definitions", "anyOf", "allOf",
+            "properties", "required", "additionalProperties", "patternProperties", "maxProperties", "minProperties",
             "items", "prefixItems", "minItems", "maxItems",
             "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
             "minLength", "maxLength", "pattern", "format"}
-FORMATS = {"date", "time", "date-time", "duration", "email", "uri", "uri-reference", "uuid", "ipv4", "ipv6",
-           "hostname"}
-WHY = {"oneOf": "use anyOf: exclusivity is not enforced", "allOf": "merge the subschemas into one",
-       "not": "", "if": "", "then": "", "else": "", "uniqueItems": "", "contains": "",
-       "dependentRequired": "", "dependentSchemas": ""}
+FORMATS = {"date", "time", "date-time", "duration", "email", "uri", "uuid", "ipv4", "ipv6", "hostname"}
+WHY = {"oneOf": "use anyOf: exclusivity is not enforced", "not": "", "if": "", "then": "", "else": "",
+       "uniqueItems": "", "contains": "", "minContains": "", "maxContains": "", "unevaluatedItems": "",
+       "unevaluatedProperties": "use additionalProperties", "propertyNames": "", "dependentRequired": "",
+       "dependentSchemas": ""}
 _LOOKAROUND = re.compile(r"\(\?<?[=!]|\\[1-9]")
-_SUBSCHEMA = {"additionalProperties", "propertyNames", "unevaluatedProperties", "items"}
+_SUBSCHEMA = {"additionalProperties", "items"}
 _SUBSCHEMA_MAPS = {"properties", "patternProperties", "$defs", "definitions"}
-_SUBSCHEMA_LISTS = {"anyOf", "prefixItems", "items"}
+_SUBSCHEMA_LISTS = {"anyOf", "allOf", "prefixItems", "items"}
 
 
 @dataclass(frozen=True)
@@ -220,7 +220,7 @@ def _jsonschema():
     try:
         import jsonschema
     except ImportError:
-        raise UsageError("jsonschema is not installed", EXTRA_HINT) from None
+        raise UsageError("jsonschema is not installed", grammar_engine.INSTALL_HINT) from None
     return jsonschema
 
 
@@ -229,92 +229,26 @@ def with_schema(question: str, schema: Schema) -> str:
     return f"{question}\n\n{SCHEMA_PROMPT} {json.dumps(schema.schema, ensure_ascii=False)}"
 
 
-# ---- grammar (imports xgrammar, hence torch) ---------------------------------------------------------------
-def _xgrammar():
-    try:
-        import xgrammar
-    except ImportError:
-        raise UsageError("xgrammar is not installed", EXTRA_HINT) from None
-    return xgrammar
+# ---- grammar (grammar_engine.py: llguidance) --------------------------------------------------------------
+def grammar(schema: dict) -> str:
+    """The llguidance grammar of `schema` (no tokenizer, no torch); UsageError if it cannot be built."""
+    return grammar_engine.build(schema)
 
 
-def grammar(schema: dict):
-    """The xgrammar Grammar of `schema` (no tokenizer needed); UsageError if it cannot be converted."""
-    xgr = _xgrammar()
-    try:
-        return xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False, separators=SEPARATORS)
-    except Exception as exc:  # noqa: BLE001 - xgrammar raises RuntimeError with its C++ location first
-        message = re.sub(r"^\[[^\]]*\] \S+: ", "", str(exc).strip().splitlines()[0])
-        raise UsageError(f"--schema cannot be turned into a grammar: {message[:200]}") from None
+_COMPILED: dict[tuple, grammar_engine.Compiled] = {}
 
 
-_INFOS: dict[tuple, Any] = {}
-_COMPILED: dict[tuple, Any] = {}
-
-
-def _tokenizer_key(tokenizer, vocab_size: int, stop_ids) -> tuple:
-    return (getattr(tokenizer, "name_or_path", ""), type(tokenizer).__name__, len(tokenizer), vocab_size,
-            tuple(sorted(stop_ids)))
-
-
-def compiled(schema: Schema, tokenizer, vocab_size: int, stop_ids) -> Any:
-    """The CompiledGrammar for (schema, tokenizer), compiled once per process."""
-    xgr = _xgrammar()
-    tkey = _tokenizer_key(tokenizer, vocab_size, stop_ids)
-    if tkey not in _INFOS:
-        _INFOS[tkey] = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
-                                                          stop_token_ids=sorted(stop_ids))
-    key = (schema.sha256, tkey)
+def compiled(schema: Schema, tokenizer, vocab_size: int, stop_ids) -> grammar_engine.Compiled:
+    """The schema's grammar for (tokenizer, vocabulary width, stop tokens), built once per process."""
+    key = (schema.sha256, grammar_engine.tokenizer_key(tokenizer, vocab_size, stop_ids))
     if key not in _COMPILED:
-        compiler = xgr.GrammarCompiler(_INFOS[tkey], cache_enabled=False)
-        _COMPILED[key] = compiler.compile_json_schema(json.dumps(schema.schema), any_whitespace=False,
-                                                        separators=SEPARATORS)
+        _COMPILED[key] = grammar_engine.Compiled.of(schema.schema, tokenizer, vocab_size, stop_ids)
     return _COMPILED[key]
 
 
 def logits_processors(schema: Schema, tokenizer, vocab_size: int, stop_ids) -> list:
     """For one `model.generate` call (any batch size, left-padded): `logits_processor=` this list."""
     return [GrammarProcessor(compiled(schema, tokenizer, vocab_size, stop_ids))]
-
-
-class GrammarProcessor:
-    """A logits processor for one generate call: one xgrammar matcher per row, all moved on together.
-
-    Like `xgrammar.contrib.hf.LogitsProcessor` (one matcher per row, each fed its row's last token, so left
-    padding does not matter; a row that reached a stop token is left alone), but the rows are accepted and
-    their masks filled by one BatchGrammarMatcher call (0.31x the time at batch 8, bench/SCHEMA.md) and the
-    last tokens are read with one device sync per step instead of one per row.
-    """
-
-    def __init__(self, grammar):
-        self.grammar = grammar
-        self.matchers: list | None = None
-
-    def __call__(self, input_ids, scores):
-        xgr = _xgrammar()
-        rows = input_ids.shape[0]
-        if self.matchers is None:  # the first call comes after the prompt: nothing to accept yet
-            self.matchers = [xgr.GrammarMatcher(self.grammar) for _ in range(rows)]
-            self.mask = xgr.allocate_token_bitmask(rows, self.grammar.tokenizer_info.vocab_size)
-            self.batch = xgr.BatchGrammarMatcher()
-        else:
-            if rows != len(self.matchers):
-                raise RuntimeError(f"GrammarProcessor made for {len(self.matchers)} rows got {rows}")
-            last = input_ids[:, -1].tolist()
-            live = [k for k, m in enumerate(self.matchers) if not m.is_terminated()]
-            accepted = xgr.BatchGrammarMatcher.batch_accept_token([self.matchers[k] for k in live],
-                                                                 [last[k] for k in live])
-            if not all(accepted):
-                raise RuntimeError("a token outside the grammar was chosen")
-        live = [k for k, m in enumerate(self.matchers) if not m.is_terminated()]
-        if live:
-            self.batch.batch_fill_next_token_bitmask([self.matchers[k] for k in live], self.mask, live)
-        if scores.device.type == "cuda":
-            xgr.apply_token_bitmask_inplace(scores, self.mask.to(scores.device, non_blocking=True))
-            return scores
-        on_cpu = scores.to("cpu")  # xgrammar's kernels: CUDA or CPU
-        xgr.apply_token_bitmask_inplace(on_cpu, self.mask)
-        return on_cpu.to(scores.device)
 
 
 def for_engine(engine, schema: Schema) -> list:
@@ -328,40 +262,8 @@ def _engine_args(engine) -> tuple:
     return engine.processor.tokenizer, engine.model.config.get_text_config().vocab_size, stop
 
 
-class RowGrammar:
-    """One row's grammar state in a decode loop that is not `model.generate` (serve/scheduler.py)."""
-
-    def __init__(self, compiled_grammar):
-        self.matcher = _xgrammar().GrammarMatcher(compiled_grammar)
-        self.width = compiled_grammar.tokenizer_info.vocab_size
-
-    @property
-    def done(self) -> bool:
-        return self.matcher.is_terminated()
-
-    def accept(self, token: int) -> None:
-        if not self.matcher.is_terminated() and not self.matcher.accept_token(int(token)):
-            raise RuntimeError("a token outside the grammar was chosen")
-
-
 def row_grammar(engine, schema: Schema) -> RowGrammar:
     return RowGrammar(compiled(schema, *_engine_args(engine)))
-
-
-def mask_rows(logits, grammars: list) -> None:
-    """Mask `logits` [rows, vocab] in place: each row whose grammar is not None gets its grammar's mask."""
-    live = [k for k, g in enumerate(grammars) if g is not None and not g.done]
-    if not live:
-        return
-    xgr = _xgrammar()
-    mask = xgr.allocate_token_bitmask(len(grammars), grammars[live[0]].width)
-    xgr.BatchGrammarMatcher().batch_fill_next_token_bitmask([grammars[k].matcher for k in live], mask, live)
-    cuda = logits.device.type == "cuda"
-    work = logits if logits.is_contiguous() and (cuda or logits.device.type == "cpu") else \
-        logits.contiguous() if cuda else logits.to("cpu").contiguous()
-    xgr.apply_token_bitmask_inplace(work, mask.to(work.device, non_blocking=True) if cuda else mask, indices=live)
-    if work is not logits:
-        logits.copy_(work)
 
 
 # ---- reading the answer --------------------------------------------------------------------------------------

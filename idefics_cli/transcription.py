@@ -104,7 +104,7 @@ class TranscribeRequest:
         return with_schema(self.prompt, self.schema)
 
     def check_grammar(self) -> None:
-        """The schema converts to a grammar (imports xgrammar): a UsageError now, before any model loads."""
+        """The schema converts to a grammar (llguidance, no torch): a UsageError now, before any model loads."""
         if self.schema is not None:
             from .structured import grammar
 

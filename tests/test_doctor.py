@@ -13,7 +13,7 @@ from idefics_cli.doctor import check_4bit, memory_estimate, model_files
 
 TOP = {"schema", "ok", "reason", "versions", "system", "cuda", "setup", "bnb_4bit", "model", "estimate", "extras"}
 VERSIONS = {"python", "torch", "transformers", "bitsandbytes", "accelerate", "pymupdf", "pillow", "huggingface_hub",
-            "idefics_cli"}
+            "llguidance", "jsonschema", "idefics_cli"}
 BNB = {"ran", "ok", "device", "dtype", "max_error", "quantization_error", "tolerance", "error", "seconds"}
 MODEL = {"id", "revision", "local_folder", "available", "path", "commit", "missing", "size_bytes", "pre_quantized"}
 ESTIMATE = {"parameters", "quantized_parameters", "bytes_per_quantized_parameter", "weights_bytes",
@@ -46,7 +46,7 @@ def test_json_has_every_field_and_a_real_4bit_check(cli, tiny_model, engine):
     assert est["total_bytes"] == est["weights_bytes"] + est["kv_cache_bytes"] + est["activations_bytes"] + est[
         "overhead_bytes"]
     assert est["fits"] is True
-    assert set(report["extras"]) == {"ray", "serve", "schema"}
+    assert set(report["extras"]) == {"ray", "serve"}  # --schema is in the core install (llguidance: versions)
     for extra in report["extras"].values():
         assert set(extra) == {"installed", "packages", "enables", "install"} and extra["enables"]
 
@@ -63,7 +63,7 @@ def test_human_report_and_missing_model_exit_5(cli, tiny_model, tmp_path):
     result = cli("doctor", "--model", tiny_model, "--device", "cpu")
     assert result.exit_code == 0
     assert "verdict    ✓ ready" in result.stdout and "bitsandbytes nf4 matmul on cpu" in result.stdout
-    assert "extras     ray" in result.stdout and "serve" in result.stdout and "schema" in result.stdout
+    assert "extras     ray" in result.stdout and "serve" in result.stdout and "llguidance" in result.stdout
 
     result = cli("doctor", "--json", "--model", str(tmp_path / "nothing-here"), "--device", "cpu")
     assert result.exit_code == 5

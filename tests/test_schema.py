@@ -1,5 +1,5 @@
 """`--schema` end to end: ask (and --each-page), chat, transcribe (records, resume, batches) and the library's
-`schema=`, on the tiny model with the real idefics2 tokenizer and real xgrammar (structured.py's own tests are
+`schema=`, on the tiny model with the real idefics2 tokenizer and real llguidance (structured.py's own tests are
 tests/test_structured.py; the server's response_format is tests/test_serve_schema.py)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from idefics_cli import structured as st
 from idefics_cli.records import settings_hash
 from idefics_cli.transcription import TranscribeRequest
 
-FAST = ["--quant", "none", "--device", "cpu", "--max-new-tokens", "80"]
+FAST = ["--quant", "none", "--device", "cpu", "--max-new-tokens", "80", "--no-split"]  # one image a page: faster
 BOOLS = "paid bool\nlate bool: is it overdue"  # the concise syntax; bounded values, so the tiny model ends its JSON
 
 
@@ -62,7 +62,7 @@ def test_ask_without_schema_has_no_data_fields(cli, tiny_model, page):
 
 def test_a_truncated_answer_gives_null_data_its_code_and_exit_5(cli, tiny_model, page):
     args = ["ask", page, QUESTION, "--schema", "vendor, total float", "--model", tiny_model, "--quant", "none",
-            "--max-new-tokens", "12"]  # an unbounded string: the random model does not close it in 12 tokens
+            "--max-new-tokens", "12", "--no-split"]  # an unbounded string: the model does not close it in 12 tokens
     res = cli(*args, "--json")
     assert res.exit_code == 5, res.stderr
     answer = json.loads(res.stdout)
@@ -105,12 +105,14 @@ def test_a_bad_schema_exits_2_before_anything_loads(tiny_model, tmp_path, page, 
 
 @pytest.mark.parametrize("command", ["ask", "transcribe"])
 def test_a_schema_the_grammar_cannot_build_is_a_usage_error_before_the_model_loads(tmp_path, page, command):
-    """Contradictory bounds fail in xgrammar: still exit 2, before a model that does not exist is even looked at."""
+    """Contradictory bounds fail in llguidance: still exit 2, before a model that does not exist is even looked
+    at, and without torch (llguidance checks the grammar without a tokenizer)."""
     args = [page, QUESTION] if command == "ask" else [page, "--out", str(tmp_path / "r.jsonl")]
-    res, _ = run_traced(command, *args, "--schema", '{"type": "object", "minProperties": 2}', "--offline",
-                        "--model", str(tmp_path / "no-model"), tmp_path=tmp_path)
+    res, imported = run_traced(command, *args, "--schema", '{"type": "integer", "minimum": 5, "maximum": 3}',
+                               "--offline", "--model", str(tmp_path / "no-model"), tmp_path=tmp_path)
     stderr = res.stderr.decode()
-    assert res.returncode == 2 and "grammar" in stderr and "minProperties" in stderr, stderr
+    assert res.returncode == 2 and "grammar" in stderr and "minimum (5) is greater than maximum (3)" in stderr, stderr
+    assert imported == []
 
 
 # ---- chat -----------------------------------------------------------------------------------------------
@@ -178,7 +180,7 @@ def test_transcribe_records_have_data_and_resume_by_schema(cli, tiny_model, tmp_
 def test_a_truncated_page_is_an_error_record_that_keeps_its_text_and_is_retried(cli, tiny_model, tmp_path, page):
     out = tmp_path / "r.jsonl"
     args = ["transcribe", page, "--out", str(out), "--schema", "vendor, total float", "--model", tiny_model,
-            "--quant", "none", "--max-new-tokens", "12", "--prompt", QUESTION]
+            "--quant", "none", "--max-new-tokens", "12", "--prompt", QUESTION, "--no-split"]
     res = cli(*args)
     assert res.exit_code == 4, res.stderr  # the one page failed: nothing readable (3 when other pages are done)
     (record,) = read(out)
@@ -191,14 +193,14 @@ def test_a_truncated_page_is_an_error_record_that_keeps_its_text_and_is_retried(
 def test_batched_constrained_pages_equal_single_pages(sharp_model, tmp_path):
     from idefics_cli.model import ModelOptions, load
 
-    engine = load(ModelOptions(model=sharp_model, quant="none", device="cpu", max_new_tokens=80))
-    pdf = make_pdf(tmp_path / "invoices.pdf", 3)
+    engine = load(ModelOptions(model=sharp_model, quant="none", device="cpu", max_new_tokens=80, split=False))
+    pdf = make_pdf(tmp_path / "invoices.pdf", 2)  # one image a page (no split): the pages' answers differ
     runs = {}
-    for size in (3, 1):
+    for size in (2, 1):
         records = list(engine.transcribe(pdf, prompt=QUESTION, dpi=72, batch_size=size, schema=SCHEMAS[0]))
-        assert [r.timing["batch_size"] for r in records] == [size] * 3
+        assert [r.timing["batch_size"] for r in records] == [size] * 2
         runs[size] = [(r.page, r.status, r.text, r.data) for r in records]
-    assert runs[3] == runs[1]
+    assert runs[2] == runs[1]
     assert len({text for _, _, text, _ in runs[1]}) > 1  # the pages' answers differ: the comparison means something
     assert all(status == "ok" and valid(data, SCHEMAS[0]) for _, status, _, data in runs[1])
 

@@ -1,4 +1,4 @@
-"""structured.py: schema parsing and checks, constrained decoding on the tiny model (real tokenizer, real xgrammar)."""
+"""structured.py: schema parsing and checks, constrained decoding on the tiny model (real tokenizer and llguidance)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ QUESTION = "Extract the fields"
 
 # Ten schemas: objects, nested, arrays, enums, numbers with bounds, required and optional fields, the concise
 # syntax. Strings and numbers carry bounds: a random model left free in a string never closes it (that case
-# is the truncation test).
+# is the truncation test), nor stops adding digits to a number with a fraction (hence multipleOf, a power of two
+# so that jsonschema's float division checks it exactly).
 SCHEMAS = [
     {"type": "object", "properties": {"vendor": {"type": "string", "maxLength": 12},
-                                      "total": {"type": "number", "minimum": 0, "maximum": 1000}},
+                                      "total": {"type": "number", "minimum": 0, "maximum": 1000, "multipleOf": 0.25}},
      "required": ["vendor", "total"]},
     {"type": "object", "properties": {"address": {"type": "object", "properties": {
         "city": {"type": "string", "maxLength": 10}, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
@@ -38,12 +39,13 @@ SCHEMAS = [
 ]
 
 
-def answer(engine, schema, batch, max_new_tokens=80, constrained=True):
-    """Greedy answers through model.generate, with the schema's logits processor; (texts, finish reasons)."""
+def answer(engine, schema, batch, max_new_tokens=80, constrained=True, processors=None):
+    """Greedy answers through model.generate, with the schema's logits processor; (texts, reasons, token ids)."""
     import torch
 
     inputs = engine.build_inputs(batch)
-    extra = {"logits_processor": st.for_engine(engine, schema)} if constrained else {}
+    processors = processors or (st.for_engine(engine, schema) if constrained else None)
+    extra = {"logits_processor": processors} if processors else {}
     with torch.inference_mode():
         out = engine.model.generate(**inputs, **extra, do_sample=False, max_new_tokens=max_new_tokens)
     stops = engine.eos_ids
@@ -98,14 +100,20 @@ def test_prompt_text():
     ('{"type": "object", "oneOf": [{"type": "object"}, {"required": ["a"]}]}', "'oneOf'"),
     ('{"type": "array", "items": {"type": "integer"}, "uniqueItems": true}', "'uniqueItems'"),
     ('{"properties": {"a": {"not": {"type": "integer"}}}}', "'not' at /properties/a/not"),
-    ('{"allOf": [{"type": "integer"}, {"minimum": 3}]}', "'allOf'"),
+    ('{"type": "array", "contains": {"const": 5}}', "'contains'"),
     ('{"type": "object", "dependentRequired": {"a": ["b"]}}', "'dependentRequired'"),
+    ('{"type": "object", "propertyNames": {"maxLength": 3}}', "'propertyNames'"),
+    ('{"type": "object", "unevaluatedProperties": false}', "'unevaluatedProperties'"),
     ('{"type": "object", "requried": ["a"]}', "'requried'"),
     ('{"type": "string", "format": "credit-card"}', "'credit-card'"),
+    ('{"type": "string", "format": "uri-reference"}', "'uri-reference'"),
     ('{"type": "string", "pattern": "(?=a)b"}', "lookaround"),
     ('{"type": "objekt"}', "'type'"),
     ('{"type": "object", "required": "a"}', "'required'"),
-    ('{"type": "object", "minProperties": 2}', "minProperties"),
+    ('{"type": "integer", "minimum": 5, "maximum": 3}', "grammar: Unsatisfiable schema: minimum (5) is greater"),
+    ('{"type": "string", "pattern": "[z-a]"}', "'pattern'"),
+    ('{"properties": {"a": {}}, "minProperties": 2}', "min/maxProperties only supported when all keys"),
+    ('{"allOf": [{"type": "integer"}, {"type": "string"}]}', "Unsatisfiable schema: incompatible types"),
     ('{"type": ', "not valid JSON"),
     ("total integer", "'integer'"),
     ("missing.schema.json", "no such schema file"),
@@ -119,55 +127,123 @@ def test_bad_schemas_are_usage_errors(value, named):
     assert info.value.exit_status == ExitStatus.USAGE
 
 
-def test_keyword_errors_do_not_import_torch(tmp_path):
+def test_schema_errors_do_not_import_torch(tmp_path):
+    """Keyword and grammar errors alike: llguidance builds and checks the grammar without torch."""
     code = ("import sys\nfrom idefics_cli.structured import parse_schema\nfrom idefics_cli.errors import UsageError\n"
             "for value in sys.argv[1:]:\n    try:\n        parse_schema(value)\n"
             "    except UsageError as e:\n        print(e.one_line())\n"
-            "print(sorted(m for m in ('torch', 'transformers', 'xgrammar') if m in sys.modules))\n")
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
     values = ['{"properties": {"a": {"uniqueItems": true}}}', '{"type": "object", "oneOf": [{"type": "object"}]}',
-              '{"requried": ["a"]}', "total integer", '{"type": 3}', "{nope", "schemas/missing"]
+              '{"requried": ["a"]}', "total integer", '{"type": 3}', "{nope", "schemas/missing",
+              '{"type": "string", "minLength": 5, "maxLength": 2}', "total float"]
     out = subprocess.run([sys.executable, "-c", code, *values], capture_output=True, text=True, timeout=120,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     lines = out.stdout.splitlines()
     assert lines[0] == ("error [usage]: --schema: keyword 'uniqueItems' at /properties/a/uniqueItems is not "
                         "enforced by constrained decoding (the grammar engine cannot enforce it; remove it)")
     for line, named in zip(lines[1:], ["'oneOf'", "'requried'", "'integer'", "'type'", "not valid JSON",
-                                       "no such schema file: schemas/missing"]):
+                                       "no such schema file: schemas/missing", "cannot be turned into a grammar: "
+                                       "Unsatisfiable schema: minLength (5) is greater than maxLength (2)"]):
         assert line.startswith("error [usage]: ") and named in line
-    assert lines[len(values):] == ["[]"]
+    assert lines[len(values) - 1:] == ["[]"]  # the last value is fine: no line of its own
 
 
-@pytest.mark.parametrize("schema, bad", [
-    ({"type": "integer", "multipleOf": 5}, "7"), ({"type": "number", "exclusiveMinimum": 5}, "5"),
-    ({"type": "string", "maxLength": 3}, '"abcd"'), ({"type": "string", "pattern": "^[0-9]+$"}, '"ab"'),
-    ({"type": "string", "format": "date"}, '"soon"'), ({"type": "array", "maxItems": 1}, "[1, 2]"),
-    ({"type": "object", "properties": {"a": {"type": "integer"}}}, '{"b": 1}'),
-    ({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}, "{}"),
-    ({"anyOf": [{"type": "integer"}, {"type": "boolean"}]}, '"s"'), ({"const": "x"}, '"y"'),
-])
-def test_allowed_keywords_are_enforced(engine, schema, bad):
-    """The grammar refuses an instance that breaks the keyword (what ENFORCED promises)."""
-    import xgrammar
+def _instance(compiled, text: str) -> bool:
+    """Whether a fresh matcher of `compiled` takes `text` (as the tokenizer splits it) as a complete value."""
+    matcher = compiled.matcher()
+    return matcher.consume_tokens(compiled.view.tokenize_str(text)) and matcher.is_accepting()
 
-    s = parse(schema)
-    matcher = xgrammar.GrammarMatcher(st.compiled(s, engine.processor.tokenizer, 32003, [2, 32002]))
-    assert not (matcher.accept_string(bad) and matcher.is_completed())
+
+@pytest.fixture
+def grammar_of(engine):
+    """schema -> its Compiled grammar for the idefics2 tokenizer (width 32003, stops 2 and 32002)."""
+    return lambda schema: st.compiled(parse(schema), engine.processor.tokenizer, 32003, [2, 32002])
+
+
+KEYWORD_CASES = [  # (schema, an instance that keeps the keyword, one that breaks it)
+    ({"type": "integer"}, "3", '"3"'), ({"enum": ["a", "b"]}, '"b"', '"c"'), ({"const": "x"}, '"x"', '"y"'),
+    ({"$defs": {"n": {"type": "integer"}}, "$ref": "#/$defs/n"}, "1", "true"),
+    ({"anyOf": [{"type": "integer"}, {"type": "boolean"}]}, "true", '"s"'),
+    ({"allOf": [{"type": "integer"}, {"minimum": 3}]}, "4", "2"),
+    ({"type": "object", "properties": {"a": {"type": "integer"}}}, '{"a": 1}', '{"a": "x"}'),
+    ({"type": "object", "properties": {"a": {"type": "integer"}}}, "{}", '{"b": 1}'),  # closed by default
+    ({"type": "object", "additionalProperties": {"type": "integer"}}, '{"b": 1}', '{"b": "x"}'),
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}, '{"a": 1}', "{}"),
+    ({"type": "object", "patternProperties": {"^x": {"type": "integer"}}}, '{"x1": 1}', '{"y": 1}'),
+    ({"type": "object", "additionalProperties": {"type": "integer"}, "maxProperties": 1}, '{"a": 1}',
+     '{"a": 1, "b": 2}'),
+    ({"type": "object", "additionalProperties": {"type": "integer"}, "minProperties": 1}, '{"a": 1}', "{}"),
+    ({"type": "array", "items": {"type": "integer"}}, "[1, 2]", '[1, "a"]'),
+    ({"type": "array", "prefixItems": [{"type": "integer"}], "items": False}, "[1]", '["a"]'),
+    ({"type": "array", "minItems": 2}, "[1, 2]", "[1]"), ({"type": "array", "maxItems": 1}, "[1]", "[1, 2]"),
+    ({"type": "integer", "minimum": 3}, "3", "2"), ({"type": "integer", "maximum": 3}, "3", "4"),
+    ({"type": "number", "exclusiveMinimum": 5}, "5.5", "5"), ({"type": "number", "exclusiveMaximum": 5}, "4", "5"),
+    ({"type": "integer", "multipleOf": 5}, "10", "7"), ({"type": "number", "multipleOf": 0.5}, "1.5", "1.2"),
+    ({"type": "string", "minLength": 3}, '"abc"', '"ab"'), ({"type": "string", "maxLength": 3}, '"abc"', '"abcd"'),
+    ({"type": "string", "pattern": "^[0-9]+$"}, '"12"', '"ab"'),
+    ({"type": "array", "items": {"type": "integer"}}, "[1, 2]", "[1,2]"),  # compact: ", " and ": " only
+    ({"type": "object", "properties": {"a": {"type": "integer"}}}, '{"a": 1}', '{"a":1}'),
+    ({"type": "integer"}, "3", " 3"),
+]
+
+
+def test_allowed_keywords_are_enforced(grammar_of):
+    """The grammar takes an instance that keeps each keyword and refuses one that breaks it (ENFORCED's promise);
+    every enforced keyword has its case."""
+    for schema, good, bad in KEYWORD_CASES:
+        compiled = grammar_of(schema)
+        assert _instance(compiled, good) and not _instance(compiled, bad), (schema, good, bad)
+    covered = {key for schema, _, _ in KEYWORD_CASES for key in schema}
+    assert st.ENFORCED - covered == {"definitions", "format"}  # format: the next test; definitions: $defs' alias
+
+
+FORMAT_GOOD = {"date": '"2024-02-28"', "time": '"10:00:00Z"', "date-time": '"2024-02-28T10:00:00Z"',
+               "duration": '"P1D"', "email": '"a@b.co"', "uri": '"http://a.b/c"',
+               "uuid": '"123e4567-e89b-12d3-a456-426614174000"', "ipv4": '"1.2.3.4"', "ipv6": '"::1"',
+               "hostname": '"a.b"'}
+
+
+def test_allowed_formats_are_enforced(grammar_of):
+    assert set(FORMAT_GOOD) == st.FORMATS
+    for fmt, good in FORMAT_GOOD.items():
+        compiled = grammar_of({"type": "string", "format": fmt})
+        assert _instance(compiled, good) and not _instance(compiled, '"soon!! x"'), fmt
 
 
 # ---- decoding on the tiny model ------------------------------------------------------------------------------
-@pytest.mark.parametrize("value", SCHEMAS, ids=[f"schema{k}" for k in range(len(SCHEMAS))])
-def test_every_answer_parses_and_validates(engine, value):
-    s = parse(value)
-    texts, reasons, _ = answer(engine, s, [([make_image()], st.with_schema(QUESTION, s))])
-    data, code = st.read_answer(texts[0], s, reasons[0])
-    assert (code, reasons[0]) == (None, "stop"), texts[0]
-    assert texts[0] == json.dumps(data, ensure_ascii=False)  # compact: ", " and ": ", no other whitespace
+class PerRowSchemas:
+    """A logits processor for a batch whose rows have different schemas: a RowGrammar each, one mask_rows call."""
+
+    def __init__(self, engine, schemas):
+        self.rows = [schema and st.row_grammar(engine, schema) for schema in schemas]
+        self.started = False
+
+    def __call__(self, input_ids, scores):
+        if self.started:
+            for row, token in zip(self.rows, input_ids[:, -1].tolist()):
+                if row is not None:
+                    row.accept(token)
+        self.started = True
+        st.mask_rows(scores, self.rows)
+        return scores
+
+
+def test_every_answer_parses_and_validates(engine):
+    """The ten schemas, one row each in one batch (no image: the schema is in the question): every answer is
+    compact JSON that validates."""
+    schemas = [parse(value) for value in SCHEMAS]
+    rows = [([], st.with_schema(QUESTION, s)) for s in schemas]
+    texts, reasons, _ = answer(engine, None, rows, processors=[PerRowSchemas(engine, schemas)])
+    for s, text, reason in zip(schemas, texts, reasons):
+        data, code = st.read_answer(text, s, reason)
+        assert (code, reason) == (None, "stop"), text
+        assert text == json.dumps(data, ensure_ascii=False)  # compact: ", " and ": ", no other whitespace
 
 
 def test_unconstrained_answer_differs_and_is_not_json(engine):
     """The baseline the constraint is for: the same tiny model free gives no JSON at all."""
     s = parse(SCHEMAS[0])
-    texts, _, _ = answer(engine, s, [([make_image()], st.with_schema(QUESTION, s))], constrained=False)
+    texts, _, _ = answer(engine, s, [([], st.with_schema(QUESTION, s))], constrained=False, max_new_tokens=16)
     with pytest.raises(json.JSONDecodeError):
         json.loads(texts[0])
 
@@ -192,39 +268,52 @@ def test_read_answer_codes():
 def sharp_engine(sharp_model):
     from idefics_cli.model import ModelOptions, load
 
-    return load(ModelOptions(model=sharp_model, quant="none", device="cpu", max_new_tokens=8))
+    return load(ModelOptions(model=sharp_model, quant="none", device="cpu", max_new_tokens=8, split=False))
 
 
 QUESTIONS = [QUESTION, "Read this invoice page and extract the fields, please", "Fields?"]
 
 
-def test_batch_equals_single_rows(engine):
-    """Left-padded constrained rows (questions of different lengths) = each row alone; the answers differ."""
+class Recorder:
+    """Wraps a GrammarProcessor: keeps, per step, which logits were finite before it and after it."""
+
+    def __init__(self, inner):
+        self.inner, self.steps = inner, []
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        before = torch.isfinite(scores)
+        out = self.inner(input_ids, scores)
+        self.steps.append((before, torch.isfinite(out)))
+        return out
+
+
+def test_batch_equals_single_rows_and_masks_equal_a_fresh_matchers(engine):
+    """Left-padded constrained rows (questions of different lengths) = each row alone; the answers differ. At
+    every step of the batch, each row's mask is what a fresh llguidance matcher fed that row's tokens gives."""
+    import llguidance
+    import numpy as np
+
     s = parse(SCHEMAS[0])
     rows = [([], st.with_schema(q, s)) for q in QUESTIONS]
     assert (engine.build_inputs(rows)["attention_mask"] == 0).any()  # really padded
-    batched, reasons, _ = answer(engine, s, rows)
+    compiled = st.compiled(s, *st._engine_args(engine))
+    recorder = Recorder(st.GrammarProcessor(compiled))
+    batched, reasons, ids = answer(engine, s, rows, processors=[recorder])
     singles = [answer(engine, s, [row])[0][0] for row in rows]
     assert batched == singles
     assert len(set(singles)) == 3  # different answers, so the comparison means something
     assert all(st.read_answer(t, s, r)[1] is None for t, r in zip(batched, reasons))
-
-
-def test_same_tokens_as_xgrammars_own_processor(engine):
-    """GrammarProcessor (batched matcher calls) picks what xgrammar.contrib.hf.LogitsProcessor picks."""
-    import torch
-    import xgrammar
-
-    s = parse(SCHEMAS[0])  # three different answers of different lengths
-    rows = [([], st.with_schema(q, s)) for q in QUESTIONS]
-    inputs = engine.build_inputs(rows)
-    grammar = st.compiled(s, engine.processor.tokenizer, 32003, engine.eos_ids)
-    outs = []
-    for processor in (st.GrammarProcessor(grammar), xgrammar.contrib.hf.LogitsProcessor(grammar)):
-        with torch.inference_mode():
-            outs.append(engine.model.generate(**inputs, logits_processor=[processor], do_sample=False,
-                                              max_new_tokens=40))
-    assert torch.equal(outs[0], outs[1])
+    for k, row_ids in enumerate(ids):
+        matcher = llguidance.LLMatcher(compiled.view, compiled.grammar, log_level=0)
+        for step, token in enumerate(row_ids):
+            before, after = (m[k] for m in recorder.steps[step])
+            bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+            allowed = bits[:32003].astype(bool)
+            assert np.array_equal(after.numpy(), before.numpy() & allowed), (k, step)
+            assert allowed[[2, 32002]].all() == (step == len(row_ids) - 1)  # stops: exactly when the JSON is done
+            assert matcher.consume_token(token)
 
 
 def test_batch_of_pages_equals_single_pages(sharp_engine):
@@ -240,23 +329,21 @@ def test_batch_of_pages_equals_single_pages(sharp_engine):
 # ---- a case where the free greedy answer already fits ---------------------------------------------------------
 FITTED = '{"vendor": "ACME Tools", "total": 12.5, "paid": true}'
 FITTED_SCHEMA = "vendor, total float, paid bool"
+FITTED_ROW = [([], "Fields?")]  # a short prompt: cheaper training steps (the schema's text plays no part here)
 
 
 @pytest.fixture(scope="module")
-def fitted_engine(tiny_model, tmp_path_factory):
-    """The tiny model trained for a few steps to answer FITTED to one schema question (no image)."""
-    import shutil
-
+def fitted_engine(tiny_model):
+    """The tiny model trained for a few steps to answer FITTED to a short question (no image): its decoder layers
+    only (the embeddings and the output head, 8 of its 9 M weights, stay as they are: cheaper steps), in place
+    in a loaded Engine of its own. 30 steps leave each greedy choice ahead of the next by more than 1 logit."""
     import torch
-    from transformers import Idefics2ForConditionalGeneration
 
     from idefics_cli.model import ModelOptions, load
 
-    out = str(tmp_path_factory.mktemp("fitted-idefics2"))
-    shutil.copytree(tiny_model, out, dirs_exist_ok=True)
-    probe = load(ModelOptions(model=tiny_model, quant="none", device="cpu", max_new_tokens=8))
-    tok = probe.processor.tokenizer
-    prompt = probe.build_inputs([([], st.with_schema(QUESTION, parse(FITTED_SCHEMA)))])["input_ids"]
+    engine = load(ModelOptions(model=tiny_model, quant="none", device="cpu", max_new_tokens=8))
+    tok = engine.processor.tokenizer
+    prompt = engine.build_inputs(FITTED_ROW)["input_ids"]
     pieces = tok.tokenize(FITTED)
     pieces[0] = pieces[0].removeprefix("\u2581")  # the grammar allows no space before the JSON
     target = torch.tensor([[*tok.convert_tokens_to_ids(pieces), 32002]])
@@ -264,17 +351,19 @@ def fitted_engine(tiny_model, tmp_path_factory):
     labels = torch.full_like(ids, -100)
     labels[:, prompt.shape[1]:] = target
     torch.manual_seed(0)
-    model = Idefics2ForConditionalGeneration.from_pretrained(tiny_model, dtype=torch.float32)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model = engine.model
+    for name, param in model.named_parameters():
+        param.requires_grad_("text_model.layers" in name or "text_model.norm" in name)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
     model.train()
-    for _ in range(60):
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    with torch.enable_grad():
+        for _ in range(30):
+            loss = model(input_ids=ids, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
     model.eval()
-    model.save_pretrained(out)
-    return load(ModelOptions(model=out, quant="none", device="cpu", max_new_tokens=8))
+    return engine
 
 
 @pytest.mark.parametrize("value", [FITTED_SCHEMA, {"type": "object", "properties": {
@@ -282,7 +371,7 @@ def fitted_engine(tiny_model, tmp_path_factory):
     "paid": {"type": "boolean"}, "note": {"type": "string"}}, "required": ["vendor", "total"]}])
 def test_constrained_equals_free_answer_when_it_fits(fitted_engine, value):
     s = parse(value)
-    row = [([], st.with_schema(QUESTION, parse(FITTED_SCHEMA)))]  # the question the model was fitted on
+    row = FITTED_ROW  # the question the model was fitted on
     free, free_reasons, free_ids = answer(fitted_engine, s, row, constrained=False)
     assert free == [FITTED] and free_reasons == ["stop"]  # the precondition: the free answer fits
     assert st.read_answer(free[0], s, "stop")[1] is None
@@ -292,20 +381,11 @@ def test_constrained_equals_free_answer_when_it_fits(fitted_engine, value):
 
 def test_constrained_differs_when_the_free_answer_does_not_fit(fitted_engine):
     s = parse("vendor, total int, paid bool")  # 12.5 is no integer
-    row = [([], st.with_schema(QUESTION, parse(FITTED_SCHEMA)))]
+    row = FITTED_ROW
     constrained, reasons, _ = answer(fitted_engine, s, row)
     assert constrained[0] != FITTED
     data, code = st.read_answer(constrained[0], s, reasons[0])
     assert code is None and isinstance(data["total"], int), constrained[0]
-
-
-@pytest.mark.parametrize("fmt", sorted(st.FORMATS))
-def test_allowed_formats_are_enforced(engine, fmt):
-    import xgrammar
-
-    s = parse({"type": "string", "format": fmt})
-    matcher = xgrammar.GrammarMatcher(st.compiled(s, engine.processor.tokenizer, 32003, [2, 32002]))
-    assert not (matcher.accept_string('"soon!! x"') and matcher.is_completed())
 
 
 def test_grammar_compiled_once_per_schema_and_tokenizer(engine):
