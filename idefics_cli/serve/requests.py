@@ -22,7 +22,8 @@ Contract:
   "json_schema": {"name", "schema", "strict"}}` (checked as `--schema` is: a schema the grammar cannot enforce
   is a 400 `usage` naming the keyword; `strict` is accepted either way: the schema is always enforced). The
   messages are not changed: as with OpenAI, tell the model in the prompt what to answer.
-Only a `json_schema` schema's grammar check imports xgrammar (and so torch); nothing else here does.
+Only a `json_schema` schema's grammar check imports the grammar engine (llguidance, no torch); nothing else here
+does.
 """
 
 from __future__ import annotations
