@@ -8,8 +8,12 @@ Contract (so the server can follow the library's API when it changes, by editing
   with the images, computed without pixels), as `ask` and `chat` build their prompts.
 - `prefix_length(engine, ids)`: the tokens up to and including the last image token (0 without images): the
   part of a prompt whose key/value cache the server keeps (cache.py).
-- `encode_images(engine, images)`: image features of one prompt's images through vision.py (the same
-  same-shape chunks `ask` uses), for `prefill`.
+- `build_pixels(engine, images, stop)`: one prompt's pixels built now (vision.py's `VisionInputs`, collected:
+  transformers' image processor, numpy only, no torch op, so it may run in another thread than the model's),
+  one source image at a time; None once `stop()` is true between two images.
+- `encode_images(engine, images, vision)`: image features of one prompt's images through vision.py (the same
+  same-shape chunks `ask` uses), for `prefill`; from `vision` when its pixels were built (`build_pixels`),
+  else built from `images` while encoding.
 - `prefill(engine, ids, features, prefix)`: one forward pass over a prompt. Without `prefix` the whole prompt
   is run (with `features`); with `prefix` (a `KV` of the first `prefix.length` tokens, not modified) only the
   rest. Returns the last position's logits and the prompt's `KV`.
@@ -100,14 +104,30 @@ def prefix_length(engine, ids: list[int]) -> int:
     return last + 1
 
 
-def encode_images(engine, images: list):
-    """Features of one prompt's images ([images x image_seq_len, hidden]), or None without images."""
+def build_pixels(engine, images: list, stop=None):
+    """One prompt's pixels, built now (numpy only) one source image at a time; None once `stop()` is true."""
+    from ..vision import VisionInputs
+
+    vision = VisionInputs([list(images)], engine.options.split)
+    image_processor = engine.processor.image_processor
+    while vision.next < len(vision.sources):
+        if stop is not None and stop():
+            return None
+        vision.build_one(image_processor)
+    return vision
+
+
+def encode_images(engine, images: list, vision=None):
+    """Features of one prompt's images ([images x image_seq_len, hidden]), or None without images.
+
+    `vision`: the prompt's pixels from `build_pixels` (then `images` are not used), consumed here."""
     from ..vision import VisionInputs, auto_chunk, encode
 
-    if not images:
-        return None
+    if vision is None:
+        if not images:
+            return None
+        vision = VisionInputs([list(images)], engine.options.split)
     chunk = engine.vision_chunk or auto_chunk(engine.model, engine.device)
-    vision = VisionInputs([list(images)], engine.options.split)
     return encode(engine.model, vision, chunk, engine.processor.image_processor)[0]
 
 

@@ -4,7 +4,8 @@ Contract: `prefix_key(settings, ids, image_hashes)` names a prefix by the model'
 the prefix's token ids (the chat template's text up to the last image, earlier turns included) and the content
 hashes of its images, so two requests share an entry exactly when the model would see the same prefix.
 `PrefixCache(max_bytes)`: `get(key)` returns the stored value (a backend.KV, never modified by its users) and
-marks it recently used; `put(key, value)` stores it and evicts the least recently used entries until the total
+marks it recently used; `contains(key)` says whether it is stored (neither counted nor marked: the pixel
+thread's look-ahead, pixels.py); `put(key, value)` stores it and evicts the least recently used entries until the total
 of their `nbytes` fits `max_bytes` (a value larger than the whole budget is not stored). `hits`/`misses` count
 lookups. Thread-safe. Nothing here imports torch.
 """
@@ -48,6 +49,10 @@ class PrefixCache:
             self.entries.move_to_end(key)
             self.hits += 1
             return value
+
+    def contains(self, key: str) -> bool:
+        with self._lock:
+            return key in self.entries
 
     def put(self, key: str, value) -> bool:
         """Store `value` (evicting the least recently used); False when it alone is over the budget."""

@@ -1,8 +1,8 @@
 """The scheduler: one worker thread owns the model; requests wait in a bounded queue and decode as rows of one batch.
 
 Contract:
-- `Scheduler(engine, cache, max_batch, max_queue)`; `start()` runs the worker, `stop(cancel)` ends it (with
-  `cancel`, every waiting and running job ends as `cancelled`).
+- `Scheduler(engine, cache, max_batch, max_queue, ahead)`; `start()` runs the worker and the pixel thread,
+  `stop(cancel)` ends both (with `cancel`, every waiting and running job ends as `cancelled`).
 - `submit(job)` queues a `Job` (a tokenized prompt, its rendered images and its sampling settings) or raises
   `QueueFull` when `max_queue` jobs already wait. The worker admits waiting jobs whenever rows are free (up to
   `max_batch`): it prefills each (the image prefix's key/value cache from the `PrefixCache` when the same
@@ -10,6 +10,11 @@ Contract:
   A row that ends (end of utterance, a stop string, max tokens) or whose job is cancelled (`Job.cancel()`,
   e.g. the client went away) leaves the batch before the next step, so its place is free for a waiting job at
   once (continuous batching: rows join and leave between steps).
+- Pixels ahead (pixels.py): a queued job's pixels (the image processor's numpy work) and its prefix key (the
+  images' hashes) are made in a background thread, in queue order, at most `ahead` jobs (default `max_batch`)
+  ahead of the worker, so the worker only runs the vision tower (none for a predicted cache hit). A waiting
+  job whose pixels failed to build (its error: `corrupt`, or `out_of_memory`) or that was cancelled ends
+  before the next decode step, freeing its places in the queue and ahead; the others go on.
 - A job reports through `Job.events` (an asyncio queue on the caller's loop): ("start", None) once prefilled,
   ("delta", text) for each new piece of the answer, then ("done", None) or ("error", IdeficsError). Greedy
   by default (argmax, the generation config's single-token bad words masked, as `generate` does); with a
@@ -32,6 +37,9 @@ from collections import deque
 from ..errors import IdeficsError, classify
 from . import backend
 from .cache import image_hash, prefix_key
+from .pixels import Ahead
+
+_UNKEYED = object()
 
 
 class QueueFull(Exception):
@@ -59,6 +67,8 @@ class Job:
         self.submitted = time.perf_counter()
         self.first_token_s: float | None = None
         self._scheduler: Scheduler | None = None
+        self.pixels = None  # pixels.Entry while its pixels are built ahead
+        self.cache_key = _UNKEYED  # prefix-cache key (None: no image prefix, or no cache), once computed
 
     @property
     def done(self) -> bool:
@@ -92,7 +102,7 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, engine, cache, max_batch: int = 4, max_queue: int = 16):
+    def __init__(self, engine, cache, max_batch: int = 4, max_queue: int = 16, ahead: int | None = None):
         self.engine, self.cache = engine, cache
         self.max_batch, self.max_queue = max(1, max_batch), max(0, max_queue)
         self.waiting: deque[Job] = deque()
@@ -106,9 +116,12 @@ class Scheduler:
         self.stopping = False
         self.thread: threading.Thread | None = None
         self.counts = {"answered": 0, "cancelled": 0, "failed": 0, "steps": 0}  # for /health
+        self.pixels = Ahead(lambda images, stop: backend.build_pixels(engine, images, stop), self._key,
+                            cache.contains, self.max_batch if ahead is None else ahead)
 
     # ---- the callers' side ---------------------------------------------------------------------
     def start(self) -> None:
+        self.pixels.start()
         self.thread = threading.Thread(target=self._run, name="idefics-serve", daemon=True)
         self.thread.start()
 
@@ -120,11 +133,13 @@ class Scheduler:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting already")
             job._scheduler = self
             self.waiting.append(job)
+            self.pixels.add(job)
             self.cond.notify()
 
     def wake(self) -> None:
         with self.cond:
             self.cond.notify()
+        self.pixels.wake()
 
     def busy(self) -> bool:
         with self.cond:
@@ -133,7 +148,7 @@ class Scheduler:
     def load(self) -> dict:
         with self.cond:
             return {"running": len(self.rows), "waiting": len(self.waiting), "max_batch": self.max_batch,
-                    "max_queue": self.max_queue, **self.counts}
+                    "max_queue": self.max_queue, "pixels_ahead": self.pixels.held(), **self.counts}
 
     def stop(self, cancel: bool = True, timeout: float | None = None) -> None:
         with self.cond:
@@ -142,16 +157,21 @@ class Scheduler:
                 for job in [*self.waiting, *self.admitting, *self.rows]:
                     job.cancelled.set()
             self.cond.notify()
+        deadline = None if timeout is None else time.monotonic() + timeout
         if self.thread is not None:
             self.thread.join(timeout)
+        self.pixels.stop()
+        self.pixels.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     # ---- the worker ----------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
+            self._sweep()
             with self.cond:
                 while not self.stopping and not self.rows and not self._admissible():
                     self.cond.wait()
                 if self.stopping and not self.rows and not self.waiting:
+                    self.pixels.stop()
                     return
                 admit = self.admitting = []  # between the queue and the batch: stop() must still see them
                 while self.waiting and len(self.rows) + len(admit) < self.max_batch:
@@ -168,14 +188,29 @@ class Scheduler:
     def _admissible(self) -> bool:
         return bool(self.waiting) and len(self.rows) < self.max_batch
 
+    def _sweep(self) -> None:
+        """Waiting jobs that were cancelled or whose pixels failed end now: their places are free at once."""
+        with self.cond:
+            gone = [job for job in self.waiting if job.cancelled.is_set() or self.pixels.failed(job)]
+            if gone:
+                self.waiting = deque(job for job in self.waiting if not any(job is g for g in gone))
+        for job in gone:
+            self._admit(job)  # ends it (cancelled, or its error) without touching the batch
+
     def _admit(self, job: Job) -> None:
         if job.cancelled.is_set():
+            self.pixels.drop(job)
             job.finish("cancelled")
             return
         try:
+            vision = self.pixels.take(job)  # built ahead (or None: built while encoding); raises a build's error
+            if job.cancelled.is_set():  # cancelled while its pixels were being built
+                job.finish("cancelled")
+                return
             if job.schema is not None:
                 job.grammar = backend.row_grammar(self.engine, job.schema)
-            logits, kv = self._prefill(job)
+            logits, kv = self._prefill(job, vision)
+            vision = None
             job.images = []
             token = self._choose(logits[None], [job])[0]
             job._emit("start")
@@ -192,17 +227,24 @@ class Scheduler:
         except BaseException as exc:  # noqa: BLE001 - the worker survives every job
             job.fail(classify(exc))
 
-    def _prefill(self, job: Job):
+    def _key(self, job: Job) -> str | None:
+        """The job's prefix-cache key (computed once: by the pixel thread, or here)."""
+        if job.cache_key is _UNKEYED:
+            length = backend.prefix_length(self.engine, job.ids)
+            job.cache_key = (prefix_key(self.settings, job.ids[:length], [image_hash(im) for im in job.images])
+                             if length and self.cache.max_bytes else None)
+        return job.cache_key
+
+    def _prefill(self, job: Job, vision=None):
         engine = self.engine
-        length = backend.prefix_length(engine, job.ids)
-        key = prefix_key(self.settings, job.ids[:length], [image_hash(im) for im in job.images]) if length else None
-        cached = self.cache.get(key) if key is not None and self.cache.max_bytes else None
+        key = self._key(job)
+        cached = self.cache.get(key) if key is not None else None
         if cached is not None:
             job.cached_tokens = cached.length
             return backend.prefill(engine, job.ids, prefix=cached)
-        logits, kv = backend.prefill(engine, job.ids, backend.encode_images(engine, job.images))
-        if key is not None and self.cache.max_bytes:
-            self.cache.put(key, kv.head(length))
+        logits, kv = backend.prefill(engine, job.ids, backend.encode_images(engine, job.images, vision))
+        if key is not None:
+            self.cache.put(key, kv.head(backend.prefix_length(engine, job.ids)))
         return logits, kv
 
     def _step(self) -> None:
