@@ -8,6 +8,7 @@ import pty
 import select
 import signal
 import sys
+import termios
 import time
 
 import pytest
@@ -97,6 +98,11 @@ class Terminal:
     def __init__(self, *args: str):
         self.pid, self.fd = pty.fork()
         if self.pid == 0:
+            # NOFLSH: a Ctrl-C must not make the tty drop the output this reader has not read yet (up to a few
+            # KB while a test sleeps), or an answer the program did write would be missing from `seen`
+            attrs = termios.tcgetattr(0)
+            attrs[3] |= termios.NOFLSH
+            termios.tcsetattr(0, termios.TCSANOW, attrs)
             os.environ["HF_HUB_OFFLINE"] = "1"
             os.execv(sys.executable, [sys.executable, "-m", "idefics_cli", "chat", *args])
         self.seen = b""

@@ -115,13 +115,14 @@ def test_batch_of_four_equals_four_single_pages(tmp_path, cli, sharp_model, engi
 
 
 def _resume_corpus(root) -> dict[str, tuple[str, int]]:
-    """A few documents, 30 pages: {source path relative to root: (its .md relative to --out, page count)}."""
+    """A few documents, 60 pages (enough that 20 kills come before the job is done on a fast machine):
+    {source path relative to root: (its .md relative to --out, page count)}."""
     (root / "sub").mkdir(parents=True)
-    make_pdf(root / "report.pdf", 16)
+    make_pdf(root / "report.pdf", 46)
     make_pdf(root / "sub" / "letter.pdf", 9, size=(200, 300))
     make_pdf(root / "sub" / "memo.pdf", 4, size=(250, 250))
     make_image(240, 180, seed=7).save(root / "photo.png")
-    return {"report.pdf": ("report.md", 16), "sub/letter.pdf": ("sub/letter.md", 9),
+    return {"report.pdf": ("report.md", 46), "sub/letter.pdf": ("sub/letter.md", 9),
             "sub/memo.pdf": ("sub/memo.md", 4), "photo.png": ("photo.md", 1)}
 
 
@@ -182,7 +183,7 @@ def test_resume_after_repeated_sigkill_loses_nothing_and_duplicates_nothing(tmp_
             if round_ % 3 == 0:  # among the writes: a random moment after the run's first new record
                 if _wait_for_lines(records_path, before, proc):
                     first_record_s = time.monotonic() - started  # start-up time, as the machine runs now
-                    time.sleep(rng.uniform(0.0, 0.4))
+                    time.sleep(rng.uniform(0.0, 0.2))
             else:  # a random moment from start-up (loading, lock, rendering) to the first writes
                 time.sleep(rng.uniform(0.2, 1.1 * first_record_s))
             kills += proc.poll() is None
