@@ -124,3 +124,32 @@ def cli():
         return runner.invoke(app, [str(a) for a in args], input=input, catch_exceptions=False)
 
     return invoke
+
+
+@pytest.fixture(scope="module")
+def sharp_engine(sharp_model):
+    """The sharpened tiny model loaded in float32 on the CPU, 8 new tokens, image splitting on."""
+    from idefics_cli.model import ModelOptions, load
+
+    return load(ModelOptions(model=sharp_model, quant="none", device="cpu", max_new_tokens=8, split=True))
+
+
+@pytest.fixture
+def make_scheduler(sharp_engine):
+    """Serve schedulers on `sharp_engine`, each stopped (its jobs cancelled) when the test ends."""
+    from idefics_cli.serve.cache import PrefixCache
+    from idefics_cli.serve.scheduler import Scheduler
+
+    made = []
+
+    def make(cache_bytes: int = 2**30, max_batch: int = 4, max_queue: int = 16, ahead: int | None = None,
+             start: bool = True):
+        s = Scheduler(sharp_engine, PrefixCache(cache_bytes), max_batch=max_batch, max_queue=max_queue, ahead=ahead)
+        if start:
+            s.start()
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.stop(cancel=True, timeout=30)

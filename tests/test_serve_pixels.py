@@ -13,34 +13,10 @@ from conftest import make_image
 
 from idefics_cli.prompts import user_turn
 from idefics_cli.serve import backend, pixels
-from idefics_cli.serve.cache import PrefixCache
-from idefics_cli.serve.scheduler import Job, Scheduler
+from idefics_cli.serve.scheduler import Job
 from idefics_cli.vision import VisionInputs
 
 PAGES = [make_image(320, 240, seed=1), make_image(240, 320, seed=2)]
-
-
-@pytest.fixture(scope="module")
-def sharp_engine(sharp_model):
-    from idefics_cli.model import ModelOptions, load
-
-    return load(ModelOptions(model=sharp_model, quant="none", device="cpu", max_new_tokens=8, split=True))
-
-
-@pytest.fixture
-def make_scheduler(sharp_engine):
-    made = []
-
-    def make(cache_bytes: int = 0, max_batch: int = 2, ahead: int | None = None, start: bool = True):
-        s = Scheduler(sharp_engine, PrefixCache(cache_bytes), max_batch=max_batch, max_queue=16, ahead=ahead)
-        if start:
-            s.start()
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.stop(cancel=True, timeout=30)
 
 
 @pytest.fixture
@@ -92,11 +68,13 @@ def wait_for(predicate, what: str, timeout: float = 60) -> None:
 
 
 def test_answers_with_pixels_built_ahead_equal_those_built_by_the_worker(make_scheduler, builders):
-    inline = make_scheduler(ahead=0)  # no pixel thread: the worker builds each job's pixels while encoding
+    # no pixel thread: the worker builds each job's pixels while encoding
+    inline = make_scheduler(cache_bytes=0, max_batch=2, ahead=0)
     before = [job.token_ids for job, kind, _ in run_jobs(inline, SPECS) if kind == "done"]
     assert len(before) == len(SPECS) and set(builders) == {"idefics-serve"} and len(builders) == SOURCES
     builders.clear()
-    ahead = make_scheduler()  # 2 rows, 2 jobs' pixels ahead: later jobs' pixels are built while others decode
+    # 2 rows, 2 jobs' pixels ahead: later jobs' pixels are built while others decode
+    ahead = make_scheduler(cache_bytes=0, max_batch=2)
     after = run_jobs(ahead, SPECS)
     assert [job.token_ids for job, _, _ in after] == before
     assert set(builders) == {pixels.THREAD} and len(builders) == SOURCES  # never on the worker's thread
@@ -106,7 +84,7 @@ def test_answers_with_pixels_built_ahead_equal_those_built_by_the_worker(make_sc
 
 
 def test_a_cached_prefix_builds_no_pixels(make_scheduler, builders):
-    scheduler = make_scheduler(cache_bytes=2**30)
+    scheduler = make_scheduler(cache_bytes=2**30, max_batch=2)
     ((first, _, _),) = run_jobs(scheduler, [("What is the total?", PAGES, 8)])
     assert len(builders) == len(PAGES) and first.cached_tokens == 0
     ((hit, kind, _),) = run_jobs(scheduler, [("Who is the merchant?", PAGES, 8)])
@@ -119,7 +97,7 @@ def test_a_job_whose_pixels_fail_gets_its_error_and_the_others_go_on(make_schedu
     from PIL import Image
 
     broken = Image.new("RGB", (0, 0))  # decodes, hashes, and makes the image processor divide by zero
-    scheduler = make_scheduler(max_batch=1)
+    scheduler = make_scheduler(cache_bytes=0, max_batch=1)
     results = run_jobs(scheduler, [("What is the total?", PAGES[:1], 8), ("What is this?", [broken], 8),
                                    ("Who is the merchant?", PAGES[1:], 8)])
     (good1, k1, _), (bad, kind, err), (good2, k2, _) = results
@@ -131,7 +109,7 @@ def test_a_job_whose_pixels_fail_gets_its_error_and_the_others_go_on(make_schedu
 
 
 def test_the_look_ahead_is_bounded_and_a_cancelled_job_frees_its_place(make_scheduler, builders):
-    scheduler = make_scheduler(max_batch=1, ahead=2, start=False)
+    scheduler = make_scheduler(cache_bytes=0, max_batch=1, ahead=2, start=False)
     scheduler.pixels.start()  # the pixel thread alone: nothing takes the pixels it builds
     ahead = scheduler.pixels
     jobs = [Job(backend.prompt_ids(scheduler.engine, [user_turn(1, f"Question {k}?")]), [PAGES[k % 2]], 4)
@@ -152,7 +130,7 @@ def test_the_look_ahead_is_bounded_and_a_cancelled_job_frees_its_place(make_sche
 
 
 def test_stopping_ends_the_pixel_thread_and_what_waits(make_scheduler):
-    scheduler = make_scheduler(max_batch=1)
+    scheduler = make_scheduler(cache_bytes=0, max_batch=1)
     result = {}
 
     def run():

@@ -16,29 +16,6 @@ from idefics_cli.serve.cache import PrefixCache
 from idefics_cli.serve.scheduler import Job, QueueFull, Scheduler
 
 
-@pytest.fixture(scope="module")
-def sharp_engine(sharp_model):
-    from idefics_cli.model import ModelOptions, load
-
-    return load(ModelOptions(model=sharp_model, quant="none", device="cpu", max_new_tokens=8, split=True))
-
-
-@pytest.fixture
-def make_scheduler(sharp_engine):
-    made = []
-
-    def make(cache_bytes: int = 2**30, max_batch: int = 4, max_queue: int = 16, start: bool = True):
-        s = Scheduler(sharp_engine, PrefixCache(cache_bytes), max_batch=max_batch, max_queue=max_queue)
-        if start:
-            s.start()
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.stop(cancel=True, timeout=30)
-
-
 def run_jobs(scheduler, specs, on_delta=None):
     """Submit [(messages, images, max_tokens)] at once; returns the finished jobs."""
     engine = scheduler.engine
