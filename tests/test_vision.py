@@ -147,15 +147,47 @@ def test_auto_chunk(engines, monkeypatch):
     assert auto_chunk(engine.model, "cpu") == 3
 
 
+def odd_modes():
+    """Pages in the other modes PIL opens scans in: grey, 1-bit, palette, alpha, CMYK, 16-bit and float grey."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    base = make_image(640, 830, 6)
+    grey16 = Image.fromarray(rng.integers(0, 65536, (300, 200), dtype=np.uint16))
+    return [base.convert("L"), base.convert("1"), base.convert("P"), base.convert("RGBA"), base.convert("CMYK"),
+            base.convert("LA"), grey16, Image.fromarray(rng.random((200, 300), dtype=np.float32)),
+            Image.fromarray(rng.integers(0, 256, (500, 700, 3), dtype=np.uint8))]
+
+
+def test_the_value_table_is_the_processors_own_arithmetic(engines):
+    """Idefics2's processor maps each 8-bit value on its own: its table is what it makes of a ramp of all 256."""
+    import numpy as np
+    from PIL import Image
+
+    from idefics_cli.vision import value_table
+
+    image_processor = engines["tiny", True].processor.image_processor
+    table = value_table(image_processor)
+    assert table is not None and table.shape == (3, 256) and table.dtype == np.float32
+    assert value_table(image_processor) is table  # asked once per processor
+    value = np.full((7, 9, 3), 200, dtype=np.uint8)
+    whole = image_processor([[Image.fromarray(value)]], do_image_splitting=False, do_resize=False, do_pad=False)
+    assert np.array_equal(whole["pixel_values"][0][0], np.broadcast_to(table[:, 200, None, None], (3, 7, 9)))
+    assert table[0, 0] == -1.0 and table[0, 255] == 1.0  # idefics2-8b: rescale 1/255, mean 0.5, std 0.5
+
+
 @pytest.mark.parametrize("split", [True, False], ids=["split", "no-split"])
 def test_unpadded_pixels_equal_the_padded_call_trimmed(engines, split):
-    """`do_pad=False` gives, value for value, the padded processor call's images cut back to their masks."""
+    """Unpadded pixels through the value table are, value for value, the padded processor call's images cut back to
+    their masks, for every image mode."""
     import numpy as np
 
     from idefics_cli.vision import _own_size_pixels
 
     image_processor = engines["tiny", split].processor.image_processor
-    for page in (make_image(1515, 1960, 1), make_image(1961, 1517, 2), make_image(301, 37, 3), make_image(5, 5, 4)):
+    for page in (make_image(1515, 1960, 1), make_image(1961, 1517, 2), make_image(301, 37, 3), make_image(5, 5, 4),
+                 *odd_modes()):
         own = _own_size_pixels(image_processor, page, split)
         out = image_processor([[page]], do_image_splitting=split)
         values, mask = out["pixel_values"][0], out["pixel_attention_mask"][0]
