@@ -4,8 +4,10 @@
         JSON {"seconds", "texts", "batch_size"}: every page rendered and preprocessed first (not timed), then
         only the engine's batched generate (vision tower + connector, prefill, decode) is timed, batch by batch.
     python bench/stages.py decompose MODEL PDF PROMPT [--batch-sizes 1,8] [--max-new-tokens N]
-        JSON {"render_s", "preprocess_s", "batches": {B: {vision_s, prefill_s, decode_token_s, ...}}}: seconds
-        per page to render, to preprocess (processor: resize, split, normalise), and per call of B pages the
+        JSON {"render_s", "preprocess_s", "preprocess_plain_s", "batches": {B: {vision_s, prefill_s,
+        decode_token_s, ...}}}: seconds per page to render, to preprocess (idefics-cli's engine.prepare: the
+        processor's split and resize, its value table; and the plain loop's whole processor call, on the first 8
+        pages), and per call of B pages the
         vision tower + connector, the language prefill (a generate of one token on precomputed image features)
         and one decode step (from a generate of T tokens forced to length T, minus the one-token generate), after
         one untimed warm-up page.
@@ -97,6 +99,12 @@ def decompose_engine(engine, images: list, question: str, tokens: int, sizes: li
         out["batches"][str(size)]["calls"] = len(rows["vision_s"])
         out["batches"][str(size)]["prompt_tokens"] = int(inputs["input_ids"].shape[1])
     out["preprocess_s"] = statistics.median(pre)
+    image_processor, plain = engine.processor.image_processor, []
+    for im in images[:8]:  # the plain loop's preprocessing: the processor's whole call (padded, with its mask)
+        t0 = time.perf_counter()
+        image_processor([[im]])
+        plain.append(time.perf_counter() - t0)
+    out["preprocess_plain_s"] = statistics.median(plain)
     return out
 
 

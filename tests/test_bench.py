@@ -71,9 +71,10 @@ def test_transcribe_smoke(smoke):
 def test_decompose_smoke(smoke):
     out = finished(smoke, "decompose")
     assert "P3 decomposition: seconds per page, 2-page PDF" in out
-    for stage in ("render (PyMuPDF)", "preprocess (processor)", "vision tower + connector", "language prefill",
-                  "decode, 4 tokens"):
+    for stage in ("render (PyMuPDF)", "preprocess (idefics-cli: split + resize, value table)",
+                  "vision tower + connector", "language prefill", "decode, 4 tokens"):
         assert re.search(rf"\| {re.escape(stage)}\s*\| -?[\d.]+\s*\| -?[\d.]+", out), stage
+    assert re.search(r"\| preprocess \(plain loop: processor's whole call\)\s*\| [\d.]+\s*\| -", out)
     assert re.search(r"bound on the speed-up over the plain loop at batch 2 .* = [\d.]+x", out)
 
 
