@@ -5,7 +5,8 @@
 A child process (bench/stages.py decompose) loads the random mid-size Idefics2 with the CLI's own loader (4-bit
 nf4, CPU, float32 compute) and times, per page: rendering (PyMuPDF), preprocessing (the processor: resize,
 split into 4 crops + the page, normalise; both ways, see below), the vision tower + connector, the language
-prefill, and the decode (T new tokens, forced to length T). Vision and prefill are timed per call of B pages and divided by B.
+prefill, and the decode (T new tokens, forced to length T). Vision and prefill are timed per call of B pages
+and divided by B.
 
 The bound: the plain loop does every stage of a page in turn, at batch 1. A pipeline at batch B can at best
 hide rendering and preprocessing behind the model (the second core) and share each decode step among B pages;
