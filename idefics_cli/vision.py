@@ -6,9 +6,10 @@ Contract:
   may build all their pixels ahead of time (the transcribe prefetch thread: numpy only, no torch op), or the
   pixels are built while `encode` runs (ask: a page's pixels exist only until its chunk is encoded).
 - Pixels always come from transformers' own image processor, one source image at a time (its splitting, resizing,
-  normalisation), each resulting image at its own size (asked unpadded: `do_pad=False`). Its per-value rescaling
-  and normalisation are applied through the table of what it makes of each 8-bit value (`value_table`, asked of
-  the processor itself): the same float32 values, value for value, as its own arithmetic. Images are
+  normalisation), each resulting image at its own size (asked unpadded: `do_pad=False`). Its images are kept
+  as its 8-bit values until `encode` maps them, a chunk at a time, through the table of what its rescaling and
+  normalisation make of each 8-bit value (`value_table`, asked of the processor itself) into the tower's input:
+  the same float32 values, value for value, as its own arithmetic, from a quarter of the bytes. Images are
   bucketed by exact (height, width), so no image is ever padded to another one's shape. A `VisionInputs` is
   used once: `encode` consumes its pixels.
 - `encode(model, vision, chunk)` runs `model.model.get_image_features` (vision tower + connector, the code path
@@ -43,6 +44,7 @@ class VisionInputs:
         self.slots = [0] * self.rows  # images (crops) built so far per row
         self.next = 0  # index into `sources` of the next source image to build
         self.sources = [(r, image) for r, row in enumerate(rows) for image in row]  # each dropped once built
+        self.table = None  # the processor's value table when the built pixels are its 8-bit images (uint8)
 
     @property
     def pending(self) -> int:
@@ -54,7 +56,8 @@ class VisionInputs:
         self.sources[self.next] = (row, None)  # the source is no longer needed once its pixels exist
         self.next += 1
         image = image() if callable(image) else image  # a page rendered only now (ask)
-        for pixels in _own_size_pixels(image_processor, image, self.split):
+        images, self.table = _own_size_images(image_processor, image, self.split)
+        for pixels in images:
             self.buckets.setdefault(pixels.shape[-2:], []).append((row, self.slots[row], pixels))
             self.slots[row] += 1
 
@@ -69,13 +72,20 @@ class VisionInputs:
 
 
 def _own_size_pixels(image_processor, image, split: bool) -> list:
-    """The processor's images for one source image (crops, then the whole), each at its own size, contiguous.
+    """The processor's float32 pixels for one source image (crops, then the whole), each at its own size."""
+    images, table = _own_size_images(image_processor, image, split)
+    return images if table is None else [_look_up(table, v) for v in images]
+
+
+def _own_size_images(image_processor, image, split: bool) -> tuple[list, object]:
+    """The processor's images for one source image (crops, then the whole), each at its own size, contiguous,
+    and the value table that maps them to its pixels (None: they are its float pixels already).
 
     Asked without padding (`do_pad=False`): the same values as the padded call trimmed with its pixel mask, without
     the zero-filled arrays, masks and stacking copies. Where the processor's rescaling and normalisation map each
-    8-bit value on its own (`value_table`), it is asked for its split and resized 8-bit images and the table maps
-    them: value for value what its own float arithmetic gives, at a third of the cost. A processor that pads
-    anyway gets trimmed with its mask.
+    8-bit value on its own (`value_table`), it is asked for its split and resized 8-bit images, kept as they are
+    (a quarter of the float bytes) until `encode` maps them through the table into the tower's input: value for
+    value what its own float arithmetic gives. A processor that pads anyway gets trimmed with its mask.
     """
     import numpy as np
 
@@ -86,14 +96,14 @@ def _own_size_pixels(image_processor, image, split: bool) -> list:
         raw = out["pixel_values"][0]
         if all(isinstance(v, np.ndarray) and v.dtype == np.uint8 and v.ndim == 3 and v.shape[0] == len(table)
                for v in raw) and out.get("pixel_attention_mask") is None:
-            return [_look_up(table, v) for v in raw]
+            return [np.ascontiguousarray(v) for v in raw], table
     out = image_processor([[image]], do_image_splitting=split, do_pad=False)
     values, mask = out["pixel_values"][0], out.get("pixel_attention_mask")
     if mask is None:
-        return [np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for v in values]
+        return [np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for v in values], None
     mask = mask[0]
     return [np.ascontiguousarray(values[k, :, :int(mask[k].any(axis=1).sum()), :int(mask[k].any(axis=0).sum())])
-            for k in range(values.shape[0])]
+            for k in range(values.shape[0])], None
 
 
 _TABLES = weakref.WeakKeyDictionary()  # image processor -> its value table (or None)
@@ -133,11 +143,11 @@ def value_table(image_processor):
     return table
 
 
-def _look_up(table, image):
-    """`table[c][image[c]]` for each channel, into one float array, a band of rows at a time (cache-sized)."""
+def _look_up(table, image, out=None):
+    """`table[c][image[c]]` for each channel, into one float array (`out`), a band of rows at a time (cache-sized)."""
     import numpy as np
 
-    out = np.empty(image.shape, dtype=table.dtype)
+    out = np.empty(image.shape, dtype=table.dtype) if out is None else out
     for c in range(image.shape[0]):
         for top in range(0, image.shape[1], 64):
             np.take(table[c], image[c, top:top + 64], out=out[c, top:top + 64])
@@ -201,7 +211,12 @@ def _flush(model, vision: VisionInputs, shape, chunk: int, features) -> None:
     items = vision.buckets.pop(shape)
     while items:
         part, items[:chunk] = items[:chunk], []
-        stacked = np.stack([p for _, _, p in part])[:, None]  # [n, 1, 3, h, w]: one image per "row"
+        stacked = np.empty((len(part), 1, *part[0][2].shape), dtype=np.float32)  # [n, 1, 3, h, w]: an image a "row"
+        for k, (_, _, pixels) in enumerate(part):
+            if pixels.dtype == np.uint8:  # the processor's 8-bit image: its float pixels through its value table
+                _look_up(vision.table, pixels, out=stacked[k, 0])
+            else:
+                stacked[k, 0] = pixels
         places = [(row, slot) for row, slot, _ in part]
         part = None  # the images' own arrays go; the stacked copy is what the tower reads
         pixel_values = torch.from_numpy(stacked).to(model.device)

@@ -196,3 +196,27 @@ def test_unpadded_pixels_equal_the_padded_call_trimmed(engines, split):
             h, w = int(mask[k].any(1).sum()), int(mask[k].any(0).sum())
             assert pixels.shape == (3, h, w) and pixels.flags.c_contiguous and pixels.dtype == np.float32
             assert np.array_equal(pixels, values[k, :, :h, :w])
+
+
+def test_built_pixels_stay_8_bit_until_the_tower_reads_them(engines):
+    """Collected pixels are the processor's 8-bit images (a quarter of the float bytes); `encode` maps them through
+    the value table into the tower's input, giving the features of its float pixels exactly."""
+    import numpy as np
+    import torch
+
+    from idefics_cli.vision import VisionInputs, _own_size_pixels, encode
+
+    engine = engines["tiny", True]
+    image_processor = engine.processor.image_processor
+    pages = [make_image(420, 300, 11), make_image(300, 420, 12)]
+    vision = VisionInputs([[pages[0]], [pages[1]]], True).collect(image_processor)
+    built = [p for bucket in vision.buckets.values() for _, _, p in bucket]
+    assert len(built) == 10 and all(p.dtype == np.uint8 for p in built) and vision.table is not None
+    assert vision.pixel_bytes() == sum(3 * p.shape[1] * p.shape[2] for p in built)  # one byte a value
+    features = encode(engine.model, vision, 1, image_processor)  # one image a call, as compared below
+    with torch.inference_mode():
+        for row, page in enumerate(pages):
+            own = [torch.from_numpy(p)[None, None] for p in _own_size_pixels(image_processor, page, True)]
+            expected = torch.cat([engine.model.model.get_image_features(pixel_values=p, return_dict=True)
+                                  .pooler_output[0] for p in own])
+            assert torch.equal(features[row], expected)
