@@ -5,7 +5,8 @@ Contract:
   `processor.apply_chat_template` + `processor(text=..., images=...)` would (left padding for batches; the
   pixels of a batch one row at a time, inputs.py; the pixel mask as bool): the plain path.
   `Engine.prepare(batch)` gives the same token ids, but the images reach the model through vision.py, in
-  bounded same-shape chunks encoded when generation starts (what `ask` and `transcribe` use).
+  bounded same-shape chunks encoded when generation starts (what `ask` and `transcribe` use). Both live in
+  `Preparer` (processor, options, device), which an `Engine` is: inputs can be prepared before the weights load.
 - `Engine.stream_generate(inputs)` is a generator of text pieces as they are generated (greedy, stops at
   `<end_of_utterance>`) whose return value (`StopIteration.value`) is the finished `Generation` (text, token
   counts, finish reason, timing); it changes nothing it is given. `Engine.generate(inputs)` is its join;
@@ -52,51 +53,20 @@ class Generation:
     token_ids: list[int] = field(default_factory=list)
 
 
-class Engine:
-    """A loaded processor + model pair and what is known about it."""
+CPU_BATCH_SIZE = 8  # pages per generate call on the CPU (Engine.auto_batch_size)
 
-    def __init__(self, processor, model, options: ModelOptions, device: str, dtype, load_s: float):
+
+class Preparer:
+    """The processor half of an engine: model inputs for [(images, question), ...], with or without the weights
+    loaded (the transcribe pipeline prepares its first batch while they load)."""
+
+    def __init__(self, processor, options: ModelOptions, device: str):
         self.processor = processor
-        self.model = model
         self.options = options
         self.device = device
-        self.dtype = dtype
-        self.load_s = load_s
-        tokenizer = processor.tokenizer
-        self.image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
-        self.eos_ids = set(self._eos_ids())
-        self.context_size = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-        self.vision_chunk: int | None = None  # images per vision call; None: vision.auto_chunk
-        self.prefill_chunk = int(os.environ.get(PREFILL_CHUNK_ENV) or PREFILL_CHUNK)  # tokens; 0: whole prompts
 
-    def _eos_ids(self) -> list[int]:
-        eos = self.model.generation_config.eos_token_id
-        return list(eos) if isinstance(eos, (list, tuple)) else [eos]
-
-    @property
-    def info(self) -> dict:
-        return {"id": self.options.model, "revision": self.options.revision,
-                "quantization": QUANT_NAMES[self.options.quant], "dtype": str(self.dtype).replace("torch.", ""),
-                "device": self.device}
-
-    # ---- inputs --------------------------------------------------------------------------------
     def prompt(self, n_images: int, question: str) -> str:
         return self.processor.apply_chat_template([user_turn(n_images, question)], add_generation_prompt=True)
-
-    def prompt_tokens(self, n_images: int, question: str) -> int:
-        """Exact prompt length in tokens with the images expanded, computed without any pixels."""
-        return len(self.processor(text=[self.prompt(n_images, question)]).input_ids[0])
-
-    def check_context(self, n_images: int, question: str, max_new_tokens: int) -> int:
-        """Refuse up front a prompt that cannot fit the context; returns the prompt length."""
-        total = self.prompt_tokens(n_images, question)
-        if self.context_size and total + max_new_tokens > self.context_size:
-            one = self.prompt_tokens(1, question)
-            fit = (self.context_size - max_new_tokens - one) // (self.prompt_tokens(2, question) - one) + 1
-            raise UsageError(f"{n_images} page images need {total} prompt tokens + {max_new_tokens} new tokens, more "
-                             f"than the model's context of {self.context_size}",
-                             f"at most {max(fit, 0)} pages fit: narrow --pages")
-        return total
 
     def build_inputs(self, batch: list[tuple[list, str]], split: bool | None = None):
         """Processor outputs for [(images, question), ...]: one user turn each, left-padded, on the device.
@@ -119,7 +89,7 @@ class Engine:
             import torch
 
             inputs["pixel_attention_mask"] = torch.from_numpy(inputs["pixel_attention_mask"].numpy().astype(bool))
-        return inputs.to(self.model.device)
+        return inputs.to(self.device)
 
     def _processor_call(self, batch, split: bool, images):
         prompts = [self.prompt(len(imgs), question) for imgs, question in batch]
@@ -153,6 +123,48 @@ class Engine:
 
         return prepare(self, batch, self.options.split if split is None else split, collect)
 
+
+class Engine(Preparer):
+    """A loaded processor + model pair and what is known about it."""
+
+    def __init__(self, processor, model, options: ModelOptions, device: str, dtype, load_s: float):
+        super().__init__(processor, options, device)
+        self.model = model
+        self.dtype = dtype
+        self.load_s = load_s
+        tokenizer = processor.tokenizer
+        self.image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
+        self.eos_ids = set(self._eos_ids())
+        self.context_size = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        self.vision_chunk: int | None = None  # images per vision call; None: vision.auto_chunk
+        self.prefill_chunk = int(os.environ.get(PREFILL_CHUNK_ENV) or PREFILL_CHUNK)  # tokens; 0: whole prompts
+
+    def _eos_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+    @property
+    def info(self) -> dict:
+        return {"id": self.options.model, "revision": self.options.revision,
+                "quantization": QUANT_NAMES[self.options.quant], "dtype": str(self.dtype).replace("torch.", ""),
+                "device": self.device}
+
+    # ---- inputs --------------------------------------------------------------------------------
+    def prompt_tokens(self, n_images: int, question: str) -> int:
+        """Exact prompt length in tokens with the images expanded, computed without any pixels."""
+        return len(self.processor(text=[self.prompt(n_images, question)]).input_ids[0])
+
+    def check_context(self, n_images: int, question: str, max_new_tokens: int) -> int:
+        """Refuse up front a prompt that cannot fit the context; returns the prompt length."""
+        total = self.prompt_tokens(n_images, question)
+        if self.context_size and total + max_new_tokens > self.context_size:
+            one = self.prompt_tokens(1, question)
+            fit = (self.context_size - max_new_tokens - one) // (self.prompt_tokens(2, question) - one) + 1
+            raise UsageError(f"{n_images} page images need {total} prompt tokens + {max_new_tokens} new tokens, more "
+                             f"than the model's context of {self.context_size}",
+                             f"at most {max(fit, 0)} pages fit: narrow --pages")
+        return total
+
     def model_kwargs(self, inputs) -> dict:
         """generate() kwargs for `inputs`: a `prepare`d entry's images encoded chunk by chunk (vision.py)."""
         from .vision import auto_chunk, model_kwargs
@@ -169,7 +181,7 @@ class Engine:
         import torch
 
         if not self.device.startswith("cuda"):
-            return 8
+            return CPU_BATCH_SIZE
         free, _ = torch.cuda.mem_get_info(torch.device(self.device))
         per_page = (1.5 if self.options.split else 0.4) * 2**30
         return max(1, min(32, int(free * 0.8 // per_page)))

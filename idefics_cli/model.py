@@ -8,6 +8,8 @@ Contract:
   id is read from its snapshot folder, `hub.source`), the same errors, and the runtime settings
   (`do_image_splitting` from `options.split`, left padding) unless `configure=False` asks for the
   processor exactly as saved. `load` reads the weights from the same place (`hub.source`).
+- `start_load(options)` starts a load and returns at once with the processor (`Loading`: the weights load in a
+  thread until `finish()` gives the `Engine`), so inputs can be prepared meanwhile; `load(options)` is both.
 - `load(options)` returns an `Engine` (engine.py) holding the processor and the model, loaded the way the
   idefics2-8b model card does it (AutoProcessor + Idefics2ForConditionalGeneration, safetensors only,
   never remote code, sdpa attention, bitsandbytes nf4 + double quant for `quant="4bit"`). Failures raise
@@ -157,6 +159,32 @@ def load_processor(options: ModelOptions, configure: bool = True, local_files_on
 
 def load(options: ModelOptions) -> Engine:
     """Load processor and model as the model card does, 4-bit by default."""
+    return start_load(options).finish()
+
+
+class Loading:
+    """A load in progress: the processor is here (`processor`, on `device`), the weights load in a thread until
+    `finish()` returns the `Engine` (or raises the load's `IdeficsError`)."""
+
+    def __init__(self, options: ModelOptions, processor, device: str, dtype, loader, loaded: dict, start: float):
+        self.options, self.processor, self.device, self.dtype = options, processor, device, dtype
+        self._loader, self._loaded, self._start = loader, loaded, start
+
+    def finish(self) -> Engine:
+        self._loader.join()
+        loaded, self._loaded = self._loaded, {}
+        if "error" in loaded:
+            exc = loaded["error"]
+            if isinstance(exc, IdeficsError) or not isinstance(exc, Exception):
+                raise exc
+            raise model_error(exc, self.options) from exc
+        model = loaded["model"]
+        model.eval()
+        return Engine(self.processor, model, self.options, self.device, self.dtype, time.perf_counter() - self._start)
+
+
+def start_load(options: ModelOptions) -> Loading:
+    """Start loading: the checks, the weights' thread, then the processor in this thread (what `load` waits for)."""
     start = time.perf_counter()
     if looks_local(options.model):
         check_local_model(options.model)
@@ -175,30 +203,33 @@ def load(options: ModelOptions) -> Engine:
                 raise IdeficsError("model_error", "--quant 8bit needs a CUDA GPU", "use --quant 4bit or none")
             kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": device if device != "cuda" else f"cuda:{torch.cuda.current_device()}"}
-        # The weights load in a short-lived thread while this one loads the processor. Its OpenMP workers end
-        # with it: a thread that keeps idle OpenMP workers makes libgomp throttle those of the thread that
-        # generates (4-bit matmuls on the CPU ran 1.4x slower in a streaming `ask`; bench/ask.py).
-        loaded: dict = {}
-
-        def load_weights():
-            try:
-                loaded["model"] = Idefics2ForConditionalGeneration.from_pretrained(
-                    source(options, common["local_files_only"]), **kwargs)
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
-                loaded["error"] = exc
-
-        loader = threading.Thread(target=load_weights, name="idefics-load", daemon=True)
-        loader.start()
-        try:
-            processor = load_processor(options, local_files_only=common["local_files_only"])
-        finally:
-            loader.join()
-        if "error" in loaded:
-            raise loaded["error"]
-        model = loaded["model"]
-        model.eval()
     except IdeficsError:
         raise
     except Exception as exc:  # transformers raises OSError/ValueError/EnvironmentError for these
         raise model_error(exc, options) from exc
-    return Engine(processor, model, options, device, dtype, time.perf_counter() - start)
+    # The weights load in a short-lived thread while this one loads the processor. Its OpenMP workers end
+    # with it: a thread that keeps idle OpenMP workers makes libgomp throttle those of the thread that
+    # generates (4-bit matmuls on the CPU ran 1.4x slower in a streaming `ask`; bench/ask.py).
+    loaded: dict = {}
+
+    def load_weights():
+        try:
+            loaded["model"] = Idefics2ForConditionalGeneration.from_pretrained(
+                source(options, common["local_files_only"]), **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the thread that finishes the load
+            loaded["error"] = exc
+
+    loader = threading.Thread(target=load_weights, name="idefics-load", daemon=True)
+    loader.start()
+    try:
+        processor = load_processor(options, local_files_only=common["local_files_only"])
+    except IdeficsError:
+        loader.join()
+        raise
+    except Exception as exc:
+        loader.join()
+        raise model_error(exc, options) from exc
+    except BaseException:
+        loader.join()
+        raise
+    return Loading(options, processor, device, dtype, loader, loaded, start)

@@ -88,17 +88,24 @@ def failure_record(item: Failure, settings: str) -> PageRecord:
     return error_record(item.input.path, item.error, settings, item.page, item.pages, item.sha256)
 
 
-def transcribe(engine, job: Job) -> Iterator[PageRecord]:
-    """The job's records, each yielded once written; `engine=None` when no chosen page needs the model."""
+def prefetcher(preparer, job: Job) -> Prefetcher:
+    """The job's prefetcher: its batches' inputs prepared by `preparer` (the engine, or engine.Preparer: the
+    processor alone while the weights load, when the batch size is known before the model is)."""
     request = job.request
-    job.begin()
 
     def build(images):
-        return engine.prepare([([image], request.model_prompt) for image in images], collect=True)
+        return preparer.prepare([([image], request.model_prompt) for image in images], collect=True)
 
-    prefetcher = Prefetcher(job.docs, job.open_doc, job.select_pages, job.is_done, build, request.batch_size or 1,
-                            on_pages=job.pages)
-    for item in prefetcher:
+    return Prefetcher(job.docs, job.open_doc, job.select_pages, job.is_done, build, request.batch_size or 1,
+                      on_pages=job.pages)
+
+
+def transcribe(engine, job: Job, started: Prefetcher | None = None) -> Iterator[PageRecord]:
+    """The job's records, each yielded once written; `engine=None` when no chosen page needs the model.
+    `started`: the job's prefetcher, started while the model loaded (else one is made here)."""
+    request = job.request
+    job.begin()
+    for item in started or prefetcher(engine, job):
         if isinstance(item, DocumentDone):
             job.sink.document_done(item)
             continue

@@ -16,6 +16,8 @@ concurrency lives here, behind one condition variable:
   batches of rendered pages (full batches always; mixed sizes only when the window is full or at the end);
 - stop and errors: leaving the loop (done, an exception, Ctrl-C) or `stop()` ends the thread at its next
   step; an exception in the thread is raised in the iterating one.
+`start()` may start the thread before the first iteration (the transcribe pipeline does, while the weights load:
+the first batch is ready when the model is); `close()` ends a prefetcher that is never iterated.
 `on_pages(total, skipped)` is called from the thread once per opened document. `build` runs in the thread:
 it must change no shared state (Engine.prepare does not) and use numpy rather than torch ops, which would
 start a second OpenMP team that makes libgomp throttle the one that generates (engine.py).
@@ -82,8 +84,20 @@ class Prefetcher:
         self._thread = threading.Thread(target=self._produce, name="idefics-prefetch", daemon=True)
 
     # ---- the model's thread ------------------------------------------------------------------------------
+    def start(self) -> Prefetcher:
+        """Start the thread now (else the first iteration does): work begins before the model is there to take it."""
+        if not self._thread.is_alive() and self._thread.ident is None:
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop and join the thread (a prefetcher never iterated: the load it overlapped failed)."""
+        self.stop()
+        if self._thread.ident is not None:
+            self._thread.join(timeout=5)
+
     def __iter__(self) -> Iterator[Batch | Failure | BlankPage | DocumentDone]:
-        self._thread.start()
+        self.start()
         try:
             while True:
                 with self._cond:

@@ -15,10 +15,11 @@ Contract:
   without `out`, stdout through `output`, or nothing for a library caller): the same records, resume and
   files whichever way it runs. Inputs are walked (batch.walk) and filtered by the shard; when no chosen page
   is left for the model, the model is never loaded (no torch import); otherwise `engine` is used, or the
-  model is loaded (local), or the Ray engine runs. Afterwards `summary` (records.Summary), `errors` (inputs
-  that matched nothing) and `exit_status` (0 all done, 3 partial, 4 nothing readable) tell how it went;
-  iterating again yields nothing new; `close()` (or a `with` block) ends a run left early and closes its
-  output. With an `output` (the CLI), errors, warnings, the loading spinner, the
+  model is loaded (local: where the batch size is known before the model is, given or the CPU's 8, the first
+  batch is rendered and prepared while the weights load), or the Ray engine runs. Afterwards `summary`
+  (records.Summary), `errors` (inputs that matched nothing) and `exit_status` (0 all done, 3 partial, 4
+  nothing readable) tell how it went; iterating again yields nothing new; `close()` (or a `with` block) ends a
+  run left early and closes its output. With an `output` (the CLI), errors, warnings, the loading spinner, the
   progress bar and the summary go to its stderr; without one, the run prints nothing.
 """
 
@@ -227,16 +228,39 @@ class Transcription:
                 yield from ray_engine.run(job, request.ray_address)
         else:
             request.check_grammar()
-            engine = self.engine
-            if engine is None:
-                from .model import load
+            engine, started = self.engine, None
+            try:
+                if engine is None:
+                    engine, started = self._load(job)
+                job.request = replace(job.request, batch_size=job.request.batch_size or engine.auto_batch_size())
+                with Progress(output) as job.progress:
+                    yield from pipeline.transcribe(engine, job, started)
+            finally:
+                if started is not None:
+                    started.close()
 
-                loading = f"Loading {request.options.model} ({request.options.quant})…"
-                with output.status(loading) if output is not None else nullcontext():
-                    engine = load(request.options)
-            job.request = replace(request, batch_size=request.batch_size or engine.auto_batch_size())
-            with Progress(output) as job.progress:
-                yield from pipeline.transcribe(engine, job)
+    def _load(self, job):
+        """Load the model; where the batch size is known before it (given, or the CPU's), the first batch is
+        rendered and prepared while the weights load. Returns (engine, the started prefetcher or None)."""
+        from . import pipeline
+        from .engine import CPU_BATCH_SIZE, Preparer
+        from .model import start_load
+
+        request, output = job.request, self.output
+        loading = f"Loading {request.options.model} ({request.options.quant})…"
+        with output.status(loading) if output is not None else nullcontext():
+            load = start_load(request.options)
+            size = request.batch_size or (None if load.device.startswith("cuda") else CPU_BATCH_SIZE)
+            started = None
+            if size:
+                job.request = replace(request, batch_size=size)
+                started = pipeline.prefetcher(Preparer(load.processor, request.options, load.device), job).start()
+            try:
+                return load.finish(), started
+            except BaseException:
+                if started is not None:
+                    started.close()
+                raise
 
 
 class Progress:

@@ -238,7 +238,7 @@ def prepare(engine, batch: list[tuple[list, str]], split: bool, collect: bool):
 
     if not row_by_row(engine.processor):
         return engine.build_inputs(batch, split)
-    inputs = engine._processor_call(batch, split, None).to(engine.model.device)
+    inputs = engine._processor_call(batch, split, None).to(engine.device)
     vision = VisionInputs([images for images, _ in batch], split)
     inputs["vision"] = vision.collect(engine.processor.image_processor) if collect else vision
     return inputs

@@ -128,3 +128,56 @@ def test_the_settings_hash_is_the_resume_key_of_earlier_versions_and_only_what_c
 def test_a_loaded_engine_runs_locally(engine):
     with pytest.raises(UsageError, match="locally"):
         engine.transcribe(["scans/"], engine="ray")
+
+
+def test_the_first_batch_is_prepared_while_the_weights_load(engine, tiny_model, scans, monkeypatch):
+    """Loaded by the run itself (CPU: batch size 8 known beforehand), its first batch is rendered and prepared by
+    the processor alone before the load finishes; the records equal a run on an already loaded engine."""
+    import threading
+
+    from idefics_cli import engine as engine_mod
+    from idefics_cli import model as model_mod
+
+    prepared, seen = threading.Event(), []
+    real_prepare, real_finish = engine_mod.Preparer.prepare, model_mod.Loading.finish
+
+    def prepare(self, batch, *args, **kwargs):
+        out = real_prepare(self, batch, *args, **kwargs)
+        seen.append((type(self).__name__, len(batch)))
+        prepared.set()
+        return out
+
+    def finish(self):
+        assert prepared.wait(60), "no batch was prepared while the weights loaded"
+        return real_finish(self)
+
+    monkeypatch.setattr(engine_mod.Preparer, "prepare", prepare)
+    monkeypatch.setattr(model_mod.Loading, "finish", finish)
+    options = replace(engine.options, max_new_tokens=8)
+    request = TranscribeRequest(inputs=["scans/"], options=options)
+    from idefics_cli.transcription import Transcription
+
+    early = [r.to_dict() for r in Transcription(request)]
+    assert seen[0] == ("Preparer", 3)  # the whole first batch (3 pages here), by the processor alone
+    monkeypatch.setattr(model_mod.Loading, "finish", real_finish)
+    loaded = [r.to_dict() for r in Transcription(request, engine=engine)]
+    assert [essence(r) for r in early] == [essence(r) for r in loaded] and len(early) == 3
+    assert all(r["status"] == "ok" for r in early)
+
+
+def test_a_failed_load_stops_the_prefetch_it_overlapped(tiny_model, scans, tmp_path):
+    import shutil
+    import threading
+
+    from idefics_cli.errors import IdeficsError
+    from idefics_cli.transcription import Transcription
+
+    folder = tmp_path / "broken-model"
+    shutil.copytree(tiny_model, folder)
+    weights = next(folder.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    options = ModelOptions(model=str(folder), device="cpu", quant="none", max_new_tokens=8)
+    with pytest.raises(IdeficsError) as info:
+        list(Transcription(TranscribeRequest(inputs=["scans/"], options=options)))
+    assert info.value.code == "model_error"
+    assert not [t for t in threading.enumerate() if t.name == "idefics-prefetch"]
