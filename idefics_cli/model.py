@@ -8,6 +8,7 @@ Contract:
   id is read from its snapshot folder, `hub.source`), the same errors, and the runtime settings
   (`do_image_splitting` from `options.split`, left padding) unless `configure=False` asks for the
   processor exactly as saved. `load` reads the weights from the same place (`hub.source`).
+- Loading tunes the process's allocators for the engine's big short-lived buffers (allocator.py).
 - `start_load(options)` starts a load and returns at once with the processor (`Loading`: the weights load in a
   thread until `finish()` gives the `Engine`), so inputs can be prepared meanwhile; `load(options)` is both.
 - `load(options)` returns an `Engine` (engine.py) holding the processor and the model, loaded the way the
@@ -24,6 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from . import allocator
 from .engine import Engine
 from .errors import IdeficsError, is_oom
 from .hub import PULL_HINT, check_local_model, local_only, looks_local, source
@@ -195,6 +197,7 @@ def start_load(options: ModelOptions) -> Loading:
 
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
+    allocator.tune()  # big buffers reused rather than faulted in afresh (allocator.py)
     try:
         kwargs = {"dtype": dtype, "use_safetensors": True, "attn_implementation": "sdpa", **common}
         quant = quantization_config(options.quant, dtype)
