@@ -14,7 +14,8 @@ Contract:
   `model.generate` as is (constrained decoding hooks in there): `Engine.grammar_processors(schema)` is that
   list for a `--schema` (structured.for_engine; a remote engine, client.py, answers its own kind). A prompt
   over `prefill_chunk` tokens (1024; IDEFICS_PREFILL_CHUNK) whose images are pre-encoded is prefilled a
-  chunk at a time (bounded activations).
+  chunk at a time (bounded activations). Generation keeps its keys and values in `kvcache.new_cache` (decode
+  steps write them in place; the same answers as transformers' DynamicCache).
 - `Engine.ask(documents, question, ...)` is the library's question: it returns the iterable `Response`
   (response.py) built by selection.py, the same answer and JSON object as `idefics ask`.
 - Token arithmetic (image tokens per image, context size) is read from the processor and the config,
@@ -204,14 +205,18 @@ class Engine(Preparer):
         return kwargs
 
     def _generate_kwargs(self, inputs) -> dict:
-        """`model_kwargs(inputs)`, plus chunked prefill for a long prompt whose images are already encoded.
+        """`model_kwargs(inputs)`, a new in-place key/value cache (kvcache.py), plus chunked prefill for a long
+        prompt whose images are already encoded.
 
         A prompt longer than `prefill_chunk` tokens (many pages in one question) is prefilled `prefill_chunk`
         tokens at a time (transformers' `prefill_chunk_size`), so the prefill's activations stay those of one
         chunk: `ask` over 24 pages of the mid model peaked 293 MiB lower. Shorter prompts (a page, a batch of
         pages) are prefilled whole, as before. IDEFICS_PREFILL_CHUNK=N sets it; 0 turns it off.
         """
+        from .kvcache import new_cache
+
         kwargs = self.model_kwargs(inputs)
+        kwargs["cache"] = new_cache(self.model.config)  # in-place decode steps (kvcache.py), same outputs
         chunk = self.prefill_chunk
         if chunk and "pixel_values" not in kwargs and kwargs["input_ids"].shape[1] > chunk:
             kwargs["prefill_chunk_size"] = chunk

@@ -18,7 +18,8 @@ Contract (so the server can follow the library's API when it changes, by editing
   is run (with `features`); with `prefix` (a `KV` of the first `prefix.length` tokens, not modified) only the
   rest. Returns the last position's logits and the prompt's `KV`.
 - `KV` holds per-layer key/value tensors of one row ([1, heads, length, dim]); `KV.head(n)` copies the first
-  n positions. `Batch` is rows of several prompts, left-padded, advanced one token a step by `Batch.step`;
+  n positions. Caches are kvcache.py's (decode steps write in place; a tensor handed to one is never written).
+  `Batch` is rows of several prompts, left-padded, advanced one token a step by `Batch.step`;
   rows join (`add`) and leave (`keep`) between steps, so a finished row frees its place at once.
 - `free_memory(device)`: free GPU memory on CUDA, else available RAM (sizes the prefix cache).
 - `tokens_per_image(engine)`: what one image adds to a prompt (to refuse a prompt before rendering).
@@ -147,9 +148,10 @@ class KV:
 
 
 def _cache(layers):
-    from transformers import DynamicCache
+    """A cache over these tensors that never writes them: the first update copies them into a new buffer."""
+    from ..kvcache import new_cache
 
-    return DynamicCache(ddp_cache_data=[(k, v) for k, v in layers])
+    return new_cache(layers=[(k, v) for k, v in layers])
 
 
 def _layers(cache) -> list:
@@ -159,14 +161,15 @@ def _layers(cache) -> list:
 def prefill(engine, ids: list[int], features=None, prefix: KV | None = None):
     """(last logits [vocab], KV of the whole prompt). With `prefix`, only ids[prefix.length:] are run."""
     import torch
-    from transformers import DynamicCache
     from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    from ..kvcache import new_cache
 
     model = engine.model
     start = prefix.length if prefix is not None else 0
-    # a new cache object over the prefix's tensors: DynamicLayer.update concatenates into new tensors, so the
-    # cached prefix itself is never written (what copy.deepcopy of a DynamicCache guards against)
-    cache = _cache(prefix.layers) if prefix is not None else DynamicCache()
+    # a new cache object over the prefix's tensors, which it adopts as full buffers: its first update copies them
+    # into a new buffer with spare room and writes there, so the cached prefix itself is never written
+    cache = _cache(prefix.layers) if prefix is not None else new_cache()
     input_ids = torch.tensor([ids[start:]], device=model.device)
     kwargs = {}
     if features is not None and prefix is None:
@@ -184,7 +187,7 @@ class Batch:
 
     def __init__(self, engine):
         self.engine = engine
-        self.cache = None  # DynamicCache, [rows, heads, width, dim] per layer
+        self.cache = None  # kvcache.new_cache, [rows, heads, width, dim] per layer
         self.mask = None  # [rows, width] long
         self.positions: list[int] = []  # next position of each row
 

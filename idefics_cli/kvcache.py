@@ -1,0 +1,149 @@
+"""Key/value caches whose layers keep spare room, so a decode step writes its new positions in place.
+
+Contract:
+- transformers' `DynamicLayer.update` grows the cache with `torch.cat` of the whole past on every call: a copy
+  of O(length) per step per layer. The layers here hold [batch, heads, capacity, dim] buffers and `update`
+  writes the new positions in place, returning views of the filled part; a full buffer is replaced by one of
+  length + `SPARE` (128) positions, the past copied once.
+- Buffers are append-only: a position once written is never written again (growing, and dropping what left a
+  sliding window, allocate a new buffer). So every tensor handed out (`update`'s results, `.keys`/`.values`,
+  which are views) keeps its values, and a tensor assigned to `.keys`/`.values` is adopted as a full buffer
+  with no spare room, hence never written: the next `update` copies it into a new buffer first. A cached
+  prompt prefix given to `new_cache(layers=...)` is therefore read, never modified.
+- `new_cache(config=None, layers=None, spare=SPARE)` is a transformers `DynamicCache` whose layers are these.
+  With `config` (a model's), one layer per decoder layer as `DynamicCache(config=...)` builds them: full
+  attention, or a sliding window kept as `DynamicSlidingWindowLayer` keeps it (Mistral's 4096 tokens); layer
+  types without an equivalent here get transformers' own layer. With `layers` [(keys, values)], full-attention
+  layers over those tensors, as `DynamicCache(ddp_cache_data=layers)`. With neither, full-attention layers
+  made as the model first updates them. It is passed as `model.generate(cache=...)` or `model(cache=...)`.
+- The keys and values attended to are the same as with `DynamicCache`, so greedy outputs are bit-identical
+  (tests/test_kvcache.py). The memory cost: up to `spare` positions per row per layer beyond the past.
+torch and transformers are imported inside functions only (the layer classes are made on first use).
+"""
+
+from __future__ import annotations
+
+SPARE = 128  # positions a buffer keeps beyond what it holds when it grows
+_classes: dict = {}
+
+
+def _adopt(tensor):
+    """A tensor assigned from outside as [buffer, start, end]: full, so never written in place."""
+    if tensor is None:
+        return None
+    return [tensor, 0, tensor.shape[-2] if tensor.dim() > 1 else 0]  # 1-d: DynamicLayer's first empties
+
+
+def _view(slot):
+    if slot is None:
+        return None
+    buffer, start, end = slot
+    return buffer if start == 0 and end == buffer.shape[-2] else buffer[:, :, start:end]
+
+
+def _append(slot, new, spare: int):
+    """Write `new` after the filled part of `slot` (in place while there is room); the filled part's view."""
+    buffer, start, end = slot
+    n = new.shape[-2]
+    if buffer.shape[-2] < end + n:
+        length = end - start
+        grown = new.new_empty((*new.shape[:-2], length + n + spare, new.shape[-1]))
+        if length:
+            grown[:, :, :length] = buffer[:, :, start:end]
+        buffer, start, end = grown, 0, length
+    buffer[:, :, end:end + n] = new
+    slot[:] = [buffer, start, end + n]
+    return buffer[:, :, start:end + n]
+
+
+def layer_classes() -> dict:
+    """{"full_attention": layer class, "sliding_attention": layer class} (made once)."""
+    if _classes:
+        return _classes
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    class _Room:
+        """What both layers share: `.keys`/`.values` as views of append-only buffers."""
+
+        def __init__(self, *args, spare: int = SPARE, **kwargs):
+            self.spare = spare
+            super().__init__(*args, **kwargs)
+
+        @property
+        def keys(self):
+            return _view(self._k)
+
+        @keys.setter
+        def keys(self, tensor):
+            self._k = _adopt(tensor)
+
+        @property
+        def values(self):
+            return _view(self._v)
+
+        @values.setter
+        def values(self, tensor):
+            self._v = _adopt(tensor)
+
+        def lazy_initialization(self, key_states, value_states):
+            super().lazy_initialization(key_states, value_states)  # device, the window's tensor; 1-d empties
+            self.keys = key_states.new_empty((*key_states.shape[:-2], 0, key_states.shape[-1]))
+            self.values = value_states.new_empty((*value_states.shape[:-2], 0, value_states.shape[-1]))
+
+        def _write(self, key_states, value_states):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            return _append(self._k, key_states, self.spare), _append(self._v, value_states, self.spare)
+
+    class RoomLayer(_Room, DynamicLayer):
+        """`DynamicLayer` (full attention) writing in place."""
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            return self._write(key_states, value_states)
+
+        def get_seq_length(self) -> int:
+            return self._k[2] - self._k[1] if self.is_initialized and self._k is not None else 0
+
+    class RoomSlidingLayer(_Room, DynamicSlidingWindowLayer):
+        """`DynamicSlidingWindowLayer` writing in place: the window's start moves on; growing drops the rest."""
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            self.cumulative_length += key_states.shape[-2]
+            keys, values = self._write(key_states, value_states)
+            if self.record_past:  # kept whole until `crop`, as the base class does
+                visible = self.sliding_window - 1 + key_states.shape[-2]
+                return keys[:, :, -visible:], values[:, :, -visible:]
+            for slot in (self._k, self._v):  # keep the last sliding_window - 1 positions
+                slot[1] = max(slot[1], slot[2] - (self.sliding_window - 1))
+            return keys, values
+
+    _classes.update({"full_attention": RoomLayer, "sliding_attention": RoomSlidingLayer,
+                     "chunked_attention": RoomSlidingLayer})
+    return _classes
+
+
+def new_cache(config=None, layers=None, spare: int = SPARE):
+    """A `DynamicCache` of in-place layers: for `config`'s decoder, over `layers` [(keys, values)], or lazy."""
+    from functools import partial
+
+    from transformers import DynamicCache
+    from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, get_layer_types_and_kwargs
+
+    classes = layer_classes()
+    cache = DynamicCache()
+    if config is None and layers is None:
+        cache.layer_class_to_replicate = partial(classes["full_attention"], spare=spare)
+        return cache
+    if config is not None:
+        types, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+        cache.layers = [classes[t](spare=spare, **kw) if t in classes else DYNAMIC_LAYER_TYPE_MAPPING[t](**kw)
+                        for t, kw in zip(types, kwargs)]
+    else:
+        cache.layers = []
+        for keys, values in layers:
+            layer = classes["full_attention"](spare=spare)
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values  # adopted: copied at the first update, never written
+            cache.layers.append(layer)
+    cache.layer_class_to_replicate = None
+    return cache

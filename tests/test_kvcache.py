@@ -1,0 +1,200 @@
+"""kvcache.py: in-place key/value layers give the same tensors, logits and greedy answers as transformers'
+DynamicCache (full attention and sliding window, growing past the spare room), and never write a tensor they
+were given (the serve prefix cache's invariant); on the tiny random Idefics2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import make_image
+
+from idefics_cli.kvcache import SPARE, layer_classes, new_cache
+from idefics_cli.prompts import user_turn
+from idefics_cli.serve import backend
+
+
+def test_importing_kvcache_imports_no_torch():
+    code = "import sys, idefics_cli.kvcache\nprint([m for m in ('torch', 'transformers') if m in sys.modules])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "[]", result.stderr[-500:]
+
+
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("spare", [1, 2, SPARE])
+def test_a_layer_returns_and_keeps_what_transformers_layer_does(window, spare):
+    import torch
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    torch.manual_seed(0)
+    if window is None:
+        ours, theirs = layer_classes()["full_attention"](spare=spare), DynamicLayer()
+    else:
+        ours = layer_classes()["sliding_attention"](sliding_window=window, spare=spare)
+        theirs = DynamicSlidingWindowLayer(sliding_window=window)
+    handed_out = []
+    for step, n in enumerate([4, 1, 1, 3, 1, 1, 1, 1, 2, 1, 1, 1]):
+        k, v = torch.randn(2, 3, n, 4), torch.randn(2, 3, n, 4)
+        got, want = ours.update(k, v), theirs.update(k, v)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), step
+        assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+        assert ours.get_seq_length() == theirs.get_seq_length()
+        assert ours.get_mask_sizes(1) == theirs.get_mask_sizes(1)
+        handed_out.append((got[0], got[0].clone()))
+    assert all(torch.equal(view, copy) for view, copy in handed_out)  # append-only: nothing handed out changed
+    # the base class's other operations assign .keys/.values: adopted, and the next update still agrees
+    for op in (lambda layer: layer.batch_select_indices(torch.tensor([1, 0])),
+               lambda layer: layer.reorder_cache(torch.tensor([0, 0])),
+               lambda layer: layer.batch_repeat_interleave(2)):
+        op(ours)
+        op(theirs)
+        k, v = torch.randn(*theirs.keys.shape[:2], 1, 4), torch.randn(*theirs.keys.shape[:2], 1, 4)
+        assert all(torch.equal(a, b) for a, b in zip(ours.update(k, v), theirs.update(k, v)))
+    if window is None:
+        ours.crop(-2)
+        theirs.crop(-2)
+        assert torch.equal(ours.keys, theirs.keys) and ours.get_seq_length() == theirs.get_seq_length()
+    ours.reset()
+    theirs.reset()
+    assert ours.get_seq_length() == theirs.get_seq_length() == 0
+
+
+def test_a_cache_over_tensors_never_writes_them():
+    import torch
+
+    torch.manual_seed(0)
+    k, v = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)
+    big_k, big_v = torch.randn(1, 2, 9, 4), torch.randn(1, 2, 9, 4)
+    views = [(big_k[:, :, :5], big_v[:, :, :5])]  # a view with room after it in its storage
+    kept = big_k.clone(), big_v.clone()
+    for layers in ([(k, v)], views):
+        cache = new_cache(layers=layers)
+        before = [(a.clone(), b.clone()) for a, b in layers]
+        for _ in range(3):
+            keys, _ = cache.update(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4), 0)
+        assert keys.shape[-2] == 8 and cache.get_seq_length() == 8
+        assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(layers, before))
+        assert keys.untyped_storage().data_ptr() != layers[0][0].untyped_storage().data_ptr()
+    assert torch.equal(big_k, kept[0]) and torch.equal(big_v, kept[1])
+
+
+def _generate(engine, rows, cache, new_tokens):
+    """model.generate as the engine calls it, with `cache` (None: transformers' default DynamicCache)."""
+    import torch
+
+    kwargs = engine._generate_kwargs(engine.prepare(rows))  # prepared anew: the features are used once
+    kwargs.pop("cache")
+    if cache is not None:
+        kwargs["cache"] = cache
+    with torch.inference_mode():
+        return engine.model.generate(**kwargs, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                     return_dict_in_generate=True, output_logits=True)
+
+
+ROWS = [([make_image(seed=3)], "What is this?"), ([], "Hello there, a somewhat longer question without a page")]
+
+
+@pytest.mark.parametrize("rows", [ROWS[:1], ROWS], ids=["batch1", "left-padded-batch2"])
+def test_generate_is_bit_identical_to_dynamic_cache_past_the_spare_room(engine, rows):
+    import torch
+
+    new = SPARE + 12  # grows once past the first buffer's spare room
+    ours = _generate(engine, rows, new_cache(engine.model.config), new)
+    theirs = _generate(engine, rows, None, new)
+    assert type(theirs.cache).__name__ == "DynamicCache" and len(ours.logits) == new
+    assert all(torch.equal(a, b) for a, b in zip(ours.logits, theirs.logits))
+    assert torch.equal(ours.sequences, theirs.sequences)
+    layer = ours.cache.layers[0]
+    assert layer._k[0].shape[-2] > layer._k[2] - layer._k[1]  # it kept spare room
+    # the engine's own calls use the cache and give the same tokens
+    prompt = engine.prepare(rows)["input_ids"].shape[1]
+    want = [[t for t in ids] for ids in theirs.sequences[:, prompt:].tolist()]
+    want = [ids[: next((k + 1 for k, t in enumerate(ids) if t in engine.eos_ids), len(ids))] for ids in want]
+    assert [g.token_ids for g in engine.generate_batch(engine.prepare(rows), new)] == want
+    if len(rows) == 1:
+        assert engine.generate(engine.prepare(rows), new).token_ids == want[0]
+
+
+def test_a_sliding_window_is_kept_as_transformers_keeps_it(tiny_model):
+    """Mistral's window (4096 tokens) made 8, so a short generate crosses it; spare 3 so buffers turn over."""
+    import torch
+    from transformers import AutoConfig, AutoProcessor, Idefics2ForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(tiny_model)
+    config.text_config.sliding_window = 8
+    model = Idefics2ForConditionalGeneration.from_pretrained(tiny_model, config=config, dtype=torch.float32,
+                                                             attn_implementation="sdpa")
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(text=["Hello there", "A somewhat longer question, it is, with words"], return_tensors="pt",
+                       padding=True)
+
+    def run(cache):
+        extra = {} if cache is None else {"cache": cache}
+        with torch.inference_mode():
+            return model.generate(**inputs, **extra, do_sample=False, max_new_tokens=30, min_new_tokens=30,
+                                  return_dict_in_generate=True, output_logits=True)
+
+    ours, theirs = run(new_cache(model.config, spare=3)), run(None)
+    assert type(theirs.cache.layers[0]).__name__ == "DynamicSlidingWindowLayer"
+    assert all(torch.equal(a, b) for a, b in zip(ours.logits, theirs.logits))
+    assert torch.equal(ours.sequences, theirs.sequences)
+    layer = ours.cache.layers[0]
+    assert layer._k[0].shape[-2] <= 7 + 1 + 3 and torch.equal(layer.keys, theirs.cache.layers[0].keys)
+
+
+def test_serve_prefill_from_a_prefix_twice_is_identical_and_leaves_the_prefix_unwritten(sharp_engine):
+    import torch
+
+    ids = backend.prompt_ids(sharp_engine, [user_turn(1, "What is the total?")])
+    length = backend.prefix_length(sharp_engine, ids)
+    _, kv = backend.prefill(sharp_engine, ids, backend.encode_images(sharp_engine, [make_image(seed=1)]))
+    prefix = kv.head(length)
+    kept = [(k.clone(), v.clone()) for k, v in prefix.layers]
+    first, kv1 = backend.prefill(sharp_engine, ids, prefix=prefix)
+    second, kv2 = backend.prefill(sharp_engine, ids, prefix=prefix)
+    assert torch.equal(first, second)
+    assert all(torch.equal(a, b) and torch.equal(c, d) for (a, c), (b, d) in zip(kv1.layers, kv2.layers))
+    assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(prefix.layers, kept))
+    # rows decoding from it leave it unwritten too
+    batch = backend.Batch(sharp_engine)
+    batch.add(kv1)
+    batch.add(kv2)
+    for _ in range(SPARE + 3):
+        batch.step([5, 6])
+    assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(prefix.layers, kept))
+
+
+def _batch_schedule(engine, kvs):
+    """Logits of every step of a Batch whose rows join and leave (add/keep) between steps."""
+    batch, out = backend.Batch(engine), []
+    batch.add(kvs[0])
+    for step in range(40):
+        if step == 3:
+            batch.add(kvs[1])
+        if step == 10:
+            batch.keep([1])  # the first row leaves: columns only it used are dropped
+        if step == 12:
+            batch.add(kvs[2])
+        if step == 20:
+            batch.keep([1, 0])
+        out.append(batch.step([7 + step % 5] * batch.rows))
+    return out
+
+
+def test_serve_batch_add_keep_and_step_equal_dynamic_cache(sharp_engine, monkeypatch):
+    """The same schedule with transformers' DynamicCache in the Batch gives bit-identical logits."""
+    import torch
+    from transformers import DynamicCache
+
+    prompts = [[user_turn(0, "Hello there")], [user_turn(0, "A much longer question about nothing at all, really")],
+               [user_turn(0, "Short")]]
+    kvs = [backend.prefill(sharp_engine, backend.prompt_ids(sharp_engine, p))[1] for p in prompts]
+    kept = [[(k.clone(), v.clone()) for k, v in kv.layers] for kv in kvs]
+    ours = _batch_schedule(sharp_engine, kvs)
+    monkeypatch.setattr(backend, "_cache", lambda layers: DynamicCache(ddp_cache_data=list(layers)))
+    theirs = _batch_schedule(sharp_engine, kvs)
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    for kv, copies in zip(kvs, kept):  # the prefilled rows' tensors were never written
+        assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(kv.layers, copies))
