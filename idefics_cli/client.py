@@ -8,9 +8,12 @@ Contract:
 - `RemoteEngine` has what `ask`, `chat` and `transcribe` use of a loaded `Engine` (engine.py), so the
   commands and the library run the same code paths with either: `options` and `info` are the server's model
   settings (`max_new_tokens` the caller's), `ask` and `transcribe` are `Engine`'s own methods; `prepare(batch)`
-  turns [(page images, question)] into requests, each page a lossless PNG `data:` URL (RGB, no colour
-  profile or transparency chunk), which the server decodes to the very pixels a local run feeds the
-  processor; `stream_generate(inputs)` streams the answer (server-sent events) and returns its `Generation`,
+  turns [(page images, question)] into requests, each page a lossless `data:` URL (`page_data_url`: RGB, no
+  colour profile, orientation or transparency), which the server decodes to the very pixels a local run feeds
+  the processor: a PackBits TIFF (encoded and decoded in a fraction of a PNG's time) while the request's
+  TIFFs stay within `tiff_budget` bytes (TIFF_BUDGET, at most a quarter of the server's advertised
+  `max_request_mb`; 0, all PNG, for a server that does not advertise it), then PNG (zlib level 1);
+  `stream_generate(inputs)` streams the answer (server-sent events) and returns its `Generation`,
   with the server's token counts as `prompt_usage`; `generate_batch(inputs)` sends a batch's pages at once
   (the server decodes them together); `usage(inputs, row)` is the server's count once answered;
   `chat_inputs(messages, images, max_new_tokens)` sends a whole conversation (conversation.py);
@@ -43,11 +46,12 @@ from .errors import IdeficsError, UsageError
 from .model import ModelOptions
 from .transport import CONNECT_TIMEOUT_S, LOST, SERVER_HINT, Loading, Transport, events, normalize_url
 
-__all__ = ["CONNECT_TIMEOUT_S", "LOAD_WAIT_S", "RemoteEngine", "ResponseFormat", "connect", "normalize_url",
-           "png_data_url"]
+__all__ = ["CONNECT_TIMEOUT_S", "LOAD_WAIT_S", "TIFF_BUDGET", "RemoteEngine", "ResponseFormat", "connect",
+           "normalize_url", "page_data_url", "png_data_url"]
 
 LOAD_WAIT_S = 600.0  # how long a request waits for a server that is still loading its model
 QUANT_OPTIONS = {"nf4": "4bit", "int8": "8bit", "none": "none"}  # engine.QUANT_NAMES, reversed
+TIFF_BUDGET = 8 * 2**20  # PackBits TIFF bytes per request at most (10.7 MiB as base64); past it, pages go as PNG
 
 
 @dataclass
@@ -112,6 +116,9 @@ class RemoteEngine:
                                     dtype=self._info["dtype"] or "auto", device=self._info["device"] or "auto",
                                     offline=True, split=self.split,
                                     max_new_tokens=max_new_tokens or defaults.max_new_tokens)
+        cap = described.get("max_request_mb")
+        known = isinstance(cap, (int, float)) and not isinstance(cap, bool) and cap > 0
+        self.tiff_budget = min(TIFF_BUDGET, int(cap * 2**20) // 4) if known else 0  # TIFF bytes per request
         self.processor = None  # nothing of the model lives here
         self.context_size = None  # the server checks the context
 
@@ -148,13 +155,18 @@ class RemoteEngine:
         """
         rows = []
         for images, question in batch:
-            parts = [_image_part(image() if callable(image) else image) for image in images]
+            budget = [self.tiff_budget]
+            parts = [_image_part(image() if callable(image) else image, budget) for image in images]
             rows.append([{"role": "user", "content": [*parts, {"type": "text", "text": question}]}])
         return RemoteInputs(rows)
 
     def chat_inputs(self, messages: list[dict], images: list, max_new_tokens: int) -> RemoteInputs:
         """The whole conversation (transformers chat format, `{"type": "image"}` in page order) as one request."""
-        cache = self.__dict__.setdefault("_chat_urls", {})  # id(image) -> (image, url): each page encoded once
+        cache = self.__dict__.setdefault("_chat_urls", {})  # id(image) -> (image, part, TIFF bytes): encoded once
+        live = {id(image) for image in images}
+        for key in [k for k in cache if k not in live]:
+            del cache[key]
+        budget = [self.tiff_budget - sum(entry[2] for entry in cache.values())]  # the request sends them all
         urls = iter(images)
         out = []
         for message in messages:
@@ -164,14 +176,13 @@ class RemoteEngine:
                 if part.get("type") == "image":
                     image = next(urls)
                     if id(image) not in cache:
-                        cache[id(image)] = (image, _image_part(image))
+                        before = budget[0]
+                        part = _image_part(image, budget)
+                        cache[id(image)] = (image, part, before - budget[0])
                     parts.append(cache[id(image)][1])
                 elif part.get("type") == "text":
                     parts.append({"type": "text", "text": part.get("text", "")})
             out.append({"role": message["role"], "content": parts})
-        live = {id(image) for image in images}
-        for key in [k for k in cache if k not in live]:
-            del cache[key]
         return RemoteInputs([out])
 
     def usage(self, inputs: RemoteInputs, row: int = 0) -> dict:
@@ -294,18 +305,41 @@ def _prompt_usage(usage: dict) -> dict:
     return {"prompt_tokens": usage.get("prompt_tokens"), "image_tokens": details.get("image_tokens")}
 
 
+def _plain_rgb(image):
+    """The image as a plain RGB `Image` (a TIFF frame's own tags, which Pillow would write again, left behind)."""
+    if image.mode != "RGB" or hasattr(image, "tag_v2"):
+        image = image.convert("RGB")
+    return image
+
+
 def png_data_url(image) -> str:
     """A page image as a lossless PNG data: URL: the same RGB pixels, no colour profile, no transparency chunk.
 
     The server decodes it with documents.py, which gives these pixels back unchanged (an RGB image of 2 px or
     more a side needs no conversion), so the processor sees what it sees in a local run.
     """
-    if image.mode != "RGB":
-        image = image.convert("RGB")
+    image = _plain_rgb(image)
     buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=1, icc_profile=None, transparency=None)
     return "data:image/png;base64," + base64.b64encode(buf.getbuffer()).decode("ascii")
 
 
-def _image_part(image) -> dict:
-    return {"type": "image_url", "image_url": {"url": png_data_url(image)}}
+def page_data_url(image, budget: int = TIFF_BUDGET) -> tuple[str, int]:
+    """A page image as a lossless data: URL and the TIFF bytes it spent of `budget`: a PackBits TIFF (RGB, no
+    colour profile, orientation or extra samples; 5-8x faster than PNG both ways, 2-10x its size) when it fits in
+    `budget` bytes, else `png_data_url`'s PNG (0 spent). The server decodes either to these very pixels."""
+    image = _plain_rgb(image)
+    smallest = image.height * -(-3 * image.width // 128) * 2  # PackBits: 2 bytes per 128-byte run at best
+    if 0 < smallest <= budget:
+        buf = io.BytesIO()
+        image.save(buf, format="TIFF", compression="packbits", icc_profile=None)
+        if buf.tell() <= budget:
+            return "data:image/tiff;base64," + base64.b64encode(buf.getbuffer()).decode("ascii"), buf.tell()
+    return png_data_url(image), 0
+
+
+def _image_part(image, budget: list[int]) -> dict:
+    """An image_url part; `budget[0]`, the request's TIFF bytes left, goes down by what this page spent."""
+    url, spent = page_data_url(image, budget[0])
+    budget[0] -= spent
+    return {"type": "image_url", "image_url": {"url": url}}

@@ -345,9 +345,11 @@ class Engine(Preparer):
         generation starts when the answer is first read.
         """
         from .selection import Selection, ask, open_pages
-        from .structured import as_schema
 
-        schema = as_schema(schema)
+        if schema is not None:  # structured.py (and its grammar engine) only for a schema
+            from .structured import as_schema
+
+            schema = as_schema(schema)
         if isinstance(documents, Selection):
             if (pages, password, dpi) != (None, None, None):
                 raise UsageError("pages, password and dpi are options of open_pages when documents is a Selection")

@@ -2,11 +2,12 @@
 
 Contract: stdout carries data only (answer text, JSON lines, transcriptions), written and flushed piece
 by piece (`stream(response)`: an answer as it is generated, with the note of an answer cut short); status,
-spinners, progress, hints and errors go to stderr through a Rich console. `run()` wraps a command body:
-`IdeficsError` -> one line `error [code]: ...` on stderr and its exit status; Ctrl-C/SIGTERM -> exit 130; a
-closed stdout (`| head -1`) -> a quiet exit; anything else -> a one-line internal error (exit 1), with the
-traceback only when IDEFICS_DEBUG=1. Python warnings are hidden while a command runs (IDEFICS_DEBUG=1 shows
-them); piped stderr lines are never wrapped.
+spinners, progress, hints and errors go to stderr through a Rich console (made, and Rich imported, only when
+something is first drawn or printed there: a piped `ask --json` that warns of nothing never imports Rich).
+`run()` wraps a command body: `IdeficsError` -> one line `error [code]: ...` on stderr and its exit status;
+Ctrl-C/SIGTERM -> exit 130; a closed stdout (`| head -1`) -> a quiet exit; anything else -> a one-line internal
+error (exit 1), with the traceback only when IDEFICS_DEBUG=1. Python warnings are hidden while a command runs
+(IDEFICS_DEBUG=1 shows them); piped stderr lines are never wrapped.
 """
 
 from __future__ import annotations
@@ -25,13 +26,20 @@ from .errors import ExitStatus, IdeficsError
 
 class Output:
     def __init__(self, quiet: bool = False):
-        from rich.console import Console
-
         self.quiet = quiet
         self.stdout_tty = sys.stdout.isatty()
         self.stderr_tty = sys.stderr.isatty()
-        # piped or logged, a line is never wrapped at 80 columns: one message stays one line for grep and logs
-        self.console = Console(stderr=True, highlight=False, soft_wrap=not self.stderr_tty)
+        self._console = None
+
+    @property
+    def console(self):
+        """The Rich console on stderr, made (and Rich imported) the first time something is drawn or printed there."""
+        if self._console is None:
+            from rich.console import Console
+
+            # piped or logged, a line is never wrapped at 80 columns: one message stays one line for grep and logs
+            self._console = Console(stderr=True, highlight=False, soft_wrap=not self.stderr_tty)
+        return self._console
 
     # ---- data (stdout) ------------------------------------------------------------------------
     def write(self, text: str) -> None:

@@ -97,14 +97,16 @@ _TRACE = ("import json, os, sys\n"
           "    app(sys.argv[1:], prog_name='idefics')\n"
           "finally:\n"
           "    with open(os.environ['IDEFICS_TRACE_FILE'], 'w') as f:\n"
-          "        json.dump(sorted(m for m in ('torch', 'transformers') if m in sys.modules), f)\n")
+          "        json.dump(sorted(m for m in os.environ['IDEFICS_TRACE_MODULES'].split() if m in sys.modules), f)\n")
 
 
 def run_traced(*args, tmp_path, input: bytes | None = None, timeout: float = 300, env: dict | None = None,
-               cwd: str | None = None) -> tuple[subprocess.CompletedProcess, list[str]]:
-    """Run the `idefics` app in a subprocess; also returns which of torch and transformers it imported."""
+               cwd: str | None = None,
+               modules=("torch", "transformers")) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Run the `idefics` app in a subprocess; also returns which of `modules` (torch and transformers) it imported."""
     trace = os.path.join(str(tmp_path), "imported.json")
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {}), "IDEFICS_TRACE_FILE": trace}
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {}), "IDEFICS_TRACE_FILE": trace,
+                "IDEFICS_TRACE_MODULES": " ".join(modules)}
     proc = subprocess.run([sys.executable, "-c", _TRACE, *map(str, args)], input=input, capture_output=True,
                           timeout=timeout, env=full_env, cwd=cwd)
     with open(trace) as f:

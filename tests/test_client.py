@@ -202,6 +202,17 @@ def test_the_client_imports_neither_torch_nor_transformers(server, docs, tmp_pat
     assert imported == []
 
 
+def test_ask_json_over_the_server_imports_only_what_it_uses(server, docs, tmp_path):
+    """`ask --server --json` (nothing to say on stderr): none of the model's libraries, no numpy, no pydantic (typer's
+    coercion), no Rich (nothing drawn), no schema machinery (no --schema)."""
+    heavy = ("torch", "transformers", "numpy", "pydantic", "typer._adapters", "rich", "idefics_cli.structured",
+             "jsonschema", "llguidance", "fastapi")
+    res, imported = run_traced("ask", docs["pdf"], "--pages", "1", QUESTION, "--json", "--server", server.url,
+                               "--api-key", KEY, *TOKENS, tmp_path=tmp_path, modules=heavy)
+    assert res.returncode == 0 and res.stderr == b"", res.stderr.decode()
+    assert imported == []
+
+
 def test_the_library_connects_and_answers_as_ask_does(server, local, docs):
     import idefics_cli
 
@@ -245,24 +256,54 @@ def test_server_errors_come_back_with_the_clis_codes(server, docs):
 
 
 def test_pages_reach_the_server_as_the_very_pixels_of_a_local_run(docs):
-    """PNG data: URLs decode, through the server's own reader, to the images the local run feeds the processor."""
-    from idefics_cli.client import png_data_url
+    """TIFF (PackBits) and PNG data: URLs decode, through the server's own reader, to the images the local run feeds
+    the processor; a TIFF source's own tags (its EXIF orientation) do not travel with it."""
+    from PIL import Image
+
+    from idefics_cli.client import page_data_url, png_data_url
     from idefics_cli.documents import open_document
     from idefics_cli.serve.requests import _data_url
 
     cmyk = docs["root"] / "cmyk.jpg"
     make_image(200, 150, seed=9).convert("CMYK").save(cmyk)
+    turned = docs["root"] / "turned.tif"  # orientation 6: the local run turns it; the server must not turn it again
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    make_image(90, 60, seed=3).save(turned, exif=exif, compression="tiff_lzw")
     pages = []
-    for path in (docs["pdf"], docs["png"], str(cmyk)):
+    for path in (docs["pdf"], docs["png"], str(cmyk), str(turned)):
         with open_document(path) as doc:
             pages.append(doc.render(1))
+    assert pages[-1].size == (60, 90)
+    raw = Image.open(turned)  # a caller's own TIFF image, as it is (its orientation tag not applied)
+    raw.load()
+    pages.append(raw)
     for image in pages:
-        url = png_data_url(image)
-        with open_document("part", data=_data_url(url, "part")) as doc:
-            seen = doc.render(1)
-        assert image.mode == "RGB" and seen.mode == "RGB"
-        assert seen.size == image.size and seen.tobytes() == image.tobytes()
-        assert url.startswith("data:image/png;base64,") and base64.b64decode(url.split(",", 1)[1])[:4] == b"\x89PNG"
+        tiff, spent = page_data_url(image)
+        for url in (tiff, png_data_url(image)):
+            with open_document("part", data=_data_url(url, "part")) as doc:
+                seen = doc.render(1)
+            assert image.mode == "RGB" and seen.mode == "RGB"
+            assert seen.size == image.size and seen.tobytes() == image.tobytes()
+        assert tiff.startswith("data:image/tiff;base64,") and base64.b64decode(tiff.split(",", 1)[1])[:4] == b"II*\x00"
+        assert spent == len(base64.b64decode(tiff.split(",", 1)[1]))
+    png = png_data_url(pages[0])
+    assert png.startswith("data:image/png;base64,") and base64.b64decode(png.split(",", 1)[1])[:4] == b"\x89PNG"
+
+
+def test_a_requests_tiffs_stay_within_its_budget(docs):
+    """Pages go as TIFF while the request's TIFF bytes fit the budget, then as PNG; a budget of 0 is all PNG."""
+    from idefics_cli.client import _image_part, page_data_url
+    from idefics_cli.documents import open_document
+
+    with open_document(docs["pdf"]) as doc:
+        pages = [doc.render(p) for p in (1, 2, 3)]
+    sizes = [page_data_url(image)[1] for image in pages]
+    budget = [sizes[0] + sizes[1] + sizes[2] - 1]  # the third page no longer fits
+    kinds = [_image_part(image, budget)["image_url"]["url"][5:15] for image in pages]
+    assert kinds == ["image/tiff", "image/tiff", "image/png;"] and budget == [sizes[2] - 1]
+    assert page_data_url(pages[0], 0)[0].startswith("data:image/png;base64,") and page_data_url(pages[0], 0)[1] == 0
+    assert page_data_url(pages[0], sizes[0] - 1)[1] == 0
 
 
 def test_a_client_started_while_the_server_loads_waits_for_it(server, local):

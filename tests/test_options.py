@@ -53,3 +53,60 @@ def test_offline_defaults_to_the_users_hub_switch_read_as_the_hub_reads_it(monke
     assert env_offline() is offline
     assert model_options("m", None, Quant.none, Dtype.auto, "cpu", False, True, 8).offline is offline
     assert model_options("m", None, Quant.none, Dtype.auto, "cpu", True, True, 8).offline is True  # --offline
+
+
+def _typer_coerced(param, value, ctx):
+    """`value` through typer's own coercion (its pydantic TypeAdapter), or the error message it raises."""
+    from typer._coercion import build_runtime_param
+
+    try:
+        return build_runtime_param(param.type_descriptor).coerce(value, param=param, ctx=ctx)
+    except Exception as exc:  # noqa: BLE001 - the message is what is compared
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _plain_coerced(param, value, ctx):
+    from idefics_cli.cli.options import PlainCoercion
+
+    try:
+        return PlainCoercion(param.type_descriptor).coerce(value, param=param, ctx=ctx)
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {exc}"
+
+
+VALUES = [None, "", "x", "doc.pdf", "0", "1", "7", "10", "512", "1200", "1201", "32768", "32769", "-1", "+5", "007",
+          " 12", "1_0", "12.0", "1e3", "abc", "99999999999999999999", 0, 1, 10, 512, 32769, True,
+          "4bit", "8bit", "none", "4BIT", "auto", "bfloat16", "float32", "hf", "ray", ("a.pdf", "q"), ["a", "b"], ()]
+
+
+@pytest.mark.parametrize("command", ["ask", "transcribe", "chat", "crops", "serve", "doctor", "pull", "quantize"])
+def test_plain_coercion_gives_typers_own_values_and_errors(command):
+    """Every parameter of every command (and the group's), over plain and bad values: PlainCoercion's result (the
+    value, or the error typer raises) is typer's own."""
+    import typer
+
+    group = typer.main.get_command(app)
+    sub = group.commands[command]
+    ctx = sub.make_context(command, ["--help"], resilient_parsing=True)
+    for param in [*sub.get_params(ctx), *group.get_params(ctx)]:
+        multi = param.multiple or param.nargs == -1
+        for value in VALUES:
+            if multi != isinstance(value, (tuple, list)) and value is not None:
+                continue
+            want, got = _typer_coerced(param, value, ctx), _plain_coerced(param, value, ctx)
+            assert got == want and type(got) is type(want), (command, param.name, value, got, want)
+
+
+def test_the_ask_command_line_imports_no_pydantic(tmp_path):
+    """`idefics ask` parses its command line (here up to a missing file) without typer's pydantic adapters."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys\nfrom idefics_cli.cli import app\ntry:\n"
+            "    app(['ask', 'missing.pdf', 'Q?', '--pages', '1-2', '--dpi', '96', '--json', '--quant', 'none',\n"
+            "         '--max-new-tokens', '16', '--server', 'http://127.0.0.1:9'], prog_name='idefics')\n"
+            "except SystemExit as e:\n    code = e.code\n"
+            "print(json.dumps([code, sorted(m for m in ('pydantic', 'typer._adapters') if m in sys.modules)]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=tmp_path, timeout=120)
+    assert json.loads(out.stdout) == [4, []], out.stderr.decode()  # not_found: the options were all taken

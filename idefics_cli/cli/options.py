@@ -8,17 +8,19 @@ connects to a running `idefics serve` instead (client.py); every command ends wi
 help panels group them as "Model", "Server" and "Document". `Command` is the command class of every command:
 usage lines name the arguments as written
 (`idefics ask [OPTIONS] DOC... QUESTION`, `[MODEL]` when optional) and a value option without a metavar shows its
-name (`--pages PAGES`), never a Python type (`<str>`, `<list[str]>`); choices are listed. No heavy imports.
+name (`--pages PAGES`), never a Python type (`<str>`, `<list[str]>`); choices are listed. `Command` and `Group` (the
+app's) coerce plain values without typer's pydantic (`PlainCoercion`). No heavy imports.
 """
 
 from __future__ import annotations
 
 import enum
 import os
+import re
 from typing import Annotated, NoReturn
 
 import typer
-from typer.core import TyperCommand
+from typer.core import TyperCommand, TyperGroup
 
 from ..model import DEFAULT_MODEL, ModelOptions
 
@@ -41,7 +43,12 @@ class Dtype(str, enum.Enum):
 
 
 class Command(TyperCommand):
-    """Help that reads like the README: arguments by their metavar, option values by a name, not a type."""
+    """Help that reads like the README: arguments by their metavar, option values by a name, not a type; plain
+    values coerced without pydantic (`PlainCoercion`)."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        plain_coercion(self, ctx)
+        return super().parse_args(ctx, args)
 
     def collect_usage_pieces(self, ctx) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
@@ -67,6 +74,87 @@ class Command(TyperCommand):
             if rows:
                 with formatter.section(title):
                     formatter.write_dl(rows)
+
+
+class Group(TyperGroup):
+    """The `idefics` group: its own options (--version, completion) coerced as `Command`'s are."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        plain_coercion(self, ctx)
+        return super().parse_args(ctx, args)
+
+
+def plain_coercion(command, ctx) -> None:
+    """Give each parameter of `command` (--help included) that typer has not coerced yet a `PlainCoercion`."""
+    for param in command.get_params(ctx):
+        if getattr(param, "_runtime_param", False) is None and hasattr(param, "type_descriptor"):
+            param._runtime_param = PlainCoercion(param.type_descriptor)
+
+
+_NOT_PLAIN = object()
+_DECIMAL = re.compile(r"0|[1-9][0-9]{0,17}")
+
+
+class PlainCoercion:
+    """A parameter's value as typer gives it, without typer's pydantic when the value is plain (~70 ms of imports and
+    TypeAdapters on every command line, which `ask --server` pays in full).
+
+    Typer (0.20+) coerces every parameter through a pydantic TypeAdapter built when the command runs. Here a str, a
+    list of str, an int within the option's min..max given as decimal digits, an enum member or its exact value, and
+    a missing value are taken as they are, giving typer's own result; any other value (a bad number, an unknown
+    choice: anything that may be an error) goes to typer's own coercion, so its messages are typer's. Installed by
+    `Command.parse_args` only where typer has this lazy hook (`_runtime_param`); tests/test_options.py checks it
+    against typer's coercion.
+    """
+
+    def __init__(self, descriptor):
+        self.descriptor = descriptor
+        self.full = None  # typer's own RuntimeParam, built on the first value that is not plain
+
+    def coerce(self, value, param, ctx):
+        multi = param.multiple or param.nargs == -1
+        if value is None:
+            return () if multi else None
+        plain = _plain(self.descriptor, value, multi, ctx)
+        if plain is not _NOT_PLAIN:
+            return plain
+        if self.full is None:
+            from typer._coercion import build_runtime_param
+
+            self.full = build_runtime_param(self.descriptor)
+        return self.full.coerce(value, param=param, ctx=ctx)
+
+
+def _plain(descriptor, value, multi: bool, ctx):
+    """`value` coerced as typer would, or _NOT_PLAIN when typer's own coercion must decide."""
+    annotation, info = descriptor.annotation, descriptor.parameter_info
+    if descriptor.is_file or getattr(info, "parser", None) is not None or getattr(info, "click_type", None) is not None:
+        return _NOT_PLAIN
+    if multi:
+        if annotation == list[str] and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return [str(v) for v in value]
+        return _NOT_PLAIN
+    if annotation is str and isinstance(value, str) and not descriptor.is_path:
+        return str(value)
+    if annotation is int and not getattr(info, "clamp", False):
+        if type(value) is int:
+            number = value
+        elif isinstance(value, str) and _DECIMAL.fullmatch(value):
+            number = int(value)
+        else:
+            return _NOT_PLAIN
+        low, high = getattr(info, "min", None), getattr(info, "max", None)
+        low_ok, high_ok = low is None or number >= low, high is None or number <= high
+        return number if low_ok and high_ok else _NOT_PLAIN
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        if isinstance(value, annotation):
+            return value
+        normalized = ctx is not None and ctx.token_normalize_func is not None
+        if isinstance(value, str) and getattr(info, "case_sensitive", True) and not normalized:
+            for member in annotation:
+                if str(member.value) == value:
+                    return member
+    return _NOT_PLAIN
 
 
 def _argument_name(param) -> str:

@@ -13,7 +13,8 @@ Contract:
   (usage in a last chunk with `stream_options.include_usage`). `usage.prompt_tokens_details.cached_tokens` is
   the prompt tokens taken from the prefix cache, `...image_tokens` (ours) its image tokens. A client that
   disconnects cancels its job.
-- `GET /v1/models` lists the one model (`idefics`: its settings, what `--server` clients report). With an API
+- `GET /v1/models` lists the one model (`idefics`: its settings, what `--server` clients report, and
+  `max_request_mb`, which they keep their page images under). With an API
   key, /v1/* needs `Authorization: Bearer KEY` (compared in constant time; 401 otherwise); /health is open.
   CORS headers only with --cors ORIGIN.
 - Every error is OpenAI's `{"error": {"message", "type", "code", "param"}}`: 400 with the CLI's error codes for
@@ -148,7 +149,7 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
             return unauthorized()
         if (refusal := not_ready()) is not None:
             return refusal
-        info = backend.describe(state.engine)
+        info = {**backend.describe(state.engine), "max_request_mb": config.max_request_mb}
         return JSONResponse({"object": "list", "data": [{"id": state.model_id, "object": "model",
                                                          "created": state.created, "owned_by": "idefics-cli",
                                                          "idefics": info}]})

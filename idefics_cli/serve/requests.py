@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from ..errors import IdeficsError
 
 MAX_NEW_TOKENS = 32768
+_SPACE = re.compile(r"\s+")
 _DATA_URL = re.compile(r"data:(?P<type>[^,;]*)(?P<params>(?:;[^,;]*)*),(?P<data>.*)", re.DOTALL)
 
 
@@ -276,7 +277,13 @@ def _data_url(url: str, here: str) -> bytes:
 
 
 def _base64(text: str, here: str) -> bytes:
+    """Base64 text (line breaks and other whitespace allowed) as bytes; decoded in one pass when it has none."""
     try:
-        return base64.b64decode(re.sub(r"\s+", "", text), validate=True)
+        try:
+            return base64.b64decode(text, validate=True)
+        except ValueError:  # binascii.Error, or non-ASCII text (Unicode whitespace is stripped below, as any)
+            if not _SPACE.search(text):
+                raise
+        return base64.b64decode(_SPACE.sub("", text), validate=True)
     except (binascii.Error, ValueError):
         raise RequestError("corrupt", "the file data is not valid base64", here) from None
