@@ -15,7 +15,8 @@ the vision tower runs on every page whatever the batch. So
     bound(B) = (render + preprocess_plain + vision_1 + prefill_1 + T * decode_1) / (vision_B + prefill_B + T * decode_B)
 
 with every term per page; preprocess_plain is the processor's whole call as the plain loop makes it (padded,
-with its mask), where idefics-cli's own preprocessing (unpadded, the processor's value table) is cheaper; the
+with its mask), where idefics-cli's own preprocessing (unpadded 8-bit images; the processor's value table maps
+them into the vision step's input, so that cost is in vision_B) is cheaper; the
 "without hiding" figure puts idefics-cli's render + preprocessing back in the denominator.
 
 `--roofline` prints the same bound for the real idefics2-8b shape (tiny.SIZES["full"]) on a GPU, from its shapes
@@ -49,7 +50,7 @@ def report(runs: list[dict], sizes: list[int], pages: int, n: int, where: str = 
                           "decode": n * med("decode_token_s", size) / size}
     rows = [["render (PyMuPDF)", f"{render:.3f}", f"{render:.3f}", "per page"],
             ["preprocess (plain loop: processor's whole call)", f"{pre_plain:.3f}", "-", "per page"],
-            ["preprocess (idefics-cli: split + resize, value table)", f"{pre:.3f}", f"{pre:.3f}", "per page"]]
+            ["preprocess (idefics-cli: split + resize, 8-bit)", f"{pre:.3f}", f"{pre:.3f}", "per page"]]
     for stage in ("vision", "prefill", "decode"):
         rows.append([{"vision": "vision tower + connector", "prefill": "language prefill",
                       "decode": f"decode, {n} tokens"}[stage]] + [f"{per_page[s][stage]:.3f}" for s in sizes]

@@ -6,9 +6,9 @@
     python bench/stages.py decompose MODEL PDF PROMPT [--batch-sizes 1,8] [--max-new-tokens N]
         JSON {"render_s", "preprocess_s", "preprocess_plain_s", "batches": {B: {vision_s, prefill_s,
         decode_token_s, ...}}}: seconds per page to render, to preprocess (idefics-cli's engine.prepare: the
-        processor's split and resize, its value table; and the plain loop's whole processor call, on the first 8
-        pages), and per call of B pages the
-        vision tower + connector, the language prefill (a generate of one token on precomputed image features)
+        processor's split and resize into 8-bit images, mapped by its value table in the vision step; and the
+        plain loop's whole processor call, on the first 8 pages), and per call of B pages the vision tower +
+        connector, the language prefill (a generate of one token on precomputed image features)
         and one decode step (from a generate of T tokens forced to length T, minus the one-token generate), after
         one untimed warm-up page.
 
