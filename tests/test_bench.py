@@ -71,7 +71,7 @@ def test_transcribe_smoke(smoke):
 def test_decompose_smoke(smoke):
     out = finished(smoke, "decompose")
     assert "P3 decomposition: seconds per page, 2-page PDF" in out
-    for stage in ("render (PyMuPDF)", "preprocess (idefics-cli: split + resize, value table)",
+    for stage in ("render (PyMuPDF)", "preprocess (idefics-cli: split + resize, 8-bit)",
                   "vision tower + connector", "language prefill", "decode, 4 tokens"):
         assert re.search(rf"\| {re.escape(stage)}\s*\| -?[\d.]+\s*\| -?[\d.]+", out), stage
     assert re.search(r"\| preprocess \(plain loop: processor's whole call\)\s*\| [\d.]+\s*\| -", out)
