@@ -331,6 +331,8 @@ def page_data_url(image, budget: int = TIFF_BUDGET) -> tuple[str, int]:
     image = _plain_rgb(image)
     smallest = image.height * -(-3 * image.width // 128) * 2  # PackBits: 2 bytes per 128-byte run at best
     if 0 < smallest <= budget:
+        from PIL import TiffImagePlugin  # noqa: F401 - registers TIFF saving, so Pillow skips loading every plugin
+
         buf = io.BytesIO()
         image.save(buf, format="TIFF", compression="packbits", icc_profile=None)
         if buf.tell() <= budget:

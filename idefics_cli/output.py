@@ -3,7 +3,8 @@
 Contract: stdout carries data only (answer text, JSON lines, transcriptions), written and flushed piece
 by piece (`stream(response)`: an answer as it is generated, with the note of an answer cut short); status,
 spinners, progress, hints and errors go to stderr through a Rich console (made, and Rich imported, only when
-something is first drawn or printed there: a piped `ask --json` that warns of nothing never imports Rich).
+something is first drawn or printed there); on a piped stderr, warnings and errors are plain lines written
+without Rich (the text Rich would print there), so a piped `ask` imports Rich only for a progress display.
 `run()` wraps a command body: `IdeficsError` -> one line `error [code]: ...` on stderr and its exit status;
 Ctrl-C/SIGTERM -> exit 130; a closed stdout (`| head -1`) -> a quiet exit; anything else -> a one-line internal
 error (exit 1), with the traceback only when IDEFICS_DEBUG=1. Python warnings are hidden while a command runs
@@ -99,11 +100,28 @@ class Output:
             self.console.print(message, style="dim")
 
     def warn(self, message: str) -> None:
-        self.console.print(f"warning: {message}", style="yellow", markup=False)
+        if not self._plain_line(f"warning: {message}"):
+            self.console.print(f"warning: {message}", style="yellow", markup=False)
 
     def error(self, err: IdeficsError) -> None:
-        self.console.print(err.one_line(), style="bold red" if self.stderr_tty else None, markup=False,
-                           soft_wrap=True)
+        if not self._plain_line(err.one_line()):
+            self.console.print(err.one_line(), style="bold red" if self.stderr_tty else None, markup=False,
+                               soft_wrap=True)
+
+    def _plain_line(self, line: str) -> bool:
+        """Write `line` to a piped stderr as Rich would (no colour, no wrapping, no control codes), without
+        importing Rich for it: False where Rich must draw it (a terminal, forced colour, or Rich already in use)."""
+        if self.stderr_tty or self._console is not None or os.environ.get("FORCE_COLOR"):
+            return False
+        try:
+            sys.stderr.write(line.translate(_CONTROL) + "\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass  # a closed stderr: nothing more can be said
+        return True
+
+
+_CONTROL = dict.fromkeys(map(ord, "\a\b\v\f\r"))  # what Rich strips from printed text
 
 
 def _sigterm(signum, frame):

@@ -213,6 +213,17 @@ def test_ask_json_over_the_server_imports_only_what_it_uses(server, docs, tmp_pa
     assert imported == []
 
 
+def test_a_piped_warning_needs_neither_rich_nor_every_pillow_plugin(server, docs, tmp_path):
+    """A cut answer over the server: the note is one plain line on the piped stderr, written without Rich, and the
+    page goes as a TIFF without Pillow loading its every plugin (PdfImagePlugin comes only with all of them)."""
+    res, imported = run_traced("ask", docs["pdf"], "--pages", "1", QUESTION, "--server", server.url, "--api-key", KEY,
+                               "--max-new-tokens", "2", tmp_path=tmp_path,
+                               modules=("rich", "PIL.PdfImagePlugin", "PIL.TiffImagePlugin"))
+    assert res.returncode == 0, res.stderr.decode()
+    assert res.stderr.decode() == "warning: the answer was cut at --max-new-tokens 2; raise it for the whole answer\n"
+    assert imported == ["PIL.TiffImagePlugin"]
+
+
 def test_the_library_connects_and_answers_as_ask_does(server, local, docs):
     import idefics_cli
 

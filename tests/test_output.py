@@ -42,6 +42,20 @@ def test_piped_stderr_lines_are_never_wrapped(capsys):
     assert capsys.readouterr().err.splitlines() == [f"warning: {long}", f"  failed: {long}"]
 
 
+def test_piped_warnings_and_errors_are_the_lines_rich_would_print(capsys):
+    """Written without Rich on a piped stderr: the text Rich prints there, control codes stripped as Rich does."""
+    name = "odd\r\aname\b.pdf"
+    plain = Output()
+    plain.warn(f"{name} page 2: blank")
+    plain.error(IdeficsError("corrupt", f"{name}: bad xref"))
+    assert plain._console is None
+    rich_out = Output()
+    rich_out.console.print(f"warning: {name} page 2: blank", style="yellow", markup=False)
+    rich_out.console.print(IdeficsError("corrupt", f"{name}: bad xref").one_line(), markup=False, soft_wrap=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[:2] == lines[2:] == ["warning: oddname.pdf page 2: blank", "error [corrupt]: oddname.pdf: bad xref"]
+
+
 def test_python_warnings_stay_off_stderr_unless_debugging():
     script = ("import sys, warnings\nfrom idefics_cli.output import run\n"
               "def body():\n    warnings.warn('Corrupt EXIF data', UserWarning)\n    return 0\n"
