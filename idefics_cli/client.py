@@ -200,18 +200,19 @@ class RemoteEngine:
         pieces, first, finish, usage = [], None, None, None
         try:
             for event in events(resp):
-                if "error" in event:
+                if isinstance(event, dict) and "error" in event:
                     raise self.http.error(500, event)
-                if event.get("usage"):
-                    usage = event["usage"]
-                for choice in event.get("choices") or []:
-                    piece = (choice.get("delta") or {}).get("content")
+                choices, chunk_usage = _chunk(event)
+                usage = chunk_usage or usage
+                for piece, finish_reason in choices:
                     if piece:
                         if first is None:
                             first = time.perf_counter() - start
                         pieces.append(piece)
                         yield piece
-                    finish = choice.get("finish_reason") or finish
+                    finish = finish_reason or finish
+        except (_Malformed, json.JSONDecodeError):
+            raise self._not_completion("a stream") from None
         except (*LOST, ValueError) as exc:
             raise self.http.lost(exc) from None
         finally:
@@ -221,7 +222,7 @@ class RemoteEngine:
                                "it was stopped, or cancelled the answer: ask again")
         total = time.perf_counter() - start
         inputs.usage[0] = _prompt_usage(usage)
-        return RemoteGeneration(text="".join(pieces), completion_tokens=int(usage.get("completion_tokens", 0)),
+        return RemoteGeneration(text="".join(pieces), completion_tokens=usage["completion_tokens"],
                                 finish_reason=finish, first_token_s=total if first is None else first,
                                 total_s=total, prompt_usage=inputs.usage[0])
 
@@ -249,16 +250,21 @@ class RemoteEngine:
         out = []
         for row, answer in enumerate(answers):
             try:
-                choice, usage = answer["choices"][0], answer["usage"]
+                choice, usage = answer["choices"][0], _usage(answer["usage"])
                 text, finish = choice["message"]["content"] or "", choice["finish_reason"]
-            except (KeyError, IndexError, TypeError):
-                raise IdeficsError("model_error", f"the server at {self.url} sent an answer that is not a chat "
-                                   "completion", SERVER_HINT) from None
+                if not isinstance(text, str) or not isinstance(finish, str):
+                    raise _Malformed
+            except (KeyError, IndexError, TypeError, _Malformed):
+                raise self._not_completion("an answer") from None
             inputs.usage[row] = _prompt_usage(usage)
-            out.append(RemoteGeneration(text=text, completion_tokens=int(usage.get("completion_tokens", 0)),
+            out.append(RemoteGeneration(text=text, completion_tokens=usage["completion_tokens"],
                                         finish_reason=finish, first_token_s=None, total_s=elapsed,
                                         prompt_usage=inputs.usage[row]))
         return out
+
+    def _not_completion(self, what: str) -> IdeficsError:
+        return IdeficsError("model_error", f"the server at {self.url} sent {what} that is not a chat completion",
+                            SERVER_HINT)
 
     # ---- requests --------------------------------------------------------------------------------
     def _body(self, messages: list[dict], max_new_tokens: int | None, logits_processor=None,
@@ -298,6 +304,40 @@ def _response_formats(logits_processor) -> list[ResponseFormat]:
     if len({p.schema.sha256 for p in processors}) > 1:
         raise UsageError("one schema per answer through a server")
     return processors
+
+
+class _Malformed(Exception):
+    """A server's answer that is not the chat completion (or chunk) it should be."""
+
+
+def _count(value) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+
+
+def _usage(usage) -> dict:
+    """A server's `usage` checked (counts are whole numbers or absent), `completion_tokens` defaulting to 0."""
+    details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
+    if (not isinstance(usage, dict) or not isinstance(details or {}, dict)
+            or not all(_count(usage.get(k)) for k in ("prompt_tokens", "completion_tokens"))
+            or not _count((details or {}).get("image_tokens"))):
+        raise _Malformed
+    return {**usage, "completion_tokens": usage.get("completion_tokens") or 0}
+
+
+def _chunk(event) -> tuple[list[tuple[str, str | None]], dict | None]:
+    """One streamed chunk's choices as (content, finish_reason), and its checked `usage` (None when absent)."""
+    if not isinstance(event, dict) or not isinstance(event.get("choices") or [], list):
+        raise _Malformed
+    out = []
+    for choice in event.get("choices") or []:
+        delta = (choice.get("delta") or {}) if isinstance(choice, dict) else None
+        if not isinstance(delta, dict):
+            raise _Malformed
+        content, finish = delta.get("content"), choice.get("finish_reason")
+        if not (content is None or isinstance(content, str)) or not (finish is None or isinstance(finish, str)):
+            raise _Malformed
+        out.append((content or "", finish))
+    return out, (_usage(event["usage"]) if event.get("usage") else None)
 
 
 def _prompt_usage(usage: dict) -> dict:

@@ -266,6 +266,71 @@ def test_server_errors_come_back_with_the_clis_codes(server, docs):
     assert res.returncode == 4 and lines[0].startswith("error [corrupt]: "), lines
 
 
+# what a server that is not (quite) `idefics serve` may send back: each must be a one-line model_error, exit 5
+CARD = {"object": "list", "data": [{"id": "m", "object": "model", "idefics": {
+    "id": "m", "quantization": "nf4", "dtype": "float32", "device": "cpu", "split": True, "max_request_mb": 64}}]}
+BAD_STREAMS = [b"data: {not json", b'data: ["a", "list"]', b'data: {"choices": "zz"}', b'data: {"choices": ["zz"]}',
+               b'data: {"choices": [{"delta": ["x"]}]}', b'data: {"choices": [{"delta": {"content": 5}}]}',
+               b'data: {"choices": [{"delta": {}, "finish_reason": "stop"}], "usage": "zz"}',
+               b'data: {"choices": [], "usage": {"completion_tokens": "8"}}']
+BAD_ANSWERS = [{"choices": [{"message": {"content": 5}, "finish_reason": "stop"}], "usage": {}},
+               {"choices": [{"message": {"content": "x"}, "finish_reason": "stop"}],
+                "usage": {"completion_tokens": "eight"}}]
+
+
+@pytest.fixture
+def odd_server():
+    """A stdlib HTTP server on 127.0.0.1 with an idefics model card, whose chat completions are `odd.reply`."""
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _send(self, body: bytes, kind: str):
+            self.send_response(200)
+            self.send_header("content-type", kind)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            self._send(json.dumps(CARD).encode(), "application/json")
+
+        def do_POST(self):
+            streamed = json.loads(self.rfile.read(int(self.headers["content-length"]))).get("stream")
+            reply = odd.reply
+            if streamed:
+                self._send(reply + b"\n\ndata: [DONE]\n\n", "text/event-stream")
+            else:
+                self._send(json.dumps(reply).encode(), "application/json")
+
+    odd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    odd.url = f"http://127.0.0.1:{odd.server_address[1]}"
+    threading.Thread(target=odd.serve_forever, daemon=True).start()
+    yield odd
+    odd.shutdown()
+    odd.server_close()
+
+
+def test_a_server_answer_that_is_not_a_chat_completion_is_a_model_error(odd_server, docs, tmp_path):
+    for reply in BAD_STREAMS:
+        odd_server.reply = reply
+        res = run_idefics("ask", docs["png"], QUESTION, "--server", odd_server.url)
+        lines = res.stderr.decode().strip().splitlines()
+        assert res.returncode == 5 and lines == [
+            f"error [model_error]: the server at {odd_server.url} sent a stream that is not a chat completion "
+            "(start it with `idefics serve`, or check --server / IDEFICS_SERVER)"], (reply, lines)
+        assert res.stdout == b""
+    for reply in BAD_ANSWERS:
+        odd_server.reply = reply
+        res = run_idefics("transcribe", docs["png"], "--out", str(tmp_path / "r.jsonl"), "--server", odd_server.url)
+        lines = res.stderr.decode().strip().splitlines()
+        assert res.returncode == 5, (reply, lines)
+        assert f"error [model_error]: the server at {odd_server.url} sent an answer that is not a chat completion" \
+            in lines[-1], (reply, lines)
+
+
 def test_pages_reach_the_server_as_the_very_pixels_of_a_local_run(docs):
     """TIFF (PackBits) and PNG data: URLs decode, through the server's own reader, to the images the local run feeds
     the processor; a TIFF source's own tags (its EXIF orientation) do not travel with it."""
