@@ -1,34 +1,30 @@
 """idefics-cli: ask documents questions and transcribe them with Idefics2-8B, locally, 4-bit.
 
-Contract: the library face. `load(model, **options)` loads the model once and returns an `Engine`
-(engine.py) whose `ask(documents, question, pages=...)` returns a streaming `Response` (response.py): iterate
-it for the text pieces; `.text`, `.finish_reason`, `.usage` and `.to_dict()` (the `idefics ask --json`
-object) once it is read. `open_pages(...)` decodes the chosen pages ahead of loading, as the CLI does.
-`connect(url, api_key=None)` is the model of a running `idefics serve` used the same way (client.py: `ask`,
-`transcribe`, and `ChatSession.start`), with no torch in this process.
+Contract: the library face. `load(model, **options)` loads the model once and returns a `Model` (library.py)
+whose `ask(documents, question, pages=...)` returns a streaming `Response` (response.py): iterate it for the
+text pieces; `.text`, `.finish_reason`, `.usage` and `.to_dict()` (the `idefics ask --json` object) once it
+is read; `transcribe(...)` and `chat(...)` as the commands. `open_pages(...)` decodes the chosen pages ahead
+of loading, as the CLI does. `connect(url, api_key=None)` is the `Model` of a running `idefics serve`, used
+the same way, with no torch in this process.
 The keywords of `load` are the CLI's model options, with the same defaults. Importing this package imports
 neither torch nor transformers: they load with the model.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from .model import DEFAULT_MODEL, ModelOptions
-
-if TYPE_CHECKING:
-    from .engine import Engine
+from .interface import DEFAULT_MODEL, ModelOptions
+from .library import Model
 
 __version__ = "0.1.0"
-__all__ = ["DEFAULT_MODEL", "connect", "load", "open_pages"]
+__all__ = ["DEFAULT_MODEL", "Model", "connect", "load", "open_pages"]
 
 _DEFAULTS = ModelOptions()  # one set of defaults: the CLI's options and this function's keywords
 
 
 def load(model: str = DEFAULT_MODEL, *, revision: str | None = _DEFAULTS.revision, quant: str = _DEFAULTS.quant,
          dtype: str = _DEFAULTS.dtype, device: str = _DEFAULTS.device, offline: bool = _DEFAULTS.offline,
-         split: bool = _DEFAULTS.split, max_new_tokens: int = _DEFAULTS.max_new_tokens) -> Engine:
-    """Load the processor and the model (a hub id or a local folder) and return the `Engine`.
+         split: bool = _DEFAULTS.split, max_new_tokens: int = _DEFAULTS.max_new_tokens) -> Model:
+    """Load the processor and the model (a hub id or a local folder) and return its `Model`.
 
     quant: "4bit" (bitsandbytes nf4 + double quant), "8bit" (CUDA only) or "none"; dtype: "auto", "bfloat16",
     "float16" or "float32"; device: "auto", "cpu", "cuda" or "cuda:N"; offline: never touch the network;
@@ -42,12 +38,12 @@ def load(model: str = DEFAULT_MODEL, *, revision: str | None = _DEFAULTS.revisio
         raise UsageError(f"quant {quant!r}: use 4bit, 8bit or none")
     if dtype not in ("auto", "bfloat16", "float16", "float32"):
         raise UsageError(f"dtype {dtype!r}: use auto, bfloat16, float16 or float32")
-    return load_model(ModelOptions(model=model, revision=revision, quant=quant, dtype=dtype, device=device,
-                                   offline=offline, split=split, max_new_tokens=max_new_tokens))
+    return Model(load_model(ModelOptions(model=model, revision=revision, quant=quant, dtype=dtype, device=device,
+                                         offline=offline, split=split, max_new_tokens=max_new_tokens)))
 
 
 def open_pages(documents, pages: str | None = None, *, password: str | None = None, dpi: int | None = None):
-    """Open documents and decode their chosen pages now (no model needed); give the result to `Engine.ask`."""
+    """Open documents and decode their chosen pages now (no model needed); give the result to `Model.ask`."""
     from .selection import open_pages as open_
 
     return open_(documents, pages, password=password, dpi=dpi)
@@ -61,4 +57,4 @@ def connect(url: str, *, api_key: str | None = None, max_new_tokens: int = _DEFA
     """
     from .client import connect as connect_
 
-    return connect_(url, api_key=api_key, max_new_tokens=max_new_tokens)
+    return Model(connect_(url, api_key=api_key, max_new_tokens=max_new_tokens))

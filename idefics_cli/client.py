@@ -1,35 +1,15 @@
-"""The client: a running `idefics serve` as the engine (`--server URL`), with no torch in this process.
+"""The client: a running `idefics serve` as an engine (interface.Engine), with no torch in this process.
 
 Contract:
-- `connect(url, api_key=None, max_new_tokens=None)` asks the server for its model (`GET /v1/models`; while the
-  server is still loading it waits, up to LOAD_WAIT_S) and returns a `RemoteEngine`. A server that is down or
-  refuses the connection is `model_error` naming the URL, at once or after CONNECT_TIMEOUT_S; a refused API
-  key (401) is `model_error` with a hint about --api-key / IDEFICS_API_KEY (transport.py: HTTP and errors).
-- `RemoteEngine` has what `ask`, `chat` and `transcribe` use of a loaded `Engine` (engine.py), so the
-  commands and the library run the same code paths with either: `options` and `info` are the server's model
-  settings (`max_new_tokens` the caller's), `ask` and `transcribe` are `Engine`'s own methods; `prepare(batch)`
-  turns [(page images, question)] into requests, each page a lossless `data:` URL (`page_data_url`: RGB, no
-  colour profile, orientation or transparency), which the server decodes to the very pixels a local run feeds
-  the processor: a PackBits TIFF (encoded and decoded in a fraction of a PNG's time) while the request's
-  TIFFs stay within `tiff_budget` bytes (TIFF_BUDGET, at most a quarter of the server's advertised
-  `max_request_mb`; 0, all PNG, for a server that does not advertise it), then PNG (zlib level 1);
-  `stream_generate(inputs)` streams the answer (server-sent events) and returns its `Generation`,
-  with the server's token counts as `prompt_usage`; `generate_batch(inputs)` sends a batch's pages at once
-  (the server decodes them together); `usage(inputs, row)` is the server's count once answered;
-  `chat_inputs(messages, images, max_new_tokens)` sends a whole conversation (conversation.py);
-  `check_context` is left to the server (it refuses a prompt over the context with `usage`);
-  `auto_batch_size()` is the server's --max-batch.
-- `--schema`: `grammar_processors(schema)` (what selection.py, conversation.py and pipeline.py ask an engine
-  for) gives a `ResponseFormat` in place of a grammar processor; passed as `logits_processor`, it makes the
-  request's `response_format` `{"type": "json_schema", "json_schema": {"name", "schema", "strict": true}}`,
-  which the server enforces with the same grammar engine. The prompt (`structured.with_schema`) is built
-  here as in a local run, and the answer is read back here (`Response`: `data`, codes, exit statuses). Any
-  other logits processor cannot cross the wire: a `UsageError`.
-- Errors keep the CLI's codes: the server's error object carries them (a 400's `usage`, `corrupt`, ...), a
-  503 `out_of_memory` stays `out_of_memory`, an overloaded server (503) is retried after its Retry-After for
-  up to OVERLOAD_WAIT_S, anything else the server fails with, or a connection lost, is `model_error`.
-- Nothing here imports torch, transformers or numpy. The pages are rendered by the caller (selection.py,
-  documents.py), as in local runs.
+- `connect(url, api_key=None, max_new_tokens=None)` asks the server for its model (`GET /v1/models`, waiting up
+  to LOAD_WAIT_S while it loads) and returns a `RemoteEngine`; a server that is down, or refuses the key, is a
+  `model_error` naming the URL (transport.py: HTTP and errors).
+- `prepare(batch)` turns [(page images, question)] into requests, each page a lossless `data:` URL: PackBits TIFF
+  within `tiff_budget` bytes a request, then PNG (`page_data_url`); `chat_inputs` sends a whole conversation.
+  `stream_generate`, `generate_batch` and `generate_rows` (up to `width` requests at once) answer them with the
+  server's token counts as `prompt_usage`; a schema travels as `response_format` (json_schema, strict).
+- Errors keep the CLI's codes (the server's error object carries them); an overloaded server (503) is retried
+  after its Retry-After for up to OVERLOAD_WAIT_S; a lost connection is `model_error`.
 """
 
 from __future__ import annotations
@@ -41,24 +21,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .engine import Engine, Generation
 from .errors import IdeficsError, UsageError
-from .model import ModelOptions
+from .interface import Generation, ModelOptions
 from .transport import CONNECT_TIMEOUT_S, LOST, SERVER_HINT, Loading, Transport, events, normalize_url
 
-__all__ = ["CONNECT_TIMEOUT_S", "LOAD_WAIT_S", "TIFF_BUDGET", "RemoteEngine", "ResponseFormat", "connect",
+__all__ = ["CONNECT_TIMEOUT_S", "LOAD_WAIT_S", "TIFF_BUDGET", "RemoteEngine", "connect",
            "normalize_url", "page_data_url", "png_data_url"]
 
 LOAD_WAIT_S = 600.0  # how long a request waits for a server that is still loading its model
 QUANT_OPTIONS = {"nf4": "4bit", "int8": "8bit", "none": "none"}  # engine.QUANT_NAMES, reversed
 TIFF_BUDGET = 8 * 2**20  # PackBits TIFF bytes per request at most (10.7 MiB as base64); past it, pages go as PNG
-
-
-@dataclass
-class RemoteGeneration(Generation):
-    """A finished answer from the server: `Generation` plus the server's prompt token counts."""
-
-    prompt_usage: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -72,30 +44,13 @@ class RemoteInputs:
         self.usage = [None] * len(self.rows)
 
 
-@dataclass(frozen=True)
-class ResponseFormat:
-    """A schema's constraint as the server takes it: stands where a local run has a grammar processor."""
-
-    schema: object  # structured.Schema
-
-    def as_dict(self) -> dict:
-        return {"type": "json_schema", "json_schema": {"name": "idefics_cli", "schema": self.schema.schema,
-                                                       "strict": True}}
-
-    def __call__(self, input_ids, scores):  # never called: the server applies the grammar
-        raise TypeError("a ResponseFormat is sent to the server, it does not run here")
-
-
 def connect(url: str, api_key: str | None = None, max_new_tokens: int | None = None) -> RemoteEngine:
     """The model of the `idefics serve` at `url`, as an engine (see the module contract)."""
     return RemoteEngine(url, api_key, max_new_tokens)
 
 
 class RemoteEngine:
-    """A running server's model, used like a loaded `Engine` (its `ask` and `transcribe` are Engine's)."""
-
-    ask = Engine.ask
-    transcribe = Engine.transcribe
+    """A running server's model (interface.Engine)."""
 
     def __init__(self, url: str, api_key: str | None = None, max_new_tokens: int | None = None):
         self.http = Transport(url, api_key)
@@ -143,10 +98,6 @@ class RemoteEngine:
         size = health.get("max_batch")
         return size if isinstance(size, int) and size > 0 else 4
 
-    def grammar_processors(self, schema) -> list:
-        """`--schema` through the server: its `response_format` (see the module contract)."""
-        return [ResponseFormat(schema)]
-
     def prepare(self, batch: list[tuple[list, str]], split: bool | None = None, collect: bool = False):
         """One request per (images, question): a user turn with the pages first, then the question.
 
@@ -189,12 +140,13 @@ class RemoteEngine:
         """{"prompt_tokens", "image_tokens"} as the server counted them (None until the row is answered)."""
         return dict(inputs.usage[row] or {"prompt_tokens": None, "image_tokens": None})
 
-    def stream_generate(self, inputs: RemoteInputs, max_new_tokens: int | None = None, logits_processor=None):
+    def stream_generate(self, inputs: RemoteInputs, max_new_tokens: int | None = None, logits_processor=None,
+                        schema=None):
         """Yield the pieces of the (one-row) answer as the server streams them; return its `RemoteGeneration`.
 
         Closing the generator closes the connection: the server cancels the generation.
         """
-        body = self._body(inputs.rows[0], max_new_tokens, logits_processor, stream=True)
+        body = self._body(inputs.rows[0], max_new_tokens, logits_processor, schema, stream=True)
         start = time.perf_counter()
         conn, resp = self.http.send("POST", "/v1/chat/completions", body)
         pieces, first, finish, usage = [], None, None, None
@@ -222,58 +174,79 @@ class RemoteEngine:
                                "it was stopped, or cancelled the answer: ask again")
         total = time.perf_counter() - start
         inputs.usage[0] = _prompt_usage(usage)
-        return RemoteGeneration(text="".join(pieces), completion_tokens=usage["completion_tokens"],
+        return Generation(text="".join(pieces), completion_tokens=usage["completion_tokens"],
                                 finish_reason=finish, first_token_s=total if first is None else first,
                                 total_s=total, prompt_usage=inputs.usage[0])
 
-    def generate(self, inputs: RemoteInputs, max_new_tokens: int | None = None, logits_processor=None):
-        return self.generate_batch(inputs, max_new_tokens, logits_processor)[0]
-
-    def generate_batch(self, inputs: RemoteInputs, max_new_tokens: int | None = None,
-                       logits_processor=None) -> list[RemoteGeneration]:
+    def generate_batch(self, inputs: RemoteInputs, max_new_tokens: int | None = None, logits_processor=None,
+                       schema=None) -> list[Generation]:
         """Every row's answer, the rows sent at once (the server batches them); the first error is raised."""
-        bodies = [self._body(row, max_new_tokens, logits_processor) for row in inputs.rows]
-        start = time.perf_counter()
-
-        def one(row: int):
-            try:
-                return self.http.json("POST", "/v1/chat/completions", bodies[row])
-            except IdeficsError as err:
-                return err
-
-        with ThreadPoolExecutor(max(1, len(inputs.rows)), thread_name_prefix="idefics-client") as pool:
-            answers = list(pool.map(one, range(len(inputs.rows))))
-        elapsed = time.perf_counter() - start
-        for answer in answers:
+        if logits_processor:
+            raise UsageError("a logits processor cannot run through a server", "run without --server")
+        out: list = [None] * len(inputs.rows)
+        items = ((row, inputs, row) for row in range(len(inputs.rows)))
+        for row, answer in self.generate_rows(items, max_new_tokens, schema, len(inputs.rows) or 1):
+            out[row] = answer
+        for answer in out:
             if isinstance(answer, IdeficsError):
                 raise answer
-        out = []
-        for row, answer in enumerate(answers):
-            try:
-                choice, usage = answer["choices"][0], _usage(answer["usage"])
-                text, finish = choice["message"]["content"] or "", choice["finish_reason"]
-                if not isinstance(text, str) or not isinstance(finish, str):
-                    raise _Malformed
-            except (KeyError, IndexError, TypeError, _Malformed):
-                raise self._not_completion("an answer") from None
-            inputs.usage[row] = _prompt_usage(usage)
-            out.append(RemoteGeneration(text=text, completion_tokens=usage["completion_tokens"],
-                                        finish_reason=finish, first_token_s=None, total_s=elapsed,
-                                        prompt_usage=inputs.usage[row]))
         return out
+
+    def generate_rows(self, items, max_new_tokens: int | None = None, schema=None, width: int | None = None):
+        """(tag, inputs, row) items answered up to `width` requests at once, the next sent as one ends; yields
+        (tag, Generation or IdeficsError) as answers arrive."""
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        pending = iter(items)
+        running: dict = {}
+        width = max(1, width or self.auto_batch_size())
+        with ThreadPoolExecutor(width, thread_name_prefix="idefics-client") as pool:
+            while True:
+                while len(running) < width:
+                    item = next(pending, None)
+                    if item is None:
+                        break
+                    tag, inputs, row = item
+                    running[pool.submit(self._answer, inputs, row, max_new_tokens, schema)] = tag
+                if not running:
+                    return
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    yield running.pop(future), future.result()
+
+    def _answer(self, inputs: RemoteInputs, row: int, max_new_tokens: int | None, schema):
+        """One row's answer (a non-streamed request), or its IdeficsError."""
+        start = time.perf_counter()
+        try:
+            answer = self.http.json("POST", "/v1/chat/completions",
+                                    self._body(inputs.rows[row], max_new_tokens, None, schema))
+        except IdeficsError as err:
+            return err
+        try:
+            choice, usage = answer["choices"][0], _usage(answer["usage"])
+            text, finish = choice["message"]["content"] or "", choice["finish_reason"]
+            if not isinstance(text, str) or not isinstance(finish, str):
+                raise _Malformed
+        except (KeyError, IndexError, TypeError, _Malformed):
+            return self._not_completion("an answer")
+        inputs.usage[row] = _prompt_usage(usage)
+        return Generation(text=text, completion_tokens=usage["completion_tokens"], finish_reason=finish,
+                          first_token_s=None, total_s=time.perf_counter() - start, prompt_usage=inputs.usage[row])
 
     def _not_completion(self, what: str) -> IdeficsError:
         return IdeficsError("model_error", f"the server at {self.url} sent {what} that is not a chat completion",
                             SERVER_HINT)
 
     # ---- requests --------------------------------------------------------------------------------
-    def _body(self, messages: list[dict], max_new_tokens: int | None, logits_processor=None,
+    def _body(self, messages: list[dict], max_new_tokens: int | None, logits_processor=None, schema=None,
               stream: bool = False) -> bytes:
+        if logits_processor:
+            raise UsageError("a logits processor cannot run through a server", "run without --server")
         body = {"model": self.model_id, "messages": messages,
                 "max_tokens": max_new_tokens or self.options.max_new_tokens}
-        formats = _response_formats(logits_processor)
-        if formats:
-            body["response_format"] = formats[0].as_dict()
+        if schema is not None:
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "idefics_cli",
+                                                                              "schema": schema.schema, "strict": True}}
         if stream:
             body.update(stream=True, stream_options={"include_usage": True})
         return json.dumps(body).encode()  # ASCII: text the server cannot take (a lone surrogate) is its 400, not ours
@@ -294,16 +267,6 @@ class RemoteEngine:
                 raise IdeficsError("model_error", f"{self.url} is not an `idefics serve` server (no model in "
                                    "/v1/models)", SERVER_HINT)
             return data[0]
-
-
-def _response_formats(logits_processor) -> list[ResponseFormat]:
-    """The ResponseFormats among `logits_processor` (at most one); any other processor is a usage error."""
-    processors = list(logits_processor or [])
-    if any(not isinstance(p, ResponseFormat) for p in processors):
-        raise UsageError("a logits processor cannot run through a server", "run without --server")
-    if len({p.schema.sha256 for p in processors}) > 1:
-        raise UsageError("one schema per answer through a server")
-    return processors
 
 
 class _Malformed(Exception):

@@ -1,24 +1,14 @@
-"""Conversation: a multi-turn chat about page images, formatted by the processor's own chat template.
+"""Conversation: a multi-turn chat about page images, in the transformers chat format.
 
-Contract: a `Conversation` holds messages in the transformers chat format ([user turn with page images +
-q1, assistant a1, user q2, ...]) and the pages shown, in the order their `{"type": "image"}` entries appear.
-`attach(pages)` queues rendered pages for the next user turn (the first question carries the chosen
-pages; `/pages` attaches new ones to the next question, earlier turns keep theirs). `inputs(question)`
-returns exactly `processor(text=processor.apply_chat_template(messages + [user turn],
-add_generation_prompt=True), images=[all images])`, on the model's device. An engine with `chat_inputs` (a server's,
-client.py) is handed the messages and images instead. `commit(question, answer)`
-appends the turn; a failed turn is not committed, an interrupted one is, with what was answered so far and
-`"interrupted": true` on the assistant message (the chat template reads only role and content).
-`to_dict()` is the `/save` file (schema `idefics-cli.chat/1`): the messages, plus `sources` naming the
-document pages of each image-bearing message.
-`ChatSession` is a chat about one document: `ChatSession.open(path, pages)` decodes the chosen pages before
-any model loads; `start(engine)` checks that they fit the context; `ask(question)` returns the streaming
-`Response` (response.py; its `to_dict()` is a chat JSON line: the answer object plus `turn`), and the turn is
-committed when the answer ends (interrupted or not); `show(spec)`, `reset()` and `save(path)` are `/pages`,
-`/reset` and `/save` (an atomic write, writers.py). With a schema (`start(engine, schema=...)`, or `ask(...,
-schema=...)`; structured.py) the model gets `structured.with_schema(question, schema)` (so the conversation
-keeps that text in the user turn), decoding is constrained and the `Response` has `.data`.
-Nothing here imports torch.
+Contract: a `Conversation` holds the messages ([user turn with page images + q1, assistant a1, user q2, ...]) and
+the pages shown, in image order. `attach(pages)` queues pages for the next user turn; `inputs(question)` is the
+engine's `chat_inputs` for the whole conversation plus the question (the context checked there); `commit`
+appends a turn (an interrupted answer is kept with `"interrupted": true`). `to_dict()` is the `/save` file
+(`idefics-cli.chat/1`: the messages and the document pages of each image-bearing message).
+`ChatSession.open(path, pages)` decodes the chosen pages before any model loads; `start(engine, schema=None)`
+checks that they fit; `ask(question)` returns the streaming `Response` (plus `turn`), committed when it ends;
+`show`, `reset` and `save` are `/pages`, `/reset` and `/save`. With a schema the model gets
+`structured.with_schema(question, schema)` and decoding is constrained. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -29,7 +19,6 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from .errors import UsageError
 from .prompts import assistant_turn, user_turn
 from .response import Response
 
@@ -68,23 +57,10 @@ class Conversation:
     def next_messages(self, question: str) -> list[dict]:
         return [*self.messages, user_turn(len(self.pending), question)]
 
-    def prompt(self, question: str) -> str:
-        return self.engine.processor.apply_chat_template(self.next_messages(question), add_generation_prompt=True)
-
     def inputs(self, question: str, max_new_tokens: int):
         """Processor outputs for the whole conversation plus `question`, refused if over the context."""
         images = [p.image for p in self.shown + self.pending]
-        remote = getattr(self.engine, "chat_inputs", None)
-        if remote is not None:  # a server's model (client.py): it gets the messages and pages, and checks the context
-            return remote(self.next_messages(question), images, max_new_tokens)
-        processor = self.engine.processor
-        inputs = processor(text=[self.prompt(question)], images=[images] if images else None, return_tensors="pt")
-        total = int(inputs["input_ids"].shape[1])
-        context = getattr(self.engine, "context_size", None)
-        if context and total + max_new_tokens > context:
-            raise UsageError(f"the conversation needs {total} prompt tokens + {max_new_tokens} new tokens, more than "
-                             f"the model's context of {context}", "/reset to start over, or show fewer pages")
-        return inputs.to(self.engine.model.device)
+        return self.engine.chat_inputs(self.next_messages(question), images, max_new_tokens)
 
     def commit(self, question: str, answer: str, interrupted: bool = False) -> None:
         """Append a turn; an answer stopped by Ctrl-C is kept as far as it went, marked `"interrupted": true`."""
@@ -201,7 +177,6 @@ class ChatSession:
             from .structured import with_schema
 
             prompt = with_schema(question, schema)
-            logits_processor = [*(logits_processor or []), *engine.grammar_processors(schema)]
         limit = max_new_tokens or engine.options.max_new_tokens
         inputs = conv.inputs(prompt, limit)
         preprocess_s = time.perf_counter() - start
@@ -209,7 +184,7 @@ class ChatSession:
         def commit(response: Response) -> None:
             conv.commit(prompt, response.received, interrupted=response.interrupted)
 
-        return Response(engine.stream_generate(inputs, limit, logits_processor), question=question,
+        return Response(engine.stream_generate(inputs, limit, logits_processor, schema), question=question,
                         sources=[Source(s["path"], s["pages"]) for s in conv.seen()], split=engine.options.split,
                         model=engine.info, usage=engine.usage(inputs), load_s=engine.load_s,
                         preprocess_s=preprocess_s, started=start, max_new_tokens=limit, warnings=conv.warnings(),

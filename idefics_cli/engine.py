@@ -1,25 +1,12 @@
-"""The engine: a loaded processor + model pair that builds inputs and streams greedy answers.
+"""The local engine: a loaded processor + model pair (interface.Engine) that prepares inputs and decodes them.
 
 Contract:
-- `Engine.build_inputs(batch)` turns [(images, question), ...] into processor outputs exactly as
-  `processor.apply_chat_template` + `processor(text=..., images=...)` would (left padding for batches; the
-  pixels of a batch one row at a time, inputs.py; the pixel mask as bool): the plain path.
-  `Engine.prepare(batch)` gives the same token ids, but the images reach the model through vision.py, in
-  bounded same-shape chunks encoded when generation starts (what `ask` and `transcribe` use). Both live in
-  `Preparer` (processor, options, device), which an `Engine` is: inputs can be prepared before the weights load.
-- `Engine.stream_generate(inputs)` is a generator of text pieces as they are generated (greedy, stops at
-  `<end_of_utterance>`) whose return value (`StopIteration.value`) is the finished `Generation` (text, token
-  counts, finish reason, timing); it changes nothing it is given. `Engine.generate(inputs)` is its join;
-  `Engine.generate_batch(inputs)` answers a left-padded batch. All three take `logits_processor`, handed to
-  `model.generate` as is (constrained decoding hooks in there): `Engine.grammar_processors(schema)` is that
-  list for a `--schema` (structured.for_engine; a remote engine, client.py, answers its own kind). A prompt
-  over `prefill_chunk` tokens (1024; IDEFICS_PREFILL_CHUNK) whose images are pre-encoded is prefilled a
-  chunk at a time (bounded activations). Generation keeps its keys and values in `kvcache.new_cache` (decode
-  steps write them in place; the same answers as transformers' DynamicCache).
-- `Engine.ask(documents, question, ...)` is the library's question: it returns the iterable `Response`
-  (response.py) built by selection.py, the same answer and JSON object as `idefics ask`.
-- Token arithmetic (image tokens per image, context size) is read from the processor and the config,
-  never hard-coded, so Idefics3-style processors work too.
+- `Preparer` (the processor half, usable while the weights load): `prepare(batch)` gives the processor's token
+  ids for [(images, question)] with the images left to vision.py (same-shape chunks encoded when decoding
+  starts); `build_inputs(batch)` is the model card's plain processor call (padded pixels), kept as reference.
+- `Engine` adds the model: `stream_generate`, `generate_batch` and `generate_rows` run rows through the one
+  decode loop (runtime/decode.py); `schema` constrains each row with its own grammar (structured.py).
+- Token arithmetic (image tokens, context size) is read from the processor and the config, never hard-coded.
 torch and transformers are imported inside functions only.
 """
 
@@ -28,30 +15,13 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass, field
-from queue import Queue
-from typing import TYPE_CHECKING
 
 from .errors import IdeficsError, UsageError, is_oom
+from .interface import Generation, ModelOptions
 from .prompts import user_turn
-
-if TYPE_CHECKING:
-    from .model import ModelOptions
 
 QUANT_NAMES = {"4bit": "nf4", "8bit": "int8", "none": "none"}
 PREFILL_CHUNK, PREFILL_CHUNK_ENV = 1024, "IDEFICS_PREFILL_CHUNK"  # prompt tokens prefilled at a time
-
-
-@dataclass
-class Generation:
-    """One finished answer: what `stream_generate` returns and `generate_batch` gives per row."""
-
-    text: str = ""
-    completion_tokens: int = 0
-    finish_reason: str | None = None
-    first_token_s: float | None = None
-    total_s: float = 0.0
-    token_ids: list[int] = field(default_factory=list)
 
 
 CPU_BATCH_SIZE = 8  # pages per generate call on the CPU (Engine.auto_batch_size)
@@ -139,6 +109,7 @@ class Engine(Preparer):
         self.context_size = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self.vision_chunk: int | None = None  # images per vision call; None: vision.auto_chunk
         self.prefill_chunk = int(os.environ.get(PREFILL_CHUNK_ENV) or PREFILL_CHUNK)  # tokens; 0: whole prompts
+        self.text_lock = threading.Lock()  # the tokenizer is shared by the server's request threads
 
     def _eos_ids(self) -> list[int]:
         eos = self.model.generation_config.eos_token_id
@@ -166,13 +137,6 @@ class Engine(Preparer):
                              f"at most {max(fit, 0)} pages fit: narrow --pages")
         return total
 
-    def model_kwargs(self, inputs) -> dict:
-        """generate() kwargs for `inputs`: a `prepare`d entry's images encoded chunk by chunk (vision.py)."""
-        from .vision import auto_chunk, model_kwargs
-
-        chunk = self.vision_chunk or auto_chunk(self.model, self.device)
-        return model_kwargs(self.model, inputs, chunk, self.processor.image_processor)
-
     def auto_batch_size(self) -> int:
         """Pages per generate call: from free GPU memory on CUDA (about 1.5 GiB a page with split), 8 on CPU.
 
@@ -187,193 +151,152 @@ class Engine(Preparer):
         per_page = (1.5 if self.options.split else 0.4) * 2**30
         return max(1, min(32, int(free * 0.8 // per_page)))
 
+    def chat_inputs(self, messages: list[dict], images: list, max_new_tokens: int):
+        """A whole conversation's token ids (refused over the context) and its images for vision.py."""
+        from .vision import VisionInputs
+
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = self.processor(text=[text], return_tensors="pt")
+        total = int(inputs["input_ids"].shape[1])
+        if self.context_size and total + max_new_tokens > self.context_size:
+            raise UsageError(f"the conversation needs {total} prompt tokens + {max_new_tokens} new tokens, more than "
+                             f"the model's context of {self.context_size}", "/reset to start over, or show fewer pages")
+        inputs = inputs.to(self.device)
+        inputs["vision"] = VisionInputs([list(images)], self.options.split)
+        return inputs
+
     def usage(self, inputs, row: int = 0) -> dict:
         ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()]
         return {"prompt_tokens": int(ids.numel()), "image_tokens": int((ids == self.image_token_id).sum())}
 
-    # ---- generation ----------------------------------------------------------------------------
-    def grammar_processors(self, schema) -> list:
-        """The logits processors that constrain one generate call to `schema` (structured.Schema)."""
-        from .structured import for_engine
+    # ---- decoding (runtime/decode.py: the one decode loop) ---------------------------------------------
+    @property
+    def suppressed_ids(self) -> list[int]:
+        """Single-token `bad_words_ids` of the generation config: never generated (image tokens)."""
+        bad = getattr(self.model.generation_config, "bad_words_ids", None) or []
+        return [words[0] for words in bad if len(words) == 1]
 
-        return for_engine(self, schema)
+    def decode(self, ids: list[int]) -> str:
+        with self.text_lock:
+            return self.processor.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _gen_kwargs(self, max_new_tokens: int | None, logits_processor=None) -> dict:
-        kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens or self.options.max_new_tokens}
-        if logits_processor is not None:
-            kwargs["logits_processor"] = logits_processor
-        return kwargs
+    def features(self, inputs) -> list:
+        """Image features of each row of `inputs` (None for a row without images), through vision.py."""
+        from .vision import auto_chunk, encode
 
-    def _generate_kwargs(self, inputs) -> dict:
-        """`model_kwargs(inputs)`, a new in-place key/value cache (kvcache.py), plus chunked prefill for a long
-        prompt whose images are already encoded.
+        vision = inputs.get("vision")
+        if vision is not None:
+            return encode(self.model, vision, self.vision_chunk or auto_chunk(self.model, self.device),
+                          self.processor.image_processor)
+        if "pixel_values" not in inputs:
+            return [None] * len(inputs["input_ids"])
+        return self._padded_features(inputs)
 
-        A prompt longer than `prefill_chunk` tokens (many pages in one question) is prefilled `prefill_chunk`
-        tokens at a time (transformers' `prefill_chunk_size`), so the prefill's activations stay those of one
-        chunk: `ask` over 24 pages of the mid model peaked 293 MiB lower. Shorter prompts (a page, a batch of
-        pages) are prefilled whole, as before. IDEFICS_PREFILL_CHUNK=N sets it; 0 turns it off.
-        """
-        from .kvcache import new_cache
-
-        kwargs = self.model_kwargs(inputs)
-        kwargs["cache"] = new_cache(self.model.config)  # in-place decode steps (kvcache.py), same outputs
-        chunk = self.prefill_chunk
-        if chunk and "pixel_values" not in kwargs and kwargs["input_ids"].shape[1] > chunk:
-            kwargs["prefill_chunk_size"] = chunk
-        return kwargs
-
-    def stream_generate(self, inputs, max_new_tokens: int | None = None, logits_processor=None):
-        """Yield text pieces of the greedy answer while it is generated (batch of one); return the `Generation`.
-
-        Generation starts at the first `next()`; closing the generator (or an exception in the consumer, Ctrl-C)
-        stops it within a token.
-        """
-        import torch
-        from transformers.generation.streamers import BaseStreamer
-
-        token_ids: list[int] = []
-        first_token_s = None
-        pieces: Queue = Queue()
-        stop = threading.Event()
-        tokenizer = self.processor.tokenizer
-        start = time.perf_counter()
-
-        class _Streamer(BaseStreamer):
-            prompt_seen = False
-
-            def put(self, value):
-                if not self.prompt_seen:
-                    self.prompt_seen = True
-                    return
-                token_ids.extend(int(t) for t in value.reshape(-1).tolist())
-                pieces.put(("tokens", None))
-
-            def end(self):
-                pass
-
-        class _Stop:
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
-
-        from transformers import StoppingCriteriaList
-
-        def run():
-            try:
-                with torch.inference_mode():
-                    self.model.generate(**self._generate_kwargs(inputs),
-                                        **self._gen_kwargs(max_new_tokens, logits_processor), streamer=_Streamer(),
-                                        stopping_criteria=StoppingCriteriaList([_Stop()]))
-                pieces.put(("done", None))
-            except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread
-                pieces.put(("error", exc))
-
-        thread = threading.Thread(target=run, name="idefics-generate", daemon=True)
-        thread.start()
-        emitted = ""
-        try:
-            while True:
-                kind, payload = pieces.get()
-                if kind == "error":
-                    raise generation_error(payload)
-                text = tokenizer.decode(self._answer_ids(token_ids), skip_special_tokens=True)
-                if kind == "done":
-                    new = text[len(emitted):] if text.startswith(emitted) else text
-                    if new:
-                        yield new
-                    emitted = text
-                    break
-                if text.endswith("\ufffd") or not text.startswith(emitted):
-                    continue  # an unfinished multi-byte character: wait for the next token
-                if len(text) > len(emitted):
-                    if first_token_s is None:
-                        first_token_s = time.perf_counter() - start
-                    yield text[len(emitted):]
-                    emitted = text
-        finally:
-            stop.set()
-            thread.join()
-        total_s = time.perf_counter() - start
-        return Generation(text=emitted, completion_tokens=len(token_ids), token_ids=token_ids,
-                          finish_reason="stop" if token_ids and token_ids[-1] in self.eos_ids else "length",
-                          first_token_s=total_s if first_token_s is None else first_token_s, total_s=total_s)
-
-    def _answer_ids(self, ids: list[int]) -> list[int]:
-        return [i for i in ids if i not in self.eos_ids]
-
-    def generate(self, inputs, max_new_tokens: int | None = None, logits_processor=None) -> Generation:
-        """The join of `stream_generate`: the whole greedy answer at once."""
-        stream = self.stream_generate(inputs, max_new_tokens, logits_processor)
-        while True:
-            try:
-                next(stream)
-            except StopIteration as done:
-                return done.value
-
-    def generate_batch(self, inputs, max_new_tokens: int | None = None, logits_processor=None) -> list[Generation]:
-        """Greedy answers for a left-padded batch (no streaming)."""
+    def _padded_features(self, inputs) -> list:
+        """Features of a processor's padded pixels (`build_inputs`, the model card's path), row by row."""
         import torch
 
-        kwargs = self._gen_kwargs(max_new_tokens, logits_processor)
-        start = time.perf_counter()
+        out = []
+        masks = inputs.get("pixel_attention_mask")
+        with torch.inference_mode():
+            for r, pixels in enumerate(inputs["pixel_values"]):
+                real = pixels.flatten(1).any(dim=1)  # images that are not the batch's all-zero padding
+                if not bool(real.any()):
+                    out.append(None)
+                    continue
+                mask = masks[r][real] if masks is not None else None
+                feats = self.model.model.get_image_features(pixel_values=pixels[real][None],
+                                                            pixel_attention_mask=None if mask is None else mask[None],
+                                                            return_dict=True).pooler_output
+                out.append(torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats.flatten(0, -2))
+        return out
+
+    def rows(self, inputs, max_new_tokens: int | None = None, logits_processor=None, schema=None) -> list:
+        """A decode-loop `Row` for each row of `inputs` (prepared or built), its images encoded now."""
+        from .runtime.decode import Row
+
+        limit = max_new_tokens or self.options.max_new_tokens
+        features = self.features(inputs)
+        out = []
+        for r, feats in enumerate(features):
+            ids = inputs["input_ids"][r][inputs["attention_mask"][r].bool()].tolist()
+            out.append(Row(ids, feats, max_tokens=limit, processors=logits_processor or (), tag=r,
+                           grammar=self.row_grammar(schema) if schema is not None else None))
+        return out
+
+    def row_grammar(self, schema):
+        from .structured import row_grammar
+
+        return row_grammar(self, schema)
+
+    def generation(self, row, usage: dict | None = None) -> Generation:
+        """A finished row as a `Generation`; a row that failed raises its error."""
+        if row.finish_reason == "error":
+            raise generation_error(row.error)
+        return Generation(text=row.text, completion_tokens=len(row.token_ids), token_ids=list(row.token_ids),
+                          finish_reason=row.finish_reason, total_s=row.total_s,
+                          first_token_s=row.total_s if row.first_token_s is None else row.first_token_s,
+                          prompt_usage=usage or self._usage_of(row.ids))
+
+    def _usage_of(self, ids: list[int]) -> dict:
+        return {"prompt_tokens": len(ids), "image_tokens": sum(1 for t in ids if t == self.image_token_id)}
+
+    def stream_generate(self, inputs, max_new_tokens: int | None = None, logits_processor=None, schema=None):
+        """Yield text pieces of the one-row answer as it is generated; return its `Generation`.
+
+        Generation starts at the first `next()`; closing the generator (Ctrl-C) stops it within a token."""
+        from .runtime.decode import Loop, stream
+
+        started = time.perf_counter()
         try:
-            with torch.inference_mode():
-                out = self.model.generate(**self._generate_kwargs(inputs), **kwargs)
-        except Exception as exc:
-            raise generation_error(exc) from exc
-        elapsed = time.perf_counter() - start
-        new = out[:, inputs["input_ids"].shape[1]:].tolist()
-        results = []
-        for ids in new:
-            ended = next((k for k, t in enumerate(ids) if t in self.eos_ids), None)
-            ids = ids[: ended + 1] if ended is not None else ids
-            text = self.processor.tokenizer.decode(self._answer_ids(ids), skip_special_tokens=True)
-            results.append(Generation(text=text, completion_tokens=len(ids), token_ids=ids, total_s=elapsed,
-                                      first_token_s=None, finish_reason="stop" if ended is not None else "length"))
-        return results
-
-    # ---- the library's question ----------------------------------------------------------------
-    def ask(self, documents, question: str, *, pages: str | None = None, password: str | None = None,
-            dpi: int | None = None, max_new_tokens: int | None = None, logits_processor=None, schema=None):
-        """Ask `question` about the chosen pages of `documents`; returns the streaming `Response`.
-
-        `schema`: a JSON Schema (a dict) or a string as `--schema` takes (a file, inline JSON, the concise
-        syntax): the answer is constrained to it and `Response.data` is the parsed value (structured.py).
-
-        `documents`: paths (a str or a list of them, "-" for stdin), or a `Selection` already opened with
-        `idefics_cli.open_pages` (then `pages`, `password` and `dpi` were given there). Input errors, a prompt
-        over the context and an empty question raise `IdeficsError` here, before anything is generated;
-        generation starts when the answer is first read.
-        """
-        from .selection import Selection, ask, open_pages
-
-        if schema is not None:  # structured.py (and its grammar engine) only for a schema
-            from .structured import as_schema
-
-            schema = as_schema(schema)
-        if isinstance(documents, Selection):
-            if (pages, password, dpi) != (None, None, None):
-                raise UsageError("pages, password and dpi are options of open_pages when documents is a Selection")
-            return ask(self, documents, question, max_new_tokens, logits_processor, schema=schema)
-        selection = open_pages(documents, pages, password=password, dpi=dpi)
-        try:
-            return ask(self, selection, question, max_new_tokens, logits_processor, close=True, schema=schema)
-        except BaseException:
-            selection.close()
+            (row,) = self.rows(inputs, max_new_tokens, logits_processor, schema)
+            row.started = started
+            yield from stream(Loop(self), row)
+        except (KeyboardInterrupt, GeneratorExit):
             raise
+        except BaseException as exc:
+            raise generation_error(exc) from exc
+        return self.generation(row)
 
-    # ---- transcription ---------------------------------------------------------------------------
-    def transcribe(self, inputs, out: str | None = None, **request_fields):
-        """Transcribe files, folders or globs with this engine, as `idefics transcribe` does.
+    def generate(self, inputs, max_new_tokens: int | None = None, logits_processor=None, schema=None) -> Generation:
+        """The join of `stream_generate`: the whole answer at once."""
+        return self.generate_batch(inputs, max_new_tokens, logits_processor, schema)[0]
 
-        Returns a `Transcription` (transcription.py): iterate it for each page's `PageRecord` (`path`, `page`,
-        `status`, `text`, ...) as it is written; `out` (a .jsonl file or a folder) gets the same records and
-        files as the CLI's `--out` and is resumed the same way; its `summary` and `exit_status` are known
-        afterwards. `request_fields` are `TranscribeRequest`'s (prompt, pages, dpi, password, batch_size,
-        force, shard, schema); the model options are this engine's.
-        """
-        from .transcription import TranscribeRequest, Transcription
+    def generate_batch(self, inputs, max_new_tokens: int | None = None, logits_processor=None,
+                       schema=None) -> list[Generation]:
+        """Every row's answer, the rows decoding together; the first failed row raises its error."""
+        from .runtime.decode import Loop, run
 
-        return Transcription(TranscribeRequest(inputs, out, self.options, **request_fields), engine=self)
+        try:
+            rows = self.rows(inputs, max_new_tokens, logits_processor, schema)
+            list(run(Loop(self), rows, len(rows)))
+        except (KeyboardInterrupt, GeneratorExit):
+            raise
+        except BaseException as exc:
+            raise generation_error(exc) from exc
+        return [self.generation(row) for row in rows]
+
+    def generate_rows(self, items, max_new_tokens: int | None = None, schema=None, width: int | None = None):
+        """Continuous batching: `items` yields (tag, inputs, row); up to `width` rows decode at once, the next
+        item taken as soon as a row ends. Yields (tag, Generation or IdeficsError) as rows end."""
+        from .runtime.decode import Loop, run
+
+        encoded: dict = {}
+
+        def rows():
+            for tag, inputs, r in items:
+                if encoded.get("key") is not inputs:  # one prepared batch's images are encoded together
+                    encoded.update(key=inputs, rows=self.rows(inputs, max_new_tokens, None, schema))
+                row = encoded["rows"][r]
+                row.tag, row.started = tag, time.perf_counter()
+                yield row
+            encoded.clear()
+
+        for row in run(Loop(self), rows(), width or self.auto_batch_size()):
+            try:
+                yield row.tag, self.generation(row)
+            except IdeficsError as err:
+                yield row.tag, err
 
 
 def generation_error(exc: BaseException) -> IdeficsError:

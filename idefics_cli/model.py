@@ -23,26 +23,12 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass
 
 from . import allocator
 from .engine import Engine
 from .errors import IdeficsError, is_oom
 from .hub import PULL_HINT, check_local_model, local_only, looks_local, source
-
-DEFAULT_MODEL = "HuggingFaceM4/idefics2-8b"
-
-
-@dataclass
-class ModelOptions:
-    model: str = DEFAULT_MODEL
-    revision: str | None = None
-    quant: str = "4bit"
-    dtype: str = "auto"
-    device: str = "auto"
-    offline: bool = False
-    split: bool = True
-    max_new_tokens: int = 512
+from .interface import DEFAULT_MODEL, ModelOptions  # noqa: F401 - re-exported: the loader's options
 
 
 def quiet_libraries() -> None:

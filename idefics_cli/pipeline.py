@@ -1,26 +1,19 @@
 """Transcription pipeline, the local engine: pages in, page records out, through a sink that loses nothing.
 
-Contract: a `Job` is one run's work: its request (transcription.py; batch size resolved), documents, sink,
-and `Summary`. `Job.emit(record)` writes a finished record to the sink at once and counts it (both engines
-use it, ray_engine.py too). `transcribe(engine, job)` walks the documents' chosen pages through the
-prefetcher (prefetch.py: the one owner of this path's threads), answers them in batches (pages of one size
-where possible; the same answers as one page at a time except where float rounding decides a near-tie,
-README), and yields each `PageRecord` once it is written. The next batch is prepared (`Engine.prepare`)
-while the model works on the current one, never further ahead, so at most two batches' pixels exist at
-once, whatever the page count; the vision tower encodes them in same-shape chunks (vision.py). A failed
-document or page becomes an error record and the run goes on; a blank page (one flat colour) is recorded
-as "" with the warning `blank_page`, without the model; a batch that runs out of memory is retried one
-page at a time, then that page without image splitting, before `out_of_memory` is recorded; a `model_error` (a
-server that went away, client.py) ends the run, the records written so far kept for a rerun. With
-`engine=None` (nothing is left for the model) only documents that cannot be read are recorded again.
-With a schema (`request.schema`), every generate call gets its own grammar processor (structured.py: one
-grammar state per row, the grammar compiled once per process) and the pages are asked `request.model_prompt`;
-`ok_record` reads each answer back (`data`, or an error record `schema_truncated` / `schema_mismatch`).
+Contract: a `Job` is one run's work: its request (transcription.py; batch size resolved), documents, sink and
+`Summary`; `Job.emit(record)` writes a finished record at once and counts it (the Ray engine uses it too).
+`transcribe(engine, job)` walks the documents' chosen pages through the prefetcher (prefetch.py), feeds them to
+the engine as rows of its decode loop (at most `batch_size` at once, a new page joining as soon as one ends) and
+yields each `PageRecord` once written, in page order. A failed document or page becomes an error record and the
+run goes on; a blank page is recorded as "" (`blank_page`) without the model; a page that runs out of memory is
+retried alone, then without image splitting; a `model_error` (a server gone) ends the run, the records written so
+far kept. With a schema each row has its own grammar, and `ok_record` reads the answer back (`data`).
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -31,8 +24,8 @@ from .prefetch import Prefetcher
 from .records import PageRecord, Summary, blank_record, error_record, ok_record, task_error
 
 if TYPE_CHECKING:
+    from .request import TranscribeRequest
     from .sinks import Sink
-    from .transcription import TranscribeRequest
 
 
 @dataclass
@@ -100,50 +93,92 @@ def prefetcher(preparer, job: Job) -> Prefetcher:
                       on_pages=job.pages)
 
 
+@dataclass
+class _Slot:
+    """A place in the run's record order: a page waiting for its answer, or an item already settled."""
+
+    item: object
+    row: int = 0
+    result: object = None  # the page's Generation or IdeficsError once answered
+
+    @property
+    def ready(self) -> bool:
+        return not isinstance(self.item, Batch) or self.result is not None
+
+    def settle(self, result) -> None:
+        """The page's answer is in; its batch (and pixels) is let go unless it must be retried alone."""
+        self.result = result
+        if not (isinstance(result, IdeficsError) and result.code == "out_of_memory"):
+            batch = self.item
+            self.item = batch.tasks[self.row], len(batch.tasks), batch.preprocess_s
+
+
 def transcribe(engine, job: Job, started: Prefetcher | None = None) -> Iterator[PageRecord]:
     """The job's records, each yielded once written; `engine=None` when no chosen page needs the model.
-    `started`: the job's prefetcher, started while the model loaded (else one is made here)."""
+    `started`: the job's prefetcher, started while the model loaded (else one is made here).
+
+    Pages decode as rows of the engine's loop (continuous batching): a page that ends hands its row to the next
+    page at once. Records are written in the order of the pages, whatever order their answers end in."""
     request = job.request
     job.begin()
-    for item in started or prefetcher(engine, job):
-        if isinstance(item, DocumentDone):
-            job.sink.document_done(item)
-            continue
-        if isinstance(item, Failure):
-            records = [failure_record(item, job.settings_hash)]
-        elif isinstance(item, BlankPage):
-            records = [blank_record(item.task, job.settings_hash, request.schema)]
-        else:
-            records = answer_batch(engine, item, request)
-        item = None  # this batch's pixels are freed before the next batch is waited for
-        for record in records:
-            yield job.emit(record)
-        records = None
+    items = started or prefetcher(engine, job)
+    order: deque[_Slot] = deque()
+
+    def feed():
+        for item in items:
+            if not isinstance(item, Batch):
+                order.append(_Slot(item))
+                continue
+            for row in range(len(item.tasks)):
+                slot = _Slot(item, row)
+                order.append(slot)
+                yield slot, item.inputs, row
+
+    def flush() -> Iterator[PageRecord]:
+        while order and order[0].ready:
+            for record in _records(engine, order.popleft(), request, job):
+                yield job.emit(record)
+
+    if engine is None:
+        for _ in feed():
+            raise RuntimeError("a page needs the model, but no engine was given")
+        yield from flush()
+    else:
+        for slot, result in engine.generate_rows(feed(), request.options.max_new_tokens, request.schema,
+                                                 request.batch_size or 1):
+            slot.settle(result)
+            yield from flush()
+        yield from flush()
     job.tick()
 
 
-def generate(engine, inputs, request: TranscribeRequest):
-    """`engine.generate_batch` for the request; with a schema, a new grammar processor for this call."""
-    if request.schema is None:
-        return engine.generate_batch(inputs, request.options.max_new_tokens)
-    return engine.generate_batch(inputs, request.options.max_new_tokens,
-                                 logits_processor=engine.grammar_processors(request.schema))
-
-
 def answer_batch(engine, batch: Batch, request: TranscribeRequest) -> list[PageRecord]:
-    """Generate a batch; on out-of-memory fall back to single pages, then to single pages without split."""
-    settings = request.settings_hash
-    try:
-        gens = generate(engine, batch.inputs, request)
-    except IdeficsError as err:
-        if err.code == "model_error":  # a server that went away (client.py): stop; a rerun resumes
-            raise
-        if err.code != "out_of_memory":
-            return [task_error(task, err, settings) for task in batch.tasks]
-        return [answer_single(engine, task, image, request) for task, image in zip(batch.tasks, batch.images)]
-    n = len(batch.tasks)
-    return [ok_record(task, gen, engine.usage(batch.inputs, row), batch.preprocess_s / n, settings, n, request.schema)
-            for row, (task, gen) in enumerate(zip(batch.tasks, gens))]
+    """The records of one batch's pages (the Ray actors' call), in page order."""
+    slots = [_Slot(batch, row) for row in range(len(batch.tasks))]
+    for slot, result in engine.generate_rows(((s, batch.inputs, s.row) for s in slots),
+                                             request.options.max_new_tokens, request.schema, len(slots)):
+        slot.settle(result)
+    return [record for slot in slots for record in _records(engine, slot, request, None)]
+
+
+def _records(engine, slot: _Slot, request: TranscribeRequest, job: Job) -> list[PageRecord]:
+    item, settings = slot.item, request.settings_hash
+    if isinstance(item, DocumentDone):
+        job.sink.document_done(item)
+        return []
+    if isinstance(item, Failure):
+        return [failure_record(item, settings)]
+    if isinstance(item, BlankPage):
+        return [blank_record(item.task, settings, request.schema)]
+    if isinstance(item, Batch):  # out of memory among other rows: this page alone, then without splitting
+        return [answer_single(engine, item.tasks[slot.row], item.images[slot.row], request)]
+    task, n, preprocess_s = item
+    result = slot.result
+    if isinstance(result, IdeficsError):
+        if result.code == "model_error":  # a server that went away (client.py): stop; a rerun resumes
+            raise result
+        return [task_error(task, result, settings)]
+    return [ok_record(task, result, result.prompt_usage, preprocess_s / n, settings, n, request.schema)]
 
 
 def answer_single(engine, task, image, request: TranscribeRequest) -> PageRecord:
@@ -154,8 +189,8 @@ def answer_single(engine, task, image, request: TranscribeRequest) -> PageRecord
             t0 = time.perf_counter()
             inputs = engine.prepare([([image], request.model_prompt)], split=split, collect=True)
             preprocess_s = time.perf_counter() - t0
-            gen = generate(engine, inputs, request)[0]
-            return ok_record(task, gen, engine.usage(inputs), preprocess_s, request.settings_hash,
+            gen = engine.generate_batch(inputs, request.options.max_new_tokens, schema=request.schema)[0]
+            return ok_record(task, gen, gen.prompt_usage, preprocess_s, request.settings_hash,
                              schema=request.schema)
         except Exception as exc:  # noqa: BLE001 - recorded per page
             err = classify(exc, task.input.path)

@@ -110,8 +110,8 @@ class Response:
     def usage(self) -> dict:
         """{"prompt_tokens", "image_tokens", "completion_tokens"} (completion None when interrupted)."""
         self._read()
-        # a remote engine (client.py) learns the prompt's token counts with the answer: its generation carries them
-        prompt = getattr(self._generation, "prompt_usage", None) or self._prompt_usage
+        # a server's model (client.py) learns the prompt's token counts with the answer: its generation carries them
+        prompt = (self._generation.prompt_usage if self._generation else None) or self._prompt_usage
         return {**prompt, "completion_tokens": self._generation.completion_tokens if self._generation else None}
 
     @property

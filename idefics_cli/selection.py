@@ -14,7 +14,7 @@ Contract:
   and a prompt over the model's context up front, builds the inputs (`Engine.prepare`) and returns the
   streaming `Response` (response.py) whose `to_dict()` is `ask --json`'s object. Nothing is generated until it
   is read. With a `schema` (structured.Schema) the model gets `structured.with_schema(question, schema)` and
-  decoding is constrained to the schema (its grammar processor after any given `logits_processor`).
+  decoding is constrained to the schema (each row's grammar, after any given `logits_processor`).
 Nothing here imports torch.
 """
 
@@ -134,13 +134,12 @@ def ask(engine, selection: Selection, question: str, max_new_tokens: int | None 
         from .structured import with_schema
 
         prompt = with_schema(question, schema)
-        logits_processor = [*(logits_processor or []), *engine.grammar_processors(schema)]
     limit = max_new_tokens or engine.options.max_new_tokens
     engine.check_context(len(selection), prompt, limit)
     t0 = time.perf_counter()
     inputs = engine.prepare([(selection.images(), prompt)])
     preprocess_s = selection.render_s + time.perf_counter() - t0
-    return Response(engine.stream_generate(inputs, limit, logits_processor), question=question,
+    return Response(engine.stream_generate(inputs, limit, logits_processor, schema), question=question,
                     sources=selection.sources(), split=engine.options.split, model=engine.info,
                     usage=engine.usage(inputs), load_s=engine.load_s, preprocess_s=preprocess_s,
                     started=selection.started, max_new_tokens=limit, warnings=selection.warnings(),

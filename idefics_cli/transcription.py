@@ -25,106 +25,15 @@ Contract:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
-from functools import partial
+from dataclasses import replace
 
 from .errors import ExitStatus, IdeficsError, UsageError
-from .model import ModelOptions
-from .prompts import TRANSCRIBE_PROMPT
-from .records import PageRecord, Summary, settings_hash
+from .records import PageRecord, Summary
+from .request import TranscribeRequest  # noqa: F401 - re-exported: what a run is made of
 
-ENGINES = ("local", "ray")
 RAY_BATCH_SIZE = 4  # pages a model actor answers a call when the batch size is auto
-
-
-@dataclass(frozen=True)
-class TranscribeRequest:
-    """What to transcribe, where to, and how (the `idefics transcribe` options)."""
-
-    inputs: tuple[str, ...]
-    out: str | None = None
-    options: ModelOptions = field(default_factory=ModelOptions)
-    prompt: str | None = None  # None: the default transcription prompt
-    pages: str | None = None  # a --pages spec (pages.py), None: every page
-    dpi: int | None = None  # None: pages rendered to fit the model (documents.DEFAULT_LONGEST_SIDE)
-    password: str | None = None
-    batch_size: int | str | None = None  # pages a generate call; None or "auto": from the device
-    force: bool = False
-    shard: str | None = None  # "I/N"
-    engine: str = "local"
-    ray_address: str | None = None
-    schema: object = None  # structured.Schema once made (given as a Schema, a dict or a --schema string)
-    settings_hash: str = field(init=False)
-
-    def __post_init__(self):
-        from .batch import parse_shard
-        from .pages import parse_page_spec
-
-        set_ = partial(object.__setattr__, self)
-        one = isinstance(self.inputs, (str, os.PathLike))
-        set_("inputs", tuple(os.fspath(p) for p in ((self.inputs,) if one else self.inputs)))
-        set_("prompt", self.prompt or TRANSCRIBE_PROMPT)
-        set_("engine", getattr(self.engine, "value", self.engine))
-        if self.engine not in ENGINES:
-            raise UsageError(f"unknown --engine {self.engine!r}", "use local or ray")
-        size = self.batch_size
-        if size == "auto":
-            size = None
-        elif isinstance(size, str) and size.isdigit():
-            size = int(size)
-        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-            raise UsageError(f"bad --batch-size {self.batch_size!r}", "use a positive number or auto")
-        set_("batch_size", size)
-        parse_page_spec(self.pages)
-        parse_shard(self.shard)
-        if self.schema is not None:
-            from .structured import as_schema
-
-            set_("schema", as_schema(self.schema, grammar_check=False))  # the grammar: check_grammar()
-        set_("settings_hash", self._settings_hash())
-
-    def _settings_hash(self) -> str:
-        from .documents import DEFAULT_LONGEST_SIDE
-
-        opts = self.options
-        extra = {"schema": self.schema.sha256} if self.schema is not None else {}  # no schema: hashes as before
-        return settings_hash(model=opts.model, revision=opts.revision, quant=opts.quant, split=opts.split,
-                             render=self.dpi or DEFAULT_LONGEST_SIDE, render_unit="dpi" if self.dpi else "longest_side",
-                             prompt=self.prompt, max_new_tokens=opts.max_new_tokens, **extra)
-
-    @property
-    def model_prompt(self) -> str:
-        """What the model is asked with each page: the prompt, plus the schema's text with a schema."""
-        if self.schema is None:
-            return self.prompt
-        from .structured import with_schema
-
-        return with_schema(self.prompt, self.schema)
-
-    def check_grammar(self) -> None:
-        """The schema converts to a grammar (llguidance, no torch): a UsageError now, before any model loads."""
-        if self.schema is not None:
-            from .structured import grammar
-
-            grammar(self.schema.schema)
-
-    @property
-    def page_spec(self):
-        from .pages import parse_page_spec
-
-        return parse_page_spec(self.pages)
-
-    def select_pages(self, doc) -> list[int]:
-        """The chosen pages of an open document (1-based)."""
-        return self.page_spec.resolve(doc.page_count)
-
-    def open_document(self, path: str):
-        from .documents import open_document
-
-        return open_document(path, password=self.password, dpi=self.dpi)
 
 
 class Transcription:

@@ -155,3 +155,12 @@ def make_scheduler(sharp_engine):
     yield make
     for s in made:
         s.stop(cancel=True, timeout=30)
+
+
+def prefill_one(engine, ids, features=None, prefix=None):
+    """runtime/prefill.py's `prefill` for one prompt: (last logits [vocab], its KV)."""
+    from idefics_cli.runtime.decode import Row
+    from idefics_cli.runtime.prefill import prefill
+
+    logits, (kv,) = prefill(engine, [Row(ids, features, prefix, max_tokens=1)])
+    return logits[0], kv

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 from conftest import make_pdf
-from transformers import AutoProcessor, Idefics2ForConditionalGeneration
+from transformers import AutoProcessor
 
 from idefics_cli.documents import open_document
 from idefics_cli.prompts import assistant_turn, user_turn
@@ -24,15 +24,22 @@ FAST = ["--quant", "none", "--device", "cpu", "--max-new-tokens", "5", "--dpi", 
 
 @pytest.fixture
 def model_calls(monkeypatch):
-    """Record what reaches `generate` (the real one still runs)."""
+    """Record what reaches the model: each turn's token ids, its page images (before vision.py builds their
+    pixels: tests/test_vision.py holds those to the processor's) and the crops the vision tower got."""
+    from idefics_cli.engine import Engine
+
     calls = []
-    original = Idefics2ForConditionalGeneration.generate
+    original = Engine.features
 
-    def recording(self, *args, **kwargs):
-        calls.append({k: v.detach().clone() for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
-        return original(self, *args, **kwargs)
+    def recording(self, inputs):
+        vision = inputs["vision"]
+        call = {"input_ids": inputs["input_ids"].detach().clone(), "images": [im.tobytes() for _, im in vision.sources]}
+        features = original(self, inputs)
+        call["crops"] = sum(vision.slots)
+        calls.append(call)
+        return features
 
-    monkeypatch.setattr(Idefics2ForConditionalGeneration, "generate", recording)
+    monkeypatch.setattr(Engine, "features", recording)
     return calls
 
 
@@ -61,9 +68,9 @@ def test_scripted_turns_pages_and_save(cli, tiny_model, tmp_path, model_calls):
         want = processor(text=[text], images=[images], return_tensors="pt")
         got = model_calls[k]
         assert torch.equal(got["input_ids"], want["input_ids"]), f"turn {k + 1}"
-        assert torch.equal(got["pixel_values"], want["pixel_values"]), f"turn {k + 1}"
+        assert got["images"] == [im.tobytes() for im in images], f"turn {k + 1}"
         assert answers[k]["usage"]["prompt_tokens"] == want["input_ids"].shape[1]
-    assert model_calls[1]["pixel_values"].shape[1] == 5 and model_calls[2]["pixel_values"].shape[1] == 15
+    assert want["pixel_values"].shape[1] == 15 and model_calls[1]["crops"] == 5 and model_calls[2]["crops"] == 15
 
     data = json.loads(saved.read_text())
     assert data["schema"] == "idefics-cli.chat/1"
@@ -76,7 +83,7 @@ def test_reset_starts_over_with_the_current_pages(cli, tiny_model, tmp_path, mod
     result = cli("chat", pdf, "-p", "2", "--model", tiny_model, *FAST, input="One?\n/reset\nTwo?\n")
     assert result.exit_code == 0, result.stderr
     assert [json.loads(line)["turn"] for line in result.stdout.splitlines()] == [1, 1]
-    assert model_calls[0]["pixel_values"].shape == model_calls[1]["pixel_values"].shape
+    assert model_calls[0]["images"] == model_calls[1]["images"] and model_calls[0]["crops"] == 5
     assert model_calls[1]["input_ids"].shape[1] < model_calls[0]["input_ids"].shape[1] + 5  # no history
 
 

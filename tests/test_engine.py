@@ -1,4 +1,4 @@
-"""engine.py: chunked prefill of long prompts, on the tiny random Idefics2 (its sharpened copy)."""
+"""engine.py and runtime/prefill.py: chunked prefill of long prompts, on the sharpened tiny Idefics2."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ def _prefill_lengths(engine, run):
 
     def counting(*args, **kwargs):
         ids = kwargs.get("input_ids")
+        ids = kwargs.get("inputs_embeds") if ids is None else ids  # a prefill is fed merged embeddings
         lengths.append(None if ids is None else ids.shape[1])
         return forward(*args, **kwargs)
 

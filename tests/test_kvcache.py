@@ -8,10 +8,12 @@ import subprocess
 import sys
 
 import pytest
-from conftest import make_image
+from conftest import make_image, prefill_one
 
 from idefics_cli.kvcache import SPARE, layer_classes, new_cache
 from idefics_cli.prompts import user_turn
+from idefics_cli.runtime import prefill as prefill_module
+from idefics_cli.runtime.prefill import Batch
 from idefics_cli.serve import backend
 
 
@@ -80,11 +82,13 @@ def test_a_cache_over_tensors_never_writes_them():
 
 
 def _generate(engine, rows, cache, new_tokens):
-    """model.generate as the engine calls it, with `cache` (None: transformers' default DynamicCache)."""
+    """model.generate on the engine's prepared inputs, with `cache` (None: transformers' default DynamicCache)."""
     import torch
 
-    kwargs = engine._generate_kwargs(engine.prepare(rows))  # prepared anew: the features are used once
-    kwargs.pop("cache")
+    from idefics_cli.vision import model_kwargs
+
+    # prepared anew: the features are used once
+    kwargs = model_kwargs(engine.model, engine.prepare(rows), 8, engine.processor.image_processor)
     if cache is not None:
         kwargs["cache"] = cache
     with torch.inference_mode():
@@ -149,18 +153,18 @@ def test_serve_prefill_from_a_prefix_twice_is_identical_and_leaves_the_prefix_un
 
     ids = backend.prompt_ids(sharp_engine, [user_turn(1, "What is the total?")])
     length = backend.prefix_length(sharp_engine, ids)
-    _, kv = backend.prefill(sharp_engine, ids, backend.encode_images(sharp_engine, [make_image(seed=1)]))
+    _, kv = prefill_one(sharp_engine, ids, backend.encode_images(sharp_engine, [make_image(seed=1)]))
     prefix = kv.head(length)
     kept = [(k.clone(), v.clone()) for k, v in prefix.layers]
-    first, kv1 = backend.prefill(sharp_engine, ids, prefix=prefix)
-    second, kv2 = backend.prefill(sharp_engine, ids, prefix=prefix)
+    first, kv1 = prefill_one(sharp_engine, ids, prefix=prefix)
+    second, kv2 = prefill_one(sharp_engine, ids, prefix=prefix)
     assert torch.equal(first, second)
     assert all(torch.equal(a, b) and torch.equal(c, d) for (a, c), (b, d) in zip(kv1.layers, kv2.layers))
     assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(prefix.layers, kept))
     # rows decoding from it leave it unwritten too
-    batch = backend.Batch(sharp_engine)
-    batch.add(kv1)
-    batch.add(kv2)
+    batch = Batch(sharp_engine.model)
+    batch.add([kv1])
+    batch.add([kv2])
     for _ in range(SPARE + 3):
         batch.step([5, 6])
     assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(prefix.layers, kept))
@@ -168,15 +172,15 @@ def test_serve_prefill_from_a_prefix_twice_is_identical_and_leaves_the_prefix_un
 
 def _batch_schedule(engine, kvs):
     """Logits of every step of a Batch whose rows join and leave (add/keep) between steps."""
-    batch, out = backend.Batch(engine), []
-    batch.add(kvs[0])
+    batch, out = Batch(engine.model), []
+    batch.add([kvs[0]])
     for step in range(40):
         if step == 3:
-            batch.add(kvs[1])
+            batch.add([kvs[1]])
         if step == 10:
             batch.keep([1])  # the first row leaves: columns only it used are dropped
         if step == 12:
-            batch.add(kvs[2])
+            batch.add([kvs[2]])
         if step == 20:
             batch.keep([1, 0])
         out.append(batch.step([7 + step % 5] * batch.rows))
@@ -190,10 +194,10 @@ def test_serve_batch_add_keep_and_step_equal_dynamic_cache(sharp_engine, monkeyp
 
     prompts = [[user_turn(0, "Hello there")], [user_turn(0, "A much longer question about nothing at all, really")],
                [user_turn(0, "Short")]]
-    kvs = [backend.prefill(sharp_engine, backend.prompt_ids(sharp_engine, p))[1] for p in prompts]
+    kvs = [prefill_one(sharp_engine, backend.prompt_ids(sharp_engine, p))[1] for p in prompts]
     kept = [[(k.clone(), v.clone()) for k, v in kv.layers] for kv in kvs]
     ours = _batch_schedule(sharp_engine, kvs)
-    monkeypatch.setattr(backend, "_cache", lambda layers: DynamicCache(ddp_cache_data=list(layers)))
+    monkeypatch.setattr(prefill_module, "adopt", lambda layers: DynamicCache(ddp_cache_data=list(layers)))
     theirs = _batch_schedule(sharp_engine, kvs)
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
     for kv, copies in zip(kvs, kept):  # the prefilled rows' tensors were never written

@@ -9,6 +9,7 @@ import sys
 
 from conftest import make_image, run_idefics
 
+from idefics_cli import Model
 from idefics_cli.errors import ExitStatus, IdeficsError
 from idefics_cli.output import Output, run
 
@@ -118,13 +119,13 @@ def test_stream_writes_pieces_and_a_stop_while_writing_stops_the_answer(engine, 
     image = tmp_path / "p.png"
     make_image(seed=3).save(image)
     out = Output()
-    answer = engine.ask([str(image)], "What is it?", max_new_tokens=4)
+    answer = Model(engine).ask([str(image)], "What is it?", max_new_tokens=4)
     out.stream(answer)
     captured = capsys.readouterr()
     assert captured.out == answer.text + "\n"
     assert captured.err == "warning: the answer was cut at --max-new-tokens 4; raise it for the whole answer\n"
 
-    long = engine.ask([str(image)], "What is it?", max_new_tokens=300)
+    long = Model(engine).ask([str(image)], "What is it?", max_new_tokens=300)
     written = []
 
     def write(text):

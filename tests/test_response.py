@@ -9,6 +9,8 @@ import sys
 import pytest
 from conftest import make_image
 
+from idefics_cli import Model
+
 QUESTION = "What is the total amount due?"
 
 
@@ -20,7 +22,7 @@ def page(tmp_path_factory) -> str:
 
 
 def test_iterating_streams_pieces_once_and_then_knows_the_answer(engine, page):
-    answer = engine.ask([page], QUESTION)
+    answer = Model(engine).ask([page], QUESTION)
     assert not answer.done and answer.received == ""
     pieces = list(answer)
     assert len(pieces) > 1 and answer.done
@@ -32,15 +34,15 @@ def test_iterating_streams_pieces_once_and_then_knows_the_answer(engine, page):
 
 
 def test_text_before_iterating_reads_the_whole_answer(engine, page):
-    streamed = "".join(engine.ask([page], QUESTION))
-    answer = engine.ask([page], QUESTION)
+    streamed = "".join(Model(engine).ask([page], QUESTION))
+    answer = Model(engine).ask([page], QUESTION)
     assert answer.text == streamed  # the first access consumed the stream
     assert answer.done and list(answer) == []
     assert answer.usage["completion_tokens"] == 8 and answer.finish_reason == "length"
 
 
 def test_a_break_leaves_the_rest_for_the_next_read(engine, page):
-    answer = engine.ask([page], QUESTION)
+    answer = Model(engine).ask([page], QUESTION)
     first = next(iter(answer))  # the loop's iterator is dropped, as after a `break`
     assert answer.received == first and not answer.done
     rest = list(answer)
@@ -48,7 +50,7 @@ def test_a_break_leaves_the_rest_for_the_next_read(engine, page):
 
 
 def test_close_stops_generating_and_keeps_what_was_read(engine, page):
-    answer = engine.ask([page], QUESTION, max_new_tokens=200)
+    answer = Model(engine).ask([page], QUESTION, max_new_tokens=200)
     first = next(iter(answer))
     answer.close()
     assert answer.interrupted and answer.done and answer.text == first and answer.finish_reason is None
@@ -61,7 +63,7 @@ def test_to_dict_equals_ask_json(engine, page, cli, tiny_model):
                  "--max-new-tokens", "8")
     assert result.exit_code == 0, result.stderr
     printed = json.loads(result.stdout)
-    mine = engine.ask([page], QUESTION).to_dict()
+    mine = Model(engine).ask([page], QUESTION).to_dict()
     assert list(mine) == list(printed)
     assert set(mine.pop("timing")) == set(printed.pop("timing"))
     assert mine == printed
@@ -71,7 +73,7 @@ def test_library_answer_equals_the_model_card_code(engine, tiny_model, page):
     from test_ask import plain_answer
 
     expected, _ = plain_answer(tiny_model, page, QUESTION, True, 12)
-    assert engine.ask(page, QUESTION, max_new_tokens=12).text == expected
+    assert Model(engine).ask(page, QUESTION, max_new_tokens=12).text == expected
 
 
 def test_logits_processor_reaches_generate_streamed_and_batched(engine, page):
@@ -85,7 +87,7 @@ def test_logits_processor_reaches_generate_streamed_and_batched(engine, page):
         forced[:, token] = 0
         return forced
 
-    answer = engine.ask([page], QUESTION, max_new_tokens=3, logits_processor=[only_yes])
+    answer = Model(engine).ask([page], QUESTION, max_new_tokens=3, logits_processor=[only_yes])
     assert answer.text == "yes yes yes"
     batch = engine.build_inputs([([make_image(seed=1)], "Hi?"), ([make_image(seed=2)], "Read it.")])
     assert [g.text for g in engine.generate_batch(batch, 2, logits_processor=[only_yes])] == ["yes yes"] * 2
@@ -96,13 +98,13 @@ def test_a_selection_opened_ahead_is_asked_without_reopening(engine, page):
     from idefics_cli.errors import UsageError
 
     selection = idefics_cli.open_pages([page, page])
-    answer = engine.ask(selection, QUESTION)
+    answer = Model(engine).ask(selection, QUESTION)
     assert answer.usage["image_tokens"] == 640 and [s.pages for s in answer.sources] == [[1, 1]]
     assert answer.to_dict()["sources"] == [{"path": page, "pages": [1, 1]}]
     with pytest.raises(UsageError, match="open_pages"):
-        engine.ask(selection, QUESTION, pages="1")
+        Model(engine).ask(selection, QUESTION, pages="1")
     with pytest.raises(UsageError, match="empty"):
-        engine.ask(selection, "  ")
+        Model(engine).ask(selection, "  ")
 
 
 def test_importing_the_library_imports_no_torch():

@@ -11,6 +11,7 @@ import pytest
 from conftest import make_image, make_pdf, run_traced
 from test_structured import QUESTION, SCHEMAS
 
+from idefics_cli import Model
 from idefics_cli import structured as st
 from idefics_cli.records import settings_hash
 from idefics_cli.transcription import TranscribeRequest
@@ -197,7 +198,7 @@ def test_batched_constrained_pages_equal_single_pages(sharp_model, tmp_path):
     pdf = make_pdf(tmp_path / "invoices.pdf", 2)  # one image a page (no split): the pages' answers differ
     runs = {}
     for size in (2, 1):
-        records = list(engine.transcribe(pdf, prompt=QUESTION, dpi=72, batch_size=size, schema=SCHEMAS[0]))
+        records = list(Model(engine).transcribe(pdf, prompt=QUESTION, dpi=72, batch_size=size, schema=SCHEMAS[0]))
         assert [r.timing["batch_size"] for r in records] == [size] * 2
         runs[size] = [(r.page, r.status, r.text, r.data) for r in records]
     assert runs[2] == runs[1]
@@ -223,16 +224,16 @@ def test_the_settings_hash_includes_the_schema_and_only_with_one():
 # ---- library --------------------------------------------------------------------------------------------------
 def test_library_ask_and_transcribe_take_a_schema(engine, page):
     schema = SCHEMAS[1]
-    response = engine.ask(page, QUESTION, schema=schema, max_new_tokens=80)
+    response = Model(engine).ask(page, QUESTION, schema=schema, max_new_tokens=80)
     assert valid(response.data, schema) and response.schema_error is None
     d = response.to_dict()
     assert d["data"] == response.data and d["schema_sha256"] == st.schema_hash(schema)
-    concise = engine.ask(page, QUESTION, schema=BOOLS, max_new_tokens=80)
+    concise = Model(engine).ask(page, QUESTION, schema=BOOLS, max_new_tokens=80)
     assert set(concise.data) == {"paid", "late"}
-    plain = engine.ask(page, QUESTION, max_new_tokens=4)
+    plain = Model(engine).ask(page, QUESTION, max_new_tokens=4)
     assert plain.data is None and plain.schema_error is None and "data" not in plain.to_dict()
-    cut = engine.ask(page, QUESTION, schema="vendor, total float", max_new_tokens=12)
+    cut = Model(engine).ask(page, QUESTION, schema="vendor, total float", max_new_tokens=12)
     assert cut.data is None and cut.schema_error.code == "schema_truncated" and cut.schema_error.exit_status == 5
     # the engine's 8 new tokens hold an enum's answer
-    (record,) = engine.transcribe(page, prompt=QUESTION, schema=json.dumps(SCHEMAS[3]))
+    (record,) = Model(engine).transcribe(page, prompt=QUESTION, schema=json.dumps(SCHEMAS[3]))
     assert record.status == "ok" and record.data in SCHEMAS[3]["enum"] and record.to_dict()["data"] == record.data

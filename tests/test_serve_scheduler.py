@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from conftest import make_image
+from conftest import make_image, prefill_one
 
 from idefics_cli.prompts import assistant_turn, user_turn
 from idefics_cli.serve import backend
@@ -51,10 +51,10 @@ def test_prefill_from_a_cached_prefix_gives_the_same_logits(sharp_engine):
     ids = backend.prompt_ids(sharp_engine, [user_turn(2, "What is the total?")])
     length = backend.prefix_length(sharp_engine, ids)
     assert 0 < length < len(ids) and ids[length - 1] == sharp_engine.image_token_id
-    full_logits, kv = backend.prefill(sharp_engine, ids, backend.encode_images(sharp_engine, PAGES))
+    full_logits, kv = prefill_one(sharp_engine, ids, backend.encode_images(sharp_engine, PAGES))
     prefix = kv.head(length)
     kept = [k.clone() for k, _ in prefix.layers]
-    again, kv2 = backend.prefill(sharp_engine, ids, prefix=prefix)
+    again, kv2 = prefill_one(sharp_engine, ids, prefix=prefix)
     assert torch.allclose(full_logits, again, atol=1e-4)
     assert kv2.length == len(ids)
     assert all(torch.equal(a, k) for a, (k, _) in zip(kept, prefix.layers))  # the cached prefix is not written

@@ -13,6 +13,7 @@ from dataclasses import replace
 import pytest
 from conftest import make_image, make_pdf
 
+from idefics_cli import Model
 from idefics_cli.errors import UsageError
 from idefics_cli.model import ModelOptions
 from idefics_cli.records import PageRecord, settings_hash
@@ -42,7 +43,7 @@ def essence(record: dict) -> tuple:
 
 
 def test_the_readme_line_gives_the_clis_records_files_and_resume(engine, tiny_model, scans, cli, capsys):
-    transcription = engine.transcribe(["scans/"], out="transcripts/")
+    transcription = Model(engine).transcribe(["scans/"], out="transcripts/")
     for record in transcription:
         print(record.path, record.page, record.status)
     printed = capsys.readouterr().out.splitlines()
@@ -67,7 +68,7 @@ def test_the_readme_line_gives_the_clis_records_files_and_resume(engine, tiny_mo
 
 def test_without_out_nothing_is_written_and_records_are_yielded(engine, scans, capsys):
     before = sorted(os.listdir("."))
-    records = list(engine.transcribe("scans/invoice.pdf", pages="2"))
+    records = list(Model(engine).transcribe("scans/invoice.pdf", pages="2"))
     assert [(r.path, r.page, r.pages, r.status) for r in records] == [("scans/invoice.pdf", 2, 2, "ok")]
     assert sorted(os.listdir(".")) == before
     out = capsys.readouterr()
@@ -75,12 +76,12 @@ def test_without_out_nothing_is_written_and_records_are_yielded(engine, scans, c
 
 
 def test_a_run_left_early_is_closed_and_the_next_one_resumes(engine, scans):
-    transcription = engine.transcribe(["scans/"], out="pages.jsonl", batch_size=1)
+    transcription = Model(engine).transcribe(["scans/"], out="pages.jsonl", batch_size=1)
     first = next(iter(transcription))
     assert os.path.exists("pages.jsonl.lock")
     transcription.close()  # the output is closed and unlocked now
     assert not os.path.exists("pages.jsonl.lock")
-    with engine.transcribe(["scans/"], out="pages.jsonl", batch_size=1) as rest:
+    with Model(engine).transcribe(["scans/"], out="pages.jsonl", batch_size=1) as rest:
         later = list(rest)
     assert rest.summary.skipped >= 1 and rest.exit_status == 0
     done = [(r.path, r.page) for r in [first, *later]]
@@ -89,11 +90,11 @@ def test_a_run_left_early_is_closed_and_the_next_one_resumes(engine, scans):
 
 def test_missing_inputs_and_bad_documents_set_the_exit_status(engine, scans):
     (scans / "broken.pdf").write_bytes(b"%PDF-1.7\ngarbage")
-    transcription = engine.transcribe(["scans/broken.pdf", "nowhere.pdf"])
+    transcription = Model(engine).transcribe(["scans/broken.pdf", "nowhere.pdf"])
     records = list(transcription)
     assert [(r.status, r.error["code"]) for r in records] == [("error", "corrupt")]
     assert [e.code for e in transcription.errors] == ["not_found"] and transcription.exit_status == 4
-    transcription = engine.transcribe(["nowhere.pdf"])
+    transcription = Model(engine).transcribe(["nowhere.pdf"])
     assert list(transcription) == [] and transcription.exit_status == 4
 
 
@@ -127,7 +128,7 @@ def test_the_settings_hash_is_the_resume_key_of_earlier_versions_and_only_what_c
 
 def test_a_loaded_engine_runs_locally(engine):
     with pytest.raises(UsageError, match="locally"):
-        engine.transcribe(["scans/"], engine="ray")
+        Model(engine).transcribe(["scans/"], engine="ray")
 
 
 def test_the_first_batch_is_prepared_while_the_weights_load(engine, tiny_model, scans, monkeypatch):

@@ -9,7 +9,7 @@ error before anything is opened) constrains the answer to a JSON Schema: text mo
 --max-new-tokens, or not validating) prints an error line (text) or `"data": null` and `error` (JSON), and
 the command exits 5.
 Documents are opened, page specs checked and every chosen page decoded before the model loads, so input
-errors are instant. The work is the library's (selection.py, `Engine.ask`, the `Response` of response.py);
+errors are instant. The work is the library's (selection.py's `ask`, the `Response` of response.py);
 this module parses the command line and prints. With `--server URL` (IDEFICS_SERVER) the pages are still
 rendered here and a running `idefics serve` answers (client.py): the same text, JSON and exit statuses.
 """
@@ -66,7 +66,7 @@ def ask(
 def _ask(out, args, pages, dpi, password, as_json, each_page, opts, schema_value=None, server=None,
          api_key=None) -> int:
     from ..errors import UsageError, warning_line
-    from ..selection import check_question, open_pages
+    from ..selection import ask, check_question, open_pages
 
     schema = None
     if schema_value is not None:
@@ -82,7 +82,7 @@ def _ask(out, args, pages, dpi, password, as_json, each_page, opts, schema_value
     status = 0
     for group in selection.each_page() if each_page else [selection]:
         with out.status(f"Preparing {len(group)} page(s)…"):
-            response = engine.ask(group, question, schema=schema)
+            response = ask(engine, group, question, schema=schema)
         if as_json:
             out.json_line(response.to_dict())
             if response.schema_error is not None:

@@ -1,0 +1,81 @@
+"""What the tasks (ask, chat, transcribe, the server) need from a model, declared once.
+
+Contract: `Engine` is the protocol that the local engine (engine.py), a server's model (client.py) and the Ray
+actors' engines implement; tasks take one and never look for other attributes. `ModelOptions` are its settings
+(the CLI's model options), `Generation` one finished answer. Inputs are the engine's own (`prepare`,
+`chat_inputs`): a task only hands them back to the engine that made them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+DEFAULT_MODEL = "HuggingFaceM4/idefics2-8b"
+
+
+@dataclass
+class ModelOptions:
+    """Every setting of a model: what it is, how it is loaded, and its answers' defaults."""
+
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    quant: str = "4bit"
+    dtype: str = "auto"
+    device: str = "auto"
+    offline: bool = False
+    split: bool = True
+    max_new_tokens: int = 512
+
+
+@dataclass
+class Generation:
+    """One finished answer."""
+
+    text: str = ""
+    completion_tokens: int = 0
+    finish_reason: str | None = None  # stop, length
+    first_token_s: float | None = None
+    total_s: float = 0.0
+    token_ids: list[int] = field(default_factory=list)
+    prompt_usage: dict = field(default_factory=dict)  # {"prompt_tokens", "image_tokens"}
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A model that answers prompts made of page images and text."""
+
+    options: ModelOptions  # the settings answers depend on
+    load_s: float
+
+    @property
+    def info(self) -> dict:
+        """{"id", "revision", "quantization", "dtype", "device"} (the JSON's `model`)."""
+
+    def check_context(self, n_images: int, question: str, max_new_tokens: int) -> int | None:
+        """Refuse (UsageError) a prompt that cannot fit the context; its length when known here."""
+
+    def auto_batch_size(self) -> int:
+        """Rows worth decoding together."""
+
+    def prepare(self, batch: list[tuple[list, str]], split: bool | None = None, collect: bool = False) -> Any:
+        """Inputs for [(page images, question)], one user turn each (images may be functions rendering one)."""
+
+    def chat_inputs(self, messages: list[dict], images: list, max_new_tokens: int) -> Any:
+        """Inputs for a whole conversation (transformers chat format) and its images in order."""
+
+    def usage(self, inputs: Any, row: int = 0) -> dict:
+        """{"prompt_tokens", "image_tokens"} of a row of `inputs`."""
+
+    def stream_generate(self, inputs: Any, max_new_tokens: int | None = None, logits_processor=None,
+                        schema=None) -> Generator[str, None, Generation]:
+        """Yield the pieces of a one-row answer; return its Generation."""
+
+    def generate_batch(self, inputs: Any, max_new_tokens: int | None = None, logits_processor=None,
+                       schema=None) -> list[Generation]:
+        """Every row's answer."""
+
+    def generate_rows(self, items: Iterable[tuple[Any, Any, int]], max_new_tokens: int | None = None, schema=None,
+                      width: int | None = None) -> Iterator[tuple[Any, Any]]:
+        """Continuous batching over (tag, inputs, row) items: yields (tag, Generation or IdeficsError)."""

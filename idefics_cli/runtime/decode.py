@@ -1,0 +1,308 @@
+"""The one decode loop: prompts join as rows, advance one token a step together, and leave when they end.
+
+Contract:
+- `Row` is one answer: its prompt (`ids`, image `features` or a cached `prefix`) and its own state: stop ids,
+  stop strings, UTF-8 holdback, grammar, greedy or sampled, user logits processors, cancel. `text` is the
+  stable answer so far (no unfinished character, no possible start of a stop string); `finish_reason` is set
+  when it ends (stop, length, cancelled, error). Hooks `on_start()`, `on_text(piece)`, `on_end()` follow it.
+- `Loop(engine)`: `add(rows)` prefills rows (together when their prompts are as long; a long prompt in chunks)
+  and takes each one's first token; `step()` advances every running row by one token in one forward pass.
+  Rows that end or are cancelled leave before the next step, so others may join at once (continuous batching).
+  An exception in a forward pass fails the rows in it; one in a row's own work fails that row alone.
+- `stream(loop, row)` runs one row to its end, yielding its text pieces; `run(loop, rows, width)` keeps up to
+  `width` rows running, pulling the next row from `rows` as places free, and yields each row as it ends.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+from ..errors import IdeficsError, classify
+from .prefill import KV, Batch, prefill
+
+
+class Row:
+    """One answer being generated (see the module contract)."""
+
+    def __init__(self, ids: list[int], features=None, prefix: KV | None = None, *, max_tokens: int,
+                 stop: Iterable[str] = (), grammar=None, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None, processors: Iterable[Callable] = (), keep_prefix: int = 0, tag=None):
+        self.ids, self.features, self.prefix = list(ids), features, prefix
+        self.max_tokens, self.stop, self.grammar = max_tokens, list(stop), grammar
+        self.temperature, self.top_p, self.seed = temperature, top_p, seed
+        self.processors = list(processors)
+        self.keep_prefix = keep_prefix  # prefill keeps the first keep_prefix positions' KV here as `prefix_kv`
+        self.prefix_kv: KV | None = None
+        self.tag = tag  # the caller's
+        self.cancelled = threading.Event()
+        self.token_ids: list[int] = []
+        self.answer_ids: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.error: IdeficsError | None = None
+        self.started = time.perf_counter()
+        self.first_token_s: float | None = None
+        self.total_s = 0.0
+        self._generator = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.ids)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def on_start(self) -> None:
+        """The prompt is prefilled; the first token comes next (override)."""
+
+    def on_text(self, piece: str) -> None:
+        """A new stable piece of the answer (override or wrap)."""
+
+    def on_end(self) -> None:
+        """The row ended: `finish_reason` is set (override or wrap)."""
+
+    def finish(self, reason: str, error: IdeficsError | None = None) -> None:
+        if self.done:
+            return
+        self.finish_reason, self.error = reason, error
+        self.total_s = time.perf_counter() - self.started
+        self.features = self.prefix = None
+        self.on_end()
+
+    def fail(self, exc: BaseException) -> None:
+        self.finish("error", classify(exc))
+
+    def _accept(self, token: int, eos: set, decode) -> None:
+        """Take one new token: update the text, hand on what is stable, end the row when it is over."""
+        if self.first_token_s is None:
+            self.first_token_s = time.perf_counter() - self.started
+        if self.grammar is not None:
+            self.grammar.accept(token)
+        self.token_ids.append(token)
+        ended = None
+        text = self.text
+        if token in eos:
+            ended = "stop"
+        else:
+            self.answer_ids.append(token)
+            text = decode(self.answer_ids)
+        for s in self.stop:
+            at = text.find(s)
+            if at >= 0:
+                text, ended = text[:at], "stop"
+        if ended is None and len(self.token_ids) >= self.max_tokens:
+            ended = "length"
+        stable = text
+        if ended is None:
+            if text.endswith("\ufffd"):
+                return
+            hold = max((len(s) - 1 for s in self.stop), default=0)
+            stable = text[: len(text) - hold] if hold else text
+        if len(stable) > len(self.text) and stable.startswith(self.text):
+            piece, self.text = stable[len(self.text):], stable
+            self.on_text(piece)
+        elif ended is not None:
+            self.text = stable
+        if ended is not None:
+            self.finish(ended)
+
+
+class Loop:
+    """The running rows of one engine and their key/value batch (see the module contract)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.rows: list[Row] = []
+        self.batch = Batch(engine.model)
+        self.eos = set(engine.eos_ids)
+        self.suppressed = engine.suppressed_ids
+        self.steps = 0
+
+    def add(self, rows: list[Row]) -> list[Row]:
+        """Prefill `rows` and take their first tokens; those that go on join the batch. Returns the rows that
+        ended meanwhile (of `rows`, or running rows failed by a batch that could not grow)."""
+        ended = [row for row in rows if self._ended(row)]
+        rows = [row for row in rows if not row.done]
+        groups: dict[int, list[Row]] = {}
+        for row in rows:  # prompts of one length (and no cached prefix) are prefilled together
+            groups.setdefault(-1 - len(groups) if row.prefix is not None else len(row.ids), []).append(row)
+        for group in groups.values():
+            try:
+                logits, kvs = prefill(self.engine, group)
+            except BaseException as exc:  # noqa: BLE001 - fails this group only
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                for row in group:
+                    row.fail(exc)
+                ended += group
+                continue
+            joining = []
+            for row, kv, row_logits in zip(group, kvs, self._choose(logits, group)):
+                if row.keep_prefix:
+                    row.prefix_kv = kv.head(row.keep_prefix)
+                row.features = row.prefix = None
+                row.on_start()
+                self._take(row, row_logits)
+                if row.done:
+                    ended.append(row)
+                else:
+                    joining.append((row, kv))
+            try:
+                self.batch.add([kv for _, kv in joining])
+            except BaseException as exc:  # e.g. out of memory halfway: the batch is no longer whole
+                failed = [*self.rows, *(r for r, _ in joining)]
+                for row in failed:
+                    row.fail(exc)
+                ended += failed
+                self.rows, self.batch = [], Batch(self.engine.model)
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                continue
+            self.rows.extend(row for row, _ in joining)
+        return ended
+
+    def step(self) -> list[Row]:
+        """One token for every running row; returns the rows that ended (they have left the batch)."""
+        ended = self._retire()
+        if not self.rows:
+            return ended
+        rows = list(self.rows)
+        try:
+            logits = self.batch.step([row.token_ids[-1] for row in rows])
+            chosen = self._choose(logits, rows)
+        except BaseException as exc:  # noqa: BLE001
+            for row in rows:
+                row.fail(exc)
+            self.rows, self.batch = [], Batch(self.engine.model)
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            return ended + rows
+        self.steps += 1
+        for row, token in zip(rows, chosen):
+            self._take(row, token)
+        return ended + self._retire()
+
+    def close(self) -> None:
+        """Cancel every running row and free the batch."""
+        for row in self.rows:
+            row.finish("cancelled")
+        self.rows, self.batch = [], Batch(self.engine.model)
+
+    # ---- per row -------------------------------------------------------------------------------
+    def _ended(self, row: Row) -> bool:
+        if row.cancelled.is_set():
+            row.finish("cancelled")
+        return row.done
+
+    def _take(self, row: Row, token) -> None:
+        if isinstance(token, BaseException):
+            row.fail(token)
+            return
+        try:
+            row._accept(token, self.eos, self.engine.decode)
+        except BaseException as exc:  # noqa: BLE001 - this row only
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            row.fail(exc)
+
+    def _retire(self) -> list[Row]:
+        gone = [k for k, row in enumerate(self.rows) if self._ended(row)]
+        if not gone:
+            return []
+        keep = [k for k in range(len(self.rows)) if k not in gone]
+        ended = [self.rows[k] for k in gone]
+        self.batch.keep(keep)
+        self.rows = [self.rows[k] for k in keep]
+        return ended
+
+    def _choose(self, logits, rows: list[Row]) -> list:
+        """The next token of each row (or the exception its own processing raised)."""
+        import torch
+
+        with torch.inference_mode():
+            if self.suppressed:
+                logits[:, self.suppressed] = float("-inf")
+            out: list = []
+            for k, row in enumerate(rows):
+                if row.processors:
+                    try:
+                        ids = torch.tensor([row.ids + row.token_ids], device=logits.device)
+                        scores = logits[k:k + 1]
+                        for processor in row.processors:
+                            scores = processor(ids, scores)
+                        logits[k] = scores[0]
+                    except Exception as exc:  # noqa: BLE001
+                        out.append((k, exc))
+            grammars = [row.grammar for row in rows]
+            if any(g is not None for g in grammars):
+                from ..grammar_engine import mask_rows
+
+                mask_rows(logits, grammars)
+            failed = dict(out)
+            return [failed[k] if k in failed else _pick(logits[k], row) for k, row in enumerate(rows)]
+
+
+def _pick(logits, row: Row) -> int:
+    """Greedy (argmax) or, with a temperature, top-p sampling from the row's seeded generator."""
+    import torch
+
+    if not row.temperature:
+        return int(logits.argmax())
+    if row._generator is None:
+        row._generator = torch.Generator(device="cpu")
+        row._generator.manual_seed(row.seed if row.seed is not None else int(torch.seed()))
+    probs = torch.softmax(logits.cpu() / row.temperature, dim=-1)
+    if row.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        sorted_probs[sorted_probs.cumsum(0) - sorted_probs > row.top_p] = 0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=row._generator))
+
+
+def stream(loop: Loop, row: Row) -> Iterator[str]:
+    """Run `row` alone to its end, yielding each new piece of its text; closing the generator cancels it."""
+    pieces: list[str] = []
+    row.on_text = pieces.append
+    try:
+        loop.add([row])
+        while True:
+            yield from pieces
+            pieces.clear()
+            if row.done:
+                break
+            loop.step()
+    finally:
+        if not row.done:
+            row.cancel()
+            loop.step()
+        loop.close()
+    return row
+
+
+def run(loop: Loop, rows: Iterable[Row], width: int) -> Iterator[Row]:
+    """Keep up to `width` rows running, taking the next of `rows` whenever a place is free; yield rows as they end."""
+    pending = iter(rows)
+    more = True
+    try:
+        while True:
+            joining = []
+            while more and len(loop.rows) + len(joining) < max(1, width):
+                row = next(pending, None)
+                if row is None:
+                    more = False
+                    break
+                joining.append(row)
+            yield from loop.add(joining)
+            if not loop.rows:
+                if not more:
+                    return
+                continue
+            yield from loop.step()
+    finally:
+        loop.close()

@@ -1,0 +1,149 @@
+"""Forward passes of the decode loop: prefill prompts into key/value caches, then step a left-padded batch.
+
+Contract:
+- `prefill(engine, rows)`: one pass over the prompts of `rows` (all as long, or one row with a cached `prefix`).
+  The image features are merged into the token embeddings as the model's own forward does; a prompt longer than
+  `engine.prefill_chunk` tokens is run that many tokens at a time (bounded activations). With a `prefix` (a `KV`
+  of the first tokens, never written) only the rest is run. Returns the last position's logits [rows, vocab]
+  (float32) and each row's `KV`.
+- `KV` is one row's per-layer (keys, values), each [1, heads, length, dim]; `head(n)` copies the first n.
+- `Batch(model)`: rows decoding together in one kvcache.py cache (decode steps written in place), left-padded
+  to a common width. `add(kvs)` joins rows, `keep(rows)` keeps those rows (dropping unused left columns), and
+  `step(tokens)` feeds one token per row and returns the next-token logits [rows, vocab] (float32).
+torch is imported inside functions only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class KV:
+    """Key/value tensors of one prompt row: [(keys, values)] per layer, each [1, heads, length, dim]."""
+
+    layers: list
+    length: int
+
+    def head(self, n: int) -> KV:
+        return KV([(k[:, :, :n].clone(), v[:, :, :n].clone()) for k, v in self.layers], n)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.layers)
+
+
+def adopt(layers):
+    """A cache over these tensors that never writes them: its first update copies them into a new buffer."""
+    from ..kvcache import new_cache
+
+    return new_cache(layers=[(k, v) for k, v in layers])
+
+
+def _layers(cache) -> list:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def prefill(engine, rows: list) -> tuple:
+    """(last logits [rows, vocab], [KV per row]) for `rows` (see the module contract)."""
+    import torch
+
+    from ..kvcache import new_cache
+
+    model = engine.model
+    device = model.device
+    prefix = rows[0].prefix
+    start = prefix.length if prefix is not None else 0
+    length = len(rows[0].ids)
+    cache = adopt(prefix.layers) if prefix is not None else new_cache(model.config)
+    with torch.inference_mode():
+        ids = torch.tensor([row.ids[start:] for row in rows], device=device)
+        embeds = model.get_input_embeddings()(ids)
+        for k, row in enumerate(rows):
+            if row.features is not None:
+                merged = model.model.inputs_merger(input_ids=ids[k:k + 1], inputs_embeds=embeds[k:k + 1],
+                                                   image_hidden_states=row.features)
+                embeds[k] = merged[0]
+        chunk = engine.prefill_chunk or length
+        out = None
+        for a in range(start, length, chunk):
+            b = min(length, a + chunk)
+            out = model(inputs_embeds=embeds[:, a - start:b - start],
+                        attention_mask=torch.ones((len(rows), b), dtype=torch.long, device=device),
+                        position_ids=torch.arange(a, b, device=device).expand(len(rows), -1), cache=cache,
+                        use_cache=True, logits_to_keep=1)
+            cache = out.cache
+        layers = _layers(cache)
+    if len(rows) == 1:
+        return out.logits[:, -1].float(), [KV(layers, length)]
+    return out.logits[:, -1].float(), [KV([(k[r:r + 1], v[r:r + 1]) for k, v in layers], length)
+                                       for r in range(len(rows))]
+
+
+class Batch:
+    """Rows of several prompts decoding together: a left-padded cache, its attention mask and positions."""
+
+    def __init__(self, model):
+        self.model = model
+        self.cache = None  # kvcache.new_cache, [rows, heads, width, dim] per layer
+        self.mask = None  # [rows, width] long
+        self.positions: list[int] = []  # next position of each row
+
+    @property
+    def rows(self) -> int:
+        return len(self.positions)
+
+    def add(self, kvs: list[KV]) -> None:
+        """Append rows (prefilled prompts), padding them or the batch on the left to a common width."""
+        import torch
+
+        if not kvs:
+            return
+        parts = ([] if self.cache is None else [(_layers(self.cache), self.mask)])
+        parts += [(kv.layers, torch.ones((1, kv.length), dtype=torch.long, device=kv.layers[0][0].device))
+                  for kv in kvs]
+        self.positions += [kv.length for kv in kvs]
+        if len(parts) == 1:
+            self.cache, self.mask = adopt(parts[0][0]), parts[0][1]
+            return
+        width = max(mask.shape[1] for _, mask in parts)
+        padded = [_pad(layers, mask, width) for layers, mask in parts]
+        merged = [(torch.cat([p[0][i][0] for p in padded]), torch.cat([p[0][i][1] for p in padded]))
+                  for i in range(len(padded[0][0]))]
+        self.cache, self.mask = adopt(merged), torch.cat([p[1] for p in padded])
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these rows (in this order); left columns that no kept row uses are dropped."""
+        if not rows:
+            self.cache, self.mask, self.positions = None, None, []
+            return
+        mask = self.mask[rows]
+        used = mask.any(dim=0).nonzero()
+        first = int(used[0]) if used.numel() else 0
+        self.mask = mask[:, first:]
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[rows][:, :, first:], layer.values[rows][:, :, first:]
+        self.positions = [self.positions[r] for r in rows]
+
+    def step(self, tokens: list[int]):
+        """Feed one token per row; returns the next-token logits [rows, vocab] (float32)."""
+        import torch
+
+        device = self.mask.device
+        self.mask = torch.cat([self.mask, torch.ones((self.rows, 1), dtype=torch.long, device=device)], dim=1)
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.tensor([[t] for t in tokens], device=device), attention_mask=self.mask,
+                             position_ids=torch.tensor([[p] for p in self.positions], device=device),
+                             cache=self.cache, use_cache=True, logits_to_keep=1)
+        self.cache = out.cache
+        self.positions = [p + 1 for p in self.positions]
+        return out.logits[:, -1].float()
+
+
+def _pad(layers, mask, width: int):
+    import torch.nn.functional as F
+
+    extra = width - mask.shape[1]
+    if extra == 0:
+        return layers, mask
+    return [(F.pad(k, (0, 0, extra, 0)), F.pad(v, (0, 0, extra, 0))) for k, v in layers], F.pad(mask, (extra, 0))
