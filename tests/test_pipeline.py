@@ -32,27 +32,25 @@ def run_job(engine, pdf, batch_size: int, sink) -> Job:
 
 
 class OomInjector:
-    """The real engine, except that generate calls matching `fails(inputs)` raise CUDA's out-of-memory error.
+    """The real engine, except that decode-loop prefills matching `fails(rows, crops)` raise CUDA's out-of-memory
+    error (`crops`: images a row). A CPU cannot run out of GPU memory, so the fault is injected."""
 
-    A CPU cannot run out of GPU memory, so the fault is injected; everything else is the real model.
-    """
-
-    def __init__(self, engine, fails):
-        self.engine, self.fails, self.calls = engine, fails, []
-
-    def __getattr__(self, name):
-        return getattr(self.engine, name)
-
-    def generate_batch(self, inputs, max_new_tokens=None):
+    def __init__(self, monkeypatch, engine, fails):
         import torch
 
-        rows, images = inputs["input_ids"].shape[0], max(inputs["vision"].slots)  # images (crops) a row
-        self.calls.append((rows, images))
-        if self.fails(rows, images):
-            from idefics_cli.engine import generation_error
+        from idefics_cli.runtime import decode
 
-            raise generation_error(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
-        return self.engine.generate_batch(inputs, max_new_tokens)
+        self.calls = []
+        real, per_image = decode.prefill, engine.processor.image_seq_len
+
+        def prefill(eng, rows):
+            crops = max(0 if r.features is None else r.features.shape[0] // per_image for r in rows)
+            self.calls.append((len(rows), crops))
+            if fails(len(rows), crops):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return real(eng, rows)
+
+        monkeypatch.setattr(decode, "prefill", prefill)
 
 
 def _batch(engine):
@@ -67,26 +65,28 @@ def _single_texts(engine, split):
             for im in batch.images]
 
 
-def test_oom_batch_is_retried_page_by_page(engine):
-    injector = OomInjector(engine, lambda rows, images: rows > 1)
-    records = answer_batch(injector, _batch(engine), SETTINGS)
+def test_oom_batch_is_retried_page_by_page(engine, monkeypatch):
+    injector = OomInjector(monkeypatch, engine, lambda rows, images: rows > 1)
+    records = answer_batch(engine, _batch(engine), SETTINGS)
+    calls = list(injector.calls)  # the reference answers below go through the loop too
     assert [r.status for r in records] == ["ok", "ok"]
     assert [r.text for r in records] == _single_texts(engine, None)
-    assert injector.calls == [(2, 5), (1, 5), (1, 5)]
+    assert calls == [(2, 5), (1, 5), (1, 5)]
 
 
-def test_oom_single_page_is_retried_without_split(engine):
-    injector = OomInjector(engine, lambda rows, images: images == 5)  # every split input runs out of memory
-    records = answer_batch(injector, _batch(engine), SETTINGS)
+def test_oom_single_page_is_retried_without_split(engine, monkeypatch):
+    injector = OomInjector(monkeypatch, engine, lambda rows, images: images == 5)  # every split input: no memory
+    records = answer_batch(engine, _batch(engine), SETTINGS)
+    calls = list(injector.calls)  # the reference answers below go through the loop too
     assert [r.status for r in records] == ["ok", "ok"]
     assert [r.text for r in records] == _single_texts(engine, False)
     assert [r.usage["image_tokens"] for r in records] == [64, 64]
-    assert injector.calls == [(2, 5), (1, 5), (1, 1), (1, 5), (1, 1)]
+    assert calls == [(2, 5), (1, 5), (1, 1), (1, 5), (1, 1)]
 
 
-def test_oom_everywhere_records_out_of_memory_and_goes_on(engine):
-    injector = OomInjector(engine, lambda rows, images: True)
-    records = answer_batch(injector, _batch(engine), SETTINGS)
+def test_oom_everywhere_records_out_of_memory_and_goes_on(engine, monkeypatch):
+    OomInjector(monkeypatch, engine, lambda rows, images: True)
+    records = answer_batch(engine, _batch(engine), SETTINGS)
     assert [(r.status, r.error["code"]) for r in records] == [("error", "out_of_memory")] * 2
     assert all(r.text is None for r in records)
 
@@ -153,7 +153,7 @@ def test_failed_preprocessing_gives_back_its_turn_and_the_run_goes_on(engine, tm
 
 
 class Schedule:
-    """The real engine, watched: logs each build's and each generate call's start and end, in order."""
+    """The real engine, watched: logs each build's start and end and each answer, in order."""
 
     def __init__(self, engine):
         import threading
@@ -179,12 +179,15 @@ class Schedule:
                 self.second_build.set()
         return self._logged("build", lambda: self.engine.prepare(batch, split, collect))
 
-    def generate_batch(self, inputs, max_new_tokens=None):
-        def first_waits():  # the first generate call ends only once the next build has started (or never will)
-            self.second_build.wait(60)
-            return self.engine.generate_batch(inputs, max_new_tokens)
-
-        return self._logged("generate", first_waits)
+    def generate_rows(self, items, max_new_tokens=None, schema=None, width=None):
+        first = True
+        for tag, result in self.engine.generate_rows(items, max_new_tokens, schema, width):
+            if first:  # the first answer ends only once the next build has started (or never will)
+                self.second_build.wait(60)
+                first = False
+            with self.lock:
+                self.log.append("answer")
+            yield tag, result
 
 
 def test_one_batch_is_built_ahead_while_the_model_works_on_the_previous_one(engine, tmp_path):
@@ -193,16 +196,16 @@ def test_one_batch_is_built_ahead_while_the_model_works_on_the_previous_one(engi
     pdf = make_pdf(tmp_path / "doc.pdf", 8)
     watch, sink = Schedule(engine), ListSink()
     assert run_job(watch, pdf, 2, sink).summary.ok == 8
-    builds = generated = 0
+    builds = answered = 0
     for event in watch.log:
         builds += event == "build start"
-        generated += event == "generate end"
-        # batch k + 1 is built only once the model has taken batch k, after batch k - 1 was answered: so at most
-        # two batches' pixels exist at a time ...
-        assert builds <= generated + 2, watch.log
-    assert builds == generated == 4
-    # ... and it is: the second build ran while the model generated the first batch
-    assert watch.log.index("build start", 1) < watch.log.index("generate end"), watch.log
+        answered += event == "answer"
+        # a batch (2 pages) is built only once the loop needs its rows, one batch ahead at most: so at most two
+        # batches' pixels exist at a time ...
+        assert builds <= answered // 2 + 2, watch.log
+    assert builds == 4 and answered == 8
+    # ... and it is: the second build ran while the model worked on the first batch
+    assert watch.log.index("build start", 1) < watch.log.index("answer"), watch.log
     expected = [engine.generate_batch(engine.build_inputs([([im], "Transcribe.")]), 2)[0].text
                 for im in _pdf_images(pdf)]
     assert [r["text"] for r in sorted(sink.records, key=lambda r: r["page"])] == expected
@@ -217,18 +220,17 @@ def _pdf_images(pdf):
 
 def test_each_page_gets_its_share_of_the_batch_time(engine):
     batch = _batch(engine)
-    gens_before = []
+    gens = {}
 
     class Timed:
         def __getattr__(self, name):
             return getattr(engine, name)
 
-        def generate_batch(self, inputs, max_new_tokens=None):
-            gens_before.extend(engine.generate_batch(inputs, max_new_tokens))
-            return gens_before
+        def generate_rows(self, items, max_new_tokens=None, schema=None, width=None):
+            for tag, gen in engine.generate_rows(items, max_new_tokens, schema, width):
+                gens[tag.row] = gen
+                yield tag, gen
 
     records = answer_batch(Timed(), batch, SETTINGS)
-    whole = gens_before[0].total_s  # the one generate call that answered both pages
-    assert [r.timing["batch_size"] for r in records] == [2, 2]
-    assert abs(sum(r.timing["generate_s"] for r in records) - whole) <= 1e-4 * len(records)  # shares are rounded
-    assert all(r.timing["generate_s"] == round(whole / 2, 4) for r in records)
+    assert [r.timing["batch_size"] for r in records] == [2, 2]  # the two pages decoded together
+    assert all(r.timing["generate_s"] == round(gens[k].total_s / 2, 4) for k, r in enumerate(records))
