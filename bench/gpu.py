@@ -21,8 +21,8 @@ vision tower + connector, prefill and decode, at batch 1 and 8, and the bound on
 
 Then P11 on the 4-bit model (bench/schema.py's measure at this shape): decode tokens/s with the invoice schema's
 grammar (`--schema`, structured.py) against without, at batch 1 and 8, interleaved; decode = rows x steps / the
-time between the first and the last decode step (a timestamp processor after the grammar's, with a CUDA sync),
-so the prefill is left out. Target: >= 0.90x. `--smoke` without CUDA runs it too (batch 1 and 2, 4 tokens).
+time between the first and the last decode step of runtime/decode.py's loop (with a CUDA sync), so the prefill is
+left out. Target: >= 0.90x. `--smoke` without CUDA runs it too (batch 1 and 2, 4 tokens).
 Last, bench/serve.py's P8 and P9 through an `idefics serve` child process on the GPU with the same model (4-bit): a
 second question over a cached page, time to first token <= 0.15x the first's; 8 one-page requests at once, wall
 <= 0.5x the same sent one after another. `--smoke` without CUDA runs them too, on the CPU with the tiny model.
@@ -40,6 +40,7 @@ import time
 
 import common as c
 import decompose
+import schema as schema_bench
 import serve
 import stages
 
@@ -119,13 +120,13 @@ def ask_pages(engine, pdf: str, pages: int, plain: bool, base: int = 0, dpi: int
     try:
         if plain:  # the model card: one processor call (padded pixel_values), generate encodes them all at once
             kwargs = dict(engine.build_inputs([(images, c.QUESTION)]))
-        else:
-            kwargs = engine.model_kwargs(engine.prepare([(images, c.QUESTION)]))
-        with torch.inference_mode():
-            out = engine.model.generate(**kwargs, do_sample=False, max_new_tokens=1, min_new_tokens=1)
+            with torch.inference_mode():
+                out = engine.model.generate(**kwargs, do_sample=False, max_new_tokens=1, min_new_tokens=1)
+            first = out[0, kwargs["input_ids"].shape[1]:].tolist()
+        else:  # idefics-cli: vision.py's same-shape chunks, then the decode loop's prefill
+            first = engine.generate(engine.prepare([(images, c.QUESTION)]), max_new_tokens=1).token_ids
         if cuda:
             torch.cuda.synchronize()
-        first = out[0, kwargs["input_ids"].shape[1]:].tolist()
     except torch.OutOfMemoryError:
         kwargs = None
         gc.collect()
@@ -178,28 +179,13 @@ def schema_decode(engine, pdf: str, batches: list[int], tokens: int, reps: int, 
     with open_document(pdf, dpi=dpi) as doc:
         image = doc.render(1)
     question = st.with_schema("Extract the invoice fields.", schema)
-    cuda = engine.device.startswith("cuda")
-
-    class Clock:
-        def __init__(self):
-            self.stamps: list[float] = []
-
-        def __call__(self, input_ids, scores):
-            if cuda:
-                torch.cuda.synchronize()
-            self.stamps.append(time.perf_counter())
-            return scores
+    sync = torch.cuda.synchronize if engine.device.startswith("cuda") else None
 
     def run(batch: int, constrained: bool) -> dict:
-        inputs = engine.build_inputs([([image], question)] * batch)
-        clock = Clock()
-        processors = [*(st.for_engine(engine, schema) if constrained else []), clock]
-        with torch.inference_mode():
-            engine.model.generate(**inputs, logits_processor=processors, do_sample=False, max_new_tokens=tokens)
-        steps = len(clock.stamps) - 1
-        return {"tokens_per_s": batch * steps / (clock.stamps[-1] - clock.stamps[0]) if steps else 0.0, "steps": steps}
+        return schema_bench.decode_rate(engine, [([image], question)] * batch, tokens, schema if constrained else None,
+                                        sync)
 
-    run(1, True)  # warm-up: the grammar's tokenizer view and compile, the first generate call
+    run(1, True)  # warm-up: the grammar's tokenizer view and compile, the first decode
     out = {}
     for batch in batches:
         runs = c.interleave({"plain": lambda b=batch: run(b, False), "schema": lambda b=batch: run(b, True)}, reps)

@@ -3,11 +3,11 @@
     python bench/schema.py [--reps N] [--max-new-tokens 48] [--smoke] [--model DIR]
 
 One child process loads the random mid-size Idefics2 (4-bit nf4, CPU, float32 compute) and, for batch 1 and
-batch 8 (the CPU's automatic batch size), generates greedy answers to the same page image(s) with and without
-the invoice schema's logits processor (idefics_cli/structured.py, llguidance), interleaved (A, B, B, A, ...)
-so that load from other processes hits both alike. Decode speed = rows x steps / time between the first and
-the last decode step, read from a timestamp processor placed after the grammar's: it includes the mask
-work and excludes the prefill (vision and prompt), which a schema does not change. The constrained rows
+batch 8 (the CPU's automatic batch size), decodes greedy answers to the same page image(s) in the decode loop
+with and without the invoice schema's grammar on each row (structured.py, llguidance), interleaved (A, B, B, A,
+...) so that load from other processes hits both alike. Decode speed = rows x steps / time between the first and
+the last decode step (`decode_rate`): it includes the mask work and excludes the prefill (vision and prompt),
+which a schema does not change. The constrained rows
 answer in the invoice schema (the random model rarely closes its strings, so both sides usually run the
 whole budget). The child also times the grammar side: building llguidance's view of the idefics2 tokenizer
 (once per process; grammar_engine.tokenizer_view), compiling the invoice schema cold (median of 5), and a
@@ -28,11 +28,31 @@ import common as c
 BATCHES = (1, 8)
 
 
+def decode_rate(engine, batch: list, tokens: int, schema=None, sync=None) -> dict:
+    """Rows of `batch` through the decode loop, `schema`'s grammar on each row or none: rows x steps / the time
+    between the first and the last decode step (stamped when the first row's next token is chosen), so the
+    vision tower and the prefill are left out; `sync` (CUDA's) runs before each stamp."""
+    from idefics_cli.runtime.decode import Loop, run
+
+    stamps: list[float] = []
+
+    def clock(input_ids, scores):
+        if sync is not None:
+            sync()
+        stamps.append(time.perf_counter())
+        return scores
+
+    rows = engine.rows(engine.prepare(batch), tokens, schema=schema)
+    rows[0].processors = [clock]
+    loop = Loop(engine)
+    list(run(loop, rows, len(rows)))
+    steps = len(stamps) - 1
+    return {"tokens_per_s": len(rows) * steps / (stamps[-1] - stamps[0]) if steps else 0.0, "steps": steps}
+
+
 def child(model: str, image: str, reps: int, max_new_tokens: int, batches: list[int]) -> dict:
-    import torch
     from PIL import Image
     from schema_engines import INVOICE_SCHEMA
-    from transformers import LogitsProcessor
 
     from idefics_cli import structured as st
     from idefics_cli.model import ModelOptions, load, quiet_libraries
@@ -61,29 +81,13 @@ def child(model: str, image: str, reps: int, max_new_tokens: int, batches: list[
     st.compiled(schema, tokenizer, vocab, stops)
     out["grammar"]["cached_s"] = time.perf_counter() - t0
 
-    class Clock(LogitsProcessor):
-        def __init__(self):
-            self.stamps: list[float] = []
-
-        def __call__(self, input_ids, scores):
-            self.stamps.append(time.perf_counter())
-            return scores
-
     page = Image.open(image).convert("RGB")
     question = st.with_schema("Extract the invoice fields.", schema)
 
     def run(batch: int, constrained: bool) -> dict:
-        inputs = engine.build_inputs([([page], question)] * batch)
-        clock = Clock()
-        processors = [*(st.for_engine(engine, schema) if constrained else []), clock]
-        with torch.inference_mode():
-            engine.model.generate(**inputs, logits_processor=processors, do_sample=False,
-                                  max_new_tokens=max_new_tokens)
-        steps = len(clock.stamps) - 1
-        return {"tokens_per_s": batch * steps / (clock.stamps[-1] - clock.stamps[0]) if steps else 0.0,
-                "steps": steps}
+        return decode_rate(engine, [([page], question)] * batch, max_new_tokens, schema if constrained else None)
 
-    run(1, True)  # warm-up: first generate call, first grammar use
+    run(1, True)  # warm-up: first decode, first grammar use
     for batch in batches:
         sides = {"plain": lambda b=batch: run(b, False), "schema": lambda b=batch: run(b, True)}
         out[str(batch)] = c.interleave(sides, reps)

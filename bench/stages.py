@@ -8,9 +8,9 @@
         decode_token_s, ...}}}: seconds per page to render, to preprocess (idefics-cli's engine.prepare: the
         processor's split and resize into 8-bit images, mapped by its value table in the vision step; and the
         plain loop's whole processor call, on the first 8 pages), and per call of B pages the vision tower +
-        connector, the language prefill (a generate of one token on precomputed image features)
-        and one decode step (from a generate of T tokens forced to length T, minus the one-token generate), after
-        one untimed warm-up page.
+        connector, the language prefill (the decode loop's `add`: prefill and first token on the image features)
+        and one decode step (the loop's steps to T tokens, end of utterance masked, over T - 1), after one untimed
+        warm-up page.
 
 Both load the model with `idefics_cli.model.load` (4-bit nf4, CPU, float32 compute), as `idefics transcribe` does.
 """
@@ -62,21 +62,12 @@ def _sync(engine) -> None:
         torch.cuda.synchronize()
 
 
-def _generate(engine, kwargs: dict, tokens: int) -> float:
-    import torch
-
-    _sync(engine)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        engine.model.generate(**kwargs, do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens)
-    _sync(engine)
-    return time.perf_counter() - start
-
-
 def decompose_engine(engine, images: list, question: str, tokens: int, sizes: list[int]) -> dict:
     """Stage times over `images` (rendered pages) at each batch size in `sizes`; see the module docstring."""
+    from idefics_cli.runtime.decode import Loop, Row
+
     out: dict = {"tokens": tokens, "batches": {}}
-    _generate(engine, engine.model_kwargs(engine.prepare([([images[0]], question)], collect=True)), 2)  # warm-up
+    engine.generate(engine.prepare([([images[0]], question)], collect=True), 2)  # warm-up
     pre = []
     for size in sizes:
         rows: dict[str, list] = {"vision_s": [], "prefill_s": [], "decode_token_s": []}
@@ -87,14 +78,21 @@ def decompose_engine(engine, images: list, question: str, tokens: int, sizes: li
             pre.append((time.perf_counter() - t0) / size)
             _sync(engine)
             t0 = time.perf_counter()
-            kwargs = engine.model_kwargs(inputs)
+            features = engine.features(inputs)
             _sync(engine)
             rows["vision_s"].append(time.perf_counter() - t0)
-            one = _generate(engine, kwargs, 1)
-            many = _generate(engine, kwargs, tokens)
-            rows["prefill_s"].append(one)
-            rows["decode_token_s"].append((many - one) / (tokens - 1))
-            kwargs = None
+            ids = [inputs["input_ids"][r][inputs["attention_mask"][r].bool()].tolist() for r in range(size)]
+            loop = Loop(engine)
+            loop.suppressed = [*loop.suppressed, *loop.eos]  # every row runs its T tokens
+            t0 = time.perf_counter()
+            loop.add([Row(i, f, max_tokens=tokens) for i, f in zip(ids, features)])
+            _sync(engine)
+            rows["prefill_s"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            while loop.rows:
+                loop.step()
+            _sync(engine)
+            rows["decode_token_s"].append((time.perf_counter() - t0) / (tokens - 1))
         out["batches"][str(size)] = {name: statistics.median(v) for name, v in rows.items()}
         out["batches"][str(size)]["calls"] = len(rows["vision_s"])
         out["batches"][str(size)]["prompt_tokens"] = int(inputs["input_ids"].shape[1])

@@ -1,24 +1,15 @@
 """The grammar engine behind `--schema` (llguidance): JSON Schema -> grammar, tokenizer view, per-row masks.
 
 Contract:
-- `build(schema)`: the llguidance grammar (a string) of a JSON Schema dict, checked without a tokenizer and
-  without torch; an unbuildable schema (contradictory bounds, a regex llguidance cannot run, a format it does
-  not know) is a `UsageError` (exit 2). Decoding is compact JSON: `, ` and `: ` separators (`SEPARATORS`), no
-  other whitespace, none before the value. An object schema that lists properties and says nothing of other
-  keys gets `"additionalProperties": false` (`closed`): the grammar allows only the listed keys, as xgrammar's
-  did (llguidance follows JSON Schema, which allows any other key). A number's fraction has no length bound
-  (`multipleOf` bounds it).
-- `tokenizer_view(tokenizer, vocab_size, stop_ids)`: llguidance's view of a Hugging Face tokenizer (the bytes
-  of each of `vocab_size` tokens; `stop_ids` are its end-of-sequence tokens), built once per process.
-- `Compiled.of(schema, tokenizer, vocab_size, stop_ids)`: the grammar for one view (`.view`); `matcher()` a fresh
-  matcher at its start (a copy of a checked one).
-- `RowGrammar(compiled)`: one row's state; `accept(token)` moves it on (RuntimeError for a token the grammar
-  does not allow); `done` once it took a stop token. `mask_rows(logits, rows)` masks `logits` [rows, vocab]
-  in place (any device): each row whose entry is a live RowGrammar gets its grammar's mask (stop tokens only
-  when the value is complete), the rest are left alone; all masks are filled by one llguidance call.
-- `GrammarProcessor(compiled)`: a transformers logits processor for one `generate` call of any number of rows
-  (left padding is fine: each row's grammar is fed its row's last token); it keeps state, so one per call.
-Only `mask_rows` (hence `GrammarProcessor`) imports torch; `build` needs neither torch nor transformers.
+- `build(schema)`: the llguidance grammar of a JSON Schema dict, checked without a tokenizer or torch; an
+  unbuildable schema is a `UsageError` (exit 2). Decoding is compact JSON (`SEPARATORS`, nothing before the
+  value); an object schema that lists properties and says nothing of others allows only those (`closed`).
+- `tokenizer_view(tokenizer, vocab_size, stop_ids)`: llguidance's view of a tokenizer, built once per process;
+  `Compiled.of(schema, ...)` the grammar for one view, `matcher()` a fresh matcher at its start.
+- `RowGrammar(compiled)`: one decode-loop row's state; `accept(token)` moves it on (RuntimeError for a token the
+  grammar does not allow); `done` once it took a stop token. `mask_rows(logits, rows)` masks `logits` [rows,
+  vocab] in place: each row with a live RowGrammar gets its mask, all filled by one llguidance call.
+Only `mask_rows` imports torch.
 """
 
 from __future__ import annotations
@@ -157,7 +148,7 @@ class Compiled:
 
 
 class RowGrammar:
-    """One row's grammar state in a decode loop (`model.generate` through GrammarProcessor, or the server's)."""
+    """One row's grammar state in the decode loop (runtime/decode.py)."""
 
     def __init__(self, compiled: Compiled):
         self.matcher = compiled.matcher()
@@ -199,26 +190,3 @@ def mask_rows(logits, grammars: list) -> None:
     blocked[rows, :n] = ~allowed[:, :n]
     blocked[rows, n:] = True  # columns past the grammar's vocabulary
     logits.masked_fill_(blocked, float("-inf"))
-
-
-class GrammarProcessor:
-    """A logits processor for one generate call: one RowGrammar per row, all masked by one `mask_rows` call.
-
-    Each row's grammar is fed its row's last token (the same whatever the padding on the left); a row that took
-    a stop token is left alone.
-    """
-
-    def __init__(self, compiled: Compiled):
-        self.grammar = compiled
-        self.rows: list[RowGrammar] | None = None
-
-    def __call__(self, input_ids, scores):
-        if self.rows is None:  # the first call comes after the prompt: nothing to accept yet
-            self.rows = [RowGrammar(self.grammar) for _ in range(input_ids.shape[0])]
-        else:
-            if input_ids.shape[0] != len(self.rows):
-                raise RuntimeError(f"GrammarProcessor made for {len(self.rows)} rows got {input_ids.shape[0]}")
-            for row, token in zip(self.rows, input_ids[:, -1].tolist()):
-                row.accept(token)
-        mask_rows(scores, self.rows)
-        return scores

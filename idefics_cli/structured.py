@@ -1,39 +1,15 @@
 """Structured output (`--schema`): parse and check a schema, constrain decoding to it, read the answer back.
 
 Contract:
-- `parse_schema(value)` reads a `--schema` value: a JSON Schema file path, inline JSON Schema (starts with
-  `{`), or llm's concise syntax (`concise_schema`). It checks the schema against its JSON Schema meta-schema
-  and refuses every keyword the grammar engine (llguidance) cannot enforce, as a `UsageError` (exit 2) naming
-  the keyword and where it is; the last check (the schema converts to a grammar: regex patterns, formats,
-  contradictory bounds; `grammar`) runs llguidance without a tokenizer. None of it imports torch or
-  transformers, so a bad schema fails before any model loads. Returns a `Schema` with `.schema` (dict),
-  `.sha256` (hash of its canonical JSON, for the settings hash and `--json`), `.source` ("file", "json" or
-  "concise").
-- Concise syntax (as simonw/llm's): fields separated by commas, or by newlines when there is a newline;
-  each is `name [type][: description]`; types `str` (default), `int`, `float`, `bool`; every field is
-  required; the result is an object schema. One difference: an unknown type word is a usage error (llm
-  silently makes it a string).
-- `with_schema(question, schema)` is the exact question the model sees: the user's question, a blank line,
-  then `SCHEMA_PROMPT`, a space and the schema as one line of JSON (`json.dumps`, `, ` and `: `).
-- `logits_processors(schema, tokenizer, vocab_size, stop_ids)` gives the list to pass as
-  `model.generate(logits_processor=...)` for one generate call of any number of rows (left padding is fine:
-  each row's matcher reads its own last token); a new list for every call (`GrammarProcessor` keeps state).
-  Decoding is greedy over the tokens the grammar allows, as compact JSON (`, ` and `: ` separators, no other
-  whitespace, none before the JSON), then a stop token. `for_engine(engine, schema)` reads the three
-  arguments from a loaded `Engine`.
-- A decode loop of its own (the server's scheduler) keeps a `RowGrammar` per constrained row
-  (`row_grammar(engine, schema)`): `mask_rows(logits, grammars)` masks, in place, each row that has one (None:
-  unconstrained), all rows filled by one batched llguidance call; `RowGrammar.accept(token)` moves a row on
-  with the token it took. These come from grammar_engine.py, which holds everything llguidance-specific.
-- Grammars are compiled once per (schema hash, tokenizer) and process (`compiled`), over a tokenizer view built
-  once per process; not on disk: a compile takes about a millisecond (bench/SCHEMA.md).
-- `read_answer(text, schema, finish_reason)` -> `(data, code)`: the parsed, validated value and None, or
-  None and `TRUNCATED` (the answer was cut by max_new_tokens before the JSON ended) or `MISMATCH` (it
-  ended but does not validate: a format the grammar lets through, e.g. 2024-02-30 for a date).
-  `answer_error(code, max_new_tokens)` is that code as an `IdeficsError` (exit 5, errors.MODEL_CODES).
-- `as_schema(value, grammar_check=True)`: what the library's `schema=` takes: a `Schema`, a dict (a JSON
-  Schema) or a string (as `--schema`). `permissive_object()` is the schema of "any JSON object" (the
-  server's `response_format: json_object`).
+- `parse_schema(value)`: a JSON Schema file, inline JSON Schema or llm's concise syntax (`name [type][: desc]`,
+  comma or newline separated; an unknown type word is a usage error) -> a checked `Schema` (`.schema`, `.sha256`,
+  `.source`). Keywords the grammar engine cannot enforce are refused by name; nothing here imports torch, so a
+  bad schema fails (exit 2) before any model loads. `as_schema` takes a Schema, a dict or such a string.
+- `with_schema(question, schema)` is the exact question the model sees (the question, `SCHEMA_PROMPT`, the schema).
+- `row_grammar(engine, schema)`: a decode-loop row's grammar state (grammar_engine.py), compiled once per schema
+  and tokenizer in a process (`compiled`).
+- `read_answer(text, schema, finish_reason)` -> (data, None), or (None, `TRUNCATED` | `MISMATCH`);
+  `answer_error(code)` is that code as an `IdeficsError` (exit 5).
 """
 
 from __future__ import annotations
@@ -47,7 +23,7 @@ from typing import Any
 
 from . import grammar_engine
 from .errors import UsageError
-from .grammar_engine import SEPARATORS, GrammarProcessor, RowGrammar, mask_rows  # noqa: F401 - the public interface
+from .grammar_engine import SEPARATORS, RowGrammar, mask_rows  # noqa: F401 - the public interface
 
 TRUNCATED = "schema_truncated"
 MISMATCH = "schema_mismatch"
@@ -244,16 +220,6 @@ def compiled(schema: Schema, tokenizer, vocab_size: int, stop_ids) -> grammar_en
     if key not in _COMPILED:
         _COMPILED[key] = grammar_engine.Compiled.of(schema.schema, tokenizer, vocab_size, stop_ids)
     return _COMPILED[key]
-
-
-def logits_processors(schema: Schema, tokenizer, vocab_size: int, stop_ids) -> list:
-    """For one `model.generate` call (any batch size, left-padded): `logits_processor=` this list."""
-    return [GrammarProcessor(compiled(schema, tokenizer, vocab_size, stop_ids))]
-
-
-def for_engine(engine, schema: Schema) -> list:
-    """`logits_processors` with the tokenizer, vocabulary width and stop tokens of a loaded Engine."""
-    return logits_processors(schema, *_engine_args(engine))
 
 
 def _engine_args(engine) -> tuple:

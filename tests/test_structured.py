@@ -12,6 +12,7 @@ from conftest import make_image
 
 from idefics_cli import structured as st
 from idefics_cli.errors import ExitStatus, UsageError
+from idefics_cli.grammar_engine import RowGrammar, mask_rows
 
 QUESTION = "Extract the fields"
 
@@ -39,12 +40,41 @@ SCHEMAS = [
 ]
 
 
+class GrammarProcessor:
+    """A transformers logits processor for one generate call (the reference for the decode loop's grammar rows):
+    one RowGrammar per row, all masked by one `mask_rows` call.
+
+    Each row's grammar is fed its row's last token (the same whatever the padding on the left); a row that took
+    a stop token is left alone.
+    """
+
+    def __init__(self, compiled):
+        self.grammar = compiled
+        self.rows: list[RowGrammar] | None = None
+
+    def __call__(self, input_ids, scores):
+        if self.rows is None:  # the first call comes after the prompt: nothing to accept yet
+            self.rows = [RowGrammar(self.grammar) for _ in range(input_ids.shape[0])]
+        else:
+            if input_ids.shape[0] != len(self.rows):
+                raise RuntimeError(f"GrammarProcessor made for {len(self.rows)} rows got {input_ids.shape[0]}")
+            for row, token in zip(self.rows, input_ids[:, -1].tolist()):
+                row.accept(token)
+        mask_rows(scores, self.rows)
+        return scores
+
+
+def for_engine(engine, schema) -> list:
+    """The logits processors that constrain one `model.generate` call of `engine` to `schema`."""
+    return [GrammarProcessor(st.compiled(schema, *st._engine_args(engine)))]
+
+
 def answer(engine, schema, batch, max_new_tokens=80, constrained=True, processors=None):
     """Greedy answers through model.generate, with the schema's logits processor; (texts, reasons, token ids)."""
     import torch
 
     inputs = engine.build_inputs(batch)
-    processors = processors or (st.for_engine(engine, schema) if constrained else None)
+    processors = processors or (for_engine(engine, schema) if constrained else None)
     extra = {"logits_processor": processors} if processors else {}
     with torch.inference_mode():
         out = engine.model.generate(**inputs, **extra, do_sample=False, max_new_tokens=max_new_tokens)
@@ -299,7 +329,7 @@ def test_batch_equals_single_rows_and_masks_equal_a_fresh_matchers(engine):
     rows = [([], st.with_schema(q, s)) for q in QUESTIONS]
     assert (engine.build_inputs(rows)["attention_mask"] == 0).any()  # really padded
     compiled = st.compiled(s, *st._engine_args(engine))
-    recorder = Recorder(st.GrammarProcessor(compiled))
+    recorder = Recorder(GrammarProcessor(compiled))
     batched, reasons, ids = answer(engine, s, rows, processors=[recorder])
     singles = [answer(engine, s, [row])[0][0] for row in rows]
     assert batched == singles

@@ -1,0 +1,97 @@
+"""P13: continuous batching against fixed batches of 8, in the one decode loop (target >= 1.3x pages/s).
+
+    python bench/continuous.py [--reps N] [--smoke] [--model DIR]
+
+One child process loads the random mid-size Idefics2 (4-bit nf4, CPU, float32 compute) and encodes 16 page
+images once (the vision tower is the same work on both sides, so it is left out). Half of the pages stop after
+8 new tokens and half after 64 (per-row limits, alternating). Fixed batches: pages 1-8, then 9-16, each batch
+decoding until its longest page ends (a finished row leaves, but no page takes its place). Continuous: up to 8
+rows at once, a page joining as soon as a row ends. Both sides run the same rows through runtime/decode.py
+(prefill included), interleaved; pages/s = 16 / wall time, median of --reps. Last line: `P13 <ratio>x`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+import common as c
+
+PAGES, WIDTH, SHORT, LONG = 16, 8, 8, 64
+
+
+def child(model: str, image: str, reps: int, pages: int, short: int, long: int) -> dict:
+    from PIL import Image
+
+    from idefics_cli.model import ModelOptions, load, quiet_libraries
+    from idefics_cli.runtime.decode import Loop, Row, run
+
+    quiet_libraries()
+    engine = load(ModelOptions(model=model, device="cpu"))
+    page = Image.open(image).convert("RGB")
+    prompts = []
+    for k in range(pages):  # one page image each, cropped differently so that no two prompts are the same
+        crop = page.crop((k, k, page.width - k, page.height - k))
+        (row,) = engine.rows(engine.prepare([([crop], c.TRANSCRIBE_PROMPT)]))
+        prompts.append((row.ids, row.features))
+    limits = [short if k % 2 == 0 else long for k in range(pages)]
+
+    def rows():
+        return [Row(ids, features, max_tokens=n, tag=k) for k, ((ids, features), n) in enumerate(zip(prompts, limits))]
+
+    def fixed() -> dict:
+        start, steps, done = time.perf_counter(), 0, []
+        todo = rows()
+        for at in range(0, len(todo), WIDTH):
+            loop = Loop(engine)
+            done += list(run(loop, todo[at:at + WIDTH], WIDTH))
+            steps += loop.steps
+        return {"s": time.perf_counter() - start, "steps": steps, "tokens": sum(len(r.token_ids) for r in done)}
+
+    def continuous() -> dict:
+        start, loop = time.perf_counter(), Loop(engine)
+        done = list(run(loop, rows(), WIDTH))
+        return {"s": time.perf_counter() - start, "steps": loop.steps, "tokens": sum(len(r.token_ids) for r in done)}
+
+    continuous()  # warm-up
+    return c.interleave({"fixed batches of 8": fixed, "continuous": continuous}, reps)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = c.parser(__doc__, reps=3)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(**json.loads(args.child))))
+        return 0
+    reps = 1 if args.smoke else args.reps
+    c.header("P13 continuous batching", args)
+    model = args.model or c.model_dir("tiny" if args.smoke else "mid")
+    pages, short, long = (4, 2, 6) if args.smoke else (PAGES, SHORT, LONG)
+    with tempfile.TemporaryDirectory() as tmp:
+        image = c.make_page_image(os.path.join(tmp, "page.png"))
+        spec = {"model": model, "image": image, "reps": reps, "pages": pages, "short": short, "long": long}
+        result = c.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
+                       extra_env={"PYTHONPATH": os.pathsep.join([c.ROOT, c.HERE])})
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    rows, rate = [], {}
+    for side, runs in data.items():
+        rate[side] = pages / c.median(r["s"] for r in runs)
+        rows.append([side, c.fmt(c.median(r["s"] for r in runs), " s"), c.fmt(rate[side], " pages/s"),
+                     runs[0]["steps"], runs[0]["tokens"]])
+    ratio = rate["continuous"] / rate["fixed batches of 8"]
+    c.table(f"P13 {pages} pages, half stopping after {short} new tokens and half after {long} (median of {reps})",
+            rows, ["decode loop", "time", "pages/s", "steps", "tokens"])
+    print(f"# continuous vs fixed batches: {ratio:.3f}x, {c.verdict(ratio, 1.3, at_most=False)}")
+    c.footer()
+    print(f"P13 {ratio:.3f}x", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
