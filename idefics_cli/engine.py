@@ -40,27 +40,13 @@ class Preparer:
         return self.processor.apply_chat_template([user_turn(n_images, question)], add_generation_prompt=True)
 
     def build_inputs(self, batch: list[tuple[list, str]], split: bool | None = None):
-        """Processor outputs for [(images, question), ...]: one user turn each, left-padded, on the device.
+        """The model card's processor call for [(images, question), ...]: one user turn each, left-padded, padded
+        pixels, on the device. The reference path (tests, benchmarks); `prepare` is what the commands run.
 
-        `split` overrides image splitting for this call only (the out-of-memory fallback); no shared state is
-        changed, so threads may build inputs at the same time. The pixels of a batch are built one row at a
-        time (inputs.py). This is the plain path; `prepare` is what the CLI runs.
-        """
-        from . import inputs as rows_
-
+        `split` overrides image splitting for this call only; no shared state is changed."""
         images = [list(imgs) for imgs, _ in batch]
         split = self.options.split if split is None else split
-        by_row = len(batch) > 1 and rows_.row_by_row(self.processor)
-        inputs = self._processor_call(batch, split, None if by_row or not any(images) else images)
-        if by_row:
-            inputs.update(rows_.pixels(self.processor.image_processor, images, split))
-        elif "pixel_attention_mask" in inputs:  # 0/1 as int64 from the processor: the same mask in 1/8 of the memory
-            # through numpy, not torch: a torch op here would start OpenMP workers in the prefetch thread, and a
-            # second idle OpenMP team makes libgomp throttle the one that generates (1.25x slower batches)
-            import torch
-
-            inputs["pixel_attention_mask"] = torch.from_numpy(inputs["pixel_attention_mask"].numpy().astype(bool))
-        return inputs.to(self.device)
+        return self._processor_call(batch, split, images if any(images) else None).to(self.device)
 
     def _processor_call(self, batch, split: bool, images):
         prompts = [self.prompt(len(imgs), question) for imgs, question in batch]

@@ -234,9 +234,8 @@ def prepare(engine, batch: list[tuple[list, str]], split: bool, collect: bool):
 
     Processors whose text depends on the pixels (not Idefics2's fixed image tokens) get `build_inputs` as is.
     """
-    from .inputs import row_by_row
-
-    if not row_by_row(engine.processor):
+    processor = engine.processor
+    if type(processor).__name__ != "Idefics2Processor" or getattr(processor.image_processor, "do_pad", True) is False:
         return engine.build_inputs(batch, split)
     inputs = engine._processor_call(batch, split, None).to(engine.device)
     vision = VisionInputs([images for images, _ in batch], split)
