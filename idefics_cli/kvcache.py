@@ -1,24 +1,15 @@
 """Key/value caches whose layers keep spare room, so a decode step writes its new positions in place.
 
 Contract:
-- transformers' `DynamicLayer.update` grows the cache with `torch.cat` of the whole past on every call: a copy
-  of O(length) per step per layer. The layers here hold [batch, heads, capacity, dim] buffers and `update`
-  writes the new positions in place, returning views of the filled part; a full buffer is replaced by one of
-  length + `SPARE` (128) positions, the past copied once.
-- Buffers are append-only: a position once written is never written again (growing, and dropping what left a
-  sliding window, allocate a new buffer). So every tensor handed out (`update`'s results, `.keys`/`.values`,
-  which are views) keeps its values, and a tensor assigned to `.keys`/`.values` is adopted as a full buffer
-  with no spare room, hence never written: the next `update` copies it into a new buffer first. A cached
-  prompt prefix given to `new_cache(layers=...)` is therefore read, never modified.
-- `new_cache(config=None, layers=None, spare=SPARE)` is a transformers `DynamicCache` whose layers are these.
-  With `config` (a model's), one layer per decoder layer as `DynamicCache(config=...)` builds them: full
-  attention, or a sliding window kept as `DynamicSlidingWindowLayer` keeps it (Mistral's 4096 tokens); layer
-  types without an equivalent here get transformers' own layer. With `layers` [(keys, values)], full-attention
-  layers over those tensors, as `DynamicCache(ddp_cache_data=layers)`. With neither, full-attention layers
-  made as the model first updates them. It is passed as `model.generate(cache=...)` or `model(cache=...)`.
-- The keys and values attended to are the same as with `DynamicCache`, so greedy outputs are bit-identical
-  (tests/test_kvcache.py). The memory cost: up to `spare` positions per row per layer beyond the past.
-torch and transformers are imported inside functions only (the layer classes are made on first use).
+- `new_cache(config=None, layers=None, spare=SPARE)` is a transformers `DynamicCache` whose layers hold
+  [batch, heads, capacity, dim] buffers: `update` writes new positions in place and returns views of the filled
+  part; a full buffer is replaced by one `spare` positions longer (the past copied once). With `config`, one layer
+  per decoder layer (full attention, or a sliding window as `DynamicSlidingWindowLayer` keeps it); with `layers`
+  [(keys, values)], full-attention layers over those tensors; with neither, layers made on first update.
+- Buffers are append-only: a tensor handed out keeps its values, and a tensor assigned to `.keys`/`.values` is
+  adopted as full (never written: the next update copies it first), so a cached prefix is only ever read.
+- The keys and values attended to are DynamicCache's, so greedy outputs are bit-identical (tests/test_kvcache.py).
+torch and transformers are imported inside functions only.
 """
 
 from __future__ import annotations

@@ -1,18 +1,9 @@
-"""The answer object: one streamed answer that knows its text, finish reason, usage and timing once read.
+"""The library's answer: a streaming `Response`, like simonw/llm's.
 
-Contract: a `Response` wraps the piece generator of `Engine.stream_generate` (generation starts when it is first
-read). Iterating it yields the text pieces as they are generated, each piece once: iterating again gives only
-pieces not yet seen (after a `break`, the rest; after the end, nothing). `.text`, `.finish_reason`, `.usage`,
-`.timing` and `to_dict()` are those of the whole answer: the first access reads whatever was not iterated yet.
-`to_dict()` is exactly the answer object of docs/formats.md (schema `idefics-cli.answer/1`, plus any `extra`
-fields after the schema, such as chat's `turn`): what `ask --json` and chat's JSON lines print.
-With a `schema` (structured.Schema, `--schema`), `.data` is the parsed, validated answer (None when it is
-not: `.schema_error` is then the IdeficsError `schema_truncated` or `schema_mismatch`), and `to_dict()` adds
-`"data"` and `"schema_sha256"` after `"answer"`, and `"error"` when there is no data.
-When the stream ends, `on_end(response)` runs once (chat commits its turn there). Ctrl-C while reading keeps
-what was generated: `.interrupted` is True, `.text` holds the answer so far, `.finish_reason` is None and
-`on_end` still runs; any other error is raised again by every later read. `close()` stops the generation;
-`.received` is the text read so far, without reading more.
+Contract: a `Response` wraps an engine's piece generator (generation starts when it is first read). Iterating it
+yields each text piece once; `.text`, `.finish_reason`, `.usage`, `.timing`, `.data` (with a schema) and
+`to_dict()` (the `ask --json` object) read the rest of the answer first. `close()` stops it early, keeping what
+was read; Ctrl-C while reading marks it `interrupted`. `on_end(response)` runs once it has ended.
 Nothing here imports torch.
 """
 

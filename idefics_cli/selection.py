@@ -1,21 +1,14 @@
 """Selection: the pages a question is about, opened and decoded before the model loads; the question itself.
 
 Contract:
-- `open_pages(documents, pages=None, password=None, dpi=None)` opens every document (paths; "-" is stdin, read
-  at most once), resolves the page spec for each (pages.py: ranges clipped to each document, only a document
-  with none of the pages is an error) and decodes every chosen page at once (documents.py), so an unreadable
-  page fails before any model loads. Decoded images are kept up to KEEP_BYTES; past that they are dropped and
-  rendered again when their chunk goes through the vision tower (vision.py), so a question over N pages never
-  holds N page images. `status(message)`, when given, is a context manager shown while the pages decode.
-- A `Selection` knows its pages in order, the sources of the answer (pages merged per document), the warning
-  codes of its pages (`warnings()`, deduplicated; `page_warnings()` per page), when it was opened and how long
-  decoding took; `each_page()` gives one selection per page (their decoding time counted once, in none).
-- `ask(engine, selection, question, max_new_tokens, logits_processor, schema=None)` refuses an empty question
-  and a prompt over the model's context up front, builds the inputs (`Engine.prepare`) and returns the
-  streaming `Response` (response.py) whose `to_dict()` is `ask --json`'s object. Nothing is generated until it
-  is read. With a `schema` (structured.Schema) the model gets `structured.with_schema(question, schema)` and
-  decoding is constrained to the schema (each row's grammar, after any given `logits_processor`).
-Nothing here imports torch.
+- `open_pages(documents, pages=None, password=None, dpi=None)` opens every document ("-" is stdin, read once),
+  resolves the page spec for each and decodes every chosen page now, so an unreadable page fails before any model
+  loads; decoded images are kept up to KEEP_BYTES, the rest rendered again when encoded.
+- A `Selection` knows its pages in order, the sources of the answer, its pages' warnings, when it was opened and
+  how long decoding took; `each_page()` gives one selection per page.
+- `ask(engine, selection, question, max_new_tokens, logits_processor, schema=None)` refuses an empty question and
+  a prompt over the context up front and returns the streaming `Response` (nothing is generated until it is
+  read); with a schema the model gets `structured.with_schema(question, schema)` and each row its grammar.
 """
 
 from __future__ import annotations

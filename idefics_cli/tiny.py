@@ -1,15 +1,11 @@
 """Build a small, randomly initialised Idefics2 with the real idefics2-8b tokenizer and settings.
 
-Contract: `build(out_dir, size="tiny")` writes a folder that loads exactly like HuggingFaceM4/idefics2-8b
-(config, safetensors weights, generation config, processor with the idefics2-8b chat template and image
-settings, tokenizer with ids 32000-32002 for `<fake_token_around_image>`, `<image>`, `<end_of_utterance>`)
-but with tiny random weights. Every linear layer that bitsandbytes quantizes has dimensions that are
-multiples of 64, so the 4-bit path runs on the CPU. Used by the tests, the benchmarks and the offline
-demo; its answers are gibberish by design. The tokenizer is Mistral-7B-v0.1's sentencepiece model (the base
-vocabulary of idefics2-8b), shipped as idefics_cli/data/mistral-tokenizer.model.v1: a byte-for-byte copy of
-`mistral_common/data/tokenizer.model.v1` from the mistral-common 1.13.1 wheel (Apache-2.0), checked against
-TOKENIZER_SHA256 on every build. Reading it needs sentencepiece and protobuf (`pip install
-'idefics-cli[tiny]'`); without them `build` fails at once with a one-line message saying so.
+Contract: `build(out_dir, size="tiny")` writes a folder that loads exactly like HuggingFaceM4/idefics2-8b (config,
+safetensors, generation config, processor with its chat template and image settings, tokenizer with ids
+32000-32002 for `<fake_token_around_image>`, `<image>`, `<end_of_utterance>`) with random weights whose linear
+layers are multiples of 64 wide (4-bit runs on the CPU). The tokenizer is Mistral-7B-v0.1's sentencepiece model,
+shipped as data/mistral-tokenizer.model.v1 (a copy of mistral-common 1.13.1's, Apache-2.0, checked against
+TOKENIZER_SHA256); reading it needs `idefics-cli[tiny]`, else `build` fails at once saying so.
 
     python -m idefics_cli.tiny OUT_DIR [--size tiny|mid|full]
 """

@@ -1,26 +1,12 @@
-"""Transcription: one `transcribe` run as a library object (what `idefics transcribe` and `Engine.transcribe` run).
+"""Transcription: one `transcribe` run as a library object (what `idefics transcribe` and `Model.transcribe` run).
 
-Contract:
-- `TranscribeRequest` is a frozen description of a run: inputs (files, folders, globs, `-`), `out` (a `.jsonl`
-  file, a folder, or None), the model options, prompt, pages, dpi, password, batch size (None: auto), force,
-  shard, engine (`local` or `ray`), schema (`--schema`: a structured.Schema, a dict or a string; its keywords
-  are checked when the request is made, its grammar just before the model loads, so a finished rerun still
-  imports no torch). Bad values raise `UsageError` when it is made. `settings_hash`, the resume key written
-  in every record's `settings` field, is computed here and nowhere else: from everything that changes a
-  page's text (model id and revision, quantization, split, render size, prompt, max new tokens, and the
-  schema's hash when there is one). `model_prompt` is what the model gets with each page: the prompt, or with
-  a schema `structured.with_schema(prompt, schema)`.
-- `Transcription(request, engine=None, output=None)` runs it when iterated, yielding each `PageRecord`
-  (`path`, `page`, `status`, ...) once it is written to the sink `out` names (`JsonlSink`, `FolderSink`;
-  without `out`, stdout through `output`, or nothing for a library caller): the same records, resume and
-  files whichever way it runs. Inputs are walked (batch.walk) and filtered by the shard; when no chosen page
-  is left for the model, the model is never loaded (no torch import); otherwise `engine` is used, or the
-  model is loaded (local: where the batch size is known before the model is, given or the CPU's 8, the first
-  batch is rendered and prepared while the weights load), or the Ray engine runs. Afterwards `summary`
-  (records.Summary), `errors` (inputs that matched nothing) and `exit_status` (0 all done, 3 partial, 4
-  nothing readable) tell how it went; iterating again yields nothing new; `close()` (or a `with` block) ends a
-  run left early and closes its output. With an `output` (the CLI), errors, warnings, the loading spinner, the
-  progress bar and the summary go to its stderr; without one, the run prints nothing.
+Contract: `Transcription(request, engine=None, output=None)` (request.py's `TranscribeRequest`) runs when
+iterated, yielding each `PageRecord` once written to the sink `out` names (a .jsonl file or a folder; without
+`out`, stdout through `output`, or nothing). Inputs are walked and filtered by the shard; when no chosen page is
+left, no model loads (no torch import); otherwise `engine` is used, or the model is loaded (the first batch
+prepared while the weights load), or the Ray engine runs. Afterwards `summary`, `errors` and `exit_status` (0 all
+done, 3 partial, 4 nothing readable) tell how it went; `close()` (or `with`) ends a run left early. With an
+`output` (the CLI), errors, warnings, progress and the summary go to its stderr.
 """
 
 from __future__ import annotations

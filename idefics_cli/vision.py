@@ -1,29 +1,15 @@
 """Image features in bounded, same-shape chunks: the vision tower and connector without padding or whole-prompt peaks.
 
 Contract:
-- `VisionInputs(rows, split)` stands for the images of each row (prompt) of a batch (images, or functions that
-  render one when called, so a page exists only until its pixels are built); `collect(image_processor)`
-  may build all their pixels ahead of time (the transcribe prefetch thread: numpy only, no torch op), or the
-  pixels are built while `encode` runs (ask: a page's pixels exist only until its chunk is encoded).
-- Pixels always come from transformers' own image processor, one source image at a time (its splitting, resizing,
-  normalisation), each resulting image at its own size (asked unpadded: `do_pad=False`). Its images are kept
-  as its 8-bit values until `encode` maps them, a chunk at a time, through the table of what its rescaling and
-  normalisation make of each 8-bit value (`value_table`, asked of the processor itself) into the tower's input:
-  the same float32 values, value for value, as its own arithmetic, from a quarter of the bytes. Images are
-  bucketed by exact (height, width), so no image is ever padded to another one's shape. A `VisionInputs` is
-  used once: `encode` consumes its pixels.
-- `encode(model, vision, chunk)` runs `model.model.get_image_features` (vision tower + connector, the code path
-  `generate` uses for `pixel_values`) over one bucket at a time, at most `chunk` images a call, with no pixel mask
-  (every patch is real). Whenever `chunk` images wait, the largest bucket is encoded and its pixels freed, so at
-  most `chunk` + one source image's pixels exist at once, whatever the number of pages. It returns the
-  features of each row in prompt order ([images x image_seq_len, hidden] per row), ready for
-  `mm_encoder_outputs` (the transformers 5 name of precomputed `image_hidden_states`).
-- `auto_chunk(model, device)` sizes a chunk from free GPU memory, or from available RAM on the CPU
-  (`IDEFICS_VISION_CHUNK=N` sets it).
-- `prepare(engine, batch, split, collect)`: the processor's token ids for the batch plus a `"vision"` entry.
-- `model_kwargs(model, inputs, chunk, image_processor)`: generate kwargs, the `"vision"` entry swapped for
-  `mm_encoder_outputs`.
-numpy and torch are imported inside functions.
+- `VisionInputs(rows, split)`: the images of each prompt of a batch (images, or functions rendering one); their
+  pixels come from transformers' own image processor one source image at a time (its splitting and resizing),
+  each image at its own size, kept as its 8-bit values until `encode` maps them through the processor's value
+  table (`value_table`: the same float32 values as its own arithmetic). `collect()` builds them all now (numpy
+  only, for a background thread); otherwise they are built while `encode` runs. Used once.
+- `encode(model, vision, chunk)`: `get_image_features` over one shape bucket at a time, at most `chunk` images a
+  call, no mask; at most `chunk` + one source image's pixels exist at once. Returns each row's features.
+- `auto_chunk(model, device)` sizes a chunk from free memory (`IDEFICS_VISION_CHUNK=N` sets it); `prepare(engine,
+  batch, split, collect)` is the processor's token ids plus a `"vision"` entry. numpy and torch inside functions.
 """
 
 from __future__ import annotations

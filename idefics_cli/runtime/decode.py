@@ -1,16 +1,15 @@
 """The one decode loop: prompts join as rows, advance one token a step together, and leave when they end.
 
 Contract:
-- `Row` is one answer: its prompt (`ids`, image `features` or a cached `prefix`) and its own state: stop ids,
-  stop strings, UTF-8 holdback, grammar, greedy or sampled, user logits processors, cancel. `text` is the
-  stable answer so far (no unfinished character, no possible start of a stop string); `finish_reason` is set
-  when it ends (stop, length, cancelled, error). Hooks `on_start()`, `on_text(piece)`, `on_end()` follow it.
-- `Loop(engine)`: `add(rows)` prefills rows (together when their prompts are as long; a long prompt in chunks)
-  and takes each one's first token; `step()` advances every running row by one token in one forward pass.
-  Rows that end or are cancelled leave before the next step, so others may join at once (continuous batching).
+- `Row` is one answer: its prompt (`ids`, image `features` or a cached `prefix`) and its own state: stop ids, stop
+  strings, UTF-8 holdback, grammar, greedy or sampled, user logits processors, cancel. `text` is the stable answer
+  so far; `finish_reason` is set when it ends (stop, length, cancelled, error); hooks `on_start()`,
+  `on_text(piece)` and `on_end()` follow it.
+- `Loop(engine)`: `add(rows)` prefills rows (runtime/prefill.py) and takes their first tokens; `step()` advances
+  every running row by one token in one forward pass; rows that end or are cancelled leave before the next step.
   An exception in a forward pass fails the rows in it; one in a row's own work fails that row alone.
-- `stream(loop, row)` runs one row to its end, yielding its text pieces; `run(loop, rows, width)` keeps up to
-  `width` rows running, pulling the next row from `rows` as places free, and yields each row as it ends.
+- `stream(loop, row)` yields one row's text pieces; `run(loop, rows, width)` keeps up to `width` rows running,
+  taking the next of `rows` as places free, and yields each row as it ends.
 """
 
 from __future__ import annotations

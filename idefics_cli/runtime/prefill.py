@@ -1,15 +1,13 @@
 """Forward passes of the decode loop: prefill prompts into key/value caches, then step a left-padded batch.
 
 Contract:
-- `prefill(engine, rows)`: one pass over the prompts of `rows` (all as long, or one row with a cached `prefix`).
-  The image features are merged into the token embeddings as the model's own forward does; a prompt longer than
-  `engine.prefill_chunk` tokens is run that many tokens at a time (bounded activations). With a `prefix` (a `KV`
-  of the first tokens, never written) only the rest is run. Returns the last position's logits [rows, vocab]
-  (float32) and each row's `KV`.
-- `KV` is one row's per-layer (keys, values), each [1, heads, length, dim]; `head(n)` copies the first n.
-- `Batch(model)`: rows decoding together in one kvcache.py cache (decode steps written in place), left-padded
-  to a common width. `add(kvs)` joins rows, `keep(rows)` keeps those rows (dropping unused left columns), and
-  `step(tokens)` feeds one token per row and returns the next-token logits [rows, vocab] (float32).
+- `prefill(engine, rows)`: one pass over the prompts of `rows` (all as long, or one row with a cached `prefix`),
+  the image features merged into the token embeddings as the model's own forward merges them; a prompt longer
+  than `engine.prefill_chunk` tokens runs that many at a time; with a `prefix` (a `KV`, never written) only the
+  rest runs. Returns the last position's logits [rows, vocab] (float32) and each row's `KV`.
+- `KV`: one row's per-layer (keys, values), each [1, heads, length, dim]; `head(n)` copies the first n.
+- `Batch(model)`: rows decoding together in one kvcache.py cache, left-padded to a common width: `add(kvs)`,
+  `keep(rows)` (unused left columns dropped), `step(tokens)` -> next-token logits [rows, vocab] (float32).
 torch is imported inside functions only.
 """
 
