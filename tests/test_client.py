@@ -227,11 +227,11 @@ def test_a_piped_warning_needs_neither_rich_nor_every_pillow_plugin(server, docs
 def test_the_library_connects_and_answers_as_ask_does(server, local, docs):
     import idefics_cli
 
-    engine = idefics_cli.connect(server.url + "/v1/", api_key=KEY, max_new_tokens=8)
-    assert engine.url == server.url and engine.options.split is False
-    answer = engine.ask(docs["png"], QUESTION)
+    model = idefics_cli.connect(server.url + "/v1/", api_key=KEY, max_new_tokens=8)
+    assert model.engine.url == server.url and model.options.split is False
+    answer = model.ask(docs["png"], QUESTION)
     assert answer.text + "\n" == local["text"].stdout.decode()
-    assert answer.to_dict()["model"]["id"] == engine.options.model
+    assert answer.to_dict()["model"]["id"] == model.options.model
 
 
 def test_a_server_that_is_down_is_a_model_error_naming_the_url(docs, tmp_path):
