@@ -1,6 +1,9 @@
-"""P5 (GPU): peak VRAM, prefill time, decode tokens/s at batch 1 and pages/min at the auto batch size.
+"""P5 (GPU): first light, then peak VRAM, prefill time, decode tokens/s at batch 1 and pages/min at the auto batch.
 
     python bench/gpu.py [--pages-per-batch 1] [--max-new-tokens 64] [--ask-pages 25] [--smoke]
+
+It starts with bench/first_light.py on the tiny model (float32 and bfloat16: ids, pixels and greedy answers equal
+to the model card's code on the GPU; ask, transcribe and serve answering) and stops there if that fails.
 
 The full idefics2-8b shape (tiny.SIZES["full"]) with random weights is built directly on the GPU in
 bf16 and saved, then loaded through the CLI's own `idefics_cli.model.load`: in 4-bit (nf4, double quant,
@@ -40,6 +43,7 @@ import time
 
 import common as c
 import decompose
+import first_light
 import schema as schema_bench
 import serve
 import stages
@@ -277,6 +281,9 @@ def main(argv=None) -> int:
     print(f"# GPU: {torch.cuda.get_device_name()}", flush=True)
     from idefics_cli import tiny
 
+    if not first_light.first_light(c.model_dir("tiny"), "cuda"):  # does the path work here at all?
+        return 1
+
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
         if not model_dir:
@@ -323,6 +330,7 @@ def cpu_smoke(args) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or tiny.build(os.path.join(tmp, "model"), size="tiny")
+        first_light.first_light(model_dir, "cpu")
         pdf = c.make_pdf(os.path.join(tmp, "doc.pdf"), 3, "mixed")
         engine = load(ModelOptions(model=model_dir, quant="none", device="cpu"))
         cli = ask_pages(engine, pdf, 3, plain=False, dpi=72)
