@@ -20,13 +20,15 @@ import sys
 from idefics_cli.documents.base import DEFAULT_LONGEST_SIDE, MAX_IMAGE_PIXELS, MAX_PIXELS, Document
 from idefics_cli.documents.images import ImageDocument
 from idefics_cli.documents.pdf import PdfDocument
-from idefics_cli.documents.sniff import FORMATS, sniff
+from idefics_cli.documents.quiet import DecodeTimeout, decoding
+from idefics_cli.documents.sniff import FORMATS, MUPDF_FORMATS, NAMES, damaged_signature, sniff
 from idefics_cli.errors import IdeficsError, UsageError
 
 __all__ = ["DEFAULT_LONGEST_SIDE", "FORMATS", "MAX_IMAGE_PIXELS", "MAX_PIXELS", "Document", "ImageDocument",
            "PdfDocument", "open_document", "sniff"]
 
-_SUPPORTED = "supported formats: PDF, PNG, JPEG, WebP, GIF, BMP, TIFF"
+_SUPPORTED = ("supported: PDF, XPS, EPUB, MOBI, FB2, CBZ, SVG, PNG, JPEG, JPEG 2000, WebP, GIF, BMP, TIFF, netpbm, "
+              "AVIF, HEIC, PSD")
 
 
 def _read(path: str) -> bytes:
@@ -70,9 +72,23 @@ def open_document(
         data = _read(path)
     if not data:
         raise IdeficsError("empty_document", "the file is empty", path=path)
-    kind = sniff(data[:1024])
+    kind = sniff(data)
     if kind is None:
+        damaged = damaged_signature(data, path)
+        if damaged is not None:
+            raise IdeficsError("corrupt", f"the file is named as {NAMES[damaged]} but its signature is damaged (a "
+                               "flipped bit, or line endings rewritten by a text-mode transfer)", path=path)
+        if data[:4] == b"8BPS":
+            raise IdeficsError("unsupported_format", "PSB (Photoshop's large document format) is not supported",
+                               "save it as PSD or PNG", path)
         raise IdeficsError("unsupported_format", f"not a supported document ({_SUPPORTED})", path=path)
-    if kind == "pdf":
-        return PdfDocument(path, data, password, dpi, longest_side)
-    return ImageDocument(path, kind, data)
+
+    def opened() -> Document:
+        if kind in MUPDF_FORMATS:
+            return PdfDocument(path, data, password, dpi, longest_side, kind)
+        return ImageDocument(path, kind, data)
+
+    try:
+        return decoding(opened)
+    except DecodeTimeout as e:
+        raise IdeficsError("corrupt", f"the {NAMES[kind]} file {e} to open, given up", path=path) from None

@@ -12,6 +12,7 @@ import re
 from typing import TYPE_CHECKING
 
 from idefics_cli.documents.pages import out_of_range
+from idefics_cli.documents.quiet import DecodeTimeout, decoding
 from idefics_cli.errors import IdeficsError
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ class Document:
         self.doc_warnings: list[str] = []  # true of every page: repaired, xfa_form, first_frame_only
         self._warnings: dict[int, list[str]] = {}
         self._notes: dict[int, list[str]] = {}  # found while rendering a page: downscaled
+        self._stuck: DecodeTimeout | None = None  # a render given up on: its decoder may still be running
 
     def _error(self, code: str, message: str, hint: str | None = None) -> IdeficsError:
         return IdeficsError(code, message, hint, self.path)
@@ -53,8 +55,13 @@ class Document:
             err = out_of_range(page, self.page_count)
             err.path = self.path
             raise err
+        if self._stuck is not None:
+            raise self._error("corrupt", f"page {page} was not decoded: an earlier page {self._stuck}")
         try:
-            image = self._render(page)
+            image = decoding(lambda: self._render(page))
+        except DecodeTimeout as e:
+            self._stuck = e
+            raise self._error("corrupt", f"page {page} could not be decoded: it {e}, given up") from None
         except (IdeficsError, MemoryError, KeyboardInterrupt):
             raise
         except Exception as e:
@@ -71,6 +78,10 @@ class Document:
         raise NotImplementedError
 
     def close(self) -> None:
+        if self._stuck is None:  # else the abandoned decoder may still use it
+            self._close()
+
+    def _close(self) -> None:
         pass
 
     def __enter__(self) -> Document:

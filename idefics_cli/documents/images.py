@@ -15,19 +15,25 @@ from typing import TYPE_CHECKING
 
 from idefics_cli.documents import damage
 from idefics_cli.documents.base import MAX_IMAGE_PIXELS, Document, why
+from idefics_cli.documents.sniff import NAMES
+from idefics_cli.documents.variants import unsupported_variant
 from idefics_cli.errors import IdeficsError
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-_PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "gif": "GIF", "bmp": "BMP", "tiff": "TIFF"}
+_PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "gif": "GIF", "bmp": "BMP", "tiff": "TIFF",
+                "jp2": "JPEG2000", "pnm": "PPM", "avif": "AVIF", "heif": "HEIF", "psd": "PSD"}
+PAGED = ("tiff", "heif")  # every frame (TIFF page, HEIF top-level image) is a page
+_LAYERED = ("psd",)  # frames are layers: the composite image is the page
 _libtiff_quiet = False
+_heif_ready = False
 
 
 def _quiet_libtiff() -> None:
     """Turn off libtiff's message handlers: they print straight to file descriptor 2, past any Python redirection
     ("PackBitsDecode: Not enough data for scanline 0."), while the failure reaches us as Pillow's OSError anyway.
-    Process-wide and thread-safe, unlike redirecting fd 2; IDEFICS_DEBUG=1 keeps them."""
+    Process-wide; quiet.py also points fd 2 away while decoding. IDEFICS_DEBUG=1 keeps them."""
     global _libtiff_quiet
     if _libtiff_quiet or os.environ.get("IDEFICS_DEBUG"):
         return
@@ -48,35 +54,61 @@ def _quiet_libtiff() -> None:
         pass
 
 
+def _register_heif() -> None:
+    """HEIC/HEIF through pillow-heif's Pillow plugin (a core dependency)."""
+    global _heif_ready
+    if not _heif_ready:
+        import pillow_heif
+
+        pillow_heif.register_heif_opener(thumbnails=False)
+        _heif_ready = True
+
+
 class ImageDocument(Document):
     def __init__(self, path: str, kind: str, data: bytes):
         super().__init__(path, kind, data)
         from PIL import Image as PILImage
 
         _quiet_libtiff()
+        if kind == "heif":
+            _register_heif()
+        self._data = data
         if kind == "png" and not data.endswith(damage.IEND):
             data = damage.complete_png(data) or data  # cut after its pixel data: read what is all there
+        if kind == "png" and (fixed := damage.drop_bad_ancillary(data)) is not None:
+            data = fixed  # an optional chunk with a bad checksum: dropped, as browsers do
+            self.doc_warnings.append("repaired")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
                 self._im = PILImage.open(io.BytesIO(data), formats=[_PIL_FORMATS[kind]])
         except PILImage.DecompressionBombError as e:
             raise self._error("image_too_large", f"the image is too large ({e})", "downscale it first") from e
-        except PILImage.UnidentifiedImageError as e:
-            raise self._error("corrupt", f"not a readable {kind.upper()} image") from e
         except Exception as e:
-            raise self._error("corrupt", f"not a readable {kind.upper()} image ({why(e)})") from e
+            raise self._unreadable(e, "not a readable {} image") from e
         try:
             self._check_size()
-            # TIFF: every frame is a page; GIF, animated PNG/WebP: the first frame only.
-            self.page_count = getattr(self._im, "n_frames", 1) if kind == "tiff" else 1
-            if kind != "tiff" and getattr(self._im, "n_frames", 1) > 1:
+            frames = getattr(self._im, "n_frames", 1)
+            self.page_count = frames if kind in PAGED else 1
+            if kind not in PAGED and kind not in _LAYERED and frames > 1:
                 self.doc_warnings.append("first_frame_only")
         except BaseException as e:
             self._im.close()
             if isinstance(e, (IdeficsError, KeyboardInterrupt, MemoryError)):
                 raise
-            raise self._error("corrupt", f"not a readable {kind.upper()} image ({why(e)})") from e
+            raise self._unreadable(e, "not a readable {} image") from e
+
+    def _unsupported(self, variant: str) -> IdeficsError:
+        return self._error("unsupported_format", f"{variant} is not supported", "convert it to PNG first")
+
+    def _unreadable(self, e: BaseException, message: str) -> IdeficsError:
+        """`unsupported_format` naming the variant for a well-formed file the decoder cannot read, else `corrupt`."""
+        reason = str(e)
+        variant = unsupported_variant(self.kind, self._data, reason)
+        if variant:
+            return self._unsupported(variant)
+        detail = "" if reason.startswith("cannot identify image file") else f" ({why(e)})"
+        return self._error("corrupt", message.format(NAMES[self.kind]) + detail)
 
     def _check_size(self) -> None:
         w, h = self._im.size
@@ -92,12 +124,20 @@ class ImageDocument(Document):
         from PIL import ImageOps
 
         im = self._im
-        if self.kind == "tiff":
+        if self.kind in PAGED:
             im.seek(page - 1)
             self._check_size()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
-            im.load()  # decode fully here, so truncated data fails now, as `corrupt`
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
+                im.load()  # decode fully here, so truncated data fails now, as `corrupt`
+        except (MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            variant = unsupported_variant(self.kind, self._data, str(e))
+            if variant:
+                raise self._unsupported(variant) from e
+            raise  # damaged bytes: `corrupt` (Document.render)
         bits = _bits_per_sample(im)
         try:
             out = ImageOps.exif_transpose(im)
@@ -105,7 +145,7 @@ class ImageDocument(Document):
             out = im.copy()
         return _at_least_two_pixels(_to_rgb(out, bits))
 
-    def close(self) -> None:
+    def _close(self) -> None:
         self._im.close()
 
 

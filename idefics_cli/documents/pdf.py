@@ -1,26 +1,33 @@
-"""PDFs through PyMuPDF, rasterized within the pixel budget.
+"""MuPDF documents through PyMuPDF: PDF, XPS/OXPS, EPUB, MOBI, FB2, CBZ and SVG, rasterized within the budget.
 
-Contract: each page is rendered so its longest side is `longest_side` px (default 1960), or at `dpi` when
+Contract: pages as MuPDF paginates them (books reflowed at its default page size); each page is
+rendered so its longest side is `longest_side` px (default 1960), or at `dpi` when
 given, page rotation honored, never above `MAX_PIXELS` (else the `downscaled` warning). Pages are only
 rasterized: no JavaScript is run, no attachment or embedded file is extracted. 0 pages is `empty_document`
 only for an empty page tree, else `corrupt`; a damaged encryption dictionary is `corrupt`, not a password
-question; AES-256 passwords are also tried SASLprep-normalised (damage.py, passwords.py).
+question; AES-256 passwords are also tried SASLprep-normalised (damage.py, passwords.py). A ZIP container
+whose entries expand past MAX_ARCHIVE_BYTES, or hold an image over MAX_IMAGE_PIXELS, is `image_too_large`.
 """
 
 from __future__ import annotations
 
+import io
 import math
+import warnings
 from typing import TYPE_CHECKING
 
 from idefics_cli.documents import damage
-from idefics_cli.documents.base import MAX_PIXELS, Document, why
+from idefics_cli.documents.base import MAX_IMAGE_PIXELS, MAX_PIXELS, Document, why
 from idefics_cli.documents.passwords import candidates
+from idefics_cli.documents.sniff import NAMES
+from idefics_cli.documents.variants import zip_excess
 from idefics_cli.errors import IdeficsError
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
 _pymupdf_ready = False
+MAX_ARCHIVE_BYTES = 1 << 30  # what the entries of an EPUB, CBZ or XPS may expand to, in all
 
 
 def _pymupdf():
@@ -37,25 +44,66 @@ def _pymupdf():
     return pymupdf
 
 
+def _zip_images_over(data: bytes) -> str | None:
+    """The first image in a ZIP container (CBZ, EPUB, XPS) whose header declares more than MAX_IMAGE_PIXELS."""
+    import zipfile
+
+    from PIL import Image as PILImage
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            for info in archive.infolist():
+                if info.file_size < 8 or info.is_dir():
+                    continue
+                with archive.open(info) as entry:
+                    head = entry.read(1 << 16)
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        width, height = PILImage.open(io.BytesIO(head)).size
+                except Exception:  # noqa: BLE001 - not an image Pillow knows, or its header is further on
+                    continue
+                if width * height > MAX_IMAGE_PIXELS:
+                    return f"{info.filename} is {width}x{height} pixels"
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError):
+        return None
+    return None
+
+
 class PdfDocument(Document):
-    def __init__(self, path: str, data: bytes, password: str | None, dpi: int | None, longest_side: int):
-        super().__init__(path, "pdf", data)
+    """A document MuPDF opens: PDF, and XPS/OXPS, EPUB, MOBI, FB2, CBZ and SVG, paginated by MuPDF."""
+
+    def __init__(self, path: str, data: bytes, password: str | None, dpi: int | None, longest_side: int,
+                 kind: str = "pdf"):
+        super().__init__(path, kind, data)
         self._dpi, self._longest_side = dpi, longest_side
+        name = NAMES[kind]
+        if kind in ("epub", "cbz", "xps"):
+            excess = zip_excess(data, MAX_ARCHIVE_BYTES)
+            if excess:
+                raise self._error("image_too_large", f"the {name} is too large: {excess}")
+            if kind != "xps" and (big := _zip_images_over(data)):
+                raise self._error("image_too_large", f"the {name} holds an image over the limit of "
+                                  f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels ({big})", "downscale it first")
         pymupdf = _pymupdf()
         try:
-            self._doc = pymupdf.open(stream=data, filetype="pdf")
+            self._doc = pymupdf.open(stream=data, filetype=kind)
         except Exception as e:
-            raise self._error("corrupt", f"not a readable PDF ({why(e)})") from e
+            raise self._error("corrupt", f"not a readable {name} ({why(e)})") from e
         try:
             if self._doc.needs_pass:
                 self._authenticate(password)
             self.page_count = self._doc.page_count
+            if self.page_count == 0 and kind != "pdf":
+                raise self._error("empty_document", f"the {name} has no pages")
             if self.page_count == 0:
                 if not damage.empty_page_tree(self._doc):
                     found = damage.page_objects(self._doc)
                     raise self._error("corrupt", f"the PDF is damaged: its page tree reaches none of its {found} "
                                       "page objects" if found else "the PDF is damaged and no page could be recovered")
                 raise self._error("empty_document", "the PDF has no pages")
+            if kind != "pdf":
+                return
             if self._doc.is_repaired:
                 self.doc_warnings.append("repaired")
             catalog = self._doc.pdf_catalog()
@@ -65,7 +113,7 @@ class PdfDocument(Document):
             self._doc.close()
             if isinstance(e, (IdeficsError, KeyboardInterrupt, MemoryError)):
                 raise
-            raise self._error("corrupt", f"not a readable PDF ({why(e)})") from e
+            raise self._error("corrupt", f"not a readable {name} ({why(e)})") from e
 
     def _authenticate(self, password: str | None) -> None:
         """Open an encrypted PDF; AES-256 passwords are tried as typed, then SASLprep-normalised (PDF 2.0)."""
@@ -103,7 +151,7 @@ class PdfDocument(Document):
         pix = p.get_pixmap(matrix=pymupdf.Matrix(scale, scale), colorspace=pymupdf.csRGB, alpha=False)
         return PILImage.frombytes("RGB", (pix.width, pix.height), pix.samples, "raw", "RGB", pix.stride)
 
-    def close(self) -> None:
+    def _close(self) -> None:
         self._doc.close()
 
 
