@@ -34,7 +34,8 @@ class Input:
 
 DOCUMENT_EXTENSIONS = (".pdf", ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".gif", ".bmp", ".dib", ".tif",
                        ".tiff", ".jp2", ".jpx", ".j2k", ".j2c", ".jpf", ".pbm", ".pgm", ".ppm", ".pnm", ".avif",
-                       ".heic", ".heif", ".hif", ".psd", ".xps", ".oxps", ".epub", ".mobi", ".fb2", ".cbz", ".svg")
+                       ".heic", ".heif", ".hif", ".psd", ".psb", ".xps", ".oxps", ".epub", ".mobi", ".fb2", ".cbz",
+                       ".svg")
 
 
 def is_document(path: str) -> bool:

@@ -134,6 +134,8 @@ class ImageDocument(Document):
         except (MemoryError, KeyboardInterrupt):
             raise
         except Exception as e:
+            if "Security limit exceeded" in str(e):  # libheif's own bound on the size of an image
+                raise self._error("image_too_large", f"the image is too large ({why(e)})", "downscale it first") from e
             variant = unsupported_variant(self.kind, self._data, str(e))
             if variant:
                 raise self._unsupported(variant) from e

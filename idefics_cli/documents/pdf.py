@@ -61,6 +61,8 @@ def _zip_images_over(data: bytes) -> str | None:
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         width, height = PILImage.open(io.BytesIO(head)).size
+                except PILImage.DecompressionBombError as e:
+                    return f"{info.filename}: {why(e)}"
                 except Exception:  # noqa: BLE001 - not an image Pillow knows, or its header is further on
                     continue
                 if width * height > MAX_IMAGE_PIXELS:

@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -135,9 +136,11 @@ def decoding(fn: Callable[[], T]) -> T:
 
     done = threading.Event()
     seconds = timeout()
+    start = time.monotonic()
     thread = threading.Thread(target=work, name="idefics-decode", daemon=True)
     thread.start()
-    if not done.wait(seconds) or not result:
+    # a decoder that holds the GIL is not interrupted: it is given up once it returns, past its bound
+    if not done.wait(seconds) or not result or time.monotonic() - start > seconds:
         raise DecodeTimeout(seconds)
     ok, value = result[0]
     if ok:
