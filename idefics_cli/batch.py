@@ -33,7 +33,9 @@ class Input:
 
 
 DOCUMENT_EXTENSIONS = (".pdf", ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".gif", ".bmp", ".dib", ".tif",
-                       ".tiff")
+                       ".tiff", ".jp2", ".jpx", ".j2k", ".j2c", ".jpf", ".pbm", ".pgm", ".ppm", ".pnm", ".avif",
+                       ".heic", ".heif", ".hif", ".psd", ".psb", ".xps", ".oxps", ".epub", ".mobi", ".fb2", ".cbz",
+                       ".svg")
 
 
 def is_document(path: str) -> bool:

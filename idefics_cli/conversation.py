@@ -122,7 +122,7 @@ class ChatSession:
 
     def render(self, spec: str | None, status=None) -> list[PageImage]:
         """The chosen pages of the document, decoded; `status(message)` is shown meanwhile when given."""
-        from .pages import parse_page_spec
+        from .documents.pages import parse_page_spec
 
         chosen = parse_page_spec(spec).resolve(self.doc.page_count)
         with status(f"Rendering {len(chosen)} page(s)…") if status else contextlib.nullcontext():

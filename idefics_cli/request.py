@@ -41,7 +41,7 @@ class TranscribeRequest:
 
     def __post_init__(self):
         from .batch import parse_shard
-        from .pages import parse_page_spec
+        from .documents.pages import parse_page_spec
 
         set_ = partial(object.__setattr__, self)
         one = isinstance(self.inputs, (str, os.PathLike))
@@ -93,7 +93,7 @@ class TranscribeRequest:
 
     @property
     def page_spec(self):
-        from .pages import parse_page_spec
+        from .documents.pages import parse_page_spec
 
         return parse_page_spec(self.pages)
 

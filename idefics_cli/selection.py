@@ -87,7 +87,7 @@ def open_pages(documents, pages: str | None = None, *, password: str | None = No
                status=None) -> Selection:
     """Open `documents` (a path or a list of paths), choose `pages` in each and decode them all."""
     from .documents import open_document
-    from .pages import parse_page_spec
+    from .documents.pages import parse_page_spec
 
     started = time.perf_counter()
     paths = [documents] if isinstance(documents, (str, os.PathLike)) else list(documents)

@@ -14,7 +14,8 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 
-EXTENSIONS = ("pdf", "png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff")
+EXTENSIONS = ("pdf", "png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff", "jp2", "pgm", "avif", "heic", "psd",
+              "epub", "cbz", "xps", "mobi", "fb2", "svg")
 
 
 @dataclass
@@ -336,4 +337,8 @@ def build(root: str) -> list[Case]:
     saslprep_pdf = _encrypted_pdf("pässwörd pin")
     add("saslprep-nbsp.pdf", saslprep_pdf, "ok", extra=["--password", "pa\u0308sswo\u0308rd\u00a0pin"])
     add("saslprep-wrong.pdf", saslprep_pdf, "wrong_password", extra=["--password", "passwort\u00a0pin"])
+    from hostile_formats import build_formats
+
+    build_formats(root, add)
     return cases
+

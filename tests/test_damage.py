@@ -13,7 +13,7 @@ from hostile import (
 )
 from PIL import Image
 
-from idefics_cli import damage
+from idefics_cli.documents import damage
 
 
 def test_png_cut_after_its_pixels_ends_cleanly_and_decodes_pixel_identical():

@@ -536,3 +536,45 @@ def test_pages_read_but_maybe_not_as_expected_carry_warnings():
     assert _warnings(hostile._pdf_bytes(1, size=(14400, 14400)), dpi=300) == ["downscaled"]
     assert _warnings(hostile._pdf_bytes(1, size=(14400, 14400)), dpi=10) == []
     assert _warnings(hostile._pdf_bytes(2)) == [] and _warnings(hostile._image_bytes()) == []
+
+
+def test_sniff_names_the_new_formats_by_their_bytes():
+    from idefics_cli.documents.sniff import damaged_signature
+
+    assert sniff(b"\x00\x00\x00\x0cjP  \r\n\x87\n" + bytes(20)) == "jp2"
+    assert sniff(b"\xffO\xffQ\x00") == "jp2"
+    assert sniff(b"P5\n# a comment\n4 4\n255\n") == "pnm" and sniff(b"P1 hello") is None
+    assert sniff(b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00mif1miaf") == "avif"
+    assert sniff(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic") == "heif"
+    assert sniff(b"\x00\x00\x00\x18ftypisom\x00\x00\x00\x00isommp41") is None  # an MP4 video
+    assert sniff(b"8BPS\x00\x01" + bytes(20)) == "psd"
+    assert sniff(b'<?xml version="1.0"?>\n<!-- x --><svg xmlns="http://www.w3.org/2000/svg"/>') == "svg"
+    assert sniff(b"<FictionBook xmlns='x'/>") == "fb2" and sniff(b"<html><body/></html>") is None
+    assert sniff(bytes(60) + b"BOOKMOBI") == "mobi"
+    assert damaged_signature(b"\x89PNG\n\x1a\n" + bytes(30), "scan.png") == "png"
+    assert damaged_signature(b"\x89PNG\n\x1a\n" + bytes(30), "scan.bin") is None  # the name says nothing
+    assert damaged_signature(b"hello, I am text", "text.png") is None
+
+
+def test_decoder_chatter_on_fd2_is_dropped_in_worker_threads_and_the_tools_lines_get_out():
+    """A C library writing to fd 2 inside `decoding()` (run in its helper thread) while another thread writes its
+    own line to sys.stderr: only the own line reaches the process's stderr; IDEFICS_DEBUG=1 lets the chatter out."""
+    import subprocess
+
+    code = ("import os, sys, threading\n"
+            "from idefics_cli.documents.quiet import decoding\n"
+            "def chatter():\n"
+            "    os.write(2, b'libfoo: chatter\\n')\n"
+            "    sys.stderr.write('error [corrupt]: own line\\n')\n"
+            "    return 7\n"
+            "threads = [threading.Thread(target=lambda: decoding(chatter)) for _ in range(4)]\n"
+            "[t.start() for t in threads]; [t.join() for t in threads]\n"
+            "assert decoding(chatter) == 7\n"
+            "print('error [x]: after', file=sys.stderr)\n")
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60,
+                           env={k: v for k, v in os.environ.items() if k != "IDEFICS_DEBUG"})
+    lines = quiet.stderr.decode().splitlines()
+    assert quiet.returncode == 0 and lines == ["error [corrupt]: own line"] * 5 + ["error [x]: after"], lines
+    noisy = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60,
+                           env={**os.environ, "IDEFICS_DEBUG": "1"})
+    assert noisy.stderr.decode().count("libfoo: chatter") == 5

@@ -102,6 +102,7 @@ def test_transcribe_records_each_case_and_goes_on(cli, tiny_model, corpus, tmp_p
         if "error" in {r["status"] for r in rows} and code != "ok":
             assert len(rows) == 1 and rows[0]["text"] is None
     assert len(by_file["multi-frame.tiff"]) == 3 and len(by_file["animated.gif"]) == 1
+    assert len(by_file["burst.heic"]) == 2 and len(by_file["comic.cbz"]) == 2 and len(by_file["animated.avif"]) == 1
     leftovers = [n for _, _, files in os.walk(out) for n in files if n.startswith(".tmp")]
     assert not leftovers
     for md in (p for p in out.rglob("*.md")):
@@ -110,7 +111,7 @@ def test_transcribe_records_each_case_and_goes_on(cli, tiny_model, corpus, tmp_p
 
 def test_pages_come_out_with_the_pixels_the_file_holds(corpus):
     checked = [c for c in corpus if c.check]
-    assert {"cut-last-chunk.png", "twelve-bit.tif"} <= {c.name for c in checked}
+    assert {"cut-last-chunk.png", "twelve-bit.tif", "sixteen-bit.pgm", "layers.psd"} <= {c.name for c in checked}
     for case in checked:
         with open_document(case.path) as doc:
             assert case.check(doc.render(1)), case.name
@@ -188,6 +189,9 @@ def test_stderr_holds_one_line_per_error_and_nothing_else(tiny_model, corpus):
     assert broken.returncode == 4
     assert broken.stderr.decode().splitlines() == [
         f"error [corrupt]: {path['libtiff-error.tif']}: page 1 could not be decoded (OSError: decoder error -2)"]
+    spp = run_idefics("ask", path["samples-per-pixel.tif"], "What?", *args)
+    assert spp.stderr.decode().splitlines() == [
+        f"error [corrupt]: {path['samples-per-pixel.tif']}: not a readable TIFF image"], spp.stderr.decode()
     fine = run_idefics("ask", path["corrupt-exif.jpg"], "What?", *args)
     assert fine.returncode == 0 and fine.stderr == b"", fine.stderr.decode()
     noisy = run_idefics("ask", path["corrupt-exif.jpg"], "What?", *args, env={"IDEFICS_DEBUG": "1"})
@@ -201,3 +205,45 @@ def test_stderr_holds_one_line_per_error_and_nothing_else(tiny_model, corpus):
         assert "gemm_4bit_forward" in text, text
     noisy = run_idefics("ask", path["libtiff-error.tif"], "What?", *args, env={"IDEFICS_DEBUG": "1"})
     assert "PackBitsDecode: Not enough data" in noisy.stderr.decode()
+
+
+def test_every_new_format_reads_and_each_variant_is_named(corpus):
+    """The formats of issue 28 open, page count as expected; the well-formed variants name themselves."""
+    by_name = {c.name: c for c in corpus}
+    pages = {"jpeg2000.jp2": 1, "codestream.j2k": 1, "sixteen-bit.pgm": 1, "netpbm.pbm": 1, "photo.avif": 1,
+             "photo.heic": 1, "burst.heic": 2, "layers.psd": 1, "book.epub": 1, "comic.cbz": 2, "paper.xps": 1,
+             "paper.oxps": 1, "book.mobi": 1, "book.fb2": 1, "drawing.svg": 1, "thunderscan.tif": 1}
+    for name, count in pages.items():
+        with open_document(by_name[name].path) as doc:
+            assert doc.page_count == count, name
+            assert doc.render(count).mode == "RGB"
+    named = {"twelve-bit.jpg": "12-bit JPEG is not supported", "lossless.jpg": "lossless JPEG (SOF3) is not supported",
+             "float64.tif": "64-bit float TIFF is not supported", "logluv.tif": "LogLuv TIFF is not supported",
+             "os2-rle24.bmp": "OS/2 BMP with 24-bit RLE is not supported",
+             "bitfields.bmp": "BMP with unusual bit-field masks is not supported"}
+    for name, message in named.items():
+        with pytest.raises(IdeficsError) as err:
+            open_document(by_name[name].path).render(1)
+        assert (err.value.code, err.value.message) == ("unsupported_format", message)
+
+
+def test_a_decoder_past_its_bound_is_corrupt_and_the_run_goes_on(cli, tiny_model, tmp_path, monkeypatch):
+    """IDEFICS_DECODE_TIMEOUT (default 30 s): a file slower to decode than that is `corrupt`, saying so."""
+    from PIL import Image
+
+    big = Image.linear_gradient("L").resize((4000, 4000)).convert("RGB")  # seconds to decode
+    big.save(tmp_path / "slow.jp2", "JPEG2000")
+    Image.new("RGB", (40, 30), (200, 0, 0)).save(tmp_path / "quick.png")
+    monkeypatch.setenv("IDEFICS_DECODE_TIMEOUT", "0.25")
+    with open_document(str(tmp_path / "slow.jp2")) as doc:
+        with pytest.raises(IdeficsError) as err:
+            doc.render(1)
+        assert err.value.code == "corrupt" and "took longer than 0.25 s" in err.value.message
+        with pytest.raises(IdeficsError, match="an earlier page took longer"):
+            doc.render(1)
+    result = cli("transcribe", tmp_path, "--out", tmp_path / "out", "--model", tiny_model, "-q", *FAST)
+    records = {os.path.basename(r["path"]): r for r in map(json.loads, open(tmp_path / "out" / "records.jsonl"))}
+    assert result.exit_code == 3
+    assert records["slow.jp2"]["error"]["code"] == "corrupt" and records["quick.png"]["status"] == "ok"
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert written == ["out/quick.md", "out/records.jsonl", "out/slow.md", "quick.png", "slow.jp2"]  # within --out

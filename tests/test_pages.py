@@ -2,8 +2,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from idefics_cli.documents.pages import PageSpec, parse_page_spec
 from idefics_cli.errors import IdeficsError, UsageError
-from idefics_cli.pages import PageSpec, parse_page_spec
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 
 import pytest
 
-from idefics_cli.passwords import candidates, saslprep
+from idefics_cli.documents.passwords import candidates, saslprep
 
 
 @pytest.mark.parametrize("given, prepared", [

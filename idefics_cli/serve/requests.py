@@ -213,7 +213,7 @@ def _messages(messages, req: ChatRequest, max_images: int | None) -> None:
 def _attach(part: dict, kind: str, here: str, req: ChatRequest) -> int:
     """Open the document of an image_url or file part and queue its chosen pages; returns how many."""
     from ..documents import open_document
-    from ..pages import parse_page_spec
+    from ..documents.pages import parse_page_spec
 
     spec_text, password = None, None
     if kind == "image_url":

@@ -4,6 +4,8 @@ Contract: pure inspection, no decoding library imported here (an opened PyMuPDF 
 - `complete_png(data)`: a PNG cut off after its pixel data (a trailing text chunk or IEND lost) as the same
   PNG ending cleanly, so a strict decoder reads it pixel-identical; None when the pixel data itself is cut,
   when nothing is cut, or when it is no PNG.
+- `drop_bad_ancillary(data)`: a PNG whose only fault is a bad checksum on optional (ancillary) chunks, without
+  those chunks, as browsers display it; None when every ancillary chunk is sound or it is no PNG.
 - `empty_page_tree(doc)`: whether a PDF that opened with 0 pages is really empty (a catalog whose page tree
   has no kids and no page object anywhere), as opposed to damaged (page objects that cannot be reached, no
   catalog, a page tree pointing at missing objects).
@@ -43,6 +45,26 @@ def complete_png(data: bytes) -> bytes | None:
     except zlib.error:
         return None
     return data[:pos] + IEND if stream.eof else None
+
+
+def drop_bad_ancillary(data: bytes) -> bytes | None:
+    if not data.startswith(PNG_MAGIC):
+        return None
+    pos, keep, dropped = len(PNG_MAGIC), [], False
+    while pos + 12 <= len(data):
+        length, kind = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
+        end = pos + 12 + length
+        if end > len(data):
+            break
+        crc = int.from_bytes(data[end - 4:end], "big")
+        if kind[0] & 0x20 and zlib.crc32(data[pos + 4:end - 4]) != crc:
+            dropped = True  # an ancillary chunk (lower-case first letter) whose bytes are damaged
+        else:
+            keep.append(data[pos:end])
+        pos = end
+        if kind == b"IEND":
+            break
+    return PNG_MAGIC + b"".join(keep) + data[pos:] if dropped else None
 
 
 def page_objects(doc) -> int:

@@ -1,0 +1,96 @@
+"""The opened document every format shares: pages rendered on demand, their warnings, one-line errors.
+
+Contract: `Document.render(page)` (1-based) returns a fresh RGB image or raises an `IdeficsError` with `path`
+set (`page_out_of_range`, `corrupt` for a page that cannot be decoded); `Document.warnings(page)` names what
+may be wrong with a page once it is rendered. `why(exc)` is one line on a decoder's exception.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import TYPE_CHECKING
+
+from idefics_cli.documents.pages import out_of_range
+from idefics_cli.documents.quiet import DecodeTimeout, decoding
+from idefics_cli.errors import IdeficsError
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+DEFAULT_LONGEST_SIDE = 1960  # 2 x 980: the four crops reach the processor at full resolution
+MAX_PIXELS = DEFAULT_LONGEST_SIDE * DEFAULT_LONGEST_SIDE * 4  # ~15.4 MP budget for one rendered PDF page
+MAX_IMAGE_PIXELS = 178_956_970  # images above this are refused before decoding (2x Pillow's default limit)
+
+
+def why(exc: BaseException) -> str:
+    """One line on an exception; for MuPDF's, the innermost reason ("cycle in page tree"), without its code."""
+    while exc.__cause__ is not None and type(exc).__module__.startswith("pymupdf"):
+        exc = exc.__cause__
+    text = (str(exc).strip().splitlines() or [""])[0][:200]
+    if type(exc).__module__.startswith("pymupdf") and text:
+        return re.sub(r"^code=\d+: ", "", text)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class Document:
+    """An opened document: `path`, `kind` (one of FORMATS), `sha256` of the source bytes, `page_count`."""
+
+    def __init__(self, path: str, kind: str, data: bytes):
+        self.path = path
+        self.kind = kind
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        self.page_count = 0
+        self.doc_warnings: list[str] = []  # true of every page: repaired, xfa_form, first_frame_only
+        self._warnings: dict[int, list[str]] = {}
+        self._notes: dict[int, list[str]] = {}  # found while rendering a page: downscaled
+        self._stuck: DecodeTimeout | None = None  # a render given up on: its decoder may still be running
+
+    def _error(self, code: str, message: str, hint: str | None = None) -> IdeficsError:
+        return IdeficsError(code, message, hint, self.path)
+
+    def render(self, page: int) -> Image:
+        """Page `page` (1-based) as a new RGB image; a page that cannot be decoded raises `corrupt`."""
+        if not 1 <= page <= self.page_count:
+            err = out_of_range(page, self.page_count)
+            err.path = self.path
+            raise err
+        if self._stuck is not None:
+            raise self._error("corrupt", f"page {page} was not decoded: an earlier page {self._stuck}")
+        try:
+            image = decoding(lambda: self._render(page))
+        except DecodeTimeout as e:
+            self._stuck = e
+            raise self._error("corrupt", f"page {page} could not be decoded: it {e}, given up") from None
+        except (IdeficsError, MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            raise self._error("corrupt", f"page {page} could not be decoded ({why(e)})") from e
+        blank = ["blank_page"] if all(low == high for low, high in image.getextrema()) else []
+        self._warnings[page] = [*self.doc_warnings, *self._notes.pop(page, []), *blank]
+        return image
+
+    def warnings(self, page: int) -> list[str]:
+        """Warning codes of a page (see WARNINGS in errors.py); complete once the page has been rendered."""
+        return list(self._warnings.get(page, self.doc_warnings))
+
+    def _render(self, page: int) -> Image:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self._stuck is None:  # else the abandoned decoder may still use it
+            self._close()
+
+    def _close(self) -> None:
+        pass
+
+    def __enter__(self) -> Document:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.path!r} {self.kind} pages={self.page_count}>"
+
+
