@@ -32,18 +32,20 @@ def plain_answer(model_dir, image_path, question, split, max_new_tokens):
 
 @pytest.fixture
 def spy_generate(monkeypatch):
-    """Record what reaches the real `generate` and each call of the vision tower (they still run)."""
+    """Record what reaches the model: each `generate` call (the model card's path) and each prefill of the decode
+    loop (the CLI's), with the vision tower calls that preceded it (they all still run)."""
+    import torch
     from transformers import Idefics2ForConditionalGeneration
     from transformers.models.idefics2.modeling_idefics2 import Idefics2Model
 
+    from idefics_cli.runtime import decode
+
     calls, vision = [], []
-    real = Idefics2ForConditionalGeneration.generate
+    real, real_prefill = Idefics2ForConditionalGeneration.generate, decode.prefill
     real_features = Idefics2Model.get_image_features
 
     def recording(self, *args, **kwargs):
-        # the CLI encodes its chunks just before `generate`, the plain path inside it: both belong to this call
-        call = {k: v for k, v in kwargs.items() if k in ("input_ids", "pixel_values", "pixel_attention_mask",
-                                                         "mm_encoder_outputs")}
+        call = {k: v for k, v in kwargs.items() if k in ("input_ids", "pixel_values", "pixel_attention_mask")}
         call["vision"] = vision[:]
         vision.clear()
         calls.append(call)
@@ -53,11 +55,18 @@ def spy_generate(monkeypatch):
             call["vision"] += vision
             vision.clear()
 
+    def prefill(engine, rows):
+        calls.append({"input_ids": torch.tensor([row.ids for row in rows]), "vision": vision[:],
+                      "features": [row.features for row in rows]})
+        vision.clear()
+        return real_prefill(engine, rows)
+
     def features(self, pixel_values, pixel_attention_mask=None, **kwargs):
         vision.append((pixel_values.clone(), pixel_attention_mask))
         return real_features(self, pixel_values, pixel_attention_mask, **kwargs)
 
     monkeypatch.setattr(Idefics2ForConditionalGeneration, "generate", recording)
+    monkeypatch.setattr(decode, "prefill", prefill)
     monkeypatch.setattr(Idefics2Model, "get_image_features", features)
     return calls
 
@@ -102,11 +111,11 @@ def test_answer_and_model_inputs_equal_model_card_code(cli, tiny_model, tmp_path
     answer = json.loads(result.stdout)
     assert answer["answer"] == expected
     assert answer["split"] is split and answer["usage"]["image_tokens"] == (320 if split else 64)
-    assert len(spy_generate) == 2  # the plain snippet, then the CLI
+    assert len(spy_generate) == 2  # the plain snippet, then the CLI's prefill
     seen = spy_generate[-1]
     assert seen["input_ids"].shape == plain["input_ids"].shape and (seen["input_ids"] == plain["input_ids"]).all()
-    # the pixels: the processor's own, each image unpadded, through the vision tower before generate
-    assert "pixel_values" not in seen and "mm_encoder_outputs" in seen
+    # the pixels: the processor's own, each image unpadded, through the vision tower before the prefill
+    assert "pixel_values" not in seen and seen["features"][0] is not None
     assert same_images(vision_images(seen), trimmed(plain["pixel_values"], plain["pixel_attention_mask"]))
 
 
@@ -161,28 +170,20 @@ def test_stdin_document(tiny_model, tmp_path):
 
 _GATED = """
 import sys
-from transformers import AutoTokenizer, Idefics2ForConditionalGeneration, LogitsProcessorList
+from idefics_cli.runtime import decode
 
-tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
-real = Idefics2ForConditionalGeneration.generate
-
-
-def gated(self, *args, **kwargs):
-    prompt, held = kwargs["input_ids"].shape[1], []
-
-    def gate(input_ids, scores):
-        text = tokenizer.decode(input_ids[0, prompt:], skip_special_tokens=True)
-        if not held and text.strip() and not text.endswith("\\ufffd"):
-            held.append(True)
-            sys.stderr.write("gate held\\n")
-            sys.stdin.buffer.read(1)  # the next token waits until the test has seen text on stdout
-        return scores
-
-    kwargs["logits_processor"] = LogitsProcessorList([gate])
-    return real(self, *args, **kwargs)
+real, held = decode.Loop.step, []
 
 
-Idefics2ForConditionalGeneration.generate = gated
+def gated(self):
+    if not held and any(row.text.strip() for row in self.rows):
+        held.append(True)
+        sys.stderr.write("gate held\\n")
+        sys.stdin.buffer.read(1)  # the next token waits until the test has seen text on stdout
+    return real(self)
+
+
+decode.Loop.step = gated
 from idefics_cli.cli import app
 
 app(sys.argv[2:], prog_name="idefics")
