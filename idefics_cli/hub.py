@@ -17,9 +17,10 @@ caller's option: nothing here reads or writes the environment's offline variable
 from __future__ import annotations
 
 import os
-import threading
 
+from .ahead import in_thread
 from .errors import IdeficsError
+from .process import quiet_hub
 
 
 def check_local_model(path: str) -> None:
@@ -78,23 +79,21 @@ def probe_endpoint(url: str, timeout: float = 4.0) -> str | None:
     Uses huggingface_hub's own HTTP session, so proxies and certificates are honoured; runs in a thread
     because name resolution ignores timeouts.
     """
+    from concurrent.futures import TimeoutError as NoAnswer
+
     from huggingface_hub.utils import get_session
 
-    outcome: list[str | None] = []
-
-    def attempt():
+    def attempt() -> str | None:
         try:
             get_session().head(url, timeout=timeout)
-            outcome.append(None)
+            return None
         except Exception as exc:  # noqa: BLE001 - any failure means "unreachable"
-            outcome.append((str(exc).splitlines() or [type(exc).__name__])[0][:200] or type(exc).__name__)
+            return (str(exc).splitlines() or [type(exc).__name__])[0][:200] or type(exc).__name__
 
-    thread = threading.Thread(target=attempt, name="idefics-probe", daemon=True)
-    thread.start()
-    thread.join(timeout + 1)
-    if not outcome:
+    try:
+        return in_thread(attempt, name="idefics-probe").result(timeout + 1)
+    except NoAnswer:
         return f"no answer within {timeout:g} s"
-    return outcome[0]
 
 
 PULL_HINT = "run `idefics pull` with network access first, or point --model at a local copy"
@@ -107,7 +106,7 @@ def local_only(options, need: str = "model") -> bool:
     `IDEFICS_PROBE_TIMEOUT` seconds (default 1.5). `need` is "model" or "processor" (see `is_cached`)."""
     if looks_local(options.model):
         return True
-    _quiet_hub()
+    quiet_hub()  # commands: no retry chatter on stderr (process.py)
     if is_cached(options.model, options.revision, need):
         return True
     if options.offline:
@@ -119,14 +118,6 @@ def local_only(options, need: str = "model") -> bool:
         raise IdeficsError("model_error", f"{options.model} is not in the local cache and the hub cannot be reached "
                                           f"({why})", PULL_HINT)
     return False
-
-
-def _quiet_hub() -> None:
-    """No retry chatter from huggingface_hub on stderr (IDEFICS_DEBUG=1 keeps it)."""
-    if not os.environ.get("IDEFICS_DEBUG"):
-        from huggingface_hub.utils import logging
-
-        logging.set_verbosity_error()
 
 
 ALLOW_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.jinja", "*.txt"]  # what loading needs

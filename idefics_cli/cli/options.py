@@ -4,7 +4,8 @@ Contract: commands take these as parameters and call `model_options(...)` to bui
 `ModelOptions` (`--offline` defaults to the user's own HF hub offline variable, `env_offline()`: the one
 place the environment's offline setting is read; `ANSWER_TOKENS`, the default `--max-new-tokens` of answers, is
 the library's); `engine(opts, server, api_key, out)` loads the model, or with `--server` (IDEFICS_SERVER)
-connects to a running `idefics serve` instead (client.py); every command ends with `run_and_exit(body, out)`;
+connects to a running `idefics serve` instead (client.py); every command ends with `run_and_exit(body, out)`
+(which first opts the process in to the commands' settings, process.py);
 help panels group them as "Model", "Server" and "Document". `Command` is the command class of every command:
 usage lines name the arguments as written
 (`idefics ask [OPTIONS] DOC... QUESTION`, `[MODEL]` when optional) and a value option without a metavar shows its
@@ -235,7 +236,11 @@ def model_options(model: str, revision: str | None, quant: Quant, dtype: Dtype, 
 
 
 def run_and_exit(body, out=None) -> NoReturn:
-    """A command's last line: run its body through `output.run` (errors as one line) and exit with the status."""
+    """A command's last line: opt the process in (process.py), run its body through `output.run` (errors as one
+    line) and exit with the status."""
     from ..output import run
+    from ..process import tune_process
+
+    tune_process()
 
     raise typer.Exit(run(body, out))
