@@ -14,7 +14,10 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 _END = object()
 
@@ -117,7 +120,9 @@ class WorkAhead:
 
 def in_thread(fn: Callable[[], object], name: str) -> Future:
     """`fn()` run in a new daemon thread, which ends with it; the Future of its result (or exception)."""
-    future: Future = Future()
+    from concurrent.futures import Future  # imported when needed: it brings logging (ms at every command's start)
+
+    future = Future()
 
     def run():
         if not future.set_running_or_notify_cancel():

@@ -22,14 +22,17 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import Future, wait
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import process
 from .ahead import in_thread
 from .engine import Engine
 from .errors import IdeficsError, is_oom
 from .hub import PULL_HINT, check_local_model, local_only, looks_local, source
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 DEFAULT_MODEL = "HuggingFaceM4/idefics2-8b"
 
@@ -194,6 +197,8 @@ def start_load(options: ModelOptions) -> Loading:
         check_local_model(options.model)
     common = {"revision": options.revision, "local_files_only": local_only(options), "trust_remote_code": False}
     quiet_libraries()
+    from concurrent.futures import wait
+
     import torch
     from transformers import Idefics2ForConditionalGeneration
 

@@ -12,7 +12,6 @@ model's load: allocator.py).
 
 from __future__ import annotations
 
-import logging
 import os
 import warnings
 
@@ -38,6 +37,8 @@ def tune_process() -> None:
     warnings.filterwarnings("ignore", module="transformers")
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     if not debug():
+        import logging
+
         for name in ("bitsandbytes", "kernels"):
             logging.getLogger(name).setLevel(logging.ERROR)
 
