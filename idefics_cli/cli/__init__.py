@@ -13,11 +13,10 @@ import sys
 import typer
 
 from . import ask, chat, crops, doctor, pull, quantize, serve, transcribe
-from .options import Command, Group
+from .options import Command
 
 app = typer.Typer(
     name="idefics",
-    cls=Group,
     help="Ask documents questions and transcribe them with Idefics2-8B, locally, 4-bit, on one GPU.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,

@@ -33,6 +33,7 @@ EPILOG = """Examples:
 """
 
 
+@o.model_params(o.ANSWER_TOKENS)
 def ask(
     docs_and_question: Annotated[list[str], typer.Argument(metavar="DOC... QUESTION", show_default=False,
                                                            help="Documents (PDF or images, - for stdin), then the "
@@ -43,14 +44,7 @@ def ask(
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object (schema idefics-cli.answer/1).")] = False,
     each_page: Annotated[bool, typer.Option("--each-page", help="Ask every page separately.")] = False,
     schema: o.SchemaOpt = None,
-    model: o.Model = o.DEFAULT_MODEL,
-    revision: o.Revision = None,
-    quant: o.QuantOpt = o.Quant.bit4,
-    dtype: o.DtypeOpt = o.Dtype.auto,
-    device: o.Device = "auto",
-    offline: o.Offline = False,
-    split: o.Split = True,
-    max_new_tokens: o.max_new_tokens_option(o.ANSWER_TOKENS) = o.ANSWER_TOKENS,
+    opts: o.ModelOptions = None,
     server: o.Server = None,
     api_key: o.ApiKey = None,
 ) -> None:
@@ -58,7 +52,6 @@ def ask(
     from ..output import Output
 
     out = Output()
-    opts = o.model_options(model, revision, quant, dtype, device, offline, split, max_new_tokens)
     o.run_and_exit(lambda: _ask(out, docs_and_question, pages, dpi, password, json_, each_page, opts, schema, server,
                                 api_key), out)
 

@@ -43,20 +43,14 @@ HELP = ("/pages SPEC   show these pages with the next question (earlier turns ke
         "Ctrl-C stops an answer (kept, marked interrupted), Ctrl-D (or /quit) leaves.")
 
 
+@o.model_params(o.ANSWER_TOKENS)
 def chat(
     doc: Annotated[str, typer.Argument(metavar="DOC", show_default=False, help="A PDF or image (- for stdin).")],
     pages: o.Pages = None,
     dpi: o.Dpi = None,
     password: o.Password = None,
     schema: o.SchemaOpt = None,
-    model: o.Model = o.DEFAULT_MODEL,
-    revision: o.Revision = None,
-    quant: o.QuantOpt = o.Quant.bit4,
-    dtype: o.DtypeOpt = o.Dtype.auto,
-    device: o.Device = "auto",
-    offline: o.Offline = False,
-    split: o.Split = True,
-    max_new_tokens: o.max_new_tokens_option(o.ANSWER_TOKENS) = o.ANSWER_TOKENS,
+    opts: o.ModelOptions = None,
     server: o.Server = None,
     api_key: o.ApiKey = None,
 ) -> None:
@@ -64,7 +58,6 @@ def chat(
     from ..output import Output
 
     out = Output()
-    opts = o.model_options(model, revision, quant, dtype, device, offline, split, max_new_tokens)
     o.run_and_exit(lambda: Session(out, doc, pages, dpi, password, opts, schema, server, api_key).run(), out)
 
 
