@@ -1,17 +1,14 @@
 """`idefics ask DOC... QUESTION`: one question over the chosen pages; the answer streams to stdout.
 
-Contract: every chosen page of every document becomes one image in a single user turn (images first,
-then the question), answered greedily and streamed piece by piece to stdout; `--json` prints the answer
-object of docs/formats.md instead (its `warnings` are the pages' warning codes; in text mode each is a line
-on stderr); `--each-page` asks each page on its own (NDJSON with `--json`). `--schema` (checked first, a usage
-error before anything is opened) constrains the answer to a JSON Schema: text mode prints the JSON object
-(not streamed), `--json` adds `data` and `schema_sha256`; an answer without valid JSON (cut by
---max-new-tokens, or not validating) prints an error line (text) or `"data": null` and `error` (JSON), and
-the command exits 5.
-Documents are opened, page specs checked and every chosen page decoded before the model loads, so input
-errors are instant. The work is the library's (selection.py, `Engine.ask`, the `Response` of response.py);
-this module parses the command line and prints. With `--server URL` (IDEFICS_SERVER) the pages are still
-rendered here and a running `idefics serve` answers (client.py): the same text, JSON and exit statuses.
+Contract: every chosen page of every document is one image in a single user turn (images, then the question),
+answered greedily and streamed to stdout; `--json` prints the answer object of docs/formats.md (its `warnings`
+are the pages' codes; in text mode each is a line on stderr); `--each-page` asks each page alone (NDJSON with
+`--json`). `--schema` (checked first) constrains the answer to a JSON Schema: text mode prints the JSON object,
+`--json` adds `data` and `schema_sha256`; no valid JSON prints an error line (or `"data": null`) and exits 5.
+Documents are opened and every chosen page decoded before the model loads, so input errors are instant. The
+work is the library's (selection.py, `Engine.ask`, response.py); this module parses and prints. With `--server
+URL` (IDEFICS_SERVER) pages are rendered here and a running `idefics serve` answers (client.py): the same text,
+JSON and exit statuses.
 """
 
 from __future__ import annotations

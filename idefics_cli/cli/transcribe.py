@@ -66,7 +66,7 @@ def transcribe(
     from ..output import Output
     from . import one_malloc_arena
 
-    one_malloc_arena()  # before any thread starts: flat peak memory over long runs (bench/memory.py)
+    one_malloc_arena()  # before any thread starts: flat peak memory over long runs
     output = Output(quiet=quiet)
     o.run_and_exit(lambda: _transcribe(output, paths, out, prompt, batch_size, force, shard, engine, pages,
                    dpi, password, opts, ray_address, schema, server, api_key), output)
