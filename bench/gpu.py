@@ -270,6 +270,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import torch
 
+    from idefics_cli import tune_process
+
+    tune_process()  # measured in the commands' process settings (quiet libraries, tuned allocators)
     if not torch.cuda.is_available():
         print("P5 skipped: no CUDA GPU here (bench/gpu.py needs one; nothing was measured)", flush=True)
         if args.smoke:

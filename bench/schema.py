@@ -55,9 +55,10 @@ def child(model: str, image: str, reps: int, max_new_tokens: int, batches: list[
     from schema_engines import INVOICE_SCHEMA
 
     from idefics_cli import structured as st
-    from idefics_cli.model import ModelOptions, load, quiet_libraries
+    from idefics_cli import tune_process
+    from idefics_cli.model import ModelOptions, load
 
-    quiet_libraries()
+    tune_process()  # the commands' process settings (quiet libraries, tuned allocators)
     engine = load(ModelOptions(model=model, device="cpu", max_new_tokens=max_new_tokens))
     tokenizer = engine.processor.tokenizer
     vocab = engine.model.config.get_text_config().vocab_size

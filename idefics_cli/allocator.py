@@ -1,16 +1,13 @@
 """The process's memory allocators, tuned for the CPU engine's large short-lived buffers.
 
-Contract: `tune()` (called when a model loads, model.py; idempotent, process-wide) makes
-- glibc's malloc keep freed blocks for reuse: blocks under 256 MiB come from the heap (`M_MMAP_THRESHOLD`), and
-  the heap keeps up to 1 GiB of freed memory at its top (`M_TRIM_THRESHOLD`). By default every block over a
-  few MiB (a vision chunk's pixels, the tower's activations, a prefill's scores) is a fresh mapping that the
-  kernel zero-fills page by page on first touch: 516,000 page faults in one 8-page batch of the mid benchmark
-  model, 53,000 after (bench/RESULTS.md);
-- Pillow keep 8 freed image blocks (its block cache, `PILLOW_BLOCKS_MAX`; off by default) for the same reason:
-  every page's crops and resizes allocated new images (5,800 page faults a page preprocessed, 0 after).
-Nothing is changed where the user chose: any `MALLOC_*` variable or `GLIBC_TUNABLES` in the environment leaves
-malloc as it is, `PILLOW_BLOCKS_MAX` leaves Pillow; `IDEFICS_ALLOCATOR=default` leaves both. A libc without
-glibc's `mallopt` (macOS, musl) is left as it is. Returns what it changed.
+Contract: `tune()` (process-wide, idempotent; model.py calls it through process.py, at a model's load, only in
+a process that opted in: the commands) makes
+- glibc's malloc serve blocks under 256 MiB from the heap (`M_MMAP_THRESHOLD`) and keep up to 1 GiB freed at
+  its top (`M_TRIM_THRESHOLD`), so big buffers are reused rather than mapped and zero-filled afresh;
+- Pillow keep 8 freed image blocks (`PILLOW_BLOCKS_MAX`; off by default), for the same reason.
+Why, with numbers: bench/RESULTS.md ("Notes moved from the code"). The user's choice wins: any `MALLOC_*` or
+`GLIBC_TUNABLES` variable leaves malloc alone, `PILLOW_BLOCKS_MAX` leaves Pillow, `IDEFICS_ALLOCATOR=default`
+leaves both; a libc without glibc's `mallopt` (macOS, musl) is left alone. Returns what it changed.
 """
 
 from __future__ import annotations

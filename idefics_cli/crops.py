@@ -1,16 +1,13 @@
 """What the processor really feeds the model for one page: its images, taken back out, and a contact sheet.
 
 Contract:
-- `model_images(processor, image)` runs the processor on one page image and takes the images back out of
-  `pixel_values`: de-normalized (x * std + mean, / rescale factor, rounded, uint8) and cropped to the
-  `pixel_attention_mask`, so they are exactly the pixels the vision encoder sees. The count comes from the
-  processor output (5 with idefics2 splitting, 1 without, whatever an Idefics3-style processor makes).
-  The processor comes from `model.load_processor(options)` (no weights).
-- `contact_sheet(panels, labels, title)` lays panels out (`sheet_layout`: 2 x 2 crops + the whole page when
-  there are 5, else one row) under label strips and returns the sheet.
-- `save_crops(images, names, folder, sheet_path, title, labels)` writes each image as
-  `crop-<k>-<position>.png` into `folder` (when given) and the sheet to `sheet_path` (when given) and returns
-  the written paths; a write failure is `IdeficsError("output_error")`.
+- `model_images(processor, image)` runs the processor (`model.load_processor`, no weights) on one page image and
+  takes the images back out of `pixel_values`, de-normalized and cropped to `pixel_attention_mask`: exactly
+  the pixels the vision encoder sees, as many as the processor made (5 with idefics2 splitting, 1 without).
+- `contact_sheet(panels, labels, title)` lays them out (`sheet_layout`: 2 x 2 crops + the whole page for 5,
+  else one row) under label strips.
+- `save_crops(images, names, folder, sheet_path, title, labels)` writes `crop-<k>-<position>.png` into `folder`
+  and/or the sheet, returning the paths; a failed write is `IdeficsError("output_error")`.
 torch and PIL are imported inside functions only.
 """
 

@@ -1,18 +1,13 @@
 """Whether a setup can run the model, and if not why not: the checks behind `idefics doctor`.
 
-Contract:
-- `diagnose(options)` runs every check and returns one JSON-ready report (schema `SCHEMA`) whose `ok` and
-  `reason` hold the verdict. It first takes the one fast path of every command (`hub.local_only`): a hub
-  model that is not cached while `options.offline` or without the hub raises `IdeficsError("model_error")`
-  at once, before the checks. The network is touched only to fetch the config files for the estimate of a
-  model that is not cached yet (never when offline).
-- The checks, each returning plain JSON-ready dicts: `versions()`, `cuda_info()`, `system_info()`,
-  `check_4bit(device, dtype)` (a real bitsandbytes nf4 quantize + `matmul_4bit`, compared with float),
-  `model_files(model, revision)` (local folder or HF cache, complete or not, commit, size), `extras.report()`
-  and `memory_estimate(...)`: parameters counted from config.json on the meta device, bytes per parameter
-  for the quantization, and the KV cache for one page's prompt, whose images per page and image tokens per
-  image are read from the model's image processor and processor configs (`page_images`), never hard-coded.
-- `human_bytes(n)` writes a byte count for people (B, KiB, MiB, GiB).
+Contract: `diagnose(options)` runs every check and returns one JSON-ready report (schema `SCHEMA`) whose `ok` and
+`reason` hold the verdict; a hub model not cached while offline or without the hub raises
+`IdeficsError("model_error")` first (`hub.local_only`). The network is touched only to fetch the config files
+of a model not cached yet (never offline). The checks return plain dicts: `versions()`, `cuda_info()`,
+`system_info()`, `check_4bit(device, dtype)` (a real nf4 `matmul_4bit` against float), `model_files(model,
+revision)`, `extras.report()`, and `memory_estimate(...)`: parameters counted on the meta device, bytes per
+parameter, and the KV cache of one page's prompt, its image counts read from the processor's configs
+(`page_images`), never hard-coded. `human_bytes(n)` writes a byte count for people.
 torch, transformers, bitsandbytes and huggingface_hub are imported inside functions only.
 """
 

@@ -1,25 +1,23 @@
 """Where the model comes from: a local folder, the Hugging Face cache, or the hub (probed before loading).
 
-Contract: `check_local_model(path)` refuses a folder that is not a safetensors model before anything is
-read; `looks_local(name)` tells a path from a hub id; `local_only(options, need)` is the one fast path of
-every command that loads a model or processor: it says whether loading stays off the network (a local
-folder, or a hub id already cached; callers pass it on as `local_files_only=`) and raises
-`IdeficsError("model_error")` before any heavy import when a hub id is not cached and either
-`options.offline` ("not in the local cache (offline)") or the hub cannot be reached;
-`cached_snapshot(model, revision, need)` finds a hub id's folder in the HF cache, and
-`source(options, local_files_only)` is what loaders hand `from_pretrained` (that folder when loading stays
-local, so a cached model loads without a single connection); `probe_endpoint(url)` says why the hub (or the
-proxy) cannot be reached, or None; `pull(model, revision, offline)` downloads what loading needs into the HF
-cache (when offline, only finds it there) and maps every failure to one `model_error`. Offline is the
-caller's option: nothing here reads or writes the environment's offline variables. No heavy imports.
+Contract: `check_local_model(path)` refuses a folder that is not a safetensors model before anything is read;
+`looks_local(name)` tells a path from a hub id. `local_only(options, need)`, the fast path of every command that
+loads a model or processor, says whether loading stays off the network (a local folder or a cached hub id) and
+raises `IdeficsError("model_error")` before any heavy import when a hub id is not cached and `options.offline`
+or the hub cannot be reached. `cached_snapshot(...)` finds a hub id's folder in the HF cache; `source(...)` is
+what loaders hand `from_pretrained` (that folder when loading stays local: no connection at all).
+`probe_endpoint(url)` says why the hub cannot be reached, or None. `pull(model, revision, offline)` downloads
+what loading needs (offline: only finds it) and maps every failure to one `model_error`. Offline is the caller's
+option: nothing here reads or writes the environment's offline variables. No heavy imports.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 
+from .ahead import in_thread
 from .errors import IdeficsError
+from .process import quiet_hub
 
 
 def check_local_model(path: str) -> None:
@@ -65,8 +63,8 @@ def is_cached(model: str, revision: str | None, need: str = "model") -> bool:
 
 def source(options, local_files_only: bool, need: str = "model") -> str:
     """What to hand `from_pretrained`: when loading stays local, a cached hub id's snapshot folder, so
-    huggingface_hub's download path is never entered (even with `local_files_only` it builds request headers,
-    and huggingface_hub 2.4 fetches an agent registry from the hub for them); else `options.model`."""
+    huggingface_hub's download path, which may reach the hub even with `local_files_only`, is never entered;
+    else `options.model`."""
     if local_files_only and not looks_local(options.model):
         return cached_snapshot(options.model, options.revision, need) or options.model
     return options.model
@@ -78,23 +76,21 @@ def probe_endpoint(url: str, timeout: float = 4.0) -> str | None:
     Uses huggingface_hub's own HTTP session, so proxies and certificates are honoured; runs in a thread
     because name resolution ignores timeouts.
     """
+    from concurrent.futures import TimeoutError as NoAnswer
+
     from huggingface_hub.utils import get_session
 
-    outcome: list[str | None] = []
-
-    def attempt():
+    def attempt() -> str | None:
         try:
             get_session().head(url, timeout=timeout)
-            outcome.append(None)
+            return None
         except Exception as exc:  # noqa: BLE001 - any failure means "unreachable"
-            outcome.append((str(exc).splitlines() or [type(exc).__name__])[0][:200] or type(exc).__name__)
+            return (str(exc).splitlines() or [type(exc).__name__])[0][:200] or type(exc).__name__
 
-    thread = threading.Thread(target=attempt, name="idefics-probe", daemon=True)
-    thread.start()
-    thread.join(timeout + 1)
-    if not outcome:
+    try:
+        return in_thread(attempt, name="idefics-probe").result(timeout + 1)
+    except NoAnswer:
         return f"no answer within {timeout:g} s"
-    return outcome[0]
 
 
 PULL_HINT = "run `idefics pull` with network access first, or point --model at a local copy"
@@ -107,7 +103,7 @@ def local_only(options, need: str = "model") -> bool:
     `IDEFICS_PROBE_TIMEOUT` seconds (default 1.5). `need` is "model" or "processor" (see `is_cached`)."""
     if looks_local(options.model):
         return True
-    _quiet_hub()
+    quiet_hub()  # commands: no retry chatter on stderr (process.py)
     if is_cached(options.model, options.revision, need):
         return True
     if options.offline:
@@ -119,14 +115,6 @@ def local_only(options, need: str = "model") -> bool:
         raise IdeficsError("model_error", f"{options.model} is not in the local cache and the hub cannot be reached "
                                           f"({why})", PULL_HINT)
     return False
-
-
-def _quiet_hub() -> None:
-    """No retry chatter from huggingface_hub on stderr (IDEFICS_DEBUG=1 keeps it)."""
-    if not os.environ.get("IDEFICS_DEBUG"):
-        from huggingface_hub.utils import logging
-
-        logging.set_verbosity_error()
 
 
 ALLOW_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.jinja", "*.txt"]  # what loading needs

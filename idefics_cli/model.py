@@ -1,54 +1,37 @@
-"""The model stage: load Idefics2 and its processor.
+"""The model stage: load an Idefics2 checkpoint and its processor into an `Engine`.
 
 Contract:
-- `ModelOptions` carries every model setting, `offline` included: offline is an option like any other, passed
-  on as `local_files_only=` (nothing here reads or writes the process environment's offline variables).
-- `load_processor(options)` is the one processor loader (`load`, `crops` and `quantize` use it): the same
-  local-folder check and offline/cache decision (`hub.local_only(options, need="processor")`; a cached hub
-  id is read from its snapshot folder, `hub.source`), the same errors, and the runtime settings
-  (`do_image_splitting` from `options.split`, left padding) unless `configure=False` asks for the
-  processor exactly as saved. `load` reads the weights from the same place (`hub.source`).
-- Loading tunes the process's allocators for the engine's big short-lived buffers (allocator.py).
-- `start_load(options)` starts a load and returns at once with the processor (`Loading`: the weights load in a
-  thread until `finish()` gives the `Engine`), so inputs can be prepared meanwhile; `load(options)` is both.
-- `load(options)` returns an `Engine` (engine.py) holding the processor and the model, loaded the way the
-  idefics2-8b model card does it (AutoProcessor + Idefics2ForConditionalGeneration, safetensors only,
-  never remote code, sdpa attention, bitsandbytes nf4 + double quant for `quant="4bit"`). Failures raise
-  `IdeficsError("model_error" | "out_of_memory", ...)` with a hint.
+- `load_processor(options)` is the one processor loader (`load`, `crops`, `quantize`): local-folder check,
+  offline/cache decision (hub.py), the same errors, and the runtime settings (`options.split`, left padding)
+  unless `configure=False` asks for the processor exactly as saved.
+- `start_load(options)` returns at once with the processor (`Loading`: the weights load in a thread until
+  `finish()` gives the `Engine`); `load(options)` is both. Loaded as the idefics2-8b model card does it
+  (safetensors only, never remote code, sdpa, bitsandbytes nf4 + double quant for `quant="4bit"`); failures
+  raise `IdeficsError("model_error" | "out_of_memory")` with a hint.
 torch and transformers are imported inside functions only.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 import time
+from typing import TYPE_CHECKING
 
-from . import allocator
+from . import process
+from .ahead import in_thread
 from .engine import Engine
 from .errors import IdeficsError, is_oom
 from .hub import PULL_HINT, check_local_model, local_only, looks_local, source
 from .interface import DEFAULT_MODEL, ModelOptions  # noqa: F401 - re-exported: the loader's options
 
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
 
 def quiet_libraries() -> None:
-    """Send transformers/bitsandbytes chatter away from stdout (errors only, no progress bars), and keep
-    bitsandbytes' import-time log lines ("Failed to load CPU gemm_4bit_forward from kernels-community") off
-    stderr unless IDEFICS_DEBUG=1."""
-    import logging
-    import warnings
-
-    if not os.environ.get("IDEFICS_DEBUG"):
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-        logging.getLogger("kernels").setLevel(logging.ERROR)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", module="bitsandbytes")
-    warnings.filterwarnings("ignore", module="transformers")
-    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
+    """Opted-in processes (the commands: process.py) hear transformers' errors only, without progress bars; a
+    program that did not opt in keeps its own logging."""
+    process.quiet_loaded()
 
 
 def resolve_device(device: str) -> str:
@@ -72,24 +55,39 @@ def resolve_dtype(dtype: str, device: str):
 
 
 def import_bitsandbytes():
-    """Import bitsandbytes without letting it reach the hub: on a CPU with AVX512-BF16 its CPU backend asks the hub
-    (kernels-community) for a compiled kernel while it is imported, a connection and code fetched at run time that
-    `--offline` and the hub's own offline switch would not otherwise stop. The import runs with huggingface_hub's
-    offline flag set, so that lookup stays local and, finding nothing cached, bitsandbytes keeps its own CPU code
-    (what ran before transformers 5.25 brought in the `kernels` package). ImportError when it is not installed."""
+    """Import bitsandbytes without letting it reach the hub, and without its import-time log lines on stderr
+    (unless IDEFICS_DEBUG=1). ImportError when it is not installed.
+
+    On a CPU with AVX512-BF16, bitsandbytes' import asks the hub (`kernels.get_kernel`) for compiled code that
+    `--offline` would not stop; on any failure it keeps its own CPU code. So `kernels` is made unimportable
+    for the import alone (`sys.modules["kernels"] = None`), rather than flipping huggingface_hub's offline flag,
+    which other threads read: nothing of the hub runs at all. sys.modules, the loggers' levels and the warning
+    filters are restored after the import (warnings.catch_warnings: the filters are global while it runs)."""
+    import logging
     import sys
+    import warnings
 
     if "bitsandbytes" in sys.modules:
         return sys.modules["bitsandbytes"]
-    quiet_libraries()
-    from huggingface_hub import constants
-
-    saved = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = True
+    loggers = [logging.getLogger(name) for name in ("bitsandbytes", "kernels")]
+    levels = [logger.level for logger in loggers]
+    missing = object()
+    kernels = sys.modules.get("kernels", missing)
+    sys.modules["kernels"] = None
     try:
-        import bitsandbytes
+        with warnings.catch_warnings():
+            if not process.debug():
+                warnings.filterwarnings("ignore", module="bitsandbytes")
+                for logger in loggers:
+                    logger.setLevel(logging.ERROR)
+            import bitsandbytes
     finally:
-        constants.HF_HUB_OFFLINE = saved
+        if kernels is missing:
+            sys.modules.pop("kernels", None)
+        else:
+            sys.modules["kernels"] = kernels
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
     return bitsandbytes
 
 
@@ -151,22 +149,22 @@ def load(options: ModelOptions) -> Engine:
 
 
 class Loading:
-    """A load in progress: the processor is here (`processor`, on `device`), the weights load in a thread until
-    `finish()` returns the `Engine` (or raises the load's `IdeficsError`)."""
+    """A load in progress: the processor is here (`processor`, on `device`), the weights load in a thread
+    (`weights`: its Future) until `finish()` returns the `Engine` (or raises the load's `IdeficsError`)."""
 
-    def __init__(self, options: ModelOptions, processor, device: str, dtype, loader, loaded: dict, start: float):
+    def __init__(self, options: ModelOptions, processor, device: str, dtype, weights: Future, start: float):
         self.options, self.processor, self.device, self.dtype = options, processor, device, dtype
-        self._loader, self._loaded, self._start = loader, loaded, start
+        self._weights, self._start = weights, start
 
     def finish(self) -> Engine:
-        self._loader.join()
-        loaded, self._loaded = self._loaded, {}
-        if "error" in loaded:
-            exc = loaded["error"]
-            if isinstance(exc, IdeficsError) or not isinstance(exc, Exception):
-                raise exc
+        try:
+            model = self._weights.result()
+        except IdeficsError:
+            raise
+        except Exception as exc:  # OSError/ValueError from transformers and huggingface_hub
             raise model_error(exc, self.options) from exc
-        model = loaded["model"]
+        finally:
+            self._weights = None  # the Future lets go of the model (or its error)
         model.eval()
         return Engine(self.processor, model, self.options, self.device, self.dtype, time.perf_counter() - self._start)
 
@@ -178,12 +176,14 @@ def start_load(options: ModelOptions) -> Loading:
         check_local_model(options.model)
     common = {"revision": options.revision, "local_files_only": local_only(options), "trust_remote_code": False}
     quiet_libraries()
+    from concurrent.futures import wait
+
     import torch
     from transformers import Idefics2ForConditionalGeneration
 
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
-    allocator.tune()  # big buffers reused rather than faulted in afresh (allocator.py)
+    process.tune_allocators()  # opted-in processes (the commands): big buffers reused (allocator.py)
     try:
         kwargs = {"dtype": dtype, "use_safetensors": True, "attn_implementation": "sdpa", **common}
         quant = quantization_config(options.quant, dtype)
@@ -198,27 +198,18 @@ def start_load(options: ModelOptions) -> Loading:
         raise model_error(exc, options) from exc
     # The weights load in a short-lived thread while this one loads the processor. Its OpenMP workers end
     # with it: a thread that keeps idle OpenMP workers makes libgomp throttle those of the thread that
-    # generates (4-bit matmuls on the CPU ran 1.4x slower in a streaming `ask`; bench/ask.py).
-    loaded: dict = {}
-
-    def load_weights():
-        try:
-            loaded["model"] = Idefics2ForConditionalGeneration.from_pretrained(
-                source(options, common["local_files_only"]), **kwargs)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the thread that finishes the load
-            loaded["error"] = exc
-
-    loader = threading.Thread(target=load_weights, name="idefics-load", daemon=True)
-    loader.start()
+    # generates (bench/RESULTS.md, "Notes moved from the code").
+    weights = in_thread(lambda: Idefics2ForConditionalGeneration.from_pretrained(
+        source(options, common["local_files_only"]), **kwargs), name="idefics-load")
     try:
         processor = load_processor(options, local_files_only=common["local_files_only"])
     except IdeficsError:
-        loader.join()
+        wait([weights])
         raise
     except Exception as exc:
-        loader.join()
+        wait([weights])
         raise model_error(exc, options) from exc
     except BaseException:
-        loader.join()
+        wait([weights])
         raise
-    return Loading(options, processor, device, dtype, loader, loaded, start)
+    return Loading(options, processor, device, dtype, weights, start)

@@ -1,14 +1,11 @@
 """Save a model quantized to 4-bit once, so later loads are fast and small: the library behind `idefics quantize`.
 
-Contract: `save_4bit(options, out_dir, status)` loads the model exactly as `--quant 4bit` loads it (`model.load`:
-bitsandbytes nf4, double quant, compute in the chosen dtype) and writes it to `out_dir` with
-`save_pretrained` (safetensors, bitsandbytes 4-bit serialization; config.json carries the
-`quantization_config`), together with the processor exactly as saved (`model.load_processor(configure=False)`:
-no runtime setting leaks in) and the generation config. `out_dir` must be empty or missing (else
-`UsageError`); it is written under a temporary name beside it, made before the model loads (so an unwritable
-`out_dir` fails at once, `output_error`), and renamed into place, so a crash never leaves a half-written
-model. Returns `Quantized(out_dir, before_bytes, after_bytes, dtype)` (weights sizes; `before_bytes` None
-when the source folder is unknown). `status(message)` returns a context manager around each long step (a
+Contract: `save_4bit(options, out_dir, status)` loads the model as `--quant 4bit` does (nf4, double quant) and
+writes it with `save_pretrained` (safetensors, config.json with its `quantization_config`), with the processor
+exactly as saved (`load_processor(configure=False)`) and the generation config. `out_dir` must be empty or
+missing (else `UsageError`); it is written under a temporary name beside it, made before the model loads (an
+unwritable place fails at once: `output_error`), then renamed, so a crash never leaves a half-written model.
+Returns `Quantized(out_dir, before_bytes, after_bytes, dtype)`. `status(message)` wraps each long step (a
 spinner in the CLI). `weights_bytes(folder)` sums a folder's .safetensors files.
 torch and transformers are imported inside functions only.
 """

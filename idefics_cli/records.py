@@ -1,16 +1,13 @@
 """Records: the typed results that leave the program (docs/formats.md).
 
-Contract: `Answer` is what `ask --json` prints (schema `idefics-cli.answer/1`); `PageRecord` is one line of
-`transcribe` output (schema `idefics-cli.page/1`). Both are plain dataclasses whose `to_dict()` gives
-exactly the documented JSON fields (`warnings`: codes of errors.WARNINGS, empty when all is well);
-`PageRecord.from_dict` reads one back. Every page record is made by one of the factories here (`ok_record`,
-`blank_record`, `error_record`), whichever engine runs. With `--schema` (a `structured.Schema`), answers and
-page records also have `"data"` (the parsed answer, or null), and the answer object `"schema_sha256"`; a page
-whose answer has no valid JSON (`schema_truncated`, `schema_mismatch`) is an error record that keeps the raw
-text; a blank page is `ok` with `"data": null`. Without a schema neither field is written. `Summary` counts a
-run's records (`add`), and gives its summary lines and exit status (0 all done, 3 partial, 4 nothing readable).
-`settings_hash()` is the short hash of everything that changes a page's text, used by resume (each record's
-`settings` field).
+Contract: `Answer` is what `ask --json` prints (schema `idefics-cli.answer/1`), `PageRecord` one line of
+`transcribe` output (schema `idefics-cli.page/1`); their `to_dict()` gives exactly the documented fields
+(`warnings`: codes of errors.WARNINGS), `PageRecord.from_dict` reads one back. Every page record comes from a
+factory here (`ok_record`, `blank_record`, `error_record`), whichever engine runs. With `--schema`, answers and
+records also have `"data"` (null without valid JSON: an error record keeping the text, `schema_truncated` or
+`schema_mismatch`; a blank page is `ok` with null) and the answer `"schema_sha256"`. `Summary` counts a run's
+records and gives its summary lines and exit status (0 all done, 3 partial, 4 nothing readable).
+`settings_hash()` hashes everything that changes a page's text (each record's `settings`, used by resume).
 """
 
 from __future__ import annotations

@@ -1,16 +1,14 @@
 """Sinks: where a transcription run's page records go, resumable and crash-safe (docs/batching.md).
 
-Contract: a sink has `existing` (the records already written, for resume), `write(record)` (one page record
-as a dict, written at once), `document_done(done)` (every chosen page of a document has been written) and
-`close()`; `records_name` says where its records can be read (None: nowhere). Sinks are context managers.
-- `JsonlSink(path)`: records appended to one .jsonl file (writers.RecordLog) under an exclusive lock.
-- `FolderSink(folder, docs, settings)`: `records.jsonl` plus one `.md` per document, mirroring the input
-  tree, written atomically inside the folder; pages come from this run's records and from earlier `ok`
-  records of the same settings (resume is by content: byte-identical files share them).
+Contract: a sink (a context manager) has `existing` (records already written, for resume), `write(record)`
+(written at once), `document_done(done)`, `close()` and `records_name` (where its records can be read, or None).
+- `JsonlSink(path)`: appended to one .jsonl file (writers.RecordLog) under an exclusive lock.
+- `FolderSink(folder, docs, settings)`: `records.jsonl` plus one `.md` per document mirroring the input tree,
+  written atomically, from this run's records and earlier `ok` ones of the same settings (by content).
 - `StdoutSink(output, as_json)`: JSONL on stdout when piped, readable text on a terminal.
-- `NullSink()`: nothing written (a library run without `out`; the records are only yielded).
-- `open_sink(out, docs, settings)` picks the sink for an `--out` path: a `.jsonl` file or a folder; anything
-  else is a usage error, an output that cannot be written an `output_error`, both raised at once.
+- `NullSink()`: nothing written (a library run without `out`).
+- `open_sink(out, docs, settings)`: the sink for `--out` (a `.jsonl` file or a folder); anything else is a
+  usage error, an output that cannot be written an `output_error`, both at once.
 """
 
 from __future__ import annotations

@@ -1,20 +1,14 @@
 """HTTP to a running `idefics serve`: connections, retries, server-sent events and errors as the CLI's errors.
 
-Contract:
-- `normalize_url(url)`: `host:port`, `http://host:port/` or an OpenAI base URL ending in /v1 -> the server's
-  root URL; anything else (another scheme, no host, a bad port) is a `UsageError`.
-- `Transport(url, api_key)` talks to that server. `send(method, path, body)` returns (connection, response)
-  of a request whose status is 200 (the caller closes the connection); `json(method, path, body)` reads
-  and parses that response. A server that does not accept the connection is `model_error` naming the URL,
-  at once or after CONNECT_TIMEOUT_S (no read timeout once connected: a prefill over many pages may take
-  long); a connection lost halfway is `model_error` (`lost(exc)`). An overloaded server (503
-  `overloaded`) is retried after its Retry-After (0.1 to 10 s) for up to OVERLOAD_WAIT_S, then raised.
-- `error(status, body)` maps the server's OpenAI error object to the CLI's error: 401 -> `model_error`
-  with a hint about --api-key / IDEFICS_API_KEY; 503 `loading` -> `Loading` (the caller waits);
-  `overloaded` -> `Overloaded`; `request_too_large` -> `UsageError`; a code the CLI has (`usage`,
-  `corrupt`, `out_of_memory`, ...) keeps it; anything else is `model_error` naming the URL.
-- `events(resp)` yields the JSON objects of a server-sent event stream up to `data: [DONE]`.
-- The standard library's http.client only: nothing here imports torch, transformers or numpy.
+Contract: `normalize_url(url)` turns `host:port`, `http://host:port/` or an OpenAI base URL (/v1) into the
+server's root URL (else `UsageError`). `Transport(url, api_key)`: `send(method, path, body)` returns (connection,
+response) of a 200 (the caller closes it), `json(...)` its parsed body. A server that does not accept the
+connection (at once, or within CONNECT_TIMEOUT_S; no read timeout) or loses it halfway (`lost(exc)`) is a
+`model_error` naming the URL; 503 `overloaded` is retried after its Retry-After for up to OVERLOAD_WAIT_S.
+`error(status, body)` maps OpenAI's error object to the CLI's: 401 a `model_error` hinting at --api-key, 503
+`loading` -> `Loading`, `overloaded` -> `Overloaded`, `request_too_large` -> `UsageError`, the CLI's own codes
+kept, anything else `model_error`. `events(resp)` yields a server-sent stream's JSON objects up to [DONE].
+The standard library's http.client only: no torch, transformers or numpy.
 """
 
 from __future__ import annotations

@@ -55,58 +55,68 @@ def test_offline_defaults_to_the_users_hub_switch_read_as_the_hub_reads_it(monke
     assert model_options("m", None, Quant.none, Dtype.auto, "cpu", True, True, 8).offline is True  # --offline
 
 
-def _typer_coerced(param, value, ctx):
-    """`value` through typer's own coercion (its pydantic TypeAdapter), or the error message it raises."""
-    from typer._coercion import build_runtime_param
-
-    try:
-        return build_runtime_param(param.type_descriptor).coerce(value, param=param, ctx=ctx)
-    except Exception as exc:  # noqa: BLE001 - the message is what is compared
-        return f"{type(exc).__name__}: {exc}"
-
-
-def _plain_coerced(param, value, ctx):
-    from idefics_cli.cli.options import PlainCoercion
-
-    try:
-        return PlainCoercion(param.type_descriptor).coerce(value, param=param, ctx=ctx)
-    except Exception as exc:  # noqa: BLE001
-        return f"{type(exc).__name__}: {exc}"
-
-
-VALUES = [None, "", "x", "doc.pdf", "0", "1", "7", "10", "512", "1200", "1201", "32768", "32769", "-1", "+5", "007",
-          " 12", "1_0", "12.0", "1e3", "abc", "99999999999999999999", 0, 1, 10, 512, 32769, True,
-          "4bit", "8bit", "none", "4BIT", "auto", "bfloat16", "float32", "hf", "ray", ("a.pdf", "q"), ["a", "b"], ()]
-
-
-@pytest.mark.parametrize("command", ["ask", "transcribe", "chat", "crops", "serve", "doctor", "pull", "quantize"])
-def test_plain_coercion_gives_typers_own_values_and_errors(command):
-    """Every parameter of every command (and the group's), over plain and bad values: PlainCoercion's result (the
-    value, or the error typer raises) is typer's own."""
+def _probe_app(**decorator):
+    """A one-command app whose command is declared like the real ones; it records the `ModelOptions` it gets."""
     import typer
 
-    group = typer.main.get_command(app)
-    sub = group.commands[command]
-    ctx = sub.make_context(command, ["--help"], resilient_parsing=True)
-    for param in [*sub.get_params(ctx), *group.get_params(ctx)]:
-        multi = param.multiple or param.nargs == -1
-        for value in VALUES:
-            if multi != isinstance(value, (tuple, list)) and value is not None:
-                continue
-            want, got = _typer_coerced(param, value, ctx), _plain_coerced(param, value, ctx)
-            assert got == want and type(got) is type(want), (command, param.name, value, got, want)
+    from idefics_cli.cli import options as o
+
+    probe, got = typer.Typer(), {}
+
+    @probe.command(cls=o.Command)
+    @o.model_params(**decorator)
+    def run(doc: str, opts: o.ModelOptions = None, server: o.Server = None) -> None:
+        got.update(doc=doc, opts=opts, server=server)
+
+    return probe, got
 
 
-def test_the_ask_command_line_imports_no_pydantic(tmp_path):
-    """`idefics ask` parses its command line (here up to a missing file) without typer's pydantic adapters."""
-    import json
-    import subprocess
-    import sys
+def test_model_params_hand_the_command_one_model_options(monkeypatch):
+    from idefics_cli.model import ModelOptions
 
-    code = ("import json, sys\nfrom idefics_cli.cli import app\ntry:\n"
-            "    app(['ask', 'missing.pdf', 'Q?', '--pages', '1-2', '--dpi', '96', '--json', '--quant', 'none',\n"
-            "         '--max-new-tokens', '16', '--server', 'http://127.0.0.1:9'], prog_name='idefics')\n"
-            "except SystemExit as e:\n    code = e.code\n"
-            "print(json.dumps([code, sorted(m for m in ('pydantic', 'typer._adapters') if m in sys.modules)]))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=tmp_path, timeout=120)
-    assert json.loads(out.stdout) == [4, []], out.stderr.decode()  # not_found: the options were all taken
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("IDEFICS_MODEL", "env/model")
+    probe, got = _probe_app(max_new_tokens=1024)
+    result = CliRunner().invoke(probe, ["a.pdf", "--quant", "none", "--dtype", "float32", "--device", "cpu",
+                                        "--no-split", "--max-new-tokens", "7", "--revision", "v1"])
+    assert result.exit_code == 0, result.output
+    assert got == {"doc": "a.pdf", "server": None,
+                   "opts": ModelOptions(model="env/model", revision="v1", quant="none", dtype="float32", device="cpu",
+                                        offline=False, split=False, max_new_tokens=7)}
+    result = CliRunner().invoke(probe, ["b.pdf", "-m", "m", "--offline", "--server", "http://s"])
+    assert result.exit_code == 0, result.output
+    assert got["opts"] == ModelOptions(model="m", offline=True, max_new_tokens=1024) and got["server"] == "http://s"
+    assert CliRunner().invoke(probe, ["c.pdf", "--max-new-tokens", "0"]).exit_code == 2  # min=1, typer's check
+
+
+def test_model_params_only_shows_some_and_fixes_the_others(monkeypatch):
+    from idefics_cli.model import ModelOptions
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    probe, got = _probe_app(max_new_tokens=1, only=("model", "offline"), fixed={"device": "cpu"})
+    assert CliRunner().invoke(probe, ["a.pdf", "--model", "m"]).exit_code == 0
+    assert got["opts"] == ModelOptions(model="m", device="cpu", max_new_tokens=1)
+    result = CliRunner().invoke(probe, ["a.pdf", "--quant", "none"])
+    assert result.exit_code == 2 and "--quant" in result.output
+
+
+@pytest.mark.parametrize("command, names", [
+    ("ask", ["model", "revision", "quant", "dtype", "device", "offline", "split", "max_new_tokens"]),
+    ("chat", ["model", "revision", "quant", "dtype", "device", "offline", "split", "max_new_tokens"]),
+    ("transcribe", ["model", "revision", "quant", "dtype", "device", "offline", "split", "max_new_tokens"]),
+    ("doctor", ["model", "revision", "quant", "dtype", "device", "offline", "split", "max_new_tokens"]),
+    ("serve", ["model", "revision", "quant", "dtype", "device", "offline", "split", "max_new_tokens"]),
+    ("crops", ["model", "revision", "offline", "split"]),
+    ("quantize", ["model", "revision", "dtype", "device", "offline"]),
+])
+def test_every_command_shows_the_same_model_options(command, names):
+    """The model options of every command are one declaration: the same flags, help, env var and panel."""
+    import typer
+
+    def shown(name):
+        sub = typer.main.get_command(app).commands[name]
+        return {p.name: (tuple(p.opts), tuple(p.secondary_opts), p.help, p.envvar, p.rich_help_panel)
+                for p in sub.params if p.name in names}
+
+    got, ask = shown(command), shown("ask")
+    assert list(got) == names and all(got[n] == ask[n] for n in names)

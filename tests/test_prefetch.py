@@ -141,5 +141,5 @@ def test_an_error_in_the_thread_is_raised_in_the_consumer_and_leaving_stops_the_
                             lambda doc: list(range(1, 7)), lambda sha, page: False, lambda images: None, 1)
     for _ in prefetcher:
         break  # the consumer leaves: the thread, waiting for its turn, ends
-    prefetcher._thread.join(60)
-    assert not prefetcher._thread.is_alive()
+    prefetcher._work.join(60)
+    assert not prefetcher._work.alive()

@@ -13,16 +13,15 @@ import sys
 import typer
 
 from . import ask, chat, crops, doctor, pull, quantize, serve, transcribe
-from .options import Command, Group
+from .options import Command
 
 app = typer.Typer(
     name="idefics",
-    cls=Group,
     help="Ask documents questions and transcribe them with Idefics2-8B, locally, 4-bit, on one GPU.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     pretty_exceptions_show_locals=False,
-    rich_markup_mode=None,  # plain help: 0.2 s instead of 0.4 s (bench/help.py)
+    rich_markup_mode=None,  # plain help, drawn without Rich: a faster `--help` (bench/RESULTS.md)
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command(cls=Command, epilog=ask.EPILOG)(ask.ask)
@@ -53,8 +52,8 @@ def one_malloc_arena() -> bool:
     """Ask glibc for one malloc arena shared by all threads (mallopt M_ARENA_MAX=1); `transcribe` calls it first.
 
     `transcribe` preprocesses in a background thread and frees those buffers in the main thread; with an arena
-    per thread the freed memory piled up in both, and peak RSS crept up with the number of pages (bench/memory.py:
-    4.1 GiB over 96 pages, 3.1 GiB with one arena). True when set; elsewhere than glibc, nothing happens.
+    per thread the freed memory piled up in both and peak memory grew with the page count (bench/RESULTS.md,
+    "Notes moved from the code"). True when set; elsewhere than glibc, nothing happens.
     """
     if not sys.platform.startswith("linux"):
         return False
@@ -71,6 +70,6 @@ def entry() -> None:
         app()
     finally:
         # The command is over and its files are closed. What is alive now (the imported modules: pymupdf's alone
-        # are tens of thousands of objects) is left out of the collections that Python's shutdown runs: an `ask
-        # --server` exits 25-30 ms sooner. Atexit handlers and stdout's flush run as before.
+        # are tens of thousands of objects) is left out of the collections that Python's shutdown runs, so the
+        # process exits sooner. Atexit handlers and stdout's flush run as before.
         gc.freeze()

@@ -1,17 +1,14 @@
 """`idefics ask DOC... QUESTION`: one question over the chosen pages; the answer streams to stdout.
 
-Contract: every chosen page of every document becomes one image in a single user turn (images first,
-then the question), answered greedily and streamed piece by piece to stdout; `--json` prints the answer
-object of docs/formats.md instead (its `warnings` are the pages' warning codes; in text mode each is a line
-on stderr); `--each-page` asks each page on its own (NDJSON with `--json`). `--schema` (checked first, a usage
-error before anything is opened) constrains the answer to a JSON Schema: text mode prints the JSON object
-(not streamed), `--json` adds `data` and `schema_sha256`; an answer without valid JSON (cut by
---max-new-tokens, or not validating) prints an error line (text) or `"data": null` and `error` (JSON), and
-the command exits 5.
-Documents are opened, page specs checked and every chosen page decoded before the model loads, so input
-errors are instant. The work is the library's (selection.py's `ask`, the `Response` of response.py);
-this module parses the command line and prints. With `--server URL` (IDEFICS_SERVER) the pages are still
-rendered here and a running `idefics serve` answers (client.py): the same text, JSON and exit statuses.
+Contract: every chosen page of every document is one image in a single user turn (images, then the question),
+answered greedily and streamed to stdout; `--json` prints the answer object of docs/formats.md (its `warnings`
+are the pages' codes; in text mode each is a line on stderr); `--each-page` asks each page alone (NDJSON with
+`--json`). `--schema` (checked first) constrains the answer to a JSON Schema: text mode prints the JSON object,
+`--json` adds `data` and `schema_sha256`; no valid JSON prints an error line (or `"data": null`) and exits 5.
+Documents are opened and every chosen page decoded before the model loads, so input errors are instant. The
+work is the library's (selection.py's `ask`, response.py); this module parses and prints. With `--server
+URL` (IDEFICS_SERVER) pages are rendered here and a running `idefics serve` answers (client.py): the same text,
+JSON and exit statuses.
 """
 
 from __future__ import annotations
@@ -33,6 +30,7 @@ EPILOG = """Examples:
 """
 
 
+@o.model_params(o.ANSWER_TOKENS)
 def ask(
     docs_and_question: Annotated[list[str], typer.Argument(metavar="DOC... QUESTION", show_default=False,
                                                            help="Documents (PDF or images, - for stdin), then the "
@@ -43,14 +41,7 @@ def ask(
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object (schema idefics-cli.answer/1).")] = False,
     each_page: Annotated[bool, typer.Option("--each-page", help="Ask every page separately.")] = False,
     schema: o.SchemaOpt = None,
-    model: o.Model = o.DEFAULT_MODEL,
-    revision: o.Revision = None,
-    quant: o.QuantOpt = o.Quant.bit4,
-    dtype: o.DtypeOpt = o.Dtype.auto,
-    device: o.Device = "auto",
-    offline: o.Offline = False,
-    split: o.Split = True,
-    max_new_tokens: o.max_new_tokens_option(o.ANSWER_TOKENS) = o.ANSWER_TOKENS,
+    opts: o.ModelOptions = None,
     server: o.Server = None,
     api_key: o.ApiKey = None,
 ) -> None:
@@ -58,7 +49,6 @@ def ask(
     from ..output import Output
 
     out = Output()
-    opts = o.model_options(model, revision, quant, dtype, device, offline, split, max_new_tokens)
     o.run_and_exit(lambda: _ask(out, docs_and_question, pages, dpi, password, json_, each_page, opts, schema, server,
                                 api_key), out)
 

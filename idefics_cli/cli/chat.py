@@ -1,19 +1,14 @@
 """`idefics chat DOC`: a multi-turn conversation about a document; the page images stay in the conversation.
 
-Contract: every turn sends the whole conversation ([user turn with the page images + q1, assistant a1,
-user q2, ...]) through the processor's chat template, so later questions see the pages and earlier
-answers. On a terminal: a prompt with line editing and history (readline), answers streamed to stdout,
-`/pages SPEC` shows other pages with the next question, `/reset` starts over, `/save FILE.json` writes the
-conversation (messages in the transformers chat format + sources), `/help`; Ctrl-C stops an answer,
-Ctrl-D leaves; an answer stopped by Ctrl-C stays in the conversation as far as it went, marked
-`"interrupted": true` (so in `/save` too). When stdin is not a terminal: one question (or /command) per input
-line, and one JSON answer per output line (schema `idefics-cli.answer/1` plus `"turn"`); a bad line is one
-error line on stderr and the conversation goes on (the exit status is then that of the first failed line).
-`--schema` (checked before the document is opened) constrains every answer to a JSON Schema: the JSON lines
-get `data` and `schema_sha256`; an answer without valid JSON is also an error line (exit status 5).
-The session is the library's (conversation.py: `ChatSession`, its answers the `Response` of response.py); this
-module parses the command line and runs the REPL. With `--server URL` the turns go to a running `idefics serve`
-(client.py), with the same answers, JSON lines and exit statuses.
+Contract: every turn sends the whole conversation through the processor's chat template, so later questions see
+the pages and earlier answers. On a terminal: a prompt with readline editing and history, answers streamed,
+`/pages SPEC`, `/reset`, `/save FILE.json` (transformers chat format + sources), `/help`; Ctrl-C stops an answer
+(kept, marked `"interrupted": true`), Ctrl-D leaves. When stdin is not a terminal: one question (or /command) per
+line, one JSON answer per line (`idefics-cli.answer/1` plus `"turn"`); a bad line is one error line on stderr
+and the conversation goes on (exit status: the first failed line's). `--schema` (checked before the document is
+opened) constrains every answer (`data`, `schema_sha256`; no valid JSON: an error line, exit 5). The session is
+the library's (conversation.py); this module runs the REPL. With `--server URL` the turns go to a running
+`idefics serve` (client.py), with the same answers and exit statuses.
 """
 
 from __future__ import annotations
@@ -43,20 +38,14 @@ HELP = ("/pages SPEC   show these pages with the next question (earlier turns ke
         "Ctrl-C stops an answer (kept, marked interrupted), Ctrl-D (or /quit) leaves.")
 
 
+@o.model_params(o.ANSWER_TOKENS)
 def chat(
     doc: Annotated[str, typer.Argument(metavar="DOC", show_default=False, help="A PDF or image (- for stdin).")],
     pages: o.Pages = None,
     dpi: o.Dpi = None,
     password: o.Password = None,
     schema: o.SchemaOpt = None,
-    model: o.Model = o.DEFAULT_MODEL,
-    revision: o.Revision = None,
-    quant: o.QuantOpt = o.Quant.bit4,
-    dtype: o.DtypeOpt = o.Dtype.auto,
-    device: o.Device = "auto",
-    offline: o.Offline = False,
-    split: o.Split = True,
-    max_new_tokens: o.max_new_tokens_option(o.ANSWER_TOKENS) = o.ANSWER_TOKENS,
+    opts: o.ModelOptions = None,
     server: o.Server = None,
     api_key: o.ApiKey = None,
 ) -> None:
@@ -64,7 +53,6 @@ def chat(
     from ..output import Output
 
     out = Output()
-    opts = o.model_options(model, revision, quant, dtype, device, offline, split, max_new_tokens)
     o.run_and_exit(lambda: Session(out, doc, pages, dpi, password, opts, schema, server, api_key).run(), out)
 
 

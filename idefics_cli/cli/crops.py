@@ -29,6 +29,8 @@ EPILOG = """Examples:
 """
 
 
+@o.model_params(1, only=("model", "revision", "offline", "split"),
+                fixed={"quant": o.Quant.none, "device": "cpu"})
 def crops(
     doc: Annotated[str, typer.Argument(metavar="DOC", show_default=False, help="A PDF or image (- for stdin).")],
     page: Annotated[int, typer.Option("--page", min=1, help="1-based page to show.", rich_help_panel=o.DOC_PANEL)] = 1,
@@ -36,16 +38,12 @@ def crops(
     dir_: Annotated[str | None, typer.Option("--dir", help="Write each image separately into this folder.")] = None,
     dpi: o.Dpi = None,
     password: o.Password = None,
-    model: o.Model = o.DEFAULT_MODEL,
-    revision: o.Revision = None,
-    offline: o.Offline = False,
-    split: o.Split = True,
+    opts: o.ModelOptions = None,
 ) -> None:
     """Show the exact images (4 crops + the whole page) the model receives for a page, as a PNG sheet."""
     from ..output import Output
 
     output = Output()
-    opts = o.model_options(model, revision, o.Quant.none, o.Dtype.auto, "cpu", offline, split, 1)
     o.run_and_exit(lambda: _crops(output, doc, page, out, dir_, dpi, password, opts), output)
 
 

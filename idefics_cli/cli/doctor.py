@@ -30,22 +30,15 @@ EPILOG = """Examples:
 """
 
 
+@o.model_params(512)
 def doctor(
     json_: Annotated[bool, typer.Option("--json", help=f"Print one JSON object (schema {SCHEMA}).")] = False,
-    model: o.Model = o.DEFAULT_MODEL,
-    revision: o.Revision = None,
-    quant: o.QuantOpt = o.Quant.bit4,
-    dtype: o.DtypeOpt = o.Dtype.auto,
-    device: o.Device = "auto",
-    offline: o.Offline = False,
-    split: o.Split = True,
-    max_new_tokens: o.max_new_tokens_option(512) = 512,
+    opts: o.ModelOptions = None,
 ) -> None:
     """Check versions, GPU, 4-bit support, the model cache and the memory needed; exit 5 if it cannot run."""
     from ..output import Output
 
     out = Output()
-    opts = o.model_options(model, revision, quant, dtype, device, offline, split, max_new_tokens)
     o.run_and_exit(lambda: _doctor(out, opts, json_), out)
 
 

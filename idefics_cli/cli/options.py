@@ -1,26 +1,25 @@
-"""Options shared by the commands (see README.md), declared once as Typer annotations.
+"""Options shared by the commands (see README.md), each declared once as a Typer annotation.
 
-Contract: commands take these as parameters and call `model_options(...)` to build the library's
-`ModelOptions` (`--offline` defaults to the user's own HF hub offline variable, `env_offline()`: the one
-place the environment's offline setting is read; `ANSWER_TOKENS`, the default `--max-new-tokens` of answers, is
-the library's); `engine(opts, server, api_key, out)` loads the model, or with `--server` (IDEFICS_SERVER)
-connects to a running `idefics serve` instead (client.py); every command ends with `run_and_exit(body, out)`;
-help panels group them as "Model", "Server" and "Document". `Command` is the command class of every command:
-usage lines name the arguments as written
-(`idefics ask [OPTIONS] DOC... QUESTION`, `[MODEL]` when optional) and a value option without a metavar shows its
-name (`--pages PAGES`), never a Python type (`<str>`, `<list[str]>`); choices are listed. `Command` and `Group` (the
-app's) coerce plain values without typer's pydantic (`PlainCoercion`). No heavy imports.
+Contract: `@model_params(max_new_tokens)` gives a command the model options (--model --revision --quant --dtype
+--device --offline --split/--no-split --max-new-tokens, or the `only` ones, the rest `fixed`) in place of its
+`opts` parameter, and calls it with them as one `ModelOptions`. `--offline` defaults to the user's HF hub offline
+variable (`env_offline()`, the one place it is read). `engine(opts, server, api_key, out)` loads the model, or
+connects to a running `idefics serve` (`--server`, client.py). Every command ends with `run_and_exit(body, out)`,
+which first opts the process in to the commands' settings (process.py). `Command` is every command's class:
+usage lines name the arguments as written (`idefics ask [OPTIONS] DOC... QUESTION`, `[MODEL]` when optional) and
+a value option shows a name, never a Python type (`--pages PAGES`); choices are listed. No heavy imports.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
+import inspect
 import os
-import re
 from typing import Annotated, NoReturn
 
 import typer
-from typer.core import TyperCommand, TyperGroup
+from typer.core import TyperCommand
 
 from ..model import DEFAULT_MODEL, ModelOptions
 
@@ -43,12 +42,7 @@ class Dtype(str, enum.Enum):
 
 
 class Command(TyperCommand):
-    """Help that reads like the README: arguments by their metavar, option values by a name, not a type; plain
-    values coerced without pydantic (`PlainCoercion`)."""
-
-    def parse_args(self, ctx, args: list[str]) -> list[str]:
-        plain_coercion(self, ctx)
-        return super().parse_args(ctx, args)
+    """Help that reads like the README: arguments by their metavar, option values by a name, not a type."""
 
     def collect_usage_pieces(self, ctx) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
@@ -74,87 +68,6 @@ class Command(TyperCommand):
             if rows:
                 with formatter.section(title):
                     formatter.write_dl(rows)
-
-
-class Group(TyperGroup):
-    """The `idefics` group: its own options (--version, completion) coerced as `Command`'s are."""
-
-    def parse_args(self, ctx, args: list[str]) -> list[str]:
-        plain_coercion(self, ctx)
-        return super().parse_args(ctx, args)
-
-
-def plain_coercion(command, ctx) -> None:
-    """Give each parameter of `command` (--help included) that typer has not coerced yet a `PlainCoercion`."""
-    for param in command.get_params(ctx):
-        if getattr(param, "_runtime_param", False) is None and hasattr(param, "type_descriptor"):
-            param._runtime_param = PlainCoercion(param.type_descriptor)
-
-
-_NOT_PLAIN = object()
-_DECIMAL = re.compile(r"0|[1-9][0-9]{0,17}")
-
-
-class PlainCoercion:
-    """A parameter's value as typer gives it, without typer's pydantic when the value is plain (~70 ms of imports and
-    TypeAdapters on every command line, which `ask --server` pays in full).
-
-    Typer (0.20+) coerces every parameter through a pydantic TypeAdapter built when the command runs. Here a str, a
-    list of str, an int within the option's min..max given as decimal digits, an enum member or its exact value, and
-    a missing value are taken as they are, giving typer's own result; any other value (a bad number, an unknown
-    choice: anything that may be an error) goes to typer's own coercion, so its messages are typer's. Installed by
-    `Command.parse_args` only where typer has this lazy hook (`_runtime_param`); tests/test_options.py checks it
-    against typer's coercion.
-    """
-
-    def __init__(self, descriptor):
-        self.descriptor = descriptor
-        self.full = None  # typer's own RuntimeParam, built on the first value that is not plain
-
-    def coerce(self, value, param, ctx):
-        multi = param.multiple or param.nargs == -1
-        if value is None:
-            return () if multi else None
-        plain = _plain(self.descriptor, value, multi, ctx)
-        if plain is not _NOT_PLAIN:
-            return plain
-        if self.full is None:
-            from typer._coercion import build_runtime_param
-
-            self.full = build_runtime_param(self.descriptor)
-        return self.full.coerce(value, param=param, ctx=ctx)
-
-
-def _plain(descriptor, value, multi: bool, ctx):
-    """`value` coerced as typer would, or _NOT_PLAIN when typer's own coercion must decide."""
-    annotation, info = descriptor.annotation, descriptor.parameter_info
-    if descriptor.is_file or getattr(info, "parser", None) is not None or getattr(info, "click_type", None) is not None:
-        return _NOT_PLAIN
-    if multi:
-        if annotation == list[str] and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-            return [str(v) for v in value]
-        return _NOT_PLAIN
-    if annotation is str and isinstance(value, str) and not descriptor.is_path:
-        return str(value)
-    if annotation is int and not getattr(info, "clamp", False):
-        if type(value) is int:
-            number = value
-        elif isinstance(value, str) and _DECIMAL.fullmatch(value):
-            number = int(value)
-        else:
-            return _NOT_PLAIN
-        low, high = getattr(info, "min", None), getattr(info, "max", None)
-        low_ok, high_ok = low is None or number >= low, high is None or number <= high
-        return number if low_ok and high_ok else _NOT_PLAIN
-    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        if isinstance(value, annotation):
-            return value
-        normalized = ctx is not None and ctx.token_normalize_func is not None
-        if isinstance(value, str) and getattr(info, "case_sensitive", True) and not normalized:
-            for member in annotation:
-                if str(member.value) == value:
-                    return member
-    return _NOT_PLAIN
 
 
 def _argument_name(param) -> str:
@@ -234,8 +147,43 @@ def model_options(model: str, revision: str | None, quant: Quant, dtype: Dtype, 
                         device=device, offline=offline, split=split, max_new_tokens=max_new_tokens)
 
 
+def model_params(max_new_tokens: int = ANSWER_TOKENS, only: tuple[str, ...] | None = None, fixed: dict | None = None):
+    """Decorator: the command's `opts` parameter becomes the model options, shown in its place in this order (all,
+    or `only` these), and the command gets them as one `ModelOptions` (`fixed` values for those not shown)."""
+    declared = {"model": (Model, DEFAULT_MODEL), "revision": (Revision, None), "quant": (QuantOpt, Quant.bit4),
+                "dtype": (DtypeOpt, Dtype.auto), "device": (Device, "auto"), "offline": (Offline, False),
+                "split": (Split, True), "max_new_tokens": (max_new_tokens_option(max_new_tokens), max_new_tokens)}
+    shown = [name for name in declared if only is None or name in only]
+    values = {name: default for name, (_, default) in declared.items()} | (fixed or {})
+
+    def decorate(command):
+        signature = inspect.signature(command, eval_str=True)
+        params = []
+        for param in signature.parameters.values():
+            if param.name != "opts":
+                params.append(param)
+                continue
+            params += [inspect.Parameter(name, param.kind, annotation=declared[name][0], default=declared[name][1])
+                       for name in shown]
+
+        @functools.wraps(command)
+        def with_options(**kwargs):
+            given = {name: kwargs.pop(name) for name in shown}
+            return command(opts=model_options(**(values | given)), **kwargs)
+
+        with_options.__signature__ = signature.replace(parameters=params)
+        with_options.__annotations__ = {p.name: p.annotation for p in params}
+        return with_options
+
+    return decorate
+
+
 def run_and_exit(body, out=None) -> NoReturn:
-    """A command's last line: run its body through `output.run` (errors as one line) and exit with the status."""
+    """A command's last line: opt the process in (process.py), run its body through `output.run` (errors as one
+    line) and exit with the status."""
     from ..output import run
+    from ..process import tune_process
+
+    tune_process()
 
     raise typer.Exit(run(body, out))

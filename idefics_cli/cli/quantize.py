@@ -26,20 +26,16 @@ EPILOG = """Examples:
 """
 
 
+@o.model_params(1, only=("model", "revision", "dtype", "device", "offline"))
 def quantize(
     out_dir: Annotated[str, typer.Argument(metavar="OUT_DIR", show_default=False,
                                            help="New folder for the 4-bit model (must be empty or missing).")],
-    model: o.Model = o.DEFAULT_MODEL,
-    revision: o.Revision = None,
-    dtype: o.DtypeOpt = o.Dtype.auto,
-    device: o.Device = "auto",
-    offline: o.Offline = False,
+    opts: o.ModelOptions = None,
 ) -> None:
     """Load the model in 4-bit (nf4) and save it with its processor, for fast, small loads."""
     from ..output import Output
 
     out = Output()
-    opts = o.model_options(model, revision, o.Quant.bit4, dtype, device, offline, True, 1)
     o.run_and_exit(lambda: _quantize(out, opts, out_dir), out)
 
 

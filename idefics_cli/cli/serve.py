@@ -27,6 +27,7 @@ EPILOG = """Examples:
 """
 
 
+@o.model_params(512)
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback needs --api-key.",
                                       rich_help_panel=SERVER_PANEL)] = "127.0.0.1",
@@ -51,20 +52,12 @@ def serve(
                                          rich_help_panel=SERVER_PANEL)] = 30.0,
     cors: Annotated[str | None, typer.Option(metavar="ORIGIN", help="Allow browser requests from this origin.",
                                              rich_help_panel=SERVER_PANEL)] = None,
-    model: o.Model = o.DEFAULT_MODEL,
-    revision: o.Revision = None,
-    quant: o.QuantOpt = o.Quant.bit4,
-    dtype: o.DtypeOpt = o.Dtype.auto,
-    device: o.Device = "auto",
-    offline: o.Offline = False,
-    split: o.Split = True,
-    max_new_tokens: o.max_new_tokens_option(512) = 512,
+    opts: o.ModelOptions = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (chat completions with images and PDFs)."""
     from ..output import Output
 
     out = Output()
-    opts = o.model_options(model, revision, quant, dtype, device, offline, split, max_new_tokens)
     o.run_and_exit(lambda: _serve(host, port, api_key, max_batch, max_queue, cache_mb, max_request_mb, grace, cors,
                                   opts), out)
 

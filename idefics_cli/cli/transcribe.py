@@ -39,6 +39,7 @@ EPILOG = """Examples:
 """
 
 
+@o.model_params(1024)
 def transcribe(
     paths: Annotated[list[str], typer.Argument(metavar="PATH...", show_default=False,
                                                help="Files, folders (recursive) or quoted globs; - for stdin.")],
@@ -57,14 +58,7 @@ def transcribe(
     pages: o.Pages = None,
     dpi: o.Dpi = None,
     password: o.Password = None,
-    model: o.Model = o.DEFAULT_MODEL,
-    revision: o.Revision = None,
-    quant: o.QuantOpt = o.Quant.bit4,
-    dtype: o.DtypeOpt = o.Dtype.auto,
-    device: o.Device = "auto",
-    offline: o.Offline = False,
-    split: o.Split = True,
-    max_new_tokens: o.max_new_tokens_option(1024) = 1024,
+    opts: o.ModelOptions = None,
     server: o.Server = None,
     api_key: o.ApiKey = None,
 ) -> None:
@@ -72,9 +66,8 @@ def transcribe(
     from ..output import Output
     from . import one_malloc_arena
 
-    one_malloc_arena()  # before any thread starts: flat peak memory over long runs (bench/memory.py)
+    one_malloc_arena()  # before any thread starts: flat peak memory over long runs
     output = Output(quiet=quiet)
-    opts = o.model_options(model, revision, quant, dtype, device, offline, split, max_new_tokens)
     o.run_and_exit(lambda: _transcribe(output, paths, out, prompt, batch_size, force, shard, engine, pages,
                    dpi, password, opts, ray_address, schema, server, api_key), output)
 

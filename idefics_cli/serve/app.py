@@ -1,26 +1,14 @@
 """The ASGI app (FastAPI as plain routes): OpenAI-compatible chat completions, models and health.
 
-Contract:
-- `build_app(config, state)` returns the app. `state` (a `ServerState`) is filled by the lifespan: the model
-  loads in a thread (`state.loader`), then a `Scheduler` starts; until then `GET /health` answers 503
-  `{"status": "loading"}` and chat requests 503 with `Retry-After`; once loaded 200 `{"status": "ok", ...}`.
-  A failed load sets `state.error` and calls `state.on_fatal()` (the server exits with the model error).
-- `POST /v1/chat/completions`: body read with a cap (413 over --max-request-mb), JSON decoded, checked by
-  requests.py, tokenized and refused when prompt + max tokens exceed the context (400 `usage`), pages rendered
-  (off the event loop, at most half the CPU cores' worth of requests at a time), queued (503 + `Retry-After`
-  when --max-queue requests wait), answered as one `chat.completion` or, with `stream`, as server-sent
-  `chat.completion.chunk` events ending in `data: [DONE]`
-  (usage in a last chunk with `stream_options.include_usage`). `usage.prompt_tokens_details.cached_tokens` is
-  the prompt tokens taken from the prefix cache, `...image_tokens` (ours) its image tokens. A client that
-  disconnects cancels its job.
-- `GET /v1/models` lists the one model (`idefics`: its settings, what `--server` clients report, and
-  `max_request_mb`, which they keep their page images under). With an API
-  key, /v1/* needs `Authorization: Bearer KEY` (compared in constant time; 401 otherwise); /health is open.
-  CORS headers only with --cors ORIGIN.
-- Every error is OpenAI's `{"error": {"message", "type", "code", "param"}}`: 400 with the CLI's error codes for
-  bad requests and documents, 401, 404, 405, 413, 503 (`overloaded`, `loading`, `shutting_down`,
-  `out_of_memory`), 500 only for a failure of the server itself (`generation_error`, `internal`).
-- One access-log line per request on stderr: `METHOD PATH STATUS tokens=N S.SSSs`.
+Contract (in full: docs/serve.md): `build_app(config, state)` returns the app; its lifespan loads the model in a
+thread (`state.loader`), then starts a `Scheduler`; until then /health and chat requests answer 503 `loading`
+(with Retry-After); a failed load sets `state.error` and calls `state.on_fatal()`.
+`POST /v1/chat/completions`: a capped body (413), checked by requests.py, refused when prompt + max tokens
+exceed the context, pages rendered off the event loop, queued (503 `overloaded` over --max-queue), answered as
+one `chat.completion` or streamed chunks ending in `data: [DONE]`; a client that disconnects cancels its job.
+`GET /v1/models` lists the one model and its settings. With an API key /v1/* needs `Authorization: Bearer KEY`.
+Every error is OpenAI's `{"error": {...}}` with the CLI's codes; 500 only for the server's own failures.
+One access-log line per request on stderr: `METHOD PATH STATUS tokens=N S.SSSs`.
 """
 
 from __future__ import annotations

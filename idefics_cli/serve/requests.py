@@ -1,29 +1,14 @@
 """Chat requests: an OpenAI `/v1/chat/completions` body in, the conversation the model sees out.
 
-Contract:
-- `parse(body, options)` checks a decoded JSON body and returns a `ChatRequest`, or raises `RequestError` (an
-  `IdeficsError` with the OpenAI `param` it is about; `usage` for a malformed request, the documents' own codes,
-  e.g. `corrupt`, `unsupported_format`, `page_out_of_range`, `image_too_large`, for a bad file). Nothing is
-  rendered yet: `ChatRequest.pages` are the chosen (document, page) pairs, so a prompt can be refused for its
-  length before any pixel exists; `render()` then decodes them with the CLI's own rules (documents.py: PDFs
-  rasterized at a longest side of 1960 px within the pixel budget, images as Pillow reads them).
-- `messages`: roles `system`/`developer` (text only), `user`, `assistant` (text only); content a string or a
-  list of parts: `text`, `image_url` (`data:` URLs only; every frame of a TIFF is a page), `file` with
-  `file_data` (a `data:` URL or bare base64; PDFs and images) and, an extension, `file.pages` (the CLI's page
-  spec, `"1-3,7"`; default every page) and `file.password`. Each message's images come first, then its text
-  (joined by newlines): the model card's layout, which `ask` and `chat` use, so a question is answered the same
-  whatever order a client sends its parts in. Earlier messages keep their images, as in `chat`.
-- Nothing here reads a server-side path or fetches a URL: a URL that is not `data:` and a `file_id` are refused.
-- Generation: `max_completion_tokens` or `max_tokens` (1..32768; default the server's --max-new-tokens),
-  `temperature` (0..2) with `top_p` (0..1] and `seed`; temperature 0 or absent is greedy. `stop`: a string or
-  up to 4. `stream`, `stream_options.include_usage`. `n` other than 1, tools and functions are refused.
-- `response_format` (`ChatRequest.schema`, a structured.Schema or None): `{"type": "text"}` (the default),
-  `{"type": "json_object"}` (any JSON object: structured.permissive_object) or `{"type": "json_schema",
-  "json_schema": {"name", "schema", "strict"}}` (checked as `--schema` is: a schema the grammar cannot enforce
-  is a 400 `usage` naming the keyword; `strict` is accepted either way: the schema is always enforced). The
-  messages are not changed: as with OpenAI, tell the model in the prompt what to answer.
-Only a `json_schema` schema's grammar check imports the grammar engine (llguidance, no torch); nothing else here
-does.
+Contract (in full: docs/serve.md): `parse(body, options)` checks a decoded body and returns a `ChatRequest`, or
+raises `RequestError` (an `IdeficsError` with its OpenAI `param`: `usage`, or the documents' own codes). Nothing
+is rendered yet (`ChatRequest.pages`: the chosen document pages, so a prompt is refused for its length before any
+pixel exists); `render()` decodes them with the CLI's rules (documents.py). Messages: `system`/`developer`,
+`user`, `assistant`; parts `text`, `image_url` and `file` (`data:` only, never a path or a URL; `file.pages`,
+`file.password`), each message's images before its text, as `ask` and `chat` send them. Generation:
+`max_completion_tokens`/`max_tokens`, `temperature`, `top_p`, `seed`, `stop`, `stream`; `n` other than 1 and
+tools are refused. `response_format` (`ChatRequest.schema`): text, `json_object` or `json_schema` (checked as
+`--schema` is). Only a `json_schema` grammar check imports the grammar engine (llguidance, no torch).
 """
 
 from __future__ import annotations
