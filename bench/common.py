@@ -73,7 +73,7 @@ def prime() -> None:
             "from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig\n"
             "from transformers import Idefics2ForConditionalGeneration, Idefics2Processor\n"
             "import transformers.generation.utils, transformers.integrations.bitsandbytes\n"
-            "import idefics_cli.cli, idefics_cli.model, idefics_cli.pipeline, idefics_cli.documents\n")
+            "import idefics_cli.cli, idefics_cli.runtime.model, idefics_cli.tasks.pipeline, idefics_cli.documents\n")
     subprocess.run([sys.executable, "-c", code], env=env(), check=True, capture_output=True)
     with open(marker, "w"):
         pass
@@ -93,14 +93,14 @@ def cache_dir() -> str:
 
 def model_dir(size: str) -> str:
     """A random Idefics2 of `tiny.SIZES[size]` (real idefics2-8b tokenizer), built once per shape and cached."""
-    from idefics_cli import tiny
+    from idefics_cli.dev import tiny
 
     key = hashlib.sha1(json.dumps([size, tiny.SIZES[size]]).encode()).hexdigest()[:10]
     out = os.path.join(cache_dir(), f"idefics2-{size}-{key}")
     if not os.path.exists(os.path.join(out, "config.json")):
         tmp = out + f".tmp{os.getpid()}"
         print(f"building the random {size} Idefics2 in {out} ...", file=sys.stderr, flush=True)
-        subprocess.run([sys.executable, "-m", "idefics_cli.tiny", tmp, "--size", size], env=env(), check=True,
+        subprocess.run([sys.executable, "-m", "idefics_cli.dev.tiny", tmp, "--size", size], env=env(), check=True,
                        capture_output=True)
         os.replace(tmp, out)
     return out

@@ -26,8 +26,8 @@ PAGES, WIDTH, SHORT, LONG = 16, 8, 8, 64
 def child(model: str, image: str, reps: int, pages: int, short: int, long: int) -> dict:
     from PIL import Image
 
-    from idefics_cli.model import ModelOptions, load, quiet_libraries
-    from idefics_cli.runtime.decode import Loop, Row, run
+    from idefics_cli.runtime.decode import Loop, Row, run_rows
+    from idefics_cli.runtime.model import ModelOptions, load, quiet_libraries
 
     quiet_libraries()
     engine = load(ModelOptions(model=model, device="cpu"))
@@ -47,13 +47,13 @@ def child(model: str, image: str, reps: int, pages: int, short: int, long: int) 
         todo = rows()
         for at in range(0, len(todo), WIDTH):
             loop = Loop(engine)
-            done += list(run(loop, todo[at:at + WIDTH], WIDTH))
+            done += list(run_rows(loop, todo[at:at + WIDTH], WIDTH))
             steps += loop.steps
         return {"s": time.perf_counter() - start, "steps": steps, "tokens": sum(len(r.token_ids) for r in done)}
 
     def continuous() -> dict:
         start, loop = time.perf_counter(), Loop(engine)
-        done = list(run(loop, rows(), WIDTH))
+        done = list(run_rows(loop, rows(), WIDTH))
         return {"s": time.perf_counter() - start, "steps": loop.steps, "tokens": sum(len(r.token_ids) for r in done)}
 
     continuous()  # warm-up

@@ -72,7 +72,7 @@ def report(runs: list[dict], sizes: list[int], pages: int, n: int, where: str = 
 def roofline(tokens: int, batch: int, cpu_page_s: float, tflops: float, tbps: float, step_ms: float | None = None
              ) -> float:
     """The bound of the module docstring for idefics2-8b's shape on a GPU of `tflops` (bf16) and `tbps` (TB/s)."""
-    from idefics_cli import tiny
+    from idefics_cli.dev import tiny
 
     vh, vi, vl, _, th, ti, tl, tn, tkv, pd, _, _, _ = tiny.SIZES["full"]
     patches = 5 * (980 // 14) * (756 // 14)  # a US-letter page split: 4 crops + the page, each 756 x 980 px

@@ -24,8 +24,8 @@ def model_checks(model_dir: str, device: str, dtype: str, page) -> list[tuple[st
     import numpy as np
     import torch
 
-    from idefics_cli.model import ModelOptions, load
-    from idefics_cli.vision import _own_size_pixels
+    from idefics_cli.runtime.model import ModelOptions, load
+    from idefics_cli.runtime.vision import _own_size_pixels
 
     engine = load(ModelOptions(model=model_dir, quant="none", device=device, dtype=dtype, max_new_tokens=12))
     card = engine.build_inputs([([page], c.QUESTION)])  # the model card's processor call, on the device

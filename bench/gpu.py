@@ -6,9 +6,9 @@ It starts with bench/first_light.py on the tiny model (float32 and bfloat16: ids
 to the model card's code on the GPU; ask, transcribe and serve answering) and stops there if that fails.
 
 The full idefics2-8b shape (tiny.SIZES["full"]) with random weights is built directly on the GPU in
-bf16 and saved, then loaded through the CLI's own `idefics_cli.model.load`: in 4-bit (nf4, double quant,
+bf16 and saved, then loaded through the CLI's own `idefics_cli.runtime.model.load`: in 4-bit (nf4, double quant,
 bf16 compute, split on: the user's path) and, as the baseline, in bf16 without quantization. Pages/min
-run the CLI's transcription pipeline (prefetch + batches at `Engine.auto_batch_size()`); the model card's
+run the CLI's transcription pipeline (prefetch + batches at `LocalEngine.auto_batch_size()`); the model card's
 plain snippet (render, processor, generate, one page at a time) runs on the same 4-bit model as the
 pages/min baseline. Targets: 4-bit peak VRAM <= 6.0 GiB; 4-bit pages/min >= 2x the snippet's. Without
 CUDA it says so and exits 0. Meant to finish in under 6 minutes on one H200 (P8 and P9, last, add 2 to 3).
@@ -212,7 +212,7 @@ def schema_table(title: str, results: dict) -> None:
 def measure(label: str, model_dir: str, quant: str, pdf: str, args, tmp: str, snippet: bool) -> dict:
     import torch
 
-    from idefics_cli.model import ModelOptions, load
+    from idefics_cli.runtime.model import ModelOptions, load
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -282,7 +282,7 @@ def main(argv=None) -> int:
         args.reps, args.max_new_tokens, args.batches, args.snippet_pages = 1, 8, 1, 2
     c.header("P5 GPU", args)
     print(f"# GPU: {torch.cuda.get_device_name()}", flush=True)
-    from idefics_cli import tiny
+    from idefics_cli.dev import tiny
 
     if not first_light.first_light(c.model_dir("tiny"), "cuda"):  # does the path work here at all?
         return 1
@@ -328,8 +328,8 @@ def main(argv=None) -> int:
 def cpu_smoke(args) -> None:
     """The ask comparison, P3's decomposition and P11 on the CPU (tiny model, 3 small pages): their code runs
     without a GPU."""
-    from idefics_cli import tiny
-    from idefics_cli.model import ModelOptions, load
+    from idefics_cli.dev import tiny
+    from idefics_cli.runtime.model import ModelOptions, load
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or tiny.build(os.path.join(tmp, "model"), size="tiny")

@@ -32,7 +32,7 @@ def decode_rate(engine, batch: list, tokens: int, schema=None, sync=None) -> dic
     """Rows of `batch` through the decode loop, `schema`'s grammar on each row or none: rows x steps / the time
     between the first and the last decode step (stamped when the first row's next token is chosen), so the
     vision tower and the prefill are left out; `sync` (CUDA's) runs before each stamp."""
-    from idefics_cli.runtime.decode import Loop, run
+    from idefics_cli.runtime.decode import Loop, run_rows
 
     stamps: list[float] = []
 
@@ -45,7 +45,7 @@ def decode_rate(engine, batch: list, tokens: int, schema=None, sync=None) -> dic
     rows = engine.rows(engine.prepare(batch), tokens, schema=schema)
     rows[0].processors = [clock]
     loop = Loop(engine)
-    list(run(loop, rows, len(rows)))
+    list(run_rows(loop, rows, len(rows)))
     steps = len(stamps) - 1
     return {"tokens_per_s": len(rows) * steps / (stamps[-1] - stamps[0]) if steps else 0.0, "steps": steps}
 
@@ -56,7 +56,7 @@ def child(model: str, image: str, reps: int, max_new_tokens: int, batches: list[
 
     from idefics_cli import structured as st
     from idefics_cli import tune_process
-    from idefics_cli.model import ModelOptions, load
+    from idefics_cli.runtime.model import ModelOptions, load
 
     tune_process()  # the commands' process settings (quiet libraries, tuned allocators)
     engine = load(ModelOptions(model=model, device="cpu", max_new_tokens=max_new_tokens))

@@ -53,7 +53,7 @@ def tokenizer():
     """The idefics2-8b tokenizer as the tests build it, and the mask width of the model config."""
     from transformers.utils import logging
 
-    from idefics_cli import tiny
+    from idefics_cli.dev import tiny
 
     logging.set_verbosity_error()
     processor = tiny.build_processor(tempfile.mkdtemp(prefix="schema-bench-"))

@@ -12,7 +12,7 @@
         and one decode step (the loop's steps to T tokens, end of utterance masked, over T - 1), after one untimed
         warm-up page.
 
-Both load the model with `idefics_cli.model.load` (4-bit nf4, CPU, float32 compute), as `idefics transcribe` does.
+Both load the model with `idefics_cli.runtime.model.load` (4-bit nf4, CPU, float32 compute), as `transcribe` does.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 
 
 def _load(model_dir: str):
-    from idefics_cli.model import ModelOptions, load
+    from idefics_cli.runtime.model import ModelOptions, load
 
     return load(ModelOptions(model=model_dir, device="cpu", offline=True))
 
@@ -124,7 +124,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", default="auto")
     p.add_argument("--batch-sizes", default="1,8")
     args = p.parse_args(argv)
-    from idefics_cli.model import quiet_libraries
+    from idefics_cli.runtime.model import quiet_libraries
 
     quiet_libraries()
     (model_only if args.mode == "model-only" else decompose)(args)

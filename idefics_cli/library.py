@@ -38,8 +38,8 @@ class Model:
         the answer is constrained to it and `Response.data` is the parsed value. Input errors, a prompt over the
         context and an empty question raise `IdeficsError` here; generation starts when the answer is read.
         """
-        from .selection import Selection, ask, open_pages
         from .structured import as_schema
+        from .tasks.selection import Selection, ask, open_pages
 
         schema = as_schema(schema)
         if isinstance(documents, Selection):
@@ -60,13 +60,13 @@ class Model:
         `request_fields` are `TranscribeRequest`'s (prompt, pages, dpi, password, batch_size, force, shard,
         schema); the model options are this engine's. `summary` and `exit_status` are known afterwards.
         """
-        from .transcription import TranscribeRequest, Transcription
+        from .tasks.transcription import TranscribeRequest, Transcription
 
         return Transcription(TranscribeRequest(inputs, out, self.engine.options, **request_fields), engine=self.engine)
 
     def chat(self, path: str, pages: str | None = None, *, password: str | None = None, dpi: int | None = None,
              schema=None):
         """A conversation about one document: `ChatSession.ask(question)` for each turn."""
-        from .conversation import ChatSession
+        from .tasks.conversation import ChatSession
 
         return ChatSession.open(path, pages, password=password, dpi=dpi).start(self.engine, schema)

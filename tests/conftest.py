@@ -18,7 +18,7 @@ def tiny_model(tmp_path_factory) -> str:
     """Folder of a tiny random Idefics2 that loads exactly like idefics2-8b."""
     from transformers.utils import logging
 
-    from idefics_cli.tiny import build
+    from idefics_cli.dev.tiny import build
 
     logging.set_verbosity_error()
     return build(str(tmp_path_factory.mktemp("tiny-idefics2")), size="tiny", seed=0)
@@ -27,7 +27,7 @@ def tiny_model(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def engine(tiny_model):
     """The tiny model loaded through the CLI's own loading code, unquantized float32 on the CPU."""
-    from idefics_cli.model import ModelOptions, load
+    from idefics_cli.runtime.model import ModelOptions, load
 
     return load(ModelOptions(model=tiny_model, quant="none", device="cpu", max_new_tokens=8))
 
@@ -131,7 +131,7 @@ def cli():
 @pytest.fixture(scope="module")
 def sharp_engine(sharp_model):
     """The sharpened tiny model loaded in float32 on the CPU, 8 new tokens, image splitting on."""
-    from idefics_cli.model import ModelOptions, load
+    from idefics_cli.runtime.model import ModelOptions, load
 
     return load(ModelOptions(model=sharp_model, quant="none", device="cpu", max_new_tokens=8, split=True))
 

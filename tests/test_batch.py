@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from idefics_cli import batch
 from idefics_cli.errors import IdeficsError, UsageError
+from idefics_cli.tasks import batch
 
 
 def touch(root, *names) -> None:

@@ -26,10 +26,10 @@ FAST = ["--quant", "none", "--device", "cpu", "--max-new-tokens", "5", "--dpi", 
 def model_calls(monkeypatch):
     """Record what reaches the model: each turn's token ids, its page images (before vision.py builds their
     pixels: tests/test_vision.py holds those to the processor's) and the crops the vision tower got."""
-    from idefics_cli.engine import Engine
+    from idefics_cli.runtime.engine import LocalEngine
 
     calls = []
-    original = Engine.features
+    original = LocalEngine.features
 
     def recording(self, inputs):
         vision = inputs["vision"]
@@ -39,7 +39,7 @@ def model_calls(monkeypatch):
         calls.append(call)
         return features
 
-    monkeypatch.setattr(Engine, "features", recording)
+    monkeypatch.setattr(LocalEngine, "features", recording)
     return calls
 
 
@@ -233,7 +233,7 @@ def test_save_is_atomic_and_a_failed_save_leaves_nothing_behind(cli, tiny_model,
 
 def test_library_session_commits_each_turn_when_its_answer_is_read(engine, tmp_path):
     """conversation.ChatSession: the turn joins the conversation once read; a closed answer is kept, interrupted."""
-    from idefics_cli.conversation import ChatSession
+    from idefics_cli.tasks.conversation import ChatSession
 
     pdf = make_pdf(tmp_path / "r.pdf", n_pages=2)
     chat = ChatSession.open(pdf, "1", dpi=40).start(engine)

@@ -336,8 +336,8 @@ def test_pages_reach_the_server_as_the_very_pixels_of_a_local_run(docs):
     the processor; a TIFF source's own tags (its EXIF orientation) do not travel with it."""
     from PIL import Image
 
-    from idefics_cli.client import page_data_url, png_data_url
     from idefics_cli.documents import open_document
+    from idefics_cli.remote.client import page_data_url, png_data_url
     from idefics_cli.serve.requests import _data_url
 
     cmyk = docs["root"] / "cmyk.jpg"
@@ -369,8 +369,8 @@ def test_pages_reach_the_server_as_the_very_pixels_of_a_local_run(docs):
 
 def test_a_requests_tiffs_stay_within_its_budget(docs):
     """Pages go as TIFF while the request's TIFF bytes fit the budget, then as PNG; a budget of 0 is all PNG."""
-    from idefics_cli.client import _image_part, page_data_url
     from idefics_cli.documents import open_document
+    from idefics_cli.remote.client import _image_part, page_data_url
 
     with open_document(docs["pdf"]) as doc:
         pages = [doc.render(p) for p in (1, 2, 3)]

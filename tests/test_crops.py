@@ -10,8 +10,8 @@ import pytest
 from conftest import make_image, make_pdf
 from PIL import Image
 
-from idefics_cli.crops import save_crops, sheet_layout
 from idefics_cli.documents import open_document
+from idefics_cli.tasks.crops import save_crops, sheet_layout
 
 
 def expected_images(model_dir: str, image, split: bool = True) -> list[np.ndarray]:

@@ -10,7 +10,7 @@ import json
 import pytest
 from conftest import make_image
 
-from idefics_cli.runtime.decode import Loop, Row, run, stream
+from idefics_cli.runtime.decode import Loop, Row, run_rows, stream
 
 QUESTIONS = ["What is this?", "Read the page.", "Who sent it?", "What is the total?", "Describe it."]
 
@@ -33,7 +33,7 @@ def _row(prompt, **kw) -> Row:
 
 def _alone(engine, prompt, **kw) -> Row:
     row = _row(prompt, **kw)
-    list(run(Loop(engine), [row], 1))
+    list(run_rows(Loop(engine), [row], 1))
     return row
 
 
@@ -50,7 +50,7 @@ def test_rows_join_and_leave_between_steps_with_their_solo_answers(sharp_engine,
         return step()
 
     loop.step = watched
-    for row in run(loop, rows, 2):
+    for row in run_rows(loop, rows, 2):
         order.append(row.tag)
     assert [row.token_ids for row in rows] == solo
     assert [len(t) for t in solo] == limits and all(row.finish_reason == "length" for row in rows)
@@ -104,7 +104,7 @@ def test_each_row_keeps_its_own_grammar(sharp_engine, prompts):
                                                   "required": ["n"], "additionalProperties": False}), None]
     rows = [_row(p, max_tokens=40, grammar=sharp_engine.row_grammar(s) if s else None, tag=s)
             for p, s in zip(prompts, schemas)]
-    list(run(Loop(sharp_engine), rows, 3))
+    list(run_rows(Loop(sharp_engine), rows, 3))
     paid, number = json.loads(rows[0].text), json.loads(rows[1].text)
     assert set(paid) == {"paid"} and isinstance(paid["paid"], bool)
     assert number["n"] in (1, 2, 3)
@@ -130,7 +130,7 @@ def test_a_cancelled_row_and_a_failing_row_leave_their_neighbours_alone(sharp_en
             row.cancel()
 
     rows[1].on_text = cancel_after_two
-    list(run(Loop(sharp_engine), rows, 4))
+    list(run_rows(Loop(sharp_engine), rows, 4))
     assert [r.finish_reason for r in rows] == ["length", "cancelled", "length", "error"]
     assert rows[3].error.code == "generation_error" and len(rows[3].token_ids) == 2
     assert rows[1].token_ids == solo[1][:len(rows[1].token_ids)] and len(rows[1].token_ids) < 10

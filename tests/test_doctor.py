@@ -9,7 +9,7 @@ import shutil
 
 import huggingface_hub.constants
 
-from idefics_cli.doctor import check_4bit, memory_estimate, model_files
+from idefics_cli.tasks.doctor import check_4bit, memory_estimate, model_files
 
 TOP = {"schema", "ok", "reason", "versions", "system", "cuda", "setup", "bnb_4bit", "model", "estimate", "extras"}
 VERSIONS = {"python", "torch", "transformers", "bitsandbytes", "accelerate", "pymupdf", "pillow", "huggingface_hub",
@@ -78,8 +78,8 @@ def test_images_per_page_are_what_the_image_processor_makes(tiny_model, tmp_path
     from PIL import Image
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
-    from idefics_cli.crops import model_images
-    from idefics_cli.model import ModelOptions, load_processor
+    from idefics_cli.runtime.model import ModelOptions, load_processor
+    from idefics_cli.tasks.crops import model_images
 
     page = Image.new("RGB", (1386, 1960), "white")  # a portrait page at the default render size
     for split in (True, False):

@@ -8,7 +8,7 @@ from conftest import make_image
 
 @pytest.fixture(scope="module")
 def sharp_engine(sharp_model):
-    from idefics_cli.model import ModelOptions, load
+    from idefics_cli.runtime.model import ModelOptions, load
 
     return load(ModelOptions(model=sharp_model, quant="none", device="cpu", max_new_tokens=12))
 

@@ -10,15 +10,15 @@ import sys
 import pytest
 from conftest import make_image, prefill_one
 
-from idefics_cli.kvcache import SPARE, layer_classes, new_cache
 from idefics_cli.prompts import user_turn
 from idefics_cli.runtime import prefill as prefill_module
-from idefics_cli.runtime.prefill import Batch
+from idefics_cli.runtime.kvcache import SPARE, layer_classes, new_cache
+from idefics_cli.runtime.prefill import KVBatch
 from idefics_cli.serve import backend
 
 
 def test_importing_kvcache_imports_no_torch():
-    code = "import sys, idefics_cli.kvcache\nprint([m for m in ('torch', 'transformers') if m in sys.modules])"
+    code = "import sys, idefics_cli.runtime.kvcache\nprint([m for m in ('torch', 'transformers') if m in sys.modules])"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "[]", result.stderr[-500:]
 
@@ -85,7 +85,7 @@ def _generate(engine, rows, cache, new_tokens):
     """model.generate on the engine's prepared inputs, with `cache` (None: transformers' default DynamicCache)."""
     import torch
 
-    from idefics_cli.vision import model_kwargs
+    from idefics_cli.runtime.vision import model_kwargs
 
     # prepared anew: the features are used once
     kwargs = model_kwargs(engine.model, engine.prepare(rows), 8, engine.processor.image_processor)
@@ -162,7 +162,7 @@ def test_serve_prefill_from_a_prefix_twice_is_identical_and_leaves_the_prefix_un
     assert all(torch.equal(a, b) and torch.equal(c, d) for (a, c), (b, d) in zip(kv1.layers, kv2.layers))
     assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(prefix.layers, kept))
     # rows decoding from it leave it unwritten too
-    batch = Batch(sharp_engine.model)
+    batch = KVBatch(sharp_engine.model)
     batch.add([kv1])
     batch.add([kv2])
     for _ in range(SPARE + 3):
@@ -171,8 +171,8 @@ def test_serve_prefill_from_a_prefix_twice_is_identical_and_leaves_the_prefix_un
 
 
 def _batch_schedule(engine, kvs):
-    """Logits of every step of a Batch whose rows join and leave (add/keep) between steps."""
-    batch, out = Batch(engine.model), []
+    """Logits of every step of a KVBatch whose rows join and leave (add/keep) between steps."""
+    batch, out = KVBatch(engine.model), []
     batch.add([kvs[0]])
     for step in range(40):
         if step == 3:
@@ -188,7 +188,7 @@ def _batch_schedule(engine, kvs):
 
 
 def test_serve_batch_add_keep_and_step_equal_dynamic_cache(sharp_engine, monkeypatch):
-    """The same schedule with transformers' DynamicCache in the Batch gives bit-identical logits."""
+    """The same schedule with transformers' DynamicCache in the KVBatch gives bit-identical logits."""
     import torch
     from transformers import DynamicCache
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from conftest import make_image
 
+from idefics_cli.dev.tiny import CHAT_TEMPLATE, GENERATION
 from idefics_cli.errors import IdeficsError, UsageError
-from idefics_cli.model import ModelOptions, load
-from idefics_cli.tiny import CHAT_TEMPLATE, GENERATION
+from idefics_cli.runtime.model import ModelOptions, load
 
 
 def plain_inputs(model_dir, image, question, split=True):
@@ -149,7 +149,7 @@ def test_load_processor_is_the_one_loader_and_offline_stays_in_the_options(tiny_
 
     import huggingface_hub.constants as constants
 
-    from idefics_cli.model import load_processor
+    from idefics_cli.runtime.model import load_processor
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)

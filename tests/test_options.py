@@ -72,7 +72,7 @@ def _probe_app(**decorator):
 
 
 def test_model_params_hand_the_command_one_model_options(monkeypatch):
-    from idefics_cli.model import ModelOptions
+    from idefics_cli.runtime.model import ModelOptions
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("IDEFICS_MODEL", "env/model")
@@ -90,7 +90,7 @@ def test_model_params_hand_the_command_one_model_options(monkeypatch):
 
 
 def test_model_params_only_shows_some_and_fixes_the_others(monkeypatch):
-    from idefics_cli.model import ModelOptions
+    from idefics_cli.runtime.model import ModelOptions
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     probe, got = _probe_app(max_new_tokens=1, only=("model", "offline"), fixed={"device": "cpu"})

@@ -9,22 +9,22 @@ import shutil
 
 from conftest import make_image
 
-from idefics_cli.batch import Batch, Input, PageTask
-from idefics_cli.model import ModelOptions
-from idefics_cli.pipeline import Job, answer_batch, transcribe
-from idefics_cli.sinks import Sink
-from idefics_cli.transcription import TranscribeRequest
+from idefics_cli.runtime.model import ModelOptions
+from idefics_cli.tasks.batch import Batch, Input, PageTask
+from idefics_cli.tasks.pipeline import TranscribeJob, answer_batch, transcribe
+from idefics_cli.tasks.sinks import Sink
+from idefics_cli.tasks.transcription import TranscribeRequest
 
 SETTINGS = TranscribeRequest((), options=ModelOptions(max_new_tokens=4), prompt="Transcribe.", batch_size=2)
 
 
-def run_job(engine, pdf, batch_size: int, sink) -> Job:
+def run_job(engine, pdf, batch_size: int, sink) -> TranscribeJob:
     """The local engine over every page of one PDF, to the end; returns the job (its summary filled in)."""
     from idefics_cli.documents import open_document
 
     request = TranscribeRequest((str(pdf),), options=ModelOptions(max_new_tokens=2), prompt="Transcribe.",
                                 batch_size=batch_size)
-    job = Job(request, [Input(str(pdf), "doc.pdf")], sink, open_document,
+    job = TranscribeJob(request, [Input(str(pdf), "doc.pdf")], sink, open_document,
               lambda doc: list(range(1, doc.page_count + 1)))
     for _ in transcribe(engine, job):
         pass

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from idefics_cli import batch
-from idefics_cli.prefetch import Prefetcher
+from idefics_cli.tasks import batch
+from idefics_cli.tasks.prefetch import Prefetcher
 
 
 def test_prefetch_batches_failures_and_document_order(tmp_path):

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import make_image
 
-from idefics_cli.model import ModelOptions, load
-from idefics_cli.quantize import weights_bytes
+from idefics_cli.runtime.model import ModelOptions, load
+from idefics_cli.tasks.quantize import weights_bytes
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_refuses_a_folder_that_is_not_empty(cli, tiny_model, quantized):
 
 def test_saved_files_follow_the_umask(quantized, tiny_model):
     """transformers writes weights 0600; the tiny model and a quantized copy are readable like any other output."""
-    from idefics_cli.writers import umask
+    from idefics_cli.tasks.writers import umask
 
     for folder in (quantized, tiny_model):
         modes = {name: os.stat(os.path.join(folder, name)).st_mode & 0o777 for name in os.listdir(folder)}

@@ -80,13 +80,13 @@ def actor_pids() -> list[int]:
 
 
 def test_killed_model_actor_is_replaced_and_every_page_done_once(tiny_model, local_ray, tmp_path):
-    from idefics_cli.batch import walk
     from idefics_cli.documents import open_document
-    from idefics_cli.model import ModelOptions
-    from idefics_cli.pipeline import Job
-    from idefics_cli.ray_engine import run
-    from idefics_cli.sinks import JsonlSink
-    from idefics_cli.transcription import TranscribeRequest
+    from idefics_cli.runtime.model import ModelOptions
+    from idefics_cli.tasks.batch import walk
+    from idefics_cli.tasks.pipeline import TranscribeJob
+    from idefics_cli.tasks.ray_engine import run
+    from idefics_cli.tasks.sinks import JsonlSink
+    from idefics_cli.tasks.transcription import TranscribeRequest
 
     docs_dir = tmp_path / "many"
     docs_dir.mkdir()
@@ -112,7 +112,8 @@ def test_killed_model_actor_is_replaced_and_every_page_done_once(tiny_model, loc
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    job = Job(request, docs, sink, lambda p: open_document(p, dpi=36), lambda d: list(range(1, d.page_count + 1)))
+    job = TranscribeJob(request, docs, sink, lambda p: open_document(p, dpi=36),
+                        lambda d: list(range(1, d.page_count + 1)))
     for _ in run(job):
         pass
     summary = job.summary
@@ -146,12 +147,12 @@ def test_stdin_is_refused_with_ray(cli, tiny_model, local_ray):
 
 def test_each_document_is_opened_and_hashed_once(tiny_model, local_ray, tmp_path):
     """Not once per page: reading and hashing a file a page would cost pages x file size."""
-    from idefics_cli.batch import walk
-    from idefics_cli.model import ModelOptions
-    from idefics_cli.pipeline import Job
-    from idefics_cli.ray_engine import run
-    from idefics_cli.sinks import JsonlSink
-    from idefics_cli.transcription import TranscribeRequest
+    from idefics_cli.runtime.model import ModelOptions
+    from idefics_cli.tasks.batch import walk
+    from idefics_cli.tasks.pipeline import TranscribeJob
+    from idefics_cli.tasks.ray_engine import run
+    from idefics_cli.tasks.sinks import JsonlSink
+    from idefics_cli.tasks.transcription import TranscribeRequest
 
     log = str(tmp_path / "opened.log")
 
@@ -169,7 +170,7 @@ def test_each_document_is_opened_and_hashed_once(tiny_model, local_ray, tmp_path
     request = TranscribeRequest(tuple(d.path for d in docs), out, ModelOptions(
         model=tiny_model, quant="none", device="cpu", max_new_tokens=2), batch_size=2)
     with JsonlSink(out) as sink:
-        job = Job(request, docs, sink, counted_open, lambda d: list(range(1, d.page_count + 1)))
+        job = TranscribeJob(request, docs, sink, counted_open, lambda d: list(range(1, d.page_count + 1)))
         records = list(run(job))
     assert sorted((os.path.basename(r.path), r.page, r.status) for r in records) == [
         ("four.pdf", p, "ok") for p in range(1, 5)] + [("one.png", 1, "ok")]

@@ -1,4 +1,4 @@
-"""response.py: the streaming answer object of `Engine.ask`, on the tiny model (real processor, real generate)."""
+"""response.py: the streaming answer object of `Model.ask`, on the tiny model (real processor, real generate)."""
 
 from __future__ import annotations
 

@@ -13,8 +13,8 @@ from test_structured import QUESTION, SCHEMAS
 
 from idefics_cli import Model
 from idefics_cli import structured as st
-from idefics_cli.records import settings_hash
-from idefics_cli.transcription import TranscribeRequest
+from idefics_cli.tasks.records import settings_hash
+from idefics_cli.tasks.transcription import TranscribeRequest
 
 FAST = ["--quant", "none", "--device", "cpu", "--max-new-tokens", "80", "--no-split"]  # one image a page: faster
 BOOLS = "paid bool\nlate bool: is it overdue"  # the concise syntax; bounded values, so the tiny model ends its JSON
@@ -192,7 +192,7 @@ def test_a_truncated_page_is_an_error_record_that_keeps_its_text_and_is_retried(
 
 
 def test_batched_constrained_pages_equal_single_pages(sharp_model, tmp_path):
-    from idefics_cli.model import ModelOptions, load
+    from idefics_cli.runtime.model import ModelOptions, load
 
     engine = load(ModelOptions(model=sharp_model, quant="none", device="cpu", max_new_tokens=80, split=False))
     pdf = make_pdf(tmp_path / "invoices.pdf", 2)  # one image a page (no split): the pages' answers differ

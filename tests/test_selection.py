@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from conftest import make_image, make_pdf
 
-from idefics_cli import open_pages, selection
+from idefics_cli import open_pages
 from idefics_cli.errors import IdeficsError, UsageError
+from idefics_cli.tasks import selection
 
 
 def test_pages_are_chosen_per_document_and_sources_merge(tmp_path):

@@ -12,9 +12,9 @@ import pytest
 from conftest import make_image
 
 from idefics_cli.prompts import user_turn
+from idefics_cli.runtime.vision import VisionInputs
 from idefics_cli.serve import backend, pixels
 from idefics_cli.serve.scheduler import Job
-from idefics_cli.vision import VisionInputs
 
 PAGES = [make_image(320, 240, seed=1), make_image(240, 320, seed=2)]
 

@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from idefics_cli.batch import DocumentDone, Input
 from idefics_cli.errors import UsageError
-from idefics_cli.sinks import FolderSink, JsonlSink, NullSink, open_sink
+from idefics_cli.tasks.batch import DocumentDone, Input
+from idefics_cli.tasks.sinks import FolderSink, JsonlSink, NullSink, open_sink
 
 
 def test_open_sink_picks_by_name(tmp_path):

@@ -296,7 +296,7 @@ def test_read_answer_codes():
 
 @pytest.fixture(scope="module")
 def sharp_engine(sharp_model):
-    from idefics_cli.model import ModelOptions, load
+    from idefics_cli.runtime.model import ModelOptions, load
 
     return load(ModelOptions(model=sharp_model, quant="none", device="cpu", max_new_tokens=8, split=False))
 
@@ -369,7 +369,7 @@ def fitted_engine(tiny_model):
     in a loaded Engine of its own. 30 steps leave each greedy choice ahead of the next by more than 1 logit."""
     import torch
 
-    from idefics_cli.model import ModelOptions, load
+    from idefics_cli.runtime.model import ModelOptions, load
 
     engine = load(ModelOptions(model=tiny_model, quant="none", device="cpu", max_new_tokens=8))
     tok = engine.processor.tokenizer

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from idefics_cli.tiny import TOKENIZER_FILE, TOKENIZER_SHA256
+from idefics_cli.dev.tiny import TOKENIZER_FILE, TOKENIZER_SHA256
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,7 +22,7 @@ def test_bundled_tokenizer_is_mistral_v1_and_tokenizes_like_idefics2(engine):
 def test_missing_sentencepiece_or_protobuf_is_one_line_naming_the_extra(tmp_path):
     for blocked, named in (("sentencepiece", "sentencepiece"), ("google.protobuf", "protobuf")):
         code = (f"import sys; sys.modules[{blocked!r}] = None\n"
-                f"from idefics_cli.tiny import main; main([{str(tmp_path)!r}])")
+                f"from idefics_cli.dev.tiny import main; main([{str(tmp_path)!r}])")
         result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                                 env={**os.environ, "PYTHONPATH": ROOT})
         assert result.returncode == 1

@@ -19,9 +19,9 @@ import time
 import pytest
 from conftest import make_image, make_pdf, run_idefics
 
-from idefics_cli import batch
-from idefics_cli.records import PAGE_SCHEMA, Summary
-from idefics_cli.writers import OutputLock
+from idefics_cli.tasks import batch
+from idefics_cli.tasks.records import PAGE_SCHEMA, Summary
+from idefics_cli.tasks.writers import OutputLock
 
 # CPU float32 everywhere (as the `engine` fixture), so answers are exactly reproducible on any machine;
 # tests add --no-split where image splitting is beside the point

@@ -1,4 +1,4 @@
-"""transcription.py: a transcribe run as a library object (`TranscribeRequest`, `Transcription`, `Engine.transcribe`).
+"""transcription.py: a transcribe run as a library object (`TranscribeRequest`, `Transcription`, `Model.transcribe`).
 
 The runs use the session's tiny engine (float32 on the CPU); the CLI runs beside them use the same model options,
 so they share the resume key.
@@ -15,9 +15,9 @@ from conftest import make_image, make_pdf
 
 from idefics_cli import Model
 from idefics_cli.errors import UsageError
-from idefics_cli.model import ModelOptions
-from idefics_cli.records import PageRecord, settings_hash
-from idefics_cli.transcription import TranscribeRequest
+from idefics_cli.runtime.model import ModelOptions
+from idefics_cli.tasks.records import PageRecord, settings_hash
+from idefics_cli.tasks.transcription import TranscribeRequest
 
 
 def same_options(tiny_model) -> list[str]:
@@ -136,8 +136,8 @@ def test_the_first_batch_is_prepared_while_the_weights_load(engine, tiny_model, 
     the processor alone before the load finishes; the records equal a run on an already loaded engine."""
     import threading
 
-    from idefics_cli import engine as engine_mod
-    from idefics_cli import model as model_mod
+    from idefics_cli.runtime import engine as engine_mod
+    from idefics_cli.runtime import model as model_mod
 
     prepared, seen = threading.Event(), []
     real_prepare, real_finish = engine_mod.Preparer.prepare, model_mod.Loading.finish
@@ -156,7 +156,7 @@ def test_the_first_batch_is_prepared_while_the_weights_load(engine, tiny_model, 
     monkeypatch.setattr(model_mod.Loading, "finish", finish)
     options = replace(engine.options, max_new_tokens=8)
     request = TranscribeRequest(inputs=["scans/"], options=options)
-    from idefics_cli.transcription import Transcription
+    from idefics_cli.tasks.transcription import Transcription
 
     early = [r.to_dict() for r in Transcription(request)]
     assert seen[0] == ("Preparer", 3)  # the whole first batch (3 pages here), by the processor alone
@@ -171,7 +171,7 @@ def test_a_failed_load_stops_the_prefetch_it_overlapped(tiny_model, scans, tmp_p
     import threading
 
     from idefics_cli.errors import IdeficsError
-    from idefics_cli.transcription import Transcription
+    from idefics_cli.tasks.transcription import Transcription
 
     folder = tmp_path / "broken-model"
     shutil.copytree(tiny_model, folder)

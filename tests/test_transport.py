@@ -11,7 +11,7 @@ import json
 import pytest
 
 from idefics_cli.errors import UsageError
-from idefics_cli.transport import Loading, Overloaded, Transport, events, normalize_url, retry_after
+from idefics_cli.remote.transport import Overloaded, ServerLoading, Transport, events, normalize_url, retry_after
 
 
 def test_server_urls_are_normalized_and_checked():
@@ -33,7 +33,7 @@ def test_error_objects_keep_the_clis_codes():
         (400, body("usage", "max_tokens\ntoo big"), None, "usage"),
         (400, body("corrupt"), None, "corrupt"),
         (503, body("out_of_memory"), None, "out_of_memory"),
-        (503, body("loading"), Loading, "model_error"),
+        (503, body("loading"), ServerLoading, "model_error"),
         (503, body("overloaded"), Overloaded, "model_error"),
         (413, body("request_too_large"), UsageError, "usage"),
         (401, body("invalid_api_key"), None, "model_error"),

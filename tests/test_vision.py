@@ -36,7 +36,7 @@ def picture(kind: str, width: int, height: int, seed: int):
 
 @pytest.fixture(scope="module")
 def engines(tiny_model, sharp_model):
-    from idefics_cli.model import ModelOptions, load
+    from idefics_cli.runtime.model import ModelOptions, load
 
     loaded = {}
     for name, folder in (("tiny", tiny_model), ("sharp", sharp_model)):
@@ -108,7 +108,7 @@ def test_pixels_are_unpadded_grouped_by_shape_and_bounded(engines, monkeypatch):
     """Each vision call gets <= chunk images of one shape, no mask; at most chunk + one page's images wait."""
     from transformers.models.idefics2.modeling_idefics2 import Idefics2Model
 
-    from idefics_cli import vision
+    from idefics_cli.runtime import vision
 
     engine = engines["tiny", True]
     calls, waiting = [], []
@@ -144,7 +144,7 @@ def test_pixels_are_unpadded_grouped_by_shape_and_bounded(engines, monkeypatch):
 
 
 def test_auto_chunk(engines, monkeypatch):
-    from idefics_cli.vision import CHUNK_ENV, auto_chunk
+    from idefics_cli.runtime.vision import CHUNK_ENV, auto_chunk
 
     engine = engines["tiny", True]
     assert 1 <= auto_chunk(engine.model, "cpu") <= 16
@@ -170,7 +170,7 @@ def test_the_value_table_is_the_processors_own_arithmetic(engines):
     import numpy as np
     from PIL import Image
 
-    from idefics_cli.vision import value_table
+    from idefics_cli.runtime.vision import value_table
 
     image_processor = engines["tiny", True].processor.image_processor
     table = value_table(image_processor)
@@ -188,7 +188,7 @@ def test_unpadded_pixels_equal_the_padded_call_trimmed(engines, split):
     their masks, for every image mode."""
     import numpy as np
 
-    from idefics_cli.vision import _own_size_pixels
+    from idefics_cli.runtime.vision import _own_size_pixels
 
     image_processor = engines["tiny", split].processor.image_processor
     for page in (make_image(1515, 1960, 1), make_image(1961, 1517, 2), make_image(301, 37, 3), make_image(5, 5, 4),
@@ -209,7 +209,7 @@ def test_built_pixels_stay_8_bit_until_the_tower_reads_them(engines):
     import numpy as np
     import torch
 
-    from idefics_cli.vision import VisionInputs, _own_size_pixels, encode
+    from idefics_cli.runtime.vision import VisionInputs, _own_size_pixels, encode
 
     engine = engines["tiny", True]
     image_processor = engine.processor.image_processor

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from idefics_cli.errors import IdeficsError, UsageError
-from idefics_cli.writers import OutputLock, RecordLog, atomic_write, safe_join
+from idefics_cli.tasks.writers import OutputLock, RecordLog, atomic_write, safe_join
 
 
 def test_record_log_appends_one_line_per_record_and_reads_them_back(tmp_path):
@@ -110,7 +110,7 @@ def test_output_lock_held_by_another_process(tmp_path):
     import sys
 
     lock_path = str(tmp_path / "records.jsonl.lock")
-    code = ("import sys, time; from idefics_cli.writers import OutputLock\n"
+    code = ("import sys, time; from idefics_cli.tasks.writers import OutputLock\n"
             "with OutputLock(sys.argv[1]):\n    print('held', flush=True); sys.stdin.read()\n")
     proc = subprocess.Popen([sys.executable, "-c", code, lock_path], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
@@ -146,7 +146,7 @@ def test_output_lock_file_is_removed_when_released(tmp_path):
 
 @pytest.mark.parametrize("mask", [0o022, 0o027, 0o002])
 def test_outputs_follow_the_umask(tmp_path, mask):
-    from idefics_cli.writers import follow_umask, umask
+    from idefics_cli.tasks.writers import follow_umask, umask
 
     previous = os.umask(mask)
     try:

@@ -56,7 +56,7 @@ def ask(
 def _ask(out, args, pages, dpi, password, as_json, each_page, opts, schema_value=None, server=None,
          api_key=None) -> int:
     from ..errors import UsageError, warning_line
-    from ..selection import ask, check_question, open_pages
+    from ..tasks.selection import ask, check_question, open_pages
 
     schema = None
     if schema_value is not None:

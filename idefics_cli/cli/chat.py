@@ -60,7 +60,7 @@ class Session:
     """The REPL around a library `ChatSession`: reads lines, runs /commands, prints answers."""
 
     def __init__(self, out, path, pages, dpi, password, opts, schema=None, server=None, api_key=None):
-        from ..conversation import ChatSession
+        from ..tasks.conversation import ChatSession
 
         self.schema = None
         if schema is not None:

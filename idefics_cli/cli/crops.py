@@ -53,9 +53,9 @@ def default_sheet_name(doc: str, page: int) -> str:
 
 
 def _crops(out, doc_path, page, sheet_path, dir_, dpi, password, opts) -> int:
-    from ..crops import model_images, save_crops
     from ..documents import open_document
-    from ..model import load_processor
+    from ..runtime.model import load_processor
+    from ..tasks.crops import model_images, save_crops
 
     if sheet_path is not None and not sheet_path.lower().endswith(".png"):
         sheet_path += ".png"

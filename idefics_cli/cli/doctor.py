@@ -17,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from ..doctor import SCHEMA
+from ..tasks.doctor import SCHEMA
 from . import options as o
 
 EPILOG = """Examples:
@@ -43,8 +43,8 @@ def doctor(
 
 
 def _doctor(out, opts, as_json: bool) -> int:
-    from ..doctor import diagnose
     from ..errors import IdeficsError
+    from ..tasks.doctor import diagnose
 
     try:
         with out.status("Checking…"):
@@ -64,7 +64,7 @@ def _doctor(out, opts, as_json: bool) -> int:
 
 def render(r: dict) -> str:
     """The human report: one line per check, a verdict line last."""
-    from ..doctor import human_bytes as hb
+    from ..tasks.doctor import human_bytes as hb
 
     ok, bad = "✓", "✗"
     v, s, b, m, e = r["versions"], r["setup"], r["bnb_4bit"], r["model"], r["estimate"]

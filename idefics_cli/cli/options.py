@@ -21,7 +21,7 @@ from typing import Annotated, NoReturn
 import typer
 from typer.core import TyperCommand
 
-from ..model import DEFAULT_MODEL, ModelOptions
+from ..runtime.model import DEFAULT_MODEL, ModelOptions
 
 ANSWER_TOKENS = ModelOptions.max_new_tokens  # ask, chat: the library's default answer length
 MODEL_PANEL = "Model"
@@ -113,11 +113,11 @@ def engine(opts: ModelOptions, server: str | None, api_key: str | None, out):
     """The engine a command runs on: the model loaded here, or with `server` that server's model (client.py;
     nothing of torch is imported then). A `--model` other than the server's is reported, not used."""
     if not server:
-        from ..model import load
+        from ..runtime.model import load
 
         with out.status(f"Loading {opts.model} ({opts.quant})…"):
             return load(opts)
-    from ..client import connect
+    from ..remote.client import connect
 
     with out.status(f"Connecting to {server}…"):
         remote = connect(server, api_key=api_key, max_new_tokens=opts.max_new_tokens)

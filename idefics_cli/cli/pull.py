@@ -41,9 +41,9 @@ def pull(
 def _pull(out, model: str, revision: str | None) -> int:
     import os
 
-    from ..doctor import dir_size, human_bytes
     from ..errors import UsageError
     from ..hub import looks_local, pull
+    from ..tasks.doctor import dir_size, human_bytes
 
     if looks_local(model):
         raise UsageError(f"{model} is a local path; pull downloads a model from the hub", "pass a hub id (owner/name)")

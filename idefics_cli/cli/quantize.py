@@ -40,8 +40,8 @@ def quantize(
 
 
 def _quantize(out, opts, out_dir: str) -> int:
-    from ..doctor import human_bytes
-    from ..quantize import save_4bit
+    from ..tasks.doctor import human_bytes
+    from ..tasks.quantize import save_4bit
 
     done = save_4bit(opts, out_dir, status=out.status)
     ratio = f" ({done.after_bytes / done.before_bytes:.0%} of the original)" if done.before_bytes else ""

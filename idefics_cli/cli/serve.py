@@ -76,4 +76,4 @@ def _serve(host, port, api_key, max_batch, max_queue, cache_mb, max_request_mb, 
     except ImportError as exc:
         raise UsageError(f"`idefics serve` needs the serve extra ({exc.name} is missing)",
                          "pip install 'idefics-cli[serve]'") from None
-    return run_server(config, lambda: backend.load(opts))
+    return run_server(config, lambda: backend.load_engine(opts))

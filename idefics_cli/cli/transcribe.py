@@ -74,7 +74,7 @@ def transcribe(
 
 def _transcribe(output, paths, out, prompt, batch_size, force, shard, engine_name, pages, dpi, password, opts,
                 ray_address=None, schema=None, server=None, api_key=None):
-    from ..transcription import TranscribeRequest, Transcription
+    from ..tasks.transcription import TranscribeRequest, Transcription
 
     engine = None
     if server:  # a running server's model: its settings make the records' settings hash (resume)

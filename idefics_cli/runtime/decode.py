@@ -8,7 +8,7 @@ Contract:
 - `Loop(engine)`: `add(rows)` prefills rows (runtime/prefill.py) and takes their first tokens; `step()` advances
   every running row by one token in one forward pass; rows that end or are cancelled leave before the next step.
   An exception in a forward pass fails the rows in it; one in a row's own work fails that row alone.
-- `stream(loop, row)` yields one row's text pieces; `run(loop, rows, width)` keeps up to `width` rows running,
+- `stream(loop, row)` yields one row's text pieces; `run_rows(loop, rows, width)` keeps up to `width` rows running,
   taking the next of `rows` as places free, and yields each row as it ends.
 """
 
@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 
 from ..errors import IdeficsError, classify
-from .prefill import KV, Batch, prefill
+from .prefill import KV, KVBatch, prefill
 
 
 class Row:
@@ -118,7 +118,7 @@ class Loop:
     def __init__(self, engine):
         self.engine = engine
         self.rows: list[Row] = []
-        self.batch = Batch(engine.model)
+        self.batch = KVBatch(engine.model)
         self.eos = set(engine.eos_ids)
         self.suppressed = engine.suppressed_ids
         self.steps = 0
@@ -159,7 +159,7 @@ class Loop:
                 for row in failed:
                     row.fail(exc)
                 ended += failed
-                self.rows, self.batch = [], Batch(self.engine.model)
+                self.rows, self.batch = [], KVBatch(self.engine.model)
                 if isinstance(exc, KeyboardInterrupt):
                     raise
                 continue
@@ -178,7 +178,7 @@ class Loop:
         except BaseException as exc:  # noqa: BLE001
             for row in rows:
                 row.fail(exc)
-            self.rows, self.batch = [], Batch(self.engine.model)
+            self.rows, self.batch = [], KVBatch(self.engine.model)
             if isinstance(exc, KeyboardInterrupt):
                 raise
             return ended + rows
@@ -191,7 +191,7 @@ class Loop:
         """Cancel every running row and free the batch."""
         for row in self.rows:
             row.finish("cancelled")
-        self.rows, self.batch = [], Batch(self.engine.model)
+        self.rows, self.batch = [], KVBatch(self.engine.model)
 
     # ---- per row -------------------------------------------------------------------------------
     def _ended(self, row: Row) -> bool:
@@ -284,7 +284,7 @@ def stream(loop: Loop, row: Row) -> Iterator[str]:
     return row
 
 
-def run(loop: Loop, rows: Iterable[Row], width: int) -> Iterator[Row]:
+def run_rows(loop: Loop, rows: Iterable[Row], width: int) -> Iterator[Row]:
     """Keep up to `width` rows running, taking the next of `rows` whenever a place is free; yield rows as they end."""
     pending = iter(rows)
     more = True

@@ -6,7 +6,7 @@ Contract:
   than `engine.prefill_chunk` tokens runs that many at a time; with a `prefix` (a `KV`, never written) only the
   rest runs. Returns the last position's logits [rows, vocab] (float32) and each row's `KV`.
 - `KV`: one row's per-layer (keys, values), each [1, heads, length, dim]; `head(n)` copies the first n.
-- `Batch(model)`: rows decoding together in one kvcache.py cache, left-padded to a common width: `add(kvs)`,
+- `KVBatch(model)`: rows decoding together in one kvcache.py cache, left-padded to a common width: `add(kvs)`,
   `keep(rows)` (unused left columns dropped), `step(tokens)` -> next-token logits [rows, vocab] (float32).
 torch is imported inside functions only.
 """
@@ -33,7 +33,7 @@ class KV:
 
 def adopt(layers):
     """A cache over these tensors that never writes them: its first update copies them into a new buffer."""
-    from ..kvcache import new_cache
+    from .kvcache import new_cache
 
     return new_cache(layers=[(k, v) for k, v in layers])
 
@@ -46,7 +46,7 @@ def prefill(engine, rows: list) -> tuple:
     """(last logits [rows, vocab], [KV per row]) for `rows` (see the module contract)."""
     import torch
 
-    from ..kvcache import new_cache
+    from .kvcache import new_cache
 
     model = engine.model
     device = model.device
@@ -78,7 +78,7 @@ def prefill(engine, rows: list) -> tuple:
                                        for r in range(len(rows))]
 
 
-class Batch:
+class KVBatch:
     """Rows of several prompts decoding together: a left-padded cache, its attention mask and positions."""
 
     def __init__(self, model):

@@ -1,7 +1,7 @@
 """The server's one adapter to the library: what it asks of the engine, the processor and the model is here.
 
 Contract:
-- `load(options)` loads an `Engine` as the CLI does; `describe(engine)` is its card for /v1/models and
+- `load(options)` loads a `LocalEngine` as the CLI does; `describe(engine)` is its card for /v1/models and
   `settings_key` the settings that key the prefix cache.
 - `prompt_ids(engine, messages)`: the token ids of the chat template's prompt with every image expanded into its
   image tokens (computed without pixels), as `ask` and `chat` build theirs; `prefix_length(engine, ids)`: the
@@ -15,8 +15,8 @@ torch is imported inside functions only.
 from __future__ import annotations
 
 
-def load(options):
-    from ..model import load as load_model
+def load_engine(options):
+    from ..runtime.model import load as load_model
 
     return load_model(options)
 
@@ -63,7 +63,7 @@ def prefix_length(engine, ids: list[int]) -> int:
 
 def build_pixels(engine, images: list, stop=None):
     """One prompt's pixels, built now (numpy only) one source image at a time; None once `stop()` is true."""
-    from ..vision import VisionInputs
+    from ..runtime.vision import VisionInputs
 
     vision = VisionInputs([list(images)], engine.options.split)
     image_processor = engine.processor.image_processor
@@ -78,7 +78,7 @@ def encode_images(engine, images: list, vision=None):
     """Features of one prompt's images ([images x image_seq_len, hidden]), or None without images.
 
     `vision`: the prompt's pixels from `build_pixels` (then `images` are not used), consumed here."""
-    from ..vision import VisionInputs, auto_chunk, encode
+    from ..runtime.vision import VisionInputs, auto_chunk, encode
 
     if vision is None:
         if not images:
@@ -101,6 +101,6 @@ def free_memory(device: str) -> int:
         import torch
 
         return int(torch.cuda.mem_get_info(torch.device(device))[0])
-    from ..vision import _available_ram
+    from ..runtime.vision import _available_ram
 
     return int(_available_ram())

@@ -19,7 +19,7 @@ import os
 import tempfile
 import time
 
-from .errors import IdeficsError, UsageError
+from ..errors import IdeficsError, UsageError
 
 
 class OutputLock:

@@ -1,7 +1,7 @@
 """Transcription pipeline, the local engine: pages in, page records out, through a sink that loses nothing.
 
-Contract: a `Job` is one run's work: its request (transcription.py; batch size resolved), documents, sink and
-`Summary`; `Job.emit(record)` writes a finished record at once and counts it (the Ray engine uses it too).
+Contract: a `TranscribeJob` is one run's work: its request (transcription.py; batch size resolved), documents, sink and
+`Summary`; `TranscribeJob.emit(record)` writes a finished record at once and counts it (the Ray engine uses it too).
 `transcribe(engine, job)` walks the documents' chosen pages through the prefetcher (prefetch.py), feeds them to
 the engine as rows of its decode loop (at most `batch_size` at once, a new page joining as soon as one ends) and
 yields each `PageRecord` once written, in page order. A failed document or page becomes an error record and the
@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..errors import IdeficsError, classify
 from .batch import Batch, BlankPage, DocumentDone, Failure, Input, done_keys
-from .errors import IdeficsError, classify
 from .prefetch import Prefetcher
 from .records import PageRecord, Summary, blank_record, error_record, ok_record, task_error
 
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class Job:
+class TranscribeJob:
     """One run's work: the request, its documents and sink, and the summary its records add up to."""
 
     request: TranscribeRequest
@@ -81,7 +81,7 @@ def failure_record(item: Failure, settings: str) -> PageRecord:
     return error_record(item.input.path, item.error, settings, item.page, item.pages, item.sha256)
 
 
-def prefetcher(preparer, job: Job) -> Prefetcher:
+def prefetcher(preparer, job: TranscribeJob) -> Prefetcher:
     """The job's prefetcher: its batches' inputs prepared by `preparer` (the engine, or engine.Preparer: the
     processor alone while the weights load, when the batch size is known before the model is)."""
     request = job.request
@@ -113,7 +113,7 @@ class _Slot:
             self.item = batch.tasks[self.row], len(batch.tasks), batch.preprocess_s
 
 
-def transcribe(engine, job: Job, started: Prefetcher | None = None) -> Iterator[PageRecord]:
+def transcribe(engine, job: TranscribeJob, started: Prefetcher | None = None) -> Iterator[PageRecord]:
     """The job's records, each yielded once written; `engine=None` when no chosen page needs the model.
     `started`: the job's prefetcher, started while the model loaded (else one is made here).
 
@@ -161,7 +161,7 @@ def answer_batch(engine, batch: Batch, request: TranscribeRequest) -> list[PageR
     return [record for slot in slots for record in _records(engine, slot, request, None)]
 
 
-def _records(engine, slot: _Slot, request: TranscribeRequest, job: Job) -> list[PageRecord]:
+def _records(engine, slot: _Slot, request: TranscribeRequest, job: TranscribeJob) -> list[PageRecord]:
     item, settings = slot.item, request.settings_hash
     if isinstance(item, DocumentDone):
         job.sink.document_done(item)

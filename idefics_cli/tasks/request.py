@@ -12,9 +12,9 @@ import os
 from dataclasses import dataclass, field
 from functools import partial
 
-from .errors import UsageError
-from .interface import ModelOptions
-from .prompts import TRANSCRIBE_PROMPT
+from ..errors import UsageError
+from ..interface import ModelOptions
+from ..prompts import TRANSCRIBE_PROMPT
 from .records import settings_hash
 
 ENGINES = ("local", "ray")
@@ -40,8 +40,8 @@ class TranscribeRequest:
     settings_hash: str = field(init=False)
 
     def __post_init__(self):
+        from ..documents.pages import parse_page_spec
         from .batch import parse_shard
-        from .documents.pages import parse_page_spec
 
         set_ = partial(object.__setattr__, self)
         one = isinstance(self.inputs, (str, os.PathLike))
@@ -61,13 +61,13 @@ class TranscribeRequest:
         parse_page_spec(self.pages)
         parse_shard(self.shard)
         if self.schema is not None:
-            from .structured import as_schema
+            from ..structured import as_schema
 
             set_("schema", as_schema(self.schema, grammar_check=False))  # the grammar: check_grammar()
         set_("settings_hash", self._settings_hash())
 
     def _settings_hash(self) -> str:
-        from .documents import DEFAULT_LONGEST_SIDE
+        from ..documents import DEFAULT_LONGEST_SIDE
 
         opts = self.options
         extra = {"schema": self.schema.sha256} if self.schema is not None else {}  # no schema: hashes as before
@@ -80,20 +80,20 @@ class TranscribeRequest:
         """What the model is asked with each page: the prompt, plus the schema's text with a schema."""
         if self.schema is None:
             return self.prompt
-        from .structured import with_schema
+        from ..structured import with_schema
 
         return with_schema(self.prompt, self.schema)
 
     def check_grammar(self) -> None:
         """The schema converts to a grammar (llguidance, no torch): a UsageError now, before any model loads."""
         if self.schema is not None:
-            from .structured import grammar
+            from ..structured import grammar
 
             grammar(self.schema.schema)
 
     @property
     def page_spec(self):
-        from .documents.pages import parse_page_spec
+        from ..documents.pages import parse_page_spec
 
         return parse_page_spec(self.pages)
 
@@ -102,6 +102,6 @@ class TranscribeRequest:
         return self.page_spec.resolve(doc.page_count)
 
     def open_document(self, path: str):
-        from .documents import open_document
+        from ..documents import open_document
 
         return open_document(path, password=self.password, dpi=self.dpi)

@@ -21,7 +21,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .errors import IdeficsError
+from ..errors import IdeficsError
 
 GLOB_CHARS = set("*?[")
 
@@ -40,7 +40,7 @@ DOCUMENT_EXTENSIONS = (".pdf", ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp"
 
 def is_document(path: str) -> bool:
     """Whether a file met while expanding a folder or glob is a supported document: by extension, then magic bytes."""
-    from .documents import sniff
+    from ..documents import sniff
 
     if path.lower().endswith(DOCUMENT_EXTENSIONS):
         return True
@@ -121,7 +121,7 @@ def in_shard(rel: str, index: int, count: int) -> bool:
 
 
 def parse_shard(spec: str | None) -> tuple[int, int] | None:
-    from .errors import UsageError
+    from ..errors import UsageError
 
     if not spec:
         return None

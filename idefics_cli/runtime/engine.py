@@ -1,11 +1,11 @@
-"""The local engine: a loaded processor + model pair (interface.Engine) that prepares inputs and decodes them.
+"""The local engine: a loaded processor + model pair (interface.LocalEngine) that prepares inputs and decodes them.
 
 Contract:
 - `Preparer` (the processor half, usable while the weights load): `prepare(batch)` gives the processor's token
   ids for [(images, question)] with the images left to vision.py (same-shape chunks encoded when decoding
   starts); `build_inputs(batch)` is the model card's plain processor call (padded pixels), kept as reference.
-- `Engine` adds the model: `stream_generate`, `generate_batch` and `generate_rows` run rows through the one
-  decode loop (runtime/decode.py); `schema` constrains each row with its own grammar (structured.py).
+- `LocalEngine` (interface.Engine) adds the model: `stream_generate`, `generate_batch` and `generate_rows` run
+  rows through the one decode loop (runtime/decode.py); `schema` gives each row its own grammar (structured.py).
 - Token arithmetic (image tokens, context size) is read from the processor and the config, never hard-coded.
 torch and transformers are imported inside functions only.
 """
@@ -16,15 +16,15 @@ import os
 import threading
 import time
 
-from .errors import IdeficsError, UsageError, is_oom
-from .interface import Generation, ModelOptions
-from .prompts import user_turn
+from ..errors import IdeficsError, UsageError, is_oom
+from ..interface import Generation, ModelOptions
+from ..prompts import user_turn
 
 QUANT_NAMES = {"4bit": "nf4", "8bit": "int8", "none": "none"}
 PREFILL_CHUNK, PREFILL_CHUNK_ENV = 1024, "IDEFICS_PREFILL_CHUNK"  # prompt tokens prefilled at a time
 
 
-CPU_BATCH_SIZE = 8  # pages per generate call on the CPU (Engine.auto_batch_size)
+CPU_BATCH_SIZE = 8  # pages per generate call on the CPU (LocalEngine.auto_batch_size)
 
 
 class Preparer:
@@ -81,7 +81,7 @@ class Preparer:
         return prepare(self, batch, self.options.split if split is None else split, collect)
 
 
-class Engine(Preparer):
+class LocalEngine(Preparer):
     """A loaded processor + model pair and what is known about it."""
 
     def __init__(self, processor, model, options: ModelOptions, device: str, dtype, load_s: float):
@@ -199,7 +199,7 @@ class Engine(Preparer):
 
     def rows(self, inputs, max_new_tokens: int | None = None, logits_processor=None, schema=None) -> list:
         """A decode-loop `Row` for each row of `inputs` (prepared or built), its images encoded now."""
-        from .runtime.decode import Row
+        from .decode import Row
 
         limit = max_new_tokens or self.options.max_new_tokens
         features = self.features(inputs)
@@ -211,7 +211,7 @@ class Engine(Preparer):
         return out
 
     def row_grammar(self, schema):
-        from .structured import row_grammar
+        from ..structured import row_grammar
 
         return row_grammar(self, schema)
 
@@ -231,7 +231,7 @@ class Engine(Preparer):
         """Yield text pieces of the one-row answer as it is generated; return its `Generation`.
 
         Generation starts at the first `next()`; closing the generator (Ctrl-C) stops it within a token."""
-        from .runtime.decode import Loop, stream
+        from .decode import Loop, stream
 
         started = time.perf_counter()
         try:
@@ -251,11 +251,11 @@ class Engine(Preparer):
     def generate_batch(self, inputs, max_new_tokens: int | None = None, logits_processor=None,
                        schema=None) -> list[Generation]:
         """Every row's answer, the rows decoding together; the first failed row raises its error."""
-        from .runtime.decode import Loop, run
+        from .decode import Loop, run_rows
 
         try:
             rows = self.rows(inputs, max_new_tokens, logits_processor, schema)
-            list(run(Loop(self), rows, len(rows)))
+            list(run_rows(Loop(self), rows, len(rows)))
         except (KeyboardInterrupt, GeneratorExit):
             raise
         except BaseException as exc:
@@ -265,7 +265,7 @@ class Engine(Preparer):
     def generate_rows(self, items, max_new_tokens: int | None = None, schema=None, width: int | None = None):
         """Continuous batching: `items` yields (tag, inputs, row); up to `width` rows decode at once, the next
         item taken as soon as a row ends. Yields (tag, Generation or IdeficsError) as rows end."""
-        from .runtime.decode import Loop, run
+        from .decode import Loop, run_rows
 
         encoded: dict = {}
 
@@ -278,7 +278,7 @@ class Engine(Preparer):
                 yield row
             encoded.clear()
 
-        for row in run(Loop(self), rows(), width or self.auto_batch_size()):
+        for row in run_rows(Loop(self), rows(), width or self.auto_batch_size()):
             try:
                 yield row.tag, self.generation(row)
             except IdeficsError as err:

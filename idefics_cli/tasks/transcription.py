@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import replace
 
-from .errors import ExitStatus, IdeficsError, UsageError
+from ..errors import ExitStatus, IdeficsError, UsageError
 from .records import PageRecord, Summary
 from .request import TranscribeRequest  # noqa: F401 - re-exported: what a run is made of
 
@@ -104,7 +104,7 @@ class Transcription:
         from .batch import needs_model
 
         request, output = self.request, self.output
-        job = pipeline.Job(request, docs, sink, request.open_document, request.select_pages, self.summary)
+        job = pipeline.TranscribeJob(request, docs, sink, request.open_document, request.select_pages, self.summary)
         if not needs_model(docs, job.open_doc, job.select_pages, job.is_done):
             # nothing left for the model: no torch import; documents that cannot be read are recorded again
             yield from pipeline.transcribe(None, job)
@@ -115,7 +115,7 @@ class Transcription:
             from . import ray_engine
 
             request.check_grammar()
-            from .hub import local_only
+            from ..hub import local_only
 
             local_only(request.options)  # fail at once here rather than in every actor
             job.request = replace(request, batch_size=request.batch_size or RAY_BATCH_SIZE)
@@ -137,9 +137,9 @@ class Transcription:
     def _load(self, job):
         """Load the model; where the batch size is known before it (given, or the CPU's), the first batch is
         rendered and prepared while the weights load. Returns (engine, the started prefetcher or None)."""
+        from ..runtime.engine import CPU_BATCH_SIZE, Preparer
+        from ..runtime.model import start_load
         from . import pipeline
-        from .engine import CPU_BATCH_SIZE, Preparer
-        from .model import start_load
 
         request, output = job.request, self.output
         loading = f"Loading {request.options.model} ({request.options.quant})…"

@@ -7,7 +7,7 @@ layers are multiples of 64 wide (4-bit runs on the CPU). The tokenizer is Mistra
 shipped as data/mistral-tokenizer.model.v1 (a copy of mistral-common 1.13.1's, Apache-2.0, checked against
 TOKENIZER_SHA256); reading it needs `idefics-cli[tiny]`, else `build` fails at once saying so.
 
-    python -m idefics_cli.tiny OUT_DIR [--size tiny|mid|full]
+    python -m idefics_cli.dev.tiny OUT_DIR [--size tiny|mid|full]
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def build(out_dir: str, size: str = "tiny", seed: int = 0, device: str = "cpu", 
     import torch
     from transformers import GenerationConfig, Idefics2ForConditionalGeneration
 
-    from .writers import follow_umask
+    from ..tasks.writers import follow_umask
 
     os.makedirs(out_dir, exist_ok=True)
     build_processor(out_dir)
@@ -123,7 +123,7 @@ def build(out_dir: str, size: str = "tiny", seed: int = 0, device: str = "cpu", 
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m idefics_cli.tiny", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m idefics_cli.dev.tiny", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir")
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--seed", type=int, default=0)

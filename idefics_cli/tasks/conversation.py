@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from .prompts import assistant_turn, user_turn
+from ..prompts import assistant_turn, user_turn
 from .response import Response
 
 CHAT_SCHEMA = "idefics-cli.chat/1"
@@ -111,7 +111,7 @@ class ChatSession:
     def open(cls, path: str, pages: str | None = None, *, password: str | None = None, dpi: int | None = None,
              status=None) -> ChatSession:
         """Open the document and decode the chosen pages (before any model loads: input errors come at once)."""
-        from .documents import open_document
+        from ..documents import open_document
 
         doc = open_document(path, password=password, dpi=dpi)
         try:
@@ -122,7 +122,7 @@ class ChatSession:
 
     def render(self, spec: str | None, status=None) -> list[PageImage]:
         """The chosen pages of the document, decoded; `status(message)` is shown meanwhile when given."""
-        from .documents.pages import parse_page_spec
+        from ..documents.pages import parse_page_spec
 
         chosen = parse_page_spec(spec).resolve(self.doc.page_count)
         with status(f"Rendering {len(chosen)} page(s)…") if status else contextlib.nullcontext():
@@ -132,7 +132,7 @@ class ChatSession:
         """Begin the conversation on `engine`: the pages must fit its context with room for an answer.
 
         `schema`: every answer constrained to it (a structured.Schema, a dict or a `--schema` string)."""
-        from .structured import as_schema
+        from ..structured import as_schema
 
         self.schema = as_schema(schema)
         engine.check_context(len(self.pages), "", engine.options.max_new_tokens)
@@ -166,15 +166,15 @@ class ChatSession:
         """The next turn: the whole conversation plus `question`; committed when the answer has been read.
 
         `schema` for this turn only (default: the session's, from `start`)."""
+        from ..structured import as_schema
         from .records import Source
-        from .structured import as_schema
 
         engine, conv = self.engine, self.conv
         start = time.perf_counter()
         schema = as_schema(schema) or self.schema
         prompt = question
         if schema is not None:
-            from .structured import with_schema
+            from ..structured import with_schema
 
             prompt = with_schema(question, schema)
         limit = max_new_tokens or engine.options.max_new_tokens

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import IdeficsError
+from ..errors import IdeficsError
 
 POSITIONS_5 = ("top-left", "top-right", "bottom-left", "bottom-right", "whole")
 

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 
-from .errors import IdeficsError, UsageError
+from ..errors import IdeficsError, UsageError
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,8 @@ def weights_bytes(folder: str) -> int:
 
 def save_4bit(options, out_dir: str, status=lambda message: contextlib.nullcontext()) -> Quantized:
     """Load `options.model` in 4-bit and save it with its processor into the new folder `out_dir`."""
+    from ..runtime.model import load, load_processor
     from .doctor import model_files
-    from .model import load, load_processor
     from .writers import follow_umask, umask
 
     out_dir = os.path.abspath(os.path.expanduser(out_dir))

@@ -1,6 +1,6 @@
 """`transcribe --engine ray`: the same pipeline on Ray Data, for many GPUs or nodes.
 
-Contract: `run(job)` (pipeline.Job) turns each document into rows in one Ray CPU task that opens and hashes
+Contract: `run(job)` (pipeline.TranscribeJob) turns each document into rows in one Ray CPU task that opens and hashes
 the file once and yields one row per chosen page with its rendered image (done pages marked skip, not
 rendered), answers them in `map_batches` with a callable class that loads the model inside the actor (one
 actor per GPU, `num_gpus=1`; on a machine without GPUs, CPU actors), and streams the rows back to the
@@ -19,9 +19,9 @@ import os
 import time
 from collections.abc import Iterator
 
+from ..errors import IdeficsError, UsageError, classify
 from .batch import Batch, DocumentDone, Input, PageTask
-from .errors import IdeficsError, UsageError, classify
-from .pipeline import Job, answer_batch
+from .pipeline import TranscribeJob, answer_batch
 from .records import PageRecord, blank_record, error_record, task_error
 
 
@@ -75,7 +75,7 @@ class Transcriber:
     """The model actor: loads the engine once, answers batches of rows."""
 
     def __init__(self, request):
-        from .model import load
+        from ..runtime.model import load
 
         self.engine = load(request.options)
         self.request = request
@@ -161,7 +161,7 @@ def _quiet_ray() -> None:
                 handler.setLevel(logging.ERROR)
 
 
-def run(job: Job, address: str | None = None) -> Iterator[PageRecord]:
+def run(job: TranscribeJob, address: str | None = None) -> Iterator[PageRecord]:
     """The job's records on Ray (its request's batch size resolved), each yielded once written."""
     if any(d.path == "-" for d in job.docs):
         raise UsageError("--engine ray cannot read stdin (-)", "save the document to a file first")

@@ -1,11 +1,11 @@
-"""The model stage: load an Idefics2 checkpoint and its processor into an `Engine`.
+"""The model stage: load an Idefics2 checkpoint and its processor into an `LocalEngine`.
 
 Contract:
 - `load_processor(options)` is the one processor loader (`load`, `crops`, `quantize`): local-folder check,
   offline/cache decision (hub.py), the same errors, and the runtime settings (`options.split`, left padding)
   unless `configure=False` asks for the processor exactly as saved.
 - `start_load(options)` returns at once with the processor (`Loading`: the weights load in a thread until
-  `finish()` gives the `Engine`); `load(options)` is both. Loaded as the idefics2-8b model card does it
+  `finish()` gives the `LocalEngine`); `load(options)` is both. Loaded as the idefics2-8b model card does it
   (safetensors only, never remote code, sdpa, bitsandbytes nf4 + double quant for `quant="4bit"`); failures
   raise `IdeficsError("model_error" | "out_of_memory")` with a hint.
 torch and transformers are imported inside functions only.
@@ -17,12 +17,12 @@ import os
 import time
 from typing import TYPE_CHECKING
 
-from . import process
-from .ahead import in_thread
-from .engine import Engine
-from .errors import IdeficsError, is_oom
-from .hub import PULL_HINT, check_local_model, local_only, looks_local, source
-from .interface import DEFAULT_MODEL, ModelOptions  # noqa: F401 - re-exported: the loader's options
+from .. import process
+from ..ahead import in_thread
+from ..errors import IdeficsError, is_oom
+from ..hub import PULL_HINT, check_local_model, local_only, looks_local, source
+from ..interface import DEFAULT_MODEL, ModelOptions  # noqa: F401 - re-exported: the loader's options
+from .engine import LocalEngine
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -143,20 +143,20 @@ def load_processor(options: ModelOptions, configure: bool = True, local_files_on
     return processor
 
 
-def load(options: ModelOptions) -> Engine:
+def load(options: ModelOptions) -> LocalEngine:
     """Load processor and model as the model card does, 4-bit by default."""
     return start_load(options).finish()
 
 
 class Loading:
     """A load in progress: the processor is here (`processor`, on `device`), the weights load in a thread
-    (`weights`: its Future) until `finish()` returns the `Engine` (or raises the load's `IdeficsError`)."""
+    (`weights`: its Future) until `finish()` returns the `LocalEngine` (or raises the load's `IdeficsError`)."""
 
     def __init__(self, options: ModelOptions, processor, device: str, dtype, weights: Future, start: float):
         self.options, self.processor, self.device, self.dtype = options, processor, device, dtype
         self._weights, self._start = weights, start
 
-    def finish(self) -> Engine:
+    def finish(self) -> LocalEngine:
         try:
             model = self._weights.result()
         except IdeficsError:
@@ -166,7 +166,8 @@ class Loading:
         finally:
             self._weights = None  # the Future lets go of the model (or its error)
         model.eval()
-        return Engine(self.processor, model, self.options, self.device, self.dtype, time.perf_counter() - self._start)
+        return LocalEngine(self.processor, model, self.options, self.device, self.dtype,
+                           time.perf_counter() - self._start)
 
 
 def start_load(options: ModelOptions) -> Loading:

@@ -6,7 +6,7 @@ response) of a 200 (the caller closes it), `json(...)` its parsed body. A server
 connection (at once, or within CONNECT_TIMEOUT_S; no read timeout) or loses it halfway (`lost(exc)`) is a
 `model_error` naming the URL; 503 `overloaded` is retried after its Retry-After for up to OVERLOAD_WAIT_S.
 `error(status, body)` maps OpenAI's error object to the CLI's: 401 a `model_error` hinting at --api-key, 503
-`loading` -> `Loading`, `overloaded` -> `Overloaded`, `request_too_large` -> `UsageError`, the CLI's own codes
+`loading` -> `ServerLoading`, `overloaded` -> `Overloaded`, `request_too_large` -> `UsageError`, the CLI's own codes
 kept, anything else `model_error`. `events(resp)` yields a server-sent stream's JSON objects up to [DONE].
 The standard library's http.client only: no torch, transformers or numpy.
 """
@@ -19,7 +19,7 @@ import socket
 import time
 import urllib.parse
 
-from .errors import EXIT_FOR_CODE, IdeficsError, UsageError
+from ..errors import EXIT_FOR_CODE, IdeficsError, UsageError
 
 CONNECT_TIMEOUT_S = 1.5  # a server that does not answer the connection: model_error well within 2 s
 OVERLOAD_WAIT_S = 120.0  # how long a request is retried while the server's queue is full
@@ -29,7 +29,7 @@ _CLIENT_CODES = set(EXIT_FOR_CODE) - {"internal", "interrupted"}
 LOST = (OSError, http.client.HTTPException)  # what a dropped connection raises while reading
 
 
-class Loading(IdeficsError):
+class ServerLoading(IdeficsError):
     """503 `loading`: the server is up, its model not yet."""
 
 
@@ -151,7 +151,7 @@ class Transport:
         if status == 401 or code == "invalid_api_key":
             return IdeficsError("model_error", f"the server at {self.url} refused the API key", KEY_HINT)
         if status == 503 and code == "loading":
-            return Loading("model_error", f"the server at {self.url} is still loading its model")
+            return ServerLoading("model_error", f"the server at {self.url} is still loading its model")
         if code == "overloaded":
             return Overloaded("model_error", f"the server at {self.url} is overloaded: {message}",
                               "try again later, or start it with a larger --max-queue")

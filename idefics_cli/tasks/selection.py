@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from .errors import IdeficsError, UsageError, classify
+from ..errors import IdeficsError, UsageError, classify
 from .response import Response
 
 KEEP_BYTES = 64 * 2**20  # decoded page images kept from the check before loading (about 7 pages at 1960 px)
@@ -86,8 +86,8 @@ class Selection:
 def open_pages(documents, pages: str | None = None, *, password: str | None = None, dpi: int | None = None,
                status=None) -> Selection:
     """Open `documents` (a path or a list of paths), choose `pages` in each and decode them all."""
-    from .documents import open_document
-    from .documents.pages import parse_page_spec
+    from ..documents import open_document
+    from ..documents.pages import parse_page_spec
 
     started = time.perf_counter()
     paths = [documents] if isinstance(documents, (str, os.PathLike)) else list(documents)
@@ -119,12 +119,12 @@ def ask(engine, selection: Selection, question: str, max_new_tokens: int | None 
         close: bool = False, schema=None) -> Response:
     """One question over every page of `selection`, as one user turn (images first); see the module contract.
 
-    `close`: close the selection's documents when the answer ends (`Engine.ask` opened them itself).
+    `close`: close the selection's documents when the answer ends (`Model.ask` opened them itself).
     """
     check_question(question)
     prompt = question
     if schema is not None:
-        from .structured import with_schema
+        from ..structured import with_schema
 
         prompt = with_schema(question, schema)
     limit = max_new_tokens or engine.options.max_new_tokens

@@ -16,7 +16,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 
-from .errors import ExitStatus, IdeficsError
+from ..errors import ExitStatus, IdeficsError
 
 ANSWER_SCHEMA = "idefics-cli.answer/1"
 NO_DATA = "<no data>"  # PageRecord.data of a run without --schema: no "data" field is written (compared by identity)
@@ -101,7 +101,7 @@ def ok_record(task, gen, usage: dict, preprocess_s: float, settings: str, batch_
     """
     data, error = NO_DATA, None
     if schema is not None:
-        from . import structured
+        from .. import structured
 
         data, code = structured.read_answer(gen.text, schema, gen.finish_reason)
         if code is not None:

@@ -21,9 +21,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .errors import IdeficsError, UsageError
-from .interface import Generation, ModelOptions
-from .transport import CONNECT_TIMEOUT_S, LOST, SERVER_HINT, Loading, Transport, events, normalize_url
+from ..errors import IdeficsError, UsageError
+from ..interface import Generation, ModelOptions
+from .transport import CONNECT_TIMEOUT_S, LOST, SERVER_HINT, ServerLoading, Transport, events, normalize_url
 
 __all__ = ["CONNECT_TIMEOUT_S", "LOAD_WAIT_S", "TIFF_BUDGET", "RemoteEngine", "connect",
            "normalize_url", "page_data_url", "png_data_url"]
@@ -84,7 +84,7 @@ class RemoteEngine:
     def __repr__(self) -> str:
         return f"<RemoteEngine {self.url} {self.options.model}>"
 
-    # ---- what ask, chat and transcribe use of an Engine ---------------------------------------
+    # ---- interface.Engine: what ask, chat and transcribe use ---------------------------------------
     def check_context(self, n_images: int, question: str, max_new_tokens: int) -> None:
         """Left to the server: it refuses a prompt over the model's context (`usage`) before rendering."""
         return None
@@ -256,7 +256,7 @@ class RemoteEngine:
         while True:
             try:
                 listing = self.http.json("GET", "/v1/models")
-            except Loading:
+            except ServerLoading:
                 if time.monotonic() > deadline:
                     raise IdeficsError("model_error", f"the server at {self.url} is still loading its model after "
                                        f"{LOAD_WAIT_S:.0f} s", SERVER_HINT) from None

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 
-from .errors import UsageError, warning_line
+from ..errors import UsageError, warning_line
 from .writers import OutputLock, RecordLog, atomic_write, output_error, safe_join
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")

@@ -85,7 +85,7 @@ def check_4bit(device: str, dtype) -> dict:
     result = {"ran": False, "ok": False, "device": device, "dtype": str(dtype).replace("torch.", ""),
               "max_error": None, "quantization_error": None, "tolerance": tolerance, "error": None, "seconds": None}
     try:
-        from .model import import_bitsandbytes
+        from ..runtime.model import import_bitsandbytes
 
         bnb = import_bitsandbytes()  # before any other bitsandbytes import: it must not reach the hub
         import bitsandbytes.functional as F
@@ -136,7 +136,7 @@ def _missing_weights(folder: str) -> list[str]:
 
 def model_files(model: str, revision: str | None) -> dict:
     """Where the model's files are: a local folder, the HF cache (which commit), or nowhere yet."""
-    from .hub import looks_local
+    from ..hub import looks_local
 
     found = {"id": model, "revision": revision, "local_folder": False, "available": False, "path": None,
              "commit": None, "missing": [], "size_bytes": None, "pre_quantized": None}
@@ -250,11 +250,11 @@ def memory_estimate(config_path: str, processor_config_path: str | None, quant: 
 
 def diagnose(options) -> dict:
     """Every check, as one JSON-ready dict (`ok` and `reason` hold the verdict)."""
-    from . import extras
-    from .engine import QUANT_NAMES
-    from .errors import IdeficsError
-    from .hub import local_only
-    from .model import quiet_libraries, resolve_device, resolve_dtype
+    from .. import extras
+    from ..errors import IdeficsError
+    from ..hub import local_only
+    from ..runtime.engine import QUANT_NAMES
+    from ..runtime.model import quiet_libraries, resolve_device, resolve_dtype
 
     local = local_only(options)  # not cached and cannot be fetched: one error at once, before the checks
     quiet_libraries()

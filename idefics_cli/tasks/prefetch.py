@@ -17,9 +17,9 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from .ahead import WorkAhead
+from ..ahead import WorkAhead
+from ..errors import classify
 from .batch import Batch, BlankPage, DocumentDone, Failure, Input, PageTask
-from .errors import classify
 
 
 class Window:

@@ -116,7 +116,7 @@ class Response:
 
     def _structured(self) -> tuple:
         if self._read_back is None:
-            from .structured import read_answer
+            from ..structured import read_answer
 
             self._read_back = read_answer(self.text, self.schema, self.finish_reason)
         return self._read_back
@@ -134,7 +134,7 @@ class Response:
         code = self._structured()[1]
         if code is None:
             return None
-        from .structured import answer_error
+        from ..structured import answer_error
 
         return answer_error(code, self.max_new_tokens)
 

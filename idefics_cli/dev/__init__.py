@@ -1,0 +1,1 @@
+"""Development aids: the tiny random models of the tests and the demo."""

@@ -1,0 +1,1 @@
+"""A running `idefics serve` as an engine: the client and its HTTP."""

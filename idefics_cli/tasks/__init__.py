@@ -1,0 +1,1 @@
+"""The tasks over an engine: ask, chat, transcribe, and their records."""
