@@ -182,3 +182,38 @@ def test_a_failed_load_stops_the_prefetch_it_overlapped(tiny_model, scans, tmp_p
         list(Transcription(TranscribeRequest(inputs=["scans/"], options=options)))
     assert info.value.code == "model_error"
     assert not [t for t in threading.enumerate() if t.name == "idefics-prefetch"]
+
+
+def test_rows_of_mixed_lengths_keep_page_order_and_resume(engine, tmp_path, monkeypatch):
+    """Continuous batching: pages ending at different lengths (2 and 9 new tokens, alternating) come back in page
+    order with the texts of a run one page at a time, and a run stopped early resumes where it was."""
+    from idefics_cli.runtime.engine import LocalEngine
+
+    real = LocalEngine.rows
+    made = []
+
+    def rows(self, inputs, max_new_tokens=None, logits_processor=None, schema=None):
+        out = real(self, inputs, max_new_tokens, logits_processor, schema)
+        for row in out:  # the k-th page of the run (pages are prepared in order): short, long, short, ...
+            row.max_tokens = 2 if len(made) % 2 == 0 else 9
+            made.append(row)
+        return out
+
+    monkeypatch.setattr(LocalEngine, "rows", rows)
+    pdf = make_pdf(tmp_path / "mixed.pdf", 7)
+    model = Model(engine)
+    alone = [(r.page, r.text) for r in model.transcribe(pdf, batch_size=1)]
+    made.clear()
+    together = [(r.page, r.text) for r in model.transcribe(pdf, batch_size=3)]
+    assert together == alone and [page for page, _ in together] == list(range(1, 8))
+    assert {len(t) for _, t in alone} != {len(alone[0][1])}  # the lengths really differ
+    out = tmp_path / "pages.jsonl"
+    made.clear()
+    with model.transcribe(pdf, out=str(out), batch_size=3) as first:
+        for record in first:
+            if record.page == 3:
+                break  # stopped early: pages 1-3 written
+    made.clear()
+    rest = list(model.transcribe(pdf, out=str(out), batch_size=3))
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r.page for r in rest] == [4, 5, 6, 7] and [r["page"] for r in lines] == list(range(1, 8))

@@ -28,7 +28,8 @@ CHAT_TEMPLATE = (
 )
 GENERATION = {"bos_token_id": 1, "eos_token_id": [2, 32002], "pad_token_id": 0, "bad_words_ids": [[32000], [32001]]}
 PROCESSOR = {"do_image_splitting": True, "size": {"shortest_edge": 378, "longest_edge": 980}}
-TOKENIZER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "mistral-tokenizer.model.v1")
+TOKENIZER_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
+                              "mistral-tokenizer.model.v1")
 TOKENIZER_SHA256 = "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055"
 
 # (vision hidden, vision mlp, vision layers, vision heads, text hidden, text mlp, text layers, heads, kv heads,
