@@ -89,6 +89,6 @@ def open_document(
         return ImageDocument(path, kind, data)
 
     try:
-        return decoding(opened)
+        return decoding(opened, in_thread=kind not in MUPDF_FORMATS)  # MuPDF stays in the caller's thread
     except DecodeTimeout as e:
         raise IdeficsError("corrupt", f"the {NAMES[kind]} file {e} to open, given up", path=path) from None

@@ -36,6 +36,8 @@ def why(exc: BaseException) -> str:
 class Document:
     """An opened document: `path`, `kind` (one of FORMATS), `sha256` of the source bytes, `page_count`."""
 
+    threaded = True  # pages decoded in a helper thread under the decode bound (quiet.decoding)
+
     def __init__(self, path: str, kind: str, data: bytes):
         self.path = path
         self.kind = kind
@@ -58,7 +60,7 @@ class Document:
         if self._stuck is not None:
             raise self._error("corrupt", f"page {page} was not decoded: an earlier page {self._stuck}")
         try:
-            image = decoding(lambda: self._render(page))
+            image = decoding(lambda: self._render(page), in_thread=self.threaded)
         except DecodeTimeout as e:
             self._stuck = e
             raise self._error("corrupt", f"page {page} could not be decoded: it {e}, given up") from None

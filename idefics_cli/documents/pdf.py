@@ -75,6 +75,8 @@ def _zip_images_over(data: bytes) -> str | None:
 class PdfDocument(Document):
     """A document MuPDF opens: PDF, and XPS/OXPS, EPUB, MOBI, FB2, CBZ and SVG, paginated by MuPDF."""
 
+    threaded = False  # MuPDF's context is used from the thread that owns the document only
+
     def __init__(self, path: str, data: bytes, password: str | None, dpi: int | None, longest_side: int,
                  kind: str = "pdf"):
         super().__init__(path, kind, data)

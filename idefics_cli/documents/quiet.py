@@ -7,7 +7,7 @@ Contract:
   thread decodes, and `sys.stderr` (when it is fd 2) then writes to a duplicate of the real stderr, so the
   tool's own lines from every thread still get out. IDEFICS_DEBUG=1 leaves stderr and the loggers alone.
 - A call still running after IDEFICS_DECODE_TIMEOUT seconds (default 30) raises `DecodeTimeout`; it is
-  abandoned (a daemon thread). A decoder that holds the GIL (MuPDF) is bounded only once it returns.
+  abandoned (a daemon thread). MuPDF runs in the calling thread (`in_thread=False`), bounded once it returns.
 """
 
 from __future__ import annotations
@@ -115,11 +115,26 @@ def _exit() -> None:
         _saved = None
 
 
-def decoding(fn: Callable[[], T]) -> T:
-    """`fn()` with decoder chatter silenced, given up with `DecodeTimeout` after `timeout()` seconds."""
+def decoding(fn: Callable[[], T], in_thread: bool = True) -> T:
+    """`fn()` with decoder chatter silenced, given up with `DecodeTimeout` after `timeout()` seconds.
+
+    `in_thread=False` runs it in the calling thread (MuPDF: its context must not be used from two threads at once,
+    and it holds the GIL anyway), bounded once it returns."""
     quiet = not debug()
     if quiet:
         _quiet_loggers()
+    if not in_thread:
+        seconds, start = timeout(), time.monotonic()
+        if quiet:
+            _enter()
+        try:
+            value = fn()
+        finally:
+            if quiet:
+                _exit()
+        if time.monotonic() - start > seconds:
+            raise DecodeTimeout(seconds)
+        return value
     result: list = []
 
     def work() -> None:
