@@ -197,7 +197,17 @@ def test_serve_batch_add_keep_and_step_equal_dynamic_cache(sharp_engine, monkeyp
     kvs = [prefill_one(sharp_engine, backend.prompt_ids(sharp_engine, p))[1] for p in prompts]
     kept = [[(k.clone(), v.clone()) for k, v in kv.layers] for kv in kvs]
     ours = _batch_schedule(sharp_engine, kvs)
-    monkeypatch.setattr(prefill_module, "adopt", lambda layers: DynamicCache(ddp_cache_data=list(layers)))
+    def dynamic(rows, width):  # the same rows, padded and concatenated into transformers' own cache
+        import torch.nn.functional as F
+
+        def part(t, r, n):
+            return F.pad(t[r:r + 1, :, t.shape[2] - n:], (0, 0, width - n, 0))
+
+        return DynamicCache(ddp_cache_data=[(torch.cat([part(layers[i][0], r, n) for layers, r, n in rows]),
+                                             torch.cat([part(layers[i][1], r, n) for layers, r, n in rows]))
+                                            for i in range(len(rows[0][0]))])
+
+    monkeypatch.setattr(prefill_module, "_copied", dynamic)
     theirs = _batch_schedule(sharp_engine, kvs)
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
     for kv, copies in zip(kvs, kept):  # the prefilled rows' tensors were never written

@@ -113,6 +113,16 @@ def layer_classes() -> dict:
     return _classes
 
 
+def owned_cache(buffers: list, length: int):
+    """A cache over buffers it owns ([rows, heads, capacity, dim] per layer, the first `length` positions
+    filled): decode steps write into their spare room in place (the decode loop's batch, rebuilt as rows join
+    and leave, is copied once, not again at its next step)."""
+    cache = new_cache(layers=[(k[:, :, :length], v[:, :, :length]) for k, v in buffers])
+    for layer, (k, v) in zip(cache.layers, buffers):
+        layer._k, layer._v = [k, 0, length], [v, 0, length]
+    return cache
+
+
 def new_cache(config=None, layers=None, spare: int = SPARE):
     """A `DynamicCache` of in-place layers: for `config`'s decoder, over `layers` [(keys, values)], or lazy."""
     from functools import partial

@@ -101,14 +101,10 @@ class KVBatch:
         parts += [(kv.layers, torch.ones((1, kv.length), dtype=torch.long, device=kv.layers[0][0].device))
                   for kv in kvs]
         self.positions += [kv.length for kv in kvs]
-        if len(parts) == 1:
-            self.cache, self.mask = adopt(parts[0][0]), parts[0][1]
-            return
         width = max(mask.shape[1] for _, mask in parts)
-        padded = [_pad(layers, mask, width) for layers, mask in parts]
-        merged = [(torch.cat([p[0][i][0] for p in padded]), torch.cat([p[0][i][1] for p in padded]))
-                  for i in range(len(padded[0][0]))]
-        self.cache, self.mask = adopt(merged), torch.cat([p[1] for p in padded])
+        rows = [(layers, r, mask.shape[1]) for layers, mask in parts for r in range(mask.shape[0])]
+        self.cache = _copied(rows, width)
+        self.mask = torch.cat([torch.nn.functional.pad(mask, (width - mask.shape[1], 0)) for _, mask in parts])
 
     def keep(self, rows: list[int]) -> None:
         """Keep only these rows (in this order); left columns that no kept row uses are dropped."""
@@ -119,8 +115,8 @@ class KVBatch:
         used = mask.any(dim=0).nonzero()
         first = int(used[0]) if used.numel() else 0
         self.mask = mask[:, first:]
-        for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys[rows][:, :, first:], layer.values[rows][:, :, first:]
+        layers, width = _layers(self.cache), self.mask.shape[1]
+        self.cache = _copied([(layers, r, width) for r in rows], width)
         self.positions = [self.positions[r] for r in rows]
 
     def step(self, tokens: list[int]):
@@ -138,10 +134,19 @@ class KVBatch:
         return out.logits[:, -1].float()
 
 
-def _pad(layers, mask, width: int):
-    import torch.nn.functional as F
+def _copied(rows: list, width: int):
+    """A cache owning one new buffer per layer (with spare room) holding `rows`, each (layers, its row there, its
+    last `n` positions) copied once and right-aligned to `width`; the rest is zero padding."""
+    from .kvcache import SPARE, owned_cache
 
-    extra = width - mask.shape[1]
-    if extra == 0:
-        return layers, mask
-    return [(F.pad(k, (0, 0, extra, 0)), F.pad(v, (0, 0, extra, 0))) for k, v in layers], F.pad(mask, (extra, 0))
+    buffers = []
+    for i in range(len(rows[0][0])):
+        k0, v0 = rows[0][0][i]
+        keys = k0.new_zeros((len(rows), k0.shape[1], width + SPARE, k0.shape[3]))
+        values = v0.new_zeros((len(rows), v0.shape[1], width + SPARE, v0.shape[3]))
+        for j, (layers, r, n) in enumerate(rows):
+            k, v = layers[i]
+            keys[j, :, width - n:width] = k[r, :, k.shape[2] - n:]
+            values[j, :, width - n:width] = v[r, :, v.shape[2] - n:]
+        buffers.append((keys, values))
+    return owned_cache(buffers, width)
