@@ -6,9 +6,8 @@ Contract: pure inspection, no decoding library imported here (an opened PyMuPDF 
   when nothing is cut, or when it is no PNG.
 - `drop_bad_ancillary(data)`: a PNG whose only fault is a bad checksum on optional (ancillary) chunks, without
   those chunks, as browsers display it; None when every ancillary chunk is sound or it is no PNG.
-- `empty_page_tree(doc)`: whether a PDF that opened with 0 pages is really empty (a catalog whose page tree
-  has no kids and no page object anywhere), as opposed to damaged (page objects that cannot be reached, no
-  catalog, a page tree pointing at missing objects).
+- `empty_page_tree(doc)`: whether a PDF that opened with 0 pages is really empty (a page tree with no kids and
+  no page object anywhere), as opposed to damaged (unreachable pages, no catalog, a tree of missing objects).
 - `encryption_damage(doc)`: why no password can open an encrypted PDF (keys of the wrong length, an unknown
   method), or None when its encryption dictionary is sound.
 """

@@ -9,8 +9,7 @@ Contract:
 - `in_shard(rel, index, count)`: a document belongs to shard `sha1(rel) % count`, stable as files are added.
 - `done_keys(records)`: the (sha256, page, settings) keys that already have an `ok` record;
   `needs_model(docs, ...)`: whether any chosen page is still to be done (else the model need not load).
-- `PageTask` (a page to do), `Batch` (pages and their built inputs), `BlankPage`, `Failure` and
-  `DocumentDone` are what prefetch.py hands the model's thread.
+- `PageTask`, `Batch` (pages and their inputs), `BlankPage`, `Failure`, `DocumentDone`: what prefetch.py hands on.
 """
 
 from __future__ import annotations
