@@ -84,11 +84,13 @@ def test_a_cache_over_tensors_never_writes_them():
 def _generate(engine, rows, cache, new_tokens):
     """model.generate on the engine's prepared inputs, with `cache` (None: transformers' default DynamicCache)."""
     import torch
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    from idefics_cli.runtime.vision import model_kwargs
-
-    # prepared anew: the features are used once
-    kwargs = model_kwargs(engine.model, engine.prepare(rows), 8, engine.processor.image_processor)
+    inputs = engine.prepare(rows)  # prepared anew: the features are used once
+    features = [f for f in engine.features(inputs) if f is not None]
+    kwargs = {k: v for k, v in inputs.items() if k != "vision"}
+    if features:
+        kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
     if cache is not None:
         kwargs["cache"] = cache
     with torch.inference_mode():

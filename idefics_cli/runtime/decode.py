@@ -50,10 +50,6 @@ class Row:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.ids)
-
     def cancel(self) -> None:
         self.cancelled.set()
 
@@ -155,13 +151,7 @@ class Loop:
             try:
                 self.batch.add([kv for _, kv in joining])
             except BaseException as exc:  # e.g. out of memory halfway: the batch is no longer whole
-                failed = [*self.rows, *(r for r, _ in joining)]
-                for row in failed:
-                    row.fail(exc)
-                ended += failed
-                self.rows, self.batch = [], KVBatch(self.engine.model)
-                if isinstance(exc, KeyboardInterrupt):
-                    raise
+                ended += self._fail_all([*self.rows, *(r for r, _ in joining)], exc)
                 continue
             self.rows.extend(row for row, _ in joining)
         return ended
@@ -176,12 +166,7 @@ class Loop:
             logits = self.batch.step([row.token_ids[-1] for row in rows])
             chosen = self._choose(logits, rows)
         except BaseException as exc:  # noqa: BLE001
-            for row in rows:
-                row.fail(exc)
-            self.rows, self.batch = [], KVBatch(self.engine.model)
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            return ended + rows
+            return ended + self._fail_all(rows, exc)
         self.steps += 1
         for row, token in zip(rows, chosen):
             self._take(row, token)
@@ -192,6 +177,15 @@ class Loop:
         for row in self.rows:
             row.finish("cancelled")
         self.rows, self.batch = [], KVBatch(self.engine.model)
+
+    def _fail_all(self, rows: list[Row], exc: BaseException) -> list[Row]:
+        """A forward pass failed: its rows fail with it and the batch starts empty (Ctrl-C goes on up)."""
+        for row in rows:
+            row.fail(exc)
+        self.rows, self.batch = [], KVBatch(self.engine.model)
+        if isinstance(exc, KeyboardInterrupt):
+            raise exc
+        return rows
 
     # ---- per row -------------------------------------------------------------------------------
     def _ended(self, row: Row) -> bool:
@@ -277,10 +271,7 @@ def stream(loop: Loop, row: Row) -> Iterator[str]:
                 break
             loop.step()
     finally:
-        if not row.done:
-            row.cancel()
-            loop.step()
-        loop.close()
+        loop.close()  # a row still running (the consumer stopped reading) ends as cancelled
     return row
 
 

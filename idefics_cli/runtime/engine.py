@@ -152,8 +152,7 @@ class LocalEngine(Preparer):
         return inputs
 
     def usage(self, inputs, row: int = 0) -> dict:
-        ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()]
-        return {"prompt_tokens": int(ids.numel()), "image_tokens": int((ids == self.image_token_id).sum())}
+        return self._count(inputs["input_ids"][row][inputs["attention_mask"][row].bool()].tolist())
 
     # ---- decoding (runtime/decode.py: the one decode loop) ---------------------------------------------
     @property
@@ -215,16 +214,16 @@ class LocalEngine(Preparer):
 
         return row_grammar(self, schema)
 
-    def generation(self, row, usage: dict | None = None) -> Generation:
+    def generation(self, row) -> Generation:
         """A finished row as a `Generation`; a row that failed raises its error."""
         if row.finish_reason == "error":
             raise generation_error(row.error)
         return Generation(text=row.text, completion_tokens=len(row.token_ids), token_ids=list(row.token_ids),
                           finish_reason=row.finish_reason, total_s=row.total_s,
                           first_token_s=row.total_s if row.first_token_s is None else row.first_token_s,
-                          prompt_usage=usage or self._usage_of(row.ids))
+                          prompt_usage=self._count(row.ids))
 
-    def _usage_of(self, ids: list[int]) -> dict:
+    def _count(self, ids: list[int]) -> dict:
         return {"prompt_tokens": len(ids), "image_tokens": sum(1 for t in ids if t == self.image_token_id)}
 
     def stream_generate(self, inputs, max_new_tokens: int | None = None, logits_processor=None, schema=None):
@@ -267,16 +266,14 @@ class LocalEngine(Preparer):
         item taken as soon as a row ends. Yields (tag, Generation or IdeficsError) as rows end."""
         from .decode import Loop, run_rows
 
-        encoded: dict = {}
-
         def rows():
+            last, made = None, []
             for tag, inputs, r in items:
-                if encoded.get("key") is not inputs:  # one prepared batch's images are encoded together
-                    encoded.update(key=inputs, rows=self.rows(inputs, max_new_tokens, None, schema))
-                row = encoded["rows"][r]
+                if inputs is not last:  # one prepared batch's images are encoded together, when first needed
+                    last, made = inputs, self.rows(inputs, max_new_tokens, None, schema)
+                row = made[r]
                 row.tag, row.started = tag, time.perf_counter()
                 yield row
-            encoded.clear()
 
         for row in run_rows(Loop(self), rows(), width or self.auto_batch_size()):
             try:

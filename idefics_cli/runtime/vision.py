@@ -227,17 +227,3 @@ def prepare(engine, batch: list[tuple[list, str]], split: bool, collect: bool):
     vision = VisionInputs([images for images, _ in batch], split)
     inputs["vision"] = vision.collect(engine.processor.image_processor) if collect else vision
     return inputs
-
-
-def model_kwargs(model, inputs, chunk: int, image_processor) -> dict:
-    """generate kwargs: `inputs` with a `"vision"` entry encoded into `mm_encoder_outputs`."""
-    kwargs = dict(inputs)
-    vision = kwargs.pop("vision", None)
-    if vision is None:
-        return kwargs
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    rows = [f for f in encode(model, vision, chunk, image_processor) if f is not None]
-    if rows:
-        kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=rows)}
-    return kwargs
