@@ -1,6 +1,6 @@
 """Optional features and the packages they need: which are installed, found without importing them.
 
-Contract: `EXTRAS` lists the optional features (Ray Data, the HTTP server; `--schema` is in the core install):
+Contract: `EXTRAS` lists the optional features (Ray Data, the HTTP server, the MCP server; `--schema` is core):
 the distributions each needs, the module each must provide, and what it enables. `report()` returns, per
 feature, `{"installed": bool, "packages": {distribution: version or None}, "enables": str, "install": str}`,
 from installed package metadata (`importlib.metadata`) and `importlib.util.find_spec` only: no optional
@@ -27,8 +27,9 @@ class Extra:
 EXTRAS = (
     Extra("ray", ("ray", "pyarrow", "pandas"), ("ray", "pyarrow", "pandas"),
           "`transcribe --engine ray`: the same pipeline on Ray Data, across GPUs and machines"),
-    Extra("serve", ("fastapi", "uvicorn"), ("fastapi", "uvicorn"),
+    Extra("serve", ("fastapi", "uvicorn", "prometheus-client"), ("fastapi", "uvicorn", "prometheus_client"),
           "`idefics serve`: the model behind an OpenAI-compatible HTTP API"),
+    Extra("mcp", ("mcp",), ("mcp",), "`idefics mcp`: documents as tools for agent hosts (Model Context Protocol)"),
 )
 
 

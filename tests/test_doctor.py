@@ -46,7 +46,7 @@ def test_json_has_every_field_and_a_real_4bit_check(cli, tiny_model, engine):
     assert est["total_bytes"] == est["weights_bytes"] + est["kv_cache_bytes"] + est["activations_bytes"] + est[
         "overhead_bytes"]
     assert est["fits"] is True
-    assert set(report["extras"]) == {"ray", "serve"}  # --schema is in the core install (llguidance: versions)
+    assert set(report["extras"]) == {"ray", "serve", "mcp"}  # --schema is in the core install (llguidance: versions)
     for extra in report["extras"].values():
         assert set(extra) == {"installed", "packages", "enables", "install"} and extra["enables"]
 

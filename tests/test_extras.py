@@ -12,7 +12,7 @@ EXTRAS_PROBE = """
 import json, sys
 from idefics_cli import extras
 print(json.dumps({"report": extras.report(), "imported": sorted(
-    m for m in ("ray", "pyarrow", "pandas", "fastapi", "uvicorn") if m in sys.modules)}))
+    m for m in ("ray", "pyarrow", "pandas", "fastapi", "uvicorn", "prometheus_client", "mcp") if m in sys.modules)}))
 """
 
 
@@ -31,6 +31,7 @@ def test_extras_are_found_from_metadata_without_importing_them(tmp_path):
     site.mkdir()
     _fake_distribution(site, "fastapi", "0.120.0")
     _fake_distribution(site, "uvicorn", "0.38.0")
+    _fake_distribution(site, "prometheus_client", "0.26.0")
     _fake_distribution(site, "pyarrow", "21.0.0", module=False)  # metadata left behind, module gone: broken
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = tmp_path / "code"  # the package alone: no idefics-cli metadata (an .egg-info in a checkout) beside it
@@ -41,8 +42,11 @@ def test_extras_are_found_from_metadata_without_importing_them(tmp_path):
                          cwd=tmp_path, check=True)  # not the checkout's folder, where an .egg-info may lie
     found = json.loads(out.stdout)
     assert found["imported"] == []  # nothing optional was imported, not even the two that would raise
-    assert set(found["report"]) == {"serve", "ray"}  # --schema is no extra: llguidance is a core dependency
-    serve, ray = (found["report"][k] for k in ("serve", "ray"))
-    assert serve["installed"] is True and serve["packages"] == {"fastapi": "0.120.0", "uvicorn": "0.38.0"}
+    assert set(found["report"]) == {"serve", "ray", "mcp"}  # --schema is no extra: llguidance is a core dependency
+    serve, ray, mcp = (found["report"][k] for k in ("serve", "ray", "mcp"))
+    assert serve["installed"] is True and serve["packages"] == {"fastapi": "0.120.0", "uvicorn": "0.38.0",
+                                                                "prometheus-client": "0.26.0"}
+    assert mcp == {"installed": False, "packages": {"mcp": None}, "install": "pip install mcp",
+                   "enables": mcp["enables"]} and "idefics mcp" in mcp["enables"]
     assert ray["packages"] == {"ray": None, "pyarrow": "21.0.0", "pandas": None} and ray["installed"] is False
     assert ray["install"] == "pip install ray pyarrow pandas" and "--engine ray" in ray["enables"]

@@ -6,7 +6,8 @@ thread (`state.loader`), then starts a `Scheduler`; until then /health and chat 
 `POST /v1/chat/completions`: a capped body (413), checked by requests.py, refused when prompt + max tokens
 exceed the context, pages rendered off the event loop, queued (503 `overloaded` over --max-queue), answered as
 one `chat.completion` or streamed chunks ending in `data: [DONE]`; a client that disconnects cancels its job.
-`GET /v1/models` lists the one model and its settings. With an API key /v1/* needs `Authorization: Bearer KEY`.
+`GET /v1/models` lists the one model and its settings; `GET /metrics` is Prometheus text (metrics.py). With an
+API key every route but /health needs `Authorization: Bearer KEY`.
 Every error is OpenAI's `{"error": {...}}` with the CLI's codes; 500 only for the server's own failures.
 One access-log line per request on stderr: `METHOD PATH STATUS tokens=N S.SSSs`.
 """
@@ -30,6 +31,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ..errors import IdeficsError
 from . import backend
 from .config import ServeConfig
+from .metrics import Metrics
 from .requests import RequestError, parse
 from .scheduler import Job, QueueFull
 
@@ -49,6 +51,7 @@ class ServerState:
     on_ready: object = None
     on_fatal: object = None
     per_image: int = 0
+    metrics: Metrics | None = None  # set by build_app; the scheduler reports each job's end to it
 
 
 def error_response(status: int, code: str, message: str, param: str | None = None, headers=None) -> JSONResponse:
@@ -100,6 +103,7 @@ class AccessLog:
 
 def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
     key = config.api_key.encode() if config.api_key else None
+    metrics = state.metrics = Metrics(state)
     # requests decoded and rendered at once: more would only take CPU (and the GIL) from the batch that generates,
     # and hold more rendered pages in memory
     preparing = asyncio.Semaphore(max(1, min(4, (os.cpu_count() or 2) // 2)))
@@ -182,6 +186,7 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
                 req, job = await asyncio.to_thread(_prepare, state, body, loop)
         except IdeficsError as err:
             return _from_error(err)
+        metrics.rendered(len(job.images))
         try:
             scheduler.submit(job)
         except QueueFull as exc:
@@ -218,6 +223,12 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
             {"index": 0, "message": {"role": "assistant", "content": job.text}, "logprobs": None,
              "finish_reason": _finish(job)}], "usage": _usage(job, image_token)})
 
+    async def scrape(request: Request) -> Response:
+        if not authorized(request):
+            return unauthorized()
+        body, kind = metrics.render()
+        return Response(body, headers={"Content-Type": kind})
+
     async def not_found(request: Request, exc: HTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, f"{request.method} {request.url.path}: {exc.detail}")
@@ -231,7 +242,7 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
               file=sys.stderr, flush=True)
         return error_response(500, "internal", f"internal error: {type(exc).__name__}")
 
-    middleware = [Middleware(AccessLog)]
+    middleware = [Middleware(AccessLog), Middleware(metrics.middleware)]
     if config.cors:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -244,6 +255,7 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
     app.add_route("/health", health, methods=["GET"])
     app.add_route("/v1/models", models, methods=["GET"])
     app.add_route("/v1/chat/completions", chat, methods=["POST"])
+    app.add_route("/metrics", scrape, methods=["GET"])
     return app
 
 

@@ -1,9 +1,9 @@
 """The scheduler: one worker thread owns the model; requests wait in a bounded queue in front of the decode loop.
 
 Contract:
-- `Scheduler(engine, cache, max_batch, max_queue, ahead)`; `start()` runs the worker and the pixel thread (pixels.py:
-  a queued job's pixels and prefix key are made ahead, in queue order); `stop(cancel)` ends both (with `cancel`,
-  every waiting and running job ends as `cancelled`). `submit(job)` queues a `Job` or raises `QueueFull`.
+- `Scheduler(engine, cache, max_batch, max_queue, ahead, on_end)`; `start()` runs the worker and the pixel thread
+  (pixels.py: queued jobs' pixels and prefix keys made ahead); `stop(cancel)` ends both (with `cancel`, every job
+  ends as `cancelled`). `submit(job)` queues a `Job` or raises `QueueFull`; `on_end(job)` hears each job's end.
 - Whenever rows are free (up to `max_batch`), the worker admits waiting jobs into the one decode loop
   (runtime/decode.py): a job whose image prefix is in the `PrefixCache` is prefilled from it, else its images
   are encoded and its prefix stored; then all rows advance one token a step, and rows that end leave at once.
@@ -72,12 +72,15 @@ class Job(Row):
         if self._scheduler is not None:
             key = {"stop": "answered", "length": "answered", "cancelled": "cancelled"}.get(self.finish_reason, "failed")
             self._scheduler.counts[key] += 1
+            if self._scheduler.on_end is not None:
+                self._scheduler.on_end(self)
         self._emit("error", self.error) if self.error is not None else self._emit("done")
 
 
 class Scheduler:
-    def __init__(self, engine, cache, max_batch: int = 4, max_queue: int = 16, ahead: int | None = None):
-        self.engine, self.cache = engine, cache
+    def __init__(self, engine, cache, max_batch: int = 4, max_queue: int = 16, ahead: int | None = None,
+                 on_end=None):
+        self.engine, self.cache, self.on_end = engine, cache, on_end  # on_end(job): each job's end (metrics.py)
         self.max_batch, self.max_queue = max(1, max_batch), max(0, max_queue)
         self.waiting: deque[Job] = deque()
         self.admitting: list[Job] = []

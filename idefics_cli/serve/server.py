@@ -82,7 +82,8 @@ def serve(config: ServeConfig, loader, log=None) -> int:
         engine = state.engine
         size = int(config.cache_mb * 2**20) if config.cache_mb is not None else default_cache_bytes(engine.device)
         state.cache = PrefixCache(size)
-        state.scheduler = Scheduler(engine, state.cache, config.max_batch, config.max_queue)
+        state.scheduler = Scheduler(engine, state.cache, config.max_batch, config.max_queue,
+                                    on_end=state.metrics.ended if state.metrics else None)
         state.scheduler.start()
         log(f"ready ({state.model_id}; batch {config.max_batch}, queue {config.max_queue}, "
             f"prefix cache {size / 2**20:.0f} MiB)")
