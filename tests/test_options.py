@@ -106,6 +106,7 @@ def test_model_params_only_shows_some_and_fixes_the_others(monkeypatch):
     ("transcribe", ["model", "revision", "quant", "dtype", "device", "offline", "split", "max_new_tokens"]),
     ("doctor", ["model", "revision", "quant", "dtype", "device", "offline", "split", "max_new_tokens"]),
     ("serve", ["model", "revision", "quant", "dtype", "device", "offline", "split", "max_new_tokens"]),
+    ("mcp", ["model", "revision", "quant", "dtype", "device", "offline", "split", "max_new_tokens"]),
     ("crops", ["model", "revision", "offline", "split"]),
     ("quantize", ["model", "revision", "dtype", "device", "offline"]),
 ])

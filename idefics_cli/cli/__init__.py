@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from . import ask, chat, crops, doctor, pull, quantize, serve, transcribe
+from . import ask, chat, crops, doctor, mcp, pull, quantize, serve, transcribe
 from .options import Command
 
 app = typer.Typer(
@@ -32,6 +32,7 @@ app.command(cls=Command, epilog=doctor.EPILOG)(doctor.doctor)
 app.command(cls=Command, epilog=pull.EPILOG)(pull.pull)
 app.command(cls=Command, epilog=quantize.EPILOG)(quantize.quantize)
 app.command(cls=Command, epilog=serve.EPILOG)(serve.serve)
+app.command(cls=Command, epilog=mcp.EPILOG)(mcp.mcp)
 
 
 def _version(value: bool) -> None:

@@ -3,7 +3,7 @@
 Contract: parsing and printing over the library's `doctor.diagnose` (which states the checks): library
 versions, CUDA and each GPU's free memory, a real bitsandbytes 4-bit matmul on the chosen device, whether the
 model is a complete local folder or in the HF cache (which commit), a memory estimate for model x
-quantization x split, and which optional features (extras: ray, serve) are installed. The report
+quantization x split, and which optional features (extras: ray, serve, mcp) are installed. The report
 goes to stdout (one JSON object with `--json`, schema `idefics-cli.doctor/1`). Exit 0 when the setup can
 run: 4-bit works on the device (for `--quant 4bit`), the model is available locally and, on a GPU, the
 estimate fits in free memory; else exit 5 with a one-line reason on stderr. A hub model that is not cached

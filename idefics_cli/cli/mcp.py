@@ -1,0 +1,68 @@
+"""`idefics mcp --root DIR...`: a Model Context Protocol server over stdio, for agent hosts (idefics_cli/mcp/).
+
+Contract: takes one or more `--root` folders (the only places documents are read from: a missing one is a usage
+error, exit 2), the model options of the other commands, or `--server URL` to answer with a running `idefics
+serve`. The model starts loading at once, through the library (`idefics_cli.load` / `connect`), while the
+protocol is already served; stdout carries the protocol only, everything else goes to stderr. It exits 0 when
+the host closes stdin; SIGTERM and Ctrl-C end it at once. The `mcp` package is imported only when the command
+runs; without it, a usage error naming the extra to install.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import options as o
+
+EPILOG = """Examples:
+
+\b
+  idefics mcp --root ~/Documents                     # an MCP host starts this; the tools read under ~/Documents
+  idefics mcp --root ~/scans --root ~/invoices --quant 8bit
+  idefics mcp --root ~/Documents --server http://127.0.0.1:8000   # answer with a running idefics serve
+"""
+
+
+@o.model_params(o.ANSWER_TOKENS)
+def mcp(
+    root: Annotated[list[Path], typer.Option("--root", metavar="DIR", show_default=False,
+                                             help="A folder the tools may read documents from (repeatable).")],
+    opts: o.ModelOptions = None,
+    server: o.Server = None,
+    api_key: o.ApiKey = None,
+) -> None:
+    """Serve ask_document, transcribe_document and list_pages to an MCP host (Claude Desktop, ...) over stdio."""
+    o.run_and_exit(lambda: _mcp(root, opts, server, api_key))
+
+
+def _mcp(roots, opts, server, api_key) -> int:
+    import signal
+    from dataclasses import asdict
+
+    from ..errors import UsageError
+
+    missing = [str(r) for r in roots if not r.is_dir()]
+    if missing:
+        raise UsageError(f"--root {missing[0]} is not a folder", "give folders that exist")
+    try:
+        from ..mcp.server import serve
+    except ImportError as exc:
+        raise UsageError(f"`idefics mcp` needs the mcp extra ({exc.name} is missing)",
+                         "pip install 'idefics-cli[mcp]'") from None
+
+    def loader():
+        import idefics_cli
+
+        if server:
+            return idefics_cli.connect(server, api_key=api_key, max_new_tokens=opts.max_new_tokens)
+        return idefics_cli.load(**asdict(opts))
+
+    # SIGTERM and Ctrl-C end the process at once: a thread blocked reading stdin would otherwise hold it open
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    return serve([str(r) for r in roots], loader, lambda line: print(f"idefics mcp: {line}", file=sys.stderr,
+                                                                        flush=True))

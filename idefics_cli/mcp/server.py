@@ -1,0 +1,135 @@
+"""The MCP server of `idefics mcp`: three tools over stdio, reading only files under the given roots.
+
+Contract: `build(roots, loader)` returns an `mcp` `MCPServer` with the tools `list_pages(path)`,
+`ask_document(path, question, pages=None, schema=None)` (the `idefics ask --json` object) and
+`transcribe_document(path, pages=None)` (the page records of `idefics transcribe`). A path (relative ones are
+looked up in each root in turn) is read only when it resolves, symlinks followed, to a file under a root; any
+other is a tool error `permission_denied` naming that rule. An `IdeficsError` is a tool error `error [CODE]:
+message (hint)`. `loader()` returns the library `Model`; it runs once, in a thread started by `build`, so the
+protocol answers at once; the model tools wait for it and answer one at a time. `serve(roots, loader, log)`
+runs it over stdio until the host closes stdin: stdout carries the protocol only (the mcp package points fd 1
+at stderr while it serves), and `log` lines go to stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+
+from ..errors import IdeficsError, classify
+
+INSTRUCTIONS = ("Read local PDFs and images (scans, invoices, reports, photos of pages) with a vision-language "
+                "model running on this machine. Paths must be under the folders the user shared.")
+
+
+class Loading:
+    """The model, loading in a thread from the start; `get()` waits for it (or raises the load's error)."""
+
+    def __init__(self, loader, log):
+        self.model = self.error = None
+        self.loaded = threading.Event()
+        self.lock = threading.Lock()  # one answer at a time: the engine is not shared between threads
+        threading.Thread(target=self._load, args=(loader, log), name="idefics-load", daemon=True).start()
+
+    def _load(self, loader, log) -> None:
+        try:
+            self.model = loader()
+            log("model ready")
+        except BaseException as exc:  # noqa: BLE001 - every model tool reports it
+            self.error = classify(exc, stage="load")
+            log(self.error.one_line())
+        finally:
+            self.loaded.set()
+
+    def get(self):
+        self.loaded.wait()
+        if self.error is not None:
+            raise self.error
+        return self.model
+
+
+def resolve(roots: list[str], path: str) -> str:
+    """The real path of `path` when it is a file under one of `roots` (symlinks resolved), else a ToolError."""
+    candidates = [path] if os.path.isabs(path) else [os.path.join(root, path) for root in roots]
+    real = next((r for r in map(os.path.realpath, candidates) if os.path.exists(r)),
+                os.path.realpath(candidates[0]))
+    if not any(os.path.commonpath([real, root]) == root for root in roots):
+        raise ToolError(f"error [permission_denied]: {path}: only files under the --root folders may be read "
+                        f"({', '.join(roots)}), symlinks resolved")
+    if os.path.isdir(real):
+        raise ToolError(f"error [usage]: {path} is a folder: give a document (list its files with your own tools)")
+    return real
+
+
+def build(roots: list[str], loader, log=lambda line: None) -> MCPServer:
+    roots = [os.path.realpath(r) for r in roots]
+    model = Loading(loader, log)  # from now on
+    server = MCPServer("idefics", instructions=INSTRUCTIONS, log_level="WARNING")
+
+    def answering(work):
+        try:
+            with model.lock:
+                return work(model.get())
+        except Exception as exc:  # noqa: BLE001 - a tool error with its code (generation_error when unknown)
+            raise ToolError(classify(exc).one_line()) from None
+
+    @server.tool(structured_output=True)
+    def list_pages(path: str) -> dict[str, Any]:
+        """How many pages a document has (PDF, image, TIFF, EPUB, ...) and its format, without the model."""
+        from ..documents import open_document
+
+        real = resolve(roots, path)
+        try:
+            doc = open_document(real)
+        except IdeficsError as err:
+            raise ToolError(err.one_line()) from None
+        try:
+            return {"path": real, "format": doc.kind, "pages": doc.page_count}
+        finally:
+            doc.close()
+
+    @server.tool(structured_output=True)
+    def ask_document(path: str, question: str, pages: str | None = None,
+                     schema: str | dict | None = None) -> dict[str, Any]:
+        """Ask a question about a document's pages; returns the answer object (`answer`, `sources`, `usage`).
+
+        pages: 1-based page spec such as "1-3,7" (default every page). schema: a JSON Schema (object or JSON
+        text) or fields such as "vendor, total float, paid bool": the answer is JSON valid against it, in `data`.
+        """
+        real = resolve(roots, path)
+
+        def ask(m):
+            response = m.ask(real, question, pages=pages, schema=schema)
+            _ = response.text  # the whole answer
+            return response.to_dict()
+
+        return answering(ask)
+
+    @server.tool(structured_output=True)
+    def transcribe_document(path: str, pages: str | None = None) -> dict[str, Any]:
+        """Transcribe a document's pages to Markdown; returns one record per page (`text`, `status`, `page`).
+
+        pages: 1-based page spec such as "1-3,7" (default every page).
+        """
+        real = resolve(roots, path)
+
+        def transcribe(m):
+            run = m.transcribe([real], pages=pages)
+            records = [record.to_dict() for record in run]
+            if not records and run.errors:
+                raise run.errors[0]
+            return {"records": records}
+
+        return answering(transcribe)
+
+    return server
+
+
+def serve(roots: list[str], loader, log=lambda line: None) -> int:
+    log(f"serving {', '.join(roots)} over stdio; loading the model…")
+    build(roots, loader, log).run("stdio")
+    return 0

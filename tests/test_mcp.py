@@ -1,0 +1,176 @@
+"""`idefics mcp` driven by the mcp package's own stdio client: one real subprocess for the module.
+
+The server reads under two roots (the bundled samples/ and a temporary folder holding a symlink that points out of
+both); every call of the module goes through one session (`session` runs them all, the tests read the results).
+Answers are compared with the library's on the same tiny model and options (the session's `engine`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import sys
+
+import pytest
+
+mcp = pytest.importorskip("mcp")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLES = os.path.join(ROOT, "samples")
+QUESTION = "What is the total amount due?"
+FLAGS = ["--quant", "none", "--device", "cpu", "--max-new-tokens", "8"]  # the `engine` fixture's options
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    shared, outside = tmp_path_factory.mktemp("mcp-root"), tmp_path_factory.mktemp("mcp-outside")
+    shutil.copy(os.path.join(SAMPLES, "invoice.pdf"), outside / "secret.pdf")
+    os.symlink(outside / "secret.pdf", shared / "link.pdf")  # inside the root, pointing out of it
+    return {"root": str(shared), "outside": str(outside / "secret.pdf"), "stderr": str(outside / "stderr.txt")}
+
+
+@pytest.fixture(scope="module")
+def session(tiny_model, folders):
+    """Start `idefics mcp`, make every call of the module, and return the results by name."""
+    from mcp import ClientSession, StdioServerParameters, stdio_client
+
+    params = StdioServerParameters(command=sys.executable, args=[
+        "-m", "idefics_cli", "mcp", "--root", SAMPLES, "--root", folders["root"], "--model", tiny_model, *FLAGS],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT)
+    invoice, receipt = os.path.join(SAMPLES, "invoice.pdf"), os.path.join(SAMPLES, "receipt.jpg")
+    calls = {
+        "pages": ("list_pages", {"path": os.path.join(SAMPLES, "report.pdf")}),
+        "relative": ("list_pages", {"path": "invoice.pdf"}),  # looked up in the roots
+        "ask": ("ask_document", {"path": invoice, "question": QUESTION, "pages": "1"}),
+        "schema": ("ask_document", {"path": receipt, "question": "Who?", "schema": {"type": "object", "properties": {
+            "merchant": {"type": "string"}}, "required": ["merchant"]}}),
+        "transcribe": ("transcribe_document", {"path": receipt}),
+        "outside": ("list_pages", {"path": folders["outside"]}),
+        "outside_ask": ("ask_document", {"path": folders["outside"], "question": QUESTION}),
+        "dotdot": ("transcribe_document", {"path": os.path.join(SAMPLES, "..", "pyproject.toml")}),
+        "symlink": ("ask_document", {"path": os.path.join(folders["root"], "link.pdf"), "question": QUESTION}),
+        "missing": ("list_pages", {"path": os.path.join(SAMPLES, "nothing.pdf")}),
+        "bad_pages": ("ask_document", {"path": invoice, "question": QUESTION, "pages": "9"}),
+    }
+
+    async def run():
+        async with stdio_client(params, errlog=errlog) as (read, write), ClientSession(read, write) as client:
+            await client.initialize()
+            out = {"tools": (await client.list_tools()).tools}
+            for name, (tool, args) in calls.items():
+                out[name] = await client.call_tool(tool, args)
+            return out
+
+    with open(folders["stderr"], "w") as errlog:  # the server's stderr: its own lines, the libraries' logs
+        return asyncio.run(asyncio.wait_for(run(), 600))
+
+
+def value(result) -> dict:
+    assert not result.is_error, result.content
+    text = json.loads(result.content[0].text)
+    assert result.structured_content in (text, {"result": text})
+    return text
+
+
+def refusal(result) -> str:
+    """The tool error's own line (the mcp package puts "Error executing tool NAME: " before it)."""
+    assert result.is_error
+    return result.content[0].text.partition(": ")[2]
+
+
+def test_stdout_is_the_protocol_and_the_rest_goes_to_stderr(session, folders):
+    with open(folders["stderr"]) as f:
+        lines = f.read().splitlines()
+    assert lines[0].startswith("idefics mcp: serving ") and "idefics mcp: model ready" in lines, lines
+
+
+def test_the_three_tools_are_listed_with_their_arguments(session):
+    tools = {t.name: t for t in session["tools"]}
+    assert set(tools) == {"ask_document", "transcribe_document", "list_pages"}
+    assert tools["ask_document"].input_schema["required"] == ["path", "question"]
+    assert set(tools["ask_document"].input_schema["properties"]) == {"path", "question", "pages", "schema"}
+    assert set(tools["transcribe_document"].input_schema["properties"]) == {"path", "pages"}
+    assert all(t.description for t in tools.values())
+
+
+def test_list_pages(session):
+    from idefics_cli.documents import open_document
+
+    path = os.path.join(SAMPLES, "report.pdf")
+    doc = open_document(path)
+    assert value(session["pages"]) == {"path": path, "format": "pdf", "pages": doc.page_count} and doc.page_count > 1
+    doc.close()
+    assert value(session["relative"])["path"] == os.path.join(SAMPLES, "invoice.pdf")
+
+
+def test_ask_and_transcribe_answer_as_the_library_does(session, engine):
+    from idefics_cli import Model
+
+    model = Model(engine)
+    local = model.ask(os.path.join(SAMPLES, "invoice.pdf"), QUESTION, pages="1")
+    answer = value(session["ask"])
+    assert answer["schema"] == "idefics-cli.answer/1" and answer["question"] == QUESTION
+    assert answer["answer"] == local.text and answer["usage"] == local.usage
+    assert answer["sources"] == [{"path": os.path.join(SAMPLES, "invoice.pdf"), "pages": [1]}]
+
+    structured = value(session["schema"])
+    assert structured["schema_sha256"] and "data" in structured  # the schema reached the model
+
+    records = value(session["transcribe"])["records"]
+    local_records = [r.to_dict() for r in model.transcribe([os.path.join(SAMPLES, "receipt.jpg")])]
+    assert [r["status"] for r in records] == ["ok"] and records[0]["page"] == 1
+    assert [r["text"] for r in records] == [r["text"] for r in local_records]
+
+
+def test_paths_outside_the_roots_are_refused(session, folders):
+    for name in ("outside", "outside_ask", "dotdot", "symlink"):
+        message = refusal(session[name])
+        assert message.startswith("error [permission_denied]") and "only files under the --root folders" in message
+        assert "symlinks resolved" in message, message
+
+
+def test_document_errors_are_tool_errors_with_their_codes(session):
+    assert refusal(session["missing"]).startswith("error [not_found]")
+    assert refusal(session["bad_pages"]).startswith("error [page_out_of_range]")
+
+
+def test_without_the_extra_a_one_line_usage_error(tmp_path):
+    import subprocess
+
+    code = ("import sys\n"  # a finder that finds no mcp, as when it is not installed
+            "class NoMcp:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'mcp':\n"
+            "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+            "sys.meta_path.insert(0, NoMcp())\n"
+            "from idefics_cli.cli import app\n"
+            "app(sys.argv[1:])\n")
+    run = subprocess.run([sys.executable, "-c", code, "mcp", "--root", str(tmp_path)], capture_output=True,
+                         text=True, timeout=120, stdin=subprocess.DEVNULL, cwd=ROOT)
+    assert (run.returncode, run.stdout) == (2, "")
+    assert run.stderr == ("error [usage]: `idefics mcp` needs the mcp extra (mcp is missing) "
+                          "(pip install 'idefics-cli[mcp]')\n")
+    run = subprocess.run([sys.executable, "-m", "idefics_cli", "mcp", "--root", str(tmp_path / "nope")],
+                         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, cwd=ROOT)
+    assert run.returncode == 2 and run.stdout == "" and "is not a folder" in run.stderr
+
+
+def test_a_model_that_cannot_load_is_each_model_tools_error(tmp_path):
+    from mcp import ClientSession, StdioServerParameters, stdio_client
+
+    params = StdioServerParameters(command=sys.executable, args=[
+        "-m", "idefics_cli", "mcp", "--root", SAMPLES, "--model", str(tmp_path / "no-model"), "--offline"],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT)
+
+    async def run():
+        async with stdio_client(params, errlog=errlog) as (read, write), ClientSession(read, write) as client:
+            await client.initialize()
+            ask = await client.call_tool("ask_document", {"path": "invoice.pdf", "question": QUESTION})
+            return ask, await client.call_tool("list_pages", {"path": "invoice.pdf"})
+
+    with open(os.devnull, "w") as errlog:
+        ask, pages = asyncio.run(asyncio.wait_for(run(), 120))
+    assert refusal(ask).startswith("error [model_error]") and "no-model" in refusal(ask)
+    assert value(pages)["pages"] >= 1  # documents are still listed
