@@ -54,12 +54,12 @@ def _mcp(roots, opts, server, api_key) -> int:
         raise UsageError(f"`idefics mcp` needs the mcp extra ({exc.name} is missing)",
                          "pip install 'idefics-cli[mcp]'") from None
 
-    def loader():
-        import idefics_cli
+    def loader():  # the library's Model: loaded here, or a running server's
+        from .. import connect, load
 
         if server:
-            return idefics_cli.connect(server, api_key=api_key, max_new_tokens=opts.max_new_tokens)
-        return idefics_cli.load(**asdict(opts))
+            return connect(server, api_key=api_key, max_new_tokens=opts.max_new_tokens)
+        return load(**asdict(opts))
 
     # SIGTERM and Ctrl-C end the process at once: a thread blocked reading stdin would otherwise hold it open
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
