@@ -20,36 +20,11 @@ from typing import Any
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
+from ..ahead import in_thread
 from ..errors import IdeficsError, classify
 
 INSTRUCTIONS = ("Read local PDFs and images (scans, invoices, reports, photos of pages) with a vision-language "
                 "model running on this machine. Paths must be under the folders the user shared.")
-
-
-class Loading:
-    """The model, loading in a thread from the start; `get()` waits for it (or raises the load's error)."""
-
-    def __init__(self, loader, log):
-        self.model = self.error = None
-        self.loaded = threading.Event()
-        self.lock = threading.Lock()  # one answer at a time: the engine is not shared between threads
-        threading.Thread(target=self._load, args=(loader, log), name="idefics-load", daemon=True).start()
-
-    def _load(self, loader, log) -> None:
-        try:
-            self.model = loader()
-            log("model ready")
-        except BaseException as exc:  # noqa: BLE001 - every model tool reports it
-            self.error = classify(exc, stage="load")
-            log(self.error.one_line())
-        finally:
-            self.loaded.set()
-
-    def get(self):
-        self.loaded.wait()
-        if self.error is not None:
-            raise self.error
-        return self.model
 
 
 def resolve(roots: list[str], path: str) -> str:
@@ -67,13 +42,14 @@ def resolve(roots: list[str], path: str) -> str:
 
 def build(roots: list[str], loader, log=lambda line: None) -> MCPServer:
     roots = [os.path.realpath(r) for r in roots]
-    model = Loading(loader, log)  # from now on
+    model = in_thread(lambda: _load(loader, log), "idefics-load")  # from now on: the model's Future
+    lock = threading.Lock()  # one answer at a time: the engine is not shared between threads
     server = MCPServer("idefics", instructions=INSTRUCTIONS, log_level="WARNING")
 
     def answering(work):
         try:
-            with model.lock:
-                return work(model.get())
+            with lock:
+                return work(model.result())
         except Exception as exc:  # noqa: BLE001 - a tool error with its code (generation_error when unknown)
             raise ToolError(classify(exc).one_line()) from None
 
@@ -127,6 +103,17 @@ def build(roots: list[str], loader, log=lambda line: None) -> MCPServer:
         return answering(transcribe)
 
     return server
+
+
+def _load(loader, log):
+    try:
+        model = loader()
+    except BaseException as exc:  # noqa: BLE001 - every model tool reports it
+        error = classify(exc, stage="load")
+        log(error.one_line())
+        raise error from None
+    log("model ready")
+    return model
 
 
 def serve(roots: list[str], loader, log=lambda line: None) -> int:
