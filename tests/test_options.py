@@ -33,7 +33,7 @@ def test_usage_line_names_the_arguments_as_written(command, usage):
 
 def test_engine_lists_its_choices_and_prompt_shows_its_default():
     text = " ".join(_help("transcribe").split())
-    assert "--engine <local|ray>" in text
+    assert re.search(r"--engine [<\[]local\|ray[>\]]", text), text  # typer's versions bracket choices differently
     assert " ".join(TRANSCRIBE_PROMPT.split()) in text
     assert "--pages SPEC" in text and "--max-new-tokens N" in text
 

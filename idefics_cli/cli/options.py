@@ -55,7 +55,7 @@ class Command(TyperCommand):
         args, opts = [], []
         for param in self.get_params(ctx):
             if param.param_type_name == "option" and not (param.is_flag or param.count) and param.metavar is None \
-                    and not param.type_descriptor.is_choice:
+                    and not _is_choice(param):
                 param.metavar = param.name.upper()
             record = param.get_help_record(ctx)
             if record is None:
@@ -68,6 +68,13 @@ class Command(TyperCommand):
             if rows:
                 with formatter.section(title):
                     formatter.write_dl(rows)
+
+
+def _is_choice(param) -> bool:
+    """An option whose values are listed (an enum), as typer's versions describe it (a type descriptor, or a
+    click-style Choice type with `choices`)."""
+    described = getattr(param, "type_descriptor", None)
+    return described.is_choice if described is not None else getattr(param.type, "choices", None) is not None
 
 
 def _argument_name(param) -> str:
