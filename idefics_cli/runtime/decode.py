@@ -8,8 +8,8 @@ Contract:
 - `Loop(engine)`: `add(rows)` prefills rows (runtime/prefill.py) and takes their first tokens; `step()` advances
   every running row by one token in one forward pass; rows that end or are cancelled leave before the next step.
   An exception in a forward pass fails the rows in it; one in a row's own work fails that row alone.
-- `stream(loop, row)` yields one row's text pieces; `run_rows(loop, rows, width)` keeps up to `width` rows
-  running, taking the next of `rows` as places free, and yields each row as it ends.
+- `stream(loop, row)` yields one row's text pieces; `run_rows(loop, rows, width)` keeps up to `width` rows running,
+  taking the next of `rows` as places free, and yields each row as it ends.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Contract:
 - `Scheduler(engine, cache, max_batch, max_queue, ahead)`; `start()` runs the worker and the pixel thread (pixels.py:
-  a queued job's pixels and prefix key made ahead, in queue order); `stop(cancel)` ends both (`cancel`: every job
-  ends as `cancelled`). `submit(job)` queues a `Job` or raises `QueueFull`.
+  a queued job's pixels and prefix key are made ahead, in queue order); `stop(cancel)` ends both (with `cancel`,
+  every waiting and running job ends as `cancelled`). `submit(job)` queues a `Job` or raises `QueueFull`.
 - Whenever rows are free (up to `max_batch`), the worker admits waiting jobs into the one decode loop: a job whose
   image prefix is in the `PrefixCache` is prefilled from it, else its images are encoded and its prefix stored.
 - A `Job` is a decode-loop row that reports through `events` (an asyncio queue on the caller's loop): ("start",

@@ -37,28 +37,23 @@ def fields(text: str, logprobs: list[float], ends: list[int]):
         lo, hi = bisect_right(reach, span[0]), bisect_left(starts, span[1])
         return round(math.exp(min(logprobs[lo:hi])), DIGITS) if hi > lo else None
 
-    return _mirror(spans(text), leaf)
+    value = spans(text)
+    return None if value is None else _walk(value, leaf)
 
 
 def lowest(value) -> float | None:
-    leaves = [v for v in _leaves(value) if v is not None]
-    return min(leaves) if leaves else None
+    found: list[float] = []
+    _walk(value, lambda leaf: found.append(leaf) if leaf is not None else None)
+    return min(found, default=None)
 
 
-def _leaves(value):
-    if isinstance(value, (dict, list)):
-        for item in value.values() if isinstance(value, dict) else value:
-            yield from _leaves(item)
-    else:
-        yield value
-
-
-def _mirror(value, leaf):
+def _walk(value, leaf):
+    """`value` with `leaf(x)` in place of each leaf x (objects and arrays kept)."""
     if isinstance(value, dict):
-        return {k: _mirror(v, leaf) for k, v in value.items()}
+        return {k: _walk(v, leaf) for k, v in value.items()}
     if isinstance(value, list):
-        return [_mirror(v, leaf) for v in value]
-    return leaf(value) if value is not None else None
+        return [_walk(v, leaf) for v in value]
+    return leaf(value)
 
 
 # ---- a JSON scanner that keeps each leaf's span (the standard library's gives none) -------------------------
