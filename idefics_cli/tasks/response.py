@@ -128,7 +128,7 @@ class Response:
         """With a schema and `.data`: `data`'s shape with each leaf's lowest token probability; else None."""
         from .confidence import fields
 
-        if self.data is None:
+        if self.data is None or self._generation is None:
             return None
         return fields(self.text, self._generation.logprobs, self._generation.ends)
 
