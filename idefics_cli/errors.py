@@ -54,6 +54,7 @@ WARNINGS = {
     "repaired": "the file is damaged and was repaired to be read: pages may be missing or wrong",
     "downscaled": "the page is too large for the pixel budget and was rendered smaller than asked",
     "first_frame_only": "the image is animated: only its first frame is read",
+    "low_confidence": "the model was unsure of part of this answer (under --min-confidence): check it by hand",
 }
 
 

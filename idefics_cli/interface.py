@@ -40,6 +40,8 @@ class Generation:
     total_s: float = 0.0
     token_ids: list[int] = field(default_factory=list)
     prompt_usage: dict = field(default_factory=dict)  # {"prompt_tokens", "image_tokens"}
+    logprobs: list[float] = field(default_factory=list)  # each token's (runtime/decode.py); [] when unknown
+    ends: list[int] = field(default_factory=list)  # where each token's part of `text` ends (Row.token_ends)
 
 
 @runtime_checkable

@@ -58,7 +58,7 @@ class Model:
         """Transcribe files, folders or globs as `idefics transcribe` does; iterate for each `PageRecord`.
 
         `request_fields` are `TranscribeRequest`'s (prompt, pages, dpi, password, batch_size, force, shard,
-        schema); the model options are this engine's. `summary` and `exit_status` are known afterwards.
+        schema, min_confidence); the model options are this engine's. `summary` and `exit_status` afterwards.
         """
         from .tasks.transcription import TranscribeRequest, Transcription
 

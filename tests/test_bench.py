@@ -18,7 +18,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"help": False, "ask": True, "transcribe": True, "memory": True, "shapes": True, "pages": True,
            "decompose": True, "gpu": False, "schema": True, "schema_engines": False,
-           "serve": True, "continuous": True}  # name -> takes --model
+           "serve": True, "continuous": True, "confidence": True}  # name -> takes --model
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +155,12 @@ def test_continuous_smoke(smoke):
     assert re.search(r"\| fixed batches of 8\s*\| [\d.]+ s\s*\| [\d.]+ pages/s", out)
     assert re.search(r"\| continuous\s*\| [\d.]+ s\s*\| [\d.]+ pages/s", out)
     assert re.search(r"^P13 [\d.]+x$", out.strip().splitlines()[-1])
+
+
+def test_confidence_smoke(smoke):
+    out = finished(smoke, "confidence")
+    assert re.search(r"\| 2\s*\| [\d.]+ tok/s\s*\| [\d.]+ tok/s\s*\| [\d.]+x", out)
+    assert re.search(r"^P16 [\d.]+x$", out.strip().splitlines()[-1])
 
 
 def test_schema_engines_smoke(smoke):

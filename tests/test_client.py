@@ -113,6 +113,7 @@ def test_ask_json_over_the_server_equals_the_local_run(server, local, docs):
     got, want = json.loads(res.stdout), json.loads(local["json"].stdout)
     assert untimed(got) == untimed(want)  # answer, finish reason, sources, split, model, usage, warnings
     assert got["usage"]["image_tokens"] > 0 and got["sources"] == [{"path": docs["pdf"], "pages": [1, 2]}]
+    assert 0 < got["confidence"]["min_prob"] <= 1  # from the server's logprobs, equal to the local run's
     assert set(got["timing"]) == set(want["timing"])
 
 
@@ -161,6 +162,7 @@ def test_ask_schema_over_the_server_equals_the_local_run(server, local, docs):
     got, want = json.loads(res.stdout), json.loads(local["schema_json"].stdout)
     assert untimed(got) == untimed(want)
     assert isinstance(got["data"], dict) and isinstance(got["data"]["paid"], bool) and got["schema_sha256"]
+    assert set(got["field_confidence"]) == {"paid"} and 0 < got["field_confidence"]["paid"] <= 1
     res = client(server, "ask", docs["png"], QUESTION, "--schema", SCHEMA, *SCHEMA_TOKENS)
     assert (res.returncode, res.stdout) == (0, local["schema_text"].stdout)
     assert isinstance(json.loads(res.stdout)["paid"], bool)

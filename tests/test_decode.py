@@ -70,6 +70,8 @@ def test_a_stop_string_across_tokens_cuts_the_answer_and_is_never_streamed(sharp
     streamed = list(stream(Loop(sharp_engine), row))
     assert row.finish_reason == "stop" and row.text == full.text[:full.text.find(stop)]
     assert "".join(streamed) == row.text and all(stop not in p for p in streamed)
+    ends = row.token_ends()  # the tokens that wrote the stop string (and those after it) write nothing
+    assert len(ends) == len(row.logprobs) == len(row.token_ids) and ends == sorted(ends) and ends[-1] == len(row.text)
 
 
 def _forcing(ids: list[int]):
@@ -95,6 +97,8 @@ def test_an_unfinished_character_is_held_back(sharp_engine, prompts):
     streamed = list(stream(Loop(sharp_engine), row))
     assert row.token_ids == euro * 2 and row.text == "€€"
     assert streamed == ["€", "€"]  # never a replacement character for the first two bytes
+    assert row.token_ends() == [0, 0, 1, 1, 1, 2]  # a character is written by the token that completes it
+    assert row.logprobs == [0.0] * 6  # the processor left one token: probability 1
 
 
 def test_each_row_keeps_its_own_grammar(sharp_engine, prompts):

@@ -173,6 +173,35 @@ def test_answers_equal_ask_json_streamed_or_not(server, reference, docs):
     assert usage.prompt_tokens_details.cached_tokens > 0  # the same page as the call before
 
 
+def test_logprobs_streamed_or_not_are_the_local_answers_tokens(server, reference, docs):
+    """OpenAI's logprobs shape; each token's text follows the one before it, so they make the local confidence."""
+    from idefics_cli.tasks.confidence import summary
+
+    ref = reference["page"]
+    client = server.client()
+    messages = [image_message(data_url(docs["image"]), QUESTION)]
+    done = client.chat.completions.create(model="x", messages=messages, logprobs=True, top_logprobs=2)
+    content = done.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == ref["answer"] == done.choices[0].message.content
+    assert len(content) == ref["usage"]["completion_tokens"]
+    assert all(t.bytes == list(t.token.encode()) and len(t.top_logprobs) == 2 for t in content)
+    for t in content:  # greedy: the chosen token is the likeliest
+        assert t.top_logprobs[0].logprob == t.logprob >= t.top_logprobs[1].logprob
+        assert t.top_logprobs[0].bytes == list(t.top_logprobs[0].token.encode())
+    ends = [len("".join(t.token for t in content[:j + 1])) for j in range(len(content))]
+    assert summary([t.logprob for t in content], ends) == ref["confidence"]
+
+    streamed = []
+    for chunk in client.chat.completions.create(model="x", messages=messages, logprobs=True, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            streamed += chunk.choices[0].logprobs.content
+    assert [(t.token, t.logprob, t.top_logprobs) for t in streamed] == [(t.token, t.logprob, []) for t in content]
+    assert client.chat.completions.create(model="x", messages=messages).choices[0].logprobs is None
+    for bad in ({"logprobs": True, "top_logprobs": 21}, {"top_logprobs": 2}, {"logprobs": "yes"}):
+        with pytest.raises(openai.BadRequestError, match="logprobs"):
+            client.chat.completions.create(model="x", messages=messages, **bad)
+
+
 def test_pdf_pages_then_a_second_question_hits_the_cache(server, reference, docs):
     """A PDF file part with a page selection; the follow-up over the same pages reuses their cached prefix."""
     client = server.client()

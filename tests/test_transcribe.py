@@ -26,8 +26,8 @@ from idefics_cli.tasks.writers import OutputLock
 # CPU float32 everywhere (as the `engine` fixture), so answers are exactly reproducible on any machine;
 # tests add --no-split where image splitting is beside the point
 FAST = ["--device", "cpu", "--quant", "none", "--max-new-tokens", "6", "--dpi", "72"]
-PAGE_FIELDS = {"schema", "path", "page", "pages", "status", "text", "error", "finish_reason", "warnings", "sha256",
-               "settings", "usage", "timing"}
+PAGE_FIELDS = {"schema", "path", "page", "pages", "status", "text", "error", "finish_reason", "confidence",
+               "warnings", "sha256", "settings", "usage", "timing"}
 
 
 def model_args(model_dir: str, *extra: str) -> list[str]:

@@ -55,6 +55,9 @@ def transcribe(
                                                          "local Ray).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
     schema: o.SchemaOpt = None,
+    min_confidence: Annotated[float | None, typer.Option(
+        "--min-confidence", help="Warn low_confidence on pages whose lowest field (or, without --schema, token) "
+                                 "probability is under this.")] = None,
     pages: o.Pages = None,
     dpi: o.Dpi = None,
     password: o.Password = None,
@@ -69,11 +72,11 @@ def transcribe(
     one_malloc_arena()  # before any thread starts: flat peak memory over long runs
     output = Output(quiet=quiet)
     o.run_and_exit(lambda: _transcribe(output, paths, out, prompt, batch_size, force, shard, engine, pages,
-                   dpi, password, opts, ray_address, schema, server, api_key), output)
+                   dpi, password, opts, ray_address, schema, server, api_key, min_confidence), output)
 
 
 def _transcribe(output, paths, out, prompt, batch_size, force, shard, engine_name, pages, dpi, password, opts,
-                ray_address=None, schema=None, server=None, api_key=None):
+                ray_address=None, schema=None, server=None, api_key=None, min_confidence=None):
     from ..tasks.transcription import TranscribeRequest, Transcription
 
     engine = None
@@ -86,5 +89,5 @@ def _transcribe(output, paths, out, prompt, batch_size, force, shard, engine_nam
         opts = engine.options
     request = TranscribeRequest(tuple(paths), out, opts, prompt=prompt, pages=pages, dpi=dpi, password=password,
                                 batch_size=batch_size, force=force, shard=shard, engine=engine_name,
-                                ray_address=ray_address, schema=schema)
+                                ray_address=ray_address, schema=schema, min_confidence=min_confidence)
     return Transcription(request, engine=engine, output=output).run()

@@ -1,15 +1,15 @@
 """The client: a running `idefics serve` as an engine (interface.Engine), with no torch in this process.
 
 Contract:
-- `connect(url, api_key=None, max_new_tokens=None)` asks the server for its model (`GET /v1/models`, waiting up
-  to LOAD_WAIT_S while it loads) and returns a `RemoteEngine`; a server that is down, or refuses the key, is a
-  `model_error` naming the URL (transport.py: HTTP and errors).
+- `connect(url, api_key=None, max_new_tokens=None)` asks the server for its model (`GET /v1/models`, waiting up to
+  LOAD_WAIT_S while it loads): a `RemoteEngine`; a server down or refusing the key is a `model_error` (transport.py).
 - `prepare(batch)` turns [(page images, question)] into requests, each page a lossless `data:` URL: PackBits TIFF
   within `tiff_budget` bytes a request, then PNG (`page_data_url`); `chat_inputs` sends a whole conversation.
   `stream_generate`, `generate_batch` and `generate_rows` (up to `width` requests at once) answer them with the
-  server's token counts as `prompt_usage`; a schema travels as `response_format` (json_schema, strict).
-- Errors keep the CLI's codes (the server's error object carries them); an overloaded server (503) is retried
-  after its Retry-After for up to OVERLOAD_WAIT_S; a lost connection is `model_error`.
+  server's token counts as `prompt_usage` and its `logprobs` (asked for) as the Generation's; a schema travels
+  as `response_format` (json_schema, strict). Errors keep the CLI's codes (the server's error object carries
+  them); an overloaded server (503) is retried after its Retry-After for up to OVERLOAD_WAIT_S; a lost connection
+  is `model_error`.
 """
 
 from __future__ import annotations
@@ -149,14 +149,15 @@ class RemoteEngine:
         body = self._body(inputs.rows[0], max_new_tokens, logits_processor, schema, stream=True)
         start = time.perf_counter()
         conn, resp = self.http.send("POST", "/v1/chat/completions", body)
-        pieces, first, finish, usage = [], None, None, None
+        pieces, first, finish, usage, tokens = [], None, None, None, []
         try:
             for event in events(resp):
                 if isinstance(event, dict) and "error" in event:
                     raise self.http.error(500, event)
                 choices, chunk_usage = _chunk(event)
                 usage = chunk_usage or usage
-                for piece, finish_reason in choices:
+                for piece, finish_reason, logprobs in choices:
+                    tokens += logprobs
                     if piece:
                         if first is None:
                             first = time.perf_counter() - start
@@ -175,8 +176,8 @@ class RemoteEngine:
         total = time.perf_counter() - start
         inputs.usage[0] = _prompt_usage(usage)
         return Generation(text="".join(pieces), completion_tokens=usage["completion_tokens"],
-                                finish_reason=finish, first_token_s=total if first is None else first,
-                                total_s=total, prompt_usage=inputs.usage[0])
+                          finish_reason=finish, first_token_s=total if first is None else first,
+                          total_s=total, prompt_usage=inputs.usage[0], **_tokens(tokens))
 
     def generate_batch(self, inputs: RemoteInputs, max_new_tokens: int | None = None, logits_processor=None,
                        schema=None) -> list[Generation]:
@@ -227,11 +228,13 @@ class RemoteEngine:
             text, finish = choice["message"]["content"] or "", choice["finish_reason"]
             if not isinstance(text, str) or not isinstance(finish, str):
                 raise _Malformed
+            tokens = _logprobs(choice)
         except (KeyError, IndexError, TypeError, _Malformed):
             return self._not_completion("an answer")
         inputs.usage[row] = _prompt_usage(usage)
         return Generation(text=text, completion_tokens=usage["completion_tokens"], finish_reason=finish,
-                          first_token_s=None, total_s=time.perf_counter() - start, prompt_usage=inputs.usage[row])
+                          first_token_s=None, total_s=time.perf_counter() - start, prompt_usage=inputs.usage[row],
+                          **_tokens(tokens))
 
     def _not_completion(self, what: str) -> IdeficsError:
         return IdeficsError("model_error", f"the server at {self.url} sent {what} that is not a chat completion",
@@ -242,7 +245,7 @@ class RemoteEngine:
               stream: bool = False) -> bytes:
         if logits_processor:
             raise UsageError("a logits processor cannot run through a server", "run without --server")
-        body = {"model": self.model_id, "messages": messages,
+        body = {"model": self.model_id, "messages": messages, "logprobs": True,
                 "max_tokens": max_new_tokens or self.options.max_new_tokens}
         if schema is not None:
             body["response_format"] = {"type": "json_schema", "json_schema": {"name": "idefics_cli",
@@ -287,8 +290,8 @@ def _usage(usage) -> dict:
     return {**usage, "completion_tokens": usage.get("completion_tokens") or 0}
 
 
-def _chunk(event) -> tuple[list[tuple[str, str | None]], dict | None]:
-    """One streamed chunk's choices as (content, finish_reason), and its checked `usage` (None when absent)."""
+def _chunk(event) -> tuple[list[tuple[str, str | None, list]], dict | None]:
+    """One streamed chunk's choices as (content, finish_reason, logprobs entries), and its checked `usage`."""
     if not isinstance(event, dict) or not isinstance(event.get("choices") or [], list):
         raise _Malformed
     out = []
@@ -299,8 +302,28 @@ def _chunk(event) -> tuple[list[tuple[str, str | None]], dict | None]:
         content, finish = delta.get("content"), choice.get("finish_reason")
         if not (content is None or isinstance(content, str)) or not (finish is None or isinstance(finish, str)):
             raise _Malformed
-        out.append((content or "", finish))
+        out.append((content or "", finish, _logprobs(choice)))
     return out, (_usage(event["usage"]) if event.get("usage") else None)
+
+
+def _logprobs(choice: dict) -> list[tuple[str, float]]:
+    """A choice's `logprobs.content` as (token, logprob); [] when the server sent none."""
+    try:
+        out = [(e["token"], float(e["logprob"])) for e in (choice.get("logprobs") or {}).get("content") or []]
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise _Malformed from None
+    if not all(isinstance(token, str) for token, _ in out):
+        raise _Malformed
+    return out
+
+
+def _tokens(tokens: list[tuple[str, float]]) -> dict:
+    """Generation's `logprobs` and `ends` (each token's text follows the one before it)."""
+    ends, at = [], 0
+    for token, _ in tokens:
+        at += len(token)
+        ends.append(at)
+    return {"logprobs": [lp for _, lp in tokens], "ends": ends}
 
 
 def _prompt_usage(usage: dict) -> dict:

@@ -2,9 +2,9 @@
 
 Contract:
 - `Row` is one answer: its prompt (`ids`, image `features` or a cached `prefix`) and its own state: stop ids, stop
-  strings, UTF-8 holdback, grammar, greedy or sampled, user logits processors, cancel. `text` is the stable answer
-  so far; `finish_reason` is set when it ends (stop, length, cancelled, error); hooks `on_start()`,
-  `on_text(piece)` and `on_end()` follow it.
+  strings, UTF-8 holdback, grammar, greedy or sampled, logits processors, cancel. `text` is the stable answer so
+  far; `finish_reason` is set when it ends (stop, length, cancelled, error); hooks `on_start()`, `on_text(piece)`
+  and `on_end()` follow it. Per token: `logprobs` (masked, at the row's temperature, before top-p), `ends`, `top`.
 - `Loop(engine)`: `add(rows)` prefills rows (runtime/prefill.py) and takes their first tokens; `step()` advances
   every running row by one token in one forward pass; rows that end or are cancelled leave before the next step.
   An exception in a forward pass fails the rows in it; one in a row's own work fails that row alone.
@@ -27,7 +27,8 @@ class Row:
 
     def __init__(self, ids: list[int], features=None, prefix: KV | None = None, *, max_tokens: int,
                  stop: Iterable[str] = (), grammar=None, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None, processors: Iterable[Callable] = (), keep_prefix: int = 0, tag=None):
+                 seed: int | None = None, processors: Iterable[Callable] = (), keep_prefix: int = 0, tag=None,
+                 top_n: int = 0):
         self.ids, self.features, self.prefix = list(ids), features, prefix
         self.max_tokens, self.stop, self.grammar = max_tokens, list(stop), grammar
         self.temperature, self.top_p, self.seed = temperature, top_p, seed
@@ -38,6 +39,9 @@ class Row:
         self.cancelled = threading.Event()
         self.token_ids: list[int] = []
         self.answer_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.ends: list[int] = []
+        self.top_n, self.top = top_n, []
         self.text = ""
         self.finish_reason: str | None = None
         self.error: IdeficsError | None = None
@@ -91,6 +95,7 @@ class Row:
             at = text.find(s)
             if at >= 0:
                 text, ended = text[:at], "stop"
+        self.ends.append(max(len(text.rstrip("\ufffd")), self.ends[-1] if self.ends else 0))
         if ended is None and len(self.token_ids) >= self.max_tokens:
             ended = "length"
         stable = text
@@ -107,9 +112,17 @@ class Row:
         if ended is not None:
             self.finish(ended)
 
+    def token_ends(self) -> list[int]:
+        """Where each token's part of `text` ends (a token's part starts where the one before it ends): a token
+        that ends inside a character, the end token and tokens cut by a stop string add nothing."""
+        n = len(self.text)
+        return [min(e, n) for e in self.ends]
+
 
 class Loop:
     """The running rows of one engine and their key/value batch (see the module contract)."""
+
+    _confidence = True  # off only in bench/confidence.py: the per-token log-probabilities' cost
 
     def __init__(self, engine):
         self.engine = engine
@@ -238,7 +251,31 @@ class Loop:
 
                 mask_rows(logits, grammars)
             failed = dict(out)
-            return [failed[k] if k in failed else _pick(logits[k], row) for k, row in enumerate(rows)]
+            chosen = [failed[k] if k in failed else _pick(logits[k], row) for k, row in enumerate(rows)]
+            if self._confidence:
+                _score(logits, rows, chosen)
+            return chosen
+
+
+def _score(logits, rows: list[Row], chosen: list) -> None:
+    """Each row's chosen token's log-probability (one gather and logsumexp for the batch), and its top_n."""
+    import torch
+
+    ok = [k for k, token in enumerate(chosen) if not isinstance(token, BaseException)]
+    if not ok:
+        return
+    x = logits if len(ok) == len(rows) else logits[ok]
+    scale = [rows[k].temperature or 1.0 for k in ok]
+    if any(t != 1.0 for t in scale):
+        x = x / torch.tensor(scale, device=x.device)[:, None]
+    lse = torch.logsumexp(x, -1)
+    picked = x.gather(1, torch.tensor([chosen[k] for k in ok], device=x.device)[:, None])[:, 0] - lse
+    for j, (k, value) in enumerate(zip(ok, picked.tolist())):
+        row = rows[k]
+        row.logprobs.append(value)
+        if row.top_n:
+            values, ids = torch.topk(x[j], row.top_n)
+            row.top.append(list(zip(ids.tolist(), (values - lse[j]).tolist())))
 
 
 def _pick(logits, row: Row) -> int:

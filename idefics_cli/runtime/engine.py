@@ -221,7 +221,7 @@ class LocalEngine(Preparer):
         return Generation(text=row.text, completion_tokens=len(row.token_ids), token_ids=list(row.token_ids),
                           finish_reason=row.finish_reason, total_s=row.total_s,
                           first_token_s=row.total_s if row.first_token_s is None else row.first_token_s,
-                          prompt_usage=self._count(row.ids))
+                          prompt_usage=self._count(row.ids), logprobs=list(row.logprobs), ends=row.token_ends())
 
     def _count(self, ids: list[int]) -> dict:
         return {"prompt_tokens": len(ids), "image_tokens": sum(1 for t in ids if t == self.image_token_id)}

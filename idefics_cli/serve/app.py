@@ -220,7 +220,8 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
         if error is not None:
             return _from_error(error)
         return JSONResponse({**meta, "object": "chat.completion", "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": job.text}, "logprobs": None,
+            {"index": 0, "message": {"role": "assistant", "content": job.text},
+             "logprobs": _logprobs(job.logprob_content() if req.logprobs else None),
              "finish_reason": _finish(job)}], "usage": _usage(job, image_token)})
 
     async def scrape(request: Request) -> Response:
@@ -274,7 +275,7 @@ def _prepare(state: ServerState, body, loop):
     finally:
         req.close()
     job = Job(ids, req.images, max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-              stop=req.stop, loop=loop, schema=req.schema)
+              stop=req.stop, loop=loop, schema=req.schema, logprobs=req.logprobs, top_logprobs=req.top_logprobs)
     req.images = []
     return req, job
 
@@ -312,6 +313,10 @@ def _usage(job: Job, image_token: int | None = None) -> dict:
             "prompt_tokens_details": details}
 
 
+def _logprobs(content: list | None) -> dict | None:
+    return None if content is None else {"content": content, "refusal": None}
+
+
 def _sse(obj) -> bytes:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
 
@@ -321,18 +326,22 @@ async def _stream(job: Job, req, meta: dict, record: dict, watcher, image_token:
     try:
         yield _sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                           "logprobs": None, "finish_reason": None}]})
+        logprobs = None  # the tokens' entries that come with the next chunk
         while True:
             kind, payload = await job.events.get()
             record["tokens"] = len(job.token_ids)
-            if kind == "delta":
-                yield _sse({**chunk, "choices": [{"index": 0, "delta": {"content": payload}, "logprobs": None,
-                                                  "finish_reason": None}]})
+            if kind == "logprobs":
+                logprobs = payload
+            elif kind == "delta":
+                yield _sse({**chunk, "choices": [{"index": 0, "delta": {"content": payload},
+                                                  "logprobs": _logprobs(logprobs), "finish_reason": None}]})
+                logprobs = None
             elif kind == "error":
                 body = json.loads(_from_error(payload).body)
                 yield _sse(body)
                 break
             elif kind == "done":
-                yield _sse({**chunk, "choices": [{"index": 0, "delta": {}, "logprobs": None,
+                yield _sse({**chunk, "choices": [{"index": 0, "delta": {}, "logprobs": _logprobs(logprobs),
                                                   "finish_reason": _finish(job)}]})
                 if req.include_usage:
                     yield _sse({**chunk, "choices": [], "usage": _usage(job, image_token)})

@@ -8,7 +8,7 @@ Contract:
   tokens up to the last image token (the part whose key/value cache the server keeps, cache.py).
 - `build_pixels(engine, images, stop)`: one prompt's pixels built now (numpy only, so another thread may do it);
   `encode_images(engine, images, vision)`: their features through vision.py, for the decode loop's prefill.
-- `row_grammar`, `tokens_per_image`, `free_memory(device)` (free GPU memory, else available RAM).
+- `row_grammar`, `tokens_per_image`, `free_memory(device)` (free GPU memory, else available RAM), `token_text`.
 torch is imported inside functions only.
 """
 
@@ -46,6 +46,17 @@ def row_grammar(engine, schema):
     from ..structured import row_grammar as make
 
     return make(engine, schema)
+
+
+def token_text(engine, token: int) -> str:
+    """One token's text as it reads after other text (its leading space kept; cached): a top_logprobs entry."""
+    texts = engine.__dict__.setdefault("_token_texts", {})
+    if token not in texts:
+        with engine.text_lock:
+            tokenizer = engine.processor.tokenizer
+            anchor = tokenizer.encode("a", add_special_tokens=False)[-1]
+            texts[token] = tokenizer.decode([anchor, token])[len(tokenizer.decode([anchor])):]
+    return texts[token]
 
 
 def prompt_ids(engine, messages: list[dict]) -> list[int]:

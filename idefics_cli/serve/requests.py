@@ -6,9 +6,10 @@ is rendered yet (`ChatRequest.pages`: the chosen document pages, so a prompt is 
 pixel exists); `render()` decodes them with the CLI's rules (documents.py). Messages: `system`/`developer`,
 `user`, `assistant`; parts `text`, `image_url` and `file` (`data:` only, never a path or a URL; `file.pages`,
 `file.password`), each message's images before its text, as `ask` and `chat` send them. Generation:
-`max_completion_tokens`/`max_tokens`, `temperature`, `top_p`, `seed`, `stop`, `stream`; `n` other than 1 and
-tools are refused. `response_format` (`ChatRequest.schema`): text, `json_object` or `json_schema` (checked as
-`--schema` is). Only a `json_schema` grammar check imports the grammar engine (llguidance, no torch).
+`max_completion_tokens`/`max_tokens`, `temperature`, `top_p`, `seed`, `stop`, `stream`, `logprobs`, `top_logprobs`
+(0-20, with `logprobs`); `n` other than 1 and tools are refused. `response_format` (`ChatRequest.schema`): text,
+`json_object` or `json_schema` (checked as `--schema` is). Only a `json_schema` grammar check imports the grammar
+engine (llguidance, no torch).
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class ChatRequest:
     images: list = field(default_factory=list)  # PIL images, after render()
     warnings: list[str] = field(default_factory=list)
     schema: object = None  # structured.Schema from response_format, or None
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     @property
     def greedy(self) -> bool:
@@ -108,10 +111,17 @@ def parse(body, *, max_images: int | None = None) -> ChatRequest:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise bad("stream_options must be an object", "stream_options")
+    logprobs = body.get("logprobs") or False
+    if not isinstance(logprobs, bool):
+        raise bad("logprobs must be true or false", "logprobs")
+    top = _number(body, "top_logprobs", 0, 20, integer=True) or 0
+    if top and not logprobs:
+        raise bad("top_logprobs needs logprobs: true", "top_logprobs")
     schema = response_format(body.get("response_format"))
     req = ChatRequest(messages=[], max_tokens=max_tokens, temperature=float(temperature),
                       top_p=float(1.0 if top_p is None else top_p), seed=seed, stop=stop, stream=bool(stream),
-                      include_usage=bool(options.get("include_usage")), schema=schema)
+                      include_usage=bool(options.get("include_usage")), schema=schema, logprobs=logprobs,
+                      top_logprobs=top)
     try:
         _messages(body.get("messages"), req, max_images)
     except BaseException:

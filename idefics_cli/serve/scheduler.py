@@ -4,12 +4,12 @@ Contract:
 - `Scheduler(engine, cache, max_batch, max_queue, ahead, on_end)`; `start()` runs the worker and the pixel thread
   (pixels.py: queued jobs' pixels and prefix keys made ahead); `stop(cancel)` ends both (with `cancel`, every job
   ends as `cancelled`). `submit(job)` queues a `Job` or raises `QueueFull`; `on_end(job)` hears each job's end.
-- Whenever rows are free (up to `max_batch`), the worker admits waiting jobs into the one decode loop
-  (runtime/decode.py): a job whose image prefix is in the `PrefixCache` is prefilled from it, else its images
-  are encoded and its prefix stored; then all rows advance one token a step, and rows that end leave at once.
+- Whenever rows are free (up to `max_batch`), the worker admits waiting jobs into the one decode loop: a job whose
+  image prefix is in the `PrefixCache` is prefilled from it, else its images are encoded and its prefix stored.
 - A `Job` is a decode-loop row that reports through `events` (an asyncio queue on the caller's loop): ("start",
-  None) once prefilled, ("delta", text) for each stable piece, then ("done", None) or ("error", IdeficsError).
-- The worker never dies of a job: an exception fails the jobs it touched (`errors.classify`) and it goes on.
+  None) once prefilled, ("delta", text) for each stable piece, then ("done", None) or ("error", IdeficsError);
+  with `logprobs`, ("logprobs", `logprob_content` of the tokens written since) before each delta and "done". The
+  worker never dies of a job: an exception fails the jobs it touched (`errors.classify`) and it goes on.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from bisect import bisect_right
 from collections import deque
 
 from ..runtime.decode import Loop, Row
@@ -36,8 +37,11 @@ class Job(Row):
 
     def __init__(self, ids: list[int], images: list, max_tokens: int, *, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
-                 loop: asyncio.AbstractEventLoop | None = None, schema=None):
-        super().__init__(ids, max_tokens=max_tokens, stop=stop or (), temperature=temperature, top_p=top_p, seed=seed)
+                 loop: asyncio.AbstractEventLoop | None = None, schema=None, logprobs: bool = False,
+                 top_logprobs: int = 0):
+        super().__init__(ids, max_tokens=max_tokens, stop=stop or (), temperature=temperature, top_p=top_p, seed=seed,
+                         top_n=top_logprobs)
+        self.want_logprobs, self._sent = logprobs, 0  # tokens whose logprobs were sent
         self.images = images
         self.schema = schema  # structured.Schema or None; its RowGrammar once admitted
         self.loop = loop
@@ -65,6 +69,7 @@ class Job(Row):
         self._emit("start")
 
     def on_text(self, piece: str) -> None:
+        self._send_logprobs(bisect_right(self.ends, len(self.text)))  # the tokens wholly in the text so far
         self._emit("delta", piece)
 
     def on_end(self) -> None:
@@ -74,7 +79,30 @@ class Job(Row):
             self._scheduler.counts[key] += 1
             if self._scheduler.on_end is not None:
                 self._scheduler.on_end(self)
-        self._emit("error", self.error) if self.error is not None else self._emit("done")
+        if self.error is not None:
+            self._emit("error", self.error)
+        else:
+            if self.finish_reason != "cancelled":
+                self._send_logprobs(len(self.ends))
+            self._emit("done")
+
+    def _send_logprobs(self, upto: int) -> None:
+        if self.want_logprobs:
+            self._emit("logprobs", self.logprob_content(self._sent, upto))
+            self._sent = max(self._sent, upto)
+
+    def logprob_content(self, start: int = 0, stop: int | None = None) -> list[dict]:
+        """OpenAI's `logprobs.content` entries of tokens start..stop (all: the whole answer)."""
+        ends, text = self.token_ends(), self.text
+        stop = min(len(ends), len(self.logprobs)) if stop is None else min(stop, len(self.logprobs))
+        out = []
+        for j in range(start, stop):
+            token = text[ends[j - 1] if j else 0:ends[j]]
+            top = [(backend.token_text(self._scheduler.engine, i), v) for i, v in self.top[j]] if self.top_n else []
+            out.append({"token": token, "logprob": self.logprobs[j], "bytes": list(token.encode()),
+                        "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in top
+                                         if v > float("-inf")]})
+        return out
 
 
 class Scheduler:

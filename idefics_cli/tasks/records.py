@@ -5,8 +5,9 @@ Contract: `Answer` is what `ask --json` prints (schema `idefics-cli.answer/1`), 
 (`warnings`: codes of errors.WARNINGS), `PageRecord.from_dict` reads one back. Every page record comes from a
 factory here (`ok_record`, `blank_record`, `error_record`), whichever engine runs. With `--schema`, answers and
 records also have `"data"` (null without valid JSON: an error record keeping the text, `schema_truncated` or
-`schema_mismatch`; a blank page is `ok` with null) and the answer `"schema_sha256"`. `Summary` counts a run's
-records and gives its summary lines and exit status (0 all done, 3 partial, 4 nothing readable).
+`schema_mismatch`; a blank page is `ok` with null) and the answer `"schema_sha256"`. Answers and model-made records
+carry `"confidence"` (confidence.py), with a schema `"field_confidence"`; `ok_record(min_confidence=P)` warns
+`low_confidence` below P. `Summary` counts a run's records and gives its summary lines and exit status.
 `settings_hash()` hashes everything that changes a page's text (each record's `settings`, used by resume).
 """
 
@@ -40,7 +41,8 @@ class Answer:
     usage: dict
     timing: dict
     warnings: list[str] = field(default_factory=list)
-    structured: dict | None = None  # with --schema: {"data", "schema_sha256", "error"} (error None when valid)
+    confidence: dict | None = None  # confidence.summary; None when the answer was interrupted
+    structured: dict | None = None  # with --schema: {"data", "field_confidence", "schema_sha256", "error"}
 
     def to_dict(self) -> dict:
         d = {"schema": ANSWER_SCHEMA, **asdict(self)}
@@ -52,6 +54,7 @@ class Answer:
             out[key] = value
             if key == "answer":
                 out["data"] = structured["data"]
+                out["field_confidence"] = structured["field_confidence"]
                 out["schema_sha256"] = structured["schema_sha256"]
         if structured.get("error") is not None:
             out["error"] = structured["error"]
@@ -73,16 +76,18 @@ class PageRecord:
     timing: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     data: object = NO_DATA  # with --schema: the parsed answer or None; NO_DATA: a run without a schema
+    confidence: dict | None = None
+    field_confidence: object = None  # with --schema (written with `data`)
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        data = d.pop("data")
+        data, fields_ = d.pop("data"), d.pop("field_confidence")
         head = {"schema": PAGE_SCHEMA, "path": d.pop("path"), "page": d.pop("page"), "pages": d.pop("pages"),
                 "status": d.pop("status"), "text": d.pop("text")}
         if self.data is not NO_DATA:
-            head["data"] = data
+            head.update(data=data, field_confidence=fields_)
         return {**head, "error": d.pop("error"), "finish_reason": d.pop("finish_reason"),
-                "warnings": d.pop("warnings"), **d}
+                "confidence": d.pop("confidence"), "warnings": d.pop("warnings"), **d}
 
     @classmethod
     def from_dict(cls, record: dict) -> PageRecord:
@@ -91,26 +96,37 @@ class PageRecord:
 
 
 def ok_record(task, gen, usage: dict, preprocess_s: float, settings: str, batch_size: int = 1,
-              schema=None) -> PageRecord:
+              schema=None, min_confidence: float | None = None) -> PageRecord:
     """A page's answer; its `timing` is its share of its batch's time (`batch_size` pages shared one call).
 
     `task` is the page (`input.path`, `page`, `pages`, `sha256`, `warnings`: batch.PageTask); `gen` its
     generation (`text`, `finish_reason`, `completion_tokens`, `total_s`); `settings` the run's settings hash.
     With `schema` (structured.Schema) the answer is read as JSON: `data` when it validates, else an error
-    record (`schema_truncated` or `schema_mismatch`) that keeps the raw text.
+    record (`schema_truncated` or `schema_mismatch`) that keeps the raw text. Below `min_confidence` (the lowest
+    field confidence, or without fields the lowest token probability) an `ok` page warns `low_confidence`.
     """
-    data, error = NO_DATA, None
+    from . import confidence
+
+    data, error, fields_, warnings = NO_DATA, None, None, list(task.warnings)
+    summary = confidence.summary(gen.logprobs, gen.ends)
     if schema is not None:
         from .. import structured
 
         data, code = structured.read_answer(gen.text, schema, gen.finish_reason)
         if code is not None:
             error = structured.answer_error(code).to_dict()
+        else:
+            fields_ = confidence.fields(gen.text, gen.logprobs, gen.ends)
+    low = confidence.lowest(fields_)
+    low = (summary or {}).get("min_prob") if low is None else low
+    if min_confidence is not None and error is None and low is not None and low < min_confidence:
+        warnings.append("low_confidence")
     return PageRecord(path=task.input.path, page=task.page, pages=task.pages, status="error" if error else "ok",
                       sha256=task.sha256, settings=settings, text=gen.text, error=error,
                       finish_reason=gen.finish_reason, usage={**usage, "completion_tokens": gen.completion_tokens},
                       timing={"preprocess_s": round(preprocess_s, 4), "generate_s": round(gen.total_s / batch_size, 4),
-                              "batch_size": batch_size}, warnings=list(task.warnings), data=data)
+                              "batch_size": batch_size}, warnings=warnings, data=data, confidence=summary,
+                      field_confidence=fields_)
 
 
 def blank_record(task, settings: str, schema=None) -> PageRecord:
@@ -147,10 +163,12 @@ class Summary:
     seconds: float = 0.0
     failures: list[str] = field(default_factory=list)
     not_documents: int = 0  # files a folder or glob held that are not supported documents: skipped, not failed
+    low_confidence: int = 0  # ok pages warned `low_confidence`
 
     def add(self, record: PageRecord) -> None:
         if record.status == "ok":
             self.ok += 1
+            self.low_confidence += "low_confidence" in record.warnings
         else:
             self.failed += 1
             self.failures.append(f"{record.path} page {record.page}: {record.error['code']}")
@@ -173,7 +191,8 @@ class Summary:
     def line(self) -> str:
         rate = self.ok / self.seconds if self.seconds else 0.0
         skipped = f", {self.not_documents} files skipped (not documents)" if self.not_documents else ""
-        return (f"{self.ok} pages transcribed, {self.skipped} already done, {self.failed} failed{skipped} "
+        low = f" ({self.low_confidence} low confidence)" if self.low_confidence else ""
+        return (f"{self.ok} pages transcribed{low}, {self.skipped} already done, {self.failed} failed{skipped} "
                 f"in {self.seconds:.1f}s ({rate:.2f} pages/s)")
 
 

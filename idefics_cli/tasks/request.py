@@ -37,6 +37,7 @@ class TranscribeRequest:
     engine: str = "local"
     ray_address: str | None = None
     schema: object = None  # structured.Schema once made (given as a Schema, a dict or a --schema string)
+    min_confidence: float | None = None  # pages under it warn low_confidence (records.ok_record); not hashed
     settings_hash: str = field(init=False)
 
     def __post_init__(self):
@@ -60,6 +61,9 @@ class TranscribeRequest:
         set_("batch_size", size)
         parse_page_spec(self.pages)
         parse_shard(self.shard)
+        low = self.min_confidence
+        if low is not None and (isinstance(low, bool) or not isinstance(low, (int, float)) or not 0 <= low <= 1):
+            raise UsageError(f"bad --min-confidence {low!r}", "a probability from 0 to 1, e.g. 0.5")
         if self.schema is not None:
             from ..structured import as_schema
 

@@ -1,9 +1,10 @@
 """The library's answer: a streaming `Response`, like simonw/llm's.
 
 Contract: a `Response` wraps an engine's piece generator (generation starts when it is first read). Iterating it
-yields each text piece once; `.text`, `.finish_reason`, `.usage`, `.timing`, `.data` (with a schema) and
-`to_dict()` (the `ask --json` object) read the rest of the answer first. `close()` stops it early, keeping what
-was read; Ctrl-C while reading marks it `interrupted`. `on_end(response)` runs once it has ended.
+yields each text piece once; `.text`, `.finish_reason`, `.usage`, `.timing`, `.confidence`, `.data` and
+`.field_confidence` (with a schema) and `to_dict()` (the `ask --json` object) read the rest of the answer first.
+`close()` stops it early, keeping what was read; Ctrl-C while reading marks it `interrupted`. `on_end(response)`
+runs once it has ended.
 Nothing here imports torch.
 """
 
@@ -114,6 +115,23 @@ class Response:
         return {"load_s": round(self._load_s, 4), "preprocess_s": round(self._preprocess_s, 4),
                 "first_token_s": round(first or 0.0, 4), "total_s": round(self._ended_at - self._started, 4)}
 
+    @property
+    def confidence(self) -> dict | None:
+        """{"mean_logprob", "min_prob", "min_at"} (tasks/confidence.py); None when interrupted."""
+        from .confidence import summary
+
+        self._read()
+        return summary(self._generation.logprobs, self._generation.ends) if self._generation else None
+
+    @property
+    def field_confidence(self):
+        """With a schema and `.data`: `data`'s shape with each leaf's lowest token probability; else None."""
+        from .confidence import fields
+
+        if self.data is None or self._generation is None:
+            return None
+        return fields(self.text, self._generation.logprobs, self._generation.ends)
+
     def _structured(self) -> tuple:
         if self._read_back is None:
             from ..structured import read_answer
@@ -143,11 +161,12 @@ class Response:
         structured = None
         if self.schema is not None:
             error = self.schema_error
-            structured = {"data": self.data, "schema_sha256": self.schema.sha256,
-                          "error": error.to_dict() if error else None}
+            structured = {"data": self.data, "field_confidence": self.field_confidence,
+                          "schema_sha256": self.schema.sha256, "error": error.to_dict() if error else None}
         record = Answer(question=self.question, answer=self.text, finish_reason=self.finish_reason,
                         sources=self.sources, split=self.split, model=self.model, usage=self.usage,
-                        timing=self.timing, warnings=self.warnings, structured=structured).to_dict()
+                        timing=self.timing, warnings=self.warnings, confidence=self.confidence,
+                        structured=structured).to_dict()
         return {"schema": record.pop("schema"), **self.extra, **record}
 
     def __str__(self) -> str:
