@@ -45,7 +45,7 @@ def ask(
     server: o.Server = None,
     api_key: o.ApiKey = None,
 ) -> None:
-    """Ask a question about the pages of one or more documents; the answer streams to stdout."""
+    """Ask a question about the pages of one or more documents. The answer streams to stdout."""
     from ..output import Output
 
     out = Output()

@@ -49,7 +49,7 @@ def chat(
     server: o.Server = None,
     api_key: o.ApiKey = None,
 ) -> None:
-    """Chat about a document: the page images stay in the conversation; JSON lines when piped."""
+    """Chat about a document; JSON lines when piped. The page images stay in the conversation."""
     from ..output import Output
 
     out = Output()

@@ -34,13 +34,15 @@ EPILOG = """Examples:
 def crops(
     doc: Annotated[str, typer.Argument(metavar="DOC", show_default=False, help="A PDF or image (- for stdin).")],
     page: Annotated[int, typer.Option("--page", min=1, help="1-based page to show.", rich_help_panel=o.DOC_PANEL)] = 1,
-    out: Annotated[str | None, typer.Option("--out", "-o", help="Where to write the sheet (PNG).")] = None,
-    dir_: Annotated[str | None, typer.Option("--dir", help="Write each image separately into this folder.")] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", metavar="FILE",
+                                            help="Where to write the sheet (PNG).")] = None,
+    dir_: Annotated[str | None, typer.Option("--dir", metavar="DIR",
+                                             help="Write each image separately into this folder.")] = None,
     dpi: o.Dpi = None,
     password: o.Password = None,
     opts: o.ModelOptions = None,
 ) -> None:
-    """Show the exact images (4 crops + the whole page) the model receives for a page, as a PNG sheet."""
+    """Show the exact images the model receives for a page. A PNG sheet of the 4 crops and the whole page."""
     from ..output import Output
 
     output = Output()

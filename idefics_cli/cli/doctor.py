@@ -35,7 +35,7 @@ def doctor(
     json_: Annotated[bool, typer.Option("--json", help=f"Print one JSON object (schema {SCHEMA}).")] = False,
     opts: o.ModelOptions = None,
 ) -> None:
-    """Check versions, GPU, 4-bit support, the model cache and the memory needed; exit 5 if it cannot run."""
+    """Check whether this machine can run the model. Versions, GPU, 4-bit, cache, memory; exit 5 if not."""
     from ..output import Output
 
     out = Output()

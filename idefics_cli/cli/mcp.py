@@ -35,7 +35,10 @@ def mcp(
     server: o.Server = None,
     api_key: o.ApiKey = None,
 ) -> None:
-    """Serve ask_document, transcribe_document and list_pages to an MCP host (Claude Desktop, ...) over stdio."""
+    """Serve the documents under --root to an MCP host over stdio.
+
+    Tools: ask_document, transcribe_document and list_pages, for Claude Desktop, an IDE or any MCP client.
+    """
     o.run_and_exit(lambda: _mcp(root, opts, server, api_key))
 
 

@@ -104,7 +104,7 @@ Password = Annotated[str | None, typer.Option(help="Password for encrypted PDFs.
 SchemaOpt = Annotated[str | None, typer.Option("--schema", metavar="SCHEMA",
                                                help="Answer as JSON valid against this JSON Schema: a file, inline "
                                                     "JSON, or fields 'vendor, total float, paid bool' (types str, "
-                                                    "int, float, bool). Needs idefics-cli[schema].")]
+                                                    "int, float, bool).")]
 
 
 SERVER_PANEL = "Server"

@@ -31,7 +31,7 @@ def pull(
                                          help="Hub id of the model.")] = o.DEFAULT_MODEL,
     revision: o.Revision = None,
 ) -> None:
-    """Download the model's safetensors, config and processor files into the HF cache (for offline use)."""
+    """Download a model into the Hugging Face cache. Weights, config and processor files, for --offline."""
     from ..output import Output
 
     out = Output()

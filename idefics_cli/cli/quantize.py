@@ -32,7 +32,7 @@ def quantize(
                                            help="New folder for the 4-bit model (must be empty or missing).")],
     opts: o.ModelOptions = None,
 ) -> None:
-    """Load the model in 4-bit (nf4) and save it with its processor, for fast, small loads."""
+    """Save a 4-bit (nf4) copy of the model with its processor. Later loads are small and fast."""
     from ..output import Output
 
     out = Output()

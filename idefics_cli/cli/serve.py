@@ -34,7 +34,7 @@ def serve(
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free port, printed at start).",
                                       rich_help_panel=SERVER_PANEL)] = 8000,
     api_key: Annotated[str | None, typer.Option(envvar="IDEFICS_API_KEY", metavar="KEY", show_envvar=True,
-                                                help="Require `Authorization: Bearer KEY` on /v1/*.",
+                                                help="Require `Authorization: Bearer KEY` (every route but /health).",
                                                 rich_help_panel=SERVER_PANEL)] = None,
     max_batch: Annotated[int, typer.Option(min=1, max=256, metavar="N", help="Requests decoded together.",
                                            rich_help_panel=SERVER_PANEL)] = 4,
@@ -54,7 +54,7 @@ def serve(
                                              rich_help_panel=SERVER_PANEL)] = None,
     opts: o.ModelOptions = None,
 ) -> None:
-    """Serve the model over an OpenAI-compatible HTTP API (chat completions with images and PDFs)."""
+    """Serve the model over an OpenAI-compatible HTTP API. Chat completions with images and PDFs, batched."""
     from ..output import Output
 
     out = Output()

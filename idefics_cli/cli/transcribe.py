@@ -43,16 +43,20 @@ EPILOG = """Examples:
 def transcribe(
     paths: Annotated[list[str], typer.Argument(metavar="PATH...", show_default=False,
                                                help="Files, folders (recursive) or quoted globs; - for stdin.")],
-    out: Annotated[str | None, typer.Option("--out", "-o", help="A .jsonl file, or a folder (one .md per "
-                                                                 "document + records.jsonl).")] = None,
-    prompt: Annotated[str | None, typer.Option(help="Instruction sent with each page.",
+    out: Annotated[str | None, typer.Option("--out", "-o", metavar="PATH",
+                                            help="A .jsonl file, or a folder (one .md per document + "
+                                                 "records.jsonl).")] = None,
+    prompt: Annotated[str | None, typer.Option(metavar="TEXT", help="Instruction sent with each page.",
                                                show_default=TRANSCRIBE_PROMPT)] = None,
-    batch_size: Annotated[str, typer.Option(help="Pages per generate call: N or auto.")] = "auto",
+    batch_size: Annotated[str, typer.Option(metavar="N", help="Pages decoding together: N, or auto (from free GPU "
+                                                              "memory; 8 on the CPU; 4 per Ray actor).")] = "auto",
     force: Annotated[bool, typer.Option("--force", help="Redo pages that are already done.")] = False,
-    shard: Annotated[str | None, typer.Option(help="I/N: only the documents of shard I (0-based) of N.")] = None,
-    engine: Annotated[EngineName, typer.Option(help="ray needs pip install 'idefics-cli[ray]'.")] = "local",
-    ray_address: Annotated[str | None, typer.Option(help="Ray cluster to join (default: RAY_ADDRESS, else a "
-                                                         "local Ray).")] = None,
+    shard: Annotated[str | None, typer.Option(metavar="I/N",
+                                              help="Only the documents of shard I (0-based) of N.")] = None,
+    engine: Annotated[EngineName, typer.Option(help="local, or the same pipeline on Ray Data (pip install "
+                                                    "'idefics-cli[ray]').")] = "local",
+    ray_address: Annotated[str | None, typer.Option(metavar="ADDR", help="Ray cluster to join (default: RAY_ADDRESS, "
+                                                                         "else a local Ray).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
     schema: o.SchemaOpt = None,
     min_confidence: Annotated[float | None, typer.Option(
@@ -65,7 +69,7 @@ def transcribe(
     server: o.Server = None,
     api_key: o.ApiKey = None,
 ) -> None:
-    """Transcribe every page of files, folders or globs to JSONL records (and Markdown with --out DIR)."""
+    """Transcribe every page of files, folders or globs. JSONL records, and Markdown with --out DIR."""
     from ..output import Output
     from . import one_malloc_arena
 
