@@ -56,7 +56,7 @@ def closed(node: Any) -> Any:
     return out
 
 
-def build(schema: dict) -> str:
+def grammar_text(schema: dict) -> str:
     """The llguidance grammar of `schema` (no tokenizer needed); UsageError if it cannot be built."""
     ll = _llguidance()
     text = ll.LLMatcher.grammar_from_json_schema(json.dumps(closed(schema)), overrides=JSON_OPTIONS)
@@ -137,7 +137,7 @@ class Compiled:
 
     @classmethod
     def of(cls, schema: dict, tokenizer, vocab_size: int, stop_ids) -> Compiled:
-        text, view = build(schema), tokenizer_view(tokenizer, vocab_size, stop_ids)
+        text, view = grammar_text(schema), tokenizer_view(tokenizer, vocab_size, stop_ids)
         prototype = _llguidance().LLMatcher(view, text, log_level=0)
         if prototype.is_error():
             raise UsageError(f"--schema cannot be turned into a grammar: {prototype.get_error()[:200]}")

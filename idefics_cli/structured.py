@@ -208,7 +208,7 @@ def with_schema(question: str, schema: Schema) -> str:
 # ---- grammar (grammar_engine.py: llguidance) --------------------------------------------------------------
 def grammar(schema: dict) -> str:
     """The llguidance grammar of `schema` (no tokenizer, no torch); UsageError if it cannot be built."""
-    return grammar_engine.build(schema)
+    return grammar_engine.grammar_text(schema)
 
 
 _COMPILED: dict[tuple, grammar_engine.Compiled] = {}

@@ -74,4 +74,4 @@ def test_closed_adds_additional_properties_false_where_the_schema_says_nothing()
     assert out["properties"]["c"]["additionalProperties"] is True
     assert out["$defs"]["d"]["additionalProperties"] is False and out["anyOf"][0]["additionalProperties"] is False
     assert "additionalProperties" not in schema  # a copy: the user's schema (and its hash) is left alone
-    assert json.loads(ge.build(schema))  # the grammar is JSON text
+    assert json.loads(ge.grammar_text(schema))  # the grammar is JSON text

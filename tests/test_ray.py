@@ -84,7 +84,7 @@ def test_killed_model_actor_is_replaced_and_every_page_done_once(tiny_model, loc
     from idefics_cli.runtime.model import ModelOptions
     from idefics_cli.tasks.batch import walk
     from idefics_cli.tasks.pipeline import TranscribeJob
-    from idefics_cli.tasks.ray_engine import run
+    from idefics_cli.tasks.ray_engine import run_on_ray as run
     from idefics_cli.tasks.sinks import JsonlSink
     from idefics_cli.tasks.transcription import TranscribeRequest
 
@@ -150,7 +150,7 @@ def test_each_document_is_opened_and_hashed_once(tiny_model, local_ray, tmp_path
     from idefics_cli.runtime.model import ModelOptions
     from idefics_cli.tasks.batch import walk
     from idefics_cli.tasks.pipeline import TranscribeJob
-    from idefics_cli.tasks.ray_engine import run
+    from idefics_cli.tasks.ray_engine import run_on_ray as run
     from idefics_cli.tasks.sinks import JsonlSink
     from idefics_cli.tasks.transcription import TranscribeRequest
 

@@ -52,7 +52,7 @@ def _mcp(roots, opts, server, api_key) -> int:
     if missing:
         raise UsageError(f"--root {missing[0]} is not a folder", "give folders that exist")
     try:
-        from ..mcp.server import serve
+        from ..mcp.server import serve_mcp
     except ImportError as exc:
         raise UsageError(f"`idefics mcp` needs the mcp extra ({exc.name} is missing)",
                          "pip install 'idefics-cli[mcp]'") from None
@@ -67,5 +67,5 @@ def _mcp(roots, opts, server, api_key) -> int:
     # SIGTERM and Ctrl-C end the process at once: a thread blocked reading stdin would otherwise hold it open
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    return serve([str(r) for r in roots], loader, lambda line: print(f"idefics mcp: {line}", file=sys.stderr,
+    return serve_mcp([str(r) for r in roots], loader, lambda line: print(f"idefics mcp: {line}", file=sys.stderr,
                                                                         flush=True))

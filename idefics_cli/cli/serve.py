@@ -72,7 +72,7 @@ def _serve(host, port, api_key, max_batch, max_queue, cache_mb, max_request_mb, 
     check(config)
     try:
         from ..serve import backend
-        from ..serve.server import serve as run_server
+        from ..serve.server import run_server
     except ImportError as exc:
         raise UsageError(f"`idefics serve` needs the serve extra ({exc.name} is missing)",
                          "pip install 'idefics-cli[serve]'") from None

@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from ..process import debug
+
 T = TypeVar("T")
 DEFAULT_TIMEOUT = 30.0
 _LOGGERS = ("PIL", "pymupdf", "pillow_heif")
@@ -35,10 +37,6 @@ class DecodeTimeout(Exception):
     def __init__(self, seconds: float):
         super().__init__(f"took longer than {seconds:g} s")
         self.seconds = seconds
-
-
-def debug() -> bool:
-    return bool(os.environ.get("IDEFICS_DEBUG"))
 
 
 def timeout() -> float:

@@ -1,12 +1,12 @@
 """The MCP server of `idefics mcp`: three tools over stdio, reading only files under the given roots.
 
-Contract: `build(roots, loader)` returns an `mcp` `MCPServer` with the tools `list_pages(path)`,
+Contract: `build_mcp(roots, loader)` returns an `mcp` `MCPServer` with the tools `list_pages(path)`,
 `ask_document(path, question, pages=None, schema=None)` (the `idefics ask --json` object) and
 `transcribe_document(path, pages=None)` (the page records of `idefics transcribe`). A path (relative ones are
 looked up in each root in turn) is read only when it resolves, symlinks followed, to a file under a root; any
 other is a tool error `permission_denied` naming that rule. An `IdeficsError` is a tool error `error [CODE]:
-message (hint)`. `loader()` returns the library `Model`; it runs once, in a thread started by `build`, so the
-protocol answers at once; the model tools wait for it and answer one at a time. `serve(roots, loader, log)`
+message (hint)`. `loader()` returns the library `Model`; it runs once, in a thread started by `build_mcp`, so the
+protocol answers at once; the model tools wait for it and answer one at a time. `serve_mcp(roots, loader, log)`
 runs it over stdio until the host closes stdin: stdout carries the protocol only (the mcp package points fd 1
 at stderr while it serves), and `log` lines go to stderr.
 """
@@ -40,7 +40,7 @@ def resolve(roots: list[str], path: str) -> str:
     return real
 
 
-def build(roots: list[str], loader, log=lambda line: None) -> MCPServer:
+def build_mcp(roots: list[str], loader, log=lambda line: None) -> MCPServer:
     roots = [os.path.realpath(r) for r in roots]
     model = in_thread(lambda: _load(loader, log), "idefics-load")  # from now on: the model's Future
     lock = threading.Lock()  # one answer at a time: the engine is not shared between threads
@@ -116,7 +116,7 @@ def _load(loader, log):
     return model
 
 
-def serve(roots: list[str], loader, log=lambda line: None) -> int:
+def serve_mcp(roots: list[str], loader, log=lambda line: None) -> int:
     log(f"serving {', '.join(roots)} over stdio; loading the model…")
-    build(roots, loader, log).run("stdio")
+    build_mcp(roots, loader, log).run("stdio")
     return 0

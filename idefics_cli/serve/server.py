@@ -64,7 +64,7 @@ def _server_class(uvicorn):
     return Server
 
 
-def serve(config: ServeConfig, loader, log=None) -> int:
+def run_server(config: ServeConfig, loader, log=None) -> int:
     import uvicorn
 
     check(config)

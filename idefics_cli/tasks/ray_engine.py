@@ -31,7 +31,7 @@ def _row(item: Input, sha256="", page=0, pages=0, chosen=(), skip=False, error: 
             "error_message": error.message if error else "", "image": b"", "width": 0, "height": 0, "warnings": "[]"}
 
 
-class Pages:
+class RayPages:
     """Document -> one row per chosen page, rendered in this one CPU task (the file is read and hashed once).
 
     Done pages are marked `skip` (not rendered); a page that cannot be rendered gets its error fields, a
@@ -161,7 +161,7 @@ def _quiet_ray() -> None:
                 handler.setLevel(logging.ERROR)
 
 
-def run(job: TranscribeJob, address: str | None = None) -> Iterator[PageRecord]:
+def run_on_ray(job: TranscribeJob, address: str | None = None) -> Iterator[PageRecord]:
     """The job's records on Ray (its request's batch size resolved), each yielded once written."""
     if any(d.path == "-" for d in job.docs):
         raise UsageError("--engine ray cannot read stdin (-)", "save the document to a file first")
@@ -175,7 +175,7 @@ def run(job: TranscribeJob, address: str | None = None) -> Iterator[PageRecord]:
     gpus = int(ray.cluster_resources().get("GPU", 0))
     ds = ray.data.from_items([{"path": d.path, "rel": d.rel} for d in job.docs],
                              override_num_blocks=max(1, len(job.docs)))
-    ds = ds.flat_map(Pages(job.open_doc, job.select_pages, job.done, job.settings_hash))
+    ds = ds.flat_map(RayPages(job.open_doc, job.select_pages, job.done, job.settings_hash))
     ds = ds.map_batches(Transcriber, batch_size=job.request.batch_size, batch_format="numpy",
                         fn_constructor_kwargs={"request": job.request},
                         **_map_batches_args(ray, max(gpus, 1), 1 if gpus else 0))

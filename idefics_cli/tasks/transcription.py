@@ -120,7 +120,7 @@ class Transcription:
             local_only(request.options)  # fail at once here rather than in every actor
             job.request = replace(request, batch_size=request.batch_size or RAY_BATCH_SIZE)
             with Progress(output) as job.progress:
-                yield from ray_engine.run(job, request.ray_address)
+                yield from ray_engine.run_on_ray(job, request.ray_address)
         else:
             request.check_grammar()
             engine, started = self.engine, None
