@@ -11,6 +11,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `-n auto`: one torch thread per worker (and its subprocesses), no
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # oversubscribed cores spinning against each other
 
 
 @pytest.fixture(scope="session")

@@ -110,7 +110,8 @@ def test_docs_python_examples_run(workdir, server, tmp_path):
 
 # --- the commands and flags of the code against the pages --------------------------------------------------------
 
-FOREIGN = {"--index-url", "--head", "--address", "--port", "--array", "--gres", "--cpus-per-task"}  # pip, ray, Slurm
+FOREIGN = {"--index-url", "--head", "--address", "--port", "--array", "--gres", "--cpus-per-task",  # pip, ray, Slurm
+           "--dist"}  # pytest-xdist
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 
 
