@@ -174,3 +174,37 @@ def test_a_model_that_cannot_load_is_each_model_tools_error(tmp_path):
         ask, pages = asyncio.run(asyncio.wait_for(run(), 120))
     assert refusal(ask).startswith("error [model_error]") and "no-model" in refusal(ask)
     assert value(pages)["pages"] >= 1  # documents are still listed
+
+
+def test_with_server_a_running_idefics_serve_answers(tiny_model):
+    """`idefics mcp --server URL`: no model in the MCP process; its answers are the server's (the library's client)."""
+    pytest.importorskip("fastapi")
+    from mcp import ClientSession, StdioServerParameters, stdio_client
+    from test_serve import KEY, Server
+
+    import idefics_cli
+
+    server = Server(tiny_model, "--api-key", KEY)
+    try:
+        server.wait_ready()
+        params = StdioServerParameters(command=sys.executable, args=[
+            "-m", "idefics_cli", "mcp", "--root", SAMPLES, "--server", server.url, "--api-key", KEY],
+            env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT)
+
+        async def run():
+            async with stdio_client(params, errlog=errlog) as (read, write), ClientSession(read, write) as client:
+                await client.initialize()
+                ask = await client.call_tool("ask_document", {"path": "invoice.pdf", "question": QUESTION,
+                                                              "pages": "1"})
+                return ask, await client.call_tool("transcribe_document", {"path": "receipt.jpg"})
+
+        with open(os.devnull, "w") as errlog:
+            ask, transcribed = asyncio.run(asyncio.wait_for(run(), 300))
+        remote = idefics_cli.connect(server.url, api_key=KEY)
+        expected = remote.ask(os.path.join(SAMPLES, "invoice.pdf"), QUESTION, pages="1")
+        assert value(ask)["answer"] == expected.text and value(ask)["usage"] == expected.usage
+        records = value(transcribed)["records"]
+        assert [r["status"] for r in records] == ["ok"]
+        assert records[0]["text"] == [r.text for r in remote.transcribe([os.path.join(SAMPLES, "receipt.jpg")])][0]
+    finally:
+        assert server.stop() == 0, "\n".join(server.lines)
