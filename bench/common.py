@@ -211,6 +211,23 @@ class Run:
     code: int
 
 
+def parse_or_child(p: argparse.ArgumentParser, argv, child) -> argparse.Namespace | None:
+    """Parse `argv` with a hidden `--child SPEC`: as the child, print `child(**SPEC)` as JSON and return None."""
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(**json.loads(args.child))))
+        return None
+    return args
+
+
+def in_child(script: str, spec: dict):
+    """Run `script --child SPEC` in a fresh process (this repo and bench/ importable); its JSON (last stdout line)."""
+    result = run([sys.executable, os.path.abspath(script), "--child", json.dumps(spec)],
+                 extra_env={"PYTHONPATH": os.pathsep.join([ROOT, HERE])})
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def run(cmd: list[str], timeout: float = 3600, extra_env: dict | None = None) -> Run:
     """Run `cmd`; time it from spawn to exit and to its first byte on stdout; peak RSS from wait4()."""
     load_before, busy0, own0 = one_minute_load(), _busy_seconds(), _own_cpu()

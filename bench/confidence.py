@@ -13,7 +13,6 @@ Last line: `P16 <ratio>x`, the lower of the two batches' ratios.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -53,10 +52,8 @@ def child(model: str, image: str, reps: int, max_new_tokens: int, batches: list[
 def main(argv=None) -> int:
     p = c.parser(__doc__, reps=5)
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--child", help=argparse_suppress())
-    args = p.parse_args(argv)
-    if args.child:
-        print(json.dumps(child(**json.loads(args.child))))
+    args = c.parse_or_child(p, argv, child)
+    if args is None:
         return 0
     reps = 1 if args.smoke else args.reps
     c.header("P16 confidence decode speed", args)
@@ -66,9 +63,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         image = c.make_page_image(os.path.join(tmp, "page.png"))
         spec = {"model": model, "image": image, "reps": reps, "max_new_tokens": tokens, "batches": batches}
-        result = c.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
-                       extra_env={"PYTHONPATH": os.pathsep.join([c.ROOT, c.HERE])})
-    data = json.loads(result.stdout.strip().splitlines()[-1])
+        data = c.in_child(__file__, spec)
     rows, ratios = [], []
     for batch in batches:
         runs = data[str(batch)]
@@ -82,12 +77,6 @@ def main(argv=None) -> int:
     c.footer()
     print(f"P16 {min(ratios):.3f}x", flush=True)
     return 0
-
-
-def argparse_suppress():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

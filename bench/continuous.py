@@ -14,7 +14,6 @@ Last line: `P13 <ratio>x` (continuous against fixed batches).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -68,13 +67,9 @@ def child(model: str, image: str, reps: int, pages: int, short: int, long: int) 
 
 
 def main(argv=None) -> int:
-    import argparse
-
     p = c.parser(__doc__, reps=3)
-    p.add_argument("--child", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.child:
-        print(json.dumps(child(**json.loads(args.child))))
+    args = c.parse_or_child(p, argv, child)
+    if args is None:
         return 0
     reps = 1 if args.smoke else args.reps
     c.header("P13 continuous batching", args)
@@ -83,9 +78,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         image = c.make_page_image(os.path.join(tmp, "page.png"))
         spec = {"model": model, "image": image, "reps": reps, "pages": pages, "short": short, "long": long}
-        result = c.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
-                       extra_env={"PYTHONPATH": os.pathsep.join([c.ROOT, c.HERE])})
-    data = json.loads(result.stdout.strip().splitlines()[-1])
+        data = c.in_child(__file__, spec)
     rows, rate = [], {}
     for side, runs in data.items():
         rate[side] = pages / c.median(r["s"] for r in runs)
