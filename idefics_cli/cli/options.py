@@ -29,6 +29,7 @@ DOC_PANEL = "Document"
 
 
 class Quant(str, enum.Enum):
+    auto = "auto"
     bit4 = "4bit"
     bit8 = "8bit"
     none = "none"
@@ -79,7 +80,8 @@ Model = Annotated[str, typer.Option("--model", "-m", metavar="ID_OR_DIR", envvar
                                     rich_help_panel=MODEL_PANEL, help="Hub id or local folder of the model.")]
 Revision = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).",
                                               rich_help_panel=MODEL_PANEL)]
-QuantOpt = Annotated[Quant, typer.Option("--quant", help="4bit = bitsandbytes nf4 + double quant.",
+QuantOpt = Annotated[Quant, typer.Option("--quant", help="auto: 4bit from 4B parameters, else none; 4bit = "
+                                         "bitsandbytes nf4 + double quant.",
                                          rich_help_panel=MODEL_PANEL)]
 DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="auto: bfloat16/float16 on a GPU, float32 on the CPU.",
                                          rich_help_panel=MODEL_PANEL)]
@@ -150,7 +152,7 @@ def model_options(model: str, revision: str | None, quant: Quant, dtype: Dtype, 
 def model_params(max_new_tokens: int = ANSWER_TOKENS, only: tuple[str, ...] | None = None, fixed: dict | None = None):
     """Decorator: the command's `opts` parameter becomes the model options, shown in its place in this order (all,
     or `only` these), and the command gets them as one `ModelOptions` (`fixed` values for those not shown)."""
-    declared = {"model": (Model, DEFAULT_MODEL), "revision": (Revision, None), "quant": (QuantOpt, Quant.bit4),
+    declared = {"model": (Model, DEFAULT_MODEL), "revision": (Revision, None), "quant": (QuantOpt, Quant.auto),
                 "dtype": (DtypeOpt, Dtype.auto), "device": (Device, "auto"), "offline": (Offline, False),
                 "split": (Split, True), "max_new_tokens": (max_new_tokens_option(max_new_tokens), max_new_tokens)}
     shown = [name for name in declared if only is None or name in only]
