@@ -184,3 +184,36 @@ def test_smolvlm2_says_what_to_install(cli, tmp_path):
     make_image().save(page)
     result = cli("ask", page, "What?", "--model", _folder(tmp_path, "smolvlm"))
     assert result.exit_code == 5 and f"pip install {' '.join(missing)}" in result.stderr
+
+
+def test_server_answers_equal_ask_and_reuse_the_prefix(cli, tiny_idefics3, tmp_path):
+    """`idefics serve` on the tiny Idefics3 with splitting: the answer of `ask --json` (two pages of different
+    grids), the cached image prefix on the next question, and a `response_format` answer that parses."""
+    from test_serve import Server, data_url
+
+    srv = Server(tiny_idefics3, "--split")  # FLAGS' --no-split first: --split wins
+    try:
+        paths = []
+        for k, page in enumerate(PAGES):
+            paths.append(tmp_path / f"p{k}.png")
+            page.save(paths[-1])
+        ref = cli("ask", *paths, QUESTION, "--json", "--model", tiny_idefics3, "--quant", "none", "--max-new-tokens",
+                  "8", "--split")
+        assert ref.exit_code == 0, ref.stderr
+        ref = json.loads(ref.stdout)
+        client = srv.wait_ready().client(None)
+        content = [{"type": "image_url", "image_url": {"url": data_url(page)}} for page in PAGES]
+        messages = [{"role": "user", "content": [*content, {"type": "text", "text": QUESTION}]}]
+        done = client.chat.completions.create(model="m", messages=messages)
+        assert done.choices[0].message.content == ref["answer"]
+        assert done.usage.prompt_tokens == ref["usage"]["prompt_tokens"]
+        again = client.chat.completions.create(model="m", messages=[{"role": "user", "content": [
+            *content, {"type": "text", "text": "And the date?"}]}])
+        assert again.usage.prompt_tokens_details.cached_tokens > ref["usage"]["image_tokens"]
+        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+                  "additionalProperties": False}
+        shaped = client.chat.completions.create(model="m", messages=messages, max_tokens=20, response_format={
+            "type": "json_schema", "json_schema": {"name": "f", "strict": True, "schema": schema}})
+        assert isinstance(json.loads(shaped.choices[0].message.content)["ok"], bool)
+    finally:
+        assert srv.stop() == 0, "\n".join(srv.lines)
