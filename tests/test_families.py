@@ -217,3 +217,15 @@ def test_server_answers_equal_ask_and_reuse_the_prefix(cli, tiny_idefics3, tmp_p
         assert isinstance(json.loads(shaped.choices[0].message.content)["ok"], bool)
     finally:
         assert srv.stop() == 0, "\n".join(srv.lines)
+
+
+def test_pdf_pages_render_at_the_processors_full_size(engine3, tiny_idefics3, tiny_model, tmp_path):
+    from idefics_cli.interface import ModelOptions
+    from idefics_cli.runtime.families import render_side
+    from idefics_cli.tasks.selection import open_pages
+
+    assert render_side(ModelOptions(model=tiny_idefics3)) == engine3.render_side == 2048  # SmolVLM's longest_edge
+    assert render_side(ModelOptions(model=tiny_model)) is None  # Idefics2: the documents' 1960 px (2 x 980)
+    pdf = make_pdf(tmp_path / "a.pdf", n_pages=1)
+    page = open_pages([pdf], longest_side=render_side(ModelOptions(model=tiny_idefics3))).pages[0].image
+    assert max(page.size) == 2048

@@ -94,7 +94,8 @@ Split = Annotated[bool, typer.Option("--split/--no-split",
 Pages = Annotated[str | None, typer.Option("--pages", "-p", metavar="SPEC", rich_help_panel=DOC_PANEL,
                                            help="1-based pages per document: 3, 1-4, 1,3,7-, -2.")]
 Dpi = Annotated[int | None, typer.Option(min=10, max=1200, rich_help_panel=DOC_PANEL,
-                                         help="Render PDFs at this DPI (default: longest side 1960 px).")]
+                                         help="Render PDFs at this DPI (default: longest side 1960 px, or the "
+                                              "model's own image size).")]
 Password = Annotated[str | None, typer.Option(help="Password for encrypted PDFs.", rich_help_panel=DOC_PANEL)]
 SchemaOpt = Annotated[str | None, typer.Option("--schema", metavar="SCHEMA",
                                                help="Answer as JSON valid against this JSON Schema: a file, inline "
@@ -126,6 +127,13 @@ def engine(opts: ModelOptions, server: str | None, api_key: str | None, out):
     if opts.model not in (DEFAULT_MODEL, remote.options.model):
         out.warn(f"--model {opts.model} is not used: the server at {remote.url} serves {remote.options.model}")
     return remote
+
+
+def render_side(opts: ModelOptions) -> int | None:
+    """The longest side pages are rendered at for the model (its processor's full resolution; None: the default)."""
+    from ..runtime.families import render_side as side
+
+    return side(opts)
 
 
 def max_new_tokens_option(default: int):

@@ -83,6 +83,11 @@ class Preparer:
 
         return prepare(self, batch, self.options.split if split is None else split, collect)
 
+    @property
+    def render_side(self) -> int | None:
+        """The longest side pages are rendered at for this model (None: the documents' default)."""
+        return self.family.render_side(self.processor.image_processor)
+
     def tokenize(self, texts: list[str], vision=None, grids: list | None = None):
         """The processor's token ids of `texts` (left-padded) with their images' tokens expanded by the family from
         the grids of `vision`'s built images (or `grids`), on the device; a prompt over the context is refused."""

@@ -9,7 +9,7 @@ Contract:
   `expand(processor, texts, grids)` (the processor's own text expansion for images split into those grids),
   `render_side(image_processor)` (the longest side PDFs are rendered at so the processor gets full resolution).
 - `for_processor(processor)` is a loaded processor's family; `parameters(config)` counts a config's parameters on
-  the meta device; `auto_quant(config)` is `--quant auto`.
+  the meta device; `auto_quant(config)` is `--quant auto`; `render_side(options)` the render size from the files.
 json, os here; torch and transformers inside functions only.
 """
 
@@ -58,6 +58,27 @@ def for_processor(processor) -> Family:
     """The family of a loaded processor (Idefics2's when it is none of the others)."""
     name = type(processor).__name__
     return IDEFICS3 if name == "Idefics3Processor" else SMOLVLM if name == "SmolVLMProcessor" else IDEFICS2
+
+
+def render_side(options) -> int | None:
+    """The longest side, in px, pages are rendered at for this checkpoint (None: the documents' default), read
+    from its config files at hand only (a hub id not cached yet gets the default)."""
+    from ..hub import cached_snapshot, looks_local
+
+    folder = os.path.expanduser(options.model) if looks_local(options.model) else cached_snapshot(
+        options.model, options.revision, need="processor")
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            if not FAMILIES.get(json.load(f).get("model_type"), IDEFICS2).sized:
+                return None
+        for name in ("preprocessor_config.json", "processor_config.json"):
+            if os.path.exists(os.path.join(folder, name)):
+                with open(os.path.join(folder, name)) as f:
+                    data = json.load(f)
+                return int(data.get("image_processor", data)["size"]["longest_edge"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return None
 
 
 def config_path(options, local_files_only: bool) -> str:

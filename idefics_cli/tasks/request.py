@@ -29,7 +29,8 @@ class TranscribeRequest:
     options: ModelOptions = field(default_factory=ModelOptions)
     prompt: str | None = None  # None: the default transcription prompt
     pages: str | None = None  # a --pages spec (pages.py), None: every page
-    dpi: int | None = None  # None: pages rendered to fit the model (documents.DEFAULT_LONGEST_SIDE)
+    dpi: int | None = None  # None: pages rendered to fit the model (longest_side)
+    longest_side: int | None = None  # the model's render size (families.render_side); None: the documents' default
     password: str | None = None
     batch_size: int | str | None = None  # pages a generate call; None or "auto": from the device
     force: bool = False
@@ -72,7 +73,8 @@ class TranscribeRequest:
         opts = self.options
         extra = {"schema": self.schema.sha256} if self.schema is not None else {}  # no schema: hashes as before
         return settings_hash(model=opts.model, revision=opts.revision, quant=opts.quant, split=opts.split,
-                             render=self.dpi or DEFAULT_LONGEST_SIDE, render_unit="dpi" if self.dpi else "longest_side",
+                             render=self.dpi or self.longest_side or DEFAULT_LONGEST_SIDE,
+                             render_unit="dpi" if self.dpi else "longest_side",
                              prompt=self.prompt, max_new_tokens=opts.max_new_tokens, **extra)
 
     @property
@@ -104,4 +106,4 @@ class TranscribeRequest:
     def open_document(self, path: str):
         from ..documents import open_document
 
-        return open_document(path, password=self.password, dpi=self.dpi)
+        return open_document(path, password=self.password, dpi=self.dpi, longest_side=self.longest_side)
