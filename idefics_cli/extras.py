@@ -1,6 +1,6 @@
 """Optional features and the packages they need: which are installed, found without importing them.
 
-Contract: `EXTRAS` lists the optional features (Ray Data, the HTTP server; `--schema` is in the core install):
+Contract: `EXTRAS` lists the optional features (Ray Data, the HTTP server, DocTags to Markdown; `--schema` is core):
 the distributions each needs, the module each must provide, and what it enables. `report()` returns, per
 feature, `{"installed": bool, "packages": {distribution: version or None}, "enables": str, "install": str}`,
 from installed package metadata (`importlib.metadata`) and `importlib.util.find_spec` only: no optional
@@ -29,6 +29,8 @@ EXTRAS = (
           "`transcribe --engine ray`: the same pipeline on Ray Data, across GPUs and machines"),
     Extra("serve", ("fastapi", "uvicorn"), ("fastapi", "uvicorn"),
           "`idefics serve`: the model behind an OpenAI-compatible HTTP API"),
+    Extra("docling", ("docling-core",), ("docling_core",),
+          "Markdown from the DocTags of SmolDocling and granite-docling (`transcribe` records' \"markdown\")"),
 )
 
 

@@ -64,6 +64,7 @@ class Model:
         from .tasks.transcription import TranscribeRequest, Transcription
 
         request_fields.setdefault("longest_side", getattr(self.engine, "render_side", None))
+        request_fields.setdefault("doctags", getattr(self.engine, "doctags", False))
         return Transcription(TranscribeRequest(inputs, out, self.engine.options, **request_fields), engine=self.engine)
 
     def chat(self, path: str, pages: str | None = None, *, password: str | None = None, dpi: int | None = None,

@@ -41,7 +41,8 @@ def test_extras_are_found_from_metadata_without_importing_them(tmp_path):
                          cwd=tmp_path, check=True)  # not the checkout's folder, where an .egg-info may lie
     found = json.loads(out.stdout)
     assert found["imported"] == []  # nothing optional was imported, not even the two that would raise
-    assert set(found["report"]) == {"serve", "ray"}  # --schema is no extra: llguidance is a core dependency
+    assert set(found["report"]) == {"serve", "ray", "docling"}  # --schema is no extra: llguidance is core
+    assert found["report"]["docling"]["installed"] is False
     serve, ray = (found["report"][k] for k in ("serve", "ray"))
     assert serve["installed"] is True and serve["packages"] == {"fastapi": "0.120.0", "uvicorn": "0.38.0"}
     assert ray["packages"] == {"ray": None, "pyarrow": "21.0.0", "pandas": None} and ray["installed"] is False

@@ -229,3 +229,48 @@ def test_pdf_pages_render_at_the_processors_full_size(engine3, tiny_idefics3, ti
     pdf = make_pdf(tmp_path / "a.pdf", n_pages=1)
     page = open_pages([pdf], longest_side=render_side(ModelOptions(model=tiny_idefics3))).pages[0].image
     assert max(page.size) == 2048
+
+
+DOCTAGS = ("<doctag><title><loc_10><loc_10><loc_200><loc_30>Quarterly report</title>"
+           "<text><loc_10><loc_40><loc_400><loc_60>Revenue grew 12%.</text>"
+           "<section_header_level_1><loc_10><loc_70><loc_300><loc_80>Totals</section_header_level_1>"
+           "<text><loc_10><loc_90><loc_300><loc_100>Total: $1,234.50</text></doctag>")
+
+
+def test_doctags_become_markdown():
+    pytest.importorskip("docling_core")
+    from idefics_cli.tasks.doctags import to_markdown
+
+    assert to_markdown(DOCTAGS) == "# Quarterly report\n\nRevenue grew 12%.\n\n## Totals\n\nTotal: $1,234.50"
+
+
+@pytest.fixture(scope="module")
+def docling_model(tmp_path_factory) -> str:
+    from idefics_cli.dev.tiny import build
+
+    return build(str(tmp_path_factory.mktemp("tiny-smoldocling")), family="smoldocling")
+
+
+def test_a_document_model_transcribes_to_doctags_and_markdown(cli, docling_model, tmp_path, monkeypatch):
+    import sys
+
+    from idefics_cli.interface import ModelOptions
+    from idefics_cli.prompts import DOCLING_PROMPT
+    from idefics_cli.runtime.families import doctags
+    from idefics_cli.tasks.request import TranscribeRequest
+
+    assert doctags(ModelOptions(model=docling_model)) and not doctags(ModelOptions(model=str(tmp_path)))
+    assert TranscribeRequest(("x",), doctags=True).prompt == DOCLING_PROMPT
+    path = tmp_path / "page.png"
+    PAGES[0].save(path)
+    args = ["transcribe", path, "--model", docling_model, "--no-split", "--max-new-tokens", "12"]
+    result = cli(*args, "--out", tmp_path / "with")
+    assert result.exit_code == 0, result.stderr
+    (record,) = [json.loads(line) for line in (tmp_path / "with" / "records.jsonl").read_text().splitlines()]
+    assert record["status"] == "ok" and isinstance(record["markdown"], str) and record["text"]
+    monkeypatch.setitem(sys.modules, "docling_core", None)  # as if the [docling] extra were not installed
+    result = cli(*args, "--out", tmp_path / "without")
+    assert result.exit_code == 0 and "pip install 'idefics-cli[docling]'" in result.stderr
+    (bare,) = [json.loads(line) for line in (tmp_path / "without" / "records.jsonl").read_text().splitlines()]
+    assert "markdown" not in bare and bare["text"] == record["text"]
+    assert bare["text"].strip() in (tmp_path / "without" / "page.md").read_text()

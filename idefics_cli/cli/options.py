@@ -136,6 +136,13 @@ def render_side(opts: ModelOptions) -> int | None:
     return side(opts)
 
 
+def doctags(opts: ModelOptions) -> bool:
+    """Whether the model is a document model answering in DocTags (SmolDocling, granite-docling)."""
+    from ..runtime.families import doctags as answers_in_doctags
+
+    return answers_in_doctags(opts)
+
+
 def max_new_tokens_option(default: int):
     return Annotated[int, typer.Option(min=1, max=32768, metavar="N", help="Most tokens to generate per answer.",
                                        rich_help_panel=MODEL_PANEL)]

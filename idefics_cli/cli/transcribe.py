@@ -87,5 +87,6 @@ def _transcribe(output, paths, out, prompt, batch_size, force, shard, engine_nam
     request = TranscribeRequest(tuple(paths), out, opts, prompt=prompt, pages=pages, dpi=dpi, password=password,
                                 batch_size=batch_size, force=force, shard=shard, engine=engine_name,
                                 ray_address=ray_address, schema=schema,
-                                longest_side=None if server else o.render_side(opts))
+                                longest_side=None if server else o.render_side(opts),
+                                doctags=not server and o.doctags(opts))
     return Transcription(request, engine=engine, output=output).run()

@@ -19,6 +19,7 @@ import time
 from ..errors import IdeficsError, UsageError, is_oom
 from ..interface import Generation, ModelOptions
 from ..prompts import user_turn
+from .families import DOCTAG
 
 QUANT_NAMES = {"4bit": "nf4", "8bit": "int8", "none": "none"}
 PREFILL_CHUNK, PREFILL_CHUNK_ENV = 1024, "IDEFICS_PREFILL_CHUNK"  # prompt tokens prefilled at a time
@@ -114,6 +115,7 @@ class LocalEngine(Preparer):
         self.quant_reason = quant_reason or f"--quant {options.quant}"
         tokenizer = processor.tokenizer
         self.image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
+        self.doctags = DOCTAG in tokenizer.get_added_vocab()  # a document model: its DocTags are kept in answers
         self.eos_ids = set(self._eos_ids())
         self.context_size = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self.vision_chunk: int | None = None  # images per vision call; None: vision.auto_chunk
@@ -196,7 +198,7 @@ class LocalEngine(Preparer):
 
     def decode(self, ids: list[int]) -> str:
         with self.text_lock:
-            return self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+            return self.processor.tokenizer.decode(ids, skip_special_tokens=not self.doctags)
 
     def features(self, inputs) -> list:
         """Image features of each row of `inputs` (None for a row without images), through vision.py."""

@@ -9,7 +9,8 @@ Contract:
   `expand(processor, texts, grids)` (the processor's own text expansion for images split into those grids),
   `render_side(image_processor)` (the longest side PDFs are rendered at so the processor gets full resolution).
 - `for_processor(processor)` is a loaded processor's family; `parameters(config)` counts a config's parameters on
-  the meta device; `auto_quant(config)` is `--quant auto`; `render_side(options)` the render size from the files.
+  the meta device; `auto_quant(config)` is `--quant auto`; `render_side(options)` and `doctags(options)` (a
+  document model: DocTags answers, prompts.DOCLING_PROMPT) are read from the checkpoint's files at hand.
 json, os here; torch and transformers inside functions only.
 """
 
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from ..errors import IdeficsError
 
 NF4_FROM = 4 * 10**9  # --quant auto: nf4 from this many parameters, none below
-DOCLING_PROMPT = "Convert this page to docling."
+DOCTAG = "<doctag>"  # a token of the document models' tokenizers
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,22 @@ def render_side(options) -> int | None:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
     return None
+
+
+def doctags(options) -> bool:
+    """Whether the checkpoint at hand is a document model answering in DocTags (its tokenizer has `<doctag>`)."""
+    from ..hub import cached_snapshot, looks_local
+
+    folder = os.path.expanduser(options.model) if looks_local(options.model) else cached_snapshot(
+        options.model, options.revision, need="processor")
+    for name in ("tokenizer_config.json", "tokenizer.json"):
+        try:
+            with open(os.path.join(folder, name)) as f:
+                if f'"{DOCTAG}"' in f.read():
+                    return True
+        except (OSError, TypeError):
+            continue
+    return False
 
 
 def config_path(options, local_files_only: bool) -> str:

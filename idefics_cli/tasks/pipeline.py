@@ -178,7 +178,8 @@ def _records(engine, slot: _Slot, request: TranscribeRequest, job: TranscribeJob
         if result.code == "model_error":  # a server that went away (client.py): stop; a rerun resumes
             raise result
         return [task_error(task, result, settings)]
-    return [ok_record(task, result, result.prompt_usage, preprocess_s / n, settings, n, request.schema)]
+    return [ok_record(task, result, result.prompt_usage, preprocess_s / n, settings, n, request.schema,
+                      request.doctags)]
 
 
 def answer_single(engine, task, image, request: TranscribeRequest) -> PageRecord:
@@ -191,7 +192,7 @@ def answer_single(engine, task, image, request: TranscribeRequest) -> PageRecord
             preprocess_s = time.perf_counter() - t0
             gen = engine.generate_batch(inputs, request.options.max_new_tokens, schema=request.schema)[0]
             return ok_record(task, gen, gen.prompt_usage, preprocess_s, request.settings_hash,
-                             schema=request.schema)
+                             schema=request.schema, doctags=request.doctags)
         except Exception as exc:  # noqa: BLE001 - recorded per page
             err = classify(exc, task.input.path)
             if err.code != "out_of_memory":

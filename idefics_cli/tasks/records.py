@@ -73,12 +73,15 @@ class PageRecord:
     timing: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     data: object = NO_DATA  # with --schema: the parsed answer or None; NO_DATA: a run without a schema
+    markdown: str | None = None  # a document model's DocTags `text` as Markdown (docling-core); None: no field
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        data = d.pop("data")
+        data, markdown = d.pop("data"), d.pop("markdown")
         head = {"schema": PAGE_SCHEMA, "path": d.pop("path"), "page": d.pop("page"), "pages": d.pop("pages"),
                 "status": d.pop("status"), "text": d.pop("text")}
+        if markdown is not None:
+            head["markdown"] = markdown
         if self.data is not NO_DATA:
             head["data"] = data
         return {**head, "error": d.pop("error"), "finish_reason": d.pop("finish_reason"),
@@ -91,13 +94,14 @@ class PageRecord:
 
 
 def ok_record(task, gen, usage: dict, preprocess_s: float, settings: str, batch_size: int = 1,
-              schema=None) -> PageRecord:
+              schema=None, doctags: bool = False) -> PageRecord:
     """A page's answer; its `timing` is its share of its batch's time (`batch_size` pages shared one call).
 
     `task` is the page (`input.path`, `page`, `pages`, `sha256`, `warnings`: batch.PageTask); `gen` its
     generation (`text`, `finish_reason`, `completion_tokens`, `total_s`); `settings` the run's settings hash.
     With `schema` (structured.Schema) the answer is read as JSON: `data` when it validates, else an error
-    record (`schema_truncated` or `schema_mismatch`) that keeps the raw text.
+    record (`schema_truncated` or `schema_mismatch`) that keeps the raw text. `doctags`: the text is a document
+    model's DocTags, given as Markdown too (doctags.py; none without docling-core).
     """
     data, error = NO_DATA, None
     if schema is not None:
@@ -110,7 +114,14 @@ def ok_record(task, gen, usage: dict, preprocess_s: float, settings: str, batch_
                       sha256=task.sha256, settings=settings, text=gen.text, error=error,
                       finish_reason=gen.finish_reason, usage={**usage, "completion_tokens": gen.completion_tokens},
                       timing={"preprocess_s": round(preprocess_s, 4), "generate_s": round(gen.total_s / batch_size, 4),
-                              "batch_size": batch_size}, warnings=list(task.warnings), data=data)
+                              "batch_size": batch_size}, warnings=list(task.warnings), data=data,
+                      markdown=_markdown(gen.text) if doctags and not error else None)
+
+
+def _markdown(text: str) -> str | None:
+    from .doctags import to_markdown
+
+    return to_markdown(text)
 
 
 def blank_record(task, settings: str, schema=None) -> PageRecord:

@@ -14,7 +14,7 @@ from functools import partial
 
 from ..errors import UsageError
 from ..interface import ModelOptions
-from ..prompts import TRANSCRIBE_PROMPT
+from ..prompts import DOCLING_PROMPT, TRANSCRIBE_PROMPT
 from .records import settings_hash
 
 ENGINES = ("local", "ray")
@@ -31,6 +31,7 @@ class TranscribeRequest:
     pages: str | None = None  # a --pages spec (pages.py), None: every page
     dpi: int | None = None  # None: pages rendered to fit the model (longest_side)
     longest_side: int | None = None  # the model's render size (families.render_side); None: the documents' default
+    doctags: bool = False  # a document model (families.doctags): its own prompt, and Markdown added to records
     password: str | None = None
     batch_size: int | str | None = None  # pages a generate call; None or "auto": from the device
     force: bool = False
@@ -47,7 +48,7 @@ class TranscribeRequest:
         set_ = partial(object.__setattr__, self)
         one = isinstance(self.inputs, (str, os.PathLike))
         set_("inputs", tuple(os.fspath(p) for p in ((self.inputs,) if one else self.inputs)))
-        set_("prompt", self.prompt or TRANSCRIBE_PROMPT)
+        set_("prompt", self.prompt or (DOCLING_PROMPT if self.doctags else TRANSCRIBE_PROMPT))
         set_("engine", getattr(self.engine, "value", self.engine))
         if self.engine not in ENGINES:
             raise UsageError(f"unknown --engine {self.engine!r}", "use local or ray")
