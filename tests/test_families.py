@@ -274,3 +274,16 @@ def test_a_document_model_transcribes_to_doctags_and_markdown(cli, docling_model
     (bare,) = [json.loads(line) for line in (tmp_path / "without" / "records.jsonl").read_text().splitlines()]
     assert "markdown" not in bare and bare["text"] == record["text"]
     assert bare["text"].strip() in (tmp_path / "without" / "page.md").read_text()
+
+
+def test_quantize_an_idefics3_and_ask_it(cli, tiny_idefics3, tmp_path):
+    """`quantize` saves nf4 whatever the size (auto would not quantize it); the copy loads as nf4 and answers."""
+    out = tmp_path / "nf4"
+    result = cli("quantize", out, "--model", tiny_idefics3, "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    page = tmp_path / "p.png"
+    PAGES[0].save(page)
+    answer = cli("ask", page, QUESTION, "--json", "--model", out, "--no-split", "--max-new-tokens", "4")
+    assert answer.exit_code == 0, answer.stderr
+    model = json.loads(answer.stdout)["model"]
+    assert model["quantization"] == "nf4" and model["quantization_reason"] == "auto: the checkpoint is saved quantized"
