@@ -27,7 +27,7 @@ import time
 def _load(model_dir: str):
     from idefics_cli.runtime.model import ModelOptions, load
 
-    return load(ModelOptions(model=model_dir, device="cpu", offline=True))
+    return load(ModelOptions(model=model_dir, quant="4bit", device="cpu", offline=True))
 
 
 def _pages(pdf: str) -> tuple[list, float]:
