@@ -174,7 +174,7 @@ def build(out_dir: str, size: str = "tiny", seed: int = 0, device: str = "cpu", 
         model_config, generation = config(size), GENERATION
     else:
         tok = build_smol_processor(out_dir, docling=family == "smoldocling").tokenizer
-        model_config = smol_config(tok, "tiny" if size == "tiny" else "smolvlm-256m")
+        model_config = smol_config(tok, size)
         ids = tok.convert_tokens_to_ids
         generation = {"bos_token_id": ids("<|im_start|>"), "eos_token_id": ids("<end_of_utterance>"),
                       "pad_token_id": ids("<|im_end|>")}
@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m idefics_cli.dev.tiny", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir")
     parser.add_argument("--family", choices=FAMILIES, default="idefics2")
-    parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="idefics3: tiny, else SmolVLM-256M's")
+    parser.add_argument("--size", choices=sorted({*SIZES, *SMOL_SIZES}), default="tiny",
+                        help="idefics2: tiny, mid, full; idefics3 and smoldocling: tiny, smolvlm-256m")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
