@@ -1,17 +1,14 @@
 """Model families: what differs between Idefics2, Idefics3 (SmolVLM v1, SmolDocling, granite-docling) and SmolVLM2.
 
-Contract:
-- `detect(options, local_files_only)` reads the checkpoint's config.json (no weights, no transformers) and returns
-  its `Family`; another `model_type`, or a family whose processor cannot be built here, is a one-line
-  `IdeficsError("model_error")` naming the supported families or what to install.
-- A `Family` says what the one engine does differently: `sized` (image tokens depend on each image's size, so a
-  prompt's ids come with its pixels), `image_kwargs` (asked of its image processor with every image),
-  `expand(processor, texts, grids)` (the processor's own text expansion for images split into those grids),
-  `render_side(image_processor)` (the longest side PDFs are rendered at so the processor gets full resolution).
-- `for_processor(processor)` is a loaded processor's family; `parameters(config)` counts a config's parameters on
-  the meta device; `auto_quant(config)` is `--quant auto`; `render_side(options)` and `doctags(options)` (a
-  document model: DocTags answers, prompts.DOCLING_PROMPT) are read from the checkpoint's files at hand.
-json, os here; torch and transformers inside functions only.
+Contract: `detect(options, local_files_only)` reads config.json (no weights) and returns (its `Family`, the config);
+another `model_type`, or a family whose processor cannot be built here, is a one-line `IdeficsError("model_error")`
+naming the supported families or what to install. A `Family` is what the one engine does differently: `sized`
+(image tokens follow each image's size: a prompt's ids come with its pixels), `image_kwargs` (asked of its image
+processor with every image), `expand(processor, texts, grids)` (the processor's own text expansion for those grids
+of tiles), `render_side(image_processor)` (the render size giving the processor full resolution).
+`for_processor(processor)` is a loaded processor's family; `auto_quant(config)` is `--quant auto` (`parameters`
+counted on the meta device); `render_side(options)` and `doctags(options)` (a document model answering in
+DocTags) are read from the checkpoint's files at hand. json, os here; torch and transformers inside functions.
 """
 
 from __future__ import annotations
