@@ -56,7 +56,7 @@ class Command(TyperCommand):
         args, opts = [], []
         for param in self.get_params(ctx):
             if param.param_type_name == "option" and not (param.is_flag or param.count) and param.metavar is None \
-                    and not param.type_descriptor.is_choice:
+                    and not _is_choice(param):
                 param.metavar = param.name.upper()
             record = param.get_help_record(ctx)
             if record is None:
@@ -69,6 +69,13 @@ class Command(TyperCommand):
             if rows:
                 with formatter.section(title):
                     formatter.write_dl(rows)
+
+
+def _is_choice(param) -> bool:
+    """Whether an option's values are a list of choices (typer 0.27+ says so; before it, its type has `choices`:
+    the typer that docling-core, the `[docling]` extra, caps below 0.27)."""
+    described = getattr(param, "type_descriptor", None)
+    return described.is_choice if described is not None else bool(getattr(param.type, "choices", None))
 
 
 def _argument_name(param) -> str:

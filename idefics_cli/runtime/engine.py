@@ -89,10 +89,10 @@ class Preparer:
         """The longest side pages are rendered at for this model (None: the documents' default)."""
         return self.family.render_side(self.processor.image_processor)
 
-    def tokenize(self, texts: list[str], vision=None, grids: list | None = None):
+    def tokenize(self, texts: list[str], vision):
         """The processor's token ids of `texts` (left-padded) with their images' tokens expanded by the family from
-        the grids of `vision`'s built images (or `grids`), on the device; a prompt over the context is refused."""
-        grids = [g for row in vision.grids for g in row] if grids is None else grids
+        the grids of `vision`'s built images, on the device; a prompt over the context is refused."""
+        grids = [g for row in vision.grids for g in row]
         texts = self.family.expand(self.processor, texts, grids) if grids else texts
         inputs = self.processor.tokenizer(texts, return_tensors="pt", padding=True)
         context = getattr(self, "context_size", None)
