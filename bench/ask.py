@@ -29,7 +29,7 @@ def main(argv=None) -> int:
         n = str(8 if args.smoke else args.max_new_tokens)
         plain = [sys.executable, os.path.join(c.HERE, "plain.py"), "ask", model, image, c.QUESTION,
                  "--max-new-tokens", n]
-        cli = [*c.idefics_cmd(), "ask", image, c.QUESTION, "--model", model, "--device", "cpu",
+        cli = [*c.idefics_cmd(), "ask", image, c.QUESTION, "--model", model, "--quant", "4bit", "--device", "cpu",
                "--max-new-tokens", n]
         runs = c.interleave({"plain": lambda: c.run(plain), "cli": lambda: c.run(cli)}, reps)
     answers = {r.stdout.strip() for side in runs.values() for r in side}

@@ -91,17 +91,18 @@ def cache_dir() -> str:
     return path
 
 
-def model_dir(size: str) -> str:
-    """A random Idefics2 of `tiny.SIZES[size]` (real idefics2-8b tokenizer), built once per shape and cached."""
+def model_dir(size: str, family: str = "idefics2") -> str:
+    """A random model of `family` and `size` (tiny.py: its real tokens and settings), built once per shape, cached."""
     from idefics_cli.dev import tiny
 
-    key = hashlib.sha1(json.dumps([size, tiny.SIZES[size]]).encode()).hexdigest()[:10]
-    out = os.path.join(cache_dir(), f"idefics2-{size}-{key}")
+    shapes = tiny.SIZES if family == "idefics2" else tiny.SMOL_SIZES
+    key = hashlib.sha1(json.dumps([size, shapes[size]]).encode()).hexdigest()[:10]
+    out = os.path.join(cache_dir(), f"{family}-{size}-{key}")
     if not os.path.exists(os.path.join(out, "config.json")):
         tmp = out + f".tmp{os.getpid()}"
-        print(f"building the random {size} Idefics2 in {out} ...", file=sys.stderr, flush=True)
-        subprocess.run([sys.executable, "-m", "idefics_cli.dev.tiny", tmp, "--size", size], env=env(), check=True,
-                       capture_output=True)
+        print(f"building the random {size} {family} in {out} ...", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "idefics_cli.dev.tiny", tmp, "--size", size, "--family", family],
+                       env=env(), check=True, capture_output=True)
         os.replace(tmp, out)
     return out
 

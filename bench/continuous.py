@@ -31,7 +31,7 @@ def child(model: str, image: str, reps: int, pages: int, short: int, long: int) 
     from idefics_cli.runtime.model import ModelOptions, load, quiet_libraries
 
     quiet_libraries()
-    engine = load(ModelOptions(model=model, device="cpu"))
+    engine = load(ModelOptions(model=model, quant="4bit", device="cpu"))
     page = Image.open(image).convert("RGB")
     prompts = []
     for k in range(pages):  # one page image each, cropped differently so that no two prompts are the same

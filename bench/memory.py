@@ -41,7 +41,7 @@ def main(argv=None) -> int:
                 if os.path.exists(out):
                     os.remove(out)
                 r = c.run([*c.idefics_cmd(), "transcribe", pdfs[count], "--out", out, "--model", model,
-                           "--device", "cpu", "--max-new-tokens", n, "--quiet"])
+                           "--quant", "4bit", "--device", "cpu", "--max-new-tokens", n, "--quiet"])
                 with open(out) as f:
                     ok = sum('"status": "ok"' in line for line in f)
                 if ok != count:

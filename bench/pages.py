@@ -35,7 +35,8 @@ def main(argv=None) -> int:
         def side(layout, count):
             def go():
                 r = c.run([*c.idefics_cmd(), "ask", pdfs[layout], "--pages", f"1-{count}", c.QUESTION, "--json",
-                           "--model", model, "--device", "cpu", "--max-new-tokens", str(args.max_new_tokens)])
+                           "--model", model, "--quant", "4bit", "--device", "cpu", "--max-new-tokens",
+                           str(args.max_new_tokens)])
                 answer = json.loads(r.stdout)
                 if sum(len(s["pages"]) for s in answer["sources"]) != count:
                     raise SystemExit(f"ask saw {answer['sources']}, not {count} pages")

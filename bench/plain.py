@@ -2,6 +2,7 @@
 
     python bench/plain.py ask MODEL IMAGE QUESTION [--max-new-tokens N]   # answer streamed to stdout
     python bench/plain.py loop MODEL PDF PROMPT [--max-new-tokens N]      # JSON {"seconds", "texts"}
+        [--quant 4bit|none] [--side PX]   # loading (default the 4-bit snippet) and render size (default 1960)
 
 Loading is the model card's 4-bit snippet (AutoProcessor, BitsAndBytesConfig nf4 + double quant), on the
 CPU in float32 or on CUDA in `--dtype`. `ask` streams each new piece of text as soon as it is decoded (so
@@ -17,7 +18,7 @@ import sys
 import time
 
 
-def load(model_dir: str, device: str, dtype: str):
+def load(model_dir: str, device: str, dtype: str, quant: str = "4bit"):
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
@@ -25,8 +26,9 @@ def load(model_dir: str, device: str, dtype: str):
     processor = AutoProcessor.from_pretrained(model_dir)
     quantization_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch_dtype)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch_dtype, device_map={"": device},
-                                                        quantization_config=quantization_config)
+    model = AutoModelForImageTextToText.from_pretrained(
+        model_dir, dtype=torch_dtype, device_map={"": device},
+        quantization_config=quantization_config if quant == "4bit" else None)
     return processor, model
 
 
@@ -74,12 +76,12 @@ def loop(args) -> None:
     import pymupdf
     from PIL import Image
 
-    processor, model = load(args.model, args.device, args.dtype)
+    processor, model = load(args.model, args.device, args.dtype, args.quant)
     texts = []
     start = time.perf_counter()
     with pymupdf.open(args.pdf) as doc:
         for page in doc:
-            scale = 1960 / max(page.rect.width, page.rect.height)
+            scale = args.side / max(page.rect.width, page.rect.height)
             pix = page.get_pixmap(matrix=pymupdf.Matrix(scale, scale), alpha=False)
             image = Image.frombytes("RGB", (pix.width, pix.height), pix.samples)
             inputs = inputs_for(processor, model, image, args.question)
@@ -97,6 +99,8 @@ def main(argv=None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--quant", default="4bit", choices=["4bit", "none"], help="none: the SmolVLM model card's load")
+    p.add_argument("--side", type=int, default=1960, help="loop: render each page to this longest side (px)")
     args = p.parse_args(argv)
     args.image = args.pdf = args.source
     from transformers.utils import logging

@@ -40,8 +40,8 @@ ACCESS = re.compile(r"POST /v1/chat/completions 200 tokens=\d+ ([\d.]+)s")
 
 class Server:
     def __init__(self, model: str, max_new_tokens: int, smoke: bool, device: str = "cpu"):
-        cmd = [*c.idefics_cmd(), "serve", "--model", model, "--device", device, "--port", "0", "--max-batch", "8",
-               "--max-queue", "64", "--max-new-tokens", str(max_new_tokens)]
+        cmd = [*c.idefics_cmd(), "serve", "--model", model, "--quant", "4bit", "--device", device, "--port", "0",
+               "--max-batch", "8", "--max-queue", "64", "--max-new-tokens", str(max_new_tokens)]
         if smoke:
             cmd += ["--quant", "none", "--no-split"]  # the smoke only checks that the code runs: 1 crop a page
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=c.env(), cwd=c.ROOT)
@@ -125,7 +125,7 @@ def p10(server: Server, model: str, pdf: str, pages: list[int], n: int, smoke: b
     """P10: `idefics ask --server` (a page the server has not seen) against a cold `idefics ask` of the same page
     (model loading included), each a child process timed from spawn to exit; rounds alternate which goes first.
     Also the server's own seconds for each `--server` request (its access log): the part no client can save."""
-    local_flags = ["--model", model, "--device", "cpu", "--max-new-tokens", str(n)]
+    local_flags = ["--model", model, "--quant", "4bit", "--device", "cpu", "--max-new-tokens", str(n)]
     local_flags += ["--quant", "none", "--no-split"] if smoke else []  # as the server (Server)
     rounds = iter(pages)
     cold, warm, same, served = [], [], [], []

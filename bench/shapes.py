@@ -41,7 +41,7 @@ def main(argv=None) -> int:
                 if os.path.exists(out):
                     os.remove(out)
                 r = c.run([*c.idefics_cmd(), "transcribe", pdfs[layout], "--out", out, "--model", model,
-                           "--device", "cpu", "--max-new-tokens", n])
+                           "--quant", "4bit", "--device", "cpu", "--max-new-tokens", n])
                 match = SUMMARY.search(r.stderr)
                 if not match or int(match.group(1)) != pages:
                     raise SystemExit(f"no summary for {pages} pages in the CLI's stderr:\n{r.stderr[-2000:]}")

@@ -24,26 +24,26 @@ import sys
 import time
 
 
-def _load(model_dir: str):
+def _load(model_dir: str, quant: str = "4bit"):
     from idefics_cli.runtime.model import ModelOptions, load
 
-    return load(ModelOptions(model=model_dir, device="cpu", offline=True))
+    return load(ModelOptions(model=model_dir, quant=quant, device="cpu", offline=True))
 
 
-def _pages(pdf: str) -> tuple[list, float]:
-    """Every page of `pdf` rendered as `transcribe` renders it; seconds per page."""
+def _pages(pdf: str, side: int | None = None) -> tuple[list, float]:
+    """Every page of `pdf` rendered as `transcribe` renders it (`side`: the model's render size); seconds a page."""
     from idefics_cli.documents import open_document
 
-    with open_document(pdf) as doc:
+    with open_document(pdf, longest_side=side) as doc:
         start = time.perf_counter()
         images = [doc.render(p) for p in range(1, doc.page_count + 1)]
     return images, (time.perf_counter() - start) / len(images)
 
 
 def model_only(args) -> None:
-    engine = _load(args.model)
+    engine = _load(args.model, args.quant)
     size = engine.auto_batch_size() if args.batch_size == "auto" else int(args.batch_size)
-    images, _ = _pages(args.pdf)
+    images, _ = _pages(args.pdf, engine.render_side)
     batches = [engine.prepare([([im], args.question) for im in images[k:k + size]], collect=True)
                for k in range(0, len(images), size)]
     images = None
@@ -123,6 +123,7 @@ def main(argv=None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", default="auto")
     p.add_argument("--batch-sizes", default="1,8")
+    p.add_argument("--quant", default="4bit", help="model-only: the model options' --quant (default 4bit)")
     args = p.parse_args(argv)
     from idefics_cli.runtime.model import quiet_libraries
 

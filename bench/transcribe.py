@@ -50,7 +50,8 @@ def main(argv=None) -> int:
 
         def cli(batch_size):
             return [*c.idefics_cmd(), "transcribe", pdf, "--out", out, "--force", "--prompt", c.TRANSCRIBE_PROMPT,
-                    "--model", model, "--device", "cpu", "--max-new-tokens", n, "--batch-size", batch_size]
+                    "--model", model, "--quant", "4bit", "--device", "cpu", "--max-new-tokens", n,
+                    "--batch-size", batch_size]
 
         model_only = [sys.executable, os.path.join(c.HERE, "stages.py"), "model-only", model, pdf,
                       c.TRANSCRIBE_PROMPT, "--max-new-tokens", n, "--batch-size", args.batch_size]

@@ -32,7 +32,8 @@ def load(model: str = DEFAULT_MODEL, *, revision: str | None = _DEFAULTS.revisio
          tune_process: bool = False) -> Model:
     """Load the processor and the model (a hub id or a local folder) and return its `Model`.
 
-    quant: "4bit" (bitsandbytes nf4 + double quant), "8bit" (CUDA only) or "none"; dtype: "auto", "bfloat16",
+    quant: "auto" (4bit from 4B parameters, else none), "4bit" (bitsandbytes nf4 + double quant), "8bit" (CUDA
+    only) or "none"; dtype: "auto", "bfloat16",
     "float16" or "float32"; device: "auto", "cpu", "cuda" or "cuda:N"; offline: never touch the network;
     split: image splitting (4 crops + the whole page); max_new_tokens: the default length of an answer;
     tune_process: first opt the process in to the commands' settings (quiet libraries, tuned allocators:
@@ -42,8 +43,8 @@ def load(model: str = DEFAULT_MODEL, *, revision: str | None = _DEFAULTS.revisio
     from .errors import UsageError
     from .runtime.model import load as load_model
 
-    if quant not in ("4bit", "8bit", "none"):
-        raise UsageError(f"quant {quant!r}: use 4bit, 8bit or none")
+    if quant not in ("auto", "4bit", "8bit", "none"):
+        raise UsageError(f"quant {quant!r}: use auto, 4bit, 8bit or none")
     if dtype not in ("auto", "bfloat16", "float16", "float32"):
         raise UsageError(f"dtype {dtype!r}: use auto, bfloat16, float16 or float32")
     if tune_process:

@@ -1,10 +1,9 @@
 """Optional features and the packages they need: which are installed, found without importing them.
 
-Contract: `EXTRAS` lists the optional features (Ray Data, the HTTP server, the MCP server; `--schema` is core):
-the distributions each needs, the module each must provide, and what it enables. `report()` returns, per
-feature, `{"installed": bool, "packages": {distribution: version or None}, "enables": str, "install": str}`,
-from installed package metadata (`importlib.metadata`) and `importlib.util.find_spec` only: no optional
-package is imported, so `idefics doctor` stays fast and a broken optional install cannot break it.
+Contract: `EXTRAS` lists the optional features (Ray Data, the HTTP server, the MCP server, DocTags to Markdown;
+`--schema` is core): the distributions each needs, the module each must provide, and what it enables.
+`report()` returns, per feature, `{"installed": bool, "packages": {distribution: version or None}, "enables":
+str, "install": str}`, from package metadata and `importlib.util.find_spec` only: no optional package is imported, so `idefics doctor` stays fast and a broken optional install cannot break it.
 `install` is `pip install 'idefics-cli[NAME]'` when this package declares that extra, else the plain
 `pip install` of the packages.
 """
@@ -30,6 +29,8 @@ EXTRAS = (
     Extra("serve", ("fastapi", "uvicorn", "prometheus-client"), ("fastapi", "uvicorn", "prometheus_client"),
           "`idefics serve`: the model behind an OpenAI-compatible HTTP API"),
     Extra("mcp", ("mcp",), ("mcp",), "`idefics mcp`: documents as tools for agent hosts (Model Context Protocol)"),
+    Extra("docling", ("docling-core",), ("docling_core",),
+          "Markdown from the DocTags of SmolDocling and granite-docling (`transcribe` records' \"markdown\")"),
 )
 
 

@@ -21,7 +21,7 @@ class ModelOptions:
 
     model: str = DEFAULT_MODEL
     revision: str | None = None
-    quant: str = "4bit"
+    quant: str = "auto"  # auto: nf4 from 4B parameters (runtime/families.py), 4bit, 8bit or none
     dtype: str = "auto"
     device: str = "auto"
     offline: bool = False

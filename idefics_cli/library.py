@@ -46,7 +46,8 @@ class Model:
             if (pages, password, dpi) != (None, None, None):
                 raise UsageError("pages, password and dpi are options of open_pages when documents is a Selection")
             return ask(self.engine, documents, question, max_new_tokens, logits_processor, schema=schema)
-        selection = open_pages(documents, pages, password=password, dpi=dpi)
+        selection = open_pages(documents, pages, password=password, dpi=dpi,
+                               longest_side=getattr(self.engine, "render_side", None))
         try:
             return ask(self.engine, selection, question, max_new_tokens, logits_processor, close=True,
                        schema=schema)
@@ -62,6 +63,8 @@ class Model:
         """
         from .tasks.transcription import TranscribeRequest, Transcription
 
+        request_fields.setdefault("longest_side", getattr(self.engine, "render_side", None))
+        request_fields.setdefault("doctags", getattr(self.engine, "doctags", False))
         return Transcription(TranscribeRequest(inputs, out, self.engine.options, **request_fields), engine=self.engine)
 
     def chat(self, path: str, pages: str | None = None, *, password: str | None = None, dpi: int | None = None,
@@ -69,4 +72,5 @@ class Model:
         """A conversation about one document: `ChatSession.ask(question)` for each turn."""
         from .tasks.conversation import ChatSession
 
-        return ChatSession.open(path, pages, password=password, dpi=dpi).start(self.engine, schema)
+        return ChatSession.open(path, pages, password=password, dpi=dpi,
+                                longest_side=getattr(self.engine, "render_side", None)).start(self.engine, schema)

@@ -13,6 +13,9 @@ TRANSCRIBE_PROMPT = (
 )
 
 
+DOCLING_PROMPT = "Convert this page to docling."  # SmolDocling's and granite-docling's own (DocTags answers)
+
+
 def user_turn(n_images: int, text: str) -> dict:
     return {"role": "user", "content": [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]}
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: one tiny random Idefics2 (real idefics2-8b tokenizer and settings) per session."""
+"""Shared fixtures: one tiny random Idefics2 (real idefics2-8b tokenizer and settings) per session, and one tiny
+Idefics3 (SmolVLM-256M-Instruct's processor, template and special tokens)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,25 @@ def engine(tiny_model):
     from idefics_cli.runtime.model import ModelOptions, load
 
     return load(ModelOptions(model=tiny_model, quant="none", device="cpu", max_new_tokens=8))
+
+
+@pytest.fixture(scope="session")
+def tiny_idefics3(tmp_path_factory) -> str:
+    """Folder of a tiny random Idefics3 that loads like SmolVLM-256M-Instruct (built once a session, ~5 s)."""
+    from transformers.utils import logging
+
+    from idefics_cli.dev.tiny import build
+
+    logging.set_verbosity_error()
+    return build(str(tmp_path_factory.mktemp("tiny-idefics3")), family="idefics3", seed=0)
+
+
+@pytest.fixture(scope="session")
+def engine3(tiny_idefics3):
+    """The tiny Idefics3 loaded through the CLI's own loading code (`--quant auto`: none), float32 on the CPU."""
+    from idefics_cli.runtime.model import ModelOptions, load
+
+    return load(ModelOptions(model=tiny_idefics3, quant="auto", device="cpu", max_new_tokens=8))
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,8 @@ NOT_HERE = {  # the examples that cannot run on this machine, and why
     "pip install": "installs packages",
     "idefics pull": "downloads from the hub",
     "idefics2-8b-chatty": "downloads from the hub",
+    **{f"-m {org}/": "loads a model from the hub (tests/test_families.py runs the tiny Idefics3 and SmolDocling)"
+       for org in ("HuggingFaceM4", "HuggingFaceTB", "ds4sd", "ibm-granite")},
     "--install-completion": "edits the user's shell start-up files",
     "ray start": "starts a Ray cluster",
     "--engine ray": "needs a Ray cluster (tests/test_ray.py runs the Ray engine)",

@@ -128,7 +128,7 @@ def test_json_fields_are_real(cli, tiny_model, tmp_path):
     assert answer["finish_reason"] == "length" and answer["usage"]["completion_tokens"] == 6
     assert answer["sources"] == [{"path": str(image_path), "pages": [1]}]
     assert answer["model"] == {"id": tiny_model, "revision": None, "quantization": "none", "dtype": "float32",
-                               "device": "cpu"}
+                               "device": "cpu", "family": "idefics2", "quantization_reason": "--quant none"}
     assert answer["usage"]["prompt_tokens"] > answer["usage"]["image_tokens"] == 320
     timing = answer["timing"]
     assert set(timing) == {"load_s", "preprocess_s", "first_token_s", "total_s"}

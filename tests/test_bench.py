@@ -18,7 +18,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"help": False, "ask": True, "transcribe": True, "memory": True, "shapes": True, "pages": True,
            "decompose": True, "gpu": False, "schema": True, "schema_engines": False,
-           "serve": True, "continuous": True, "confidence": True}  # name -> takes --model
+           "serve": True, "continuous": True, "confidence": True,
+           "families": False}  # name -> takes --model (an Idefics2)
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +67,13 @@ def test_transcribe_smoke(smoke):
     # the quiet-machine gate: load before/after each run and the other processes' load are always reported
     assert "# load average before/after each run: " in out and "# foreign load during each run" in out
     assert "# QUIET" in out or "# NOT QUIET" in out
+
+
+def test_families_smoke(smoke):
+    out = finished(smoke, "families")
+    assert "P14 2 pages of samples/report.pdf at 2048 px" in out and "plain per-page loop (model card" in out
+    assert re.search(r"idefics transcribe \(--batch-size auto\)\s*\| [\d.]+", out)
+    assert re.search(r"pages/s = [\d.]+x of model-only", out)
 
 
 def test_decompose_smoke(smoke):

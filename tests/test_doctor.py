@@ -22,7 +22,7 @@ ESTIMATE = {"parameters", "quantized_parameters", "bytes_per_quantized_parameter
 
 
 def test_json_has_every_field_and_a_real_4bit_check(cli, tiny_model, engine):
-    result = cli("doctor", "--json", "--model", tiny_model, "--device", "cpu")
+    result = cli("doctor", "--json", "--model", tiny_model, "--device", "cpu", "--quant", "4bit")
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert set(report) == TOP and report["schema"] == "idefics-cli.doctor/1"
@@ -31,7 +31,8 @@ def test_json_has_every_field_and_a_real_4bit_check(cli, tiny_model, engine):
     assert set(report["cuda"]) == {"available", "version", "devices"}
     assert report["system"]["ram_available_bytes"] > 0 and report["system"]["cpus"] >= 1
     assert report["setup"] == {"model": tiny_model, "revision": None, "quant": "4bit", "quantization": "nf4",
-                               "dtype": "float32", "device": "cpu", "split": True}
+                               "quantization_reason": "--quant 4bit", "dtype": "float32", "device": "cpu",
+                               "split": True}
     bnb = report["bnb_4bit"]
     assert set(bnb) == BNB and bnb["ran"] and bnb["ok"] and bnb["device"] == "cpu"
     assert bnb["max_error"] <= bnb["tolerance"]
@@ -52,7 +53,8 @@ def test_json_has_every_field_and_a_real_4bit_check(cli, tiny_model, engine):
 
 
 def test_no_split_and_no_quant_change_the_estimate(cli, tiny_model):
-    base = json.loads(cli("doctor", "--json", "--model", tiny_model, "--device", "cpu").stdout)["estimate"]
+    base = json.loads(cli("doctor", "--json", "--model", tiny_model, "--device", "cpu", "--quant", "4bit"
+                          ).stdout)["estimate"]
     other = json.loads(cli("doctor", "--json", "--model", tiny_model, "--device", "cpu", "--no-split",
                            "--quant", "none").stdout)["estimate"]
     assert other["images_per_page"] == 1 and other["prompt_tokens"] < base["prompt_tokens"]

@@ -42,7 +42,8 @@ def test_extras_are_found_from_metadata_without_importing_them(tmp_path):
                          cwd=tmp_path, check=True)  # not the checkout's folder, where an .egg-info may lie
     found = json.loads(out.stdout)
     assert found["imported"] == []  # nothing optional was imported, not even the two that would raise
-    assert set(found["report"]) == {"serve", "ray", "mcp"}  # --schema is no extra: llguidance is a core dependency
+    assert set(found["report"]) == {"serve", "ray", "mcp", "docling"}  # --schema is no extra: llguidance is core
+    assert found["report"]["docling"]["installed"] is False
     serve, ray, mcp = (found["report"][k] for k in ("serve", "ray", "mcp"))
     assert serve["installed"] is True and serve["packages"] == {"fastapi": "0.120.0", "uvicorn": "0.38.0",
                                                                 "prometheus-client": "0.26.0"}

@@ -66,4 +66,5 @@ def test_readme_python_runs_on_the_tiny_model(workdir, tiny_model, tmp_path):
         records = [json.loads(line) for line in f]
     assert lines and lines == [f"{r['path']} {r['page']} {r['status']}" for r in records]
     assert record["sources"] == [{"path": "report.pdf", "pages": [2, 3]}] and record["usage"]["completion_tokens"]
-    assert record["model"]["quantization"] == "nf4"
+    assert record["model"]["quantization"] == "none"  # --quant auto: the tiny model is far below 4B parameters
+    assert record["model"]["quantization_reason"].startswith("auto: ")

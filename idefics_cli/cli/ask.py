@@ -67,7 +67,8 @@ def _ask(out, args, pages, dpi, password, as_json, each_page, opts, schema_value
         raise UsageError("give at least one document and a question", 'e.g. idefics ask doc.pdf "What is this?"')
     *paths, question = args
     check_question(question)
-    selection = open_pages(paths, pages, password=password, dpi=dpi, status=out.status)  # before the model loads
+    selection = open_pages(paths, pages, password=password, dpi=dpi, status=out.status,  # before the model loads
+                           longest_side=None if server else o.render_side(opts))
     engine = o.engine(opts, server, api_key, out)  # loaded here, or a running server's (--server)
     status = 0
     for group in selection.each_page() if each_page else [selection]:

@@ -71,7 +71,8 @@ class Session:
             raise_usage("chat reads questions from stdin, so the document cannot come from stdin too")
         self.out, self.opts, self.server, self.api_key = out, opts, server, api_key
         self.interactive = sys.stdin is not None and sys.stdin.isatty()
-        self.chat = ChatSession.open(path, pages, password=password, dpi=dpi, status=out.status)
+        self.chat = ChatSession.open(path, pages, password=password, dpi=dpi, status=out.status,
+                                     longest_side=None if server else o.render_side(opts))
         self._warn(self.chat.pages)
 
     def _warn(self, pages) -> None:

@@ -63,7 +63,7 @@ def _crops(out, doc_path, page, sheet_path, dir_, dpi, password, opts) -> int:
         sheet_path += ".png"
     if dir_ is None and sheet_path is None:
         sheet_path = default_sheet_name(doc_path, page)
-    with open_document(doc_path, password=password, dpi=dpi) as doc:
+    with open_document(doc_path, password=password, dpi=dpi, longest_side=o.render_side(opts)) as doc:
         image = doc.render(page)
     with out.status(f"Loading the processor of {opts.model}…"):
         processor = load_processor(opts)

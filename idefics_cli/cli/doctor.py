@@ -76,8 +76,8 @@ def render(r: dict) -> str:
                          f"{hb(g['total_bytes'])}")
     else:
         lines.append(f"gpu        none (CUDA not available), RAM {hb(r['system']['ram_available_bytes'])} available")
-    lines.append(f"setup      {s['model']} · {s['quantization']} · {s['dtype']} · {s['device']} · "
-                 f"{'split' if s['split'] else 'no split'}")
+    lines.append(f"setup      {s['model']} · {s['quantization']} ({s['quantization_reason']}) · {s['dtype']} · "
+                 f"{s['device']} · {'split' if s['split'] else 'no split'}")
     if b.get("ran"):
         mark = ok if b["ok"] else bad
         lines.append(f"4-bit      {mark} bitsandbytes nf4 matmul on {b['device']}: error {b['max_error']:.2g} "

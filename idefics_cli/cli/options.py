@@ -29,6 +29,7 @@ DOC_PANEL = "Document"
 
 
 class Quant(str, enum.Enum):
+    auto = "auto"
     bit4 = "4bit"
     bit8 = "8bit"
     none = "none"
@@ -71,10 +72,10 @@ class Command(TyperCommand):
 
 
 def _is_choice(param) -> bool:
-    """An option whose values are listed (an enum), as typer's versions describe it (a type descriptor, or a
-    click-style Choice type with `choices`)."""
+    """Whether an option's values are a list of choices (typer 0.27+ says so; before it, its type has `choices`:
+    the typer that docling-core, the `[docling]` extra, caps below 0.27)."""
     described = getattr(param, "type_descriptor", None)
-    return described.is_choice if described is not None else getattr(param.type, "choices", None) is not None
+    return described.is_choice if described is not None else bool(getattr(param.type, "choices", None))
 
 
 def _argument_name(param) -> str:
@@ -86,7 +87,8 @@ Model = Annotated[str, typer.Option("--model", "-m", metavar="ID_OR_DIR", envvar
                                     rich_help_panel=MODEL_PANEL, help="Hub id or local folder of the model.")]
 Revision = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).",
                                               rich_help_panel=MODEL_PANEL)]
-QuantOpt = Annotated[Quant, typer.Option("--quant", help="4bit = bitsandbytes nf4 + double quant.",
+QuantOpt = Annotated[Quant, typer.Option("--quant", help="auto: 4bit from 4B parameters, else none; 4bit = "
+                                         "bitsandbytes nf4 + double quant.",
                                          rich_help_panel=MODEL_PANEL)]
 DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="auto: bfloat16/float16 on a GPU, float32 on the CPU.",
                                          rich_help_panel=MODEL_PANEL)]
@@ -99,7 +101,8 @@ Split = Annotated[bool, typer.Option("--split/--no-split",
 Pages = Annotated[str | None, typer.Option("--pages", "-p", metavar="SPEC", rich_help_panel=DOC_PANEL,
                                            help="1-based pages per document: 3, 1-4, 1,3,7-, -2.")]
 Dpi = Annotated[int | None, typer.Option(min=10, max=1200, rich_help_panel=DOC_PANEL,
-                                         help="Render PDFs at this DPI (default: longest side 1960 px).")]
+                                         help="Render PDFs at this DPI (default: longest side 1960 px, or the "
+                                              "model's own image size).")]
 Password = Annotated[str | None, typer.Option(help="Password for encrypted PDFs.", rich_help_panel=DOC_PANEL)]
 SchemaOpt = Annotated[str | None, typer.Option("--schema", metavar="SCHEMA",
                                                help="Answer as JSON valid against this JSON Schema: a file, inline "
@@ -133,6 +136,20 @@ def engine(opts: ModelOptions, server: str | None, api_key: str | None, out):
     return remote
 
 
+def render_side(opts: ModelOptions) -> int | None:
+    """The longest side pages are rendered at for the model (its processor's full resolution; None: the default)."""
+    from ..runtime.families import render_side as side
+
+    return side(opts)
+
+
+def doctags(opts: ModelOptions) -> bool:
+    """Whether the model is a document model answering in DocTags (SmolDocling, granite-docling)."""
+    from ..runtime.families import doctags as answers_in_doctags
+
+    return answers_in_doctags(opts)
+
+
 def max_new_tokens_option(default: int):
     return Annotated[int, typer.Option(min=1, max=32768, metavar="N", help="Most tokens to generate per answer.",
                                        rich_help_panel=MODEL_PANEL)]
@@ -157,7 +174,7 @@ def model_options(model: str, revision: str | None, quant: Quant, dtype: Dtype, 
 def model_params(max_new_tokens: int = ANSWER_TOKENS, only: tuple[str, ...] | None = None, fixed: dict | None = None):
     """Decorator: the command's `opts` parameter becomes the model options, shown in its place in this order (all,
     or `only` these), and the command gets them as one `ModelOptions` (`fixed` values for those not shown)."""
-    declared = {"model": (Model, DEFAULT_MODEL), "revision": (Revision, None), "quant": (QuantOpt, Quant.bit4),
+    declared = {"model": (Model, DEFAULT_MODEL), "revision": (Revision, None), "quant": (QuantOpt, Quant.auto),
                 "dtype": (DtypeOpt, Dtype.auto), "device": (Device, "auto"), "offline": (Offline, False),
                 "split": (Split, True), "max_new_tokens": (max_new_tokens_option(max_new_tokens), max_new_tokens)}
     shown = [name for name in declared if only is None or name in only]

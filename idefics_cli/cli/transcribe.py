@@ -93,5 +93,7 @@ def _transcribe(output, paths, out, prompt, batch_size, force, shard, engine_nam
         opts = engine.options
     request = TranscribeRequest(tuple(paths), out, opts, prompt=prompt, pages=pages, dpi=dpi, password=password,
                                 batch_size=batch_size, force=force, shard=shard, engine=engine_name,
-                                ray_address=ray_address, schema=schema, min_confidence=min_confidence)
+                                ray_address=ray_address, schema=schema, min_confidence=min_confidence,
+                                longest_side=None if server else o.render_side(opts),
+                                doctags=not server and o.doctags(opts))
     return Transcription(request, engine=engine, output=output).run()

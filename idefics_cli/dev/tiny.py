@@ -1,13 +1,15 @@
-"""Build a small, randomly initialised Idefics2 with the real idefics2-8b tokenizer and settings.
+"""Build a small, randomly initialised model of a family with its real checkpoint's tokens, template and settings.
 
-Contract: `build(out_dir, size="tiny")` writes a folder that loads exactly like HuggingFaceM4/idefics2-8b (config,
-safetensors, generation config, processor with its chat template and image settings, tokenizer with ids
-32000-32002 for `<fake_token_around_image>`, `<image>`, `<end_of_utterance>`) with random weights whose linear
-layers are multiples of 64 wide (4-bit runs on the CPU). The tokenizer is Mistral-7B-v0.1's sentencepiece model,
-shipped as data/mistral-tokenizer.model.v1 (a copy of mistral-common 1.13.1's, Apache-2.0, checked against
-TOKENIZER_SHA256); reading it needs `idefics-cli[tiny]`, else `build` fails at once saying so.
+Contract: `build(out_dir, size="tiny", family="idefics2")` writes a folder that loads exactly like the family's
+checkpoint (config, safetensors, generation config, processor with its chat template and image settings) with
+random weights whose linear layers are multiples of 64 wide (4-bit runs on the CPU). idefics2: HuggingFaceM4/
+idefics2-8b (ids 32000-32002 for `<fake_token_around_image>`, `<image>`, `<end_of_utterance>`); idefics3 (and
+smoldocling, with the DocTags tokens): HuggingFaceTB/SmolVLM-256M-Instruct's processor, template and special tokens
+(docs/families.md says what differs). The tokenizer is Mistral-7B-v0.1's sentencepiece model, shipped as
+data/mistral-tokenizer.model.v1 (mistral-common 1.13.1's, Apache-2.0, checked against TOKENIZER_SHA256); reading
+it needs `idefics-cli[tiny]`, else `build` fails at once saying so.
 
-    python -m idefics_cli.dev.tiny OUT_DIR [--size tiny|mid|full]
+    python -m idefics_cli.dev.tiny OUT_DIR [--family idefics2|idefics3|smoldocling] [--size tiny|mid|full]
 """
 
 from __future__ import annotations
@@ -40,6 +42,21 @@ SIZES = {
     "mid": (64, 256, 1, 1, 512, 512, 16, 8, 4, 1, 4, 64, 2),
     "full": (1152, 4304, 27, 16, 4096, 14336, 32, 32, 8, 3, 16, 96, 4),
 }
+
+
+# idefics3: SmolVLM-256M-Instruct's chat template (bos <|im_start|> in the template, no automatic bos), processor
+# (tiles of 512 px from a page resized to 2048 px, 64 tokens a tile) and special tokens
+SMOL_TEMPLATE = "<|im_start|>" + CHAT_TEMPLATE.replace("message['role'].capitalize()", "message['role'] | capitalize")
+SMOL_PROCESSOR = {"do_image_splitting": True, "size": {"longest_edge": 2048}, "max_image_size": {"longest_edge": 512},
+                  "resample": 1, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+GRID_TOKENS = ["<global-img>"] + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+DOCTAGS = ["<doctag>", "</doctag>", "<text>", "</text>", "<title>", "</title>", "<section_header_level_1>",
+           "</section_header_level_1>", "<page_header>", "</page_header>", "<page_footer>", "</page_footer>",
+           "<list_item>", "</list_item>", "<unordered_list>", "</unordered_list>", "<picture>", "</picture>",
+           "<caption>", "</caption>", "<otsl>", "</otsl>", "<fcel>", "<ecel>", "<ched>", "<nl>", "<code>", "</code>",
+           "<formula>", "</formula>"] + [f"<loc_{k}>" for k in range(501)]
+# (vision hidden, vision mlp, vision layers, vision heads, text hidden, text mlp, text layers, heads, kv heads)
+SMOL_SIZES = {"tiny": (64, 128, 2, 2, 128, 256, 2, 4, 2), "smolvlm-256m": (768, 3072, 12, 12, 576, 1536, 30, 9, 3)}
 
 
 def tokenizer_model_path() -> str:
@@ -101,21 +118,73 @@ def build_processor(out_dir: str):
     return processor
 
 
-def build(out_dir: str, size: str = "tiny", seed: int = 0, device: str = "cpu", dtype=None) -> str:
-    """Write a random Idefics2 of `size` with idefics2-8b's tokenizer and settings to out_dir."""
+def build_smol_processor(out_dir: str, docling: bool = False):
+    """Save SmolVLM-256M-Instruct's processor settings, template and special tokens (+ DocTags) into out_dir."""
+    from transformers import AutoTokenizer, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    with tempfile.TemporaryDirectory() as tok_dir:
+        shutil.copy(tokenizer_model_path(), os.path.join(tok_dir, "tokenizer.model"))
+        with open(os.path.join(tok_dir, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                       "unk_token": "<unk>", "add_bos_token": False, "add_eos_token": False, "legacy": False}, f)
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": [
+        "<fake_token_around_image>", "<image>", "<end_of_utterance>", *GRID_TOKENS, "<|im_start|>", "<|im_end|>"]})
+    if docling:
+        tokenizer.add_tokens(DOCTAGS, special_tokens=True)
+    tokenizer.bos_token, tokenizer.pad_token, tokenizer.eos_token = "<|im_start|>", "<|im_end|>", "<end_of_utterance>"
+    processor = Idefics3Processor(image_processor=Idefics3ImageProcessorPil(**SMOL_PROCESSOR), tokenizer=tokenizer,
+                                  image_seq_len=64, chat_template=SMOL_TEMPLATE)
+    processor.save_pretrained(out_dir)
+    return processor
+
+
+def smol_config(tokenizer, size: str = "tiny"):
+    """An Idefics3Config of SmolVLM-256M's image arithmetic (512-px tiles, patch 16, scale 4: 64 tokens a tile)."""
+    from transformers import Idefics3Config
+
+    vh, vi, vl, vn, th, ti, tl, tn, tkv = SMOL_SIZES[size]
+    ids = tokenizer.convert_tokens_to_ids
+    return Idefics3Config(
+        vision_config=dict(hidden_size=vh, intermediate_size=vi, num_hidden_layers=vl, num_attention_heads=vn,
+                           patch_size=16, image_size=512),
+        text_config=dict(model_type="llama", hidden_size=th, intermediate_size=ti, num_hidden_layers=tl,
+                         num_attention_heads=tn, num_key_value_heads=tkv, vocab_size=len(tokenizer),
+                         max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+                         pad_token_id=ids("<|im_end|>"), bos_token_id=ids("<|im_start|>"),
+                         eos_token_id=ids("<end_of_utterance>"), tie_word_embeddings=True),
+        scale_factor=4, image_token_id=ids("<image>"), tie_word_embeddings=True, pad_token_id=ids("<|im_end|>"))
+
+
+FAMILIES = ("idefics2", "idefics3", "smoldocling")
+
+
+def build(out_dir: str, size: str = "tiny", seed: int = 0, device: str = "cpu", dtype=None,
+          family: str = "idefics2") -> str:
+    """Write a random model of `family` and `size` with its checkpoint's tokenizer and settings to out_dir."""
     import torch
-    from transformers import GenerationConfig, Idefics2ForConditionalGeneration
+    from transformers import GenerationConfig, Idefics2ForConditionalGeneration, Idefics3ForConditionalGeneration
 
     from ..tasks.writers import follow_umask
 
     os.makedirs(out_dir, exist_ok=True)
-    build_processor(out_dir)
+    if family == "idefics2":
+        build_processor(out_dir)
+        model_config, generation = config(size), GENERATION
+    else:
+        tok = build_smol_processor(out_dir, docling=family == "smoldocling").tokenizer
+        model_config = smol_config(tok, size)
+        ids = tok.convert_tokens_to_ids
+        generation = {"bos_token_id": ids("<|im_start|>"), "eos_token_id": ids("<end_of_utterance>"),
+                      "pad_token_id": ids("<|im_end|>")}
     torch.manual_seed(seed)
     with torch.device(device):
-        model = Idefics2ForConditionalGeneration(config(size))
+        model = (Idefics2ForConditionalGeneration if family == "idefics2" else Idefics3ForConditionalGeneration)(
+            model_config)
     if dtype is not None:
         model = model.to(dtype)
-    model.generation_config = GenerationConfig(**GENERATION)
+    model.generation_config = GenerationConfig(**generation)
     model.save_pretrained(out_dir)
     follow_umask(out_dir)  # transformers writes the weights 0600
     return out_dir
@@ -126,7 +195,9 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m idefics_cli.dev.tiny", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir")
-    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--family", choices=FAMILIES, default="idefics2")
+    parser.add_argument("--size", choices=sorted({*SIZES, *SMOL_SIZES}), default="tiny",
+                        help="idefics2: tiny, mid, full; idefics3 and smoldocling: tiny, smolvlm-256m")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
@@ -135,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
 
         logging.set_verbosity_error()
         logging.disable_progress_bar()
-        print(build(args.out_dir, args.size, args.seed), file=sys.stderr)
+        print(build(args.out_dir, args.size, args.seed, family=args.family), file=sys.stderr)
     except ModuleNotFoundError as exc:  # say which extra to install
         sys.exit(f"error: {exc}")
 

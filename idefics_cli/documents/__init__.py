@@ -59,11 +59,13 @@ def open_document(
     *,
     password: str | None = None,
     dpi: int | None = None,
-    longest_side: int = DEFAULT_LONGEST_SIDE,
+    longest_side: int | None = None,
     data: bytes | None = None,
 ) -> Document:
-    """Open `path` ("-" = stdin; `data`, when given, is used instead of reading). See the module docstring."""
+    """Open `path` ("-" = stdin; `data`, when given, is used instead of reading). See the module docstring.
+    `longest_side`: PDF pages' render size without `dpi` (None: DEFAULT_LONGEST_SIDE)."""
     path = os.fspath(path)
+    longest_side = DEFAULT_LONGEST_SIDE if longest_side is None else longest_side
     if dpi is not None and dpi <= 0:
         raise UsageError(f"--dpi must be a positive number, not {dpi}")
     if longest_side <= 0:

@@ -64,7 +64,8 @@ class RemoteEngine:
             raise IdeficsError("model_error", f"{self.url} is not an `idefics serve` server (no model settings in "
                                "/v1/models)", SERVER_HINT)
         self.split = bool(described.get("split", True))
-        self._info = {k: described.get(k) for k in ("id", "revision", "quantization", "dtype", "device")}
+        self._info = {k: described.get(k) for k in ("id", "revision", "quantization", "quantization_reason", "dtype",
+                                                    "device", "family")}
         defaults = ModelOptions()
         self.options = ModelOptions(model=self._info["id"] or self.model_id, revision=self._info["revision"],
                                     quant=QUANT_OPTIONS.get(self._info["quantization"], "4bit"),

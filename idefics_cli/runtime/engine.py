@@ -19,6 +19,7 @@ import time
 from ..errors import IdeficsError, UsageError, is_oom
 from ..interface import Generation, ModelOptions
 from ..prompts import user_turn
+from .families import DOCTAG
 
 QUANT_NAMES = {"4bit": "nf4", "8bit": "int8", "none": "none"}
 PREFILL_CHUNK, PREFILL_CHUNK_ENV = 1024, "IDEFICS_PREFILL_CHUNK"  # prompt tokens prefilled at a time
@@ -32,9 +33,12 @@ class Preparer:
     loaded (the transcribe pipeline prepares its first batch while they load)."""
 
     def __init__(self, processor, options: ModelOptions, device: str):
+        from .families import for_processor
+
         self.processor = processor
         self.options = options
         self.device = device
+        self.family = for_processor(processor)
 
     def prompt(self, n_images: int, question: str) -> str:
         return self.processor.apply_chat_template([user_turn(n_images, question)], add_generation_prompt=True)
@@ -80,17 +84,38 @@ class Preparer:
 
         return prepare(self, batch, self.options.split if split is None else split, collect)
 
+    @property
+    def render_side(self) -> int | None:
+        """The longest side pages are rendered at for this model (None: the documents' default)."""
+        return self.family.render_side(self.processor.image_processor)
+
+    def tokenize(self, texts: list[str], vision):
+        """The processor's token ids of `texts` (left-padded) with their images' tokens expanded by the family from
+        the grids of `vision`'s built images, on the device; a prompt over the context is refused."""
+        grids = [g for row in vision.grids for g in row]
+        texts = self.family.expand(self.processor, texts, grids) if grids else texts
+        inputs = self.processor.tokenizer(texts, return_tensors="pt", padding=True)
+        context = getattr(self, "context_size", None)
+        longest = int(inputs["attention_mask"].sum(dim=1).max())
+        if context and longest + self.options.max_new_tokens > context:
+            raise UsageError(f"the prompt needs {longest} tokens + {self.options.max_new_tokens} new tokens, more than "
+                             f"the model's context of {context}", "narrow --pages, or --no-split")
+        return inputs.to(self.device)
+
 
 class LocalEngine(Preparer):
     """A loaded processor + model pair and what is known about it."""
 
-    def __init__(self, processor, model, options: ModelOptions, device: str, dtype, load_s: float):
+    def __init__(self, processor, model, options: ModelOptions, device: str, dtype, load_s: float,
+                 quant_reason: str | None = None):
         super().__init__(processor, options, device)
         self.model = model
         self.dtype = dtype
         self.load_s = load_s
+        self.quant_reason = quant_reason or f"--quant {options.quant}"
         tokenizer = processor.tokenizer
         self.image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
+        self.doctags = DOCTAG in tokenizer.get_added_vocab()  # a document model: its DocTags are kept in answers
         self.eos_ids = set(self._eos_ids())
         self.context_size = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self.vision_chunk: int | None = None  # images per vision call; None: vision.auto_chunk
@@ -104,13 +129,18 @@ class LocalEngine(Preparer):
     @property
     def info(self) -> dict:
         return {"id": self.options.model, "revision": self.options.revision,
-                "quantization": QUANT_NAMES[self.options.quant], "dtype": str(self.dtype).replace("torch.", ""),
-                "device": self.device}
+                "quantization": QUANT_NAMES[self.options.quant], "quantization_reason": self.quant_reason,
+                "dtype": str(self.dtype).replace("torch.", ""), "device": self.device, "family": self.family.name}
 
     # ---- inputs --------------------------------------------------------------------------------
     def prompt_tokens(self, n_images: int, question: str) -> int:
-        """Exact prompt length in tokens with the images expanded, computed without any pixels."""
-        return len(self.processor(text=[self.prompt(n_images, question)]).input_ids[0])
+        """Prompt length in tokens with the images expanded, computed without any pixels: exact where the image
+        tokens are fixed, else the fewest the images can take (one tile each; `tokenize` checks the exact one)."""
+        text = self.prompt(n_images, question)
+        if self.family.sized:
+            text = self.family.expand(self.processor, [text], [(0, 0)] * n_images)[0]
+            return len(self.processor.tokenizer(text).input_ids)
+        return len(self.processor(text=[text]).input_ids[0])
 
     def check_context(self, n_images: int, question: str, max_new_tokens: int) -> int:
         """Refuse up front a prompt that cannot fit the context; returns the prompt length."""
@@ -142,13 +172,18 @@ class LocalEngine(Preparer):
         from .vision import VisionInputs
 
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = self.processor(text=[text], return_tensors="pt")
+        vision = VisionInputs([list(images)], self.options.split, self.family.image_kwargs)
+        if self.family.sized:  # the prompt's image tokens follow the pixels' grids
+            inputs = self.processor.tokenizer(self.family.expand(self.processor, [text], [
+                g for row in vision.collect(self.processor.image_processor).grids for g in row]), return_tensors="pt")
+        else:
+            inputs = self.processor(text=[text], return_tensors="pt")
         total = int(inputs["input_ids"].shape[1])
         if self.context_size and total + max_new_tokens > self.context_size:
             raise UsageError(f"the conversation needs {total} prompt tokens + {max_new_tokens} new tokens, more than "
                              f"the model's context of {self.context_size}", "/reset to start over, or show fewer pages")
         inputs = inputs.to(self.device)
-        inputs["vision"] = VisionInputs([list(images)], self.options.split)
+        inputs["vision"] = vision
         return inputs
 
     def usage(self, inputs, row: int = 0) -> dict:
@@ -163,7 +198,7 @@ class LocalEngine(Preparer):
 
     def decode(self, ids: list[int]) -> str:
         with self.text_lock:
-            return self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+            return self.processor.tokenizer.decode(ids, skip_special_tokens=not self.doctags)
 
     def features(self, inputs) -> list:
         """Image features of each row of `inputs` (None for a row without images), through vision.py."""

@@ -1,13 +1,14 @@
-"""The model stage: load an Idefics2 checkpoint and its processor into an `LocalEngine`.
+"""The model stage: load a checkpoint of a supported family (families.py) and its processor into a `LocalEngine`.
 
 Contract:
 - `load_processor(options)` is the one processor loader (`load`, `crops`, `quantize`): local-folder check,
   offline/cache decision (hub.py), the same errors, and the runtime settings (`options.split`, left padding)
   unless `configure=False` asks for the processor exactly as saved.
 - `start_load(options)` returns at once with the processor (`Loading`: the weights load in a thread until
-  `finish()` gives the `LocalEngine`); `load(options)` is both. Loaded as the idefics2-8b model card does it
-  (safetensors only, never remote code, sdpa, bitsandbytes nf4 + double quant for `quant="4bit"`); failures
-  raise `IdeficsError("model_error" | "out_of_memory")` with a hint.
+  `finish()` gives the `LocalEngine`); `load(options)` is both. The family is read from config.json first (another
+  architecture fails before any weight loads); `quant="auto"` is resolved there (families.auto_quant). Loaded as
+  the model cards do it (AutoModelForImageTextToText, safetensors only, never remote code, sdpa, bitsandbytes nf4 +
+  double quant for `quant="4bit"`); failures raise `IdeficsError("model_error" | "out_of_memory")` with a hint.
 torch and transformers are imported inside functions only.
 """
 
@@ -23,6 +24,7 @@ from ..errors import IdeficsError, is_oom
 from ..hub import PULL_HINT, check_local_model, local_only, looks_local, source
 from ..interface import DEFAULT_MODEL, ModelOptions  # noqa: F401 - re-exported: the loader's options
 from .engine import LocalEngine
+from .families import auto_quant, detect
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -152,9 +154,11 @@ class Loading:
     """A load in progress: the processor is here (`processor`, on `device`), the weights load in a thread
     (`weights`: its Future) until `finish()` returns the `LocalEngine` (or raises the load's `IdeficsError`)."""
 
-    def __init__(self, options: ModelOptions, processor, device: str, dtype, weights: Future, start: float):
+    def __init__(self, options: ModelOptions, processor, device: str, dtype, weights: Future, start: float,
+                 quant_reason: str | None = None):
         self.options, self.processor, self.device, self.dtype = options, processor, device, dtype
         self._weights, self._start = weights, start
+        self.quant_reason = quant_reason
 
     def finish(self) -> LocalEngine:
         try:
@@ -167,7 +171,7 @@ class Loading:
             self._weights = None  # the Future lets go of the model (or its error)
         model.eval()
         return LocalEngine(self.processor, model, self.options, self.device, self.dtype,
-                           time.perf_counter() - self._start)
+                           time.perf_counter() - self._start, self.quant_reason)
 
 
 def start_load(options: ModelOptions) -> Loading:
@@ -176,11 +180,16 @@ def start_load(options: ModelOptions) -> Loading:
     if looks_local(options.model):
         check_local_model(options.model)
     common = {"revision": options.revision, "local_files_only": local_only(options), "trust_remote_code": False}
+    try:
+        _, config = detect(options, common["local_files_only"])
+    except (OSError, ValueError) as exc:
+        raise model_error(exc, options) from exc
     quiet_libraries()
+    options, quant_reason = resolve_quant(options, config)
     from concurrent.futures import wait
 
     import torch
-    from transformers import Idefics2ForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
@@ -200,7 +209,7 @@ def start_load(options: ModelOptions) -> Loading:
     # The weights load in a short-lived thread while this one loads the processor. Its OpenMP workers end
     # with it: a thread that keeps idle OpenMP workers makes libgomp throttle those of the thread that
     # generates (bench/RESULTS.md, "Notes moved from the code").
-    weights = in_thread(lambda: Idefics2ForConditionalGeneration.from_pretrained(
+    weights = in_thread(lambda: AutoModelForImageTextToText.from_pretrained(
         source(options, common["local_files_only"]), **kwargs), name="idefics-load")
     try:
         processor = load_processor(options, local_files_only=common["local_files_only"])
@@ -213,4 +222,14 @@ def start_load(options: ModelOptions) -> Loading:
     except BaseException:
         wait([weights])
         raise
-    return Loading(options, processor, device, dtype, weights, start)
+    return Loading(options, processor, device, dtype, weights, start, quant_reason)
+
+
+def resolve_quant(options: ModelOptions, config: dict) -> tuple[ModelOptions, str]:
+    """`options` with `--quant auto` resolved from the config, and why that quantization."""
+    import dataclasses
+
+    if options.quant != "auto":
+        return options, f"--quant {options.quant}"
+    quant, why = auto_quant(config)
+    return dataclasses.replace(options, quant=quant), f"auto: {why}"

@@ -1,15 +1,17 @@
 """Image features in bounded, same-shape chunks: the vision tower and connector without padding or whole-prompt peaks.
 
 Contract:
-- `VisionInputs(rows, split)`: the images of each prompt of a batch (images, or functions rendering one); their
-  pixels come from transformers' own image processor one source image at a time (its splitting and resizing),
+- `VisionInputs(rows, split, kwargs)`: the images of each prompt of a batch (images, or functions rendering one); their
+  pixels come from transformers' own image processor one source image at a time (its splitting and resizing, and
+  `grids[row]`: each image's (rows, cols) of tiles where the processor says, for families.Family.expand),
   each image at its own size, kept as its 8-bit values until `encode` maps them through the processor's value
   table (`value_table`: the same float32 values as its own arithmetic). `collect()` builds them all now (numpy
   only, for a background thread); otherwise they are built while `encode` runs. Used once.
 - `encode(model, vision, chunk)`: `get_image_features` over one shape bucket at a time, at most `chunk` images a
   call, no mask; at most `chunk` + one source image's pixels exist at once. Returns each row's features.
 - `auto_chunk(model, device)` sizes a chunk from free memory (`IDEFICS_VISION_CHUNK=N` sets it); `prepare(engine,
-  batch, split, collect)` is the processor's token ids plus a `"vision"` entry. numpy and torch inside functions.
+  batch, split, collect)` is the processor's token ids plus a `"vision"` entry (a family whose image tokens depend
+  on the image's size: its pixels built first, the text expanded from their grids). numpy and torch inside functions.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ CHUNK_ENV = "IDEFICS_VISION_CHUNK"
 class VisionInputs:
     """The source images of each row, and the trimmed pixels built from them so far (bucketed by shape)."""
 
-    def __init__(self, rows: list[list], split: bool):
+    def __init__(self, rows: list[list], split: bool, kwargs: dict | None = None):
         self.rows = len(rows)
-        self.split = split
+        self.split, self.kwargs = split, kwargs or {}
+        self.grids: list[list[tuple[int, int]]] = [[] for _ in rows]  # (rows, cols) of tiles of each source image
         self.buckets: dict[tuple[int, int], list[tuple[int, int, object]]] = {}  # shape -> [(row, slot, pixels)]
         self.slots = [0] * self.rows  # images (crops) built so far per row
         self.next = 0  # index into `sources` of the next source image to build
@@ -42,7 +45,8 @@ class VisionInputs:
         self.sources[self.next] = (row, None)  # the source is no longer needed once its pixels exist
         self.next += 1
         image = image() if callable(image) else image  # a page rendered only now (ask)
-        images, self.table = _own_size_images(image_processor, image, self.split)
+        images, self.table, grid = _own_size_images(image_processor, image, self.split, self.kwargs)
+        self.grids[row].append(grid)
         for pixels in images:
             self.buckets.setdefault(pixels.shape[-2:], []).append((row, self.slots[row], pixels))
             self.slots[row] += 1
@@ -57,15 +61,16 @@ class VisionInputs:
         return sum(p.nbytes for b in self.buckets.values() for _, _, p in b)
 
 
-def _own_size_pixels(image_processor, image, split: bool) -> list:
+def _own_size_pixels(image_processor, image, split: bool, kwargs: dict | None = None) -> list:
     """The processor's float32 pixels for one source image (crops, then the whole), each at its own size."""
-    images, table = _own_size_images(image_processor, image, split)
+    images, table, _ = _own_size_images(image_processor, image, split, kwargs or {})
     return images if table is None else [_look_up(table, v) for v in images]
 
 
-def _own_size_images(image_processor, image, split: bool) -> tuple[list, object]:
+def _own_size_images(image_processor, image, split: bool, kwargs: dict) -> tuple[list, object, tuple[int, int]]:
     """The processor's images for one source image (crops, then the whole), each at its own size, contiguous,
-    and the value table that maps them to its pixels (None: they are its float pixels already).
+    the value table that maps them to its pixels (None: they are its float pixels already), and its grid of tiles
+    (rows, cols) as the processor reports it with `kwargs` (0, 0 when it does not split or does not say).
 
     Asked without padding (`do_pad=False`): the same values as the padded call trimmed with its pixel mask, without
     the zero-filled arrays, masks and stacking copies. Where the processor's rescaling and normalisation map each
@@ -78,18 +83,23 @@ def _own_size_images(image_processor, image, split: bool) -> tuple[list, object]
     table = value_table(image_processor)
     if table is not None:
         out = image_processor([[image]], do_image_splitting=split, do_pad=False, do_rescale=False,
-                              do_normalize=False)
+                              do_normalize=False, **kwargs)
         raw = out["pixel_values"][0]
         if all(isinstance(v, np.ndarray) and v.dtype == np.uint8 and v.ndim == 3 and v.shape[0] == len(table)
                for v in raw) and out.get("pixel_attention_mask") is None:
-            return [np.ascontiguousarray(v) for v in raw], table
-    out = image_processor([[image]], do_image_splitting=split, do_pad=False)
+            return [np.ascontiguousarray(v) for v in raw], table, _grid(out)
+    out = image_processor([[image]], do_image_splitting=split, do_pad=False, **kwargs)
     values, mask = out["pixel_values"][0], out.get("pixel_attention_mask")
     if mask is None:
-        return [np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for v in values], None
+        return [np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for v in values], None, _grid(out)
     mask = mask[0]
     return [np.ascontiguousarray(values[k, :, :int(mask[k].any(axis=1).sum()), :int(mask[k].any(axis=0).sum())])
-            for k in range(values.shape[0])], None
+            for k in range(values.shape[0])], None, _grid(out)
+
+
+def _grid(out) -> tuple[int, int]:
+    rows, cols = out.get("rows"), out.get("cols")
+    return (int(rows[0][0]), int(cols[0][0])) if rows is not None and cols is not None else (0, 0)
 
 
 _TABLES = weakref.WeakKeyDictionary()  # image processor -> its value table (or None)
@@ -98,9 +108,10 @@ _TABLES = weakref.WeakKeyDictionary()  # image processor -> its value table (or 
 def value_table(image_processor):
     """What the processor's rescaling + normalisation make of each 8-bit value, per channel ([channels, 256]), or None.
 
-    Asked of the processor itself, once: a 256 x 1 ramp image (every value in every channel) through its own
-    call with no resizing or splitting gives the table; the same ramp asked without rescaling and normalising
-    must come back unchanged as 8 bits (so its images are 8-bit before that step). Any other answer (a tensor
+    Asked of the processor itself, once: a 256 x 256 ramp image (every value in every channel, along each row)
+    through its own call with no resizing or splitting (a processor that resizes unsplit images to its tile size
+    is given 256 px tiles) gives the table; the same ramp asked without rescaling and normalising must come back
+    unchanged as 8 bits (so its images are 8-bit before that step). Any other answer (a tensor
     backend, another dtype or layout) gives None, and pixels are asked of the processor whole.
     """
     try:
@@ -112,13 +123,16 @@ def value_table(image_processor):
         import numpy as np
         from PIL import Image
 
-        ramp = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)  # [1, 256, RGB]
+        ramp = np.repeat(np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2), 256, axis=0)
         common = dict(do_image_splitting=False, do_resize=False, do_pad=False)
+        if getattr(image_processor, "max_image_size", None) is not None:
+            common["max_image_size"] = {"longest_edge": 256}
         mapped = image_processor([[Image.fromarray(ramp)]], **common)["pixel_values"][0][0]
         same = image_processor([[Image.fromarray(ramp)]], do_rescale=False, do_normalize=False,
                                **common)["pixel_values"][0][0]
-        if (isinstance(mapped, np.ndarray) and isinstance(same, np.ndarray) and mapped.shape == (3, 1, 256)
-                and same.dtype == np.uint8 and np.array_equal(same, ramp.transpose(2, 0, 1))):
+        if (isinstance(mapped, np.ndarray) and isinstance(same, np.ndarray) and mapped.shape == (3, 256, 256)
+                and same.dtype == np.uint8 and np.array_equal(same, ramp.transpose(2, 0, 1))
+                and all(np.array_equal(mapped[:, 0], mapped[:, k]) for k in (1, 255))):
             table = np.ascontiguousarray(mapped[:, 0, :])
     except Exception:  # a processor that refuses these options: ask it for whole pixels
         table = None
@@ -218,9 +232,16 @@ def _flush(model, vision: VisionInputs, shape, chunk: int, features) -> None:
 def prepare(engine, batch: list[tuple[list, str]], split: bool, collect: bool):
     """`engine.build_inputs`'s token ids plus a `"vision"` entry instead of pixels (`collect`: pixels built now).
 
-    Processors whose text depends on the pixels (not Idefics2's fixed image tokens) get `build_inputs` as is.
+    A family whose image tokens depend on each image's size has its pixels built now, and the prompts expanded from
+    their grids (`engine.tokenize`); other processors than Idefics2's and Idefics3's get `build_inputs` as is.
     """
     processor = engine.processor
+    if engine.family.sized:
+        vision = VisionInputs([images for images, _ in batch], split, engine.family.image_kwargs)
+        vision.collect(processor.image_processor)
+        inputs = engine.tokenize([engine.prompt(len(images), question) for images, question in batch], vision)
+        inputs["vision"] = vision
+        return inputs
     if type(processor).__name__ != "Idefics2Processor" or getattr(processor.image_processor, "do_pad", True) is False:
         return engine.build_inputs(batch, split)
     inputs = engine._processor_call(batch, split, None).to(engine.device)

@@ -267,11 +267,11 @@ def _prepare(state: ServerState, body, loop):
     req = parse(body, max_images=(context // state.per_image) if context and state.per_image else None)
     try:
         max_tokens = req.max_tokens or backend.default_max_tokens(engine)
-        ids = backend.prompt_ids(engine, req.messages)
+        req.render()  # first: a family's image tokens may follow each page's size
+        ids = backend.prompt_ids(engine, req.messages, req.images)
         if context and len(ids) + max_tokens > context:
             raise RequestError("usage", f"the prompt needs {len(ids)} tokens + {max_tokens} new tokens, more than "
                                f"the model's context of {context}", "messages", "send fewer pages or turns")
-        req.render()
     finally:
         req.close()
     job = Job(ids, req.images, max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,

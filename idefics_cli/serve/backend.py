@@ -3,9 +3,10 @@
 Contract:
 - `load(options)` loads a `LocalEngine` as the CLI does; `describe(engine)` is its card for /v1/models and
   `settings_key` the settings that key the prefix cache.
-- `prompt_ids(engine, messages)`: the token ids of the chat template's prompt with every image expanded into its
-  image tokens (computed without pixels), as `ask` and `chat` build theirs; `prefix_length(engine, ids)`: the
-  tokens up to the last image token (the part whose key/value cache the server keeps, cache.py).
+- `prompt_ids(engine, messages, images)`: the chat template's token ids, every image expanded into its tokens
+  without pixels (a sized family: each image's grid from its image processor's `get_number_of_image_patches`), as
+  `ask` and `chat` build theirs; `prefix_length(engine, ids)`: the tokens up to the last image token (the part
+  whose key/value cache the server keeps, cache.py).
 - `build_pixels(engine, images, stop)`: one prompt's pixels built now (numpy only, so another thread may do it);
   `encode_images(engine, images, vision)`: their features through vision.py, for the decode loop's prefill.
 - `row_grammar`, `tokens_per_image`, `free_memory(device)` (free GPU memory, else available RAM), `token_text`.
@@ -59,11 +60,20 @@ def token_text(engine, token: int) -> str:
     return texts[token]
 
 
-def prompt_ids(engine, messages: list[dict]) -> list[int]:
+def prompt_ids(engine, messages: list[dict], images: list | None = None) -> list[int]:
+    """`images`: the prompt's images in order (their sizes decide a sized family's tokens; None: one tile each)."""
     processor = engine.processor
     with engine.text_lock:  # the tokenizer is shared with the decode loop's thread
         text = processor.apply_chat_template(messages, add_generation_prompt=True)
-        return [int(t) for t in processor(text=[text]).input_ids[0]]
+        if not engine.family.sized:
+            return [int(t) for t in processor(text=[text]).input_ids[0]]
+        n = text.count(processor.image_token)
+        kwargs = {"do_image_splitting": engine.options.split}
+        grids = [(0, 0)] * n if images is None else [
+            tuple(processor.image_processor.get_number_of_image_patches(im.height, im.width, kwargs)[1:])
+            for im in images]
+        text = engine.family.expand(processor, [text], grids)[0] if grids else text
+        return [int(t) for t in processor.tokenizer(text).input_ids]
 
 
 def prefix_length(engine, ids: list[int]) -> int:

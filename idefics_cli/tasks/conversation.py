@@ -109,11 +109,11 @@ class ChatSession:
 
     @classmethod
     def open(cls, path: str, pages: str | None = None, *, password: str | None = None, dpi: int | None = None,
-             status=None) -> ChatSession:
+             status=None, longest_side: int | None = None) -> ChatSession:
         """Open the document and decode the chosen pages (before any model loads: input errors come at once)."""
         from ..documents import open_document
 
-        doc = open_document(path, password=password, dpi=dpi)
+        doc = open_document(path, password=password, dpi=dpi, longest_side=longest_side)
         try:
             return cls(doc, pages, status)
         except BaseException:

@@ -268,10 +268,11 @@ def diagnose(options) -> dict:
         problems.append(err.message)
     dtype = resolve_dtype(options.dtype, device or "cpu")
     files = model_files(options.model, options.revision)
-    quant = "4bit" if files["pre_quantized"] == "nf4" else options.quant
+    quant, why = _quant(options, files, local)
     report["setup"] = {"model": options.model, "revision": options.revision, "quant": quant,
-                       "quantization": QUANT_NAMES[quant], "dtype": str(dtype).replace("torch.", ""),
-                       "device": device or options.device, "split": options.split}
+                       "quantization": QUANT_NAMES[quant], "quantization_reason": why,
+                       "dtype": str(dtype).replace("torch.", ""), "device": device or options.device,
+                       "split": options.split}
     report["bnb_4bit"] = check_4bit(device, dtype) if device else {
         "ran": False, "ok": False, "device": None, "dtype": None, "max_error": None, "quantization_error": None,
         "tolerance": None, "error": "no usable device", "seconds": None}
@@ -296,6 +297,21 @@ def diagnose(options) -> dict:
     report["ok"] = not problems
     report["reason"] = "; ".join(problems) or None
     return report
+
+
+def _quant(options, files: dict, local: bool) -> tuple[str, str]:
+    """The quantization a load would use, and why (`--quant auto` resolved from the config, as loading does)."""
+    if files["pre_quantized"] == "nf4":
+        return "4bit", "the checkpoint is saved in nf4"
+    if options.quant != "auto":
+        return options.quant, f"--quant {options.quant}"
+    from ..runtime.families import auto_quant, read_config
+
+    try:
+        quant, why = auto_quant(read_config(options, local))
+    except Exception as exc:  # noqa: BLE001 - no config yet: what a load of an 8B model would do
+        return "4bit", f"auto: config.json unreadable ({type(exc).__name__}), assumed 4B parameters or more"
+    return quant, f"auto: {why}"
 
 
 def free_bytes(cuda: dict, device: str | None) -> int | None:

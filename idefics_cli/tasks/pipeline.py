@@ -179,7 +179,7 @@ def _records(engine, slot: _Slot, request: TranscribeRequest, job: TranscribeJob
             raise result
         return [task_error(task, result, settings)]
     return [ok_record(task, result, result.prompt_usage, preprocess_s / n, settings, n, request.schema,
-                      request.min_confidence)]
+                      request.min_confidence, request.doctags)]
 
 
 def answer_single(engine, task, image, request: TranscribeRequest) -> PageRecord:
@@ -191,8 +191,8 @@ def answer_single(engine, task, image, request: TranscribeRequest) -> PageRecord
             inputs = engine.prepare([([image], request.model_prompt)], split=split, collect=True)
             preprocess_s = time.perf_counter() - t0
             gen = engine.generate_batch(inputs, request.options.max_new_tokens, schema=request.schema)[0]
-            return ok_record(task, gen, gen.prompt_usage, preprocess_s, request.settings_hash,
-                             schema=request.schema, min_confidence=request.min_confidence)
+            return ok_record(task, gen, gen.prompt_usage, preprocess_s, request.settings_hash, 1, request.schema,
+                             request.min_confidence, request.doctags)
         except Exception as exc:  # noqa: BLE001 - recorded per page
             err = classify(exc, task.input.path)
             if err.code != "out_of_memory":

@@ -36,10 +36,13 @@ def weights_bytes(folder: str) -> int:
 
 def save_4bit(options, out_dir: str, status=lambda message: contextlib.nullcontext()) -> Quantized:
     """Load `options.model` in 4-bit and save it with its processor into the new folder `out_dir`."""
+    import dataclasses
+
     from ..runtime.model import load, load_processor
     from .doctor import model_files
     from .writers import follow_umask, umask
 
+    options = dataclasses.replace(options, quant="4bit")  # whatever the model's size (--quant auto would not)
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise UsageError(f"{out_dir} exists and is not an empty folder", "choose a new folder")

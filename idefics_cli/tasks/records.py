@@ -78,12 +78,15 @@ class PageRecord:
     data: object = NO_DATA  # with --schema: the parsed answer or None; NO_DATA: a run without a schema
     confidence: dict | None = None
     field_confidence: object = None  # with --schema (written with `data`)
+    markdown: str | None = None  # a document model's DocTags `text` as Markdown (docling-core); None: no field
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        data, fields_ = d.pop("data"), d.pop("field_confidence")
+        data, fields_, markdown = d.pop("data"), d.pop("field_confidence"), d.pop("markdown")
         head = {"schema": PAGE_SCHEMA, "path": d.pop("path"), "page": d.pop("page"), "pages": d.pop("pages"),
                 "status": d.pop("status"), "text": d.pop("text")}
+        if markdown is not None:
+            head["markdown"] = markdown
         if self.data is not NO_DATA:
             head.update(data=data, field_confidence=fields_)
         return {**head, "error": d.pop("error"), "finish_reason": d.pop("finish_reason"),
@@ -96,7 +99,7 @@ class PageRecord:
 
 
 def ok_record(task, gen, usage: dict, preprocess_s: float, settings: str, batch_size: int = 1,
-              schema=None, min_confidence: float | None = None) -> PageRecord:
+              schema=None, min_confidence: float | None = None, doctags: bool = False) -> PageRecord:
     """A page's answer; its `timing` is its share of its batch's time (`batch_size` pages shared one call).
 
     `task` is the page (`input.path`, `page`, `pages`, `sha256`, `warnings`: batch.PageTask); `gen` its
@@ -104,6 +107,7 @@ def ok_record(task, gen, usage: dict, preprocess_s: float, settings: str, batch_
     With `schema` (structured.Schema) the answer is read as JSON: `data` when it validates, else an error
     record (`schema_truncated` or `schema_mismatch`) that keeps the raw text. Below `min_confidence` (the lowest
     field confidence, or without fields the lowest token probability) an `ok` page warns `low_confidence`.
+    `doctags`: the text is a document model's DocTags, given as Markdown too (doctags.py; none without docling-core).
     """
     from . import confidence
 
@@ -126,7 +130,13 @@ def ok_record(task, gen, usage: dict, preprocess_s: float, settings: str, batch_
                       finish_reason=gen.finish_reason, usage={**usage, "completion_tokens": gen.completion_tokens},
                       timing={"preprocess_s": round(preprocess_s, 4), "generate_s": round(gen.total_s / batch_size, 4),
                               "batch_size": batch_size}, warnings=warnings, data=data, confidence=summary,
-                      field_confidence=fields_)
+                      field_confidence=fields_, markdown=_markdown(gen.text) if doctags and not error else None)
+
+
+def _markdown(text: str) -> str | None:
+    from .doctags import to_markdown
+
+    return to_markdown(text)
 
 
 def blank_record(task, settings: str, schema=None) -> PageRecord:

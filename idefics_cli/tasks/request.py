@@ -14,7 +14,7 @@ from functools import partial
 
 from ..errors import UsageError
 from ..interface import ModelOptions
-from ..prompts import TRANSCRIBE_PROMPT
+from ..prompts import DOCLING_PROMPT, TRANSCRIBE_PROMPT
 from .records import settings_hash
 
 ENGINES = ("local", "ray")
@@ -29,7 +29,9 @@ class TranscribeRequest:
     options: ModelOptions = field(default_factory=ModelOptions)
     prompt: str | None = None  # None: the default transcription prompt
     pages: str | None = None  # a --pages spec (pages.py), None: every page
-    dpi: int | None = None  # None: pages rendered to fit the model (documents.DEFAULT_LONGEST_SIDE)
+    dpi: int | None = None  # None: pages rendered to fit the model (longest_side)
+    longest_side: int | None = None  # the model's render size (families.render_side); None: the documents' default
+    doctags: bool = False  # a document model (families.doctags): its own prompt, and Markdown added to records
     password: str | None = None
     batch_size: int | str | None = None  # pages a generate call; None or "auto": from the device
     force: bool = False
@@ -47,7 +49,7 @@ class TranscribeRequest:
         set_ = partial(object.__setattr__, self)
         one = isinstance(self.inputs, (str, os.PathLike))
         set_("inputs", tuple(os.fspath(p) for p in ((self.inputs,) if one else self.inputs)))
-        set_("prompt", self.prompt or TRANSCRIBE_PROMPT)
+        set_("prompt", self.prompt or (DOCLING_PROMPT if self.doctags else TRANSCRIBE_PROMPT))
         set_("engine", getattr(self.engine, "value", self.engine))
         if self.engine not in ENGINES:
             raise UsageError(f"unknown --engine {self.engine!r}", "use local or ray")
@@ -76,7 +78,8 @@ class TranscribeRequest:
         opts = self.options
         extra = {"schema": self.schema.sha256} if self.schema is not None else {}  # no schema: hashes as before
         return settings_hash(model=opts.model, revision=opts.revision, quant=opts.quant, split=opts.split,
-                             render=self.dpi or DEFAULT_LONGEST_SIDE, render_unit="dpi" if self.dpi else "longest_side",
+                             render=self.dpi or self.longest_side or DEFAULT_LONGEST_SIDE,
+                             render_unit="dpi" if self.dpi else "longest_side",
                              prompt=self.prompt, max_new_tokens=opts.max_new_tokens, **extra)
 
     @property
@@ -108,4 +111,4 @@ class TranscribeRequest:
     def open_document(self, path: str):
         from ..documents import open_document
 
-        return open_document(path, password=self.password, dpi=self.dpi)
+        return open_document(path, password=self.password, dpi=self.dpi, longest_side=self.longest_side)

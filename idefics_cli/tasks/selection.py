@@ -84,8 +84,9 @@ class Selection:
 
 
 def open_pages(documents, pages: str | None = None, *, password: str | None = None, dpi: int | None = None,
-               status=None) -> Selection:
-    """Open `documents` (a path or a list of paths), choose `pages` in each and decode them all."""
+               status=None, longest_side: int | None = None) -> Selection:
+    """Open `documents` (a path or a list of paths), choose `pages` in each and decode them all (`longest_side`:
+    the model's render size, families.render_side)."""
     from ..documents import open_document
     from ..documents.pages import parse_page_spec
 
@@ -99,7 +100,7 @@ def open_pages(documents, pages: str | None = None, *, password: str | None = No
     spec = parse_page_spec(pages)
     chosen: list[ChosenPage] = []
     for path in paths:
-        doc = open_document(path, password=password, dpi=dpi)
+        doc = open_document(path, password=password, dpi=dpi, longest_side=longest_side)
         try:
             chosen.extend(ChosenPage(doc, p) for p in spec.resolve(doc.page_count))
         except IdeficsError as err:

@@ -142,7 +142,8 @@ class FolderSink(JsonlSink):
         for page in done.pages:
             record = pages.get(page)
             if record and record.get("status") == "ok":
-                parts.append(f"<!-- page {page} -->\n\n{record['text'].strip()}\n")
+                text = record["text"] if record.get("markdown") is None else record["markdown"]  # DocTags' Markdown
+                parts.append(f"<!-- page {page} -->\n\n{text.strip()}\n")
             else:
                 err = (record or {}).get("error") or {"code": "missing", "message": "not transcribed"}
                 parts.append(f"<!-- page {page}: error [{err['code']}] {err['message']} -->\n")

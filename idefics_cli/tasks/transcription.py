@@ -104,6 +104,11 @@ class Transcription:
         from .batch import needs_model
 
         request, output = self.request, self.output
+        if request.doctags and output is not None:
+            from .doctags import HINT, available
+
+            if not available():
+                output.warn(HINT)
         job = pipeline.TranscribeJob(request, docs, sink, request.open_document, request.select_pages, self.summary)
         if not needs_model(docs, job.open_doc, job.select_pages, job.is_done):
             # nothing left for the model: no torch import; documents that cannot be read are recorded again

@@ -1,0 +1,167 @@
+"""Model families: what differs between Idefics2, Idefics3 (SmolVLM v1, SmolDocling, granite-docling) and SmolVLM2.
+
+Contract: `detect(options, local_files_only)` reads config.json (no weights) and returns (its `Family`, the config);
+another `model_type`, or a family whose processor cannot be built here, is a one-line `IdeficsError("model_error")`
+naming the supported families or what to install. A `Family` is what the one engine does differently: `sized`
+(image tokens follow each image's size: a prompt's ids come with its pixels), `image_kwargs` (asked of its image
+processor with every image), `expand(processor, texts, grids)` (the processor's own text expansion for those grids
+of tiles), `render_side(image_processor)` (the render size giving the processor full resolution).
+`for_processor(processor)` is a loaded processor's family; `auto_quant(config)` is `--quant auto` (`parameters`
+counted on the meta device); `render_side(options)` and `doctags(options)` (a document model answering in
+DocTags) are read from the checkpoint's files at hand. json, os here; torch and transformers inside functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from ..errors import IdeficsError
+
+NF4_FROM = 4 * 10**9  # --quant auto: nf4 from this many parameters, none below
+DOCTAG = "<doctag>"  # a token of the document models' tokenizers
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    sized: bool  # image tokens depend on the image's size (rows x cols of tiles)
+    image_kwargs: dict = field(default_factory=dict)
+    needs: tuple = ()  # modules its processor imports: (module, pip name)
+
+    def expand(self, processor, texts: list[str], grids: list[tuple[int, int]]) -> list[str]:
+        """`texts` with each image token replaced as the processor's own call does, for images split into
+        `grids` [(rows, cols)] in order (0, 0: not split)."""
+        info = {"rows": [[r for r, _ in grids]], "cols": [[c for _, c in grids]]}
+        replacements = [processor.replace_image_token(info, k) for k in range(len(grids))]
+        return processor.get_text_with_replacements(list(texts), images_replacements=replacements)[0]
+
+    def render_side(self, image_processor) -> int | None:
+        """Longest side in px a page is rendered at (None: the documents' default)."""
+        if not self.sized:
+            return None
+        return int((getattr(image_processor, "size", None) or {}).get("longest_edge") or 0) or None
+
+
+IDEFICS2 = Family("idefics2", sized=False)
+IDEFICS3 = Family("idefics3", sized=True, image_kwargs={"return_row_col_info": True})
+SMOLVLM = Family("smolvlm", sized=True, image_kwargs={"return_row_col_info": True},
+                 needs=(("num2words", "num2words"), ("torchvision", "torchvision")))
+FAMILIES = {f.name: f for f in (IDEFICS2, IDEFICS3, SMOLVLM)}
+SUPPORTED = "Idefics2, Idefics3 (Idefics3-8B, SmolVLM, SmolDocling, granite-docling) and SmolVLM2"
+
+
+def for_processor(processor) -> Family:
+    """The family of a loaded processor (Idefics2's when it is none of the others)."""
+    name = type(processor).__name__
+    return IDEFICS3 if name == "Idefics3Processor" else SMOLVLM if name == "SmolVLMProcessor" else IDEFICS2
+
+
+def render_side(options) -> int | None:
+    """The longest side, in px, pages are rendered at for this checkpoint (None: the documents' default), read
+    from its config files at hand only (a hub id not cached yet gets the default)."""
+    from ..hub import cached_snapshot, looks_local
+
+    folder = os.path.expanduser(options.model) if looks_local(options.model) else cached_snapshot(
+        options.model, options.revision, need="processor")
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            if not FAMILIES.get(json.load(f).get("model_type"), IDEFICS2).sized:
+                return None
+        for name in ("preprocessor_config.json", "processor_config.json"):
+            if os.path.exists(os.path.join(folder, name)):
+                with open(os.path.join(folder, name)) as f:
+                    data = json.load(f)
+                return int(data.get("image_processor", data)["size"]["longest_edge"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return None
+
+
+def doctags(options) -> bool:
+    """Whether the checkpoint at hand is a document model answering in DocTags (its tokenizer has `<doctag>`)."""
+    from ..hub import cached_snapshot, looks_local
+
+    folder = os.path.expanduser(options.model) if looks_local(options.model) else cached_snapshot(
+        options.model, options.revision, need="processor")
+    for name in ("tokenizer_config.json", "tokenizer.json"):
+        try:
+            with open(os.path.join(folder, name)) as f:
+                if f'"{DOCTAG}"' in f.read():
+                    return True
+        except (OSError, TypeError):
+            continue
+    return False
+
+
+def config_path(options, local_files_only: bool) -> str:
+    """config.json of the checkpoint: the local folder's, the cached one, or fetched alone from the hub."""
+    from ..hub import cached_snapshot, looks_local
+
+    if looks_local(options.model):
+        return os.path.join(os.path.expanduser(options.model), "config.json")
+    folder = cached_snapshot(options.model, options.revision)
+    if folder:
+        return os.path.join(folder, "config.json")
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(options.model, "config.json", revision=options.revision, local_files_only=local_files_only)
+
+
+def read_config(options, local_files_only: bool) -> dict:
+    path = config_path(options, local_files_only)
+    with open(path) as f:
+        return json.load(f)
+
+
+def of_config(config: dict, model: str) -> Family:
+    kind = config.get("model_type")
+    family = FAMILIES.get(kind)
+    if family is None:
+        raise IdeficsError("model_error", f"{model} is a {kind or 'unknown'} model; idefics-cli runs {SUPPORTED}",
+                           "point --model at a checkpoint of one of these families")
+    missing = [pip for module, pip in family.needs if not _importable(module)]
+    if missing:
+        raise IdeficsError("model_error", f"{model} is a SmolVLM2 checkpoint, whose processor needs "
+                           f"{' and '.join(missing)}", f"pip install {' '.join(missing)}")
+    return family
+
+
+def _importable(module: str) -> bool:
+    """Whether `module` imports (torchvision may be installed and still fail to load with this torch)."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+        return True
+    except Exception:  # noqa: BLE001 - ImportError, or a binary that does not load (torchvision::nms)
+        return False
+
+
+def detect(options, local_files_only: bool) -> tuple[Family, dict]:
+    """The checkpoint's family and config.json, before anything heavy is loaded (OSError/ValueError: unreadable)."""
+    config = read_config(options, local_files_only)
+    return of_config(config, options.model), config
+
+
+def parameters(config: dict) -> int:
+    """All parameters of the model a config.json describes, counted on the meta device (no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k != "quantization_config"})
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+def auto_quant(config: dict) -> tuple[str, str]:
+    """`--quant auto`: (quant, why). A checkpoint saved quantized keeps its own."""
+    saved = config.get("quantization_config") or {}
+    if saved:
+        return ("4bit" if saved.get("load_in_4bit") else "8bit"), "the checkpoint is saved quantized"
+    n = parameters(config)
+    if n >= NF4_FROM:
+        return "4bit", f"{n / 1e9:.1f}B parameters: nf4 from 4B"
+    return "none", f"{n / 1e9:.2f}B parameters: unquantized below 4B"
