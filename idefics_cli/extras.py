@@ -3,7 +3,8 @@
 Contract: `EXTRAS` lists the optional features (Ray Data, the HTTP server, the MCP server, DocTags to Markdown;
 `--schema` is core): the distributions each needs, the module each must provide, and what it enables.
 `report()` returns, per feature, `{"installed": bool, "packages": {distribution: version or None}, "enables":
-str, "install": str}`, from package metadata and `importlib.util.find_spec` only: no optional package is imported, so `idefics doctor` stays fast and a broken optional install cannot break it.
+str, "install": str}`, from package metadata and `importlib.util.find_spec` only: no optional package is
+imported, so `idefics doctor` stays fast and a broken optional install cannot break it.
 `install` is `pip install 'idefics-cli[NAME]'` when this package declares that extra, else the plain
 `pip install` of the packages.
 """
