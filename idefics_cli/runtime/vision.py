@@ -1,17 +1,16 @@
 """Image features in bounded, same-shape chunks: the vision tower and connector without padding or whole-prompt peaks.
 
 Contract:
-- `VisionInputs(rows, split, kwargs)`: the images of each prompt of a batch (images, or functions rendering one); their
-  pixels come from transformers' own image processor one source image at a time (its splitting and resizing, and
-  `grids[row]`: each image's (rows, cols) of tiles where the processor says, for families.Family.expand),
-  each image at its own size, kept as its 8-bit values until `encode` maps them through the processor's value
-  table (`value_table`: the same float32 values as its own arithmetic). `collect()` builds them all now (numpy
-  only, for a background thread); otherwise they are built while `encode` runs. Used once.
+- `VisionInputs(rows, split, kwargs)`: each prompt's images (or functions rendering one); pixels from transformers'
+  own image processor one source image at a time (its splitting and resizing; `grids[row]`: each image's tiles,
+  for families.Family.expand), kept as 8-bit values until `encode` maps them through the processor's value table
+  (`value_table`: its float32 values). `collect()` builds them now (numpy only, for a background thread);
+  otherwise `encode` builds them. Used once.
 - `encode(model, vision, chunk)`: `get_image_features` over one shape bucket at a time, at most `chunk` images a
   call, no mask; at most `chunk` + one source image's pixels exist at once. Returns each row's features.
 - `auto_chunk(model, device)` sizes a chunk from free memory (`IDEFICS_VISION_CHUNK=N` sets it); `prepare(engine,
-  batch, split, collect)` is the processor's token ids plus a `"vision"` entry (a family whose image tokens depend
-  on the image's size: its pixels built first, the text expanded from their grids). numpy and torch inside functions.
+  batch, split, collect)`: token ids plus a `"vision"` entry (a family whose image tokens depend on the image's
+  size: pixels first, the text expanded from their grids). numpy and torch inside functions.
 """
 
 from __future__ import annotations

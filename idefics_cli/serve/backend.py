@@ -9,8 +9,7 @@ Contract:
   whose key/value cache the server keeps, cache.py).
 - `build_pixels(engine, images, stop)`: one prompt's pixels built now (numpy only, so another thread may do it);
   `encode_images(engine, images, vision)`: their features through vision.py, for the decode loop's prefill.
-- `row_grammar`, `tokens_per_image`, `free_memory(device)` (free GPU memory, else available RAM), `token_text`.
-torch is imported inside functions only.
+- `row_grammar`, `tokens_per_image`, `free_memory(device)` (GPU, else RAM), `token_text`. torch inside functions.
 """
 
 from __future__ import annotations
