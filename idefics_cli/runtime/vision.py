@@ -4,8 +4,7 @@ Contract:
 - `VisionInputs(rows, split, kwargs)`: each prompt's images (or functions rendering one); pixels from transformers'
   own image processor one source image at a time (its splitting and resizing; `grids[row]`: each image's tiles,
   for families.Family.expand), kept as 8-bit values until `encode` maps them through the processor's value table
-  (`value_table`: its float32 values). `collect()` builds them now (numpy only, for a background thread);
-  otherwise `encode` builds them. Used once.
+  (`value_table`: its float32 values). `collect()` builds them now (numpy only, for a background thread). Used once.
 - `encode(model, vision, chunk)`: `get_image_features` over one shape bucket at a time, at most `chunk` images a
   call, no mask; at most `chunk` + one source image's pixels exist at once. Returns each row's features.
 - `auto_chunk(model, device)` sizes a chunk from free memory (`IDEFICS_VISION_CHUNK=N` sets it); `prepare(engine,
