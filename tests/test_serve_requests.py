@@ -71,6 +71,18 @@ def test_bad_requests_name_their_code_and_param(body, code, param):
     assert info.value.code == code and info.value.param == param
 
 
+def test_pdf_pages_render_at_the_models_size(tmp_path):
+    """The server renders a file part's PDF pages as the CLI does for its model (the family's longest side)."""
+    data = base64.b64encode(open(make_pdf(tmp_path / "r.pdf", 1), "rb").read()).decode()
+    body = {"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_data": data}}]}]}
+    sides = []
+    for longest in (None, 2048):
+        req = parse(body, longest_side=longest)
+        req.render()
+        sides.append(max(req.images[0].size))
+    assert sides == [1960, 2048]  # Idefics2's default, an Idefics3 processor's longest_edge
+
+
 def test_page_images_are_capped_before_anything_renders(tmp_path):
     pdf = make_pdf(tmp_path / "r.pdf", 5)
     data = base64.b64encode(open(pdf, "rb").read()).decode()

@@ -264,7 +264,8 @@ def _prepare(state: ServerState, body, loop):
     """Parse, tokenize, check the context and render (a worker thread: none of it runs on the event loop)."""
     engine = state.engine
     context = backend.context_size(engine)
-    req = parse(body, max_images=(context // state.per_image) if context and state.per_image else None)
+    req = parse(body, max_images=(context // state.per_image) if context and state.per_image else None,
+                longest_side=engine.render_side)
     try:
         max_tokens = req.max_tokens or backend.default_max_tokens(engine)
         req.render()  # first: a family's image tokens may follow each page's size

@@ -53,6 +53,7 @@ class ChatRequest:
     schema: object = None  # structured.Schema from response_format, or None
     logprobs: bool = False
     top_logprobs: int = 0
+    longest_side: int | None = None  # PDF pages' render size: the model family's (None: the documents' default)
 
     @property
     def greedy(self) -> bool:
@@ -85,7 +86,7 @@ def _number(body: dict, name: str, low: float, high: float, integer: bool = Fals
     return value
 
 
-def parse(body, *, max_images: int | None = None) -> ChatRequest:
+def parse(body, *, max_images: int | None = None, longest_side: int | None = None) -> ChatRequest:
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
     if body.get("n") not in (None, 1):
@@ -121,7 +122,7 @@ def parse(body, *, max_images: int | None = None) -> ChatRequest:
     req = ChatRequest(messages=[], max_tokens=max_tokens, temperature=float(temperature),
                       top_p=float(1.0 if top_p is None else top_p), seed=seed, stop=stop, stream=bool(stream),
                       include_usage=bool(options.get("include_usage")), schema=schema, logprobs=logprobs,
-                      top_logprobs=top)
+                      top_logprobs=top, longest_side=longest_side)
     try:
         _messages(body.get("messages"), req, max_images)
     except BaseException:
@@ -241,7 +242,7 @@ def _attach(part: dict, kind: str, here: str, req: ChatRequest) -> int:
     except IdeficsError as err:
         raise RequestError(err.code, err.message, f"{here}.file.pages", err.hint) from None
     try:
-        doc = open_document(here, data=data, password=password)
+        doc = open_document(here, data=data, password=password, longest_side=req.longest_side)
     except IdeficsError as err:
         hint = "pass file.password" if err.code == "encrypted" else None if err.code == "wrong_password" else err.hint
         raise RequestError(err.code, err.message, here, hint) from None
