@@ -47,7 +47,7 @@ def test_json_has_every_field_and_a_real_4bit_check(cli, tiny_model, engine):
     assert est["total_bytes"] == est["weights_bytes"] + est["kv_cache_bytes"] + est["activations_bytes"] + est[
         "overhead_bytes"]
     assert est["fits"] is True
-    assert set(report["extras"]) == {"ray", "serve", "mcp"}  # --schema is in the core install (llguidance: versions)
+    assert set(report["extras"]) == {"ray", "serve", "mcp", "docling"}  # --schema is core (llguidance)
     for extra in report["extras"].values():
         assert set(extra) == {"installed", "packages", "enables", "install"} and extra["enables"]
 

@@ -131,12 +131,12 @@ def test_hub_id_not_cached_offline_is_a_model_error(tmp_path, monkeypatch):
     assert info.value.code == "model_error" and "cache" in info.value.message
 
 
-def test_readme_states_the_cpu_auto_batch_size_the_code_uses(engine):
+def test_docs_state_the_cpu_auto_batch_size_the_code_uses(engine):
     import pathlib
     import re
 
-    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
-    row = next(line for line in readme.splitlines() if line.startswith("| `--batch-size"))
+    page = (pathlib.Path(__file__).parent.parent / "docs" / "transcribe.md").read_text()
+    row = next(line for line in page.splitlines() if line.startswith("| `--batch-size"))
     assert engine.device == "cpu"
     assert re.search(rf"\b{engine.auto_batch_size()} on the CPU", row), row
 
