@@ -28,10 +28,10 @@ def child(model: str, image: str, reps: int, max_new_tokens: int, batches: list[
 
     from idefics_cli import tune_process
     from idefics_cli.runtime.decode import Loop
-    from idefics_cli.runtime.model import ModelOptions, load
+    from idefics_cli.runtime.model import ModelOptions, load_engine
 
     tune_process()
-    engine = load(ModelOptions(model=model, device="cpu", max_new_tokens=max_new_tokens))
+    engine = load_engine(ModelOptions(model=model, device="cpu", max_new_tokens=max_new_tokens))
     page = Image.open(image).convert("RGB")
 
     def run(batch: int, confidence: bool) -> dict:

@@ -28,10 +28,10 @@ def child(model: str, image: str, reps: int, pages: int, short: int, long: int) 
     from PIL import Image
 
     from idefics_cli.runtime.decode import Loop, Row, run_rows
-    from idefics_cli.runtime.model import ModelOptions, load, quiet_libraries
+    from idefics_cli.runtime.model import ModelOptions, load_engine, quiet_libraries
 
     quiet_libraries()
-    engine = load(ModelOptions(model=model, quant="4bit", device="cpu"))
+    engine = load_engine(ModelOptions(model=model, quant="4bit", device="cpu"))
     page = Image.open(image).convert("RGB")
     prompts = []
     for k in range(pages):  # one page image each, cropped differently so that no two prompts are the same

@@ -24,10 +24,10 @@ def model_checks(model_dir: str, device: str, dtype: str, page) -> list[tuple[st
     import numpy as np
     import torch
 
-    from idefics_cli.runtime.model import ModelOptions, load
+    from idefics_cli.runtime.model import ModelOptions, load_engine
     from idefics_cli.runtime.vision import _own_size_pixels
 
-    engine = load(ModelOptions(model=model_dir, quant="none", device=device, dtype=dtype, max_new_tokens=12))
+    engine = load_engine(ModelOptions(model=model_dir, quant="none", device=device, dtype=dtype, max_new_tokens=12))
     card = engine.build_inputs([([page], c.QUESTION)])  # the model card's processor call, on the device
     ours = engine.prepare([([page], c.QUESTION)])
     checks = [(f"{dtype}: token ids", torch.equal(card["input_ids"].cpu(), ours["input_ids"].cpu()), "")]

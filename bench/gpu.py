@@ -6,7 +6,7 @@ It starts with bench/first_light.py on the tiny model (float32 and bfloat16: ids
 to the model card's code on the GPU; ask, transcribe and serve answering) and stops there if that fails.
 
 The full idefics2-8b shape (tiny.SIZES["full"]) with random weights is built directly on the GPU in
-bf16 and saved, then loaded through the CLI's own `idefics_cli.runtime.model.load`: in 4-bit (nf4, double quant,
+bf16 and saved, then loaded through the CLI's own `idefics_cli.runtime.model.load_engine`: in 4-bit (nf4, double quant,
 bf16 compute, split on: the user's path) and, as the baseline, in bf16 without quantization. Pages/min
 run the CLI's transcription pipeline (prefetch + batches at `LocalEngine.auto_batch_size()`); the model card's
 plain snippet (render, processor, generate, one page at a time) runs on the same 4-bit model as the
@@ -212,13 +212,13 @@ def schema_table(title: str, results: dict) -> None:
 def measure(label: str, model_dir: str, quant: str, pdf: str, args, tmp: str, snippet: bool) -> dict:
     import torch
 
-    from idefics_cli.runtime.model import ModelOptions, load
+    from idefics_cli.runtime.model import ModelOptions, load_engine
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()  # anything left over from an earlier measurement is not counted
     t0 = time.perf_counter()
-    engine = load(ModelOptions(model=model_dir, quant=quant, dtype="bfloat16", device="cuda", split=True,
+    engine = load_engine(ModelOptions(model=model_dir, quant=quant, dtype="bfloat16", device="cuda", split=True,
                                max_new_tokens=args.max_new_tokens))
     load_s = time.perf_counter() - t0
     inputs = one_page_inputs(engine, pdf)
@@ -329,13 +329,13 @@ def cpu_smoke(args) -> None:
     """The ask comparison, P3's decomposition and P11 on the CPU (tiny model, 3 small pages): their code runs
     without a GPU."""
     from idefics_cli.dev import tiny
-    from idefics_cli.runtime.model import ModelOptions, load
+    from idefics_cli.runtime.model import ModelOptions, load_engine
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or tiny.build(os.path.join(tmp, "model"), size="tiny")
         first_light.first_light(model_dir, "cpu")
         pdf = c.make_pdf(os.path.join(tmp, "doc.pdf"), 3, "mixed")
-        engine = load(ModelOptions(model=model_dir, quant="none", device="cpu"))
+        engine = load_engine(ModelOptions(model=model_dir, quant="none", device="cpu"))
         cli = ask_pages(engine, pdf, 3, plain=False, dpi=72)
         plain = ask_pages(engine, pdf, 3, plain=True, dpi=72)
         times = stage_times(engine, pdf, 3, 4, [1, 2], dpi=72)

@@ -56,10 +56,10 @@ def child(model: str, image: str, reps: int, max_new_tokens: int, batches: list[
 
     from idefics_cli import structured as st
     from idefics_cli import tune_process
-    from idefics_cli.runtime.model import ModelOptions, load
+    from idefics_cli.runtime.model import ModelOptions, load_engine
 
     tune_process()  # the commands' process settings (quiet libraries, tuned allocators)
-    engine = load(ModelOptions(model=model, quant="4bit", device="cpu", max_new_tokens=max_new_tokens))
+    engine = load_engine(ModelOptions(model=model, quant="4bit", device="cpu", max_new_tokens=max_new_tokens))
     tokenizer = engine.processor.tokenizer
     vocab = engine.model.config.get_text_config().vocab_size
     stops = sorted(engine.eos_ids)

@@ -12,7 +12,8 @@
         and one decode step (the loop's steps to T tokens, end of utterance masked, over T - 1), after one untimed
         warm-up page.
 
-Both load the model with `idefics_cli.runtime.model.load` (4-bit nf4, CPU, float32 compute), as `transcribe` does.
+Both load the model with `idefics_cli.runtime.model.load_engine` (4-bit nf4, CPU, float32 compute), as
+`transcribe` does.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ import time
 
 
 def _load(model_dir: str, quant: str = "4bit"):
-    from idefics_cli.runtime.model import ModelOptions, load
+    from idefics_cli.runtime.model import ModelOptions, load_engine
 
-    return load(ModelOptions(model=model_dir, quant=quant, device="cpu", offline=True))
+    return load_engine(ModelOptions(model=model_dir, quant=quant, device="cpu", offline=True))
 
 
 def _pages(pdf: str, side: int | None = None) -> tuple[list, float]:

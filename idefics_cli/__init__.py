@@ -41,7 +41,7 @@ def load(model: str = DEFAULT_MODEL, *, revision: str | None = _DEFAULTS.revisio
     Raises `IdeficsError("model_error" | "out_of_memory")` with a hint when the model cannot be loaded.
     """
     from .errors import UsageError
-    from .runtime.model import load as load_model
+    from .runtime.model import load_engine as load_model
 
     if quant not in ("auto", "4bit", "8bit", "none"):
         raise UsageError(f"quant {quant!r}: use auto, 4bit, 8bit or none")
@@ -55,9 +55,9 @@ def load(model: str = DEFAULT_MODEL, *, revision: str | None = _DEFAULTS.revisio
 
 def open_pages(documents, pages: str | None = None, *, password: str | None = None, dpi: int | None = None):
     """Open documents and decode their chosen pages now (no model needed); give the result to `Model.ask`."""
-    from .tasks.selection import open_pages as open_
+    from .tasks.selection import open_selection
 
-    return open_(documents, pages, password=password, dpi=dpi)
+    return open_selection(documents, pages, password=password, dpi=dpi)
 
 
 def connect(url: str, *, api_key: str | None = None, max_new_tokens: int = _DEFAULTS.max_new_tokens):
@@ -66,6 +66,6 @@ def connect(url: str, *, api_key: str | None = None, max_new_tokens: int = _DEFA
     Pages are rendered here, as `idefics ask --server` does, and answered by the server. Raises
     `IdeficsError("model_error")` naming the URL when the server cannot be reached or refuses the key.
     """
-    from .remote.client import connect as connect_
+    from .remote.client import RemoteEngine
 
-    return Model(connect_(url, api_key=api_key, max_new_tokens=max_new_tokens))
+    return Model(RemoteEngine(url, api_key, max_new_tokens))

@@ -39,14 +39,14 @@ class Model:
         context and an empty question raise `IdeficsError` here; generation starts when the answer is read.
         """
         from .structured import as_schema
-        from .tasks.selection import Selection, ask, open_pages
+        from .tasks.selection import Selection, ask, open_selection
 
         schema = as_schema(schema)
         if isinstance(documents, Selection):
             if (pages, password, dpi) != (None, None, None):
                 raise UsageError("pages, password and dpi are options of open_pages when documents is a Selection")
             return ask(self.engine, documents, question, max_new_tokens, logits_processor, schema=schema)
-        selection = open_pages(documents, pages, password=password, dpi=dpi,
+        selection = open_selection(documents, pages, password=password, dpi=dpi,
                                longest_side=getattr(self.engine, "render_side", None))
         try:
             return ask(self.engine, selection, question, max_new_tokens, logits_processor, close=True,

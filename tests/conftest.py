@@ -30,9 +30,9 @@ def tiny_model(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def engine(tiny_model):
     """The tiny model loaded through the CLI's own loading code, unquantized float32 on the CPU."""
-    from idefics_cli.runtime.model import ModelOptions, load
+    from idefics_cli.runtime.model import ModelOptions, load_engine
 
-    return load(ModelOptions(model=tiny_model, quant="none", device="cpu", max_new_tokens=8))
+    return load_engine(ModelOptions(model=tiny_model, quant="none", device="cpu", max_new_tokens=8))
 
 
 @pytest.fixture(scope="session")
@@ -49,9 +49,9 @@ def tiny_idefics3(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def engine3(tiny_idefics3):
     """The tiny Idefics3 loaded through the CLI's own loading code (`--quant auto`: none), float32 on the CPU."""
-    from idefics_cli.runtime.model import ModelOptions, load
+    from idefics_cli.runtime.model import ModelOptions, load_engine
 
-    return load(ModelOptions(model=tiny_idefics3, quant="auto", device="cpu", max_new_tokens=8))
+    return load_engine(ModelOptions(model=tiny_idefics3, quant="auto", device="cpu", max_new_tokens=8))
 
 
 @pytest.fixture(scope="session")
@@ -153,9 +153,9 @@ def cli():
 @pytest.fixture(scope="module")
 def sharp_engine(sharp_model):
     """The sharpened tiny model loaded in float32 on the CPU, 8 new tokens, image splitting on."""
-    from idefics_cli.runtime.model import ModelOptions, load
+    from idefics_cli.runtime.model import ModelOptions, load_engine
 
-    return load(ModelOptions(model=sharp_model, quant="none", device="cpu", max_new_tokens=8, split=True))
+    return load_engine(ModelOptions(model=sharp_model, quant="none", device="cpu", max_new_tokens=8, split=True))
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ from conftest import make_image
 
 @pytest.fixture(scope="module")
 def sharp_engine(sharp_model):
-    from idefics_cli.runtime.model import ModelOptions, load
+    from idefics_cli.runtime.model import ModelOptions, load_engine
 
-    return load(ModelOptions(model=sharp_model, quant="none", device="cpu", max_new_tokens=12))
+    return load_engine(ModelOptions(model=sharp_model, quant="none", device="cpu", max_new_tokens=12))
 
 
 def _prefill_lengths(engine, run):

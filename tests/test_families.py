@@ -120,11 +120,11 @@ def test_chat_keeps_the_pages_in_the_conversation(engine3, tmp_path):
 
 def test_schema_constrains_an_idefics3_answer(engine3, tmp_path):
     from idefics_cli.structured import as_schema
-    from idefics_cli.tasks.selection import ask, open_pages
+    from idefics_cli.tasks.selection import ask, open_selection
 
     path = tmp_path / "page.png"
     PAGES[0].save(path)
-    response = ask(engine3, open_pages([str(path)]), "The total?", 40, schema=as_schema("total float"))
+    response = ask(engine3, open_selection([str(path)]), "The total?", 40, schema=as_schema("total float"))
     _ = response.text
     assert response.schema_error is not None or isinstance(response.data, dict)
     assert response.text.startswith("{")
@@ -222,12 +222,12 @@ def test_server_answers_equal_ask_and_reuse_the_prefix(cli, tiny_idefics3, tmp_p
 def test_pdf_pages_render_at_the_processors_full_size(engine3, tiny_idefics3, tiny_model, tmp_path):
     from idefics_cli.interface import ModelOptions
     from idefics_cli.runtime.families import render_side
-    from idefics_cli.tasks.selection import open_pages
+    from idefics_cli.tasks.selection import open_selection
 
     assert render_side(ModelOptions(model=tiny_idefics3)) == engine3.render_side == 2048  # SmolVLM's longest_edge
     assert render_side(ModelOptions(model=tiny_model)) is None  # Idefics2: the documents' 1960 px (2 x 980)
     pdf = make_pdf(tmp_path / "a.pdf", n_pages=1)
-    page = open_pages([pdf], longest_side=render_side(ModelOptions(model=tiny_idefics3))).pages[0].image
+    page = open_selection([pdf], longest_side=render_side(ModelOptions(model=tiny_idefics3))).pages[0].image
     assert max(page.size) == 2048
 
 

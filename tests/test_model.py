@@ -7,7 +7,7 @@ from conftest import make_image
 
 from idefics_cli.dev.tiny import CHAT_TEMPLATE, GENERATION
 from idefics_cli.errors import IdeficsError, UsageError
-from idefics_cli.runtime.model import ModelOptions, load
+from idefics_cli.runtime.model import ModelOptions, load_engine
 
 
 def plain_inputs(model_dir, image, question, split=True):
@@ -91,7 +91,7 @@ def test_context_refused_up_front_with_pages_that_fit(engine):
 def test_four_bit_loads_linear4bit_and_answers(tiny_model):
     import bitsandbytes as bnb
 
-    engine4 = load(ModelOptions(model=tiny_model, quant="4bit", device="cpu", max_new_tokens=6))
+    engine4 = load_engine(ModelOptions(model=tiny_model, quant="4bit", device="cpu", max_new_tokens=6))
     assert engine4.info["quantization"] == "nf4"
     layers = [m for m in engine4.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(layers) > 10
@@ -104,7 +104,7 @@ def test_local_folder_without_safetensors_is_refused_before_unpickling(tmp_path)
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "pytorch_model.bin").write_bytes(b"not a pickle, never read")
     with pytest.raises(IdeficsError) as info:
-        load(ModelOptions(model=str(tmp_path)))
+        load_engine(ModelOptions(model=str(tmp_path)))
     assert info.value.code == "model_error" and "safetensors" in info.value.message
 
 
@@ -117,7 +117,7 @@ def test_corrupt_weights_fail_as_a_model_error_from_the_loading_thread(tmp_path,
     weights = next(folder.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(IdeficsError) as info:
-        load(ModelOptions(model=str(folder), device="cpu", quant="none"))
+        load_engine(ModelOptions(model=str(folder), device="cpu", quant="none"))
     assert info.value.code == "model_error"
 
 
@@ -127,7 +127,7 @@ def test_hub_id_not_cached_offline_is_a_model_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(IdeficsError) as info:
-        load(ModelOptions(model="someorg/not-cached-model", offline=True))
+        load_engine(ModelOptions(model="someorg/not-cached-model", offline=True))
     assert info.value.code == "model_error" and "cache" in info.value.message
 
 
@@ -163,5 +163,5 @@ def test_load_processor_is_the_one_loader_and_offline_stays_in_the_options(tiny_
     with pytest.raises(IdeficsError) as info:
         load_processor(ModelOptions(model="someorg/not-cached-model", offline=True))
     assert info.value.message == "someorg/not-cached-model is not in the local cache (offline)"
-    load(ModelOptions(model=tiny_model, offline=True, quant="none", device="cpu"))
+    load_engine(ModelOptions(model=tiny_model, offline=True, quant="none", device="cpu"))
     assert "HF_HUB_OFFLINE" not in os.environ and "TRANSFORMERS_OFFLINE" not in os.environ

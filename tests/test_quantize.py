@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import make_image
 
-from idefics_cli.runtime.model import ModelOptions, load
+from idefics_cli.runtime.model import ModelOptions, load_engine
 from idefics_cli.tasks.quantize import weights_bytes
 
 
@@ -47,8 +47,8 @@ def test_saved_folder_is_nf4_and_smaller(quantized, tiny_model):
 
 
 def test_loads_linear4bit_without_requantizing(quantized, tiny_model):
-    saved = load(ModelOptions(model=quantized, quant="4bit", device="cpu")).model
-    fresh = load(ModelOptions(model=tiny_model, quant="4bit", device="cpu")).model
+    saved = load_engine(ModelOptions(model=quantized, quant="4bit", device="cpu")).model
+    fresh = load_engine(ModelOptions(model=tiny_model, quant="4bit", device="cpu")).model
     saved_layers, fresh_layers = linear4bit(saved), linear4bit(fresh)
     assert saved_layers and saved_layers.keys() == fresh_layers.keys()
     for name, layer in saved_layers.items():

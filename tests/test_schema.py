@@ -192,9 +192,9 @@ def test_a_truncated_page_is_an_error_record_that_keeps_its_text_and_is_retried(
 
 
 def test_batched_constrained_pages_equal_single_pages(sharp_model, tmp_path):
-    from idefics_cli.runtime.model import ModelOptions, load
+    from idefics_cli.runtime.model import ModelOptions, load_engine
 
-    engine = load(ModelOptions(model=sharp_model, quant="none", device="cpu", max_new_tokens=80, split=False))
+    engine = load_engine(ModelOptions(model=sharp_model, quant="none", device="cpu", max_new_tokens=80, split=False))
     pdf = make_pdf(tmp_path / "invoices.pdf", 2)  # one image a page (no split): the pages' answers differ
     runs = {}
     for size in (2, 1):

@@ -296,9 +296,9 @@ def test_read_answer_codes():
 
 @pytest.fixture(scope="module")
 def sharp_engine(sharp_model):
-    from idefics_cli.runtime.model import ModelOptions, load
+    from idefics_cli.runtime.model import ModelOptions, load_engine
 
-    return load(ModelOptions(model=sharp_model, quant="none", device="cpu", max_new_tokens=8, split=False))
+    return load_engine(ModelOptions(model=sharp_model, quant="none", device="cpu", max_new_tokens=8, split=False))
 
 
 QUESTIONS = [QUESTION, "Read this invoice page and extract the fields, please", "Fields?"]
@@ -369,9 +369,9 @@ def fitted_engine(tiny_model):
     in a loaded Engine of its own. 30 steps leave each greedy choice ahead of the next by more than 1 logit."""
     import torch
 
-    from idefics_cli.runtime.model import ModelOptions, load
+    from idefics_cli.runtime.model import ModelOptions, load_engine
 
-    engine = load(ModelOptions(model=tiny_model, quant="none", device="cpu", max_new_tokens=8))
+    engine = load_engine(ModelOptions(model=tiny_model, quant="none", device="cpu", max_new_tokens=8))
     tok = engine.processor.tokenizer
     prompt = engine.build_inputs(FITTED_ROW)["input_ids"]
     pieces = tok.tokenize(FITTED)

@@ -36,12 +36,12 @@ def picture(kind: str, width: int, height: int, seed: int):
 
 @pytest.fixture(scope="module")
 def engines(tiny_model, sharp_model):
-    from idefics_cli.runtime.model import ModelOptions, load
+    from idefics_cli.runtime.model import ModelOptions, load_engine
 
     loaded = {}
     for name, folder in (("tiny", tiny_model), ("sharp", sharp_model)):
         for split in (True, False):
-            loaded[name, split] = load(ModelOptions(model=folder, quant="none", device="cpu", split=split))
+            loaded[name, split] = load_engine(ModelOptions(model=folder, quant="none", device="cpu", split=split))
     return loaded
 
 

@@ -24,15 +24,15 @@ app = typer.Typer(
     rich_markup_mode=None,  # plain help, drawn without Rich: a faster `--help` (bench/RESULTS.md)
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-app.command(cls=Command, epilog=ask.EPILOG)(ask.ask)
-app.command(cls=Command, epilog=transcribe.EPILOG)(transcribe.transcribe)
-app.command(cls=Command, epilog=chat.EPILOG)(chat.chat)
-app.command(cls=Command, epilog=crops.EPILOG)(crops.crops)
-app.command(cls=Command, epilog=doctor.EPILOG)(doctor.doctor)
-app.command(cls=Command, epilog=pull.EPILOG)(pull.pull)
-app.command(cls=Command, epilog=quantize.EPILOG)(quantize.quantize)
-app.command(cls=Command, epilog=serve.EPILOG)(serve.serve)
-app.command(cls=Command, epilog=mcp.EPILOG)(mcp.mcp)
+app.command("ask", cls=Command, epilog=ask.EPILOG)(ask.ask_command)
+app.command("transcribe", cls=Command, epilog=transcribe.EPILOG)(transcribe.transcribe_command)
+app.command("chat", cls=Command, epilog=chat.EPILOG)(chat.chat_command)
+app.command("crops", cls=Command, epilog=crops.EPILOG)(crops.crops_command)
+app.command("doctor", cls=Command, epilog=doctor.EPILOG)(doctor.doctor_command)
+app.command("pull", cls=Command, epilog=pull.EPILOG)(pull.pull_command)
+app.command("quantize", cls=Command, epilog=quantize.EPILOG)(quantize.quantize_command)
+app.command("serve", cls=Command, epilog=serve.EPILOG)(serve.serve_command)
+app.command("mcp", cls=Command, epilog=mcp.EPILOG)(mcp.mcp_command)
 
 
 def _version(value: bool) -> None:
@@ -44,7 +44,7 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+def root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                       help="Print the version and exit.")) -> None:
     """Ask documents questions and transcribe them with Idefics2-8B, locally, 4-bit, on one GPU."""
 

@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 
+from ..runtime.families import render_side
 from . import options as o
 
 EPILOG = """Examples:
@@ -31,11 +32,11 @@ EPILOG = """Examples:
 
 
 @o.model_params(o.ANSWER_TOKENS)
-def ask(
+def ask_command(
     docs_and_question: Annotated[list[str], typer.Argument(metavar="DOC... QUESTION", show_default=False,
                                                            help="Documents (PDF or images, - for stdin), then the "
                                                                 "question.")],
-    pages: o.Pages = None,
+    pages: o.PagesOpt = None,
     dpi: o.Dpi = None,
     password: o.Password = None,
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object (schema idefics-cli.answer/1).")] = False,
@@ -56,7 +57,7 @@ def ask(
 def _ask(out, args, pages, dpi, password, as_json, each_page, opts, schema_value=None, server=None,
          api_key=None) -> int:
     from ..errors import UsageError, warning_line
-    from ..tasks.selection import ask, check_question, open_pages
+    from ..tasks.selection import ask, check_question, open_selection
 
     schema = None
     if schema_value is not None:
@@ -67,8 +68,8 @@ def _ask(out, args, pages, dpi, password, as_json, each_page, opts, schema_value
         raise UsageError("give at least one document and a question", 'e.g. idefics ask doc.pdf "What is this?"')
     *paths, question = args
     check_question(question)
-    selection = open_pages(paths, pages, password=password, dpi=dpi, status=out.status,  # before the model loads
-                           longest_side=None if server else o.render_side(opts))
+    selection = open_selection(paths, pages, password=password, dpi=dpi, status=out.status,  # before the model loads
+                           longest_side=None if server else render_side(opts))
     engine = o.engine(opts, server, api_key, out)  # loaded here, or a running server's (--server)
     status = 0
     for group in selection.each_page() if each_page else [selection]:

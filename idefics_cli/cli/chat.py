@@ -18,6 +18,7 @@ from typing import Annotated
 
 import typer
 
+from ..runtime.families import render_side
 from . import options as o
 
 EPILOG = """Examples:
@@ -39,9 +40,9 @@ HELP = ("/pages SPEC   show these pages with the next question (earlier turns ke
 
 
 @o.model_params(o.ANSWER_TOKENS)
-def chat(
+def chat_command(
     doc: Annotated[str, typer.Argument(metavar="DOC", show_default=False, help="A PDF or image (- for stdin).")],
-    pages: o.Pages = None,
+    pages: o.PagesOpt = None,
     dpi: o.Dpi = None,
     password: o.Password = None,
     schema: o.SchemaOpt = None,
@@ -72,7 +73,7 @@ class Session:
         self.out, self.opts, self.server, self.api_key = out, opts, server, api_key
         self.interactive = sys.stdin is not None and sys.stdin.isatty()
         self.chat = ChatSession.open(path, pages, password=password, dpi=dpi, status=out.status,
-                                     longest_side=None if server else o.render_side(opts))
+                                     longest_side=None if server else render_side(opts))
         self._warn(self.chat.pages)
 
     def _warn(self, pages) -> None:

@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 
+from ..runtime.families import render_side
 from . import options as o
 
 EPILOG = """Examples:
@@ -31,7 +32,7 @@ EPILOG = """Examples:
 
 @o.model_params(1, only=("model", "revision", "offline", "split"),
                 fixed={"quant": o.Quant.none, "device": "cpu"})
-def crops(
+def crops_command(
     doc: Annotated[str, typer.Argument(metavar="DOC", show_default=False, help="A PDF or image (- for stdin).")],
     page: Annotated[int, typer.Option("--page", min=1, help="1-based page to show.", rich_help_panel=o.DOC_PANEL)] = 1,
     out: Annotated[str | None, typer.Option("--out", "-o", metavar="FILE",
@@ -63,7 +64,7 @@ def _crops(out, doc_path, page, sheet_path, dir_, dpi, password, opts) -> int:
         sheet_path += ".png"
     if dir_ is None and sheet_path is None:
         sheet_path = default_sheet_name(doc_path, page)
-    with open_document(doc_path, password=password, dpi=dpi, longest_side=o.render_side(opts)) as doc:
+    with open_document(doc_path, password=password, dpi=dpi, longest_side=render_side(opts)) as doc:
         image = doc.render(page)
     with out.status(f"Loading the processor of {opts.model}…"):
         processor = load_processor(opts)

@@ -31,7 +31,7 @@ EPILOG = """Examples:
 
 
 @o.model_params(512)
-def doctor(
+def doctor_command(
     json_: Annotated[bool, typer.Option("--json", help=f"Print one JSON object (schema {SCHEMA}).")] = False,
     opts: o.ModelOptions = None,
 ) -> None:

@@ -28,7 +28,7 @@ EPILOG = """Examples:
 
 
 @o.model_params(o.ANSWER_TOKENS)
-def mcp(
+def mcp_command(
     root: Annotated[list[Path], typer.Option("--root", metavar="DIR", show_default=False,
                                              help="A folder the tools may read documents from (repeatable).")],
     opts: o.ModelOptions = None,

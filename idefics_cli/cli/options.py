@@ -83,7 +83,7 @@ def _argument_name(param) -> str:
     return name if param.required else f"[{name}]"
 
 
-Model = Annotated[str, typer.Option("--model", "-m", metavar="ID_OR_DIR", envvar="IDEFICS_MODEL",
+ModelOpt = Annotated[str, typer.Option("--model", "-m", metavar="ID_OR_DIR", envvar="IDEFICS_MODEL",
                                     rich_help_panel=MODEL_PANEL, help="Hub id or local folder of the model.")]
 Revision = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).",
                                               rich_help_panel=MODEL_PANEL)]
@@ -98,7 +98,7 @@ Offline = Annotated[bool, typer.Option("--offline", help="Never touch the networ
 Split = Annotated[bool, typer.Option("--split/--no-split",
                                      help="Image splitting: 4 crops + the original (5 x 64 visual tokens).",
                                      rich_help_panel=MODEL_PANEL)]
-Pages = Annotated[str | None, typer.Option("--pages", "-p", metavar="SPEC", rich_help_panel=DOC_PANEL,
+PagesOpt = Annotated[str | None, typer.Option("--pages", "-p", metavar="SPEC", rich_help_panel=DOC_PANEL,
                                            help="1-based pages per document: 3, 1-4, 1,3,7-, -2.")]
 Dpi = Annotated[int | None, typer.Option(min=10, max=1200, rich_help_panel=DOC_PANEL,
                                          help="Render PDFs at this DPI (default: longest side 1960 px, or the "
@@ -123,31 +123,17 @@ def engine(opts: ModelOptions, server: str | None, api_key: str | None, out):
     """The engine a command runs on: the model loaded here, or with `server` that server's model (client.py;
     nothing of torch is imported then). A `--model` other than the server's is reported, not used."""
     if not server:
-        from ..runtime.model import load
+        from ..runtime.model import load_engine
 
         with out.status(f"Loading {opts.model} ({opts.quant})…"):
-            return load(opts)
-    from ..remote.client import connect
+            return load_engine(opts)
+    from ..remote.client import RemoteEngine
 
     with out.status(f"Connecting to {server}…"):
-        remote = connect(server, api_key=api_key, max_new_tokens=opts.max_new_tokens)
+        remote = RemoteEngine(server, api_key, opts.max_new_tokens)
     if opts.model not in (DEFAULT_MODEL, remote.options.model):
         out.warn(f"--model {opts.model} is not used: the server at {remote.url} serves {remote.options.model}")
     return remote
-
-
-def render_side(opts: ModelOptions) -> int | None:
-    """The longest side pages are rendered at for the model (its processor's full resolution; None: the default)."""
-    from ..runtime.families import render_side as side
-
-    return side(opts)
-
-
-def doctags(opts: ModelOptions) -> bool:
-    """Whether the model is a document model answering in DocTags (SmolDocling, granite-docling)."""
-    from ..runtime.families import doctags as answers_in_doctags
-
-    return answers_in_doctags(opts)
 
 
 def max_new_tokens_option(default: int):
@@ -174,7 +160,7 @@ def model_options(model: str, revision: str | None, quant: Quant, dtype: Dtype, 
 def model_params(max_new_tokens: int = ANSWER_TOKENS, only: tuple[str, ...] | None = None, fixed: dict | None = None):
     """Decorator: the command's `opts` parameter becomes the model options, shown in its place in this order (all,
     or `only` these), and the command gets them as one `ModelOptions` (`fixed` values for those not shown)."""
-    declared = {"model": (Model, DEFAULT_MODEL), "revision": (Revision, None), "quant": (QuantOpt, Quant.auto),
+    declared = {"model": (ModelOpt, DEFAULT_MODEL), "revision": (Revision, None), "quant": (QuantOpt, Quant.auto),
                 "dtype": (DtypeOpt, Dtype.auto), "device": (Device, "auto"), "offline": (Offline, False),
                 "split": (Split, True), "max_new_tokens": (max_new_tokens_option(max_new_tokens), max_new_tokens)}
     shown = [name for name in declared if only is None or name in only]

@@ -26,7 +26,7 @@ EPILOG = """Examples:
 """
 
 
-def pull(
+def pull_command(
     model: Annotated[str, typer.Argument(metavar="MODEL", envvar="IDEFICS_MODEL", show_default=True,
                                          help="Hub id of the model.")] = o.DEFAULT_MODEL,
     revision: o.Revision = None,

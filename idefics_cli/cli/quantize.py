@@ -27,7 +27,7 @@ EPILOG = """Examples:
 
 
 @o.model_params(1, only=("model", "revision", "dtype", "device", "offline"))
-def quantize(
+def quantize_command(
     out_dir: Annotated[str, typer.Argument(metavar="OUT_DIR", show_default=False,
                                            help="New folder for the 4-bit model (must be empty or missing).")],
     opts: o.ModelOptions = None,

@@ -28,7 +28,7 @@ EPILOG = """Examples:
 
 
 @o.model_params(512)
-def serve(
+def serve_command(
     host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback needs --api-key.",
                                       rich_help_panel=SERVER_PANEL)] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free port, printed at start).",
@@ -71,9 +71,10 @@ def _serve(host, port, api_key, max_batch, max_queue, cache_mb, max_request_mb, 
                          grace=grace, cors=cors)
     check(config)
     try:
-        from ..serve import backend
         from ..serve.server import run_server
     except ImportError as exc:
         raise UsageError(f"`idefics serve` needs the serve extra ({exc.name} is missing)",
                          "pip install 'idefics-cli[serve]'") from None
-    return run_server(config, lambda: backend.load_engine(opts))
+    from ..runtime.model import load_engine
+
+    return run_server(config, lambda: load_engine(opts))

@@ -19,6 +19,7 @@ from typing import Annotated
 import typer
 
 from ..prompts import TRANSCRIBE_PROMPT
+from ..runtime.families import doctags, render_side
 from . import options as o
 
 
@@ -40,7 +41,7 @@ EPILOG = """Examples:
 
 
 @o.model_params(1024)
-def transcribe(
+def transcribe_command(
     paths: Annotated[list[str], typer.Argument(metavar="PATH...", show_default=False,
                                                help="Files, folders (recursive) or quoted globs; - for stdin.")],
     out: Annotated[str | None, typer.Option("--out", "-o", metavar="PATH",
@@ -62,7 +63,7 @@ def transcribe(
     min_confidence: Annotated[float | None, typer.Option(
         "--min-confidence", help="Warn low_confidence on pages whose lowest field (or, without --schema, token) "
                                  "probability is under this.")] = None,
-    pages: o.Pages = None,
+    pages: o.PagesOpt = None,
     dpi: o.Dpi = None,
     password: o.Password = None,
     opts: o.ModelOptions = None,
@@ -94,6 +95,6 @@ def _transcribe(output, paths, out, prompt, batch_size, force, shard, engine_nam
     request = TranscribeRequest(tuple(paths), out, opts, prompt=prompt, pages=pages, dpi=dpi, password=password,
                                 batch_size=batch_size, force=force, shard=shard, engine=engine_name,
                                 ray_address=ray_address, schema=schema, min_confidence=min_confidence,
-                                longest_side=None if server else o.render_side(opts),
-                                doctags=not server and o.doctags(opts))
+                                longest_side=None if server else render_side(opts),
+                                doctags=not server and doctags(opts))
     return Transcription(request, engine=engine, output=output).run()

@@ -1,8 +1,8 @@
 """The client: a running `idefics serve` as an engine (interface.Engine), with no torch in this process.
 
 Contract:
-- `connect(url, api_key=None, max_new_tokens=None)` asks the server for its model (`GET /v1/models`, waiting up to
-  LOAD_WAIT_S while it loads): a `RemoteEngine`; a server down or refusing the key is a `model_error` (transport.py).
+- `RemoteEngine(url, api_key=None, max_new_tokens=None)` asks the server for its model (`GET /v1/models`, waiting up to
+  LOAD_WAIT_S while it loads); a server down or refusing the key is a `model_error` (transport.py).
 - `prepare(batch)` turns [(page images, question)] into requests, each page a lossless `data:` URL: PackBits TIFF
   within `tiff_budget` bytes a request, then PNG (`page_data_url`); `chat_inputs` sends a whole conversation.
   `stream_generate`, `generate_batch` and `generate_rows` (up to `width` requests at once) answer them with the
@@ -25,8 +25,8 @@ from ..errors import IdeficsError, UsageError
 from ..interface import Generation, ModelOptions
 from .transport import CONNECT_TIMEOUT_S, LOST, SERVER_HINT, ServerLoading, Transport, events, normalize_url
 
-__all__ = ["CONNECT_TIMEOUT_S", "LOAD_WAIT_S", "TIFF_BUDGET", "RemoteEngine", "connect",
-           "normalize_url", "page_data_url", "png_data_url"]
+__all__ = ["CONNECT_TIMEOUT_S", "LOAD_WAIT_S", "TIFF_BUDGET", "RemoteEngine", "normalize_url", "page_data_url",
+           "png_data_url"]
 
 LOAD_WAIT_S = 600.0  # how long a request waits for a server that is still loading its model
 QUANT_OPTIONS = {"nf4": "4bit", "int8": "8bit", "none": "none"}  # engine.QUANT_NAMES, reversed
@@ -42,11 +42,6 @@ class RemoteInputs:
 
     def __post_init__(self):
         self.usage = [None] * len(self.rows)
-
-
-def connect(url: str, api_key: str | None = None, max_new_tokens: int | None = None) -> RemoteEngine:
-    """The model of the `idefics serve` at `url`, as an engine (see the module contract)."""
-    return RemoteEngine(url, api_key, max_new_tokens)
 
 
 class RemoteEngine:

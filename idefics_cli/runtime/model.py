@@ -1,15 +1,15 @@
 """The model stage: load a checkpoint of a supported family (families.py) and its processor into a `LocalEngine`.
 
 Contract:
-- `load_processor(options)` is the one processor loader (`load`, `crops`, `quantize`): local-folder check,
+- `load_processor(options)` is the one processor loader (`load_engine`, `crops`, `quantize`): local-folder check,
   offline/cache decision (hub.py), the same errors, and the runtime settings (`options.split`, left padding)
   unless `configure=False` asks for the processor exactly as saved.
 - `start_load(options)` returns at once with the processor (`Loading`: the weights load in a thread until
-  `finish()` gives the `LocalEngine`); `load(options)` is both. The family is read from config.json first (another
-  architecture fails before any weight loads); `quant="auto"` is resolved there (families.auto_quant). Loaded as
-  the model cards do it (AutoModelForImageTextToText, safetensors only, never remote code, sdpa, bitsandbytes nf4 +
-  double quant for `quant="4bit"`); failures raise `IdeficsError("model_error" | "out_of_memory")` with a hint.
-torch and transformers are imported inside functions only.
+  `finish()` gives the `LocalEngine`); `load_engine(options)` is both. The family is read from config.json first
+  (another architecture fails before any weight loads); `quant="auto"` is resolved there (families.auto_quant).
+  Loaded as the model cards do it (AutoModelForImageTextToText, safetensors only, never remote code, sdpa,
+  bitsandbytes nf4 + double quant for `quant="4bit"`); failures raise `IdeficsError` (`model_error`,
+  `out_of_memory`) with a hint. torch and transformers are imported inside functions only.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def load_processor(options: ModelOptions, configure: bool = True, local_files_on
     return processor
 
 
-def load(options: ModelOptions) -> LocalEngine:
+def load_engine(options: ModelOptions) -> LocalEngine:
     """Load processor and model as the model card does, 4-bit by default."""
     return start_load(options).finish()
 

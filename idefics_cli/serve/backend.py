@@ -1,24 +1,18 @@
 """The server's one adapter to the library: what it asks of the engine, the processor and the model is here.
 
 Contract:
-- `load(options)` loads a `LocalEngine` as the CLI does; `describe(engine)` is its card for /v1/models and
-  `settings_key` the settings that key the prefix cache.
+- `describe(engine)` is the loaded engine's card for /v1/models and `settings_key` the settings that key the
+  prefix cache.
 - `prompt_ids(engine, messages, images)`: the chat template's token ids, every image expanded into its tokens
   without pixels (a sized family: each image's grid from its image processor's `get_number_of_image_patches`), as
   `ask` and `chat` build theirs; `prefix_length(engine, ids)`: the tokens up to the last image token (the part
   whose key/value cache the server keeps, cache.py).
 - `build_pixels(engine, images, stop)`: one prompt's pixels built now (numpy only, so another thread may do it);
   `encode_images(engine, images, vision)`: their features through vision.py, for the decode loop's prefill.
-- `row_grammar`, `tokens_per_image`, `free_memory(device)` (GPU, else RAM), `token_text`. torch inside functions.
+- `tokens_per_image`, `free_memory(device)` (GPU, else RAM), `token_text`. torch inside functions.
 """
 
 from __future__ import annotations
-
-
-def load_engine(options):
-    from ..runtime.model import load as load_model
-
-    return load_model(options)
 
 
 def describe(engine) -> dict:
@@ -40,12 +34,6 @@ def default_max_tokens(engine) -> int:
 
 def image_token_id(engine) -> int:
     return engine.image_token_id
-
-
-def row_grammar(engine, schema):
-    from ..structured import row_grammar as make
-
-    return make(engine, schema)
 
 
 def token_text(engine, token: int) -> str:

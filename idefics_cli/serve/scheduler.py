@@ -21,6 +21,7 @@ from bisect import bisect_right
 from collections import deque
 
 from ..runtime.decode import Loop, Row
+from ..structured import row_grammar
 from . import backend
 from .cache import image_hash, prefix_key
 from .pixels import Ahead
@@ -216,7 +217,7 @@ class Scheduler:
                 job.finish("cancelled")
                 return False
             if job.schema is not None:
-                job.grammar = backend.row_grammar(self.engine, job.schema)
+                job.grammar = row_grammar(self.engine, job.schema)
             key = self._key(job)
             cached = self.cache.get(key) if key is not None else None
             if cached is not None:

@@ -38,7 +38,7 @@ def save_4bit(options, out_dir: str, status=lambda message: contextlib.nullconte
     """Load `options.model` in 4-bit and save it with its processor into the new folder `out_dir`."""
     import dataclasses
 
-    from ..runtime.model import load, load_processor
+    from ..runtime.model import load_engine, load_processor
     from .doctor import model_files
     from .writers import follow_umask, umask
 
@@ -55,7 +55,7 @@ def save_4bit(options, out_dir: str, status=lambda message: contextlib.nullconte
     try:
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private; the model folder should not be
         with status(f"Loading {options.model} in 4-bit…"):
-            engine = load(options)
+            engine = load_engine(options)
         cfg = getattr(engine.model.config, "quantization_config", None)
         if cfg is None or not getattr(cfg, "load_in_4bit", False):
             raise IdeficsError("model_error", f"{options.model} did not load as a 4-bit model")

@@ -75,9 +75,9 @@ class Transcriber:
     """The model actor: loads the engine once, answers batches of rows."""
 
     def __init__(self, request):
-        from ..runtime.model import load
+        from ..runtime.model import load_engine
 
-        self.engine = load(request.options)
+        self.engine = load_engine(request.options)
         self.request = request
 
     def __call__(self, batch: dict) -> dict:

@@ -1,7 +1,7 @@
 """Selection: the pages a question is about, opened and decoded before the model loads; the question itself.
 
 Contract:
-- `open_pages(documents, pages=None, password=None, dpi=None)` opens every document ("-" is stdin, read once),
+- `open_selection(documents, pages=None, password=None, dpi=None)` opens every document ("-" is stdin, read once),
   resolves the page spec for each and decodes every chosen page now, so an unreadable page fails before any model
   loads; decoded images are kept up to KEEP_BYTES, the rest rendered again when encoded.
 - A `Selection` knows its pages in order, the sources of the answer, its pages' warnings, when it was opened and
@@ -83,7 +83,7 @@ class Selection:
             doc.close()
 
 
-def open_pages(documents, pages: str | None = None, *, password: str | None = None, dpi: int | None = None,
+def open_selection(documents, pages: str | None = None, *, password: str | None = None, dpi: int | None = None,
                status=None, longest_side: int | None = None) -> Selection:
     """Open `documents` (a path or a list of paths), choose `pages` in each and decode them all (`longest_side`:
     the model's render size, families.render_side)."""
