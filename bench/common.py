@@ -229,6 +229,26 @@ def in_child(script: str, spec: dict):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def decode_bench(script: str, doc: str, title: str, child, argv, reps: int, batches=(1, 8)):
+    """The front of the decode-rate benches (schema.py, confidence.py): their options, the child process that
+    decodes one page image at each batch size, and the header. None when this process is the child; else
+    (reps, batches, new tokens, the child's JSON)."""
+    p = parser(doc, reps=reps)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    args = parse_or_child(p, argv, child)
+    if args is None:
+        return None
+    reps = 1 if args.smoke else args.reps
+    header(title, args)
+    model = args.model or model_dir("tiny" if args.smoke else "mid")
+    batches = [1, 2] if args.smoke else list(batches)
+    tokens = 4 if args.smoke else args.max_new_tokens
+    with tempfile.TemporaryDirectory() as tmp:
+        image = make_page_image(os.path.join(tmp, "page.png"))
+        spec = {"model": model, "image": image, "reps": reps, "max_new_tokens": tokens, "batches": batches}
+        return reps, batches, tokens, in_child(script, spec)
+
+
 def run(cmd: list[str], timeout: float = 3600, extra_env: dict | None = None) -> Run:
     """Run `cmd`; time it from spawn to exit and to its first byte on stdout; peak RSS from wait4()."""
     load_before, busy0, own0 = one_minute_load(), _busy_seconds(), _own_cpu()

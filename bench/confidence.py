@@ -13,9 +13,7 @@ Last line: `P16 <ratio>x`, the lower of the two batches' ratios.
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 
 import common as c
 
@@ -50,20 +48,10 @@ def child(model: str, image: str, reps: int, max_new_tokens: int, batches: list[
 
 
 def main(argv=None) -> int:
-    p = c.parser(__doc__, reps=5)
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    args = c.parse_or_child(p, argv, child)
-    if args is None:
+    front = c.decode_bench(__file__, __doc__, "P16 confidence decode speed", child, argv, reps=5, batches=BATCHES)
+    if front is None:
         return 0
-    reps = 1 if args.smoke else args.reps
-    c.header("P16 confidence decode speed", args)
-    model = args.model or c.model_dir("tiny" if args.smoke else "mid")
-    batches = [1, 2] if args.smoke else list(BATCHES)
-    tokens = 4 if args.smoke else args.max_new_tokens
-    with tempfile.TemporaryDirectory() as tmp:
-        image = c.make_page_image(os.path.join(tmp, "page.png"))
-        spec = {"model": model, "image": image, "reps": reps, "max_new_tokens": tokens, "batches": batches}
-        data = c.in_child(__file__, spec)
+    reps, batches, tokens, data = front
     rows, ratios = [], []
     for batch in batches:
         runs = data[str(batch)]

@@ -17,10 +17,8 @@ second `compiled()` call (the per-process cache).
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 
 import common as c
@@ -96,20 +94,10 @@ def child(model: str, image: str, reps: int, max_new_tokens: int, batches: list[
 
 
 def main(argv=None) -> int:
-    p = c.parser(__doc__, reps=3)
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    args = c.parse_or_child(p, argv, child)
-    if args is None:
+    front = c.decode_bench(__file__, __doc__, "P11 --schema decode speed", child, argv, reps=3, batches=BATCHES)
+    if front is None:
         return 0
-    reps = 1 if args.smoke else args.reps
-    c.header("P11 --schema decode speed", args)
-    model = args.model or c.model_dir("tiny" if args.smoke else "mid")
-    batches = [1, 2] if args.smoke else list(BATCHES)
-    tokens = 4 if args.smoke else args.max_new_tokens
-    with tempfile.TemporaryDirectory() as tmp:
-        image = c.make_page_image(os.path.join(tmp, "page.png"))
-        spec = {"model": model, "image": image, "reps": reps, "max_new_tokens": tokens, "batches": batches}
-        data = c.in_child(__file__, spec)
+    reps, batches, tokens, data = front
     rows = []
     for batch in batches:
         runs = data[str(batch)]

@@ -16,42 +16,44 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `-n auto`: one torch thread per wor
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # oversubscribed cores spinning against each other
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> str:
-    """Folder of a tiny random Idefics2 that loads exactly like idefics2-8b."""
+def _tiny(tmp_path_factory, family: str) -> str:
     from transformers.utils import logging
 
     from idefics_cli.dev.tiny import build
 
     logging.set_verbosity_error()
-    return build(str(tmp_path_factory.mktemp("tiny-idefics2")), size="tiny", seed=0)
+    return build(str(tmp_path_factory.mktemp(f"tiny-{family}")), family=family, seed=0)
+
+
+def _loaded(folder: str, quant: str):
+    """A tiny model loaded through the CLI's own loading code, float32 on the CPU, 8 new tokens."""
+    from idefics_cli.runtime.model import ModelOptions, load_engine
+
+    return load_engine(ModelOptions(model=folder, quant=quant, device="cpu", max_new_tokens=8))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """Folder of a tiny random Idefics2 that loads exactly like idefics2-8b."""
+    return _tiny(tmp_path_factory, "idefics2")
 
 
 @pytest.fixture(scope="session")
 def engine(tiny_model):
-    """The tiny model loaded through the CLI's own loading code, unquantized float32 on the CPU."""
-    from idefics_cli.runtime.model import ModelOptions, load_engine
-
-    return load_engine(ModelOptions(model=tiny_model, quant="none", device="cpu", max_new_tokens=8))
+    """The tiny Idefics2, unquantized."""
+    return _loaded(tiny_model, "none")
 
 
 @pytest.fixture(scope="session")
 def tiny_idefics3(tmp_path_factory) -> str:
     """Folder of a tiny random Idefics3 that loads like SmolVLM-256M-Instruct (built once a session, ~5 s)."""
-    from transformers.utils import logging
-
-    from idefics_cli.dev.tiny import build
-
-    logging.set_verbosity_error()
-    return build(str(tmp_path_factory.mktemp("tiny-idefics3")), family="idefics3", seed=0)
+    return _tiny(tmp_path_factory, "idefics3")
 
 
 @pytest.fixture(scope="session")
 def engine3(tiny_idefics3):
-    """The tiny Idefics3 loaded through the CLI's own loading code (`--quant auto`: none), float32 on the CPU."""
-    from idefics_cli.runtime.model import ModelOptions, load_engine
-
-    return load_engine(ModelOptions(model=tiny_idefics3, quant="auto", device="cpu", max_new_tokens=8))
+    """The tiny Idefics3 (`--quant auto`: none)."""
+    return _loaded(tiny_idefics3, "auto")
 
 
 @pytest.fixture(scope="session")

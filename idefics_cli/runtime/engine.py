@@ -32,6 +32,8 @@ class Preparer:
     """The processor half of an engine: model inputs for [(images, question), ...], with or without the weights
     loaded (the transcribe pipeline prepares its first batch while they load)."""
 
+    context_size: int | None = None  # the model's, once its config is loaded (LocalEngine)
+
     def __init__(self, processor, options: ModelOptions, device: str):
         from .families import for_processor
 
@@ -89,17 +91,21 @@ class Preparer:
         """The longest side pages are rendered at for this model (None: the documents' default)."""
         return self.family.render_side(self.processor.image_processor)
 
+    def fit_context(self, tokens: int, max_new_tokens: int, what: str, hint: str) -> None:
+        """The one context check: `what` needs `tokens` prompt tokens + `max_new_tokens`; over the model's
+        context it is a `usage` error with `hint`."""
+        if self.context_size and tokens + max_new_tokens > self.context_size:
+            raise UsageError(f"{what} needs {tokens} prompt tokens + {max_new_tokens} new tokens, more than the "
+                             f"model's context of {self.context_size}", hint)
+
     def tokenize(self, texts: list[str], vision):
         """The processor's token ids of `texts` (left-padded) with their images' tokens expanded by the family from
         the grids of `vision`'s built images, on the device; a prompt over the context is refused."""
         grids = [g for row in vision.grids for g in row]
         texts = self.family.expand(self.processor, texts, grids) if grids else texts
         inputs = self.processor.tokenizer(texts, return_tensors="pt", padding=True)
-        context = getattr(self, "context_size", None)
-        longest = int(inputs["attention_mask"].sum(dim=1).max())
-        if context and longest + self.options.max_new_tokens > context:
-            raise UsageError(f"the prompt needs {longest} tokens + {self.options.max_new_tokens} new tokens, more than "
-                             f"the model's context of {context}", "narrow --pages, or --no-split")
+        self.fit_context(int(inputs["attention_mask"].sum(dim=1).max()), self.options.max_new_tokens, "the prompt",
+                         "narrow --pages, or --no-split")
         return inputs.to(self.device)
 
 
@@ -148,8 +154,7 @@ class LocalEngine(Preparer):
         if self.context_size and total + max_new_tokens > self.context_size:
             one = self.prompt_tokens(1, question)
             fit = (self.context_size - max_new_tokens - one) // (self.prompt_tokens(2, question) - one) + 1
-            raise UsageError(f"{n_images} page images need {total} prompt tokens + {max_new_tokens} new tokens, more "
-                             f"than the model's context of {self.context_size}",
+            self.fit_context(total, max_new_tokens, f"{n_images} page images",
                              f"at most {max(fit, 0)} pages fit: narrow --pages")
         return total
 
@@ -178,10 +183,8 @@ class LocalEngine(Preparer):
                 g for row in vision.collect(self.processor.image_processor).grids for g in row]), return_tensors="pt")
         else:
             inputs = self.processor(text=[text], return_tensors="pt")
-        total = int(inputs["input_ids"].shape[1])
-        if self.context_size and total + max_new_tokens > self.context_size:
-            raise UsageError(f"the conversation needs {total} prompt tokens + {max_new_tokens} new tokens, more than "
-                             f"the model's context of {self.context_size}", "/reset to start over, or show fewer pages")
+        self.fit_context(int(inputs["input_ids"].shape[1]), max_new_tokens, "the conversation",
+                         "/reset to start over, or show fewer pages")
         inputs = inputs.to(self.device)
         inputs["vision"] = vision
         return inputs

@@ -28,7 +28,7 @@ from fastapi.exceptions import StarletteHTTPException as HTTPException
 from fastapi.middleware import Middleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..errors import IdeficsError
+from ..errors import IdeficsError, UsageError
 from . import backend
 from .config import ServeConfig
 from .metrics import Metrics
@@ -270,9 +270,10 @@ def _prepare(state: ServerState, body, loop):
         max_tokens = req.max_tokens or backend.default_max_tokens(engine)
         req.render()  # first: a family's image tokens may follow each page's size
         ids = backend.prompt_ids(engine, req.messages, req.images)
-        if context and len(ids) + max_tokens > context:
-            raise RequestError("usage", f"the prompt needs {len(ids)} tokens + {max_tokens} new tokens, more than "
-                               f"the model's context of {context}", "messages", "send fewer pages or turns")
+        try:
+            engine.fit_context(len(ids), max_tokens, "the prompt", "send fewer pages or turns")
+        except UsageError as err:  # the OpenAI error names the parameter
+            raise RequestError(err.code, err.message, "messages", err.hint) from None
     finally:
         req.close()
     job = Job(ids, req.images, max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
