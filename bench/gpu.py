@@ -1,6 +1,6 @@
 """P5 (GPU): first light, then peak VRAM, prefill time, decode tokens/s at batch 1 and pages/min at the auto batch.
 
-    python bench/gpu.py [--pages-per-batch 1] [--max-new-tokens 64] [--ask-pages 25] [--smoke]
+    python bench/gpu.py [--max-new-tokens 64] [--ask-pages 25] [--families] [--smoke]
 
 It starts with bench/first_light.py on the tiny model (float32 and bfloat16: ids, pixels and greedy answers equal
 to the model card's code on the GPU; ask, transcribe and serve answering) and stops there if that fails.
@@ -29,6 +29,9 @@ left out. Target: >= 0.90x. `--smoke` without CUDA runs it too (batch 1 and 2, 4
 Last, bench/serve.py's P8 and P9 through an `idefics serve` child process on the GPU with the same model (4-bit): a
 second question over a cached page, time to first token <= 0.15x the first's; 8 one-page requests at once, wall
 <= 0.5x the same sent one after another. `--smoke` without CUDA runs them too, on the CPU with the tiny model.
+`--families` instead measures the newer members' shapes (FAMILY_SHAPES: Idefics3-8B, SmolVLM-Instruct, SmolVLM-256M,
+random weights, bf16, `--quant auto`: nf4 from 4B): peak VRAM, prefill, decode and pages/s through the pipeline.
+`--smoke` without CUDA runs `measure` on the CPU for the tiny Idefics2 and the tiny Idefics3 too.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -49,10 +53,17 @@ import serve
 import stages
 
 
+def sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def one_page_inputs(engine, pdf):
     from idefics_cli.documents import open_document
 
-    with open_document(pdf) as doc:
+    with open_document(pdf, longest_side=engine.render_side) as doc:  # at the family's render size
         image = doc.render(1)
     return engine.build_inputs([([image], c.QUESTION)])
 
@@ -60,19 +71,21 @@ def one_page_inputs(engine, pdf):
 def timed_generate(engine, inputs, new_tokens: int) -> float:
     import torch
 
-    torch.cuda.synchronize()
+    sync(engine.device)
     t0 = time.perf_counter()
     with torch.inference_mode():
         engine.model.generate(**inputs, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-    torch.cuda.synchronize()
+    sync(engine.device)
     return time.perf_counter() - t0
 
 
 def pipeline_pages_per_min(engine, pdf, pages: int, batch_size: int, new_tokens: int, tmp: str) -> float:
     """The CLI's transcription pipeline (prefetch thread, batches) over `pages` pages, in pages/min."""
+    from idefics_cli.library import Model
+
     out = os.path.join(tmp, f"records-{time.monotonic_ns()}.jsonl")
-    run = engine.transcribe([pdf], out=out, prompt=c.TRANSCRIBE_PROMPT, pages=f"1-{pages}", batch_size=batch_size,
-                            force=True)
+    run = Model(engine).transcribe([pdf], out=out, prompt=c.TRANSCRIBE_PROMPT, pages=f"1-{pages}",
+                                   batch_size=batch_size, force=True)
     assert engine.options.max_new_tokens == new_tokens  # the engine's own options make the request
     run.run()
     summary = run.summary
@@ -84,12 +97,11 @@ def pipeline_pages_per_min(engine, pdf, pages: int, batch_size: int, new_tokens:
 def snippet_pages_per_min(engine, pdf, pages: int, new_tokens: int) -> float:
     """The model card's snippet, one page at a time: render, processor, generate (same loaded model)."""
     import pymupdf
-    import torch
     from PIL import Image
 
     processor, model = engine.processor, engine.model
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": c.TRANSCRIBE_PROMPT}]}]
-    torch.cuda.synchronize()
+    sync(engine.device)
     t0 = time.perf_counter()
     with pymupdf.open(pdf) as doc:
         for k in range(pages):
@@ -101,7 +113,7 @@ def snippet_pages_per_min(engine, pdf, pages: int, new_tokens: int) -> float:
             inputs = processor(text=prompt, images=[image], return_tensors="pt").to(model.device)
             out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
             processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    torch.cuda.synchronize()
+    sync(engine.device)
     return 60 * pages / (time.perf_counter() - t0)
 
 
@@ -209,31 +221,37 @@ def schema_table(title: str, results: dict) -> None:
     c.table(title, rows, ["batch", "without", "with --schema", "ratio", "target", "fewest steps"])
 
 
-def measure(label: str, model_dir: str, quant: str, pdf: str, args, tmp: str, snippet: bool) -> dict:
+def measure(label: str, model_dir: str, quant: str, pdf: str, args, tmp: str, snippet: bool,
+            device: str = "cuda", dtype: str = "bfloat16") -> dict:
+    """Load `model_dir` as the CLI does and time it: peak memory (CUDA), prefill, decode, pages/min."""
     import torch
 
     from idefics_cli.runtime.model import ModelOptions, load_engine
 
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()  # anything left over from an earlier measurement is not counted
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated() if cuda else 0  # what an earlier measurement left is not counted
     t0 = time.perf_counter()
-    engine = load_engine(ModelOptions(model=model_dir, quant=quant, dtype="bfloat16", device="cuda", split=True,
-                               max_new_tokens=args.max_new_tokens))
+    engine = load_engine(ModelOptions(model=model_dir, quant=quant, dtype=dtype, device=device, split=True,
+                                      max_new_tokens=args.max_new_tokens))
     load_s = time.perf_counter() - t0
     inputs = one_page_inputs(engine, pdf)
     timed_generate(engine, inputs, 2)  # warm-up
     prefill = statistics.median(timed_generate(engine, inputs, 1) for _ in range(args.reps))
     full = statistics.median(timed_generate(engine, inputs, args.max_new_tokens) for _ in range(args.reps))
     decode_tps = (args.max_new_tokens - 1) / max(full - prefill, 1e-9)
-    peak = (torch.cuda.max_memory_allocated() - before) / 2**30
-    reserved = torch.cuda.max_memory_reserved() / 2**30
+    peak = (torch.cuda.max_memory_allocated() - before) / 2**30 if cuda else float("nan")
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else float("nan")
     batch = engine.auto_batch_size()
     pages = batch * args.batches
-    print(f"  {label}: loaded in {load_s:.0f} s, peak {peak:.2f} GiB, auto batch size {batch}", file=sys.stderr)
+    quantization = engine.info.get("quantization", quant)
+    print(f"  {label}: loaded in {load_s:.0f} s ({quantization}), peak {peak:.2f} GiB, auto batch size {batch}",
+          file=sys.stderr)
     ppm = pipeline_pages_per_min(engine, pdf, pages, batch, args.max_new_tokens, tmp)
     row = {"label": label, "load": load_s, "peak": peak, "reserved": reserved, "prefill": prefill, "decode": decode_tps,
-           "batch": batch, "ppm": ppm}
+           "batch": batch, "ppm": ppm, "quantization": quantization}
     if snippet:
         row["snippet"] = snippet_pages_per_min(engine, pdf, args.snippet_pages, args.max_new_tokens)
         del inputs
@@ -244,8 +262,40 @@ def measure(label: str, model_dir: str, quant: str, pdf: str, args, tmp: str, sn
         row["schema"] = schema_decode(engine, pdf, [1, 8], args.max_new_tokens, args.reps)
     del engine, inputs
     gc.collect()
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return row
+
+
+# (name, tiny.py family, tiny.py size): the newer members of the family at their real shapes, random weights
+FAMILY_SHAPES = [("Idefics3-8B-Llama3", "idefics3", "idefics3-8b"),
+                 ("SmolVLM-Instruct (2.2B)", "idefics3", "smolvlm-2b"),
+                 ("SmolVLM-256M-Instruct", "idefics3", "smolvlm-256m")]
+
+
+def family_rows(args, tmp: str, pdf: str, device: str, dtype: str, smoke: bool) -> list[dict]:
+    """Each family shape built on `device`, loaded under `--quant auto` (nf4 from 4B), measured by `measure`."""
+    import torch
+
+    from idefics_cli.dev import tiny
+
+    rows = []
+    for name, family, size in FAMILY_SHAPES[-1:] if smoke else FAMILY_SHAPES:
+        folder = os.path.join(tmp, f"{family}-{size}")
+        torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+        tiny.build(folder, size="tiny" if smoke else size, family=family, device=device, dtype=torch_dtype)
+        gc.collect()
+        rows.append(measure(f"{name}{' (smoke: tiny)' if smoke else ''}", folder, "auto", pdf, args, tmp,
+                            snippet=False, device=device, dtype=dtype))
+        shutil.rmtree(folder, ignore_errors=True)
+    return rows
+
+
+def family_table(title: str, rows: list[dict]) -> None:
+    c.table(title, [[r["label"], r["quantization"], f"{r['peak']:.2f} GiB", f"{r['prefill'] * 1000:.0f} ms",
+                     f"{r['decode']:.1f}", r["batch"], f"{r['ppm'] / 60:.3f}"] for r in rows],
+            ["model shape", "--quant auto chose", "peak VRAM", "prefill", "decode tok/s (batch 1)", "batch",
+             "pages/s"])
 
 
 def serve_p8_p9(model_dir: str, pdf: str, reps: int, new_tokens: int, device: str, smoke: bool) -> dict:
@@ -267,6 +317,7 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, default=2, help="pages/min over this many batches of the auto size")
     p.add_argument("--snippet-pages", type=int, default=6, help="pages of the plain snippet's loop")
     p.add_argument("--ask-pages", type=int, default=25, help="pages of the one-question case")
+    p.add_argument("--families", action="store_true", help="only the family shapes (FAMILY_SHAPES), after first light")
     args = p.parse_args(argv)
     import torch
 
@@ -286,6 +337,14 @@ def main(argv=None) -> int:
 
     if not first_light.first_light(c.model_dir("tiny"), "cuda"):  # does the path work here at all?
         return 1
+    if args.families:
+        with tempfile.TemporaryDirectory() as tmp:
+            pdf = c.make_pdf(os.path.join(tmp, "doc.pdf"), 32 * args.batches)
+            rows = family_rows(args, tmp, pdf, "cuda", "bfloat16", args.smoke)
+        family_table(f"P5 families on {torch.cuda.get_device_name()}, random weights, bfloat16, {args.max_new_tokens} "
+                     "new tokens a page", rows)
+        c.footer()
+        return 0
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
@@ -331,9 +390,14 @@ def cpu_smoke(args) -> None:
     from idefics_cli.dev import tiny
     from idefics_cli.runtime.model import ModelOptions, load_engine
 
+    args.reps, args.max_new_tokens, args.batches = 1, 4, 1
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or tiny.build(os.path.join(tmp, "model"), size="tiny")
         first_light.first_light(model_dir, "cpu")
+        small = c.make_pdf(os.path.join(tmp, "small.pdf"), 8)  # one batch at the CPU's auto size
+        rows = [measure("Idefics2 (smoke: tiny, no quantization)", model_dir, "none", small, args, tmp, snippet=False,
+                        device="cpu", dtype="float32")]
+        rows += family_rows(args, tmp, small, "cpu", "float32", smoke=True)
         pdf = c.make_pdf(os.path.join(tmp, "doc.pdf"), 3, "mixed")
         engine = load_engine(ModelOptions(model=model_dir, quant="none", device="cpu"))
         cli = ask_pages(engine, pdf, 3, plain=False, dpi=72)
@@ -342,6 +406,7 @@ def cpu_smoke(args) -> None:
         schema = schema_decode(engine, pdf, [1, 2], 4, 1, dpi=72)
         del engine
         served = serve_p8_p9(model_dir, c.make_pdf(os.path.join(tmp, "serve.pdf"), 17), 1, 4, "cpu", smoke=True)
+    family_table("P5 and the family shapes on the CPU (smoke: tiny models, no VRAM)", rows)
     ask_table("P5 ask over 3 pages on the CPU (smoke: tiny model, no VRAM)", 3, cli, plain)
     decompose.report([times], [1, 2], 3, 4, " on the CPU (smoke)")
     schema_table("P11 decode tokens/s with and without a schema on the CPU (smoke)", schema)
