@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"help": False, "ask": True, "transcribe": True, "memory": True, "shapes": True, "pages": True,
            "decompose": True, "gpu": False, "schema": True, "schema_engines": False,
            "serve": True, "continuous": True, "confidence": True,
-           "families": False}  # name -> takes --model (an Idefics2)
+           "families": False, "docling_peer": False}  # name -> takes --model (an Idefics2)
 
 
 @pytest.fixture(scope="module")
@@ -191,3 +191,11 @@ def test_pymupdf_compare_runs_and_an_install_matches_itself(tmp_path):
     n = len(json.load(open(tmp_path / "cases.json")))
     assert n >= 30 and last.endswith(f": {n}/{n}"), last
     assert "| sample-invoice.pdf | ok, 1 p" in result.stdout and "| aes256-r6-none.pdf | encrypted |" in result.stdout
+
+
+def test_docling_peer_smoke(smoke):
+    out = finished(smoke, "docling_peer")
+    if out.startswith("P15 skipped"):  # docling[vlm] lives in its own environment; none is named here
+        assert "no interpreter here imports docling" in out
+    else:
+        assert "P15 2 pages" in out and "same DocTags for page 1 at batch 1: yes" in out
