@@ -29,9 +29,7 @@ class Preparer:
     def __init__(self, processor, options: ModelOptions, device: str):
         from .families import for_processor
 
-        self.processor = processor
-        self.options = options
-        self.device = device
+        self.processor, self.options, self.device = processor, options, device
         self.family = for_processor(processor)
 
     def prompt(self, n_images: int, question: str) -> str:
@@ -97,9 +95,7 @@ class LocalEngine(Preparer):
     def __init__(self, processor, model, options: ModelOptions, device: str, dtype, load_s: float,
                  quant_reason: str | None = None):
         super().__init__(processor, options, device)
-        self.model = model
-        self.dtype = dtype
-        self.load_s = load_s
+        self.model, self.dtype, self.load_s = model, dtype, load_s
         self.quant_reason = quant_reason or f"--quant {options.quant}"
         tokenizer = processor.tokenizer
         self.image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)

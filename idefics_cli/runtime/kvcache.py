@@ -53,21 +53,8 @@ def layer_classes() -> dict:
             self.spare = spare
             super().__init__(*args, **kwargs)
 
-        @property
-        def keys(self):
-            return _view(self._k)
-
-        @keys.setter
-        def keys(self, tensor):
-            self._k = _adopt(tensor)
-
-        @property
-        def values(self):
-            return _view(self._v)
-
-        @values.setter
-        def values(self, tensor):
-            self._v = _adopt(tensor)
+        keys = property(lambda self: _view(self._k), lambda self, tensor: setattr(self, "_k", _adopt(tensor)))
+        values = property(lambda self: _view(self._v), lambda self, tensor: setattr(self, "_v", _adopt(tensor)))
 
         def lazy_initialization(self, key_states, value_states):
             super().lazy_initialization(key_states, value_states)  # device, the window's tensor; 1-d empties
