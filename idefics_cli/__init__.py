@@ -1,15 +1,8 @@
 """idefics-cli: ask documents questions and transcribe them with Idefics2-8B, locally, 4-bit.
 
-Contract: the library face. `load(model, **options)` loads the model once and returns a `Model` (library.py)
-whose `ask(documents, question, pages=...)` returns a streaming `Response` (response.py): iterate it for the
-text pieces; `.text`, `.finish_reason`, `.usage` and `.to_dict()` (the `idefics ask --json` object) once it
-is read; `transcribe(...)` and `chat(...)` as the commands. `open_pages(...)` decodes the chosen pages ahead
-of loading, as the CLI does. `connect(url, api_key=None)` is the `Model` of a running `idefics serve`, used
-the same way, with no torch in this process.
-The keywords of `load` are the CLI's model options, with the same defaults. The library leaves the process's
-warning filters, log levels, environment and allocators as they are; `tune_process()` (or `load(...,
-tune_process=True)`) opts in to the commands' settings (process.py). Importing this package imports neither
-torch nor transformers: they load with the model.
+The library face: `load(model, **options)` and `connect(url)` return a `Model` (library.py) with `ask` (a streaming
+`Response`), `transcribe` and `chat`, as the commands; `open_pages` decodes pages ahead of loading. The process's
+warnings, logging, environment and allocators are left alone unless `tune_process()`; torch loads with the model.
 """
 
 from __future__ import annotations
@@ -30,16 +23,9 @@ def load(model: str = DEFAULT_MODEL, *, revision: str | None = _DEFAULTS.revisio
          dtype: str = _DEFAULTS.dtype, device: str = _DEFAULTS.device, offline: bool = _DEFAULTS.offline,
          split: bool = _DEFAULTS.split, max_new_tokens: int = _DEFAULTS.max_new_tokens,
          tune_process: bool = False) -> Model:
-    """Load the processor and the model (a hub id or a local folder) and return its `Model`.
-
-    quant: "auto" (4bit from 4B parameters, else none), "4bit" (bitsandbytes nf4 + double quant), "8bit" (CUDA
-    only) or "none"; dtype: "auto", "bfloat16",
-    "float16" or "float32"; device: "auto", "cpu", "cuda" or "cuda:N"; offline: never touch the network;
-    split: image splitting (4 crops + the whole page); max_new_tokens: the default length of an answer;
-    tune_process: first opt the process in to the commands' settings (quiet libraries, tuned allocators:
-    `idefics_cli.tune_process()`), which a program otherwise keeps as they are.
-    Raises `IdeficsError("model_error" | "out_of_memory")` with a hint when the model cannot be loaded.
-    """
+    """Load a model (hub id or local folder) as the CLI's model options do; its `Model`. quant: auto, 4bit, 8bit
+    (CUDA) or none; dtype: auto, bfloat16, float16 or float32; device: auto, cpu, cuda or cuda:N; tune_process: opt
+    in to the commands' process settings. Raises `IdeficsError("model_error" | "out_of_memory")` with a hint."""
     from .errors import UsageError
     from .runtime.model import load_engine as load_model
 
@@ -61,11 +47,8 @@ def open_pages(documents, pages: str | None = None, *, password: str | None = No
 
 
 def connect(url: str, *, api_key: str | None = None, max_new_tokens: int = _DEFAULTS.max_new_tokens):
-    """The model of a running `idefics serve` at `url`, used like a loaded engine (`ask`, `transcribe`, chat).
-
-    Pages are rendered here, as `idefics ask --server` does, and answered by the server. Raises
-    `IdeficsError("model_error")` naming the URL when the server cannot be reached or refuses the key.
-    """
+    """The `Model` of a running `idefics serve` at `url` (pages rendered here); `IdeficsError("model_error")` naming
+    the URL when the server cannot be reached or refuses the key."""
     from .remote.client import RemoteEngine
 
     return Model(RemoteEngine(url, api_key, max_new_tokens))

@@ -1,12 +1,8 @@
 """Work ahead of a consumer in one background thread: bounded, ordered, cancellable.
 
-Contract: `WorkAhead(name, depth, places)`; `start(produce)` runs `produce(work)` in a daemon thread `name`.
-The producer hands items over in order with `put(item)` (waits while `depth` items wait untaken) and takes one
-of `places` before each costly piece of work with `claim(pick)` (waits until a place is free and `pick()`, run
-under `cond`, gives something); `release()` frees a place (the consumer took the work, or it failed). Once
-`stop()` is called they return False/None, and the producer should return. The consumer iterates: the items in
-order, then the end when `produce` returns, or its exception. `cond` guards the owner's own state too.
-`in_thread(fn, name)`: `fn()` in a new daemon thread (a process that exits does not wait for it); its Future.
+`WorkAhead(name, depth, places).start(produce)` runs `produce(work)` in a daemon thread: it hands items over with
+`put(item)` (waits while `depth` wait) and takes one of `places` with `claim(pick)` (`release()` frees it); after
+`stop()` they return False/None. Iterating gives the items in order, then the end or its exception. `in_thread(fn)`.
 """
 
 from __future__ import annotations
@@ -22,13 +18,6 @@ if TYPE_CHECKING:
 _END = object()
 
 
-class _Raised:
-    __slots__ = ("error",)
-
-    def __init__(self, error: BaseException):
-        self.error = error
-
-
 class WorkAhead:
     def __init__(self, name: str, depth: int = 1, places: int = 1):
         self.name, self.depth, self.places = name, max(depth, 1), max(places, 0)
@@ -36,9 +25,9 @@ class WorkAhead:
         self.held = 0  # places taken by `claim` and not released
         self.stopped = False
         self._items: deque = deque()
+        self._error: BaseException | None = None  # what `produce` raised, handed on after the items
         self.thread: threading.Thread | None = None
 
-    # ---- both sides -----------------------------------------------------------------------------------------
     def start(self, produce: Callable[[WorkAhead], object]) -> WorkAhead:
         """Start the thread (once; later calls do nothing)."""
         with self.cond:
@@ -69,7 +58,6 @@ class WorkAhead:
             self.held -= 1
             self.cond.notify_all()
 
-    # ---- the producer ---------------------------------------------------------------------------------------
     def put(self, item) -> bool:
         """Hand `item` over, waiting while `depth` items wait; False once stopped."""
         with self.cond:
@@ -82,7 +70,7 @@ class WorkAhead:
             return True
 
     def claim(self, pick: Callable[[], object] = lambda: True):
-        """Wait for a free place and for `pick()` to return something (not None); take the place and return it.
+        """Wait for a free place and for `pick()` (run under `cond`) to give something; take the place, return it.
         None once stopped."""
         with self.cond:
             while not self.stopped:
@@ -93,16 +81,14 @@ class WorkAhead:
             return None
 
     def _run(self, produce) -> None:
-        end = _END
         try:
             produce(self)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            end = _Raised(exc)
+            self._error = exc
         with self.cond:
-            self._items.append(end)  # past the bound: the producer never waits to finish
+            self._items.append(_END)  # past the bound: the producer never waits to finish
             self.cond.notify_all()
 
-    # ---- the consumer ---------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator:
         while True:
             with self.cond:
@@ -111,16 +97,17 @@ class WorkAhead:
                 item = self._items.popleft()
                 self.cond.notify_all()
             if item is _END:
+                error, self._error = self._error, None
+                if error is not None:
+                    raise error
                 return
-            if isinstance(item, _Raised):
-                raise item.error
             yield item
             item = None  # let go of it before waiting for the next one
 
 
 def in_thread(fn: Callable[[], object], name: str) -> Future:
     """`fn()` run in a new daemon thread, which ends with it; the Future of its result (or exception)."""
-    from concurrent.futures import Future  # imported when needed: it brings logging (ms at every command's start)
+    from concurrent.futures import Future  # imported when needed: it brings logging
 
     future = Future()
 

@@ -1,13 +1,8 @@
 """The process's memory allocators, tuned for the CPU engine's large short-lived buffers.
 
-Contract: `tune()` (process-wide, idempotent; model.py calls it through process.py, at a model's load, only in
-a process that opted in: the commands) makes
-- glibc's malloc serve blocks under 256 MiB from the heap (`M_MMAP_THRESHOLD`) and keep up to 1 GiB freed at
-  its top (`M_TRIM_THRESHOLD`), so big buffers are reused rather than mapped and zero-filled afresh;
-- Pillow keep 8 freed image blocks (`PILLOW_BLOCKS_MAX`; off by default), for the same reason.
-Why, with numbers: bench/RESULTS.md ("Notes moved from the code"). The user's choice wins: any `MALLOC_*` or
-`GLIBC_TUNABLES` variable leaves malloc alone, `PILLOW_BLOCKS_MAX` leaves Pillow, `IDEFICS_ALLOCATOR=default`
-leaves both; a libc without glibc's `mallopt` (macOS, musl) is left alone. Returns what it changed.
+`tune()` (once; at a model's load in processes that opted in, through process.py) makes glibc's malloc keep blocks
+under 256 MiB on its heap and 1 GiB freed at its top, and Pillow keep 8 freed blocks, so big buffers are reused. Any
+`MALLOC_*`/`GLIBC_TUNABLES`, `PILLOW_BLOCKS_MAX` or `IDEFICS_ALLOCATOR=default` wins. Returns what it changed.
 """
 
 from __future__ import annotations
@@ -22,7 +17,7 @@ _done: list[str] | None = None
 
 
 def tune() -> list[str]:
-    """Tune malloc and Pillow once (see the module docstring); the names of what was changed."""
+    """Tune malloc and Pillow once; the names of what was changed."""
     global _done
     if _done is not None:
         return _done

@@ -1,10 +1,8 @@
 """Errors and exit statuses: one table from failure to code to exit status.
 
-Contract: every failure a user can cause raises `IdeficsError(code, message, hint=...)`. The code is one
-of the documented error codes (docs/formats.md) or `usage`/`internal`; `EXIT_FOR_CODE` maps it to the
-exit status documented there. `classify()` turns any exception raised while reading or generating into an
-`IdeficsError` so batch code can record it per page. `WARNINGS` names the warning codes of a page that was
-read but may not say what the user expects. Nothing here imports torch.
+Every failure a user can cause raises `IdeficsError(code, message, hint=...)` with a documented code (docs/formats.md)
+or `usage`/`internal`; `EXIT_FOR_CODE` maps it to its exit status. `classify()` turns any exception into an
+`IdeficsError` (recorded per page); `WARNINGS` names a read page's warning codes. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -22,19 +20,9 @@ class ExitStatus(enum.IntEnum):
     INTERRUPTED = 130
 
 
-INPUT_CODES = (
-    "not_found",
-    "permission_denied",
-    "unsupported_format",
-    "corrupt",
-    "encrypted",
-    "wrong_password",
-    "empty_document",
-    "page_out_of_range",
-    "image_too_large",
-)
-# schema_truncated / schema_mismatch: a `--schema` answer that was cut before its JSON ended, or that ended and
-# does not validate (structured.py); like generation_error, the model did not deliver: `ask` exits 5
+INPUT_CODES = ("not_found", "permission_denied", "unsupported_format", "corrupt", "encrypted", "wrong_password",
+               "empty_document", "page_out_of_range", "image_too_large")
+# schema_truncated / schema_mismatch (structured.py): like generation_error, the model did not deliver
 MODEL_CODES = ("model_error", "out_of_memory", "generation_error", "schema_truncated", "schema_mismatch")
 
 EXIT_FOR_CODE: dict[str, ExitStatus] = {
@@ -69,10 +57,7 @@ class IdeficsError(Exception):
 
     def __init__(self, code: str, message: str, hint: str | None = None, path: str | None = None):
         super().__init__(message)
-        self.code = code
-        self.message = message
-        self.hint = hint
-        self.path = path
+        self.code, self.message, self.hint, self.path = code, message, hint, path
 
     @property
     def exit_status(self) -> ExitStatus:

@@ -1,12 +1,8 @@
 """Optional features and the packages they need: which are installed, found without importing them.
 
-Contract: `EXTRAS` lists the optional features (Ray Data, the HTTP server, the MCP server, DocTags to Markdown;
-`--schema` is core): the distributions each needs, the module each must provide, and what it enables.
-`report()` returns, per feature, `{"installed": bool, "packages": {distribution: version or None}, "enables":
-str, "install": str}`, from package metadata and `importlib.util.find_spec` only: no optional package is
-imported, so `idefics doctor` stays fast and a broken optional install cannot break it.
-`install` is `pip install 'idefics-cli[NAME]'` when this package declares that extra, else the plain
-`pip install` of the packages.
+`EXTRAS` lists the optional features, the distributions and modules each needs, and what it enables. `report()`:
+per feature `{"installed", "packages": {dist: version or None}, "enables", "install"}`, from package metadata and
+`find_spec` only (nothing optional is imported); `install` names this package's extra when it declares one.
 """
 
 from __future__ import annotations
@@ -49,16 +45,11 @@ def _importable(module: str) -> bool:
         return False
 
 
-def declared_extras() -> set[str]:
-    """The extras this installed idefics-cli declares (empty when it runs from a source tree)."""
-    try:
-        return set(metadata.metadata("idefics-cli").get_all("Provides-Extra") or [])
-    except metadata.PackageNotFoundError:
-        return set()
-
-
 def report() -> dict[str, dict]:
-    declared = declared_extras()
+    try:
+        declared = set(metadata.metadata("idefics-cli").get_all("Provides-Extra") or [])
+    except metadata.PackageNotFoundError:  # run from a source tree
+        declared = set()
     found = {}
     for extra in EXTRAS:
         packages = {dist: _version(dist) for dist in extra.packages}

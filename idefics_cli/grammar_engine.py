@@ -1,15 +1,8 @@
 """The grammar engine behind `--schema` (llguidance): JSON Schema -> grammar, tokenizer view, per-row masks.
 
-Contract:
-- `build(schema)`: the llguidance grammar of a JSON Schema dict, checked without a tokenizer or torch; an
-  unbuildable schema is a `UsageError` (exit 2). Decoding is compact JSON (`SEPARATORS`, nothing before the
-  value); an object schema that lists properties and says nothing of others allows only those (`closed`).
-- `tokenizer_view(tokenizer, vocab_size, stop_ids)`: llguidance's view of a tokenizer, built once per process;
-  `Compiled.of(schema, ...)` the grammar for one view, `matcher()` a fresh matcher at its start.
-- `RowGrammar(compiled)`: one decode-loop row's state; `accept(token)` moves it on (RuntimeError for a token the
-  grammar does not allow); `done` once it took a stop token. `mask_rows(logits, rows)` masks `logits` [rows,
-  vocab] in place: each row with a live RowGrammar gets its mask, all filled by one llguidance call.
-Only `mask_rows` imports torch.
+`grammar_text(schema)`: the grammar (compact JSON, closed objects; UsageError if unbuildable), no tokenizer or torch.
+`tokenizer_view(...)` is built once per process; `Compiled.of(schema, ...)` a grammar for one view; `RowGrammar` one
+decode-loop row's state; `mask_rows(logits, rows)` masks every live row in place with one llguidance call.
 """
 
 from __future__ import annotations
@@ -67,7 +60,6 @@ def grammar_text(schema: dict) -> str:
     return text
 
 
-# ---- tokenizer view --------------------------------------------------------------------------------------------
 _VIEWS: dict[tuple, Any] = {}
 
 
@@ -77,13 +69,8 @@ def tokenizer_key(tokenizer, vocab_size: int, stop_ids) -> tuple:
 
 
 def tokenizer_view(tokenizer, vocab_size: int, stop_ids):
-    """llguidance's `LLTokenizer` for a Hugging Face tokenizer, once per process and (tokenizer, width, stops).
-
-    A sentencepiece vocabulary with byte fallback (idefics2's: Mistral's + 3 added tokens) is read from its
-    pieces (`_Pieces`): about 0.3 s on a loaded 2-core machine, against 1.2 s for `llguidance.hf.from_tokenizer`,
-    which serializes the tokenizer to JSON and parses it again; that stays the route for other vocabularies.
-    tests/test_grammar_engine.py checks both give every token the same bytes.
-    """
+    """llguidance's `LLTokenizer` for a Hugging Face tokenizer, once per (tokenizer, width, stops). A sentencepiece
+    vocabulary with byte fallback is read from its pieces (`_Pieces`, faster); others by `llguidance.hf`."""
     key = tokenizer_key(tokenizer, vocab_size, stop_ids)
     if key not in _VIEWS:
         ll = _llguidance()
@@ -124,7 +111,6 @@ class _Pieces:
         return self.tokenizer.encode("\x02" + text, add_special_tokens=False)[self.skip:]
 
 
-# ---- matching --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Compiled:
     """A schema's grammar for one tokenizer view."""
@@ -148,7 +134,7 @@ class Compiled:
 
 
 class RowGrammar:
-    """One row's grammar state in the decode loop (runtime/decode.py)."""
+    """One decode-loop row's grammar state: `accept(token)` (RuntimeError outside the grammar), `done`."""
 
     def __init__(self, compiled: Compiled):
         self.matcher = compiled.matcher()

@@ -1,14 +1,8 @@
 """Where the model comes from: a local folder, the Hugging Face cache, or the hub (probed before loading).
 
-Contract: `check_local_model(path)` refuses a folder that is not a safetensors model before anything is read;
-`looks_local(name)` tells a path from a hub id. `local_only(options, need)`, the fast path of every command that
-loads a model or processor, says whether loading stays off the network (a local folder or a cached hub id) and
-raises `IdeficsError("model_error")` before any heavy import when a hub id is not cached and `options.offline`
-or the hub cannot be reached. `cached_snapshot(...)` finds a hub id's folder in the HF cache; `source(...)` is
-what loaders hand `from_pretrained` (that folder when loading stays local: no connection at all).
-`probe_endpoint(url)` says why the hub cannot be reached, or None. `pull(model, revision, offline)` downloads
-what loading needs (offline: only finds it) and maps every failure to one `model_error`. Offline is the caller's
-option: nothing here reads or writes the environment's offline variables. No heavy imports.
+`local_only(options, need)` says whether loading stays off the network, and raises `IdeficsError("model_error")`
+before any heavy import for a hub id not cached when offline or unreachable; `source(...)` is what loaders hand
+`from_pretrained`; `pull(...)` downloads. Offline is the caller's option: no environment variable is read or set.
 """
 
 from __future__ import annotations
@@ -37,9 +31,7 @@ def looks_local(model: str) -> bool:
 
 
 def cached_snapshot(model: str, revision: str | None, need: str = "model") -> str | None:
-    """The snapshot folder of a hub id in the local Hugging Face cache when what loading needs is there (config
-    and weights for `need="model"`, the processor's config for `need="processor"`), else None. Reads the
-    cache's files only."""
+    """A hub id's snapshot folder in the HF cache when what `need` ("model" or "processor") needs is there."""
     from huggingface_hub import try_to_load_from_cache
 
     def cached(name: str) -> str | None:
@@ -62,20 +54,16 @@ def is_cached(model: str, revision: str | None, need: str = "model") -> bool:
 
 
 def source(options, local_files_only: bool, need: str = "model") -> str:
-    """What to hand `from_pretrained`: when loading stays local, a cached hub id's snapshot folder, so
-    huggingface_hub's download path, which may reach the hub even with `local_files_only`, is never entered;
-    else `options.model`."""
+    """What to hand `from_pretrained`: loading locally, a cached hub id's folder (the hub's download path, which may
+    connect even with `local_files_only`, is never entered); else `options.model`."""
     if local_files_only and not looks_local(options.model):
         return cached_snapshot(options.model, options.revision, need) or options.model
     return options.model
 
 
 def probe_endpoint(url: str, timeout: float = 4.0) -> str | None:
-    """None when the hub answers an HTTP HEAD within `timeout` (any status), else why not.
-
-    Uses huggingface_hub's own HTTP session, so proxies and certificates are honoured; runs in a thread
-    because name resolution ignores timeouts.
-    """
+    """None when the hub answers an HTTP HEAD within `timeout` (any status), else why not (in a thread: name
+    resolution ignores timeouts)."""
     from concurrent.futures import TimeoutError as NoAnswer
 
     from huggingface_hub.utils import get_session
@@ -97,10 +85,8 @@ PULL_HINT = "run `idefics pull` with network access first, or point --model at a
 
 
 def local_only(options, need: str = "model") -> bool:
-    """Whether to load without touching the network: a local folder, or a hub id already cached. The one fast
-    path of every command that loads a model or processor: a hub id that is not cached fails here, before any
-    heavy import, when `options.offline` or when the hub cannot be reached within
-    `IDEFICS_PROBE_TIMEOUT` seconds (default 1.5). `need` is "model" or "processor" (see `is_cached`)."""
+    """Whether loading stays off the network (a local folder or a cached hub id); a hub id not cached fails here
+    when `options.offline` or the hub does not answer within `IDEFICS_PROBE_TIMEOUT` s (1.5)."""
     if looks_local(options.model):
         return True
     quiet_hub()  # commands: no retry chatter on stderr (process.py)
@@ -121,12 +107,8 @@ ALLOW_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.jinja", "*.tx
 
 
 def pull(model: str, revision: str | None, offline: str | None = None, on_start=None) -> str:
-    """Download the model's weights, config and processor files into the HF cache; the snapshot folder.
-
-    The hub (or the proxy) is probed first (`IDEFICS_PROBE_TIMEOUT`, default 5 s), so without a network this
-    fails in seconds instead of retrying for minutes. `offline`: None, or why we are offline (said in the error):
-    then the snapshot is only looked up in the cache.
-    `on_start(cache_folder)` is called once the download starts."""
+    """Download what loading needs into the HF cache (the hub probed first); the snapshot folder. `offline`: why
+    (then only looked up in the cache); `on_start(cache_folder)` is called as the download starts."""
     from huggingface_hub import constants, snapshot_download
 
     if offline is None:

@@ -1,9 +1,8 @@
 """What the tasks (ask, chat, transcribe, the server) need from a model, declared once.
 
-Contract: `Engine` is the protocol that the local engine (engine.py), a server's model (client.py) and the Ray
-actors' engines implement; tasks take one and never look for other attributes. `ModelOptions` are its settings
-(the CLI's model options), `Generation` one finished answer. Inputs are the engine's own (`prepare`,
-`chat_inputs`): a task only hands them back to the engine that made them.
+`Engine` is the protocol the local engine, a server's model (client.py) and the Ray actors implement; tasks use nothing
+else. `ModelOptions` are its settings (the CLI's model options), `Generation` one finished answer. Inputs are the
+engine's own (`prepare`, `chat_inputs`): a task only hands them back to the engine that made them.
 """
 
 from __future__ import annotations

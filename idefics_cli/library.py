@@ -1,9 +1,8 @@
 """The library's model: the tasks (ask, transcribe, chat) over one engine, what `load` and `connect` return.
 
-Contract: `Model(engine)` wraps any interface.Engine (a loaded one, or a server's). `ask(documents, question,
-...)` returns the streaming `Response` of `idefics ask`; `transcribe(inputs, out=None, **request_fields)` the
-`Transcription` of `idefics transcribe` (same records, files and resume); `chat(path, pages=None, ...)` a
-started `ChatSession`. `engine`, `options` and `info` say what runs the answers.
+`Model(engine)` wraps any interface.Engine. `ask(documents, question, ...)` returns the streaming `Response` of
+`idefics ask`, `transcribe(inputs, out=None, **request_fields)` the `Transcription` of `idefics transcribe`,
+`chat(path, ...)` a started `ChatSession`.
 """
 
 from __future__ import annotations
@@ -31,13 +30,9 @@ class Model:
 
     def ask(self, documents, question: str, *, pages: str | None = None, password: str | None = None,
             dpi: int | None = None, max_new_tokens: int | None = None, logits_processor=None, schema=None):
-        """Ask `question` about the chosen pages of `documents`; returns the streaming `Response`.
-
-        `documents`: paths (a str or a list, "-" for stdin) or a `Selection` from `idefics_cli.open_pages` (then
-        `pages`, `password` and `dpi` were given there). `schema`: a JSON Schema (dict) or a `--schema` string;
-        the answer is constrained to it and `Response.data` is the parsed value. Input errors, a prompt over the
-        context and an empty question raise `IdeficsError` here; generation starts when the answer is read.
-        """
+        """The streaming `Response` to `question` about `documents` (paths, "-", or an `open_pages` Selection);
+        `schema` (dict or `--schema` string) constrains it (`Response.data`). Bad input raises IdeficsError here;
+        generation starts when the answer is read."""
         from .structured import as_schema
         from .tasks.selection import Selection, ask, open_selection
 
@@ -57,10 +52,7 @@ class Model:
 
     def transcribe(self, inputs, out: str | None = None, **request_fields):
         """Transcribe files, folders or globs as `idefics transcribe` does; iterate for each `PageRecord`.
-
-        `request_fields` are `TranscribeRequest`'s (prompt, pages, dpi, password, batch_size, force, shard,
-        schema, min_confidence); the model options are this engine's. `summary` and `exit_status` afterwards.
-        """
+        `request_fields` are `TranscribeRequest`'s; `summary` and `exit_status` afterwards."""
         from .tasks.transcription import TranscribeRequest, Transcription
 
         request_fields.setdefault("longest_side", getattr(self.engine, "render_side", None))

@@ -1,14 +1,8 @@
 """Output: the one object that decides what goes to stdout and what to stderr.
 
-Contract: stdout carries data only (answer text, JSON lines, transcriptions), written and flushed piece
-by piece (`stream(response)`: an answer as it is generated, with the note of an answer cut short); status,
-spinners, progress, hints and errors go to stderr through a Rich console (made, and Rich imported, only when
-something is first drawn or printed there); on a piped stderr, warnings and errors are plain lines written
-without Rich (the text Rich would print there), so a piped `ask` imports Rich only for a progress display.
-`run()` wraps a command body: `IdeficsError` -> one line `error [code]: ...` on stderr and its exit status;
-Ctrl-C/SIGTERM -> exit 130; a closed stdout (`| head -1`) -> a quiet exit; anything else -> a one-line internal
-error (exit 1), with the traceback only when IDEFICS_DEBUG=1. Python warnings are hidden while a command runs
-(IDEFICS_DEBUG=1 shows them); piped stderr lines are never wrapped.
+stdout carries data only, flushed piece by piece; status, progress, warnings and errors go to stderr (Rich, imported
+only when drawn; plain lines when piped). `run(body)` turns a command body into an exit status: `IdeficsError` -> one
+`error [code]: ...` line, Ctrl-C/SIGTERM -> 130, a closed stdout -> quiet, anything else -> internal (exit 1).
 """
 
 from __future__ import annotations
@@ -34,15 +28,13 @@ class Output:
 
     @property
     def console(self):
-        """The Rich console on stderr, made (and Rich imported) the first time something is drawn or printed there."""
+        """The Rich console on stderr, made (and Rich imported) when first used; piped, it never wraps lines."""
         if self._console is None:
             from rich.console import Console
 
-            # piped or logged, a line is never wrapped at 80 columns: one message stays one line for grep and logs
             self._console = Console(stderr=True, highlight=False, soft_wrap=not self.stderr_tty)
         return self._console
 
-    # ---- data (stdout) ------------------------------------------------------------------------
     def write(self, text: str) -> None:
         try:
             text.encode("utf-8")
@@ -67,12 +59,8 @@ class Output:
         self.write(line + "\n")
 
     def stream(self, response, where: str = "") -> None:
-        """Write an answer's pieces to stdout as they come (a spinner on stderr until the first), then a newline.
-
-        An answer cut by its max_new_tokens gets a note on stderr, prefixed by `where` ("file page N: "). Anything
-        that stops the writing (Ctrl-C, a closed stdout) stops the answer too (`response.close()`: generation ends,
-        what was read is kept, marked interrupted).
-        """
+        """Write an answer's pieces as they come (a spinner until the first), a newline, and a note (prefixed by
+        `where`) if it was cut; whatever stops the writing closes the response."""
         try:
             with self.status("Thinking…") as spinner:
                 for piece in response:
@@ -88,7 +76,6 @@ class Output:
             self.warn(f"{where}the answer was cut at --max-new-tokens {response.max_new_tokens}; raise it for the "
                       "whole answer")
 
-    # ---- status (stderr) ----------------------------------------------------------------------
     def status(self, message: str):
         """A spinner on a terminal's stderr; nothing otherwise."""
         if self.quiet or not self.stderr_tty:
@@ -109,8 +96,7 @@ class Output:
                                soft_wrap=True)
 
     def _plain_line(self, line: str) -> bool:
-        """Write `line` to a piped stderr as Rich would (no colour, no wrapping, no control codes), without
-        importing Rich for it: False where Rich must draw it (a terminal, forced colour, or Rich already in use)."""
+        """Write `line` to a piped stderr as Rich would, without Rich; False where Rich must draw it."""
         if self.stderr_tty or self._console is not None or os.environ.get("FORCE_COLOR"):
             return False
         try:
@@ -129,42 +115,36 @@ def _sigterm(signum, frame):
 
 
 def run(body, out: Output | None = None) -> int:
-    """Run a command body and turn whatever happens into an exit status (never a traceback).
-
-    Python warnings (Pillow's `UserWarning`s on odd metadata, library deprecations) and bitsandbytes' import-time
-    log lines are not shown: stderr holds one line per error. IDEFICS_DEBUG=1 shows them.
-    """
+    """Run a command body and turn whatever happens into an exit status (never a traceback); Python warnings and
+    bitsandbytes' log lines are hidden unless IDEFICS_DEBUG=1, which also shows tracebacks."""
     out = out or Output()
     previous = signal.signal(signal.SIGTERM, _sigterm)
-    quiet = warnings.catch_warnings()
-    quiet.__enter__()
-    if not os.environ.get("IDEFICS_DEBUG"):
-        warnings.simplefilter("ignore")
-        # bitsandbytes logs "Failed to load CPU gemm_4bit_forward from kernels-community" when it is imported
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    try:
-        status = body()
-        return int(status or ExitStatus.OK)
-    except IdeficsError as err:
-        if os.environ.get("IDEFICS_DEBUG"):
-            traceback.print_exc()
-        out.error(err)
-        return int(err.exit_status)
-    except KeyboardInterrupt:
-        out.console.print("interrupted", style="yellow")
-        return int(ExitStatus.INTERRUPTED)
-    except BrokenPipeError:
-        _silence_stdout()
-        return int(ExitStatus.OK)
-    except Exception as exc:  # noqa: BLE001 - the last line of defence
-        if os.environ.get("IDEFICS_DEBUG"):
-            traceback.print_exc()
-        msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-        out.error(IdeficsError("internal", msg, "this is a bug; rerun with IDEFICS_DEBUG=1 and report it"))
-        return int(ExitStatus.INTERNAL)
-    finally:
-        quiet.__exit__(None, None, None)
-        signal.signal(signal.SIGTERM, previous)
+    with warnings.catch_warnings():
+        if not os.environ.get("IDEFICS_DEBUG"):
+            warnings.simplefilter("ignore")
+            logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        try:
+            status = body()
+            return int(status or ExitStatus.OK)
+        except IdeficsError as err:
+            if os.environ.get("IDEFICS_DEBUG"):
+                traceback.print_exc()
+            out.error(err)
+            return int(err.exit_status)
+        except KeyboardInterrupt:
+            out.console.print("interrupted", style="yellow")
+            return int(ExitStatus.INTERRUPTED)
+        except BrokenPipeError:
+            _silence_stdout()
+            return int(ExitStatus.OK)
+        except Exception as exc:  # noqa: BLE001 - the last line of defence
+            if os.environ.get("IDEFICS_DEBUG"):
+                traceback.print_exc()
+            msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            out.error(IdeficsError("internal", msg, "this is a bug; rerun with IDEFICS_DEBUG=1 and report it"))
+            return int(ExitStatus.INTERNAL)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _silence_stdout() -> None:

@@ -1,13 +1,8 @@
 """Process-wide settings: changed by the commands, left alone for a program that uses the library.
 
-Contract: `tune_process()` opts this process in (every command and `idefics serve` call it at start; a program
-may call it, or `idefics_cli.load(..., tune_process=True)`). It sets TOKENIZERS_PARALLELISM=false unless set,
-ignores the warnings of bitsandbytes, transformers and torch's UserWarnings, and (unless IDEFICS_DEBUG=1)
-lowers the bitsandbytes and kernels loggers to errors. What needs a library imported first is done as it
-loads, by calls that do nothing unless opted in: `quiet_hub()` (hub.py: huggingface_hub logs errors only),
-`quiet_loaded()` (model.py: transformers too, and no progress bars), `tune_allocators()` (model.py, at a
-model's load: allocator.py).
-`tuned()` says whether it was. Idempotent; no heavy imports.
+`tune_process()` opts this process in (the commands call it; a program may): TOKENIZERS_PARALLELISM=false unless set,
+library warnings ignored, bitsandbytes and kernels loggers at errors (unless IDEFICS_DEBUG=1). `quiet_hub()`,
+`quiet_loaded()` and `tune_allocators()` do their part as libraries load, only in an opted-in process. Idempotent.
 """
 
 from __future__ import annotations
@@ -22,12 +17,8 @@ def debug() -> bool:
     return bool(os.environ.get("IDEFICS_DEBUG"))
 
 
-def tuned() -> bool:
-    return _tuned
-
-
 def tune_process() -> None:
-    """Opt this process in to the commands' settings (see the module docstring)."""
+    """Opt this process in to the commands' settings (once)."""
     global _tuned
     if _tuned:
         return

@@ -1,8 +1,7 @@
 """Prompts: the chat messages the model sees, and the default prompts of each command.
 
-Contract: `user_turn(n_images, text)` is one user message in the transformers chat format with the page
-images first, then the text (the idefics2-8b model card's layout). The processor's own chat template
-turns messages into the prompt string; nothing here formats tokens by hand.
+`user_turn(n_images, text)` is one user message in the transformers chat format, the page images first (the model
+card's layout); the processor's own chat template makes the prompt string.
 """
 
 from __future__ import annotations

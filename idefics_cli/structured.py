@@ -1,15 +1,8 @@
 """Structured output (`--schema`): parse and check a schema, constrain decoding to it, read the answer back.
 
-Contract:
-- `parse_schema(value)`: a JSON Schema file, inline JSON Schema or llm's concise syntax (`name [type][: desc]`,
-  comma or newline separated; an unknown type word is a usage error) -> a checked `Schema` (`.schema`, `.sha256`,
-  `.source`). Keywords the grammar engine cannot enforce are refused by name; nothing here imports torch, so a
-  bad schema fails (exit 2) before any model loads. `as_schema` takes a Schema, a dict or such a string.
-- `with_schema(question, schema)` is the exact question the model sees (the question, `SCHEMA_PROMPT`, the schema).
-- `row_grammar(engine, schema)`: a decode-loop row's grammar state (grammar_engine.py), compiled once per schema
-  and tokenizer in a process (`compiled`).
-- `read_answer(text, schema, finish_reason)` -> (data, None), or (None, `TRUNCATED` | `MISMATCH`);
-  `answer_error(code)` is that code as an `IdeficsError` (exit 5).
+`parse_schema(value)` / `as_schema(value)`: a JSON Schema file, inline JSON or llm's concise syntax -> a checked
+`Schema`, keywords the grammar cannot enforce refused by name, before any model loads. `with_schema` is the question
+the model sees; `row_grammar(engine, schema)` a row's grammar; `read_answer` -> (data, None) or (None, code).
 """
 
 from __future__ import annotations
@@ -30,8 +23,7 @@ MISMATCH = "schema_mismatch"
 SCHEMA_PROMPT = "Answer with JSON only, valid against this JSON Schema:"
 CONCISE_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}
 
-# Keywords that only annotate, and keywords llguidance 1.9 enforces while decoding (each checked by feeding a
-# matcher an instance that breaks it: tests/test_structured.py). Everything else is refused by name.
+# Keywords that only annotate, and those llguidance enforces (tests/test_structured.py); the rest are refused.
 ANNOTATIONS = {"$schema", "$id", "$anchor", "$comment", "title", "description", "default", "examples",
                "deprecated", "readOnly", "writeOnly", "contentEncoding", "contentMediaType"}
 ENFORCED = {"type", "enum", "const", "$ref", "$defs", "definitions", "anyOf", "allOf",
@@ -58,10 +50,6 @@ class Schema:
     sha256: str
     source: str
 
-    @property
-    def canonical(self) -> str:
-        return canonical(self.schema)
-
 
 def canonical(schema: dict) -> str:
     """The schema as compact JSON with sorted keys: what the hash covers."""
@@ -72,9 +60,8 @@ def schema_hash(schema: dict) -> str:
     return hashlib.sha256(canonical(schema).encode()).hexdigest()
 
 
-# ---- parsing and checking (no torch) -------------------------------------------------------------------
 def parse_schema(value: str, grammar_check: bool = True) -> Schema:
-    """A `--schema` value -> a checked Schema; UsageError naming what is wrong. See the module contract."""
+    """A `--schema` value -> a checked Schema; UsageError naming what is wrong."""
     text = value.strip()
     if not text:
         raise UsageError("--schema is empty")
@@ -205,7 +192,6 @@ def with_schema(question: str, schema: Schema) -> str:
     return f"{question}\n\n{SCHEMA_PROMPT} {json.dumps(schema.schema, ensure_ascii=False)}"
 
 
-# ---- grammar (grammar_engine.py: llguidance) --------------------------------------------------------------
 def grammar(schema: dict) -> str:
     """The llguidance grammar of `schema` (no tokenizer, no torch); UsageError if it cannot be built."""
     return grammar_engine.grammar_text(schema)
@@ -223,16 +209,13 @@ def compiled(schema: Schema, tokenizer, vocab_size: int, stop_ids) -> grammar_en
 
 
 def _engine_args(engine) -> tuple:
-    eos = engine.model.generation_config.eos_token_id
-    stop = set(eos if isinstance(eos, (list, tuple)) else [eos])
-    return engine.processor.tokenizer, engine.model.config.get_text_config().vocab_size, stop
+    return engine.processor.tokenizer, engine.model.config.get_text_config().vocab_size, engine.eos_ids
 
 
 def row_grammar(engine, schema: Schema) -> RowGrammar:
     return RowGrammar(compiled(schema, *_engine_args(engine)))
 
 
-# ---- reading the answer --------------------------------------------------------------------------------------
 def read_answer(text: str, schema: Schema, finish_reason: str | None) -> tuple[Any, str | None]:
     """(data, None) for an answer that parses and validates; else (None, TRUNCATED or MISMATCH)."""
     jsonschema = _jsonschema()

@@ -1,13 +1,8 @@
 """Build a small, randomly initialised model of a family with its real checkpoint's tokens, template and settings.
 
-Contract: `build(out_dir, size="tiny", family="idefics2")` writes a folder that loads exactly like the family's
-checkpoint (config, safetensors, generation config, processor with its chat template and image settings) with
-random weights whose linear layers are multiples of 64 wide (4-bit runs on the CPU). idefics2: HuggingFaceM4/
-idefics2-8b (ids 32000-32002 for `<fake_token_around_image>`, `<image>`, `<end_of_utterance>`); idefics3 (and
-smoldocling, with the DocTags tokens): HuggingFaceTB/SmolVLM-256M-Instruct's processor, template and special tokens
-(docs/families.md says what differs). The tokenizer is Mistral-7B-v0.1's sentencepiece model, shipped as
-data/mistral-tokenizer.model.v1 (mistral-common 1.13.1's, Apache-2.0, checked against TOKENIZER_SHA256); reading
-it needs `idefics-cli[tiny]`, else `build` fails at once saying so.
+`build(out_dir, size="tiny", family="idefics2")` writes a folder that loads like idefics2-8b (or, for idefics3 and
+smoldocling, SmolVLM-256M-Instruct's processor; docs/families.md) with random weights, linear layers multiples of 64
+wide. The tokenizer is the bundled Mistral-7B-v0.1 sentencepiece model (needs `idefics-cli[tiny]`).
 
     python -m idefics_cli.dev.tiny OUT_DIR [--family idefics2|idefics3|smoldocling] [--size tiny|mid|full]
 """
@@ -44,8 +39,7 @@ SIZES = {
 }
 
 
-# idefics3: SmolVLM-256M-Instruct's chat template (bos <|im_start|> in the template, no automatic bos), processor
-# (tiles of 512 px from a page resized to 2048 px, 64 tokens a tile) and special tokens
+# idefics3: SmolVLM-256M-Instruct's template (bos in it), processor (512 px tiles of a 2048 px page) and tokens
 SMOL_TEMPLATE = "<|im_start|>" + CHAT_TEMPLATE.replace("message['role'].capitalize()", "message['role'] | capitalize")
 SMOL_PROCESSOR = {"do_image_splitting": True, "size": {"longest_edge": 2048}, "max_image_size": {"longest_edge": 512},
                   "resample": 1, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
@@ -99,18 +93,24 @@ def config(size: str = "tiny"):
     )
 
 
-def build_processor(out_dir: str):
-    """Save the idefics2-8b processor (real tokenizer, chat template, image settings) into out_dir."""
-    from transformers import AutoTokenizer, Idefics2Processor
-    from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
+def _tokenizer(**settings):
+    """The bundled sentencepiece model as a LlamaTokenizer with these tokenizer_config.json `settings`."""
+    from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory() as tok_dir:
         shutil.copy(tokenizer_model_path(), os.path.join(tok_dir, "tokenizer.model"))
         with open(os.path.join(tok_dir, "tokenizer_config.json"), "w") as f:
             json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-                       "unk_token": "<unk>", "pad_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
-                       "legacy": False}, f)
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+                       "unk_token": "<unk>", "add_eos_token": False, "legacy": False, **settings}, f)
+        return AutoTokenizer.from_pretrained(tok_dir)
+
+
+def build_processor(out_dir: str):
+    """Save the idefics2-8b processor (real tokenizer, chat template, image settings) into out_dir."""
+    from transformers import Idefics2Processor
+    from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
+
+    tokenizer = _tokenizer(pad_token="<unk>", add_bos_token=True)
     image_processor = Idefics2ImageProcessorPil(**PROCESSOR)
     processor = Idefics2Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=64,
                                   chat_template=CHAT_TEMPLATE)
@@ -120,15 +120,10 @@ def build_processor(out_dir: str):
 
 def build_smol_processor(out_dir: str, docling: bool = False):
     """Save SmolVLM-256M-Instruct's processor settings, template and special tokens (+ DocTags) into out_dir."""
-    from transformers import AutoTokenizer, Idefics3Processor
+    from transformers import Idefics3Processor
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
-    with tempfile.TemporaryDirectory() as tok_dir:
-        shutil.copy(tokenizer_model_path(), os.path.join(tok_dir, "tokenizer.model"))
-        with open(os.path.join(tok_dir, "tokenizer_config.json"), "w") as f:
-            json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-                       "unk_token": "<unk>", "add_bos_token": False, "add_eos_token": False, "legacy": False}, f)
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    tokenizer = _tokenizer(add_bos_token=False)
     tokenizer.add_special_tokens({"additional_special_tokens": [
         "<fake_token_around_image>", "<image>", "<end_of_utterance>", *GRID_TOKENS, "<|im_start|>", "<|im_end|>"]})
     if docling:

@@ -1,15 +1,8 @@
 """The one decode loop: prompts join as rows, advance one token a step together, and leave when they end.
 
-Contract:
-- `Row` is one answer: its prompt (`ids`, image `features` or a cached `prefix`) and its own state: stop ids, stop
-  strings, UTF-8 holdback, grammar, greedy or sampled, logits processors, cancel. `text` is the stable answer so
-  far; `finish_reason` is set when it ends (stop, length, cancelled, error); hooks `on_start()`, `on_text(piece)`
-  and `on_end()` follow it. Per token: `logprobs` (masked, at the row's temperature, before top-p), `ends`, `top`.
-- `Loop(engine)`: `add(rows)` prefills rows (runtime/prefill.py) and takes their first tokens; `step()` advances
-  every running row by one token in one forward pass; rows that end or are cancelled leave before the next step.
-  An exception in a forward pass fails the rows in it; one in a row's own work fails that row alone.
-- `stream(loop, row)` yields one row's text pieces; `run_rows(loop, rows, width)` keeps up to `width` rows running,
-  taking the next of `rows` as places free, and yields each row as it ends.
+`Row`: one answer (ids, image `features` or a cached `prefix`) with its own stops, UTF-8 holdback, grammar, sampling,
+processors and cancel; `text` is its stable text, `finish_reason` (stop, length, cancelled, error) set at its end.
+`Loop(engine)`: `add(rows)` prefills, `step()` advances every row a token; `stream` and `run_rows` drive it.
 """
 
 from __future__ import annotations
@@ -17,13 +10,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
 
 from ..errors import IdeficsError, classify
 from .prefill import KV, KVBatch, prefill
 
 
 class Row:
-    """One answer being generated (see the module contract)."""
+    """One answer being generated; per token: `logprobs` (masked, at its temperature, before top-p), `ends`, `top`."""
 
     def __init__(self, ids: list[int], features=None, prefix: KV | None = None, *, max_tokens: int,
                  stop: Iterable[str] = (), grammar=None, temperature: float = 0.0, top_p: float = 1.0,
@@ -33,21 +27,19 @@ class Row:
         self.max_tokens, self.stop, self.grammar = max_tokens, list(stop), grammar
         self.temperature, self.top_p, self.seed = temperature, top_p, seed
         self.processors = list(processors)
-        self.keep_prefix = keep_prefix  # prefill keeps the first keep_prefix positions' KV here as `prefix_kv`
+        self.keep_prefix = keep_prefix  # add() keeps the first keep_prefix positions' KV as `prefix_kv`
         self.prefix_kv: KV | None = None
-        self.tag = tag  # the caller's
+        self.tag = tag
         self.cancelled = threading.Event()
         self.token_ids: list[int] = []
-        self.answer_ids: list[int] = []
+        self.answer_ids: list[int] = []  # token_ids less the end token
         self.logprobs: list[float] = []
         self.ends: list[int] = []
         self.top_n, self.top = top_n, []
         self.text = ""
         self.finish_reason: str | None = None
         self.error: IdeficsError | None = None
-        self.started = time.perf_counter()
-        self.first_token_s: float | None = None
-        self.total_s = 0.0
+        self.started, self.first_token_s, self.total_s = time.perf_counter(), None, 0.0
         self._generator = None
 
     @property
@@ -78,7 +70,6 @@ class Row:
         self.finish("error", classify(exc))
 
     def _accept(self, token: int, eos: set, decode) -> None:
-        """Take one new token: update the text, hand on what is stable, end the row when it is over."""
         if self.first_token_s is None:
             self.first_token_s = time.perf_counter() - self.started
         if self.grammar is not None:
@@ -113,14 +104,13 @@ class Row:
             self.finish(ended)
 
     def token_ends(self) -> list[int]:
-        """Where each token's part of `text` ends (a token's part starts where the one before it ends): a token
-        that ends inside a character, the end token and tokens cut by a stop string add nothing."""
+        """Where each token's part of `text` ends (a token inside a character, or cut by a stop, adds nothing)."""
         n = len(self.text)
         return [min(e, n) for e in self.ends]
 
 
 class Loop:
-    """The running rows of one engine and their key/value batch (see the module contract)."""
+    """The running rows of one engine and their key/value batch."""
 
     _confidence = True  # off only in bench/confidence.py: the per-token log-probabilities' cost
 
@@ -133,8 +123,8 @@ class Loop:
         self.steps = 0
 
     def add(self, rows: list[Row]) -> list[Row]:
-        """Prefill `rows` and take their first tokens; those that go on join the batch. Returns the rows that
-        ended meanwhile (of `rows`, or running rows failed by a batch that could not grow)."""
+        """Prefill `rows` and take their first tokens; the rows that go on join the batch. Returns the rows that
+        ended meanwhile (prefill failed for this group only; a batch that cannot grow fails every row)."""
         ended = [row for row in rows if self._ended(row)]
         rows = [row for row in rows if not row.done]
         groups: dict[int, list[Row]] = {}
@@ -192,7 +182,7 @@ class Loop:
         self.rows, self.batch = [], KVBatch(self.engine.model)
 
     def _fail_all(self, rows: list[Row], exc: BaseException) -> list[Row]:
-        """A forward pass failed: its rows fail with it and the batch starts empty (Ctrl-C goes on up)."""
+        """A forward pass failed: its rows fail and the batch starts empty (Ctrl-C goes on up)."""
         for row in rows:
             row.fail(exc)
         self.rows, self.batch = [], KVBatch(self.engine.model)
@@ -200,7 +190,6 @@ class Loop:
             raise exc
         return rows
 
-    # ---- per row -------------------------------------------------------------------------------
     def _ended(self, row: Row) -> bool:
         if row.cancelled.is_set():
             row.finish("cancelled")
@@ -234,7 +223,7 @@ class Loop:
         with torch.inference_mode():
             if self.suppressed:
                 logits[:, self.suppressed] = float("-inf")
-            out: list = []
+            failed: dict = {}
             for k, row in enumerate(rows):
                 if row.processors:
                     try:
@@ -244,13 +233,11 @@ class Loop:
                             scores = processor(ids, scores)
                         logits[k] = scores[0]
                     except Exception as exc:  # noqa: BLE001
-                        out.append((k, exc))
-            grammars = [row.grammar for row in rows]
-            if any(g is not None for g in grammars):
+                        failed[k] = exc
+            if any(row.grammar is not None for row in rows):
                 from ..grammar_engine import mask_rows
 
-                mask_rows(logits, grammars)
-            failed = dict(out)
+                mask_rows(logits, [row.grammar for row in rows])
             chosen = [failed[k] if k in failed else _pick(logits[k], row) for k, row in enumerate(rows)]
             if self._confidence:
                 _score(logits, rows, chosen)
@@ -314,22 +301,16 @@ def stream(loop: Loop, row: Row) -> Iterator[str]:
 
 def run_rows(loop: Loop, rows: Iterable[Row], width: int) -> Iterator[Row]:
     """Keep up to `width` rows running, taking the next of `rows` whenever a place is free; yield rows as they end."""
-    pending = iter(rows)
-    more = True
+    pending, more = iter(rows), True
     try:
         while True:
-            joining = []
-            while more and len(loop.rows) + len(joining) < max(1, width):
-                row = next(pending, None)
-                if row is None:
-                    more = False
-                    break
-                joining.append(row)
+            room = max(1, width) - len(loop.rows)
+            joining = list(islice(pending, room)) if more else []
+            more = more and len(joining) == room
             yield from loop.add(joining)
-            if not loop.rows:
-                if not more:
-                    return
-                continue
-            yield from loop.step()
+            if loop.rows:
+                yield from loop.step()
+            elif not more:
+                return
     finally:
         loop.close()

@@ -1,13 +1,8 @@
-"""The local engine: a loaded processor + model pair (interface.LocalEngine) that prepares inputs and decodes them.
+"""The local engine: a loaded processor + model pair (interface.Engine) that prepares inputs and decodes them.
 
-Contract:
-- `Preparer` (the processor half, usable while the weights load): `prepare(batch)` gives the processor's token
-  ids for [(images, question)] with the images left to vision.py (same-shape chunks encoded when decoding
-  starts); `build_inputs(batch)` is the model card's plain processor call (padded pixels), kept as reference.
-- `LocalEngine` (interface.Engine) adds the model: `stream_generate`, `generate_batch` and `generate_rows` run
-  rows through the one decode loop (runtime/decode.py); `schema` gives each row its own grammar (structured.py).
-- Token arithmetic (image tokens, context size) is read from the processor and the config, never hard-coded.
-torch and transformers are imported inside functions only.
+`Preparer` (the processor half, usable while the weights load) makes token ids for [(images, question)], images left
+to vision.py; `LocalEngine` adds the model and runs rows through the one decode loop (decode.py), `schema` giving each
+row its grammar. Token arithmetic is read from the processor and config. torch/transformers inside functions only.
 """
 
 from __future__ import annotations
@@ -23,50 +18,37 @@ from .families import DOCTAG
 
 QUANT_NAMES = {"4bit": "nf4", "8bit": "int8", "none": "none"}
 PREFILL_CHUNK, PREFILL_CHUNK_ENV = 1024, "IDEFICS_PREFILL_CHUNK"  # prompt tokens prefilled at a time
-
-
-CPU_BATCH_SIZE = 8  # pages per generate call on the CPU (LocalEngine.auto_batch_size)
+CPU_BATCH_SIZE = 8  # pages decoding together on the CPU (LocalEngine.auto_batch_size)
 
 
 class Preparer:
-    """The processor half of an engine: model inputs for [(images, question), ...], with or without the weights
-    loaded (the transcribe pipeline prepares its first batch while they load)."""
+    """The processor half of an engine: model inputs for [(images, question), ...], weights loaded or not."""
 
     context_size: int | None = None  # the model's, once its config is loaded (LocalEngine)
 
     def __init__(self, processor, options: ModelOptions, device: str):
         from .families import for_processor
 
-        self.processor = processor
-        self.options = options
-        self.device = device
+        self.processor, self.options, self.device = processor, options, device
         self.family = for_processor(processor)
 
     def prompt(self, n_images: int, question: str) -> str:
         return self.processor.apply_chat_template([user_turn(n_images, question)], add_generation_prompt=True)
 
     def build_inputs(self, batch: list[tuple[list, str]], split: bool | None = None):
-        """The model card's processor call for [(images, question), ...]: one user turn each, left-padded, padded
-        pixels, on the device. The reference path (tests, benchmarks); `prepare` is what the commands run.
-
-        `split` overrides image splitting for this call only; no shared state is changed."""
+        """The model card's processor call (padded pixels, on the device): the reference path of tests and benches.
+        `split` overrides image splitting for this call only."""
         images = [list(imgs) for imgs, _ in batch]
         split = self.options.split if split is None else split
         return self._processor_call(batch, split, images if any(images) else None).to(self.device)
 
     def _processor_call(self, batch, split: bool, images):
         prompts = [self.prompt(len(imgs), question) for imgs, question in batch]
-        # Other threads build inputs at the same time (the prefetch thread, the main thread's no-split fallback), so
-        # no call changes what the processor keeps between calls: the split picks a processor, and padding is asked
-        # for on every call (one row: no pad), since a fast tokenizer keeps its padding setting from the last call.
+        # Threads share the processor: no call changes its state (the split picks a copy; padding asked every call).
         return self._processor_for(split)(text=prompts, images=images, return_tensors="pt", padding=True)
 
     def _processor_for(self, split: bool):
-        """The loaded processor, or for the other image splitting a copy of it whose image processor splits that way.
-
-        A per-call `do_image_splitting=` is not enough: Idefics2's processor expands each image's tokens in the
-        text from its image processor's attribute. Neither processor is changed once made.
-        """
+        """The processor, or a copy splitting the other way (Idefics2 expands image tokens from the attribute)."""
         if getattr(self.processor.image_processor, "do_image_splitting", split) == split:
             return self.processor
         copies = self.__dict__.setdefault("_split_processors", {})
@@ -81,7 +63,7 @@ class Preparer:
         return processor
 
     def prepare(self, batch: list[tuple[list, str]], split: bool | None = None, collect: bool = False):
-        """The processor's token ids; the images go to the model through vision.py (same-shape chunks, no padding)."""
+        """The processor's token ids; the images reach the model through vision.py."""
         from .vision import prepare
 
         return prepare(self, batch, self.options.split if split is None else split, collect)
@@ -92,15 +74,13 @@ class Preparer:
         return self.family.render_side(self.processor.image_processor)
 
     def fit_context(self, tokens: int, max_new_tokens: int, what: str, hint: str) -> None:
-        """The one context check: `what` needs `tokens` prompt tokens + `max_new_tokens`; over the model's
-        context it is a `usage` error with `hint`."""
+        """The one context check: `tokens` + `max_new_tokens` over the model's context is a UsageError."""
         if self.context_size and tokens + max_new_tokens > self.context_size:
             raise UsageError(f"{what} needs {tokens} prompt tokens + {max_new_tokens} new tokens, more than the "
                              f"model's context of {self.context_size}", hint)
 
     def tokenize(self, texts: list[str], vision):
-        """The processor's token ids of `texts` (left-padded) with their images' tokens expanded by the family from
-        the grids of `vision`'s built images, on the device; a prompt over the context is refused."""
+        """Token ids of `texts` (left-padded, on the device), image tokens expanded from `vision`'s built grids."""
         grids = [g for row in vision.grids for g in row]
         texts = self.family.expand(self.processor, texts, grids) if grids else texts
         inputs = self.processor.tokenizer(texts, return_tensors="pt", padding=True)
@@ -115,22 +95,17 @@ class LocalEngine(Preparer):
     def __init__(self, processor, model, options: ModelOptions, device: str, dtype, load_s: float,
                  quant_reason: str | None = None):
         super().__init__(processor, options, device)
-        self.model = model
-        self.dtype = dtype
-        self.load_s = load_s
+        self.model, self.dtype, self.load_s = model, dtype, load_s
         self.quant_reason = quant_reason or f"--quant {options.quant}"
         tokenizer = processor.tokenizer
         self.image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
         self.doctags = DOCTAG in tokenizer.get_added_vocab()  # a document model: its DocTags are kept in answers
-        self.eos_ids = set(self._eos_ids())
+        eos = model.generation_config.eos_token_id
+        self.eos_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
         self.context_size = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self.vision_chunk: int | None = None  # images per vision call; None: vision.auto_chunk
         self.prefill_chunk = int(os.environ.get(PREFILL_CHUNK_ENV) or PREFILL_CHUNK)  # tokens; 0: whole prompts
         self.text_lock = threading.Lock()  # the tokenizer is shared by the server's request threads
-
-    def _eos_ids(self) -> list[int]:
-        eos = self.model.generation_config.eos_token_id
-        return list(eos) if isinstance(eos, (list, tuple)) else [eos]
 
     @property
     def info(self) -> dict:
@@ -138,10 +113,8 @@ class LocalEngine(Preparer):
                 "quantization": QUANT_NAMES[self.options.quant], "quantization_reason": self.quant_reason,
                 "dtype": str(self.dtype).replace("torch.", ""), "device": self.device, "family": self.family.name}
 
-    # ---- inputs --------------------------------------------------------------------------------
     def prompt_tokens(self, n_images: int, question: str) -> int:
-        """Prompt length in tokens with the images expanded, computed without any pixels: exact where the image
-        tokens are fixed, else the fewest the images can take (one tile each; `tokenize` checks the exact one)."""
+        """Prompt length with the images expanded, without pixels (sized families: one tile an image, the least)."""
         text = self.prompt(n_images, question)
         if self.family.sized:
             text = self.family.expand(self.processor, [text], [(0, 0)] * n_images)[0]
@@ -159,11 +132,7 @@ class LocalEngine(Preparer):
         return total
 
     def auto_batch_size(self) -> int:
-        """Pages per generate call: from free GPU memory on CUDA (about 1.5 GiB a page with split), 8 on CPU.
-
-        On the CPU a 4-bit decode step costs about the same for 1 or 8 rows (the weights are dequantized once a
-        step), so 8 pages a call transcribe faster than 4 (bench/transcribe.py).
-        """
+        """Pages decoding together: from free GPU memory on CUDA (about 1.5 GiB a page with split), 8 on CPU."""
         import torch
 
         if not self.device.startswith("cuda"):
@@ -192,10 +161,9 @@ class LocalEngine(Preparer):
     def usage(self, inputs, row: int = 0) -> dict:
         return self._count(inputs["input_ids"][row][inputs["attention_mask"][row].bool()].tolist())
 
-    # ---- decoding (runtime/decode.py: the one decode loop) ---------------------------------------------
     @property
     def suppressed_ids(self) -> list[int]:
-        """Single-token `bad_words_ids` of the generation config: never generated (image tokens)."""
+        """Single-token `bad_words_ids` of the generation config (image tokens): never generated."""
         bad = getattr(self.model.generation_config, "bad_words_ids", None) or []
         return [words[0] for words in bad if len(words) == 1]
 
@@ -216,7 +184,7 @@ class LocalEngine(Preparer):
         return self._padded_features(inputs)
 
     def _padded_features(self, inputs) -> list:
-        """Features of a processor's padded pixels (`build_inputs`, the model card's path), row by row."""
+        """Features of `build_inputs`' padded pixels, row by row."""
         import torch
 
         out = []
@@ -265,9 +233,7 @@ class LocalEngine(Preparer):
         return {"prompt_tokens": len(ids), "image_tokens": sum(1 for t in ids if t == self.image_token_id)}
 
     def stream_generate(self, inputs, max_new_tokens: int | None = None, logits_processor=None, schema=None):
-        """Yield text pieces of the one-row answer as it is generated; return its `Generation`.
-
-        Generation starts at the first `next()`; closing the generator (Ctrl-C) stops it within a token."""
+        """Yield the one-row answer's pieces from the first `next()`; return its `Generation`. Closing stops it."""
         from .decode import Loop, stream
 
         started = time.perf_counter()

@@ -1,14 +1,8 @@
 """Model families: what differs between Idefics2, Idefics3 (SmolVLM v1, SmolDocling, granite-docling) and SmolVLM2.
 
-Contract: `detect(options, local_files_only)` reads config.json (no weights) and returns (its `Family`, the config);
-another `model_type`, or a family whose processor cannot be built here, is a one-line `IdeficsError("model_error")`
-naming the supported families or what to install. A `Family` is what the one engine does differently: `sized`
-(image tokens follow each image's size: a prompt's ids come with its pixels), `image_kwargs` (asked of its image
-processor with every image), `expand(processor, texts, grids)` (the processor's own text expansion for those grids
-of tiles), `render_side(image_processor)` (the render size giving the processor full resolution).
-`for_processor(processor)` is a loaded processor's family; `auto_quant(config)` is `--quant auto` (`parameters`
-counted on the meta device); `render_side(options)` and `doctags(options)` (a document model answering in
-DocTags) are read from the checkpoint's files at hand. json, os here; torch and transformers inside functions.
+`detect(options, local_files_only)` reads config.json (no weights): (its `Family`, the config), or a one-line
+`IdeficsError("model_error")` for another model type or a processor that cannot be built here. `auto_quant(config)` is
+`--quant auto`; `render_side(options)` and `doctags(options)` read the checkpoint's files at hand.
 """
 
 from __future__ import annotations
@@ -26,13 +20,12 @@ DOCTAG = "<doctag>"  # a token of the document models' tokenizers
 @dataclass(frozen=True)
 class Family:
     name: str
-    sized: bool  # image tokens depend on the image's size (rows x cols of tiles)
-    image_kwargs: dict = field(default_factory=dict)
+    sized: bool  # image tokens depend on the image's size (rows x cols of tiles): a prompt's ids come with its pixels
+    image_kwargs: dict = field(default_factory=dict)  # asked of its image processor with every image
     needs: tuple = ()  # modules its processor imports: (module, pip name)
 
     def expand(self, processor, texts: list[str], grids: list[tuple[int, int]]) -> list[str]:
-        """`texts` with each image token replaced as the processor's own call does, for images split into
-        `grids` [(rows, cols)] in order (0, 0: not split)."""
+        """`texts` with each image token expanded as the processor does for `grids` [(rows, cols)] (0, 0: unsplit)."""
         info = {"rows": [[r for r, _ in grids]], "cols": [[c for _, c in grids]]}
         replacements = [processor.replace_image_token(info, k) for k in range(len(grids))]
         return processor.get_text_with_replacements(list(texts), images_replacements=replacements)[0]
@@ -58,13 +51,18 @@ def for_processor(processor) -> Family:
     return IDEFICS3 if name == "Idefics3Processor" else SMOLVLM if name == "SmolVLMProcessor" else IDEFICS2
 
 
-def render_side(options) -> int | None:
-    """The longest side, in px, pages are rendered at for this checkpoint (None: the documents' default), read
-    from its config files at hand only (a hub id not cached yet gets the default)."""
+def _folder(options, need: str = "processor") -> str | None:
+    """The checkpoint's folder at hand: the local one, or its cached snapshot (None: not cached)."""
     from ..hub import cached_snapshot, looks_local
 
-    folder = os.path.expanduser(options.model) if looks_local(options.model) else cached_snapshot(
-        options.model, options.revision, need="processor")
+    if looks_local(options.model):
+        return os.path.expanduser(options.model)
+    return cached_snapshot(options.model, options.revision, need=need)
+
+
+def render_side(options) -> int | None:
+    """The longest side pages are rendered at for this checkpoint, from its files at hand (None: the default)."""
+    folder = _folder(options)
     try:
         with open(os.path.join(folder, "config.json")) as f:
             if not FAMILIES.get(json.load(f).get("model_type"), IDEFICS2).sized:
@@ -81,10 +79,7 @@ def render_side(options) -> int | None:
 
 def doctags(options) -> bool:
     """Whether the checkpoint at hand is a document model answering in DocTags (its tokenizer has `<doctag>`)."""
-    from ..hub import cached_snapshot, looks_local
-
-    folder = os.path.expanduser(options.model) if looks_local(options.model) else cached_snapshot(
-        options.model, options.revision, need="processor")
+    folder = _folder(options)
     for name in ("tokenizer_config.json", "tokenizer.json"):
         try:
             with open(os.path.join(folder, name)) as f:
@@ -95,41 +90,22 @@ def doctags(options) -> bool:
     return False
 
 
-def config_path(options, local_files_only: bool) -> str:
-    """config.json of the checkpoint: the local folder's, the cached one, or fetched alone from the hub."""
-    from ..hub import cached_snapshot, looks_local
-
-    if looks_local(options.model):
-        return os.path.join(os.path.expanduser(options.model), "config.json")
-    folder = cached_snapshot(options.model, options.revision)
-    if folder:
-        return os.path.join(folder, "config.json")
-    from huggingface_hub import hf_hub_download
-
-    return hf_hub_download(options.model, "config.json", revision=options.revision, local_files_only=local_files_only)
-
-
 def read_config(options, local_files_only: bool) -> dict:
-    path = config_path(options, local_files_only)
+    """config.json of the checkpoint: the local folder's, the cached one, or fetched alone from the hub."""
+    folder = _folder(options, need="model")
+    if folder:
+        path = os.path.join(folder, "config.json")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(options.model, "config.json", revision=options.revision,
+                               local_files_only=local_files_only)
     with open(path) as f:
         return json.load(f)
 
 
-def of_config(config: dict, model: str) -> Family:
-    kind = config.get("model_type")
-    family = FAMILIES.get(kind)
-    if family is None:
-        raise IdeficsError("model_error", f"{model} is a {kind or 'unknown'} model; idefics-cli runs {SUPPORTED}",
-                           "point --model at a checkpoint of one of these families")
-    missing = [pip for module, pip in family.needs if not _importable(module)]
-    if missing:
-        raise IdeficsError("model_error", f"{model} is a SmolVLM2 checkpoint, whose processor needs "
-                           f"{' and '.join(missing)}", f"pip install {' '.join(missing)}")
-    return family
-
-
 def _importable(module: str) -> bool:
-    """Whether `module` imports (torchvision may be installed and still fail to load with this torch)."""
+    """Whether `module` imports (torchvision may be installed and still fail to load)."""
     import importlib
 
     try:
@@ -142,7 +118,16 @@ def _importable(module: str) -> bool:
 def detect(options, local_files_only: bool) -> tuple[Family, dict]:
     """The checkpoint's family and config.json, before anything heavy is loaded (OSError/ValueError: unreadable)."""
     config = read_config(options, local_files_only)
-    return of_config(config, options.model), config
+    kind = config.get("model_type")
+    family = FAMILIES.get(kind)
+    if family is None:
+        raise IdeficsError("model_error", f"{options.model} is a {kind or 'unknown'} model; idefics-cli runs "
+                           f"{SUPPORTED}", "point --model at a checkpoint of one of these families")
+    missing = [pip for module, pip in family.needs if not _importable(module)]
+    if missing:
+        raise IdeficsError("model_error", f"{options.model} is a SmolVLM2 checkpoint, whose processor needs "
+                           f"{' and '.join(missing)}", f"pip install {' '.join(missing)}")
+    return family, config
 
 
 def parameters(config: dict) -> int:

@@ -1,15 +1,8 @@
 """Key/value caches whose layers keep spare room, so a decode step writes its new positions in place.
 
-Contract:
-- `new_cache(config=None, layers=None, spare=SPARE)` is a transformers `DynamicCache` whose layers hold
-  [batch, heads, capacity, dim] buffers: `update` writes new positions in place and returns views of the filled
-  part; a full buffer is replaced by one `spare` positions longer (the past copied once). With `config`, one layer
-  per decoder layer (full attention, or a sliding window as `DynamicSlidingWindowLayer` keeps it); with `layers`
-  [(keys, values)], full-attention layers over those tensors; with neither, layers made on first update.
-- Buffers are append-only: a tensor handed out keeps its values, and a tensor assigned to `.keys`/`.values` is
-  adopted as full (never written: the next update copies it first), so a cached prefix is only ever read.
-- The keys and values attended to are DynamicCache's, so greedy outputs are bit-identical (tests/test_kvcache.py).
-torch and transformers are imported inside functions only.
+`new_cache(config=None, layers=None, spare=SPARE)`: a transformers `DynamicCache` of append-only [batch, heads,
+capacity, dim] buffers (a full one is replaced by one `spare` longer). A tensor assigned to `.keys`/`.values` is adopted
+as full, never written, so a cached prefix is only read; what is attended to is DynamicCache's (bit-identical greedy).
 """
 
 from __future__ import annotations
@@ -60,21 +53,8 @@ def layer_classes() -> dict:
             self.spare = spare
             super().__init__(*args, **kwargs)
 
-        @property
-        def keys(self):
-            return _view(self._k)
-
-        @keys.setter
-        def keys(self, tensor):
-            self._k = _adopt(tensor)
-
-        @property
-        def values(self):
-            return _view(self._v)
-
-        @values.setter
-        def values(self, tensor):
-            self._v = _adopt(tensor)
+        keys = property(lambda self: _view(self._k), lambda self, tensor: setattr(self, "_k", _adopt(tensor)))
+        values = property(lambda self: _view(self._v), lambda self, tensor: setattr(self, "_v", _adopt(tensor)))
 
         def lazy_initialization(self, key_states, value_states):
             super().lazy_initialization(key_states, value_states)  # device, the window's tensor; 1-d empties
@@ -114,9 +94,8 @@ def layer_classes() -> dict:
 
 
 def owned_cache(buffers: list, length: int):
-    """A cache over buffers it owns ([rows, heads, capacity, dim] per layer, the first `length` positions
-    filled): decode steps write into their spare room in place (the decode loop's batch, rebuilt as rows join
-    and leave, is copied once, not again at its next step)."""
+    """A cache over buffers it owns ([rows, heads, capacity, dim] per layer, the first `length` positions filled),
+    written in place by decode steps."""
     cache = new_cache(layers=[(k[:, :, :length], v[:, :, :length]) for k, v in buffers])
     for layer, (k, v) in zip(cache.layers, buffers):
         layer._k, layer._v = [k, 0, length], [v, 0, length]
@@ -124,17 +103,13 @@ def owned_cache(buffers: list, length: int):
 
 
 def new_cache(config=None, layers=None, spare: int = SPARE):
-    """A `DynamicCache` of in-place layers: for `config`'s decoder, over `layers` [(keys, values)], or lazy."""
-    from functools import partial
-
+    """A `DynamicCache` of in-place layers: for `config`'s decoder, or full-attention ones over `layers`
+    [(keys, values)], adopted."""
     from transformers import DynamicCache
     from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, get_layer_types_and_kwargs
 
     classes = layer_classes()
     cache = DynamicCache()
-    if config is None and layers is None:
-        cache.layer_class_to_replicate = partial(classes["full_attention"], spare=spare)
-        return cache
     if config is not None:
         types, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
         cache.layers = [classes[t](spare=spare, **kw) if t in classes else DYNAMIC_LAYER_TYPE_MAPPING[t](**kw)

@@ -1,15 +1,8 @@
 """The model stage: load a checkpoint of a supported family (families.py) and its processor into a `LocalEngine`.
 
-Contract:
-- `load_processor(options)` is the one processor loader (`load_engine`, `crops`, `quantize`): local-folder check,
-  offline/cache decision (hub.py), the same errors, and the runtime settings (`options.split`, left padding)
-  unless `configure=False` asks for the processor exactly as saved.
-- `start_load(options)` returns at once with the processor (`Loading`: the weights load in a thread until
-  `finish()` gives the `LocalEngine`); `load_engine(options)` is both. The family is read from config.json first
-  (another architecture fails before any weight loads); `quant="auto"` is resolved there (families.auto_quant).
-  Loaded as the model cards do it (AutoModelForImageTextToText, safetensors only, never remote code, sdpa,
-  bitsandbytes nf4 + double quant for `quant="4bit"`); failures raise `IdeficsError` (`model_error`,
-  `out_of_memory`) with a hint. torch and transformers are imported inside functions only.
+`load_processor(options)` is the one processor loader; `start_load(options)` returns a `Loading` at once (weights in a
+thread until `finish()`), `load_engine(options)` is both. Loaded as the model cards do (safetensors, no remote code,
+sdpa, nf4 for "4bit"); failures are `IdeficsError`s with a hint. torch and transformers inside functions only.
 """
 
 from __future__ import annotations
@@ -31,8 +24,7 @@ if TYPE_CHECKING:
 
 
 def quiet_libraries() -> None:
-    """Opted-in processes (the commands: process.py) hear transformers' errors only, without progress bars; a
-    program that did not opt in keeps its own logging."""
+    """Opted-in processes (process.py) hear transformers' errors only, without progress bars."""
     process.quiet_loaded()
 
 
@@ -57,14 +49,9 @@ def resolve_dtype(dtype: str, device: str):
 
 
 def import_bitsandbytes():
-    """Import bitsandbytes without letting it reach the hub, and without its import-time log lines on stderr
-    (unless IDEFICS_DEBUG=1). ImportError when it is not installed.
-
-    On a CPU with AVX512-BF16, bitsandbytes' import asks the hub (`kernels.get_kernel`) for compiled code that
-    `--offline` would not stop; on any failure it keeps its own CPU code. So `kernels` is made unimportable
-    for the import alone (`sys.modules["kernels"] = None`), rather than flipping huggingface_hub's offline flag,
-    which other threads read: nothing of the hub runs at all. sys.modules, the loggers' levels and the warning
-    filters are restored after the import (warnings.catch_warnings: the filters are global while it runs)."""
+    """Import bitsandbytes quietly (unless IDEFICS_DEBUG=1) and off the hub: `kernels`, which its import asks for
+    compiled code, is unimportable for the import alone; loggers and warning filters are restored. ImportError
+    when it is not installed."""
     import logging
     import sys
     import warnings
@@ -98,7 +85,6 @@ def quantization_config(quant: str, dtype):
 
     if quant in ("4bit", "8bit"):
         import_bitsandbytes()
-
     if quant == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=dtype)
@@ -123,8 +109,8 @@ def model_error(exc: BaseException, options: ModelOptions) -> IdeficsError:
 
 
 def load_processor(options: ModelOptions, configure: bool = True, local_files_only: bool | None = None):
-    """The processor alone (no weights). `configure`: apply `options.split` and left padding (False: as saved).
-    `local_files_only`: the caller's own `hub.local_only` decision, else made here for the processor's files."""
+    """The processor alone. `configure`: apply `options.split` and left padding (False: as saved);
+    `local_files_only`: the caller's `hub.local_only` decision, else made here."""
     if local_files_only is None:
         if looks_local(options.model) and not os.path.isdir(options.model):
             raise IdeficsError("model_error", f"model folder {options.model!r} does not exist")
@@ -151,14 +137,13 @@ def load_engine(options: ModelOptions) -> LocalEngine:
 
 
 class Loading:
-    """A load in progress: the processor is here (`processor`, on `device`), the weights load in a thread
-    (`weights`: its Future) until `finish()` returns the `LocalEngine` (or raises the load's `IdeficsError`)."""
+    """A load in progress: `processor` is here, the weights load in a thread until `finish()` returns the
+    `LocalEngine` (or raises the load's `IdeficsError`)."""
 
     def __init__(self, options: ModelOptions, processor, device: str, dtype, weights: Future, start: float,
                  quant_reason: str | None = None):
         self.options, self.processor, self.device, self.dtype = options, processor, device, dtype
-        self._weights, self._start = weights, start
-        self.quant_reason = quant_reason
+        self._weights, self._start, self.quant_reason = weights, start, quant_reason
 
     def finish(self) -> LocalEngine:
         try:
@@ -175,7 +160,7 @@ class Loading:
 
 
 def start_load(options: ModelOptions) -> Loading:
-    """Start loading: the checks, the weights' thread, then the processor in this thread (what `load` waits for)."""
+    """Start loading: the checks, the weights' thread, then the processor in this thread."""
     start = time.perf_counter()
     if looks_local(options.model):
         check_local_model(options.model)
@@ -206,21 +191,15 @@ def start_load(options: ModelOptions) -> Loading:
         raise
     except Exception as exc:  # transformers raises OSError/ValueError/EnvironmentError for these
         raise model_error(exc, options) from exc
-    # The weights load in a short-lived thread while this one loads the processor. Its OpenMP workers end
-    # with it: a thread that keeps idle OpenMP workers makes libgomp throttle those of the thread that
-    # generates (bench/RESULTS.md, "Notes moved from the code").
+    # A short-lived thread: its idle OpenMP workers end with it instead of throttling the generating thread's
     weights = in_thread(lambda: AutoModelForImageTextToText.from_pretrained(
         source(options, common["local_files_only"]), **kwargs), name="idefics-load")
     try:
         processor = load_processor(options, local_files_only=common["local_files_only"])
-    except IdeficsError:
+    except BaseException as exc:
         wait([weights])
-        raise
-    except Exception as exc:
-        wait([weights])
-        raise model_error(exc, options) from exc
-    except BaseException:
-        wait([weights])
+        if isinstance(exc, Exception) and not isinstance(exc, IdeficsError):
+            raise model_error(exc, options) from exc
         raise
     return Loading(options, processor, device, dtype, weights, start, quant_reason)
 

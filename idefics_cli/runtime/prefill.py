@@ -1,14 +1,8 @@
 """Forward passes of the decode loop: prefill prompts into key/value caches, then step a left-padded batch.
 
-Contract:
-- `prefill(engine, rows)`: one pass over the prompts of `rows` (all as long, or one row with a cached `prefix`),
-  the image features merged into the token embeddings as the model's own forward merges them; a prompt longer
-  than `engine.prefill_chunk` tokens runs that many at a time; with a `prefix` (a `KV`, never written) only the
-  rest runs. Returns the last position's logits [rows, vocab] (float32) and each row's `KV`.
-- `KV`: one row's per-layer (keys, values), each [1, heads, length, dim]; `head(n)` copies the first n.
-- `KVBatch(model)`: rows decoding together in one kvcache.py cache, left-padded to a common width: `add(kvs)`,
-  `keep(rows)` (unused left columns dropped), `step(tokens)` -> next-token logits [rows, vocab] (float32).
-torch is imported inside functions only.
+`prefill(engine, rows)`: the prompts of `rows` (all as long, or one with a cached `prefix` `KV`, never written), image
+features merged as the model's forward merges them, `engine.prefill_chunk` tokens at a time -> (last logits, a `KV` per
+row). `KVBatch(model)`: rows decoding together in one left-padded kvcache.py cache. torch inside functions only.
 """
 
 from __future__ import annotations
@@ -31,19 +25,12 @@ class KV:
         return sum(k.nbytes + v.nbytes for k, v in self.layers)
 
 
-def adopt(layers):
-    """A cache over these tensors that never writes them: its first update copies them into a new buffer."""
-    from .kvcache import new_cache
-
-    return new_cache(layers=[(k, v) for k, v in layers])
-
-
 def _layers(cache) -> list:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
 def prefill(engine, rows: list) -> tuple:
-    """(last logits [rows, vocab], [KV per row]) for `rows` (see the module contract)."""
+    """(last logits [rows, vocab] float32, [KV per row]) for `rows`."""
     import torch
 
     from .kvcache import new_cache
@@ -53,7 +40,7 @@ def prefill(engine, rows: list) -> tuple:
     prefix = rows[0].prefix
     start = prefix.length if prefix is not None else 0
     length = len(rows[0].ids)
-    cache = adopt(prefix.layers) if prefix is not None else new_cache(model.config)
+    cache = new_cache(layers=prefix.layers) if prefix is not None else new_cache(model.config)  # prefix: only read
     with torch.inference_mode():
         ids = torch.tensor([row.ids[start:] for row in rows], device=device)
         embeds = model.get_input_embeddings()(ids)
@@ -79,7 +66,8 @@ def prefill(engine, rows: list) -> tuple:
 
 
 class KVBatch:
-    """Rows of several prompts decoding together: a left-padded cache, its attention mask and positions."""
+    """Rows of several prompts decoding together: a left-padded cache, its attention mask and positions;
+    `step(tokens)` -> next-token logits [rows, vocab] (float32)."""
 
     def __init__(self, model):
         self.model = model
@@ -135,8 +123,8 @@ class KVBatch:
 
 
 def _copied(rows: list, width: int):
-    """A cache owning one new buffer per layer (with spare room) holding `rows`, each (layers, its row there, its
-    last `n` positions) copied once and right-aligned to `width`; the rest is zero padding."""
+    """A cache owning new buffers (with spare room) holding `rows` [(layers, row, n)], each row's last `n`
+    positions right-aligned to `width` and zeros before."""
     from .kvcache import SPARE, owned_cache
 
     buffers = []

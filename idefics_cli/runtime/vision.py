@@ -1,15 +1,8 @@
 """Image features in bounded, same-shape chunks: the vision tower and connector without padding or whole-prompt peaks.
 
-Contract:
-- `VisionInputs(rows, split, kwargs)`: each prompt's images (or functions rendering one); pixels from transformers'
-  own image processor one source image at a time (its splitting and resizing; `grids[row]`: each image's tiles,
-  for families.Family.expand), kept as 8-bit values until `encode` maps them through the processor's value table
-  (`value_table`: its float32 values). `collect()` builds them now (numpy only, for a background thread). Used once.
-- `encode(model, vision, chunk)`: `get_image_features` over one shape bucket at a time, at most `chunk` images a
-  call, no mask; at most `chunk` + one source image's pixels exist at once. Returns each row's features.
-- `auto_chunk(model, device)` sizes a chunk from free memory (`IDEFICS_VISION_CHUNK=N` sets it); `prepare(engine,
-  batch, split, collect)`: token ids plus a `"vision"` entry (a family whose image tokens depend on the image's
-  size: pixels first, the text expanded from their grids). numpy and torch inside functions.
+`VisionInputs(rows, split, kwargs)`: each prompt's images (or functions rendering one), built one source image at a
+time by the processor itself (`grids`: tiles per image), kept 8-bit until `encode(model, vision, chunk)` runs one
+shape bucket, `chunk` images a call. `auto_chunk` sizes a chunk from free memory; `prepare` makes an engine's inputs.
 """
 
 from __future__ import annotations
@@ -29,16 +22,16 @@ class VisionInputs:
         self.grids: list[list[tuple[int, int]]] = [[] for _ in rows]  # (rows, cols) of tiles of each source image
         self.buckets: dict[tuple[int, int], list[tuple[int, int, object]]] = {}  # shape -> [(row, slot, pixels)]
         self.slots = [0] * self.rows  # images (crops) built so far per row
-        self.next = 0  # index into `sources` of the next source image to build
-        self.sources = [(r, image) for r, row in enumerate(rows) for image in row]  # each dropped once built
-        self.table = None  # the processor's value table when the built pixels are its 8-bit images (uint8)
+        self.next = 0  # the next of `sources` to build (each dropped once built)
+        self.sources = [(r, image) for r, row in enumerate(rows) for image in row]
+        self.table = None  # the processor's value table when the built pixels are 8-bit
 
     @property
     def pending(self) -> int:
         return sum(len(b) for b in self.buckets.values())
 
     def build_one(self, image_processor) -> None:
-        """Pixels of the next source image: the processor's images for it, each at its real size."""
+        """Pixels of the next source image, each at its real size."""
         row, image = self.sources[self.next]
         self.sources[self.next] = (row, None)  # the source is no longer needed once its pixels exist
         self.next += 1
@@ -50,7 +43,7 @@ class VisionInputs:
             self.slots[row] += 1
 
     def collect(self, image_processor) -> VisionInputs:
-        """Build every pixel now (bounded by the caller's batch); `encode` then only runs the model."""
+        """Build every pixel now (numpy only: for a background thread); `encode` then only runs the model."""
         while self.next < len(self.sources):
             self.build_one(image_processor)
         return self
@@ -66,16 +59,9 @@ def _own_size_pixels(image_processor, image, split: bool, kwargs: dict | None = 
 
 
 def _own_size_images(image_processor, image, split: bool, kwargs: dict) -> tuple[list, object, tuple[int, int]]:
-    """The processor's images for one source image (crops, then the whole), each at its own size, contiguous,
-    the value table that maps them to its pixels (None: they are its float pixels already), and its grid of tiles
-    (rows, cols) as the processor reports it with `kwargs` (0, 0 when it does not split or does not say).
-
-    Asked without padding (`do_pad=False`): the same values as the padded call trimmed with its pixel mask, without
-    the zero-filled arrays, masks and stacking copies. Where the processor's rescaling and normalisation map each
-    8-bit value on its own (`value_table`), it is asked for its split and resized 8-bit images, kept as they are
-    (a quarter of the float bytes) until `encode` maps them through the table into the tower's input: value for
-    value what its own float arithmetic gives. A processor that pads anyway gets trimmed with its mask.
-    """
+    """(the processor's unpadded images for one source image (crops, then the whole), the value table mapping them
+    to its pixels (None: float pixels already), its (rows, cols) grid of tiles, (0, 0) if not split). With a table
+    the images stay 8-bit; a processor that pads anyway is trimmed with its mask."""
     import numpy as np
 
     table = value_table(image_processor)
@@ -104,14 +90,8 @@ _TABLES = weakref.WeakKeyDictionary()  # image processor -> its value table (or 
 
 
 def value_table(image_processor):
-    """What the processor's rescaling + normalisation make of each 8-bit value, per channel ([channels, 256]), or None.
-
-    Asked of the processor itself, once: a 256 x 256 ramp image (every value in every channel, along each row)
-    through its own call with no resizing or splitting (a processor that resizes unsplit images to its tile size
-    is given 256 px tiles) gives the table; the same ramp asked without rescaling and normalising must come back
-    unchanged as 8 bits (so its images are 8-bit before that step). Any other answer (a tensor
-    backend, another dtype or layout) gives None, and pixels are asked of the processor whole.
-    """
+    """What the processor's rescaling + normalisation make of each 8-bit value ([channels, 256]), or None.
+    Asked of the processor once with a 256 x 256 ramp image, which must come back unchanged without that step."""
     try:
         return _TABLES[image_processor]
     except (KeyError, TypeError):
@@ -142,7 +122,7 @@ def value_table(image_processor):
 
 
 def _look_up(table, image, out=None):
-    """`table[c][image[c]]` for each channel, into one float array (`out`), a band of rows at a time (cache-sized)."""
+    """`table[c][image[c]]` for each channel, into one float array (`out`), 64 rows at a time."""
     import numpy as np
 
     out = np.empty(image.shape, dtype=table.dtype) if out is None else out
@@ -153,12 +133,8 @@ def _look_up(table, image, out=None):
 
 
 def auto_chunk(model, device: str) -> int:
-    """Images a vision call: what a quarter of free GPU memory (or a tenth of available RAM, at most 512 MiB) holds.
-
-    Per image: its float32 pixels at the tower's full size (twice: the image and the stacked chunk) plus one
-    layer's activations (hidden states, q/k/v, the MLP's intermediate) counted twice for the allocator's slack;
-    on the CPU also the attention scores of every head, which its attention kernels may materialise.
-    """
+    """Images a vision call (`IDEFICS_VISION_CHUNK` sets it): what a quarter of free GPU memory, or a tenth of
+    available RAM up to 512 MiB, holds of pixels (twice) and one layer's activations (twice; CPU: + attention)."""
     env = os.environ.get(CHUNK_ENV, "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
@@ -228,11 +204,8 @@ def _flush(model, vision: VisionInputs, shape, chunk: int, features) -> None:
 
 
 def prepare(engine, batch: list[tuple[list, str]], split: bool, collect: bool):
-    """`engine.build_inputs`'s token ids plus a `"vision"` entry instead of pixels (`collect`: pixels built now).
-
-    A family whose image tokens depend on each image's size has its pixels built now, and the prompts expanded from
-    their grids (`engine.tokenize`); other processors than Idefics2's and Idefics3's get `build_inputs` as is.
-    """
+    """`engine.build_inputs`' token ids with a `"vision"` entry instead of pixels (`collect`: pixels built now;
+    always for a sized family, whose prompts are expanded from the grids). Other processors get `build_inputs`."""
     processor = engine.processor
     if engine.family.sized:
         vision = VisionInputs([images for images, _ in batch], split, engine.family.image_kwargs)
