@@ -50,7 +50,11 @@ DOCTAGS = ["<doctag>", "</doctag>", "<text>", "</text>", "<title>", "</title>", 
            "<caption>", "</caption>", "<otsl>", "</otsl>", "<fcel>", "<ecel>", "<ched>", "<nl>", "<code>", "</code>",
            "<formula>", "</formula>"] + [f"<loc_{k}>" for k in range(501)]
 # (vision hidden, vision mlp, vision layers, vision heads, text hidden, text mlp, text layers, heads, kv heads)
-SMOL_SIZES = {"tiny": (64, 128, 2, 2, 128, 256, 2, 4, 2), "smolvlm-256m": (768, 3072, 12, 12, 576, 1536, 30, 9, 3)}
+SMOL_SIZES = {"tiny": (64, 128, 2, 2, 128, 256, 2, 4, 2), "smolvlm-256m": (768, 3072, 12, 12, 576, 1536, 30, 9, 3),
+              "smolvlm-2b": (1152, 4304, 27, 16, 2048, 8192, 24, 32, 32),
+              "idefics3-8b": (1152, 4304, 27, 16, 4096, 14336, 32, 32, 8)}
+# (patch, tile px, pixel-shuffle scale, page longest_edge) where a size's image arithmetic is not SmolVLM-256M's
+SMOL_IMAGE = {"smolvlm-2b": (14, 384, 3, 1536), "idefics3-8b": (14, 364, 2, 1456)}
 
 
 def tokenizer_model_path() -> str:
@@ -118,7 +122,12 @@ def build_processor(out_dir: str):
     return processor
 
 
-def build_smol_processor(out_dir: str, docling: bool = False):
+def smol_image(size: str) -> tuple[int, int, int, int]:
+    """(patch, tile px, scale, page longest_edge) of a size; 64 tokens a tile of 512 px unless SMOL_IMAGE says."""
+    return SMOL_IMAGE.get(size, (16, 512, 4, 2048))
+
+
+def build_smol_processor(out_dir: str, docling: bool = False, size: str = "tiny"):
     """Save SmolVLM-256M-Instruct's processor settings, template and special tokens (+ DocTags) into out_dir."""
     from transformers import Idefics3Processor
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
@@ -129,8 +138,11 @@ def build_smol_processor(out_dir: str, docling: bool = False):
     if docling:
         tokenizer.add_tokens(DOCTAGS, special_tokens=True)
     tokenizer.bos_token, tokenizer.pad_token, tokenizer.eos_token = "<|im_start|>", "<|im_end|>", "<end_of_utterance>"
-    processor = Idefics3Processor(image_processor=Idefics3ImageProcessorPil(**SMOL_PROCESSOR), tokenizer=tokenizer,
-                                  image_seq_len=64, chat_template=SMOL_TEMPLATE)
+    patch, tile, scale, side = smol_image(size)
+    image_processor = Idefics3ImageProcessorPil(**{**SMOL_PROCESSOR, "size": {"longest_edge": side},
+                                                   "max_image_size": {"longest_edge": tile}})
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                  image_seq_len=(tile // patch) ** 2 // scale**2, chat_template=SMOL_TEMPLATE)
     processor.save_pretrained(out_dir)
     return processor
 
@@ -140,16 +152,17 @@ def smol_config(tokenizer, size: str = "tiny"):
     from transformers import Idefics3Config
 
     vh, vi, vl, vn, th, ti, tl, tn, tkv = SMOL_SIZES[size]
+    patch, tile, scale, _ = smol_image(size)
     ids = tokenizer.convert_tokens_to_ids
     return Idefics3Config(
         vision_config=dict(hidden_size=vh, intermediate_size=vi, num_hidden_layers=vl, num_attention_heads=vn,
-                           patch_size=16, image_size=512),
+                           patch_size=patch, image_size=tile),
         text_config=dict(model_type="llama", hidden_size=th, intermediate_size=ti, num_hidden_layers=tl,
                          num_attention_heads=tn, num_key_value_heads=tkv, vocab_size=len(tokenizer),
                          max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
                          pad_token_id=ids("<|im_end|>"), bos_token_id=ids("<|im_start|>"),
                          eos_token_id=ids("<end_of_utterance>"), tie_word_embeddings=True),
-        scale_factor=4, image_token_id=ids("<image>"), tie_word_embeddings=True, pad_token_id=ids("<|im_end|>"))
+        scale_factor=scale, image_token_id=ids("<image>"), tie_word_embeddings=True, pad_token_id=ids("<|im_end|>"))
 
 
 FAMILIES = ("idefics2", "idefics3", "smoldocling")
@@ -168,7 +181,7 @@ def build(out_dir: str, size: str = "tiny", seed: int = 0, device: str = "cpu", 
         build_processor(out_dir)
         model_config, generation = config(size), GENERATION
     else:
-        tok = build_smol_processor(out_dir, docling=family == "smoldocling").tokenizer
+        tok = build_smol_processor(out_dir, docling=family == "smoldocling", size=size).tokenizer
         model_config = smol_config(tok, size)
         ids = tok.convert_tokens_to_ids
         generation = {"bos_token_id": ids("<|im_start|>"), "eos_token_id": ids("<end_of_utterance>"),
@@ -192,7 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir")
     parser.add_argument("--family", choices=FAMILIES, default="idefics2")
     parser.add_argument("--size", choices=sorted({*SIZES, *SMOL_SIZES}), default="tiny",
-                        help="idefics2: tiny, mid, full; idefics3 and smoldocling: tiny, smolvlm-256m")
+                        help="idefics2: tiny, mid, full; idefics3 and smoldocling: tiny, smolvlm-256m, smolvlm-2b, "
+                        "idefics3-8b")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
