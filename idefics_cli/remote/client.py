@@ -2,7 +2,8 @@
 
 Contract:
 - `RemoteEngine(url, api_key=None, max_new_tokens=None)` asks the server for its model (`GET /v1/models`, waiting up to
-  LOAD_WAIT_S while it loads); a server down or refusing the key is a `model_error` (transport.py).
+  LOAD_WAIT_S while it loads); a server down or refusing the key is a `model_error` (transport.py). Its
+  `render_side` is the server's (the px its model wants PDF pages rendered at; None: the documents' default).
 - `prepare(batch)` turns [(page images, question)] into requests, each page a lossless `data:` URL: PackBits TIFF
   within `tiff_budget` bytes a request, then PNG (`page_data_url`); `chat_inputs` sends a whole conversation.
   `stream_generate`, `generate_batch` and `generate_rows` (up to `width` requests at once) answer them with the
@@ -59,6 +60,8 @@ class RemoteEngine:
             raise IdeficsError("model_error", f"{self.url} is not an `idefics serve` server (no model settings in "
                                "/v1/models)", SERVER_HINT)
         self.split = bool(described.get("split", True))
+        side = described.get("render_side")  # the server's render size; absent (an older server): the default
+        self.render_side = side if isinstance(side, int) and not isinstance(side, bool) and side > 0 else None
         self._info = {k: described.get(k) for k in ("id", "revision", "quantization", "quantization_reason", "dtype",
                                                     "device", "family")}
         defaults = ModelOptions()

@@ -1,8 +1,8 @@
 """The server's one adapter to the library: what it asks of the engine, the processor and the model is here.
 
 Contract:
-- `describe(engine)` is the loaded engine's card for /v1/models and `settings_key` the settings that key the
-  prefix cache.
+- `describe(engine)` is the loaded engine's card for /v1/models (its `render_side`: the px clients render PDF
+  pages at, None for the documents' default) and `settings_key` the settings that key the prefix cache.
 - `prompt_ids(engine, messages, images)`: the chat template's token ids, every image expanded into its tokens
   without pixels (a sized family: each image's grid from its image processor's `get_number_of_image_patches`), as
   `ask` and `chat` build theirs; `prefix_length(engine, ids)`: the tokens up to the last image token (the part
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 
 def describe(engine) -> dict:
-    return {**engine.info, "split": engine.options.split}
+    return {**engine.info, "split": engine.options.split, "render_side": engine.render_side}
 
 
 def settings_key(engine) -> str:
