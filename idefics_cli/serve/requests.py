@@ -1,15 +1,8 @@
-"""Chat requests: an OpenAI `/v1/chat/completions` body in, the conversation the model sees out.
+"""Chat requests: an OpenAI `/v1/chat/completions` body in, the conversation the model sees out (docs/serve.md).
 
-Contract (in full: docs/serve.md): `parse(body, options)` checks a decoded body and returns a `ChatRequest`, or
-raises `RequestError` (an `IdeficsError` with its OpenAI `param`: `usage`, or the documents' own codes). Nothing
-is rendered yet (`ChatRequest.pages`: the chosen document pages, so a prompt is refused for its length before any
-pixel exists); `render()` decodes them with the CLI's rules (documents.py). Messages: `system`/`developer`,
-`user`, `assistant`; parts `text`, `image_url` and `file` (`data:` only, never a path or a URL; `file.pages`,
-`file.password`), each message's images before its text, as `ask` and `chat` send them. Generation:
-`max_completion_tokens`/`max_tokens`, `temperature`, `top_p`, `seed`, `stop`, `stream`, `logprobs`, `top_logprobs`
-(0-20, with `logprobs`); `n` other than 1 and tools are refused. `response_format` (`ChatRequest.schema`): text,
-`json_object` or `json_schema` (checked as `--schema` is). Only a `json_schema` grammar check imports the grammar
-engine (llguidance, no torch).
+Contract: `parse(body, max_images=, longest_side=)` returns a `ChatRequest` or raises `RequestError` (an
+`IdeficsError` with its OpenAI `param`). Its `pages` are opened, not rendered (a prompt is refused for length
+before any pixel exists); `render()` decodes them as the CLI does. Images come only as `data:` URLs or file data.
 """
 
 from __future__ import annotations
@@ -135,10 +128,8 @@ def response_format(value):
     """`response_format` -> a structured.Schema, or None for text."""
     from .. import structured
 
-    if value is None:
-        return None
     kind = value.get("type") if isinstance(value, dict) else None
-    if kind == "text":
+    if value is None or kind == "text":
         return None
     if kind == "json_object":
         return structured.permissive_object()
@@ -147,16 +138,12 @@ def response_format(value):
     inner = value.get("json_schema")
     if not isinstance(inner, dict):
         raise bad("response_format.json_schema must be an object with a schema", "response_format.json_schema")
-    name, strict, schema = inner.get("name"), inner.get("strict"), inner.get("schema")
-    if name is not None and not isinstance(name, str):
-        raise bad("response_format.json_schema.name must be a string", "response_format.json_schema.name")
-    if strict is not None and not isinstance(strict, bool):
-        raise bad("response_format.json_schema.strict must be true or false", "response_format.json_schema.strict")
-    if not isinstance(schema, dict):
-        raise bad("response_format.json_schema.schema must be a JSON Schema object",
-                  "response_format.json_schema.schema")
+    for key, kind, what in (("name", str, "a string"), ("strict", bool, "true or false"),
+                            ("schema", dict, "a JSON Schema object")):
+        if not isinstance(inner.get(key), kind) and (key == "schema" or inner.get(key) is not None):
+            raise bad(f"response_format.json_schema.{key} must be {what}", f"response_format.json_schema.{key}")
     try:
-        return structured.as_schema(schema)
+        return structured.as_schema(inner["schema"])
     except IdeficsError as err:
         raise RequestError(err.code, err.message.replace("--schema", "response_format.json_schema.schema"),
                            "response_format.json_schema.schema", err.hint) from None
@@ -267,9 +254,7 @@ def _data_url(url: str, here: str) -> bytes:
     m = _DATA_URL.fullmatch(url)
     if m is None or not _utf8(url):
         raise RequestError("corrupt", "not a valid data: URL", here)
-    if ";base64" in m["params"].lower():
-        return _base64(m["data"], here)
-    return urllib.parse.unquote_to_bytes(m["data"])
+    return _base64(m["data"], here) if ";base64" in m["params"].lower() else urllib.parse.unquote_to_bytes(m["data"])
 
 
 def _base64(text: str, here: str) -> bytes:
