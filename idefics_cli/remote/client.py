@@ -139,7 +139,7 @@ class RemoteEngine:
                         pieces.append(piece)
                         yield piece
                     finish = finish_reason or finish
-        except (_Malformed, json.JSONDecodeError):
+        except (*MALFORMED, json.JSONDecodeError):
             raise self._not_completion("a stream") from None
         except (*LOST, ValueError) as exc:
             raise self.http.lost(exc) from None
@@ -196,7 +196,7 @@ class RemoteEngine:
             if not isinstance(text, str) or not isinstance(finish, str):
                 raise _Malformed
             tokens = _logprobs(choice)
-        except (KeyError, IndexError, TypeError, _Malformed):
+        except MALFORMED:
             return self._not_completion("an answer")
         return _generation(inputs, row, text, finish, usage, tokens, start)
 
@@ -240,31 +240,24 @@ class _Malformed(Exception):
     """A server's answer that is not the chat completion (or chunk) it should be."""
 
 
-def _count(value) -> bool:
-    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+MALFORMED = (_Malformed, AttributeError, IndexError, KeyError, TypeError)  # what reading a malformed answer raises
 
 
 def _usage(usage) -> dict:
     """A server's `usage` checked (counts are whole numbers or absent), `completion_tokens` defaulting to 0."""
-    details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
-    if (not isinstance(usage, dict) or not isinstance(details or {}, dict)
-            or not all(_count(usage.get(k)) for k in ("prompt_tokens", "completion_tokens"))
-            or not _count((details or {}).get("image_tokens"))):
+    details = usage.get("prompt_tokens_details") or {}
+    counts = (usage.get("prompt_tokens"), usage.get("completion_tokens"), details.get("image_tokens"))
+    if not all(count is None or (type(count) is int and count >= 0) for count in counts):
         raise _Malformed
     return {**usage, "completion_tokens": usage.get("completion_tokens") or 0}
 
 
 def _chunk(event) -> tuple[list[tuple[str, str | None, list]], dict | None]:
     """One streamed chunk's choices as (content, finish_reason, logprobs entries), and its checked `usage`."""
-    if not isinstance(event, dict) or not isinstance(event.get("choices") or [], list):
-        raise _Malformed
     out = []
     for choice in event.get("choices") or []:
-        delta = (choice.get("delta") or {}) if isinstance(choice, dict) else None
-        if not isinstance(delta, dict):
-            raise _Malformed
-        content, finish = delta.get("content"), choice.get("finish_reason")
-        if not (content is None or isinstance(content, str)) or not (finish is None or isinstance(finish, str)):
+        content, finish = (choice.get("delta") or {}).get("content"), choice.get("finish_reason")
+        if not all(value is None or isinstance(value, str) for value in (content, finish)):
             raise _Malformed
         out.append((content or "", finish, _logprobs(choice)))
     return out, (_usage(event["usage"]) if event.get("usage") else None)
@@ -274,7 +267,7 @@ def _logprobs(choice: dict) -> list[tuple[str, float]]:
     """A choice's `logprobs.content` as (token, logprob); [] when the server sent none."""
     try:
         out = [(e["token"], float(e["logprob"])) for e in (choice.get("logprobs") or {}).get("content") or []]
-    except (AttributeError, KeyError, TypeError, ValueError):
+    except ValueError:
         raise _Malformed from None
     if not all(isinstance(token, str) for token, _ in out):
         raise _Malformed

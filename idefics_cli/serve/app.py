@@ -140,9 +140,8 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
         too_big = error_response(413, "request_too_large", f"the request is over --max-request-mb "
                                  f"{config.max_request_mb:g} MiB", headers={"Connection": "close"})
         length = request.headers.get("content-length", "")
-        declared = int(length) if length.isdigit() else None
         drain = max(4 * limit, 16 * 2**20)  # read (and drop) this much of a body that is too big, so that the
-        if declared is not None and declared > drain:  # client, still sending, gets the 413 and not a reset
+        if length.isdigit() and int(length) > drain:  # client, still sending, gets the 413 and not a reset
             return too_big
         chunks, size = [], 0
         async for chunk in request.stream():

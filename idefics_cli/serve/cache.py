@@ -1,6 +1,6 @@
 """The prefix cache: key/value caches of prompts' image prefixes, least recently used out first, bounded by bytes.
 
-Contract: `prefix_key(settings, ids, image_hashes)` names a prefix by the model's settings, its token ids and its
+Contract: `prefix_key(settings, ids, images)` names a prefix by the model's settings, its token ids and its
 images' content, so two requests share an entry exactly when the model sees the same prefix. `PrefixCache(max_bytes)`:
 `get` (counted in `hits`/`misses`, marks it recent), `contains` (neither), `put` (evicts the least recently used
 until the `nbytes` fit; a value over the whole budget is not stored). Thread-safe; no torch.
@@ -13,17 +13,13 @@ import threading
 from collections import OrderedDict
 
 
-def image_hash(image) -> str:
-    """Content hash of a decoded RGB image (its size, mode and pixels)."""
-    digest = hashlib.sha256(f"{image.mode}:{image.width}x{image.height}:".encode())
-    digest.update(image.tobytes())
-    return digest.hexdigest()
-
-
-def prefix_key(settings: str, ids: list[int], image_hashes: list[str]) -> str:
+def prefix_key(settings: str, ids: list[int], images: list) -> str:
+    """The key of a prefix: the settings, its token ids and its decoded images (mode, size and pixels)."""
     digest = hashlib.sha256(settings.encode())
     digest.update(b"\0" + ",".join(map(str, ids)).encode())
-    digest.update(b"\0" + ",".join(image_hashes).encode())
+    for image in images:
+        digest.update(f"\0{image.mode}:{image.width}x{image.height}:".encode())
+        digest.update(image.tobytes())
     return digest.hexdigest()
 
 

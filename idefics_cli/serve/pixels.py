@@ -1,9 +1,9 @@
 """Pixels ahead of the worker: queued jobs' pixels built in one background thread, in queue order.
 
 Contract: `Ahead(build, key, hit, ahead)`: `build(images, stop)` builds a prompt's pixels, `key(job)`/`hit(key)`
-skip a cached prefix. `add(job)` queues it; at most `ahead` jobs hold a place (being built, or built and not
-taken). `take(job)` (the worker) waits for pixels that are coming and returns them, None (build them yourself),
-or raises the build's classified error. `drop`, `failed`, `wake` (a cancel), `held()`, `built`. No numpy here.
+skip a cached prefix. `add(job)` queues a job, `start()` runs the thread, `work.stop()` ends it; at most `ahead`
+jobs hold a place (being built, or built and not taken). `take(job)` (the worker) waits for pixels that are coming
+and returns them, None (build them yourself), or raises the build's error. `drop`, `failed`, `wake`, `held()`.
 """
 
 from __future__ import annotations
@@ -58,12 +58,6 @@ class Ahead:
         if self.ahead >= 1:
             self.work.start(self._run)
 
-    def stop(self) -> None:
-        self.work.stop()
-
-    def join(self, timeout: float | None = None) -> None:
-        self.work.join(timeout)
-
     def wake(self) -> None:
         """A job was cancelled: its built pixels go now, and the thread may build the next job's."""
         with self.cond:
@@ -71,8 +65,7 @@ class Ahead:
             self.cond.notify_all()
 
     def failed(self, job) -> bool:
-        entry = job.pixels
-        return entry is not None and entry.state == FAILED
+        return job.pixels is not None and job.pixels.state == FAILED
 
     def drop(self, job) -> None:
         entry = job.pixels

@@ -42,7 +42,6 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     images: list = field(default_factory=list)  # PIL images, after render()
-    warnings: list[str] = field(default_factory=list)
     schema: object = None  # structured.Schema from response_format, or None
     logprobs: bool = False
     top_logprobs: int = 0
@@ -55,9 +54,7 @@ class ChatRequest:
     def render(self) -> None:
         """Decode every chosen page (documents.py); a page that cannot be decoded raises its error code."""
         try:
-            for doc, page in self.pages:
-                self.images.append(doc.render(page))
-                self.warnings.extend(w for w in doc.warnings(page) if w not in self.warnings)
+            self.images.extend(doc.render(page) for doc, page in self.pages)
         finally:
             self.close()
 
@@ -70,12 +67,9 @@ class ChatRequest:
 
 def _number(body: dict, name: str, low: float, high: float, integer: bool = False):
     value = body.get(name)
-    if value is None:
-        return None
     kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
-        what = "an integer" if integer else "a number"
-        raise bad(f"{name} must be {what} from {low} to {high}", name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high):
+        raise bad(f"{name} must be {'an integer' if integer else 'a number'} from {low} to {high}", name)
     return value
 
 
@@ -160,14 +154,9 @@ def _messages(messages, req: ChatRequest, max_images: int | None) -> None:
         if role not in ("system", "developer", "user", "assistant"):
             raise bad(f"{where}.role must be system, developer, user or assistant", f"{where}.role")
         role = "system" if role == "developer" else role
-        content = message.get("content")
-        if content is None and role == "assistant":
-            content = ""
-        if isinstance(content, str):
-            parts = [{"type": "text", "text": content}]
-        elif isinstance(content, list):
-            parts = content
-        else:
+        content = "" if message.get("content") is None and role == "assistant" else message.get("content")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(parts, list):
             raise bad(f"{where}.content must be a string or a list of parts", f"{where}.content")
         texts, n_images = [], 0
         for j, part in enumerate(parts):
@@ -186,9 +175,8 @@ def _messages(messages, req: ChatRequest, max_images: int | None) -> None:
                                        here, "choose fewer pages with file.pages")
             else:
                 raise bad(f"{here}.type must be text, image_url or file", f"{here}.type")
-        text = "\n".join(texts)
         req.messages.append({"role": role, "content": [{"type": "image"} for _ in range(n_images)]
-                             + [{"type": "text", "text": text}]})
+                             + [{"type": "text", "text": "\n".join(texts)}]})
     if req.messages[-1]["role"] != "user":
         raise bad("the last message must be the user's", f"messages[{len(messages) - 1}].role")
 

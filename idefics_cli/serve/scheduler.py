@@ -17,7 +17,7 @@ from collections import deque
 from ..runtime.decode import Loop, Row
 from ..structured import row_grammar
 from . import backend
-from .cache import image_hash, prefix_key
+from .cache import prefix_key
 from .pixels import Ahead
 
 _UNKEYED = object()
@@ -157,8 +157,8 @@ class Scheduler:
         deadline = None if timeout is None else time.monotonic() + timeout
         if self.thread is not None:
             self.thread.join(timeout)
-        self.pixels.stop()
-        self.pixels.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        self.pixels.work.stop()
+        self.pixels.work.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     # ---- the worker ----------------------------------------------------------------------------
     def _run(self) -> None:
@@ -168,7 +168,7 @@ class Scheduler:
                 while not (self.stopping or self.decode.rows or self.waiting):
                     self.cond.wait()
                 if self.stopping and not self.decode.rows and not self.waiting:
-                    self.pixels.stop()
+                    self.pixels.work.stop()
                     return
                 free = min(len(self.waiting), self.max_batch - len(self.decode.rows))
                 admit = self.admitting = [self.waiting.popleft() for _ in range(free)]  # stop() must still see them
@@ -225,6 +225,6 @@ class Scheduler:
         """The job's prefix-cache key (computed once: by the pixel thread, or here)."""
         if job.cache_key is _UNKEYED:
             length = backend.prefix_length(self.engine, job.ids)
-            job.cache_key = (prefix_key(self.settings, job.ids[:length], [image_hash(im) for im in job.images])
+            job.cache_key = (prefix_key(self.settings, job.ids[:length], job.images)
                              if length and self.cache.max_bytes else None)
         return job.cache_key
