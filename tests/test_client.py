@@ -231,6 +231,7 @@ def test_the_library_connects_and_answers_as_ask_does(server, local, docs):
 
     model = idefics_cli.connect(server.url + "/v1/", api_key=KEY, max_new_tokens=8)
     assert model.engine.url == server.url and model.options.split is False
+    assert model.engine.render_side is None  # Idefics2's card: the documents' default (1960 px)
     answer = model.ask(docs["png"], QUESTION)
     assert answer.text + "\n" == local["text"].stdout.decode()
     assert answer.to_dict()["model"]["id"] == model.options.model
@@ -316,6 +317,9 @@ def odd_server():
 
 
 def test_a_server_answer_that_is_not_a_chat_completion_is_a_model_error(odd_server, docs, tmp_path):
+    from idefics_cli.remote.client import RemoteEngine
+
+    assert RemoteEngine(odd_server.url).render_side is None  # a card without `render_side`: the default
     for reply in BAD_STREAMS:
         odd_server.reply = reply
         res = run_idefics("ask", docs["png"], QUESTION, "--server", odd_server.url)
@@ -404,3 +408,51 @@ def test_a_model_option_the_server_does_not_serve_is_reported(server, local, doc
     assert res.returncode == 0, res.stderr.decode()
     assert res.stdout == local["text"].stdout
     assert f"--model someone/other-model is not used: the server at {server.url} serves " in res.stderr.decode()
+
+
+def test_a_client_renders_pdf_pages_at_the_servers_family_size(tiny_idefics3, engine3, docs):
+    """An Idefics3 server's card says its render size (2048 px, as `ask` renders locally); the real client
+    (`connect`) renders PDF pages at it: the page the server receives (recorded by a forwarding proxy) has it."""
+    import http.client
+    import http.server
+    import urllib.parse
+
+    import idefics_cli
+    from idefics_cli.documents import open_document
+    from idefics_cli.serve.requests import _data_url
+
+    srv = Server(tiny_idefics3).wait_ready()
+    bodies = []
+
+    class Forward(http.server.BaseHTTPRequestHandler):
+        def _forward(self):
+            body = self.rfile.read(int(self.headers.get("content-length") or 0)) or None
+            bodies.append(body)
+            upstream = http.client.HTTPConnection(*urllib.parse.urlsplit(srv.url).netloc.split(":"))
+            upstream.request(self.command, self.path, body, {"Content-Type": "application/json"})
+            resp = upstream.getresponse()
+            data = resp.read()
+            self.send_response(resp.status)
+            self.send_header("Content-Type", resp.getheader("Content-Type"))
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = _forward
+
+        def log_message(self, *args):
+            pass
+
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Forward)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        model = idefics_cli.connect(f"http://127.0.0.1:{proxy.server_address[1]}", max_new_tokens=4)
+        assert model.engine.render_side == engine3.render_side == 2048
+        assert model.ask(docs["pdf"], QUESTION, pages="1").text is not None
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+        assert srv.stop() == 0, "\n".join(srv.lines)
+    sent = json.loads(bodies[-1])["messages"][0]["content"][0]["image_url"]["url"]
+    with open_document("page", data=_data_url(sent, "page")) as doc:
+        assert max(doc.render(1).size) == 2048

@@ -1,14 +1,9 @@
 """The MCP server of `idefics mcp`: three tools over stdio, reading only files under the given roots.
 
-Contract: `build_mcp(roots, loader)` returns an `mcp` `MCPServer` with the tools `list_pages(path)`,
-`ask_document(path, question, pages=None, schema=None)` (the `idefics ask --json` object) and
-`transcribe_document(path, pages=None)` (the page records of `idefics transcribe`). A path (relative ones are
-looked up in each root in turn) is read only when it resolves, symlinks followed, to a file under a root; any
-other is a tool error `permission_denied` naming that rule. An `IdeficsError` is a tool error `error [CODE]:
-message (hint)`. `loader()` returns the library `Model`; it runs once, in a thread started by `build_mcp`, so the
-protocol answers at once; the model tools wait for it and answer one at a time. `serve_mcp(roots, loader, log)`
-runs it over stdio until the host closes stdin: stdout carries the protocol only (the mcp package points fd 1
-at stderr while it serves), and `log` lines go to stderr.
+Contract: `serve_mcp(roots, loader, log)` serves `build_mcp(roots, loader)`'s tools `list_pages`, `ask_document`
+and `transcribe_document` until stdin closes. A path must resolve (symlinks followed) to a file under a root, else
+a `permission_denied` tool error; an `IdeficsError` is a tool error `error [CODE]: message (hint)`. `loader()`
+(the library `Model`) runs once in a thread; model tools wait for it and answer one at a time. Logs go to stderr.
 """
 
 from __future__ import annotations
@@ -60,13 +55,10 @@ def build_mcp(roots: list[str], loader, log=lambda line: None) -> MCPServer:
 
         real = resolve(roots, path)
         try:
-            doc = open_document(real)
+            with open_document(real) as doc:
+                return {"path": real, "format": doc.kind, "pages": doc.page_count}
         except IdeficsError as err:
             raise ToolError(err.one_line()) from None
-        try:
-            return {"path": real, "format": doc.kind, "pages": doc.page_count}
-        finally:
-            doc.close()
 
     @server.tool(structured_output=True)
     def ask_document(path: str, question: str, pages: str | None = None,

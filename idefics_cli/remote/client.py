@@ -1,15 +1,9 @@
 """The client: a running `idefics serve` as an engine (interface.Engine), with no torch in this process.
 
-Contract:
-- `RemoteEngine(url, api_key=None, max_new_tokens=None)` asks the server for its model (`GET /v1/models`, waiting up to
-  LOAD_WAIT_S while it loads); a server down or refusing the key is a `model_error` (transport.py).
-- `prepare(batch)` turns [(page images, question)] into requests, each page a lossless `data:` URL: PackBits TIFF
-  within `tiff_budget` bytes a request, then PNG (`page_data_url`); `chat_inputs` sends a whole conversation.
-  `stream_generate`, `generate_batch` and `generate_rows` (up to `width` requests at once) answer them with the
-  server's token counts as `prompt_usage` and its `logprobs` (asked for) as the Generation's; a schema travels
-  as `response_format` (json_schema, strict). Errors keep the CLI's codes (the server's error object carries
-  them); an overloaded server (503) is retried after its Retry-After for up to OVERLOAD_WAIT_S; a lost connection
-  is `model_error`.
+Contract: `RemoteEngine(url, api_key, max_new_tokens)` reads the server's model card (waiting LOAD_WAIT_S while it
+loads; `render_side`: the px to render PDF pages at). `prepare` sends pages as lossless data: URLs (TIFF within
+`tiff_budget`, then PNG); `stream_generate`, `generate_batch`, `generate_rows` answer with the server's usage and
+logprobs. Errors keep the CLI's codes; a 503 `overloaded` is retried (transport.py); a lost connection is `model_error`.
 """
 
 from __future__ import annotations
@@ -19,29 +13,22 @@ import io
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from itertools import accumulate, islice
 
 from ..errors import IdeficsError, UsageError
 from ..interface import Generation, ModelOptions
-from .transport import CONNECT_TIMEOUT_S, LOST, SERVER_HINT, ServerLoading, Transport, events, normalize_url
-
-__all__ = ["CONNECT_TIMEOUT_S", "LOAD_WAIT_S", "TIFF_BUDGET", "RemoteEngine", "normalize_url", "page_data_url",
-           "png_data_url"]
+from .transport import LOST, SERVER_HINT, ServerLoading, Transport, events
 
 LOAD_WAIT_S = 600.0  # how long a request waits for a server that is still loading its model
 QUANT_OPTIONS = {"nf4": "4bit", "int8": "8bit", "none": "none"}  # engine.QUANT_NAMES, reversed
 TIFF_BUDGET = 8 * 2**20  # PackBits TIFF bytes per request at most (10.7 MiB as base64); past it, pages go as PNG
 
 
-@dataclass
 class RemoteInputs:
     """One request per row: the OpenAI messages (pages as data: URLs); `usage` per row once answered."""
 
-    rows: list[list[dict]]
-    usage: list[dict | None] = field(default_factory=list)
-
-    def __post_init__(self):
-        self.usage = [None] * len(self.rows)
+    def __init__(self, rows: list[list[dict]]):
+        self.rows, self.usage = rows, [None] * len(rows)
 
 
 class RemoteEngine:
@@ -49,7 +36,7 @@ class RemoteEngine:
 
     def __init__(self, url: str, api_key: str | None = None, max_new_tokens: int | None = None):
         self.http = Transport(url, api_key)
-        self.url, self.api_key = self.http.url, self.http.api_key
+        self.url = self.http.url
         start = time.perf_counter()
         card = self._models()
         self.load_s = time.perf_counter() - start  # what a local run spends loading: here, reaching the server
@@ -58,15 +45,15 @@ class RemoteEngine:
         if not isinstance(described, dict) or "quantization" not in described:
             raise IdeficsError("model_error", f"{self.url} is not an `idefics serve` server (no model settings in "
                                "/v1/models)", SERVER_HINT)
-        self.split = bool(described.get("split", True))
+        side = described.get("render_side")  # the server's render size; absent (an older server): the default
+        self.render_side = side if isinstance(side, int) and not isinstance(side, bool) and side > 0 else None
         self._info = {k: described.get(k) for k in ("id", "revision", "quantization", "quantization_reason", "dtype",
                                                     "device", "family")}
-        defaults = ModelOptions()
         self.options = ModelOptions(model=self._info["id"] or self.model_id, revision=self._info["revision"],
                                     quant=QUANT_OPTIONS.get(self._info["quantization"], "4bit"),
                                     dtype=self._info["dtype"] or "auto", device=self._info["device"] or "auto",
-                                    offline=True, split=self.split,
-                                    max_new_tokens=max_new_tokens or defaults.max_new_tokens)
+                                    offline=True, split=bool(described.get("split", True)),
+                                    max_new_tokens=max_new_tokens or ModelOptions().max_new_tokens)
         cap = described.get("max_request_mb")
         known = isinstance(cap, (int, float)) and not isinstance(cap, bool) and cap > 0
         self.tiff_budget = min(TIFF_BUDGET, int(cap * 2**20) // 4) if known else 0  # TIFF bytes per request
@@ -83,7 +70,6 @@ class RemoteEngine:
     # ---- interface.Engine: what ask, chat and transcribe use ---------------------------------------
     def check_context(self, n_images: int, question: str, max_new_tokens: int) -> None:
         """Left to the server: it refuses a prompt over the model's context (`usage`) before rendering."""
-        return None
 
     def auto_batch_size(self) -> int:
         """Pages a transcription sends at once: the server's --max-batch (rows it decodes together)."""
@@ -95,11 +81,8 @@ class RemoteEngine:
         return size if isinstance(size, int) and size > 0 else 4
 
     def prepare(self, batch: list[tuple[list, str]], split: bool | None = None, collect: bool = False):
-        """One request per (images, question): a user turn with the pages first, then the question.
-
-        `split` is the server's (a per-call override cannot reach it); images may be PIL images or functions
-        that render one (selection.py's pages not kept).
-        """
+        """One request per (images, question), pages first; images may be functions rendering one. `split` is the
+        server's (ignored here)."""
         rows = []
         for images, question in batch:
             budget = [self.tiff_budget]
@@ -109,10 +92,8 @@ class RemoteEngine:
 
     def chat_inputs(self, messages: list[dict], images: list, max_new_tokens: int) -> RemoteInputs:
         """The whole conversation (transformers chat format, `{"type": "image"}` in page order) as one request."""
-        cache = self.__dict__.setdefault("_chat_urls", {})  # id(image) -> (image, part, TIFF bytes): encoded once
-        live = {id(image) for image in images}
-        for key in [k for k in cache if k not in live]:
-            del cache[key]
+        live = {id(image) for image in images}  # the cache: id(image) -> (image, part, TIFF bytes), encoded once
+        cache = self._chat_urls = {k: v for k, v in getattr(self, "_chat_urls", {}).items() if k in live}
         budget = [self.tiff_budget - sum(entry[2] for entry in cache.values())]  # the request sends them all
         urls = iter(images)
         out = []
@@ -138,10 +119,8 @@ class RemoteEngine:
 
     def stream_generate(self, inputs: RemoteInputs, max_new_tokens: int | None = None, logits_processor=None,
                         schema=None):
-        """Yield the pieces of the (one-row) answer as the server streams them; return its `RemoteGeneration`.
-
-        Closing the generator closes the connection: the server cancels the generation.
-        """
+        """Yield the (one-row) answer's pieces as they stream, then return its Generation; closing the generator
+        closes the connection, which cancels the generation."""
         body = self._body(inputs.rows[0], max_new_tokens, logits_processor, schema, stream=True)
         start = time.perf_counter()
         conn, resp = self.http.send("POST", "/v1/chat/completions", body)
@@ -160,7 +139,7 @@ class RemoteEngine:
                         pieces.append(piece)
                         yield piece
                     finish = finish_reason or finish
-        except (_Malformed, json.JSONDecodeError):
+        except (*MALFORMED, json.JSONDecodeError):
             raise self._not_completion("a stream") from None
         except (*LOST, ValueError) as exc:
             raise self.http.lost(exc) from None
@@ -169,21 +148,17 @@ class RemoteEngine:
         if finish is None or usage is None:
             raise IdeficsError("model_error", f"the server at {self.url} ended the answer early",
                                "it was stopped, or cancelled the answer: ask again")
-        total = time.perf_counter() - start
-        inputs.usage[0] = _prompt_usage(usage)
-        return Generation(text="".join(pieces), completion_tokens=usage["completion_tokens"],
-                          finish_reason=finish, first_token_s=total if first is None else first,
-                          total_s=total, prompt_usage=inputs.usage[0], **_tokens(tokens))
+        first = time.perf_counter() - start if first is None else first
+        return _generation(inputs, 0, "".join(pieces), finish, usage, tokens, start, first)
 
     def generate_batch(self, inputs: RemoteInputs, max_new_tokens: int | None = None, logits_processor=None,
                        schema=None) -> list[Generation]:
         """Every row's answer, the rows sent at once (the server batches them); the first error is raised."""
         if logits_processor:
             raise UsageError("a logits processor cannot run through a server", "run without --server")
-        out: list = [None] * len(inputs.rows)
-        items = ((row, inputs, row) for row in range(len(inputs.rows)))
-        for row, answer in self.generate_rows(items, max_new_tokens, schema, len(inputs.rows) or 1):
-            out[row] = answer
+        rows = range(len(inputs.rows))
+        answers = dict(self.generate_rows(((row, inputs, row) for row in rows), max_new_tokens, schema, len(rows) or 1))
+        out = [answers[row] for row in rows]
         for answer in out:
             if isinstance(answer, IdeficsError):
                 raise answer
@@ -199,11 +174,7 @@ class RemoteEngine:
         width = max(1, width or self.auto_batch_size())
         with ThreadPoolExecutor(width, thread_name_prefix="idefics-client") as pool:
             while True:
-                while len(running) < width:
-                    item = next(pending, None)
-                    if item is None:
-                        break
-                    tag, inputs, row = item
+                for tag, inputs, row in islice(pending, width - len(running)):
                     running[pool.submit(self._answer, inputs, row, max_new_tokens, schema)] = tag
                 if not running:
                     return
@@ -225,12 +196,9 @@ class RemoteEngine:
             if not isinstance(text, str) or not isinstance(finish, str):
                 raise _Malformed
             tokens = _logprobs(choice)
-        except (KeyError, IndexError, TypeError, _Malformed):
+        except MALFORMED:
             return self._not_completion("an answer")
-        inputs.usage[row] = _prompt_usage(usage)
-        return Generation(text=text, completion_tokens=usage["completion_tokens"], finish_reason=finish,
-                          first_token_s=None, total_s=time.perf_counter() - start, prompt_usage=inputs.usage[row],
-                          **_tokens(tokens))
+        return _generation(inputs, row, text, finish, usage, tokens, start)
 
     def _not_completion(self, what: str) -> IdeficsError:
         return IdeficsError("model_error", f"the server at {self.url} sent {what} that is not a chat completion",
@@ -272,31 +240,24 @@ class _Malformed(Exception):
     """A server's answer that is not the chat completion (or chunk) it should be."""
 
 
-def _count(value) -> bool:
-    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+MALFORMED = (_Malformed, AttributeError, IndexError, KeyError, TypeError)  # what reading a malformed answer raises
 
 
 def _usage(usage) -> dict:
     """A server's `usage` checked (counts are whole numbers or absent), `completion_tokens` defaulting to 0."""
-    details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
-    if (not isinstance(usage, dict) or not isinstance(details or {}, dict)
-            or not all(_count(usage.get(k)) for k in ("prompt_tokens", "completion_tokens"))
-            or not _count((details or {}).get("image_tokens"))):
+    details = usage.get("prompt_tokens_details") or {}
+    counts = (usage.get("prompt_tokens"), usage.get("completion_tokens"), details.get("image_tokens"))
+    if not all(count is None or (type(count) is int and count >= 0) for count in counts):
         raise _Malformed
     return {**usage, "completion_tokens": usage.get("completion_tokens") or 0}
 
 
 def _chunk(event) -> tuple[list[tuple[str, str | None, list]], dict | None]:
     """One streamed chunk's choices as (content, finish_reason, logprobs entries), and its checked `usage`."""
-    if not isinstance(event, dict) or not isinstance(event.get("choices") or [], list):
-        raise _Malformed
     out = []
     for choice in event.get("choices") or []:
-        delta = (choice.get("delta") or {}) if isinstance(choice, dict) else None
-        if not isinstance(delta, dict):
-            raise _Malformed
-        content, finish = delta.get("content"), choice.get("finish_reason")
-        if not (content is None or isinstance(content, str)) or not (finish is None or isinstance(finish, str)):
+        content, finish = (choice.get("delta") or {}).get("content"), choice.get("finish_reason")
+        if not all(value is None or isinstance(value, str) for value in (content, finish)):
             raise _Malformed
         out.append((content or "", finish, _logprobs(choice)))
     return out, (_usage(event["usage"]) if event.get("usage") else None)
@@ -306,40 +267,31 @@ def _logprobs(choice: dict) -> list[tuple[str, float]]:
     """A choice's `logprobs.content` as (token, logprob); [] when the server sent none."""
     try:
         out = [(e["token"], float(e["logprob"])) for e in (choice.get("logprobs") or {}).get("content") or []]
-    except (AttributeError, KeyError, TypeError, ValueError):
+    except ValueError:
         raise _Malformed from None
     if not all(isinstance(token, str) for token, _ in out):
         raise _Malformed
     return out
 
 
-def _tokens(tokens: list[tuple[str, float]]) -> dict:
-    """Generation's `logprobs` and `ends` (each token's text follows the one before it)."""
-    ends, at = [], 0
-    for token, _ in tokens:
-        at += len(token)
-        ends.append(at)
-    return {"logprobs": [lp for _, lp in tokens], "ends": ends}
-
-
-def _prompt_usage(usage: dict) -> dict:
+def _generation(inputs: RemoteInputs, row: int, text: str, finish: str, usage: dict, tokens: list, start: float,
+                first: float | None = None) -> Generation:
+    """A row's Generation (`first`: seconds to the first piece; None: not streamed), its usage kept in `inputs`."""
     details = usage.get("prompt_tokens_details") or {}
-    return {"prompt_tokens": usage.get("prompt_tokens"), "image_tokens": details.get("image_tokens")}
+    inputs.usage[row] = {"prompt_tokens": usage.get("prompt_tokens"), "image_tokens": details.get("image_tokens")}
+    return Generation(text=text, completion_tokens=usage["completion_tokens"], finish_reason=finish,
+                      first_token_s=first, total_s=time.perf_counter() - start, prompt_usage=inputs.usage[row],
+                      logprobs=[lp for _, lp in tokens], ends=list(accumulate(len(token) for token, _ in tokens)))
 
 
 def _plain_rgb(image):
     """The image as a plain RGB `Image` (a TIFF frame's own tags, which Pillow would write again, left behind)."""
-    if image.mode != "RGB" or hasattr(image, "tag_v2"):
-        image = image.convert("RGB")
-    return image
+    return image.convert("RGB") if image.mode != "RGB" or hasattr(image, "tag_v2") else image
 
 
 def png_data_url(image) -> str:
-    """A page image as a lossless PNG data: URL: the same RGB pixels, no colour profile, no transparency chunk.
-
-    The server decodes it with documents.py, which gives these pixels back unchanged (an RGB image of 2 px or
-    more a side needs no conversion), so the processor sees what it sees in a local run.
-    """
+    """A page image as a lossless PNG data: URL (RGB, no colour profile or transparency): the server decodes these
+    very pixels."""
     image = _plain_rgb(image)
     buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=1, icc_profile=None, transparency=None)
@@ -347,9 +299,8 @@ def png_data_url(image) -> str:
 
 
 def page_data_url(image, budget: int = TIFF_BUDGET) -> tuple[str, int]:
-    """A page image as a lossless data: URL and the TIFF bytes it spent of `budget`: a PackBits TIFF (RGB, no
-    colour profile, orientation or extra samples; 5-8x faster than PNG both ways, 2-10x its size) when it fits in
-    `budget` bytes, else `png_data_url`'s PNG (0 spent). The server decodes either to these very pixels."""
+    """A page as a lossless data: URL and the bytes it spent of `budget`: a PackBits TIFF (RGB, no profile) when it
+    fits, else `png_data_url`'s PNG (0 spent)."""
     image = _plain_rgb(image)
     smallest = image.height * -(-3 * image.width // 128) * 2  # PackBits: 2 bytes per 128-byte run at best
     if 0 < smallest <= budget:

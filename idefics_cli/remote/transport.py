@@ -1,14 +1,9 @@
 """HTTP to a running `idefics serve`: connections, retries, server-sent events and errors as the CLI's errors.
 
-Contract: `normalize_url(url)` turns `host:port`, `http://host:port/` or an OpenAI base URL (/v1) into the
-server's root URL (else `UsageError`). `Transport(url, api_key)`: `send(method, path, body)` returns (connection,
-response) of a 200 (the caller closes it), `json(...)` its parsed body. A server that does not accept the
-connection (at once, or within CONNECT_TIMEOUT_S; no read timeout) or loses it halfway (`lost(exc)`) is a
-`model_error` naming the URL; 503 `overloaded` is retried after its Retry-After for up to OVERLOAD_WAIT_S.
-`error(status, body)` maps OpenAI's error object to the CLI's: 401 a `model_error` hinting at --api-key, 503
-`loading` -> `ServerLoading`, `overloaded` -> `Overloaded`, `request_too_large` -> `UsageError`, the CLI's own codes
-kept, anything else `model_error`. `events(resp)` yields a server-sent stream's JSON objects up to [DONE].
-The standard library's http.client only: no torch, transformers or numpy.
+Contract: `normalize_url(url)` gives the server's root URL (else `UsageError`). `Transport(url, api_key)`: `send`
+(connection, response of a 200), `json` (its body); unreachable (CONNECT_TIMEOUT_S) or lost is a `model_error`;
+503 `overloaded` is retried for OVERLOAD_WAIT_S. `error(status, body)` maps OpenAI's error object to the CLI's
+(`ServerLoading`, `Overloaded`, `UsageError`, its own codes). `events(resp)`: a stream's JSON objects. Stdlib only.
 """
 
 from __future__ import annotations
@@ -42,9 +37,7 @@ def normalize_url(url: str) -> str:
     url = url.strip()
     if "://" not in url:
         url = f"http://{url}"
-    url = url.rstrip("/")
-    if url.endswith("/v1"):
-        url = url[:-3]
+    url = url.rstrip("/").removesuffix("/v1")
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"--server {url!r} is not an http(s) URL", "e.g. --server http://127.0.0.1:8000")
@@ -77,7 +70,7 @@ class Transport:
             conn.connect()
         except LOST as exc:
             conn.close()
-            raise self.unreachable(exc) from None
+            raise self.lost(exc, "cannot reach") from None
         conn.sock.settimeout(None)  # an answer may take long to start (a prefill over many pages): no read timeout
         return conn
 
@@ -122,32 +115,24 @@ class Transport:
                                SERVER_HINT) from None
 
     # ---- errors ----------------------------------------------------------------------------------
-    def unreachable(self, exc: BaseException) -> IdeficsError:
+    def lost(self, exc: BaseException, what: str = "lost the connection to") -> IdeficsError:
+        """A connection refused (`what`: "cannot reach"), timed out or dropped, as a `model_error`."""
+        why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         if isinstance(exc, socket.timeout):
             why = f"no answer within {CONNECT_TIMEOUT_S:g} s"
         elif isinstance(exc, socket.gaierror):
             why = f"unknown host {self._host}"
-        else:
-            why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        return IdeficsError("model_error", f"cannot reach the idefics server at {self.url}: {why}", SERVER_HINT)
-
-    def lost(self, exc: BaseException) -> IdeficsError:
-        why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        return IdeficsError("model_error", f"lost the connection to the idefics server at {self.url}: {why}",
-                            SERVER_HINT)
+        return IdeficsError("model_error", f"{what} the idefics server at {self.url}: {why}", SERVER_HINT)
 
     def error(self, status: int, raw) -> IdeficsError:
         """The server's OpenAI error object as the CLI's error (its code kept where the CLI has it)."""
-        obj = raw
-        if isinstance(raw, bytes):
-            try:
-                obj = json.loads(raw)
-            except ValueError:
-                obj = None
+        try:
+            obj = json.loads(raw) if isinstance(raw, bytes) else raw
+        except ValueError:
+            obj = None
         error = obj.get("error") if isinstance(obj, dict) else None
-        code = error.get("code") if isinstance(error, dict) else None
-        message = (error.get("message") if isinstance(error, dict) else None) or f"HTTP {status}"
-        message = str(message).replace("\n", " ")[:500]
+        error = error if isinstance(error, dict) else {}
+        code, message = error.get("code"), str(error.get("message") or f"HTTP {status}").replace("\n", " ")[:500]
         if status == 401 or code == "invalid_api_key":
             return IdeficsError("model_error", f"the server at {self.url} refused the API key", KEY_HINT)
         if status == 503 and code == "loading":
@@ -173,14 +158,9 @@ def retry_after(value: str | None) -> float:
 
 def events(resp):
     """The JSON objects of a server-sent event stream, up to `data: [DONE]`."""
-    while True:
-        line = resp.readline()
-        if not line:
-            return
+    for line in iter(resp.readline, b""):
         line = line.strip()
-        if not line.startswith(b"data:"):
-            continue
-        data = line[5:].strip()
-        if data == b"[DONE]":
-            return
-        yield json.loads(data)
+        if line.startswith(b"data:"):
+            if line[5:].strip() == b"[DONE]":
+                return
+            yield json.loads(line[5:])

@@ -1,15 +1,9 @@
-"""The ASGI app (FastAPI as plain routes): OpenAI-compatible chat completions, models and health.
+"""The ASGI app (FastAPI as plain routes): OpenAI-compatible chat completions, models, health and metrics.
 
 Contract (in full: docs/serve.md): `build_app(config, state)` returns the app; its lifespan loads the model in a
-thread (`state.loader`), then starts a `Scheduler`; until then /health and chat requests answer 503 `loading`
-(with Retry-After); a failed load sets `state.error` and calls `state.on_fatal()`.
-`POST /v1/chat/completions`: a capped body (413), checked by requests.py, refused when prompt + max tokens
-exceed the context, pages rendered off the event loop, queued (503 `overloaded` over --max-queue), answered as
-one `chat.completion` or streamed chunks ending in `data: [DONE]`; a client that disconnects cancels its job.
-`GET /v1/models` lists the one model and its settings; `GET /metrics` is Prometheus text (metrics.py). With an
-API key every route but /health needs `Authorization: Bearer KEY`.
-Every error is OpenAI's `{"error": {...}}` with the CLI's codes; 500 only for the server's own failures.
-One access-log line per request on stderr: `METHOD PATH STATUS tokens=N S.SSSs`.
+thread (`state.loader`; until then 503 `loading`, a failure sets `state.error` and calls `state.on_fatal()`), then
+starts a `Scheduler`. Every error is OpenAI's `{"error": {...}}` with the CLI's codes; one access-log line per
+request on stderr: `METHOD PATH STATUS tokens=N S.SSSs`.
 """
 
 from __future__ import annotations
@@ -21,6 +15,7 @@ import os
 import sys
 import time
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
@@ -28,7 +23,7 @@ from fastapi.exceptions import StarletteHTTPException as HTTPException
 from fastapi.middleware import Middleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..errors import IdeficsError, UsageError
+from ..errors import IdeficsError, UsageError, classify
 from . import backend
 from .config import ServeConfig
 from .metrics import Metrics
@@ -66,7 +61,7 @@ def _from_error(err: IdeficsError) -> JSONResponse:
     message = f"{param}: {err.message}" if param and err.code != "usage" else err.message
     if err.hint:
         message += f" ({err.hint})"
-    if err.code in ("out_of_memory",):
+    if err.code == "out_of_memory":
         return error_response(503, err.code, message, param, {"Retry-After": "5"})
     if err.code in ("generation_error", "model_error", "internal"):
         return error_response(500, err.code, message, param)
@@ -74,10 +69,10 @@ def _from_error(err: IdeficsError) -> JSONResponse:
 
 
 class AccessLog:
-    """ASGI middleware: one line per HTTP request on stderr once its response has ended."""
+    """ASGI middleware: one line per HTTP request on stderr once its response has ended; /v1/* counted by status."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -96,6 +91,8 @@ class AccessLog:
             record["status"] = record["status"] or 500
             raise
         finally:
+            if record["status"] and scope["path"].startswith("/v1/"):
+                self.metrics.requests.labels(str(record["status"])).inc()
             line = (f"{scope['method']} {scope['path']} {record['status'] or '-'} tokens={record['tokens']} "
                     f"{time.perf_counter() - start:.3f}s")
             print(line, file=sys.stderr, flush=True)
@@ -108,19 +105,13 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
     # and hold more rendered pages in memory
     preparing = asyncio.Semaphore(max(1, min(4, (os.cpu_count() or 2) // 2)))
 
-    def authorized(request: Request) -> bool:
-        if key is None:
-            return True
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        return hmac.compare_digest(given.strip().encode(), key) and scheme.lower() == "bearer"
-
-    def unauthorized() -> JSONResponse:
-        return error_response(401, "invalid_api_key", "missing or wrong API key (send Authorization: Bearer KEY)",
-                              headers={"WWW-Authenticate": "Bearer"})
-
-    def not_ready() -> JSONResponse | None:
-        if state.status == "ok":
+    def refused(request: Request, ready: bool = True) -> JSONResponse | None:
+        """401 without the API key; with `ready`, 503 unless the model is loaded and the server not stopping."""
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if key is not None and not (hmac.compare_digest(given.strip().encode(), key) and scheme.lower() == "bearer"):
+            return error_response(401, "invalid_api_key", "missing or wrong API key (send Authorization: Bearer KEY)",
+                                  headers={"WWW-Authenticate": "Bearer"})
+        if not ready or state.status == "ok":
             return None
         if state.status == "stopping":
             return error_response(503, "shutting_down", "the server is shutting down", headers={"Retry-After": "5"})
@@ -137,9 +128,7 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
         return JSONResponse(body, 200 if state.status == "ok" else 503)
 
     async def models(request: Request) -> JSONResponse:
-        if not authorized(request):
-            return unauthorized()
-        if (refusal := not_ready()) is not None:
+        if (refusal := refused(request)) is not None:
             return refusal
         info = {**backend.describe(state.engine), "max_request_mb": config.max_request_mb}
         return JSONResponse({"object": "list", "data": [{"id": state.model_id, "object": "model",
@@ -151,9 +140,8 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
         too_big = error_response(413, "request_too_large", f"the request is over --max-request-mb "
                                  f"{config.max_request_mb:g} MiB", headers={"Connection": "close"})
         length = request.headers.get("content-length", "")
-        declared = int(length) if length.isdigit() else None
         drain = max(4 * limit, 16 * 2**20)  # read (and drop) this much of a body that is too big, so that the
-        if declared is not None and declared > drain:  # client, still sending, gets the 413 and not a reset
+        if length.isdigit() and int(length) > drain:  # client, still sending, gets the 413 and not a reset
             return too_big
         chunks, size = [], 0
         async for chunk in request.stream():
@@ -166,9 +154,7 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
 
     async def chat(request: Request) -> Response:
         record = request.scope.get(LOG_KEY, {})
-        if not authorized(request):
-            return unauthorized()
-        if (refusal := not_ready()) is not None:
+        if (refusal := refused(request)) is not None:
             return refusal
         scheduler = state.scheduler
         if scheduler.busy():
@@ -199,34 +185,33 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
             job.cancel()
             watcher.cancel()
             raise
-        if kind == "error":
+        if kind in ("error", "done"):  # done: cancelled before it started (the client went away, or stopping)
             watcher.cancel()
-            return _from_error(payload)
-        if kind == "done":  # cancelled before it started: the client went away, or the server is stopping
-            watcher.cancel()
-            return error_response(503, "cancelled", "the request was cancelled before it started")
+            return _from_error(payload) if kind == "error" else error_response(
+                503, "cancelled", "the request was cancelled before it started")
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_id}
-        image_token = backend.image_token_id(state.engine)
+        image_token = state.engine.image_token_id
         if req.stream:
             return StreamingResponse(_stream(job, req, meta, record, watcher, image_token),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            error = await _drain(job)
+            while kind not in ("error", "done"):
+                kind, payload = await job.events.get()
         finally:
             watcher.cancel()
             job.cancel()
         record["tokens"] = len(job.token_ids)
-        if error is not None:
-            return _from_error(error)
+        if kind == "error":
+            return _from_error(payload)
         return JSONResponse({**meta, "object": "chat.completion", "choices": [
             {"index": 0, "message": {"role": "assistant", "content": job.text},
              "logprobs": _logprobs(job.logprob_content() if req.logprobs else None),
              "finish_reason": _finish(job)}], "usage": _usage(job, image_token)})
 
     async def scrape(request: Request) -> Response:
-        if not authorized(request):
-            return unauthorized()
+        if (refusal := refused(request, ready=False)) is not None:
+            return refusal
         body, kind = metrics.render()
         return Response(body, headers={"Content-Type": kind})
 
@@ -243,7 +228,7 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
               file=sys.stderr, flush=True)
         return error_response(500, "internal", f"internal error: {type(exc).__name__}")
 
-    middleware = [Middleware(AccessLog), Middleware(metrics.middleware)]
+    middleware = [Middleware(AccessLog, metrics=metrics)]
     if config.cors:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -251,7 +236,8 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
                                      allow_headers=["authorization", "content-type"]))
     # FastAPI without its request models and docs: OpenAI bodies are loose, and a bad one must get OpenAI's error
     # object with the CLI's codes (requests.py), not a 422; plain Starlette-style routes do exactly that
-    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, middleware=middleware, lifespan=_lifespan(state),
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, middleware=middleware,
+                  lifespan=lambda _: _lifespan(state),
                   exception_handlers={HTTPException: not_found, Exception: internal})
     app.add_route("/health", health, methods=["GET"])
     app.add_route("/v1/models", models, methods=["GET"])
@@ -263,11 +249,11 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
 def _prepare(state: ServerState, body, loop):
     """Parse, tokenize, check the context and render (a worker thread: none of it runs on the event loop)."""
     engine = state.engine
-    context = backend.context_size(engine)
+    context = engine.context_size
     req = parse(body, max_images=(context // state.per_image) if context and state.per_image else None,
                 longest_side=engine.render_side)
     try:
-        max_tokens = req.max_tokens or backend.default_max_tokens(engine)
+        max_tokens = req.max_tokens or engine.options.max_new_tokens
         req.render()  # first: a family's image tokens may follow each page's size
         ids = backend.prompt_ids(engine, req.messages, req.images)
         try:
@@ -291,28 +277,15 @@ async def _watch_disconnect(request: Request, job: Job) -> None:
             return
 
 
-async def _drain(job: Job) -> IdeficsError | None:
-    while True:
-        kind, payload = await job.events.get()
-        if kind == "error":
-            return payload
-        if kind == "done":
-            return None
-
-
 def _finish(job: Job) -> str:
     return job.finish_reason if job.finish_reason in ("stop", "length") else "stop"
 
 
-def _usage(job: Job, image_token: int | None = None) -> dict:
-    """OpenAI's usage; `prompt_tokens_details.image_tokens` (ours) counts the prompt's image tokens, as
-    `ask --json` does, so `idefics ask --server` prints the same usage as a local run."""
+def _usage(job: Job, image_token: int) -> dict:
+    """OpenAI's usage; `prompt_tokens_details.image_tokens` (ours) as `ask --json` counts them."""
     prompt, completion = len(job.ids), len(job.token_ids)
-    details = {"cached_tokens": job.cached_tokens}
-    if image_token is not None:
-        details["image_tokens"] = sum(1 for t in job.ids if t == image_token)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": details}
+            "prompt_tokens_details": {"cached_tokens": job.cached_tokens, "image_tokens": job.ids.count(image_token)}}
 
 
 def _logprobs(content: list | None) -> dict | None:
@@ -323,7 +296,7 @@ def _sse(obj) -> bytes:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
 
 
-async def _stream(job: Job, req, meta: dict, record: dict, watcher, image_token: int | None = None):
+async def _stream(job: Job, req, meta: dict, record: dict, watcher, image_token: int):
     chunk = {**meta, "object": "chat.completion.chunk"}
     try:
         yield _sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
@@ -339,8 +312,7 @@ async def _stream(job: Job, req, meta: dict, record: dict, watcher, image_token:
                                                   "logprobs": _logprobs(logprobs), "finish_reason": None}]})
                 logprobs = None
             elif kind == "error":
-                body = json.loads(_from_error(payload).body)
-                yield _sse(body)
+                yield _sse(json.loads(_from_error(payload).body))
                 break
             elif kind == "done":
                 yield _sse({**chunk, "choices": [{"index": 0, "delta": {}, "logprobs": _logprobs(logprobs),
@@ -354,27 +326,20 @@ async def _stream(job: Job, req, meta: dict, record: dict, watcher, image_token:
         watcher.cancel()
 
 
-def _lifespan(state: ServerState):
-    from contextlib import asynccontextmanager
-
-    @asynccontextmanager
-    async def lifespan(app):
-        task = asyncio.create_task(asyncio.to_thread(_load, state))
-        try:
-            yield
-        finally:
-            state.status = "stopping"
-            if state.scheduler is not None:
-                await asyncio.to_thread(state.scheduler.stop, True, 30)
-            if not task.done():
-                task.cancel()
-
-    return lifespan
+@asynccontextmanager
+async def _lifespan(state: ServerState):
+    task = asyncio.create_task(asyncio.to_thread(_load, state))
+    try:
+        yield
+    finally:
+        state.status = "stopping"
+        if state.scheduler is not None:
+            await asyncio.to_thread(state.scheduler.stop, True, 30)
+        if not task.done():
+            task.cancel()
 
 
 def _load(state: ServerState) -> None:
-    from ..errors import classify
-
     try:
         state.engine = state.loader()
         state.model_id = backend.describe(state.engine)["id"]

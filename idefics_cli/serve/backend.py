@@ -1,39 +1,21 @@
-"""The server's one adapter to the library: what it asks of the engine, the processor and the model is here.
+"""The server's one adapter to the engine, its processor and its model.
 
-Contract:
-- `describe(engine)` is the loaded engine's card for /v1/models and `settings_key` the settings that key the
-  prefix cache.
-- `prompt_ids(engine, messages, images)`: the chat template's token ids, every image expanded into its tokens
-  without pixels (a sized family: each image's grid from its image processor's `get_number_of_image_patches`), as
-  `ask` and `chat` build theirs; `prefix_length(engine, ids)`: the tokens up to the last image token (the part
-  whose key/value cache the server keeps, cache.py).
-- `build_pixels(engine, images, stop)`: one prompt's pixels built now (numpy only, so another thread may do it);
-  `encode_images(engine, images, vision)`: their features through vision.py, for the decode loop's prefill.
-- `tokens_per_image`, `free_memory(device)` (GPU, else RAM), `token_text`. torch inside functions.
+Contract: `describe(engine)` is the /v1/models card (`render_side`: the px clients render PDF pages at, None: the
+documents' default); `settings_key` keys the prefix cache. `prompt_ids(engine, messages, images)`: the template's
+ids, images expanded as `ask` does; `prefix_length`: tokens up to the last image token. `build_pixels` (numpy only,
+any thread) and `encode_images` (vision.py) make a prompt's features. torch inside functions only.
 """
 
 from __future__ import annotations
 
 
 def describe(engine) -> dict:
-    return {**engine.info, "split": engine.options.split}
+    return {**engine.info, "split": engine.options.split, "render_side": engine.render_side}
 
 
 def settings_key(engine) -> str:
     info = describe(engine)
     return "|".join(str(info[k]) for k in ("id", "revision", "quantization", "dtype", "device", "split"))
-
-
-def context_size(engine) -> int | None:
-    return engine.context_size
-
-
-def default_max_tokens(engine) -> int:
-    return engine.options.max_new_tokens
-
-
-def image_token_id(engine) -> int:
-    return engine.image_token_id
 
 
 def token_text(engine, token: int) -> str:
@@ -70,7 +52,7 @@ def prefix_length(engine, ids: list[int]) -> int:
 
 
 def build_pixels(engine, images: list, stop=None):
-    """One prompt's pixels, built now (numpy only) one source image at a time; None once `stop()` is true."""
+    """One prompt's pixels, built one source image at a time; None once `stop()` is true."""
     from ..runtime.vision import VisionInputs
 
     vision = VisionInputs([list(images)], engine.options.split)
@@ -83,9 +65,7 @@ def build_pixels(engine, images: list, stop=None):
 
 
 def encode_images(engine, images: list, vision=None):
-    """Features of one prompt's images ([images x image_seq_len, hidden]), or None without images.
-
-    `vision`: the prompt's pixels from `build_pixels` (then `images` are not used), consumed here."""
+    """Features of one prompt's images (or of `vision`, its `build_pixels`), or None without images."""
     from ..runtime.vision import VisionInputs, auto_chunk, encode
 
     if vision is None:
@@ -102,13 +82,3 @@ def tokens_per_image(engine) -> int:
 
     return len(prompt_ids(engine, [user_turn(1, "")])) - len(prompt_ids(engine, [user_turn(0, "")]))
 
-
-def free_memory(device: str) -> int:
-    """Free bytes where the model runs: free GPU memory on CUDA, else available RAM."""
-    if device.startswith("cuda"):
-        import torch
-
-        return int(torch.cuda.mem_get_info(torch.device(device))[0])
-    from ..runtime.vision import _available_ram
-
-    return int(_available_ram())

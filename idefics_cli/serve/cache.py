@@ -1,13 +1,9 @@
-"""The prefix cache: key/value caches of prompts' image prefixes, least recently used first out, bounded by bytes.
+"""The prefix cache: key/value caches of prompts' image prefixes, least recently used out first, bounded by bytes.
 
-Contract: `prefix_key(settings, ids, image_hashes)` names a prefix by the model's settings (backend.settings_key),
-the prefix's token ids (the chat template's text up to the last image, earlier turns included) and the content
-hashes of its images, so two requests share an entry exactly when the model would see the same prefix.
-`PrefixCache(max_bytes)`: `get(key)` returns the stored value (a backend.KV, never modified by its users) and
-marks it recently used; `contains(key)` says whether it is stored (neither counted nor marked: the pixel
-thread's look-ahead, pixels.py); `put(key, value)` stores it and evicts the least recently used entries until the total
-of their `nbytes` fits `max_bytes` (a value larger than the whole budget is not stored). `hits`/`misses` count
-lookups. Thread-safe. Nothing here imports torch.
+Contract: `prefix_key(settings, ids, images)` names a prefix by the model's settings, its token ids and its
+images' content, so two requests share an entry exactly when the model sees the same prefix. `PrefixCache(max_bytes)`:
+`get` (counted in `hits`/`misses`, marks it recent), `contains` (neither), `put` (evicts the least recently used
+until the `nbytes` fit; a value over the whole budget is not stored). Thread-safe; no torch.
 """
 
 from __future__ import annotations
@@ -17,17 +13,13 @@ import threading
 from collections import OrderedDict
 
 
-def image_hash(image) -> str:
-    """Content hash of a decoded RGB image (its size, mode and pixels)."""
-    digest = hashlib.sha256(f"{image.mode}:{image.width}x{image.height}:".encode())
-    digest.update(image.tobytes())
-    return digest.hexdigest()
-
-
-def prefix_key(settings: str, ids: list[int], image_hashes: list[str]) -> str:
+def prefix_key(settings: str, ids: list[int], images: list) -> str:
+    """The key of a prefix: the settings, its token ids and its decoded images (mode, size and pixels)."""
     digest = hashlib.sha256(settings.encode())
     digest.update(b"\0" + ",".join(map(str, ids)).encode())
-    digest.update(b"\0" + ",".join(image_hashes).encode())
+    for image in images:
+        digest.update(f"\0{image.mode}:{image.width}x{image.height}:".encode())
+        digest.update(image.tobytes())
     return digest.hexdigest()
 
 

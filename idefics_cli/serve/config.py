@@ -1,11 +1,8 @@
 """Server settings and the checks made before a socket is opened.
 
-Contract: `ServeConfig` holds what `idefics serve` was given. `check(config)` raises `UsageError` for settings
-that are unsafe or impossible: a host that is not a loopback address without an API key (--api-key or
-IDEFICS_API_KEY), a non-positive batch, queue or request limit. `is_loopback(host)` is true for 127.0.0.0/8,
-::1 and `localhost`. `default_cache_bytes(device)` sizes the prefix cache when --cache-mb is not given: a
-quarter of the free GPU memory on CUDA (measured after loading), else a tenth of available RAM, at most 4 GiB.
-Nothing here imports torch at module level.
+Contract: `ServeConfig` holds what `idefics serve` was given; `check(config)` raises `UsageError` for unsafe or
+impossible settings (a non-loopback host without an API key; non-positive limits). `default_cache_bytes(device)`
+sizes the prefix cache without --cache-mb: a quarter of free GPU memory, else a tenth of free RAM up to 4 GiB.
 """
 
 from __future__ import annotations
@@ -34,10 +31,8 @@ class ServeConfig:
 
 
 def is_loopback(host: str) -> bool:
-    if host.strip().lower() == "localhost":
-        return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        return host.strip().lower() == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
 
@@ -57,7 +52,10 @@ def check(config: ServeConfig) -> None:
 
 
 def default_cache_bytes(device: str) -> int:
-    from .backend import free_memory
+    if device.startswith("cuda"):
+        import torch
 
-    free = free_memory(device)
-    return int(free * 0.25) if device.startswith("cuda") else int(min(free * 0.1, 4 * 2**30))
+        return int(torch.cuda.mem_get_info(torch.device(device))[0] * 0.25)
+    from ..runtime.vision import _available_ram
+
+    return int(min(_available_ram() * 0.1, 4 * 2**30))

@@ -1,11 +1,8 @@
 """`GET /metrics`: the server's numbers in the Prometheus text format (prometheus-client; names in docs/serve.md).
 
-Contract: `Metrics(state)` owns its own `CollectorRegistry` (one per app: servers in one process never clash).
-Counted as they happen: `middleware(app)` (ASGI) counts every /v1/* response by HTTP status; `ended(job)` (the
-scheduler calls it as each job ends) observes time to first token, time per generated token, prompt and generated
-tokens; `rendered(n)` counts pages decoded from requests. Read at each scrape from where they are already kept:
-queue length and running rows (`Scheduler.load()`), prefix-cache hits, misses and bytes (`PrefixCache.stats()`).
-`render()` returns the exposition text and its content type.
+Contract: `Metrics(state)` owns its `CollectorRegistry` (one per app). `requests` counts /v1/* responses by status
+(app.py's access log), `ended(job)` a job's timings and tokens, `rendered(n)` pages decoded; the queue, running
+rows and prefix cache are read at each scrape. `render()` returns the text and its content type.
 """
 
 from __future__ import annotations
@@ -63,26 +60,3 @@ class Metrics:
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
-    def middleware(self, app):
-        """ASGI middleware counting each /v1/* response by its status (500 for one that raised before starting)."""
-
-        async def counted(scope, receive, send):
-            if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
-                return await app(scope, receive, send)
-            started = False
-
-            async def sending(message):
-                nonlocal started
-                if message["type"] == "http.response.start":
-                    started = True
-                    self.requests.labels(str(message["status"])).inc()
-                await send(message)
-
-            try:
-                await app(scope, receive, sending)
-            except BaseException:
-                if not started:
-                    self.requests.labels("500").inc()
-                raise
-
-        return counted

@@ -1,14 +1,9 @@
-"""Pixels ahead of the worker: queued jobs' image pixels built in one background thread, in queue order.
+"""Pixels ahead of the worker: queued jobs' pixels built in one background thread, in queue order.
 
-Contract: `Ahead(build, key, hit, ahead)`: `build(images, stop)` builds one prompt's pixels (numpy only; None once
-`stop()`); `key(job)` is its prefix-cache key, `hit(key)` whether the cache holds it (then no pixels are built).
-`add(job)` (at submit) queues a job with images; `start()` runs the thread (`ahead.WorkAhead`, none with `ahead`
-0: the worker builds them all), `stop()` and `join(timeout)` end it. At most `ahead` jobs hold a place (being
-built, or built and not taken); cancelled (`wake()`), failed and cache-hit jobs hold none. `take(job)` (the
-worker, at admission) waits while the job's pixels are built or will be without the worker taking anything,
-and returns its `VisionInputs`, or None (the worker builds them), or raises the build's classified error
-(`corrupt`, `out_of_memory`: that job alone fails). `failed(job)`, `drop(job)` (a job leaving unadmitted),
-`held()` (/health's `pixels_ahead`), `built` (jobs built here). Nothing here imports numpy or torch.
+Contract: `Ahead(build, key, hit, ahead)`: `build(images, stop)` builds a prompt's pixels, `key(job)`/`hit(key)`
+skip a cached prefix. `add(job)` queues a job, `start()` runs the thread, `work.stop()` ends it; at most `ahead`
+jobs hold a place (being built, or built and not taken). `take(job)` (the worker) waits for pixels that are coming
+and returns them, None (build them yourself), or raises the build's error. `drop`, `failed`, `wake`, `held()`.
 """
 
 from __future__ import annotations
@@ -63,12 +58,6 @@ class Ahead:
         if self.ahead >= 1:
             self.work.start(self._run)
 
-    def stop(self) -> None:
-        self.work.stop()
-
-    def join(self, timeout: float | None = None) -> None:
-        self.work.join(timeout)
-
     def wake(self) -> None:
         """A job was cancelled: its built pixels go now, and the thread may build the next job's."""
         with self.cond:
@@ -76,8 +65,7 @@ class Ahead:
             self.cond.notify_all()
 
     def failed(self, job) -> bool:
-        entry = job.pixels
-        return entry is not None and entry.state == FAILED
+        return job.pixels is not None and job.pixels.state == FAILED
 
     def drop(self, job) -> None:
         entry = job.pixels

@@ -1,15 +1,8 @@
-"""Chat requests: an OpenAI `/v1/chat/completions` body in, the conversation the model sees out.
+"""Chat requests: an OpenAI `/v1/chat/completions` body in, the conversation the model sees out (docs/serve.md).
 
-Contract (in full: docs/serve.md): `parse(body, options)` checks a decoded body and returns a `ChatRequest`, or
-raises `RequestError` (an `IdeficsError` with its OpenAI `param`: `usage`, or the documents' own codes). Nothing
-is rendered yet (`ChatRequest.pages`: the chosen document pages, so a prompt is refused for its length before any
-pixel exists); `render()` decodes them with the CLI's rules (documents.py). Messages: `system`/`developer`,
-`user`, `assistant`; parts `text`, `image_url` and `file` (`data:` only, never a path or a URL; `file.pages`,
-`file.password`), each message's images before its text, as `ask` and `chat` send them. Generation:
-`max_completion_tokens`/`max_tokens`, `temperature`, `top_p`, `seed`, `stop`, `stream`, `logprobs`, `top_logprobs`
-(0-20, with `logprobs`); `n` other than 1 and tools are refused. `response_format` (`ChatRequest.schema`): text,
-`json_object` or `json_schema` (checked as `--schema` is). Only a `json_schema` grammar check imports the grammar
-engine (llguidance, no torch).
+Contract: `parse(body, max_images=, longest_side=)` returns a `ChatRequest` or raises `RequestError` (an
+`IdeficsError` with its OpenAI `param`). Its `pages` are opened, not rendered (a prompt is refused for length
+before any pixel exists); `render()` decodes them as the CLI does. Images come only as `data:` URLs or file data.
 """
 
 from __future__ import annotations
@@ -49,7 +42,6 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     images: list = field(default_factory=list)  # PIL images, after render()
-    warnings: list[str] = field(default_factory=list)
     schema: object = None  # structured.Schema from response_format, or None
     logprobs: bool = False
     top_logprobs: int = 0
@@ -62,9 +54,7 @@ class ChatRequest:
     def render(self) -> None:
         """Decode every chosen page (documents.py); a page that cannot be decoded raises its error code."""
         try:
-            for doc, page in self.pages:
-                self.images.append(doc.render(page))
-                self.warnings.extend(w for w in doc.warnings(page) if w not in self.warnings)
+            self.images.extend(doc.render(page) for doc, page in self.pages)
         finally:
             self.close()
 
@@ -77,12 +67,9 @@ class ChatRequest:
 
 def _number(body: dict, name: str, low: float, high: float, integer: bool = False):
     value = body.get(name)
-    if value is None:
-        return None
     kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
-        what = "an integer" if integer else "a number"
-        raise bad(f"{name} must be {what} from {low} to {high}", name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high):
+        raise bad(f"{name} must be {'an integer' if integer else 'a number'} from {low} to {high}", name)
     return value
 
 
@@ -135,10 +122,8 @@ def response_format(value):
     """`response_format` -> a structured.Schema, or None for text."""
     from .. import structured
 
-    if value is None:
-        return None
     kind = value.get("type") if isinstance(value, dict) else None
-    if kind == "text":
+    if value is None or kind == "text":
         return None
     if kind == "json_object":
         return structured.permissive_object()
@@ -147,16 +132,12 @@ def response_format(value):
     inner = value.get("json_schema")
     if not isinstance(inner, dict):
         raise bad("response_format.json_schema must be an object with a schema", "response_format.json_schema")
-    name, strict, schema = inner.get("name"), inner.get("strict"), inner.get("schema")
-    if name is not None and not isinstance(name, str):
-        raise bad("response_format.json_schema.name must be a string", "response_format.json_schema.name")
-    if strict is not None and not isinstance(strict, bool):
-        raise bad("response_format.json_schema.strict must be true or false", "response_format.json_schema.strict")
-    if not isinstance(schema, dict):
-        raise bad("response_format.json_schema.schema must be a JSON Schema object",
-                  "response_format.json_schema.schema")
+    for key, kind, what in (("name", str, "a string"), ("strict", bool, "true or false"),
+                            ("schema", dict, "a JSON Schema object")):
+        if not isinstance(inner.get(key), kind) and (key == "schema" or inner.get(key) is not None):
+            raise bad(f"response_format.json_schema.{key} must be {what}", f"response_format.json_schema.{key}")
     try:
-        return structured.as_schema(schema)
+        return structured.as_schema(inner["schema"])
     except IdeficsError as err:
         raise RequestError(err.code, err.message.replace("--schema", "response_format.json_schema.schema"),
                            "response_format.json_schema.schema", err.hint) from None
@@ -173,14 +154,9 @@ def _messages(messages, req: ChatRequest, max_images: int | None) -> None:
         if role not in ("system", "developer", "user", "assistant"):
             raise bad(f"{where}.role must be system, developer, user or assistant", f"{where}.role")
         role = "system" if role == "developer" else role
-        content = message.get("content")
-        if content is None and role == "assistant":
-            content = ""
-        if isinstance(content, str):
-            parts = [{"type": "text", "text": content}]
-        elif isinstance(content, list):
-            parts = content
-        else:
+        content = "" if message.get("content") is None and role == "assistant" else message.get("content")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(parts, list):
             raise bad(f"{where}.content must be a string or a list of parts", f"{where}.content")
         texts, n_images = [], 0
         for j, part in enumerate(parts):
@@ -199,9 +175,8 @@ def _messages(messages, req: ChatRequest, max_images: int | None) -> None:
                                        here, "choose fewer pages with file.pages")
             else:
                 raise bad(f"{here}.type must be text, image_url or file", f"{here}.type")
-        text = "\n".join(texts)
         req.messages.append({"role": role, "content": [{"type": "image"} for _ in range(n_images)]
-                             + [{"type": "text", "text": text}]})
+                             + [{"type": "text", "text": "\n".join(texts)}]})
     if req.messages[-1]["role"] != "user":
         raise bad("the last message must be the user's", f"messages[{len(messages) - 1}].role")
 
@@ -267,9 +242,7 @@ def _data_url(url: str, here: str) -> bytes:
     m = _DATA_URL.fullmatch(url)
     if m is None or not _utf8(url):
         raise RequestError("corrupt", "not a valid data: URL", here)
-    if ";base64" in m["params"].lower():
-        return _base64(m["data"], here)
-    return urllib.parse.unquote_to_bytes(m["data"])
+    return _base64(m["data"], here) if ";base64" in m["params"].lower() else urllib.parse.unquote_to_bytes(m["data"])
 
 
 def _base64(text: str, here: str) -> bytes:

@@ -1,15 +1,9 @@
 """The scheduler: one worker thread owns the model; requests wait in a bounded queue in front of the decode loop.
 
-Contract:
-- `Scheduler(engine, cache, max_batch, max_queue, ahead, on_end)`; `start()` runs the worker and the pixel thread
-  (pixels.py: queued jobs' pixels and prefix keys made ahead); `stop(cancel)` ends both (with `cancel`, every job
-  ends as `cancelled`). `submit(job)` queues a `Job` or raises `QueueFull`; `on_end(job)` hears each job's end.
-- Whenever rows are free (up to `max_batch`), the worker admits waiting jobs into the one decode loop: a job whose
-  image prefix is in the `PrefixCache` is prefilled from it, else its images are encoded and its prefix stored.
-- A `Job` is a decode-loop row that reports through `events` (an asyncio queue on the caller's loop): ("start",
-  None) once prefilled, ("delta", text) for each stable piece, then ("done", None) or ("error", IdeficsError);
-  with `logprobs`, ("logprobs", `logprob_content` of the tokens written since) before each delta and "done". The
-  worker never dies of a job: an exception fails the jobs it touched (`errors.classify`) and it goes on.
+Contract: `Scheduler(engine, cache, max_batch, max_queue, ahead, on_end)`: `start()`, `stop(cancel)`, `submit(job)`
+(or `QueueFull`); the worker admits waiting jobs while rows are free, prefilled from the `PrefixCache` or encoded
+(pixels built ahead, pixels.py). A `Job` reports on `events` (asyncio): ("start", None), ("delta", text), with
+`logprobs` ("logprobs", entries) before each delta and the end, then ("done", None) or ("error", IdeficsError).
 """
 
 from __future__ import annotations
@@ -23,7 +17,7 @@ from collections import deque
 from ..runtime.decode import Loop, Row
 from ..structured import row_grammar
 from . import backend
-from .cache import image_hash, prefix_key
+from .cache import prefix_key
 from .pixels import Ahead
 
 _UNKEYED = object()
@@ -163,22 +157,21 @@ class Scheduler:
         deadline = None if timeout is None else time.monotonic() + timeout
         if self.thread is not None:
             self.thread.join(timeout)
-        self.pixels.stop()
-        self.pixels.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        self.pixels.work.stop()
+        self.pixels.work.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     # ---- the worker ----------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
             self._sweep()
             with self.cond:
-                while not self.stopping and not self.decode.rows and not self._admissible():
+                while not (self.stopping or self.decode.rows or self.waiting):
                     self.cond.wait()
                 if self.stopping and not self.decode.rows and not self.waiting:
-                    self.pixels.stop()
+                    self.pixels.work.stop()
                     return
-                admit = self.admitting = []  # between the queue and the loop: stop() must still see them
-                while self.waiting and len(self.decode.rows) + len(admit) < self.max_batch:
-                    admit.append(self.waiting.popleft())
+                free = min(len(self.waiting), self.max_batch - len(self.decode.rows))
+                admit = self.admitting = [self.waiting.popleft() for _ in range(free)]  # stop() must still see them
             ready = [job for job in admit if self._ready(job)]
             try:
                 self.decode.add(ready)
@@ -192,9 +185,6 @@ class Scheduler:
             if self.decode.rows:
                 self.decode.step()
                 self.counts["steps"] = self.decode.steps
-
-    def _admissible(self) -> bool:
-        return bool(self.waiting) and len(self.decode.rows) < self.max_batch
 
     def _sweep(self) -> None:
         """Waiting jobs that were cancelled or whose pixels failed end now: their places are free at once."""
@@ -235,6 +225,6 @@ class Scheduler:
         """The job's prefix-cache key (computed once: by the pixel thread, or here)."""
         if job.cache_key is _UNKEYED:
             length = backend.prefix_length(self.engine, job.ids)
-            job.cache_key = (prefix_key(self.settings, job.ids[:length], [image_hash(im) for im in job.images])
+            job.cache_key = (prefix_key(self.settings, job.ids[:length], job.images)
                              if length and self.cache.max_bytes else None)
         return job.cache_key

@@ -1,18 +1,18 @@
 """Running the server: socket, uvicorn, model loading and a graceful end.
 
-Contract: `serve(config, loader)` checks the config (config.check: no non-loopback host without a key), binds
-the socket itself (so `--port 0` picks a free port and the address is known at once), prints
-`idefics serve: listening on http://HOST:PORT` then, once the model is loaded (`loader()` returns an engine),
-`idefics serve: ready (MODEL)` on stderr, and serves until SIGTERM or SIGINT. Then it stops accepting
-connections, lets in-flight requests finish for up to `config.grace` seconds, cancels what is left, and
-returns 0. A model that fails to load ends the server with that error (raised as `IdeficsError`).
-The prefix cache is sized here (--cache-mb, else config.default_cache_bytes) and the scheduler started.
+Contract: `run_server(config, loader)` checks the config, binds the socket itself (`--port 0` picks a free one),
+logs `listening on http://HOST:PORT`, then `ready (MODEL)` once `loader()` returned the engine (prefix cache
+sized, scheduler started), and serves until SIGTERM/SIGINT: in-flight requests get `config.grace` seconds, then
+it returns 0. A model that fails to load is raised as its `IdeficsError`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import socket
 import sys
+import threading
 
 from ..errors import IdeficsError
 from .app import ServerState, build_app
@@ -34,36 +34,6 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _server_class(uvicorn):
-    """uvicorn's Server, but a SIGTERM/SIGINT ends it with status 0 instead of being raised again afterwards."""
-    import contextlib
-    import signal
-    import threading
-
-    class Server(uvicorn.Server):
-        on_signal = None
-
-        @contextlib.contextmanager
-        def capture_signals(self):
-            if threading.current_thread() is not threading.main_thread():
-                yield
-                return
-            handled = (signal.SIGINT, signal.SIGTERM)
-            original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
-            try:
-                yield
-            finally:
-                for sig, handler in original.items():
-                    signal.signal(sig, handler)
-
-        def handle_exit(self, sig, frame):
-            if not self.should_exit and self.on_signal is not None:
-                self.on_signal()
-            super().handle_exit(sig, frame)
-
-    return Server
-
-
 def run_server(config: ServeConfig, loader, log=None) -> int:
     import uvicorn
 
@@ -74,6 +44,25 @@ def run_server(config: ServeConfig, loader, log=None) -> int:
     shown = f"[{host}]" if ":" in host else host
     state = ServerState(loader=loader)
     server: uvicorn.Server | None = None
+
+    class Server(uvicorn.Server):
+        """A SIGTERM/SIGINT ends it with status 0 (not raised again afterwards); signals only in the main thread."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            main = threading.current_thread() is threading.main_thread()
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM) if main}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+        def handle_exit(self, sig, frame):
+            if not self.should_exit:
+                state.status = "stopping" if state.status == "ok" else state.status
+                log("stopping: no new connections; finishing what is in flight")
+            super().handle_exit(sig, frame)
 
     def ready(state: ServerState) -> None:
         from .cache import PrefixCache
@@ -96,9 +85,7 @@ def run_server(config: ServeConfig, loader, log=None) -> int:
     app = build_app(config, state)
     uv = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                         timeout_graceful_shutdown=config.grace, server_header=False)
-    server = _server_class(uvicorn)(uv)
-    server.on_signal = lambda: (setattr(state, "status", "stopping") if state.status == "ok" else None,
-                                log("stopping: no new connections; finishing what is in flight"))
+    server = Server(uv)
     log(f"listening on http://{shown}:{port} (loading the model…)")
     try:
         server.run(sockets=[sock])
