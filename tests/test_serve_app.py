@@ -47,3 +47,32 @@ def test_cors_only_when_asked():
     r = client(cors="https://app.example").options("/v1/chat/completions",
                                                    headers={**preflight, "Origin": "https://evil.example"})
     assert r.headers.get("access-control-allow-origin") != "https://evil.example"
+
+
+def test_a_page_seen_before_is_not_decoded_again_while_its_prefix_is_cached(sharp_engine, tmp_path):
+    import base64
+    from types import SimpleNamespace
+
+    from conftest import make_pdf
+
+    from idefics_cli.serve.app import _prepare
+    from idefics_cli.serve.cache import PrefixCache, Seen
+    from idefics_cli.serve.scheduler import Scheduler
+
+    data = base64.b64encode(open(make_pdf(tmp_path / "r.pdf", 2), "rb").read()).decode()
+    body = {"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_data": data, "pages": "2"}},
+                                                      {"type": "text", "text": "What?"}]}]}
+    cache = PrefixCache(1 << 30)
+    state = ServerState(engine=sharp_engine, scheduler=Scheduler(sharp_engine, cache), status="ok")
+    _, first = _prepare(state, body, None)
+    assert len(first.images) == 1 and max(first.images[0].size) == 1960 and first.prefix is None
+    key = state.scheduler._key(first)  # what the worker computes from the decoded pixels
+    _, again = _prepare(state, body, None)  # seen, but nothing cached yet: decoded again, same key
+    assert not isinstance(again.images[0], Seen) and again.cache_key == key and again.prefix is None
+    cache.put(key, SimpleNamespace(nbytes=10, length=7))  # as the worker stores a prefilled prefix
+    _, hit = _prepare(state, body, None)
+    assert hit.images == [] and hit.prefix is cache.get(key) and hit.cached_tokens == 7
+    assert cache.hits == 2 and cache.misses == 0  # the lookup counted once (the test's get is the second)
+    state.pages.entries.clear()  # a page the memo forgot is decoded, and still finds its prefix in the scheduler
+    _, fresh = _prepare(state, body, None)
+    assert len(fresh.images) == 1 and fresh.prefix is None and state.scheduler._key(fresh) == key

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import IdeficsError, UsageError, classify
 from . import backend
+from .cache import PageMemo
 from .config import ServeConfig
 from .metrics import Metrics
 from .requests import RequestError, parse
@@ -39,6 +40,7 @@ class ServerState:
     engine: object = None
     scheduler: object = None
     cache: object = None
+    pages: object = field(default_factory=PageMemo)  # what pages seen before decoded to (cache.py)
     status: str = "loading"  # loading | ok | error | stopping
     error: IdeficsError | None = None
     model_id: str = ""
@@ -254,16 +256,20 @@ def _prepare(state: ServerState, body, loop):
                 longest_side=engine.render_side)
     try:
         max_tokens = req.max_tokens or engine.options.max_new_tokens
-        req.render()  # first: a family's image tokens may follow each page's size
+        req.render(state.pages)  # first: a family's image tokens may follow each page's size
         ids = backend.prompt_ids(engine, req.messages, req.images)
         try:
             engine.fit_context(len(ids), max_tokens, "the prompt", "send fewer pages or turns")
         except UsageError as err:  # the OpenAI error names the parameter
             raise RequestError(err.code, err.message, "messages", err.hint) from None
+        job = Job(ids, req.images, max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                  stop=req.stop, loop=loop, schema=req.schema, logprobs=req.logprobs, top_logprobs=req.top_logprobs)
+        job.digests = req.digests
+        if req.pages and not state.scheduler.lookup(job):  # pages seen before, their prefix no longer cached
+            req.render(known=False)
+            job.images = req.images
     finally:
         req.close()
-    job = Job(ids, req.images, max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-              stop=req.stop, loop=loop, schema=req.schema, logprobs=req.logprobs, top_logprobs=req.top_logprobs)
     req.images = []
     return req, job
 

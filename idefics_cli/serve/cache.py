@@ -1,7 +1,8 @@
 """The prefix cache: key/value caches of prompts' image prefixes, least recently used out first, bounded by bytes.
 
-Contract: `prefix_key(settings, ids, images)` names a prefix by the model's settings, its token ids and its
-images' content, so two requests share an entry exactly when the model sees the same prefix. `PrefixCache(max_bytes)`:
+Contract: `prefix_key(settings, ids, digests)` names a prefix by the model's settings, its token ids and its images'
+content, so two requests share an entry exactly when the model sees the same prefix; `PageMemo` lets a page seen
+before skip its decoding when its prefix is cached. `PrefixCache(max_bytes)`:
 `get` (counted in `hits`/`misses`, marks it recent), `contains` (neither), `put` (evicts the least recently used
 until the `nbytes` fit; a value over the whole budget is not stored). Thread-safe; no torch.
 """
@@ -11,16 +12,56 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 
 
-def prefix_key(settings: str, ids: list[int], images: list) -> str:
-    """The key of a prefix: the settings, its token ids and its decoded images (mode, size and pixels)."""
+def image_digest(image) -> str:
+    """The content of a decoded image: its mode, size and pixels."""
+    digest = hashlib.sha256(f"{image.mode}:{image.width}x{image.height}:".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def prefix_key(settings: str, ids: list[int], digests: list[str]) -> str:
+    """The key of a prefix: the settings, its token ids and its images' `image_digest`s."""
     digest = hashlib.sha256(settings.encode())
     digest.update(b"\0" + ",".join(map(str, ids)).encode())
-    for image in images:
-        digest.update(f"\0{image.mode}:{image.width}x{image.height}:".encode())
-        digest.update(image.tobytes())
+    for image in digests:
+        digest.update(b"\0" + image.encode())
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Seen:
+    """A page decoded before: its mode, size and digest, without its pixels (a prompt's ids need only its size)."""
+
+    mode: str
+    width: int
+    height: int
+    digest: str
+
+
+class PageMemo:
+    """What a source page (its document's sha256, the page, the render size) decoded to, as `Seen`; LRU, bounded."""
+
+    def __init__(self, max_entries: int = 4096):
+        self.max_entries = max_entries
+        self.entries: OrderedDict[tuple, Seen] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, source: tuple) -> Seen | None:
+        with self._lock:
+            seen = self.entries.get(source)
+            if seen is not None:
+                self.entries.move_to_end(source)
+            return seen
+
+    def put(self, source: tuple, seen: Seen) -> None:
+        with self._lock:
+            self.entries[source] = seen
+            self.entries.move_to_end(source)
+            while len(self.entries) > self.max_entries:
+                self.entries.popitem(last=False)
 
 
 class PrefixCache:

@@ -41,7 +41,8 @@ class ChatRequest:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
-    images: list = field(default_factory=list)  # PIL images, after render()
+    images: list = field(default_factory=list)  # PIL images (or cache.Seen), after render()
+    digests: list = field(default_factory=list)  # their cache.image_digest, after render()
     schema: object = None  # structured.Schema from response_format, or None
     logprobs: bool = False
     top_logprobs: int = 0
@@ -51,12 +52,27 @@ class ChatRequest:
     def greedy(self) -> bool:
         return not self.temperature
 
-    def render(self) -> None:
-        """Decode every chosen page (documents.py); a page that cannot be decoded raises its error code."""
-        try:
-            self.images.extend(doc.render(page) for doc, page in self.pages)
-        finally:
-            self.close()
+    def render(self, memo=None, known: bool = True) -> None:
+        """Decode the chosen pages into `images` and their `digests` (a page that cannot be decoded raises its code).
+
+        With a `PageMemo`, a page it holds (and `known`) is its `Seen` instead: the caller decodes it if need be."""
+        from .cache import Seen, image_digest
+
+        self.images, self.digests = [], []
+        for doc, page in self.pages:
+            source = (doc.sha256, page, self.longest_side)
+            seen = memo.get(source) if memo is not None and known else None
+            if seen is not None:
+                self.images.append(seen)
+            else:
+                image = doc.render(page)
+                seen = Seen(image.mode, image.width, image.height, image_digest(image))
+                if memo is not None:
+                    memo.put(source, seen)
+                self.images.append(image)
+            self.digests.append(seen.digest)
+        if not any(isinstance(image, Seen) for image in self.images):
+            self.close()  # nothing left to decode
 
     def close(self) -> None:
         """Close the documents (once; the chosen pages are forgotten with them)."""

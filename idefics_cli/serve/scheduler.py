@@ -17,7 +17,7 @@ from collections import deque
 from ..runtime.decode import Loop, Row
 from ..structured import row_grammar
 from . import backend
-from .cache import prefix_key
+from .cache import image_digest, prefix_key
 from .pixels import Ahead
 
 _UNKEYED = object()
@@ -45,6 +45,7 @@ class Job(Row):
         self._scheduler: Scheduler | None = None
         self.pixels = None  # pixels.Entry while its pixels are built ahead
         self.cache_key = _UNKEYED  # prefix-cache key (None: no image prefix, or no cache), once computed
+        self.digests: list[str] = []  # the images' cache.image_digest when known before
 
     def cancel(self) -> None:
         super().cancel()
@@ -209,7 +210,7 @@ class Scheduler:
             if job.schema is not None:
                 job.grammar = row_grammar(self.engine, job.schema)
             key = self._key(job)
-            cached = self.cache.get(key) if key is not None else None
+            cached = job.prefix if job.prefix is not None else self.cache.get(key) if key is not None else None
             if cached is not None:
                 job.cached_tokens, job.prefix = cached.length, cached
             else:
@@ -221,10 +222,20 @@ class Scheduler:
             job.fail(exc)
             return False
 
+    def lookup(self, job: Job) -> bool:
+        """Give a job its cached prefix now, if there is one (its images are then not needed); False if not."""
+        key = self._key(job)
+        cached = self.cache.get(key) if key is not None and self.cache.contains(key) else None
+        if cached is None:
+            return False
+        job.cached_tokens, job.prefix, job.images = cached.length, cached, []
+        return True
+
     def _key(self, job: Job) -> str | None:
-        """The job's prefix-cache key (computed once: by the pixel thread, or here)."""
+        """The job's prefix-cache key (computed once: by the request's thread, the pixel thread, or here)."""
         if job.cache_key is _UNKEYED:
             length = backend.prefix_length(self.engine, job.ids)
-            job.cache_key = (prefix_key(self.settings, job.ids[:length], job.images)
+            digests = job.digests or [image_digest(image) for image in job.images]
+            job.cache_key = (prefix_key(self.settings, job.ids[:length], digests)
                              if length and self.cache.max_bytes else None)
         return job.cache_key
