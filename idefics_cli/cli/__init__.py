@@ -25,7 +25,8 @@ app = typer.Typer(
 )
 for module in (ask, transcribe, chat, crops, doctor, pull, quantize, serve, mcp):
     name = module.__name__.rpartition(".")[2]
-    app.command(name, cls=Command, epilog=module.EPILOG)(getattr(module, f"{name}_command"))
+    command = getattr(module, f"{name}_command")
+    app.command(name, cls=Command, epilog="Examples:\n\n\b" + module.EXAMPLES)(command)
 
 
 def _version(value: bool) -> None:

@@ -1,9 +1,7 @@
 """`idefics ask DOC... QUESTION`: one question over the chosen pages; the answer streams to stdout.
 
-Contract: parsing and printing over the library's `selection.ask` (docs/ask.md). Documents are opened and every
-chosen page decoded before the model loads, so input errors are instant. `--json` prints the answer object of
-docs/formats.md; `--schema` without an answer that fits prints an error line and exits 5. `--server URL` answers
-with a running `idefics serve`: the same text, JSON and exit statuses.
+Contract: parsing and printing over the library's `selection.ask` (docs/ask.md). Every chosen page is decoded
+before the model loads, so input errors are instant; `--schema` without an answer that fits exits 5.
 """
 
 from __future__ import annotations
@@ -15,9 +13,7 @@ import typer
 from ..runtime.families import render_side
 from . import options as o
 
-EPILOG = """Examples:
-
-\b
+EXAMPLES = """
   idefics ask samples/invoice.pdf "What is the total amount due?"
   idefics ask report.pdf scan.png --pages 1-3 "Which year had the highest revenue?" --json | jq -r .answer
   cat receipt.jpg | idefics ask - "What is the merchant's name?"
@@ -84,12 +80,8 @@ def _print_data(out, response, where: str) -> int:
     """`--schema` in text mode: the JSON object on stdout, or an error line (exit status 5) when there is none."""
     import json
 
-    try:
-        with out.status("Thinking…"):
-            _ = response.text  # read the whole answer (under the spinner)
-    except BaseException:
-        response.close()
-        raise
+    with out.status("Thinking…"):
+        _ = response.text  # read the whole answer (under the spinner)
     err = response.schema_error
     if err is not None:
         err.path = where.removesuffix(": ") or None

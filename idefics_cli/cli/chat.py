@@ -1,9 +1,7 @@
 """`idefics chat DOC`: a multi-turn conversation about a document; the page images stay in the conversation.
 
-Contract: the REPL around the library's `ChatSession` (conversation.py; docs/chat.md). On a terminal: readline
-editing, answers streamed, /commands, Ctrl-C stops an answer (kept, marked interrupted), Ctrl-D leaves. Piped: one
-question or /command per line, one JSON answer per line; a bad line is one error line on stderr and the
-conversation goes on (exit status: the first failed line's). `--server URL` sends the turns to `idefics serve`.
+Contract: the REPL around the library's `ChatSession` (docs/chat.md). On a terminal, answers stream; piped, one
+JSON answer per line, a bad line is one error line and the exit status is the first failed line's.
 """
 
 from __future__ import annotations
@@ -15,9 +13,7 @@ from ..errors import IdeficsError, UsageError, warning_line
 from ..runtime.families import render_side
 from . import options as o
 
-EPILOG = """Examples:
-
-\b
+EXAMPLES = """
   idefics chat report.pdf --pages 1-2
   printf 'What is the title?\\nWho wrote it?\\n' | idefics chat report.pdf -p 1 | jq -r .answer
   printf 'Total?\\n/pages 2\\nAnd on this page?\\n/save chat.json\\n' | idefics chat invoice.pdf -p 1
@@ -47,47 +43,44 @@ def chat_command(
     api_key: o.ApiKey = None,
 ) -> int:
     """Chat about a document; JSON lines when piped. The page images stay in the conversation."""
-    return Session(out, doc, pages, dpi, password, opts, schema, server, api_key).run()
+    from ..tasks.conversation import ChatSession
+
+    if schema is not None:
+        from ..structured import parse_schema
+
+        schema = parse_schema(schema)  # a usage error before the document is opened
+    interactive = sys.stdin is not None and sys.stdin.isatty()
+    if doc == "-" and sys.stdin is not None and not interactive:
+        raise UsageError("chat reads questions from stdin, so the document cannot come from stdin too")
+    chat = ChatSession.open(doc, pages, password=password, dpi=dpi, status=out.status,
+                            longest_side=None if server else render_side(opts))
+    session = Session(out, chat, interactive)
+    try:
+        chat.start(o.engine(opts, server, api_key, out), schema=schema)
+        if not interactive:
+            return session.scripted()
+        previous = signal.signal(signal.SIGTERM, _terminate)  # Ctrl-C at the prompt goes on; SIGTERM never does
+        try:
+            return session.loop()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    finally:
+        chat.close()
 
 
 class Session:
     """The REPL around a library `ChatSession`: reads lines, runs /commands, prints answers."""
 
-    def __init__(self, out, path, pages, dpi, password, opts, schema, server, api_key):
-        from ..tasks.conversation import ChatSession
-
-        self.schema = None
-        if schema is not None:
-            from ..structured import parse_schema
-
-            self.schema = parse_schema(schema)  # a usage error before the document is opened
-        if path == "-" and sys.stdin is not None and not sys.stdin.isatty():
-            raise UsageError("chat reads questions from stdin, so the document cannot come from stdin too")
-        self.out, self.opts, self.server, self.api_key = out, opts, server, api_key
-        self.interactive = sys.stdin is not None and sys.stdin.isatty()
-        self.chat = ChatSession.open(path, pages, password=password, dpi=dpi, status=out.status,
-                                     longest_side=None if server else render_side(opts))
-        self._warn(self.chat.pages)
+    def __init__(self, out, chat, interactive: bool):
+        self.out, self.chat, self.interactive = out, chat, interactive
+        self._warn(chat.pages)
 
     def _warn(self, pages) -> None:
         for p in pages if self.interactive else ():  # piped, they are in each JSON answer's "warnings"
             for code in p.warnings:
                 self.out.warn(warning_line(code, p.path, p.page))
 
-    def run(self) -> int:
-        try:
-            self.chat.start(o.engine(self.opts, self.server, self.api_key, self.out), schema=self.schema)
-            if not self.interactive:
-                return self._scripted()
-            previous = signal.signal(signal.SIGTERM, _terminate)  # Ctrl-C at the prompt goes on; SIGTERM never does
-            try:
-                return self._loop()
-            finally:
-                signal.signal(signal.SIGTERM, previous)
-        finally:
-            self.chat.close()
-
-    def _scripted(self) -> int:
+    def scripted(self) -> int:
         """One question or /command a line; the exit status is the first failed line's (0 when none failed)."""
         status = 0
         for line in sys.stdin:
@@ -103,7 +96,7 @@ class Session:
                 status = status or int(err.exit_status)
         return status
 
-    def _loop(self) -> int:
+    def loop(self) -> int:
         try:
             import readline  # noqa: F401 - line editing and history for input()
         except ImportError:
@@ -134,10 +127,6 @@ class Session:
                 self._handle(text)
             except Terminated:
                 raise
-            except AnswerInterrupted:
-                self.out.write("\n")
-                self.out.console.print("(answer interrupted: kept as far as it went, marked interrupted)",
-                                       style="yellow")
             except KeyboardInterrupt:
                 self.out.write("\n")
                 self.out.console.print("(stopped)", style="yellow")
@@ -191,17 +180,16 @@ class Session:
             except Terminated:
                 raise
             except KeyboardInterrupt:  # the answer so far is in the conversation, marked interrupted
-                raise AnswerInterrupted from None
+                self.out.write("\n")
+                self.out.console.print("(answer interrupted: kept as far as it went, marked interrupted)",
+                                       style="yellow")
+                return
         if response.schema_error is not None:  # --schema: the turn stays; the line counts as failed
             raise response.schema_error
 
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM: leaves the chat (exit 130), where Ctrl-C only stops the current answer."""
-
-
-class AnswerInterrupted(KeyboardInterrupt):
-    """Ctrl-C during an answer: what was answered is kept in the conversation, marked interrupted."""
 
 
 def _terminate(signum, frame):

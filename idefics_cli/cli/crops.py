@@ -1,8 +1,7 @@
 """`idefics crops DOC`: a PNG contact sheet of the exact images the model receives for one page.
 
 Contract: parsing and printing over the library's `crops` module (docs/crops.md); only the processor is loaded.
-`--out` names the sheet (default `<doc>-page<N>-crops.png`); `--dir` writes each image separately (plus the
-sheet when `--out` is given too). The written paths go to stdout, one per line; the panel labels to stderr.
+The written paths go to stdout, one per line; the panel labels to stderr.
 """
 
 from __future__ import annotations
@@ -15,9 +14,7 @@ import typer
 from ..runtime.families import render_side
 from . import options as o
 
-EPILOG = """Examples:
-
-\b
+EXAMPLES = """
   idefics crops samples/invoice.pdf                    # invoice-page1-crops.png
   idefics crops report.pdf --page 3 --out p3.png
   idefics crops scan.jpg --no-split --dir crops/       # crops/crop-1-whole.png

@@ -1,8 +1,7 @@
 """`idefics doctor`: can this machine run the chosen model setup, and if not, why not.
 
-Contract: parsing and printing over the library's `doctor.diagnose` (which states the checks; docs/doctor.md). The
-report goes to stdout (one JSON object with `--json`). Exit 0 when the setup can run, else exit 5 with a one-line
-reason on stderr; a model not available locally fails before the checks (`--json`: `schema`, `ok`, `reason`).
+Contract: parsing and printing over the library's `doctor.diagnose` (docs/doctor.md). The report goes to stdout;
+exit 0 when the setup can run, else exit 5 with a one-line reason on stderr.
 """
 
 from __future__ import annotations
@@ -15,9 +14,7 @@ from ..errors import IdeficsError
 from ..tasks.doctor import SCHEMA, diagnose, human_bytes
 from . import options as o
 
-EPILOG = """Examples:
-
-\b
+EXAMPLES = """
   idefics doctor                                     # the default setup: idefics2-8b, 4-bit, split
   idefics doctor --json | jq .estimate.total_bytes
   idefics doctor --model ./idefics2-nf4 --no-split   # a quantized folder, without image splitting

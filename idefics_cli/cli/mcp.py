@@ -1,8 +1,7 @@
 """`idefics mcp --root DIR...`: a Model Context Protocol server over stdio, for agent hosts (idefics_cli/mcp/).
 
-Contract: documents are read only under the `--root` folders (a missing one: usage error, exit 2); the model (or
-`--server URL`) loads through the library while the protocol is already served. stdout carries the protocol only.
-It exits 0 when the host closes stdin; SIGTERM and Ctrl-C end it at once. Without `mcp`, a usage error.
+Contract: documents are read only under the `--root` folders (docs/mcp.md); stdout carries the protocol only. It
+exits 0 when the host closes stdin; SIGTERM and Ctrl-C end it at once.
 """
 
 from __future__ import annotations
@@ -15,9 +14,7 @@ import typer
 
 from . import options as o
 
-EPILOG = """Examples:
-
-\b
+EXAMPLES = """
   idefics mcp --root ~/Documents                     # an MCP host starts this; the tools read under ~/Documents
   idefics mcp --root ~/scans --root ~/invoices --quant 8bit
   idefics mcp --root ~/Documents --server http://127.0.0.1:8000   # answer with a running idefics serve

@@ -1,8 +1,7 @@
 """`idefics pull [MODEL]`: download a model's weights, config and processor files into the HF cache.
 
-Contract: parsing and printing over the library's `hub.pull` (docs/pull.md): progress on stderr, the local
-snapshot folder on stdout (one line). No network, gated, missing or mistyped repositories and revisions are
-one-line `model_error`s (exit 5); offline (the hub's variable set) it only reports a model already cached.
+Contract: parsing and printing over the library's `hub.pull` (docs/pull.md): the local snapshot folder on stdout
+(one line); no network, gated or missing repositories are one-line `model_error`s (exit 5).
 """
 
 from __future__ import annotations
@@ -13,9 +12,7 @@ import typer
 
 from . import options as o
 
-EPILOG = """Examples:
-
-\b
+EXAMPLES = """
   idefics pull                                        # HuggingFaceM4/idefics2-8b
   idefics pull HuggingFaceM4/idefics2-8b-chatty --revision main
   HF_HOME=/data/hf idefics pull && HF_HOME=/data/hf idefics ask --offline doc.pdf "Summary?"

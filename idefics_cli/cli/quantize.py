@@ -1,7 +1,7 @@
 """`idefics quantize OUT_DIR`: load the model in 4-bit once and save it, so later loads are fast and small.
 
-Contract: parsing and printing over the library's `quantize.save_4bit` (which states how the folder is written;
-docs/quantize.md). OUT_DIR must be empty or missing. OUT_DIR goes to stdout; sizes to stderr.
+Contract: parsing and printing over the library's `quantize.save_4bit` (docs/quantize.md). OUT_DIR goes to
+stdout; sizes to stderr.
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ import typer
 
 from . import options as o
 
-EPILOG = """Examples:
-
-\b
+EXAMPLES = """
   idefics quantize ~/models/idefics2-8b-nf4
   idefics quantize ./chatty-nf4 --model HuggingFaceM4/idefics2-8b-chatty
   idefics ask --model ~/models/idefics2-8b-nf4 --offline doc.pdf "What is the total?"

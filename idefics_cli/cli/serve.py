@@ -1,8 +1,7 @@
-"""`idefics serve`: the model loaded once, behind an OpenAI-compatible HTTP API (idefics_cli/serve/, docs/serve.md).
+"""`idefics serve`: the model loaded once, behind an OpenAI-compatible HTTP API (idefics_cli/serve/).
 
-Contract: the model options of the other commands plus the server's; unsafe settings are refused before binding
-(a non-loopback host without an API key: usage error, exit 2). It serves until SIGTERM/Ctrl-C and exits 0 after
-draining; a model that cannot load exits 5. Without FastAPI and uvicorn it is a usage error naming the extra.
+Contract: unsafe settings are refused before binding (usage error, exit 2; docs/serve.md). It serves until
+SIGTERM/Ctrl-C and exits 0 after draining; a model that cannot load exits 5.
 """
 
 from __future__ import annotations
@@ -13,9 +12,7 @@ import typer
 
 from . import options as o
 
-EPILOG = """Examples:
-
-\b
+EXAMPLES = """
   idefics serve                                   # http://127.0.0.1:8000, the default model, 4-bit
   idefics serve --port 8080 --max-batch 8 --cache-mb 4096
   IDEFICS_API_KEY=secret idefics serve --host 0.0.0.0

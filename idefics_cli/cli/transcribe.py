@@ -1,8 +1,7 @@
 """`idefics transcribe PATH...`: files, folders and globs to page records; batched and resumable.
 
-Contract: parsing only; the run is a `TranscribeRequest` run by `Transcription` (transcription.py; docs/transcribe.md).
-Exit 0 all done, 3 partial, 4 nothing readable. With `--server URL` a running `idefics serve` answers: the same
-records and settings hash as a local run of the server's model, so either resumes the other.
+Contract: parsing only; `Transcription` (transcription.py; docs/transcribe.md) runs the request. Exit 0 all
+done, 3 partial, 4 nothing readable.
 """
 
 from __future__ import annotations
@@ -19,9 +18,7 @@ from . import options as o
 
 EngineName = enum.Enum("EngineName", {"local": "local", "ray": "ray"}, type=str)
 
-EPILOG = """Examples:
-
-\b
+EXAMPLES = """
   idefics transcribe scans/ --out transcripts/          # one .md per document + records.jsonl
   idefics transcribe 'archive/**/*.pdf' --out pages.jsonl
   idefics transcribe invoices/ | jq -r 'select(.status=="ok") | .text'
