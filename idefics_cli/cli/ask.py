@@ -1,14 +1,7 @@
 """`idefics ask DOC... QUESTION`: one question over the chosen pages; the answer streams to stdout.
 
-Contract: every chosen page of every document is one image in a single user turn (images, then the question),
-answered greedily and streamed to stdout; `--json` prints the answer object of docs/formats.md (its `warnings`
-are the pages' codes; in text mode each is a line on stderr); `--each-page` asks each page alone (NDJSON with
-`--json`). `--schema` (checked first) constrains the answer to a JSON Schema: text mode prints the JSON object,
-`--json` adds `data` and `schema_sha256`; no valid JSON prints an error line (or `"data": null`) and exits 5.
-Documents are opened and every chosen page decoded before the model loads, so input errors are instant. The
-work is the library's (selection.py's `ask`, response.py); this module parses and prints. With `--server
-URL` (IDEFICS_SERVER) pages are rendered here and a running `idefics serve` answers (client.py): the same text,
-JSON and exit statuses.
+Contract: parsing and printing over the library's `selection.ask` (docs/ask.md). Every chosen page is decoded
+before the model loads, so input errors are instant; `--schema` without an answer that fits exits 5.
 """
 
 from __future__ import annotations
@@ -20,9 +13,7 @@ import typer
 from ..runtime.families import render_side
 from . import options as o
 
-EPILOG = """Examples:
-
-\b
+EXAMPLES = """
   idefics ask samples/invoice.pdf "What is the total amount due?"
   idefics ask report.pdf scan.png --pages 1-3 "Which year had the highest revenue?" --json | jq -r .answer
   cat receipt.jpg | idefics ask - "What is the merchant's name?"
@@ -32,7 +23,9 @@ EPILOG = """Examples:
 
 
 @o.model_params(o.ANSWER_TOKENS)
+@o.runs
 def ask_command(
+    out,
     docs_and_question: Annotated[list[str], typer.Argument(metavar="DOC... QUESTION", show_default=False,
                                                            help="Documents (PDF or images, - for stdin), then the "
                                                                 "question.")],
@@ -45,37 +38,27 @@ def ask_command(
     opts: o.ModelOptions = None,
     server: o.Server = None,
     api_key: o.ApiKey = None,
-) -> None:
+) -> int:
     """Ask a question about the pages of one or more documents. The answer streams to stdout."""
-    from ..output import Output
-
-    out = Output()
-    o.run_and_exit(lambda: _ask(out, docs_and_question, pages, dpi, password, json_, each_page, opts, schema, server,
-                                api_key), out)
-
-
-def _ask(out, args, pages, dpi, password, as_json, each_page, opts, schema_value=None, server=None,
-         api_key=None) -> int:
     from ..errors import UsageError, warning_line
     from ..tasks.selection import ask, check_question, open_selection
 
-    schema = None
-    if schema_value is not None:
+    if schema is not None:
         from ..structured import parse_schema
 
-        schema = parse_schema(schema_value)  # a bad schema is a usage error before anything is opened
-    if len(args) < 2:
+        schema = parse_schema(schema)  # a bad schema is a usage error before anything is opened
+    if len(docs_and_question) < 2:
         raise UsageError("give at least one document and a question", 'e.g. idefics ask doc.pdf "What is this?"')
-    *paths, question = args
+    *paths, question = docs_and_question
     check_question(question)
     selection = open_selection(paths, pages, password=password, dpi=dpi, status=out.status,  # before the model loads
-                           longest_side=None if server else render_side(opts))
-    engine = o.engine(opts, server, api_key, out)  # loaded here, or a running server's (--server)
+                               longest_side=None if server else render_side(opts))
+    engine = o.engine(opts, server, api_key, out)
     status = 0
     for group in selection.each_page() if each_page else [selection]:
         with out.status(f"Preparing {len(group)} page(s)…"):
             response = ask(engine, group, question, schema=schema)
-        if as_json:
+        if json_:
             out.json_line(response.to_dict())
             if response.schema_error is not None:
                 status = status or int(response.schema_error.exit_status)
@@ -97,12 +80,8 @@ def _print_data(out, response, where: str) -> int:
     """`--schema` in text mode: the JSON object on stdout, or an error line (exit status 5) when there is none."""
     import json
 
-    try:
-        with out.status("Thinking…"):
-            _ = response.text  # read the whole answer (under the spinner)
-    except BaseException:
-        response.close()
-        raise
+    with out.status("Thinking…"):
+        _ = response.text  # read the whole answer (under the spinner)
     err = response.schema_error
     if err is not None:
         err.path = where.removesuffix(": ") or None

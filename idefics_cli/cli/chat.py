@@ -1,29 +1,19 @@
 """`idefics chat DOC`: a multi-turn conversation about a document; the page images stay in the conversation.
 
-Contract: every turn sends the whole conversation through the processor's chat template, so later questions see
-the pages and earlier answers. On a terminal: a prompt with readline editing and history, answers streamed,
-`/pages SPEC`, `/reset`, `/save FILE.json` (transformers chat format + sources), `/help`; Ctrl-C stops an answer
-(kept, marked `"interrupted": true`), Ctrl-D leaves. When stdin is not a terminal: one question (or /command) per
-line, one JSON answer per line (`idefics-cli.answer/1` plus `"turn"`); a bad line is one error line on stderr
-and the conversation goes on (exit status: the first failed line's). `--schema` (checked before the document is
-opened) constrains every answer (`data`, `schema_sha256`; no valid JSON: an error line, exit 5). The session is
-the library's (conversation.py); this module runs the REPL. With `--server URL` the turns go to a running
-`idefics serve` (client.py), with the same answers and exit statuses.
+Contract: the REPL around the library's `ChatSession` (docs/chat.md). On a terminal, answers stream; piped, one
+JSON answer per line, a bad line is one error line and the exit status is the first failed line's.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
-from typing import Annotated
 
-import typer
-
+from ..errors import IdeficsError, UsageError, warning_line
 from ..runtime.families import render_side
 from . import options as o
 
-EPILOG = """Examples:
-
-\b
+EXAMPLES = """
   idefics chat report.pdf --pages 1-2
   printf 'What is the title?\\nWho wrote it?\\n' | idefics chat report.pdf -p 1 | jq -r .answer
   printf 'Total?\\n/pages 2\\nAnd on this page?\\n/save chat.json\\n' | idefics chat invoice.pdf -p 1
@@ -40,8 +30,10 @@ HELP = ("/pages SPEC   show these pages with the next question (earlier turns ke
 
 
 @o.model_params(o.ANSWER_TOKENS)
+@o.runs
 def chat_command(
-    doc: Annotated[str, typer.Argument(metavar="DOC", show_default=False, help="A PDF or image (- for stdin).")],
+    out,
+    doc: o.Doc,
     pages: o.PagesOpt = None,
     dpi: o.Dpi = None,
     password: o.Password = None,
@@ -49,55 +41,47 @@ def chat_command(
     opts: o.ModelOptions = None,
     server: o.Server = None,
     api_key: o.ApiKey = None,
-) -> None:
+) -> int:
     """Chat about a document; JSON lines when piped. The page images stay in the conversation."""
-    from ..output import Output
+    from ..tasks.conversation import ChatSession
 
-    out = Output()
-    o.run_and_exit(lambda: Session(out, doc, pages, dpi, password, opts, schema, server, api_key).run(), out)
+    if schema is not None:
+        from ..structured import parse_schema
+
+        schema = parse_schema(schema)  # a usage error before the document is opened
+    interactive = sys.stdin is not None and sys.stdin.isatty()
+    if doc == "-" and sys.stdin is not None and not interactive:
+        raise UsageError("chat reads questions from stdin, so the document cannot come from stdin too")
+    chat = ChatSession.open(doc, pages, password=password, dpi=dpi, status=out.status,
+                            longest_side=None if server else render_side(opts))
+    session = Session(out, chat, interactive)
+    try:
+        chat.start(o.engine(opts, server, api_key, out), schema=schema)
+        if not interactive:
+            return session.scripted()
+        previous = signal.signal(signal.SIGTERM, _terminate)  # Ctrl-C at the prompt goes on; SIGTERM never does
+        try:
+            return session.loop()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    finally:
+        chat.close()
 
 
 class Session:
     """The REPL around a library `ChatSession`: reads lines, runs /commands, prints answers."""
 
-    def __init__(self, out, path, pages, dpi, password, opts, schema=None, server=None, api_key=None):
-        from ..tasks.conversation import ChatSession
-
-        self.schema = None
-        if schema is not None:
-            from ..structured import parse_schema
-
-            self.schema = parse_schema(schema)  # a usage error before the document is opened
-        if path == "-" and sys.stdin is not None and not sys.stdin.isatty():
-            raise_usage("chat reads questions from stdin, so the document cannot come from stdin too")
-        self.out, self.opts, self.server, self.api_key = out, opts, server, api_key
-        self.interactive = sys.stdin is not None and sys.stdin.isatty()
-        self.chat = ChatSession.open(path, pages, password=password, dpi=dpi, status=out.status,
-                                     longest_side=None if server else render_side(opts))
-        self._warn(self.chat.pages)
+    def __init__(self, out, chat, interactive: bool):
+        self.out, self.chat, self.interactive = out, chat, interactive
+        self._warn(chat.pages)
 
     def _warn(self, pages) -> None:
-        from ..errors import warning_line
-
         for p in pages if self.interactive else ():  # piped, they are in each JSON answer's "warnings"
             for code in p.warnings:
                 self.out.warn(warning_line(code, p.path, p.page))
 
-    def run(self) -> int:
-        try:
-            engine = o.engine(self.opts, self.server, self.api_key, self.out)  # or a running server's (--server)
-            self.chat.start(engine, schema=self.schema)
-            if self.interactive:
-                return self._interactive()
-            return self._scripted()
-        finally:
-            self.chat.close()
-
-    def _scripted(self) -> int:
-        """One question or /command a line; a bad line is one error line and the conversation goes on. The exit
-        status is that of the first failed line (0 when none failed)."""
-        from ..errors import IdeficsError
-
+    def scripted(self) -> int:
+        """One question or /command a line; the exit status is the first failed line's (0 when none failed)."""
         status = 0
         for line in sys.stdin:
             text = line.strip()
@@ -112,23 +96,11 @@ class Session:
                 status = status or int(err.exit_status)
         return status
 
-    # ---- terminal -------------------------------------------------------------------------------
-    def _interactive(self) -> int:
-        import signal
-
+    def loop(self) -> int:
         try:
             import readline  # noqa: F401 - line editing and history for input()
         except ImportError:
             pass
-        previous = signal.signal(signal.SIGTERM, _terminate)  # Ctrl-C at the prompt goes on; SIGTERM never does
-        try:
-            return self._loop()
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-
-    def _loop(self) -> int:
-        from ..errors import IdeficsError
-
         pages = ",".join(str(p.page) for p in self.chat.pages)
         model = self.chat.engine.options.model  # the server's with --server
         self.out.console.print(f"Chatting about {self.chat.doc.path} (page {pages}) with {model}. "
@@ -155,10 +127,6 @@ class Session:
                 self._handle(text)
             except Terminated:
                 raise
-            except AnswerInterrupted:
-                self.out.write("\n")
-                self.out.console.print("(answer interrupted: kept as far as it went, marked interrupted)",
-                                       style="yellow")
             except KeyboardInterrupt:
                 self.out.write("\n")
                 self.out.console.print("(stopped)", style="yellow")
@@ -169,20 +137,19 @@ class Session:
                     err.hint = "/reset to start a shorter conversation"
                 self.out.error(err)
 
-    # ---- one line -------------------------------------------------------------------------------
     def _handle(self, text: str) -> None:
         if text.startswith("/") and not text.startswith("//"):
             name, _, arg = text.partition(" ")
             command = {"/pages": self._pages, "/reset": self._reset, "/save": self._save, "/help": self._help}.get(name)
             if command is None:
-                raise_usage(f"unknown command {name}", "/pages SPEC, /reset, /save FILE.json, /help")
+                raise UsageError(f"unknown command {name}", "/pages SPEC, /reset, /save FILE.json, /help")
             command(arg.strip())
             return
         self._ask(text[1:] if text.startswith("//") else text)
 
     def _pages(self, spec: str) -> None:
         if not spec:
-            raise_usage("/pages needs a page spec", "e.g. /pages 2 or /pages 1-3")
+            raise UsageError("/pages needs a page spec", "e.g. /pages 2 or /pages 1-3")
         pages = self.chat.show(spec, status=self.out.status)
         self._warn(pages)
         self._note(f"the next question shows page(s) {','.join(str(p.page) for p in pages)}")
@@ -196,7 +163,7 @@ class Session:
 
     def _save(self, path: str) -> None:
         if not path:
-            raise_usage("/save needs a file name", "e.g. /save chat.json")
+            raise UsageError("/save needs a file name", "e.g. /save chat.json")
         self._note(f"saved {self.chat.save(path)} messages to {path}")
 
     def _note(self, message: str) -> None:
@@ -213,7 +180,10 @@ class Session:
             except Terminated:
                 raise
             except KeyboardInterrupt:  # the answer so far is in the conversation, marked interrupted
-                raise AnswerInterrupted from None
+                self.out.write("\n")
+                self.out.console.print("(answer interrupted: kept as far as it went, marked interrupted)",
+                                       style="yellow")
+                return
         if response.schema_error is not None:  # --schema: the turn stays; the line counts as failed
             raise response.schema_error
 
@@ -222,15 +192,5 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM: leaves the chat (exit 130), where Ctrl-C only stops the current answer."""
 
 
-class AnswerInterrupted(KeyboardInterrupt):
-    """Ctrl-C during an answer: what was answered is kept in the conversation, marked interrupted."""
-
-
 def _terminate(signum, frame):
     raise Terminated
-
-
-def raise_usage(message: str, hint: str | None = None):
-    from ..errors import UsageError
-
-    raise UsageError(message, hint)

@@ -1,14 +1,7 @@
 """`idefics doctor`: can this machine run the chosen model setup, and if not, why not.
 
-Contract: parsing and printing over the library's `doctor.diagnose` (which states the checks): library
-versions, CUDA and each GPU's free memory, a real bitsandbytes 4-bit matmul on the chosen device, whether the
-model is a complete local folder or in the HF cache (which commit), a memory estimate for model x
-quantization x split, and which optional features (extras: ray, serve, mcp) are installed. The report
-goes to stdout (one JSON object with `--json`, schema `idefics-cli.doctor/1`). Exit 0 when the setup can
-run: 4-bit works on the device (for `--quant 4bit`), the model is available locally and, on a GPU, the
-estimate fits in free memory; else exit 5 with a one-line reason on stderr. A hub model that is not cached
-while offline or without the hub fails first, within a second, like every command (hub.local_only), before
-the checks run (`--json` then prints only `schema`, `ok` and `reason`).
+Contract: parsing and printing over the library's `doctor.diagnose` (docs/doctor.md). The report goes to stdout;
+exit 0 when the setup can run, else exit 5 with a one-line reason on stderr.
 """
 
 from __future__ import annotations
@@ -17,12 +10,11 @@ from typing import Annotated
 
 import typer
 
-from ..tasks.doctor import SCHEMA
+from ..errors import IdeficsError
+from ..tasks.doctor import SCHEMA, diagnose, human_bytes
 from . import options as o
 
-EPILOG = """Examples:
-
-\b
+EXAMPLES = """
   idefics doctor                                     # the default setup: idefics2-8b, 4-bit, split
   idefics doctor --json | jq .estimate.total_bytes
   idefics doctor --model ./idefics2-nf4 --no-split   # a quantized folder, without image splitting
@@ -31,29 +23,21 @@ EPILOG = """Examples:
 
 
 @o.model_params(512)
+@o.runs
 def doctor_command(
+    out,
     json_: Annotated[bool, typer.Option("--json", help=f"Print one JSON object (schema {SCHEMA}).")] = False,
     opts: o.ModelOptions = None,
-) -> None:
+) -> int:
     """Check whether this machine can run the model. Versions, GPU, 4-bit, cache, memory; exit 5 if not."""
-    from ..output import Output
-
-    out = Output()
-    o.run_and_exit(lambda: _doctor(out, opts, json_), out)
-
-
-def _doctor(out, opts, as_json: bool) -> int:
-    from ..errors import IdeficsError
-    from ..tasks.doctor import diagnose
-
     try:
         with out.status("Checking…"):
             report = diagnose(opts)
     except IdeficsError as err:  # the model is not available: a script still reads the verdict on stdout
-        if as_json:
+        if json_:
             out.json_line({"schema": SCHEMA, "ok": False, "reason": err.message})
         raise
-    if as_json:
+    if json_:
         out.json_line(report)
     else:
         out.write(render(report))
@@ -64,9 +48,7 @@ def _doctor(out, opts, as_json: bool) -> int:
 
 def render(r: dict) -> str:
     """The human report: one line per check, a verdict line last."""
-    from ..tasks.doctor import human_bytes as hb
-
-    ok, bad = "✓", "✗"
+    hb, ok, bad = human_bytes, "✓", "✗"
     v, s, b, m, e = r["versions"], r["setup"], r["bnb_4bit"], r["model"], r["estimate"]
     lines = ["versions   " + "  ".join(f"{k} {val or '-'}" for k, val in v.items())]
     cuda = r["cuda"]

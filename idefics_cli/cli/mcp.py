@@ -1,11 +1,7 @@
 """`idefics mcp --root DIR...`: a Model Context Protocol server over stdio, for agent hosts (idefics_cli/mcp/).
 
-Contract: takes one or more `--root` folders (the only places documents are read from: a missing one is a usage
-error, exit 2), the model options of the other commands, or `--server URL` to answer with a running `idefics
-serve`. The model starts loading at once, through the library (`idefics_cli.load` / `connect`), while the
-protocol is already served; stdout carries the protocol only, everything else goes to stderr. It exits 0 when
-the host closes stdin; SIGTERM and Ctrl-C end it at once. The `mcp` package is imported only when the command
-runs; without it, a usage error naming the extra to install.
+Contract: documents are read only under the `--root` folders (docs/mcp.md); stdout carries the protocol only. It
+exits 0 when the host closes stdin; SIGTERM and Ctrl-C end it at once.
 """
 
 from __future__ import annotations
@@ -18,9 +14,7 @@ import typer
 
 from . import options as o
 
-EPILOG = """Examples:
-
-\b
+EXAMPLES = """
   idefics mcp --root ~/Documents                     # an MCP host starts this; the tools read under ~/Documents
   idefics mcp --root ~/scans --root ~/invoices --quant 8bit
   idefics mcp --root ~/Documents --server http://127.0.0.1:8000   # answer with a running idefics serve
@@ -28,27 +22,25 @@ EPILOG = """Examples:
 
 
 @o.model_params(o.ANSWER_TOKENS)
+@o.runs
 def mcp_command(
+    out,
     root: Annotated[list[Path], typer.Option("--root", metavar="DIR", show_default=False,
                                              help="A folder the tools may read documents from (repeatable).")],
     opts: o.ModelOptions = None,
     server: o.Server = None,
     api_key: o.ApiKey = None,
-) -> None:
+) -> int:
     """Serve the documents under --root to an MCP host over stdio.
 
     Tools: ask_document, transcribe_document and list_pages, for Claude Desktop, an IDE or any MCP client.
     """
-    o.run_and_exit(lambda: _mcp(root, opts, server, api_key))
-
-
-def _mcp(roots, opts, server, api_key) -> int:
     import signal
     from dataclasses import asdict
 
     from ..errors import UsageError
 
-    missing = [str(r) for r in roots if not r.is_dir()]
+    missing = [str(r) for r in root if not r.is_dir()]
     if missing:
         raise UsageError(f"--root {missing[0]} is not a folder", "give folders that exist")
     try:
@@ -67,5 +59,5 @@ def _mcp(roots, opts, server, api_key) -> int:
     # SIGTERM and Ctrl-C end the process at once: a thread blocked reading stdin would otherwise hold it open
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    return serve_mcp([str(r) for r in roots], loader, lambda line: print(f"idefics mcp: {line}", file=sys.stderr,
+    return serve_mcp([str(r) for r in root], loader, lambda line: print(f"idefics mcp: {line}", file=sys.stderr,
                                                                         flush=True))

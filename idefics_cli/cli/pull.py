@@ -1,12 +1,7 @@
 """`idefics pull [MODEL]`: download a model's weights, config and processor files into the HF cache.
 
-Contract: parsing and printing over the library's `hub.pull`: it fetches only what loading needs
-(`*.safetensors`, `*.json`, `tokenizer.model`, `*.jinja`, `*.txt`), progress bars on stderr, and this prints
-the local snapshot folder on stdout (one line). Before downloading, the hub (or the configured proxy) is
-probed, so with no network it fails within seconds with a one-line `model_error` (exit 5) instead of
-retrying for minutes. Offline (the hub's offline variable set in the environment, read by cli/options.py)
-it only reports a model that is already cached. Gated, missing and mistyped repositories and revisions are
-one-line `model_error`s too.
+Contract: parsing and printing over the library's `hub.pull` (docs/pull.md): the local snapshot folder on stdout
+(one line); no network, gated or missing repositories are one-line `model_error`s (exit 5).
 """
 
 from __future__ import annotations
@@ -17,28 +12,21 @@ import typer
 
 from . import options as o
 
-EPILOG = """Examples:
-
-\b
+EXAMPLES = """
   idefics pull                                        # HuggingFaceM4/idefics2-8b
   idefics pull HuggingFaceM4/idefics2-8b-chatty --revision main
   HF_HOME=/data/hf idefics pull && HF_HOME=/data/hf idefics ask --offline doc.pdf "Summary?"
 """
 
 
+@o.runs
 def pull_command(
+    out,
     model: Annotated[str, typer.Argument(metavar="MODEL", envvar="IDEFICS_MODEL", show_default=True,
                                          help="Hub id of the model.")] = o.DEFAULT_MODEL,
     revision: o.Revision = None,
-) -> None:
+) -> int:
     """Download a model into the Hugging Face cache. Weights, config and processor files, for --offline."""
-    from ..output import Output
-
-    out = Output()
-    o.run_and_exit(lambda: _pull(out, model, revision), out)
-
-
-def _pull(out, model: str, revision: str | None) -> int:
     import os
 
     from ..errors import UsageError

@@ -1,11 +1,7 @@
 """`idefics quantize OUT_DIR`: load the model in 4-bit once and save it, so later loads are fast and small.
 
-Contract: parsing and printing over the library's `quantize.save_4bit` (which states how the folder is
-written). `--model OUT_DIR` then loads `Linear4bit` layers straight from disk without quantizing again, and
-answers exactly as `--quant 4bit` on the original. OUT_DIR must be empty or missing; a crash never leaves a
-half-written model. OUT_DIR goes to stdout; sizes to stderr.
-The dtype is saved with the weights (compute dtype and unquantized layers) and wins over `--dtype` at load
-time, so quantize with the dtype you will run in (`--dtype bfloat16` for a GPU, even when quantizing on a CPU).
+Contract: parsing and printing over the library's `quantize.save_4bit` (docs/quantize.md). OUT_DIR goes to
+stdout; sizes to stderr.
 """
 
 from __future__ import annotations
@@ -16,9 +12,7 @@ import typer
 
 from . import options as o
 
-EPILOG = """Examples:
-
-\b
+EXAMPLES = """
   idefics quantize ~/models/idefics2-8b-nf4
   idefics quantize ./chatty-nf4 --model HuggingFaceM4/idefics2-8b-chatty
   idefics ask --model ~/models/idefics2-8b-nf4 --offline doc.pdf "What is the total?"
@@ -27,19 +21,14 @@ EPILOG = """Examples:
 
 
 @o.model_params(1, only=("model", "revision", "dtype", "device", "offline"))
+@o.runs
 def quantize_command(
+    out,
     out_dir: Annotated[str, typer.Argument(metavar="OUT_DIR", show_default=False,
                                            help="New folder for the 4-bit model (must be empty or missing).")],
     opts: o.ModelOptions = None,
-) -> None:
+) -> int:
     """Save a 4-bit (nf4) copy of the model with its processor. Later loads are small and fast."""
-    from ..output import Output
-
-    out = Output()
-    o.run_and_exit(lambda: _quantize(out, opts, out_dir), out)
-
-
-def _quantize(out, opts, out_dir: str) -> int:
     from ..tasks.doctor import human_bytes
     from ..tasks.quantize import save_4bit
 

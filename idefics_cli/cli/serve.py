@@ -1,25 +1,18 @@
 """`idefics serve`: the model loaded once, behind an OpenAI-compatible HTTP API (idefics_cli/serve/).
 
-Contract: takes the model options of the other commands plus the server's (host, port, API key, queue, batch,
-prefix cache, request size, grace, CORS), refuses unsafe settings before binding (a non-loopback host without an
-API key: usage error, exit 2), prints the address and then "ready" on stderr, serves until SIGTERM/Ctrl-C and
-exits 0 after draining. A model that cannot load exits 5 with its one-line error. FastAPI and uvicorn are
-imported only when the command runs; without them it is a usage error naming the extra to install.
+Contract: unsafe settings are refused before binding (usage error, exit 2; docs/serve.md). It serves until
+SIGTERM/Ctrl-C and exits 0 after draining; a model that cannot load exits 5.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Annotated
 
 import typer
 
 from . import options as o
 
-SERVER_PANEL = "Server"
-EPILOG = """Examples:
-
-\b
+EXAMPLES = """
   idefics serve                                   # http://127.0.0.1:8000, the default model, 4-bit
   idefics serve --port 8080 --max-batch 8 --cache-mb 4096
   IDEFICS_API_KEY=secret idefics serve --host 0.0.0.0
@@ -28,47 +21,34 @@ EPILOG = """Examples:
 
 
 @o.model_params(512)
+@o.runs
 def serve_command(
-    host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback needs --api-key.",
-                                      rich_help_panel=SERVER_PANEL)] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free port, printed at start).",
-                                      rich_help_panel=SERVER_PANEL)] = 8000,
+    out,
+    host: Annotated[str, typer.Option(
+        help="Address to listen on; anything but loopback needs --api-key.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free port, printed at start).")] = 8000,
     api_key: Annotated[str | None, typer.Option(envvar="IDEFICS_API_KEY", metavar="KEY", show_envvar=True,
-                                                help="Require `Authorization: Bearer KEY` (every route but /health).",
-                                                rich_help_panel=SERVER_PANEL)] = None,
-    max_batch: Annotated[int, typer.Option(min=1, max=256, metavar="N", help="Requests decoded together.",
-                                           rich_help_panel=SERVER_PANEL)] = 4,
+                                                help="Require `Authorization: Bearer KEY` (every route but "
+                                                     "/health).")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, max=256, metavar="N", help="Requests decoded together.")] = 4,
     max_queue: Annotated[int, typer.Option(min=0, max=100000, metavar="N",
-                                           help="Requests that may wait; more get 503 with Retry-After.",
-                                           rich_help_panel=SERVER_PANEL)] = 16,
+                                           help="Requests that may wait; more get 503 with Retry-After.")] = 16,
     cache_mb: Annotated[float | None, typer.Option(min=0, metavar="MB",
                                                    help="Prefix cache size (default: 1/4 of free GPU memory, "
-                                                        "or 1/10 of available RAM up to 4 GiB; 0: off).",
-                                                   rich_help_panel=SERVER_PANEL)] = None,
-    max_request_mb: Annotated[float, typer.Option(min=0.001, metavar="MB", help="Largest request body (413 above).",
-                                                  rich_help_panel=SERVER_PANEL)] = 64.0,
+                                                        "or 1/10 of available RAM up to 4 GiB; 0: off).")] = None,
+    max_request_mb: Annotated[float, typer.Option(min=0.001, metavar="MB",
+                                                  help="Largest request body (413 above).")] = 64.0,
     grace: Annotated[float, typer.Option(min=0, metavar="SECONDS",
-                                         help="On SIGTERM/Ctrl-C, how long in-flight requests may finish.",
-                                         rich_help_panel=SERVER_PANEL)] = 30.0,
-    cors: Annotated[str | None, typer.Option(metavar="ORIGIN", help="Allow browser requests from this origin.",
-                                             rich_help_panel=SERVER_PANEL)] = None,
+                                         help="On SIGTERM/Ctrl-C, how long in-flight requests may finish.")] = 30.0,
+    cors: Annotated[str | None, typer.Option(metavar="ORIGIN", help="Allow browser requests from this origin.")] = None,
     opts: o.ModelOptions = None,
-) -> None:
+) -> int:
     """Serve the model over an OpenAI-compatible HTTP API. Chat completions with images and PDFs, batched."""
-    from ..output import Output
-
-    out = Output()
-    o.run_and_exit(lambda: _serve(host, port, api_key, max_batch, max_queue, cache_mb, max_request_mb, grace, cors,
-                                  opts), out)
-
-
-def _serve(host, port, api_key, max_batch, max_queue, cache_mb, max_request_mb, grace, cors, opts) -> int:
     from ..errors import UsageError
     from ..serve.config import ServeConfig, check
 
-    config = ServeConfig(host=host, port=port, api_key=api_key or os.environ.get("IDEFICS_API_KEY") or None,
-                         max_queue=max_queue, max_batch=max_batch, cache_mb=cache_mb, max_request_mb=max_request_mb,
-                         grace=grace, cors=cors)
+    config = ServeConfig(host=host, port=port, api_key=api_key or None, max_queue=max_queue, max_batch=max_batch,
+                         cache_mb=cache_mb, max_request_mb=max_request_mb, grace=grace, cors=cors)
     check(config)
     try:
         from ..serve.server import run_server

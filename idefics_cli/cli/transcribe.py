@@ -1,14 +1,7 @@
 """`idefics transcribe PATH...`: files, folders and globs to page records; batched and resumable.
 
-Contract: parsing only; the run is a `TranscribeRequest` run by `Transcription` (transcription.py): inputs
-are walked, filtered by `--shard`, and every chosen page is transcribed once per settings: with `--out` the
-records file (or folder) is resumed, `--force` redoes pages. When no chosen page is left for the model (a
-rerun of a finished job), the model is never loaded (no torch import). Without `--out`, JSONL goes to
-stdout when it is piped and readable text when it is a terminal. Progress and the final summary go to
-stderr. Exit 0 all done, 3 partial, 4 nothing readable. `--schema` (checked when the request is made, before
-anything is walked) constrains every page's answer to a JSON Schema: records get `data`. With `--server URL` a
-running `idefics serve` answers (client.py; pages rendered here, a batch sent at once): the same records and
-settings hash as a local run of the server's model, so either resumes the other.
+Contract: parsing only; `Transcription` (transcription.py; docs/transcribe.md) runs the request. Exit 0 all
+done, 3 partial, 4 nothing readable.
 """
 
 from __future__ import annotations
@@ -18,19 +11,14 @@ from typing import Annotated
 
 import typer
 
+from ..errors import UsageError
 from ..prompts import TRANSCRIBE_PROMPT
 from ..runtime.families import doctags, render_side
 from . import options as o
 
+EngineName = enum.Enum("EngineName", {"local": "local", "ray": "ray"}, type=str)
 
-class EngineName(str, enum.Enum):
-    local = "local"
-    ray = "ray"
-
-
-EPILOG = """Examples:
-
-\b
+EXAMPLES = """
   idefics transcribe scans/ --out transcripts/          # one .md per document + records.jsonl
   idefics transcribe 'archive/**/*.pdf' --out pages.jsonl
   idefics transcribe invoices/ | jq -r 'select(.status=="ok") | .text'
@@ -41,7 +29,9 @@ EPILOG = """Examples:
 
 
 @o.model_params(1024)
+@o.runs
 def transcribe_command(
+    output,
     paths: Annotated[list[str], typer.Argument(metavar="PATH...", show_default=False,
                                                help="Files, folders (recursive) or quoted globs; - for stdin.")],
     out: Annotated[str | None, typer.Option("--out", "-o", metavar="PATH",
@@ -69,32 +59,22 @@ def transcribe_command(
     opts: o.ModelOptions = None,
     server: o.Server = None,
     api_key: o.ApiKey = None,
-) -> None:
+) -> int:
     """Transcribe every page of files, folders or globs. JSONL records, and Markdown with --out DIR."""
-    from ..output import Output
+    from ..tasks.transcription import TranscribeRequest, Transcription
     from . import one_malloc_arena
 
     one_malloc_arena()  # before any thread starts: flat peak memory over long runs
-    output = Output(quiet=quiet)
-    o.run_and_exit(lambda: _transcribe(output, paths, out, prompt, batch_size, force, shard, engine, pages,
-                   dpi, password, opts, ray_address, schema, server, api_key, min_confidence), output)
-
-
-def _transcribe(output, paths, out, prompt, batch_size, force, shard, engine_name, pages, dpi, password, opts,
-                ray_address=None, schema=None, server=None, api_key=None, min_confidence=None):
-    from ..tasks.transcription import TranscribeRequest, Transcription
-
-    engine = None
+    output.quiet = quiet
+    remote = None
     if server:  # a running server's model: its settings make the records' settings hash (resume)
-        if engine_name != "local":
-            from ..errors import UsageError
-
+        if engine != "local":
             raise UsageError("--server and --engine ray cannot be combined", "drop one of them")
-        engine = o.engine(opts, server, api_key, output)
-        opts = engine.options
+        remote = o.engine(opts, server, api_key, output)
+        opts = remote.options
     request = TranscribeRequest(tuple(paths), out, opts, prompt=prompt, pages=pages, dpi=dpi, password=password,
-                                batch_size=batch_size, force=force, shard=shard, engine=engine_name,
+                                batch_size=batch_size, force=force, shard=shard, engine=engine,
                                 ray_address=ray_address, schema=schema, min_confidence=min_confidence,
                                 longest_side=None if server else render_side(opts),
                                 doctags=not server and doctags(opts))
-    return Transcription(request, engine=engine, output=output).run()
+    return Transcription(request, engine=remote, output=output).run()
