@@ -49,6 +49,8 @@ class Engine(Protocol):
 
     options: ModelOptions  # the settings answers depend on
     load_s: float
+    render_side: int | None  # the px PDF pages are rendered to for this model (None: the documents' default)
+    doctags: bool  # a document model answering in DocTags (SmolDocling, granite-docling)
 
     @property
     def info(self) -> dict:

@@ -42,7 +42,7 @@ class Model:
                 raise UsageError("pages, password and dpi are options of open_pages when documents is a Selection")
             return ask(self.engine, documents, question, max_new_tokens, logits_processor, schema=schema)
         selection = open_selection(documents, pages, password=password, dpi=dpi,
-                               longest_side=getattr(self.engine, "render_side", None))
+                               longest_side=self.engine.render_side)
         try:
             return ask(self.engine, selection, question, max_new_tokens, logits_processor, close=True,
                        schema=schema)
@@ -55,8 +55,8 @@ class Model:
         `request_fields` are `TranscribeRequest`'s; `summary` and `exit_status` afterwards."""
         from .tasks.transcription import TranscribeRequest, Transcription
 
-        request_fields.setdefault("longest_side", getattr(self.engine, "render_side", None))
-        request_fields.setdefault("doctags", getattr(self.engine, "doctags", False))
+        request_fields.setdefault("longest_side", self.engine.render_side)
+        request_fields.setdefault("doctags", self.engine.doctags)
         return Transcription(TranscribeRequest(inputs, out, self.engine.options, **request_fields), engine=self.engine)
 
     def chat(self, path: str, pages: str | None = None, *, password: str | None = None, dpi: int | None = None,
@@ -65,4 +65,4 @@ class Model:
         from .tasks.conversation import ChatSession
 
         return ChatSession.open(path, pages, password=password, dpi=dpi,
-                                longest_side=getattr(self.engine, "render_side", None)).start(self.engine, schema)
+                                longest_side=self.engine.render_side).start(self.engine, schema)

@@ -446,13 +446,18 @@ def test_a_client_renders_pdf_pages_at_the_servers_family_size(tiny_idefics3, en
     proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Forward)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     try:
-        model = idefics_cli.connect(f"http://127.0.0.1:{proxy.server_address[1]}", max_new_tokens=4)
-        assert model.engine.render_side == engine3.render_side == 2048
+        url = f"http://127.0.0.1:{proxy.server_address[1]}"
+        model = idefics_cli.connect(url, max_new_tokens=4)
+        assert model.engine.render_side == engine3.render_side == 2048 and model.engine.doctags is False
         assert model.ask(docs["pdf"], QUESTION, pages="1").text is not None
+        library = bodies[-1]
+        cli = run_idefics("ask", docs["pdf"], QUESTION, "--pages", "1", "--server", url, "--max-new-tokens", "4")
+        assert cli.returncode == 0, cli.stderr.decode()
     finally:
         proxy.shutdown()
         proxy.server_close()
         assert srv.stop() == 0, "\n".join(srv.lines)
-    sent = json.loads(bodies[-1])["messages"][0]["content"][0]["image_url"]["url"]
-    with open_document("page", data=_data_url(sent, "page")) as doc:
-        assert max(doc.render(1).size) == 2048
+    for body in (library, bodies[-1]):  # the library's request, then `idefics ask --server`'s
+        sent = json.loads(body)["messages"][0]["content"][0]["image_url"]["url"]
+        with open_document("page", data=_data_url(sent, "page")) as doc:
+            assert max(doc.render(1).size) == 2048

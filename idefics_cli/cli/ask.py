@@ -51,9 +51,10 @@ def ask_command(
         raise UsageError("give at least one document and a question", 'e.g. idefics ask doc.pdf "What is this?"')
     *paths, question = docs_and_question
     check_question(question)
+    remote = o.engine(opts, server, api_key, out) if server else None  # a server says the size it wants pages at
     selection = open_selection(paths, pages, password=password, dpi=dpi, status=out.status,  # before the model loads
-                               longest_side=None if server else render_side(opts))
-    engine = o.engine(opts, server, api_key, out)
+                               longest_side=remote.render_side if remote else render_side(opts))
+    engine = remote or o.engine(opts, server, api_key, out)
     status = 0
     for group in selection.each_page() if each_page else [selection]:
         with out.status(f"Preparing {len(group)} page(s)…"):

@@ -52,11 +52,12 @@ def chat_command(
     interactive = sys.stdin is not None and sys.stdin.isatty()
     if doc == "-" and sys.stdin is not None and not interactive:
         raise UsageError("chat reads questions from stdin, so the document cannot come from stdin too")
+    remote = o.engine(opts, server, api_key, out) if server else None  # a server says the size it wants pages at
     chat = ChatSession.open(doc, pages, password=password, dpi=dpi, status=out.status,
-                            longest_side=None if server else render_side(opts))
+                            longest_side=remote.render_side if remote else render_side(opts))
     session = Session(out, chat, interactive)
     try:
-        chat.start(o.engine(opts, server, api_key, out), schema=schema)
+        chat.start(remote or o.engine(opts, server, api_key, out), schema=schema)
         if not interactive:
             return session.scripted()
         previous = signal.signal(signal.SIGTERM, _terminate)  # Ctrl-C at the prompt goes on; SIGTERM never does

@@ -75,6 +75,6 @@ def transcribe_command(
     request = TranscribeRequest(tuple(paths), out, opts, prompt=prompt, pages=pages, dpi=dpi, password=password,
                                 batch_size=batch_size, force=force, shard=shard, engine=engine,
                                 ray_address=ray_address, schema=schema, min_confidence=min_confidence,
-                                longest_side=None if server else render_side(opts),
-                                doctags=not server and doctags(opts))
+                                longest_side=remote.render_side if remote else render_side(opts),
+                                doctags=remote.doctags if remote else doctags(opts))
     return Transcription(request, engine=remote, output=output).run()

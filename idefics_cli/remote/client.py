@@ -47,6 +47,7 @@ class RemoteEngine:
                                "/v1/models)", SERVER_HINT)
         side = described.get("render_side")  # the server's render size; absent (an older server): the default
         self.render_side = side if isinstance(side, int) and not isinstance(side, bool) and side > 0 else None
+        self.doctags = described.get("doctags") is True  # a document model: its own prompt, Markdown in records
         self._info = {k: described.get(k) for k in ("id", "revision", "quantization", "quantization_reason", "dtype",
                                                     "device", "family")}
         self.options = ModelOptions(model=self._info["id"] or self.model_id, revision=self._info["revision"],

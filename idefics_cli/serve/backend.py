@@ -10,7 +10,8 @@ from __future__ import annotations
 
 
 def describe(engine) -> dict:
-    return {**engine.info, "split": engine.options.split, "render_side": engine.render_side}
+    return {**engine.info, "split": engine.options.split, "render_side": engine.render_side,
+            "doctags": engine.doctags}
 
 
 def settings_key(engine) -> str:
