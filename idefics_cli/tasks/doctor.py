@@ -7,6 +7,7 @@ parameters on the meta device and reads image counts from the processor's config
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -56,13 +57,10 @@ def system_info() -> dict:
     """The interpreter, the platform, CPUs, and total/available RAM in bytes (from /proc/meminfo)."""
     found = {"executable": sys.executable, "platform": platform.platform(), "cpus": os.cpu_count(),
              "ram_total_bytes": None, "ram_available_bytes": None}
-    try:
-        with open("/proc/meminfo") as f:
-            fields = dict(line.split(":", 1) for line in f if ":" in line)
+    with contextlib.suppress(OSError, KeyError, ValueError), open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
         found["ram_total_bytes"] = int(fields["MemTotal"].split()[0]) * 1024
         found["ram_available_bytes"] = int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        pass
     return found
 
 
@@ -111,10 +109,8 @@ def dir_size(path: str) -> int:
     total = 0
     for root, _, files in os.walk(path):
         for name in files:
-            try:
+            with contextlib.suppress(OSError):
                 total += os.stat(os.path.join(root, name)).st_size  # follows HF cache symlinks to the blobs
-            except OSError:
-                pass
     return total
 
 
@@ -330,10 +326,8 @@ def _estimate(options, files: dict, local: bool, quant: str, dtype, cuda: bool) 
             config = hf_hub_download(options.model, "config.json", revision=options.revision, etag_timeout=5)
             folder = os.path.dirname(config)
             for name in CONFIG_FILES[1:]:
-                try:
+                with contextlib.suppress(Exception):  # optional here: missing, the estimate says what is
                     hf_hub_download(options.model, name, revision=options.revision, etag_timeout=5)
-                except Exception:  # noqa: BLE001 - optional here: missing, the estimate says what is
-                    pass
         if not (config and os.path.exists(config)):
             return {"error": "config.json is not in the local cache" + (" (offline)" if options.offline else "")}
         import torch
