@@ -18,8 +18,6 @@ def available() -> bool:
 
 
 def to_markdown(doctags: str) -> str | None:
-    if not available():
-        return None
     try:
         from docling_core.types.doc.document import DoclingDocument, DocTagsDocument
     except ImportError:
