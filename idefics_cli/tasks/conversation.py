@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..prompts import assistant_turn, user_turn
-from .response import Response, answer, prompt_for
+from .response import Response, prompt_for
 
 CHAT_SCHEMA = "idefics-cli.chat/1"
 
@@ -156,11 +156,11 @@ class ChatSession:
         prompt = prompt_for(question, schema)
         limit = max_new_tokens or engine.options.max_new_tokens
         inputs = conv.inputs(prompt, limit)
-        return answer(engine, inputs, question, limit, logits_processor, schema,
-                      sources=[Source(s["path"], s["pages"]) for s in conv.seen()],
-                      preprocess_s=time.perf_counter() - start, started=start, warnings=conv.warnings(),
-                      extra={"turn": conv.turn + 1},
-                      on_end=lambda response: conv.commit(prompt, response.received, interrupted=response.interrupted))
+        return Response(engine, inputs, question, limit, logits_processor, schema,
+                        sources=[Source(s["path"], s["pages"]) for s in conv.seen()],
+                        preprocess_s=time.perf_counter() - start, started=start, warnings=conv.warnings(),
+                        extra={"turn": conv.turn + 1},
+                        on_end=lambda reply: conv.commit(prompt, reply.received, interrupted=reply.interrupted))
 
     def close(self) -> None:
         self.doc.close()

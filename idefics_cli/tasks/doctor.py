@@ -307,8 +307,7 @@ def free_bytes(cuda: dict, device: str | None) -> int | None:
         return None
     if device.startswith("cuda"):
         index = int(device.split(":")[1]) if ":" in device else 0
-        gpus = [g for g in cuda["devices"] if g["index"] == index]
-        return gpus[0]["free_bytes"] if gpus else None
+        return next((g["free_bytes"] for g in cuda["devices"] if g["index"] == index), None)
     return system_info()["ram_available_bytes"]
 
 

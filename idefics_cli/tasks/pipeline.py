@@ -73,13 +73,10 @@ class TranscribeJob:
 
 def prefetcher(preparer, job: TranscribeJob) -> Prefetcher:
     """The job's prefetcher, its batches prepared by `preparer` (the engine, or engine.Preparer while it loads)."""
-    request = job.request
-
-    def build(images):
-        return preparer.prepare([([image], request.model_prompt) for image in images], collect=True)
-
-    return Prefetcher(job.docs, job.open_doc, job.select_pages, job.is_done, build, request.batch_size or 1,
-                      on_pages=job.pages)
+    prompt = job.request.model_prompt
+    return Prefetcher(job.docs, job.open_doc, job.select_pages, job.is_done,
+                      lambda images: preparer.prepare([([image], prompt) for image in images], collect=True),
+                      job.request.batch_size or 1, on_pages=job.pages)
 
 
 @dataclass

@@ -22,32 +22,25 @@ def prompt_for(question: str, schema) -> str:
     return with_schema(question, schema)
 
 
-def answer(engine, inputs, question: str, limit: int, logits_processor, schema, **fields) -> Response:
-    """`engine`'s answer to `inputs` as a Response (`fields`: the rest of Response's arguments)."""
-    return Response(engine.stream_generate(inputs, limit, logits_processor, schema), question=question,
-                    split=engine.options.split, model=engine.info, usage=engine.usage(inputs),
-                    load_s=engine.load_s, max_new_tokens=limit, schema=schema, **fields)
-
-
 class Response:
     """One answer: iterate it for the streamed pieces; `.text`, `.usage` and `to_dict()` once it is read."""
 
-    def __init__(self, stream: Iterator[str], *, question: str, sources: list[Source], split: bool, model: dict,
-                 usage: dict, load_s: float, preprocess_s: float, started: float, max_new_tokens: int,
-                 warnings: list[str] | None = None, extra: dict | None = None,
-                 on_end: Callable[[Response], None] | None = None, schema=None):
-        self._stream: Iterator[str] | None = stream
+    def __init__(self, engine, inputs, question: str, max_new_tokens: int, logits_processor, schema, *,
+                 sources: list[Source], preprocess_s: float, started: float, warnings: list[str] | None = None,
+                 extra: dict | None = None, on_end: Callable[[Response], None] | None = None):
+        """`engine`'s answer to `inputs` (`question` is what the user asked, without the schema's text)."""
+        self._stream: Iterator[str] | None = engine.stream_generate(inputs, max_new_tokens, logits_processor, schema)
         self._pieces: list[str] = []
         self._generation = None  # engine.Generation once the stream has ended
         self._error: BaseException | None = None
         self._ended_at: float | None = None
         self._on_end = on_end
-        self.question, self.sources, self.split, self.model = question, sources, split, model
+        self.question, self.sources, self.split, self.model = question, sources, engine.options.split, engine.info
         self.max_new_tokens, self.schema, self.interrupted = max_new_tokens, schema, False
         self.warnings, self.extra = list(warnings or []), dict(extra or {})
         self._read_back: tuple | None = None  # (data, code) once read against the schema
-        self._prompt_usage = dict(usage)
-        self._load_s, self._preprocess_s, self._started = load_s, preprocess_s, started
+        self._prompt_usage = dict(engine.usage(inputs))
+        self._load_s, self._preprocess_s, self._started = engine.load_s, preprocess_s, started
 
     def __iter__(self) -> Iterator[str]:
         while self._stream is not None:

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..errors import IdeficsError, UsageError, classify
-from .response import Response, answer, prompt_for
+from .response import Response, prompt_for
 
 KEEP_BYTES = 64 * 2**20  # decoded page images kept from the check before loading (about 7 pages at 1960 px)
 
@@ -116,6 +116,6 @@ def ask(engine, selection: Selection, question: str, max_new_tokens: int | None 
     t0 = time.perf_counter()
     inputs = engine.prepare([(selection.images(), prompt)])
     preprocess_s = selection.render_s + time.perf_counter() - t0
-    return answer(engine, inputs, question, limit, logits_processor, schema, sources=selection.sources(),
-                  preprocess_s=preprocess_s, started=selection.started, warnings=selection.warnings(),
-                  on_end=(lambda _: selection.close()) if close else None)
+    return Response(engine, inputs, question, limit, logits_processor, schema, sources=selection.sources(),
+                    preprocess_s=preprocess_s, started=selection.started, warnings=selection.warnings(),
+                    on_end=(lambda _: selection.close()) if close else None)

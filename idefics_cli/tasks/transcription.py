@@ -75,8 +75,7 @@ class Transcription:
                 output.warn(f"no documents to transcribe{skipped}")
             self.exit_status = ExitStatus.INPUT if self.errors else ExitStatus.OK
             return
-        sink = self._sink(docs)
-        with sink:
+        with self._sink(docs) as sink:
             yield from self._transcribe(docs, sink)
         if not self.quiet:
             output.console.print(self.summary.line(), markup=False)
