@@ -1,21 +1,15 @@
 """Batch: which pages to do, in what order, and the items the prefetcher hands the model (prefetch.py).
 
-Contract:
-- `walk(inputs)` expands files, folders (recursive; hidden entries skipped; symlinked folders followed
-  once, so loops are safe) and quoted globs into a de-duplicated list of `Input(path, rel)`: explicit
-  inputs in the order given, each expansion sorted; files an expansion meets that are not supported
-  documents (by extension, then magic bytes) are skipped, not listed. `rel` is the path relative to the
-  folder or glob root it came from (used for `--out DIR` and shards).
-- `in_shard(rel, index, count)`: a document belongs to shard `sha1(rel) % count`, stable as files are added.
-- `done_keys(records)`: the (sha256, page, settings) keys that already have an `ok` record;
-  `needs_model(docs, ...)`: whether any chosen page is still to be done (else the model need not load).
-- `PageTask`, `Batch` (pages and their inputs), `BlankPage`, `Failure`, `DocumentDone`: what prefetch.py hands on.
+Contract: `walk(inputs)` expands files, folders (recursive, hidden entries skipped, symlink loops safe) and globs
+into de-duplicated `Input(path, rel)`s; `in_shard` puts a document in shard `sha1(rel) % count`; `done_keys` and
+`needs_model` tell what is already done. `PageTask`, `Batch`, `BlankPage`, `Failure` and `DocumentDone` are what
+prefetch.py hands on.
 """
-
 from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -51,12 +45,8 @@ def is_document(path: str) -> bool:
 
 
 def walk(inputs: list[str], skipped: list[str] | None = None) -> tuple[list[Input], list[IdeficsError]]:
-    """Expand inputs; returns (documents, errors for inputs that matched nothing).
-
-    Explicit inputs keep the order given; what one folder or glob expands to is sorted by relative path. Files
-    of an expansion that are not supported documents (`is_document`) are left out and appended to `skipped`;
-    a file named explicitly is always kept (opening it reports what is wrong with it).
-    """
+    """(documents, errors for inputs that matched nothing): explicit inputs in the order given, each expansion
+    sorted by relative path; files an expansion meets that are not documents are appended to `skipped`."""
     found: dict[str, Input] = {}
     errors = []
 
@@ -91,12 +81,7 @@ def walk(inputs: list[str], skipped: list[str] | None = None) -> tuple[list[Inpu
 
 
 def _glob_root(pattern: str) -> str:
-    parts = pattern.split(os.sep)
-    fixed = []
-    for part in parts:
-        if GLOB_CHARS & set(part):
-            break
-        fixed.append(part)
+    fixed = itertools.takewhile(lambda part: not GLOB_CHARS & set(part), pattern.split(os.sep))
     return os.sep.join(fixed) or "."
 
 
@@ -126,10 +111,10 @@ def parse_shard(spec: str | None) -> tuple[int, int] | None:
         return None
     try:
         index, count = (int(x) for x in spec.split("/"))
+        if count < 1 or not 0 <= index < count:
+            raise ValueError(spec)
     except ValueError:
         raise UsageError(f"bad --shard {spec!r}", "use I/N with 0 <= I < N, e.g. 0/4") from None
-    if count < 1 or not 0 <= index < count:
-        raise UsageError(f"bad --shard {spec!r}", "use I/N with 0 <= I < N, e.g. 0/4")
     return index, count
 
 
@@ -138,11 +123,8 @@ def done_keys(records: list[dict]) -> set[tuple]:
 
 
 def needs_model(docs: list[Input], open_doc, select_pages, is_done) -> bool:
-    """Whether any chosen page of `docs` is still to be done (stdin always counts as work).
-
-    Stops at the first document with work left; a document that cannot be opened, or has none of the chosen
-    pages, needs no model (it fails again, as an error record).
-    """
+    """Whether any chosen page of `docs` is still to be done (stdin always is); a document that cannot be opened
+    or has none of the chosen pages needs no model (it fails again, as an error record)."""
     for item in docs:
         if item.path == "-":
             return True

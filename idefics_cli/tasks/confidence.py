@@ -1,14 +1,9 @@
 """Confidence: how sure the model was of an answer, from its tokens' log-probabilities (docs/formats.md).
 
-Contract: an answer's tokens come as `logprobs` and `ends` (interface.Generation: token i wrote `text[ends[i-1]:
-ends[i]]`, a token that wrote nothing counts at its position). `summary(logprobs, ends)` is the `"confidence"`
-object: {"mean_logprob", "min_prob", "min_at"} (min_at: the character offset of the least likely token), None
-without tokens. `fields(text, logprobs, ends)` mirrors the JSON value in `text` (objects and arrays) with, for each
-leaf, the lowest probability of the tokens that wrote it (its literal, a string's quotes included); `spans(text)`
-is that mirror with each leaf's (start, end) in `text`. `lowest(value)` is the smallest leaf, None without any.
-Nothing here imports torch.
+Contract: token i wrote `text[ends[i-1]:ends[i]]`. `summary(logprobs, ends)` is {"mean_logprob", "min_prob",
+"min_at"} (None without tokens); `fields(text, logprobs, ends)` mirrors the JSON value in `text` with each leaf's
+lowest token probability; `spans(text)` with each leaf's (start, end); `lowest(value)` is the smallest leaf.
 """
-
 from __future__ import annotations
 
 import json

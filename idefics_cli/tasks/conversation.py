@@ -1,26 +1,21 @@
 """Conversation: a multi-turn chat about page images, in the transformers chat format.
 
-Contract: a `Conversation` holds the messages ([user turn with page images + q1, assistant a1, user q2, ...]) and
-the pages shown, in image order. `attach(pages)` queues pages for the next user turn; `inputs(question)` is the
-engine's `chat_inputs` for the whole conversation plus the question (the context checked there); `commit`
-appends a turn (an interrupted answer is kept with `"interrupted": true`). `to_dict()` is the `/save` file
-(`idefics-cli.chat/1`: the messages and the document pages of each image-bearing message).
-`ChatSession.open(path, pages)` decodes the chosen pages before any model loads; `start(engine, schema=None)`
-checks that they fit; `ask(question)` returns the streaming `Response` (plus `turn`), committed when it ends;
-`show`, `reset` and `save` are `/pages`, `/reset` and `/save`. With a schema the model gets
-`structured.with_schema(question, schema)` and decoding is constrained. Nothing here imports torch.
+Contract: a `Conversation` holds the messages and the pages shown, in image order; `to_dict()` is the `/save` file
+(`idefics-cli.chat/1`). `ChatSession.open(path, pages)` decodes the chosen pages before any model loads; `start
+(engine, schema=None)` checks that they fit; `ask(question)` returns the streaming `Response`, committed when it
+ends; `show`, `reset` and `save` are `/pages`, `/reset` and `/save`. Nothing here imports torch.
 """
-
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import time
 from dataclasses import dataclass, field
 
 from ..prompts import assistant_turn, user_turn
-from .response import Response
+from .response import Response, prompt_for
 
 CHAT_SCHEMA = "idefics-cli.chat/1"
 
@@ -54,13 +49,11 @@ class Conversation:
         self.messages, self.shown, self.sources = [], [], []
         self.attach(pages)
 
-    def next_messages(self, question: str) -> list[dict]:
-        return [*self.messages, user_turn(len(self.pending), question)]
-
     def inputs(self, question: str, max_new_tokens: int):
         """Processor outputs for the whole conversation plus `question`, refused if over the context."""
         images = [p.image for p in self.shown + self.pending]
-        return self.engine.chat_inputs(self.next_messages(question), images, max_new_tokens)
+        messages = [*self.messages, user_turn(len(self.pending), question)]
+        return self.engine.chat_inputs(messages, images, max_new_tokens)
 
     def commit(self, question: str, answer: str, interrupted: bool = False) -> None:
         """Append a turn; an answer stopped by Ctrl-C is kept as far as it went, marked `"interrupted": true`."""
@@ -69,25 +62,16 @@ class Conversation:
         if interrupted:
             reply["interrupted"] = True
         self.messages.extend([user_turn(len(self.pending), question), reply])
-        for p in self.pending:
-            if self.sources and self.sources[-1]["message"] == index and self.sources[-1]["path"] == p.path:
-                self.sources[-1]["pages"].append(p.page)
-            else:
-                self.sources.append({"message": index, "path": p.path, "pages": [p.page]})
+        self.sources += [{"message": index, "path": path, "pages": [p.page for p in group]}
+                         for path, group in itertools.groupby(self.pending, key=lambda p: p.path)]
         self.shown.extend(self.pending)
         self.pending = []
 
     def seen(self) -> list[dict]:
         """Every document page the model sees in the next turn: [{"path", "pages"}], merged per document."""
-        merged: list[dict] = []
-        for path, page in [(s["path"], p) for s in self.sources for p in s["pages"]] + [
-                (p.path, p.page) for p in self.pending]:
-            if merged and merged[-1]["path"] == path:
-                if page not in merged[-1]["pages"]:
-                    merged[-1]["pages"].append(page)
-            else:
-                merged.append({"path": path, "pages": [page]})
-        return merged
+        seen = [(s["path"], p) for s in self.sources for p in s["pages"]] + [(p.path, p.page) for p in self.pending]
+        return [{"path": path, "pages": list(dict.fromkeys(page for _, page in group))}
+                for path, group in itertools.groupby(seen, key=lambda pair: pair[0])]
 
     def warnings(self) -> list[str]:
         """The warning codes of every page the model sees in the next turn, each once."""
@@ -129,15 +113,13 @@ class ChatSession:
             return [PageImage(self.doc.path, p, self.doc.render(p), self.doc.warnings(p)) for p in chosen]
 
     def start(self, engine, schema=None) -> ChatSession:
-        """Begin the conversation on `engine`: the pages must fit its context with room for an answer.
-
-        `schema`: every answer constrained to it (a structured.Schema, a dict or a `--schema` string)."""
+        """Begin the conversation on `engine` (the pages must fit its context with room for an answer); `schema`
+        constrains every answer (a structured.Schema, a dict or a `--schema` string)."""
         from ..structured import as_schema
 
         self.schema = as_schema(schema)
         engine.check_context(len(self.pages), "", engine.options.max_new_tokens)
-        self.conv = Conversation(engine)
-        self.conv.attach(self.pages)
+        self.conv = Conversation(engine, pending=list(self.pages))
         return self
 
     @property
@@ -163,8 +145,7 @@ class ChatSession:
 
     def ask(self, question: str, max_new_tokens: int | None = None, logits_processor=None,
             schema=None) -> Response:
-        """The next turn: the whole conversation plus `question`; committed when the answer has been read.
-
+        """The next turn: the whole conversation plus `question`, committed when the answer has been read;
         `schema` for this turn only (default: the session's, from `start`)."""
         from ..structured import as_schema
         from .records import Source
@@ -172,23 +153,14 @@ class ChatSession:
         engine, conv = self.engine, self.conv
         start = time.perf_counter()
         schema = as_schema(schema) or self.schema
-        prompt = question
-        if schema is not None:
-            from ..structured import with_schema
-
-            prompt = with_schema(question, schema)
+        prompt = prompt_for(question, schema)
         limit = max_new_tokens or engine.options.max_new_tokens
         inputs = conv.inputs(prompt, limit)
-        preprocess_s = time.perf_counter() - start
-
-        def commit(response: Response) -> None:
-            conv.commit(prompt, response.received, interrupted=response.interrupted)
-
-        return Response(engine.stream_generate(inputs, limit, logits_processor, schema), question=question,
-                        sources=[Source(s["path"], s["pages"]) for s in conv.seen()], split=engine.options.split,
-                        model=engine.info, usage=engine.usage(inputs), load_s=engine.load_s,
-                        preprocess_s=preprocess_s, started=start, max_new_tokens=limit, warnings=conv.warnings(),
-                        extra={"turn": conv.turn + 1}, on_end=commit, schema=schema)
+        return Response(engine, inputs, question, limit, logits_processor, schema,
+                        sources=[Source(s["path"], s["pages"]) for s in conv.seen()],
+                        preprocess_s=time.perf_counter() - start, started=start, warnings=conv.warnings(),
+                        extra={"turn": conv.turn + 1},
+                        on_end=lambda reply: conv.commit(prompt, reply.received, interrupted=reply.interrupted))
 
     def close(self) -> None:
         self.doc.close()

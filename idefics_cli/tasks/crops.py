@@ -1,16 +1,10 @@
 """What the processor really feeds the model for one page: its images, taken back out, and a contact sheet.
 
-Contract:
-- `model_images(processor, image)` runs the processor (`model.load_processor`, no weights) on one page image and
-  takes the images back out of `pixel_values`, de-normalized and cropped to `pixel_attention_mask`: exactly
-  the pixels the vision encoder sees, as many as the processor made (5 with idefics2 splitting, 1 without).
-- `contact_sheet(panels, labels, title)` lays them out (`sheet_layout`: 2 x 2 crops + the whole page for 5,
-  else one row) under label strips.
-- `save_crops(images, names, folder, sheet_path, title, labels)` writes `crop-<k>-<position>.png` into `folder`
-  and/or the sheet, returning the paths; a failed write is `IdeficsError("output_error")`.
+Contract: `model_images(processor, image)` takes the images back out of the processor's `pixel_values`, exactly the
+pixels the vision encoder sees (5 with idefics2 splitting, 1 without). `contact_sheet` lays them out under labels;
+`save_crops` writes `crop-<k>-<position>.png` files and/or the sheet (a failed write: `output_error`).
 torch and PIL are imported inside functions only.
 """
-
 from __future__ import annotations
 
 import os
@@ -23,8 +17,6 @@ POSITIONS_5 = ("top-left", "top-right", "bottom-left", "bottom-right", "whole")
 def position_names(n: int) -> list[str]:
     if n == len(POSITIONS_5):
         return list(POSITIONS_5)
-    if n == 1:
-        return ["whole"]
     return [f"tile-{k + 1}" for k in range(n - 1)] + ["whole"]
 
 
@@ -127,9 +119,7 @@ def save_crops(images: list, names: list[str], folder: str | None, sheet_path: s
                 im.save(path, format="PNG")
                 written.append(path)
         if sheet_path is not None:
-            parent = os.path.dirname(sheet_path)
-            if parent:
-                os.makedirs(parent, exist_ok=True)
+            os.makedirs(os.path.dirname(sheet_path) or ".", exist_ok=True)
             contact_sheet(images, labels, title).save(sheet_path, format="PNG")
             written.append(sheet_path)
     except OSError as exc:

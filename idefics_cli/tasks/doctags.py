@@ -18,7 +18,7 @@ def available() -> bool:
 
 
 def to_markdown(doctags: str) -> str | None:
-    if not available():
+    if not available():  # first: with the extra hidden (sys.modules) its submodules may still import
         return None
     try:
         from docling_core.types.doc.document import DoclingDocument, DocTagsDocument

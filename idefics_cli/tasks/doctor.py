@@ -1,18 +1,13 @@
 """Whether a setup can run the model, and if not why not: the checks behind `idefics doctor`.
 
-Contract: `diagnose(options)` runs every check and returns one JSON-ready report (schema `SCHEMA`) whose `ok` and
-`reason` hold the verdict; a hub model not cached while offline or without the hub raises
-`IdeficsError("model_error")` first (`hub.local_only`). The network is touched only to fetch the config files
-of a model not cached yet (never offline). The checks return plain dicts: `versions()`, `cuda_info()`,
-`system_info()`, `check_4bit(device, dtype)` (a real nf4 `matmul_4bit` against float), `model_files(model,
-revision)`, `extras.report()`, and `memory_estimate(...)`: parameters counted on the meta device, bytes per
-parameter, and the KV cache of one page's prompt, its image counts read from the processor's configs
-(`page_images`), never hard-coded. `human_bytes(n)` writes a byte count for people.
-torch, transformers, bitsandbytes and huggingface_hub are imported inside functions only.
+Contract: `diagnose(options)` runs every check and returns one JSON-ready report (schema `SCHEMA`; `ok` and
+`reason` hold the verdict); a hub model not cached while offline or without the hub raises `model_error` first.
+The network is touched only to fetch the config files of a model not cached yet. The memory estimate counts
+parameters on the meta device and reads image counts from the processor's configs. Heavy imports are lazy.
 """
-
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -62,28 +57,26 @@ def system_info() -> dict:
     """The interpreter, the platform, CPUs, and total/available RAM in bytes (from /proc/meminfo)."""
     found = {"executable": sys.executable, "platform": platform.platform(), "cpus": os.cpu_count(),
              "ram_total_bytes": None, "ram_available_bytes": None}
-    try:
-        with open("/proc/meminfo") as f:
-            fields = dict(line.split(":", 1) for line in f if ":" in line)
+    with contextlib.suppress(OSError, KeyError, ValueError), open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
         found["ram_total_bytes"] = int(fields["MemTotal"].split()[0]) * 1024
         found["ram_available_bytes"] = int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        pass
     return found
 
 
-def check_4bit(device: str, dtype) -> dict:
-    """Quantize a random weight to nf4 and run bitsandbytes' 4-bit matmul (decode and prefill shapes).
-
-    `max_error`: the kernel against float math on the dequantized weight (relative to the largest output);
-    `quantization_error`: relative error against the original float weight (nf4 is ~0.1).
-    """
+def check_4bit(device: str | None, dtype) -> dict:
+    """A random weight in nf4 through bitsandbytes' 4-bit matmul (decode and prefill shapes): `max_error` against
+    float math on the dequantized weight, `quantization_error` against the float weight (nf4 is ~0.1)."""
     import torch
 
+    result = dict.fromkeys(("ran", "ok", "device", "dtype", "max_error", "quantization_error", "tolerance", "error",
+                            "seconds"), None)
+    result.update(ran=False, ok=False)
+    if device is None:
+        return {**result, "error": "no usable device"}
     start = time.perf_counter()
     tolerance = 1e-3 if dtype == torch.float32 else 3e-2
-    result = {"ran": False, "ok": False, "device": device, "dtype": str(dtype).replace("torch.", ""),
-              "max_error": None, "quantization_error": None, "tolerance": tolerance, "error": None, "seconds": None}
+    result.update(device=device, dtype=str(dtype).replace("torch.", ""), tolerance=tolerance)
     try:
         from ..runtime.model import import_bitsandbytes
 
@@ -116,10 +109,8 @@ def dir_size(path: str) -> int:
     total = 0
     for root, _, files in os.walk(path):
         for name in files:
-            try:
+            with contextlib.suppress(OSError):
                 total += os.stat(os.path.join(root, name)).st_size  # follows HF cache symlinks to the blobs
-            except OSError:
-                pass
     return total
 
 
@@ -190,9 +181,7 @@ def _count_parameters(config) -> tuple[int, int]:
 
 
 def page_images(folder: str, split: bool) -> int:
-    """How many images the processor makes of one page: its image processor, built from the model's
-    preprocessor_config.json, run on a blank page-shaped image (the default render: longest side 1960 px).
-    For Idefics2 that is 4 crops + the whole page with splitting, 1 without (transformers' `split_images`)."""
+    """How many images the model's image processor makes of a blank page of the default render size."""
     from PIL import Image
     from transformers import AutoImageProcessor
 
@@ -219,8 +208,7 @@ def image_tokens_per_image(config, processor_config_path: str | None) -> int:
 
 def memory_estimate(config_path: str, processor_config_path: str | None, quant: str, split: bool, dtype_bytes: int,
                     max_new_tokens: int, cuda: bool) -> dict:
-    """Bytes needed to answer about one page: weights + KV cache + activations (+ CUDA context). The image
-    processor's config (preprocessor_config.json) is read from the folder of `config_path`."""
+    """Bytes needed to answer about one page: weights + KV cache + activations (+ CUDA context)."""
     from transformers import AutoConfig
 
     folder = os.path.dirname(config_path)
@@ -266,6 +254,7 @@ def diagnose(options) -> dict:
     except IdeficsError as err:
         device = None
         problems.append(err.message)
+    cuda = bool(device and device.startswith("cuda"))
     dtype = resolve_dtype(options.dtype, device or "cpu")
     files = model_files(options.model, options.revision)
     quant, why = _quant(options, files, local)
@@ -273,16 +262,14 @@ def diagnose(options) -> dict:
                        "quantization": QUANT_NAMES[quant], "quantization_reason": why,
                        "dtype": str(dtype).replace("torch.", ""), "device": device or options.device,
                        "split": options.split}
-    report["bnb_4bit"] = check_4bit(device, dtype) if device else {
-        "ran": False, "ok": False, "device": None, "dtype": None, "max_error": None, "quantization_error": None,
-        "tolerance": None, "error": "no usable device", "seconds": None}
+    report["bnb_4bit"] = check_4bit(device, dtype)
     report["model"] = files
-    report["estimate"] = _estimate(options, files, local, quant, dtype, device)
+    report["estimate"] = _estimate(options, files, local, quant, dtype, cuda)
     report["extras"] = extras.report()  # optional features: reported, never a reason to fail
 
     if device and quant == "4bit" and not report["bnb_4bit"]["ok"]:
         problems.append(f"bitsandbytes 4-bit does not work on {device}: {report['bnb_4bit']['error']}")
-    if quant == "8bit" and device and not device.startswith("cuda"):
+    if quant == "8bit" and device and not cuda:
         problems.append("--quant 8bit needs a CUDA GPU")
     if not files["available"]:
         where = "the local folder" if files["local_folder"] else "the local HF cache"
@@ -291,7 +278,7 @@ def diagnose(options) -> dict:
     need, free = report["estimate"].get("total_bytes"), free_bytes(report["cuda"], device)
     report["estimate"]["free_bytes"] = free
     report["estimate"]["fits"] = None if need is None or free is None else need <= free
-    if report["estimate"]["fits"] is False and device and device.startswith("cuda"):
+    if report["estimate"]["fits"] is False and cuda:
         problems.append(f"needs about {human_bytes(need)} but {device} has {human_bytes(free)} free"
                         " (try --quant 4bit or --no-split)")
     report["ok"] = not problems
@@ -320,17 +307,15 @@ def free_bytes(cuda: dict, device: str | None) -> int | None:
         return None
     if device.startswith("cuda"):
         index = int(device.split(":")[1]) if ":" in device else 0
-        gpus = [g for g in cuda["devices"] if g["index"] == index]
-        return gpus[0]["free_bytes"] if gpus else None
+        return next((g["free_bytes"] for g in cuda["devices"] if g["index"] == index), None)
     return system_info()["ram_available_bytes"]
 
 
 CONFIG_FILES = ("config.json", "processor_config.json", "preprocessor_config.json")
 
 
-def _estimate(options, files: dict, local: bool, quant: str, dtype, device) -> dict:
-    """The memory estimate, from a local or cached config.json (fetched when it is not cached and `local_only`
-    said the hub can be reached)."""
+def _estimate(options, files: dict, local: bool, quant: str, dtype, cuda: bool) -> dict:
+    """The memory estimate from the local config.json, fetched first when not cached and the hub can be reached."""
     folder = files["path"]
     config = os.path.join(folder, "config.json") if folder else None
     try:
@@ -340,17 +325,15 @@ def _estimate(options, files: dict, local: bool, quant: str, dtype, device) -> d
             config = hf_hub_download(options.model, "config.json", revision=options.revision, etag_timeout=5)
             folder = os.path.dirname(config)
             for name in CONFIG_FILES[1:]:
-                try:
+                with contextlib.suppress(Exception):  # optional here: missing, the estimate says what is
                     hf_hub_download(options.model, name, revision=options.revision, etag_timeout=5)
-                except Exception:  # noqa: BLE001 - optional here: missing, the estimate says what is
-                    pass
         if not (config and os.path.exists(config)):
             return {"error": "config.json is not in the local cache" + (" (offline)" if options.offline else "")}
         import torch
 
         nbytes = torch.empty((), dtype=dtype).element_size()
         return memory_estimate(config, os.path.join(folder, "processor_config.json"), quant, options.split, nbytes,
-                               options.max_new_tokens, bool(device and device.startswith("cuda")))
+                               options.max_new_tokens, cuda)
     except Exception as exc:  # noqa: BLE001 - the estimate is advisory
         return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
 
@@ -358,8 +341,8 @@ def _estimate(options, files: dict, local: bool, quant: str, dtype, device) -> d
 def human_bytes(n: int | None) -> str:
     if n is None:
         return "?"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
+    for unit in ("B", "KiB", "MiB"):
+        if abs(n) < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"

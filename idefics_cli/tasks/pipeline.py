@@ -1,15 +1,10 @@
 """Transcription pipeline, the local engine: pages in, page records out, through a sink that loses nothing.
 
-Contract: a `TranscribeJob` is one run's work: its request (transcription.py; batch size resolved), documents, sink and
-`Summary`; `TranscribeJob.emit(record)` writes a finished record at once and counts it (the Ray engine uses it too).
-`transcribe(engine, job)` walks the documents' chosen pages through the prefetcher (prefetch.py), feeds them to
-the engine as rows of its decode loop (at most `batch_size` at once, a new page joining as soon as one ends) and
-yields each `PageRecord` once written, in page order. A failed document or page becomes an error record and the
-run goes on; a blank page is recorded as "" (`blank_page`) without the model; a page that runs out of memory is
-retried alone, then without image splitting; a `model_error` (a server gone) ends the run, the records written so
-far kept. With a schema each row has its own grammar, and `ok_record` reads the answer back (`data`).
+Contract: a `TranscribeJob` is one run's work (request, documents, sink, `Summary`); `emit(record)` writes and counts
+a record. `transcribe(engine, job)` feeds the prefetcher's pages to the engine's decode loop (continuous batching)
+and yields each record once written, in page order. Failed pages become error records; an out-of-memory page is
+retried alone, then without splitting; a `model_error` (a server gone) ends the run.
 """
-
 from __future__ import annotations
 
 import time
@@ -47,12 +42,11 @@ class TranscribeJob:
         self.begin()
 
     def begin(self) -> None:
-        """The run's clock starts (once the model is loaded): `summary.seconds` counts from here."""
+        """Start the run's clock (once the model is loaded)."""
         self.start = time.perf_counter()
 
     @property
     def settings_hash(self) -> str:
-        """The settings hash of this run's records (their resume key, with the file's sha256 and the page)."""
         return self.request.settings_hash
 
     def is_done(self, sha256: str, page: int) -> bool:
@@ -77,20 +71,12 @@ class TranscribeJob:
             self.progress(self.summary)
 
 
-def failure_record(item: Failure, settings: str) -> PageRecord:
-    return error_record(item.input.path, item.error, settings, item.page, item.pages, item.sha256)
-
-
 def prefetcher(preparer, job: TranscribeJob) -> Prefetcher:
-    """The job's prefetcher: its batches' inputs prepared by `preparer` (the engine, or engine.Preparer: the
-    processor alone while the weights load, when the batch size is known before the model is)."""
-    request = job.request
-
-    def build(images):
-        return preparer.prepare([([image], request.model_prompt) for image in images], collect=True)
-
-    return Prefetcher(job.docs, job.open_doc, job.select_pages, job.is_done, build, request.batch_size or 1,
-                      on_pages=job.pages)
+    """The job's prefetcher, its batches prepared by `preparer` (the engine, or engine.Preparer while it loads)."""
+    prompt = job.request.model_prompt
+    return Prefetcher(job.docs, job.open_doc, job.select_pages, job.is_done,
+                      lambda images: preparer.prepare([([image], prompt) for image in images], collect=True),
+                      job.request.batch_size or 1, on_pages=job.pages)
 
 
 @dataclass
@@ -114,11 +100,8 @@ class _Slot:
 
 
 def transcribe(engine, job: TranscribeJob, started: Prefetcher | None = None) -> Iterator[PageRecord]:
-    """The job's records, each yielded once written; `engine=None` when no chosen page needs the model.
-    `started`: the job's prefetcher, started while the model loaded (else one is made here).
-
-    Pages decode as rows of the engine's loop (continuous batching): a page that ends hands its row to the next
-    page at once. Records are written in the order of the pages, whatever order their answers end in."""
+    """The job's records in page order, each yielded once written; `engine=None` when no page needs the model.
+    `started`: the job's prefetcher, started while the model loaded (else one is made here)."""
     request = job.request
     job.begin()
     items = started or prefetcher(engine, job)
@@ -167,7 +150,7 @@ def _records(engine, slot: _Slot, request: TranscribeRequest, job: TranscribeJob
         job.sink.document_done(item)
         return []
     if isinstance(item, Failure):
-        return [failure_record(item, settings)]
+        return [error_record(item.input.path, item.error, settings, item.page, item.pages, item.sha256)]
     if isinstance(item, BlankPage):
         return [blank_record(item.task, settings, request.schema)]
     if isinstance(item, Batch):  # out of memory among other rows: this page alone, then without splitting

@@ -1,15 +1,10 @@
 """Prefetch: documents in, ready batches out, one batch ahead of the model (docs/batching.md).
 
-Contract: `Prefetcher(docs, open_doc, select_pages, is_done, build, batch_size)` is iterated by the model's thread.
-Its one thread (ahead.py's `WorkAhead`) opens documents, renders their chosen pages not done yet, groups them
-into batches (`Window`: `batch_size` pages of one pixel size from at most two batches of rendered pages; mixed
-sizes only when full or at the end) and builds each batch's inputs (`build(images)`), handing over in order
-`Batch`es, `Failure`s, `BlankPage`s and `DocumentDone`s (after all of a document's batches). At most `depth`
-items wait, and a batch is built only once every batch before it was taken (its one place), so a build
-overlaps the model's prefill and at most two batches' pixels exist. `start()` starts early (while the weights
-load); leaving the loop or `close()` stops the thread; its exceptions are raised in the iterating thread.
-`on_pages(total, skipped)` is called per opened document. `build` must change no shared state and use numpy,
-not torch ops (a second OpenMP team slows the one that generates: engine.py).
+Contract: iterating `Prefetcher(docs, open_doc, select_pages, is_done, build, batch_size)` yields in order `Batch`es
+(inputs made by `build(images)`), `Failure`s, `BlankPage`s and `DocumentDone`s, made by one thread (ahead.WorkAhead)
+that builds a batch only once the one before was taken: at most two batches' pixels exist. `start()` starts early;
+leaving the loop or `close()` stops it; its exceptions are raised in the iterating thread. `build` must change no
+shared state and use numpy, not torch ops (a second OpenMP team slows the one that generates: engine.py).
 """
 
 from __future__ import annotations
@@ -36,8 +31,8 @@ class Window:
         return any(t.input == item for t, _ in self.pending)
 
     def next_batch(self, final: bool) -> list | None:
-        """`batch_size` pages of one size if the window holds them; else, once the window is full (2 batches) or
-        at the end, the oldest page's size first, topped up with the oldest others (a vision call per size)."""
+        """`batch_size` pages of one size; else, once the window holds 2 batches or at the end, the oldest page's
+        size first, topped up with the oldest others (a vision call per size)."""
         pending, size = self.pending, self.batch_size
         groups: dict = {}
         for k, (_, image) in enumerate(pending):
@@ -57,16 +52,14 @@ class Window:
 class Prefetcher:
     """Documents in, ready batches out, built one batch ahead of the model in one background thread."""
 
-    def __init__(self, docs: list[Input], open_doc, select_pages, is_done, build, batch_size: int, depth: int = 1,
-                 on_pages=None):
+    def __init__(self, docs: list[Input], open_doc, select_pages, is_done, build, batch_size: int, on_pages=None):
         self.docs, self.open_doc, self.select_pages, self.is_done = docs, open_doc, select_pages, is_done
-        self.build, self.on_pages, self.depth = build, on_pages, max(depth, 1)
+        self.build, self.on_pages = build, on_pages  # on_pages(total, skipped): per opened document
         self.window = Window(batch_size)
         self.finished: list[DocumentDone] = []
         # the turn is its one place: claimed before a build, released when the model's thread takes the batch
-        self._work = WorkAhead("idefics-prefetch", depth=self.depth, places=1)
+        self._work = WorkAhead("idefics-prefetch", depth=1, places=1)
 
-    # ---- the model's thread ------------------------------------------------------------------------------
     def start(self) -> Prefetcher:
         """Start the thread now (else the first iteration does): work begins before the model is there to take it."""
         self._work.start(self._produce)
@@ -74,7 +67,7 @@ class Prefetcher:
 
     def close(self) -> None:
         """Stop and join the thread (a prefetcher never iterated: the load it overlapped failed)."""
-        self.stop()
+        self._work.stop()
         self._work.join(timeout=5)
 
     def __iter__(self) -> Iterator[Batch | Failure | BlankPage | DocumentDone]:
@@ -88,10 +81,6 @@ class Prefetcher:
         finally:
             self.close()
 
-    def stop(self) -> None:
-        self._work.stop()
-
-    # ---- the background thread ---------------------------------------------------------------------------
     def _produce(self, work: WorkAhead) -> None:
         for item in self.docs:
             if work.stopped or not self._document(item):
@@ -111,12 +100,11 @@ class Prefetcher:
             ready = None
             try:
                 batch.inputs = self.build(batch.images)
-            except Exception as exc:  # noqa: BLE001 - recorded per page
+            except BaseException as exc:
                 self._work.release()  # this batch never reaches the model: the next build may start
+                if not isinstance(exc, Exception):
+                    raise
                 ok = all(self._fail(t.input, exc, t.sha256, t.page, t.pages) for t in batch.tasks)
-            except BaseException:
-                self._work.release()
-                raise
             else:
                 batch.preprocess_s = time.perf_counter() - t0
                 ok = self._work.put(batch)
@@ -141,21 +129,19 @@ class Prefetcher:
             todo = [p for p in chosen if not self.is_done(doc.sha256, p)]
             if self.on_pages:
                 self.on_pages(len(chosen), len(chosen) - len(todo))
-            for page in todo:
-                try:
-                    image = doc.render(page)
-                except Exception as exc:  # noqa: BLE001
-                    if not self._fail(item, exc, doc.sha256, page, doc.page_count):
-                        return False
-                    continue
-                task = PageTask(item, doc.sha256, page, doc.page_count, doc.warnings(page))
-                if "blank_page" in task.warnings:  # needs no model: recorded at once, before its DocumentDone
-                    if not self._work.put(BlankPage(task)):
-                        return False
-                    continue
-                self.window.add(task, image)
-                image = None
-                if not self._flush():
-                    return False
+            if not all(self._page(item, doc, page) for page in todo):
+                return False
             self.finished.append(DocumentDone(item, doc.sha256, chosen, doc.page_count))
             return self._flush()
+
+    def _page(self, item: Input, doc, page: int) -> bool:
+        try:
+            image = doc.render(page)
+        except Exception as exc:  # noqa: BLE001 - recorded for the page
+            return self._fail(item, exc, doc.sha256, page, doc.page_count)
+        task = PageTask(item, doc.sha256, page, doc.page_count, doc.warnings(page))
+        if "blank_page" in task.warnings:  # needs no model: recorded at once, before its DocumentDone
+            return self._work.put(BlankPage(task))
+        self.window.add(task, image)
+        image = None
+        return self._flush()

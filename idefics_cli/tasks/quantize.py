@@ -1,15 +1,10 @@
 """Save a model quantized to 4-bit once, so later loads are fast and small: the library behind `idefics quantize`.
 
-Contract: `save_4bit(options, out_dir, status)` loads the model as `--quant 4bit` does (nf4, double quant) and
-writes it with `save_pretrained` (safetensors, config.json with its `quantization_config`), with the processor
-exactly as saved (`load_processor(configure=False)`) and the generation config. `out_dir` must be empty or
-missing (else `UsageError`); it is written under a temporary name beside it, made before the model loads (an
-unwritable place fails at once: `output_error`), then renamed, so a crash never leaves a half-written model.
-Returns `Quantized(out_dir, before_bytes, after_bytes, dtype)`. `status(message)` wraps each long step (a
-spinner in the CLI). `weights_bytes(folder)` sums a folder's .safetensors files.
-torch and transformers are imported inside functions only.
+Contract: `save_4bit(options, out_dir, status)` loads the model as `--quant 4bit` does and saves it with its
+processor into `out_dir` (empty or missing, else `UsageError`), written under a temporary name beside it and renamed
+(an unwritable place: `output_error` before the model loads). Returns `Quantized`; `status(message)` wraps each long
+step. torch and transformers are imported inside functions only.
 """
-
 from __future__ import annotations
 
 import contextlib

@@ -1,16 +1,10 @@
 """`transcribe --engine ray`: the same pipeline on Ray Data, for many GPUs or nodes.
 
-Contract: `run(job)` (pipeline.TranscribeJob) turns each document into rows in one Ray CPU task that opens and hashes
-the file once and yields one row per chosen page with its rendered image (done pages marked skip, not
-rendered), answers them in `map_batches` with a callable class that loads the model inside the actor (one
-actor per GPU, `num_gpus=1`; on a machine without GPUs, CPU actors), and streams the rows back to the
-driver, which yields and writes exactly the records the local engine writes, through the same sinks, with the
-same resume keys. Every stage catches errors per row into the row's error fields (Ray's block-level
-error tolerance would drop whole blocks). Crashed tasks and actors are retried by Ray. The processor runs
-in the actor, next to the model: its pixel tensors are ~10x larger than the page image they come from.
-Works with Ray 2.40-2.60 (`compute=ActorPoolStrategy(...)`, else `concurrency=`).
+Contract: `run_on_ray(job)` renders each document's chosen pages in one Ray CPU task, answers them in `map_batches`
+actors that load the model (one per GPU, else CPU actors; the processor runs there too) and streams back exactly
+the records the local engine writes, through the same sinks and resume keys. Every stage catches errors per row
+(Ray's block-level error tolerance would drop whole blocks). Works with Ray 2.40-2.60.
 """
-
 from __future__ import annotations
 
 import inspect
@@ -32,13 +26,8 @@ def _row(item: Input, sha256="", page=0, pages=0, chosen=(), skip=False, error: 
 
 
 class RayPages:
-    """Document -> one row per chosen page, rendered in this one CPU task (the file is read and hashed once).
-
-    Done pages are marked `skip` (not rendered); a page that cannot be rendered gets its error fields, a
-    document that cannot be opened (or has none of the chosen pages) one error row. Rows are yielded one by
-    one, so Ray Data streams a long document's pages on in blocks instead of holding all of its images.
-    The image travels as raw RGB bytes.
-    """
+    """Document -> one row per chosen page (raw RGB bytes; done pages `skip`, not rendered), yielded one by one
+    so that Ray Data streams a long document on; a failure becomes the row's error fields."""
 
     def __init__(self, open_doc, select_pages, done: set, settings_hash: str):
         self.open_doc, self.select_pages, self.done, self.settings_hash = open_doc, select_pages, done, settings_hash
@@ -63,7 +52,7 @@ class RayPages:
                     try:
                         image = doc.render(page)
                         out.update(image=image.tobytes(), width=image.width, height=image.height,
-                                   warnings=_dumps(doc.warnings(page)))
+                                   warnings=json.dumps(doc.warnings(page)))
                     except Exception as exc:  # noqa: BLE001
                         err = classify(exc, item.path, "read")
                         out.update(error_code=err.code, error_message=err.message)
@@ -109,15 +98,11 @@ class Transcriber:
                 err = {"code": str(row["error_code"]), "message": str(row["error_message"])}
                 results[i] = error_record(str(row["path"]), err, settings, int(row["page"]), int(row["pages"]),
                                           str(row["sha256"]))
-        return {"record": [_dumps(results[i].to_dict()) if i in results else "" for i in range(len(rows))],
+        return {"record": [json.dumps(results[i].to_dict()) if i in results else "" for i in range(len(rows))],
                 "page": [int(r["page"]) for r in rows], "skip": [bool(r["skip"]) for r in rows],
                 "path": [str(r["path"]) for r in rows], "rel": [str(r["rel"]) for r in rows],
                 "sha256": [str(r["sha256"]) for r in rows],
-                "chosen": [_dumps([int(p) for p in r["chosen"]]) for r in rows]}
-
-
-def _dumps(obj) -> str:
-    return json.dumps(obj)
+                "chosen": [json.dumps([int(p) for p in r["chosen"]]) for r in rows]}
 
 
 def _map_batches_args(ray, n_actors: int, num_gpus: int) -> dict:

@@ -1,16 +1,10 @@
 """Records: the typed results that leave the program (docs/formats.md).
 
-Contract: `Answer` is what `ask --json` prints (schema `idefics-cli.answer/1`), `PageRecord` one line of
-`transcribe` output (schema `idefics-cli.page/1`); their `to_dict()` gives exactly the documented fields
-(`warnings`: codes of errors.WARNINGS), `PageRecord.from_dict` reads one back. Every page record comes from a
-factory here (`ok_record`, `blank_record`, `error_record`), whichever engine runs. With `--schema`, answers and
-records also have `"data"` (null without valid JSON: an error record keeping the text, `schema_truncated` or
-`schema_mismatch`; a blank page is `ok` with null) and the answer `"schema_sha256"`. Answers and model-made records
-carry `"confidence"` (confidence.py), with a schema `"field_confidence"`; `ok_record(min_confidence=P)` warns
-`low_confidence` below P. `Summary` counts a run's records and gives its summary lines and exit status.
-`settings_hash()` hashes everything that changes a page's text (each record's `settings`, used by resume).
+Contract: `Answer` is what `ask --json` prints, `PageRecord` one line of `transcribe` output; `to_dict()` gives
+exactly the documented fields, `PageRecord.from_dict` reads one back. Every page record comes from a factory here
+(`ok_record`, `blank_record`, `error_record`), whichever engine runs. `Summary` counts a run's records (summary
+lines, exit status); `settings_hash()` hashes what changes a page's text (the resume key).
 """
-
 from __future__ import annotations
 
 import hashlib
@@ -45,20 +39,14 @@ class Answer:
     structured: dict | None = None  # with --schema: {"data", "field_confidence", "schema_sha256", "error"}
 
     def to_dict(self) -> dict:
-        d = {"schema": ANSWER_SCHEMA, **asdict(self)}
+        d = asdict(self)
         structured = d.pop("structured")
+        head = {"schema": ANSWER_SCHEMA, "question": d.pop("question"), "answer": d.pop("answer")}
         if structured is None:
-            return d
-        out = {}
-        for key, value in d.items():
-            out[key] = value
-            if key == "answer":
-                out["data"] = structured["data"]
-                out["field_confidence"] = structured["field_confidence"]
-                out["schema_sha256"] = structured["schema_sha256"]
-        if structured.get("error") is not None:
-            out["error"] = structured["error"]
-        return out
+            return {**head, **d}
+        error = structured.get("error")
+        return {**head, "data": structured["data"], "field_confidence": structured["field_confidence"],
+                "schema_sha256": structured["schema_sha256"], **d, **({"error": error} if error is not None else {})}
 
 
 @dataclass
@@ -100,16 +88,11 @@ class PageRecord:
 
 def ok_record(task, gen, usage: dict, preprocess_s: float, settings: str, batch_size: int = 1,
               schema=None, min_confidence: float | None = None, doctags: bool = False) -> PageRecord:
-    """A page's answer; its `timing` is its share of its batch's time (`batch_size` pages shared one call).
-
-    `task` is the page (`input.path`, `page`, `pages`, `sha256`, `warnings`: batch.PageTask); `gen` its
-    generation (`text`, `finish_reason`, `completion_tokens`, `total_s`); `settings` the run's settings hash.
-    With `schema` (structured.Schema) the answer is read as JSON: `data` when it validates, else an error
-    record (`schema_truncated` or `schema_mismatch`) that keeps the raw text. Below `min_confidence` (the lowest
-    field confidence, or without fields the lowest token probability) an `ok` page warns `low_confidence`.
-    `doctags`: the text is a document model's DocTags, given as Markdown too (doctags.py; none without docling-core).
-    """
+    """The record of a page (batch.PageTask) answered by `gen`, timed as its share of its batch's call. With a
+    `schema`, `data` or an error record keeping the text; below `min_confidence` a `low_confidence` warning;
+    `doctags`: the text is DocTags, given as Markdown too."""
     from . import confidence
+    from .doctags import to_markdown
 
     data, error, fields_, warnings = NO_DATA, None, None, list(task.warnings)
     summary = confidence.summary(gen.logprobs, gen.ends)
@@ -130,18 +113,11 @@ def ok_record(task, gen, usage: dict, preprocess_s: float, settings: str, batch_
                       finish_reason=gen.finish_reason, usage={**usage, "completion_tokens": gen.completion_tokens},
                       timing={"preprocess_s": round(preprocess_s, 4), "generate_s": round(gen.total_s / batch_size, 4),
                               "batch_size": batch_size}, warnings=warnings, data=data, confidence=summary,
-                      field_confidence=fields_, markdown=_markdown(gen.text) if doctags and not error else None)
-
-
-def _markdown(text: str) -> str | None:
-    from .doctags import to_markdown
-
-    return to_markdown(text)
+                      field_confidence=fields_, markdown=to_markdown(gen.text) if doctags and not error else None)
 
 
 def blank_record(task, settings: str, schema=None) -> PageRecord:
-    """A flat-colour page: nothing to read, so "" without asking the model (warning blank_page); with a
-    schema, `"data": null`."""
+    """A flat-colour page: "" without asking the model (with a schema, `"data": null`)."""
     return PageRecord(path=task.input.path, page=task.page, pages=task.pages, status="ok", sha256=task.sha256,
                       settings=settings, text="", finish_reason="stop", warnings=list(task.warnings),
                       usage={"prompt_tokens": 0, "image_tokens": 0, "completion_tokens": 0},
@@ -190,8 +166,7 @@ class Summary:
         return ExitStatus.PARTIAL if self.ok + self.skipped else ExitStatus.INPUT
 
     def failure_lines(self, records: str | None, limit: int = 20) -> list[str]:
-        """One line per failed page; past `limit`, a last line says how many more and where they are recorded
-        (`records`; None: nowhere else, so every failure is listed)."""
+        """One line per failed page; past `limit` (unless `records` is None), one more says where the rest are."""
         shown = self.failures if records is None or len(self.failures) <= limit else self.failures[:limit]
         lines = [f"  failed: {failure}" for failure in shown]
         if len(shown) < len(self.failures):

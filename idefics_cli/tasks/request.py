@@ -16,6 +16,7 @@ from ..errors import UsageError
 from ..interface import ModelOptions
 from ..prompts import DOCLING_PROMPT, TRANSCRIBE_PROMPT
 from .records import settings_hash
+from .response import prompt_for
 
 ENGINES = ("local", "ray")
 
@@ -85,11 +86,7 @@ class TranscribeRequest:
     @property
     def model_prompt(self) -> str:
         """What the model is asked with each page: the prompt, plus the schema's text with a schema."""
-        if self.schema is None:
-            return self.prompt
-        from ..structured import with_schema
-
-        return with_schema(self.prompt, self.schema)
+        return prompt_for(self.prompt, self.schema)
 
     def check_grammar(self) -> None:
         """The schema converts to a grammar (llguidance, no torch): a UsageError now, before any model loads."""
@@ -98,15 +95,11 @@ class TranscribeRequest:
 
             grammar(self.schema.schema)
 
-    @property
-    def page_spec(self):
-        from ..documents.pages import parse_page_spec
-
-        return parse_page_spec(self.pages)
-
     def select_pages(self, doc) -> list[int]:
         """The chosen pages of an open document (1-based)."""
-        return self.page_spec.resolve(doc.page_count)
+        from ..documents.pages import parse_page_spec
+
+        return parse_page_spec(self.pages).resolve(doc.page_count)
 
     def open_document(self, path: str):
         from ..documents import open_document

@@ -1,13 +1,10 @@
 """The library's answer: a streaming `Response`, like simonw/llm's.
 
 Contract: a `Response` wraps an engine's piece generator (generation starts when it is first read). Iterating it
-yields each text piece once; `.text`, `.finish_reason`, `.usage`, `.timing`, `.confidence`, `.data` and
-`.field_confidence` (with a schema) and `to_dict()` (the `ask --json` object) read the rest of the answer first.
-`close()` stops it early, keeping what was read; Ctrl-C while reading marks it `interrupted`. `on_end(response)`
-runs once it has ended.
-Nothing here imports torch.
+yields each text piece once; `.text`, `.usage`, `.data`, `to_dict()` (the `ask --json` object) and the rest read
+the whole answer first. `close()` stops it early; Ctrl-C marks it `interrupted`; `on_end(response)` runs once it
+ended. Nothing here imports torch.
 """
-
 from __future__ import annotations
 
 import time
@@ -16,30 +13,35 @@ from collections.abc import Callable, Iterator
 from .records import Answer, Source
 
 
+def prompt_for(question: str, schema) -> str:
+    """What the model is asked: `question`, plus the schema's text with a schema (structured.with_schema)."""
+    if schema is None:
+        return question
+    from ..structured import with_schema
+
+    return with_schema(question, schema)
+
+
 class Response:
     """One answer: iterate it for the streamed pieces; `.text`, `.usage` and `to_dict()` once it is read."""
 
-    def __init__(self, stream: Iterator[str], *, question: str, sources: list[Source], split: bool, model: dict,
-                 usage: dict, load_s: float, preprocess_s: float, started: float, max_new_tokens: int,
-                 warnings: list[str] | None = None, extra: dict | None = None,
-                 on_end: Callable[[Response], None] | None = None, schema=None):
-        self._stream: Iterator[str] | None = stream
+    def __init__(self, engine, inputs, question: str, max_new_tokens: int, logits_processor, schema, *,
+                 sources: list[Source], preprocess_s: float, started: float, warnings: list[str] | None = None,
+                 extra: dict | None = None, on_end: Callable[[Response], None] | None = None):
+        """`engine`'s answer to `inputs` (`question` is what the user asked, without the schema's text)."""
+        self._stream: Iterator[str] | None = engine.stream_generate(inputs, max_new_tokens, logits_processor, schema)
         self._pieces: list[str] = []
         self._generation = None  # engine.Generation once the stream has ended
         self._error: BaseException | None = None
         self._ended_at: float | None = None
         self._on_end = on_end
-        self.question, self.sources, self.split, self.model = question, sources, split, model
-        self.max_new_tokens = max_new_tokens
-        self.warnings = list(warnings or [])
-        self.extra = dict(extra or {})
-        self.interrupted = False
-        self.schema = schema
+        self.question, self.sources, self.split, self.model = question, sources, engine.options.split, engine.info
+        self.max_new_tokens, self.schema, self.interrupted = max_new_tokens, schema, False
+        self.warnings, self.extra = list(warnings or []), dict(extra or {})
         self._read_back: tuple | None = None  # (data, code) once read against the schema
-        self._prompt_usage = dict(usage)
-        self._load_s, self._preprocess_s, self._started = load_s, preprocess_s, started
+        self._prompt_usage = dict(engine.usage(inputs))
+        self._load_s, self._preprocess_s, self._started = engine.load_s, preprocess_s, started
 
-    # ---- streaming -----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[str]:
         while self._stream is not None:
             try:
@@ -62,12 +64,13 @@ class Response:
         if self._on_end is not None:
             self._on_end(self)
 
-    def _read(self) -> None:
-        """Read the rest of the answer (nothing when it has ended); a stream that failed fails again."""
+    def _ended(self):
+        """Read the rest of the answer; its Generation, None when interrupted (a stream that failed fails again)."""
         for _ in self:
             pass
         if self._error is not None:
             raise self._error
+        return self._generation
 
     def close(self) -> None:
         """Stop generating (the pieces read so far stay); a closed answer that had not ended is interrupted."""
@@ -86,32 +89,29 @@ class Response:
         """Whether the stream has ended (finished, interrupted or failed)."""
         return self._stream is None
 
-    # ---- what is known once read ---------------------------------------------------------------
     @property
     def text(self) -> str:
-        self._read()
+        self._ended()
         return "".join(self._pieces)
 
     @property
     def finish_reason(self) -> str | None:
         """"stop" (end of utterance) or "length" (cut at max_new_tokens); None when interrupted."""
-        self._read()
-        return self._generation.finish_reason if self._generation else None
+        return getattr(self._ended(), "finish_reason", None)
 
     @property
     def usage(self) -> dict:
         """{"prompt_tokens", "image_tokens", "completion_tokens"} (completion None when interrupted)."""
-        self._read()
+        gen = self._ended()
         # a server's model (client.py) learns the prompt's token counts with the answer: its generation carries them
-        prompt = (self._generation.prompt_usage if self._generation else None) or self._prompt_usage
-        return {**prompt, "completion_tokens": self._generation.completion_tokens if self._generation else None}
+        prompt = getattr(gen, "prompt_usage", None) or self._prompt_usage
+        return {**prompt, "completion_tokens": getattr(gen, "completion_tokens", None)}
 
     @property
     def timing(self) -> dict:
         """Seconds: load_s (the model), preprocess_s (pages to inputs), first_token_s (from the start of
         generation), total_s (from the moment the pages were opened to the end of the answer)."""
-        self._read()
-        first = self._generation.first_token_s if self._generation else None
+        first = getattr(self._ended(), "first_token_s", None)
         return {"load_s": round(self._load_s, 4), "preprocess_s": round(self._preprocess_s, 4),
                 "first_token_s": round(first or 0.0, 4), "total_s": round(self._ended_at - self._started, 4)}
 
@@ -120,8 +120,8 @@ class Response:
         """{"mean_logprob", "min_prob", "min_at"} (tasks/confidence.py); None when interrupted."""
         from .confidence import summary
 
-        self._read()
-        return summary(self._generation.logprobs, self._generation.ends) if self._generation else None
+        gen = self._ended()
+        return summary(gen.logprobs, gen.ends) if gen else None
 
     @property
     def field_confidence(self):
@@ -147,9 +147,7 @@ class Response:
     @property
     def schema_error(self):
         """With a schema: None when `.data` is the answer, else the IdeficsError saying why there is none."""
-        if self.schema is None:
-            return None
-        code = self._structured()[1]
+        code = self._structured()[1] if self.schema is not None else None
         if code is None:
             return None
         from ..structured import answer_error

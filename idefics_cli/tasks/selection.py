@@ -1,26 +1,21 @@
 """Selection: the pages a question is about, opened and decoded before the model loads; the question itself.
 
-Contract:
-- `open_selection(documents, pages=None, password=None, dpi=None)` opens every document ("-" is stdin, read once),
-  resolves the page spec for each and decodes every chosen page now, so an unreadable page fails before any model
-  loads; decoded images are kept up to KEEP_BYTES, the rest rendered again when encoded.
-- A `Selection` knows its pages in order, the sources of the answer, its pages' warnings, when it was opened and
-  how long decoding took; `each_page()` gives one selection per page.
-- `ask(engine, selection, question, max_new_tokens, logits_processor, schema=None)` refuses an empty question and
-  a prompt over the context up front and returns the streaming `Response` (nothing is generated until it is
-  read); with a schema the model gets `structured.with_schema(question, schema)` and each row its grammar.
+Contract: `open_selection(documents, pages)` opens every document ("-" is stdin, read once) and decodes every chosen
+page now, so an unreadable page fails before any model loads (images kept up to KEEP_BYTES). `ask(engine, selection,
+question, ...)` refuses an empty question and a prompt over the context up front and returns the streaming
+`Response`; with a schema the model gets `structured.with_schema(question, schema)`.
 """
-
 from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
 import time
 from dataclasses import dataclass, field
 
 from ..errors import IdeficsError, UsageError, classify
-from .response import Response
+from .response import Response, prompt_for
 
 KEEP_BYTES = 64 * 2**20  # decoded page images kept from the check before loading (about 7 pages at 1960 px)
 
@@ -41,14 +36,13 @@ class Selection:
     def __len__(self) -> int:
         return len(self.pages)
 
-    def decode(self, keep_bytes: int | None = None) -> Selection:
-        """Decode every page now (an unreadable page fails here); keep the images up to `keep_bytes`."""
-        keep_bytes = KEEP_BYTES if keep_bytes is None else keep_bytes
+    def decode(self) -> Selection:
+        """Decode every page now (an unreadable page fails here); keep the images up to KEEP_BYTES."""
         t0, kept = time.perf_counter(), 0
         for chosen in self.pages:
             image = chosen.doc.render(chosen.page)
             kept += image.width * image.height * len(image.getbands())
-            chosen.image = image if kept <= keep_bytes else None
+            chosen.image = image if kept <= KEEP_BYTES else None
             image = None
         self.render_s += time.perf_counter() - t0
         return self
@@ -63,13 +57,8 @@ class Selection:
     def sources(self) -> list:
         from .records import Source
 
-        sources: list[Source] = []
-        for p in self.pages:
-            if sources and sources[-1].path == p.doc.path:
-                sources[-1].pages.append(p.page)
-            else:
-                sources.append(Source(p.doc.path, [p.page]))
-        return sources
+        return [Source(path, [p.page for p in group])
+                for path, group in itertools.groupby(self.pages, key=lambda p: p.doc.path)]
 
     def page_warnings(self) -> list[tuple[str, int, str]]:
         """(path, page, code) for each warning of each page, in page order."""
@@ -118,23 +107,15 @@ def check_question(question: str) -> str:
 
 def ask(engine, selection: Selection, question: str, max_new_tokens: int | None = None, logits_processor=None,
         close: bool = False, schema=None) -> Response:
-    """One question over every page of `selection`, as one user turn (images first); see the module contract.
-
-    `close`: close the selection's documents when the answer ends (`Model.ask` opened them itself).
-    """
+    """One question over every page of `selection`, as one user turn (images first); `close`: close the
+    selection's documents when the answer ends (`Model.ask` opened them itself)."""
     check_question(question)
-    prompt = question
-    if schema is not None:
-        from ..structured import with_schema
-
-        prompt = with_schema(question, schema)
+    prompt = prompt_for(question, schema)
     limit = max_new_tokens or engine.options.max_new_tokens
     engine.check_context(len(selection), prompt, limit)
     t0 = time.perf_counter()
     inputs = engine.prepare([(selection.images(), prompt)])
     preprocess_s = selection.render_s + time.perf_counter() - t0
-    return Response(engine.stream_generate(inputs, limit, logits_processor, schema), question=question,
-                    sources=selection.sources(), split=engine.options.split, model=engine.info,
-                    usage=engine.usage(inputs), load_s=engine.load_s, preprocess_s=preprocess_s,
-                    started=selection.started, max_new_tokens=limit, warnings=selection.warnings(),
-                    on_end=(lambda _: selection.close()) if close else None, schema=schema)
+    return Response(engine, inputs, question, limit, logits_processor, schema, sources=selection.sources(),
+                    preprocess_s=preprocess_s, started=selection.started, warnings=selection.warnings(),
+                    on_end=(lambda _: selection.close()) if close else None)

@@ -1,16 +1,10 @@
 """Sinks: where a transcription run's page records go, resumable and crash-safe (docs/batching.md).
 
-Contract: a sink (a context manager) has `existing` (records already written, for resume), `write(record)`
-(written at once), `document_done(done)`, `close()` and `records_name` (where its records can be read, or None).
-- `JsonlSink(path)`: appended to one .jsonl file (writers.RecordLog) under an exclusive lock.
-- `FolderSink(folder, docs, settings)`: `records.jsonl` plus one `.md` per document mirroring the input tree,
-  written atomically, from this run's records and earlier `ok` ones of the same settings (by content).
-- `StdoutSink(output, as_json)`: JSONL on stdout when piped, readable text on a terminal.
-- `NullSink()`: nothing written (a library run without `out`).
-- `open_sink(out, docs, settings)`: the sink for `--out` (a `.jsonl` file or a folder); anything else is a
-  usage error, an output that cannot be written an `output_error`, both at once.
+Contract: a sink (a context manager) has `existing` (records already written), `write(record)`, `document_done(done)`,
+`close()` and `records_name` (where its records can be read, or None). `JsonlSink` appends to a locked .jsonl file;
+`FolderSink` adds one atomically written `.md` per document; `StdoutSink` and `NullSink`. `open_sink(out, docs,
+settings)` picks one for `--out`, raising `UsageError` or `output_error` at once.
 """
-
 from __future__ import annotations
 
 import os
@@ -24,7 +18,7 @@ OUT_HINT = "give a .jsonl file (--out pages.jsonl) or a folder (--out transcript
 
 
 class Sink:
-    """No records before, none kept: the base of every sink."""
+    """No records before, none kept: the base of every sink, and alone (`NullSink`) a library run without `out`."""
 
     existing: list[dict] = []
     records_name: str | None = None
@@ -45,8 +39,7 @@ class Sink:
         self.close()
 
 
-class NullSink(Sink):
-    """Writes nothing: the records are the caller's (a library run without `out`)."""
+NullSink = Sink
 
 
 class StdoutSink(Sink):

@@ -1,18 +1,14 @@
 """Transcription: one `transcribe` run as a library object (what `idefics transcribe` and `Model.transcribe` run).
 
-Contract: `Transcription(request, engine=None, output=None)` (request.py's `TranscribeRequest`) runs when
-iterated, yielding each `PageRecord` once written to the sink `out` names (a .jsonl file or a folder; without
-`out`, stdout through `output`, or nothing). Inputs are walked and filtered by the shard; when no chosen page is
-left, no model loads (no torch import); otherwise `engine` is used, or the model is loaded (the first batch
-prepared while the weights load), or the Ray engine runs. Afterwards `summary`, `errors` and `exit_status` (0 all
-done, 3 partial, 4 nothing readable) tell how it went; `close()` (or `with`) ends a run left early. With an
-`output` (the CLI), errors, warnings, progress and the summary go to its stderr.
+Contract: iterating `Transcription(request, engine=None, output=None)` runs it, yielding each `PageRecord` once
+written to the sink (`request.out`, else stdout through `output`, else none). No model loads when no chosen page is
+left; else `engine`, a loaded model or the Ray engine runs. Then `summary`, `errors` and `exit_status` tell how it
+went; `close()` (or `with`) ends a run left early. With an `output`, messages and progress go to its stderr.
 """
-
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 
 from ..errors import ExitStatus, IdeficsError, UsageError
@@ -79,8 +75,7 @@ class Transcription:
                 output.warn(f"no documents to transcribe{skipped}")
             self.exit_status = ExitStatus.INPUT if self.errors else ExitStatus.OK
             return
-        sink = self._sink(docs)
-        with sink:
+        with self._sink(docs) as sink:
             yield from self._transcribe(docs, sink)
         if not self.quiet:
             output.console.print(self.summary.line(), markup=False)
@@ -117,14 +112,13 @@ class Transcription:
                 output.console.print("nothing left to do: every chosen page is already done (--force redoes them)",
                                      markup=False)
         elif request.engine == "ray":
+            from ..hub import local_only
             from . import ray_engine
 
             request.check_grammar()
-            from ..hub import local_only
-
             local_only(request.options)  # fail at once here rather than in every actor
             job.request = replace(request, batch_size=request.batch_size or RAY_BATCH_SIZE)
-            with Progress(output) as job.progress:
+            with progress(output) as job.progress:
                 yield from ray_engine.run_on_ray(job, request.ray_address)
         else:
             request.check_grammar()
@@ -133,15 +127,15 @@ class Transcription:
                 if engine is None:
                     engine, started = self._load(job)
                 job.request = replace(job.request, batch_size=job.request.batch_size or engine.auto_batch_size())
-                with Progress(output) as job.progress:
+                with progress(output) as job.progress:
                     yield from pipeline.transcribe(engine, job, started)
             finally:
                 if started is not None:
                     started.close()
 
     def _load(self, job):
-        """Load the model; where the batch size is known before it (given, or the CPU's), the first batch is
-        rendered and prepared while the weights load. Returns (engine, the started prefetcher or None)."""
+        """(engine, the started prefetcher or None): with a batch size known before the model (given, or the
+        CPU's), the first batch is prepared while the weights load."""
         from ..runtime.engine import CPU_BATCH_SIZE, Preparer
         from ..runtime.model import start_load
         from . import pipeline
@@ -163,31 +157,23 @@ class Transcription:
                 raise
 
 
-class Progress:
-    """A Rich progress bar on a terminal's stderr (pages done/total, pages/s, ETA, failures); else nothing."""
+@contextmanager
+def progress(output):
+    """A Rich progress bar on a terminal's stderr (pages done/total, pages/s, ETA, failures): yields its update
+    function, else None."""
+    if output is None or output.quiet or not output.stderr_tty:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    def __init__(self, output):
-        self.output = output
-        self.bar = None
+    bar = Progress(TextColumn("transcribing"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[rate]:.2f} pages/s"), TimeRemainingColumn(),
+                   TextColumn("[red]{task.fields[failed]} failed"), console=output.console)
+    task = bar.add_task("pages", total=None, rate=0.0, failed=0)
 
-    def __enter__(self):
-        if self.output is None or self.output.quiet or not self.output.stderr_tty:
-            return None
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-        from rich.progress import Progress as Bar
+    def update(summary: Summary) -> None:
+        bar.update(task, total=summary.total, completed=summary.ok + summary.skipped + summary.failed,
+                   rate=summary.ok / summary.seconds if summary.seconds else 0.0, failed=summary.failed)
 
-        self.bar = Bar(TextColumn("transcribing"), BarColumn(), MofNCompleteColumn(),
-                       TextColumn("{task.fields[rate]:.2f} pages/s"), TimeRemainingColumn(),
-                       TextColumn("[red]{task.fields[failed]} failed"), console=self.output.console)
-        self.bar.start()
-        self.task = self.bar.add_task("pages", total=None, rate=0.0, failed=0)
-        return self.update
-
-    def update(self, summary: Summary) -> None:
-        rate = summary.ok / summary.seconds if summary.seconds else 0.0
-        self.bar.update(self.task, total=summary.total, completed=summary.ok + summary.skipped + summary.failed,
-                        rate=rate, failed=summary.failed)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
+    with bar:
+        yield update

@@ -1,19 +1,13 @@
 """Writers: JSONL records and atomic files that survive crashes (docs/batching.md).
 
-Contract:
-- `RecordLog(path)` appends one record per `write()` call as a single line, flushed at once and fsynced
-  at least every `fsync_every` seconds and on close. On open it drops a torn last line left by a crash
-  and reads back the records already there (`existing`), skipping lines that are not valid JSON.
-- `OutputLock(path)` is an exclusive, non-blocking `flock` (`acquire`/`release`, or a `with` block): a second
-  process on the same output is refused with a usage error instead of interleaving lines. The lock file is
-  removed when released.
-- Files are created with the permissions the umask allows (0666 & ~umask), like any other tool's output.
-- `atomic_write(path, text)` writes to a temporary file in the same folder, fsyncs and renames it into place.
-- `safe_join(root, rel)` maps any relative path (`../`, absolute, odd bytes) to a path inside root.
+Contract: `RecordLog(path)` appends one fsynced-soon JSONL line per `write()`, and on open drops a torn last line
+and reads back the valid records (`existing`). `OutputLock(path)` is an exclusive non-blocking `flock` (a second
+process gets a usage error). `atomic_write` writes through a temporary file and a rename; `safe_join(root, rel)`
+never leaves root. Files follow the umask (0666 & ~umask).
 """
-
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -57,10 +51,8 @@ class OutputLock:
 
     def release(self) -> None:
         if self.fd is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(self.path)  # removed while still held, so no one can lock a file that is going away
-            except OSError:
-                pass
             os.close(self.fd)
             self.fd = None
 
@@ -120,10 +112,8 @@ class RecordLog:
 
     def close(self) -> None:
         if self.fd is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.fsync(self.fd)
-            except OSError:
-                pass
             os.close(self.fd)
             self.fd = None
 
