@@ -145,7 +145,8 @@ def test_gpu_smoke(smoke):
     else:  # the ask-over-many-pages comparison still runs, on the CPU
         assert out.startswith("P5 skipped: no CUDA GPU") and "P5 ask over 3 pages on the CPU" in out
         assert "first light on cpu: ok" in out and "ok   float32: greedy answer = model.generate" in out
-        assert "P5 and the family shapes on the CPU" in out and "| SmolVLM-256M-Instruct (smoke: tiny) | none" in out
+        assert "P5 and the family shapes on the CPU" in out
+        assert re.search(r"\| SmolVLM-256M-Instruct \(smoke: tiny\) +\| none +\|", out)  # --quant auto: none below 4B
         assert "first new token identical: " in out and "idefics ask (chunked" in out
         assert "P3 decomposition on the CPU (smoke)" in out and "vision tower + connector" in out
         assert "P11 decode tokens/s with and without a schema on the CPU (smoke)" in out
