@@ -578,3 +578,39 @@ def test_decoder_chatter_on_fd2_is_dropped_in_worker_threads_and_the_tools_lines
     noisy = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60,
                            env={**os.environ, "IDEFICS_DEBUG": "1"})
     assert noisy.stderr.decode().count("libfoo: chatter") == 5
+
+
+def test_mupdf_documents_open_and_render_at_once_from_several_threads(tmp_path):
+    """The server and transcribe's prefetch thread open documents at the same time: each call takes its own worker
+    process, and the pixels are those one thread alone gets; idle workers are reused, not one spawned per file."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from idefics_cli.documents import worker
+
+    paths = [write(tmp_path, f"{i}.pdf", pdf_bytes(*[(200 + 40 * i, 300)] * (i + 1))) for i in range(6)]
+
+    def pixels(path):
+        with open_document(path, dpi=36) as doc:
+            return [hashlib.sha256(doc.render(p).tobytes()).hexdigest() for p in range(1, doc.page_count + 1)]
+
+    alone = [pixels(p) for p in paths]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            assert list(pool.map(pixels, paths)) == alone
+    assert len(worker._alive) <= worker.IDLE  # a worker is held only during a call; extras are killed
+
+
+def test_mupdf_workers_are_quiet_and_die_with_the_process(tmp_path):
+    """Nothing a worker prints reaches stderr; no worker outlives the run."""
+    path = write(tmp_path, "repaired.pdf", pdf_bytes((200, 200)).replace(b"startxref", b"startxreF"))
+    code = ("import sys\nfrom idefics_cli.documents import open_document, worker\n"
+            f"doc = open_document({path!r})\nassert doc.doc_warnings == ['repaired']\ndoc.render(1)\n"
+            "print(*[w.proc.pid for w in worker._alive])\n")
+    env = {k: v for k, v in os.environ.items() if k != "IDEFICS_DEBUG"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, env=env)
+    assert run.returncode == 0 and run.stderr == b"", run.stderr
+    pids = [int(pid) for pid in run.stdout.split()]
+    assert pids
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

@@ -85,12 +85,9 @@ def open_document(
                                "save it as PSD or PNG", path)
         raise IdeficsError("unsupported_format", f"not a supported document ({_SUPPORTED})", path=path)
 
-    def opened() -> Document:
-        if kind in MUPDF_FORMATS:
-            return PdfDocument(path, data, password, dpi, longest_side, kind)
-        return ImageDocument(path, kind, data)
-
     try:
-        return decoding(opened, in_thread=kind not in MUPDF_FORMATS)  # MuPDF stays in the caller's thread
+        if kind in MUPDF_FORMATS:
+            return PdfDocument(path, data, password, dpi, longest_side, kind)  # bounded in its worker process
+        return decoding(lambda: ImageDocument(path, kind, data))
     except DecodeTimeout as e:
         raise IdeficsError("corrupt", f"the {NAMES[kind]} file {e} to open, given up", path=path) from None

@@ -36,7 +36,7 @@ def why(exc: BaseException) -> str:
 class Document:
     """An opened document: `path`, `kind` (one of FORMATS), `sha256` of the source bytes, `page_count`."""
 
-    threaded = True  # pages decoded in a helper thread under the decode bound (quiet.decoding)
+    threaded = True  # pages decoded in a helper thread under the decode bound (quiet.decoding), else in this one
 
     def __init__(self, path: str, kind: str, data: bytes):
         self.path = path
@@ -51,19 +51,25 @@ class Document:
     def _error(self, code: str, message: str, hint: str | None = None) -> IdeficsError:
         return IdeficsError(code, message, hint, self.path)
 
-    def render(self, page: int) -> Image:
-        """Page `page` (1-based) as a new RGB image; a page that cannot be decoded raises `corrupt`."""
+    def _check(self, page: int) -> None:
         if not 1 <= page <= self.page_count:
             err = out_of_range(page, self.page_count)
             err.path = self.path
             raise err
+
+    def _gave_up(self, page: int, e: DecodeTimeout) -> IdeficsError:
+        return self._error("corrupt", f"page {page} could not be decoded: it {e}, given up")
+
+    def render(self, page: int) -> Image:
+        """Page `page` (1-based) as a new RGB image; a page that cannot be decoded raises `corrupt`."""
+        self._check(page)
         if self._stuck is not None:
             raise self._error("corrupt", f"page {page} was not decoded: an earlier page {self._stuck}")
         try:
-            image = decoding(lambda: self._render(page), in_thread=self.threaded)
+            image = decoding(lambda: self._render(page)) if self.threaded else self._render(page)
         except DecodeTimeout as e:
             self._stuck = e
-            raise self._error("corrupt", f"page {page} could not be decoded: it {e}, given up") from None
+            raise self._gave_up(page, e) from None
         except (IdeficsError, MemoryError, KeyboardInterrupt):
             raise
         except Exception as e:

@@ -1,13 +1,13 @@
 """Quiet decoding: decoders' chatter kept off stderr, and a bound on how long one decoder call may take.
 
 Contract:
-- `decoding(what, fn)` runs `fn()` in a helper thread with file descriptor 2 pointed at /dev/null (C libraries
+- `decoding(fn)` runs `fn()` in a helper thread with file descriptor 2 pointed at /dev/null (C libraries
   such as libtiff, libheif and MuPDF write there past any Python redirection) and the `PIL`, `pymupdf` and
   `pillow_heif` loggers silent. The redirection is process-wide and counted under a lock: it holds while any
   thread decodes, and `sys.stderr` (when it is fd 2) then writes to a duplicate of the real stderr, so the
   tool's own lines from every thread still get out. IDEFICS_DEBUG=1 leaves stderr and the loggers alone.
 - A call still running after IDEFICS_DECODE_TIMEOUT seconds (default 30) raises `DecodeTimeout`; it is
-  abandoned (a daemon thread). MuPDF runs in the calling thread (`in_thread=False`), bounded once it returns.
+  abandoned (a daemon thread). MuPDF, which holds the GIL, runs in worker processes instead (worker.py).
 """
 
 from __future__ import annotations
@@ -113,26 +113,11 @@ def _exit() -> None:
         _saved = None
 
 
-def decoding(fn: Callable[[], T], in_thread: bool = True) -> T:
-    """`fn()` with decoder chatter silenced, given up with `DecodeTimeout` after `timeout()` seconds.
-
-    `in_thread=False` runs it in the calling thread (MuPDF: its context must not be used from two threads at once,
-    and it holds the GIL anyway), bounded once it returns."""
+def decoding(fn: Callable[[], T]) -> T:
+    """`fn()` in a helper thread with decoder chatter silenced, given up with `DecodeTimeout` after `timeout()` s."""
     quiet = not debug()
     if quiet:
         _quiet_loggers()
-    if not in_thread:
-        seconds, start = timeout(), time.monotonic()
-        if quiet:
-            _enter()
-        try:
-            value = fn()
-        finally:
-            if quiet:
-                _exit()
-        if time.monotonic() - start > seconds:
-            raise DecodeTimeout(seconds)
-        return value
     result: list = []
 
     def work() -> None:
