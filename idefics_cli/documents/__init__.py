@@ -20,8 +20,8 @@ import sys
 from idefics_cli.documents.base import DEFAULT_LONGEST_SIDE, MAX_IMAGE_PIXELS, MAX_PIXELS, Document
 from idefics_cli.documents.images import ImageDocument
 from idefics_cli.documents.pdf import PdfDocument
-from idefics_cli.documents.quiet import DecodeTimeout, decoding
 from idefics_cli.documents.sniff import FORMATS, MUPDF_FORMATS, NAMES, damaged_signature, sniff
+from idefics_cli.documents.worker import DecodeTimeout, Remote
 from idefics_cli.errors import IdeficsError, UsageError
 
 __all__ = ["DEFAULT_LONGEST_SIDE", "FORMATS", "MAX_IMAGE_PIXELS", "MAX_PIXELS", "Document", "ImageDocument",
@@ -52,6 +52,14 @@ def _read(path: str) -> bytes:
         if e.errno == errno.ELOOP:
             raise IdeficsError("not_found", "a loop of symbolic links", "check the link", path) from None
         raise IdeficsError("corrupt", f"cannot read the file ({e.strerror or e})", path=path) from None
+
+
+def open_here(path: str, kind: str, data: bytes, password: str | None, dpi: int | None, longest_side: int
+              ) -> Document:
+    """The document decoded in this process: a worker's side of `open_document` (worker.py)."""
+    if kind in MUPDF_FORMATS:
+        return PdfDocument(path, data, password, dpi, longest_side, kind)
+    return ImageDocument(path, kind, data)
 
 
 def open_document(
@@ -86,8 +94,6 @@ def open_document(
         raise IdeficsError("unsupported_format", f"not a supported document ({_SUPPORTED})", path=path)
 
     try:
-        if kind in MUPDF_FORMATS:
-            return PdfDocument(path, data, password, dpi, longest_side, kind)  # bounded in its worker process
-        return decoding(lambda: ImageDocument(path, kind, data))
+        return Remote(path, kind, data, password, dpi, longest_side)
     except DecodeTimeout as e:
         raise IdeficsError("corrupt", f"the {NAMES[kind]} file {e} to open, given up", path=path) from None

@@ -12,7 +12,6 @@ import re
 from typing import TYPE_CHECKING
 
 from idefics_cli.documents.pages import out_of_range
-from idefics_cli.documents.quiet import DecodeTimeout, decoding
 from idefics_cli.errors import IdeficsError
 
 if TYPE_CHECKING:
@@ -36,8 +35,6 @@ def why(exc: BaseException) -> str:
 class Document:
     """An opened document: `path`, `kind` (one of FORMATS), `sha256` of the source bytes, `page_count`."""
 
-    threaded = True  # pages decoded in a helper thread under the decode bound (quiet.decoding), else in this one
-
     def __init__(self, path: str, kind: str, data: bytes):
         self.path = path
         self.kind = kind
@@ -46,30 +43,18 @@ class Document:
         self.doc_warnings: list[str] = []  # true of every page: repaired, xfa_form, first_frame_only
         self._warnings: dict[int, list[str]] = {}
         self._notes: dict[int, list[str]] = {}  # found while rendering a page: downscaled
-        self._stuck: DecodeTimeout | None = None  # a render given up on: its decoder may still be running
 
     def _error(self, code: str, message: str, hint: str | None = None) -> IdeficsError:
         return IdeficsError(code, message, hint, self.path)
 
-    def _check(self, page: int) -> None:
+    def render(self, page: int) -> Image:
+        """Page `page` (1-based) as a new RGB image; a page that cannot be decoded raises `corrupt`."""
         if not 1 <= page <= self.page_count:
             err = out_of_range(page, self.page_count)
             err.path = self.path
             raise err
-
-    def _gave_up(self, page: int, e: DecodeTimeout) -> IdeficsError:
-        return self._error("corrupt", f"page {page} could not be decoded: it {e}, given up")
-
-    def render(self, page: int) -> Image:
-        """Page `page` (1-based) as a new RGB image; a page that cannot be decoded raises `corrupt`."""
-        self._check(page)
-        if self._stuck is not None:
-            raise self._error("corrupt", f"page {page} was not decoded: an earlier page {self._stuck}")
         try:
-            image = decoding(lambda: self._render(page)) if self.threaded else self._render(page)
-        except DecodeTimeout as e:
-            self._stuck = e
-            raise self._gave_up(page, e) from None
+            image = self._render(page)
         except (IdeficsError, MemoryError, KeyboardInterrupt):
             raise
         except Exception as e:
@@ -86,8 +71,7 @@ class Document:
         raise NotImplementedError
 
     def close(self) -> None:
-        if self._stuck is None:  # else the abandoned decoder may still use it
-            self._close()
+        self._close()
 
     def _close(self) -> None:
         pass

@@ -9,7 +9,6 @@ An image 1 px wide or high is padded with white to 2 px, since the model's proce
 from __future__ import annotations
 
 import io
-import os
 import warnings
 from typing import TYPE_CHECKING
 
@@ -26,32 +25,7 @@ _PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "gif": "GIF", "bmp
                 "jp2": "JPEG2000", "pnm": "PPM", "avif": "AVIF", "heif": "HEIF", "psd": "PSD"}
 PAGED = ("tiff", "heif")  # every frame (TIFF page, HEIF top-level image) is a page
 _LAYERED = ("psd",)  # frames are layers: the composite image is the page
-_libtiff_quiet = False
 _heif_ready = False
-
-
-def _quiet_libtiff() -> None:
-    """Turn off libtiff's message handlers: they print straight to file descriptor 2, past any Python redirection
-    ("PackBitsDecode: Not enough data for scanline 0."), while the failure reaches us as Pillow's OSError anyway.
-    Process-wide; quiet.py also points fd 2 away while decoding. IDEFICS_DEBUG=1 keeps them."""
-    global _libtiff_quiet
-    if _libtiff_quiet or os.environ.get("IDEFICS_DEBUG"):
-        return
-    _libtiff_quiet = True
-    try:
-        import ctypes
-
-        from PIL import _imaging
-
-        lib = ctypes.CDLL(_imaging.__file__)  # already loaded: dlsym finds libtiff among its dependencies
-        for name in ("TIFFSetErrorHandler", "TIFFSetWarningHandler", "TIFFSetErrorHandlerExt",
-                     "TIFFSetWarningHandlerExt"):
-            setter = getattr(lib, name, None)
-            if setter is not None:
-                setter.restype, setter.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
-                setter(None)
-    except (ImportError, OSError, AttributeError):  # no libtiff in this Pillow: nothing to quiet
-        pass
 
 
 def _register_heif() -> None:
@@ -69,7 +43,6 @@ class ImageDocument(Document):
         super().__init__(path, kind, data)
         from PIL import Image as PILImage
 
-        _quiet_libtiff()
         if kind == "heif":
             _register_heif()
         self._data = data

@@ -12,18 +12,13 @@ whose entries expand past MAX_ARCHIVE_BYTES, or hold an image over MAX_IMAGE_PIX
 from __future__ import annotations
 
 import io
-import itertools
 import math
-import os
-import pickle
-import sys
 import warnings
 from typing import TYPE_CHECKING
 
-from idefics_cli.documents import damage, worker
+from idefics_cli.documents import damage
 from idefics_cli.documents.base import MAX_IMAGE_PIXELS, MAX_PIXELS, Document, why
 from idefics_cli.documents.passwords import candidates
-from idefics_cli.documents.quiet import DecodeTimeout
 from idefics_cli.documents.sniff import NAMES
 from idefics_cli.documents.variants import zip_excess
 from idefics_cli.errors import IdeficsError
@@ -33,8 +28,6 @@ if TYPE_CHECKING:
 
 _pymupdf_ready = False
 MAX_ARCHIVE_BYTES = 1 << 30  # what the entries of an EPUB, CBZ or XPS may expand to, in all
-HELD = 4  # documents a worker keeps open; the oldest is closed for a fifth
-_keys = itertools.count(1)
 
 
 def _pymupdf():
@@ -79,10 +72,8 @@ def _zip_images_over(data: bytes) -> str | None:
     return None
 
 
-class MupdfFile(Document):
-    """A document MuPDF opens, in this process: the worker's side of `PdfDocument`."""
-
-    threaded = False  # in a worker process, which is killed past the bound
+class PdfDocument(Document):
+    """A document MuPDF opens: PDF, and XPS/OXPS, EPUB, MOBI, FB2, CBZ and SVG, paginated by MuPDF."""
 
     def __init__(self, path: str, data: bytes, password: str | None, dpi: int | None, longest_side: int,
                  kind: str = "pdf"):
@@ -164,90 +155,5 @@ class MupdfFile(Document):
 
     def _close(self) -> None:
         self._doc.close()
-
-
-def serve() -> None:
-    """A worker's loop (worker.py): (key, page, args) requests in on stdin, replies out; page 0 opens, None closes."""
-    import signal
-
-    replies = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)  # what MuPDF prints goes where stderr goes (/dev/null unless IDEFICS_DEBUG=1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    docs: dict[int, MupdfFile] = {}
-    while True:
-        try:
-            key, page, args = pickle.load(sys.stdin.buffer)
-        except EOFError:
-            return
-        if page is None:
-            if key in docs:
-                docs.pop(key).close()
-            continue
-        try:
-            if args is not None:
-                docs[key] = MupdfFile(*args)
-            doc = docs[key]
-            if page == 0:
-                reply = True, (doc.page_count, doc.doc_warnings)
-            else:
-                image = doc.render(page)
-                reply = True, (image.mode, image.size, image.tobytes(), doc.warnings(page))
-        except IdeficsError as e:
-            reply = False, (e.code, e.message, e.hint)
-        except MemoryError:
-            reply = False, None
-        pickle.dump((*reply, key in docs), replies, protocol=5)
-        replies.flush()
-
-
-class PdfDocument(Document):
-    """A document MuPDF opens: PDF, and XPS/OXPS, EPUB, MOBI, FB2, CBZ and SVG, paginated by MuPDF.
-
-    A proxy: the document is opened and rendered in a worker process (worker.py), each call bounded."""
-
-    threaded = False
-
-    def __init__(self, path: str, data: bytes, password: str | None, dpi: int | None, longest_side: int,
-                 kind: str = "pdf"):
-        super().__init__(path, kind, data)
-        self._key = next(_keys)
-        self._args: tuple | None = (path, data, password, dpi, longest_side, kind)
-        self.page_count, self.doc_warnings = self._call(0, f"not a readable {NAMES[kind]}")
-
-    def _call(self, page: int, what: str):
-        child = worker.take()
-        try:
-            opened = self._key in child.held
-            child.held.pop(self._key, None)
-            if not opened and len(child.held) >= HELD:
-                oldest = next(iter(child.held))
-                del child.held[oldest]
-                child.send((oldest, None, None))
-            ok, value, holds = child.ask((self._key, page, None if opened else self._args))
-            if holds:
-                child.held[self._key] = None  # the newest last
-        except ChildProcessError as e:
-            raise self._error("corrupt", f"{what} ({e})") from None
-        finally:
-            worker.give(child)
-        if ok:
-            return value
-        if value is None:
-            raise MemoryError
-        raise self._error(*value)
-
-    def render(self, page: int) -> Image:
-        from PIL import Image as PILImage
-
-        self._check(page)
-        try:
-            mode, size, raw, self._warnings[page] = self._call(page, f"page {page} could not be decoded")
-        except DecodeTimeout as e:
-            raise self._gave_up(page, e) from None
-        return PILImage.frombytes(mode, size, raw)
-
-    def _close(self) -> None:
-        self._args = None
-        worker.forget(self._key)
 
 

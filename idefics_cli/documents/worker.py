@@ -1,31 +1,55 @@
-"""Worker processes for a decoder that cannot be interrupted (MuPDF holds the GIL in C): past its bound the
-child is killed, and the run goes on.
+"""Decoding in worker processes: a decoder stuck in C (MuPDF holds the GIL) is killed at a bound, not waited on.
 
-Contract: `take()` gives an idle worker (or starts one: `python -c CHILD`, its stderr at /dev/null unless
-IDEFICS_DEBUG=1), used by one thread until `give(worker)` hands it back. `worker.ask(request)` pickles `request`
-to the child and returns its reply, raising `DecodeTimeout` past quiet.timeout() (the child is killed) and
-`ChildProcessError` when the child died. `forget(key)` sends ("close" requests) to idle workers. All die at exit.
+Contract: `Remote(path, kind, data, *args)` is a Document that `open_here(path, kind, data, *args)` opens and
+renders in a worker process (stdout and stderr at /dev/null unless IDEFICS_DEBUG=1). An open or a render past
+IDEFICS_DECODE_TIMEOUT seconds (default 30) kills the worker and raises `DecodeTimeout` / `corrupt`; the next call
+takes a fresh worker. One call holds one worker, so threads are safe; idle ones are reused; none outlives us.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import itertools
 import os
 import pickle
 import queue
+import signal
 import subprocess
 import sys
 import threading
+from typing import TYPE_CHECKING
 
-from idefics_cli.documents.quiet import DecodeTimeout, timeout
+from idefics_cli.documents.base import Document
+from idefics_cli.documents.sniff import NAMES
+from idefics_cli.errors import IdeficsError
 from idefics_cli.process import debug
 
-CHILD = "from idefics_cli.documents.pdf import serve; serve()"
-IDLE = 2  # idle workers kept for the next document
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+CHILD = "from idefics_cli.documents import open_here; from idefics_cli.documents.worker import serve; serve(open_here)"
+DEFAULT_TIMEOUT = 30.0
+IDLE = 2  # idle workers kept for the next call
+HELD = 4  # documents a worker keeps open; the oldest is closed for a fifth
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_keys = itertools.count(1)
 _lock = threading.Lock()
 _idle: list[Worker] = []
 _alive: set[Worker] = set()
+
+
+class DecodeTimeout(Exception):
+    def __init__(self, seconds: float):
+        super().__init__(f"took longer than {seconds:g} s")
+
+
+def timeout() -> float:
+    try:
+        value = float(os.environ.get("IDEFICS_DECODE_TIMEOUT", DEFAULT_TIMEOUT))
+    except ValueError:
+        return DEFAULT_TIMEOUT
+    return value if value > 0 else DEFAULT_TIMEOUT
 
 
 class Worker:
@@ -36,7 +60,7 @@ class Worker:
                                      stderr=None if debug() else subprocess.DEVNULL, env=env)
         self.held: dict[int, None] = {}  # keys of the documents open in the child, oldest first
         self._replies: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._read, name="idefics-mupdf", daemon=True).start()
+        threading.Thread(target=self._read, name="idefics-decode", daemon=True).start()
         with _lock:
             _alive.add(self)
 
@@ -63,7 +87,7 @@ class Worker:
             reply = None
         if reply is None:
             self.kill()
-            raise ChildProcessError("MuPDF's process ended")
+            raise ChildProcessError("its decoder's process ended")
         return reply
 
     def kill(self) -> None:
@@ -78,7 +102,7 @@ class Worker:
                 pass
 
 
-def take() -> Worker:
+def _take() -> Worker:
     with _lock:
         while _idle:
             worker = _idle.pop()
@@ -87,7 +111,7 @@ def take() -> Worker:
     return Worker()
 
 
-def give(worker: Worker) -> None:
+def _give(worker: Worker) -> None:
     with _lock:
         if worker in _alive and worker.proc.poll() is None and len(_idle) < IDLE:
             _idle.append(worker)
@@ -95,18 +119,89 @@ def give(worker: Worker) -> None:
     worker.kill()
 
 
-def forget(key: int) -> None:
-    with _lock:
-        for worker in _idle:
-            if key in worker.held:
-                del worker.held[key]
-                try:
-                    worker.send((key, None, None))
-                except OSError:
-                    pass
-
-
 @atexit.register
 def _kill_all() -> None:
     for worker in list(_alive):
         worker.kill()
+
+
+class Remote(Document):
+    """A document opened and rendered in a worker process (see the module docstring)."""
+
+    def __init__(self, path: str, kind: str, data: bytes, *args):
+        super().__init__(path, kind, data)
+        self._key = next(_keys)
+        self._args: tuple | None = (path, kind, data, *args)
+        self.page_count, self.doc_warnings = self._call("open", f"not a readable {NAMES[kind]}")
+
+    def _call(self, page: int | str, what: str):
+        worker = _take()
+        try:
+            opened = self._key in worker.held
+            worker.held.pop(self._key, None)
+            if not opened and len(worker.held) >= HELD:
+                oldest = next(iter(worker.held))
+                del worker.held[oldest]
+                worker.send((oldest, "close", None))
+            ok, value, holds = worker.ask((self._key, page, None if opened else self._args))
+            if holds:
+                worker.held[self._key] = None  # the newest last
+        except ChildProcessError as e:
+            raise self._error("corrupt", f"{what} ({e})") from None
+        finally:
+            _give(worker)
+        if ok:
+            return value
+        if value is None:
+            raise MemoryError
+        raise self._error(*value)
+
+    def render(self, page: int) -> Image:
+        from PIL import Image as PILImage
+
+        try:
+            mode, size, raw, self._warnings[page] = self._call(page, f"page {page} could not be decoded")
+        except DecodeTimeout as e:
+            raise self._error("corrupt", f"page {page} could not be decoded: it {e}, given up") from None
+        return PILImage.frombytes(mode, size, raw)
+
+    def _close(self) -> None:
+        self._args = None
+        with _lock:
+            for worker in _idle:
+                if self._key in worker.held:
+                    del worker.held[self._key]
+                    with contextlib.suppress(OSError):  # a worker that died meanwhile
+                        worker.send((self._key, "close", None))
+
+
+def serve(open_here) -> None:
+    """A worker's loop: (key, page, args) in on stdin, replies out; `args` opens the document, "close" closes it."""
+    replies = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # what a decoder prints goes where stderr goes
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    docs: dict[int, Document] = {}
+    while True:
+        try:
+            key, page, args = pickle.load(sys.stdin.buffer)
+        except EOFError:
+            return
+        if page == "close":
+            if key in docs:
+                docs.pop(key).close()
+            continue
+        try:
+            if args is not None:
+                docs[key] = open_here(*args)
+            doc = docs[key]
+            if page == "open":
+                reply = True, (doc.page_count, doc.doc_warnings)
+            else:
+                image = doc.render(page)
+                reply = True, (image.mode, image.size, image.tobytes(), doc.warnings(page))
+        except IdeficsError as e:
+            reply = False, (e.code, e.message, e.hint)
+        except MemoryError:
+            reply = False, None
+        pickle.dump((*reply, key in docs), replies, protocol=5)
+        replies.flush()
