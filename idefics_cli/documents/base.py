@@ -1,8 +1,7 @@
 """The opened document every format shares: pages rendered on demand, their warnings, one-line errors.
 
-Contract: `Document.render(page)` (1-based) returns a fresh RGB image or raises an `IdeficsError` with `path`
-set (`page_out_of_range`, `corrupt` for a page that cannot be decoded); `Document.warnings(page)` names what
-may be wrong with a page once it is rendered. `why(exc)` is one line on a decoder's exception.
+Contract: `render(page)` (1-based) gives a fresh RGB image or raises `page_out_of_range` or `corrupt` (`path`
+set); `warnings(page)` names what may be wrong with a rendered page. `why(exc)`: one line on an exception.
 """
 
 from __future__ import annotations
@@ -71,9 +70,6 @@ class Document:
         raise NotImplementedError
 
     def close(self) -> None:
-        self._close()
-
-    def _close(self) -> None:
         pass
 
     def __enter__(self) -> Document:

@@ -1,9 +1,8 @@
 """Images through Pillow: one page per image (every frame of a multi-page format), RGB, never resized.
 
-Contract: EXIF orientation is applied, transparency is composited onto white, every mode ends as RGB (deep gray
-scaled by its real range: a 12-bit TIFF by 4095); a PNG cut off after its pixel data is read. Images over
-MAX_IMAGE_PIXELS are `image_too_large` before decoding; an animation gives its first frame (`first_frame_only`).
-An image 1 px wide or high is padded with white to 2 px, since the model's processor cannot split it.
+Contract: EXIF orientation applied, transparency onto white, deep gray scaled by its real range (12-bit TIFF by
+4095), 1-px sides padded to 2 px (the processor cannot split them); a PNG cut after its pixel data is read.
+Over MAX_IMAGE_PIXELS is `image_too_large` before decoding; an animation gives its first frame (`first_frame_only`).
 """
 
 from __future__ import annotations
@@ -25,17 +24,6 @@ _PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "gif": "GIF", "bmp
                 "jp2": "JPEG2000", "pnm": "PPM", "avif": "AVIF", "heif": "HEIF", "psd": "PSD"}
 PAGED = ("tiff", "heif")  # every frame (TIFF page, HEIF top-level image) is a page
 _LAYERED = ("psd",)  # frames are layers: the composite image is the page
-_heif_ready = False
-
-
-def _register_heif() -> None:
-    """HEIC/HEIF through pillow-heif's Pillow plugin (a core dependency)."""
-    global _heif_ready
-    if not _heif_ready:
-        import pillow_heif
-
-        pillow_heif.register_heif_opener(thumbnails=False)
-        _heif_ready = True
 
 
 class ImageDocument(Document):
@@ -44,7 +32,9 @@ class ImageDocument(Document):
         from PIL import Image as PILImage
 
         if kind == "heif":
-            _register_heif()
+            import pillow_heif
+
+            pillow_heif.register_heif_opener(thumbnails=False)
         self._data = data
         if kind == "png" and not data.endswith(damage.IEND):
             data = damage.complete_png(data) or data  # cut after its pixel data: read what is all there
@@ -86,11 +76,8 @@ class ImageDocument(Document):
     def _check_size(self) -> None:
         w, h = self._im.size
         if w * h > MAX_IMAGE_PIXELS:
-            raise self._error(
-                "image_too_large",
-                f"the image is {w}x{h} pixels, over the limit of {MAX_IMAGE_PIXELS // 1_000_000} megapixels",
-                "downscale it first",
-            )
+            raise self._error("image_too_large", f"the image is {w}x{h} pixels, over the limit of "
+                              f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels", "downscale it first")
 
     def _render(self, page: int) -> Image:
         from PIL import Image as PILImage
@@ -120,7 +107,7 @@ class ImageDocument(Document):
             out = im.copy()
         return _at_least_two_pixels(_to_rgb(out, bits))
 
-    def _close(self) -> None:
+    def close(self) -> None:
         self._im.close()
 
 
@@ -145,8 +132,7 @@ def _bits_per_sample(im: Image) -> int | None:
 
 
 def _to_rgb(im: Image, bits: int | None = None) -> Image:
-    """Any Pillow mode -> RGB: deep gray scaled by its real range (`bits`, default 16) to 8 bits, float gray in
-    [0, 1] to 0-255, transparency composited onto white."""
+    """Any mode -> RGB: deep gray scaled by its real range (`bits`, default 16), transparency onto white."""
     from PIL import Image as PILImage
 
     if im.mode.startswith("I"):  # I, I;16, I;16B, ...: 12-, 16- or 32-bit samples (PNG, TIFF)

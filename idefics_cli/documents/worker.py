@@ -9,7 +9,6 @@ takes a fresh worker. One call holds one worker, so threads are safe; idle ones 
 from __future__ import annotations
 
 import atexit
-import contextlib
 import itertools
 import os
 import pickle
@@ -31,7 +30,6 @@ if TYPE_CHECKING:
 CHILD = "from idefics_cli.documents import open_here; from idefics_cli.documents.worker import serve; serve(open_here)"
 DEFAULT_TIMEOUT = 30.0
 IDLE = 2  # idle workers kept for the next call
-HELD = 4  # documents a worker keeps open; the oldest is closed for a fifth
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _keys = itertools.count(1)
 _lock = threading.Lock()
@@ -58,7 +56,7 @@ class Worker:
         env = dict(os.environ, PYTHONPATH=_ROOT + os.pathsep + path if path else _ROOT)
         self.proc = subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=None if debug() else subprocess.DEVNULL, env=env)
-        self.held: dict[int, None] = {}  # keys of the documents open in the child, oldest first
+        self.key: int | None = None  # the document open in the child
         self._replies: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self._read, name="idefics-decode", daemon=True).start()
         with _lock:
@@ -71,14 +69,11 @@ class Worker:
         except Exception:  # noqa: BLE001 - the end of the pipe: the child is gone
             self._replies.put(None)
 
-    def send(self, request) -> None:
-        pickle.dump(request, self.proc.stdin, protocol=5)
-        self.proc.stdin.flush()
-
     def ask(self, request):
         seconds = timeout()
         try:
-            self.send(request)
+            pickle.dump(request, self.proc.stdin, protocol=5)
+            self.proc.stdin.flush()
             reply = self._replies.get(timeout=seconds)
         except queue.Empty:
             self.kill()
@@ -95,17 +90,13 @@ class Worker:
             _alive.discard(self)
         self.proc.kill()
         self.proc.wait()
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            try:
-                pipe.close()
-            except OSError:
-                pass
 
 
-def _take() -> Worker:
+def _take(key: int) -> Worker:
+    """An idle worker, the one holding document `key` first; a new one when none is idle."""
     with _lock:
-        while _idle:
-            worker = _idle.pop()
+        for worker in sorted(_idle, key=lambda w: w.key != key):
+            _idle.remove(worker)
             if worker.proc.poll() is None:
                 return worker
     return Worker()
@@ -135,17 +126,10 @@ class Remote(Document):
         self.page_count, self.doc_warnings = self._call("open", f"not a readable {NAMES[kind]}")
 
     def _call(self, page: int | str, what: str):
-        worker = _take()
+        worker = _take(self._key)
         try:
-            opened = self._key in worker.held
-            worker.held.pop(self._key, None)
-            if not opened and len(worker.held) >= HELD:
-                oldest = next(iter(worker.held))
-                del worker.held[oldest]
-                worker.send((oldest, "close", None))
-            ok, value, holds = worker.ask((self._key, page, None if opened else self._args))
-            if holds:
-                worker.held[self._key] = None  # the newest last
+            ok, value, holds = worker.ask((self._key, page, None if worker.key == self._key else self._args))
+            worker.key = self._key if holds else None
         except ChildProcessError as e:
             raise self._error("corrupt", f"{what} ({e})") from None
         finally:
@@ -165,35 +149,29 @@ class Remote(Document):
             raise self._error("corrupt", f"page {page} could not be decoded: it {e}, given up") from None
         return PILImage.frombytes(mode, size, raw)
 
-    def _close(self) -> None:
-        self._args = None
-        with _lock:
-            for worker in _idle:
-                if self._key in worker.held:
-                    del worker.held[self._key]
-                    with contextlib.suppress(OSError):  # a worker that died meanwhile
-                        worker.send((self._key, "close", None))
+    def close(self) -> None:
+        self._args = None  # the worker closes it when it opens the next document
 
 
 def serve(open_here) -> None:
-    """A worker's loop: (key, page, args) in on stdin, replies out; `args` opens the document, "close" closes it."""
+    """A worker's loop: (key, page, args) in on stdin, replies out; `args` opens document `key` instead of the last."""
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # what a decoder prints goes where stderr goes
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    docs: dict[int, Document] = {}
+    doc = held = None
     while True:
         try:
             key, page, args = pickle.load(sys.stdin.buffer)
         except EOFError:
             return
-        if page == "close":
-            if key in docs:
-                docs.pop(key).close()
-            continue
         try:
             if args is not None:
-                docs[key] = open_here(*args)
-            doc = docs[key]
+                if doc is not None:
+                    doc.close()
+                doc = held = None
+                doc, held = open_here(*args), key
+            if held != key:
+                raise IdeficsError("corrupt", "the document was closed")
             if page == "open":
                 reply = True, (doc.page_count, doc.doc_warnings)
             else:
@@ -203,5 +181,5 @@ def serve(open_here) -> None:
             reply = False, (e.code, e.message, e.hint)
         except MemoryError:
             reply = False, None
-        pickle.dump((*reply, key in docs), replies, protocol=5)
+        pickle.dump((*reply, held == key), replies, protocol=5)
         replies.flush()
