@@ -266,6 +266,7 @@ def test_a_mupdf_render_past_its_bound_is_killed_and_the_next_document_renders(c
     assert (err.value.code, err.value.message) == ("corrupt", "page 1 could not be decoded: it took longer than 1 s, "
                                                    "given up")
     assert took < 4, took  # the render alone takes minutes
+    monkeypatch.delenv("IDEFICS_DECODE_TIMEOUT")  # 30 s again: the next files need no race with a busy machine
     assert all(w.proc.poll() is None for w in worker._alive)  # the killed worker is gone, not left running
     for name in ("xfa-form.pdf", "repaired.pdf", "book.epub"):  # the same run goes on, warnings and all
         with open_document(by_name[name].path) as doc:

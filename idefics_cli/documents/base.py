@@ -77,8 +77,3 @@ class Document:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.path!r} {self.kind} pages={self.page_count}>"
-
-

@@ -27,7 +27,8 @@ from idefics_cli.process import debug
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-CHILD = "from idefics_cli.documents import open_here; from idefics_cli.documents.worker import serve; serve(open_here)"
+CHILD = ("import PIL.Image, pymupdf; from idefics_cli.documents import open_here; "
+         "from idefics_cli.documents.worker import serve; serve(open_here)")
 DEFAULT_TIMEOUT = 30.0
 IDLE = 2  # idle workers kept for the next call
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -38,8 +39,7 @@ _alive: set[Worker] = set()
 
 
 class DecodeTimeout(Exception):
-    def __init__(self, seconds: float):
-        super().__init__(f"took longer than {seconds:g} s")
+    """A decoder past its bound: "took longer than N s"."""
 
 
 def timeout() -> float:
@@ -52,8 +52,7 @@ def timeout() -> float:
 
 class Worker:
     def __init__(self):
-        path = os.environ.get("PYTHONPATH")
-        env = dict(os.environ, PYTHONPATH=_ROOT + os.pathsep + path if path else _ROOT)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (_ROOT, os.environ.get("PYTHONPATH")))))
         self.proc = subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=None if debug() else subprocess.DEVNULL, env=env)
         self.key: int | None = None  # the document open in the child
@@ -61,6 +60,8 @@ class Worker:
         threading.Thread(target=self._read, name="idefics-decode", daemon=True).start()
         with _lock:
             _alive.add(self)
+        if self._replies.get() is None:  # started and its imports done, outside the bound; else dead
+            self._replies.put(None)
 
     def _read(self) -> None:
         try:
@@ -75,11 +76,13 @@ class Worker:
             pickle.dump(request, self.proc.stdin, protocol=5)
             self.proc.stdin.flush()
             reply = self._replies.get(timeout=seconds)
-        except queue.Empty:
-            self.kill()
-            raise DecodeTimeout(seconds) from None
         except OSError:
             reply = None
+        except BaseException as e:  # past the bound or interrupted: its late reply must not answer the next request
+            self.kill()
+            if isinstance(e, queue.Empty):
+                raise DecodeTimeout(f"took longer than {seconds:g} s") from None
+            raise
         if reply is None:
             self.kill()
             raise ChildProcessError("its decoder's process ended")
@@ -158,6 +161,8 @@ def serve(open_here) -> None:
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # what a decoder prints goes where stderr goes
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    pickle.dump(True, replies)  # ready
+    replies.flush()
     doc = held = None
     while True:
         try:
