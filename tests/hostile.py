@@ -191,6 +191,20 @@ def _damaged_encryption_pdf() -> bytes:
     return data[:start] + data[start + 40:]
 
 
+def slow_render_pdf(depth: int = 7) -> bytes:
+    """One page whose form XObject draws the next ten times, `depth` deep: 10^(depth-1) fills, minutes in MuPDF's C."""
+    draws = b" ".join([b"q 0.9 0 0 0.9 2 2 cm /F Do Q"] * 10)
+    forms = [b"<< /Type /XObject /Subtype /Form /BBox [0 0 200 200] /Resources << /XObject << /F %d 0 R >> >> "
+             b"/Length %d >>\nstream\n%s\nendstream" % (6 + k, len(draws), draws) for k in range(depth - 1)]
+    leaf = b"0 0 1 rg 10 10 m 190 20 l 100 190 l h f"
+    return _pdf_from_objects([
+        b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 200 200] /Contents 4 0 R /Resources << /XObject << /F 5 0 R >> "
+        b">> >>", b"<< /Length 5 >>\nstream\n/F Do\nendstream", *forms,
+        b"<< /Type /XObject /Subtype /Form /BBox [0 0 200 200] /Length %d >>\nstream\n%s\nendstream" % (len(leaf),
+                                                                                                       leaf)])
+
+
 def _png_cut_after_pixels() -> tuple[bytes, bytes]:
     """A PNG whose trailing text chunk is cut off (its pixels are complete), and the original pixels."""
     from PIL import Image
@@ -337,6 +351,7 @@ def build(root: str) -> list[Case]:
     saslprep_pdf = _encrypted_pdf("pässwörd pin")
     add("saslprep-nbsp.pdf", saslprep_pdf, "ok", extra=["--password", "pa\u0308sswo\u0308rd\u00a0pin"])
     add("saslprep-wrong.pdf", saslprep_pdf, "wrong_password", extra=["--password", "passwort\u00a0pin"])
+    add("slow-render.pdf", slow_render_pdf(), "corrupt")  # past IDEFICS_DECODE_TIMEOUT: given up, not waited on
     from hostile_formats import build_formats
 
     build_formats(root, add)

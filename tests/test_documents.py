@@ -223,9 +223,9 @@ def test_decompression_bomb_header_is_refused(tmp_path):
     assert err.code == "image_too_large" and err.path.endswith("bomb.png")
 
 
-def test_own_pixel_limit_holds_even_without_pillows(tmp_path, monkeypatch):
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
-    err = error_of(open_document, write(tmp_path, "bomb.png", png_header(20000, 10000)))
+def test_own_pixel_limit_holds_even_without_pillows(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # in this process: the worker's side, run here
+    err = error_of(documents.open_here, "bomb.png", "png", png_header(20000, 10000), None, None, DEFAULT_LONGEST_SIDE)
     assert err.code == "image_too_large" and "20000x10000" in err.message
 
 
@@ -556,25 +556,63 @@ def test_sniff_names_the_new_formats_by_their_bytes():
     assert damaged_signature(b"hello, I am text", "text.png") is None
 
 
-def test_decoder_chatter_on_fd2_is_dropped_in_worker_threads_and_the_tools_lines_get_out():
-    """A C library writing to fd 2 inside `decoding()` (run in its helper thread) while another thread writes its
-    own line to sys.stderr: only the own line reaches the process's stderr; IDEFICS_DEBUG=1 lets the chatter out."""
-    import subprocess
+def test_decoder_chatter_on_fd2_is_dropped_in_worker_threads_and_the_tools_lines_get_out(tmp_path):
+    """libtiff writes straight to fd 2 while threads decode at once and the tool writes its own lines: only those
+    reach the process's stderr (decoders run in worker processes); IDEFICS_DEBUG=1 lets the chatter out."""
+    from hostile import _libtiff_error_tiff
 
-    code = ("import os, sys, threading\n"
-            "from idefics_cli.documents.quiet import decoding\n"
-            "def chatter():\n"
-            "    os.write(2, b'libfoo: chatter\\n')\n"
-            "    sys.stderr.write('error [corrupt]: own line\\n')\n"
-            "    return 7\n"
-            "threads = [threading.Thread(target=lambda: decoding(chatter)) for _ in range(4)]\n"
+    path = write(tmp_path, "bad.tif", _libtiff_error_tiff())
+    code = ("import sys, threading\n"
+            "from idefics_cli.documents import open_document\n"
+            "def decode():\n"
+            "    try:\n"
+            f"        open_document({path!r}).render(1)\n"
+            "    except Exception as e:\n"
+            "        sys.stderr.write(e.one_line() + '\\n')\n"
+            "threads = [threading.Thread(target=decode) for _ in range(4)]\n"
             "[t.start() for t in threads]; [t.join() for t in threads]\n"
-            "assert decoding(chatter) == 7\n"
             "print('error [x]: after', file=sys.stderr)\n")
     quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60,
                            env={k: v for k, v in os.environ.items() if k != "IDEFICS_DEBUG"})
     lines = quiet.stderr.decode().splitlines()
-    assert quiet.returncode == 0 and lines == ["error [corrupt]: own line"] * 5 + ["error [x]: after"], lines
+    own = f"error [corrupt]: {path}: page 1 could not be decoded (OSError: decoder error -2)"
+    assert quiet.returncode == 0 and lines == [own] * 4 + ["error [x]: after"], lines
     noisy = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60,
                            env={**os.environ, "IDEFICS_DEBUG": "1"})
-    assert noisy.stderr.decode().count("libfoo: chatter") == 5
+    assert noisy.stderr.decode().count("PackBitsDecode: Not enough data") >= 4, noisy.stderr.decode()
+
+
+def test_mupdf_documents_open_and_render_at_once_from_several_threads(tmp_path):
+    """The server and transcribe's prefetch thread open documents at the same time: each call takes its own worker
+    process, and the pixels are those one thread alone gets; idle workers are reused, not one spawned per file."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from idefics_cli.documents import worker
+
+    paths = [write(tmp_path, f"{i}.pdf", pdf_bytes(*[(200 + 40 * i, 300)] * (i + 1))) for i in range(6)]
+
+    def pixels(path):
+        with open_document(path, dpi=36) as doc:
+            return [hashlib.sha256(doc.render(p).tobytes()).hexdigest() for p in range(1, doc.page_count + 1)]
+
+    alone = [pixels(p) for p in paths]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            assert list(pool.map(pixels, paths)) == alone
+    assert len(worker._alive) <= worker.IDLE  # a worker is held only during a call; extras are killed
+
+
+def test_mupdf_workers_are_quiet_and_die_with_the_process(tmp_path):
+    """Nothing a worker prints reaches stderr; no worker outlives the run."""
+    path = write(tmp_path, "repaired.pdf", pdf_bytes((200, 200)).replace(b"startxref", b"startxreF"))
+    code = ("import sys\nfrom idefics_cli.documents import open_document, worker\n"
+            f"doc = open_document({path!r})\nassert doc.doc_warnings == ['repaired']\ndoc.render(1)\n"
+            "print(*[w.proc.pid for w in worker._alive])\n")
+    env = {k: v for k, v in os.environ.items() if k != "IDEFICS_DEBUG"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, env=env)
+    assert run.returncode == 0 and run.stderr == b"", run.stderr
+    pids = [int(pid) for pid in run.stdout.split()]
+    assert pids
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

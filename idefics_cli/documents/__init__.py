@@ -1,14 +1,9 @@
-"""Documents: files to page images. A file (or stdin) in, RGB page images out; the only package that decodes.
+"""Documents: a file (or stdin) in, RGB page images out; the only package that decodes.
 
-Contract: `open_document(path, ...)` reads the source bytes exactly once (from `path`, stdin for "-", or `data`),
-hashes them (`Document.sha256`), decides the format from the bytes with `sniff()` (never from the name) and
-opens it from memory: PDFs and MuPDF's other documents through PyMuPDF (pdf.py), images through Pillow
-(images.py). `Document.page_count` is known once opened; `Document.render(page)` (1-based) returns a fresh RGB
-image and `Document.warnings(page)` then names what may be wrong with it (errors.WARNINGS). A Document is a
-context manager and is not thread-safe: use one per thread. Every failure is an `IdeficsError` with `path` set
-and an input code (not_found, permission_denied, unsupported_format, corrupt, encrypted, wrong_password,
-empty_document, page_out_of_range, image_too_large). Decoding libraries are imported lazily; their chatter
-never reaches stderr unless IDEFICS_DEBUG=1.
+Contract: `open_document(path, ...)` reads the bytes once, hashes them (`sha256`), decides the format from them
+(`sniff`, never the name) and has a worker process (worker.py) open it: MuPDF's formats by pdf.py, images by
+images.py. A Document is a context manager, one per thread. Every failure is an `IdeficsError` with `path` set
+and an input code of errors.py; decoders' chatter never reaches stderr unless IDEFICS_DEBUG=1.
 """
 
 from __future__ import annotations
@@ -20,8 +15,8 @@ import sys
 from idefics_cli.documents.base import DEFAULT_LONGEST_SIDE, MAX_IMAGE_PIXELS, MAX_PIXELS, Document
 from idefics_cli.documents.images import ImageDocument
 from idefics_cli.documents.pdf import PdfDocument
-from idefics_cli.documents.quiet import DecodeTimeout, decoding
 from idefics_cli.documents.sniff import FORMATS, MUPDF_FORMATS, NAMES, damaged_signature, sniff
+from idefics_cli.documents.worker import DecodeTimeout, Remote
 from idefics_cli.errors import IdeficsError, UsageError
 
 __all__ = ["DEFAULT_LONGEST_SIDE", "FORMATS", "MAX_IMAGE_PIXELS", "MAX_PIXELS", "Document", "ImageDocument",
@@ -46,24 +41,23 @@ def _read(path: str) -> bytes:
         raise IdeficsError("not_found", "no such file", "check the path", path) from None
     except PermissionError:
         raise IdeficsError("permission_denied", "permission denied", "check the file's permissions", path) from None
-    except IsADirectoryError:
-        raise IdeficsError("unsupported_format", "is a directory, not a document", "pass a file", path) from None
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise IdeficsError("not_found", "a loop of symbolic links", "check the link", path) from None
         raise IdeficsError("corrupt", f"cannot read the file ({e.strerror or e})", path=path) from None
 
 
-def open_document(
-    path: str,
-    *,
-    password: str | None = None,
-    dpi: int | None = None,
-    longest_side: int | None = None,
-    data: bytes | None = None,
-) -> Document:
-    """Open `path` ("-" = stdin; `data`, when given, is used instead of reading). See the module docstring.
-    `longest_side`: PDF pages' render size without `dpi` (None: DEFAULT_LONGEST_SIDE)."""
+def open_here(path: str, kind: str, data: bytes, password: str | None, dpi: int | None, longest_side: int
+              ) -> Document:
+    """The document decoded in this process: a worker's side of `open_document`."""
+    if kind in MUPDF_FORMATS:
+        return PdfDocument(path, data, password, dpi, longest_side, kind)
+    return ImageDocument(path, kind, data)
+
+
+def open_document(path: str, *, password: str | None = None, dpi: int | None = None, longest_side: int | None = None,
+                  data: bytes | None = None) -> Document:
+    """Open `path` ("-" = stdin; or `data`); `longest_side`: PDF pages' size without `dpi` (DEFAULT_LONGEST_SIDE)."""
     path = os.fspath(path)
     longest_side = DEFAULT_LONGEST_SIDE if longest_side is None else longest_side
     if dpi is not None and dpi <= 0:
@@ -85,12 +79,7 @@ def open_document(
                                "save it as PSD or PNG", path)
         raise IdeficsError("unsupported_format", f"not a supported document ({_SUPPORTED})", path=path)
 
-    def opened() -> Document:
-        if kind in MUPDF_FORMATS:
-            return PdfDocument(path, data, password, dpi, longest_side, kind)
-        return ImageDocument(path, kind, data)
-
     try:
-        return decoding(opened, in_thread=kind not in MUPDF_FORMATS)  # MuPDF stays in the caller's thread
+        return Remote(path, kind, data, password, dpi, longest_side)
     except DecodeTimeout as e:
         raise IdeficsError("corrupt", f"the {NAMES[kind]} file {e} to open, given up", path=path) from None

@@ -1,8 +1,7 @@
 """The opened document every format shares: pages rendered on demand, their warnings, one-line errors.
 
-Contract: `Document.render(page)` (1-based) returns a fresh RGB image or raises an `IdeficsError` with `path`
-set (`page_out_of_range`, `corrupt` for a page that cannot be decoded); `Document.warnings(page)` names what
-may be wrong with a page once it is rendered. `why(exc)` is one line on a decoder's exception.
+Contract: `render(page)` (1-based) gives a fresh RGB image or raises `page_out_of_range` or `corrupt` (`path`
+set); `warnings(page)` names what may be wrong with a rendered page. `why(exc)`: one line on an exception.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ import re
 from typing import TYPE_CHECKING
 
 from idefics_cli.documents.pages import out_of_range
-from idefics_cli.documents.quiet import DecodeTimeout, decoding
 from idefics_cli.errors import IdeficsError
 
 if TYPE_CHECKING:
@@ -36,8 +34,6 @@ def why(exc: BaseException) -> str:
 class Document:
     """An opened document: `path`, `kind` (one of FORMATS), `sha256` of the source bytes, `page_count`."""
 
-    threaded = True  # pages decoded in a helper thread under the decode bound (quiet.decoding)
-
     def __init__(self, path: str, kind: str, data: bytes):
         self.path = path
         self.kind = kind
@@ -46,7 +42,6 @@ class Document:
         self.doc_warnings: list[str] = []  # true of every page: repaired, xfa_form, first_frame_only
         self._warnings: dict[int, list[str]] = {}
         self._notes: dict[int, list[str]] = {}  # found while rendering a page: downscaled
-        self._stuck: DecodeTimeout | None = None  # a render given up on: its decoder may still be running
 
     def _error(self, code: str, message: str, hint: str | None = None) -> IdeficsError:
         return IdeficsError(code, message, hint, self.path)
@@ -57,13 +52,8 @@ class Document:
             err = out_of_range(page, self.page_count)
             err.path = self.path
             raise err
-        if self._stuck is not None:
-            raise self._error("corrupt", f"page {page} was not decoded: an earlier page {self._stuck}")
         try:
-            image = decoding(lambda: self._render(page), in_thread=self.threaded)
-        except DecodeTimeout as e:
-            self._stuck = e
-            raise self._error("corrupt", f"page {page} could not be decoded: it {e}, given up") from None
+            image = self._render(page)
         except (IdeficsError, MemoryError, KeyboardInterrupt):
             raise
         except Exception as e:
@@ -80,10 +70,6 @@ class Document:
         raise NotImplementedError
 
     def close(self) -> None:
-        if self._stuck is None:  # else the abandoned decoder may still use it
-            self._close()
-
-    def _close(self) -> None:
         pass
 
     def __enter__(self) -> Document:
@@ -91,8 +77,3 @@ class Document:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.path!r} {self.kind} pages={self.page_count}>"
-
-

@@ -1,15 +1,9 @@
 """Damage: evidence, in a file's bytes or an opened PDF's objects, of what is really wrong with it.
 
-Contract: pure inspection, no decoding library imported here (an opened PyMuPDF document is passed in).
-- `complete_png(data)`: a PNG cut off after its pixel data (a trailing text chunk or IEND lost) as the same
-  PNG ending cleanly, so a strict decoder reads it pixel-identical; None when the pixel data itself is cut,
-  when nothing is cut, or when it is no PNG.
-- `drop_bad_ancillary(data)`: a PNG whose only fault is a bad checksum on optional (ancillary) chunks, without
-  those chunks, as browsers display it; None when every ancillary chunk is sound or it is no PNG.
-- `empty_page_tree(doc)`: whether a PDF that opened with 0 pages is really empty (a page tree with no kids and
-  no page object anywhere), as opposed to damaged (unreachable pages, no catalog, a tree of missing objects).
-- `encryption_damage(doc)`: why no password can open an encrypted PDF (keys of the wrong length, an unknown
-  method), or None when its encryption dictionary is sound.
+Contract: pure inspection (an opened PyMuPDF document is passed in). `complete_png(data)`: a PNG cut after its
+pixel data, ending cleanly; `drop_bad_ancillary(data)`: a PNG without its ancillary chunks of bad checksum (else
+None for both); `empty_page_tree(doc)`: a 0-page PDF is really empty, not damaged; `encryption_damage(doc)`:
+why no password can open a PDF, or None when its encryption dictionary is sound.
 """
 
 from __future__ import annotations

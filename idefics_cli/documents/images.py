@@ -1,15 +1,13 @@
 """Images through Pillow: one page per image (every frame of a multi-page format), RGB, never resized.
 
-Contract: EXIF orientation is applied, transparency is composited onto white, every mode ends as RGB (deep gray
-scaled by its real range: a 12-bit TIFF by 4095); a PNG cut off after its pixel data is read. Images over
-MAX_IMAGE_PIXELS are `image_too_large` before decoding; an animation gives its first frame (`first_frame_only`).
-An image 1 px wide or high is padded with white to 2 px, since the model's processor cannot split it.
+Contract: EXIF orientation applied, transparency onto white, deep gray scaled by its real range (12-bit TIFF by
+4095), 1-px sides padded to 2 px (the processor cannot split them); a PNG cut after its pixel data is read.
+Over MAX_IMAGE_PIXELS is `image_too_large` before decoding; an animation gives its first frame (`first_frame_only`).
 """
 
 from __future__ import annotations
 
 import io
-import os
 import warnings
 from typing import TYPE_CHECKING
 
@@ -26,42 +24,6 @@ _PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "gif": "GIF", "bmp
                 "jp2": "JPEG2000", "pnm": "PPM", "avif": "AVIF", "heif": "HEIF", "psd": "PSD"}
 PAGED = ("tiff", "heif")  # every frame (TIFF page, HEIF top-level image) is a page
 _LAYERED = ("psd",)  # frames are layers: the composite image is the page
-_libtiff_quiet = False
-_heif_ready = False
-
-
-def _quiet_libtiff() -> None:
-    """Turn off libtiff's message handlers: they print straight to file descriptor 2, past any Python redirection
-    ("PackBitsDecode: Not enough data for scanline 0."), while the failure reaches us as Pillow's OSError anyway.
-    Process-wide; quiet.py also points fd 2 away while decoding. IDEFICS_DEBUG=1 keeps them."""
-    global _libtiff_quiet
-    if _libtiff_quiet or os.environ.get("IDEFICS_DEBUG"):
-        return
-    _libtiff_quiet = True
-    try:
-        import ctypes
-
-        from PIL import _imaging
-
-        lib = ctypes.CDLL(_imaging.__file__)  # already loaded: dlsym finds libtiff among its dependencies
-        for name in ("TIFFSetErrorHandler", "TIFFSetWarningHandler", "TIFFSetErrorHandlerExt",
-                     "TIFFSetWarningHandlerExt"):
-            setter = getattr(lib, name, None)
-            if setter is not None:
-                setter.restype, setter.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
-                setter(None)
-    except (ImportError, OSError, AttributeError):  # no libtiff in this Pillow: nothing to quiet
-        pass
-
-
-def _register_heif() -> None:
-    """HEIC/HEIF through pillow-heif's Pillow plugin (a core dependency)."""
-    global _heif_ready
-    if not _heif_ready:
-        import pillow_heif
-
-        pillow_heif.register_heif_opener(thumbnails=False)
-        _heif_ready = True
 
 
 class ImageDocument(Document):
@@ -69,9 +31,10 @@ class ImageDocument(Document):
         super().__init__(path, kind, data)
         from PIL import Image as PILImage
 
-        _quiet_libtiff()
         if kind == "heif":
-            _register_heif()
+            import pillow_heif
+
+            pillow_heif.register_heif_opener(thumbnails=False)
         self._data = data
         if kind == "png" and not data.endswith(damage.IEND):
             data = damage.complete_png(data) or data  # cut after its pixel data: read what is all there
@@ -113,11 +76,8 @@ class ImageDocument(Document):
     def _check_size(self) -> None:
         w, h = self._im.size
         if w * h > MAX_IMAGE_PIXELS:
-            raise self._error(
-                "image_too_large",
-                f"the image is {w}x{h} pixels, over the limit of {MAX_IMAGE_PIXELS // 1_000_000} megapixels",
-                "downscale it first",
-            )
+            raise self._error("image_too_large", f"the image is {w}x{h} pixels, over the limit of "
+                              f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels", "downscale it first")
 
     def _render(self, page: int) -> Image:
         from PIL import Image as PILImage
@@ -147,7 +107,7 @@ class ImageDocument(Document):
             out = im.copy()
         return _at_least_two_pixels(_to_rgb(out, bits))
 
-    def _close(self) -> None:
+    def close(self) -> None:
         self._im.close()
 
 
@@ -172,8 +132,7 @@ def _bits_per_sample(im: Image) -> int | None:
 
 
 def _to_rgb(im: Image, bits: int | None = None) -> Image:
-    """Any Pillow mode -> RGB: deep gray scaled by its real range (`bits`, default 16) to 8 bits, float gray in
-    [0, 1] to 0-255, transparency composited onto white."""
+    """Any mode -> RGB: deep gray scaled by its real range (`bits`, default 16), transparency onto white."""
     from PIL import Image as PILImage
 
     if im.mode.startswith("I"):  # I, I;16, I;16B, ...: 12-, 16- or 32-bit samples (PNG, TIFF)

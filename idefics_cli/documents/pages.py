@@ -1,14 +1,9 @@
 """Page specs: which pages of a document to use (the `--pages` option).
 
-Contract: `parse_page_spec(spec)` turns the user's text into a `PageSpec` or raises `UsageError`;
-`PageSpec.resolve(n_pages)` turns it into 1-based page numbers for one document or raises
-`IdeficsError("page_out_of_range")`. Syntax (1-based, comma-separated, whitespace ignored):
-`3` one page, `1-4` a range, `7-` page 7 to the last page, `-2` the last two pages, `all` every page.
-`None` means every page. Pages come back in the order given, each page once (first mention wins).
-A closed range must not run backwards (`3-1` is a usage error). A spec means "these pages, where they
-exist": pages, ranges and open ends are clipped to each document (`2-3` of a one-page image is nothing,
-`-5` of a three-page PDF is all three), and only a document that has none of the chosen pages raises
-`page_out_of_range`. `str(spec)` is a normalized spec that parses back to an equal `PageSpec`.
+Contract: `parse_page_spec(spec)` gives a `PageSpec` or raises `UsageError`: `3`, `1-4`, `7-` (to the end),
+`-2` (the last two), comma-separated, `all` or None for every page. `PageSpec.resolve(n_pages)`: 1-based pages
+in the order given, each once, clipped to the document; `page_out_of_range` when none exists. `str(spec)`
+parses back to an equal spec.
 """
 
 from __future__ import annotations
@@ -59,10 +54,7 @@ class PageSpec:
         return ",".join(map(str, self.ranges)) or "all"
 
     def resolve(self, n_pages: int) -> list[int]:
-        """1-based page numbers of a document with `n_pages` pages, in spec order, without duplicates.
-
-        Clipped to the document; `page_out_of_range` when none of the chosen pages exists.
-        """
+        """1-based page numbers in spec order, once each, clipped to `n_pages`; none left: `page_out_of_range`."""
         if not self.ranges:
             return list(range(1, n_pages + 1))
         pages: dict[int, None] = {}

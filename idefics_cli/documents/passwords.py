@@ -1,10 +1,8 @@
 """Passwords: SASLprep (RFC 4013), the normalisation PDF 2.0 prescribes for AES-256 (revision 5 and 6) passwords.
 
-Contract: `saslprep(text)` maps non-ASCII spaces to U+0020, drops characters "commonly mapped to nothing"
-(soft hyphen, zero-width joiners...), applies NFKC and checks the prohibited-output and bidirectional rules of
-RFC 4013 (unassigned code points are allowed, as for a query). It returns the prepared string, or None when
-the text contains a prohibited character or breaks the bidi rule. `candidates(password)` is the password as
-given, then its SASLprep form when that differs: what `documents` tries, in that order. Standard library only.
+Contract: `saslprep(text)`: the prepared string (RFC 4013 mapping, NFKC, prohibited-output and bidi rules;
+unassigned code points allowed), or None when RFC 4013 prohibits it. `candidates(password)`: the password as
+given, then its SASLprep form when that differs, the order PDFs are tried in.
 """
 
 from __future__ import annotations
@@ -12,17 +10,10 @@ from __future__ import annotations
 import stringprep
 import unicodedata
 
-_PROHIBITED = (
-    stringprep.in_table_c12,  # non-ASCII space (after mapping, none are left; kept for the letter of the RFC)
-    stringprep.in_table_c21_c22,  # control characters
-    stringprep.in_table_c3,  # private use
-    stringprep.in_table_c4,  # non-character code points
-    stringprep.in_table_c5,  # surrogate codes
-    stringprep.in_table_c6,  # inappropriate for plain text
-    stringprep.in_table_c7,  # inappropriate for canonical representation
-    stringprep.in_table_c8,  # change display properties or deprecated
-    stringprep.in_table_c9,  # tagging characters
-)
+# RFC 4013 2.3: non-ASCII space, control, private use, non-character, surrogate, and tables C.6 to C.9
+_PROHIBITED = (stringprep.in_table_c12, stringprep.in_table_c21_c22, stringprep.in_table_c3, stringprep.in_table_c4,
+               stringprep.in_table_c5, stringprep.in_table_c6, stringprep.in_table_c7, stringprep.in_table_c8,
+               stringprep.in_table_c9)
 
 
 def saslprep(text: str) -> str | None:

@@ -1,16 +1,14 @@
-"""MuPDF documents through PyMuPDF: PDF, XPS/OXPS, EPUB, MOBI, FB2, CBZ and SVG, rasterized within the budget.
+"""MuPDF documents through PyMuPDF: PDF, XPS/OXPS, EPUB, MOBI, FB2, CBZ and SVG, paginated as MuPDF does.
 
-Contract: pages as MuPDF paginates them (books reflowed at its default page size); each page is
-rendered so its longest side is `longest_side` px (default 1960), or at `dpi` when
-given, page rotation honored, never above `MAX_PIXELS` (else the `downscaled` warning). Pages are only
-rasterized: no JavaScript is run, no attachment or embedded file is extracted. 0 pages is `empty_document`
-only for an empty page tree, else `corrupt`; a damaged encryption dictionary is `corrupt`, not a password
-question; AES-256 passwords are also tried SASLprep-normalised (damage.py, passwords.py). A ZIP container
-whose entries expand past MAX_ARCHIVE_BYTES, or hold an image over MAX_IMAGE_PIXELS, is `image_too_large`.
+Contract: a page's longest side is `longest_side` px, or it is rendered at `dpi`, rotation honored, within
+`MAX_PIXELS` (else `downscaled`). No JavaScript runs, no attachment is extracted. 0 pages is `empty_document`
+only for an empty page tree, else `corrupt`, as is a damaged encryption dictionary. A ZIP container whose
+entries expand past MAX_ARCHIVE_BYTES, or hold an image over MAX_IMAGE_PIXELS, is `image_too_large`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import warnings
@@ -26,22 +24,7 @@ from idefics_cli.errors import IdeficsError
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-_pymupdf_ready = False
 MAX_ARCHIVE_BYTES = 1 << 30  # what the entries of an EPUB, CBZ or XPS may expand to, in all
-
-
-def _pymupdf():
-    """Import PyMuPDF once, with MuPDF's messages kept off stdout (they go to the `pymupdf` logger)."""
-    global _pymupdf_ready
-    import pymupdf
-
-    if not _pymupdf_ready:
-        pymupdf.TOOLS.mupdf_display_errors(False)
-        pymupdf.TOOLS.mupdf_display_warnings(False)
-        pymupdf.set_messages(pylogging=True)
-        pymupdf.set_log(pylogging=True)
-        _pymupdf_ready = True
-    return pymupdf
 
 
 def _zip_images_over(data: bytes) -> str | None:
@@ -50,32 +33,28 @@ def _zip_images_over(data: bytes) -> str | None:
 
     from PIL import Image as PILImage
 
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            for info in archive.infolist():
-                if info.file_size < 8 or info.is_dir():
-                    continue
-                with archive.open(info) as entry:
-                    head = entry.read(1 << 16)
-                try:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        width, height = PILImage.open(io.BytesIO(head)).size
-                except PILImage.DecompressionBombError as e:
-                    return f"{info.filename}: {why(e)}"
-                except Exception:  # noqa: BLE001 - not an image Pillow knows, or its header is further on
-                    continue
-                if width * height > MAX_IMAGE_PIXELS:
-                    return f"{info.filename} is {width}x{height} pixels"
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError):
-        return None
+    bad_zip = (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError)
+    with contextlib.suppress(*bad_zip), zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for info in archive.infolist():
+            if info.file_size < 8 or info.is_dir():
+                continue
+            with archive.open(info) as entry:
+                head = entry.read(1 << 16)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    width, height = PILImage.open(io.BytesIO(head)).size
+            except PILImage.DecompressionBombError as e:
+                return f"{info.filename}: {why(e)}"
+            except Exception:  # noqa: BLE001 - not an image Pillow knows, or its header is further on
+                continue
+            if width * height > MAX_IMAGE_PIXELS:
+                return f"{info.filename} is {width}x{height} pixels"
     return None
 
 
 class PdfDocument(Document):
     """A document MuPDF opens: PDF, and XPS/OXPS, EPUB, MOBI, FB2, CBZ and SVG, paginated by MuPDF."""
-
-    threaded = False  # MuPDF's context is used from the thread that owns the document only
 
     def __init__(self, path: str, data: bytes, password: str | None, dpi: int | None, longest_side: int,
                  kind: str = "pdf"):
@@ -89,7 +68,8 @@ class PdfDocument(Document):
             if kind != "xps" and (big := _zip_images_over(data)):
                 raise self._error("image_too_large", f"the {name} holds an image over the limit of "
                                   f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels ({big})", "downscale it first")
-        pymupdf = _pymupdf()
+        import pymupdf
+
         try:
             self._doc = pymupdf.open(stream=data, filetype=kind)
         except Exception as e:
@@ -130,32 +110,24 @@ class PdfDocument(Document):
             raise self._error("encrypted", "the PDF is encrypted", "pass --password")
         raise self._error("wrong_password", "the password does not open this PDF", "check --password")
 
-    def scale_for(self, width: float, height: float) -> float:
-        """Zoom factor for a page of `width` x `height` points (rotation applied), within MAX_PIXELS."""
-        pymupdf = _pymupdf()
-        scale = self._dpi / 72 if self._dpi else self._longest_side / max(width, height)
-        scale = min(scale, math.sqrt(MAX_PIXELS / (width * height)))
-        rect = pymupdf.Rect(0, 0, width, height)
-        while (r := (rect * pymupdf.Matrix(scale, scale)).irect).width * r.height > MAX_PIXELS:
-            scale *= 0.999
-        return scale
-
     def _render(self, page: int) -> Image:
+        import pymupdf
         from PIL import Image as PILImage
 
-        pymupdf = _pymupdf()
         p = self._doc.load_page(page - 1)
-        rect = p.rect  # rotation already applied
+        rect = p.rect  # at (0, 0), rotation already applied
         if rect.width <= 0 or rect.height <= 0:
             raise self._error("corrupt", f"page {page} has an empty page box")
-        scale = self.scale_for(rect.width, rect.height)
         wanted = self._dpi / 72 if self._dpi else self._longest_side / max(rect.width, rect.height)
+        scale = min(wanted, math.sqrt(MAX_PIXELS / (rect.width * rect.height)))
+        while (r := (rect * pymupdf.Matrix(scale, scale)).irect).width * r.height > MAX_PIXELS:
+            scale *= 0.999
         if scale < wanted * 0.99:
             self._notes[page] = ["downscaled"]
         pix = p.get_pixmap(matrix=pymupdf.Matrix(scale, scale), colorspace=pymupdf.csRGB, alpha=False)
         return PILImage.frombytes("RGB", (pix.width, pix.height), pix.samples, "raw", "RGB", pix.stride)
 
-    def _close(self) -> None:
+    def close(self) -> None:
         self._doc.close()
 
 

@@ -1,10 +1,8 @@
 """Sniffing: a file's format from its bytes, never from its name.
 
-Contract: `sniff(data)` returns one of FORMATS or None. The first 1024 bytes decide every format but the ZIP
-containers (XPS, EPUB, CBZ), whose directory sits at the end: given only a head, a ZIP other than an EPUB is None.
-`damaged_signature(data, name)` names the format of a file that `sniff` refused, when its name says it is an
-image and its first bytes are that format's signature with a bit or two flipped or its line endings rewritten
-by a text-mode transfer (so it is `corrupt`, not an unsupported document); else None.
+Contract: `sniff(data)` gives one of FORMATS or None; 1024 bytes decide all but XPS and CBZ (the ZIP directory
+is at the end). `damaged_signature(data, name)` names the format of a refused file whose name says image and
+whose signature has a bit or two flipped or line endings rewritten (so it is `corrupt`); else None.
 """
 
 from __future__ import annotations

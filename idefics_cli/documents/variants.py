@@ -1,11 +1,8 @@
 """Variants: well-formed files of a known format that its decoder cannot read, and archives too big to open.
 
-Contract: pure inspection of a file's bytes, no decoding library imported here.
-- `unsupported_variant(kind, data, reason)`: the name of the variant ("12-bit JPEG", "LogLuv TIFF", "OS/2 BMP
-  with 24-bit RLE"...) when the header declares one the decoder does not support, else None; `reason` is the
-  decoder's own message. Asked only after decoding failed: a None then means damaged bytes (`corrupt`).
-- `zip_excess(data, limit)`: why a ZIP container (EPUB, CBZ, XPS) must not be opened, when its entries
-  declare more than `limit` bytes in all (a zip bomb); else None.
+Contract: pure inspection of bytes. `unsupported_variant(kind, data, reason)` names the variant a header declares
+that the decoder cannot read ("12-bit JPEG"; `reason`: the decoder's message), else None (damaged bytes).
+`zip_excess(data, limit)`: why a ZIP whose entries declare over `limit` bytes (a zip bomb) must not be opened.
 """
 
 from __future__ import annotations
