@@ -101,8 +101,10 @@ def test_batch_of_four_equals_four_single_pages(tmp_path, cli, sharp_model, engi
     assert res4.exit_code == 0 and res1.exit_code == 0, (res4.stderr, res1.stderr)
     four, ones = read_records(tmp_path / "b4.jsonl"), read_records(tmp_path / "b1.jsonl")
     assert len(four) == len(ones) == 4 and all(r["status"] == "ok" for r in four + ones)
-    # one generate call served the four pages (they share its time); the singles had one call each
-    assert len({r["timing"]["generate_s"] for r in four}) == 1 and {r["timing"]["batch_size"] for r in four} == {4}
+    # the four pages were rows of one decode (they share its time: each row's ends at its own last step, and these
+    # end together, so they differ by microseconds, rounded); the singles had one decode each
+    times = [r["timing"]["generate_s"] for r in four]
+    assert max(times) - min(times) <= 0.001 and {r["timing"]["batch_size"] for r in four} == {4}
     by_path = {r["path"]: r for r in ones}
     for r in four:
         single = by_path[r["path"]]
