@@ -55,7 +55,6 @@ def main(argv=None) -> int:
         os.makedirs(art)
         os.symlink(model, os.path.join(art, REPO_ID))
         pdf = sample_pages(os.path.join(tmp, "pages.pdf"), pages)
-        out = os.path.join(tmp, "records")
         side = os.path.join(c.HERE, "docling_side.py")
 
         def docling(source: str, tokens: int, scale: float) -> dict:
@@ -66,6 +65,7 @@ def main(argv=None) -> int:
             return {**result, "wall": r.wall, "rss": r.max_rss_mib}
 
         def idefics(source: str, tokens: int, *flags: str) -> dict:
+            out = tempfile.mkdtemp(dir=tmp)  # its own records: --force keeps other files' records
             r = c.run([*c.idefics_cmd(), "transcribe", source, "--out", out, "--force", "--model", model,
                        "--device", "cpu", "--max-new-tokens", str(tokens), *flags])
             match = SUMMARY.search(r.stderr)
@@ -103,7 +103,9 @@ def render_png(pdf: str, path: str, side: int) -> None:
     with pymupdf.open(pdf) as doc:
         page = doc[0]
         scale = side / max(page.rect.width, page.rect.height)
-        page.get_pixmap(matrix=pymupdf.Matrix(scale, scale), alpha=False).save(path)
+        pix = page.get_pixmap(matrix=pymupdf.Matrix(scale, scale), alpha=False)
+        pix.set_dpi(72, 72)  # docling sizes an image page by its dpi: at 72, scale 1.0 hands it the very pixels
+        pix.save(path)
 
 
 def version(python: str) -> str:
