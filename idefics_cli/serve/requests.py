@@ -55,22 +55,21 @@ class ChatRequest:
     def render(self, memo=None, known: bool = True) -> None:
         """Decode the chosen pages into `images` and their `digests` (a page that cannot be decoded raises its code).
 
-        With a `PageMemo`, a page it holds (and `known`) is its `Seen` instead: the caller decodes it if need be."""
+        With a `PageMemo`, a page it holds (and `known`) is its `Seen` instead: the caller decodes it if need be.
+        Without one, `digests` stays empty."""
         from .cache import Seen, image_digest
 
         self.images, self.digests = [], []
         for doc, page in self.pages:
             source = (doc.sha256, page, self.longest_side)
             seen = memo.get(source) if memo is not None and known else None
-            if seen is not None:
-                self.images.append(seen)
-            else:
-                image = doc.render(page)
+            image = seen or doc.render(page)
+            if memo is not None and seen is None:  # without a memo (no prefix cache) nothing reads a digest
                 seen = Seen(image.mode, image.width, image.height, image_digest(image))
-                if memo is not None:
-                    memo.put(source, seen)
-                self.images.append(image)
-            self.digests.append(seen.digest)
+                memo.put(source, seen)
+            if seen is not None:
+                self.digests.append(seen.digest)
+            self.images.append(image)
         if not any(isinstance(image, Seen) for image in self.images):
             self.close()  # nothing left to decode
 

@@ -235,7 +235,8 @@ class Scheduler:
         """The job's prefix-cache key (computed once: by the request's thread, the pixel thread, or here)."""
         if job.cache_key is _UNKEYED:
             length = backend.prefix_length(self.engine, job.ids)
-            digests = job.digests or [image_digest(image) for image in job.images]
-            job.cache_key = (prefix_key(self.settings, job.ids[:length], digests)
-                             if length and self.cache.max_bytes else None)
+            job.cache_key = None
+            if length and self.cache.max_bytes:
+                digests = job.digests or [image_digest(image) for image in job.images]
+                job.cache_key = prefix_key(self.settings, job.ids[:length], digests)
         return job.cache_key
