@@ -256,7 +256,8 @@ def _prepare(state: ServerState, body, loop):
                 longest_side=engine.render_side)
     try:
         max_tokens = req.max_tokens or engine.options.max_new_tokens
-        req.render(state.pages if state.scheduler.cache.max_bytes else None)  # first: a family's image tokens may follow each page's size
+        memo = state.pages if state.scheduler.cache.max_bytes else None  # no prefix cache: no digests to keep
+        req.render(memo)  # first: a family's image tokens may follow each page's size
         ids = backend.prompt_ids(engine, req.messages, req.images)
         try:
             engine.fit_context(len(ids), max_tokens, "the prompt", "send fewer pages or turns")
