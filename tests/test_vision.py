@@ -124,14 +124,17 @@ def test_pixels_are_unpadded_grouped_by_shape_and_bounded(engines, monkeypatch):
 
     monkeypatch.setattr(Idefics2Model, "get_image_features", features)
     monkeypatch.setattr(vision.VisionInputs, "build_one", build_one)
+    monkeypatch.setattr(vision._Repeats, "_kept", vision.weakref.WeakKeyDictionary())  # no repeats from before
     pages = [make_image(*((420, 300) if k % 2 else (300, 420)), seed=k) for k in range(8)]
+    distinct = {(p.shape, p.tobytes()) for page in pages
+                for p in vision._own_size_pixels(engine.processor.image_processor, page, True)}
     engine.vision_chunk = 4
     try:
         engine.generate(engine.prepare([(pages, QUESTION)]), max_new_tokens=1)
     finally:
         engine.vision_chunk = None
     assert len(waiting) == 8 and max(waiting) <= 4 + 5 - 1  # built page by page, flushed at the chunk size
-    assert sum(shape[0] for shape, _ in calls) == 8 * 5 and all(shape[0] <= 4 for shape, _ in calls)
+    assert sum(shape[0] for shape, _ in calls) == len(distinct) and all(shape[0] <= 4 for shape, _ in calls)
     assert all(mask is None and shape[1] == 1 for shape, mask in calls)
     # one shape per call, and it is the images' own: the processor's pixels of one page, trimmed by its mask
     shapes = {shape[-2:] for shape, _ in calls}
@@ -225,3 +228,35 @@ def test_built_pixels_stay_8_bit_until_the_tower_reads_them(engines):
             expected = torch.cat([engine.model.model.get_image_features(pixel_values=p, return_dict=True)
                                   .pooler_output[0] for p in own])
             assert torch.equal(features[row], expected)
+
+
+def test_identical_images_are_encoded_once(engines):
+    """A blank page's four equal crops, and a second blank page, reach the tower once; their features are those of
+    the image encoded alone. The next call finds the repeats kept and encodes none of them again."""
+    import torch
+    from PIL import Image
+
+    from idefics_cli.runtime.vision import VisionInputs, _own_size_pixels, encode
+
+    engine = engines["tiny", True]
+    image_processor, model = engine.processor.image_processor, engine.model
+    blank, page = Image.new("RGB", (420, 300), "white"), make_image(420, 300, 5)
+    encoded = []
+    hook = model.model.vision_model.register_forward_hook(
+        lambda module, args, out: encoded.append(out.last_hidden_state.shape[0]))
+    try:
+        vision = VisionInputs([[blank], [blank], [page]], True).collect(image_processor)
+        features = encode(model, vision, 2, image_processor)
+        assert sum(encoded) == 2 + 5  # the blank crop and the blank whole, then the page's five distinct images
+        encoded.clear()
+        again = encode(model, VisionInputs([[blank]], True).collect(image_processor), 2, image_processor)
+        assert encoded == []
+    finally:
+        hook.remove()
+    with torch.inference_mode():
+        for row, image in enumerate([blank, blank, page]):
+            own = [torch.from_numpy(p)[None, None] for p in _own_size_pixels(image_processor, image, True)]
+            expected = torch.cat([model.model.get_image_features(pixel_values=p, return_dict=True).pooler_output[0]
+                                  for p in own])
+            assert torch.equal(features[row], expected)
+    assert torch.equal(again[0], features[0])

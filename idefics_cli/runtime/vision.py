@@ -2,15 +2,21 @@
 
 `VisionInputs(rows, split, kwargs)`: each prompt's images (or functions rendering one), built one source image at a
 time by the processor itself (`grids`: tiles per image), kept 8-bit until `encode(model, vision, chunk)` runs one
-shape bucket, `chunk` images a call. `auto_chunk` sizes a chunk from free memory; `prepare` makes an engine's inputs.
+shape bucket, `chunk` images a call. Identical images (blank tiles, mostly) are encoded once: by content digest
+within a call, and across calls for the model's last `REPEATS` repeated ones. `auto_chunk` sizes a chunk from free
+memory; `prepare` makes an engine's inputs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import threading
 import weakref
+from collections import Counter, OrderedDict
 
 CHUNK_ENV = "IDEFICS_VISION_CHUNK"
+REPEATS = 8  # features of images seen twice in one call, kept per model for later calls
 
 
 class VisionInputs:
@@ -25,6 +31,7 @@ class VisionInputs:
         self.next = 0  # the next of `sources` to build (each dropped once built)
         self.sources = [(r, image) for r, row in enumerate(rows) for image in row]
         self.table = None  # the processor's value table when the built pixels are 8-bit
+        self.digests: dict[tuple[int, int], bytes] = {}  # (row, slot) -> content digest of its pixels
 
     @property
     def pending(self) -> int:
@@ -39,6 +46,7 @@ class VisionInputs:
         images, self.table, grid = _own_size_images(image_processor, image, self.split, self.kwargs)
         self.grids[row].append(grid)
         for pixels in images:
+            self.digests[row, self.slots[row]] = hashlib.blake2b(pixels, digest_size=16).digest()
             self.buckets.setdefault(pixels.shape[-2:], []).append((row, self.slots[row], pixels))
             self.slots[row] += 1
 
@@ -162,44 +170,88 @@ def _available_ram() -> int:
     return 4 * 2**30
 
 
+class _Repeats:
+    """Features by content (digest, shape, value table) for one `encode` call, seeded with the model's kept repeats."""
+
+    _kept = weakref.WeakKeyDictionary()  # model -> OrderedDict(key -> features), at most REPEATS
+    _lock = threading.Lock()
+
+    def __init__(self, model, vision: VisionInputs):
+        table = vision.table
+        self.salt = b"" if table is None else hashlib.blake2b(table.tobytes(), digest_size=8).digest()
+        self.vision, self.found, self.uses = vision, {}, Counter()
+        with self._lock:
+            self.kept = self._kept.setdefault(model, OrderedDict())
+            self.found.update(self.kept)
+
+    def key(self, row: int, slot: int, pixels) -> tuple:
+        return self.vision.digests[row, slot], pixels.shape, pixels.dtype.str, self.salt
+
+    def keep(self) -> None:
+        """Remember this call's repeated images for the next calls (the most recent REPEATS)."""
+        with self._lock:
+            for key, uses in self.uses.items():
+                if uses > 1:
+                    self.kept[key] = self.found[key].clone()
+                    self.kept.move_to_end(key)
+            while len(self.kept) > REPEATS:
+                self.kept.popitem(last=False)
+
+
 def encode(model, vision: VisionInputs, chunk: int, image_processor=None) -> list:
     """Features of every row, in prompt order; pixels built (if not collected) and freed chunk by chunk."""
     import torch
 
     chunk = max(1, chunk)
     features: list[dict[int, object]] = [{} for _ in range(vision.rows)]
+    repeats = _Repeats(model, vision)
     while vision.next < len(vision.sources):
         vision.build_one(image_processor)
         while vision.pending >= chunk:
-            _flush(model, vision, max(vision.buckets, key=lambda s: len(vision.buckets[s])), chunk, features)
+            _flush(model, vision, max(vision.buckets, key=lambda s: len(vision.buckets[s])), chunk, features,
+                   repeats)
     for shape in sorted(vision.buckets, key=lambda s: -len(vision.buckets[s])):
-        _flush(model, vision, shape, chunk, features)
+        _flush(model, vision, shape, chunk, features, repeats)
+    repeats.keep()
     return [torch.cat([row[k] for k in range(len(row))]) if row else None for row in features]
 
 
-def _flush(model, vision: VisionInputs, shape, chunk: int, features) -> None:
-    """Encode one bucket, `chunk` images a call, and drop its pixels."""
+def _flush(model, vision: VisionInputs, shape, chunk: int, features, repeats: _Repeats) -> None:
+    """Encode one bucket's distinct images, `chunk` a call, give every place its features, and drop the pixels."""
     import numpy as np
     import torch
 
-    items = vision.buckets.pop(shape)
+    places: dict[tuple, list[tuple[int, int]]] = {}  # key -> the (row, slot)s waiting for its features
+    items = []
+    for row, slot, pixels in vision.buckets.pop(shape):
+        key = repeats.key(row, slot, pixels)
+        repeats.uses[key] += 1
+        if key in repeats.found:
+            features[row][slot] = repeats.found[key]
+        elif key in places:
+            places[key].append((row, slot))
+        else:
+            places[key] = [(row, slot)]
+            items.append((key, pixels))
     while items:
         part, items[:chunk] = items[:chunk], []
-        stacked = np.empty((len(part), 1, *part[0][2].shape), dtype=np.float32)  # [n, 1, 3, h, w]: an image a "row"
-        for k, (_, _, pixels) in enumerate(part):
+        stacked = np.empty((len(part), 1, *part[0][1].shape), dtype=np.float32)  # [n, 1, 3, h, w]: an image a "row"
+        for k, (_, pixels) in enumerate(part):
             if pixels.dtype == np.uint8:  # the processor's 8-bit image: its float pixels through its value table
                 _look_up(vision.table, pixels, out=stacked[k, 0])
             else:
                 stacked[k, 0] = pixels
-        places = [(row, slot) for row, slot, _ in part]
+        keys = [key for key, _ in part]
         part = None  # the images' own arrays go; the stacked copy is what the tower reads
         pixel_values = torch.from_numpy(stacked).to(model.device)
         stacked = None
         with torch.inference_mode():
             out = model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
         pixel_values = None
-        for (row, slot), feats in zip(places, out.pooler_output):
-            features[row][slot] = feats
+        for key, feats in zip(keys, out.pooler_output):
+            repeats.found[key] = feats
+            for row, slot in places.pop(key):
+                features[row][slot] = feats
         out = None
 
 
