@@ -24,12 +24,11 @@ from fastapi.middleware import Middleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import IdeficsError, UsageError, classify
-from . import backend
 from .cache import PageMemo
 from .config import ServeConfig
 from .metrics import Metrics
 from .requests import RequestError, parse
-from .scheduler import Job, QueueFull
+from .scheduler import Job, QueueFull, describe, prompt_ids
 
 LOG_KEY = "idefics.log"
 
@@ -132,7 +131,7 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
     async def models(request: Request) -> JSONResponse:
         if (refusal := refused(request)) is not None:
             return refusal
-        info = {**backend.describe(state.engine), "max_request_mb": config.max_request_mb}
+        info = {**describe(state.engine), "max_request_mb": config.max_request_mb}
         return JSONResponse({"object": "list", "data": [{"id": state.model_id, "object": "model",
                                                          "created": state.created, "owned_by": "idefics-cli",
                                                          "idefics": info}]})
@@ -258,7 +257,7 @@ def _prepare(state: ServerState, body, loop):
         max_tokens = req.max_tokens or engine.options.max_new_tokens
         memo = state.pages if state.scheduler.cache.max_bytes else None  # no prefix cache: no digests to keep
         req.render(memo)  # first: a family's image tokens may follow each page's size
-        ids = backend.prompt_ids(engine, req.messages, req.images)
+        ids = prompt_ids(engine, req.messages, req.images)
         try:
             engine.fit_context(len(ids), max_tokens, "the prompt", "send fewer pages or turns")
         except UsageError as err:  # the OpenAI error names the parameter
@@ -349,8 +348,8 @@ async def _lifespan(state: ServerState):
 def _load(state: ServerState) -> None:
     try:
         state.engine = state.loader()
-        state.model_id = backend.describe(state.engine)["id"]
-        state.per_image = backend.tokens_per_image(state.engine)
+        state.model_id = describe(state.engine)["id"]
+        state.per_image = state.engine.prompt_tokens(1, "") - state.engine.prompt_tokens(0, "")  # tokens an image adds
         if state.on_ready is not None:
             state.on_ready(state)
         state.status = "ok"
