@@ -50,7 +50,7 @@ class Job(Row):
     def cancel(self) -> None:
         super().cancel()
         if self._scheduler is not None:
-            self._scheduler.wake()
+            self._scheduler.wake(self)
 
     def _emit(self, kind: str, payload=None) -> None:
         if self.loop is None:
@@ -134,10 +134,11 @@ class Scheduler:
             self.pixels.add(job)
             self.cond.notify()
 
-    def wake(self) -> None:
+    def wake(self, job: Job) -> None:
+        """`job` was cancelled: its pixels go, and the worker looks at it."""
         with self.cond:
             self.cond.notify()
-        self.pixels.wake()
+        self.pixels.drop(job)
 
     def busy(self) -> bool:
         with self.cond:
