@@ -350,13 +350,11 @@ def _load(state: ServerState) -> None:
         state.engine = state.loader()
         state.model_id = describe(state.engine)["id"]
         state.per_image = state.engine.prompt_tokens(1, "") - state.engine.prompt_tokens(0, "")  # tokens an image adds
-        if state.on_ready is not None:
-            state.on_ready(state)
+        state.on_ready(state)
         state.status = "ok"
     except BaseException as exc:  # noqa: BLE001 - reported, and the server exits
         state.error = classify(exc, stage="load")
         if state.error.code == "corrupt":
             state.error.code = "model_error"
         state.status = "error"
-        if state.on_fatal is not None:
-            state.on_fatal(state)
+        state.on_fatal(state)

@@ -48,10 +48,6 @@ class ChatRequest:
     top_logprobs: int = 0
     longest_side: int | None = None  # PDF pages' render size: the model family's (None: the documents' default)
 
-    @property
-    def greedy(self) -> bool:
-        return not self.temperature
-
     def render(self, memo=None, known: bool = True) -> None:
         """Decode the chosen pages into `images` and their `digests` (a page that cannot be decoded raises its code).
 
