@@ -199,13 +199,10 @@ class Scheduler:
 
     def _ready(self, job: Job) -> bool:
         """Make a job a row the loop can prefill: its cached prefix, or its encoded images; False if it ended."""
-        if job.cancelled.is_set():
-            self.pixels.drop(job)
-            job.finish("cancelled")
-            return False
-        try:
-            vision = self.pixels.take(job)  # built ahead (or None: built while encoding); raises a build's error
-            if job.cancelled.is_set():  # cancelled while its pixels were being built
+        try:  # pixels built ahead (or None: built while encoding); take raises a build's error
+            vision = None if job.cancelled.is_set() else self.pixels.take(job)
+            if job.cancelled.is_set():  # before or while its pixels were being built
+                self.pixels.drop(job)
                 job.finish("cancelled")
                 return False
             if job.schema is not None:
