@@ -69,15 +69,12 @@ def _from_error(err: IdeficsError) -> JSONResponse:
     return error_response(400, err.code, message, param)
 
 
-class AccessLog:
+def access_log(app, metrics: Metrics):
     """ASGI middleware: one line per HTTP request on stderr once its response has ended; /v1/* counted by status."""
 
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
+    async def logged(scope, receive, send):
         if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+            return await app(scope, receive, send)
         start = time.perf_counter()
         record = scope[LOG_KEY] = {"status": 0, "tokens": 0}
 
@@ -87,16 +84,18 @@ class AccessLog:
             await send(message)
 
         try:
-            await self.app(scope, receive, sending)
+            await app(scope, receive, sending)
         except BaseException:
             record["status"] = record["status"] or 500
             raise
         finally:
             if record["status"] and scope["path"].startswith("/v1/"):
-                self.metrics.requests.labels(str(record["status"])).inc()
+                metrics.requests.labels(str(record["status"])).inc()
             line = (f"{scope['method']} {scope['path']} {record['status'] or '-'} tokens={record['tokens']} "
                     f"{time.perf_counter() - start:.3f}s")
             print(line, file=sys.stderr, flush=True)
+
+    return logged
 
 
 def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
@@ -229,7 +228,7 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
               file=sys.stderr, flush=True)
         return error_response(500, "internal", f"internal error: {type(exc).__name__}")
 
-    middleware = [Middleware(AccessLog, metrics=metrics)]
+    middleware = [Middleware(access_log, metrics=metrics)]
     if config.cors:
         from fastapi.middleware.cors import CORSMiddleware
 
