@@ -14,7 +14,7 @@ from idefics_cli.prompts import user_turn
 from idefics_cli.runtime import prefill as prefill_module
 from idefics_cli.runtime.kvcache import SPARE, layer_classes, new_cache
 from idefics_cli.runtime.prefill import KVBatch
-from idefics_cli.serve import backend
+from idefics_cli.serve.scheduler import encode_images, prefix_length, prompt_ids
 
 
 def test_importing_kvcache_imports_no_torch():
@@ -153,9 +153,9 @@ def test_a_sliding_window_is_kept_as_transformers_keeps_it(tiny_model):
 def test_serve_prefill_from_a_prefix_twice_is_identical_and_leaves_the_prefix_unwritten(sharp_engine):
     import torch
 
-    ids = backend.prompt_ids(sharp_engine, [user_turn(1, "What is the total?")])
-    length = backend.prefix_length(sharp_engine, ids)
-    _, kv = prefill_one(sharp_engine, ids, backend.encode_images(sharp_engine, [make_image(seed=1)]))
+    ids = prompt_ids(sharp_engine, [user_turn(1, "What is the total?")])
+    length = prefix_length(sharp_engine, ids)
+    _, kv = prefill_one(sharp_engine, ids, encode_images(sharp_engine, [make_image(seed=1)]))
     prefix = kv.head(length)
     kept = [(k.clone(), v.clone()) for k, v in prefix.layers]
     first, kv1 = prefill_one(sharp_engine, ids, prefix=prefix)
@@ -196,7 +196,7 @@ def test_serve_batch_add_keep_and_step_equal_dynamic_cache(sharp_engine, monkeyp
 
     prompts = [[user_turn(0, "Hello there")], [user_turn(0, "A much longer question about nothing at all, really")],
                [user_turn(0, "Short")]]
-    kvs = [prefill_one(sharp_engine, backend.prompt_ids(sharp_engine, p))[1] for p in prompts]
+    kvs = [prefill_one(sharp_engine, prompt_ids(sharp_engine, p))[1] for p in prompts]
     kept = [[(k.clone(), v.clone()) for k, v in kv.layers] for kv in kvs]
     ours = _batch_schedule(sharp_engine, kvs)
     def dynamic(rows, width):  # the same rows, padded and concatenated into transformers' own cache

@@ -13,8 +13,8 @@ from conftest import make_image
 
 from idefics_cli.prompts import user_turn
 from idefics_cli.runtime.vision import VisionInputs
-from idefics_cli.serve import backend, pixels
-from idefics_cli.serve.scheduler import Job
+from idefics_cli.serve import pixels
+from idefics_cli.serve.scheduler import Job, prompt_ids
 
 PAGES = [make_image(320, 240, seed=1), make_image(240, 320, seed=2)]
 
@@ -39,7 +39,7 @@ def run_jobs(scheduler, specs) -> list[tuple[Job, str, object]]:
 
     async def main():
         loop = asyncio.get_running_loop()
-        jobs = [Job(backend.prompt_ids(engine, [user_turn(len(images), question)]), list(images), n, loop=loop)
+        jobs = [Job(prompt_ids(engine, [user_turn(len(images), question)]), list(images), n, loop=loop)
                 for question, images, n in specs]
         for job in jobs:
             scheduler.submit(job)
@@ -112,7 +112,7 @@ def test_the_look_ahead_is_bounded_and_a_cancelled_job_frees_its_place(make_sche
     scheduler = make_scheduler(cache_bytes=0, max_batch=1, ahead=2, start=False)
     scheduler.pixels.start()  # the pixel thread alone: nothing takes the pixels it builds
     ahead = scheduler.pixels
-    jobs = [Job(backend.prompt_ids(scheduler.engine, [user_turn(1, f"Question {k}?")]), [PAGES[k % 2]], 4)
+    jobs = [Job(prompt_ids(scheduler.engine, [user_turn(1, f"Question {k}?")]), [PAGES[k % 2]], 4)
             for k in range(4)]
     for job in jobs:
         scheduler.submit(job)

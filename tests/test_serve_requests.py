@@ -37,7 +37,7 @@ def test_parts_become_images_first_then_text_and_earlier_turns_keep_their_images
     assert [m["role"] for m in req.messages] == ["system", "user", "assistant", "user"]
     assert req.messages[1]["content"] == [{"type": "image"}] * 3 + [{"type": "text", "text": "Compare\nthese."}]
     assert [p for _, p in req.pages] == [1, 3, 4]
-    assert req.max_tokens == 5 and req.stop == ["\n\n"] and req.greedy
+    assert req.max_tokens == 5 and req.stop == ["\n\n"] and req.temperature == 0.0
     req.render()
     assert len(req.images) == 3 and req.pages == []
 

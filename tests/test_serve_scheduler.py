@@ -1,4 +1,4 @@
-"""The server's scheduler and backend in-process, on the real tiny model (float32, CPU): prefix cache, batching,
+"""The server's scheduler and engine adapter in-process, on the real tiny model (float32, CPU): prefix cache, batching,
 cancellation and the queue bound; no HTTP."""
 
 from __future__ import annotations
@@ -11,9 +11,8 @@ import pytest
 from conftest import make_image, prefill_one
 
 from idefics_cli.prompts import assistant_turn, user_turn
-from idefics_cli.serve import backend
 from idefics_cli.serve.cache import PrefixCache
-from idefics_cli.serve.scheduler import Job, QueueFull, Scheduler
+from idefics_cli.serve.scheduler import Job, QueueFull, Scheduler, encode_images, prefix_length, prompt_ids
 
 
 def run_jobs(scheduler, specs, on_delta=None):
@@ -22,7 +21,7 @@ def run_jobs(scheduler, specs, on_delta=None):
 
     async def main():
         loop = asyncio.get_running_loop()
-        jobs = [Job(backend.prompt_ids(engine, messages), list(images), max_tokens, loop=loop)
+        jobs = [Job(prompt_ids(engine, messages), list(images), max_tokens, loop=loop)
                 for messages, images, max_tokens in specs]
         for job in jobs:
             scheduler.submit(job)
@@ -48,10 +47,10 @@ PAGES = [make_image(320, 240, seed=1), make_image(240, 320, seed=2)]
 def test_prefill_from_a_cached_prefix_gives_the_same_logits(sharp_engine):
     import torch
 
-    ids = backend.prompt_ids(sharp_engine, [user_turn(2, "What is the total?")])
-    length = backend.prefix_length(sharp_engine, ids)
+    ids = prompt_ids(sharp_engine, [user_turn(2, "What is the total?")])
+    length = prefix_length(sharp_engine, ids)
     assert 0 < length < len(ids) and ids[length - 1] == sharp_engine.image_token_id
-    full_logits, kv = prefill_one(sharp_engine, ids, backend.encode_images(sharp_engine, PAGES))
+    full_logits, kv = prefill_one(sharp_engine, ids, encode_images(sharp_engine, PAGES))
     prefix = kv.head(length)
     kept = [k.clone() for k, _ in prefix.layers]
     again, kv2 = prefill_one(sharp_engine, ids, prefix=prefix)

@@ -69,13 +69,7 @@ def build_mcp(roots: list[str], loader, log=lambda line: None) -> MCPServer:
         text) or fields such as "vendor, total float, paid bool": the answer is JSON valid against it, in `data`.
         """
         real = resolve(roots, path)
-
-        def ask(m):
-            response = m.ask(real, question, pages=pages, schema=schema)
-            _ = response.text  # the whole answer
-            return response.to_dict()
-
-        return answering(ask)
+        return answering(lambda m: m.ask(real, question, pages=pages, schema=schema).to_dict())
 
     @server.tool(structured_output=True)
     def transcribe_document(path: str, pages: str | None = None) -> dict[str, Any]:

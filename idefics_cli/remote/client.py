@@ -291,8 +291,7 @@ def _plain_rgb(image):
 
 
 def png_data_url(image) -> str:
-    """A page image as a lossless PNG data: URL (RGB, no colour profile or transparency): the server decodes these
-    very pixels."""
+    """A page as a lossless PNG data: URL (RGB, no colour profile or transparency): the server decodes these pixels."""
     image = _plain_rgb(image)
     buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=1, icc_profile=None, transparency=None)
@@ -300,8 +299,7 @@ def png_data_url(image) -> str:
 
 
 def page_data_url(image, budget: int = TIFF_BUDGET) -> tuple[str, int]:
-    """A page as a lossless data: URL and the bytes it spent of `budget`: a PackBits TIFF (RGB, no profile) when it
-    fits, else `png_data_url`'s PNG (0 spent)."""
+    """A page as a lossless data: URL and the bytes spent of `budget`: a PackBits TIFF if it fits, else PNG (0)."""
     image = _plain_rgb(image)
     smallest = image.height * -(-3 * image.width // 128) * 2  # PackBits: 2 bytes per 128-byte run at best
     if 0 < smallest <= budget:

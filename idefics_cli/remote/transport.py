@@ -59,13 +59,8 @@ class Transport:
                                                            parts.path)
 
     def _connection(self) -> http.client.HTTPConnection:
-        if self._https:
-            import ssl  # only for https: its import is not free
-
-            conn = http.client.HTTPSConnection(self._host, self._port, timeout=CONNECT_TIMEOUT_S,
-                                               context=ssl.create_default_context())
-        else:
-            conn = http.client.HTTPConnection(self._host, self._port, timeout=CONNECT_TIMEOUT_S)
+        kind = http.client.HTTPSConnection if self._https else http.client.HTTPConnection  # https: verified
+        conn = kind(self._host, self._port, timeout=CONNECT_TIMEOUT_S)
         try:
             conn.connect()
         except LOST as exc:

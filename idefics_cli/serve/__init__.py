@@ -1,6 +1,6 @@
 """`idefics serve`: the model loaded once behind an OpenAI-compatible HTTP API (docs/serve.md).
 
-One module per concern: config, requests (a body -> the conversation), backend (the engine adapter), cache (prefix
-key/values), pixels and scheduler (queue, batching, streaming), metrics, app (routes), server (socket, uvicorn).
+One module per concern: config, requests (a body -> the conversation), cache (prefix key/values), pixels and
+scheduler (queue, batching, streaming; the engine adapter), metrics, app (routes), server (socket, uvicorn).
 Importing the package imports nothing heavy.
 """

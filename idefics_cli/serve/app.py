@@ -24,12 +24,11 @@ from fastapi.middleware import Middleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import IdeficsError, UsageError, classify
-from . import backend
 from .cache import PageMemo
 from .config import ServeConfig
 from .metrics import Metrics
 from .requests import RequestError, parse
-from .scheduler import Job, QueueFull
+from .scheduler import Job, QueueFull, describe, prompt_ids
 
 LOG_KEY = "idefics.log"
 
@@ -70,15 +69,12 @@ def _from_error(err: IdeficsError) -> JSONResponse:
     return error_response(400, err.code, message, param)
 
 
-class AccessLog:
+def access_log(app, metrics: Metrics):
     """ASGI middleware: one line per HTTP request on stderr once its response has ended; /v1/* counted by status."""
 
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
+    async def logged(scope, receive, send):
         if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+            return await app(scope, receive, send)
         start = time.perf_counter()
         record = scope[LOG_KEY] = {"status": 0, "tokens": 0}
 
@@ -88,16 +84,18 @@ class AccessLog:
             await send(message)
 
         try:
-            await self.app(scope, receive, sending)
+            await app(scope, receive, sending)
         except BaseException:
             record["status"] = record["status"] or 500
             raise
         finally:
             if record["status"] and scope["path"].startswith("/v1/"):
-                self.metrics.requests.labels(str(record["status"])).inc()
+                metrics.requests.labels(str(record["status"])).inc()
             line = (f"{scope['method']} {scope['path']} {record['status'] or '-'} tokens={record['tokens']} "
                     f"{time.perf_counter() - start:.3f}s")
             print(line, file=sys.stderr, flush=True)
+
+    return logged
 
 
 def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
@@ -132,7 +130,7 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
     async def models(request: Request) -> JSONResponse:
         if (refusal := refused(request)) is not None:
             return refusal
-        info = {**backend.describe(state.engine), "max_request_mb": config.max_request_mb}
+        info = {**describe(state.engine), "max_request_mb": config.max_request_mb}
         return JSONResponse({"object": "list", "data": [{"id": state.model_id, "object": "model",
                                                          "created": state.created, "owned_by": "idefics-cli",
                                                          "idefics": info}]})
@@ -230,7 +228,7 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
               file=sys.stderr, flush=True)
         return error_response(500, "internal", f"internal error: {type(exc).__name__}")
 
-    middleware = [Middleware(AccessLog, metrics=metrics)]
+    middleware = [Middleware(access_log, metrics=metrics)]
     if config.cors:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -258,7 +256,7 @@ def _prepare(state: ServerState, body, loop):
         max_tokens = req.max_tokens or engine.options.max_new_tokens
         memo = state.pages if state.scheduler.cache.max_bytes else None  # no prefix cache: no digests to keep
         req.render(memo)  # first: a family's image tokens may follow each page's size
-        ids = backend.prompt_ids(engine, req.messages, req.images)
+        ids = prompt_ids(engine, req.messages, req.images)
         try:
             engine.fit_context(len(ids), max_tokens, "the prompt", "send fewer pages or turns")
         except UsageError as err:  # the OpenAI error names the parameter
@@ -349,15 +347,13 @@ async def _lifespan(state: ServerState):
 def _load(state: ServerState) -> None:
     try:
         state.engine = state.loader()
-        state.model_id = backend.describe(state.engine)["id"]
-        state.per_image = backend.tokens_per_image(state.engine)
-        if state.on_ready is not None:
-            state.on_ready(state)
+        state.model_id = describe(state.engine)["id"]
+        state.per_image = state.engine.prompt_tokens(1, "") - state.engine.prompt_tokens(0, "")  # tokens an image adds
+        state.on_ready(state)
         state.status = "ok"
     except BaseException as exc:  # noqa: BLE001 - reported, and the server exits
         state.error = classify(exc, stage="load")
         if state.error.code == "corrupt":
             state.error.code = "model_error"
         state.status = "error"
-        if state.on_fatal is not None:
-            state.on_fatal(state)
+        state.on_fatal(state)

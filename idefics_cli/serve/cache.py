@@ -2,9 +2,9 @@
 
 Contract: `prefix_key(settings, ids, digests)` names a prefix by the model's settings, its token ids and its images'
 content, so two requests share an entry exactly when the model sees the same prefix; `PageMemo` lets a page seen
-before skip its decoding when its prefix is cached. `PrefixCache(max_bytes)`:
-`get` (counted in `hits`/`misses`, marks it recent), `contains` (neither), `put` (evicts the least recently used
-until the `nbytes` fit; a value over the whole budget is not stored). Thread-safe; no torch.
+before skip its decoding when its prefix is cached (its `get`/`put`). `PrefixCache(max_bytes, size)`: `get` (counted
+in `hits`/`misses`, marks it recent), `contains` (neither), `put` (evicts the least recently used until the value's
+`size`, default `nbytes`, fits; a value over the whole budget is not stored). Thread-safe; no torch.
 """
 
 from __future__ import annotations
@@ -41,32 +41,9 @@ class Seen:
     digest: str
 
 
-class PageMemo:
-    """What a source page (its document's sha256, the page, the render size) decoded to, as `Seen`; LRU, bounded."""
-
-    def __init__(self, max_entries: int = 4096):
-        self.max_entries = max_entries
-        self.entries: OrderedDict[tuple, Seen] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, source: tuple) -> Seen | None:
-        with self._lock:
-            seen = self.entries.get(source)
-            if seen is not None:
-                self.entries.move_to_end(source)
-            return seen
-
-    def put(self, source: tuple, seen: Seen) -> None:
-        with self._lock:
-            self.entries[source] = seen
-            self.entries.move_to_end(source)
-            while len(self.entries) > self.max_entries:
-                self.entries.popitem(last=False)
-
-
 class PrefixCache:
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max(0, int(max_bytes))
+    def __init__(self, max_bytes: int, size=lambda value: int(value.nbytes)):
+        self.max_bytes, self.size = max(0, int(max_bytes)), size
         self.entries: OrderedDict[str, object] = OrderedDict()
         self.bytes = 0
         self.hits = 0
@@ -89,16 +66,16 @@ class PrefixCache:
 
     def put(self, key: str, value) -> bool:
         """Store `value` (evicting the least recently used); False when it alone is over the budget."""
-        size = int(value.nbytes)
+        size = self.size(value)
         with self._lock:
             if size > self.max_bytes:
                 return False
             old = self.entries.pop(key, None)
             if old is not None:
-                self.bytes -= int(old.nbytes)
+                self.bytes -= self.size(old)
             while self.entries and self.bytes + size > self.max_bytes:
                 _, evicted = self.entries.popitem(last=False)
-                self.bytes -= int(evicted.nbytes)
+                self.bytes -= self.size(evicted)
             self.entries[key] = value
             self.bytes += size
             return True
@@ -107,3 +84,10 @@ class PrefixCache:
         with self._lock:
             return {"entries": len(self.entries), "bytes": self.bytes, "max_bytes": self.max_bytes,
                     "hits": self.hits, "misses": self.misses}
+
+
+class PageMemo(PrefixCache):
+    """What a source page (its document's sha256, the page, the render size) decoded to, as `Seen`; LRU, bounded."""
+
+    def __init__(self, max_entries: int = 4096):
+        super().__init__(max_entries, size=lambda seen: 1)

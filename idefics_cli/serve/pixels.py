@@ -3,7 +3,7 @@
 Contract: `Ahead(build, key, hit, ahead)`: `build(images, stop)` builds a prompt's pixels, `key(job)`/`hit(key)`
 skip a cached prefix. `add(job)` queues a job, `start()` runs the thread, `work.stop()` ends it; at most `ahead`
 jobs hold a place (being built, or built and not taken). `take(job)` (the worker) waits for pixels that are coming
-and returns them, None (build them yourself), or raises the build's error. `drop`, `failed`, `wake`, `held()`.
+and returns them, None (build them yourself), or raises the build's error; `drop(job)` frees them. `failed`, `held()`.
 """
 
 from __future__ import annotations
@@ -14,16 +14,16 @@ from ..ahead import WorkAhead
 from ..errors import classify
 
 THREAD = "idefics-pixels"
-QUEUED, BUILDING, READY, SKIPPED, FAILED, GONE = "queued", "building", "ready", "skipped", "failed", "gone"
+QUEUED, BUILDING, READY, FAILED, GONE = "queued", "building", "ready", "failed", "gone"
 
 
 class Entry:
     """One job's pixels: its state, the built `VisionInputs` (READY) or the build's error (FAILED)."""
 
-    __slots__ = ("state", "vision", "error", "dropped")
+    __slots__ = ("state", "vision", "error")
 
     def __init__(self):
-        self.state, self.vision, self.error, self.dropped = QUEUED, None, None, False
+        self.state, self.vision, self.error = QUEUED, None, None
 
 
 class Ahead:
@@ -32,7 +32,6 @@ class Ahead:
         self.work = WorkAhead(THREAD, places=self.ahead)  # a place: a job being built, or built and not taken
         self.cond = self.work.cond
         self.queue: deque = deque()  # jobs not yet looked at by the thread, in queue order
-        self.ready: list = []  # jobs whose pixels are built and not yet taken
         self.building = None  # the job whose pixels are being built
         self.built = 0  # jobs whose pixels the thread built
 
@@ -58,24 +57,15 @@ class Ahead:
         if self.ahead >= 1:
             self.work.start(self._run)
 
-    def wake(self) -> None:
-        """A job was cancelled: its built pixels go now, and the thread may build the next job's."""
-        with self.cond:
-            self._purge()
-            self.cond.notify_all()
-
     def failed(self, job) -> bool:
         return job.pixels is not None and job.pixels.state == FAILED
 
     def drop(self, job) -> None:
-        entry = job.pixels
-        if entry is None:
-            return
-        with self.cond:
-            if entry.state == BUILDING:
-                entry.dropped = True  # the thread stops between two images and keeps nothing
-            else:
-                self._release(job)
+        """The job was cancelled: its built pixels go now (a build stops between two images and keeps nothing)."""
+        if job.pixels is not None:
+            with self.cond:
+                if job.pixels.state != BUILDING:
+                    self._release(job)
 
     def take(self, job):
         """The job's built pixels (a `VisionInputs`), or None: the worker builds them itself."""
@@ -98,21 +88,15 @@ class Ahead:
 
     def _release(self, job) -> None:
         entry = job.pixels
-        if any(j is job for j in self.ready):
-            self.ready = [j for j in self.ready if j is not job]
+        if entry.state == READY:  # built pixels hold a place until taken
             self.work.release()
         entry.vision = None
         entry.state = GONE if entry.state != FAILED else FAILED
         self.cond.notify_all()
 
-    def _purge(self) -> None:
-        for job in [j for j in self.ready if j.cancelled.is_set()]:
-            self._release(job)
-
     # ---- the thread --------------------------------------------------------------------------------------
     def _pick(self):
         """Under `cond`: the next queued job to build (it holds a place from now), or None."""
-        self._purge()
         while self.queue and (self.queue[0].pixels.state != QUEUED or self.queue[0].cancelled.is_set()):
             self.queue.popleft()  # taken by the worker, dropped or cancelled before its turn here
         if not self.queue:
@@ -134,23 +118,20 @@ class Ahead:
             key = self.key(job)
             hit = key is not None and self.hit(key)
             if not hit:
-                vision = self.build(job.images, lambda: self.work.stopped or entry.dropped or job.cancelled.is_set())
+                vision = self.build(job.images, lambda: self.work.stopped or job.cancelled.is_set())
         except BaseException as exc:  # noqa: BLE001 - this job's error; the thread goes on
             error = classify(exc, stage="read")
         with self.cond:
             self.building = None
             if error is not None:
                 entry.state, entry.error = FAILED, error
-            elif entry.dropped or job.cancelled.is_set():
+            elif job.cancelled.is_set() or hit:  # a hit needs no pixels
                 entry.state = GONE
-            elif hit:
-                entry.state = SKIPPED
             elif vision is None:  # stopped halfway: the worker builds them
                 entry.state = QUEUED
             else:
                 entry.state, entry.vision = READY, vision
                 job.images = []  # the pixels replace the source images (the key is already computed)
-                self.ready.append(job)
                 self.built += 1
             if entry.state != READY:
                 self.work.release()  # only built pixels keep their place

@@ -17,6 +17,7 @@ from ..errors import IdeficsError
 
 MAX_NEW_TOKENS = 32768
 _SPACE = re.compile(r"\s+")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # a lone surrogate ("\ud800" in JSON): not UTF-8, not text to tokenize
 _DATA_URL = re.compile(r"data:(?P<type>[^,;]*)(?P<params>(?:;[^,;]*)*),(?P<data>.*)", re.DOTALL)
 
 
@@ -47,10 +48,6 @@ class ChatRequest:
     logprobs: bool = False
     top_logprobs: int = 0
     longest_side: int | None = None  # PDF pages' render size: the model family's (None: the documents' default)
-
-    @property
-    def greedy(self) -> bool:
-        return not self.temperature
 
     def render(self, memo=None, known: bool = True) -> None:
         """Decode the chosen pages into `images` and their `digests` (a page that cannot be decoded raises its code).
@@ -178,7 +175,7 @@ def _messages(messages, req: ChatRequest, max_images: int | None) -> None:
             here = f"{where}.content[{j}]"
             kind = part.get("type") if isinstance(part, dict) else None
             if kind in ("text", "input_text"):
-                if not isinstance(part.get("text"), str) or not _utf8(part["text"]):
+                if not isinstance(part.get("text"), str) or _SURROGATE.search(part["text"]):
                     raise bad(f"{here}.text must be a string of valid Unicode", f"{here}.text")
                 texts.append(part["text"])
             elif kind in ("image_url", "file"):
@@ -245,17 +242,9 @@ def _attach(part: dict, kind: str, here: str, req: ChatRequest) -> int:
     return len(chosen)
 
 
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")  # a lone surrogate ("\ud800" in JSON) is not text the tokenizer can take
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
 def _data_url(url: str, here: str) -> bytes:
     m = _DATA_URL.fullmatch(url)
-    if m is None or not _utf8(url):
+    if m is None or _SURROGATE.search(url):
         raise RequestError("corrupt", "not a valid data: URL", here)
     return _base64(m["data"], here) if ";base64" in m["params"].lower() else urllib.parse.unquote_to_bytes(m["data"])
 

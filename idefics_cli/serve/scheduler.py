@@ -2,7 +2,8 @@
 
 Contract: `Scheduler(engine, cache, max_batch, max_queue, ahead, on_end)`: `start()`, `stop(cancel)`, `submit(job)`
 (or `QueueFull`); the worker admits waiting jobs while rows are free, prefilled from the `PrefixCache` or encoded
-(pixels built ahead, pixels.py). A `Job` reports on `events` (asyncio): ("start", None), ("delta", text), with
+(pixels built ahead, pixels.py). The functions below are the server's adapter to the engine (torch inside them
+only). A `Job` reports on `events` (asyncio): ("start", None), ("delta", text), with
 `logprobs` ("logprobs", entries) before each delta and the end, then ("done", None) or ("error", IdeficsError).
 """
 
@@ -16,7 +17,6 @@ from collections import deque
 
 from ..runtime.decode import Loop, Row
 from ..structured import row_grammar
-from . import backend
 from .cache import image_digest, prefix_key
 from .pixels import Ahead
 
@@ -50,7 +50,7 @@ class Job(Row):
     def cancel(self) -> None:
         super().cancel()
         if self._scheduler is not None:
-            self._scheduler.wake()
+            self._scheduler.wake(self)
 
     def _emit(self, kind: str, payload=None) -> None:
         if self.loop is None:
@@ -94,7 +94,7 @@ class Job(Row):
         out = []
         for j in range(start, stop):
             token = text[ends[j - 1] if j else 0:ends[j]]
-            top = [(backend.token_text(self._scheduler.engine, i), v) for i, v in self.top[j]] if self.top_n else []
+            top = [(token_text(self._scheduler.engine, i), v) for i, v in self.top[j]] if self.top_n else []
             out.append({"token": token, "logprob": self.logprobs[j], "bytes": list(token.encode()),
                         "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in top
                                          if v > float("-inf")]})
@@ -109,12 +109,12 @@ class Scheduler:
         self.waiting: deque[Job] = deque()
         self.admitting: list[Job] = []
         self.decode = Loop(engine)
-        self.settings = backend.settings_key(engine)
+        self.settings = settings_key(engine)
         self.cond = threading.Condition()
         self.stopping = False
         self.thread: threading.Thread | None = None
         self.counts = {"answered": 0, "cancelled": 0, "failed": 0, "steps": 0}  # for /health
-        self.pixels = Ahead(lambda images, stop: backend.build_pixels(engine, images, stop), self._key,
+        self.pixels = Ahead(lambda images, stop: build_pixels(engine, images, stop), self._key,
                             cache.contains, self.max_batch if ahead is None else ahead)
 
     # ---- the callers' side ---------------------------------------------------------------------
@@ -134,10 +134,11 @@ class Scheduler:
             self.pixels.add(job)
             self.cond.notify()
 
-    def wake(self) -> None:
+    def wake(self, job: Job) -> None:
+        """`job` was cancelled: its pixels go, and the worker looks at it."""
         with self.cond:
             self.cond.notify()
-        self.pixels.wake()
+        self.pixels.drop(job)
 
     def busy(self) -> bool:
         with self.cond:
@@ -198,13 +199,10 @@ class Scheduler:
 
     def _ready(self, job: Job) -> bool:
         """Make a job a row the loop can prefill: its cached prefix, or its encoded images; False if it ended."""
-        if job.cancelled.is_set():
-            self.pixels.drop(job)
-            job.finish("cancelled")
-            return False
-        try:
-            vision = self.pixels.take(job)  # built ahead (or None: built while encoding); raises a build's error
-            if job.cancelled.is_set():  # cancelled while its pixels were being built
+        try:  # pixels built ahead (or None: built while encoding); take raises a build's error
+            vision = None if job.cancelled.is_set() else self.pixels.take(job)
+            if job.cancelled.is_set():  # before or while its pixels were being built
+                self.pixels.drop(job)
                 job.finish("cancelled")
                 return False
             if job.schema is not None:
@@ -214,8 +212,8 @@ class Scheduler:
             if cached is not None:
                 job.cached_tokens, job.prefix = cached.length, cached
             else:
-                job.features = backend.encode_images(self.engine, job.images, vision)
-                job.keep_prefix = backend.prefix_length(self.engine, job.ids) if key is not None else 0
+                job.features = encode_images(self.engine, job.images, vision)
+                job.keep_prefix = prefix_length(self.engine, job.ids) if key is not None else 0
             job.images = []
             return True
         except BaseException as exc:  # noqa: BLE001 - the worker survives every job
@@ -234,9 +232,75 @@ class Scheduler:
     def _key(self, job: Job) -> str | None:
         """The job's prefix-cache key (computed once: by the request's thread, the pixel thread, or here)."""
         if job.cache_key is _UNKEYED:
-            length = backend.prefix_length(self.engine, job.ids)
+            length = prefix_length(self.engine, job.ids)
             job.cache_key = None
             if length and self.cache.max_bytes:
                 digests = job.digests or [image_digest(image) for image in job.images]
                 job.cache_key = prefix_key(self.settings, job.ids[:length], digests)
         return job.cache_key
+
+
+def describe(engine) -> dict:
+    """The /v1/models card (`render_side`: the px clients render PDF pages at, None: the documents' default)."""
+    return {**engine.info, "split": engine.options.split, "render_side": engine.render_side,
+            "doctags": engine.doctags}
+
+
+def settings_key(engine) -> str:
+    info = describe(engine)
+    return "|".join(str(info[k]) for k in ("id", "revision", "quantization", "dtype", "device", "split"))
+
+
+def token_text(engine, token: int) -> str:
+    """One token's text as it reads after other text (its leading space kept; cached): a top_logprobs entry."""
+    texts = engine.__dict__.setdefault("_token_texts", {})
+    if token not in texts:
+        with engine.text_lock:
+            tokenizer = engine.processor.tokenizer
+            anchor = tokenizer.encode("a", add_special_tokens=False)[-1]
+            texts[token] = tokenizer.decode([anchor, token])[len(tokenizer.decode([anchor])):]
+    return texts[token]
+
+
+def prompt_ids(engine, messages: list[dict], images: list | None = None) -> list[int]:
+    """The template's ids, images expanded as `ask` does (`images` in order: their sizes decide a sized family's
+    tokens; None: one tile each)."""
+    processor = engine.processor
+    with engine.text_lock:  # the tokenizer is shared with the decode loop's thread
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        if not engine.family.sized:
+            return [int(t) for t in processor(text=[text]).input_ids[0]]
+        n = text.count(processor.image_token)
+        kwargs = {"do_image_splitting": engine.options.split}
+        grids = [(0, 0)] * n if images is None else [
+            tuple(processor.image_processor.get_number_of_image_patches(im.height, im.width, kwargs)[1:])
+            for im in images]
+        text = engine.family.expand(processor, [text], grids)[0] if grids else text
+        return [int(t) for t in processor.tokenizer(text).input_ids]
+
+
+def prefix_length(engine, ids: list[int]) -> int:
+    """Tokens up to the last image token."""
+    image = engine.image_token_id
+    return max((i for i, t in enumerate(ids) if t == image), default=-1) + 1
+
+
+def build_pixels(engine, images: list, stop=None):
+    """One prompt's pixels (numpy only, any thread), one source image at a time; None once `stop()` is true."""
+    from ..runtime.vision import VisionInputs
+
+    vision = VisionInputs([list(images)], engine.options.split)
+    while vision.next < len(vision.sources):
+        if stop is not None and stop():
+            return None
+        vision.build_one(engine.processor.image_processor)
+    return vision
+
+
+def encode_images(engine, images: list, vision=None):
+    """Features of one prompt's images (or of `vision`, its `build_pixels`), or None without images."""
+    from ..runtime.vision import VisionInputs
+
+    if vision is None and not images:
+        return None
+    return engine.features({"vision": vision or VisionInputs([list(images)], engine.options.split)})[0]
