@@ -85,8 +85,8 @@ def test_killed_model_actor_is_replaced_and_every_page_done_once(tiny_model, loc
     from idefics_cli.tasks.batch import walk
     from idefics_cli.tasks.pipeline import TranscribeJob
     from idefics_cli.tasks.ray_engine import run_on_ray as run
-    from idefics_cli.tasks.sinks import JsonlSink
     from idefics_cli.tasks.transcription import TranscribeRequest
+    from idefics_cli.tasks.writers import JsonlSink
 
     docs_dir = tmp_path / "many"
     docs_dir.mkdir()
@@ -151,8 +151,8 @@ def test_each_document_is_opened_and_hashed_once(tiny_model, local_ray, tmp_path
     from idefics_cli.tasks.batch import walk
     from idefics_cli.tasks.pipeline import TranscribeJob
     from idefics_cli.tasks.ray_engine import run_on_ray as run
-    from idefics_cli.tasks.sinks import JsonlSink
     from idefics_cli.tasks.transcription import TranscribeRequest
+    from idefics_cli.tasks.writers import JsonlSink
 
     log = str(tmp_path / "opened.log")
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 
 from ..errors import IdeficsError, UsageError, classify
-from .batch import Batch, DocumentDone, Input, PageTask
+from .batch import Batch, DocumentDone, Failure, Input, PageTask, read_document
 from .pipeline import TranscribeJob, answer_batch
 from .records import PageRecord, blank_record, error_record, task_error
 
@@ -32,31 +32,23 @@ class RayPages:
     def __init__(self, open_doc, select_pages, done: set, settings_hash: str):
         self.open_doc, self.select_pages, self.done, self.settings_hash = open_doc, select_pages, done, settings_hash
 
+    def is_done(self, sha256: str, page: int) -> bool:
+        return (sha256, page, self.settings_hash) in self.done
+
     def __call__(self, row: dict):
-        item = Input(row["path"], row["rel"])
-        try:
-            doc = self.open_doc(item.path)
-        except Exception as exc:  # noqa: BLE001 - recorded per row
-            yield _row(item, error=classify(exc, item.path, "read"))
-            return
-        with doc:
-            try:
-                chosen = self.select_pages(doc)
-            except Exception as exc:  # noqa: BLE001
-                yield _row(item, doc.sha256, 0, doc.page_count, error=classify(exc, item.path, "read"))
-                return
-            for page in chosen:
-                out = _row(item, doc.sha256, page, doc.page_count, chosen,
-                           skip=(doc.sha256, page, self.settings_hash) in self.done)
-                if not out["skip"]:
-                    try:
-                        image = doc.render(page)
-                        out.update(image=image.tobytes(), width=image.width, height=image.height,
-                                   warnings=json.dumps(doc.warnings(page)))
-                    except Exception as exc:  # noqa: BLE001
-                        err = classify(exc, item.path, "read")
-                        out.update(error_code=err.code, error_message=err.message)
-                    image = None
+        item, chosen = Input(row["path"], row["rel"]), ()
+        for found in read_document(item, self.open_doc, self.select_pages, self.is_done):
+            if isinstance(found, DocumentDone):
+                chosen = found.pages
+            elif isinstance(found, Failure):
+                yield _row(item, found.sha256, found.page, found.pages, chosen, error=found.error)
+            else:
+                task, image = found
+                out = _row(item, task.sha256, task.page, task.pages, chosen, skip=image is None)
+                if image is not None:
+                    out.update(image=image.tobytes(), width=image.width, height=image.height,
+                               warnings=json.dumps(task.warnings))
+                found = image = None
                 yield out
 
 
