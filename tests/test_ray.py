@@ -47,13 +47,18 @@ def essence(rows: list[dict]) -> list[tuple]:
 
 
 def test_ray_records_equal_local_records(cli, tiny_model, local_ray, folder, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (300, 200), "white").save(folder / "blank.png")  # recorded without the model, by both
     local = cli("transcribe", folder, "--out", tmp_path / "local.jsonl", "--model", tiny_model, *FAST)
     remote = cli("transcribe", folder, "--out", tmp_path / "ray.jsonl", "--engine", "ray", "--model", tiny_model,
                  *FAST)
     assert local.exit_code == remote.exit_code == 3, remote.stderr
     a, b = records(tmp_path / "local.jsonl"), records(tmp_path / "ray.jsonl")
     assert essence(a) == essence(b)
-    assert Counter(r["status"] for r in b) == {"ok": 4, "error": 2}
+    assert Counter(r["status"] for r in b) == {"ok": 5, "error": 2}
+    blank = [(r["warnings"], r["usage"]) for r in a + b if r["path"].endswith("blank.png")]
+    assert blank[0] == blank[1] and "blank_page" in blank[0][0] and blank[0][1]["completion_tokens"] == 0
     assert {(r["error"] or {}).get("code") for r in b} == {None, "corrupt", "unsupported_format"}
 
 

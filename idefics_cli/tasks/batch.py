@@ -310,24 +310,25 @@ class Prefetcher:
 
     def _document(self, item: Input) -> bool:
         done = None
-        for found in read_document(item, self.open_doc, self.select_pages, self.is_done):
-            if isinstance(found, DocumentDone):
-                done = found
-                if self.on_pages:
-                    self.on_pages(len(done.pages), sum(self.is_done(done.sha256, p) for p in done.pages))
-                continue
-            if isinstance(found, Failure):
-                ok = self._work.put(found)
-            elif found[1] is None:  # already done
-                continue
-            elif "blank_page" in found[0].warnings:  # needs no model: recorded at once, before its DocumentDone
-                ok = self._work.put(BlankPage(found[0]))
-            else:
-                self.window.add(*found)
-                ok = self._flush()
-            found = None
-            if not ok:
-                return False
+        with closing(read_document(item, self.open_doc, self.select_pages, self.is_done)) as pages:
+            for found in pages:
+                if isinstance(found, DocumentDone):
+                    done = found
+                    if self.on_pages:
+                        self.on_pages(len(done.pages), sum(self.is_done(done.sha256, p) for p in done.pages))
+                    continue
+                if isinstance(found, Failure):
+                    ok = self._work.put(found)
+                elif found[1] is None:  # already done
+                    continue
+                elif "blank_page" in found[0].warnings:  # needs no model: recorded at once, before its DocumentDone
+                    ok = self._work.put(BlankPage(found[0]))
+                else:
+                    self.window.add(*found)
+                    ok = self._flush()
+                found = None
+                if not ok:
+                    return False
         if done is not None:
             self.finished.append(done)
         return self._flush()

@@ -137,12 +137,8 @@ class TranscribeJob:
         """Start the run's clock (once the model is loaded)."""
         self.start = time.perf_counter()
 
-    @property
-    def settings_hash(self) -> str:
-        return self.request.settings_hash
-
     def is_done(self, sha256: str, page: int) -> bool:
-        return (sha256, page, self.settings_hash) in self.done
+        return (sha256, page, self.request.settings_hash) in self.done
 
     def pages(self, total: int, skipped: int) -> None:
         """A document's chosen pages were counted: `total`, of which `skipped` are already done."""

@@ -8,15 +8,18 @@ over the context and returns a `Response`: iterating it yields each piece once (
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import itertools
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from ..errors import IdeficsError, UsageError, classify
-from .records import Answer, Source
+from .records import Source
+
+ANSWER_SCHEMA = "idefics-cli.answer/1"
 
 KEEP_BYTES = 64 * 2**20  # decoded page images kept from the check before loading (about 7 pages at 1960 px)
 
@@ -263,16 +266,14 @@ class Response:
 
     def to_dict(self) -> dict:
         """The answer object of `ask --json` (schema idefics-cli.answer/1), `extra` fields after the schema."""
-        structured = None
+        out = {"schema": ANSWER_SCHEMA, **self.extra, "question": self.question, "answer": self.text}
+        error = self.schema_error
         if self.schema is not None:
-            error = self.schema_error
-            structured = {"data": self.data, "field_confidence": self.field_confidence,
-                          "schema_sha256": self.schema.sha256, "error": error.to_dict() if error else None}
-        record = Answer(question=self.question, answer=self.text, finish_reason=self.finish_reason,
-                        sources=self.sources, split=self.split, model=self.model, usage=self.usage,
-                        timing=self.timing, warnings=self.warnings, confidence=self.confidence,
-                        structured=structured).to_dict()
-        return {"schema": record.pop("schema"), **self.extra, **record}
+            out.update(data=self.data, field_confidence=self.field_confidence, schema_sha256=self.schema.sha256)
+        out.update(finish_reason=self.finish_reason, sources=[asdict(s) for s in self.sources], split=self.split,
+                   model=self.model, usage=self.usage, timing=self.timing, warnings=self.warnings,
+                   confidence=self.confidence, **({"error": error.to_dict()} if error is not None else {}))
+        return copy.deepcopy(out)
 
     def __str__(self) -> str:
         return self.text
