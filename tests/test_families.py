@@ -239,7 +239,7 @@ DOCTAGS = ("<doctag><title><loc_10><loc_10><loc_200><loc_30>Quarterly report</ti
 
 def test_doctags_become_markdown():
     pytest.importorskip("docling_core")
-    from idefics_cli.tasks.doctags import to_markdown
+    from idefics_cli.tasks.records import to_markdown
 
     assert to_markdown(DOCTAGS) == "# Quarterly report\n\nRevenue grew 12%.\n\n## Totals\n\nTotal: $1,234.50"
 
@@ -257,8 +257,8 @@ def test_a_document_model_transcribes_to_doctags_and_markdown(cli, docling_model
     from idefics_cli.interface import ModelOptions
     from idefics_cli.prompts import DOCLING_PROMPT
     from idefics_cli.runtime.families import doctags
-    from idefics_cli.tasks.doctags import available
-    from idefics_cli.tasks.request import TranscribeRequest
+    from idefics_cli.tasks.records import docling_available as available
+    from idefics_cli.tasks.transcription import TranscribeRequest
 
     assert doctags(ModelOptions(model=docling_model)) and not doctags(ModelOptions(model=str(tmp_path)))
     assert TranscribeRequest(("x",), doctags=True).prompt == DOCLING_PROMPT

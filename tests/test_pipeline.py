@@ -12,8 +12,8 @@ from conftest import make_image
 from idefics_cli.runtime.model import ModelOptions
 from idefics_cli.tasks.batch import Batch, Input, PageTask
 from idefics_cli.tasks.pipeline import TranscribeJob, answer_batch, transcribe
-from idefics_cli.tasks.sinks import Sink
 from idefics_cli.tasks.transcription import TranscribeRequest
+from idefics_cli.tasks.writers import Sink
 
 SETTINGS = TranscribeRequest((), options=ModelOptions(max_new_tokens=4), prompt="Transcribe.", batch_size=2)
 

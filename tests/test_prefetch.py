@@ -1,9 +1,9 @@
-"""prefetch.py: what the background thread hands the model, in what order, grouped how, and when it builds."""
+"""batch.py Prefetcher: what the background thread hands the model, in what order, grouped how, and when it builds."""
 
 from __future__ import annotations
 
 from idefics_cli.tasks import batch
-from idefics_cli.tasks.prefetch import Prefetcher
+from idefics_cli.tasks.batch import Prefetcher
 
 
 def test_prefetch_batches_failures_and_document_order(tmp_path):

@@ -47,13 +47,18 @@ def essence(rows: list[dict]) -> list[tuple]:
 
 
 def test_ray_records_equal_local_records(cli, tiny_model, local_ray, folder, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (300, 200), "white").save(folder / "blank.png")  # recorded without the model, by both
     local = cli("transcribe", folder, "--out", tmp_path / "local.jsonl", "--model", tiny_model, *FAST)
     remote = cli("transcribe", folder, "--out", tmp_path / "ray.jsonl", "--engine", "ray", "--model", tiny_model,
                  *FAST)
     assert local.exit_code == remote.exit_code == 3, remote.stderr
     a, b = records(tmp_path / "local.jsonl"), records(tmp_path / "ray.jsonl")
     assert essence(a) == essence(b)
-    assert Counter(r["status"] for r in b) == {"ok": 4, "error": 2}
+    assert Counter(r["status"] for r in b) == {"ok": 5, "error": 2}
+    blank = [(r["warnings"], r["usage"]) for r in a + b if r["path"].endswith("blank.png")]
+    assert blank[0] == blank[1] and "blank_page" in blank[0][0] and blank[0][1]["completion_tokens"] == 0
     assert {(r["error"] or {}).get("code") for r in b} == {None, "corrupt", "unsupported_format"}
 
 
@@ -85,8 +90,8 @@ def test_killed_model_actor_is_replaced_and_every_page_done_once(tiny_model, loc
     from idefics_cli.tasks.batch import walk
     from idefics_cli.tasks.pipeline import TranscribeJob
     from idefics_cli.tasks.ray_engine import run_on_ray as run
-    from idefics_cli.tasks.sinks import JsonlSink
     from idefics_cli.tasks.transcription import TranscribeRequest
+    from idefics_cli.tasks.writers import JsonlSink
 
     docs_dir = tmp_path / "many"
     docs_dir.mkdir()
@@ -151,8 +156,8 @@ def test_each_document_is_opened_and_hashed_once(tiny_model, local_ray, tmp_path
     from idefics_cli.tasks.batch import walk
     from idefics_cli.tasks.pipeline import TranscribeJob
     from idefics_cli.tasks.ray_engine import run_on_ray as run
-    from idefics_cli.tasks.sinks import JsonlSink
     from idefics_cli.tasks.transcription import TranscribeRequest
+    from idefics_cli.tasks.writers import JsonlSink
 
     log = str(tmp_path / "opened.log")
 

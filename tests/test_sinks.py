@@ -1,4 +1,4 @@
-"""sinks.py: which sink an `--out` gets, and that a sink's lock lives exactly as long as the sink."""
+"""writers.py sinks: which sink an `--out` gets, and that a sink's lock lives exactly as long as the sink."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from idefics_cli.errors import UsageError
 from idefics_cli.tasks.batch import DocumentDone, Input
-from idefics_cli.tasks.sinks import FolderSink, JsonlSink, NullSink, open_sink
+from idefics_cli.tasks.writers import FolderSink, JsonlSink, NullSink, open_sink
 
 
 def test_open_sink_picks_by_name(tmp_path):

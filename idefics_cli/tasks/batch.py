@@ -1,9 +1,9 @@
-"""Batch: which pages to do, in what order, and the items the prefetcher hands the model (prefetch.py).
+"""Batch: which pages to do, in what order, and the batches a background thread builds ahead of the model.
 
 Contract: `walk(inputs)` expands files, folders (recursive, hidden entries skipped, symlink loops safe) and globs
-into de-duplicated `Input(path, rel)`s; `in_shard` puts a document in shard `sha1(rel) % count`; `done_keys` and
-`needs_model` tell what is already done. `PageTask`, `Batch`, `BlankPage`, `Failure` and `DocumentDone` are what
-prefetch.py hands on.
+into de-duplicated `Input(path, rel)`s; `in_shard` puts a document in shard `sha1(rel) % count`. `read_document` is
+the one loop that opens a document, chooses its pages and renders them. Iterating `Prefetcher(...)` yields in order
+`Batch`es, `Failure`s, `BlankPage`s and `DocumentDone`s, built one batch ahead of the model (docs/batching.md).
 """
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ import glob
 import hashlib
 import itertools
 import os
+import time
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 
-from ..errors import IdeficsError
+from ..ahead import WorkAhead
+from ..errors import IdeficsError, classify
 
 GLOB_CHARS = set("*?[")
 
@@ -128,17 +131,10 @@ def needs_model(docs: list[Input], open_doc, select_pages, is_done) -> bool:
     for item in docs:
         if item.path == "-":
             return True
-        try:
-            doc = open_doc(item.path)
-        except Exception:  # noqa: BLE001 - recorded when the pipeline meets it
-            continue
-        with doc:
-            try:
-                chosen = select_pages(doc)
-            except Exception:  # noqa: BLE001
-                continue
-            if not all(is_done(doc.sha256, page) for page in chosen):
-                return True
+        with closing(read_document(item, open_doc, select_pages, is_done)) as found:
+            head = next(found)  # nothing is rendered: the generator is closed before its first page
+        if isinstance(head, DocumentDone) and not all(is_done(head.sha256, page) for page in head.pages):
+            return True
     return False
 
 
@@ -185,3 +181,154 @@ class DocumentDone:
     sha256: str
     pages: list[int]
     page_count: int
+
+
+def read_document(item: Input, open_doc, select_pages, is_done) -> Iterator:
+    """A `Failure` if the document cannot be opened or its pages chosen; else its `DocumentDone` (the chosen pages)
+    first, then per chosen page `(PageTask, image)` (image None: the page is done) or a `Failure`."""
+    try:
+        doc = open_doc(item.path)
+    except Exception as exc:  # noqa: BLE001 - recorded for the document
+        yield Failure(item, classify(exc, item.path, "read"))
+        return
+    with doc:
+        try:
+            chosen = select_pages(doc)
+        except Exception as exc:  # noqa: BLE001
+            yield Failure(item, classify(exc, item.path, "read"), doc.sha256, 0, doc.page_count)
+            return
+        yield DocumentDone(item, doc.sha256, chosen, doc.page_count)
+        for page in chosen:
+            if is_done(doc.sha256, page):
+                yield PageTask(item, doc.sha256, page, doc.page_count), None
+                continue
+            try:
+                image = doc.render(page)
+            except Exception as exc:  # noqa: BLE001 - recorded for the page
+                yield Failure(item, classify(exc, item.path, "read"), doc.sha256, page, doc.page_count)
+                continue
+            yield PageTask(item, doc.sha256, page, doc.page_count, doc.warnings(page)), image
+            image = None
+
+
+class Window:
+    """The look-ahead window: rendered pages not yet in a batch, taken out a batch at a time by pixel size."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.pending: list[tuple[PageTask, object]] = []
+
+    def add(self, task: PageTask, image) -> None:
+        self.pending.append((task, image))
+
+    def holds(self, item: Input) -> bool:
+        return any(t.input == item for t, _ in self.pending)
+
+    def next_batch(self, final: bool) -> list | None:
+        """`batch_size` pages of one size; else, once the window holds 2 batches or at the end, the oldest page's
+        size first, topped up with the oldest others (a vision call per size)."""
+        pending, size = self.pending, self.batch_size
+        groups: dict = {}
+        for k, (_, image) in enumerate(pending):
+            groups.setdefault(getattr(image, "size", None), []).append(k)
+        chosen = next((ks[:size] for ks in groups.values() if len(ks) >= size), None)
+        if chosen is None and pending and (final or len(pending) >= 2 * size):
+            first = groups[getattr(pending[0][1], "size", None)]
+            chosen = (first + [k for k in range(len(pending)) if k not in set(first)])[:size]
+        if chosen is None:
+            return None
+        take = set(chosen)
+        out = [pending[k] for k in sorted(take)]
+        pending[:] = [p for k, p in enumerate(pending) if k not in take]
+        return out
+
+
+class Prefetcher:
+    """Documents in, ready batches out, built one batch ahead of the model in one background thread."""
+
+    def __init__(self, docs: list[Input], open_doc, select_pages, is_done, build, batch_size: int, on_pages=None):
+        self.docs, self.open_doc, self.select_pages, self.is_done = docs, open_doc, select_pages, is_done
+        self.build, self.on_pages = build, on_pages  # on_pages(total, skipped): per opened document
+        self.window = Window(batch_size)
+        self.finished: list[DocumentDone] = []
+        # the turn is its one place: claimed before a build, released when the model's thread takes the batch
+        self._work = WorkAhead("idefics-prefetch", depth=1, places=1)
+
+    def start(self) -> Prefetcher:
+        """Start the thread now (else the first iteration does): work begins before the model is there to take it."""
+        self._work.start(self._produce)
+        return self
+
+    def close(self) -> None:
+        """Stop and join the thread (a prefetcher never iterated: the load it overlapped failed)."""
+        self._work.stop()
+        self._work.join(timeout=5)
+
+    def __iter__(self) -> Iterator[Batch | Failure | BlankPage | DocumentDone]:
+        self.start()
+        try:
+            for item in self._work:
+                if isinstance(item, Batch):
+                    self._work.release()  # the model takes it: the next build may start (during this prefill)
+                yield item
+                item = None  # this batch's pixels are freed before the next one is waited for
+        finally:
+            self.close()
+
+    def _produce(self, work: WorkAhead) -> None:
+        for item in self.docs:
+            if work.stopped or not self._document(item):
+                return
+        self._flush(final=True)
+
+    def _flush(self, final: bool = False) -> bool:
+        """Hand over the batches the window allows, then the documents none of whose pages still wait."""
+        while (ready := self.window.next_batch(final)) is not None:
+            if self._work.claim() is None:  # every batch built so far taken by the model
+                return False
+            t0 = time.perf_counter()
+            batch = Batch([t for t, _ in ready], [im for _, im in ready])
+            ready = None
+            try:
+                batch.inputs = self.build(batch.images)
+            except BaseException as exc:
+                self._work.release()  # this batch never reaches the model: the next build may start
+                if not isinstance(exc, Exception):
+                    raise
+                ok = all(self._work.put(Failure(t.input, classify(exc, t.input.path, "read"), t.sha256, t.page,
+                                                t.pages)) for t in batch.tasks)
+            else:
+                batch.preprocess_s = time.perf_counter() - t0
+                ok = self._work.put(batch)
+            batch = None
+            if not ok:
+                return False
+        while self.finished and not self.window.holds(self.finished[0].input):
+            if not self._work.put(self.finished.pop(0)):
+                return False
+        return True
+
+    def _document(self, item: Input) -> bool:
+        done = None
+        with closing(read_document(item, self.open_doc, self.select_pages, self.is_done)) as pages:
+            for found in pages:
+                if isinstance(found, DocumentDone):
+                    done = found
+                    if self.on_pages:
+                        self.on_pages(len(done.pages), sum(self.is_done(done.sha256, p) for p in done.pages))
+                    continue
+                if isinstance(found, Failure):
+                    ok = self._work.put(found)
+                elif found[1] is None:  # already done
+                    continue
+                elif "blank_page" in found[0].warnings:  # needs no model: recorded at once, before its DocumentDone
+                    ok = self._work.put(BlankPage(found[0]))
+                else:
+                    self.window.add(*found)
+                    ok = self._flush()
+                found = None
+                if not ok:
+                    return False
+        if done is not None:
+            self.finished.append(done)
+        return self._flush()

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..prompts import assistant_turn, user_turn
-from .response import Response, prompt_for
+from .selection import Response, prompt_for
 
 CHAT_SCHEMA = "idefics-cli.chat/1"
 

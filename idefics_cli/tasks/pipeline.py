@@ -1,26 +1,118 @@
 """Transcription pipeline, the local engine: pages in, page records out, through a sink that loses nothing.
 
-Contract: a `TranscribeJob` is one run's work (request, documents, sink, `Summary`); `emit(record)` writes and counts
-a record. `transcribe(engine, job)` feeds the prefetcher's pages to the engine's decode loop (continuous batching)
-and yields each record once written, in page order. Failed pages become error records; an out-of-memory page is
-retried alone, then without splitting; a `model_error` (a server gone) ends the run.
+Contract: `TranscribeRequest` (frozen; bad values: `UsageError`) holds the options and `settings_hash`, the resume
+key. A `TranscribeJob` is one run's work; `emit(record)` writes and counts a record. `transcribe(engine, job)` feeds
+the prefetcher's pages to the engine's decode loop and yields each record once written, in page order. Failed pages
+become error records; an out-of-memory page is retried alone, then unsplit; a `model_error` ends the run.
 """
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
-from ..errors import IdeficsError, classify
-from .batch import Batch, BlankPage, DocumentDone, Failure, Input, done_keys
-from .prefetch import Prefetcher
-from .records import PageRecord, Summary, blank_record, error_record, ok_record, task_error
+from ..errors import IdeficsError, UsageError, classify
+from ..interface import ModelOptions
+from ..prompts import DOCLING_PROMPT, TRANSCRIBE_PROMPT
+from .batch import Batch, BlankPage, DocumentDone, Failure, Input, Prefetcher, done_keys, parse_shard
+from .records import PageRecord, Summary, blank_record, error_record, ok_record, settings_hash, task_error
+from .selection import prompt_for
 
 if TYPE_CHECKING:
-    from .request import TranscribeRequest
-    from .sinks import Sink
+    from .writers import Sink
+
+ENGINES = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class TranscribeRequest:
+    """What to transcribe, where to, and how (the `idefics transcribe` options)."""
+
+    inputs: tuple[str, ...]
+    out: str | None = None
+    options: ModelOptions = field(default_factory=ModelOptions)
+    prompt: str | None = None  # None: the default transcription prompt
+    pages: str | None = None  # a --pages spec (pages.py), None: every page
+    dpi: int | None = None  # None: pages rendered to fit the model (longest_side)
+    longest_side: int | None = None  # the model's render size (families.render_side); None: the documents' default
+    doctags: bool = False  # a document model (families.doctags): its own prompt, and Markdown added to records
+    password: str | None = None
+    batch_size: int | str | None = None  # pages a generate call; None or "auto": from the device
+    force: bool = False
+    shard: str | None = None  # "I/N"
+    engine: str = "local"
+    ray_address: str | None = None
+    schema: object = None  # structured.Schema once made (given as a Schema, a dict or a --schema string)
+    min_confidence: float | None = None  # pages under it warn low_confidence (records.ok_record); not hashed
+    settings_hash: str = field(init=False)
+
+    def __post_init__(self):
+        from ..documents.pages import parse_page_spec
+
+        set_ = partial(object.__setattr__, self)
+        one = isinstance(self.inputs, (str, os.PathLike))
+        set_("inputs", tuple(os.fspath(p) for p in ((self.inputs,) if one else self.inputs)))
+        set_("prompt", self.prompt or (DOCLING_PROMPT if self.doctags else TRANSCRIBE_PROMPT))
+        set_("engine", getattr(self.engine, "value", self.engine))
+        if self.engine not in ENGINES:
+            raise UsageError(f"unknown --engine {self.engine!r}", "use local or ray")
+        size = self.batch_size
+        if size == "auto":
+            size = None
+        elif isinstance(size, str) and size.isdigit():
+            size = int(size)
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise UsageError(f"bad --batch-size {self.batch_size!r}", "use a positive number or auto")
+        set_("batch_size", size)
+        parse_page_spec(self.pages)
+        parse_shard(self.shard)
+        low = self.min_confidence
+        if low is not None and (isinstance(low, bool) or not isinstance(low, (int, float)) or not 0 <= low <= 1):
+            raise UsageError(f"bad --min-confidence {low!r}", "a probability from 0 to 1, e.g. 0.5")
+        if self.schema is not None:
+            from ..structured import as_schema
+
+            set_("schema", as_schema(self.schema, grammar_check=False))  # the grammar: check_grammar()
+        set_("settings_hash", self._settings_hash())
+
+    def _settings_hash(self) -> str:
+        from ..documents import DEFAULT_LONGEST_SIDE
+
+        opts = self.options
+        extra = {"schema": self.schema.sha256} if self.schema is not None else {}  # no schema: hashes as before
+        return settings_hash(model=opts.model, revision=opts.revision, quant=opts.quant, split=opts.split,
+                             render=self.dpi or self.longest_side or DEFAULT_LONGEST_SIDE,
+                             render_unit="dpi" if self.dpi else "longest_side",
+                             prompt=self.prompt, max_new_tokens=opts.max_new_tokens, **extra)
+
+    @property
+    def model_prompt(self) -> str:
+        """What the model is asked with each page: the prompt, plus the schema's text with a schema."""
+        return prompt_for(self.prompt, self.schema)
+
+    def check_grammar(self) -> None:
+        """The schema converts to a grammar (llguidance, no torch): a UsageError now, before any model loads."""
+        if self.schema is not None:
+            from ..structured import grammar
+
+            grammar(self.schema.schema)
+
+    def select_pages(self, doc) -> list[int]:
+        """The chosen pages of an open document (1-based)."""
+        from ..documents.pages import parse_page_spec
+
+        return parse_page_spec(self.pages).resolve(doc.page_count)
+
+    def open_document(self, path: str):
+        from ..documents import open_document
+
+        return open_document(path, password=self.password, dpi=self.dpi, longest_side=self.longest_side)
+
+
 
 
 @dataclass
@@ -45,12 +137,8 @@ class TranscribeJob:
         """Start the run's clock (once the model is loaded)."""
         self.start = time.perf_counter()
 
-    @property
-    def settings_hash(self) -> str:
-        return self.request.settings_hash
-
     def is_done(self, sha256: str, page: int) -> bool:
-        return (sha256, page, self.settings_hash) in self.done
+        return (sha256, page, self.request.settings_hash) in self.done
 
     def pages(self, total: int, skipped: int) -> None:
         """A document's chosen pages were counted: `total`, of which `skipped` are already done."""

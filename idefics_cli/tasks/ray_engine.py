@@ -14,54 +14,51 @@ import time
 from collections.abc import Iterator
 
 from ..errors import IdeficsError, UsageError, classify
-from .batch import Batch, DocumentDone, Input, PageTask
+from .batch import Batch, DocumentDone, Failure, Input, PageTask, read_document
 from .pipeline import TranscribeJob, answer_batch
 from .records import PageRecord, blank_record, error_record, task_error
 
 
-def _row(item: Input, sha256="", page=0, pages=0, chosen=(), skip=False, error: IdeficsError | None = None) -> dict:
-    return {"path": item.path, "rel": item.rel, "sha256": sha256, "page": page, "pages": pages,
-            "chosen": list(chosen), "skip": skip, "error_code": error.code if error else "",
-            "error_message": error.message if error else "", "image": b"", "width": 0, "height": 0, "warnings": "[]"}
-
-
 class RayPages:
-    """Document -> one row per chosen page (raw RGB bytes; done pages `skip`, not rendered), yielded one by one
-    so that Ray Data streams a long document on; a failure becomes the row's error fields."""
+    """Document -> one row per chosen page, yielded one by one so that Ray Data streams a long document on: its
+    record where no model is needed (a failure, a blank page), else its raw RGB bytes; done pages `skip`."""
 
-    def __init__(self, open_doc, select_pages, done: set, settings_hash: str):
-        self.open_doc, self.select_pages, self.done, self.settings_hash = open_doc, select_pages, done, settings_hash
+    def __init__(self, open_doc, select_pages, done: set, request):
+        self.open_doc, self.select_pages, self.done, self.request = open_doc, select_pages, done, request
+
+    def is_done(self, sha256: str, page: int) -> bool:
+        return (sha256, page, self.request.settings_hash) in self.done
 
     def __call__(self, row: dict):
-        item = Input(row["path"], row["rel"])
-        try:
-            doc = self.open_doc(item.path)
-        except Exception as exc:  # noqa: BLE001 - recorded per row
-            yield _row(item, error=classify(exc, item.path, "read"))
-            return
-        with doc:
-            try:
-                chosen = self.select_pages(doc)
-            except Exception as exc:  # noqa: BLE001
-                yield _row(item, doc.sha256, 0, doc.page_count, error=classify(exc, item.path, "read"))
-                return
-            for page in chosen:
-                out = _row(item, doc.sha256, page, doc.page_count, chosen,
-                           skip=(doc.sha256, page, self.settings_hash) in self.done)
-                if not out["skip"]:
-                    try:
-                        image = doc.render(page)
-                        out.update(image=image.tobytes(), width=image.width, height=image.height,
-                                   warnings=json.dumps(doc.warnings(page)))
-                    except Exception as exc:  # noqa: BLE001
-                        err = classify(exc, item.path, "read")
-                        out.update(error_code=err.code, error_message=err.message)
-                    image = None
-                yield out
+        item, chosen, request = Input(row["path"], row["rel"]), [], self.request
+        for found in read_document(item, self.open_doc, self.select_pages, self.is_done):
+            if isinstance(found, DocumentDone):
+                chosen = found.pages
+                continue
+            task, image = found if isinstance(found, tuple) else (PageTask(item, found.sha256, found.page,
+                                                                           found.pages), None)
+            out = {"path": item.path, "rel": item.rel, "sha256": task.sha256, "page": task.page, "pages": task.pages,
+                   "chosen": json.dumps(chosen), "skip": False, "record": "", "image": b"", "width": 0, "height": 0,
+                   "warnings": "[]"}
+            record = None
+            if isinstance(found, Failure):
+                record = error_record(item.path, found.error, request.settings_hash, task.page, task.pages,
+                                      task.sha256)
+            elif image is None:  # already done
+                out["skip"] = True
+            elif "blank_page" in task.warnings:  # nothing to read: no model
+                record = blank_record(task, request.settings_hash, request.schema)
+            else:
+                out.update(image=image.tobytes(), width=image.width, height=image.height,
+                           warnings=json.dumps(task.warnings))
+            if record is not None:
+                out["record"] = json.dumps(record.to_dict())
+            found = image = None
+            yield out
 
 
 class Transcriber:
-    """The model actor: loads the engine once, answers batches of rows."""
+    """The model actor: loads the engine once, answers the rows of a batch that carry a page image."""
 
     def __init__(self, request):
         from ..runtime.model import load_engine
@@ -72,37 +69,26 @@ class Transcriber:
     def __call__(self, batch: dict) -> dict:
         from PIL import Image
 
-        settings = self.request.settings_hash
         rows = [{k: batch[k][i] for k in batch} for i in range(len(batch["path"]))]
-        tasks_of = {i: PageTask(Input(r["path"], r["rel"]), r["sha256"], int(r["page"]), int(r["pages"]),
-                                json.loads(r["warnings"] or "[]"))
-                    for i, r in enumerate(rows) if not r["error_code"] and not r["skip"]}
-        results: dict[int, PageRecord] = {i: blank_record(t, settings, self.request.schema) for i, t in tasks_of.items()
-                                          if "blank_page" in t.warnings}  # nothing to read: no model
-        todo = [i for i in tasks_of if i not in results]
+        records = [str(r["record"]) for r in rows]
+        todo = [i for i, r in enumerate(rows) if int(r["width"])]
         if todo:
-            tasks = [tasks_of[i] for i in todo]
+            tasks = [PageTask(Input(str(r["path"]), str(r["rel"])), str(r["sha256"]), int(r["page"]), int(r["pages"]),
+                              json.loads(r["warnings"])) for r in (rows[i] for i in todo)]
             images = [Image.frombytes("RGB", (int(rows[i]["width"]), int(rows[i]["height"])), rows[i]["image"])
                       for i in todo]
             t0 = time.perf_counter()
             try:
                 inputs = self.engine.prepare([([im], self.request.model_prompt) for im in images], collect=True)
-                records = answer_batch(self.engine, Batch(tasks, images, inputs, time.perf_counter() - t0),
-                                       self.request)
+                answered = answer_batch(self.engine, Batch(tasks, images, inputs, time.perf_counter() - t0),
+                                        self.request)
             except Exception as exc:  # noqa: BLE001 - recorded per row
                 err = classify(exc, tasks[0].input.path)
-                records = [task_error(t, err, settings) for t in tasks]
-            results.update(zip(todo, records))
-        for i, row in enumerate(rows):
-            if row["error_code"]:
-                err = {"code": str(row["error_code"]), "message": str(row["error_message"])}
-                results[i] = error_record(str(row["path"]), err, settings, int(row["page"]), int(row["pages"]),
-                                          str(row["sha256"]))
-        return {"record": [json.dumps(results[i].to_dict()) if i in results else "" for i in range(len(rows))],
-                "page": [int(r["page"]) for r in rows], "skip": [bool(r["skip"]) for r in rows],
-                "path": [str(r["path"]) for r in rows], "rel": [str(r["rel"]) for r in rows],
-                "sha256": [str(r["sha256"]) for r in rows],
-                "chosen": [json.dumps([int(p) for p in r["chosen"]]) for r in rows]}
+                answered = [task_error(t, err, self.request.settings_hash) for t in tasks]
+            for i, record in zip(todo, answered):
+                records[i] = json.dumps(record.to_dict())
+        return {"record": records, "page": [int(r["page"]) for r in rows], "skip": [bool(r["skip"]) for r in rows],
+                **{k: [str(r[k]) for r in rows] for k in ("path", "rel", "sha256", "chosen")}}
 
 
 def _map_batches_args(ray, n_actors: int, num_gpus: int) -> dict:
@@ -160,7 +146,7 @@ def run_on_ray(job: TranscribeJob, address: str | None = None) -> Iterator[PageR
     gpus = int(ray.cluster_resources().get("GPU", 0))
     ds = ray.data.from_items([{"path": d.path, "rel": d.rel} for d in job.docs],
                              override_num_blocks=max(1, len(job.docs)))
-    ds = ds.flat_map(RayPages(job.open_doc, job.select_pages, job.done, job.settings_hash))
+    ds = ds.flat_map(RayPages(job.open_doc, job.select_pages, job.done, job.request))
     ds = ds.map_batches(Transcriber, batch_size=job.request.batch_size, batch_format="numpy",
                         fn_constructor_kwargs={"request": job.request},
                         **_map_batches_args(ray, max(gpus, 1), 1 if gpus else 0))

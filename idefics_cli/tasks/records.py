@@ -1,9 +1,9 @@
-"""Records: the typed results that leave the program (docs/formats.md).
+"""Records: the page records that `transcribe` writes (docs/formats.md).
 
-Contract: `Answer` is what `ask --json` prints, `PageRecord` one line of `transcribe` output; `to_dict()` gives
-exactly the documented fields, `PageRecord.from_dict` reads one back. Every page record comes from a factory here
-(`ok_record`, `blank_record`, `error_record`), whichever engine runs. `Summary` counts a run's records (summary
-lines, exit status); `settings_hash()` hashes what changes a page's text (the resume key).
+Contract: `PageRecord.to_dict()` gives exactly the documented fields, `from_dict` reads one back; every page record
+comes from a factory here (`ok_record`, `blank_record`, `error_record`), whichever engine runs. `Summary` counts a
+run's records; `settings_hash()` hashes what changes a page's text (the resume key). `to_markdown(doctags)` is a
+document model's answer as Markdown (None without docling-core, the `[docling]` extra; imported lazily).
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import ExitStatus, IdeficsError
 
-ANSWER_SCHEMA = "idefics-cli.answer/1"
+DOCTAGS_HINT = ("the model answers in DocTags; pip install 'idefics-cli[docling]' (docling-core) to add \"markdown\" "
+                "to each record and write Markdown to the .md files, which hold the DocTags meanwhile")
 NO_DATA = "<no data>"  # PageRecord.data of a run without --schema: no "data" field is written (compared by identity)
 PAGE_SCHEMA = "idefics-cli.page/1"
 
@@ -22,31 +23,6 @@ PAGE_SCHEMA = "idefics-cli.page/1"
 class Source:
     path: str
     pages: list[int]
-
-
-@dataclass
-class Answer:
-    question: str
-    answer: str
-    finish_reason: str
-    sources: list[Source]
-    split: bool
-    model: dict
-    usage: dict
-    timing: dict
-    warnings: list[str] = field(default_factory=list)
-    confidence: dict | None = None  # confidence.summary; None when the answer was interrupted
-    structured: dict | None = None  # with --schema: {"data", "field_confidence", "schema_sha256", "error"}
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        structured = d.pop("structured")
-        head = {"schema": ANSWER_SCHEMA, "question": d.pop("question"), "answer": d.pop("answer")}
-        if structured is None:
-            return {**head, **d}
-        error = structured.get("error")
-        return {**head, "data": structured["data"], "field_confidence": structured["field_confidence"],
-                "schema_sha256": structured["schema_sha256"], **d, **({"error": error} if error is not None else {})}
 
 
 @dataclass
@@ -92,7 +68,6 @@ def ok_record(task, gen, usage: dict, preprocess_s: float, settings: str, batch_
     `schema`, `data` or an error record keeping the text; below `min_confidence` a `low_confidence` warning;
     `doctags`: the text is DocTags, given as Markdown too."""
     from . import confidence
-    from .doctags import to_markdown
 
     data, error, fields_, warnings = NO_DATA, None, None, list(task.warnings)
     summary = confidence.summary(gen.logprobs, gen.ends)
@@ -185,3 +160,21 @@ def settings_hash(**settings) -> str:
     """Short, stable hash of the settings that change a page's text (model, quant, split, size, prompt...)."""
     blob = json.dumps(settings, sort_keys=True, ensure_ascii=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def docling_available() -> bool:
+    from ..extras import _importable
+
+    return _importable("docling_core")
+
+
+def to_markdown(doctags: str) -> str | None:
+    """One page's DocTags as Markdown (what docling-core could read of it, possibly ""); None without docling-core."""
+    if not docling_available():  # first: with the extra hidden (sys.modules) its submodules may still import
+        return None
+    try:
+        from docling_core.types.doc.document import DoclingDocument, DocTagsDocument
+    except ImportError:
+        return None
+    pages = DocTagsDocument.from_doctags_and_image_pairs([doctags], [None])
+    return DoclingDocument.load_from_doctags(pages, document_name="page").export_to_markdown()

@@ -1,21 +1,25 @@
-"""Selection: the pages a question is about, opened and decoded before the model loads; the question itself.
+"""Selection: the pages a question is about, opened and decoded before the model loads; the streaming answer.
 
 Contract: `open_selection(documents, pages)` opens every document ("-" is stdin, read once) and decodes every chosen
-page now, so an unreadable page fails before any model loads (images kept up to KEEP_BYTES). `ask(engine, selection,
-question, ...)` refuses an empty question and a prompt over the context up front and returns the streaming
-`Response`; with a schema the model gets `structured.with_schema(question, schema)`.
+page now (images kept up to KEEP_BYTES). `ask(engine, selection, question)` refuses an empty question and a prompt
+over the context and returns a `Response`: iterating it yields each piece once (generation starts when first read);
+`.text`, `.usage`, `.data`, `to_dict()` read the whole answer; `close()` stops it; Ctrl-C marks it `interrupted`.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import itertools
 import os
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 
 from ..errors import IdeficsError, UsageError, classify
-from .response import Response, prompt_for
+from .records import Source
+
+ANSWER_SCHEMA = "idefics-cli.answer/1"
 
 KEEP_BYTES = 64 * 2**20  # decoded page images kept from the check before loading (about 7 pages at 1960 px)
 
@@ -55,8 +59,6 @@ class Selection:
         return [Selection([p], started=self.started) for p in self.pages]
 
     def sources(self) -> list:
-        from .records import Source
-
         return [Source(path, [p.page for p in group])
                 for path, group in itertools.groupby(self.pages, key=lambda p: p.doc.path)]
 
@@ -119,3 +121,163 @@ def ask(engine, selection: Selection, question: str, max_new_tokens: int | None 
     return Response(engine, inputs, question, limit, logits_processor, schema, sources=selection.sources(),
                     preprocess_s=preprocess_s, started=selection.started, warnings=selection.warnings(),
                     on_end=(lambda _: selection.close()) if close else None)
+
+
+def prompt_for(question: str, schema) -> str:
+    """What the model is asked: `question`, plus the schema's text with a schema (structured.with_schema)."""
+    if schema is None:
+        return question
+    from ..structured import with_schema
+
+    return with_schema(question, schema)
+
+
+class Response:
+    """One answer: iterate it for the streamed pieces; `.text`, `.usage` and `to_dict()` once it is read."""
+
+    def __init__(self, engine, inputs, question: str, max_new_tokens: int, logits_processor, schema, *,
+                 sources: list[Source], preprocess_s: float, started: float, warnings: list[str] | None = None,
+                 extra: dict | None = None, on_end: Callable[[Response], None] | None = None):
+        """`engine`'s answer to `inputs` (`question` is what the user asked, without the schema's text)."""
+        self._stream: Iterator[str] | None = engine.stream_generate(inputs, max_new_tokens, logits_processor, schema)
+        self._pieces: list[str] = []
+        self._generation = None  # engine.Generation once the stream has ended
+        self._error: BaseException | None = None
+        self._ended_at: float | None = None
+        self._on_end = on_end
+        self.question, self.sources, self.split, self.model = question, sources, engine.options.split, engine.info
+        self.max_new_tokens, self.schema, self.interrupted = max_new_tokens, schema, False
+        self.warnings, self.extra = list(warnings or []), dict(extra or {})
+        self._read_back: tuple | None = None  # (data, code) once read against the schema
+        self._prompt_usage = dict(engine.usage(inputs))
+        self._load_s, self._preprocess_s, self._started = engine.load_s, preprocess_s, started
+
+    def __iter__(self) -> Iterator[str]:
+        while self._stream is not None:
+            try:
+                piece = next(self._stream)
+            except StopIteration as done:
+                self._end(done.value)
+                return
+            except KeyboardInterrupt:
+                self.interrupted = True
+                self._end(None)
+                raise
+            except BaseException as exc:
+                self._stream, self._error = None, exc
+                raise
+            self._pieces.append(piece)
+            yield piece
+
+    def _end(self, generation) -> None:
+        self._stream, self._generation, self._ended_at = None, generation, time.perf_counter()
+        if self._on_end is not None:
+            self._on_end(self)
+
+    def _ended(self):
+        """Read the rest of the answer; its Generation, None when interrupted (a stream that failed fails again)."""
+        for _ in self:
+            pass
+        if self._error is not None:
+            raise self._error
+        return self._generation
+
+    def close(self) -> None:
+        """Stop generating (the pieces read so far stay); a closed answer that had not ended is interrupted."""
+        if self._stream is not None:
+            self._stream.close()
+            self.interrupted = True
+            self._end(None)
+
+    @property
+    def received(self) -> str:
+        """The text read so far, without reading more."""
+        return "".join(self._pieces)
+
+    @property
+    def done(self) -> bool:
+        """Whether the stream has ended (finished, interrupted or failed)."""
+        return self._stream is None
+
+    @property
+    def text(self) -> str:
+        self._ended()
+        return "".join(self._pieces)
+
+    @property
+    def finish_reason(self) -> str | None:
+        """"stop" (end of utterance) or "length" (cut at max_new_tokens); None when interrupted."""
+        return getattr(self._ended(), "finish_reason", None)
+
+    @property
+    def usage(self) -> dict:
+        """{"prompt_tokens", "image_tokens", "completion_tokens"} (completion None when interrupted)."""
+        gen = self._ended()
+        # a server's model (client.py) learns the prompt's token counts with the answer: its generation carries them
+        prompt = getattr(gen, "prompt_usage", None) or self._prompt_usage
+        return {**prompt, "completion_tokens": getattr(gen, "completion_tokens", None)}
+
+    @property
+    def timing(self) -> dict:
+        """Seconds: load_s (the model), preprocess_s (pages to inputs), first_token_s (from the start of
+        generation), total_s (from the moment the pages were opened to the end of the answer)."""
+        first = getattr(self._ended(), "first_token_s", None)
+        return {"load_s": round(self._load_s, 4), "preprocess_s": round(self._preprocess_s, 4),
+                "first_token_s": round(first or 0.0, 4), "total_s": round(self._ended_at - self._started, 4)}
+
+    @property
+    def confidence(self) -> dict | None:
+        """{"mean_logprob", "min_prob", "min_at"} (tasks/confidence.py); None when interrupted."""
+        from .confidence import summary
+
+        gen = self._ended()
+        return summary(gen.logprobs, gen.ends) if gen else None
+
+    @property
+    def field_confidence(self):
+        """With a schema and `.data`: `data`'s shape with each leaf's lowest token probability; else None."""
+        from .confidence import fields
+
+        if self.data is None or self._generation is None:
+            return None
+        return fields(self.text, self._generation.logprobs, self._generation.ends)
+
+    def _structured(self) -> tuple:
+        if self._read_back is None:
+            from ..structured import read_answer
+
+            self._read_back = read_answer(self.text, self.schema, self.finish_reason)
+        return self._read_back
+
+    @property
+    def data(self):
+        """With a schema: the parsed, validated answer (None when the answer has none); without one: None."""
+        return self._structured()[0] if self.schema is not None else None
+
+    @property
+    def schema_error(self):
+        """With a schema: None when `.data` is the answer, else the IdeficsError saying why there is none."""
+        code = self._structured()[1] if self.schema is not None else None
+        if code is None:
+            return None
+        from ..structured import answer_error
+
+        return answer_error(code, self.max_new_tokens)
+
+    def to_dict(self) -> dict:
+        """The answer object of `ask --json` (schema idefics-cli.answer/1), `extra` fields after the schema."""
+        out = {"schema": ANSWER_SCHEMA, **self.extra, "question": self.question, "answer": self.text}
+        error = self.schema_error
+        if self.schema is not None:
+            out.update(data=self.data, field_confidence=self.field_confidence, schema_sha256=self.schema.sha256)
+        out.update(finish_reason=self.finish_reason, sources=[asdict(s) for s in self.sources], split=self.split,
+                   model=self.model, usage=self.usage, timing=self.timing, warnings=self.warnings,
+                   confidence=self.confidence, **({"error": error.to_dict()} if error is not None else {}))
+        return copy.deepcopy(out)
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        state = "interrupted" if self.interrupted else "done" if self.done else "streaming"
+        return f"<Response {state} {self.question!r}: {''.join(self._pieces)[:40]!r}>"

@@ -12,8 +12,8 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 
 from ..errors import ExitStatus, IdeficsError, UsageError
+from .pipeline import TranscribeRequest  # noqa: F401 - re-exported: what a run is made of
 from .records import PageRecord, Summary
-from .request import TranscribeRequest  # noqa: F401 - re-exported: what a run is made of
 
 RAY_BATCH_SIZE = 4  # pages a model actor answers a call when the batch size is auto
 
@@ -86,7 +86,7 @@ class Transcription:
             ExitStatus.PARTIAL if self.errors else summary.exit_status)
 
     def _sink(self, docs):
-        from .sinks import NullSink, StdoutSink, open_sink
+        from .writers import NullSink, StdoutSink, open_sink
 
         if self.request.out is not None:
             return open_sink(self.request.out, docs, self.request.settings_hash)
@@ -100,10 +100,10 @@ class Transcription:
 
         request, output = self.request, self.output
         if request.doctags and output is not None:
-            from .doctags import HINT, available
+            from .records import DOCTAGS_HINT, docling_available
 
-            if not available():
-                output.warn(HINT)
+            if not docling_available():
+                output.warn(DOCTAGS_HINT)
         job = pipeline.TranscribeJob(request, docs, sink, request.open_document, request.select_pages, self.summary)
         if not needs_model(docs, job.open_doc, job.select_pages, job.is_done):
             # nothing left for the model: no torch import; documents that cannot be read are recorded again
