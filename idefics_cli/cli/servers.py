@@ -1,23 +1,34 @@
-"""`idefics serve`: the model loaded once, behind an OpenAI-compatible HTTP API (idefics_cli/serve/).
+"""`idefics serve` (OpenAI-compatible HTTP, serve/, docs/serve.md) and `idefics mcp` (MCP on stdio, mcp/, docs/mcp.md).
 
-Contract: unsafe settings are refused before binding (usage error, exit 2; docs/serve.md). It serves until
-SIGTERM/Ctrl-C and exits 0 after draining; a model that cannot load exits 5.
+serve refuses unsafe settings before binding (usage error, exit 2), serves until SIGTERM/Ctrl-C and exits 0 after
+draining; a model that cannot load exits 5. mcp reads documents only under its `--root` folders, stdout carries the
+protocol only; it exits 0 when the host closes stdin, and SIGTERM and Ctrl-C end it at once.
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from ..errors import UsageError
 from . import options as o
 
-EXAMPLES = """
+EXAMPLES = {
+    "serve": """
   idefics serve                                   # http://127.0.0.1:8000, the default model, 4-bit
   idefics serve --port 8080 --max-batch 8 --cache-mb 4096
   IDEFICS_API_KEY=secret idefics serve --host 0.0.0.0
   curl -s localhost:8000/v1/chat/completions -H 'content-type: application/json' -d @req.json
-"""
+""",
+    "mcp": """
+  idefics mcp --root ~/Documents                     # an MCP host starts this; the tools read under ~/Documents
+  idefics mcp --root ~/scans --root ~/invoices --quant 8bit
+  idefics mcp --root ~/Documents --server http://127.0.0.1:8000   # answer with a running idefics serve
+""",
+}
 
 
 @o.model_params(512)
@@ -44,7 +55,6 @@ def serve_command(
     opts: o.ModelOptions = None,
 ) -> int:
     """Serve the model over an OpenAI-compatible HTTP API. Chat completions with images and PDFs, batched."""
-    from ..errors import UsageError
     from ..serve.config import ServeConfig, check
 
     config = ServeConfig(host=host, port=port, api_key=api_key or None, max_queue=max_queue, max_batch=max_batch,
@@ -58,3 +68,44 @@ def serve_command(
     from ..runtime.model import load_engine
 
     return run_server(config, lambda: load_engine(opts))
+
+
+@o.model_params(o.ANSWER_TOKENS)
+@o.runs
+def mcp_command(
+    out,
+    root: Annotated[list[Path], typer.Option("--root", metavar="DIR", show_default=False,
+                                             help="A folder the tools may read documents from (repeatable).")],
+    opts: o.ModelOptions = None,
+    server: o.Server = None,
+    api_key: o.ApiKey = None,
+) -> int:
+    """Serve the documents under --root to an MCP host over stdio.
+
+    Tools: ask_document, transcribe_document and list_pages, for Claude Desktop, an IDE or any MCP client.
+    """
+    import signal
+    from dataclasses import asdict
+
+
+    missing = [str(r) for r in root if not r.is_dir()]
+    if missing:
+        raise UsageError(f"--root {missing[0]} is not a folder", "give folders that exist")
+    try:
+        from ..mcp.server import serve_mcp
+    except ImportError as exc:
+        raise UsageError(f"`idefics mcp` needs the mcp extra ({exc.name} is missing)",
+                         "pip install 'idefics-cli[mcp]'") from None
+
+    def loader():  # the library's Model: loaded here, or a running server's
+        from .. import connect, load
+
+        if server:
+            return connect(server, api_key=api_key, max_new_tokens=opts.max_new_tokens)
+        return load(**asdict(opts))
+
+    # SIGTERM and Ctrl-C end the process at once: a thread blocked reading stdin would otherwise hold it open
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    return serve_mcp([str(r) for r in root], loader, lambda line: print(f"idefics mcp: {line}", file=sys.stderr,
+                                                                        flush=True))
