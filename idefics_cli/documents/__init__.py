@@ -12,8 +12,8 @@ import errno
 import os
 import sys
 
-from idefics_cli.documents.base import DEFAULT_LONGEST_SIDE, MAX_IMAGE_PIXELS, MAX_PIXELS, Document
 from idefics_cli.documents.images import ImageDocument
+from idefics_cli.documents.pages import DEFAULT_LONGEST_SIDE, MAX_IMAGE_PIXELS, MAX_PIXELS, Document
 from idefics_cli.documents.pdf import PdfDocument
 from idefics_cli.documents.sniff import FORMATS, MUPDF_FORMATS, NAMES, damaged_signature, sniff
 from idefics_cli.documents.worker import DecodeTimeout, Remote

@@ -16,7 +16,7 @@ import unicodedata
 import warnings
 from typing import TYPE_CHECKING
 
-from idefics_cli.documents.base import MAX_IMAGE_PIXELS, MAX_PIXELS, Document, why
+from idefics_cli.documents.pages import MAX_IMAGE_PIXELS, MAX_PIXELS, Document, why
 from idefics_cli.documents.sniff import NAMES
 from idefics_cli.errors import IdeficsError
 
