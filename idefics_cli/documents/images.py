@@ -14,8 +14,7 @@ import warnings
 import zlib
 from typing import TYPE_CHECKING
 
-from idefics_cli.documents.pages import MAX_IMAGE_PIXELS, Document, why
-from idefics_cli.documents.sniff import NAMES
+from idefics_cli.documents.pages import MAX_IMAGE_PIXELS, NAMES, Document, why
 from idefics_cli.errors import IdeficsError
 
 if TYPE_CHECKING:

@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 DEFAULT_LONGEST_SIDE = 1960  # 2 x 980: the four crops reach the processor at full resolution
 MAX_PIXELS = DEFAULT_LONGEST_SIDE * DEFAULT_LONGEST_SIDE * 4  # ~15.4 MP budget for one rendered PDF page
 MAX_IMAGE_PIXELS = 178_956_970  # images above this are refused before decoding (2x Pillow's default limit)
+NAMES = {"pdf": "PDF", "png": "PNG", "jpeg": "JPEG", "webp": "WebP", "gif": "GIF", "bmp": "BMP", "tiff": "TIFF",
+         "jp2": "JPEG 2000", "pnm": "netpbm", "avif": "AVIF", "heif": "HEIF", "psd": "PSD", "xps": "XPS",
+         "epub": "EPUB", "mobi": "MOBI", "fb2": "FB2", "cbz": "CBZ", "svg": "SVG"}
 # One comma-separated item: "N", "N-", "N-M" or "-N" (ASCII digits only).
 _ITEM = re.compile(r"(?:(?P<start>[0-9]+)\s*(?:(?P<dash>-)\s*(?P<end>[0-9]+)?)?|-\s*(?P<tail>[0-9]+))", re.ASCII)
 _HINT = "use 1-based pages, e.g. 3, 1-4, 1,3,7- or -2 for the last two"
@@ -123,7 +126,7 @@ def why(exc: BaseException) -> str:
 
 
 class Document:
-    """An opened document: `path`, `kind` (one of FORMATS), `sha256` of the source bytes, `page_count`."""
+    """An opened document: `path`, `kind` (a key of NAMES), `sha256` of the source bytes, `page_count`."""
 
     def __init__(self, path: str, kind: str, data: bytes):
         self.path = path

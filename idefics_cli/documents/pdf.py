@@ -16,8 +16,7 @@ import unicodedata
 import warnings
 from typing import TYPE_CHECKING
 
-from idefics_cli.documents.pages import MAX_IMAGE_PIXELS, MAX_PIXELS, Document, why
-from idefics_cli.documents.sniff import NAMES
+from idefics_cli.documents.pages import MAX_IMAGE_PIXELS, MAX_PIXELS, NAMES, Document, why
 from idefics_cli.errors import IdeficsError
 
 if TYPE_CHECKING:
