@@ -1,12 +1,15 @@
-"""`idefics crops`, `doctor`, `pull` and `quantize`: parsing and printing over the library's crops, doctor, hub and
-quantize modules (docs/crops.md, doctor.md, pull.md, quantize.md). Data goes to stdout, one path a line (doctor: its
-report); labels, sizes and progress to stderr. doctor exits 5 when the setup cannot run; pull's missing, gated or
-unreachable repositories are one-line `model_error`s (exit 5). crops loads only the processor.
+"""The small commands: `crops`, `doctor`, `pull`, `quantize`, `serve` and `mcp`, parsing and printing over the library
+(docs/COMMAND.md). Data to stdout (crops, pull, quantize: a path a line; doctor: its report; mcp: the protocol only),
+the rest to stderr. doctor exits 5 when the setup cannot run; pull's unreachable or gated repositories are
+`model_error` (exit 5). serve refuses unsafe settings before binding (exit 2), drains on SIGTERM/Ctrl-C and exits 0;
+mcp reads only under its `--root` folders, exits 0 when stdin closes, and SIGTERM/Ctrl-C end it at once.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -39,6 +42,17 @@ EXAMPLES = {
   idefics quantize ./chatty-nf4 --model HuggingFaceM4/idefics2-8b-chatty
   idefics ask --model ~/models/idefics2-8b-nf4 --offline doc.pdf "What is the total?"
   idefics quantize ./nf4 --device cpu --dtype bfloat16   # prepare on a CPU box, run on a GPU
+""",
+    "serve": """
+  idefics serve                                   # http://127.0.0.1:8000, the default model, 4-bit
+  idefics serve --port 8080 --max-batch 8 --cache-mb 4096
+  IDEFICS_API_KEY=secret idefics serve --host 0.0.0.0
+  curl -s localhost:8000/v1/chat/completions -H 'content-type: application/json' -d @req.json
+""",
+    "mcp": """
+  idefics mcp --root ~/Documents                     # an MCP host starts this; the tools read under ~/Documents
+  idefics mcp --root ~/scans --root ~/invoices --quant 8bit
+  idefics mcp --root ~/Documents --server http://127.0.0.1:8000   # answer with a running idefics serve
 """,
 }
 
@@ -193,3 +207,83 @@ def quantize_command(
                       f"compute dtype {done.dtype}", markup=False, highlight=False)
     out.write(done.out_dir + "\n")
     return 0
+
+
+@o.model_params(512)
+@o.runs
+def serve_command(
+    out,
+    host: Annotated[str, typer.Option(
+        help="Address to listen on; anything but loopback needs --api-key.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free port, printed at start).")] = 8000,
+    api_key: Annotated[str | None, typer.Option(envvar="IDEFICS_API_KEY", metavar="KEY", show_envvar=True,
+                                                help="Require `Authorization: Bearer KEY` (every route but "
+                                                     "/health).")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, max=256, metavar="N", help="Requests decoded together.")] = 4,
+    max_queue: Annotated[int, typer.Option(min=0, max=100000, metavar="N",
+                                           help="Requests that may wait; more get 503 with Retry-After.")] = 16,
+    cache_mb: Annotated[float | None, typer.Option(min=0, metavar="MB",
+                                                   help="Prefix cache size (default: 1/4 of free GPU memory, "
+                                                        "or 1/10 of available RAM up to 4 GiB; 0: off).")] = None,
+    max_request_mb: Annotated[float, typer.Option(min=0.001, metavar="MB",
+                                                  help="Largest request body (413 above).")] = 64.0,
+    grace: Annotated[float, typer.Option(min=0, metavar="SECONDS",
+                                         help="On SIGTERM/Ctrl-C, how long in-flight requests may finish.")] = 30.0,
+    cors: Annotated[str | None, typer.Option(metavar="ORIGIN", help="Allow browser requests from this origin.")] = None,
+    opts: o.ModelOptions = None,
+) -> int:
+    """Serve the model over an OpenAI-compatible HTTP API. Chat completions with images and PDFs, batched."""
+    from ..serve.config import ServeConfig, check
+
+    config = ServeConfig(host=host, port=port, api_key=api_key or None, max_queue=max_queue, max_batch=max_batch,
+                         cache_mb=cache_mb, max_request_mb=max_request_mb, grace=grace, cors=cors)
+    check(config)
+    try:
+        from ..serve.server import run_server
+    except ImportError as exc:
+        raise UsageError(f"`idefics serve` needs the serve extra ({exc.name} is missing)",
+                         "pip install 'idefics-cli[serve]'") from None
+    from ..runtime.model import load_engine
+
+    return run_server(config, lambda: load_engine(opts))
+
+
+@o.model_params(o.ANSWER_TOKENS)
+@o.runs
+def mcp_command(
+    out,
+    root: Annotated[list[Path], typer.Option("--root", metavar="DIR", show_default=False,
+                                             help="A folder the tools may read documents from (repeatable).")],
+    opts: o.ModelOptions = None,
+    server: o.Server = None,
+    api_key: o.ApiKey = None,
+) -> int:
+    """Serve the documents under --root to an MCP host over stdio.
+
+    Tools: ask_document, transcribe_document and list_pages, for Claude Desktop, an IDE or any MCP client.
+    """
+    import signal
+    from dataclasses import asdict
+
+
+    missing = [str(r) for r in root if not r.is_dir()]
+    if missing:
+        raise UsageError(f"--root {missing[0]} is not a folder", "give folders that exist")
+    try:
+        from ..mcp.server import serve_mcp
+    except ImportError as exc:
+        raise UsageError(f"`idefics mcp` needs the mcp extra ({exc.name} is missing)",
+                         "pip install 'idefics-cli[mcp]'") from None
+
+    def loader():  # the library's Model: loaded here, or a running server's
+        from .. import connect, load
+
+        if server:
+            return connect(server, api_key=api_key, max_new_tokens=opts.max_new_tokens)
+        return load(**asdict(opts))
+
+    # SIGTERM and Ctrl-C end the process at once: a thread blocked reading stdin would otherwise hold it open
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    return serve_mcp([str(r) for r in root], loader, lambda line: print(f"idefics mcp: {line}", file=sys.stderr,
+                                                                        flush=True))
