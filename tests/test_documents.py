@@ -539,7 +539,7 @@ def test_pages_read_but_maybe_not_as_expected_carry_warnings():
 
 
 def test_sniff_names_the_new_formats_by_their_bytes():
-    from idefics_cli.documents.sniff import damaged_signature
+    from idefics_cli.documents import damaged_signature
 
     assert sniff(b"\x00\x00\x00\x0cjP  \r\n\x87\n" + bytes(20)) == "jp2"
     assert sniff(b"\xffO\xffQ\x00") == "jp2"

@@ -15,7 +15,7 @@ ALLOWED = {
     "remote": {"documents"},
     "tasks": {"documents", "runtime", "output"},
     "serve": {"documents", "runtime", "tasks", "output"},
-    "mcp": {"documents"},  # the library's Model is handed in by the command (cli/mcp.py)
+    "mcp": {"documents"},  # the library's Model is handed in by the command (cli/tools.py)
     "dev": {"runtime", "tasks"},
 }
 

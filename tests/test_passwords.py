@@ -1,8 +1,8 @@
-"""passwords.py: SASLprep (RFC 4013) as the PDF standard prescribes for AES-256 passwords."""
+"""pdf.py's passwords: SASLprep (RFC 4013) as the PDF standard prescribes for AES-256 passwords."""
 
 import pytest
 
-from idefics_cli.documents.passwords import candidates, saslprep
+from idefics_cli.documents.pdf import candidates, saslprep
 
 
 @pytest.mark.parametrize("given, prepared", [

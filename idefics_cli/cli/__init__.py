@@ -1,4 +1,4 @@
-"""The `idefics` command line: the Typer app and one small module per command.
+"""The `idefics` command line: the Typer app; a module per command (tools.py: the small ones).
 
 Contract: no module here imports torch or transformers at import time, so `idefics --help` stays instant; each
 command imports what it needs when it runs (options.py: `runs` turns errors into one line and an exit status).
@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from . import ask, chat, crops, doctor, mcp, pull, quantize, serve, transcribe
+from . import ask, chat, tools, transcribe
 from .options import Command
 
 app = typer.Typer(
@@ -23,10 +23,9 @@ app = typer.Typer(
     rich_markup_mode=None,  # plain help, drawn without Rich: a faster `--help`
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-for module in (ask, transcribe, chat, crops, doctor, pull, quantize, serve, mcp):
-    name = module.__name__.rpartition(".")[2]
-    command = getattr(module, f"{name}_command")
-    app.command(name, cls=Command, epilog="Examples:\n\n\b" + module.EXAMPLES)(command)
+for module in (ask, transcribe, chat, tools):
+    for name, examples in module.EXAMPLES.items():
+        app.command(name, cls=Command, epilog="Examples:\n\n\b" + examples)(getattr(module, f"{name}_command"))
 
 
 def _version(value: bool) -> None:

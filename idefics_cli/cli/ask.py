@@ -13,13 +13,13 @@ import typer
 from ..runtime.families import render_side
 from . import options as o
 
-EXAMPLES = """
+EXAMPLES = {"ask": """
   idefics ask samples/invoice.pdf "What is the total amount due?"
   idefics ask report.pdf scan.png --pages 1-3 "Which year had the highest revenue?" --json | jq -r .answer
   cat receipt.jpg | idefics ask - "What is the merchant's name?"
   idefics ask report.pdf --each-page "What is this page about?" --json
   idefics ask invoice.pdf "Extract the invoice fields" --schema 'vendor, total float, due_date'
-"""
+"""}
 
 
 @o.model_params(o.ANSWER_TOKENS)

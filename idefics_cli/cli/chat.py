@@ -13,7 +13,7 @@ from ..errors import IdeficsError, UsageError, warning_line
 from ..runtime.families import render_side
 from . import options as o
 
-EXAMPLES = """
+EXAMPLES = {"chat": """
   idefics chat report.pdf --pages 1-2
   printf 'What is the title?\\nWho wrote it?\\n' | idefics chat report.pdf -p 1 | jq -r .answer
   printf 'Total?\\n/pages 2\\nAnd on this page?\\n/save chat.json\\n' | idefics chat invoice.pdf -p 1
@@ -21,7 +21,7 @@ EXAMPLES = """
 
 \b
 In the chat:  /pages SPEC · /reset · /save FILE.json · /help · Ctrl-D to leave
-"""
+"""}
 HELP = ("/pages SPEC   show these pages with the next question (earlier turns keep theirs)\n"
         "/reset        forget the conversation (the current pages come with the next question)\n"
         "/save FILE    write the conversation as JSON\n"

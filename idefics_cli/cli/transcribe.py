@@ -18,14 +18,14 @@ from . import options as o
 
 EngineName = enum.Enum("EngineName", {"local": "local", "ray": "ray"}, type=str)
 
-EXAMPLES = """
+EXAMPLES = {"transcribe": """
   idefics transcribe scans/ --out transcripts/          # one .md per document + records.jsonl
   idefics transcribe 'archive/**/*.pdf' --out pages.jsonl
   idefics transcribe invoices/ | jq -r 'select(.status=="ok") | .text'
   idefics transcribe scans/ --out transcripts/          # run again: picks up where it stopped
   idefics transcribe big/ --out part3.jsonl --shard 3/8  # one job of an array of 8
   idefics transcribe invoices/ --schema invoice.schema.json --out invoices.jsonl
-"""
+"""}
 
 
 @o.model_params(1024)

@@ -53,7 +53,8 @@ DOCTAGS = ["<doctag>", "</doctag>", "<text>", "</text>", "<title>", "</title>", 
 SMOL_SIZES = {"tiny": (64, 128, 2, 2, 128, 256, 2, 4, 2), "smolvlm-256m": (768, 3072, 12, 12, 576, 1536, 30, 9, 3),
               "smolvlm-2b": (1152, 4304, 27, 16, 2048, 8192, 24, 32, 32),
               "idefics3-8b": (1152, 4304, 27, 16, 4096, 14336, 32, 32, 8)}
-# (patch, tile px, pixel-shuffle scale, page longest_edge) where a size's image arithmetic is not SmolVLM-256M's
+# (patch, tile px, pixel-shuffle scale, page longest_edge): SmolVLM-256M's (64 tokens a tile), sizes that differ
+SMOL_256M_IMAGE = (16, 512, 4, 2048)
 SMOL_IMAGE = {"smolvlm-2b": (14, 384, 3, 1536), "idefics3-8b": (14, 364, 2, 1456)}
 
 
@@ -79,22 +80,24 @@ def _find(find_spec, module: str):
         return None
 
 
+def _towers(row: tuple, patch: int, image_size: int, **text) -> tuple[dict, dict]:
+    """The vision and text config dicts of a SIZES or SMOL_SIZES row (its first 9 columns)."""
+    vision = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    return (dict(zip(vision, row[:4]), patch_size=patch, image_size=image_size),
+            dict(zip((*vision, "num_key_value_heads"), row[4:9]), rms_norm_eps=1e-5, **text))
+
+
 def config(size: str = "tiny"):
     """The Idefics2Config of the given size (text vocabulary and image arithmetic as idefics2-8b)."""
     from transformers import Idefics2Config
 
-    vh, vi, vl, vn, th, ti, tl, tn, tkv, pd, pn, phd, pkv = SIZES[size]
-    return Idefics2Config(
-        vision_config=dict(hidden_size=vh, intermediate_size=vi, num_hidden_layers=vl, num_attention_heads=vn,
-                           patch_size=14, image_size=980),
-        perceiver_config=dict(hidden_size=th, rms_norm_eps=1e-5, resampler_n_latents=64, resampler_depth=pd,
-                              resampler_n_heads=pn, resampler_head_dim=phd, num_key_value_heads=pkv),
-        text_config=dict(model_type="mistral", hidden_size=th, intermediate_size=ti, num_hidden_layers=tl,
-                         num_attention_heads=tn, num_key_value_heads=tkv, vocab_size=32003,
-                         max_position_embeddings=32768, rope_theta=10000.0, rms_norm_eps=1e-5, pad_token_id=0),
-        image_token_id=32001,
-        tie_word_embeddings=False,
-    )
+    *_, pd, pn, phd, pkv = SIZES[size]
+    vision, text = _towers(SIZES[size], 14, 980, model_type="mistral", vocab_size=32003, max_position_embeddings=32768,
+                           rope_theta=10000.0, pad_token_id=0)
+    perceiver = dict(hidden_size=text["hidden_size"], rms_norm_eps=1e-5, resampler_n_latents=64, resampler_depth=pd,
+                     resampler_n_heads=pn, resampler_head_dim=phd, num_key_value_heads=pkv)
+    return Idefics2Config(vision_config=vision, perceiver_config=perceiver, text_config=text, image_token_id=32001,
+                          tie_word_embeddings=False)
 
 
 def _tokenizer(**settings):
@@ -122,11 +125,6 @@ def build_processor(out_dir: str):
     return processor
 
 
-def smol_image(size: str) -> tuple[int, int, int, int]:
-    """(patch, tile px, scale, page longest_edge) of a size; 64 tokens a tile of 512 px unless SMOL_IMAGE says."""
-    return SMOL_IMAGE.get(size, (16, 512, 4, 2048))
-
-
 def build_smol_processor(out_dir: str, docling: bool = False, size: str = "tiny"):
     """Save SmolVLM-256M-Instruct's processor settings, template and special tokens (+ DocTags) into out_dir."""
     from transformers import Idefics3Processor
@@ -138,7 +136,7 @@ def build_smol_processor(out_dir: str, docling: bool = False, size: str = "tiny"
     if docling:
         tokenizer.add_tokens(DOCTAGS, special_tokens=True)
     tokenizer.bos_token, tokenizer.pad_token, tokenizer.eos_token = "<|im_start|>", "<|im_end|>", "<end_of_utterance>"
-    patch, tile, scale, side = smol_image(size)
+    patch, tile, scale, side = SMOL_IMAGE.get(size, SMOL_256M_IMAGE)
     image_processor = Idefics3ImageProcessorPil(**{**SMOL_PROCESSOR, "size": {"longest_edge": side},
                                                    "max_image_size": {"longest_edge": tile}})
     processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
@@ -151,18 +149,14 @@ def smol_config(tokenizer, size: str = "tiny"):
     """An Idefics3Config of SmolVLM-256M's image arithmetic (512-px tiles, patch 16, scale 4: 64 tokens a tile)."""
     from transformers import Idefics3Config
 
-    vh, vi, vl, vn, th, ti, tl, tn, tkv = SMOL_SIZES[size]
-    patch, tile, scale, _ = smol_image(size)
+    patch, tile, scale, _ = SMOL_IMAGE.get(size, SMOL_256M_IMAGE)
     ids = tokenizer.convert_tokens_to_ids
-    return Idefics3Config(
-        vision_config=dict(hidden_size=vh, intermediate_size=vi, num_hidden_layers=vl, num_attention_heads=vn,
-                           patch_size=patch, image_size=tile),
-        text_config=dict(model_type="llama", hidden_size=th, intermediate_size=ti, num_hidden_layers=tl,
-                         num_attention_heads=tn, num_key_value_heads=tkv, vocab_size=len(tokenizer),
-                         max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
-                         pad_token_id=ids("<|im_end|>"), bos_token_id=ids("<|im_start|>"),
-                         eos_token_id=ids("<end_of_utterance>"), tie_word_embeddings=True),
-        scale_factor=scale, image_token_id=ids("<image>"), tie_word_embeddings=True, pad_token_id=ids("<|im_end|>"))
+    vision, text = _towers(SMOL_SIZES[size], patch, tile, model_type="llama", vocab_size=len(tokenizer),
+                           max_position_embeddings=8192, rope_theta=100000.0, pad_token_id=ids("<|im_end|>"),
+                           bos_token_id=ids("<|im_start|>"), eos_token_id=ids("<end_of_utterance>"),
+                           tie_word_embeddings=True)
+    return Idefics3Config(vision_config=vision, text_config=text, scale_factor=scale, image_token_id=ids("<image>"),
+                          tie_word_embeddings=True, pad_token_id=ids("<|im_end|>"))
 
 
 FAMILIES = ("idefics2", "idefics3", "smoldocling")
@@ -181,11 +175,9 @@ def build(out_dir: str, size: str = "tiny", seed: int = 0, device: str = "cpu", 
         build_processor(out_dir)
         model_config, generation = config(size), GENERATION
     else:
-        tok = build_smol_processor(out_dir, docling=family == "smoldocling", size=size).tokenizer
-        model_config = smol_config(tok, size)
-        ids = tok.convert_tokens_to_ids
-        generation = {"bos_token_id": ids("<|im_start|>"), "eos_token_id": ids("<end_of_utterance>"),
-                      "pad_token_id": ids("<|im_end|>")}
+        model_config = smol_config(build_smol_processor(out_dir, docling=family == "smoldocling", size=size).tokenizer,
+                                   size)
+        generation = {k: getattr(model_config.text_config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     torch.manual_seed(seed)
     with torch.device(device):
         model = (Idefics2ForConditionalGeneration if family == "idefics2" else Idefics3ForConditionalGeneration)(

@@ -1,30 +1,155 @@
 """Documents: a file (or stdin) in, RGB page images out; the only package that decodes.
 
 Contract: `open_document(path, ...)` reads the bytes once, hashes them (`sha256`), decides the format from them
-(`sniff`, never the name) and has a worker process (worker.py) open it: MuPDF's formats by pdf.py, images by
-images.py. A Document is a context manager, one per thread. Every failure is an `IdeficsError` with `path` set
-and an input code of errors.py; decoders' chatter never reaches stderr unless IDEFICS_DEBUG=1.
+(`sniff`: one of FORMATS or None, never from the name) and has a worker process (worker.py) open it: MuPDF's
+formats by pdf.py, images by images.py; a Document (a context manager) per thread. Failures are `IdeficsError`s
+with `path` set and an input code of errors.py; decoders' chatter reaches stderr only with IDEFICS_DEBUG=1.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import os
+import re
 import sys
 
-from idefics_cli.documents.base import DEFAULT_LONGEST_SIDE, MAX_IMAGE_PIXELS, MAX_PIXELS, Document
 from idefics_cli.documents.images import ImageDocument
+from idefics_cli.documents.pages import DEFAULT_LONGEST_SIDE, MAX_IMAGE_PIXELS, MAX_PIXELS, NAMES, Document
 from idefics_cli.documents.pdf import PdfDocument
-from idefics_cli.documents.sniff import FORMATS, MUPDF_FORMATS, NAMES, damaged_signature, sniff
 from idefics_cli.documents.worker import DecodeTimeout, Remote
 from idefics_cli.errors import IdeficsError, UsageError
 
 __all__ = ["DEFAULT_LONGEST_SIDE", "FORMATS", "MAX_IMAGE_PIXELS", "MAX_PIXELS", "Document", "ImageDocument",
            "PdfDocument", "open_document", "sniff"]
 
+FORMATS = tuple(NAMES)
+MUPDF_FORMATS = ("pdf", "xps", "epub", "mobi", "fb2", "cbz", "svg")
 _SUPPORTED = ("supported: PDF, XPS, EPUB, MOBI, FB2, CBZ, SVG, PNG, JPEG, JPEG 2000, WebP, GIF, BMP, TIFF, netpbm, "
               "AVIF, HEIC, PSD")
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+    (b"II+\x00", "tiff"),  # BigTIFF
+    (b"MM\x00+", "tiff"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "jp2"),  # JP2, JPX and JPF files
+    (b"\xffO\xffQ", "jp2"),  # a bare JPEG 2000 codestream (.j2k, .j2c)
+    (b"8BPS\x00\x01", "psd"),
+)
+_BMP_HEADER_SIZES = (12, 16, 40, 52, 56, 64, 108, 124)
+_AVIF_BRANDS = {b"avif", b"avis"}
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
+_PNM = re.compile(rb"P[1-6](?:\s|#)+(?:#[^\n]*\n\s*)*\d")
+_XML_PROLOG = re.compile(rb"^(?:\xef\xbb\xbf)?\s*(?:<\?xml[^>]*\?>\s*|<!--.*?-->\s*|<!DOCTYPE[^>]*>\s*)*", re.S)
+_IMAGE_NAMES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".jp2", ".jpx", ".avif")
+# file name extensions of the images whose signature a damaged file may still be recognised by
+_BY_EXTENSION = {"png": "png", "jpg": "jpeg", "jpeg": "jpeg", "jpe": "jpeg", "jfif": "jpeg", "gif": "gif",
+                 "tif": "tiff", "tiff": "tiff", "bmp": "bmp", "dib": "bmp", "webp": "webp", "jp2": "jp2",
+                 "jpx": "jp2", "jpf": "jp2", "psd": "psd"}
 
+
+def sniff(data: bytes) -> str | None:
+    """The format of a file from its bytes (1024 are enough but for XPS and CBZ): one of FORMATS, or None."""
+    head = bytes(data[:1024])
+    if head.startswith(b"%PDF-"):
+        return "pdf"
+    for magic, kind in _MAGIC:
+        if head.startswith(magic):
+            return kind
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head[:2] == b"BM" and len(head) >= 18 and int.from_bytes(head[14:18], "little") in _BMP_HEADER_SIZES:
+        return "bmp"
+    if head[4:8] == b"ftyp" and (kind := _iso_brand(head)):
+        return kind
+    if head[60:68] in (b"BOOKMOBI", b"TEXtREAd"):
+        return "mobi"
+    if head.startswith(b"PK\x03\x04"):
+        return _zip_kind(data)
+    if _PNM.match(head):
+        return "pnm"
+    if b"%PDF-" in head:  # PDF readers accept junk before the header
+        return "pdf"
+    return _xml_kind(head)
+
+
+def _iso_brand(head: bytes) -> str | None:
+    """AVIF or HEIF from an ISO base media `ftyp` box: its major brand and compatible brands."""
+    size = int.from_bytes(head[:4], "big")
+    brands = {head[i:i + 4] for i in range(16, min(size, len(head)) - 3, 4)} | {head[8:12]}
+    if brands & _AVIF_BRANDS:
+        return "avif"
+    return "heif" if brands & _HEIF_BRANDS else None
+
+
+def _zip_kind(data: bytes) -> str | None:
+    """EPUB from its first entry (`mimetype`); XPS and CBZ from the names in the ZIP's directory."""
+    if data[30:38] == b"mimetype" and data[38:58].startswith(b"application/epub+zip"):
+        return "epub"
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            names = [n for n in archive.namelist() if not n.endswith("/")]
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return None
+    lower = [n.lower() for n in names]
+    if "mimetype" in lower and any(n.endswith(".opf") for n in lower):
+        return "epub"
+    if any(n.endswith((".fpage", ".fdseq")) for n in lower):
+        return "xps"
+    pages = [n for n in lower if n.endswith(_IMAGE_NAMES)]
+    others = [n for n in lower if not n.endswith(_IMAGE_NAMES) and not n.endswith((".xml", ".txt", ".nfo"))
+              and not os.path.basename(n).startswith(".")]
+    return "cbz" if pages and not others else None
+
+
+def _xml_kind(head: bytes) -> str | None:
+    """SVG and FB2: XML whose root element is `<svg` or `<FictionBook`."""
+    rest = head[_XML_PROLOG.match(head).end():]
+    if rest.startswith(b"<svg") or rest.startswith(b"<svg:svg"):
+        return "svg"
+    if rest.startswith(b"<FictionBook"):
+        return "fb2"
+    return None
+
+
+def _bit_distance(a: bytes, b: bytes) -> int:
+    return sum(bin(x ^ y).count("1") for x, y in zip(a, b)) + 8 * abs(len(a) - len(b))
+
+
+def damaged_signature(data: bytes, name: str) -> str | None:
+    """The format a refused file's `name` says (an image or a ZIP container) when its signature has a bit or two
+    flipped or line endings rewritten (so it is `corrupt`); else None."""
+    ext = os.path.splitext(name)[1].lower().lstrip(".")
+    kind = _BY_EXTENSION.get(ext)
+    head = bytes(data[:64])
+    if ext in ("epub", "xps", "oxps", "cbz") and head.startswith(b"PK"):
+        return "xps" if ext == "oxps" else ext  # a ZIP container whose directory cannot be read
+    if kind is None or len(head) < 8:
+        return None
+    text_mode = head.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    for magic, magic_kind in _MAGIC:
+        if magic_kind != kind:
+            continue
+        plain = magic.replace(b"\r\n", b"\n")
+        if _bit_distance(head[:len(magic)], magic) <= 2 or text_mode.startswith(plain):
+            return kind
+        if b"\r\n" in magic and (head.startswith(magic.replace(b"\n", b"\r\n")) or head.startswith(plain)):
+            return kind
+    if kind == "png" and head[1:4] == b"PNG" and b"IHDR" in head[:40]:
+        return kind
+    if kind == "webp" and _bit_distance(head[:4] + head[8:12], b"RIFFWEBP") <= 2:
+        return kind
+    if kind == "bmp" and _bit_distance(head[:2], b"BM") <= 1 and (
+            int.from_bytes(head[14:18], "little") in _BMP_HEADER_SIZES or int.from_bytes(head[2:6], "little") == len(
+                data)):
+        return kind
+    return None
 
 def _read(path: str) -> bytes:
     if path == "-":

@@ -1,20 +1,20 @@
 """Images through Pillow: one page per image (every frame of a multi-page format), RGB, never resized.
 
 Contract: EXIF orientation applied, transparency onto white, deep gray scaled by its real range (12-bit TIFF by
-4095), 1-px sides padded to 2 px (the processor cannot split them); a PNG cut after its pixel data is read.
-Over MAX_IMAGE_PIXELS is `image_too_large` before decoding; an animation gives its first frame (`first_frame_only`).
+4095), 1-px sides padded to 2 px (the processor cannot split them); a PNG cut after its pixel data is read, one
+with damaged optional chunks `repaired`. Over MAX_IMAGE_PIXELS is `image_too_large` before decoding; an animation
+gives its first frame (`first_frame_only`); a well-formed variant Pillow cannot read is `unsupported_format`.
 """
 
 from __future__ import annotations
 
 import io
+import struct
 import warnings
+import zlib
 from typing import TYPE_CHECKING
 
-from idefics_cli.documents import damage
-from idefics_cli.documents.base import MAX_IMAGE_PIXELS, Document, why
-from idefics_cli.documents.sniff import NAMES
-from idefics_cli.documents.variants import unsupported_variant
+from idefics_cli.documents.pages import MAX_IMAGE_PIXELS, NAMES, Document, why
 from idefics_cli.errors import IdeficsError
 
 if TYPE_CHECKING:
@@ -36,9 +36,9 @@ class ImageDocument(Document):
 
             pillow_heif.register_heif_opener(thumbnails=False)
         self._data = data
-        if kind == "png" and not data.endswith(damage.IEND):
-            data = damage.complete_png(data) or data  # cut after its pixel data: read what is all there
-        if kind == "png" and (fixed := damage.drop_bad_ancillary(data)) is not None:
+        if kind == "png" and not data.endswith(IEND):
+            data = complete_png(data) or data  # cut after its pixel data: read what is all there
+        if kind == "png" and (fixed := drop_bad_ancillary(data)) is not None:
             data = fixed  # an optional chunk with a bad checksum: dropped, as browsers do
             self.doc_warnings.append("repaired")
         try:
@@ -149,3 +149,150 @@ def _to_rgb(im: Image, bits: int | None = None) -> Image:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+_CHUNK = 1 << 20
+
+
+def complete_png(data: bytes) -> bytes | None:
+    """A PNG cut after its pixel data, ended cleanly; None when nothing is cut or the pixels are cut too."""
+    if not data.startswith(PNG_MAGIC):
+        return None
+    pos, idat = len(PNG_MAGIC), []
+    while pos + 8 <= len(data):
+        length, kind = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
+        end = pos + 12 + length
+        if kind == b"IEND" or end > len(data):
+            break
+        if kind == b"IDAT":
+            idat.append(data[pos + 8:end - 4])
+        pos = end
+    if pos + 8 <= len(data) and data[pos + 4:pos + 8] == b"IEND" or not idat:
+        return None  # nothing is cut, or there is no pixel data to keep
+    stream = zlib.decompressobj()
+    try:
+        for part in idat:
+            while part and not stream.eof:  # bounded output: only whether the stream ends matters
+                stream.decompress(part, _CHUNK)
+                part = stream.unconsumed_tail
+    except zlib.error:
+        return None
+    return data[:pos] + IEND if stream.eof else None
+
+
+def drop_bad_ancillary(data: bytes) -> bytes | None:
+    """The PNG without its ancillary chunks of bad checksum; None when none is bad."""
+    if not data.startswith(PNG_MAGIC):
+        return None
+    pos, keep, dropped = len(PNG_MAGIC), [], False
+    while pos + 12 <= len(data):
+        length, kind = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
+        end = pos + 12 + length
+        if end > len(data):
+            break
+        crc = int.from_bytes(data[end - 4:end], "big")
+        if kind[0] & 0x20 and zlib.crc32(data[pos + 4:end - 4]) != crc:
+            dropped = True  # an ancillary chunk (lower-case first letter) whose bytes are damaged
+        else:
+            keep.append(data[pos:end])
+        pos = end
+        if kind == b"IEND":
+            break
+    return PNG_MAGIC + b"".join(keep) + data[pos:] if dropped else None
+
+
+_SOF_NAMES = {0xC3: "lossless JPEG (SOF3)", 0xC5: "hierarchical JPEG", 0xC6: "hierarchical JPEG",
+              0xC7: "hierarchical lossless JPEG", 0xCB: "lossless arithmetic-coded JPEG",
+              0xCD: "hierarchical JPEG", 0xCE: "hierarchical JPEG", 0xCF: "hierarchical lossless JPEG"}
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+# TIFF compressions Pillow reads (TiffImagePlugin.COMPRESSION_INFO, LogLuv's apart)
+_TIFF_COMPRESSIONS = {1, 2, 3, 4, 5, 6, 7, 8, 32771, 32773, 32809, 32946, 34925, 50000, 50001}
+
+
+def unsupported_variant(kind: str, data: bytes, reason: str = "") -> str | None:
+    """The variant a header declares that the decoder cannot read ("12-bit JPEG"; `reason`: the decoder's message),
+    else None (damaged bytes)."""
+    try:
+        if kind == "jpeg":
+            return _jpeg(data)
+        if kind == "tiff":
+            return _tiff(data)
+        if kind == "bmp":
+            return _bmp(data, reason)
+    except (struct.error, IndexError, ValueError):
+        return None
+    return None
+
+
+def _jpeg(data: bytes) -> str | None:
+    """The first frame header (SOFn) of a JPEG: its process and sample precision."""
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker in _SOF:
+            precision = data[pos + 4]
+            if marker in _SOF_NAMES:
+                return _SOF_NAMES[marker]
+            return f"{precision}-bit JPEG" if precision != 8 else None
+        if marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header before
+            return None
+        pos += 2 + length
+    return None
+
+
+def _tiff(data: bytes) -> str | None:
+    """The first image file directory of a classic TIFF: sample format, bits, compression, photometric."""
+    order = {b"II": "<", b"MM": ">"}.get(data[:2])
+    if order is None or struct.unpack(order + "H", data[2:4])[0] != 42:
+        return None
+    ifd = struct.unpack(order + "I", data[4:8])[0]
+    (count,) = struct.unpack(order + "H", data[ifd:ifd + 2])
+    tags = {}
+    for i in range(min(count, 512)):
+        tag, kind, n = struct.unpack(order + "HHI", data[ifd + 2 + 12 * i:ifd + 10 + 12 * i])
+        raw = data[ifd + 10 + 12 * i:ifd + 14 + 12 * i]
+        if kind == 3:
+            tags[tag] = struct.unpack(order + "H", raw[:2])[0]
+            if n > 2:  # several shorts stored elsewhere: the first is enough
+                off = struct.unpack(order + "I", raw)[0]
+                tags[tag] = struct.unpack(order + "H", data[off:off + 2])[0]
+        elif kind == 4:
+            tags[tag] = struct.unpack(order + "I", raw)[0]
+    bits, fmt = tags.get(258, 1), tags.get(339, 1)
+    compression, photometric = tags.get(259, 1), tags.get(262)
+    if compression in (34676, 34677) or photometric in (32844, 32845):
+        return "LogLuv TIFF"
+    if fmt == 3 and bits != 32:
+        return f"{bits}-bit float TIFF"
+    if bits > 32:
+        return f"{bits}-bit TIFF"
+    if fmt == 6:
+        return "complex floating-point TIFF"
+    if compression == 32809 and (bits != 4 or tags.get(277, 1) != 1):
+        return f"ThunderScan TIFF of {bits}-bit samples"
+    if compression not in _TIFF_COMPRESSIONS:
+        return f"TIFF compression {compression}"
+    return None
+
+
+def _bmp(data: bytes, reason: str) -> str | None:
+    header = int.from_bytes(data[14:18], "little")
+    compression = int.from_bytes(data[30:34], "little") if header >= 40 else 0
+    bits = int.from_bytes(data[28:30], "little") if header >= 40 else 0
+    if header == 64 and compression == 4 and bits == 24:
+        return "OS/2 BMP with 24-bit RLE"
+    if compression == 4 and header != 64:
+        return "BMP with embedded JPEG"
+    if compression == 5:
+        return "BMP with embedded PNG"
+    if "bitfields" in reason or compression in (3, 6) and "Unsupported BMP" in reason:
+        return "BMP with unusual bit-field masks"
+    if reason.startswith("Unsupported BMP"):
+        return f"this BMP variant ({reason.rstrip('.')})"
+    return None

@@ -1,18 +1,29 @@
-"""Page specs: which pages of a document to use (the `--pages` option).
+"""Pages: the opened document every format shares (`Document`, pages rendered on demand) and page specs (`--pages`).
 
-Contract: `parse_page_spec(spec)` gives a `PageSpec` or raises `UsageError`: `3`, `1-4`, `7-` (to the end),
-`-2` (the last two), comma-separated, `all` or None for every page. `PageSpec.resolve(n_pages)`: 1-based pages
-in the order given, each once, clipped to the document; `page_out_of_range` when none exists. `str(spec)`
-parses back to an equal spec.
+Contract: `render(page)` (1-based): a new RGB image, or `page_out_of_range` / `corrupt` (`path` set); `warnings(page)`:
+what may be wrong with it. `parse_page_spec(spec)`: a `PageSpec` (`3`, `1-4`, `7-`, `-2` = the last two, comma-
+separated; `all` or None: every page) or `UsageError`; `resolve(n_pages)`: pages in the order given, once each, clipped
+to the document (none left: `page_out_of_range`); `str(spec)` parses back to an equal spec.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from idefics_cli.errors import IdeficsError, UsageError
 
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+DEFAULT_LONGEST_SIDE = 1960  # 2 x 980: the four crops reach the processor at full resolution
+MAX_PIXELS = DEFAULT_LONGEST_SIDE * DEFAULT_LONGEST_SIDE * 4  # ~15.4 MP budget for one rendered PDF page
+MAX_IMAGE_PIXELS = 178_956_970  # images above this are refused before decoding (2x Pillow's default limit)
+NAMES = {"pdf": "PDF", "png": "PNG", "jpeg": "JPEG", "webp": "WebP", "gif": "GIF", "bmp": "BMP", "tiff": "TIFF",
+         "jp2": "JPEG 2000", "pnm": "netpbm", "avif": "AVIF", "heif": "HEIF", "psd": "PSD", "xps": "XPS",
+         "epub": "EPUB", "mobi": "MOBI", "fb2": "FB2", "cbz": "CBZ", "svg": "SVG"}
 # One comma-separated item: "N", "N-", "N-M" or "-N" (ASCII digits only).
 _ITEM = re.compile(r"(?:(?P<start>[0-9]+)\s*(?:(?P<dash>-)\s*(?P<end>[0-9]+)?)?|-\s*(?P<tail>[0-9]+))", re.ASCII)
 _HINT = "use 1-based pages, e.g. 3, 1-4, 1,3,7- or -2 for the last two"
@@ -102,3 +113,61 @@ def parse_page_spec(spec: str | None) -> PageSpec:
             raise UsageError(f"bad page spec {spec!r}: range {item!r} runs backwards", hint=_HINT)
         ranges.append(r)
     return PageSpec(tuple(ranges))
+
+
+def why(exc: BaseException) -> str:
+    """One line on an exception; for MuPDF's, the innermost reason ("cycle in page tree"), without its code."""
+    while exc.__cause__ is not None and type(exc).__module__.startswith("pymupdf"):
+        exc = exc.__cause__
+    text = (str(exc).strip().splitlines() or [""])[0][:200]
+    if type(exc).__module__.startswith("pymupdf") and text:
+        return re.sub(r"^code=\d+: ", "", text)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class Document:
+    """An opened document: `path`, `kind` (a key of NAMES), `sha256` of the source bytes, `page_count`."""
+
+    def __init__(self, path: str, kind: str, data: bytes):
+        self.path = path
+        self.kind = kind
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        self.page_count = 0
+        self.doc_warnings: list[str] = []  # true of every page: repaired, xfa_form, first_frame_only
+        self._warnings: dict[int, list[str]] = {}
+        self._notes: dict[int, list[str]] = {}  # found while rendering a page: downscaled
+
+    def _error(self, code: str, message: str, hint: str | None = None) -> IdeficsError:
+        return IdeficsError(code, message, hint, self.path)
+
+    def render(self, page: int) -> Image:
+        """Page `page` (1-based) as a new RGB image; a page that cannot be decoded raises `corrupt`."""
+        if not 1 <= page <= self.page_count:
+            err = out_of_range(page, self.page_count)
+            err.path = self.path
+            raise err
+        try:
+            image = self._render(page)
+        except (IdeficsError, MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            raise self._error("corrupt", f"page {page} could not be decoded ({why(e)})") from e
+        blank = ["blank_page"] if all(low == high for low, high in image.getextrema()) else []
+        self._warnings[page] = [*self.doc_warnings, *self._notes.pop(page, []), *blank]
+        return image
+
+    def warnings(self, page: int) -> list[str]:
+        """Warning codes of a page (see WARNINGS in errors.py); complete once the page has been rendered."""
+        return list(self._warnings.get(page, self.doc_warnings))
+
+    def _render(self, page: int) -> Image:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> Document:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

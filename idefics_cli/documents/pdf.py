@@ -11,46 +11,18 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import stringprep
+import unicodedata
 import warnings
 from typing import TYPE_CHECKING
 
-from idefics_cli.documents import damage
-from idefics_cli.documents.base import MAX_IMAGE_PIXELS, MAX_PIXELS, Document, why
-from idefics_cli.documents.passwords import candidates
-from idefics_cli.documents.sniff import NAMES
-from idefics_cli.documents.variants import zip_excess
+from idefics_cli.documents.pages import MAX_IMAGE_PIXELS, MAX_PIXELS, NAMES, Document, why
 from idefics_cli.errors import IdeficsError
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
 MAX_ARCHIVE_BYTES = 1 << 30  # what the entries of an EPUB, CBZ or XPS may expand to, in all
-
-
-def _zip_images_over(data: bytes) -> str | None:
-    """The first image in a ZIP container (CBZ, EPUB, XPS) whose header declares more than MAX_IMAGE_PIXELS."""
-    import zipfile
-
-    from PIL import Image as PILImage
-
-    bad_zip = (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError)
-    with contextlib.suppress(*bad_zip), zipfile.ZipFile(io.BytesIO(data)) as archive:
-        for info in archive.infolist():
-            if info.file_size < 8 or info.is_dir():
-                continue
-            with archive.open(info) as entry:
-                head = entry.read(1 << 16)
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    width, height = PILImage.open(io.BytesIO(head)).size
-            except PILImage.DecompressionBombError as e:
-                return f"{info.filename}: {why(e)}"
-            except Exception:  # noqa: BLE001 - not an image Pillow knows, or its header is further on
-                continue
-            if width * height > MAX_IMAGE_PIXELS:
-                return f"{info.filename} is {width}x{height} pixels"
-    return None
 
 
 class PdfDocument(Document):
@@ -62,12 +34,7 @@ class PdfDocument(Document):
         self._dpi, self._longest_side = dpi, longest_side
         name = NAMES[kind]
         if kind in ("epub", "cbz", "xps"):
-            excess = zip_excess(data, MAX_ARCHIVE_BYTES)
-            if excess:
-                raise self._error("image_too_large", f"the {name} is too large: {excess}")
-            if kind != "xps" and (big := _zip_images_over(data)):
-                raise self._error("image_too_large", f"the {name} holds an image over the limit of "
-                                  f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels ({big})", "downscale it first")
+            self._check_archive(data, name)
         import pymupdf
 
         try:
@@ -81,8 +48,8 @@ class PdfDocument(Document):
             if self.page_count == 0 and kind != "pdf":
                 raise self._error("empty_document", f"the {name} has no pages")
             if self.page_count == 0:
-                if not damage.empty_page_tree(self._doc):
-                    found = damage.page_objects(self._doc)
+                if not empty_page_tree(self._doc):
+                    found = page_objects(self._doc)
                     raise self._error("corrupt", f"the PDF is damaged: its page tree reaches none of its {found} "
                                       "page objects" if found else "the PDF is damaged and no page could be recovered")
                 raise self._error("empty_document", "the PDF has no pages")
@@ -99,11 +66,46 @@ class PdfDocument(Document):
                 raise
             raise self._error("corrupt", f"not a readable {name} ({why(e)})") from e
 
+    def _check_archive(self, data: bytes, name: str) -> None:
+        """`image_too_large` for a ZIP container whose entries expand past MAX_ARCHIVE_BYTES (a zip bomb), or (CBZ,
+        EPUB) whose first oversized image header declares more than MAX_IMAGE_PIXELS; MuPDF judges damaged ones."""
+        import zipfile
+
+        from PIL import Image as PILImage
+
+        bad_zip = (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError)
+        with contextlib.suppress(*bad_zip), zipfile.ZipFile(io.BytesIO(data)) as archive:
+            infos = archive.infolist()
+            total = sum(info.file_size for info in infos)
+            if total > MAX_ARCHIVE_BYTES:
+                raise self._error("image_too_large", f"the {name} is too large: its {len(infos)} entries expand to "
+                                  f"{total / 2**20:,.0f} MiB, over the limit of {MAX_ARCHIVE_BYTES / 2**20:,.0f} MiB "
+                                  "(a zip bomb?)")
+            for info in infos if self.kind != "xps" else ():
+                if info.file_size < 8 or info.is_dir():
+                    continue
+                with archive.open(info) as entry:
+                    head = entry.read(1 << 16)
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        width, height = PILImage.open(io.BytesIO(head)).size
+                except PILImage.DecompressionBombError as e:
+                    big = f"{info.filename}: {why(e)}"
+                except Exception:  # noqa: BLE001 - not an image Pillow knows, or its header is further on
+                    continue
+                else:
+                    if width * height <= MAX_IMAGE_PIXELS:
+                        continue
+                    big = f"{info.filename} is {width}x{height} pixels"
+                raise self._error("image_too_large", f"the {name} holds an image over the limit of "
+                                  f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels ({big})", "downscale it first")
+
     def _authenticate(self, password: str | None) -> None:
         """Open an encrypted PDF; AES-256 passwords are tried as typed, then SASLprep-normalised (PDF 2.0)."""
         if password is not None and any(self._doc.authenticate(p) for p in candidates(password)):
             return
-        why = damage.encryption_damage(self._doc)
+        why = encryption_damage(self._doc)
         if why:
             raise self._error("corrupt", f"the PDF cannot be decrypted with any password: {why}")
         if password is None:
@@ -131,3 +133,75 @@ class PdfDocument(Document):
         self._doc.close()
 
 
+# RFC 4013 2.3: non-ASCII space, control, private use, non-character, surrogate, and tables C.6 to C.9
+_PROHIBITED = (stringprep.in_table_c12, stringprep.in_table_c21_c22, stringprep.in_table_c3, stringprep.in_table_c4,
+               stringprep.in_table_c5, stringprep.in_table_c6, stringprep.in_table_c7, stringprep.in_table_c8,
+               stringprep.in_table_c9)
+
+
+def saslprep(text: str) -> str | None:
+    """The SASLprep form (RFC 4013: PDF 2.0's for AES-256 passwords; unassigned code points allowed) of `text`, or
+    None when RFC 4013 prohibits it."""
+    mapped = "".join(" " if stringprep.in_table_c12(c) else c for c in text if not stringprep.in_table_b1(c))
+    prepared = unicodedata.normalize("NFKC", mapped)
+    if any(check(c) for c in prepared for check in _PROHIBITED):
+        return None
+    if any(stringprep.in_table_d1(c) for c in prepared):  # right-to-left text: RFC 3454 section 6
+        if any(stringprep.in_table_d2(c) for c in prepared):
+            return None
+        if not (stringprep.in_table_d1(prepared[0]) and stringprep.in_table_d1(prepared[-1])):
+            return None
+    return prepared
+
+
+def candidates(password: str) -> list[str]:
+    """The password as typed, then its SASLprep form when that is different and allowed."""
+    prepared = saslprep(password)
+    return [password] if prepared in (None, password) else [password, prepared]
+
+
+def page_objects(doc) -> int:
+    """How many objects in the file say /Type /Page."""
+    return sum(1 for xref in range(1, doc.xref_length()) if doc.xref_get_key(xref, "Type") == ("name", "/Page"))
+
+
+def empty_page_tree(doc) -> bool:
+    """A 0-page PDF whose page tree is really empty (no kids, no page objects), not damaged."""
+    catalog = doc.pdf_catalog()
+    if catalog <= 0:
+        return False
+    kids = doc.xref_get_key(catalog, "Pages/Kids")
+    return kids[0] == "array" and kids[1].strip("[] \n\r\t") == "" and page_objects(doc) == 0
+
+
+# key lengths in bytes: revision -> (minimum length of /O and /U, exact length of /OE and /UE or None)
+_KEY_LENGTHS = {2: (32, None), 3: (32, None), 4: (32, None), 5: (48, 32), 6: (48, 32)}
+_METHODS = ("/None", "/V2", "/AESV2", "/AESV3", "/Identity", "null")
+
+
+def encryption_damage(doc) -> str | None:
+    """Why no password can open a PDF, or None when its encryption dictionary is sound."""
+    def key(name: str) -> tuple[str, str]:
+        return doc.xref_get_key(-1, f"Encrypt/{name}")
+
+    kind, filter_ = key("Filter")
+    if kind == "null":
+        return None
+    if filter_ != "/Standard":
+        return f"it is encrypted with the {filter_.lstrip('/')} security handler, which only its vendor's tools open"
+    kind, revision = key("R")
+    if kind != "int" or int(revision) not in _KEY_LENGTHS:
+        return f"its encryption dictionary names an unknown revision ({revision})"
+    at_least, exactly = _KEY_LENGTHS[int(revision)]
+    for name, need in [("O", at_least), ("U", at_least)] + ([("OE", exactly), ("UE", exactly)] if exactly else []):
+        kind, value = key(name)
+        if kind != "string" or (len(value) != need if name.endswith("E") else len(value) < need):
+            size = f"{len(value)} bytes" if kind == "string" else "missing"
+            return f"its encryption dictionary is damaged: /{name} is {size}, revision {revision} needs {need}"
+    for name in ("StmF", "StrF"):
+        kind, value = key(name)
+        if kind == "name" and value not in ("/Identity",):
+            method = key(f"CF/{value.lstrip('/')}/CFM")[1]
+            if method not in _METHODS:
+                return f"its encryption dictionary names an unknown method ({method.lstrip('/')})"
+    return None

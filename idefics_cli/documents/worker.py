@@ -19,8 +19,7 @@ import sys
 import threading
 from typing import TYPE_CHECKING
 
-from idefics_cli.documents.base import Document
-from idefics_cli.documents.sniff import NAMES
+from idefics_cli.documents.pages import NAMES, Document
 from idefics_cli.errors import IdeficsError
 from idefics_cli.process import debug
 
