@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"help": False, "ask": True, "transcribe": True, "memory": True, "shapes": True, "pages": True,
            "decompose": True, "gpu": False, "schema": True, "schema_engines": False,
            "serve": True, "continuous": True, "confidence": True,
-           "families": False, "docling_peer": False}  # name -> takes --model (an Idefics2)
+           "families": False, "docling_peer": False, "vision": False}  # name -> takes --model (an Idefics2)
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +74,14 @@ def test_families_smoke(smoke):
     assert "P14 2 pages of samples/report.pdf at 2048 px" in out and "plain per-page loop (model card" in out
     assert re.search(r"idefics transcribe \(--batch-size auto\)\s*\| [\d.]+", out)
     assert re.search(r"pages/s = [\d.]+x of model-only", out)
+
+
+def test_vision_smoke(smoke):
+    out = finished(smoke, "vision")
+    encoded, tiles = map(int, re.search(r"\| default\s*\| [\d.]+ s\s*\| (\d+) of (\d+)\s*\|", out).groups())
+    assert 0 < encoded < tiles  # the page's blank tiles reach the tower once
+    assert re.search(r"\| no reuse\s*\| [\d.]+ s\s*\| (\d+) of \1\s*\|", out)  # every tile encoded
+    assert re.search(r"\| no split\s*\| [\d.]+ s\s*\| 1 of 1\s*\|", out)
 
 
 def test_decompose_smoke(smoke):
