@@ -178,7 +178,7 @@ def start_load(options: ModelOptions) -> Loading:
 
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
-    process.tune_allocators()  # opted-in processes (the commands): big buffers reused (allocator.py)
+    process.tune_allocators()  # opted-in processes (the commands): big buffers reused (process.tune)
     try:
         kwargs = {"dtype": dtype, "use_safetensors": True, "attn_implementation": "sdpa", **common}
         quant = quantization_config(options.quant, dtype)
