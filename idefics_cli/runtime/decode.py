@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 
 from ..errors import IdeficsError, classify
-from .prefill import KV, KVBatch, prefill
+from .kvcache import KV, KVBatch, prefill
 
 
 class Row:
