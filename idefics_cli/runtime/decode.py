@@ -235,7 +235,7 @@ class Loop:
                     except Exception as exc:  # noqa: BLE001
                         failed[k] = exc
             if any(row.grammar is not None for row in rows):
-                from ..grammar_engine import mask_rows
+                from ..structured import mask_rows
 
                 mask_rows(logits, [row.grammar for row in rows])
             chosen = [failed[k] if k in failed else _pick(logits[k], row) for k, row in enumerate(rows)]
