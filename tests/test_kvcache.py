@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import make_image, prefill_one
 
-from idefics_cli.prompts import user_turn
+from idefics_cli.interface import user_turn
 from idefics_cli.runtime import kvcache as prefill_module
 from idefics_cli.runtime.kvcache import SPARE, KVBatch, layer_classes, new_cache
 from idefics_cli.serve import backend

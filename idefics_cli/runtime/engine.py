@@ -12,8 +12,8 @@ import threading
 import time
 
 from ..errors import IdeficsError, UsageError, is_oom
-from ..interface import Generation, ModelOptions
-from ..prompts import user_turn
+from ..interface import Generation, ModelOptions, user_turn
+from ..structured import row_grammar
 from .families import DOCTAG
 
 QUANT_NAMES = {"4bit": "nf4", "8bit": "int8", "none": "none"}
@@ -212,13 +212,8 @@ class LocalEngine(Preparer):
         for r, feats in enumerate(features):
             ids = inputs["input_ids"][r][inputs["attention_mask"][r].bool()].tolist()
             out.append(Row(ids, feats, max_tokens=limit, processors=logits_processor or (), tag=r,
-                           grammar=self.row_grammar(schema) if schema is not None else None))
+                           grammar=row_grammar(self, schema) if schema is not None else None))
         return out
-
-    def row_grammar(self, schema):
-        from ..structured import row_grammar
-
-        return row_grammar(self, schema)
 
     def generation(self, row) -> Generation:
         """A finished row as a `Generation`; a row that failed raises its error."""

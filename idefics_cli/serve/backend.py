@@ -79,7 +79,7 @@ def encode_images(engine, images: list, vision=None):
 
 def tokens_per_image(engine) -> int:
     """Prompt tokens one image adds (its image tokens and the tokens around them)."""
-    from ..prompts import user_turn
+    from ..interface import user_turn
 
     return len(prompt_ids(engine, [user_turn(1, "")])) - len(prompt_ids(engine, [user_turn(0, "")]))
 

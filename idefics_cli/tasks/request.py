@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from ..errors import UsageError
-from ..interface import ModelOptions
-from ..prompts import DOCLING_PROMPT, TRANSCRIBE_PROMPT
+from ..interface import DOCLING_PROMPT, TRANSCRIBE_PROMPT, ModelOptions
 from .records import settings_hash
 from .response import prompt_for
 
