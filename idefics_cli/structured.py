@@ -56,13 +56,10 @@ class Schema:
     source: str
 
 
-def canonical(schema: dict) -> str:
-    """The schema as compact JSON with sorted keys: what the hash covers."""
-    return json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
 def schema_hash(schema: dict) -> str:
-    return hashlib.sha256(canonical(schema).encode()).hexdigest()
+    """SHA-256 of the schema as compact JSON with sorted keys."""
+    canonical = json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def parse_schema(value: str, grammar_check: bool = True) -> Schema:

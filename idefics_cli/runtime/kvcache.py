@@ -166,8 +166,6 @@ def prefill(engine, rows: list) -> tuple:
                         use_cache=True, logits_to_keep=1)
             cache = out.cache
         layers = _layers(cache)
-    if len(rows) == 1:
-        return out.logits[:, -1].float(), [KV(layers, length)]
     return out.logits[:, -1].float(), [KV([(k[r:r + 1], v[r:r + 1]) for k, v in layers], length)
                                        for r in range(len(rows))]
 
