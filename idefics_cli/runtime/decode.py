@@ -207,13 +207,11 @@ class Loop:
             row.fail(exc)
 
     def _retire(self) -> list[Row]:
-        gone = [k for k, row in enumerate(self.rows) if self._ended(row)]
-        if not gone:
-            return []
-        keep = [k for k in range(len(self.rows)) if k not in gone]
-        ended = [self.rows[k] for k in gone]
-        self.batch.keep(keep)
-        self.rows = [self.rows[k] for k in keep]
+        ended = [row for row in self.rows if self._ended(row)]
+        if ended:
+            keep = [k for k, row in enumerate(self.rows) if not row.done]
+            self.batch.keep(keep)
+            self.rows = [self.rows[k] for k in keep]
         return ended
 
     def _choose(self, logits, rows: list[Row]) -> list:
