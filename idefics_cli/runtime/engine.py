@@ -13,7 +13,6 @@ import time
 
 from ..errors import IdeficsError, UsageError, is_oom
 from ..interface import Generation, ModelOptions, user_turn
-from ..structured import row_grammar
 from .families import DOCTAG
 
 QUANT_NAMES = {"4bit": "nf4", "8bit": "int8", "none": "none"}
@@ -204,6 +203,7 @@ class LocalEngine(Preparer):
 
     def rows(self, inputs, max_new_tokens: int | None = None, logits_processor=None, schema=None) -> list:
         """A decode-loop `Row` for each row of `inputs` (prepared or built), its images encoded now."""
+        from ..structured import row_grammar
         from .decode import Row
 
         limit = max_new_tokens or self.options.max_new_tokens
