@@ -81,7 +81,7 @@ def timed_generate(engine, inputs, new_tokens: int) -> float:
 
 def pipeline_pages_per_min(engine, pdf, pages: int, batch_size: int, new_tokens: int, tmp: str) -> float:
     """The CLI's transcription pipeline (prefetch thread, batches) over `pages` pages, in pages/min."""
-    from idefics_cli.library import Model
+    from idefics_cli import Model
 
     out = os.path.join(tmp, f"records-{time.monotonic_ns()}.jsonl")
     run = Model(engine).transcribe([pdf], out=out, prompt=c.TRANSCRIBE_PROMPT, pages=f"1-{pages}",

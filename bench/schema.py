@@ -10,7 +10,7 @@ the last decode step (`decode_rate`): it includes the mask work and excludes the
 which a schema does not change. The constrained rows
 answer in the invoice schema (the random model rarely closes its strings, so both sides usually run the
 whole budget). The child also times the grammar side: building llguidance's view of the idefics2 tokenizer
-(once per process; grammar_engine.tokenizer_view), compiling the invoice schema cold (median of 5), and a
+(once per process; structured.tokenizer_view), compiling the invoice schema cold (median of 5), and a
 second `compiled()` call (the per-process cache).
 """
 
@@ -64,7 +64,7 @@ def child(model: str, image: str, reps: int, max_new_tokens: int, batches: list[
     schema = st.parse_schema(json.dumps(INVOICE_SCHEMA))
     out: dict = {"grammar": {}}
 
-    from idefics_cli import grammar_engine
+    from idefics_cli import structured as grammar_engine
 
     t0 = time.perf_counter()
     grammar_engine.tokenizer_view(tokenizer, vocab, stops)

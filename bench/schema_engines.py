@@ -8,7 +8,7 @@ added tokens; mask width = the model config's vocab size, 32003) on this CPU; th
 view (once per process); the grammar compile time for the invoice schema (median of --reps fresh compiles,
 caches off where the engine has one); and the per-step cost of constrained decoding at batch 1 and 8: accept
 the previous token, fill the next-token mask, apply it to a float32 logits row block. The first row is what
-`--schema` runs (idefics_cli/grammar_engine.py: llguidance with the tokenizer view read from sentencepiece pieces,
+`--schema` runs (idefics_cli/structured.py: llguidance with the tokenizer view read from sentencepiece pieces,
 masks of all rows filled by one call, applied in place); then llguidance through its own hf tokenizer route
 and per-row calls, and xgrammar twice: row by row (as its transformers processor does) and with its
 BatchGrammarMatcher. An engine that is not installed (xgrammar and outlines-core are no dependency of
@@ -72,12 +72,12 @@ def token_path(tok) -> list[int]:
 
 
 class Shipped:
-    """What `--schema` runs: idefics_cli.grammar_engine (RowGrammar per row, one mask_rows call per step)."""
+    """What `--schema` runs: idefics_cli.structured (RowGrammar per row, one mask_rows call per step)."""
 
     name = "idefics-cli (llguidance)"
 
     def __init__(self, tok, vocab):
-        from idefics_cli import grammar_engine
+        from idefics_cli import structured as grammar_engine
 
         self.ge = grammar_engine
         self.args = (tok, vocab, [2, 32002])

@@ -1,14 +1,14 @@
 """idefics-cli: ask documents questions and transcribe them with Idefics2-8B, locally, 4-bit.
 
-The library face: `load(model, **options)` and `connect(url)` return a `Model` (library.py) with `ask` (a streaming
-`Response`), `transcribe` and `chat`, as the commands; `open_pages` decodes pages ahead of loading. The process's
-warnings, logging, environment and allocators are left alone unless `tune_process()`; torch loads with the model.
+The library face: `load(model, **options)` and `connect(url)` return a `Model` with `ask` (a streaming `Response`),
+`transcribe` and `chat` over any interface.Engine, as the commands; `open_pages` decodes pages ahead of loading.
+Warnings, logging, environment and allocators are left alone unless `tune_process()`; torch loads with the model.
 """
 
 from __future__ import annotations
 
-from .interface import DEFAULT_MODEL, ModelOptions
-from .library import Model
+from .errors import UsageError
+from .interface import DEFAULT_MODEL, Engine, ModelOptions
 from .process import tune_process
 
 _tune_process = tune_process  # `load`'s keyword of the same name hides it
@@ -19,6 +19,63 @@ __all__ = ["DEFAULT_MODEL", "Model", "connect", "load", "open_pages", "tune_proc
 _DEFAULTS = ModelOptions()  # one set of defaults: the CLI's options and this function's keywords
 
 
+class Model:
+    """The tasks (ask, transcribe, chat) over one engine: what `load` and `connect` return."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    @property
+    def options(self):
+        return self.engine.options
+
+    @property
+    def info(self) -> dict:
+        return self.engine.info
+
+    def __repr__(self) -> str:
+        return f"<idefics_cli.Model {self.engine.options.model}>"
+
+    def ask(self, documents, question: str, *, pages: str | None = None, password: str | None = None,
+            dpi: int | None = None, max_new_tokens: int | None = None, logits_processor=None, schema=None):
+        """The streaming `Response` to `question` about `documents` (paths, "-", or an `open_pages` Selection);
+        `schema` (dict or `--schema` string) constrains it (`Response.data`). Bad input raises IdeficsError here;
+        generation starts when the answer is read."""
+        from .structured import as_schema
+        from .tasks.selection import Selection, ask, open_selection
+
+        schema = as_schema(schema)
+        if isinstance(documents, Selection):
+            if (pages, password, dpi) != (None, None, None):
+                raise UsageError("pages, password and dpi are options of open_pages when documents is a Selection")
+            return ask(self.engine, documents, question, max_new_tokens, logits_processor, schema=schema)
+        selection = open_selection(documents, pages, password=password, dpi=dpi,
+                               longest_side=self.engine.render_side)
+        try:
+            return ask(self.engine, selection, question, max_new_tokens, logits_processor, close=True,
+                       schema=schema)
+        except BaseException:
+            selection.close()
+            raise
+
+    def transcribe(self, inputs, out: str | None = None, **request_fields):
+        """Transcribe files, folders or globs as `idefics transcribe` does; iterate for each `PageRecord`.
+        `request_fields` are `TranscribeRequest`'s; `summary` and `exit_status` afterwards."""
+        from .tasks.transcription import TranscribeRequest, Transcription
+
+        request_fields.setdefault("longest_side", self.engine.render_side)
+        request_fields.setdefault("doctags", self.engine.doctags)
+        return Transcription(TranscribeRequest(inputs, out, self.engine.options, **request_fields), engine=self.engine)
+
+    def chat(self, path: str, pages: str | None = None, *, password: str | None = None, dpi: int | None = None,
+             schema=None):
+        """A conversation about one document: `ChatSession.ask(question)` for each turn."""
+        from .tasks.conversation import ChatSession
+
+        return ChatSession.open(path, pages, password=password, dpi=dpi,
+                                longest_side=self.engine.render_side).start(self.engine, schema)
+
+
 def load(model: str = DEFAULT_MODEL, *, revision: str | None = _DEFAULTS.revision, quant: str = _DEFAULTS.quant,
          dtype: str = _DEFAULTS.dtype, device: str = _DEFAULTS.device, offline: bool = _DEFAULTS.offline,
          split: bool = _DEFAULTS.split, max_new_tokens: int = _DEFAULTS.max_new_tokens,
@@ -26,7 +83,6 @@ def load(model: str = DEFAULT_MODEL, *, revision: str | None = _DEFAULTS.revisio
     """Load a model (hub id or local folder) as the CLI's model options do; its `Model`. quant: auto, 4bit, 8bit
     (CUDA) or none; dtype: auto, bfloat16, float16 or float32; device: auto, cpu, cuda or cuda:N; tune_process: opt
     in to the commands' process settings. Raises `IdeficsError("model_error" | "out_of_memory")` with a hint."""
-    from .errors import UsageError
     from .runtime.model import load_engine as load_model
 
     if quant not in ("auto", "4bit", "8bit", "none"):

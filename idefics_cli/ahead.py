@@ -37,9 +37,6 @@ class WorkAhead:
         self.thread.start()
         return self
 
-    def started(self) -> bool:
-        return self.thread is not None
-
     def alive(self) -> bool:
         return self.thread is not None and self.thread.is_alive()
 

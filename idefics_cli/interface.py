@@ -2,7 +2,8 @@
 
 `Engine` is the protocol the local engine, a server's model (client.py) and the Ray actors implement; tasks use nothing
 else. `ModelOptions` are its settings (the CLI's model options), `Generation` one finished answer. Inputs are the
-engine's own (`prepare`, `chat_inputs`): a task only hands them back to the engine that made them.
+engine's own (`prepare`, `chat_inputs`): a task only hands them back to the engine that made them. `user_turn` is one
+user message in the transformers chat format (page images first, as the model card does); the commands' prompts.
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 DEFAULT_MODEL = "HuggingFaceM4/idefics2-8b"
+TRANSCRIBE_PROMPT = (
+    "Transcribe all the text on this page, in reading order, as Markdown. Keep tables as Markdown tables. "
+    "Output only the transcription."
+)
+DOCLING_PROMPT = "Convert this page to docling."  # SmolDocling's and granite-docling's own (DocTags answers)
 
 
 @dataclass
@@ -82,3 +88,11 @@ class Engine(Protocol):
     def generate_rows(self, items: Iterable[tuple[Any, Any, int]], max_new_tokens: int | None = None, schema=None,
                       width: int | None = None) -> Iterator[tuple[Any, Any]]:
         """Continuous batching over (tag, inputs, row) items: yields (tag, Generation or IdeficsError)."""
+
+
+def user_turn(n_images: int, text: str) -> dict:
+    return {"role": "user", "content": [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]}
+
+
+def assistant_turn(text: str) -> dict:
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}

@@ -2,7 +2,7 @@
 
 `tune_process()` opts this process in (the commands call it; a program may): TOKENIZERS_PARALLELISM=false unless set,
 library warnings ignored, bitsandbytes and kernels loggers at errors (unless IDEFICS_DEBUG=1). `quiet_hub()`,
-`quiet_loaded()` and `tune_allocators()` do their part as libraries load, only in an opted-in process. Idempotent.
+`quiet_loaded()` and `tune_allocators()` (`tune()`) do their part as libraries load, only opted in. Idempotent.
 """
 
 from __future__ import annotations
@@ -10,7 +10,12 @@ from __future__ import annotations
 import os
 import warnings
 
+ENV = "IDEFICS_ALLOCATOR"
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+MMAP_THRESHOLD, TRIM_THRESHOLD, PILLOW_BLOCKS = 256 * 2**20, 2**30, 8
+
 _tuned = False
+_done: list[str] | None = None
 
 
 def debug() -> bool:
@@ -54,9 +59,48 @@ def quiet_loaded() -> None:
 
 
 def tune_allocators() -> list[str]:
-    """Opted in: allocator.tune() (what it changed); else nothing."""
-    if not _tuned:
-        return []
-    from . import allocator
+    """Opted in: tune() (what it changed); else nothing."""
+    return tune() if _tuned else []
 
-    return allocator.tune()
+
+def tune() -> list[str]:
+    """Once: glibc's malloc keeps blocks under 256 MiB on its heap and 1 GiB freed at its top, Pillow 8 freed blocks, so
+    big buffers are reused; `MALLOC_*`/`GLIBC_TUNABLES`, `PILLOW_BLOCKS_MAX` or `IDEFICS_ALLOCATOR=default` win. The
+    names of what was changed."""
+    global _done
+    if _done is not None:
+        return _done
+    changed: list[str] = []
+    if os.environ.get(ENV, "").strip().lower() != "default":
+        if not any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ) and _mallopt():
+            changed.append("malloc")
+        if "PILLOW_BLOCKS_MAX" not in os.environ and _pillow():
+            changed.append("pillow")
+    _done = changed
+    return changed
+
+
+def _mallopt() -> bool:
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    if not hasattr(libc, "gnu_get_libc_version"):  # glibc only: musl's mallopt does nothing
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def _pillow() -> bool:
+    from PIL import Image
+
+    if Image.core.get_blocks_max() >= PILLOW_BLOCKS:
+        return False
+    Image.core.set_blocks_max(PILLOW_BLOCKS)
+    return True

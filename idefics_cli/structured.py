@@ -1,27 +1,30 @@
-"""Structured output (`--schema`): parse and check a schema, constrain decoding to it, read the answer back.
+"""Structured output (`--schema`): parse and check a schema, constrain decoding to it (llguidance), read the answer.
 
 `parse_schema(value)` / `as_schema(value)`: a JSON Schema file, inline JSON or llm's concise syntax -> a checked
 `Schema`, keywords the grammar cannot enforce refused by name, before any model loads. `with_schema` is the question
-the model sees; `row_grammar(engine, schema)` a row's grammar; `read_answer` -> (data, None) or (None, code).
+the model sees; `row_grammar(engine, schema)` a row's `RowGrammar`, `mask_rows(logits, rows)` masks every live row in
+place with one llguidance call; `read_answer` -> (data, None) or (None, code). torch inside functions only.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import re
 from dataclasses import dataclass
 from typing import Any
 
-from . import grammar_engine
 from .errors import UsageError
-from .grammar_engine import SEPARATORS, RowGrammar, mask_rows  # noqa: F401 - the public interface
 
 TRUNCATED = "schema_truncated"
 MISMATCH = "schema_mismatch"
 SCHEMA_PROMPT = "Answer with JSON only, valid against this JSON Schema:"
 CONCISE_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}
+SEPARATORS = (", ", ": ")  # item and key separators of the answer (json.dumps's); no other whitespace
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": SEPARATORS[0], "key_separator": SEPARATORS[1]}
+INSTALL_HINT = "llguidance and jsonschema come with idefics-cli; reinstall them: pip install llguidance jsonschema"
 
 # Keywords that only annotate, and those llguidance enforces (tests/test_structured.py); the rest are refused.
 ANNOTATIONS = {"$schema", "$id", "$anchor", "$comment", "title", "description", "default", "examples",
@@ -40,6 +43,8 @@ _LOOKAROUND = re.compile(r"\(\?<?[=!]|\\[1-9]")
 _SUBSCHEMA = {"additionalProperties", "items"}
 _SUBSCHEMA_MAPS = {"properties", "patternProperties", "$defs", "definitions"}
 _SUBSCHEMA_LISTS = {"anyOf", "allOf", "prefixItems", "items"}
+_CLOSED_ONE = {"additionalProperties", "items", "not"}  # where `closed` looks for object schemas
+_CLOSED_LISTS = {"anyOf", "allOf", "oneOf", "prefixItems"}
 
 
 @dataclass(frozen=True)
@@ -51,13 +56,10 @@ class Schema:
     source: str
 
 
-def canonical(schema: dict) -> str:
-    """The schema as compact JSON with sorted keys: what the hash covers."""
-    return json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
 def schema_hash(schema: dict) -> str:
-    return hashlib.sha256(canonical(schema).encode()).hexdigest()
+    """SHA-256 of the schema as compact JSON with sorted keys."""
+    canonical = json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def parse_schema(value: str, grammar_check: bool = True) -> Schema:
@@ -136,7 +138,7 @@ def concise_schema(text: str) -> dict:
 
 def check_schema(schema: Any) -> None:
     """Meta-schema check, then every keyword must be one the grammar enforces (or an annotation)."""
-    jsonschema = _jsonschema()
+    jsonschema = _need("jsonschema")
     if not isinstance(schema, dict):
         raise UsageError(f"a JSON Schema must be an object, not {type(schema).__name__}")
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
@@ -179,12 +181,12 @@ def _check_keywords(node: Any, where: str) -> None:
             _check_keywords(sub, at)
 
 
-def _jsonschema():
+def _need(module: str):
+    """llguidance or jsonschema; a UsageError saying how to reinstall it when it is missing."""
     try:
-        import jsonschema
+        return importlib.import_module(module)
     except ImportError:
-        raise UsageError("jsonschema is not installed", grammar_engine.INSTALL_HINT) from None
-    return jsonschema
+        raise UsageError(f"{module} is not installed", INSTALL_HINT) from None
 
 
 def with_schema(question: str, schema: Schema) -> str:
@@ -192,19 +194,163 @@ def with_schema(question: str, schema: Schema) -> str:
     return f"{question}\n\n{SCHEMA_PROMPT} {json.dumps(schema.schema, ensure_ascii=False)}"
 
 
+def closed(node: Any) -> Any:
+    """A copy of the schema `node` with `"additionalProperties": false` on every object schema that lists
+    `properties` or `patternProperties` and has no `additionalProperties`."""
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for key, sub in node.items():
+        if key in _SUBSCHEMA_MAPS and isinstance(sub, dict):
+            out[key] = {name: closed(child) for name, child in sub.items()}
+        elif key in _CLOSED_LISTS and isinstance(sub, list):
+            out[key] = [closed(child) for child in sub]
+        elif key in _CLOSED_ONE:
+            out[key] = closed(sub)
+        else:
+            out[key] = sub
+    if ("properties" in out or "patternProperties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def grammar(schema: dict) -> str:
-    """The llguidance grammar of `schema` (no tokenizer, no torch); UsageError if it cannot be built."""
-    return grammar_engine.grammar_text(schema)
+    """The llguidance grammar of `schema` (no tokenizer needed); UsageError if it cannot be built."""
+    ll = _need("llguidance")
+    text = ll.LLMatcher.grammar_from_json_schema(json.dumps(closed(schema)), overrides=JSON_OPTIONS)
+    failed, messages = ll.LLMatcher.validate_grammar_with_warnings(text)
+    if failed:
+        message = " ".join(line.strip() for line in messages[0].splitlines() if line.strip())
+        raise UsageError(f"--schema cannot be turned into a grammar: {message[:200]}")
+    return text
 
 
-_COMPILED: dict[tuple, grammar_engine.Compiled] = {}
+_VIEWS: dict[tuple, Any] = {}
 
 
-def compiled(schema: Schema, tokenizer, vocab_size: int, stop_ids) -> grammar_engine.Compiled:
+def tokenizer_key(tokenizer, vocab_size: int, stop_ids) -> tuple:
+    return (getattr(tokenizer, "name_or_path", ""), type(tokenizer).__name__, len(tokenizer), vocab_size,
+            tuple(sorted(stop_ids)))
+
+
+def tokenizer_view(tokenizer, vocab_size: int, stop_ids):
+    """llguidance's `LLTokenizer` for a Hugging Face tokenizer, once per (tokenizer, width, stops). A sentencepiece
+    vocabulary with byte fallback is read from its pieces (`_Pieces`, faster); others by `llguidance.hf`."""
+    key = tokenizer_key(tokenizer, vocab_size, stop_ids)
+    if key not in _VIEWS:
+        ll = _need("llguidance")
+        stops = sorted(stop_ids)
+        vocab = tokenizer.get_vocab()
+        if "<0x0A>" in vocab and "\u2581" in vocab:
+            pieces = ll.TokenizerWrapper(_Pieces(tokenizer, vocab_size))
+            _VIEWS[key] = ll.LLTokenizer(pieces, n_vocab=vocab_size, eos_token=stops)
+        else:
+            from llguidance.hf import from_tokenizer
+
+            _VIEWS[key] = from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=stops)
+    return _VIEWS[key]
+
+
+class _Pieces:
+    """What `llguidance.TokenizerWrapper` reads from a sentencepiece tokenizer: each token's bytes (`▁` is a
+    space, `<0xNN>` a byte, a special token its name after llguidance's 0xFF marker), and text -> ids."""
+
+    def __init__(self, tokenizer, vocab_size: int):
+        special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special} | set(tokenizer.all_special_ids)
+        self.tokens = []
+        for i, piece in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
+            if i in special:
+                self.tokens.append(b"\xff" + piece.encode())
+            elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                self.tokens.append(bytes([int(piece[3:5], 16)]))
+            else:
+                self.tokens.append(piece.replace("\u2581", " ").encode())
+        self.tokens += [b""] * (vocab_size - len(self.tokens))
+        self.special_token_ids = sorted(special)
+        self.eos_token_id, self.bos_token_id = tokenizer.eos_token_id, tokenizer.bos_token_id
+        self.tokenizer = tokenizer
+        self.skip = len(tokenizer.encode("\x02", add_special_tokens=False))  # sentencepiece's leading "▁"
+
+    def __call__(self, text) -> list[int]:
+        text = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+        return self.tokenizer.encode("\x02" + text, add_special_tokens=False)[self.skip:]
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """A schema's grammar for one tokenizer view."""
+
+    grammar: str
+    view: Any  # the llguidance.LLTokenizer it is for
+    width: int  # mask width: the model's vocabulary size
+    stop_ids: frozenset
+    prototype: Any  # an llguidance.LLMatcher at the start of the grammar
+
+    @classmethod
+    def of(cls, schema: dict, tokenizer, vocab_size: int, stop_ids) -> Compiled:
+        text, view = grammar(schema), tokenizer_view(tokenizer, vocab_size, stop_ids)
+        prototype = _need("llguidance").LLMatcher(view, text, log_level=0)
+        if prototype.is_error():
+            raise UsageError(f"--schema cannot be turned into a grammar: {prototype.get_error()[:200]}")
+        return cls(text, view, vocab_size, frozenset(stop_ids), prototype)
+
+    def matcher(self):
+        return self.prototype.deep_copy()
+
+
+class RowGrammar:
+    """One decode-loop row's grammar state: `accept(token)` (RuntimeError outside the grammar), `done`."""
+
+    def __init__(self, compiled: Compiled):
+        self.matcher = compiled.matcher()
+        self.width = compiled.width
+        self.stop_ids = compiled.stop_ids
+        self.done = False
+
+    def accept(self, token: int) -> None:
+        if self.done:
+            return
+        if not self.matcher.consume_token(int(token)):
+            raise RuntimeError(f"a token outside the grammar was chosen: {self.matcher.get_error()[:200]}")
+        self.done = int(token) in self.stop_ids
+
+
+_EXECUTOR: list = []  # one llguidance.LLExecutor (a thread pool) per process, made on first use
+
+
+def mask_rows(logits, grammars: list) -> None:
+    """Mask `logits` [rows, vocab] in place: each row whose grammar is not None (and not done) gets its mask."""
+    import torch
+
+    live = [k for k, g in enumerate(grammars) if g is not None and not g.done]
+    if not live:
+        return
+    width = grammars[live[0]].width
+    words = (width + 31) // 32
+    bits = torch.full((len(live), words), -1, dtype=torch.int32)
+    if not _EXECUTOR:
+        _EXECUTOR.append(_need("llguidance").LLExecutor())
+    _EXECUTOR[0].unsafe_compute_mask_ptr([(grammars[k].matcher, i) for i, k in enumerate(live)], bits.data_ptr(),
+                                         words * 4, len(live))
+    device = logits.device
+    shifts = torch.arange(32, dtype=torch.int32, device=device)
+    allowed = ((bits.to(device).unsqueeze(-1) >> shifts) & 1).bool().reshape(len(live), -1)
+    n = min(width, logits.shape[1])
+    blocked = torch.zeros(logits.shape, dtype=torch.bool, device=device)  # rows without a grammar: none
+    rows = torch.tensor(live, device=device)
+    blocked[rows, :n] = ~allowed[:, :n]
+    blocked[rows, n:] = True  # columns past the grammar's vocabulary
+    logits.masked_fill_(blocked, float("-inf"))
+
+
+_COMPILED: dict[tuple, Compiled] = {}
+
+
+def compiled(schema: Schema, tokenizer, vocab_size: int, stop_ids) -> Compiled:
     """The schema's grammar for (tokenizer, vocabulary width, stop tokens), built once per process."""
-    key = (schema.sha256, grammar_engine.tokenizer_key(tokenizer, vocab_size, stop_ids))
+    key = (schema.sha256, tokenizer_key(tokenizer, vocab_size, stop_ids))
     if key not in _COMPILED:
-        _COMPILED[key] = grammar_engine.Compiled.of(schema.schema, tokenizer, vocab_size, stop_ids)
+        _COMPILED[key] = Compiled.of(schema.schema, tokenizer, vocab_size, stop_ids)
     return _COMPILED[key]
 
 
@@ -218,7 +364,7 @@ def row_grammar(engine, schema: Schema) -> RowGrammar:
 
 def read_answer(text: str, schema: Schema, finish_reason: str | None) -> tuple[Any, str | None]:
     """(data, None) for an answer that parses and validates; else (None, TRUNCATED or MISMATCH)."""
-    jsonschema = _jsonschema()
+    jsonschema = _need("jsonschema")
     try:
         data = json.loads(text)
     except json.JSONDecodeError:

@@ -182,9 +182,9 @@ def make_scheduler(sharp_engine):
 
 
 def prefill_one(engine, ids, features=None, prefix=None):
-    """runtime/prefill.py's `prefill` for one prompt: (last logits [vocab], its KV)."""
+    """runtime/kvcache.py's `prefill` for one prompt: (last logits [vocab], its KV)."""
     from idefics_cli.runtime.decode import Row
-    from idefics_cli.runtime.prefill import prefill
+    from idefics_cli.runtime.kvcache import prefill
 
     logits, (kv,) = prefill(engine, [Row(ids, features, prefix, max_tokens=1)])
     return logits[0], kv

@@ -132,7 +132,7 @@ def test_an_exception_object_is_an_item_like_any_other():
 def test_start_runs_one_thread_once():
     calls = []
     work = WorkAhead("test-ahead-once")
-    assert not work.started()
+    assert work.thread is None
     work.start(lambda w: calls.append(threading.current_thread().name))
     work.start(lambda w: calls.append("again"))
     assert list(work) == [] and calls == ["test-ahead-once"]

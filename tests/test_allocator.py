@@ -1,4 +1,4 @@
-"""allocator.py: malloc and Pillow reuse freed big blocks after `tune()`; the user's own settings win."""
+"""process.py's tune(): malloc and Pillow reuse freed big blocks after `tune()`; the user's own settings win."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ PROBE = r"""
 import json, os, resource, sys
 import numpy as np
 from PIL import Image
-from idefics_cli import allocator
+from idefics_cli import process as allocator
 
 def faults(work):
     work()  # once to warm up

@@ -17,7 +17,7 @@ from conftest import make_pdf
 from transformers import AutoProcessor
 
 from idefics_cli.documents import open_document
-from idefics_cli.prompts import assistant_turn, user_turn
+from idefics_cli.interface import assistant_turn, user_turn
 
 FAST = ["--quant", "none", "--device", "cpu", "--max-new-tokens", "5", "--dpi", "40"]
 

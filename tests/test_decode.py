@@ -102,11 +102,11 @@ def test_an_unfinished_character_is_held_back(sharp_engine, prompts):
 
 
 def test_each_row_keeps_its_own_grammar(sharp_engine, prompts):
-    from idefics_cli.structured import as_schema
+    from idefics_cli.structured import as_schema, row_grammar
 
     schemas = [as_schema("paid bool"), as_schema({"type": "object", "properties": {"n": {"enum": [1, 2, 3]}},
                                                   "required": ["n"], "additionalProperties": False}), None]
-    rows = [_row(p, max_tokens=40, grammar=sharp_engine.row_grammar(s) if s else None, tag=s)
+    rows = [_row(p, max_tokens=40, grammar=row_grammar(sharp_engine, s) if s else None, tag=s)
             for p, s in zip(prompts, schemas)]
     list(run_rows(Loop(sharp_engine), rows, 3))
     paid, number = json.loads(rows[0].text), json.loads(rows[1].text)

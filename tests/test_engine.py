@@ -1,4 +1,4 @@
-"""engine.py and runtime/prefill.py: chunked prefill of long prompts, on the sharpened tiny Idefics2."""
+"""engine.py and runtime/kvcache.py's prefill: chunked prefill of long prompts, on the sharpened tiny Idefics2."""
 
 from __future__ import annotations
 

@@ -254,8 +254,7 @@ def docling_model(tmp_path_factory) -> str:
 def test_a_document_model_transcribes_to_doctags_and_markdown(cli, docling_model, tmp_path, monkeypatch):
     import sys
 
-    from idefics_cli.interface import ModelOptions
-    from idefics_cli.prompts import DOCLING_PROMPT
+    from idefics_cli.interface import DOCLING_PROMPT, ModelOptions
     from idefics_cli.runtime.families import doctags
     from idefics_cli.tasks.records import docling_available as available
     from idefics_cli.tasks.transcription import TranscribeRequest

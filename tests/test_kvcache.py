@@ -10,10 +10,9 @@ import sys
 import pytest
 from conftest import make_image, prefill_one
 
-from idefics_cli.prompts import user_turn
-from idefics_cli.runtime import prefill as prefill_module
-from idefics_cli.runtime.kvcache import SPARE, layer_classes, new_cache
-from idefics_cli.runtime.prefill import KVBatch
+from idefics_cli.interface import user_turn
+from idefics_cli.runtime import kvcache as prefill_module
+from idefics_cli.runtime.kvcache import SPARE, KVBatch, layer_classes, new_cache
 from idefics_cli.serve.scheduler import encode_images, prefix_length, prompt_ids
 
 

@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from idefics_cli.cli import app
-from idefics_cli.prompts import TRANSCRIBE_PROMPT
+from idefics_cli.interface import TRANSCRIBE_PROMPT
 
 
 def _help(*args: str) -> str:

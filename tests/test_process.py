@@ -29,7 +29,7 @@ def state():
 
 before = state()
 import idefics_cli
-from idefics_cli import allocator
+from idefics_cli import process as allocator
 
 engine = idefics_cli.load(sys.argv[1], quant="4bit", device="cpu", tune_process=sys.argv[2] == "opt-in")
 after = state()

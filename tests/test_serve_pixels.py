@@ -11,7 +11,7 @@ import time
 import pytest
 from conftest import make_image
 
-from idefics_cli.prompts import user_turn
+from idefics_cli.interface import user_turn
 from idefics_cli.runtime.vision import VisionInputs
 from idefics_cli.serve import pixels
 from idefics_cli.serve.scheduler import Job, prompt_ids

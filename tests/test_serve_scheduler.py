@@ -10,7 +10,7 @@ import time
 import pytest
 from conftest import make_image, prefill_one
 
-from idefics_cli.prompts import assistant_turn, user_turn
+from idefics_cli.interface import assistant_turn, user_turn
 from idefics_cli.serve.cache import PrefixCache
 from idefics_cli.serve.scheduler import Job, QueueFull, Scheduler, encode_images, prefix_length, prompt_ids
 

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from ..errors import UsageError
-from ..prompts import TRANSCRIBE_PROMPT
+from ..interface import TRANSCRIBE_PROMPT
 from ..runtime.families import doctags, render_side
 from . import options as o
 

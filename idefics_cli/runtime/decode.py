@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 
 from ..errors import IdeficsError, classify
-from .prefill import KV, KVBatch, prefill
+from .kvcache import KV, KVBatch, prefill
 
 
 class Row:
@@ -207,13 +207,11 @@ class Loop:
             row.fail(exc)
 
     def _retire(self) -> list[Row]:
-        gone = [k for k, row in enumerate(self.rows) if self._ended(row)]
-        if not gone:
-            return []
-        keep = [k for k in range(len(self.rows)) if k not in gone]
-        ended = [self.rows[k] for k in gone]
-        self.batch.keep(keep)
-        self.rows = [self.rows[k] for k in keep]
+        ended = [row for row in self.rows if self._ended(row)]
+        if ended:
+            keep = [k for k, row in enumerate(self.rows) if not row.done]
+            self.batch.keep(keep)
+            self.rows = [self.rows[k] for k in keep]
         return ended
 
     def _choose(self, logits, rows: list[Row]) -> list:
@@ -235,7 +233,7 @@ class Loop:
                     except Exception as exc:  # noqa: BLE001
                         failed[k] = exc
             if any(row.grammar is not None for row in rows):
-                from ..grammar_engine import mask_rows
+                from ..structured import mask_rows
 
                 mask_rows(logits, [row.grammar for row in rows])
             chosen = [failed[k] if k in failed else _pick(logits[k], row) for k, row in enumerate(rows)]

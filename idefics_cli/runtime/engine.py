@@ -12,8 +12,7 @@ import threading
 import time
 
 from ..errors import IdeficsError, UsageError, is_oom
-from ..interface import Generation, ModelOptions
-from ..prompts import user_turn
+from ..interface import Generation, ModelOptions, user_turn
 from .families import DOCTAG
 
 QUANT_NAMES = {"4bit": "nf4", "8bit": "int8", "none": "none"}
@@ -204,6 +203,7 @@ class LocalEngine(Preparer):
 
     def rows(self, inputs, max_new_tokens: int | None = None, logits_processor=None, schema=None) -> list:
         """A decode-loop `Row` for each row of `inputs` (prepared or built), its images encoded now."""
+        from ..structured import row_grammar
         from .decode import Row
 
         limit = max_new_tokens or self.options.max_new_tokens
@@ -212,13 +212,8 @@ class LocalEngine(Preparer):
         for r, feats in enumerate(features):
             ids = inputs["input_ids"][r][inputs["attention_mask"][r].bool()].tolist()
             out.append(Row(ids, feats, max_tokens=limit, processors=logits_processor or (), tag=r,
-                           grammar=self.row_grammar(schema) if schema is not None else None))
+                           grammar=row_grammar(self, schema) if schema is not None else None))
         return out
-
-    def row_grammar(self, schema):
-        from ..structured import row_grammar
-
-        return row_grammar(self, schema)
 
     def generation(self, row) -> Generation:
         """A finished row as a `Generation`; a row that failed raises its error."""

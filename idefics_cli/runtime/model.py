@@ -7,6 +7,7 @@ sdpa, nf4 for "4bit"); failures are `IdeficsError`s with a hint. torch and trans
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import TYPE_CHECKING
@@ -170,7 +171,10 @@ def start_load(options: ModelOptions) -> Loading:
     except (OSError, ValueError) as exc:
         raise model_error(exc, options) from exc
     quiet_libraries()
-    options, quant_reason = resolve_quant(options, config)
+    quant_reason = f"--quant {options.quant}"
+    if options.quant == "auto":  # resolved from the config
+        quant, why = auto_quant(config)
+        options, quant_reason = dataclasses.replace(options, quant=quant), f"auto: {why}"
     from concurrent.futures import wait
 
     import torch
@@ -178,7 +182,7 @@ def start_load(options: ModelOptions) -> Loading:
 
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
-    process.tune_allocators()  # opted-in processes (the commands): big buffers reused (allocator.py)
+    process.tune_allocators()  # opted-in processes (the commands): big buffers reused (process.tune)
     try:
         kwargs = {"dtype": dtype, "use_safetensors": True, "attn_implementation": "sdpa", **common}
         quant = quantization_config(options.quant, dtype)
@@ -202,13 +206,3 @@ def start_load(options: ModelOptions) -> Loading:
             raise model_error(exc, options) from exc
         raise
     return Loading(options, processor, device, dtype, weights, start, quant_reason)
-
-
-def resolve_quant(options: ModelOptions, config: dict) -> tuple[ModelOptions, str]:
-    """`options` with `--quant auto` resolved from the config, and why that quantization."""
-    import dataclasses
-
-    if options.quant != "auto":
-        return options, f"--quant {options.quant}"
-    quant, why = auto_quant(config)
-    return dataclasses.replace(options, quant=quant), f"auto: {why}"

@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from ..prompts import assistant_turn, user_turn
+from ..interface import assistant_turn, user_turn
 from .selection import Response, prompt_for
 
 CHAT_SCHEMA = "idefics-cli.chat/1"

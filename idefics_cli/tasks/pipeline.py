@@ -16,8 +16,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from ..errors import IdeficsError, UsageError, classify
-from ..interface import ModelOptions
-from ..prompts import DOCLING_PROMPT, TRANSCRIBE_PROMPT
+from ..interface import DOCLING_PROMPT, TRANSCRIBE_PROMPT, ModelOptions
 from .batch import Batch, BlankPage, DocumentDone, Failure, Input, Prefetcher, done_keys, parse_shard
 from .records import PageRecord, Summary, blank_record, error_record, ok_record, settings_hash, task_error
 from .selection import prompt_for
