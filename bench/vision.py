@@ -1,6 +1,6 @@
 """What moves the vision tower on SmolVLM-256M's shapes: blank-tile reuse, attention, threads, chunk, tiles.
 
-    python bench/vision.py [--pages 2] [--reps 1] [--settle 180] [--smoke]
+    python bench/vision.py [--pages 2] [--reps 1] [--sides 'chunk 1,eager'] [--settle 180] [--smoke]
 
 Each side is a fresh process that loads the random SmolVLM-256M-shape Idefics3 (float32, CPU, unquantized, as
 `--quant auto` picks) with idefics-cli's own loader, renders samples/report.pdf's first `--pages` pages at 2048 px
@@ -8,7 +8,7 @@ as `transcribe` does, builds their tiles with the processor (12 + 1 a page), and
 `runtime/vision.encode` over all of them in one call (one untimed warm-up tile first). Sides:
 - default: what `transcribe` does (sdpa attention, 2 threads, the auto chunk, identical tiles encoded once);
 - no reuse: every tile encoded, blank or not (the digest made unique per tile);
-- eager: eager attention in the tower; 1 thread: `torch.set_num_threads(1)`; chunk 1 / chunk 13: tiles a call;
+- eager: eager attention in the tower; 1 thread: `torch.set_num_threads(1)`; chunk 1 / 2 / 13: tiles a call;
 - no split: `--no-split`, the global image alone (1 tile a page).
 Prints seconds a page, tiles encoded and each side's ratio of the default's seconds a page. `--smoke`: the tiny
 Idefics3, 1 page, three sides.
@@ -28,6 +28,7 @@ SIDES = {
     "eager": {"attn": "eager"},
     "1 thread": {"threads": 1},
     "chunk 1": {"chunk": 1},
+    "chunk 2": {"chunk": 2},
     "chunk 13": {"chunk": 13},
     "no split": {"split": False},
 }
@@ -74,6 +75,7 @@ def main(argv=None) -> int:
 
     p = c.parser(__doc__, reps=1)
     p.add_argument("--pages", type=int, default=2)
+    p.add_argument("--sides", default=",".join(SIDES), help="which sides, comma-separated (default all)")
     args = c.parse_or_child(p, argv, child)
     if args is None:
         return 0
@@ -82,7 +84,8 @@ def main(argv=None) -> int:
     model = args.model or c.model_dir("tiny" if args.smoke else "smolvlm-256m", family="idefics3")
     with tempfile.TemporaryDirectory() as tmp:
         pdf = sample_pages(os.path.join(tmp, "pages.pdf"), pages)
-        sides = {k: v for k, v in SIDES.items() if not args.smoke or k in ("default", "no reuse", "no split")}
+        chosen = ["default", "no reuse", "no split"] if args.smoke else ["default", *args.sides.split(",")]
+        sides = {k: v for k, v in SIDES.items() if k in chosen}
         runs = c.interleave({name: (lambda spec=spec: c.in_child(__file__, {"model": model, "pdf": pdf, **spec}))
                              for name, spec in sides.items()}, reps)
     base = c.median(r["s_page"] for r in runs["default"])
