@@ -142,7 +142,9 @@ def test_pdf_pages_reach_the_model_as_two_images(cli, tiny_model, tmp_path, spy_
     answer = json.loads(result.stdout)
     assert answer["usage"]["image_tokens"] == 2 * 320
     assert answer["sources"] == [{"path": pdf, "pages": [2, 3]}]
-    assert len(vision_images(spy_generate[0])) == 10  # 2 images x (4 crops + original)
+    # 2 images x (4 crops + original) in the prompt; the tower gets each distinct one once (blank crops are alike)
+    images = vision_images(spy_generate[0])
+    assert len({(image.shape, image.numpy().tobytes()) for image in images}) == len(images) < 10
 
 
 def test_several_documents_and_each_page(cli, tiny_model, tmp_path):
