@@ -306,21 +306,17 @@ async def _stream(job: Job, req, meta: dict, record: dict, watcher, image_token:
     try:
         yield _sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                           "logprobs": None, "finish_reason": None}]})
-        logprobs = None  # the tokens' entries that come with the next chunk
         while True:
             kind, payload = await job.events.get()
             record["tokens"] = len(job.token_ids)
-            if kind == "logprobs":
-                logprobs = payload
-            elif kind == "delta":
-                yield _sse({**chunk, "choices": [{"index": 0, "delta": {"content": payload},
-                                                  "logprobs": _logprobs(logprobs), "finish_reason": None}]})
-                logprobs = None
+            if kind == "delta":
+                yield _sse({**chunk, "choices": [{"index": 0, "delta": {"content": payload[0]},
+                                                  "logprobs": _logprobs(payload[1]), "finish_reason": None}]})
             elif kind == "error":
                 yield _sse(json.loads(_from_error(payload).body))
                 break
             elif kind == "done":
-                yield _sse({**chunk, "choices": [{"index": 0, "delta": {}, "logprobs": _logprobs(logprobs),
+                yield _sse({**chunk, "choices": [{"index": 0, "delta": {}, "logprobs": _logprobs(payload),
                                                   "finish_reason": _finish(job)}]})
                 if req.include_usage:
                     yield _sse({**chunk, "choices": [], "usage": _usage(job, image_token)})

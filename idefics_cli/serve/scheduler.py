@@ -3,8 +3,8 @@
 Contract: `Scheduler(engine, cache, max_batch, max_queue, ahead, on_end)`: `start()`, `stop(cancel)`, `submit(job)`
 (or `QueueFull`); the worker admits waiting jobs while rows are free, prefilled from the `PrefixCache` or encoded
 (pixels built ahead, pixels.py). The functions below are the server's adapter to the engine (torch inside them
-only). A `Job` reports on `events` (asyncio): ("start", None), ("delta", text), with
-`logprobs` ("logprobs", entries) before each delta and the end, then ("done", None) or ("error", IdeficsError).
+only). A `Job` reports on `events` (asyncio): ("start", None), ("delta", (text, entries)), then ("done", entries)
+or ("error", IdeficsError); `entries`: the new tokens' logprobs (None unless asked for, or cancelled).
 """
 
 from __future__ import annotations
@@ -30,12 +30,10 @@ class QueueFull(Exception):
 class Job(Row):
     """One request's answer: a decode-loop row with its images, schema and event queue."""
 
-    def __init__(self, ids: list[int], images: list, max_tokens: int, *, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
-                 loop: asyncio.AbstractEventLoop | None = None, schema=None, logprobs: bool = False,
-                 top_logprobs: int = 0):
-        super().__init__(ids, max_tokens=max_tokens, stop=stop or (), temperature=temperature, top_p=top_p, seed=seed,
-                         top_n=top_logprobs)
+    def __init__(self, ids: list[int], images: list, max_tokens: int, *, loop: asyncio.AbstractEventLoop | None = None,
+                 schema=None, logprobs: bool = False, top_logprobs: int = 0, **sampling):
+        """`sampling`: the `Row`'s temperature, top_p, seed and stop."""
+        super().__init__(ids, max_tokens=max_tokens, top_n=top_logprobs, **sampling)
         self.want_logprobs, self._sent = logprobs, 0  # tokens whose logprobs were sent
         self.images = images
         self.schema = schema  # structured.Schema or None; its RowGrammar once admitted
@@ -65,8 +63,7 @@ class Job(Row):
         self._emit("start")
 
     def on_text(self, piece: str) -> None:
-        self._send_logprobs(bisect_right(self.ends, len(self.text)))  # the tokens wholly in the text so far
-        self._emit("delta", piece)
+        self._emit("delta", (piece, self._new_logprobs(bisect_right(self.ends, len(self.text)))))  # whole tokens
 
     def on_end(self) -> None:
         self.images = []
@@ -78,14 +75,14 @@ class Job(Row):
         if self.error is not None:
             self._emit("error", self.error)
         else:
-            if self.finish_reason != "cancelled":
-                self._send_logprobs(len(self.ends))
-            self._emit("done")
+            self._emit("done", self._new_logprobs(len(self.ends)) if self.finish_reason != "cancelled" else None)
 
-    def _send_logprobs(self, upto: int) -> None:
-        if self.want_logprobs:
-            self._emit("logprobs", self.logprob_content(self._sent, upto))
-            self._sent = max(self._sent, upto)
+    def _new_logprobs(self, upto: int) -> list[dict] | None:
+        """The entries of the tokens not sent yet, up to `upto` (None without `logprobs`)."""
+        if not self.want_logprobs:
+            return None
+        start, self._sent = self._sent, max(self._sent, upto)
+        return self.logprob_content(start, upto)
 
     def logprob_content(self, start: int = 0, stop: int | None = None) -> list[dict]:
         """OpenAI's `logprobs.content` entries of tokens start..stop (all: the whole answer)."""
