@@ -255,21 +255,19 @@ def _prepare(state: ServerState, body, loop):
     try:
         max_tokens = req.max_tokens or engine.options.max_new_tokens
         memo = state.pages if state.scheduler.cache.max_bytes else None  # no prefix cache: no digests to keep
-        req.render(memo)  # first: a family's image tokens may follow each page's size
-        ids = prompt_ids(engine, req.messages, req.images)
+        images, digests = req.render(memo)  # first: a family's image tokens may follow each page's size
+        ids = prompt_ids(engine, req.messages, images)
         try:
             engine.fit_context(len(ids), max_tokens, "the prompt", "send fewer pages or turns")
         except UsageError as err:  # the OpenAI error names the parameter
             raise RequestError(err.code, err.message, "messages", err.hint) from None
-        job = Job(ids, req.images, max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+        job = Job(ids, images, max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
                   stop=req.stop, loop=loop, schema=req.schema, logprobs=req.logprobs, top_logprobs=req.top_logprobs)
-        job.digests = req.digests
+        job.digests = digests
         if req.pages and not state.scheduler.lookup(job):  # pages seen before, their prefix no longer cached
-            req.render(known=False)
-            job.images = req.images
+            job.images = req.render(known=False)[0]
     finally:
         req.close()
-    req.images = []
     return req, job
 
 
