@@ -136,7 +136,7 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
                                                          "idefics": info}]})
 
     async def read_body(request: Request) -> bytes | JSONResponse:
-        limit = config.max_request_bytes
+        limit = int(config.max_request_mb * 2**20)
         too_big = error_response(413, "request_too_large", f"the request is over --max-request-mb "
                                  f"{config.max_request_mb:g} MiB", headers={"Connection": "close"})
         length = request.headers.get("content-length", "")

@@ -35,10 +35,6 @@ class Ahead:
         self.building = None  # the job whose pixels are being built
         self.built = 0  # jobs whose pixels the thread built
 
-    @property
-    def thread(self):
-        return self.work.thread
-
     def held(self) -> int:
         """Jobs holding a place now: built and not taken, or being built."""
         with self.cond:

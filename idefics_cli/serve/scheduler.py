@@ -46,9 +46,12 @@ class Job(Row):
         self.digests: list[str] = []  # the images' cache.image_digest when known before
 
     def cancel(self) -> None:
+        """Set `cancelled`; a queued job's built pixels go now, and the worker looks at it."""
         super().cancel()
-        if self._scheduler is not None:
-            self._scheduler.wake(self)
+        if (scheduler := self._scheduler) is not None:
+            with scheduler.cond:
+                scheduler.cond.notify()
+            scheduler.pixels.drop(self)
 
     def _emit(self, kind: str, payload=None) -> None:
         if self.loop is None:
@@ -130,12 +133,6 @@ class Scheduler:
             self.waiting.append(job)
             self.pixels.add(job)
             self.cond.notify()
-
-    def wake(self, job: Job) -> None:
-        """`job` was cancelled: its pixels go, and the worker looks at it."""
-        with self.cond:
-            self.cond.notify()
-        self.pixels.drop(job)
 
     def busy(self) -> bool:
         with self.cond:
