@@ -2,9 +2,8 @@
 
 Contract: `Scheduler(engine, cache, max_batch, max_queue, ahead, on_end)`: `start()`, `stop(cancel)`, `submit(job)`
 (or `QueueFull`); the worker admits waiting jobs while rows are free, prefilled from the `PrefixCache` or encoded
-(pixels built ahead, pixels.py). The functions below are the server's adapter to the engine (torch inside them
-only). A `Job` reports on `events` (asyncio): ("start", None), ("delta", (text, entries)), then ("done", entries)
-or ("error", IdeficsError); `entries`: the new tokens' logprobs (None unless asked for, or cancelled).
+(pixels built ahead, pixels.py). A `Job` reports on `events` (asyncio): ("start", None), ("delta", (text, entries)),
+then ("done", entries) or ("error", IdeficsError); `entries`: new tokens' logprobs (None unless asked, or cancelled).
 """
 
 from __future__ import annotations
