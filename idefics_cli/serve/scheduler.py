@@ -113,8 +113,7 @@ class Scheduler:
         self.stopping = False
         self.thread: threading.Thread | None = None
         self.counts = {"answered": 0, "cancelled": 0, "failed": 0, "steps": 0}  # for /health
-        self.pixels = Ahead(lambda images, stop: build_pixels(engine, images, stop), self._key,
-                            cache.contains, self.max_batch if ahead is None else ahead)
+        self.pixels = Ahead(self, self.max_batch if ahead is None else ahead)
 
     # ---- the callers' side ---------------------------------------------------------------------
     def start(self) -> None:
@@ -278,20 +277,8 @@ def prefix_length(engine, ids: list[int]) -> int:
     return max((i for i, t in enumerate(ids) if t == image), default=-1) + 1
 
 
-def build_pixels(engine, images: list, stop=None):
-    """One prompt's pixels (numpy only, any thread), one source image at a time; None once `stop()` is true."""
-    from ..runtime.vision import VisionInputs
-
-    vision = VisionInputs([list(images)], engine.options.split)
-    while vision.next < len(vision.sources):
-        if stop is not None and stop():
-            return None
-        vision.build_one(engine.processor.image_processor)
-    return vision
-
-
 def encode_images(engine, images: list, vision=None):
-    """Features of one prompt's images (or of `vision`, its `build_pixels`), or None without images."""
+    """Features of one prompt's images (or of `vision`, their pixels built ahead), or None without images."""
     from ..runtime.vision import VisionInputs
 
     if vision is None and not images:
