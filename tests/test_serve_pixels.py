@@ -105,7 +105,7 @@ def test_a_job_whose_pixels_fail_gets_its_error_and_the_others_go_on(make_schedu
     assert k1 == k2 == "done" and good1.token_ids and good2.token_ids
     assert set(builders) == {pixels.THREAD}
     assert scheduler.counts["failed"] == 1 and scheduler.counts["answered"] == 2
-    assert scheduler.thread.is_alive() and scheduler.pixels.thread.is_alive()
+    assert scheduler.thread.is_alive() and scheduler.pixels.work.alive()
 
 
 def test_the_look_ahead_is_bounded_and_a_cancelled_job_frees_its_place(make_scheduler, builders):
@@ -125,7 +125,7 @@ def test_the_look_ahead_is_bounded_and_a_cancelled_job_frees_its_place(make_sche
     wait_for(lambda: jobs[2].pixels.state == pixels.READY and ahead.building is None, "the third job built")
     assert ahead.held() == 2 and jobs[3].pixels.state == pixels.QUEUED and ahead.built == 3
     scheduler.stop(cancel=True, timeout=30)  # ends the pixel thread
-    assert not ahead.thread.is_alive()
+    assert not ahead.work.alive()
     assert jobs[3].pixels.state == pixels.QUEUED and len(builders) == 3
 
 
@@ -143,5 +143,5 @@ def test_stopping_ends_the_pixel_thread_and_what_waits(make_scheduler):
     thread.join(60)
     (running, k1, _), (waiting, k2, _) = result["jobs"]
     assert k1 == k2 == "done" and running.finish_reason == waiting.finish_reason == "cancelled"
-    assert not scheduler.thread.is_alive() and not scheduler.pixels.thread.is_alive()
+    assert not scheduler.thread.is_alive() and not scheduler.pixels.work.alive()
     assert scheduler.pixels.held() == 0

@@ -38,8 +38,8 @@ def test_parts_become_images_first_then_text_and_earlier_turns_keep_their_images
     assert req.messages[1]["content"] == [{"type": "image"}] * 3 + [{"type": "text", "text": "Compare\nthese."}]
     assert [p for _, p in req.pages] == [1, 3, 4]
     assert req.max_tokens == 5 and req.stop == ["\n\n"] and req.temperature == 0.0
-    req.render()
-    assert len(req.images) == 3 and req.pages == []
+    images, digests = req.render()
+    assert len(images) == 3 and digests == [] and req.pages == []
 
 
 @pytest.mark.parametrize("body,code,param", [
@@ -78,8 +78,7 @@ def test_pdf_pages_render_at_the_models_size(tmp_path):
     sides = []
     for longest in (None, 2048):
         req = parse(body, longest_side=longest)
-        req.render()
-        sides.append(max(req.images[0].size))
+        sides.append(max(req.render()[0][0].size))
     assert sides == [1960, 2048]  # Idefics2's default, an Idefics3 processor's longest_edge
 
 

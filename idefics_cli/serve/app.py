@@ -136,7 +136,7 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
                                                          "idefics": info}]})
 
     async def read_body(request: Request) -> bytes | JSONResponse:
-        limit = config.max_request_bytes
+        limit = int(config.max_request_mb * 2**20)
         too_big = error_response(413, "request_too_large", f"the request is over --max-request-mb "
                                  f"{config.max_request_mb:g} MiB", headers={"Connection": "close"})
         length = request.headers.get("content-length", "")
@@ -255,21 +255,19 @@ def _prepare(state: ServerState, body, loop):
     try:
         max_tokens = req.max_tokens or engine.options.max_new_tokens
         memo = state.pages if state.scheduler.cache.max_bytes else None  # no prefix cache: no digests to keep
-        req.render(memo)  # first: a family's image tokens may follow each page's size
-        ids = prompt_ids(engine, req.messages, req.images)
+        images, digests = req.render(memo)  # first: a family's image tokens may follow each page's size
+        ids = prompt_ids(engine, req.messages, images)
         try:
             engine.fit_context(len(ids), max_tokens, "the prompt", "send fewer pages or turns")
         except UsageError as err:  # the OpenAI error names the parameter
             raise RequestError(err.code, err.message, "messages", err.hint) from None
-        job = Job(ids, req.images, max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+        job = Job(ids, images, max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
                   stop=req.stop, loop=loop, schema=req.schema, logprobs=req.logprobs, top_logprobs=req.top_logprobs)
-        job.digests = req.digests
+        job.digests = digests
         if req.pages and not state.scheduler.lookup(job):  # pages seen before, their prefix no longer cached
-            req.render(known=False)
-            job.images = req.images
+            job.images = req.render(known=False)[0]
     finally:
         req.close()
-    req.images = []
     return req, job
 
 
@@ -306,21 +304,17 @@ async def _stream(job: Job, req, meta: dict, record: dict, watcher, image_token:
     try:
         yield _sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                           "logprobs": None, "finish_reason": None}]})
-        logprobs = None  # the tokens' entries that come with the next chunk
         while True:
             kind, payload = await job.events.get()
             record["tokens"] = len(job.token_ids)
-            if kind == "logprobs":
-                logprobs = payload
-            elif kind == "delta":
-                yield _sse({**chunk, "choices": [{"index": 0, "delta": {"content": payload},
-                                                  "logprobs": _logprobs(logprobs), "finish_reason": None}]})
-                logprobs = None
+            if kind == "delta":
+                yield _sse({**chunk, "choices": [{"index": 0, "delta": {"content": payload[0]},
+                                                  "logprobs": _logprobs(payload[1]), "finish_reason": None}]})
             elif kind == "error":
                 yield _sse(json.loads(_from_error(payload).body))
                 break
             elif kind == "done":
-                yield _sse({**chunk, "choices": [{"index": 0, "delta": {}, "logprobs": _logprobs(logprobs),
+                yield _sse({**chunk, "choices": [{"index": 0, "delta": {}, "logprobs": _logprobs(payload),
                                                   "finish_reason": _finish(job)}]})
                 if req.include_usage:
                     yield _sse({**chunk, "choices": [], "usage": _usage(job, image_token)})

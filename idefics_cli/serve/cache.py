@@ -1,10 +1,9 @@
 """The prefix cache: key/value caches of prompts' image prefixes, least recently used out first, bounded by bytes.
 
 Contract: `prefix_key(settings, ids, digests)` names a prefix by the model's settings, its token ids and its images'
-content, so two requests share an entry exactly when the model sees the same prefix; `PageMemo` lets a page seen
-before skip its decoding when its prefix is cached (its `get`/`put`). `PrefixCache(max_bytes, size)`: `get` (counted
-in `hits`/`misses`, marks it recent), `contains` (neither), `put` (evicts the least recently used until the value's
-`size`, default `nbytes`, fits; a value over the whole budget is not stored). Thread-safe; no torch.
+content; `PageMemo` lets a page seen before skip its decoding while its prefix is cached. `PrefixCache(max_bytes,
+size)`: `get` (counted in `hits`/`misses`), `contains` (not counted), `put` (evicts the least recently used until the
+value's `size`, default `nbytes`, fits; one over the whole budget is not stored). Thread-safe; no torch.
 """
 
 from __future__ import annotations

@@ -25,10 +25,6 @@ class ServeConfig:
     grace: float = 30.0
     cors: str | None = None
 
-    @property
-    def max_request_bytes(self) -> int:
-        return int(self.max_request_mb * 2**20)
-
 
 def is_loopback(host: str) -> bool:
     try:

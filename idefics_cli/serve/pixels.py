@@ -1,8 +1,8 @@
 """Pixels ahead of the worker: queued jobs' pixels built in one background thread, in queue order.
 
-Contract: `Ahead(build, key, hit, ahead)`: `build(images, stop)` builds a prompt's pixels, `key(job)`/`hit(key)`
-skip a cached prefix. `add(job)` queues a job, `start()` runs the thread, `work.stop()` ends it; at most `ahead`
-jobs hold a place (being built, or built and not taken). `take(job)` (the worker) waits for pixels that are coming
+Contract: `Ahead(scheduler, ahead)` (a job whose prefix the scheduler's cache holds needs none): `add(job)` queues
+a job, `start()` runs the thread, `work.stop()` ends it; at most `ahead` jobs hold a place (being built, or built
+and not taken). `take(job)` (the worker) waits for pixels that are coming
 and returns them, None (build them yourself), or raises the build's error; `drop(job)` frees them. `failed`, `held()`.
 """
 
@@ -27,17 +27,13 @@ class Entry:
 
 
 class Ahead:
-    def __init__(self, build, key, hit, ahead: int):
-        self.build, self.key, self.hit, self.ahead = build, key, hit, max(0, ahead)
+    def __init__(self, scheduler, ahead: int):
+        self.scheduler, self.ahead = scheduler, max(0, ahead)
         self.work = WorkAhead(THREAD, places=self.ahead)  # a place: a job being built, or built and not taken
         self.cond = self.work.cond
         self.queue: deque = deque()  # jobs not yet looked at by the thread, in queue order
         self.building = None  # the job whose pixels are being built
         self.built = 0  # jobs whose pixels the thread built
-
-    @property
-    def thread(self):
-        return self.work.thread
 
     def held(self) -> int:
         """Jobs holding a place now: built and not taken, or being built."""
@@ -111,14 +107,20 @@ class Ahead:
             job = None
 
     def _build(self, job) -> None:
-        entry = job.pixels
+        """The job's pixels (numpy only), one source image at a time, stopping between two when asked to."""
+        from ..runtime.vision import VisionInputs
+
+        entry, scheduler = job.pixels, self.scheduler
         vision = error = None
         hit = False
         try:
-            key = self.key(job)
-            hit = key is not None and self.hit(key)
+            key = scheduler._key(job)
+            hit = key is not None and scheduler.cache.contains(key)
             if not hit:
-                vision = self.build(job.images, lambda: self.work.stopped or job.cancelled.is_set())
+                vision = VisionInputs([list(job.images)], scheduler.engine.options.split)
+                while vision.next < len(vision.sources) and not (self.work.stopped or job.cancelled.is_set()):
+                    vision.build_one(scheduler.engine.processor.image_processor)
+                vision = vision if vision.next == len(vision.sources) else None
         except BaseException as exc:  # noqa: BLE001 - this job's error; the thread goes on
             error = classify(exc, stage="read")
         with self.cond:

@@ -42,21 +42,18 @@ class ChatRequest:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
-    images: list = field(default_factory=list)  # PIL images (or cache.Seen), after render()
-    digests: list = field(default_factory=list)  # their cache.image_digest, after render()
     schema: object = None  # structured.Schema from response_format, or None
     logprobs: bool = False
     top_logprobs: int = 0
     longest_side: int | None = None  # PDF pages' render size: the model family's (None: the documents' default)
 
-    def render(self, memo=None, known: bool = True) -> None:
-        """Decode the chosen pages into `images` and their `digests` (a page that cannot be decoded raises its code).
-
-        With a `PageMemo`, a page it holds (and `known`) is its `Seen` instead: the caller decodes it if need be.
-        Without one, `digests` stays empty."""
+    def render(self, memo=None, known: bool = True) -> tuple[list, list[str]]:
+        """The chosen pages decoded (PIL images) and their `cache.image_digest`s; a page that cannot be decoded
+        raises its code. With a `PageMemo`, a page it holds (and `known`) is its `Seen` instead: the caller decodes
+        it if need be. Without one, the digests are []."""
         from .cache import Seen, image_digest
 
-        self.images, self.digests = [], []
+        images, digests = [], []
         for doc, page in self.pages:
             source = (doc.sha256, page, self.longest_side)
             seen = memo.get(source) if memo is not None and known else None
@@ -65,10 +62,11 @@ class ChatRequest:
                 seen = Seen(image.mode, image.width, image.height, image_digest(image))
                 memo.put(source, seen)
             if seen is not None:
-                self.digests.append(seen.digest)
-            self.images.append(image)
-        if not any(isinstance(image, Seen) for image in self.images):
+                digests.append(seen.digest)
+            images.append(image)
+        if not any(isinstance(image, Seen) for image in images):
             self.close()  # nothing left to decode
+        return images, digests
 
     def close(self) -> None:
         """Close the documents (once; the chosen pages are forgotten with them)."""

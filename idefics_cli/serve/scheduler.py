@@ -2,9 +2,8 @@
 
 Contract: `Scheduler(engine, cache, max_batch, max_queue, ahead, on_end)`: `start()`, `stop(cancel)`, `submit(job)`
 (or `QueueFull`); the worker admits waiting jobs while rows are free, prefilled from the `PrefixCache` or encoded
-(pixels built ahead, pixels.py). The functions below are the server's adapter to the engine (torch inside them
-only). A `Job` reports on `events` (asyncio): ("start", None), ("delta", text), with
-`logprobs` ("logprobs", entries) before each delta and the end, then ("done", None) or ("error", IdeficsError).
+(pixels built ahead, pixels.py). A `Job` reports on `events` (asyncio): ("start", None), ("delta", (text, entries)),
+then ("done", entries) or ("error", IdeficsError); `entries`: new tokens' logprobs (None unless asked, or cancelled).
 """
 
 from __future__ import annotations
@@ -30,12 +29,10 @@ class QueueFull(Exception):
 class Job(Row):
     """One request's answer: a decode-loop row with its images, schema and event queue."""
 
-    def __init__(self, ids: list[int], images: list, max_tokens: int, *, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
-                 loop: asyncio.AbstractEventLoop | None = None, schema=None, logprobs: bool = False,
-                 top_logprobs: int = 0):
-        super().__init__(ids, max_tokens=max_tokens, stop=stop or (), temperature=temperature, top_p=top_p, seed=seed,
-                         top_n=top_logprobs)
+    def __init__(self, ids: list[int], images: list, max_tokens: int, *, loop: asyncio.AbstractEventLoop | None = None,
+                 schema=None, logprobs: bool = False, top_logprobs: int = 0, **sampling):
+        """`sampling`: the `Row`'s temperature, top_p, seed and stop."""
+        super().__init__(ids, max_tokens=max_tokens, top_n=top_logprobs, **sampling)
         self.want_logprobs, self._sent = logprobs, 0  # tokens whose logprobs were sent
         self.images = images
         self.schema = schema  # structured.Schema or None; its RowGrammar once admitted
@@ -48,9 +45,12 @@ class Job(Row):
         self.digests: list[str] = []  # the images' cache.image_digest when known before
 
     def cancel(self) -> None:
+        """Set `cancelled`; a queued job's built pixels go now, and the worker looks at it."""
         super().cancel()
-        if self._scheduler is not None:
-            self._scheduler.wake(self)
+        if (scheduler := self._scheduler) is not None:
+            with scheduler.cond:
+                scheduler.cond.notify()
+            scheduler.pixels.drop(self)
 
     def _emit(self, kind: str, payload=None) -> None:
         if self.loop is None:
@@ -65,8 +65,7 @@ class Job(Row):
         self._emit("start")
 
     def on_text(self, piece: str) -> None:
-        self._send_logprobs(bisect_right(self.ends, len(self.text)))  # the tokens wholly in the text so far
-        self._emit("delta", piece)
+        self._emit("delta", (piece, self._new_logprobs(bisect_right(self.ends, len(self.text)))))  # whole tokens
 
     def on_end(self) -> None:
         self.images = []
@@ -78,14 +77,14 @@ class Job(Row):
         if self.error is not None:
             self._emit("error", self.error)
         else:
-            if self.finish_reason != "cancelled":
-                self._send_logprobs(len(self.ends))
-            self._emit("done")
+            self._emit("done", self._new_logprobs(len(self.ends)) if self.finish_reason != "cancelled" else None)
 
-    def _send_logprobs(self, upto: int) -> None:
-        if self.want_logprobs:
-            self._emit("logprobs", self.logprob_content(self._sent, upto))
-            self._sent = max(self._sent, upto)
+    def _new_logprobs(self, upto: int) -> list[dict] | None:
+        """The entries of the tokens not sent yet, up to `upto` (None without `logprobs`)."""
+        if not self.want_logprobs:
+            return None
+        start, self._sent = self._sent, max(self._sent, upto)
+        return self.logprob_content(start, upto)
 
     def logprob_content(self, start: int = 0, stop: int | None = None) -> list[dict]:
         """OpenAI's `logprobs.content` entries of tokens start..stop (all: the whole answer)."""
@@ -114,8 +113,7 @@ class Scheduler:
         self.stopping = False
         self.thread: threading.Thread | None = None
         self.counts = {"answered": 0, "cancelled": 0, "failed": 0, "steps": 0}  # for /health
-        self.pixels = Ahead(lambda images, stop: build_pixels(engine, images, stop), self._key,
-                            cache.contains, self.max_batch if ahead is None else ahead)
+        self.pixels = Ahead(self, self.max_batch if ahead is None else ahead)
 
     # ---- the callers' side ---------------------------------------------------------------------
     def start(self) -> None:
@@ -133,12 +131,6 @@ class Scheduler:
             self.waiting.append(job)
             self.pixels.add(job)
             self.cond.notify()
-
-    def wake(self, job: Job) -> None:
-        """`job` was cancelled: its pixels go, and the worker looks at it."""
-        with self.cond:
-            self.cond.notify()
-        self.pixels.drop(job)
 
     def busy(self) -> bool:
         with self.cond:
@@ -285,20 +277,8 @@ def prefix_length(engine, ids: list[int]) -> int:
     return max((i for i, t in enumerate(ids) if t == image), default=-1) + 1
 
 
-def build_pixels(engine, images: list, stop=None):
-    """One prompt's pixels (numpy only, any thread), one source image at a time; None once `stop()` is true."""
-    from ..runtime.vision import VisionInputs
-
-    vision = VisionInputs([list(images)], engine.options.split)
-    while vision.next < len(vision.sources):
-        if stop is not None and stop():
-            return None
-        vision.build_one(engine.processor.image_processor)
-    return vision
-
-
 def encode_images(engine, images: list, vision=None):
-    """Features of one prompt's images (or of `vision`, its `build_pixels`), or None without images."""
+    """Features of one prompt's images (or of `vision`, their pixels built ahead), or None without images."""
     from ..runtime.vision import VisionInputs
 
     if vision is None and not images:
