@@ -338,8 +338,7 @@ def _estimate(options, files: dict, local: bool, quant: str, dtype, cuda: bool) 
 def human_bytes(n: int | None) -> str:
     if n is None:
         return "?"
-    for unit in ("B", "KiB", "MiB"):
-        if abs(n) < 1024:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} GiB"
