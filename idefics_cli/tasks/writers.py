@@ -264,9 +264,6 @@ class FolderSink(JsonlSink):
     def _usable(self, record: dict) -> bool:
         return record.get("settings") == self.settings and bool(record.get("page"))
 
-    def md_path(self, rel: str) -> str:
-        return safe_join(self.folder, self.md_rel.get(rel, rel + ".md"))
-
     def write(self, record: dict) -> None:
         super().write(record)
         if self._usable(record):
@@ -283,4 +280,5 @@ class FolderSink(JsonlSink):
             else:
                 err = (record or {}).get("error") or {"code": "missing", "message": "not transcribed"}
                 parts.append(f"<!-- page {page}: error [{err['code']}] {err['message']} -->\n")
-        atomic_write(self.md_path(done.input.rel), "\n".join(parts))
+        rel = done.input.rel
+        atomic_write(safe_join(self.folder, self.md_rel.get(rel, rel + ".md")), "\n".join(parts))
