@@ -8,12 +8,12 @@ import os
 import pytest
 
 from idefics_cli.errors import IdeficsError, UsageError
-from idefics_cli.tasks.writers import OutputLock, RecordLog, atomic_write, safe_join
+from idefics_cli.tasks.writers import JsonlSink, OutputLock, atomic_write, safe_join
 
 
 def test_record_log_appends_one_line_per_record_and_reads_them_back(tmp_path):
     path = str(tmp_path / "r.jsonl")
-    log = RecordLog(path)
+    log = JsonlSink(path)
     assert log.existing == []
     records = [{"page": 1, "text": "é文件 \"quoted\"\nnew line"}, {"page": 2, "text": None}]
     for r in records:
@@ -22,17 +22,18 @@ def test_record_log_appends_one_line_per_record_and_reads_them_back(tmp_path):
     data = open(path, "rb").read()
     assert data.count(b"\n") == 2 and data.endswith(b"\n")
     assert "é文件".encode() in data  # UTF-8, not \u escapes
-    again = RecordLog(path)
+    again = JsonlSink(path)
     assert again.existing == records
     again.write({"page": 3})
     again.close()
-    assert RecordLog(path).existing == [*records, {"page": 3}]
+    with JsonlSink(path) as last:
+        assert last.existing == [*records, {"page": 3}]
 
 
 def test_record_log_drops_a_torn_last_line(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_bytes(b'{"page": 1}\n{"page": 2}\n{"page": 3, "te')
-    log = RecordLog(str(path))
+    log = JsonlSink(str(path))
     assert log.existing == [{"page": 1}, {"page": 2}]
     assert path.read_bytes() == b'{"page": 1}\n{"page": 2}\n'  # repaired on disk before appending
     log.write({"page": 3})
@@ -43,7 +44,7 @@ def test_record_log_drops_a_torn_last_line(tmp_path):
 def test_record_log_whole_file_torn(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_bytes(b'{"page": 1, "st')
-    log = RecordLog(str(path))
+    log = JsonlSink(str(path))
     assert log.existing == [] and path.read_bytes() == b""
     log.close()
 
@@ -52,7 +53,7 @@ def test_record_log_skips_bad_lines_but_keeps_them(tmp_path):
     path = tmp_path / "r.jsonl"
     content = b'{"page": 1}\nnot json\n[1, 2]\n\n"a string"\n{"page": 2}\n'
     path.write_bytes(content)
-    log = RecordLog(str(path))
+    log = JsonlSink(str(path))
     assert log.existing == [{"page": 1}, {"page": 2}]
     log.close()
     assert path.read_bytes() == content  # only a torn tail is ever removed
@@ -61,17 +62,19 @@ def test_record_log_skips_bad_lines_but_keeps_them(tmp_path):
 def test_record_log_escapes_non_utf8_names(tmp_path):
     path = str(tmp_path / "r.jsonl")
     name = os.fsdecode(b"scan\xff.pdf")  # a file name that is not UTF-8 (surrogateescape)
-    log = RecordLog(path)
+    log = JsonlSink(path)
     log.write({"path": name, "text": "é"})
     log.close()
     data = open(path, "rb").read()
     data.decode("utf-8")  # the file stays valid UTF-8
-    assert RecordLog(path).existing == [{"path": name, "text": "é"}]  # and round-trips the real name
+    with JsonlSink(path) as again:
+        assert again.existing == [{"path": name, "text": "é"}]  # and round-trips the real name
 
 
-def test_record_log_in_a_missing_folder_is_an_output_error(tmp_path):
+def test_record_log_in_an_unmakeable_folder_is_an_output_error(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
     with pytest.raises(IdeficsError) as exc:
-        RecordLog(str(tmp_path / "no" / "such" / "r.jsonl"))
+        JsonlSink(str(tmp_path / "file" / "r.jsonl"))
     assert exc.value.code == "output_error" and exc.value.path.endswith("r.jsonl")
 
 
@@ -125,7 +128,7 @@ def test_output_lock_held_by_another_process(tmp_path):
 
 def test_record_lines_are_json(tmp_path):
     path = str(tmp_path / "r.jsonl")
-    log = RecordLog(path, fsync_every=0)
+    log = JsonlSink(path, fsync_every=0)
     for k in range(50):
         log.write({"page": k, "text": "x" * k})
     log.close()
@@ -152,7 +155,7 @@ def test_outputs_follow_the_umask(tmp_path, mask):
     try:
         assert umask() == mask
         atomic_write(str(tmp_path / "doc.md"), "text")
-        RecordLog(str(tmp_path / "records.jsonl")).close()
+        JsonlSink(str(tmp_path / "records.jsonl")).close()
         (tmp_path / "weights").mkdir()
         fd = os.open(tmp_path / "weights" / "model.safetensors", os.O_CREAT | os.O_WRONLY, 0o600)
         os.close(fd)

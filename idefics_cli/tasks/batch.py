@@ -211,45 +211,14 @@ def read_document(item: Input, open_doc, select_pages, is_done) -> Iterator:
             image = None
 
 
-class Window:
-    """The look-ahead window: rendered pages not yet in a batch, taken out a batch at a time by pixel size."""
-
-    def __init__(self, batch_size: int):
-        self.batch_size = batch_size
-        self.pending: list[tuple[PageTask, object]] = []
-
-    def add(self, task: PageTask, image) -> None:
-        self.pending.append((task, image))
-
-    def holds(self, item: Input) -> bool:
-        return any(t.input == item for t, _ in self.pending)
-
-    def next_batch(self, final: bool) -> list | None:
-        """`batch_size` pages of one size; else, once the window holds 2 batches or at the end, the oldest page's
-        size first, topped up with the oldest others (a vision call per size)."""
-        pending, size = self.pending, self.batch_size
-        groups: dict = {}
-        for k, (_, image) in enumerate(pending):
-            groups.setdefault(getattr(image, "size", None), []).append(k)
-        chosen = next((ks[:size] for ks in groups.values() if len(ks) >= size), None)
-        if chosen is None and pending and (final or len(pending) >= 2 * size):
-            first = groups[getattr(pending[0][1], "size", None)]
-            chosen = (first + [k for k in range(len(pending)) if k not in set(first)])[:size]
-        if chosen is None:
-            return None
-        take = set(chosen)
-        out = [pending[k] for k in sorted(take)]
-        pending[:] = [p for k, p in enumerate(pending) if k not in take]
-        return out
-
-
 class Prefetcher:
     """Documents in, ready batches out, built one batch ahead of the model in one background thread."""
 
     def __init__(self, docs: list[Input], open_doc, select_pages, is_done, build, batch_size: int, on_pages=None):
         self.docs, self.open_doc, self.select_pages, self.is_done = docs, open_doc, select_pages, is_done
         self.build, self.on_pages = build, on_pages  # on_pages(total, skipped): per opened document
-        self.window = Window(batch_size)
+        self.batch_size = batch_size
+        self.pending: list[tuple[PageTask, object]] = []  # rendered pages not yet in a batch
         self.finished: list[DocumentDone] = []
         # the turn is its one place: claimed before a build, released when the model's thread takes the batch
         self._work = WorkAhead("idefics-prefetch", depth=1, places=1)
@@ -281,9 +250,27 @@ class Prefetcher:
                 return
         self._flush(final=True)
 
+    def _next_batch(self, final: bool) -> list | None:
+        """`batch_size` pending pages of one size; else, once 2 batches wait or at the end, the oldest page's size
+        first, topped up with the oldest others (a vision call per size)."""
+        pending, size = self.pending, self.batch_size
+        groups: dict = {}
+        for k, (_, image) in enumerate(pending):
+            groups.setdefault(getattr(image, "size", None), []).append(k)
+        chosen = next((ks[:size] for ks in groups.values() if len(ks) >= size), None)
+        if chosen is None and pending and (final or len(pending) >= 2 * size):
+            first = groups[getattr(pending[0][1], "size", None)]
+            chosen = (first + [k for k in range(len(pending)) if k not in set(first)])[:size]
+        if chosen is None:
+            return None
+        take = set(chosen)
+        out = [pending[k] for k in sorted(take)]
+        pending[:] = [p for k, p in enumerate(pending) if k not in take]
+        return out
+
     def _flush(self, final: bool = False) -> bool:
-        """Hand over the batches the window allows, then the documents none of whose pages still wait."""
-        while (ready := self.window.next_batch(final)) is not None:
+        """Hand over the batches the pending pages allow, then the documents none of whose pages still wait."""
+        while (ready := self._next_batch(final)) is not None:
             if self._work.claim() is None:  # every batch built so far taken by the model
                 return False
             t0 = time.perf_counter()
@@ -303,7 +290,7 @@ class Prefetcher:
             batch = None
             if not ok:
                 return False
-        while self.finished and not self.window.holds(self.finished[0].input):
+        while self.finished and all(t.input != self.finished[0].input for t, _ in self.pending):
             if not self._work.put(self.finished.pop(0)):
                 return False
         return True
@@ -324,7 +311,7 @@ class Prefetcher:
                 elif "blank_page" in found[0].warnings:  # needs no model: recorded at once, before its DocumentDone
                     ok = self._work.put(BlankPage(found[0]))
                 else:
-                    self.window.add(*found)
+                    self.pending.append(found)
                     ok = self._flush()
                 found = None
                 if not ok:

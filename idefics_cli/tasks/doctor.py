@@ -69,9 +69,8 @@ def check_4bit(device: str | None, dtype) -> dict:
     float math on the dequantized weight, `quantization_error` against the float weight (nf4 is ~0.1)."""
     import torch
 
-    result = dict.fromkeys(("ran", "ok", "device", "dtype", "max_error", "quantization_error", "tolerance", "error",
-                            "seconds"), None)
-    result.update(ran=False, ok=False)
+    result = {**dict.fromkeys(("ran", "ok", "device", "dtype", "max_error", "quantization_error", "tolerance",
+                               "error", "seconds")), "ran": False, "ok": False}
     if device is None:
         return {**result, "error": "no usable device"}
     start = time.perf_counter()
@@ -152,11 +151,9 @@ def model_files(model: str, revision: str | None) -> dict:
         found["path"], found["commit"] = folder, os.path.basename(folder)
     missing = [] if os.path.exists(os.path.join(folder, "config.json")) else ["config.json"]
     missing += _missing_weights(folder)
-    names = os.listdir(folder)
-    if not {"preprocessor_config.json", "processor_config.json"} & set(names):
-        missing.append("preprocessor_config.json")
-    if not {"tokenizer.json", "tokenizer.model"} & set(names):
-        missing.append("tokenizer.json")
+    names = set(os.listdir(folder))
+    missing += [one for one, other in (("preprocessor_config.json", "processor_config.json"),
+                                       ("tokenizer.json", "tokenizer.model")) if not {one, other} & names]
     found.update(missing=missing, available=not missing, size_bytes=dir_size(folder))
     if "config.json" not in missing:
         with open(os.path.join(folder, "config.json")) as f:
@@ -341,8 +338,7 @@ def _estimate(options, files: dict, local: bool, quant: str, dtype, cuda: bool) 
 def human_bytes(n: int | None) -> str:
     if n is None:
         return "?"
-    for unit in ("B", "KiB", "MiB"):
-        if abs(n) < 1024:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} GiB"

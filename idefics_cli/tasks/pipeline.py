@@ -59,11 +59,8 @@ class TranscribeRequest:
         set_("engine", getattr(self.engine, "value", self.engine))
         if self.engine not in ENGINES:
             raise UsageError(f"unknown --engine {self.engine!r}", "use local or ray")
-        size = self.batch_size
-        if size == "auto":
-            size = None
-        elif isinstance(size, str) and size.isdigit():
-            size = int(size)
+        size = None if self.batch_size == "auto" else self.batch_size
+        size = int(size) if isinstance(size, str) and size.isdigit() else size
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             raise UsageError(f"bad --batch-size {self.batch_size!r}", "use a positive number or auto")
         set_("batch_size", size)
@@ -110,8 +107,6 @@ class TranscribeRequest:
         from ..documents import open_document
 
         return open_document(path, password=self.password, dpi=self.dpi, longest_side=self.longest_side)
-
-
 
 
 @dataclass

@@ -30,29 +30,24 @@ class RayPages:
         return (sha256, page, self.request.settings_hash) in self.done
 
     def __call__(self, row: dict):
-        item, chosen, request = Input(row["path"], row["rel"]), [], self.request
+        item, chosen, request = Input(row["path"], row["rel"]), "[]", self.request
         for found in read_document(item, self.open_doc, self.select_pages, self.is_done):
             if isinstance(found, DocumentDone):
-                chosen = found.pages
+                chosen = json.dumps(found.pages)
                 continue
-            task, image = found if isinstance(found, tuple) else (PageTask(item, found.sha256, found.page,
-                                                                           found.pages), None)
+            task, image = found if isinstance(found, tuple) else (found, None)  # a Failure has the page's fields
             out = {"path": item.path, "rel": item.rel, "sha256": task.sha256, "page": task.page, "pages": task.pages,
-                   "chosen": json.dumps(chosen), "skip": False, "record": "", "image": b"", "width": 0, "height": 0,
-                   "warnings": "[]"}
+                   "chosen": chosen, "image": b"", "width": 0, "height": 0, "warnings": "[]"}
             record = None
             if isinstance(found, Failure):
                 record = error_record(item.path, found.error, request.settings_hash, task.page, task.pages,
                                       task.sha256)
-            elif image is None:  # already done
-                out["skip"] = True
-            elif "blank_page" in task.warnings:  # nothing to read: no model
+            elif image is not None and "blank_page" in task.warnings:  # nothing to read: no model
                 record = blank_record(task, request.settings_hash, request.schema)
-            else:
+            elif image is not None:
                 out.update(image=image.tobytes(), width=image.width, height=image.height,
                            warnings=json.dumps(task.warnings))
-            if record is not None:
-                out["record"] = json.dumps(record.to_dict())
+            out.update(skip=image is None and record is None, record=json.dumps(record.to_dict()) if record else "")
             found = image = None
             yield out
 

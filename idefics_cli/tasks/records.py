@@ -46,15 +46,11 @@ class PageRecord:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        out = {"schema": PAGE_SCHEMA, **{k: d.pop(k) for k in ("path", "page", "pages", "status", "text")}}
         data, fields_, markdown = d.pop("data"), d.pop("field_confidence"), d.pop("markdown")
-        head = {"schema": PAGE_SCHEMA, "path": d.pop("path"), "page": d.pop("page"), "pages": d.pop("pages"),
-                "status": d.pop("status"), "text": d.pop("text")}
-        if markdown is not None:
-            head["markdown"] = markdown
-        if self.data is not NO_DATA:
-            head.update(data=data, field_confidence=fields_)
-        return {**head, "error": d.pop("error"), "finish_reason": d.pop("finish_reason"),
-                "confidence": d.pop("confidence"), "warnings": d.pop("warnings"), **d}
+        out.update({"markdown": markdown} if markdown is not None else {})
+        out.update({"data": data, "field_confidence": fields_} if self.data is not NO_DATA else {})
+        return {**out, **{k: d.pop(k) for k in ("error", "finish_reason", "confidence", "warnings")}, **d}
 
     @classmethod
     def from_dict(cls, record: dict) -> PageRecord:

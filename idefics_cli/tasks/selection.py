@@ -148,7 +148,6 @@ class Response:
         self.question, self.sources, self.split, self.model = question, sources, engine.options.split, engine.info
         self.max_new_tokens, self.schema, self.interrupted = max_new_tokens, schema, False
         self.warnings, self.extra = list(warnings or []), dict(extra or {})
-        self._read_back: tuple | None = None  # (data, code) once read against the schema
         self._prompt_usage = dict(engine.usage(inputs))
         self._load_s, self._preprocess_s, self._started = engine.load_s, preprocess_s, started
 
@@ -242,22 +241,21 @@ class Response:
             return None
         return fields(self.text, self._generation.logprobs, self._generation.ends)
 
-    def _structured(self) -> tuple:
-        if self._read_back is None:
-            from ..structured import read_answer
+    @functools.cached_property
+    def _read_back(self) -> tuple:  # (data, error code) read against the schema
+        from ..structured import read_answer
 
-            self._read_back = read_answer(self.text, self.schema, self.finish_reason)
-        return self._read_back
+        return read_answer(self.text, self.schema, self.finish_reason)
 
     @property
     def data(self):
         """With a schema: the parsed, validated answer (None when the answer has none); without one: None."""
-        return self._structured()[0] if self.schema is not None else None
+        return self._read_back[0] if self.schema is not None else None
 
     @property
     def schema_error(self):
         """With a schema: None when `.data` is the answer, else the IdeficsError saying why there is none."""
-        code = self._structured()[1] if self.schema is not None else None
+        code = self._read_back[1] if self.schema is not None else None
         if code is None:
             return None
         from ..structured import answer_error

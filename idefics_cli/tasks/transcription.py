@@ -8,7 +8,7 @@ went; `close()` (or `with`) ends a run left early. With an `output`, messages an
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, closing, contextmanager, nullcontext
 from dataclasses import replace
 
 from ..errors import ExitStatus, IdeficsError, UsageError
@@ -122,39 +122,29 @@ class Transcription:
                 yield from ray_engine.run_on_ray(job, request.ray_address)
         else:
             request.check_grammar()
-            engine, started = self.engine, None
-            try:
-                if engine is None:
-                    engine, started = self._load(job)
+            with ExitStack() as stack:
+                engine, started = (self.engine, None) if self.engine is not None else self._load(job, stack)
                 job.request = replace(job.request, batch_size=job.request.batch_size or engine.auto_batch_size())
                 with progress(output) as job.progress:
                     yield from pipeline.transcribe(engine, job, started)
-            finally:
-                if started is not None:
-                    started.close()
 
-    def _load(self, job):
-        """(engine, the started prefetcher or None): with a batch size known before the model (given, or the
-        CPU's), the first batch is prepared while the weights load."""
+    def _load(self, job, stack: ExitStack):
+        """(engine, the started prefetcher or None, closed by `stack`): with a batch size known before the model
+        (given, or the CPU's), the first batch is prepared while the weights load."""
         from ..runtime.engine import CPU_BATCH_SIZE, Preparer
         from ..runtime.model import start_load
         from . import pipeline
 
-        request, output = job.request, self.output
+        request, output, started = job.request, self.output, None
         loading = f"Loading {request.options.model} ({request.options.quant})…"
         with output.status(loading) if output is not None else nullcontext():
             load = start_load(request.options)
             size = request.batch_size or (None if load.device.startswith("cuda") else CPU_BATCH_SIZE)
-            started = None
             if size:
                 job.request = replace(request, batch_size=size)
-                started = pipeline.prefetcher(Preparer(load.processor, request.options, load.device), job).start()
-            try:
-                return load.finish(), started
-            except BaseException:
-                if started is not None:
-                    started.close()
-                raise
+                preparer = Preparer(load.processor, request.options, load.device)
+                started = stack.enter_context(closing(pipeline.prefetcher(preparer, job).start()))
+            return load.finish(), started
 
 
 @contextmanager

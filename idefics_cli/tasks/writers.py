@@ -1,8 +1,8 @@
 """Writers and sinks: where a transcription run's page records go, resumable and crash-safe (docs/batching.md).
 
 Contract: a sink (a context manager) has `existing` (records already written), `write(record)`, `document_done(done)`,
-`close()` and `records_name`. `JsonlSink` appends to a locked .jsonl file (`RecordLog`: a torn last line dropped,
-`OutputLock`: a second process gets a usage error); `FolderSink` adds an atomically written `.md` per document;
+`close()` and `records_name`. `JsonlSink` appends to a locked .jsonl file (a torn last line dropped; `OutputLock`:
+a second process gets a usage error); `FolderSink` adds an atomically written `.md` per document;
 `open_sink(out, docs, settings)` picks one for `--out`. `safe_join(root, rel)` never leaves root; files follow umask.
 """
 from __future__ import annotations
@@ -62,61 +62,6 @@ def output_error(path: str, exc: OSError) -> IdeficsError:
     reason = os.strerror(exc.errno) if exc.errno else str(exc)
     return IdeficsError("output_error", f"cannot write output: {reason}", "check free space and permissions",
                         path=path)
-
-
-class RecordLog:
-    """An append-only JSONL file of records, crash-safe and resumable."""
-
-    def __init__(self, path: str, fsync_every: float = 2.0):
-        self.path = path
-        self.fsync_every = fsync_every
-        self.existing: list[dict] = []
-        try:
-            self._repair_and_read()
-            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-        except OSError as exc:
-            raise output_error(path, exc) from exc
-        self.last_sync = time.monotonic()
-
-    def _repair_and_read(self) -> None:
-        if not os.path.exists(self.path):
-            return
-        with open(self.path, "rb+") as f:
-            data = f.read()
-            end = data.rfind(b"\n") + 1
-            if end != len(data):  # a torn last line from a crash: drop it
-                f.truncate(end)
-                f.flush()
-                os.fsync(f.fileno())
-        for line in data[:end].splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                self.existing.append(record)
-
-    def write(self, record: dict) -> None:
-        try:
-            line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
-        except UnicodeEncodeError:  # lone surrogates (a non-UTF-8 file name): let JSON escape them
-            line = (json.dumps(record) + "\n").encode()
-        try:
-            written = os.write(self.fd, line)
-            if written != len(line):
-                raise OSError(28, "short write")
-            if time.monotonic() - self.last_sync >= self.fsync_every:
-                os.fsync(self.fd)
-                self.last_sync = time.monotonic()
-        except OSError as exc:
-            raise output_error(self.path, exc) from exc
-
-    def close(self) -> None:
-        if self.fd is not None:
-            with contextlib.suppress(OSError):
-                os.fsync(self.fd)
-            os.close(self.fd)
-            self.fd = None
 
 
 def umask() -> int:
@@ -233,28 +178,64 @@ def open_sink(out: str, docs: list, settings: str) -> Sink:
 
 
 class JsonlSink(Sink):
-    """Records appended to one .jsonl file, with a lock and crash-safe resume."""
+    """Records appended to one locked .jsonl file, crash-safe and resumable (a torn last line is dropped)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, fsync_every: float = 2.0):
         self.lock = OutputLock(path + ".lock")
+        self.path = self.records_name = path
+        self.fsync_every, self.existing, self.fd = fsync_every, [], None
         try:
             self.lock.acquire()
+            try:
+                self._repair_and_read()
+                self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            except BaseException:
+                self.lock.release()
+                raise
         except OSError as exc:
             raise output_error(path, exc) from exc
-        self.records_name = path
-        try:
-            self.log = RecordLog(path)
-        except BaseException:
-            self.lock.release()
-            raise
-        self.existing = self.log.existing
+        self.last_sync = time.monotonic()
+
+    def _repair_and_read(self) -> None:
+        if not os.path.exists(self.path):
+            return
+        with open(self.path, "rb+") as f:
+            data = f.read()
+            end = data.rfind(b"\n") + 1
+            if end != len(data):  # a torn last line from a crash: drop it
+                f.truncate(end)
+                f.flush()
+                os.fsync(f.fileno())
+        for line in data[:end].splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                self.existing.append(record)
 
     def write(self, record: dict) -> None:
-        self.log.write(record)
+        try:
+            line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        except UnicodeEncodeError:  # lone surrogates (a non-UTF-8 file name): let JSON escape them
+            line = (json.dumps(record) + "\n").encode()
+        try:
+            written = os.write(self.fd, line)
+            if written != len(line):
+                raise OSError(28, "short write")
+            if time.monotonic() - self.last_sync >= self.fsync_every:
+                os.fsync(self.fd)
+                self.last_sync = time.monotonic()
+        except OSError as exc:
+            raise output_error(self.path, exc) from exc
 
     def close(self) -> None:
         try:
-            self.log.close()
+            if self.fd is not None:
+                with contextlib.suppress(OSError):
+                    os.fsync(self.fd)
+                os.close(self.fd)
+                self.fd = None
         finally:
             self.lock.release()
 
@@ -283,9 +264,6 @@ class FolderSink(JsonlSink):
     def _usable(self, record: dict) -> bool:
         return record.get("settings") == self.settings and bool(record.get("page"))
 
-    def md_path(self, rel: str) -> str:
-        return safe_join(self.folder, self.md_rel.get(rel, rel + ".md"))
-
     def write(self, record: dict) -> None:
         super().write(record)
         if self._usable(record):
@@ -302,4 +280,5 @@ class FolderSink(JsonlSink):
             else:
                 err = (record or {}).get("error") or {"code": "missing", "message": "not transcribed"}
                 parts.append(f"<!-- page {page}: error [{err['code']}] {err['message']} -->\n")
-        atomic_write(self.md_path(done.input.rel), "\n".join(parts))
+        rel = done.input.rel
+        atomic_write(safe_join(self.folder, self.md_rel.get(rel, rel + ".md")), "\n".join(parts))
