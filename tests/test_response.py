@@ -1,4 +1,4 @@
-"""response.py: the streaming answer object of `Model.ask`, on the tiny model (real processor, real generate)."""
+"""tasks/selection.py's Response, the streaming answer of `Model.ask`, on the tiny model (real processor, generate)."""
 
 from __future__ import annotations
 
