@@ -180,7 +180,9 @@ def test_terminal_ctrl_c_during_an_answer_keeps_it_marked_interrupted(tiny_model
         assert term.wait_for(b">>> "), term.seen[-2000:]
         term.type("What is it?\r")
         assert term.wait_for(b"What is it?"), term.seen[-2000:]
-        time.sleep(3)  # well into a 4000-token answer
+        started = len(term.seen)
+        while len(term.seen) < started + 200 and term.wait_for(b" ", 5):  # well into a 4000-token answer
+            pass
         term.type("\x03")
         assert term.wait_for(b"interrupted"), term.seen[-2000:]
         assert term.wait_for(b">>> "), term.seen[-2000:]

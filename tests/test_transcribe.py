@@ -465,7 +465,8 @@ def test_sigterm_exits_130_with_complete_records(tmp_path, cli, tiny_model, sig)
     make_pdf(folder / "long.pdf", 6)
     out = tmp_path / "out"
     records_path = out / "records.jsonl"
-    args = [folder, "--out", out, *model_args(tiny_model, "--batch-size", "1")]
+    # long answers, so that the signal lands mid-run however fast the pages' (alike, blank) tiles are encoded
+    args = [folder, "--out", out, *model_args(tiny_model, "--batch-size", "1", "--max-new-tokens", "120")]
     proc = _popen_transcribe(*args)
     try:
         assert _wait_for_lines(records_path, 0, proc), "the run ended before its first record"
