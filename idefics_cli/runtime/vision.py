@@ -191,9 +191,10 @@ class _Repeats:
         """Remember this call's repeated images for the next calls (the most recent REPEATS)."""
         with self._lock:
             for key, uses in self.uses.items():
-                if uses > 1:
-                    self.kept[key] = self.found[key].clone()
+                if key in self.kept:  # used again: stays, as the most recent
                     self.kept.move_to_end(key)
+                elif uses > 1:
+                    self.kept[key] = self.found[key].clone()
             while len(self.kept) > REPEATS:
                 self.kept.popitem(last=False)
 
