@@ -276,14 +276,16 @@ BAD_STREAMS = [b"data: {not json", b'data: ["a", "list"]', b'data: {"choices": "
                b'data: {"choices": [{"delta": ["x"]}]}', b'data: {"choices": [{"delta": {"content": 5}}]}',
                b'data: {"choices": [{"delta": {}, "finish_reason": "stop"}], "usage": "zz"}',
                b'data: {"choices": [], "usage": {"completion_tokens": "8"}}']
-BAD_ANSWERS = [{"choices": [{"message": {"content": 5}, "finish_reason": "stop"}], "usage": {}},
-               {"choices": [{"message": {"content": "x"}, "finish_reason": "stop"}],
-                "usage": {"completion_tokens": "eight"}}]
+BAD_ANSWERS = [b'data: {"choices": [{"delta": {"content": 5}, "finish_reason": "stop"}], "usage": {}}',
+               b'data: {"choices": [{"delta": {"content": "x"}, "finish_reason": "stop"}], '
+               b'"usage": {"completion_tokens": "eight"}}',
+               b'data: {"choices": [{"delta": {"content": "x"}, "logprobs": {"content": [{"token": "x", '
+               b'"logprob": "low"}]}, "finish_reason": "stop"}], "usage": {}}']
 
 
 @pytest.fixture
 def odd_server():
-    """A stdlib HTTP server on 127.0.0.1 with an idefics model card, whose chat completions are `odd.reply`."""
+    """A stdlib HTTP server on 127.0.0.1 with an idefics model card, whose chat completions stream `odd.reply`."""
     import http.server
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -301,12 +303,8 @@ def odd_server():
             self._send(json.dumps(CARD).encode(), "application/json")
 
         def do_POST(self):
-            streamed = json.loads(self.rfile.read(int(self.headers["content-length"]))).get("stream")
-            reply = odd.reply
-            if streamed:
-                self._send(reply + b"\n\ndata: [DONE]\n\n", "text/event-stream")
-            else:
-                self._send(json.dumps(reply).encode(), "application/json")
+            assert json.loads(self.rfile.read(int(self.headers["content-length"])))["stream"] is True
+            self._send(odd.reply + b"\n\ndata: [DONE]\n\n", "text/event-stream")
 
     odd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     odd.url = f"http://127.0.0.1:{odd.server_address[1]}"

@@ -2,8 +2,8 @@
 
 Contract: `RemoteEngine(url, api_key, max_new_tokens)` reads the server's model card (waiting LOAD_WAIT_S while it
 loads; `render_side`: the px to render PDF pages at). `prepare` sends pages as lossless data: URLs (TIFF within
-`tiff_budget`, then PNG); `stream_generate`, `generate_batch`, `generate_rows` answer with the server's usage and
-logprobs. Errors keep the CLI's codes; a 503 `overloaded` is retried (transport.py); a lost connection is `model_error`.
+`tiff_budget`, then PNG); every row is one streamed request (its usage and logprobs the server's). Errors keep
+the CLI's codes; a 503 `overloaded` is retried (transport.py); a lost connection is `model_error`.
 """
 
 from __future__ import annotations
@@ -122,41 +122,13 @@ class RemoteEngine:
                         schema=None):
         """Yield the (one-row) answer's pieces as they stream, then return its Generation; closing the generator
         closes the connection, which cancels the generation."""
-        body = self._body(inputs.rows[0], max_new_tokens, logits_processor, schema, stream=True)
-        start = time.perf_counter()
-        conn, resp = self.http.send("POST", "/v1/chat/completions", body)
-        pieces, first, finish, usage, tokens = [], None, None, None, []
-        try:
-            for event in events(resp):
-                if isinstance(event, dict) and "error" in event:
-                    raise self.http.error(500, event)
-                choices, chunk_usage = _chunk(event)
-                usage = chunk_usage or usage
-                for piece, finish_reason, logprobs in choices:
-                    tokens += logprobs
-                    if piece:
-                        if first is None:
-                            first = time.perf_counter() - start
-                        pieces.append(piece)
-                        yield piece
-                    finish = finish_reason or finish
-        except (*MALFORMED, json.JSONDecodeError):
-            raise self._not_completion("a stream") from None
-        except (*LOST, ValueError) as exc:
-            raise self.http.lost(exc) from None
-        finally:
-            conn.close()
-        if finish is None or usage is None:
-            raise IdeficsError("model_error", f"the server at {self.url} ended the answer early",
-                               "it was stopped, or cancelled the answer: ask again")
-        first = time.perf_counter() - start if first is None else first
-        return _generation(inputs, 0, "".join(pieces), finish, usage, tokens, start, first)
+        _local_only(logits_processor)
+        return (yield from self._stream(inputs, 0, max_new_tokens, schema, "a stream"))
 
     def generate_batch(self, inputs: RemoteInputs, max_new_tokens: int | None = None, logits_processor=None,
                        schema=None) -> list[Generation]:
         """Every row's answer, the rows sent at once (the server batches them); the first error is raised."""
-        if logits_processor:
-            raise UsageError("a logits processor cannot run through a server", "run without --server")
+        _local_only(logits_processor)
         rows = range(len(inputs.rows))
         answers = dict(self.generate_rows(((row, inputs, row) for row in rows), max_new_tokens, schema, len(rows) or 1))
         out = [answers[row] for row in rows]
@@ -184,39 +156,60 @@ class RemoteEngine:
                     yield running.pop(future), future.result()
 
     def _answer(self, inputs: RemoteInputs, row: int, max_new_tokens: int | None, schema):
-        """One row's answer (a non-streamed request), or its IdeficsError."""
-        start = time.perf_counter()
+        """One row's answer (its stream read to the end), or its IdeficsError."""
+        stream = self._stream(inputs, row, max_new_tokens, schema, "an answer")
         try:
-            answer = self.http.json("POST", "/v1/chat/completions",
-                                    self._body(inputs.rows[row], max_new_tokens, None, schema))
+            while True:
+                next(stream)
+        except StopIteration as end:
+            return end.value
         except IdeficsError as err:
             return err
-        try:
-            choice, usage = answer["choices"][0], _usage(answer["usage"])
-            text, finish = choice["message"]["content"] or "", choice["finish_reason"]
-            if not isinstance(text, str) or not isinstance(finish, str):
-                raise _Malformed
-            tokens = _logprobs(choice)
-        except MALFORMED:
-            return self._not_completion("an answer")
-        return _generation(inputs, row, text, finish, usage, tokens, start)
 
-    def _not_completion(self, what: str) -> IdeficsError:
-        return IdeficsError("model_error", f"the server at {self.url} sent {what} that is not a chat completion",
-                            SERVER_HINT)
+    def _stream(self, inputs: RemoteInputs, row: int, max_new_tokens: int | None, schema, what: str):
+        """Yield a row's pieces as the server streams them; return its Generation (`what`: its name in errors)."""
+        start = time.perf_counter()
+        conn, resp = self.http.send("POST", "/v1/chat/completions", self._body(inputs.rows[row], max_new_tokens,
+                                                                               schema))
+        pieces, first, finish, usage, tokens = [], None, None, None, []
+        try:
+            for event in events(resp):
+                if isinstance(event, dict) and "error" in event:
+                    raise self.http.error(500, event)
+                choices, chunk_usage = _chunk(event)
+                usage = chunk_usage or usage
+                for piece, finish_reason, logprobs in choices:
+                    tokens += logprobs
+                    if piece:
+                        if first is None:
+                            first = time.perf_counter() - start
+                        pieces.append(piece)
+                        yield piece
+                    finish = finish_reason or finish
+        except (*MALFORMED, json.JSONDecodeError):
+            raise IdeficsError("model_error", f"the server at {self.url} sent {what} that is not a chat completion",
+                               SERVER_HINT) from None
+        except (*LOST, ValueError) as exc:
+            raise self.http.lost(exc) from None
+        finally:
+            conn.close()
+        if finish is None or usage is None:
+            raise IdeficsError("model_error", f"the server at {self.url} ended the answer early",
+                               "it was stopped, or cancelled the answer: ask again")
+        details = usage.get("prompt_tokens_details") or {}
+        inputs.usage[row] = {"prompt_tokens": usage.get("prompt_tokens"), "image_tokens": details.get("image_tokens")}
+        return Generation(text="".join(pieces), completion_tokens=usage["completion_tokens"], finish_reason=finish,
+                          first_token_s=time.perf_counter() - start if first is None else first,
+                          total_s=time.perf_counter() - start, prompt_usage=inputs.usage[row],
+                          logprobs=[lp for _, lp in tokens], ends=list(accumulate(len(token) for token, _ in tokens)))
 
     # ---- requests --------------------------------------------------------------------------------
-    def _body(self, messages: list[dict], max_new_tokens: int | None, logits_processor=None, schema=None,
-              stream: bool = False) -> bytes:
-        if logits_processor:
-            raise UsageError("a logits processor cannot run through a server", "run without --server")
-        body = {"model": self.model_id, "messages": messages, "logprobs": True,
-                "max_tokens": max_new_tokens or self.options.max_new_tokens}
+    def _body(self, messages: list[dict], max_new_tokens: int | None, schema=None) -> bytes:
+        body = {"model": self.model_id, "messages": messages, "logprobs": True, "stream": True,
+                "stream_options": {"include_usage": True}, "max_tokens": max_new_tokens or self.options.max_new_tokens}
         if schema is not None:
             body["response_format"] = {"type": "json_schema", "json_schema": {"name": "idefics_cli",
                                                                               "schema": schema.schema, "strict": True}}
-        if stream:
-            body.update(stream=True, stream_options={"include_usage": True})
         return json.dumps(body).encode()  # ASCII: text the server cannot take (a lone surrogate) is its 400, not ours
 
     def _models(self) -> dict:
@@ -237,52 +230,40 @@ class RemoteEngine:
             return data[0]
 
 
-class _Malformed(Exception):
-    """A server's answer that is not the chat completion (or chunk) it should be."""
-
-
-MALFORMED = (_Malformed, AttributeError, IndexError, KeyError, TypeError)  # what reading a malformed answer raises
-
-
-def _usage(usage) -> dict:
-    """A server's `usage` checked (counts are whole numbers or absent), `completion_tokens` defaulting to 0."""
-    details = usage.get("prompt_tokens_details") or {}
-    counts = (usage.get("prompt_tokens"), usage.get("completion_tokens"), details.get("image_tokens"))
-    if not all(count is None or (type(count) is int and count >= 0) for count in counts):
-        raise _Malformed
-    return {**usage, "completion_tokens": usage.get("completion_tokens") or 0}
+MALFORMED = (AttributeError, IndexError, KeyError, TypeError)  # what reading a malformed chunk raises
 
 
 def _chunk(event) -> tuple[list[tuple[str, str | None, list]], dict | None]:
-    """One streamed chunk's choices as (content, finish_reason, logprobs entries), and its checked `usage`."""
+    """One streamed chunk's choices as (content, finish_reason, [(token, logprob)]), and its checked `usage`
+    (`completion_tokens` defaulting to 0); a malformed chunk raises one of MALFORMED."""
     out = []
     for choice in event.get("choices") or []:
         content, finish = (choice.get("delta") or {}).get("content"), choice.get("finish_reason")
-        if not all(value is None or isinstance(value, str) for value in (content, finish)):
-            raise _Malformed
-        out.append((content or "", finish, _logprobs(choice)))
-    return out, (_usage(event["usage"]) if event.get("usage") else None)
-
-
-def _logprobs(choice: dict) -> list[tuple[str, float]]:
-    """A choice's `logprobs.content` as (token, logprob); [] when the server sent none."""
-    try:
-        out = [(e["token"], float(e["logprob"])) for e in (choice.get("logprobs") or {}).get("content") or []]
-    except ValueError:
-        raise _Malformed from None
-    if not all(isinstance(token, str) for token, _ in out):
-        raise _Malformed
-    return out
-
-
-def _generation(inputs: RemoteInputs, row: int, text: str, finish: str, usage: dict, tokens: list, start: float,
-                first: float | None = None) -> Generation:
-    """A row's Generation (`first`: seconds to the first piece; None: not streamed), its usage kept in `inputs`."""
+        entries = [(e["token"], e["logprob"]) for e in (choice.get("logprobs") or {}).get("content") or []]
+        if not all(value is None or isinstance(value, str) for value in (content, finish)) or not all(
+                isinstance(token, str) for token, _ in entries):
+            raise TypeError
+        out.append((content or "", finish, [(token, _number(logprob)) for token, logprob in entries]))
+    usage = event.get("usage")
+    if not usage:
+        return out, None
     details = usage.get("prompt_tokens_details") or {}
-    inputs.usage[row] = {"prompt_tokens": usage.get("prompt_tokens"), "image_tokens": details.get("image_tokens")}
-    return Generation(text=text, completion_tokens=usage["completion_tokens"], finish_reason=finish,
-                      first_token_s=first, total_s=time.perf_counter() - start, prompt_usage=inputs.usage[row],
-                      logprobs=[lp for _, lp in tokens], ends=list(accumulate(len(token) for token, _ in tokens)))
+    counts = (usage.get("prompt_tokens"), usage.get("completion_tokens"), details.get("image_tokens"))
+    if not all(count is None or (type(count) is int and count >= 0) for count in counts):
+        raise TypeError
+    return out, {**usage, "completion_tokens": usage.get("completion_tokens") or 0}
+
+
+def _number(value) -> float:
+    try:
+        return float(value)
+    except ValueError:  # a string that is not a number: TypeError, as any malformed chunk
+        raise TypeError from None
+
+
+def _local_only(logits_processor) -> None:
+    if logits_processor:
+        raise UsageError("a logits processor cannot run through a server", "run without --server")
 
 
 def _plain_rgb(image):
