@@ -58,8 +58,6 @@ class RemoteEngine:
         cap = described.get("max_request_mb")
         known = isinstance(cap, (int, float)) and not isinstance(cap, bool) and cap > 0
         self.tiff_budget = min(TIFF_BUDGET, int(cap * 2**20) // 4) if known else 0  # TIFF bytes per request
-        self.processor = None  # nothing of the model lives here
-        self.context_size = None  # the server checks the context
 
     @property
     def info(self) -> dict:

@@ -2,8 +2,8 @@
 
 Contract (in full: docs/serve.md): `build_app(config, state)` returns the app; its lifespan loads the model in a
 thread (`state.loader`; until then 503 `loading`, a failure sets `state.error` and calls `state.on_fatal()`), then
-starts a `Scheduler`. Every error is OpenAI's `{"error": {...}}` with the CLI's codes; one access-log line per
-request on stderr: `METHOD PATH STATUS tokens=N S.SSSs`.
+sizes the prefix cache, starts a `Scheduler` and logs `ready` (`state.log`). Every error is OpenAI's `{"error":
+{...}}` with the CLI's codes; one access-log line per request on stderr: `METHOD PATH STATUS tokens=N S.SSSs`.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from fastapi.middleware import Middleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import IdeficsError, UsageError, classify
-from .cache import PageMemo
-from .config import ServeConfig
+from .cache import PageMemo, PrefixCache
+from .config import ServeConfig, default_cache_bytes
 from .metrics import Metrics
 from .requests import RequestError, parse
-from .scheduler import Job, QueueFull, describe, prompt_ids
+from .scheduler import Job, QueueFull, Scheduler, describe, prompt_ids
 
 LOG_KEY = "idefics.log"
 
@@ -44,7 +44,7 @@ class ServerState:
     error: IdeficsError | None = None
     model_id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
-    on_ready: object = None
+    log: object = None  # (line) -> None
     on_fatal: object = None
     per_image: int = 0
     metrics: Metrics | None = None  # set by build_app; the scheduler reports each job's end to it
@@ -237,7 +237,7 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
     # FastAPI without its request models and docs: OpenAI bodies are loose, and a bad one must get OpenAI's error
     # object with the CLI's codes (requests.py), not a 422; plain Starlette-style routes do exactly that
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, middleware=middleware,
-                  lifespan=lambda _: _lifespan(state),
+                  lifespan=lambda _: _lifespan(state, config),
                   exception_handlers={HTTPException: not_found, Exception: internal})
     app.add_route("/health", health, methods=["GET"])
     app.add_route("/v1/models", models, methods=["GET"])
@@ -265,7 +265,7 @@ def _prepare(state: ServerState, body, loop):
                   stop=req.stop, loop=loop, schema=req.schema, logprobs=req.logprobs, top_logprobs=req.top_logprobs)
         job.digests = digests
         if req.pages and not state.scheduler.lookup(job):  # pages seen before, their prefix no longer cached
-            job.images = req.render(known=False)[0]
+            job.images = req.render()[0]
     finally:
         req.close()
     return req, job
@@ -326,8 +326,8 @@ async def _stream(job: Job, req, meta: dict, record: dict, watcher, image_token:
 
 
 @asynccontextmanager
-async def _lifespan(state: ServerState):
-    task = asyncio.create_task(asyncio.to_thread(_load, state))
+async def _lifespan(state: ServerState, config: ServeConfig):
+    task = asyncio.create_task(asyncio.to_thread(_load, state, config))
     try:
         yield
     finally:
@@ -338,12 +338,17 @@ async def _lifespan(state: ServerState):
             task.cancel()
 
 
-def _load(state: ServerState) -> None:
+def _load(state: ServerState, config: ServeConfig) -> None:
     try:
-        state.engine = state.loader()
-        state.model_id = describe(state.engine)["id"]
-        state.per_image = state.engine.prompt_tokens(1, "") - state.engine.prompt_tokens(0, "")  # tokens an image adds
-        state.on_ready(state)
+        engine = state.engine = state.loader()
+        state.model_id = describe(engine)["id"]
+        state.per_image = engine.prompt_tokens(1, "") - engine.prompt_tokens(0, "")  # tokens an image adds
+        size = int(config.cache_mb * 2**20) if config.cache_mb is not None else default_cache_bytes(engine.device)
+        state.cache = PrefixCache(size)
+        state.scheduler = Scheduler(engine, state.cache, config.max_batch, config.max_queue, on_end=state.metrics.ended)
+        state.scheduler.start()
+        state.log(f"ready ({state.model_id}; batch {config.max_batch}, queue {config.max_queue}, "
+                  f"prefix cache {size / 2**20:.0f} MiB)")
         state.status = "ok"
     except BaseException as exc:  # noqa: BLE001 - reported, and the server exits
         state.error = classify(exc, stage="load")

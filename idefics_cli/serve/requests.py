@@ -47,21 +47,20 @@ class ChatRequest:
     top_logprobs: int = 0
     longest_side: int | None = None  # PDF pages' render size: the model family's (None: the documents' default)
 
-    def render(self, memo=None, known: bool = True) -> tuple[list, list[str]]:
+    def render(self, memo=None) -> tuple[list, list[str]]:
         """The chosen pages decoded (PIL images) and their `cache.image_digest`s; a page that cannot be decoded
-        raises its code. With a `PageMemo`, a page it holds (and `known`) is its `Seen` instead: the caller decodes
-        it if need be. Without one, the digests are []."""
+        raises its code. With a `PageMemo`, a page it holds is its `Seen` instead: the caller decodes it if need
+        be. Without one, the digests are []."""
         from .cache import Seen, image_digest
 
         images, digests = [], []
         for doc, page in self.pages:
             source = (doc.sha256, page, self.longest_side)
-            seen = memo.get(source) if memo is not None and known else None
+            seen = memo.get(source) if memo is not None else None
             image = seen or doc.render(page)
-            if memo is not None and seen is None:  # without a memo (no prefix cache) nothing reads a digest
-                seen = Seen(image.mode, image.width, image.height, image_digest(image))
+            if memo is not None:  # without a memo (no prefix cache) nothing reads a digest
+                seen = seen or Seen(image.mode, image.width, image.height, image_digest(image))
                 memo.put(source, seen)
-            if seen is not None:
                 digests.append(seen.digest)
             images.append(image)
         if not any(isinstance(image, Seen) for image in images):

@@ -16,7 +16,7 @@ import threading
 
 from ..errors import IdeficsError
 from .app import ServerState, build_app
-from .config import ServeConfig, check, default_cache_bytes
+from .config import ServeConfig, check
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -42,8 +42,13 @@ def run_server(config: ServeConfig, loader, log=None) -> int:
     sock = _bind(config.host, config.port)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    state = ServerState(loader=loader)
     server: uvicorn.Server | None = None
+
+    def fatal(state: ServerState) -> None:
+        if server is not None:
+            server.should_exit = True
+
+    state = ServerState(loader=loader, log=log, on_fatal=fatal)
 
     class Server(uvicorn.Server):
         """A SIGTERM/SIGINT ends it with status 0 (not raised again afterwards); signals only in the main thread."""
@@ -64,24 +69,6 @@ def run_server(config: ServeConfig, loader, log=None) -> int:
                 log("stopping: no new connections; finishing what is in flight")
             super().handle_exit(sig, frame)
 
-    def ready(state: ServerState) -> None:
-        from .cache import PrefixCache
-        from .scheduler import Scheduler
-
-        engine = state.engine
-        size = int(config.cache_mb * 2**20) if config.cache_mb is not None else default_cache_bytes(engine.device)
-        state.cache = PrefixCache(size)
-        state.scheduler = Scheduler(engine, state.cache, config.max_batch, config.max_queue,
-                                    on_end=state.metrics.ended if state.metrics else None)
-        state.scheduler.start()
-        log(f"ready ({state.model_id}; batch {config.max_batch}, queue {config.max_queue}, "
-            f"prefix cache {size / 2**20:.0f} MiB)")
-
-    def fatal(state: ServerState) -> None:
-        if server is not None:
-            server.should_exit = True
-
-    state.on_ready, state.on_fatal = ready, fatal
     app = build_app(config, state)
     uv = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                         timeout_graceful_shutdown=config.grace, server_header=False)
