@@ -106,13 +106,12 @@ class Scheduler:
         self.engine, self.cache, self.on_end = engine, cache, on_end  # on_end(job): each job's end (metrics.py)
         self.max_batch, self.max_queue = max(1, max_batch), max(0, max_queue)
         self.waiting: deque[Job] = deque()
-        self.admitting: list[Job] = []
         self.decode = Loop(engine)
         self.settings = settings_key(engine)
         self.cond = threading.Condition()
-        self.stopping = False
+        self.stopping = self.cancelling = False  # cancelling: the worker cancels every job it holds
         self.thread: threading.Thread | None = None
-        self.counts = {"answered": 0, "cancelled": 0, "failed": 0, "steps": 0}  # for /health
+        self.counts = {"answered": 0, "cancelled": 0, "failed": 0}  # for /health
         self.pixels = Ahead(self, self.max_batch if ahead is None else ahead)
 
     # ---- the callers' side ---------------------------------------------------------------------
@@ -139,14 +138,12 @@ class Scheduler:
     def load(self) -> dict:
         with self.cond:
             return {"running": len(self.decode.rows), "waiting": len(self.waiting), "max_batch": self.max_batch,
-                    "max_queue": self.max_queue, "pixels_ahead": self.pixels.held(), **self.counts}
+                    "max_queue": self.max_queue, "pixels_ahead": self.pixels.held(), **self.counts,
+                    "steps": self.decode.steps}
 
     def stop(self, cancel: bool = True, timeout: float | None = None) -> None:
         with self.cond:
-            self.stopping = True
-            if cancel:
-                for job in [*self.waiting, *self.admitting, *self.decode.rows]:
-                    job.cancelled.set()
+            self.stopping, self.cancelling = True, self.cancelling or cancel
             self.cond.notify()
         deadline = None if timeout is None else time.monotonic() + timeout
         if self.thread is not None:
@@ -164,28 +161,25 @@ class Scheduler:
                 if self.stopping and not self.decode.rows and not self.waiting:
                     self.pixels.work.stop()
                     return
+                for job in [*self.waiting, *self.decode.rows] if self.cancelling else ():
+                    job.cancelled.set()
                 free = min(len(self.waiting), self.max_batch - len(self.decode.rows))
-                admit = self.admitting = [self.waiting.popleft() for _ in range(free)]  # stop() must still see them
+                admit = [self.waiting.popleft() for _ in range(free)]
             ready = [job for job in admit if self._ready(job)]
-            try:
-                self.decode.add(ready)
-            finally:
-                with self.cond:
-                    self.admitting = []
+            self.decode.add(ready)
             for job in ready:
                 if job.prefix_kv is not None:
                     self.cache.put(job.cache_key, job.prefix_kv)
                     job.prefix_kv = None
             if self.decode.rows:
                 self.decode.step()
-                self.counts["steps"] = self.decode.steps
 
     def _sweep(self) -> None:
         """Waiting jobs that were cancelled or whose pixels failed end now: their places are free at once."""
         with self.cond:
             gone = [job for job in self.waiting if job.cancelled.is_set() or self.pixels.failed(job)]
-            if gone:
-                self.waiting = deque(job for job in self.waiting if not any(job is g for g in gone))
+            for job in gone:
+                self.waiting.remove(job)  # a Job is equal only to itself
         for job in gone:
             self._ready(job)  # ends it (cancelled, or its error)
 
