@@ -27,8 +27,10 @@ class RequestError(IdeficsError):
         self.param = param
 
 
-def bad(message: str, param: str | None = None, hint: str | None = None) -> RequestError:
-    return RequestError("usage", message, param, hint)
+def need(ok, message: str, param: str | None = None, hint: str | None = None) -> None:
+    """A `usage` RequestError unless `ok`."""
+    if not ok:
+        raise RequestError("usage", message, param, hint)
 
 
 @dataclass
@@ -77,43 +79,35 @@ class ChatRequest:
 def _number(body: dict, name: str, low: float, high: float, integer: bool = False):
     value = body.get(name)
     kinds = (int,) if integer else (int, float)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high):
-        raise bad(f"{name} must be {'an integer' if integer else 'a number'} from {low} to {high}", name)
+    need(value is None or (not isinstance(value, bool) and isinstance(value, kinds) and low <= value <= high),
+         f"{name} must be {'an integer' if integer else 'a number'} from {low} to {high}", name)
     return value
 
 
 def parse(body, *, max_images: int | None = None, longest_side: int | None = None) -> ChatRequest:
-    if not isinstance(body, dict):
-        raise bad("the request body must be a JSON object")
-    if body.get("n") not in (None, 1):
-        raise bad("only n=1 is supported", "n")
+    need(isinstance(body, dict), "the request body must be a JSON object")
+    need(body.get("n") in (None, 1), "only n=1 is supported", "n")
     for unsupported in ("tools", "functions", "tool_choice", "function_call"):
-        if body.get(unsupported):
-            raise bad(f"{unsupported} are not supported by this server", unsupported)
+        need(not body.get(unsupported), f"{unsupported} are not supported by this server", unsupported)
     max_tokens = _number(body, "max_completion_tokens", 1, MAX_NEW_TOKENS, integer=True)
     if max_tokens is None:
         max_tokens = _number(body, "max_tokens", 1, MAX_NEW_TOKENS, integer=True)
     temperature = _number(body, "temperature", 0, 2) or 0.0
     top_p = _number(body, "top_p", 0, 1)
-    if top_p == 0:
-        raise bad("top_p must be above 0", "top_p")
+    need(top_p != 0, "top_p must be above 0", "top_p")
     seed = _number(body, "seed", -(2**63), 2**63 - 1, integer=True)
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop if stop is not None else []
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise bad("stop must be a non-empty string or a list of up to 4", "stop")
+    need(isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop),
+         "stop must be a non-empty string or a list of up to 4", "stop")
     stream = body.get("stream", False)
-    if not isinstance(stream, bool) and stream is not None:
-        raise bad("stream must be true or false", "stream")
+    need(isinstance(stream, bool) or stream is None, "stream must be true or false", "stream")
     options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise bad("stream_options must be an object", "stream_options")
+    need(isinstance(options, dict), "stream_options must be an object", "stream_options")
     logprobs = body.get("logprobs") or False
-    if not isinstance(logprobs, bool):
-        raise bad("logprobs must be true or false", "logprobs")
+    need(isinstance(logprobs, bool), "logprobs must be true or false", "logprobs")
     top = _number(body, "top_logprobs", 0, 20, integer=True) or 0
-    if top and not logprobs:
-        raise bad("top_logprobs needs logprobs: true", "top_logprobs")
+    need(logprobs or not top, "top_logprobs needs logprobs: true", "top_logprobs")
     schema = response_format(body.get("response_format"))
     req = ChatRequest(messages=[], max_tokens=max_tokens, temperature=float(temperature),
                       top_p=float(1.0 if top_p is None else top_p), seed=seed, stop=stop, stream=bool(stream),
@@ -136,15 +130,14 @@ def response_format(value):
         return None
     if kind == "json_object":
         return structured.permissive_object()
-    if kind != "json_schema":
-        raise bad("response_format.type must be text, json_object or json_schema", "response_format.type")
+    need(kind == "json_schema", "response_format.type must be text, json_object or json_schema", "response_format.type")
     inner = value.get("json_schema")
-    if not isinstance(inner, dict):
-        raise bad("response_format.json_schema must be an object with a schema", "response_format.json_schema")
+    need(isinstance(inner, dict), "response_format.json_schema must be an object with a schema",
+         "response_format.json_schema")
     for key, kind, what in (("name", str, "a string"), ("strict", bool, "true or false"),
                             ("schema", dict, "a JSON Schema object")):
-        if not isinstance(inner.get(key), kind) and (key == "schema" or inner.get(key) is not None):
-            raise bad(f"response_format.json_schema.{key} must be {what}", f"response_format.json_schema.{key}")
+        need(isinstance(inner.get(key), kind) or (key != "schema" and inner.get(key) is None),
+             f"response_format.json_schema.{key} must be {what}", f"response_format.json_schema.{key}")
     try:
         return structured.as_schema(inner["schema"])
     except IdeficsError as err:
@@ -153,41 +146,37 @@ def response_format(value):
 
 
 def _messages(messages, req: ChatRequest, max_images: int | None) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise bad("messages must be a non-empty list", "messages")
+    need(isinstance(messages, list) and messages, "messages must be a non-empty list", "messages")
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise bad(f"{where} must be an object", where)
+        need(isinstance(message, dict), f"{where} must be an object", where)
         role = message.get("role")
-        if role not in ("system", "developer", "user", "assistant"):
-            raise bad(f"{where}.role must be system, developer, user or assistant", f"{where}.role")
+        need(role in ("system", "developer", "user", "assistant"),
+             f"{where}.role must be system, developer, user or assistant", f"{where}.role")
         role = "system" if role == "developer" else role
         content = "" if message.get("content") is None and role == "assistant" else message.get("content")
         parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-        if not isinstance(parts, list):
-            raise bad(f"{where}.content must be a string or a list of parts", f"{where}.content")
+        need(isinstance(parts, list), f"{where}.content must be a string or a list of parts", f"{where}.content")
         texts, n_images = [], 0
         for j, part in enumerate(parts):
             here = f"{where}.content[{j}]"
             kind = part.get("type") if isinstance(part, dict) else None
             if kind in ("text", "input_text"):
-                if not isinstance(part.get("text"), str) or _SURROGATE.search(part["text"]):
-                    raise bad(f"{here}.text must be a string of valid Unicode", f"{here}.text")
+                need(isinstance(part.get("text"), str) and not _SURROGATE.search(part["text"]),
+                     f"{here}.text must be a string of valid Unicode", f"{here}.text")
                 texts.append(part["text"])
             elif kind in ("image_url", "file"):
-                if role != "user":
-                    raise bad(f"{here}: only user messages can carry images or files", here)
+                need(role == "user", f"{here}: only user messages can carry images or files", here)
                 n_images += _attach(part, kind, here, req)
                 if max_images is not None and len(req.pages) > max_images:
                     raise RequestError("usage", f"more than {max_images} page images in one request",
                                        here, "choose fewer pages with file.pages")
             else:
-                raise bad(f"{here}.type must be text, image_url or file", f"{here}.type")
+                need(False, f"{here}.type must be text, image_url or file", f"{here}.type")
         req.messages.append({"role": role, "content": [{"type": "image"} for _ in range(n_images)]
                              + [{"type": "text", "text": "\n".join(texts)}]})
-    if req.messages[-1]["role"] != "user":
-        raise bad("the last message must be the user's", f"messages[{len(messages) - 1}].role")
+    need(req.messages[-1]["role"] == "user", "the last message must be the user's",
+         f"messages[{len(messages) - 1}].role")
 
 
 def _attach(part: dict, kind: str, here: str, req: ChatRequest) -> int:
@@ -199,28 +188,24 @@ def _attach(part: dict, kind: str, here: str, req: ChatRequest) -> int:
     if kind == "image_url":
         inner = part.get("image_url")
         url = inner.get("url") if isinstance(inner, dict) else inner
-        if not isinstance(url, str):
-            raise bad(f"{here}.image_url.url must be a string", f"{here}.image_url")
-        if not url.startswith("data:"):
-            raise bad(f"{here}: only data: URLs are accepted (the server never fetches a URL)", f"{here}.image_url",
-                      "send the image inline as data:image/png;base64,...")
+        need(isinstance(url, str), f"{here}.image_url.url must be a string", f"{here}.image_url")
+        need(url.startswith("data:"), f"{here}: only data: URLs are accepted (the server never fetches a URL)",
+             f"{here}.image_url", "send the image inline as data:image/png;base64,...")
         data = _data_url(url, here)
     else:
         inner = part.get("file")
-        if not isinstance(inner, dict):
-            raise bad(f"{here}.file must be an object", f"{here}.file")
-        if inner.get("file_id") is not None:
-            raise bad(f"{here}: file_id is not supported (there is no file store)", f"{here}.file.file_id",
-                      "send the file inline as file_data")
+        need(isinstance(inner, dict), f"{here}.file must be an object", f"{here}.file")
+        need(inner.get("file_id") is None, f"{here}: file_id is not supported (there is no file store)",
+             f"{here}.file.file_id", "send the file inline as file_data")
         raw = inner.get("file_data")
-        if not isinstance(raw, str) or not raw:
-            raise bad(f"{here}.file.file_data must be a data: URL or base64 text", f"{here}.file.file_data")
+        need(isinstance(raw, str) and raw, f"{here}.file.file_data must be a data: URL or base64 text",
+             f"{here}.file.file_data")
         data = _data_url(raw, here) if raw.startswith("data:") else _base64(raw, here)
         spec_text, password = inner.get("pages"), inner.get("password")
-        if spec_text is not None and not isinstance(spec_text, (str, int)):
-            raise bad(f"{here}.file.pages must be a page spec such as \"1-3,7\"", f"{here}.file.pages")
-        if password is not None and not isinstance(password, str):
-            raise bad(f"{here}.file.password must be a string", f"{here}.file.password")
+        need(spec_text is None or isinstance(spec_text, (str, int)),
+             f"{here}.file.pages must be a page spec such as \"1-3,7\"", f"{here}.file.pages")
+        need(password is None or isinstance(password, str), f"{here}.file.password must be a string",
+             f"{here}.file.password")
     try:
         spec = parse_page_spec(None if spec_text is None else str(spec_text))
     except IdeficsError as err:
