@@ -38,7 +38,6 @@ class ServerState:
     loader: object = None  # () -> engine
     engine: object = None
     scheduler: object = None
-    cache: object = None
     pages: object = field(default_factory=PageMemo)  # what pages seen before decoded to (cache.py)
     status: str = "loading"  # loading | ok | error | stopping
     error: IdeficsError | None = None
@@ -123,8 +122,6 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
         body = {"status": state.status, "model": state.model_id}
         if state.scheduler is not None:
             body.update(state.scheduler.load())
-        if state.cache is not None:
-            body["cache"] = state.cache.stats()
         return JSONResponse(body, 200 if state.status == "ok" else 503)
 
     async def models(request: Request) -> JSONResponse:
@@ -135,7 +132,8 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
                                                          "created": state.created, "owned_by": "idefics-cli",
                                                          "idefics": info}]})
 
-    async def read_body(request: Request) -> bytes | JSONResponse:
+    async def read_json(request: Request):
+        """The body's JSON value, or the error response (413 over --max-request-mb, 400 not JSON)."""
         limit = int(config.max_request_mb * 2**20)
         too_big = error_response(413, "request_too_large", f"the request is over --max-request-mb "
                                  f"{config.max_request_mb:g} MiB", headers={"Connection": "close"})
@@ -150,7 +148,12 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
                 return too_big
             if size <= limit:
                 chunks.append(chunk)
-        return too_big if size > limit else b"".join(chunks)
+        if size > limit:
+            return too_big
+        try:
+            return json.loads(b"".join(chunks))
+        except (ValueError, RecursionError):
+            return error_response(400, "usage", "the request body is not valid JSON")
 
     async def chat(request: Request) -> Response:
         record = request.scope.get(LOG_KEY, {})
@@ -159,13 +162,9 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
         scheduler = state.scheduler
         if scheduler.busy():
             return error_response(503, "overloaded", "too many requests are waiting", headers={"Retry-After": "1"})
-        raw = await read_body(request)
-        if isinstance(raw, Response):
-            return raw
-        try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError):
-            return error_response(400, "usage", "the request body is not valid JSON")
+        body = await read_json(request)
+        if isinstance(body, Response):
+            return body
         loop = asyncio.get_running_loop()
         try:
             async with preparing:
@@ -179,28 +178,23 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
             code = "shutting_down" if scheduler.stopping else "overloaded"
             return error_response(503, code, str(exc), headers={"Retry-After": "1"})
         watcher = asyncio.create_task(_watch_disconnect(request, job))
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_id}
+        image_token, streamed = state.engine.image_token_id, None
         try:
             kind, payload = await job.events.get()
-        except BaseException:
-            job.cancel()
-            watcher.cancel()
-            raise
-        if kind in ("error", "done"):  # done: cancelled before it started (the client went away, or stopping)
-            watcher.cancel()
-            return _from_error(payload) if kind == "error" else error_response(
-                503, "cancelled", "the request was cancelled before it started")
-        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_id}
-        image_token = state.engine.image_token_id
-        if req.stream:
-            return StreamingResponse(_stream(job, req, meta, record, watcher, image_token),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        try:
+            if kind == "done":  # cancelled before it started (the client went away, or stopping)
+                return error_response(503, "cancelled", "the request was cancelled before it started")
+            if kind != "error" and req.stream:  # the stream ends the job and the watcher
+                streamed = StreamingResponse(_stream(job, req, meta, record, watcher, image_token),
+                                             media_type="text/event-stream",
+                                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                return streamed
             while kind not in ("error", "done"):
                 kind, payload = await job.events.get()
         finally:
-            watcher.cancel()
-            job.cancel()
+            if streamed is None:
+                watcher.cancel()
+                job.cancel()
         record["tokens"] = len(job.token_ids)
         if kind == "error":
             return _from_error(payload)
@@ -344,8 +338,8 @@ def _load(state: ServerState, config: ServeConfig) -> None:
         state.model_id = describe(engine)["id"]
         state.per_image = engine.prompt_tokens(1, "") - engine.prompt_tokens(0, "")  # tokens an image adds
         size = int(config.cache_mb * 2**20) if config.cache_mb is not None else default_cache_bytes(engine.device)
-        state.cache = PrefixCache(size)
-        state.scheduler = Scheduler(engine, state.cache, config.max_batch, config.max_queue, on_end=state.metrics.ended)
+        state.scheduler = Scheduler(engine, PrefixCache(size), config.max_batch, config.max_queue,
+                                    on_end=state.metrics.ended)
         state.scheduler.start()
         state.log(f"ready ({state.model_id}; batch {config.max_batch}, queue {config.max_queue}, "
                   f"prefix cache {size / 2**20:.0f} MiB)")

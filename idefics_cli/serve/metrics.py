@@ -44,9 +44,8 @@ class Metrics:
         self.pages.inc(pages)
 
     def collect(self):
-        scheduler, cache = self.state.scheduler, self.state.cache
-        load = scheduler.load() if scheduler is not None else {}
-        stats = cache.stats() if cache is not None else {}
+        load = self.state.scheduler.load() if self.state.scheduler is not None else {}
+        stats = load.get("cache", {})
         yield GaugeMetricFamily("idefics_queue_length", "Requests waiting for a place in the batch",
                                 load.get("waiting", 0))
         yield GaugeMetricFamily("idefics_running_rows", "Requests being generated (rows of the decode loop)",

@@ -139,7 +139,7 @@ class Scheduler:
         with self.cond:
             return {"running": len(self.decode.rows), "waiting": len(self.waiting), "max_batch": self.max_batch,
                     "max_queue": self.max_queue, "pixels_ahead": self.pixels.held(), **self.counts,
-                    "steps": self.decode.steps}
+                    "steps": self.decode.steps, "cache": self.cache.stats()}
 
     def stop(self, cancel: bool = True, timeout: float | None = None) -> None:
         with self.cond:
