@@ -174,16 +174,13 @@ class RemoteEngine:
             for event in events(resp):
                 if isinstance(event, dict) and "error" in event:
                     raise self.http.error(500, event)
-                choices, chunk_usage = _chunk(event)
-                usage = chunk_usage or usage
-                for piece, finish_reason, logprobs in choices:
-                    tokens += logprobs
-                    if piece:
-                        if first is None:
-                            first = time.perf_counter() - start
-                        pieces.append(piece)
-                        yield piece
-                    finish = finish_reason or finish
+                piece, finish_reason, logprobs, chunk_usage = _chunk(event)
+                usage, finish = chunk_usage or usage, finish_reason or finish
+                tokens += logprobs
+                if piece:
+                    first = time.perf_counter() - start if first is None else first
+                    pieces.append(piece)
+                    yield piece
         except (*MALFORMED, json.JSONDecodeError):
             raise IdeficsError("model_error", f"the server at {self.url} sent {what} that is not a chat completion",
                                SERVER_HINT) from None
@@ -231,25 +228,24 @@ class RemoteEngine:
 MALFORMED = (AttributeError, IndexError, KeyError, TypeError)  # what reading a malformed chunk raises
 
 
-def _chunk(event) -> tuple[list[tuple[str, str | None, list]], dict | None]:
-    """One streamed chunk's choices as (content, finish_reason, [(token, logprob)]), and its checked `usage`
+def _chunk(event) -> tuple[str, str | None, list[tuple[str, float]], dict | None]:
+    """A streamed chunk's (one) choice as (content, finish_reason, [(token, logprob)]) and its checked `usage`
     (`completion_tokens` defaulting to 0); a malformed chunk raises one of MALFORMED."""
-    out = []
-    for choice in event.get("choices") or []:
-        content, finish = (choice.get("delta") or {}).get("content"), choice.get("finish_reason")
-        entries = [(e["token"], e["logprob"]) for e in (choice.get("logprobs") or {}).get("content") or []]
-        if not all(value is None or isinstance(value, str) for value in (content, finish)) or not all(
-                isinstance(token, str) for token, _ in entries):
-            raise TypeError
-        out.append((content or "", finish, [(token, _number(logprob)) for token, logprob in entries]))
+    choice = (event.get("choices") or [{}])[0]
+    content, finish = (choice.get("delta") or {}).get("content"), choice.get("finish_reason")
+    entries = [(e["token"], e["logprob"]) for e in (choice.get("logprobs") or {}).get("content") or []]
+    if not all(value is None or isinstance(value, str) for value in (content, finish)) or not all(
+            isinstance(token, str) for token, _ in entries):
+        raise TypeError
+    out = (content or "", finish, [(token, _number(logprob)) for token, logprob in entries])
     usage = event.get("usage")
     if not usage:
-        return out, None
+        return (*out, None)
     details = usage.get("prompt_tokens_details") or {}
     counts = (usage.get("prompt_tokens"), usage.get("completion_tokens"), details.get("image_tokens"))
     if not all(count is None or (type(count) is int and count >= 0) for count in counts):
         raise TypeError
-    return out, {**usage, "completion_tokens": usage.get("completion_tokens") or 0}
+    return (*out, {**usage, "completion_tokens": usage.get("completion_tokens") or 0})
 
 
 def _number(value) -> float:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from bisect import bisect_right
 from collections import deque
 
@@ -145,11 +144,10 @@ class Scheduler:
         with self.cond:
             self.stopping, self.cancelling = True, self.cancelling or cancel
             self.cond.notify()
-        deadline = None if timeout is None else time.monotonic() + timeout
         if self.thread is not None:
             self.thread.join(timeout)
-        self.pixels.work.stop()
-        self.pixels.work.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        self.pixels.work.stop()  # it stops between two images
+        self.pixels.work.join(timeout)
 
     # ---- the worker ----------------------------------------------------------------------------
     def _run(self) -> None:
