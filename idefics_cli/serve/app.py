@@ -24,7 +24,7 @@ from fastapi.middleware import Middleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import IdeficsError, UsageError, classify
-from .cache import PageMemo, PrefixCache
+from .cache import PrefixCache
 from .config import ServeConfig, default_cache_bytes
 from .metrics import Metrics
 from .requests import RequestError, parse
@@ -38,7 +38,8 @@ class ServerState:
     loader: object = None  # () -> engine
     engine: object = None
     scheduler: object = None
-    pages: object = field(default_factory=PageMemo)  # what pages seen before decoded to (cache.py)
+    # what source pages (document sha256, page, render size) decoded to, as cache.Seen: the last 4096
+    pages: object = field(default_factory=lambda: PrefixCache(4096, size=lambda seen: 1))
     status: str = "loading"  # loading | ok | error | stopping
     error: IdeficsError | None = None
     model_id: str = ""

@@ -1,7 +1,7 @@
 """The prefix cache: key/value caches of prompts' image prefixes, least recently used out first, bounded by bytes.
 
 Contract: `prefix_key(settings, ids, digests)` names a prefix by the model's settings, its token ids and its images'
-content; `PageMemo` lets a page seen before skip its decoding while its prefix is cached. `PrefixCache(max_bytes,
+content; a page's `Seen` lets it skip its decoding while its prefix is cached. `PrefixCache(max_bytes,
 size)`: `get` (counted in `hits`/`misses`), `contains` (not counted), `put` (evicts the least recently used until the
 value's `size`, default `nbytes`, fits; one over the whole budget is not stored). Thread-safe; no torch.
 """
@@ -84,9 +84,3 @@ class PrefixCache:
             return {"entries": len(self.entries), "bytes": self.bytes, "max_bytes": self.max_bytes,
                     "hits": self.hits, "misses": self.misses}
 
-
-class PageMemo(PrefixCache):
-    """What a source page (its document's sha256, the page, the render size) decoded to, as `Seen`; LRU, bounded."""
-
-    def __init__(self, max_entries: int = 4096):
-        super().__init__(max_entries, size=lambda seen: 1)

@@ -51,8 +51,8 @@ class ChatRequest:
 
     def render(self, memo=None) -> tuple[list, list[str]]:
         """The chosen pages decoded (PIL images) and their `cache.image_digest`s; a page that cannot be decoded
-        raises its code. With a `PageMemo`, a page it holds is its `Seen` instead: the caller decodes it if need
-        be. Without one, the digests are []."""
+        raises its code. With a memo (`ServerState.pages`), a page it holds is its `Seen` instead: the caller
+        decodes it if need be. Without one, the digests are []."""
         from .cache import Seen, image_digest
 
         images, digests = [], []
