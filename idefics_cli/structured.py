@@ -365,15 +365,14 @@ def row_grammar(engine, schema: Schema) -> RowGrammar:
 def read_answer(text: str, schema: Schema, finish_reason: str | None) -> tuple[Any, str | None]:
     """(data, None) for an answer that parses and validates; else (None, TRUNCATED or MISMATCH)."""
     jsonschema = _need("jsonschema")
+    cls = jsonschema.validators.validator_for(schema.schema, default=jsonschema.Draft202012Validator)
     try:
         data = json.loads(text)
+        if cls(schema.schema, format_checker=cls.FORMAT_CHECKER).is_valid(data):
+            return data, None
     except json.JSONDecodeError:
-        return None, TRUNCATED if finish_reason == "length" else MISMATCH
-    cls = jsonschema.validators.validator_for(schema.schema, default=jsonschema.Draft202012Validator)
-    validator = cls(schema.schema, format_checker=cls.FORMAT_CHECKER)
-    if not validator.is_valid(data):
-        return None, TRUNCATED if finish_reason == "length" else MISMATCH
-    return data, None
+        pass
+    return None, TRUNCATED if finish_reason == "length" else MISMATCH
 
 
 def answer_error(code: str, max_new_tokens: int | None = None):

@@ -38,13 +38,13 @@ class Preparer:
         """The model card's processor call (padded pixels, on the device): the reference path of tests and benches.
         `split` overrides image splitting for this call only."""
         images = [list(imgs) for imgs, _ in batch]
-        split = self.options.split if split is None else split
-        return self._processor_call(batch, split, images if any(images) else None).to(self.device)
+        return self._processor_call(batch, split, images if any(images) else None)
 
-    def _processor_call(self, batch, split: bool, images):
-        prompts = [self.prompt(len(imgs), question) for imgs, question in batch]
+    def _processor_call(self, batch, split: bool | None, images=None):
+        texts = [self.prompt(len(imgs), question) for imgs, question in batch]
         # Threads share the processor: no call changes its state (the split picks a copy; padding asked every call).
-        return self._processor_for(split)(text=prompts, images=images, return_tensors="pt", padding=True)
+        processor = self._processor_for(self.options.split if split is None else split)
+        return processor(text=texts, images=images, return_tensors="pt", padding=True).to(self.device)
 
     def _processor_for(self, split: bool):
         """The processor, or a copy splitting the other way (Idefics2 expands image tokens from the attribute)."""
@@ -62,10 +62,23 @@ class Preparer:
         return processor
 
     def prepare(self, batch: list[tuple[list, str]], split: bool | None = None, collect: bool = False):
-        """The processor's token ids; the images reach the model through vision.py."""
-        from .vision import prepare
+        """Token ids with a `"vision"` entry (vision.py) instead of pixels, built now with `collect` and always for a
+        sized family (its prompts follow the grids); a processor that is neither gets `build_inputs`."""
+        from .vision import VisionInputs
 
-        return prepare(self, batch, self.options.split if split is None else split, collect)
+        split, processor, sized = self.options.split if split is None else split, self.processor, self.family.sized
+        if not sized and (type(processor).__name__ != "Idefics2Processor"
+                          or getattr(processor.image_processor, "do_pad", True) is False):
+            return self.build_inputs(batch, split)
+        vision = VisionInputs([images for images, _ in batch], split, self.family.image_kwargs)
+        if collect or sized:
+            vision.collect(processor.image_processor)
+        if sized:
+            inputs = self.tokenize([self.prompt(len(images), question) for images, question in batch], vision)
+        else:
+            inputs = self._processor_call(batch, split)
+        inputs["vision"] = vision
+        return inputs
 
     @property
     def render_side(self) -> int | None:
@@ -78,13 +91,18 @@ class Preparer:
             raise UsageError(f"{what} needs {tokens} prompt tokens + {max_new_tokens} new tokens, more than the "
                              f"model's context of {self.context_size}", hint)
 
-    def tokenize(self, texts: list[str], vision):
-        """Token ids of `texts` (left-padded, on the device), image tokens expanded from `vision`'s built grids."""
-        grids = [g for row in vision.grids for g in row]
-        texts = self.family.expand(self.processor, texts, grids) if grids else texts
-        inputs = self.processor.tokenizer(texts, return_tensors="pt", padding=True)
-        self.fit_context(int(inputs["attention_mask"].sum(dim=1).max()), self.options.max_new_tokens, "the prompt",
-                         "narrow --pages, or --no-split")
+    def _token_ids(self, texts: list[str], grids: list[tuple[int, int]], **kwargs):
+        """The processor's token ids of `texts`; a sized family's image tokens expanded for `grids` [(rows, cols)]."""
+        if not self.family.sized:
+            return self.processor(text=texts, **kwargs)
+        return self.processor.tokenizer(self.family.expand(self.processor, texts, grids) if grids else texts, **kwargs)
+
+    def tokenize(self, texts: list[str], vision, max_new_tokens: int | None = None, what: str = "the prompt",
+                 hint: str = "narrow --pages, or --no-split"):
+        """Token ids of `texts` (left-padded, on the device; refused over the context), images from `vision`'s grids."""
+        inputs = self._token_ids(texts, [g for row in vision.grids for g in row], return_tensors="pt", padding=True)
+        self.fit_context(int(inputs["attention_mask"].sum(dim=1).max()),
+                         self.options.max_new_tokens if max_new_tokens is None else max_new_tokens, what, hint)
         return inputs.to(self.device)
 
 
@@ -114,11 +132,7 @@ class LocalEngine(Preparer):
 
     def prompt_tokens(self, n_images: int, question: str) -> int:
         """Prompt length with the images expanded, without pixels (sized families: one tile an image, the least)."""
-        text = self.prompt(n_images, question)
-        if self.family.sized:
-            text = self.family.expand(self.processor, [text], [(0, 0)] * n_images)[0]
-            return len(self.processor.tokenizer(text).input_ids)
-        return len(self.processor(text=[text]).input_ids[0])
+        return len(self._token_ids([self.prompt(n_images, question)], [(0, 0)] * n_images).input_ids[0])
 
     def check_context(self, n_images: int, question: str, max_new_tokens: int) -> int:
         """Refuse up front a prompt that cannot fit the context; returns the prompt length."""
@@ -147,13 +161,9 @@ class LocalEngine(Preparer):
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
         vision = VisionInputs([list(images)], self.options.split, self.family.image_kwargs)
         if self.family.sized:  # the prompt's image tokens follow the pixels' grids
-            inputs = self.processor.tokenizer(self.family.expand(self.processor, [text], [
-                g for row in vision.collect(self.processor.image_processor).grids for g in row]), return_tensors="pt")
-        else:
-            inputs = self.processor(text=[text], return_tensors="pt")
-        self.fit_context(int(inputs["input_ids"].shape[1]), max_new_tokens, "the conversation",
-                         "/reset to start over, or show fewer pages")
-        inputs = inputs.to(self.device)
+            vision.collect(self.processor.image_processor)
+        inputs = self.tokenize([text], vision, max_new_tokens, "the conversation",
+                               "/reset to start over, or show fewer pages")
         inputs["vision"] = vision
         return inputs
 

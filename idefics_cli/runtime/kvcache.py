@@ -8,10 +8,10 @@ does, `engine.prefill_chunk` tokens at a time -> (last logits, a `KV` per row). 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 SPARE = 128  # positions a buffer keeps beyond what it holds when it grows
-_classes: dict = {}
 
 
 def _adopt(tensor):
@@ -43,10 +43,9 @@ def _append(slot, new, spare: int):
     return buffer[:, :, start:end + n]
 
 
+@functools.cache
 def layer_classes() -> dict:
     """{"full_attention": layer class, "sliding_attention": layer class} (made once)."""
-    if _classes:
-        return _classes
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
     class _Room:
@@ -91,9 +90,7 @@ def layer_classes() -> dict:
                 slot[1] = max(slot[1], slot[2] - (self.sliding_window - 1))
             return keys, values
 
-    _classes.update({"full_attention": RoomLayer, "sliding_attention": RoomSlidingLayer,
-                     "chunked_attention": RoomSlidingLayer})
-    return _classes
+    return {"full_attention": RoomLayer, "sliding_attention": RoomSlidingLayer, "chunked_attention": RoomSlidingLayer}
 
 
 def new_cache(config=None, layers=None, spare: int = SPARE):

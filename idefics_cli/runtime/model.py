@@ -183,18 +183,16 @@ def start_load(options: ModelOptions) -> Loading:
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
     process.tune_allocators()  # opted-in processes (the commands): big buffers reused (process.tune)
+    kwargs = {"dtype": dtype, "use_safetensors": True, "attn_implementation": "sdpa", **common,
+              "device_map": {"": device if device != "cuda" else f"cuda:{torch.cuda.current_device()}"}}
     try:
-        kwargs = {"dtype": dtype, "use_safetensors": True, "attn_implementation": "sdpa", **common}
         quant = quantization_config(options.quant, dtype)
-        if quant is not None:
-            if not device.startswith("cuda") and options.quant == "8bit":
-                raise IdeficsError("model_error", "--quant 8bit needs a CUDA GPU", "use --quant 4bit or none")
-            kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": device if device != "cuda" else f"cuda:{torch.cuda.current_device()}"}
-    except IdeficsError:
-        raise
-    except Exception as exc:  # transformers raises OSError/ValueError/EnvironmentError for these
+    except Exception as exc:  # bitsandbytes missing, or transformers' OSError/ValueError
         raise model_error(exc, options) from exc
+    if quant is not None:
+        if not device.startswith("cuda") and options.quant == "8bit":
+            raise IdeficsError("model_error", "--quant 8bit needs a CUDA GPU", "use --quant 4bit or none")
+        kwargs["quantization_config"] = quant
     # A short-lived thread: its idle OpenMP workers end with it instead of throttling the generating thread's
     weights = in_thread(lambda: AutoModelForImageTextToText.from_pretrained(
         source(options, common["local_files_only"]), **kwargs), name="idefics-load")

@@ -3,8 +3,7 @@
 `VisionInputs(rows, split, kwargs)`: each prompt's images (or functions rendering one), built one source image at a
 time by the processor itself (`grids`: tiles per image), kept 8-bit until `encode(model, vision, chunk)` runs one
 shape bucket, `chunk` images a call. Identical images (blank tiles, mostly) are encoded once: by content digest
-within a call, and across calls for the model's last `REPEATS` repeated ones. `auto_chunk` sizes a chunk from free
-memory; `prepare` makes an engine's inputs.
+within a call, and across calls for the model's last `REPEATS` repeated ones. `auto_chunk` sizes a chunk.
 """
 
 from __future__ import annotations
@@ -100,10 +99,8 @@ _TABLES = weakref.WeakKeyDictionary()  # image processor -> its value table (or 
 def value_table(image_processor):
     """What the processor's rescaling + normalisation make of each 8-bit value ([channels, 256]), or None.
     Asked of the processor once with a 256 x 256 ramp image, which must come back unchanged without that step."""
-    try:
+    if image_processor in _TABLES:
         return _TABLES[image_processor]
-    except (KeyError, TypeError):
-        pass
     table = None
     try:
         import numpy as np
@@ -122,10 +119,7 @@ def value_table(image_processor):
             table = np.ascontiguousarray(mapped[:, 0, :])
     except Exception:  # a processor that refuses these options: ask it for whole pixels
         table = None
-    try:
-        _TABLES[image_processor] = table
-    except TypeError:  # not weakly referable: asked again next time (a few milliseconds)
-        pass
+    _TABLES[image_processor] = table
     return table
 
 
@@ -254,21 +248,3 @@ def _flush(model, vision: VisionInputs, shape, chunk: int, features, repeats: _R
             for row, slot in places.pop(key):
                 features[row][slot] = feats
         out = None
-
-
-def prepare(engine, batch: list[tuple[list, str]], split: bool, collect: bool):
-    """`engine.build_inputs`' token ids with a `"vision"` entry instead of pixels (`collect`: pixels built now;
-    always for a sized family, whose prompts are expanded from the grids). Other processors get `build_inputs`."""
-    processor = engine.processor
-    if engine.family.sized:
-        vision = VisionInputs([images for images, _ in batch], split, engine.family.image_kwargs)
-        vision.collect(processor.image_processor)
-        inputs = engine.tokenize([engine.prompt(len(images), question) for images, question in batch], vision)
-        inputs["vision"] = vision
-        return inputs
-    if type(processor).__name__ != "Idefics2Processor" or getattr(processor.image_processor, "do_pad", True) is False:
-        return engine.build_inputs(batch, split)
-    inputs = engine._processor_call(batch, split, None).to(engine.device)
-    vision = VisionInputs([images for images, _ in batch], split)
-    inputs["vision"] = vision.collect(engine.processor.image_processor) if collect else vision
-    return inputs
