@@ -153,11 +153,16 @@ class TranscribeJob:
             self.progress(self.summary)
 
 
+def page_builder(preparer, request: TranscribeRequest):
+    """`build(images)` for batch.build_batch: the inputs of one page an image, prepared by `preparer` (the engine,
+    or engine.Preparer while it loads)."""
+    prompt = request.model_prompt
+    return lambda images: preparer.prepare([([image], prompt) for image in images], collect=True)
+
+
 def prefetcher(preparer, job: TranscribeJob) -> Prefetcher:
-    """The job's prefetcher, its batches prepared by `preparer` (the engine, or engine.Preparer while it loads)."""
-    prompt = job.request.model_prompt
-    return Prefetcher(job.docs, job.open_doc, job.select_pages, job.is_done,
-                      lambda images: preparer.prepare([([image], prompt) for image in images], collect=True),
+    """The job's prefetcher, its batches prepared by `preparer`."""
+    return Prefetcher(job.docs, job.open_doc, job.select_pages, job.is_done, page_builder(preparer, job.request),
                       job.request.batch_size or 1, on_pages=job.pages)
 
 
@@ -218,12 +223,10 @@ def transcribe(engine, job: TranscribeJob, started: Prefetcher | None = None) ->
 
 
 def answer_batch(engine, batch: Batch, request: TranscribeRequest) -> list[PageRecord]:
-    """The records of one batch's pages (the Ray actors' call), in page order."""
-    slots = [_Slot(batch, row) for row in range(len(batch.tasks))]
-    for slot, result in engine.generate_rows(((s, batch.inputs, s.row) for s in slots),
-                                             request.options.max_new_tokens, request.schema, len(slots)):
-        slot.settle(result)
-    return [record for slot in slots for record in _records(engine, slot, request, None)]
+    """The records of one batch's pages, in page order (written nowhere)."""
+    from .writers import Sink
+
+    return list(transcribe(engine, TranscribeJob(request, [], Sink(), None, None), [batch]))
 
 
 def _records(engine, slot: _Slot, request: TranscribeRequest, job: TranscribeJob) -> list[PageRecord]:
