@@ -10,42 +10,35 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
 
 from ..interface import assistant_turn, user_turn
-from .selection import Response, prompt_for
+from .selection import ChosenPage, Response, Selection, prompt_for
 
 CHAT_SCHEMA = "idefics-cli.chat/1"
-
-
-@dataclass
-class PageImage:
-    path: str
-    page: int
-    image: object  # PIL.Image.Image
-    warnings: list[str] = field(default_factory=list)  # codes of errors.WARNINGS for this page
 
 
 @dataclass
 class Conversation:
     engine: object
     messages: list[dict] = field(default_factory=list)
-    shown: list[PageImage] = field(default_factory=list)  # the pages of the committed turns
+    shown: list[ChosenPage] = field(default_factory=list)  # the pages of the committed turns
     sources: list[dict] = field(default_factory=list)
-    pending: list[PageImage] = field(default_factory=list)
+    pending: list[ChosenPage] = field(default_factory=list)
 
     @property
     def turn(self) -> int:
         """How many questions were answered in this conversation."""
         return sum(1 for m in self.messages if m["role"] == "assistant")
 
-    def attach(self, pages: list[PageImage]) -> None:
+    def attach(self, pages: list[ChosenPage]) -> None:
         """Show these pages with the next question (replacing pages queued and not yet asked about)."""
         self.pending = list(pages)
 
-    def reset(self, pages: list[PageImage]) -> None:
+    def reset(self, pages: list[ChosenPage]) -> None:
         self.messages, self.shown, self.sources = [], [], []
         self.attach(pages)
 
@@ -75,7 +68,7 @@ class Conversation:
 
     def warnings(self) -> list[str]:
         """The warning codes of every page the model sees in the next turn, each once."""
-        return list(dict.fromkeys(code for p in self.shown + self.pending for code in p.warnings))
+        return Selection(self.shown + self.pending).warnings()
 
     def to_dict(self) -> dict:
         return {"schema": CHAT_SCHEMA, "model": self.engine.info, "split": self.engine.options.split,
@@ -104,13 +97,13 @@ class ChatSession:
             doc.close()
             raise
 
-    def render(self, spec: str | None, status=None) -> list[PageImage]:
-        """The chosen pages of the document, decoded; `status(message)` is shown meanwhile when given."""
+    def render(self, spec: str | None, status=None) -> list[ChosenPage]:
+        """The chosen pages of the document, decoded and kept; `status(message)` is shown meanwhile when given."""
         from ..documents.pages import parse_page_spec
 
-        chosen = parse_page_spec(spec).resolve(self.doc.page_count)
+        chosen = [ChosenPage(self.doc, p) for p in parse_page_spec(spec).resolve(self.doc.page_count)]
         with status(f"Rendering {len(chosen)} page(s)…") if status else contextlib.nullcontext():
-            return [PageImage(self.doc.path, p, self.doc.render(p), self.doc.warnings(p)) for p in chosen]
+            return Selection(chosen).decode(keep=math.inf).pages
 
     def start(self, engine, schema=None) -> ChatSession:
         """Begin the conversation on `engine` (the pages must fit its context with room for an answer); `schema`
@@ -126,7 +119,7 @@ class ChatSession:
     def engine(self):
         return self.conv.engine
 
-    def show(self, spec: str | None, status=None) -> list[PageImage]:
+    def show(self, spec: str | None, status=None) -> list[ChosenPage]:
         """`/pages SPEC`: these pages come with the next question (earlier turns keep theirs)."""
         self.pages = self.render(spec, status)
         self.conv.attach(self.pages)

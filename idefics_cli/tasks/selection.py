@@ -30,6 +30,15 @@ class ChosenPage:
     page: int
     image: object = None  # the decoded PIL image, or None: rendered again when needed
 
+    @property
+    def path(self) -> str:
+        return self.doc.path
+
+    @property
+    def warnings(self) -> list[str]:
+        """The codes of errors.WARNINGS for this page (complete once it is rendered)."""
+        return self.doc.warnings(self.page)
+
 
 @dataclass
 class Selection:
@@ -40,13 +49,13 @@ class Selection:
     def __len__(self) -> int:
         return len(self.pages)
 
-    def decode(self) -> Selection:
-        """Decode every page now (an unreadable page fails here); keep the images up to KEEP_BYTES."""
-        t0, kept = time.perf_counter(), 0
+    def decode(self, keep: float | None = None) -> Selection:
+        """Decode every page now (an unreadable page fails here); keep the images up to `keep` (KEEP_BYTES) bytes."""
+        t0, kept, keep = time.perf_counter(), 0, KEEP_BYTES if keep is None else keep
         for chosen in self.pages:
             image = chosen.doc.render(chosen.page)
             kept += image.width * image.height * len(image.getbands())
-            chosen.image = image if kept <= KEEP_BYTES else None
+            chosen.image = image if kept <= keep else None
             image = None
         self.render_s += time.perf_counter() - t0
         return self
@@ -60,11 +69,11 @@ class Selection:
 
     def sources(self) -> list:
         return [Source(path, [p.page for p in group])
-                for path, group in itertools.groupby(self.pages, key=lambda p: p.doc.path)]
+                for path, group in itertools.groupby(self.pages, key=lambda p: p.path)]
 
     def page_warnings(self) -> list[tuple[str, int, str]]:
         """(path, page, code) for each warning of each page, in page order."""
-        return [(p.doc.path, p.page, code) for p in self.pages for code in p.doc.warnings(p.page)]
+        return [(p.path, p.page, code) for p in self.pages for code in p.warnings]
 
     def warnings(self) -> list[str]:
         return list(dict.fromkeys(code for _, _, code in self.page_warnings()))
