@@ -51,18 +51,17 @@ def walk(inputs: list[str], skipped: list[str] | None = None) -> tuple[list[Inpu
     """(documents, errors for inputs that matched nothing): explicit inputs in the order given, each expansion
     sorted by relative path; files an expansion meets that are not documents are appended to `skipped`."""
     found: dict[str, Input] = {}
-    errors = []
+    errors, skipped = [], [] if skipped is None else skipped
 
     def add(items: list[Input]) -> None:
         for item in sorted(items, key=lambda i: (i.rel, i.path)):
             real = os.path.realpath(item.path)
             if real in found:
                 continue
-            if not is_document(item.path):
-                if skipped is not None:
-                    skipped.append(item.path)
-                continue
-            found[real] = item
+            if is_document(item.path):
+                found[real] = item
+            else:
+                skipped.append(item.path)
 
     for given in inputs:
         if given == "-":

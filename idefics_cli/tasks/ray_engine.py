@@ -8,7 +8,6 @@ Errors are caught per page, as the local pipeline does. Works with Ray 2.40-2.60
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 import pickle
 from collections.abc import Iterator
@@ -75,18 +74,6 @@ class Transcriber:
         return {"event": sink.events}
 
 
-def _map_batches_args(ray, n_actors: int, num_gpus: int) -> dict:
-    """Actor-pool arguments for Ray 2.40-2.60 (the argument moved between `compute=` and `concurrency=`)."""
-    params = inspect.signature(ray.data.Dataset.map_batches).parameters
-    args = {"num_gpus": num_gpus, "num_cpus": 1 if not num_gpus else None, "max_restarts": -1,
-            "max_task_retries": -1}
-    if "compute" in params and hasattr(ray.data, "ActorPoolStrategy"):
-        args["compute"] = ray.data.ActorPoolStrategy(size=n_actors)
-    else:
-        args["concurrency"] = n_actors
-    return {k: v for k, v in args.items() if v is not None}
-
-
 def init(address: str | None) -> object:
     try:
         import ray
@@ -124,16 +111,16 @@ def run_on_ray(job: TranscribeJob, address: str | None = None) -> Iterator[PageR
     ctx = ray.data.DataContext.get_current()
     _quiet_ray()
     ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
+    ctx.enable_progress_bars = ctx.print_on_execution_start = False
     job.begin()
     gpus = int(ray.cluster_resources().get("GPU", 0))
     ds = ray.data.from_items([{"path": d.path, "rel": d.rel} for d in job.docs],
                              override_num_blocks=max(1, len(job.docs)))
     ds = ds.flat_map(RayPages(job.open_doc, job.select_pages, job.done, job.request.settings_hash))
     ds = ds.map_batches(Transcriber, batch_size=job.request.batch_size, batch_format="numpy",
-                        fn_constructor_kwargs={"request": job.request},
-                        **_map_batches_args(ray, max(gpus, 1), 1 if gpus else 0))
+                        fn_constructor_kwargs={"request": job.request}, num_gpus=1 if gpus else 0,
+                        compute=ray.data.ActorPoolStrategy(size=max(gpus, 1)),  # one model actor a GPU
+                        max_restarts=-1, max_task_retries=-1, **({} if gpus else {"num_cpus": 1}))
     begun = set()
     for row in ds.iter_rows():
         event = pickle.loads(row["event"])

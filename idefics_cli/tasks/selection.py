@@ -53,10 +53,9 @@ class Selection:
         """Decode every page now (an unreadable page fails here); keep the images up to `keep` (KEEP_BYTES) bytes."""
         t0, kept, keep = time.perf_counter(), 0, KEEP_BYTES if keep is None else keep
         for chosen in self.pages:
-            image = chosen.doc.render(chosen.page)
-            kept += image.width * image.height * len(image.getbands())
-            chosen.image = image if kept <= keep else None
-            image = None
+            chosen.image = chosen.doc.render(chosen.page)
+            kept += chosen.image.width * chosen.image.height * len(chosen.image.getbands())
+            chosen.image = chosen.image if kept <= keep else None
         self.render_s += time.perf_counter() - t0
         return self
 
@@ -91,8 +90,7 @@ def open_selection(documents, pages: str | None = None, *, password: str | None 
     from ..documents.pages import parse_page_spec
 
     started = time.perf_counter()
-    paths = [documents] if isinstance(documents, (str, os.PathLike)) else list(documents)
-    paths = [os.fspath(p) for p in paths]
+    paths = [os.fspath(p) for p in ([documents] if isinstance(documents, (str, os.PathLike)) else documents)]
     if not paths:
         raise UsageError("give at least one document")
     if paths.count("-") > 1:
@@ -210,7 +208,7 @@ class Response:
     @property
     def text(self) -> str:
         self._ended()
-        return "".join(self._pieces)
+        return self.received
 
     @property
     def finish_reason(self) -> str | None:

@@ -62,9 +62,8 @@ class Transcription:
         request, output = self.request, self.output
         not_documents: list[str] = []
         docs, self.errors = b.walk(list(request.inputs), not_documents)
-        for err in self.errors:
-            if output is not None:
-                output.error(err)
+        for err in self.errors if output is not None else ():
+            output.error(err)
         shard = b.parse_shard(request.shard)
         if shard:
             docs = [d for d in docs if b.in_shard(d.rel, *shard)]
