@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import math
 import os
 import time
 
@@ -49,9 +48,9 @@ class ChatSession:
         """The chosen pages of the document, decoded and kept; `status(message)` is shown meanwhile when given."""
         from ..documents.pages import parse_page_spec
 
-        chosen = [ChosenPage(self.doc, p) for p in parse_page_spec(spec).resolve(self.doc.page_count)]
+        chosen = parse_page_spec(spec).resolve(self.doc.page_count)
         with status(f"Rendering {len(chosen)} page(s)…") if status else contextlib.nullcontext():
-            return Selection(chosen).decode(keep=math.inf).pages
+            return [ChosenPage(self.doc, p, self.doc.render(p)) for p in chosen]
 
     def start(self, engine, schema=None) -> ChatSession:
         """Begin the conversation on `engine` (the pages must fit its context with room for an answer); `schema`

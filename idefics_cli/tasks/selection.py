@@ -49,13 +49,13 @@ class Selection:
     def __len__(self) -> int:
         return len(self.pages)
 
-    def decode(self, keep: float | None = None) -> Selection:
-        """Decode every page now (an unreadable page fails here); keep the images up to `keep` (KEEP_BYTES) bytes."""
-        t0, kept, keep = time.perf_counter(), 0, KEEP_BYTES if keep is None else keep
+    def decode(self) -> Selection:
+        """Decode every page now (an unreadable page fails here); keep the images up to KEEP_BYTES."""
+        t0, kept = time.perf_counter(), 0
         for chosen in self.pages:
             chosen.image = chosen.doc.render(chosen.page)
             kept += chosen.image.width * chosen.image.height * len(chosen.image.getbands())
-            chosen.image = chosen.image if kept <= keep else None
+            chosen.image = chosen.image if kept <= KEEP_BYTES else None
         self.render_s += time.perf_counter() - t0
         return self
 
