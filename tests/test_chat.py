@@ -241,16 +241,16 @@ def test_library_session_commits_each_turn_when_its_answer_is_read(engine, tmp_p
     chat = ChatSession.open(pdf, "1", dpi=40).start(engine)
     try:
         first = chat.ask("What is it?")
-        assert chat.conv.turn == 0  # nothing read yet
+        assert chat.turn == 0  # nothing read yet
         record = first.to_dict()
-        assert record["turn"] == 1 and list(record)[:2] == ["schema", "turn"] and chat.conv.turn == 1
-        assert chat.conv.messages[-1] == assistant_turn(first.text)
+        assert record["turn"] == 1 and list(record)[:2] == ["schema", "turn"] and chat.turn == 1
+        assert chat.messages[-1] == assistant_turn(first.text)
         chat.show("2")
         second = chat.ask("And now?", max_new_tokens=50)
         piece = next(iter(second))
         second.close()
-        assert chat.conv.turn == 2 and chat.conv.messages[-1]["interrupted"] is True
-        assert chat.conv.messages[-1]["content"][0]["text"] == piece
+        assert chat.turn == 2 and chat.messages[-1]["interrupted"] is True
+        assert chat.messages[-1]["content"][0]["text"] == piece
         assert second.to_dict()["sources"] == [{"path": pdf, "pages": [1, 2]}]
         assert chat.save(str(tmp_path / "c.json")) == 4
     finally:

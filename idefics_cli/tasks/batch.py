@@ -51,18 +51,17 @@ def walk(inputs: list[str], skipped: list[str] | None = None) -> tuple[list[Inpu
     """(documents, errors for inputs that matched nothing): explicit inputs in the order given, each expansion
     sorted by relative path; files an expansion meets that are not documents are appended to `skipped`."""
     found: dict[str, Input] = {}
-    errors = []
+    errors, skipped = [], [] if skipped is None else skipped
 
     def add(items: list[Input]) -> None:
         for item in sorted(items, key=lambda i: (i.rel, i.path)):
             real = os.path.realpath(item.path)
             if real in found:
                 continue
-            if not is_document(item.path):
-                if skipped is not None:
-                    skipped.append(item.path)
-                continue
-            found[real] = item
+            if is_document(item.path):
+                found[real] = item
+            else:
+                skipped.append(item.path)
 
     for given in inputs:
         if given == "-":
@@ -185,7 +184,7 @@ class DocumentDone:
 
 def read_document(item: Input, open_doc, select_pages, is_done) -> Iterator:
     """A `Failure` if the document cannot be opened or its pages chosen; else its `DocumentDone` (the chosen pages)
-    first, then per chosen page `(PageTask, image)` (image None: the page is done) or a `Failure`."""
+    first, then per chosen page not done yet a `Failure`, a `BlankPage` or `(PageTask, image)`."""
     try:
         doc = open_doc(item.path)
     except Exception as exc:  # noqa: BLE001 - recorded for the document
@@ -200,15 +199,28 @@ def read_document(item: Input, open_doc, select_pages, is_done) -> Iterator:
         yield DocumentDone(item, doc.sha256, chosen, doc.page_count)
         for page in chosen:
             if is_done(doc.sha256, page):
-                yield PageTask(item, doc.sha256, page, doc.page_count), None
                 continue
             try:
                 image = doc.render(page)
             except Exception as exc:  # noqa: BLE001 - recorded for the page
                 yield Failure(item, classify(exc, item.path, "read"), doc.sha256, page, doc.page_count)
                 continue
-            yield PageTask(item, doc.sha256, page, doc.page_count, doc.warnings(page)), image
+            task = PageTask(item, doc.sha256, page, doc.page_count, doc.warnings(page))
+            yield BlankPage(task) if "blank_page" in task.warnings else (task, image)  # a blank needs no model
             image = None
+
+
+def build_batch(pages: list, build) -> list:
+    """[the `Batch` of rendered (PageTask, image) pages with `build(images)` as its inputs], or a `Failure` a page
+    when `build` fails."""
+    t0 = time.perf_counter()
+    batch = Batch([t for t, _ in pages], [im for _, im in pages])
+    try:
+        batch.inputs = build(batch.images)
+    except Exception as exc:  # noqa: BLE001 - recorded per page
+        return [Failure(t.input, classify(exc, t.input.path, "read"), t.sha256, t.page, t.pages) for t in batch.tasks]
+    batch.preprocess_s = time.perf_counter() - t0
+    return [batch]
 
 
 class Prefetcher:
@@ -273,23 +285,17 @@ class Prefetcher:
         while (ready := self._next_batch(final)) is not None:
             if self._work.claim() is None:  # every batch built so far taken by the model
                 return False
-            t0 = time.perf_counter()
-            batch = Batch([t for t, _ in ready], [im for _, im in ready])
-            ready = None
             try:
-                batch.inputs = self.build(batch.images)
-            except BaseException as exc:
+                built = build_batch(ready, self.build)
+            except BaseException:
                 self._work.release()  # this batch never reaches the model: the next build may start
-                if not isinstance(exc, Exception):
-                    raise
-                ok = all(self._work.put(Failure(t.input, classify(exc, t.input.path, "read"), t.sha256, t.page,
-                                                t.pages)) for t in batch.tasks)
-            else:
-                batch.preprocess_s = time.perf_counter() - t0
-                ok = self._work.put(batch)
-            batch = None
-            if not ok:
+                raise
+            ready = None
+            if not isinstance(built[0], Batch):
+                self._work.release()
+            if not all(self._work.put(item) for item in built):
                 return False
+            built = None
         while self.finished and all(t.input != self.finished[0].input for t, _ in self.pending):
             if not self._work.put(self.finished.pop(0)):
                 return False
@@ -304,15 +310,11 @@ class Prefetcher:
                     if self.on_pages:
                         self.on_pages(len(done.pages), sum(self.is_done(done.sha256, p) for p in done.pages))
                     continue
-                if isinstance(found, Failure):
-                    ok = self._work.put(found)
-                elif found[1] is None:  # already done
-                    continue
-                elif "blank_page" in found[0].warnings:  # needs no model: recorded at once, before its DocumentDone
-                    ok = self._work.put(BlankPage(found[0]))
-                else:
+                if isinstance(found, tuple):
                     self.pending.append(found)
                     ok = self._flush()
+                else:  # a Failure, or a BlankPage: recorded at once, before its DocumentDone
+                    ok = self._work.put(found)
                 found = None
                 if not ok:
                     return False

@@ -6,9 +6,9 @@ lowest token probability; `spans(text)` with each leaf's (start, end); `lowest(v
 """
 from __future__ import annotations
 
-import json
 import math
 from bisect import bisect_left, bisect_right
+from json.decoder import scanstring
 
 DIGITS = 6  # decimals kept in the JSON
 
@@ -76,11 +76,13 @@ def _value(text: str, at: int):
     if c == "{":
         out, at = {}, _skip(text, at + 1)
         while text[at] != "}":
-            key, at = _string(text, at)
+            if text[at] != '"':
+                raise ValueError(at)
+            key, at = scanstring(text, at + 1)
             at = _skip(text, at)
             if text[at] != ":":
                 raise ValueError(at)
-            out[json.loads(text[key[0]:key[1]])], at = _value(text, _skip(text, at + 1))
+            out[key], at = _value(text, _skip(text, at + 1))
             at = _after(text, at, "}")
         return out, at + 1
     if c == "[":
@@ -91,7 +93,8 @@ def _value(text: str, at: int):
             at = _after(text, at, "]")
         return out, at + 1
     if c == '"':
-        return _string(text, at)
+        end = scanstring(text, at + 1)[1]
+        return (at, end), end
     end = at
     while end < len(text) and text[end] not in _SPACE + ",:]}":
         end += 1
@@ -99,15 +102,6 @@ def _value(text: str, at: int):
     if word not in _LITERALS:
         float(word)  # ValueError when it is no number
     return (at, end), end
-
-
-def _string(text: str, at: int):
-    if text[at] != '"':
-        raise ValueError(at)
-    end = at + 1
-    while text[end] != '"':
-        end += 2 if text[end] == "\\" else 1
-    return (at, end + 1), end + 1
 
 
 def _after(text: str, at: int, close: str) -> int:

@@ -1,9 +1,9 @@
 """Conversation: a multi-turn chat about page images, in the transformers chat format.
 
-Contract: a `Conversation` holds the messages and the pages shown, in image order; `to_dict()` is the `/save` file
-(`idefics-cli.chat/1`). `ChatSession.open(path, pages)` decodes the chosen pages before any model loads; `start
-(engine, schema=None)` checks that they fit; `ask(question)` returns the streaming `Response`, committed when it
-ends; `show`, `reset` and `save` are `/pages`, `/reset` and `/save`. Nothing here imports torch.
+Contract: `ChatSession.open(path, pages)` decodes the chosen pages before any model loads; `start(engine,
+schema=None)` checks that they fit; `ask(question)` returns the streaming `Response`, committed when it ends; `show`,
+`reset` and `save` are `/pages`, `/reset` and `/save` (`to_dict()`: the `idefics-cli.chat/1` file). It holds the
+messages and the pages shown, in image order. Nothing here imports torch.
 """
 from __future__ import annotations
 
@@ -12,48 +12,70 @@ import itertools
 import json
 import os
 import time
-from dataclasses import dataclass, field
 
 from ..interface import assistant_turn, user_turn
-from .selection import Response, prompt_for
+from .selection import ChosenPage, Response, Selection, prompt_for
 
 CHAT_SCHEMA = "idefics-cli.chat/1"
 
 
-@dataclass
-class PageImage:
-    path: str
-    page: int
-    image: object  # PIL.Image.Image
-    warnings: list[str] = field(default_factory=list)  # codes of errors.WARNINGS for this page
+class ChatSession:
+    """A chat about one document: its chosen pages, then the conversation with a loaded engine."""
 
+    def __init__(self, doc, spec: str | None = None, status=None):
+        self.doc, self.engine = doc, None
+        self.schema = None  # structured.Schema for every turn, set by start()
+        self.messages: list[dict] = []
+        self.shown: list[ChosenPage] = []  # the pages of the committed turns
+        self.sources: list[dict] = []
+        self.pages = self.render(spec, status)
+        self.pending = list(self.pages)  # shown with the next question
 
-@dataclass
-class Conversation:
-    engine: object
-    messages: list[dict] = field(default_factory=list)
-    shown: list[PageImage] = field(default_factory=list)  # the pages of the committed turns
-    sources: list[dict] = field(default_factory=list)
-    pending: list[PageImage] = field(default_factory=list)
+    @classmethod
+    def open(cls, path: str, pages: str | None = None, *, password: str | None = None, dpi: int | None = None,
+             status=None, longest_side: int | None = None) -> ChatSession:
+        """Open the document and decode the chosen pages (before any model loads: input errors come at once)."""
+        from ..documents import open_document
+
+        doc = open_document(path, password=password, dpi=dpi, longest_side=longest_side)
+        try:
+            return cls(doc, pages, status)
+        except BaseException:
+            doc.close()
+            raise
+
+    def render(self, spec: str | None, status=None) -> list[ChosenPage]:
+        """The chosen pages of the document, decoded and kept; `status(message)` is shown meanwhile when given."""
+        from ..documents.pages import parse_page_spec
+
+        chosen = parse_page_spec(spec).resolve(self.doc.page_count)
+        with status(f"Rendering {len(chosen)} page(s)…") if status else contextlib.nullcontext():
+            return [ChosenPage(self.doc, p, self.doc.render(p)) for p in chosen]
+
+    def start(self, engine, schema=None) -> ChatSession:
+        """Begin the conversation on `engine` (the pages must fit its context with room for an answer); `schema`
+        constrains every answer (a structured.Schema, a dict or a `--schema` string)."""
+        from ..structured import as_schema
+
+        self.schema = as_schema(schema)
+        engine.check_context(len(self.pages), "", engine.options.max_new_tokens)
+        self.engine = engine
+        return self
 
     @property
     def turn(self) -> int:
         """How many questions were answered in this conversation."""
         return sum(1 for m in self.messages if m["role"] == "assistant")
 
-    def attach(self, pages: list[PageImage]) -> None:
-        """Show these pages with the next question (replacing pages queued and not yet asked about)."""
-        self.pending = list(pages)
+    def show(self, spec: str | None, status=None) -> list[ChosenPage]:
+        """`/pages SPEC`: these pages come with the next question (earlier turns keep theirs)."""
+        self.pages = self.render(spec, status)
+        self.pending = list(self.pages)
+        return self.pages
 
-    def reset(self, pages: list[PageImage]) -> None:
-        self.messages, self.shown, self.sources = [], [], []
-        self.attach(pages)
-
-    def inputs(self, question: str, max_new_tokens: int):
-        """Processor outputs for the whole conversation plus `question`, refused if over the context."""
-        images = [p.image for p in self.shown + self.pending]
-        messages = [*self.messages, user_turn(len(self.pending), question)]
-        return self.engine.chat_inputs(messages, images, max_new_tokens)
+    def reset(self) -> None:
+        """`/reset`: forget the conversation; the current pages come with the next question."""
+        self.messages, self.shown, self.sources, self.pending = [], [], [], list(self.pages)
 
     def commit(self, question: str, answer: str, interrupted: bool = False) -> None:
         """Append a turn; an answer stopped by Ctrl-C is kept as far as it went, marked `"interrupted": true`."""
@@ -73,75 +95,17 @@ class Conversation:
         return [{"path": path, "pages": list(dict.fromkeys(page for _, page in group))}
                 for path, group in itertools.groupby(seen, key=lambda pair: pair[0])]
 
-    def warnings(self) -> list[str]:
-        """The warning codes of every page the model sees in the next turn, each once."""
-        return list(dict.fromkeys(code for p in self.shown + self.pending for code in p.warnings))
-
     def to_dict(self) -> dict:
+        """The `/save` file (`idefics-cli.chat/1`)."""
         return {"schema": CHAT_SCHEMA, "model": self.engine.info, "split": self.engine.options.split,
                 "messages": self.messages, "sources": self.sources}
-
-
-class ChatSession:
-    """A chat about one document: its chosen pages, then a `Conversation` with a loaded engine."""
-
-    def __init__(self, doc, spec: str | None = None, status=None):
-        self.doc = doc
-        self.conv: Conversation | None = None
-        self.schema = None  # structured.Schema for every turn, set by start()
-        self.pages = self.render(spec, status)
-
-    @classmethod
-    def open(cls, path: str, pages: str | None = None, *, password: str | None = None, dpi: int | None = None,
-             status=None, longest_side: int | None = None) -> ChatSession:
-        """Open the document and decode the chosen pages (before any model loads: input errors come at once)."""
-        from ..documents import open_document
-
-        doc = open_document(path, password=password, dpi=dpi, longest_side=longest_side)
-        try:
-            return cls(doc, pages, status)
-        except BaseException:
-            doc.close()
-            raise
-
-    def render(self, spec: str | None, status=None) -> list[PageImage]:
-        """The chosen pages of the document, decoded; `status(message)` is shown meanwhile when given."""
-        from ..documents.pages import parse_page_spec
-
-        chosen = parse_page_spec(spec).resolve(self.doc.page_count)
-        with status(f"Rendering {len(chosen)} page(s)…") if status else contextlib.nullcontext():
-            return [PageImage(self.doc.path, p, self.doc.render(p), self.doc.warnings(p)) for p in chosen]
-
-    def start(self, engine, schema=None) -> ChatSession:
-        """Begin the conversation on `engine` (the pages must fit its context with room for an answer); `schema`
-        constrains every answer (a structured.Schema, a dict or a `--schema` string)."""
-        from ..structured import as_schema
-
-        self.schema = as_schema(schema)
-        engine.check_context(len(self.pages), "", engine.options.max_new_tokens)
-        self.conv = Conversation(engine, pending=list(self.pages))
-        return self
-
-    @property
-    def engine(self):
-        return self.conv.engine
-
-    def show(self, spec: str | None, status=None) -> list[PageImage]:
-        """`/pages SPEC`: these pages come with the next question (earlier turns keep theirs)."""
-        self.pages = self.render(spec, status)
-        self.conv.attach(self.pages)
-        return self.pages
-
-    def reset(self) -> None:
-        """`/reset`: forget the conversation; the current pages come with the next question."""
-        self.conv.reset(self.pages)
 
     def save(self, path: str) -> int:
         """`/save FILE`: write the conversation as JSON (atomically); returns how many messages were written."""
         from .writers import atomic_write
 
-        atomic_write(os.path.expanduser(path), json.dumps(self.conv.to_dict(), ensure_ascii=False, indent=2) + "\n")
-        return len(self.conv.messages)
+        atomic_write(os.path.expanduser(path), json.dumps(self.to_dict(), ensure_ascii=False, indent=2) + "\n")
+        return len(self.messages)
 
     def ask(self, question: str, max_new_tokens: int | None = None, logits_processor=None,
             schema=None) -> Response:
@@ -150,17 +114,18 @@ class ChatSession:
         from ..structured import as_schema
         from .records import Source
 
-        engine, conv = self.engine, self.conv
-        start = time.perf_counter()
+        engine, start = self.engine, time.perf_counter()
         schema = as_schema(schema) or self.schema
         prompt = prompt_for(question, schema)
         limit = max_new_tokens or engine.options.max_new_tokens
-        inputs = conv.inputs(prompt, limit)
+        pages = self.shown + self.pending
+        inputs = engine.chat_inputs([*self.messages, user_turn(len(self.pending), prompt)],
+                                    [p.image for p in pages], limit)  # refused over the context
         return Response(engine, inputs, question, limit, logits_processor, schema,
-                        sources=[Source(s["path"], s["pages"]) for s in conv.seen()],
-                        preprocess_s=time.perf_counter() - start, started=start, warnings=conv.warnings(),
-                        extra={"turn": conv.turn + 1},
-                        on_end=lambda reply: conv.commit(prompt, reply.received, interrupted=reply.interrupted))
+                        sources=[Source(s["path"], s["pages"]) for s in self.seen()],
+                        preprocess_s=time.perf_counter() - start, started=start, warnings=Selection(pages).warnings(),
+                        extra={"turn": self.turn + 1},
+                        on_end=lambda reply: self.commit(prompt, reply.received, interrupted=reply.interrupted))
 
     def close(self) -> None:
         self.doc.close()

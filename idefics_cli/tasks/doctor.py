@@ -28,10 +28,9 @@ def versions() -> dict:
 
     found = {"python": platform.python_version()}
     for key, dist in PACKAGES.items():
-        try:
+        found[key] = None
+        with contextlib.suppress(PackageNotFoundError):
             found[key] = version(dist)
-        except PackageNotFoundError:
-            found[key] = None
     return found
 
 
@@ -39,17 +38,16 @@ def cuda_info() -> dict:
     import torch
 
     info = {"available": bool(torch.cuda.is_available()), "version": torch.version.cuda, "devices": []}
-    if info["available"]:
-        for i in range(torch.cuda.device_count()):
-            gpu = {"index": i, "name": None, "free_bytes": None, "total_bytes": None, "capability": None}
-            try:
-                gpu["name"] = torch.cuda.get_device_name(i)
-                gpu["capability"] = "{}.{}".format(*torch.cuda.get_device_capability(i))
-                free, total = torch.cuda.mem_get_info(i)
-                gpu.update(free_bytes=int(free), total_bytes=int(total))
-            except Exception as exc:  # noqa: BLE001 - a GPU that cannot be queried is itself a finding
-                gpu["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
-            info["devices"].append(gpu)
+    for i in range(torch.cuda.device_count() if info["available"] else 0):
+        gpu = {"index": i, "name": None, "free_bytes": None, "total_bytes": None, "capability": None}
+        try:
+            gpu["name"] = torch.cuda.get_device_name(i)
+            gpu["capability"] = "{}.{}".format(*torch.cuda.get_device_capability(i))
+            free, total = torch.cuda.mem_get_info(i)
+            gpu.update(free_bytes=int(free), total_bytes=int(total))
+        except Exception as exc:  # noqa: BLE001 - a GPU that cannot be queried is itself a finding
+            gpu["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        info["devices"].append(gpu)
     return info
 
 
@@ -131,12 +129,10 @@ def model_files(model: str, revision: str | None) -> dict:
     found = {"id": model, "revision": revision, "local_folder": False, "available": False, "path": None,
              "commit": None, "missing": [], "size_bytes": None, "pre_quantized": None}
     if looks_local(model):
-        found["local_folder"] = True
         folder = os.path.expanduser(model)
+        found.update(local_folder=True, path=os.path.abspath(folder) if os.path.isdir(folder) else None)
         if not os.path.isdir(folder):
-            found["missing"] = [model]
-            return found
-        found["path"] = os.path.abspath(folder)
+            return {**found, "missing": [model]}
     else:
         from huggingface_hub import try_to_load_from_cache
 
@@ -145,10 +141,9 @@ def model_files(model: str, revision: str | None) -> dict:
         except Exception:  # noqa: BLE001 - an invalid repo id is "not cached"
             cached = None
         if not isinstance(cached, str):
-            found["missing"] = ["config.json"]
-            return found
+            return {**found, "missing": ["config.json"]}
         folder = os.path.dirname(cached)
-        found["path"], found["commit"] = folder, os.path.basename(folder)
+        found.update(path=folder, commit=os.path.basename(folder))
     missing = [] if os.path.exists(os.path.join(folder, "config.json")) else ["config.json"]
     missing += _missing_weights(folder)
     names = set(os.listdir(folder))
@@ -191,13 +186,11 @@ def page_images(folder: str, split: bool) -> int:
 
 def image_tokens_per_image(config, processor_config_path: str | None) -> int:
     """`image_seq_len` of processor_config.json, else the perceiver's latents (what each image becomes)."""
+    seq_len = None
     if processor_config_path and os.path.exists(processor_config_path):
         with open(processor_config_path) as f:
             seq_len = json.load(f).get("image_seq_len")
-        if seq_len:
-            return int(seq_len)
-    perceiver = getattr(config, "perceiver_config", None)
-    seq_len = getattr(perceiver, "resampler_n_latents", None)
+    seq_len = seq_len or getattr(getattr(config, "perceiver_config", None), "resampler_n_latents", None)
     if not seq_len:
         raise ValueError("neither processor_config.json nor config.json says how many tokens an image takes")
     return int(seq_len)
@@ -255,14 +248,12 @@ def diagnose(options) -> dict:
     dtype = resolve_dtype(options.dtype, device or "cpu")
     files = model_files(options.model, options.revision)
     quant, why = _quant(options, files, local)
-    report["setup"] = {"model": options.model, "revision": options.revision, "quant": quant,
-                       "quantization": QUANT_NAMES[quant], "quantization_reason": why,
-                       "dtype": str(dtype).replace("torch.", ""), "device": device or options.device,
-                       "split": options.split}
-    report["bnb_4bit"] = check_4bit(device, dtype)
-    report["model"] = files
-    report["estimate"] = _estimate(options, files, local, quant, dtype, cuda)
-    report["extras"] = extras.report()  # optional features: reported, never a reason to fail
+    report.update(setup={"model": options.model, "revision": options.revision, "quant": quant,
+                         "quantization": QUANT_NAMES[quant], "quantization_reason": why,
+                         "dtype": str(dtype).replace("torch.", ""), "device": device or options.device,
+                         "split": options.split}, bnb_4bit=check_4bit(device, dtype), model=files,
+                  estimate=_estimate(options, files, local, quant, dtype, cuda),
+                  extras=extras.report())  # optional features: reported, never a reason to fail
 
     if device and quant == "4bit" and not report["bnb_4bit"]["ok"]:
         problems.append(f"bitsandbytes 4-bit does not work on {device}: {report['bnb_4bit']['error']}")
@@ -273,13 +264,11 @@ def diagnose(options) -> dict:
         hint = "" if files["local_folder"] else f" (run `idefics pull {options.model}`)"
         problems.append(f"{options.model} is not complete in {where}, missing {', '.join(files['missing'][:3])}{hint}")
     need, free = report["estimate"].get("total_bytes"), free_bytes(report["cuda"], device)
-    report["estimate"]["free_bytes"] = free
-    report["estimate"]["fits"] = None if need is None or free is None else need <= free
+    report["estimate"].update(free_bytes=free, fits=None if need is None or free is None else need <= free)
     if report["estimate"]["fits"] is False and cuda:
         problems.append(f"needs about {human_bytes(need)} but {device} has {human_bytes(free)} free"
                         " (try --quant 4bit or --no-split)")
-    report["ok"] = not problems
-    report["reason"] = "; ".join(problems) or None
+    report.update(ok=not problems, reason="; ".join(problems) or None)
     return report
 
 

@@ -153,11 +153,16 @@ class TranscribeJob:
             self.progress(self.summary)
 
 
+def page_builder(preparer, request: TranscribeRequest):
+    """`build(images)` for batch.build_batch: the inputs of one page an image, prepared by `preparer` (the engine,
+    or engine.Preparer while it loads)."""
+    prompt = request.model_prompt
+    return lambda images: preparer.prepare([([image], prompt) for image in images], collect=True)
+
+
 def prefetcher(preparer, job: TranscribeJob) -> Prefetcher:
-    """The job's prefetcher, its batches prepared by `preparer` (the engine, or engine.Preparer while it loads)."""
-    prompt = job.request.model_prompt
-    return Prefetcher(job.docs, job.open_doc, job.select_pages, job.is_done,
-                      lambda images: preparer.prepare([([image], prompt) for image in images], collect=True),
+    """The job's prefetcher, its batches prepared by `preparer`."""
+    return Prefetcher(job.docs, job.open_doc, job.select_pages, job.is_done, page_builder(preparer, job.request),
                       job.request.batch_size or 1, on_pages=job.pages)
 
 
@@ -201,7 +206,7 @@ def transcribe(engine, job: TranscribeJob, started: Prefetcher | None = None) ->
 
     def flush() -> Iterator[PageRecord]:
         while order and order[0].ready:
-            for record in _records(engine, order.popleft(), request, job):
+            if (record := _record(engine, order.popleft(), request, job)) is not None:
                 yield job.emit(record)
 
     if engine is None:
@@ -218,33 +223,30 @@ def transcribe(engine, job: TranscribeJob, started: Prefetcher | None = None) ->
 
 
 def answer_batch(engine, batch: Batch, request: TranscribeRequest) -> list[PageRecord]:
-    """The records of one batch's pages (the Ray actors' call), in page order."""
-    slots = [_Slot(batch, row) for row in range(len(batch.tasks))]
-    for slot, result in engine.generate_rows(((s, batch.inputs, s.row) for s in slots),
-                                             request.options.max_new_tokens, request.schema, len(slots)):
-        slot.settle(result)
-    return [record for slot in slots for record in _records(engine, slot, request, None)]
+    """The records of one batch's pages, in page order (written nowhere)."""
+    from .writers import Sink
+
+    return list(transcribe(engine, TranscribeJob(request, [], Sink(), None, None), [batch]))
 
 
-def _records(engine, slot: _Slot, request: TranscribeRequest, job: TranscribeJob) -> list[PageRecord]:
-    item, settings = slot.item, request.settings_hash
+def _record(engine, slot: _Slot, request: TranscribeRequest, job: TranscribeJob) -> PageRecord | None:
+    item, settings, result = slot.item, request.settings_hash, slot.result
     if isinstance(item, DocumentDone):
         job.sink.document_done(item)
-        return []
+        return None
     if isinstance(item, Failure):
-        return [error_record(item.input.path, item.error, settings, item.page, item.pages, item.sha256)]
+        return error_record(item.input.path, item.error, settings, item.page, item.pages, item.sha256)
     if isinstance(item, BlankPage):
-        return [blank_record(item.task, settings, request.schema)]
+        return blank_record(item.task, settings, request.schema)
     if isinstance(item, Batch):  # out of memory among other rows: this page alone, then without splitting
-        return [answer_single(engine, item.tasks[slot.row], item.images[slot.row], request)]
+        return answer_single(engine, item.tasks[slot.row], item.images[slot.row], request)
     task, n, preprocess_s = item
-    result = slot.result
+    if isinstance(result, IdeficsError) and result.code == "model_error":  # a server that went away (client.py):
+        raise result  # stop; a rerun resumes
     if isinstance(result, IdeficsError):
-        if result.code == "model_error":  # a server that went away (client.py): stop; a rerun resumes
-            raise result
-        return [task_error(task, result, settings)]
-    return [ok_record(task, result, result.prompt_usage, preprocess_s / n, settings, n, request.schema,
-                      request.min_confidence, request.doctags)]
+        return task_error(task, result, settings)
+    return ok_record(task, result, result.prompt_usage, preprocess_s / n, settings, n, request.schema,
+                     request.min_confidence, request.doctags)
 
 
 def answer_single(engine, task, image, request: TranscribeRequest) -> PageRecord:

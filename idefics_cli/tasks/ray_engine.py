@@ -1,101 +1,77 @@
 """`transcribe --engine ray`: the same pipeline on Ray Data, for many GPUs or nodes.
 
-Contract: `run_on_ray(job)` renders each document's chosen pages in one Ray CPU task, answers them in `map_batches`
-actors that load the model (one per GPU, else CPU actors; the processor runs there too) and streams back exactly
-the records the local engine writes, through the same sinks and resume keys. Every stage catches errors per row
-(Ray's block-level error tolerance would drop whole blocks). Works with Ray 2.40-2.60.
+Contract: `run_on_ray(job)` reads each document in one Ray CPU task (batch.read_document: pages rendered there),
+runs the local pipeline (pipeline.transcribe) in `map_batches` actors that load the model (one per GPU, else CPU
+actors) and streams back exactly the records the local engine writes, through the same sinks and resume keys.
+Errors are caught per page, as the local pipeline does. Works with Ray 2.40-2.60.
 """
 from __future__ import annotations
 
-import inspect
-import json
+import dataclasses
 import os
-import time
+import pickle
 from collections.abc import Iterator
 
-from ..errors import IdeficsError, UsageError, classify
-from .batch import Batch, DocumentDone, Failure, Input, PageTask, read_document
-from .pipeline import TranscribeJob, answer_batch
-from .records import PageRecord, blank_record, error_record, task_error
+from ..errors import IdeficsError, UsageError
+from .batch import DocumentDone, Failure, Input, build_batch, read_document
+from .pipeline import TranscribeJob, page_builder, transcribe
+from .records import PageRecord
+from .writers import Sink
 
 
 class RayPages:
-    """Document -> one row per chosen page, yielded one by one so that Ray Data streams a long document on: its
-    record where no model is needed (a failure, a blank page), else its raw RGB bytes; done pages `skip`."""
+    """Document -> its pipeline items (batch.read_document), pickled one a row so that Ray Data streams a long
+    document on; its `DocumentDone` comes first (the driver counts its pages) and again last (its pages are in)."""
 
-    def __init__(self, open_doc, select_pages, done: set, request):
-        self.open_doc, self.select_pages, self.done, self.request = open_doc, select_pages, done, request
+    def __init__(self, open_doc, select_pages, done: set, settings: str):
+        self.open_doc, self.select_pages, self.done, self.settings = open_doc, select_pages, done, settings
 
     def is_done(self, sha256: str, page: int) -> bool:
-        return (sha256, page, self.request.settings_hash) in self.done
+        return (sha256, page, self.settings) in self.done
 
-    def __call__(self, row: dict):
-        item, chosen, request = Input(row["path"], row["rel"]), "[]", self.request
-        for found in read_document(item, self.open_doc, self.select_pages, self.is_done):
-            if isinstance(found, DocumentDone):
-                chosen = json.dumps(found.pages)
-                continue
-            task, image = found if isinstance(found, tuple) else (found, None)  # a Failure has the page's fields
-            out = {"path": item.path, "rel": item.rel, "sha256": task.sha256, "page": task.page, "pages": task.pages,
-                   "chosen": chosen, "image": b"", "width": 0, "height": 0, "warnings": "[]"}
-            record = None
-            if isinstance(found, Failure):
-                record = error_record(item.path, found.error, request.settings_hash, task.page, task.pages,
-                                      task.sha256)
-            elif image is not None and "blank_page" in task.warnings:  # nothing to read: no model
-                record = blank_record(task, request.settings_hash, request.schema)
-            elif image is not None:
-                out.update(image=image.tobytes(), width=image.width, height=image.height,
-                           warnings=json.dumps(task.warnings))
-            out.update(skip=image is None and record is None, record=json.dumps(record.to_dict()) if record else "")
-            found = image = None
-            yield out
+    def __call__(self, row: dict) -> Iterator[dict]:
+        head = None
+        for found in read_document(Input(row["path"], row["rel"]), self.open_doc, self.select_pages, self.is_done):
+            if isinstance(found, Failure):  # an IdeficsError does not unpickle: its dict does
+                found = dataclasses.replace(found, error=found.error.to_dict())
+            head = head or (found if isinstance(found, DocumentDone) else None)
+            yield {"item": pickle.dumps(found)}
+            found = None
+        if head is not None:
+            yield {"item": pickle.dumps(head)}
+
+
+class Events(Sink):
+    """What the local pipeline wrote in an actor, pickled in order: record dicts and `DocumentDone`s."""
+
+    def __init__(self):
+        self.events: list[bytes] = []
+
+    def write(self, record: dict) -> None:
+        self.events.append(pickle.dumps(record))
+
+    def document_done(self, done) -> None:
+        self.events.append(pickle.dumps(done))
 
 
 class Transcriber:
-    """The model actor: loads the engine once, answers the rows of a batch that carry a page image."""
+    """The model actor: loads the engine once and runs the local pipeline over the items of each batch."""
 
     def __init__(self, request):
         from ..runtime.model import load_engine
 
-        self.engine = load_engine(request.options)
-        self.request = request
+        self.engine, self.request = load_engine(request.options), request
 
     def __call__(self, batch: dict) -> dict:
-        from PIL import Image
-
-        rows = [{k: batch[k][i] for k in batch} for i in range(len(batch["path"]))]
-        records = [str(r["record"]) for r in rows]
-        todo = [i for i, r in enumerate(rows) if int(r["width"])]
-        if todo:
-            tasks = [PageTask(Input(str(r["path"]), str(r["rel"])), str(r["sha256"]), int(r["page"]), int(r["pages"]),
-                              json.loads(r["warnings"])) for r in (rows[i] for i in todo)]
-            images = [Image.frombytes("RGB", (int(rows[i]["width"]), int(rows[i]["height"])), rows[i]["image"])
-                      for i in todo]
-            t0 = time.perf_counter()
-            try:
-                inputs = self.engine.prepare([([im], self.request.model_prompt) for im in images], collect=True)
-                answered = answer_batch(self.engine, Batch(tasks, images, inputs, time.perf_counter() - t0),
-                                        self.request)
-            except Exception as exc:  # noqa: BLE001 - recorded per row
-                err = classify(exc, tasks[0].input.path)
-                answered = [task_error(t, err, self.request.settings_hash) for t in tasks]
-            for i, record in zip(todo, answered):
-                records[i] = json.dumps(record.to_dict())
-        return {"record": records, "page": [int(r["page"]) for r in rows], "skip": [bool(r["skip"]) for r in rows],
-                **{k: [str(r[k]) for r in rows] for k in ("path", "rel", "sha256", "chosen")}}
-
-
-def _map_batches_args(ray, n_actors: int, num_gpus: int) -> dict:
-    """Actor-pool arguments for Ray 2.40-2.60 (the argument moved between `compute=` and `concurrency=`)."""
-    params = inspect.signature(ray.data.Dataset.map_batches).parameters
-    args = {"num_gpus": num_gpus, "num_cpus": 1 if not num_gpus else None, "max_restarts": -1,
-            "max_task_retries": -1}
-    if "compute" in params and hasattr(ray.data, "ActorPoolStrategy"):
-        args["compute"] = ray.data.ActorPoolStrategy(size=n_actors)
-    else:
-        args["concurrency"] = n_actors
-    return {k: v for k, v in args.items() if v is not None}
+        items = [pickle.loads(item) for item in batch["item"]]
+        at = [k for k, found in enumerate(items) if isinstance(found, tuple)]
+        if at:  # the rendered pages become one batch, in the place of the first
+            built = build_batch([items[k] for k in at], page_builder(self.engine, self.request))
+            items = [*items[:at[0]], *built, *(found for found in items[at[0]:] if not isinstance(found, tuple))]
+        sink = Events()
+        for _ in transcribe(self.engine, TranscribeJob(self.request, [], sink, None, None), items):
+            pass
+        return {"event": sink.events}
 
 
 def init(address: str | None) -> object:
@@ -135,28 +111,24 @@ def run_on_ray(job: TranscribeJob, address: str | None = None) -> Iterator[PageR
     ctx = ray.data.DataContext.get_current()
     _quiet_ray()
     ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
+    ctx.enable_progress_bars = ctx.print_on_execution_start = False
     job.begin()
     gpus = int(ray.cluster_resources().get("GPU", 0))
     ds = ray.data.from_items([{"path": d.path, "rel": d.rel} for d in job.docs],
                              override_num_blocks=max(1, len(job.docs)))
-    ds = ds.flat_map(RayPages(job.open_doc, job.select_pages, job.done, job.request))
+    ds = ds.flat_map(RayPages(job.open_doc, job.select_pages, job.done, job.request.settings_hash))
     ds = ds.map_batches(Transcriber, batch_size=job.request.batch_size, batch_format="numpy",
-                        fn_constructor_kwargs={"request": job.request},
-                        **_map_batches_args(ray, max(gpus, 1), 1 if gpus else 0))
-    remaining: dict[tuple[str, str], set[int]] = {}
+                        fn_constructor_kwargs={"request": job.request}, num_gpus=1 if gpus else 0,
+                        compute=ray.data.ActorPoolStrategy(size=max(gpus, 1)),  # one model actor a GPU
+                        max_restarts=-1, max_task_retries=-1, **({} if gpus else {"num_cpus": 1}))
+    begun = set()
     for row in ds.iter_rows():
-        key = (row["path"], row["sha256"])
-        chosen = json.loads(row["chosen"])
-        if key not in remaining:
-            remaining[key] = set(chosen)
-            job.pages(max(len(chosen), 1), 0)
-        if row["record"]:
-            yield job.emit(PageRecord.from_dict(json.loads(row["record"])))
+        event = pickle.loads(row["event"])
+        if not isinstance(event, DocumentDone):
+            yield job.emit(PageRecord.from_dict(event))
+        elif (event.input, event.sha256) not in begun:
+            begun.add((event.input, event.sha256))
+            job.pages(len(event.pages), sum(job.is_done(event.sha256, page) for page in event.pages))
         else:
-            job.pages(0, 1)
-        remaining[key].discard(int(row["page"]))
-        if row["sha256"] and chosen and not remaining[key]:
-            job.sink.document_done(DocumentDone(Input(row["path"], row["rel"]), row["sha256"], chosen, 0))
+            job.sink.document_done(event)
     job.tick()

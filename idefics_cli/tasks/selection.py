@@ -30,6 +30,15 @@ class ChosenPage:
     page: int
     image: object = None  # the decoded PIL image, or None: rendered again when needed
 
+    @property
+    def path(self) -> str:
+        return self.doc.path
+
+    @property
+    def warnings(self) -> list[str]:
+        """The codes of errors.WARNINGS for this page (complete once it is rendered)."""
+        return self.doc.warnings(self.page)
+
 
 @dataclass
 class Selection:
@@ -44,10 +53,9 @@ class Selection:
         """Decode every page now (an unreadable page fails here); keep the images up to KEEP_BYTES."""
         t0, kept = time.perf_counter(), 0
         for chosen in self.pages:
-            image = chosen.doc.render(chosen.page)
-            kept += image.width * image.height * len(image.getbands())
-            chosen.image = image if kept <= KEEP_BYTES else None
-            image = None
+            chosen.image = chosen.doc.render(chosen.page)
+            kept += chosen.image.width * chosen.image.height * len(chosen.image.getbands())
+            chosen.image = chosen.image if kept <= KEEP_BYTES else None
         self.render_s += time.perf_counter() - t0
         return self
 
@@ -60,11 +68,11 @@ class Selection:
 
     def sources(self) -> list:
         return [Source(path, [p.page for p in group])
-                for path, group in itertools.groupby(self.pages, key=lambda p: p.doc.path)]
+                for path, group in itertools.groupby(self.pages, key=lambda p: p.path)]
 
     def page_warnings(self) -> list[tuple[str, int, str]]:
         """(path, page, code) for each warning of each page, in page order."""
-        return [(p.doc.path, p.page, code) for p in self.pages for code in p.doc.warnings(p.page)]
+        return [(p.path, p.page, code) for p in self.pages for code in p.warnings]
 
     def warnings(self) -> list[str]:
         return list(dict.fromkeys(code for _, _, code in self.page_warnings()))
@@ -82,8 +90,7 @@ def open_selection(documents, pages: str | None = None, *, password: str | None 
     from ..documents.pages import parse_page_spec
 
     started = time.perf_counter()
-    paths = [documents] if isinstance(documents, (str, os.PathLike)) else list(documents)
-    paths = [os.fspath(p) for p in paths]
+    paths = [os.fspath(p) for p in ([documents] if isinstance(documents, (str, os.PathLike)) else documents)]
     if not paths:
         raise UsageError("give at least one document")
     if paths.count("-") > 1:
@@ -201,7 +208,7 @@ class Response:
     @property
     def text(self) -> str:
         self._ended()
-        return "".join(self._pieces)
+        return self.received
 
     @property
     def finish_reason(self) -> str | None:

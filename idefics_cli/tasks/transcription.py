@@ -62,9 +62,8 @@ class Transcription:
         request, output = self.request, self.output
         not_documents: list[str] = []
         docs, self.errors = b.walk(list(request.inputs), not_documents)
-        for err in self.errors:
-            if output is not None:
-                output.error(err)
+        for err in self.errors if output is not None else ():
+            output.error(err)
         shard = b.parse_shard(request.shard)
         if shard:
             docs = [d for d in docs if b.in_shard(d.rel, *shard)]
@@ -111,22 +110,22 @@ class Transcription:
             if not self.summary.failed and not self.quiet:
                 output.console.print("nothing left to do: every chosen page is already done (--force redoes them)",
                                      markup=False)
-        elif request.engine == "ray":
-            from ..hub import local_only
-            from . import ray_engine
+            return
+        request.check_grammar()
+        with ExitStack() as stack:
+            if request.engine == "ray":
+                from ..hub import local_only
+                from . import ray_engine
 
-            request.check_grammar()
-            local_only(request.options)  # fail at once here rather than in every actor
-            job.request = replace(request, batch_size=request.batch_size or RAY_BATCH_SIZE)
-            with progress(output) as job.progress:
-                yield from ray_engine.run_on_ray(job, request.ray_address)
-        else:
-            request.check_grammar()
-            with ExitStack() as stack:
+                local_only(request.options)  # fail at once here rather than in every actor
+                job.request = replace(request, batch_size=request.batch_size or RAY_BATCH_SIZE)
+                records = ray_engine.run_on_ray(job, request.ray_address)
+            else:
                 engine, started = (self.engine, None) if self.engine is not None else self._load(job, stack)
                 job.request = replace(job.request, batch_size=job.request.batch_size or engine.auto_batch_size())
-                with progress(output) as job.progress:
-                    yield from pipeline.transcribe(engine, job, started)
+                records = pipeline.transcribe(engine, job, started)
+            with progress(output) as job.progress:
+                yield from records
 
     def _load(self, job, stack: ExitStack):
         """(engine, the started prefetcher or None, closed by `stack`): with a batch size known before the model

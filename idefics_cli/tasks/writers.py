@@ -41,13 +41,10 @@ class OutputLock:
                 os.close(fd)
                 raise UsageError(f"another idefics process is writing to {self.path.removesuffix('.lock')}",
                                  "wait for it to finish, or choose another --out") from None
-            try:  # the holder before us may have removed the file after we opened it: lock the one on disk
-                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
-            except FileNotFoundError:
-                same = False
-            if same:
-                self.fd = fd
-                return self
+            with contextlib.suppress(FileNotFoundError):  # the holder before us may have removed the file after we
+                if os.path.samestat(os.fstat(fd), os.stat(self.path)):  # opened it: lock the one on disk
+                    self.fd = fd
+                    return self
             os.close(fd)
 
     def release(self) -> None:
@@ -66,13 +63,8 @@ def output_error(path: str, exc: OSError) -> IdeficsError:
 
 def umask() -> int:
     """The process umask, read without changing it (from /proc where there is one)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
+    with contextlib.suppress(OSError, ValueError, IndexError, StopIteration), open("/proc/self/status") as f:
+        return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -207,12 +199,9 @@ class JsonlSink(Sink):
                 f.flush()
                 os.fsync(f.fileno())
         for line in data[:end].splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                self.existing.append(record)
+            with contextlib.suppress(ValueError):
+                self.existing.append(json.loads(line))
+        self.existing = [record for record in self.existing if isinstance(record, dict)]
 
     def write(self, record: dict) -> None:
         try:
@@ -220,8 +209,7 @@ class JsonlSink(Sink):
         except UnicodeEncodeError:  # lone surrogates (a non-UTF-8 file name): let JSON escape them
             line = (json.dumps(record) + "\n").encode()
         try:
-            written = os.write(self.fd, line)
-            if written != len(line):
+            if os.write(self.fd, line) != len(line):
                 raise OSError(28, "short write")
             if time.monotonic() - self.last_sync >= self.fsync_every:
                 os.fsync(self.fd)
@@ -254,9 +242,8 @@ class FolderSink(JsonlSink):
         # by sha256 and kept, since byte-identical files share them (resume is by content)
         self.texts: dict[tuple[str, str], dict[int, dict]] = {}
         self.earlier: dict[str, dict[int, dict]] = {}
-        for record in self.existing:
-            if self._usable(record):
-                self.earlier.setdefault(record.get("sha256", ""), {})[record["page"]] = record
+        for record in filter(self._usable, self.existing):
+            self.earlier.setdefault(record.get("sha256", ""), {})[record["page"]] = record
         stems = [os.path.splitext(d.rel)[0] for d in docs]
         counts = Counter(stems)  # not stems.count(): quadratic in the number of documents
         self.md_rel = {d.rel: (stem if counts[stem] == 1 else d.rel) + ".md" for d, stem in zip(docs, stems)}
