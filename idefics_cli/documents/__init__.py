@@ -133,9 +133,7 @@ def damaged_signature(data: bytes, name: str) -> str | None:
     if kind is None or len(head) < 8:
         return None
     text_mode = head.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-    for magic, magic_kind in _MAGIC:
-        if magic_kind != kind:
-            continue
+    for magic in (m for m, k in _MAGIC if k == kind):
         plain = magic.replace(b"\r\n", b"\n")
         if _bit_distance(head[:len(magic)], magic) <= 2 or text_mode.startswith(plain):
             return kind
