@@ -3,8 +3,7 @@
 Contract: `@model_params(max_new_tokens)` puts the model options in place of a command's `opts` parameter and hands
 them to it as one `ModelOptions`; `@runs` makes a command's first parameter its `Output` and runs the body through
 `output.run` (errors as one line, the exit status). `engine()` loads the model or connects to `--server`, which
-`connect_first()` does before pages are rendered. `Command` (every command's class): usage and help name arguments
-and option values as the README writes them.
+`connect_first()` does before pages are rendered. `Command`: every command's usage and help, as the README writes.
 """
 
 from __future__ import annotations
