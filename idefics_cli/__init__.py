@@ -45,17 +45,16 @@ class Model:
         from .tasks.selection import Selection, ask, open_selection
 
         schema = as_schema(schema)
-        if isinstance(documents, Selection):
-            if (pages, password, dpi) != (None, None, None):
-                raise UsageError("pages, password and dpi are options of open_pages when documents is a Selection")
-            return ask(self.engine, documents, question, max_new_tokens, logits_processor, schema=schema)
+        ours = not isinstance(documents, Selection)  # opened here: closed with the response
+        if not ours and (pages, password, dpi) != (None, None, None):
+            raise UsageError("pages, password and dpi are options of open_pages when documents is a Selection")
         selection = open_selection(documents, pages, password=password, dpi=dpi,
-                               longest_side=self.engine.render_side)
+                                   longest_side=self.engine.render_side) if ours else documents
         try:
-            return ask(self.engine, selection, question, max_new_tokens, logits_processor, close=True,
-                       schema=schema)
+            return ask(self.engine, selection, question, max_new_tokens, logits_processor, close=ours, schema=schema)
         except BaseException:
-            selection.close()
+            if ours:
+                selection.close()
             raise
 
     def transcribe(self, inputs, out: str | None = None, **request_fields):

@@ -36,10 +36,7 @@ class Output:
         return self._console
 
     def write(self, text: str) -> None:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:  # lone surrogates from a non-UTF-8 file name: escape them
-            text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # lone surrogates (a non-UTF-8 file name)
         try:
             sys.stdout.write(text)
             sys.stdout.flush()
@@ -87,24 +84,21 @@ class Output:
             self.console.print(message, style="dim")
 
     def warn(self, message: str) -> None:
-        if not self._plain_line(f"warning: {message}"):
-            self.console.print(f"warning: {message}", style="yellow", markup=False)
+        self._line(f"warning: {message}", "yellow")
 
     def error(self, err: IdeficsError) -> None:
-        if not self._plain_line(err.one_line()):
-            self.console.print(err.one_line(), style="bold red" if self.stderr_tty else None, markup=False,
-                               soft_wrap=True)
+        self._line(err.one_line(), "bold red" if self.stderr_tty else None, soft_wrap=True)
 
-    def _plain_line(self, line: str) -> bool:
-        """Write `line` to a piped stderr as Rich would, without Rich; False where Rich must draw it."""
+    def _line(self, line: str, style: str | None, **options) -> None:
+        """`line` on stderr: drawn by Rich on a terminal (or FORCE_COLOR), else written plain as Rich would."""
         if self.stderr_tty or self._console is not None or os.environ.get("FORCE_COLOR"):
-            return False
+            self.console.print(line, style=style, markup=False, **options)
+            return
         try:
             sys.stderr.write(line.translate(_CONTROL) + "\n")
             sys.stderr.flush()
         except (OSError, ValueError):
             pass  # a closed stderr: nothing more can be said
-        return True
 
 
 _CONTROL = dict.fromkeys(map(ord, "\a\b\v\f\r"))  # what Rich strips from printed text
@@ -124,25 +118,21 @@ def run(body, out: Output | None = None) -> int:
             warnings.simplefilter("ignore")
             logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         try:
-            status = body()
-            return int(status or ExitStatus.OK)
-        except IdeficsError as err:
-            if os.environ.get("IDEFICS_DEBUG"):
-                traceback.print_exc()
-            out.error(err)
-            return int(err.exit_status)
+            return int(body() or ExitStatus.OK)
         except KeyboardInterrupt:
             out.console.print("interrupted", style="yellow")
             return int(ExitStatus.INTERRUPTED)
         except BrokenPipeError:
             _silence_stdout()
             return int(ExitStatus.OK)
-        except Exception as exc:  # noqa: BLE001 - the last line of defence
+        except Exception as exc:  # noqa: BLE001 - an IdeficsError, or the last line of defence (internal)
             if os.environ.get("IDEFICS_DEBUG"):
                 traceback.print_exc()
-            msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-            out.error(IdeficsError("internal", msg, "this is a bug; rerun with IDEFICS_DEBUG=1 and report it"))
-            return int(ExitStatus.INTERNAL)
+            if not isinstance(exc, IdeficsError):
+                msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                exc = IdeficsError("internal", msg, "this is a bug; rerun with IDEFICS_DEBUG=1 and report it")
+            out.error(exc)
+            return int(exc.exit_status)
         finally:
             signal.signal(signal.SIGTERM, previous)
 

@@ -11,7 +11,7 @@ import os
 import warnings
 
 ENV = "IDEFICS_ALLOCATOR"
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc's mallopt parameters (malloc.h)
 MMAP_THRESHOLD, TRIM_THRESHOLD, PILLOW_BLOCKS = 256 * 2**20, 2**30, 8
 
 _tuned = False
@@ -72,7 +72,8 @@ def tune() -> list[str]:
         return _done
     changed: list[str] = []
     if os.environ.get(ENV, "").strip().lower() != "default":
-        if not any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ) and _mallopt():
+        malloc_set = any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ)
+        if not malloc_set and _mallopt((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
             changed.append("malloc")
         if "PILLOW_BLOCKS_MAX" not in os.environ and _pillow():
             changed.append("pillow")
@@ -80,7 +81,8 @@ def tune() -> list[str]:
     return changed
 
 
-def _mallopt() -> bool:
+def _mallopt(*settings: tuple[int, int]) -> bool:
+    """glibc's mallopt(param, value) for each of `settings` in turn; False off glibc or when one is refused."""
     import ctypes
     import sys
 
@@ -94,7 +96,13 @@ def _mallopt() -> bool:
     if not hasattr(libc, "gnu_get_libc_version"):  # glibc only: musl's mallopt does nothing
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return all(mallopt(param, value) for param, value in settings)
+
+
+def one_malloc_arena() -> bool:
+    """One glibc malloc arena for all threads, so `transcribe`'s buffers freed in another thread than they were made
+    in do not pile up; True when set, False off glibc."""
+    return _mallopt((M_ARENA_MAX, 1))
 
 
 def _pillow() -> bool:

@@ -1,15 +1,6 @@
-"""cli/__init__.py: the process-level setup done before any command runs."""
+"""cli/__init__.py: the app, its commands' help and usage."""
 
 import sys
-
-import pytest
-
-from idefics_cli.cli import one_malloc_arena
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
-def test_one_malloc_arena_is_accepted_by_glibc():
-    assert one_malloc_arena() is True
 
 
 def _help(*args: str, columns: int = 80) -> str:

@@ -7,6 +7,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+from idefics_cli.process import one_malloc_arena
+
 PROGRAM = r"""
 import json, logging, os, sys, warnings
 import accelerate, huggingface_hub, torch, transformers  # what a program using the library has imported, with
@@ -67,3 +71,8 @@ def test_opting_in_gives_a_program_the_commands_settings(tiny_model):
     assert len(after["filters"]) > len(before["filters"])
     assert after["hub_offline"] == before["hub_offline"]
     assert "pillow" in out["allocator"] and after["pillow_blocks"] >= 8
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_one_malloc_arena_is_accepted_by_glibc():
+    assert one_malloc_arena() is True

@@ -7,7 +7,6 @@ command imports what it needs when it runs (options.py: `runs` turns errors into
 from __future__ import annotations
 
 import gc
-import sys
 
 import typer
 
@@ -40,19 +39,6 @@ def _version(value: bool) -> None:
 def root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                       help="Print the version and exit.")) -> None:
     """Ask documents questions and transcribe them with Idefics2-8B, locally, 4-bit, on one GPU."""
-
-
-def one_malloc_arena() -> bool:
-    """One glibc malloc arena for all threads (M_ARENA_MAX=1), so `transcribe`'s buffers freed in another thread
-    than they were made in do not pile up; True when set, False off glibc."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6").mallopt(-8, 1) == 1  # -8: M_ARENA_MAX
-    except (OSError, AttributeError):
-        return False
 
 
 def entry() -> None:

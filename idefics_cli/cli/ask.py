@@ -10,7 +10,6 @@ from typing import Annotated
 
 import typer
 
-from ..runtime.families import render_side
 from . import options as o
 
 EXAMPLES = {"ask": """
@@ -41,19 +40,17 @@ def ask_command(
 ) -> int:
     """Ask a question about the pages of one or more documents. The answer streams to stdout."""
     from ..errors import UsageError, warning_line
+    from ..structured import as_schema
     from ..tasks.selection import ask, check_question, open_selection
 
-    if schema is not None:
-        from ..structured import parse_schema
-
-        schema = parse_schema(schema)  # a bad schema is a usage error before anything is opened
+    schema = as_schema(schema)  # a bad schema is a usage error before anything is opened
     if len(docs_and_question) < 2:
         raise UsageError("give at least one document and a question", 'e.g. idefics ask doc.pdf "What is this?"')
     *paths, question = docs_and_question
     check_question(question)
-    remote = o.engine(opts, server, api_key, out) if server else None  # a server says the size it wants pages at
+    remote, side = o.connect_first(opts, server, api_key, out)
     selection = open_selection(paths, pages, password=password, dpi=dpi, status=out.status,  # before the model loads
-                               longest_side=remote.render_side if remote else render_side(opts))
+                               longest_side=side)
     engine = remote or o.engine(opts, server, api_key, out)
     status = 0
     for group in selection.each_page() if each_page else [selection]:

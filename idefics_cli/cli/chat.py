@@ -10,7 +10,6 @@ import signal
 import sys
 
 from ..errors import IdeficsError, UsageError, warning_line
-from ..runtime.families import render_side
 from . import options as o
 
 EXAMPLES = {"chat": """
@@ -43,29 +42,22 @@ def chat_command(
     api_key: o.ApiKey = None,
 ) -> int:
     """Chat about a document; JSON lines when piped. The page images stay in the conversation."""
+    from ..structured import as_schema
     from ..tasks.conversation import ChatSession
 
-    if schema is not None:
-        from ..structured import parse_schema
-
-        schema = parse_schema(schema)  # a usage error before the document is opened
+    schema = as_schema(schema)  # a usage error before the document is opened
     interactive = sys.stdin is not None and sys.stdin.isatty()
     if doc == "-" and sys.stdin is not None and not interactive:
         raise UsageError("chat reads questions from stdin, so the document cannot come from stdin too")
-    remote = o.engine(opts, server, api_key, out) if server else None  # a server says the size it wants pages at
-    chat = ChatSession.open(doc, pages, password=password, dpi=dpi, status=out.status,
-                            longest_side=remote.render_side if remote else render_side(opts))
+    remote, side = o.connect_first(opts, server, api_key, out)
+    chat = ChatSession.open(doc, pages, password=password, dpi=dpi, status=out.status, longest_side=side)
     session = Session(out, chat, interactive)
+    previous = signal.signal(signal.SIGTERM, _terminate)  # Ctrl-C at the prompt goes on; SIGTERM never does
     try:
         chat.start(remote or o.engine(opts, server, api_key, out), schema=schema)
-        if not interactive:
-            return session.scripted()
-        previous = signal.signal(signal.SIGTERM, _terminate)  # Ctrl-C at the prompt goes on; SIGTERM never does
-        try:
-            return session.loop()
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+        return session.run()
     finally:
+        signal.signal(signal.SIGTERM, previous)
         chat.close()
 
 
@@ -81,23 +73,32 @@ class Session:
             for code in p.warnings:
                 self.out.warn(warning_line(code, p.path, p.page))
 
-    def scripted(self) -> int:
-        """One question or /command a line; the exit status is the first failed line's (0 when none failed)."""
+    def run(self) -> int:
+        """One question or /command a line; piped, the exit status is the first failed line's (0 when none failed)."""
         status = 0
-        for line in sys.stdin:
-            text = line.strip()
+        for text in self._typed() if self.interactive else (line.strip() for line in sys.stdin):
             if not text:
                 continue
+            if self.interactive and text in ("/quit", "/exit", "/bye"):
+                return 0
             try:
                 self._handle(text)
-            except IdeficsError as err:
+            except KeyboardInterrupt as stop:
+                if isinstance(stop, Terminated) or not self.interactive:
+                    raise
+                self.out.write("\n")
+                self.out.console.print("(stopped)", style="yellow")
+            except IdeficsError as err:  # the turn is forgotten; the conversation goes on
                 if err.code == "model_error":
                     raise
+                if self.interactive and err.code == "out_of_memory" and not err.hint:
+                    err.hint = "/reset to start a shorter conversation"
                 self.out.error(err)
-                status = status or int(err.exit_status)
+                status = status or (0 if self.interactive else int(err.exit_status))
         return status
 
-    def loop(self) -> int:
+    def _typed(self):
+        """Lines typed at the prompt until Ctrl-D; Ctrl-C there starts a new line."""
         try:
             import readline  # noqa: F401 - line editing and history for input()
         except ImportError:
@@ -111,32 +112,16 @@ class Session:
                 if not self.out.stdout_tty:
                     sys.stderr.write(">>> ")
                     sys.stderr.flush()
-                text = input(">>> " if self.out.stdout_tty else "").strip()
+                text = input(">>> " if self.out.stdout_tty else "")
             except EOFError:
                 sys.stderr.write("\n")
-                return 0
-            except Terminated:
-                raise
-            except KeyboardInterrupt:
+                return
+            except KeyboardInterrupt as stop:
+                if isinstance(stop, Terminated):
+                    raise
                 sys.stderr.write("\n")
                 continue
-            if not text:
-                continue
-            if text in ("/quit", "/exit", "/bye"):
-                return 0
-            try:
-                self._handle(text)
-            except Terminated:
-                raise
-            except KeyboardInterrupt:
-                self.out.write("\n")
-                self.out.console.print("(stopped)", style="yellow")
-            except IdeficsError as err:  # the turn is forgotten; the conversation goes on
-                if err.code == "model_error":
-                    raise
-                if err.code == "out_of_memory" and not err.hint:
-                    err.hint = "/reset to start a shorter conversation"
-                self.out.error(err)
+            yield text.strip()
 
     def _handle(self, text: str) -> None:
         if text.startswith("/") and not text.startswith("//"):
@@ -178,9 +163,9 @@ class Session:
         else:
             try:
                 self.out.stream(response)
-            except Terminated:
-                raise
-            except KeyboardInterrupt:  # the answer so far is in the conversation, marked interrupted
+            except KeyboardInterrupt as stop:  # the answer so far is in the conversation, marked interrupted
+                if isinstance(stop, Terminated):
+                    raise
                 self.out.write("\n")
                 self.out.console.print("(answer interrupted: kept as far as it went, marked interrupted)",
                                        style="yellow")

@@ -2,8 +2,8 @@
 
 Contract: `@model_params(max_new_tokens)` puts the model options in place of a command's `opts` parameter and hands
 them to it as one `ModelOptions`; `@runs` makes a command's first parameter its `Output` and runs the body through
-`output.run` (errors as one line, the exit status). `engine()` loads the model or connects to `--server`.
-`Command` is every command's class: usage and help name arguments and option values as the README writes them.
+`output.run` (errors as one line, the exit status). `engine()` loads the model or connects to `--server`, which
+`connect_first()` does before pages are rendered. `Command`: every command's usage and help, as the README writes.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Annotated, NoReturn
 import typer
 from typer.core import TyperCommand
 
+from ..runtime.families import render_side
 from ..runtime.model import DEFAULT_MODEL, ModelOptions
 
 ANSWER_TOKENS = ModelOptions.max_new_tokens  # ask, chat: the library's default answer length
@@ -103,6 +104,14 @@ def engine(opts: ModelOptions, server: str | None, api_key: str | None, out):
     if opts.model not in (DEFAULT_MODEL, remote.options.model):
         out.warn(f"--model {opts.model} is not used: the server at {remote.url} serves {remote.options.model}")
     return remote
+
+
+def connect_first(opts: ModelOptions, server: str | None, api_key: str | None, out):
+    """The `--server` engine (connected first: it says what size it wants pages at) or None, and that page size."""
+    if not server:
+        return None, render_side(opts)
+    remote = engine(opts, server, api_key, out)
+    return remote, remote.render_side
 
 
 OFFLINE_ENV = "HF_HUB_OFFLINE"  # the Hugging Face hub's own switch, read here and nowhere else

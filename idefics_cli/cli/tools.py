@@ -15,7 +15,6 @@ from typing import Annotated
 import typer
 
 from ..errors import IdeficsError, UsageError
-from ..runtime.families import render_side
 from ..tasks.doctor import SCHEMA, diagnose, human_bytes
 from . import options as o
 
@@ -82,7 +81,7 @@ def crops_command(
     if dir_ is None and out is None:
         stem = "stdin" if doc == "-" else os.path.splitext(os.path.basename(doc.rstrip("/")))[0] or "document"
         out = f"{stem}-page{page}-crops.png"
-    with open_document(doc, password=password, dpi=dpi, longest_side=render_side(opts)) as opened:
+    with open_document(doc, password=password, dpi=dpi, longest_side=o.render_side(opts)) as opened:
         image = opened.render(page)
     with output.status(f"Loading the processor of {opts.model}…"):
         processor = load_processor(opts)
@@ -264,7 +263,6 @@ def mcp_command(
     """
     import signal
     from dataclasses import asdict
-
 
     missing = [str(r) for r in root if not r.is_dir()]
     if missing:

@@ -13,7 +13,7 @@ import typer
 
 from ..errors import UsageError
 from ..interface import TRANSCRIBE_PROMPT
-from ..runtime.families import doctags, render_side
+from ..runtime.families import doctags
 from . import options as o
 
 EngineName = enum.Enum("EngineName", {"local": "local", "ray": "ray"}, type=str)
@@ -61,20 +61,16 @@ def transcribe_command(
     api_key: o.ApiKey = None,
 ) -> int:
     """Transcribe every page of files, folders or globs. JSONL records, and Markdown with --out DIR."""
+    from ..process import one_malloc_arena
     from ..tasks.transcription import TranscribeRequest, Transcription
-    from . import one_malloc_arena
 
     one_malloc_arena()  # before any thread starts: flat peak memory over long runs
     output.quiet = quiet
-    remote = None
-    if server:  # a running server's model: its settings make the records' settings hash (resume)
-        if engine != "local":
-            raise UsageError("--server and --engine ray cannot be combined", "drop one of them")
-        remote = o.engine(opts, server, api_key, output)
-        opts = remote.options
-    request = TranscribeRequest(tuple(paths), out, opts, prompt=prompt, pages=pages, dpi=dpi, password=password,
-                                batch_size=batch_size, force=force, shard=shard, engine=engine,
-                                ray_address=ray_address, schema=schema, min_confidence=min_confidence,
-                                longest_side=remote.render_side if remote else render_side(opts),
-                                doctags=remote.doctags if remote else doctags(opts))
+    if server and engine != "local":
+        raise UsageError("--server and --engine ray cannot be combined", "drop one of them")
+    remote, side = o.connect_first(opts, server, api_key, output)  # a server's settings make the settings hash
+    request = TranscribeRequest(tuple(paths), out, remote.options if remote else opts, prompt=prompt, pages=pages,
+                                dpi=dpi, password=password, batch_size=batch_size, force=force, shard=shard,
+                                engine=engine, ray_address=ray_address, schema=schema, min_confidence=min_confidence,
+                                longest_side=side, doctags=remote.doctags if remote else doctags(opts))
     return Transcription(request, engine=remote, output=output).run()

@@ -60,10 +60,10 @@ SMOL_IMAGE = {"smolvlm-2b": (14, 384, 3, 1536), "idefics3-8b": (14, 364, 2, 1456
 
 def tokenizer_model_path() -> str:
     """The bundled Mistral-7B-v0.1 sentencepiece model, verified; ModuleNotFoundError if it cannot be read."""
-    from importlib.util import find_spec
+    from ..extras import _importable
 
     missing = [name for name, module in (("sentencepiece", "sentencepiece"), ("protobuf", "google.protobuf"))
-               if _find(find_spec, module) is None]
+               if not _importable(module)]
     if missing:  # transformers would fall back to a tiktoken reader and fail with a misleading message
         raise ModuleNotFoundError(f"the tiny model's tokenizer needs {' and '.join(missing)}: "
                                   "pip install 'idefics-cli[tiny]'")
@@ -71,13 +71,6 @@ def tokenizer_model_path() -> str:
         if hashlib.sha256(f.read()).hexdigest() != TOKENIZER_SHA256:
             raise RuntimeError(f"{TOKENIZER_FILE} is not the Mistral-7B-v0.1 tokenizer (sha256 mismatch)")
     return TOKENIZER_FILE
-
-
-def _find(find_spec, module: str):
-    try:
-        return find_spec(module)
-    except ImportError:  # the parent package (google) is missing
-        return None
 
 
 def _towers(row: tuple, patch: int, image_size: int, **text) -> tuple[dict, dict]:

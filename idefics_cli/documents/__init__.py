@@ -17,7 +17,7 @@ import sys
 from idefics_cli.documents.images import ImageDocument
 from idefics_cli.documents.pages import DEFAULT_LONGEST_SIDE, MAX_IMAGE_PIXELS, MAX_PIXELS, NAMES, Document
 from idefics_cli.documents.pdf import PdfDocument
-from idefics_cli.documents.worker import DecodeTimeout, Remote
+from idefics_cli.documents.worker import Remote
 from idefics_cli.errors import IdeficsError, UsageError
 
 __all__ = ["DEFAULT_LONGEST_SIDE", "FORMATS", "MAX_IMAGE_PIXELS", "MAX_PIXELS", "Document", "ImageDocument",
@@ -133,9 +133,7 @@ def damaged_signature(data: bytes, name: str) -> str | None:
     if kind is None or len(head) < 8:
         return None
     text_mode = head.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-    for magic, magic_kind in _MAGIC:
-        if magic_kind != kind:
-            continue
+    for magic in (m for m, k in _MAGIC if k == kind):
         plain = magic.replace(b"\r\n", b"\n")
         if _bit_distance(head[:len(magic)], magic) <= 2 or text_mode.startswith(plain):
             return kind
@@ -203,8 +201,4 @@ def open_document(path: str, *, password: str | None = None, dpi: int | None = N
             raise IdeficsError("unsupported_format", "PSB (Photoshop's large document format) is not supported",
                                "save it as PSD or PNG", path)
         raise IdeficsError("unsupported_format", f"not a supported document ({_SUPPORTED})", path=path)
-
-    try:
-        return Remote(path, kind, data, password, dpi, longest_side)
-    except DecodeTimeout as e:
-        raise IdeficsError("corrupt", f"the {NAMES[kind]} file {e} to open, given up", path=path) from None
+    return Remote(path, kind, data, password, dpi, longest_side)

@@ -48,7 +48,7 @@ class ImageDocument(Document):
         except PILImage.DecompressionBombError as e:
             raise self._error("image_too_large", f"the image is too large ({e})", "downscale it first") from e
         except Exception as e:
-            raise self._unreadable(e, "not a readable {} image") from e
+            raise self._unreadable(e) from e
         try:
             self._check_size()
             frames = getattr(self._im, "n_frames", 1)
@@ -59,19 +59,15 @@ class ImageDocument(Document):
             self._im.close()
             if isinstance(e, (IdeficsError, KeyboardInterrupt, MemoryError)):
                 raise
-            raise self._unreadable(e, "not a readable {} image") from e
+            raise self._unreadable(e) from e
 
-    def _unsupported(self, variant: str) -> IdeficsError:
-        return self._error("unsupported_format", f"{variant} is not supported", "convert it to PNG first")
-
-    def _unreadable(self, e: BaseException, message: str) -> IdeficsError:
+    def _unreadable(self, e: BaseException) -> IdeficsError:
         """`unsupported_format` naming the variant for a well-formed file the decoder cannot read, else `corrupt`."""
         reason = str(e)
-        variant = unsupported_variant(self.kind, self._data, reason)
-        if variant:
-            return self._unsupported(variant)
+        if variant := unsupported_variant(self.kind, self._data, reason):
+            return self._error("unsupported_format", f"{variant} is not supported", "convert it to PNG first")
         detail = "" if reason.startswith("cannot identify image file") else f" ({why(e)})"
-        return self._error("corrupt", message.format(NAMES[self.kind]) + detail)
+        return self._error("corrupt", f"not a readable {NAMES[self.kind]} image{detail}")
 
     def _check_size(self) -> None:
         w, h = self._im.size
@@ -96,30 +92,18 @@ class ImageDocument(Document):
         except Exception as e:
             if "Security limit exceeded" in str(e):  # libheif's own bound on the size of an image
                 raise self._error("image_too_large", f"the image is too large ({why(e)})", "downscale it first") from e
-            variant = unsupported_variant(self.kind, self._data, str(e))
-            if variant:
-                raise self._unsupported(variant) from e
+            if unsupported_variant(self.kind, self._data, str(e)):
+                raise self._unreadable(e) from e
             raise  # damaged bytes: `corrupt` (Document.render)
         bits = _bits_per_sample(im)
         try:
             out = ImageOps.exif_transpose(im)
         except Exception:  # a broken EXIF block must not lose the page
             out = im.copy()
-        return _at_least_two_pixels(_to_rgb(out, bits))
+        return _to_rgb(out, bits)
 
     def close(self) -> None:
         self._im.close()
-
-
-def _at_least_two_pixels(im: Image) -> Image:
-    """Pad a 1-pixel-wide or -high image with white: the processor cannot split it into crops otherwise."""
-    from PIL import Image as PILImage
-
-    if im.width >= 2 and im.height >= 2:
-        return im
-    out = PILImage.new("RGB", (max(im.width, 2), max(im.height, 2)), (255, 255, 255))
-    out.paste(im, (0, 0))
-    return out
 
 
 def _bits_per_sample(im: Image) -> int | None:
@@ -132,7 +116,8 @@ def _bits_per_sample(im: Image) -> int | None:
 
 
 def _to_rgb(im: Image, bits: int | None = None) -> Image:
-    """Any mode -> RGB: deep gray scaled by its real range (`bits`, default 16), transparency onto white."""
+    """Any mode -> RGB: deep gray scaled by its real range (`bits`, default 16), transparency onto white, a 1-px side
+    padded to 2 px with white (the processor cannot split it into crops otherwise)."""
     from PIL import Image as PILImage
 
     if im.mode.startswith("I"):  # I, I;16, I;16B, ...: 12-, 16- or 32-bit samples (PNG, TIFF)
@@ -141,12 +126,14 @@ def _to_rgb(im: Image, bits: int | None = None) -> Image:
     elif im.mode == "F":  # 32-bit float samples: scientific TIFFs hold 0..1
         low, high = im.getextrema()
         im = im.point(lambda v: v * 255, "L") if 0 <= low and high <= 1 else im.convert("L")
-    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or im.has_transparency_data:
-        rgba = im.convert("RGBA")
-        out = PILImage.new("RGB", rgba.size, (255, 255, 255))
-        out.paste(rgba, mask=rgba.getchannel("A"))
-        return out
-    return im if im.mode == "RGB" else im.convert("RGB")
+    size = (max(im.width, 2), max(im.height, 2))
+    transparent = im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or im.has_transparency_data
+    if not transparent and size == im.size:
+        return im if im.mode == "RGB" else im.convert("RGB")
+    im = im.convert("RGBA" if transparent else "RGB")
+    out = PILImage.new("RGB", size, (255, 255, 255))
+    out.paste(im, (0, 0), im.getchannel("A") if transparent else None)
+    return out
 
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -212,19 +199,14 @@ _TIFF_COMPRESSIONS = {1, 2, 3, 4, 5, 6, 7, 8, 32771, 32773, 32809, 32946, 34925,
 def unsupported_variant(kind: str, data: bytes, reason: str = "") -> str | None:
     """The variant a header declares that the decoder cannot read ("12-bit JPEG"; `reason`: the decoder's message),
     else None (damaged bytes)."""
+    read = {"jpeg": _jpeg, "tiff": _tiff, "bmp": _bmp}.get(kind)
     try:
-        if kind == "jpeg":
-            return _jpeg(data)
-        if kind == "tiff":
-            return _tiff(data)
-        if kind == "bmp":
-            return _bmp(data, reason)
+        return read(data, reason) if read else None
     except (struct.error, IndexError, ValueError):
         return None
-    return None
 
 
-def _jpeg(data: bytes) -> str | None:
+def _jpeg(data: bytes, _reason: str) -> str | None:
     """The first frame header (SOFn) of a JPEG: its process and sample precision."""
     pos = 2
     while pos + 4 <= len(data):
@@ -246,7 +228,7 @@ def _jpeg(data: bytes) -> str | None:
     return None
 
 
-def _tiff(data: bytes) -> str | None:
+def _tiff(data: bytes, _reason: str) -> str | None:
     """The first image file directory of a classic TIFF: sample format, bits, compression, photometric."""
     order = {b"II": "<", b"MM": ">"}.get(data[:2])
     if order is None or struct.unpack(order + "H", data[2:4])[0] != 42:

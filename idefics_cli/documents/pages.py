@@ -29,26 +29,17 @@ _ITEM = re.compile(r"(?:(?P<start>[0-9]+)\s*(?:(?P<dash>-)\s*(?P<end>[0-9]+)?)?|
 _HINT = "use 1-based pages, e.g. 3, 1-4, 1,3,7- or -2 for the last two"
 
 
-def out_of_range(page: int, n_pages: int) -> IdeficsError:
-    """The `page_out_of_range` error for `page` in a document of `n_pages` pages."""
-    noun = "page" if n_pages == 1 else "pages"
-    return IdeficsError("page_out_of_range", f"page {page} is out of range (the document has {n_pages} {noun})")
-
-
 @dataclass(frozen=True)
 class PageRange:
-    """`start`..`end` inclusive; `end=None` runs to the last page; `tail=N` (start/end unused) is the last N."""
+    """`start`..`end` inclusive; `end=None` runs to the last page; a negative `start` is the last -`start` pages."""
 
-    start: int = 0
+    start: int
     end: int | None = None
-    tail: int = 0
 
     def __str__(self) -> str:
-        if self.tail:
-            return f"-{self.tail}"
-        if self.end is None:
-            return f"{self.start}-"
-        return str(self.start) if self.start == self.end else f"{self.start}-{self.end}"
+        if self.start < 0 or self.start == self.end:
+            return str(self.start)
+        return f"{self.start}-" if self.end is None else f"{self.start}-{self.end}"
 
 
 @dataclass(frozen=True)
@@ -70,10 +61,8 @@ class PageSpec:
             return list(range(1, n_pages + 1))
         pages: dict[int, None] = {}
         for r in self.ranges:
-            if r.tail:
-                first, last = max(n_pages - r.tail + 1, 1), n_pages
-            else:
-                first, last = r.start, n_pages if r.end is None else min(r.end, n_pages)
+            first = max(n_pages + r.start + 1, 1) if r.start < 0 else r.start
+            last = n_pages if r.end is None else min(r.end, n_pages)
             pages.update(dict.fromkeys(range(first, last + 1)))
         if not pages:
             noun = "page" if n_pages == 1 else "pages"
@@ -100,18 +89,13 @@ def parse_page_spec(spec: str | None) -> PageSpec:
         if not m:
             what = "an empty item" if not item else repr(item)
             raise UsageError(f"bad page spec {spec!r}: {what} is not a page or range", hint=_HINT)
-        if m["tail"] is not None:
-            r = PageRange(tail=int(m["tail"]))
-            first = r.tail
-        else:
-            first = int(m["start"])
-            end = int(m["end"]) if m["end"] is not None else (None if m["dash"] else first)
-            r = PageRange(first, end)
+        first = int(m["tail"] or m["start"])
+        end = int(m["end"]) if m["end"] else None if m["dash"] or m["tail"] else first
         if first < 1:
             raise UsageError(f"bad page spec {spec!r}: pages are numbered from 1", hint=_HINT)
-        if r.end is not None and r.end < r.start:
+        if end is not None and end < first:
             raise UsageError(f"bad page spec {spec!r}: range {item!r} runs backwards", hint=_HINT)
-        ranges.append(r)
+        ranges.append(PageRange(-first if m["tail"] else first, end))
     return PageSpec(tuple(ranges))
 
 
@@ -143,9 +127,9 @@ class Document:
     def render(self, page: int) -> Image:
         """Page `page` (1-based) as a new RGB image; a page that cannot be decoded raises `corrupt`."""
         if not 1 <= page <= self.page_count:
-            err = out_of_range(page, self.page_count)
-            err.path = self.path
-            raise err
+            noun = "page" if self.page_count == 1 else "pages"
+            raise self._error("page_out_of_range", f"page {page} is out of range (the document has "
+                              f"{self.page_count} {noun})")
         try:
             image = self._render(page)
         except (IdeficsError, MemoryError, KeyboardInterrupt):

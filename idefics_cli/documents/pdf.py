@@ -45,19 +45,15 @@ class PdfDocument(Document):
             if self._doc.needs_pass:
                 self._authenticate(password)
             self.page_count = self._doc.page_count
-            if self.page_count == 0 and kind != "pdf":
-                raise self._error("empty_document", f"the {name} has no pages")
+            if self.page_count == 0 and kind == "pdf" and not empty_page_tree(self._doc):
+                found = page_objects(self._doc)
+                raise self._error("corrupt", f"the PDF is damaged: its page tree reaches none of its {found} "
+                                  "page objects" if found else "the PDF is damaged and no page could be recovered")
             if self.page_count == 0:
-                if not empty_page_tree(self._doc):
-                    found = page_objects(self._doc)
-                    raise self._error("corrupt", f"the PDF is damaged: its page tree reaches none of its {found} "
-                                      "page objects" if found else "the PDF is damaged and no page could be recovered")
-                raise self._error("empty_document", "the PDF has no pages")
-            if kind != "pdf":
-                return
-            if self._doc.is_repaired:
+                raise self._error("empty_document", f"the {name} has no pages")
+            if kind == "pdf" and self._doc.is_repaired:
                 self.doc_warnings.append("repaired")
-            catalog = self._doc.pdf_catalog()
+            catalog = self._doc.pdf_catalog() if kind == "pdf" else 0
             if catalog > 0 and self._doc.xref_get_key(catalog, "AcroForm/XFA")[0] != "null":
                 self.doc_warnings.append("xfa_form")
         except BaseException as e:

@@ -2,21 +2,22 @@
 
 Contract: `Remote(path, kind, data, *args)` is a Document that `open_here(path, kind, data, *args)` opens and
 renders in a worker process (stdout and stderr at /dev/null unless IDEFICS_DEBUG=1). An open or a render past
-IDEFICS_DECODE_TIMEOUT seconds (default 30) kills the worker and raises `DecodeTimeout` / `corrupt`; the next call
-takes a fresh worker. One call holds one worker, so threads are safe; idle ones are reused; none outlives us.
+IDEFICS_DECODE_TIMEOUT seconds (default 30) kills the worker and raises `corrupt`; the next call takes a fresh
+worker. One call holds one worker, so threads are safe; idle ones are reused; none outlives us.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import os
-import pickle
-import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
+from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
 from idefics_cli.documents.pages import NAMES, Document
@@ -37,10 +38,6 @@ _idle: list[Worker] = []
 _alive: set[Worker] = set()
 
 
-class DecodeTimeout(Exception):
-    """A decoder past its bound: "took longer than N s"."""
-
-
 def timeout() -> float:
     try:
         value = float(os.environ.get("IDEFICS_DECODE_TIMEOUT", DEFAULT_TIMEOUT))
@@ -52,39 +49,33 @@ def timeout() -> float:
 class Worker:
     def __init__(self):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (_ROOT, os.environ.get("PYTHONPATH")))))
-        self.proc = subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=None if debug() else subprocess.DEVNULL, env=env)
+        ours, theirs = socket.socketpair()  # requests and replies; what a decoder prints goes where stderr goes
+        with theirs:
+            self.proc = subprocess.Popen([sys.executable, "-c", CHILD, str(theirs.fileno())], env=env,
+                                         pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                                         stdout=2 if debug() else subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self.conn = Connection(ours.detach())
         self.key: int | None = None  # the document open in the child
-        self._replies: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._read, name="idefics-decode", daemon=True).start()
         with _lock:
             _alive.add(self)
-        if self._replies.get() is None:  # started and its imports done, outside the bound; else dead
-            self._replies.put(None)
-
-    def _read(self) -> None:
-        try:
-            while True:
-                self._replies.put(pickle.load(self.proc.stdout))
-        except Exception:  # noqa: BLE001 - the end of the pipe: the child is gone
-            self._replies.put(None)
+        with contextlib.suppress(EOFError, OSError):  # started and its imports done, outside the bound; else dead
+            self.conn.recv()
 
     def ask(self, request):
         seconds = timeout()
         try:
-            pickle.dump(request, self.proc.stdin, protocol=5)
-            self.proc.stdin.flush()
-            reply = self._replies.get(timeout=seconds)
-        except OSError:
-            reply = None
-        except BaseException as e:  # past the bound or interrupted: its late reply must not answer the next request
+            self.conn.send(request)
+            answered = self.conn.poll(seconds)
+            reply = self.conn.recv() if answered else None
+        except (EOFError, OSError):
             self.kill()
-            if isinstance(e, queue.Empty):
-                raise DecodeTimeout(f"took longer than {seconds:g} s") from None
+            raise ChildProcessError("its decoder's process ended") from None
+        except BaseException:  # interrupted: its late reply must not answer the next request
+            self.kill()
             raise
-        if reply is None:
+        if not answered:  # past the bound: the same
             self.kill()
-            raise ChildProcessError("its decoder's process ended")
+            raise TimeoutError(f"took longer than {seconds:g} s")
         return reply
 
     def kill(self) -> None:
@@ -92,6 +83,7 @@ class Worker:
             _alive.discard(self)
         self.proc.kill()
         self.proc.wait()
+        self.conn.close()
 
 
 def _take(key: int) -> Worker:
@@ -125,15 +117,20 @@ class Remote(Document):
         super().__init__(path, kind, data)
         self._key = next(_keys)
         self._args: tuple | None = (path, kind, data, *args)
-        self.page_count, self.doc_warnings = self._call("open", f"not a readable {NAMES[kind]}")
+        self.page_count, self.doc_warnings = self._call("open", f"not a readable {NAMES[kind]}",
+                                                        f"the {NAMES[kind]} file {{}} to open, given up")
 
-    def _call(self, page: int | str, what: str):
+    def _call(self, page: int | str, what: str, slow: str):
+        """The worker's reply on `page` ("open" or a number); `corrupt` as `what` when it ends, as `slow` (its
+        "took longer than N s" in place of {}) past the bound."""
         worker = _take(self._key)
         try:
             ok, value, holds = worker.ask((self._key, page, None if worker.key == self._key else self._args))
             worker.key = self._key if holds else None
         except ChildProcessError as e:
             raise self._error("corrupt", f"{what} ({e})") from None
+        except TimeoutError as e:
+            raise self._error("corrupt", slow.format(e)) from None
         finally:
             _give(worker)
         if ok:
@@ -145,10 +142,8 @@ class Remote(Document):
     def render(self, page: int) -> Image:
         from PIL import Image as PILImage
 
-        try:
-            mode, size, raw, self._warnings[page] = self._call(page, f"page {page} could not be decoded")
-        except DecodeTimeout as e:
-            raise self._error("corrupt", f"page {page} could not be decoded: it {e}, given up") from None
+        what = f"page {page} could not be decoded"
+        mode, size, raw, self._warnings[page] = self._call(page, what, what + ": it {}, given up")
         return PILImage.frombytes(mode, size, raw)
 
     def close(self) -> None:
@@ -156,16 +151,15 @@ class Remote(Document):
 
 
 def serve(open_here) -> None:
-    """A worker's loop: (key, page, args) in on stdin, replies out; `args` opens document `key` instead of the last."""
-    replies = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)  # what a decoder prints goes where stderr goes
+    """A worker's loop: (key, page, args) in, replies out on the socket its argument names; `args` opens document
+    `key` instead of the last."""
+    conn = Connection(int(sys.argv[1]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    pickle.dump(True, replies)  # ready
-    replies.flush()
+    conn.send(True)  # ready
     doc = held = None
     while True:
         try:
-            key, page, args = pickle.load(sys.stdin.buffer)
+            key, page, args = conn.recv()
         except EOFError:
             return
         try:
@@ -185,5 +179,4 @@ def serve(open_here) -> None:
             reply = False, (e.code, e.message, e.hint)
         except MemoryError:
             reply = False, None
-        pickle.dump((*reply, held == key), replies, protocol=5)
-        replies.flush()
+        conn.send((*reply, held == key))
