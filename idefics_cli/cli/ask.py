@@ -40,10 +40,12 @@ def ask_command(
 ) -> int:
     """Ask a question about the pages of one or more documents. The answer streams to stdout."""
     from ..errors import UsageError, warning_line
-    from ..structured import as_schema
     from ..tasks.selection import ask, check_question, open_selection
 
-    schema = as_schema(schema)  # a bad schema is a usage error before anything is opened
+    if schema is not None:  # the schema machinery loads only for --schema
+        from ..structured import parse_schema
+
+        schema = parse_schema(schema)  # a bad schema is a usage error before anything is opened
     if len(docs_and_question) < 2:
         raise UsageError("give at least one document and a question", 'e.g. idefics ask doc.pdf "What is this?"')
     *paths, question = docs_and_question

@@ -42,10 +42,12 @@ def chat_command(
     api_key: o.ApiKey = None,
 ) -> int:
     """Chat about a document; JSON lines when piped. The page images stay in the conversation."""
-    from ..structured import as_schema
     from ..tasks.conversation import ChatSession
 
-    schema = as_schema(schema)  # a usage error before the document is opened
+    if schema is not None:  # the schema machinery loads only for --schema
+        from ..structured import parse_schema
+
+        schema = parse_schema(schema)  # a usage error before the document is opened
     interactive = sys.stdin is not None and sys.stdin.isatty()
     if doc == "-" and sys.stdin is not None and not interactive:
         raise UsageError("chat reads questions from stdin, so the document cannot come from stdin too")
