@@ -7,7 +7,7 @@ from conftest import make_image
 
 from idefics_cli.dev.tiny import CHAT_TEMPLATE, GENERATION
 from idefics_cli.errors import IdeficsError, UsageError
-from idefics_cli.runtime.model import ModelOptions, load_engine
+from idefics_cli.runtime.model import ModelOptions, load_engine, start_load
 
 
 def plain_inputs(model_dir, image, question, split=True):
@@ -95,9 +95,26 @@ def test_four_bit_loads_linear4bit_and_answers(tiny_model):
     assert engine4.info["quantization"] == "nf4"
     layers = [m for m in engine4.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(layers) > 10
-    assert layers[0].weight.quant_state.quant_type == "nf4" and layers[0].weight.quant_state.nested
+    assert layers[0].weight.quant_state.quant_type == "nf4"
+    assert engine4.model.config.quantization_config.bnb_4bit_use_double_quant  # the model card's settings
+    assert not any(layer.weight.quant_state.nested for layer in layers)  # CPU: block scales expanded at load
     gen = engine4.generate(engine4.build_inputs([([make_image()], "What is it?")]))
     assert gen.completion_tokens == 6 and gen.text
+
+
+def test_expanded_block_scales_change_no_logit(tiny_model):
+    """CPU 4-bit: the double-quantized block scales expanded once at load give the very logits of the model card's
+    load, for one token (decoding) and for several (prefill)."""
+    import torch
+
+    options = ModelOptions(model=tiny_model, quant="4bit", device="cpu")
+    card = start_load(options).finish(expand_scales=False)
+    ours = load_engine(options)
+    states = [getattr(m.weight, "quant_state", None) for m in card.model.modules() if hasattr(m, "weight")]
+    assert sum(s is not None and s.nested for s in states) > 10  # the model card's load: double-quantized
+    for ids in (torch.tensor([[5, 900]]), torch.arange(100, 140).reshape(2, 20)):
+        with torch.inference_mode():
+            assert torch.equal(card.model(input_ids=ids).logits, ours.model(input_ids=ids).logits)
 
 
 def test_local_folder_without_safetensors_is_refused_before_unpickling(tmp_path):

@@ -146,7 +146,8 @@ class Loading:
         self.options, self.processor, self.device, self.dtype = options, processor, device, dtype
         self._weights, self._start, self.quant_reason = weights, start, quant_reason
 
-    def finish(self) -> LocalEngine:
+    def finish(self, expand_scales: bool = True) -> LocalEngine:
+        """The engine once the weights are in (`expand_scales`: see `expand_block_scales`; off to save them)."""
         try:
             model = self._weights.result()
         except IdeficsError:
@@ -156,8 +157,28 @@ class Loading:
         finally:
             self._weights = None  # the Future lets go of the model (or its error)
         model.eval()
+        if expand_scales and not self.device.startswith("cuda"):
+            expand_block_scales(model)
         return LocalEngine(self.processor, model, self.options, self.device, self.dtype,
                            time.perf_counter() - self._start, self.quant_reason)
+
+
+def expand_block_scales(model) -> int:
+    """4-bit layers' 8-bit block scales (double quantization) expanded to float32 once, as bitsandbytes does on
+    every forward otherwise: the same numbers, about 1/8 less time a CPU forward, 3/64 more bytes a parameter.
+    Returns how many layers changed."""
+    import torch
+
+    count = 0
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None and state.nested:
+            state.absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
+                state.absmax, state.state2.absmax, state.state2.code, state.state2.blocksize, torch.float32
+            ) + state.offset
+            state.nested, state.state2, state.offset = False, None, None
+            count += 1
+    return count
 
 
 def start_load(options: ModelOptions) -> Loading:

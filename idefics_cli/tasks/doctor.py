@@ -204,7 +204,8 @@ def memory_estimate(config_path: str, processor_config_path: str | None, quant: 
     folder = os.path.dirname(config_path)
     config = AutoConfig.from_pretrained(folder)
     total, linear = _count_parameters(config)
-    per_param = {"4bit": 0.5 + 1 / 64 + 8 / (64 * 256), "8bit": 1.0}.get(quant)  # nf4 + double-quant absmax
+    scales = 1 / 64 + 8 / (64 * 256) if cuda else 4 / 64  # double-quantized block scales; on the CPU float32
+    per_param = {"4bit": 0.5 + scales, "8bit": 1.0}.get(quant)
     if per_param is None:
         per_param, linear = dtype_bytes, 0
     weights = linear * per_param + (total - linear) * dtype_bytes
