@@ -108,7 +108,7 @@ def test_expanded_block_scales_change_no_logit(tiny_model):
     import torch
 
     options = ModelOptions(model=tiny_model, quant="4bit", device="cpu")
-    card = start_load(options).finish(expand_scales=False)
+    card = start_load(options, expand_scales=False).finish()
     ours = load_engine(options)
     states = [getattr(m.weight, "quant_state", None) for m in card.model.modules() if hasattr(m, "weight")]
     assert sum(s is not None and s.nested for s in states) > 10  # the model card's load: double-quantized

@@ -146,8 +146,7 @@ class Loading:
         self.options, self.processor, self.device, self.dtype = options, processor, device, dtype
         self._weights, self._start, self.quant_reason = weights, start, quant_reason
 
-    def finish(self, expand_scales: bool = True) -> LocalEngine:
-        """The engine once the weights are in (`expand_scales`: see `expand_block_scales`; off to save them)."""
+    def finish(self) -> LocalEngine:
         try:
             model = self._weights.result()
         except IdeficsError:
@@ -157,8 +156,6 @@ class Loading:
         finally:
             self._weights = None  # the Future lets go of the model (or its error)
         model.eval()
-        if expand_scales and not self.device.startswith("cuda"):
-            expand_block_scales(model)
         return LocalEngine(self.processor, model, self.options, self.device, self.dtype,
                            time.perf_counter() - self._start, self.quant_reason)
 
@@ -181,8 +178,9 @@ def expand_block_scales(model) -> int:
     return count
 
 
-def start_load(options: ModelOptions) -> Loading:
-    """Start loading: the checks, the weights' thread, then the processor in this thread."""
+def start_load(options: ModelOptions, expand_scales: bool = True) -> Loading:
+    """Start loading: the checks, the weights' thread, then the processor in this thread. `expand_scales`:
+    `expand_block_scales` on the CPU (off to save the weights as loaded)."""
     start = time.perf_counter()
     if looks_local(options.model):
         check_local_model(options.model)
@@ -215,8 +213,13 @@ def start_load(options: ModelOptions) -> Loading:
             raise IdeficsError("model_error", "--quant 8bit needs a CUDA GPU", "use --quant 4bit or none")
         kwargs["quantization_config"] = quant
     # A short-lived thread: its idle OpenMP workers end with it instead of throttling the generating thread's
-    weights = in_thread(lambda: AutoModelForImageTextToText.from_pretrained(
-        source(options, common["local_files_only"]), **kwargs), name="idefics-load")
+    def load():
+        model = AutoModelForImageTextToText.from_pretrained(source(options, common["local_files_only"]), **kwargs)
+        if expand_scales and not device.startswith("cuda"):
+            expand_block_scales(model)
+        return model
+
+    weights = in_thread(load, name="idefics-load")
     try:
         processor = load_processor(options, local_files_only=common["local_files_only"])
     except BaseException as exc:
