@@ -579,7 +579,8 @@ def test_decoder_chatter_on_fd2_is_dropped_in_worker_threads_and_the_tools_lines
     assert quiet.returncode == 0 and lines == [own] * 4 + ["error [x]: after"], lines
     noisy = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60,
                            env={**os.environ, "IDEFICS_DEBUG": "1"})
-    assert noisy.stderr.decode().count("PackBitsDecode: Not enough data") >= 4, noisy.stderr.decode()
+    # libtiff writes "module: ", the message and ".\n" separately: four workers' pieces may interleave
+    assert noisy.stderr.decode().count("Not enough data for scanline") >= 4, noisy.stderr.decode()
 
 
 def test_mupdf_documents_open_and_render_at_once_from_several_threads(tmp_path):
