@@ -41,7 +41,8 @@ def test_json_has_every_field_and_a_real_4bit_check(cli, tiny_model, engine):
     assert report["model"]["available"] and report["model"]["local_folder"] and report["model"]["missing"] == []
     est = report["estimate"]
     assert set(est) == ESTIMATE
-    assert est["parameters"] == sum(p.numel() for p in engine.model.parameters())  # counted from config.json
+    dropped = sum(m.packed.numel() for m in engine.model.modules() if getattr(m, "weight", 0) is None)  # prepacked
+    assert est["parameters"] == sum(p.numel() for p in engine.model.parameters()) + dropped  # from config.json
     assert 0 < est["quantized_parameters"] < est["parameters"]
     assert est["image_tokens_per_image"] == 64 and est["images_per_page"] == 5
     assert est["total_bytes"] == est["weights_bytes"] + est["kv_cache_bytes"] + est["activations_bytes"] + est[
@@ -100,6 +101,26 @@ def test_images_per_page_are_what_the_image_processor_makes(tiny_model, tmp_path
     est = memory_estimate(str(grid / "config.json"), str(grid / "processor_config.json"), "4bit", True, 4, 16, False)
     assert made > 5 and est["images_per_page"] == made and est["image_tokens_per_image"] == 81
     assert est["prompt_tokens"] == 81 * made + made + 1 + 32
+
+
+def test_estimate_counts_the_cpu_copy_of_a_tied_head(tmp_path, tiny_model):
+    """Float32 on the CPU, a head that shares the input embedding gets a prepacked copy: its bytes count once more."""
+    config = json.load(open(os.path.join(tiny_model, "config.json")))
+    text = config["text_config"]
+    estimates = {}
+    for tied in (False, True):
+        folder = tmp_path / str(tied)
+        shutil.copytree(tiny_model, folder)
+        (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": tied,
+                                                        "text_config": {**text, "tie_word_embeddings": tied}}))
+        for cuda, nbytes in ((False, 4), (True, 4), (False, 2)):
+            est = memory_estimate(str(folder / "config.json"), os.path.join(tiny_model, "processor_config.json"),
+                                  "none", False, nbytes, 16, cuda)
+            estimates[tied, cuda, nbytes] = est["weights_bytes"]
+    head = text["vocab_size"] * text["hidden_size"]
+    assert estimates[False, True, 4] - estimates[True, True, 4] == head * 4  # a tied head is one weight fewer
+    assert estimates[False, False, 2] - estimates[True, False, 2] == head * 2
+    assert estimates[True, False, 4] == estimates[False, False, 4]  # ... but for its float32 CPU copy
 
 
 def fake_cache(cache: str, repo: str, model_dir: str, commit: str = "0123456789abcdef0123456789abcdef01234567"):

@@ -103,18 +103,42 @@ def test_four_bit_loads_linear4bit_and_answers(tiny_model):
 
 
 def test_expanded_block_scales_change_no_logit(tiny_model):
-    """CPU 4-bit: the double-quantized block scales expanded once at load give the very logits of the model card's
-    load, for one token (decoding) and for several (prefill)."""
+    """CPU 4-bit: the double-quantized block scales expanded once give the very logits of the model card's load,
+    for one token (decoding) and for several (prefill)."""
     import torch
 
-    options = ModelOptions(model=tiny_model, quant="4bit", device="cpu")
-    card = start_load(options, expand_scales=False).finish()
-    ours = load_engine(options)
+    from idefics_cli.runtime.model import expand_block_scales
+
+    card = start_load(ModelOptions(model=tiny_model, quant="4bit", device="cpu"), cpu_kernels=False).finish()
     states = [getattr(m.weight, "quant_state", None) for m in card.model.modules() if hasattr(m, "weight")]
     assert sum(s is not None and s.nested for s in states) > 10  # the model card's load: double-quantized
+    inputs = (torch.tensor([[5, 900]]), torch.arange(100, 140).reshape(2, 20))
+    with torch.inference_mode():
+        before = [card.model(input_ids=ids).logits for ids in inputs]
+        expand_block_scales(card.model)
+        assert not any(s is not None and s.nested for s in states)
+        assert all(torch.equal(card.model(input_ids=ids).logits, want) for ids, want in zip(inputs, before))
+
+
+def test_packed_text_layers_answer_as_the_model_card_load(tiny_model):
+    """Float32 CPU: the language model's layers and head run over prepacked weights (the originals dropped, the tied
+    embedding kept); logits agree with the model card's load up to rounding, and the greedy answer is the same."""
+    import torch
+
+    options = ModelOptions(model=tiny_model, quant="none", device="cpu", max_new_tokens=12)
+    card = start_load(options, cpu_kernels=False).finish()
+    ours = load_engine(options)
+    packed = [m for m in ours.model.modules() if type(m).__name__ == "PackedLinear"]
+    text_layers = ours.model.config.text_config.num_hidden_layers
+    assert len(packed) == 7 * text_layers + 1  # q, k, v, o, gate, up, down a layer, and the head
+    assert all(m.weight is None for m in packed if m is not ours.model.lm_head)
+    assert not any(type(m).__name__ == "PackedLinear" for m in ours.model.model.vision_model.modules())
     for ids in (torch.tensor([[5, 900]]), torch.arange(100, 140).reshape(2, 20)):
         with torch.inference_mode():
-            assert torch.equal(card.model(input_ids=ids).logits, ours.model(input_ids=ids).logits)
+            want, got = card.model(input_ids=ids).logits, ours.model(input_ids=ids).logits
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+    rows = [([make_image(seed=5)], "Read the page.")]
+    assert ours.generate(ours.prepare(rows)).token_ids == card.generate(card.prepare(rows)).token_ids
 
 
 def test_local_folder_without_safetensors_is_refused_before_unpickling(tmp_path):

@@ -370,9 +370,10 @@ def fitted_engine(tiny_model):
     in a loaded Engine of its own. 30 steps leave each greedy choice ahead of the next by more than 1 logit."""
     import torch
 
-    from idefics_cli.runtime.model import ModelOptions, load_engine
+    from idefics_cli.runtime.model import ModelOptions, start_load
 
-    engine = load_engine(ModelOptions(model=tiny_model, quant="none", device="cpu", max_new_tokens=8))
+    options = ModelOptions(model=tiny_model, quant="none", device="cpu", max_new_tokens=8)
+    engine = start_load(options, cpu_kernels=False).finish()  # trainable: no prepacked copies of the weights
     tok = engine.processor.tokenizer
     prompt = engine.build_inputs(FITTED_ROW)["input_ids"]
     pieces = tok.tokenize(FITTED)

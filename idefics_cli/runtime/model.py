@@ -8,6 +8,7 @@ sdpa, nf4 for "4bit"); failures are `IdeficsError`s with a hint. torch and trans
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from typing import TYPE_CHECKING
@@ -174,9 +175,46 @@ def expand_block_scales(model) -> None:
             state.nested, state.state2, state.offset = False, None, None
 
 
-def start_load(options: ModelOptions, expand_scales: bool = True) -> Loading:
-    """Start loading: the checks, the weights' thread, then the processor in this thread. `expand_scales`:
-    `expand_block_scales` on the CPU (off to save the weights as loaded)."""
+@functools.cache
+def _packed_linear():
+    """A `torch.nn.Linear` that computes over oneDNN's prepacked copy of its weight (`packed`), made once."""
+    import torch
+
+    class PackedLinear(torch.nn.Linear):
+        def forward(self, x):
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    return PackedLinear
+
+
+def pack_text_linears(model) -> int:
+    """Float32 CPU: the language model's linear layers and its head compute over oneDNN's prepacked weights, as
+    torch.compile's frozen CPU graphs do: faster for the few rows of a decoding step than MKL's products, the same
+    up to float rounding. Each original weight is dropped unless the input embedding shares it, so the model is for
+    inference only. How many layers were packed (0 where this torch has no oneDNN)."""
+    import torch
+
+    text = getattr(getattr(model, "model", None), "text_model", None)
+    if text is None or not torch.backends.mkldnn.is_available():
+        return 0
+    shared = model.get_input_embeddings().weight
+    layers = [m for m in [*text.modules(), model.lm_head] if type(m) is torch.nn.Linear
+              and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"]
+    cls = _packed_linear()
+    for done, module in enumerate(layers):
+        try:  # laid out for products of a few rows (4)
+            packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), 4)
+        except (AttributeError, RuntimeError):  # a torch without the op: this layer and the rest stay as they are
+            return done
+        module.packed, module.__class__ = packed, cls
+        if module.weight is not shared:
+            module.weight = None
+    return len(layers)
+
+
+def start_load(options: ModelOptions, cpu_kernels: bool = True) -> Loading:
+    """Start loading: the checks, the weights' thread, then the processor in this thread. `cpu_kernels`: on the CPU,
+    `expand_block_scales` and `pack_text_linears` (off to save or train the weights as loaded)."""
     start = time.perf_counter()
     if looks_local(options.model):
         check_local_model(options.model)
@@ -211,8 +249,9 @@ def start_load(options: ModelOptions, expand_scales: bool = True) -> Loading:
     # In a short-lived thread: its idle OpenMP workers end with it instead of slowing the generating thread
     def load():
         model = AutoModelForImageTextToText.from_pretrained(source(options, common["local_files_only"]), **kwargs)
-        if expand_scales and not device.startswith("cuda"):
+        if cpu_kernels and not device.startswith("cuda"):
             expand_block_scales(model)
+            pack_text_linears(model)
         return model
 
     weights = in_thread(load, name="idefics-load")

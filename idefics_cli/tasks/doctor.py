@@ -159,8 +159,9 @@ def model_files(model: str, revision: str | None) -> dict:
     return found
 
 
-def _count_parameters(config) -> tuple[int, int]:
-    """(all parameters, parameters in linear layers that bitsandbytes would quantize), on the meta device."""
+def _count_parameters(config) -> tuple[int, int, int]:
+    """(all parameters, parameters in linear layers that bitsandbytes would quantize, the head's parameters if it
+    shares the input embedding's weight, else 0), on the meta device."""
     import torch
     from transformers import AutoModelForImageTextToText
 
@@ -169,7 +170,8 @@ def _count_parameters(config) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     skip = model.get_output_embeddings()
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not skip)
-    return total, linear
+    tied = skip.weight.numel() if skip.weight is model.get_input_embeddings().weight else 0
+    return total, linear, tied
 
 
 def page_images(folder: str, split: bool) -> int:
@@ -203,12 +205,14 @@ def memory_estimate(config_path: str, processor_config_path: str | None, quant: 
 
     folder = os.path.dirname(config_path)
     config = AutoConfig.from_pretrained(folder)
-    total, linear = _count_parameters(config)
+    total, linear, tied = _count_parameters(config)
     scales = 1 / 64 + 8 / (64 * 256) if cuda else 4 / 64  # double-quantized block scales; on the CPU float32
     per_param = {"4bit": 0.5 + scales, "8bit": 1.0}.get(quant)
     if per_param is None:
         per_param, linear = dtype_bytes, 0
     weights = linear * per_param + (total - linear) * dtype_bytes
+    if not cuda and dtype_bytes == 4:  # the CPU's prepacked head (runtime/model.py) is a copy of a shared weight
+        weights += tied * 4
     seq_len = image_tokens_per_image(config, processor_config_path)
     images = page_images(folder, split)
     text = config.get_text_config()

@@ -50,7 +50,7 @@ def save_4bit(options, out_dir: str, status=lambda message: contextlib.nullconte
     try:
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private; the model folder should not be
         with status(f"Loading {options.model} in 4-bit…"):
-            engine = start_load(options, expand_scales=False).finish()  # saved as loaded: double-quantized
+            engine = start_load(options, cpu_kernels=False).finish()  # saved as loaded: double-quantized
         cfg = getattr(engine.model.config, "quantization_config", None)
         if cfg is None or not getattr(cfg, "load_in_4bit", False):
             raise IdeficsError("model_error", f"{options.model} did not load as a 4-bit model")
