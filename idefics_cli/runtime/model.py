@@ -187,29 +187,29 @@ def _packed_linear():
     return PackedLinear
 
 
-def pack_text_linears(model) -> int:
+def pack_text_linears(model) -> None:
     """Float32 CPU: the language model's linear layers and its head compute over oneDNN's prepacked weights, as
     torch.compile's frozen CPU graphs do: faster for the few rows of a decoding step than MKL's products, the same
     up to float rounding. Each original weight is dropped unless the input embedding shares it, so the model is for
-    inference only. How many layers were packed (0 where this torch has no oneDNN)."""
+    inference only. A torch without oneDNN (or without the op) keeps the layers as they are."""
     import torch
 
     text = getattr(getattr(model, "model", None), "text_model", None)
     if text is None or not torch.backends.mkldnn.is_available():
-        return 0
+        return
     shared = model.get_input_embeddings().weight
-    layers = [m for m in [*text.modules(), model.lm_head] if type(m) is torch.nn.Linear
-              and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"]
     cls = _packed_linear()
-    for done, module in enumerate(layers):
+    for module in [*text.modules(), model.lm_head]:
+        weight = getattr(module, "weight", None) if type(module) is torch.nn.Linear else None
+        if weight is None or weight.dtype != torch.float32 or weight.device.type != "cpu":
+            continue
         try:  # laid out for products of a few rows (4)
-            packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), 4)
-        except (AttributeError, RuntimeError):  # a torch without the op: this layer and the rest stay as they are
-            return done
-        module.packed, module.__class__ = packed, cls
-        if module.weight is not shared:
+            module.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 4)
+        except (AttributeError, RuntimeError):  # the op is missing: this layer and the rest stay as they are
+            return
+        module.__class__ = cls
+        if weight is not shared:
             module.weight = None
-    return len(layers)
 
 
 def start_load(options: ModelOptions, cpu_kernels: bool = True) -> Loading:
