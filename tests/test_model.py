@@ -206,3 +206,24 @@ def test_load_processor_is_the_one_loader_and_offline_stays_in_the_options(tiny_
     assert info.value.message == "someorg/not-cached-model is not in the local cache (offline)"
     load_engine(ModelOptions(model=tiny_model, offline=True, quant="none", device="cpu"))
     assert "HF_HUB_OFFLINE" not in os.environ and "TRANSFORMERS_OFFLINE" not in os.environ
+
+
+def test_deferred_compile_compiles_on_the_first_call_with_its_options():
+    import torch
+
+    from idefics_cli.runtime.model import _deferred
+
+    calls = []
+
+    def compile_(fn, **kwargs):
+        calls.append(kwargs)
+        return torch.compile(fn, **kwargs)
+
+    deferred = _deferred(compile_)
+    double = deferred(lambda x: x * 2, backend="eager", dynamic=False)
+    triple = deferred(backend="eager")(lambda x: x * 3)  # the decorator form, @torch.compile(...)
+    assert calls == []
+    x = torch.arange(4.0)
+    assert torch.equal(double(x), x * 2) and torch.equal(double(x), x * 2)
+    assert calls == [{"backend": "eager", "dynamic": False}]  # once, with the options given
+    assert torch.equal(triple(x), x * 3) and calls[1:] == [{"backend": "eager"}]

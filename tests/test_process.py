@@ -29,7 +29,8 @@ def state():
             "levels": {name: logging.getLogger(name).level
                        for name in ("transformers", "bitsandbytes", "kernels", "huggingface_hub", "")},
             "environ": dict(os.environ), "hub_offline": constants.HF_HUB_OFFLINE,
-            "kernels": repr(sys.modules.get("kernels")), "pillow_blocks": Image.core.get_blocks_max()}
+            "kernels": repr(sys.modules.get("kernels")), "pillow_blocks": Image.core.get_blocks_max(),
+            "torch_compile": id(torch.compile), "compiler_imported": "torch._inductor.compile_fx" in sys.modules}
 
 before = state()
 import idefics_cli
@@ -60,6 +61,9 @@ def test_a_program_that_loads_the_model_keeps_its_own_process_settings(tiny_mode
     assert after["environ"] == before["environ"]  # TOKENIZERS_PARALLELISM, HF_HUB_OFFLINE, MALLOC_* untouched
     assert after["hub_offline"] == before["hub_offline"] and after["kernels"] == before["kernels"]
     assert after["pillow_blocks"] == before["pillow_blocks"] and out["allocator"] is None  # allocators untouched
+    # bitsandbytes' import compiled its fallback kernels through our deferred torch.compile: torch's own is back,
+    # and its compiler was never imported
+    assert after["torch_compile"] == before["torch_compile"] and not after["compiler_imported"]
 
 
 def test_opting_in_gives_a_program_the_commands_settings(tiny_model):

@@ -52,11 +52,13 @@ def resolve_dtype(dtype: str, device: str):
 
 def import_bitsandbytes():
     """Import bitsandbytes quietly (unless IDEFICS_DEBUG=1) and off the hub: `kernels`, which its import asks for
-    compiled code, is unimportable for the import alone; loggers and warning filters are restored. ImportError
-    when it is not installed."""
+    compiled code, is unimportable for the import alone; loggers and warning filters are restored; `torch.compile`
+    is `_deferred` meanwhile. ImportError when it is not installed."""
     import logging
     import sys
     import warnings
+
+    import torch
 
     if "bitsandbytes" in sys.modules:
         return sys.modules["bitsandbytes"]
@@ -64,7 +66,8 @@ def import_bitsandbytes():
     levels = [logger.level for logger in loggers]
     missing = object()
     kernels = sys.modules.get("kernels", missing)
-    sys.modules["kernels"] = None
+    sys.modules["kernels"], compile_ = None, torch.compile
+    torch.compile = _deferred(compile_)
     try:
         with warnings.catch_warnings():
             if not process.debug():
@@ -73,6 +76,7 @@ def import_bitsandbytes():
                     logger.setLevel(logging.ERROR)
             import bitsandbytes
     finally:
+        torch.compile = compile_
         if kernels is missing:
             sys.modules.pop("kernels", None)
         else:
@@ -80,6 +84,26 @@ def import_bitsandbytes():
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
     return bitsandbytes
+
+
+def _deferred(compile_):
+    """`compile_` (torch.compile) that is called on a function's first call instead of at once: bitsandbytes
+    compiles its fallback kernels as it is imported, and torch.compile's own imports take a second."""
+
+    def deferred(fn=None, **kwargs):
+        if fn is None:  # used as @torch.compile(...)
+            return lambda f: deferred(f, **kwargs)
+        compiled = []
+
+        @functools.wraps(fn)
+        def call(*args, **kw):
+            if not compiled:
+                compiled.append(compile_(fn, **kwargs))
+            return compiled[0](*args, **kw)
+
+        return call
+
+    return deferred
 
 
 def quantization_config(quant: str, dtype):
