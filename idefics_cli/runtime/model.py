@@ -92,16 +92,9 @@ def _deferred(compile_):
 
     def deferred(fn=None, **kwargs):
         if fn is None:  # used as @torch.compile(...)
-            return lambda f: deferred(f, **kwargs)
-        compiled = []
-
-        @functools.wraps(fn)
-        def call(*args, **kw):
-            if not compiled:
-                compiled.append(compile_(fn, **kwargs))
-            return compiled[0](*args, **kw)
-
-        return call
+            return functools.partial(deferred, **kwargs)
+        compiled = functools.cache(lambda: compile_(fn, **kwargs))
+        return functools.wraps(fn)(lambda *args, **kw: compiled()(*args, **kw))
 
     return deferred
 
