@@ -70,14 +70,14 @@ def forward_logprobs(engine, inputs, tokens: list[int], temperature: float = 1.0
 
 
 @pytest.fixture(scope="module")
-def page_inputs(engine):
-    return engine.build_inputs([([make_image(seed=2)], "What is the total?")])
+def page():
+    return [([make_image(seed=2)], "What is the total?")]
 
 
-def test_greedy_confidence_is_the_forward_pass_probability_of_each_token(engine, page_inputs):
-    gen = engine.generate(page_inputs, 8)
+def test_greedy_confidence_is_the_forward_pass_probability_of_each_token(engine, page):
+    gen = engine.generate(engine.prepare(page), 8)
     assert len(gen.logprobs) == len(gen.token_ids) == len(gen.ends) == 8
-    want = forward_logprobs(engine, page_inputs, gen.token_ids)
+    want = forward_logprobs(engine, engine.build_inputs(page), gen.token_ids)
     assert gen.logprobs == pytest.approx(want, abs=1e-4)
     low = min(range(8), key=want.__getitem__)
     summary = c.summary(gen.logprobs, gen.ends)
@@ -86,13 +86,13 @@ def test_greedy_confidence_is_the_forward_pass_probability_of_each_token(engine,
     assert summary["min_at"] == (gen.ends[low - 1] if low else 0) and gen.ends[-1] == len(gen.text)
 
 
-def test_a_sampled_row_scores_tokens_at_its_temperature(engine, page_inputs):
+def test_a_sampled_row_scores_tokens_at_its_temperature(engine, page):
     from idefics_cli.runtime.decode import Loop, run_rows
 
-    (row,) = engine.rows(page_inputs, 8)
+    (row,) = engine.rows(engine.prepare(page), 8)
     row.temperature, row.top_p, row.seed = 0.7, 0.9, 3
     list(run_rows(Loop(engine), [row], 1))
-    want = forward_logprobs(engine, page_inputs, row.token_ids, temperature=0.7)
+    want = forward_logprobs(engine, engine.build_inputs(page), row.token_ids, temperature=0.7)
     assert row.logprobs == pytest.approx(want, abs=1e-4)
 
 

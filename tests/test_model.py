@@ -52,6 +52,8 @@ def test_build_inputs_equal_model_card_code(engine, tiny_model, split):
     image_tokens = (got["input_ids"] == 32001).sum().item()
     assert image_tokens == (320 if split else 64)
     assert (got["input_ids"] == 32000).sum().item() == (6 if split else 2)
+    with pytest.raises(IdeficsError, match="prepare"):  # the reference's pixels never reach the engine's vision path
+        engine.generate(got)
 
 
 def test_stream_generate_matches_plain_greedy_generate(engine, tiny_model):
@@ -62,19 +64,19 @@ def test_stream_generate_matches_plain_greedy_generate(engine, tiny_model):
     with torch.inference_mode():
         out = engine.model.generate(**inputs, max_new_tokens=10, do_sample=False)
     expected = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
-    pieces = list(engine.stream_generate(engine.build_inputs([([image], "Read the page.")]), max_new_tokens=10))
+    pieces = list(engine.stream_generate(engine.prepare([([image], "Read the page.")]), max_new_tokens=10))
     assert len(pieces) > 1 and "".join(pieces) == expected
-    gen = engine.generate(engine.build_inputs([([image], "Read the page.")]), max_new_tokens=10)
+    gen = engine.generate(engine.prepare([([image], "Read the page.")]), max_new_tokens=10)
     assert gen.text == expected and gen.completion_tokens == 10 and gen.finish_reason == "length"
 
 
 def test_batch_with_left_padding_equals_single_answers(engine):
     batch = [([make_image(320, 240, 1)], "What is this?"),
              ([make_image(200, 500, 2)], "Please read every word of the page, slowly and carefully.")]
-    inputs = engine.build_inputs(batch)
+    inputs = engine.prepare(batch)
     assert inputs["attention_mask"][0, 0] == 0 and inputs["input_ids"][0, 0] == 0  # left padding with pad id 0
     batched = engine.generate_batch(inputs, max_new_tokens=8)
-    single = [engine.generate_batch(engine.build_inputs([item]), max_new_tokens=8)[0] for item in batch]
+    single = [engine.generate_batch(engine.prepare([item]), max_new_tokens=8)[0] for item in batch]
     assert [g.token_ids for g in batched] == [g.token_ids for g in single]
     assert [g.text for g in batched] == [g.text for g in single]
 
@@ -98,7 +100,7 @@ def test_four_bit_loads_linear4bit_and_answers(tiny_model):
     assert layers[0].weight.quant_state.quant_type == "nf4"
     assert engine4.model.config.quantization_config.bnb_4bit_use_double_quant  # the model card's settings
     assert not any(layer.weight.quant_state.nested for layer in layers)  # CPU: block scales expanded at load
-    gen = engine4.generate(engine4.build_inputs([([make_image()], "What is it?")]))
+    gen = engine4.generate(engine4.prepare([([make_image()], "What is it?")]))
     assert gen.completion_tokens == 6 and gen.text
 
 

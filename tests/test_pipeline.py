@@ -61,7 +61,7 @@ def _batch(engine):
 
 def _single_texts(engine, split):
     batch = _batch(engine)
-    return [engine.generate_batch(engine.build_inputs([([im], SETTINGS.prompt)], split=split), 4)[0].text
+    return [engine.generate_batch(engine.prepare([([im], SETTINGS.prompt)], split=split), 4)[0].text
             for im in batch.images]
 
 
@@ -206,7 +206,7 @@ def test_one_batch_is_built_ahead_while_the_model_works_on_the_previous_one(engi
     assert builds == 4 and answered == 8
     # ... and it is: the second build ran while the model worked on the first batch
     assert watch.log.index("build start", 1) < watch.log.index("answer"), watch.log
-    expected = [engine.generate_batch(engine.build_inputs([([im], "Transcribe.")]), 2)[0].text
+    expected = [engine.generate_batch(engine.prepare([([im], "Transcribe.")]), 2)[0].text
                 for im in _pdf_images(pdf)]
     assert [r["text"] for r in sorted(sink.records, key=lambda r: r["page"])] == expected
 

@@ -89,7 +89,7 @@ def test_logits_processor_reaches_generate_streamed_and_batched(engine, page):
 
     answer = Model(engine).ask([page], QUESTION, max_new_tokens=3, logits_processor=[only_yes])
     assert answer.text == "yes yes yes"
-    batch = engine.build_inputs([([make_image(seed=1)], "Hi?"), ([make_image(seed=2)], "Read it.")])
+    batch = engine.prepare([([make_image(seed=1)], "Hi?"), ([make_image(seed=2)], "Read it.")])
     assert [g.text for g in engine.generate_batch(batch, 2, logits_processor=[only_yes])] == ["yes yes"] * 2
 
 

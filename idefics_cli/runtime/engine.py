@@ -63,13 +63,10 @@ class Preparer:
 
     def prepare(self, batch: list[tuple[list, str]], split: bool | None = None, collect: bool = False):
         """Token ids with a `"vision"` entry (vision.py) instead of pixels, built now with `collect` and always for a
-        sized family (its prompts follow the grids); a processor that is neither gets `build_inputs`."""
+        sized family (its prompts follow the grids)."""
         from .vision import VisionInputs
 
         split, processor, sized = self.options.split if split is None else split, self.processor, self.family.sized
-        if not sized and (type(processor).__name__ != "Idefics2Processor"
-                          or getattr(processor.image_processor, "do_pad", True) is False):
-            return self.build_inputs(batch, split)
         vision = VisionInputs([images for images, _ in batch], split, self.family.image_kwargs)
         if collect or sized:
             vision.collect(processor.image_processor)
@@ -184,32 +181,13 @@ class LocalEngine(Preparer):
         """Image features of each row of `inputs` (None for a row without images), through vision.py."""
         from .vision import auto_chunk, encode
 
+        if "pixel_values" in inputs:
+            raise TypeError("the engine decodes prepare()'s inputs; build_inputs() is the model card's, for reference")
         vision = inputs.get("vision")
-        if vision is not None:
-            return encode(self.model, vision, self.vision_chunk or auto_chunk(self.model, self.device),
-                          self.processor.image_processor)
-        if "pixel_values" not in inputs:
+        if vision is None:
             return [None] * len(inputs["input_ids"])
-        return self._padded_features(inputs)
-
-    def _padded_features(self, inputs) -> list:
-        """Features of `build_inputs`' padded pixels, row by row."""
-        import torch
-
-        out = []
-        masks = inputs.get("pixel_attention_mask")
-        with torch.inference_mode():
-            for r, pixels in enumerate(inputs["pixel_values"]):
-                real = pixels.flatten(1).any(dim=1)  # images that are not the batch's all-zero padding
-                if not bool(real.any()):
-                    out.append(None)
-                    continue
-                mask = masks[r][real] if masks is not None else None
-                feats = self.model.model.get_image_features(pixel_values=pixels[real][None],
-                                                            pixel_attention_mask=None if mask is None else mask[None],
-                                                            return_dict=True).pooler_output
-                out.append(torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats.flatten(0, -2))
-        return out
+        return encode(self.model, vision, self.vision_chunk or auto_chunk(self.model, self.device),
+                      self.processor.image_processor)
 
     def rows(self, inputs, max_new_tokens: int | None = None, logits_processor=None, schema=None) -> list:
         """A decode-loop `Row` for each row of `inputs` (prepared or built), its images encoded now."""
