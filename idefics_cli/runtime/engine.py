@@ -190,7 +190,7 @@ class LocalEngine(Preparer):
                       self.processor.image_processor)
 
     def rows(self, inputs, max_new_tokens: int | None = None, logits_processor=None, schema=None) -> list:
-        """A decode-loop `Row` for each row of `inputs` (prepared or built), its images encoded now."""
+        """A decode-loop `Row` for each row of `prepare`'s (or `chat_inputs`') `inputs`, its images encoded now."""
         from ..structured import row_grammar
         from .decode import Row
 

@@ -87,8 +87,8 @@ def import_bitsandbytes():
 
 
 def _deferred(compile_):
-    """`compile_` (torch.compile) that is called on a function's first call instead of at once: bitsandbytes
-    compiles its fallback kernels as it is imported, and torch.compile's own imports take a second."""
+    """`compile_` (torch.compile) called on a function's first call instead of at once: bitsandbytes hands its
+    fallback kernels to torch.compile as it is imported, and torch.compile's own imports take a second."""
 
     def deferred(fn=None, **kwargs):
         if fn is None:  # used as @torch.compile(...)
