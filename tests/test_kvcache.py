@@ -1,6 +1,6 @@
 """kvcache.py: in-place key/value layers give the same tensors, logits and greedy answers as transformers'
-DynamicCache (full attention and sliding window, growing past the spare room), and never write a tensor they
-were given (the serve prefix cache's invariant); on the tiny random Idefics2."""
+DynamicCache (growing past the spare room; a sliding window applied by the mask over every position kept), and never
+write a tensor they were given (the serve prefix cache's invariant); on the tiny random Idefics2."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from conftest import make_image, prefill_one
 
 from idefics_cli.interface import user_turn
 from idefics_cli.runtime import kvcache as prefill_module
-from idefics_cli.runtime.kvcache import SPARE, KVBatch, layer_classes, new_cache
+from idefics_cli.runtime.kvcache import SPARE, KVBatch, new_cache, room_layer
+from idefics_cli.runtime.model import ModelOptions, load_engine
 from idefics_cli.serve.scheduler import encode_images, prefix_length, prompt_ids
 
 
@@ -22,18 +23,13 @@ def test_importing_kvcache_imports_no_torch():
     assert result.stdout.strip() == "[]", result.stderr[-500:]
 
 
-@pytest.mark.parametrize("window", [None, 6])
 @pytest.mark.parametrize("spare", [1, 2, SPARE])
-def test_a_layer_returns_and_keeps_what_transformers_layer_does(window, spare):
+def test_a_layer_returns_and_keeps_what_transformers_layer_does(spare):
     import torch
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+    from transformers.cache_utils import DynamicLayer
 
     torch.manual_seed(0)
-    if window is None:
-        ours, theirs = layer_classes()["full_attention"](spare=spare), DynamicLayer()
-    else:
-        ours = layer_classes()["sliding_attention"](sliding_window=window, spare=spare)
-        theirs = DynamicSlidingWindowLayer(sliding_window=window)
+    ours, theirs = room_layer()(spare=spare), DynamicLayer()
     handed_out = []
     for step, n in enumerate([4, 1, 1, 3, 1, 1, 1, 1, 2, 1, 1, 1]):
         k, v = torch.randn(2, 3, n, 4), torch.randn(2, 3, n, 4)
@@ -52,10 +48,9 @@ def test_a_layer_returns_and_keeps_what_transformers_layer_does(window, spare):
         op(theirs)
         k, v = torch.randn(*theirs.keys.shape[:2], 1, 4), torch.randn(*theirs.keys.shape[:2], 1, 4)
         assert all(torch.equal(a, b) for a, b in zip(ours.update(k, v), theirs.update(k, v)))
-    if window is None:
-        ours.crop(-2)
-        theirs.crop(-2)
-        assert torch.equal(ours.keys, theirs.keys) and ours.get_seq_length() == theirs.get_seq_length()
+    ours.crop(-2)
+    theirs.crop(-2)
+    assert torch.equal(ours.keys, theirs.keys) and ours.get_seq_length() == theirs.get_seq_length()
     ours.reset()
     theirs.reset()
     assert ours.get_seq_length() == theirs.get_seq_length() == 0
@@ -121,8 +116,9 @@ def test_generate_is_bit_identical_to_dynamic_cache_past_the_spare_room(engine, 
         assert engine.generate(engine.prepare(rows), new).token_ids == want[0]
 
 
-def test_a_sliding_window_is_kept_as_transformers_keeps_it(tiny_model):
-    """Mistral's window (4096 tokens) made 8, so a short generate crosses it; spare 3 so buffers turn over."""
+def test_a_sliding_window_is_applied_as_transformers_applies_it(tiny_model):
+    """Mistral's window (4096 tokens) made 8, so a short generate crosses it; spare 3 so buffers turn over. Ours keeps
+    every position and the mask hides those past the window; transformers' layer keeps only the window."""
     import torch
     from transformers import AutoConfig, AutoProcessor, Idefics2ForConditionalGeneration
 
@@ -143,10 +139,35 @@ def test_a_sliding_window_is_kept_as_transformers_keeps_it(tiny_model):
 
     ours, theirs = run(new_cache(model.config, spare=3)), run(None)
     assert type(theirs.cache.layers[0]).__name__ == "DynamicSlidingWindowLayer"
-    assert all(torch.equal(a, b) for a, b in zip(ours.logits, theirs.logits))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours.logits, theirs.logits))
     assert torch.equal(ours.sequences, theirs.sequences)
-    layer = ours.cache.layers[0]
-    assert layer._k[0].shape[-2] <= 7 + 1 + 3 and torch.equal(layer.keys, theirs.cache.layers[0].keys)
+    window = theirs.cache.layers[0].keys
+    assert torch.equal(ours.cache.layers[0].keys[:, :, -window.shape[2]:], window)  # the same last positions
+
+
+def test_a_prompt_longer_than_the_sliding_window_answers_as_the_model_card(tiny_model, tmp_path):
+    """Mistral's window made 96 tokens, under one-page prompts (341 tokens and more), prefilled 128 tokens at a time
+    and decoded together: the model card's greedy tokens (its layers keep the window, ours every position)."""
+    import json
+    import shutil
+
+    import torch
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["sliding_window"] = 96
+    (folder / "config.json").write_text(json.dumps(config))
+    engine = load_engine(ModelOptions(model=str(folder), quant="none", device="cpu", max_new_tokens=12))
+    engine.prefill_chunk = 128
+    rows = [([make_image(seed=4)], "Read the page."), ([make_image(seed=5)], "What is the total, and who pays it?")]
+    want = []
+    for row in rows:
+        card = engine.build_inputs([row])
+        with torch.inference_mode():
+            out = engine.model.generate(**card, do_sample=False, max_new_tokens=12)[0, card["input_ids"].shape[1]:]
+        want.append(out.tolist()[: next((k + 1 for k, t in enumerate(out) if t in engine.eos_ids), len(out))])
+    assert [g.token_ids for g in engine.generate_batch(engine.prepare(rows))] == want
 
 
 def test_serve_prefill_from_a_prefix_twice_is_identical_and_leaves_the_prefix_unwritten(sharp_engine):

@@ -44,12 +44,12 @@ def _append(slot, new, spare: int):
 
 
 @functools.cache
-def layer_classes() -> dict:
-    """{"full_attention": layer class, "sliding_attention": layer class} (made once)."""
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+def room_layer():
+    """`DynamicLayer` writing in place (the class, made once)."""
+    from transformers.cache_utils import DynamicLayer
 
-    class _Room:
-        """What both layers share: `.keys`/`.values` as views of append-only buffers."""
+    class RoomLayer(DynamicLayer):
+        """`.keys`/`.values` are views of append-only buffers."""
 
         def __init__(self, *args, spare: int = SPARE, **kwargs):
             self.spare = spare
@@ -59,56 +59,37 @@ def layer_classes() -> dict:
         values = property(lambda self: _view(self._v), lambda self, tensor: setattr(self, "_v", _adopt(tensor)))
 
         def lazy_initialization(self, key_states, value_states):
-            super().lazy_initialization(key_states, value_states)  # device, the window's tensor; 1-d empties
+            super().lazy_initialization(key_states, value_states)  # device; 1-d empties
             self.keys = key_states.new_empty((*key_states.shape[:-2], 0, key_states.shape[-1]))
             self.values = value_states.new_empty((*value_states.shape[:-2], 0, value_states.shape[-1]))
 
-        def _write(self, key_states, value_states):
+        def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             return _append(self._k, key_states, self.spare), _append(self._v, value_states, self.spare)
 
-    class RoomLayer(_Room, DynamicLayer):
-        """`DynamicLayer` (full attention) writing in place."""
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            return self._write(key_states, value_states)
-
         def get_seq_length(self) -> int:
             return self._k[2] - self._k[1] if self.is_initialized and self._k is not None else 0
 
-    class RoomSlidingLayer(_Room, DynamicSlidingWindowLayer):
-        """`DynamicSlidingWindowLayer` writing in place: the window's start moves on; growing drops the rest."""
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            self.cumulative_length += key_states.shape[-2]
-            keys, values = self._write(key_states, value_states)
-            if self.record_past:  # kept whole until `crop`, as the base class does
-                visible = self.sliding_window - 1 + key_states.shape[-2]
-                return keys[:, :, -visible:], values[:, :, -visible:]
-            for slot in (self._k, self._v):  # keep the last sliding_window - 1 positions
-                slot[1] = max(slot[1], slot[2] - (self.sliding_window - 1))
-            return keys, values
-
-    return {"full_attention": RoomLayer, "sliding_attention": RoomSlidingLayer, "chunked_attention": RoomSlidingLayer}
+    return RoomLayer
 
 
 def new_cache(config=None, layers=None, spare: int = SPARE):
-    """A `DynamicCache` of in-place layers: for `config`'s decoder, or full-attention ones over `layers`
-    [(keys, values)], adopted."""
+    """A `DynamicCache` of in-place layers keeping every position: for `config`'s decoder (a sliding window is the
+    attention mask's to apply, as in KVBatch's steps), or over `layers` [(keys, values)], adopted."""
     from transformers import DynamicCache
     from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, get_layer_types_and_kwargs
 
-    classes = layer_classes()
     cache = DynamicCache()
     if config is not None:
         types, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
-        cache.layers = [classes[t](spare=spare, **kw) if t in classes else DYNAMIC_LAYER_TYPE_MAPPING[t](**kw)
+        attention = ("full_attention", "sliding_attention", "chunked_attention")
+        cache.layers = [room_layer()(spare=spare) if t in attention else DYNAMIC_LAYER_TYPE_MAPPING[t](**kw)
                         for t, kw in zip(types, kwargs)]
     else:
         cache.layers = []
         for keys, values in layers:
-            layer = classes["full_attention"](spare=spare)
+            layer = room_layer()(spare=spare)
             layer.lazy_initialization(keys, values)
             layer.keys, layer.values = keys, values  # adopted: copied at the first update, never written
             cache.layers.append(layer)
