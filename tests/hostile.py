@@ -317,6 +317,8 @@ def build(root: str) -> list[Case]:
     add("webp-corrupt.webp", _image_bytes(fmt="WEBP")[:30], "corrupt")
     add("javascript-attachment.pdf", _javascript_pdf(), "ok")
     add("many-pages.pdf", _many_pages_pdf(10_000), "ok", extra=["--pages=-1"])
+    # one question over 14 pages: 4,564 prompt tokens, past Mistral's 4,096-token window; a second token decodes
+    add("past-the-window.pdf", _pdf_bytes(14), "ok", extra=["--max-new-tokens", "2"])
     add("name with spaces.png", _image_bytes(), "ok")
     add("newline", _image_bytes(), "ok", filename="new\nline.png")
     add("non-utf8", _image_bytes(), "ok", filename=os.fsdecode(b"caf\xe9-\xff.png"))

@@ -43,7 +43,7 @@ def test_ask_reports_each_case_with_its_code(cli, tiny_model, corpus):
     failures = []
     for case in corpus:
         dpi = [] if "--dpi" in case.extra else ["--dpi", "36"]
-        result = cli("ask", case.path, "What is written here?", *case.extra, *dpi, "--model", tiny_model, *FAST)
+        result = cli("ask", case.path, "What is written here?", *dpi, "--model", tiny_model, *FAST, *case.extra)
         lines = result.stderr.strip().splitlines()
         if result.exit_code == 0:
             got = "ok"
