@@ -12,7 +12,7 @@ from conftest import make_image, prefill_one
 
 from idefics_cli.interface import user_turn
 from idefics_cli.runtime import kvcache as prefill_module
-from idefics_cli.runtime.kvcache import SPARE, KVBatch, new_cache, room_layer
+from idefics_cli.runtime.kvcache import KV, SPARE, KVBatch, new_cache, room_layer
 from idefics_cli.runtime.model import ModelOptions, load_engine
 from idefics_cli.serve.scheduler import encode_images, prefix_length, prompt_ids
 
@@ -217,8 +217,10 @@ def test_serve_batch_add_keep_and_step_equal_dynamic_cache(sharp_engine, monkeyp
     prompts = [[user_turn(0, "Hello there")], [user_turn(0, "A much longer question about nothing at all, really")],
                [user_turn(0, "Short")]]
     kvs = [prefill_one(sharp_engine, prompt_ids(sharp_engine, p))[1] for p in prompts]
-    kept = [[(k.clone(), v.clone()) for k, v in kv.layers] for kv in kvs]
+    held = [list(kv.layers) for kv in kvs]  # the prefilled tensors themselves: add() empties each KV's list
+    kept = [[(k.clone(), v.clone()) for k, v in layers] for layers in held]
     ours = _batch_schedule(sharp_engine, kvs)
+    assert all(layer is None for kv in kvs for layer in kv.layers)  # used up, so that they can be freed
     def dynamic(rows, width):  # the same rows, padded and concatenated into transformers' own cache
         import torch.nn.functional as F
 
@@ -230,7 +232,7 @@ def test_serve_batch_add_keep_and_step_equal_dynamic_cache(sharp_engine, monkeyp
                                             for i in range(len(rows[0][0]))])
 
     monkeypatch.setattr(prefill_module, "_copied", dynamic)
-    theirs = _batch_schedule(sharp_engine, kvs)
+    theirs = _batch_schedule(sharp_engine, [KV(list(layers), kv.length) for layers, kv in zip(held, kvs)])
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
-    for kv, copies in zip(kvs, kept):  # the prefilled rows' tensors were never written
-        assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(kv.layers, copies))
+    for layers, copies in zip(held, kept):  # the prefilled rows' tensors were never written
+        assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(layers, copies))

@@ -163,7 +163,8 @@ class KVBatch:
         return len(self.positions)
 
     def add(self, kvs: list[KV]) -> None:
-        """Append rows (prefilled prompts), padding them or the batch on the left to a common width."""
+        """Append rows (prefilled prompts), padding them or the batch on the left to a common width; the `kvs` are
+        used up (their layers emptied as they are copied)."""
         import torch
 
         if not kvs:
@@ -207,16 +208,21 @@ class KVBatch:
 
 def _copied(rows: list, width: int):
     """A cache owning new buffers (with spare room), written in place by decode steps, holding `rows` [(layers, row,
-    n)], each row's last `n` positions right-aligned to `width` and zeros before."""
+    n)], each row's last `n` positions right-aligned to `width` and zeros before. Each `layers` list is emptied
+    (None) layer by layer as it is copied, so that its tensors can go before the next layer is copied."""
     buffers = []
     for i in range(len(rows[0][0])):
         k0, v0 = rows[0][0][i]
         keys = k0.new_zeros((len(rows), k0.shape[1], width + SPARE, k0.shape[3]))
         values = v0.new_zeros((len(rows), v0.shape[1], width + SPARE, v0.shape[3]))
+        k0 = v0 = None
         for j, (layers, r, n) in enumerate(rows):
             k, v = layers[i]
             keys[j, :, width - n:width] = k[r, :, k.shape[2] - n:]
             values[j, :, width - n:width] = v[r, :, v.shape[2] - n:]
+        k = v = None
+        for layers, _, _ in rows:
+            layers[i] = None
         buffers.append((keys, values))
     cache = new_cache(layers=[(k[:, :, :width], v[:, :, :width]) for k, v in buffers])
     for layer, (k, v) in zip(cache.layers, buffers):
