@@ -79,6 +79,12 @@ def sharp_model(tiny_model, tmp_path_factory) -> str:
     return out
 
 
+def until_eos(ids, eos_ids) -> list[int]:
+    """Generated token ids up to and with the first end-of-sequence id (as the engine's rows end)."""
+    ids = [int(t) for t in ids]
+    return ids[: next((k + 1 for k, t in enumerate(ids) if t in eos_ids), len(ids))]
+
+
 def make_image(width: int = 320, height: int = 240, seed: int = 0):
     """A small deterministic picture with some structure (so crops differ)."""
     from PIL import Image, ImageDraw

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import make_image, prefill_one
+from conftest import make_image, prefill_one, until_eos
 
 from idefics_cli.interface import user_turn
 from idefics_cli.runtime import kvcache as prefill_module
@@ -109,8 +109,7 @@ def test_generate_is_bit_identical_to_dynamic_cache_past_the_spare_room(engine, 
     assert layer._k[0].shape[-2] > layer._k[2] - layer._k[1]  # it kept spare room
     # the engine's own calls use the cache and give the same tokens
     prompt = engine.prepare(rows)["input_ids"].shape[1]
-    want = [[t for t in ids] for ids in theirs.sequences[:, prompt:].tolist()]
-    want = [ids[: next((k + 1 for k, t in enumerate(ids) if t in engine.eos_ids), len(ids))] for ids in want]
+    want = [until_eos(ids, engine.eos_ids) for ids in theirs.sequences[:, prompt:].tolist()]
     assert [g.token_ids for g in engine.generate_batch(engine.prepare(rows), new)] == want
     if len(rows) == 1:
         assert engine.generate(engine.prepare(rows), new).token_ids == want[0]
@@ -166,7 +165,7 @@ def test_a_prompt_longer_than_the_sliding_window_answers_as_the_model_card(tiny_
         card = engine.build_inputs([row])
         with torch.inference_mode():
             out = engine.model.generate(**card, do_sample=False, max_new_tokens=12)[0, card["input_ids"].shape[1]:]
-        want.append(out.tolist()[: next((k + 1 for k, t in enumerate(out) if t in engine.eos_ids), len(out))])
+        want.append(until_eos(out.tolist(), engine.eos_ids))
     assert [g.token_ids for g in engine.generate_batch(engine.prepare(rows))] == want
 
 

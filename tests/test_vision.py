@@ -7,7 +7,7 @@ size and sends a pixel mask) and one `generate` with `pixel_values`. Everything 
 from __future__ import annotations
 
 import pytest
-from conftest import make_image
+from conftest import make_image, until_eos
 
 QUESTION = "What is the total amount due?"
 CASES = {
@@ -98,7 +98,7 @@ def test_batched_rows_equal_the_plain_batch(engines):
         plain_batch = engine.build_inputs(batch)
         out = engine.model.generate(**plain_batch, do_sample=False, max_new_tokens=6)
     new = out[:, plain_batch["input_ids"].shape[1]:].tolist()
-    expected = [ids[: next((k + 1 for k, t in enumerate(ids) if t in engine.eos_ids), len(ids))] for ids in new]
+    expected = [until_eos(ids, engine.eos_ids) for ids in new]
     prepared = engine.prepare(batch, collect=True)
     assert prepared["vision"].next == len(batch)  # every pixel built ahead (the prefetch thread's work)
     assert [g.token_ids for g in engine.generate_batch(prepared, max_new_tokens=6)] == expected
