@@ -1,7 +1,8 @@
-"""server.py over real HTTP: a full queue answers 503 with Retry-After; SIGTERM past --grace cancels and exits 0.
+"""server.py over real HTTP: a full queue answers 503 with Retry-After; SIGTERM past --grace cancels, answers what
+was in flight 503 `shutting_down` and exits 0.
 
-One server (127.0.0.1, ephemeral port; the tiny model, float32 CPU) with one row and one waiting place
-(`--max-batch 1 --max-queue 1`) and a one-second `--grace`; long answers (thousands of tokens) keep it busy.
+One server (127.0.0.1, ephemeral port; the tiny model, float32 CPU) with two rows and one waiting place
+(`--max-batch 2 --max-queue 1`) and a one-second `--grace`; long answers (thousands of tokens) keep it busy.
 The SIGTERM test is the module's last: it ends the server.
 """
 
@@ -25,7 +26,7 @@ LONG = 4000  # tokens: an answer that outlives every step of these tests (the ti
 
 @pytest.fixture(scope="module")
 def server(sharp_model):
-    srv = Server(sharp_model, "--max-batch", "1", "--max-queue", "1", "--grace", "1")
+    srv = Server(sharp_model, "--max-batch", "2", "--max-queue", "1", "--grace", "1")
     try:
         yield srv.wait_ready()
     finally:
@@ -62,6 +63,7 @@ class Streaming:
     def __init__(self, server, messages, max_tokens: int = LONG):
         self.client = httpx.Client(timeout=120)
         self.status = None
+        self.lines: list[str] = []
         self.stop = threading.Event()
         body = {"messages": messages, "stream": True, "max_tokens": max_tokens}
         self.thread = threading.Thread(target=self._run, args=(server.url, body), daemon=True)
@@ -71,7 +73,8 @@ class Streaming:
         try:
             with self.client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
                 self.status = r.status_code
-                for _ in r.iter_lines():
+                for line in r.iter_lines():
+                    self.lines.append(line)
                     if self.stop.is_set():
                         break
         except httpx.HTTPError:
@@ -84,10 +87,10 @@ class Streaming:
 
 
 def test_a_full_queue_answers_503_with_retry_after_and_the_cli_waits_its_turn(server, messages, page):
-    running = Streaming(server, messages)  # takes the one row
-    wait_for(server, running=1)
+    running = [Streaming(server, messages), Streaming(server, messages)]  # take the two rows
+    wait_for(server, running=2)
     waiting = Streaming(server, messages)  # takes the one waiting place
-    wait_for(server, running=1, waiting=1)
+    wait_for(server, running=2, waiting=1)
     r = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": messages, "max_tokens": 4}, timeout=30)
     assert r.status_code == 503, r.text
     assert float(r.headers["Retry-After"]) > 0
@@ -100,31 +103,51 @@ def test_a_full_queue_answers_503_with_retry_after_and_the_cli_waits_its_turn(se
     while sum(line.startswith("POST /v1/chat/completions 503") for line in server.lines) < 2:
         assert time.monotonic() < deadline and client.poll() is None, server.lines
         time.sleep(0.05)
-    running.close()
-    waiting.close()  # it had its turn once the first hung up: both were answered (200) before hanging up
-    assert (running.status, waiting.status) == (200, 200)
+    for stream in running:
+        stream.close()
+    waiting.close()  # it had its turn once a row was free: all were answered (200) before hanging up
+    assert [stream.status for stream in [*running, waiting]] == [200, 200, 200]
     out, err = client.communicate(timeout=120)
     assert client.returncode == 0, err.decode()
     assert out.strip() and b"Traceback" not in err
     wait_for(server, running=0, waiting=0)
 
 
-def test_sigterm_past_grace_cancels_the_answer_and_exits_0(server, page):
-    """The module's last test: an answer of thousands of tokens is in flight; SIGTERM with --grace 1 cancels it."""
+def test_sigterm_past_grace_answers_what_is_in_flight_shutting_down_and_exits_0(server, messages, page):
+    """The module's last test. In flight: a streamed and a plain answer of thousands of tokens (the two rows), and
+    `idefics ask --server` waiting; SIGTERM with --grace 1 cancels them, each answered, and the server exits 0."""
+    streamed = Streaming(server, messages)
+    plain = {}
+    body = {"messages": messages, "max_tokens": LONG}
+    thread = threading.Thread(target=lambda: plain.update(r=httpx.post(f"{server.url}/v1/chat/completions",
+                                                                       json=body, timeout=120)), daemon=True)
+    thread.start()
+    wait_for(server, running=2)
     client = subprocess.Popen([sys.executable, "-m", "idefics_cli", "ask", page, "What is this?", "--server",
                                server.url, "--max-new-tokens", str(LONG)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE)
-    wait_for(server, running=1)
+    wait_for(server, running=2, waiting=1)
     server.proc.send_signal(signal.SIGTERM)
     start = time.monotonic()
     assert server.proc.wait(60) == 0, "\n".join(server.lines)
     assert time.monotonic() - start < 30  # cancelled after the grace, not left to finish its 4000 tokens
     assert any("stopped" in line for line in server.lines), server.lines
+    # no traceback, and none of uvicorn's own errors: every request was answered before uvicorn's deadline
+    assert not [line for line in server.lines if "Traceback" in line or line.startswith("ERROR")], server.lines
+    thread.join(60)
+    streamed.close()
+    # the plain answer: OpenAI's error object, 503 shutting_down
+    r = plain["r"]
+    assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down" and r.headers["Retry-After"]
+    # the stream: its pieces, then the same error as its last event, and [DONE]
+    events = [line.removeprefix("data: ") for line in streamed.lines if line.startswith("data: ")]
+    assert streamed.status == 200 and events[-1] == "[DONE]", events[-3:]
+    assert json.loads(events[-2])["error"]["code"] == "shutting_down", events[-3:]
+    assert any(json.loads(e)["choices"][0]["delta"].get("content") for e in events[:-2]), events[:3]
+    # the CLI client waiting its turn: one error line naming the server (no traceback), exit 5
     out, err = client.communicate(timeout=60)
     lines = err.decode().strip().splitlines()
-    # the client's answer ends with one error line naming the server (no traceback), exit 5
     assert client.returncode == 5 and b"Traceback" not in err, err.decode()
     assert len(lines) == 1 and lines[0].startswith("error [model_error]: ") and server.url in lines[0], lines
-    logged = [line for line in server.lines if line.startswith("POST /v1/chat/completions")]
-    assert logged, server.lines
-    print(json.dumps({"client": lines, "server": logged[-1:]}))
+    logged = [line for line in server.lines if line.startswith("POST /v1/chat/completions 503")]
+    assert len(logged) >= 2, server.lines  # the plain answer and the waiting one

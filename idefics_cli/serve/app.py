@@ -184,7 +184,8 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
         try:
             kind, payload = await job.events.get()
             if kind == "done":  # cancelled before it started (the client went away, or stopping)
-                return error_response(503, "cancelled", "the request was cancelled before it started")
+                return _shed() if job.shed else error_response(503, "cancelled", "the request was cancelled before "
+                                                                                   "it started")
             if kind != "error" and req.stream:  # the stream ends the job and the watcher
                 streamed = StreamingResponse(_stream(job, req, meta, record, watcher, image_token),
                                              media_type="text/event-stream",
@@ -197,8 +198,8 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
                 watcher.cancel()
                 job.cancel()
         record["tokens"] = len(job.token_ids)
-        if kind == "error":
-            return _from_error(payload)
+        if kind == "error" or job.shed:
+            return _from_error(payload) if kind == "error" else _shed()
         return JSONResponse({**meta, "object": "chat.completion", "choices": [
             {"index": 0, "message": {"role": "assistant", "content": job.text},
              "logprobs": _logprobs(job.logprob_content() if req.logprobs else None),
@@ -275,6 +276,11 @@ async def _watch_disconnect(request: Request, job: Job) -> None:
             return
 
 
+def _shed() -> JSONResponse:
+    return error_response(503, "shutting_down", "the server stopped before the answer ended",
+                          headers={"Retry-After": "5"})
+
+
 def _finish(job: Job) -> str:
     return job.finish_reason if job.finish_reason in ("stop", "length") else "stop"
 
@@ -305,8 +311,8 @@ async def _stream(job: Job, req, meta: dict, record: dict, watcher, image_token:
             if kind == "delta":
                 yield _sse({**chunk, "choices": [{"index": 0, "delta": {"content": payload[0]},
                                                   "logprobs": _logprobs(payload[1]), "finish_reason": None}]})
-            elif kind == "error":
-                yield _sse(json.loads(_from_error(payload).body))
+            elif kind == "error" or kind == "done" and job.shed:
+                yield _sse(json.loads((_from_error(payload) if kind == "error" else _shed()).body))
                 break
             elif kind == "done":
                 yield _sse({**chunk, "choices": [{"index": 0, "delta": {}, "logprobs": _logprobs(payload),

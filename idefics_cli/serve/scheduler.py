@@ -51,6 +51,11 @@ class Job(Row):
                 scheduler.cond.notify()
             scheduler.pixels.drop(self)
 
+    @property
+    def shed(self) -> bool:
+        """Cancelled because the server is stopping, not by its client."""
+        return self.finish_reason == "cancelled" and self._scheduler is not None and self._scheduler.stopping
+
     def _emit(self, kind: str, payload=None) -> None:
         if self.loop is None:
             self.events.put_nowait((kind, payload))

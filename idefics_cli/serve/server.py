@@ -3,11 +3,13 @@
 Contract: `run_server(config, loader)` checks the config, binds the socket itself (`--port 0` picks a free one),
 logs `listening on http://HOST:PORT`, then `ready (MODEL)` once `loader()` returned the engine (prefix cache
 sized, scheduler started), and serves until SIGTERM/SIGINT: in-flight requests get `config.grace` seconds, then
-it returns 0. A model that fails to load is raised as its `IdeficsError`.
+their jobs are cancelled (answered 503 `shutting_down`, FLUSH_S to go out) and it returns 0. A model that fails to
+load is raised as its `IdeficsError`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import socket
@@ -17,6 +19,8 @@ import threading
 from ..errors import IdeficsError
 from .app import ServerState, build_app
 from .config import ServeConfig, check
+
+FLUSH_S = 10.0  # after the grace: for the cancelled jobs' rows to leave the loop and their answers to go out
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -69,9 +73,21 @@ def run_server(config: ServeConfig, loader, log=None) -> int:
                 log("stopping: no new connections; finishing what is in flight")
             super().handle_exit(sig, frame)
 
+        async def shutdown(self, sockets=None):
+            """uvicorn's, with the jobs still running at the end of the grace cancelled (each then answered)."""
+            timer = asyncio.get_running_loop().call_later(config.grace, shed)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                timer.cancel()
+
+    def shed() -> None:
+        if state.scheduler is not None:
+            state.scheduler.stop(cancel=True, timeout=0)
+
     app = build_app(config, state)
     uv = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                        timeout_graceful_shutdown=config.grace, server_header=False)
+                        timeout_graceful_shutdown=config.grace + FLUSH_S, server_header=False)
     server = Server(uv)
     log(f"listening on http://{shown}:{port} (loading the model…)")
     try:
