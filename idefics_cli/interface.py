@@ -18,6 +18,17 @@ TRANSCRIBE_PROMPT = (
     "Output only the transcription."
 )
 DOCLING_PROMPT = "Convert this page to docling."  # SmolDocling's and granite-docling's own (DocTags answers)
+MAX_NEW_TOKENS = 32768  # the most new tokens an answer may ask for: the CLI's, the API's and the server's bound
+DPI_RANGE = (10, 1200)  # --dpi's bounds, and the API's dpi
+
+
+def check_option(name: str, value, low: int, high: int):
+    """`value` if it is None or an integer from `low` to `high`; else UsageError naming the option."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high):
+        from .errors import UsageError
+
+        raise UsageError(f"{name} must be an integer from {low} to {high}, not {value!r}")
+    return value
 
 
 @dataclass

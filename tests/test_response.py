@@ -111,3 +111,52 @@ def test_importing_the_library_imports_no_torch():
     code = "import sys, idefics_cli\nprint([m for m in ('torch', 'transformers') if m in sys.modules])"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "[]", result.stderr[-500:]
+
+
+
+@pytest.mark.parametrize("bad", [{"max_new_tokens": 0}, {"max_new_tokens": -1}, {"max_new_tokens": 32769},
+                                 {"max_new_tokens": True}, {"max_new_tokens": "8"}, {"dpi": 5}, {"dpi": 1201}])
+def test_bad_bounds_are_refused_as_the_flags_refuse_them(engine, page, tmp_path, bad):
+    """What the CLI's flags bound (--max-new-tokens 1-32768, --dpi 10-1200) the library bounds too: in `ask`,
+    `chat`, `transcribe`, `open_pages`, `load` and `connect`, a UsageError before any work."""
+    import idefics_cli
+    from idefics_cli.errors import UsageError
+    from idefics_cli.interface import ModelOptions
+    from idefics_cli.tasks.pipeline import TranscribeRequest
+
+    model = Model(engine)
+    (name, value), = bad.items()
+    calls = [lambda: model.ask(page, QUESTION, **bad)]
+    if name == "dpi":
+        calls += [lambda: model.transcribe([page], tmp_path / "out", dpi=value),
+                  lambda: idefics_cli.open_pages(page, dpi=value), lambda: model.chat(page, dpi=value)]
+    else:
+        chat = model.chat(page)
+        calls += [lambda: TranscribeRequest([page], None, ModelOptions(max_new_tokens=value)),
+                  lambda: chat.ask(QUESTION, **bad), lambda: idefics_cli.load("/no/such/model", **bad),
+                  lambda: idefics_cli.connect("http://127.0.0.1:9", **bad)]
+    for call in calls:
+        with pytest.raises(UsageError, match=name):
+            call()
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_question_must_be_a_non_empty_string_in_ask_and_in_chat(engine, page, tmp_path):
+    from idefics_cli.errors import UsageError
+
+    model = Model(engine)
+    chat = model.chat(page)
+    for question, why in (("", "empty"), ("  \n", "empty"), (None, "string"), (7, "string")):
+        with pytest.raises(UsageError, match=why):
+            model.ask(page, question)
+        with pytest.raises(UsageError, match=why):
+            chat.ask(question)
+    assert chat.save(tmp_path / "chat.json") == 0  # nothing was added to the conversation
+    chat.close()
+
+
+def test_transcribe_takes_a_path_object_for_out(engine, page, tmp_path):
+    run = Model(engine).transcribe([page], tmp_path / "out")
+    assert [r.status for r in run] == ["ok"] and run.exit_status == 0
+    with open(tmp_path / "out" / "records.jsonl") as f:
+        assert [json.loads(line)["page"] for line in f] == [1]

@@ -9,6 +9,7 @@ import io
 import json
 
 import pytest
+from conftest import make_image
 
 from idefics_cli.errors import UsageError
 from idefics_cli.remote.transport import Overloaded, ServerLoading, Transport, events, normalize_url, retry_after
@@ -18,9 +19,15 @@ def test_server_urls_are_normalized_and_checked():
     assert normalize_url("127.0.0.1:8000") == "http://127.0.0.1:8000"
     assert normalize_url(" http://localhost:8000/v1/ ") == "http://localhost:8000"
     assert normalize_url("https://h.example/idefics/") == "https://h.example/idefics"
-    for bad in ("ftp://h:1", "http://", "http://h:notaport"):
+    for bad in ("ftp://h:1", "http://", "http://h:notaport", "not a url", "http://h.example/a b", "http://h\x00:1"):
         with pytest.raises(UsageError):
             normalize_url(bad)
+
+
+def test_a_url_with_a_space_is_a_usage_error_in_the_cli(cli, tmp_path):
+    make_image(64, 48).save(tmp_path / "p.png")
+    result = cli("ask", tmp_path / "p.png", "hi", "--server", "not a url")
+    assert result.exit_code == 2 and result.stderr.startswith("error [usage]: --server"), result.stderr
 
 
 def body(code, message="m") -> bytes:

@@ -17,6 +17,7 @@ from typing import Annotated, NoReturn
 import typer
 from typer.core import TyperCommand
 
+from ..interface import DPI_RANGE, MAX_NEW_TOKENS
 from ..runtime.families import render_side
 from ..runtime.model import DEFAULT_MODEL, ModelOptions
 
@@ -72,12 +73,14 @@ Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 Offline = Annotated[bool, typer.Option("--offline", help="Never touch the network; use the local cache only.")]
 Split = Annotated[bool, typer.Option("--split/--no-split",
                                      help="Image splitting: 4 crops + the original (5 x 64 visual tokens).")]
-MaxNewTokens = Annotated[int, typer.Option(min=1, max=32768, metavar="N", help="Most tokens to generate per answer.")]
+MaxNewTokens = Annotated[int, typer.Option(min=1, max=MAX_NEW_TOKENS, metavar="N",
+                                           help="Most tokens to generate per answer.")]
 Doc = Annotated[str, typer.Argument(metavar="DOC", show_default=False, help="A PDF or image (- for stdin).")]
 PagesOpt = Annotated[str | None, typer.Option("--pages", "-p", metavar="SPEC",
                                               help="1-based pages per document: 3, 1-4, 1,3,7-, -2.")]
-Dpi = Annotated[int | None, typer.Option(min=10, max=1200, help="Render PDFs at this DPI (default: longest side 1960 "
-                                                                "px, or the model's own image size).")]
+Dpi = Annotated[int | None, typer.Option(min=DPI_RANGE[0], max=DPI_RANGE[1],
+                                         help="Render PDFs at this DPI (default: longest side 1960 px, or the model's "
+                                              "own image size).")]
 Password = Annotated[str | None, typer.Option(help="Password for encrypted PDFs.")]
 SchemaOpt = Annotated[str | None, typer.Option("--schema", metavar="SCHEMA",
                                                help="Answer as JSON valid against this JSON Schema: a file, inline "

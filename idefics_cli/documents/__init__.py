@@ -19,6 +19,7 @@ from idefics_cli.documents.pages import DEFAULT_LONGEST_SIDE, MAX_IMAGE_PIXELS, 
 from idefics_cli.documents.pdf import PdfDocument
 from idefics_cli.documents.worker import Remote
 from idefics_cli.errors import IdeficsError, UsageError
+from idefics_cli.interface import DPI_RANGE, check_option
 
 __all__ = ["DEFAULT_LONGEST_SIDE", "FORMATS", "MAX_IMAGE_PIXELS", "MAX_PIXELS", "Document", "ImageDocument",
            "PdfDocument", "open_document", "sniff"]
@@ -183,8 +184,7 @@ def open_document(path: str, *, password: str | None = None, dpi: int | None = N
     """Open `path` ("-" = stdin; or `data`); `longest_side`: PDF pages' size without `dpi` (DEFAULT_LONGEST_SIDE)."""
     path = os.fspath(path)
     longest_side = DEFAULT_LONGEST_SIDE if longest_side is None else longest_side
-    if dpi is not None and dpi <= 0:
-        raise UsageError(f"--dpi must be a positive number, not {dpi}")
+    check_option("dpi", dpi, *DPI_RANGE)
     if longest_side <= 0:
         raise UsageError(f"the longest side must be a positive number of pixels, not {longest_side}")
     if data is None:

@@ -39,7 +39,8 @@ def normalize_url(url: str) -> str:
         url = f"http://{url}"
     url = url.rstrip("/").removesuffix("/v1")
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() or not c.isprintable()
+                                                                           for c in url):
         raise UsageError(f"--server {url!r} is not an http(s) URL", "e.g. --server http://127.0.0.1:8000")
     try:
         parts.port  # noqa: B018 - raises ValueError on a bad port

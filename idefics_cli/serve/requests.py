@@ -14,8 +14,8 @@ import urllib.parse
 from dataclasses import dataclass, field
 
 from ..errors import IdeficsError
+from ..interface import MAX_NEW_TOKENS
 
-MAX_NEW_TOKENS = 32768
 _SPACE = re.compile(r"\s+")
 _SURROGATE = re.compile("[\ud800-\udfff]")  # a lone surrogate ("\ud800" in JSON): not UTF-8, not text to tokenize
 _DATA_URL = re.compile(r"data:(?P<type>[^,;]*)(?P<params>(?:;[^,;]*)*),(?P<data>.*)", re.DOTALL)

@@ -14,7 +14,7 @@ import os
 import time
 
 from ..interface import assistant_turn, user_turn
-from .selection import ChosenPage, Response, Selection, prompt_for
+from .selection import ChosenPage, Response, Selection, answer_limit, check_question, prompt_for
 
 CHAT_SCHEMA = "idefics-cli.chat/1"
 
@@ -116,8 +116,8 @@ class ChatSession:
 
         engine, start = self.engine, time.perf_counter()
         schema = as_schema(schema) or self.schema
-        prompt = prompt_for(question, schema)
-        limit = max_new_tokens or engine.options.max_new_tokens
+        prompt = prompt_for(check_question(question), schema)
+        limit = answer_limit(engine, max_new_tokens)
         pages = self.shown + self.pending
         inputs = engine.chat_inputs([*self.messages, user_turn(len(self.pending), prompt)],
                                     [p.image for p in pages], limit)  # refused over the context

@@ -16,7 +16,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from ..errors import IdeficsError, UsageError, classify
-from ..interface import DOCLING_PROMPT, TRANSCRIBE_PROMPT, ModelOptions
+from ..interface import DOCLING_PROMPT, DPI_RANGE, MAX_NEW_TOKENS, TRANSCRIBE_PROMPT, ModelOptions, check_option
 from .batch import Batch, BlankPage, DocumentDone, Failure, Input, Prefetcher, done_keys, parse_shard
 from .records import PageRecord, Summary, blank_record, error_record, ok_record, settings_hash, task_error
 from .selection import prompt_for
@@ -55,6 +55,9 @@ class TranscribeRequest:
         set_ = partial(object.__setattr__, self)
         one = isinstance(self.inputs, (str, os.PathLike))
         set_("inputs", tuple(os.fspath(p) for p in ((self.inputs,) if one else self.inputs)))
+        set_("out", None if self.out is None else os.fspath(self.out))
+        check_option("dpi", self.dpi, *DPI_RANGE)
+        check_option("max_new_tokens", self.options.max_new_tokens, 1, MAX_NEW_TOKENS)
         set_("prompt", self.prompt or (DOCLING_PROMPT if self.doctags else TRANSCRIBE_PROMPT))
         set_("engine", getattr(self.engine, "value", self.engine))
         if self.engine not in ENGINES:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 from ..errors import IdeficsError, UsageError, classify
+from ..interface import MAX_NEW_TOKENS, check_option
 from .records import Source
 
 ANSWER_SCHEMA = "idefics-cli.answer/1"
@@ -109,9 +110,17 @@ def open_selection(documents, pages: str | None = None, *, password: str | None 
 
 
 def check_question(question: str) -> str:
+    if not isinstance(question, str):
+        raise UsageError(f"the question must be a string, not {type(question).__name__}")
     if not question.strip():
         raise UsageError("the question is empty")
     return question
+
+
+def answer_limit(engine, max_new_tokens: int | None) -> int:
+    """`max_new_tokens` (checked), or the engine's default when None."""
+    check_option("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
+    return max_new_tokens or engine.options.max_new_tokens
 
 
 def ask(engine, selection: Selection, question: str, max_new_tokens: int | None = None, logits_processor=None,
@@ -120,7 +129,7 @@ def ask(engine, selection: Selection, question: str, max_new_tokens: int | None 
     selection's documents when the answer ends (`Model.ask` opened them itself)."""
     check_question(question)
     prompt = prompt_for(question, schema)
-    limit = max_new_tokens or engine.options.max_new_tokens
+    limit = answer_limit(engine, max_new_tokens)
     engine.check_context(len(selection), prompt, limit)
     t0 = time.perf_counter()
     inputs = engine.prepare([(selection.images(), prompt)])
