@@ -20,13 +20,15 @@ from idefics_cli.errors import IdeficsError, UsageError
         (" 2 - 3 , 1 ", 5, [2, 3, 1]),
         ("3,1,3,2-4", 5, [3, 1, 2, 4]),
         ("2-2", 5, [2]),
+        (2, 5, [2]),  # the library's pages=2
     ],
 )
 def test_resolve(spec, n, expected):
     assert parse_page_spec(spec).resolve(n) == expected
 
 
-BAD = ["0", "a", "3-1", "1,,2", "", "  ", "-0", "0-2", "1-2-3", "--2", "1,", ",1", "1.5", "²", "1 2", "+1"]
+BAD = ["0", "a", "3-1", "1,,2", "", "  ", "-0", "0-2", "1-2-3", "--2", "1,", ",1", "1.5", "²", "1 2", "+1",
+       0, -2, True, 1.0, [1, 2], b"1"]
 
 
 @pytest.mark.parametrize("spec", BAD)

@@ -72,9 +72,13 @@ class PageSpec:
 
 
 def parse_page_spec(spec: str | None) -> PageSpec:
-    """Parse `--pages` text (see the module docstring); `None` or `all` selects every page."""
+    """Parse `--pages` text (see the module docstring), or one page number as an int; `None` or `all`: every page."""
     if spec is None:
         return PageSpec()
+    if isinstance(spec, int) and not isinstance(spec, bool) and spec > 0:
+        spec = str(spec)
+    if not isinstance(spec, str):
+        raise UsageError(f"bad page spec {spec!r}: give a string such as '1-3,7'", hint=_HINT)
     text = spec.strip()
     if not text:
         raise UsageError("empty page spec", hint=_HINT)
