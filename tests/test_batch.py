@@ -124,19 +124,6 @@ def test_in_shard_partitions():
     assert batch.in_shard(os.fsdecode(b"odd\xff.pdf"), 0, 1)  # non-UTF-8 names hash too
 
 
-def test_done_keys_only_counts_ok_records():
-    records = [
-        {"sha256": "a", "page": 1, "settings": "s", "status": "ok"},
-        {"sha256": "a", "page": 2, "settings": "s", "status": "error"},
-        {"sha256": "a", "page": 3, "settings": "t", "status": "ok"},
-        {"sha256": "b", "page": 1, "settings": "s", "status": "ok"},
-        {"sha256": "b", "page": 1, "settings": "s", "status": "ok"},
-        {"page": 9},  # a record missing fields is tolerated and never done
-    ]
-    assert batch.done_keys(records) == {("a", 1, "s"), ("a", 3, "t"), ("b", 1, "s")}
-    assert batch.done_keys([]) == set()
-
-
 def test_walk_keeps_the_order_of_explicit_inputs_and_sorts_only_expansions(tmp_path):
     touch(tmp_path, "report.pdf", "receipt.jpg", "scans/b.png", "scans/a.png", "more/z.pdf", "more/y.pdf")
     docs, missing = batch.walk([str(tmp_path / "report.pdf"), str(tmp_path / "scans"), str(tmp_path / "receipt.jpg"),

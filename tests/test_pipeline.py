@@ -234,3 +234,21 @@ def test_each_page_gets_its_share_of_the_batch_time(engine):
     records = answer_batch(Timed(), batch, SETTINGS)
     assert [r.timing["batch_size"] for r in records] == [2, 2]  # the two pages decoded together
     assert all(r.timing["generate_s"] == round(gens[k].total_s / 2, 4) for k, r in enumerate(records))
+
+
+def test_the_jobs_done_pages_are_its_sinks_ok_records():
+    sink = Sink()
+    sink.existing = [
+        {"path": "a.pdf", "sha256": "a", "page": 1, "settings": "s", "status": "ok"},
+        {"path": "a.pdf", "sha256": "a", "page": 2, "settings": "s", "status": "error"},
+        {"path": "a.pdf", "sha256": "a", "page": 3, "settings": "t", "status": "ok"},
+        {"path": "b.pdf", "sha256": "b", "page": 1, "settings": "s", "status": "ok"},
+        {"path": "c.pdf", "sha256": "b", "page": 1, "settings": "s", "status": "ok"},
+        {"page": 9},  # a record missing fields is tolerated and never done
+    ]
+    job = TranscribeJob(SETTINGS, [], sink, None, None)
+    assert job.done == {("a", 1, "s"), ("a", 3, "t"), ("b", 1, "s")}
+    assert job.recorded == {("a.pdf", 1), ("a.pdf", 3), ("b.pdf", 1), ("c.pdf", 1)}
+    assert TranscribeJob(SETTINGS, [], Sink(), None, None).done == set()
+    forced = TranscribeJob(TranscribeRequest((), force=True), [], sink, None, None)
+    assert forced.done == set() and forced.recorded == set()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -86,6 +87,35 @@ def test_a_run_left_early_is_closed_and_the_next_one_resumes(engine, scans):
     assert rest.summary.skipped >= 1 and rest.exit_status == 0
     done = [(r.path, r.page) for r in [first, *later]]
     assert sorted(done) == [("scans/invoice.pdf", 1), ("scans/invoice.pdf", 2), ("scans/page-1.png", 1)]
+
+
+@pytest.mark.parametrize("out", ["pages.jsonl", "folder/"])
+def test_a_resumed_run_records_every_copy_of_the_same_bytes(engine, tmp_path, monkeypatch, out):
+    """Copies of one file: a resumed run skips their pages (same sha256) but still records each copy under its own
+    path, as a run that was never interrupted does."""
+    monkeypatch.chdir(tmp_path)
+    os.mkdir("many")
+    make_image(seed=3).save("many/r1.png")
+    with Model(engine).transcribe(["many/"], out=out) as run:
+        (first,) = list(run)
+    for k in (2, 3, 4):
+        shutil.copy("many/r1.png", f"many/r{k}.png")
+    with Model(engine).transcribe(["many/"], out=out) as rest:
+        assert list(rest) == [] and rest.summary.skipped == 4 and rest.exit_status == 0
+    records = read_records(out)
+    assert [r["path"] for r in records] == [f"many/r{k}.png" for k in (1, 2, 3, 4)]
+    assert [essence({**r, "path": ""}) for r in records] == [essence({**first.to_dict(), "path": ""})] * 4
+    if out.endswith("/"):  # each copy's Markdown holds the text
+        texts = {open(f"folder/r{k}.md").read() for k in (1, 2, 3, 4)}
+        assert len(texts) == 1 and first.text.strip() in texts.pop()
+    with Model(engine).transcribe(["many/"], out=out) as again:  # once recorded, never again
+        assert list(again) == [] and again.summary.skipped == 4
+    assert len(read_records(out)) == 4
+
+
+def read_records(out: str) -> list[dict]:
+    with open(os.path.join(out, "records.jsonl") if out.endswith("/") else out) as f:
+        return [json.loads(line) for line in f]
 
 
 def test_missing_inputs_and_bad_documents_set_the_exit_status(engine, scans):

@@ -120,10 +120,6 @@ def parse_shard(spec: str | None) -> tuple[int, int] | None:
     return index, count
 
 
-def done_keys(records: list[dict]) -> set[tuple]:
-    return {(r.get("sha256"), r.get("page"), r.get("settings")) for r in records if r.get("status") == "ok"}
-
-
 def needs_model(docs: list[Input], open_doc, select_pages, is_done) -> bool:
     """Whether any chosen page of `docs` is still to be done (stdin always is); a document that cannot be opened
     or has none of the chosen pages needs no model (it fails again, as an error record)."""

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import IdeficsError, UsageError, classify
 from ..interface import DOCLING_PROMPT, DPI_RANGE, MAX_NEW_TOKENS, TRANSCRIBE_PROMPT, ModelOptions, check_option
-from .batch import Batch, BlankPage, DocumentDone, Failure, Input, Prefetcher, done_keys, parse_shard
+from .batch import Batch, BlankPage, DocumentDone, Failure, Input, Prefetcher, parse_shard
 from .records import PageRecord, Summary, blank_record, error_record, ok_record, settings_hash, task_error
 from .selection import prompt_for
 
@@ -123,11 +123,14 @@ class TranscribeJob:
     select_pages: Callable
     summary: Summary = field(default_factory=Summary)
     progress: Callable[[Summary], None] | None = None  # called with the summary after every change
-    done: set = field(init=False)
+    done: set = field(init=False)  # (sha256, page, settings) of the pages an earlier run answered
     start: float = field(init=False)
 
     def __post_init__(self):
-        self.done = set() if self.request.force else done_keys(self.sink.existing)
+        earlier = [] if self.request.force else [r for r in self.sink.existing if r.get("status") == "ok"]
+        self.earlier = {(r.get("sha256"), r.get("page"), r.get("settings")): r for r in earlier}
+        self.done = set(self.earlier)
+        self.recorded = {(r.get("path"), r.get("page")) for r in earlier}
         self.begin()
 
     def begin(self) -> None:
@@ -149,6 +152,16 @@ class TranscribeJob:
         self.summary.add(record)
         self.tick()
         return record
+
+    def document_done(self, done: DocumentDone) -> None:
+        """All of a document's pages are in. Pages skipped because an earlier run answered the same bytes under
+        another path get that record under this path first, so that every input has its records."""
+        for page in done.pages:
+            record = self.earlier.get((done.sha256, page, self.request.settings_hash))
+            if record is not None and (done.input.path, page) not in self.recorded:
+                self.recorded.add((done.input.path, page))
+                self.sink.write({**record, "path": done.input.path})
+        self.sink.document_done(done)
 
     def tick(self) -> None:
         self.summary.seconds = time.perf_counter() - self.start
@@ -235,7 +248,7 @@ def answer_batch(engine, batch: Batch, request: TranscribeRequest) -> list[PageR
 def _record(engine, slot: _Slot, request: TranscribeRequest, job: TranscribeJob) -> PageRecord | None:
     item, settings, result = slot.item, request.settings_hash, slot.result
     if isinstance(item, DocumentDone):
-        job.sink.document_done(item)
+        job.document_done(item)
         return None
     if isinstance(item, Failure):
         return error_record(item.input.path, item.error, settings, item.page, item.pages, item.sha256)

@@ -130,5 +130,5 @@ def run_on_ray(job: TranscribeJob, address: str | None = None) -> Iterator[PageR
             begun.add((event.input, event.sha256))
             job.pages(len(event.pages), sum(job.is_done(event.sha256, page) for page in event.pages))
         else:
-            job.sink.document_done(event)
+            job.document_done(event)
     job.tick()
