@@ -120,12 +120,20 @@ def read_records(out: str) -> list[dict]:
 
 def test_missing_inputs_and_bad_documents_set_the_exit_status(engine, scans):
     (scans / "broken.pdf").write_bytes(b"%PDF-1.7\ngarbage")
-    transcription = Model(engine).transcribe(["scans/broken.pdf", "nowhere.pdf"])
+    transcription = Model(engine).transcribe(["scans/broken.pdf", "nowhere.pdf", "scans/*.xyz"])
     records = list(transcription)
-    assert [(r.status, r.error["code"]) for r in records] == [("error", "corrupt")]
-    assert [e.code for e in transcription.errors] == ["not_found"] and transcription.exit_status == 4
-    transcription = Model(engine).transcribe(["nowhere.pdf"])
-    assert list(transcription) == [] and transcription.exit_status == 4
+    # an input that matched nothing has its error record as well (page 0), first
+    assert [(r.path, r.page, r.status, r.error["code"]) for r in records] == [
+        ("nowhere.pdf", 0, "error", "not_found"), ("scans/*.xyz", 0, "error", "not_found"),
+        ("scans/broken.pdf", 0, "error", "corrupt")]
+    assert [e.code for e in transcription.errors] == ["not_found"] * 2 and transcription.exit_status == 4
+    assert transcription.summary.failed == 3
+    transcription = Model(engine).transcribe(["nowhere.pdf"], out="missing.jsonl")
+    assert [r.error["code"] for r in transcription] == ["not_found"] and transcription.exit_status == 4
+    assert [json.loads(line)["path"] for line in open("missing.jsonl")] == ["nowhere.pdf"]
+    # with a page done, the missing input makes the run partial, and the records say why
+    transcription = Model(engine).transcribe(["scans/page-1.png", "nowhere.pdf"])
+    assert [r.status for r in transcription] == ["error", "ok"] and transcription.exit_status == 3
 
 
 @pytest.mark.parametrize("fields,message", [

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from ..errors import ExitStatus, IdeficsError, UsageError
 from .pipeline import TranscribeRequest  # noqa: F401 - re-exported: what a run is made of
-from .records import PageRecord, Summary
+from .records import PageRecord, Summary, error_record
 
 RAY_BATCH_SIZE = 4  # pages a model actor answers a call when the batch size is auto
 
@@ -68,21 +68,25 @@ class Transcription:
         if shard:
             docs = [d for d in docs if b.in_shard(d.rel, *shard)]
         self.summary.not_documents = len(not_documents)
-        if not docs:
-            if not self.errors and output is not None:
+        if not docs and not self.errors:
+            if output is not None:
                 skipped = f" ({len(not_documents)} files skipped: not documents)" if not_documents else ""
                 output.warn(f"no documents to transcribe{skipped}")
-            self.exit_status = ExitStatus.INPUT if self.errors else ExitStatus.OK
+            self.exit_status = ExitStatus.OK
             return
         with self._sink(docs) as sink:
-            yield from self._transcribe(docs, sink)
+            for err in self.errors:  # an input that matched nothing has its error record too (page 0)
+                record = error_record(err.path, err, request.settings_hash)
+                sink.write(record.to_dict())
+                self.summary.add(record)
+                yield record
+            if docs:
+                yield from self._transcribe(docs, sink)
         if not self.quiet:
             output.console.print(self.summary.line(), markup=False)
             for line in self.summary.failure_lines(sink.records_name):
                 output.console.print(line, markup=False, style="red")
-        summary = self.summary
-        self.exit_status = ExitStatus.INPUT if self.errors and not (summary.ok + summary.skipped) else (
-            ExitStatus.PARTIAL if self.errors else summary.exit_status)
+        self.exit_status = self.summary.exit_status
 
     def _sink(self, docs):
         from .writers import NullSink, StdoutSink, open_sink
