@@ -99,6 +99,19 @@ def test_a_bad_line_is_one_error_and_the_scripted_conversation_goes_on(cli, tiny
     assert result.exit_code == status  # the status of the first failed line
 
 
+@pytest.mark.parametrize(("script", "answered", "status"), [
+    ("First?\n/quit\nSecond?\n", [1], 0), ("/exit\nFirst?\n", [], 0), ("First?\n/bye\n/nope\n", [1], 0),
+    ("/nope\nFirst?\n/quit\nSecond?\n", [1], 2)])
+def test_piped_quit_leaves_and_the_lines_after_it_are_not_read(cli, tiny_model, tmp_path, model_calls, script,
+                                                              answered, status):
+    pdf = make_pdf(tmp_path / "r.pdf", n_pages=1)
+    result = cli("chat", pdf, "--model", tiny_model, *FAST, input=script)
+    assert [json.loads(line)["turn"] for line in result.stdout.splitlines()] == answered
+    assert len(model_calls) == len(answered)
+    assert result.exit_code == status, result.stderr  # the status so far: a line failed before /quit, or none
+    assert result.stderr.count("error [") == (status != 0), result.stderr
+
+
 class Terminal:
     """`idefics chat` on a real pseudo-terminal (stdin, stdout and stderr are all the tty)."""
 

@@ -1,12 +1,13 @@
-"""cli/__init__.py: the app, its commands' help and usage."""
+"""cli/__init__.py: the app, its commands' help and usage, and its usage errors (cli/options.py's `Group`)."""
 
+import os
+import subprocess
 import sys
+
+import pytest
 
 
 def _help(*args: str, columns: int = 80) -> str:
-    import os
-    import subprocess
-
     env = {**os.environ, "COLUMNS": str(columns), "HF_HUB_OFFLINE": "1"}
     res = subprocess.run([sys.executable, "-m", "idefics_cli", *args, "--help"], capture_output=True, env=env,
                          timeout=120)
@@ -33,3 +34,40 @@ def test_help_names_no_extra_that_the_core_install_has():
     for command in ("ask", "chat", "transcribe"):
         text = _help(command, columns=200)
         assert "--schema SCHEMA" in text and "[schema]" not in text, command
+
+
+@pytest.mark.parametrize("args, named", [
+    (("ask", "a.png", "q", "--max-new-tokens", "0"), "'--max-new-tokens'"),
+    (("ask", "a.png", "q", "--dpi", "5"), "'--dpi'"),
+    (("ask", "a.png", "q", "--quant", "foo"), "'--quant'"),
+    (("crops", "a.png", "--page", "0"), "'--page'"),
+    (("ask", "a.png", "q", "--bogus"), "--bogus"),
+    (("ask", "a.png", "q", "--max-new-tokens"), "'--max-new-tokens'"),
+    (("crops",), "'DOC'"),
+    (("--bogus",), "--bogus"),
+    (("nosuch",), "'nosuch'"),
+])
+def test_click_usage_errors_are_one_line_naming_what_was_wrong(cli, args, named):
+    """Click's own checks (ranges, choices, unknown options and commands, missing values) print as every error does."""
+    result = cli(*args)
+    lines = result.stderr.splitlines()
+    assert result.exit_code == 2 and result.stdout == "", (result.stdout, result.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error [usage]: ") and named in lines[0], lines
+
+
+def test_a_usage_error_points_at_its_commands_help(cli):
+    line = cli("ask", "a.png", "q", "--dpi", "5").stderr.strip()
+    assert line.startswith("error [usage]: Invalid value for '--dpi': ") and line.endswith("(see idefics ask --help)")
+    assert cli("nosuch").stderr.strip().endswith("(see idefics --help)")
+
+
+def test_the_installed_entry_point_prints_usage_errors_as_one_line_and_help_as_before():
+    res = subprocess.run([sys.executable, "-m", "idefics_cli", "ask", "a.png", "q", "--max-new-tokens", "0"],
+                         capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    lines = res.stderr.decode().splitlines()
+    assert res.returncode == 2 and res.stdout == b"" and len(lines) == 1, lines
+    assert lines[0].startswith("error [usage]: Invalid value for '--max-new-tokens': "), lines
+    assert _help("ask").startswith("Usage: ") and "--max-new-tokens N" in _help("ask", columns=200)
+    bare = subprocess.run([sys.executable, "-m", "idefics_cli"], capture_output=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "80"})
+    assert bare.returncode == 2 and "Usage: " in bare.stderr.decode() and "Commands:" in bare.stderr.decode()

@@ -11,10 +11,11 @@ import gc
 import typer
 
 from . import ask, chat, tools, transcribe
-from .options import Command
+from .options import Command, Group
 
 app = typer.Typer(
     name="idefics",
+    cls=Group,  # click's usage errors as one line `error [usage]: ...`
     help="Ask documents questions and transcribe them with Idefics2-8B, locally, 4-bit, on one GPU.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,

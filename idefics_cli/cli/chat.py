@@ -26,6 +26,7 @@ HELP = ("/pages SPEC   show these pages with the next question (earlier turns ke
         "/save FILE    write the conversation as JSON\n"
         "//text        ask a question that starts with /\n"
         "Ctrl-C stops an answer (kept, marked interrupted), Ctrl-D (or /quit) leaves.")
+QUIT = ("/quit", "/exit", "/bye")
 
 
 @o.model_params(o.ANSWER_TOKENS)
@@ -76,13 +77,14 @@ class Session:
                 self.out.warn(warning_line(code, p.path, p.page))
 
     def run(self) -> int:
-        """One question or /command a line; piped, the exit status is the first failed line's (0 when none failed)."""
+        """One question or /command a line, until the end of input or /quit (/exit, /bye: piped too, the lines after
+        it are not read); piped, the exit status is the first failed line's (0 when none failed)."""
         status = 0
         for text in self._typed() if self.interactive else (line.strip() for line in sys.stdin):
             if not text:
                 continue
-            if self.interactive and text in ("/quit", "/exit", "/bye"):
-                return 0
+            if text in QUIT:
+                break
             try:
                 self._handle(text)
             except KeyboardInterrupt as stop:

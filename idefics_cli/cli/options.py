@@ -4,10 +4,12 @@ Contract: `@model_params(max_new_tokens)` puts the model options in place of a c
 them to it as one `ModelOptions`; `@runs` makes a command's first parameter its `Output` and runs the body through
 `output.run` (errors as one line, the exit status). `engine()` loads the model or connects to `--server`, which
 `connect_first()` does before pages are rendered. `Command`: every command's usage and help, as the README writes.
+`Group`: the app, whose click usage errors (bad values, unknown options or commands, missing arguments) are one line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import inspect
@@ -15,8 +17,9 @@ import os
 from typing import Annotated, NoReturn
 
 import typer
-from typer.core import TyperCommand
+from typer.core import TyperCommand, TyperGroup
 
+from ..errors import IdeficsError
 from ..interface import DPI_RANGE, MAX_NEW_TOKENS
 from ..runtime.families import render_side
 from ..runtime.model import DEFAULT_MODEL, ModelOptions
@@ -50,6 +53,46 @@ class Command(TyperCommand):
             if rows:
                 with formatter.section(title):
                     formatter.write_dl(rows)
+
+
+# click's UsageError, from whichever click typer runs on (newer typer carries its own copy): BadParameter's base
+ClickUsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+class OneLineUsageError(ClickUsageError):
+    """A click usage error shown as the house's one stderr line: `error [usage]: <click's message> (see CMD --help)`."""
+
+    def __init__(self, error):
+        super().__init__(error.format_message(), error.ctx)
+
+    def show(self, file=None) -> None:
+        hint = f"see {self.ctx.command_path} --help" if self.ctx is not None else None
+        typer.echo(IdeficsError("usage", self.message, hint).one_line(), file=file, err=True)
+
+
+@contextlib.contextmanager
+def _one_line_usage():
+    try:
+        yield
+    except OneLineUsageError:
+        raise
+    except ClickUsageError as error:
+        if type(error).__name__ == "NoArgsIsHelpError":  # click 8.2+: `idefics` alone prints its help, as before
+            raise
+        raise OneLineUsageError(error) from error
+
+
+class Group(TyperGroup):
+    """The app's group: click's usage errors, its own and its commands', raise `OneLineUsageError` (exit status 2);
+    help, with no arguments too, is as click prints it."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        with _one_line_usage():
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx):
+        with _one_line_usage():
+            return super().invoke(ctx)
 
 
 def _is_choice(param) -> bool:
