@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import pytest
 from conftest import make_image, make_pdf
+from PIL import Image
 
 from idefics_cli import Model
 from idefics_cli.errors import UsageError
@@ -255,3 +256,22 @@ def test_rows_of_mixed_lengths_keep_page_order_and_resume(engine, tmp_path, monk
     rest = list(model.transcribe(pdf, out=str(out), batch_size=3))
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r.page for r in rest] == [4, 5, 6, 7] and [r["page"] for r in lines] == list(range(1, 8))
+
+
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_records_follow_the_read_order_whatever_the_batches(engine, tmp_path, monkeypatch, batch_size):
+    """A blank page and a file that cannot be read are settled at once, and the prefetcher groups pages by size
+    into batches; the records still come out in the order the files and pages were read (batching.md)."""
+    monkeypatch.chdir(tmp_path)
+    os.mkdir("d")
+    make_image(200, 300, seed=1).save("d/a.png")
+    Image.new("RGB", (200, 100), "white").save("d/b.png")  # blank: no model
+    make_image(300, 200, seed=2).save("d/c.png")  # another size than a's: c and e make a batch of 2 first
+    open("d/d.pdf", "wb").close()  # empty: an error record
+    make_image(300, 200, seed=3).save("d/e.png")
+    make_image(200, 300, seed=4).save("d/f.png")
+    with Model(engine).transcribe(["d/"], out="out.jsonl", batch_size=batch_size) as run:
+        yielded = [(r.path, r.status) for r in run]
+    assert yielded == [("d/a.png", "ok"), ("d/b.png", "ok"), ("d/c.png", "ok"), ("d/d.pdf", "error"),
+                       ("d/e.png", "ok"), ("d/f.png", "ok")]
+    assert [(r["path"], r["status"]) for r in read_records("out.jsonl")] == yielded

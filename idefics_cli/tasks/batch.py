@@ -140,6 +140,7 @@ class PageTask:
     page: int
     pages: int
     warnings: list[str] = field(default_factory=list)
+    seq: int | None = None  # its place in the run's record order (the prefetcher's read order)
 
 
 @dataclass
@@ -166,6 +167,7 @@ class Failure:
     sha256: str = ""
     page: int = 0
     pages: int = 0
+    seq: int | None = None
 
 
 @dataclass
@@ -176,6 +178,7 @@ class DocumentDone:
     sha256: str
     pages: list[int]
     page_count: int
+    seq: int | None = None
 
 
 def read_document(item: Input, open_doc, select_pages, is_done) -> Iterator:
@@ -214,7 +217,8 @@ def build_batch(pages: list, build) -> list:
     try:
         batch.inputs = build(batch.images)
     except Exception as exc:  # noqa: BLE001 - recorded per page
-        return [Failure(t.input, classify(exc, t.input.path, "read"), t.sha256, t.page, t.pages) for t in batch.tasks]
+        return [Failure(t.input, classify(exc, t.input.path, "read"), t.sha256, t.page, t.pages, t.seq)
+                for t in batch.tasks]
     batch.preprocess_s = time.perf_counter() - t0
     return [batch]
 
@@ -228,6 +232,7 @@ class Prefetcher:
         self.batch_size = batch_size
         self.pending: list[tuple[PageTask, object]] = []  # rendered pages not yet in a batch
         self.finished: list[DocumentDone] = []
+        self.read = 0  # items read so far: the next one's `seq`
         # the turn is its one place: claimed before a build, released when the model's thread takes the batch
         self._work = WorkAhead("idefics-prefetch", depth=1, places=1)
 
@@ -306,6 +311,7 @@ class Prefetcher:
                     if self.on_pages:
                         self.on_pages(len(done.pages), sum(self.is_done(done.sha256, p) for p in done.pages))
                     continue
+                self._number(found[0] if isinstance(found, tuple) else found)
                 if isinstance(found, tuple):
                     self.pending.append(found)
                     ok = self._flush()
@@ -315,5 +321,10 @@ class Prefetcher:
                 if not ok:
                     return False
         if done is not None:
-            self.finished.append(done)
+            self.finished.append(self._number(done))  # after its pages
         return self._flush()
+
+    def _number(self, item):
+        """Give an item read its `seq`: the pipeline writes records in this order, whatever the batches' order."""
+        (item.task if isinstance(item, BlankPage) else item).seq, self.read = self.read, self.read + 1
+        return item

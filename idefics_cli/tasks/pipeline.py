@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -208,33 +207,42 @@ def transcribe(engine, job: TranscribeJob, started: Prefetcher | None = None) ->
     request = job.request
     job.begin()
     items = started or prefetcher(engine, job)
-    order: deque[_Slot] = deque()
+    waiting: dict[int, _Slot] = {}  # by `seq`: the order the prefetcher read them (else the order they came)
+    turn = [0, 0]  # the next seq to write; items that came without one
+
+    def place(slot: _Slot, seq: int | None) -> None:
+        waiting[turn[1] if seq is None else seq] = slot
+        turn[1] += seq is None
 
     def feed():
         for item in items:
             if not isinstance(item, Batch):
-                order.append(_Slot(item))
+                place(_Slot(item), (item.task if isinstance(item, BlankPage) else item).seq)
                 continue
             for row in range(len(item.tasks)):
                 slot = _Slot(item, row)
-                order.append(slot)
+                place(slot, item.tasks[row].seq)
                 yield slot, item.inputs, row
 
-    def flush() -> Iterator[PageRecord]:
-        while order and order[0].ready:
-            if (record := _record(engine, order.popleft(), request, job)) is not None:
+    def flush(final: bool = False) -> Iterator[PageRecord]:
+        while waiting:
+            seq = turn[0] if turn[0] in waiting or not final else min(waiting)
+            if seq not in waiting or not waiting[seq].ready:
+                return
+            turn[0] = seq + 1
+            if (record := _record(engine, waiting.pop(seq), request, job)) is not None:
                 yield job.emit(record)
 
     if engine is None:
         for _ in feed():
             raise RuntimeError("a page needs the model, but no engine was given")
-        yield from flush()
+        yield from flush(final=True)
     else:
         for slot, result in engine.generate_rows(feed(), request.options.max_new_tokens, request.schema,
                                                  request.batch_size or 1):
             slot.settle(result)
             yield from flush()
-        yield from flush()
+        yield from flush(final=True)
     job.tick()
 
 
