@@ -52,6 +52,20 @@ def test_folder_sink_writes_markdown_from_this_run_and_earlier_records(tmp_path)
     assert [json.loads(line)["page"] for line in lines] == [1, 2]
 
 
+def test_one_relative_path_under_two_folders_gets_two_markdown_files(tmp_path):
+    """`transcribe ca cb` with ca/x/doc.pdf and cb/x/doc.pdf: the second document's .md is "x/doc (2).md", not
+    written over the first's."""
+    docs = [Input(str(tmp_path / "ca" / "x" / "doc.pdf"), "x/doc.pdf"), Input(str(tmp_path / "cb" / "x" / "doc.pdf"),
+                                                                            "x/doc.pdf")]
+    with FolderSink(str(tmp_path / "out"), docs, "s") as sink:
+        for k, (doc, text) in enumerate(zip(docs, ("first", "second"))):
+            sink.write({"path": doc.path, "page": 1, "status": "ok", "text": text, "sha256": f"h{k}", "settings": "s"})
+            sink.document_done(DocumentDone(doc, f"h{k}", [1], 1))
+    out = tmp_path / "out" / "x"
+    assert sorted(os.listdir(out)) == ["doc (2).md", "doc.md"]
+    assert "first" in (out / "doc.md").read_text() and "second" in (out / "doc (2).md").read_text()
+
+
 def test_null_sink_keeps_nothing():
     with NullSink() as sink:
         sink.write({"status": "ok"})

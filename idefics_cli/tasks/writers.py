@@ -245,8 +245,13 @@ class FolderSink(JsonlSink):
         for record in filter(self._usable, self.existing):
             self.earlier.setdefault(record.get("sha256", ""), {})[record["page"]] = record
         stems = [os.path.splitext(d.rel)[0] for d in docs]
-        counts = Counter(stems)  # not stems.count(): quadratic in the number of documents
-        self.md_rel = {d.rel: (stem if counts[stem] == 1 else d.rel) + ".md" for d, stem in zip(docs, stems)}
+        counts = Counter(os.path.splitext(rel)[0] for rel in {d.rel for d in docs})  # stems of different names
+        names = [stem if counts[stem] == 1 else d.rel for d, stem in zip(docs, stems)]
+        seen = Counter()  # one relative path under two folders: "NAME (2).md" for the second
+        self.md_rel = {}
+        for d, name in zip(docs, names):
+            seen[name] += 1
+            self.md_rel[(d.path, d.rel)] = (f"{name} ({seen[name]})" if seen[name] > 1 else name) + ".md"
 
     def _usable(self, record: dict) -> bool:
         return record.get("settings") == self.settings and bool(record.get("page"))
@@ -268,4 +273,4 @@ class FolderSink(JsonlSink):
                 err = (record or {}).get("error") or {"code": "missing", "message": "not transcribed"}
                 parts.append(f"<!-- page {page}: error [{err['code']}] {err['message']} -->\n")
         rel = done.input.rel
-        atomic_write(safe_join(self.folder, self.md_rel.get(rel, rel + ".md")), "\n".join(parts))
+        atomic_write(safe_join(self.folder, self.md_rel.get((done.input.path, rel), rel + ".md")), "\n".join(parts))
