@@ -229,3 +229,18 @@ def test_deferred_compile_compiles_on_the_first_call_with_its_options():
     assert torch.equal(double(x), x * 2) and torch.equal(double(x), x * 2)
     assert calls == [{"backend": "eager", "dynamic": False}]  # once, with the options given
     assert torch.equal(triple(x), x * 3) and calls[1:] == [{"backend": "eager"}]
+
+
+@pytest.mark.parametrize("device", ["tpu", "gpu", "mps", "CPU", "cuda:x", None, 0])
+def test_a_bad_device_is_a_usage_error_in_the_library_before_loading(tiny_model, device):
+    """`load(device=...)` and the loader refuse what is no device as usage, before the model is looked for."""
+    import idefics_cli
+    from idefics_cli.runtime.model import resolve_device
+
+    for call in (lambda: idefics_cli.load("/no/such/model", device=device),
+                 lambda: idefics_cli.load(tiny_model, device=device, quant="none"),
+                 lambda: start_load(ModelOptions(model="/no/such/model", device=device)),
+                 lambda: resolve_device(device)):
+        with pytest.raises(UsageError, match="is not a device") as info:
+            call()
+        assert info.value.exit_status == 2 and info.value.hint == "use auto, cpu, cuda or cuda:N"

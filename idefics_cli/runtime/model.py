@@ -17,7 +17,7 @@ from .. import process
 from ..ahead import in_thread
 from ..errors import IdeficsError, is_oom
 from ..hub import PULL_HINT, check_local_model, local_only, looks_local, source
-from ..interface import DEFAULT_MODEL, ModelOptions  # noqa: F401 - re-exported: the loader's options
+from ..interface import DEFAULT_MODEL, ModelOptions, check_device  # noqa: F401 - DEFAULT_MODEL re-exported
 from .engine import LocalEngine
 from .families import auto_quant, detect
 
@@ -31,8 +31,11 @@ def quiet_libraries() -> None:
 
 
 def resolve_device(device: str) -> str:
+    """The device to load on: `auto` resolved; UsageError for a value that is no device, model_error for CUDA
+    asked without a GPU."""
     import torch
 
+    check_device(device, "--device")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -233,6 +236,7 @@ def start_load(options: ModelOptions, cpu_kernels: bool = True) -> Loading:
     """Start loading: the checks, the weights' thread, then the processor in this thread. `cpu_kernels`: on the CPU,
     `expand_block_scales` and `pack_text_linears` (off to save or train the weights as loaded)."""
     start = time.perf_counter()
+    check_device(options.device, "--device")  # a usage error before anything is read
     if looks_local(options.model):
         check_local_model(options.model)
     common = {"revision": options.revision, "local_files_only": local_only(options), "trust_remote_code": False}
