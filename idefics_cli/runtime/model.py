@@ -115,11 +115,28 @@ def quantization_config(quant: str, dtype):
     return None
 
 
+def cache_miss(exc: BaseException, options: ModelOptions) -> bool:
+    """Whether a load failed because a hub id's files are not cached and the hub was not asked (offline) or could not
+    be reached; a local folder is never a cache miss, nor is any other failure offline."""
+    if looks_local(options.model):
+        return False
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    seen = exc
+    while seen is not None:  # transformers re-raises the hub's errors as OSError
+        if isinstance(seen, (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return "offline" in text.lower() or "connect" in text.lower() or "local_files_only" in text
+
+
 def model_error(exc: BaseException, options: ModelOptions) -> IdeficsError:
+    """The one-line `IdeficsError` of a failed load: out of memory, a cache miss, or what went wrong."""
     if is_oom(exc):
         return IdeficsError("out_of_memory", f"out of memory loading {options.model}", "try --quant 4bit")
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    if options.offline or "offline" in text.lower() or "connect" in text.lower() or "local_files_only" in text:
+    if cache_miss(exc, options):
         why = "(offline)" if options.offline else "and the hub cannot be reached"
         return IdeficsError("model_error", f"{options.model} is not in the local cache {why}", PULL_HINT)
     if "safetensors" in text.lower():
