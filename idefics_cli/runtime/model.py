@@ -19,7 +19,7 @@ from ..errors import IdeficsError, is_oom
 from ..hub import PULL_HINT, check_local_model, local_only, looks_local, source
 from ..interface import DEFAULT_MODEL, ModelOptions, check_device  # noqa: F401 - DEFAULT_MODEL re-exported
 from .engine import LocalEngine
-from .families import auto_quant, detect
+from .families import chosen_quant, detect
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -180,9 +180,9 @@ class Loading:
     `LocalEngine` (or raises the load's `IdeficsError`)."""
 
     def __init__(self, options: ModelOptions, processor, device: str, dtype, weights: Future, start: float,
-                 quant_reason: str | None = None):
+                 quant_reason: str | None = None, quant: str | None = None):
         self.options, self.processor, self.device, self.dtype = options, processor, device, dtype
-        self._weights, self._start, self.quant_reason = weights, start, quant_reason
+        self._weights, self._start, self.quant_reason, self.quant = weights, start, quant_reason, quant
 
     def finish(self) -> LocalEngine:
         try:
@@ -195,7 +195,7 @@ class Loading:
             self._weights = None  # the Future lets go of the model (or its error)
         model.eval()
         return LocalEngine(self.processor, model, self.options, self.device, self.dtype,
-                           time.perf_counter() - self._start, self.quant_reason)
+                           time.perf_counter() - self._start, self.quant_reason, self.quant)
 
 
 def expand_block_scales(model) -> None:
@@ -262,10 +262,9 @@ def start_load(options: ModelOptions, cpu_kernels: bool = True) -> Loading:
     except (OSError, ValueError) as exc:
         raise model_error(exc, options) from exc
     quiet_libraries()
-    quant_reason = f"--quant {options.quant}"
-    if options.quant == "auto":  # resolved from the config
-        quant, why = auto_quant(config)
-        options, quant_reason = dataclasses.replace(options, quant=quant), f"auto: {why}"
+    loaded, quant_reason = chosen_quant(options.quant, config)  # a checkpoint saved quantized: as saved
+    if options.quant == "auto":  # resolved in the options (what the library's transcribe hashes); else as asked
+        options = dataclasses.replace(options, quant=loaded)
     from concurrent.futures import wait
 
     import torch
@@ -277,11 +276,11 @@ def start_load(options: ModelOptions, cpu_kernels: bool = True) -> Loading:
     kwargs = {"dtype": dtype, "use_safetensors": True, "attn_implementation": "sdpa", **common,
               "device_map": {"": device if device != "cuda" else f"cuda:{torch.cuda.current_device()}"}}
     try:
-        quant = quantization_config(options.quant, dtype)
+        quant = quantization_config(loaded, dtype)
     except Exception as exc:  # bitsandbytes missing, or transformers' OSError/ValueError
         raise model_error(exc, options) from exc
     if quant is not None:
-        if not device.startswith("cuda") and options.quant == "8bit":
+        if not device.startswith("cuda") and loaded == "8bit":
             raise IdeficsError("model_error", "--quant 8bit needs a CUDA GPU", "use --quant 4bit or none")
         kwargs["quantization_config"] = quant
     # In a short-lived thread: its idle OpenMP workers end with it instead of slowing the generating thread
@@ -300,4 +299,4 @@ def start_load(options: ModelOptions, cpu_kernels: bool = True) -> Loading:
         if isinstance(exc, Exception) and not isinstance(exc, IdeficsError):
             raise model_error(exc, options) from exc
         raise
-    return Loading(options, processor, device, dtype, weights, start, quant_reason)
+    return Loading(options, processor, device, dtype, weights, start, quant_reason, loaded)

@@ -326,18 +326,20 @@ def diagnose(options) -> dict:
 
 
 def _quant(options, files: dict, local: bool) -> tuple[str, str]:
-    """The quantization a load would use, and why (`--quant auto` resolved from the config, as loading does)."""
-    if files["pre_quantized"] == "nf4":
-        return "4bit", "the checkpoint is saved in nf4"
-    if options.quant != "auto":
-        return options.quant, f"--quant {options.quant}"
-    from ..runtime.families import auto_quant, read_config
+    """The quantization a load would use, and why, decided as loading does (`chosen_quant`): from the config at hand,
+    fetched only for `--quant auto`."""
+    from ..runtime.families import chosen_quant, read_config
 
+    at_hand = os.path.join(files["path"], "config.json") if files["path"] else None
     try:
-        quant, why = auto_quant(read_config(options, local))
+        if at_hand and os.path.exists(at_hand):
+            with open(at_hand) as f:
+                return chosen_quant(options.quant, json.load(f))
+        return chosen_quant(options.quant, read_config(options, local) if options.quant == "auto" else {})
     except Exception as exc:  # noqa: BLE001 - no config yet: what a load of an 8B model would do
+        if options.quant != "auto":
+            return options.quant, f"--quant {options.quant}"
         return "4bit", f"auto: config.json unreadable ({type(exc).__name__}), assumed 4B parameters or more"
-    return quant, f"auto: {why}"
 
 
 def free_bytes(cuda: dict, device: str | None) -> int | None:
