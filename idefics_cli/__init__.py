@@ -8,7 +8,7 @@ Warnings, logging, environment and allocators are left alone unless `tune_proces
 from __future__ import annotations
 
 from .errors import UsageError
-from .interface import DEFAULT_MODEL, MAX_NEW_TOKENS, Engine, ModelOptions, check_option
+from .interface import DEFAULT_MODEL, MAX_NEW_TOKENS, Engine, ModelOptions, check_device, check_option
 from .process import tune_process
 
 _tune_process = tune_process  # `load`'s keyword of the same name hides it
@@ -88,6 +88,7 @@ def load(model: str = DEFAULT_MODEL, *, revision: str | None = _DEFAULTS.revisio
         raise UsageError(f"quant {quant!r}: use auto, 4bit, 8bit or none")
     if dtype not in ("auto", "bfloat16", "float16", "float32"):
         raise UsageError(f"dtype {dtype!r}: use auto, bfloat16, float16 or float32")
+    check_device(device)
     check_option("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
     if tune_process:
         _tune_process()

@@ -8,6 +8,7 @@ user message in the transformers chat format (page images first, as the model ca
 
 from __future__ import annotations
 
+import re
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -29,6 +30,18 @@ def check_option(name: str, value, low: int, high: int):
 
         raise UsageError(f"{name} must be an integer from {low} to {high}, not {value!r}")
     return value
+
+
+DEVICES = "auto, cpu, cuda or cuda:N"  # --device's values (N: a GPU's index)
+
+
+def check_device(device, name: str = "device") -> str:
+    """`device` if it is one of `DEVICES`; else UsageError naming the option (before anything loads)."""
+    if not (isinstance(device, str) and (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:[0-9]+", device))):
+        from .errors import UsageError
+
+        raise UsageError(f"{name} {device!r} is not a device", f"use {DEVICES}")
+    return device
 
 
 @dataclass

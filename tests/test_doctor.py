@@ -15,7 +15,8 @@ TOP = {"schema", "ok", "reason", "versions", "system", "cuda", "setup", "bnb_4bi
 VERSIONS = {"python", "torch", "transformers", "bitsandbytes", "accelerate", "pymupdf", "pillow", "huggingface_hub",
             "llguidance", "jsonschema", "idefics_cli"}
 BNB = {"ran", "ok", "device", "dtype", "max_error", "quantization_error", "tolerance", "error", "seconds"}
-MODEL = {"id", "revision", "local_folder", "available", "path", "commit", "missing", "size_bytes", "pre_quantized"}
+MODEL = {"id", "revision", "local_folder", "available", "path", "commit", "missing", "unreadable", "size_bytes",
+         "pre_quantized"}
 ESTIMATE = {"parameters", "quantized_parameters", "bytes_per_quantized_parameter", "weights_bytes",
             "image_tokens_per_image", "images_per_page", "prompt_tokens", "max_new_tokens", "kv_cache_bytes",
             "activations_bytes", "overhead_bytes", "total_bytes", "free_bytes", "fits"}
@@ -164,3 +165,40 @@ def test_json_verdict_when_the_model_is_not_cached(tmp_path):
     report = json.loads(res.stdout)
     assert report == {"schema": "idefics-cli.doctor/1", "ok": False,
                       "reason": "HuggingFaceM4/idefics2-8b is not in the local cache (offline)"}
+
+
+def test_a_model_whose_files_cannot_be_read_is_not_ready(cli, tiny_model, tmp_path):
+    """doctor reads what it can without loading weights: each safetensors header (truncated in the header or in the
+    data it maps) and config.json; what does not read is a ✗ line, the verdict and exit 5, in a fraction of a load."""
+    cases = {"header": ("model.safetensors", 1000, "Error while deserializing header"),
+             "data": ("model.safetensors", -100, "file not fully covered"),
+             "config": ("config.json", 10, "config.json: JSONDecodeError")}
+    for name, (file, size, why) in cases.items():
+        folder = tmp_path / name
+        shutil.copytree(tiny_model, folder)
+        with open(folder / file, "r+b") as f:
+            f.truncate(size if size > 0 else os.path.getsize(folder / file) + size)
+        found = model_files(str(folder), None)
+        assert not found["available"] and found["missing"] == [] and len(found["unreadable"]) == 1
+        assert found["unreadable"][0].startswith(f"{file}: ") and why in found["unreadable"][0], found
+        result = cli("doctor", "--model", folder, "--device", "cpu", "--quant", "none")
+        assert result.exit_code == 5, (name, result.stdout, result.stderr)
+        assert f"model      ✗ local folder, cannot be read: {file}: " in result.stdout
+        assert "✓ ready" not in result.stdout and "verdict    ✗ not ready: " in result.stdout
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and why in lines[0]
+        assert lines[0].startswith("error [model_error]: this setup cannot run: ")
+    assert model_files(tiny_model, None)["unreadable"] == []
+    index = tmp_path / "header" / "model.safetensors.index.json"
+    index.write_text('{"weight_map": {"a": "model-1.safetensors"}}')  # the shards it names are what is read
+    assert model_files(str(index.parent), None)["missing"] == ["model-1.safetensors"]
+    index.write_text("[]")
+    assert model_files(str(index.parent), None)["unreadable"][0].startswith(f"{index.name}: AttributeError")
+
+
+def test_a_bad_device_is_never_ready_in_the_library():
+    from idefics_cli.interface import ModelOptions
+    from idefics_cli.tasks.doctor import diagnose
+
+    report = diagnose(ModelOptions(model="/no/such/model", device="tpu"))
+    assert report["ok"] is False and "--device 'tpu' is not a device" in report["reason"]

@@ -289,7 +289,7 @@ def test_quantize_an_idefics3_and_ask_it(cli, tiny_idefics3, tmp_path):
     answer = cli("ask", page, QUESTION, "--json", "--model", out, "--no-split", "--max-new-tokens", "4")
     assert answer.exit_code == 0, answer.stderr
     model = json.loads(answer.stdout)["model"]
-    assert model["quantization"] == "nf4" and model["quantization_reason"] == "auto: the checkpoint is saved quantized"
+    assert model["quantization"] == "nf4" and model["quantization_reason"] == "the checkpoint is saved in nf4"
 
 
 def test_the_tiny_idefics3_carries_smolvlms_tokens_and_template(engine3):

@@ -229,3 +229,67 @@ def test_deferred_compile_compiles_on_the_first_call_with_its_options():
     assert torch.equal(double(x), x * 2) and torch.equal(double(x), x * 2)
     assert calls == [{"backend": "eager", "dynamic": False}]  # once, with the options given
     assert torch.equal(triple(x), x * 3) and calls[1:] == [{"backend": "eager"}]
+
+
+@pytest.mark.parametrize("device", ["tpu", "gpu", "mps", "CPU", "cuda:x", None, 0])
+def test_a_bad_device_is_a_usage_error_in_the_library_before_loading(tiny_model, device):
+    """`load(device=...)` and the loader refuse what is no device as usage, before the model is looked for."""
+    import idefics_cli
+    from idefics_cli.runtime.model import resolve_device
+
+    for call in (lambda: idefics_cli.load("/no/such/model", device=device),
+                 lambda: idefics_cli.load(tiny_model, device=device, quant="none"),
+                 lambda: start_load(ModelOptions(model="/no/such/model", device=device)),
+                 lambda: resolve_device(device)):
+        with pytest.raises(UsageError, match="is not a device") as info:
+            call()
+        assert info.value.exit_status == 2 and info.value.hint == "use auto, cpu, cuda or cuda:N"
+
+
+def _truncated(tiny_model, folder) -> str:
+    import shutil
+
+    shutil.copytree(tiny_model, folder)
+    with open(folder / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    return str(folder)
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_offline_a_broken_local_folder_says_what_is_wrong_not_a_cache_miss(tmp_path, tiny_model, offline):
+    """Offline, a local folder that does not load says why (the weights' header), as online: it is no cache miss."""
+    folder = _truncated(tiny_model, tmp_path / "tinybad")
+    with pytest.raises(IdeficsError) as info:
+        load_engine(ModelOptions(model=folder, device="cpu", quant="none", offline=offline))
+    assert info.value.code == "model_error" and "local cache" not in info.value.message
+    assert info.value.message.startswith(f"cannot load {folder}: Error while deserializing header"), info.value
+
+
+def test_offline_a_cached_hub_model_that_does_not_load_says_why(tmp_path, tiny_model, monkeypatch):
+    import huggingface_hub.constants as constants
+    from test_doctor import fake_cache
+
+    from idefics_cli.runtime.model import model_error
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    commit = fake_cache(str(tmp_path / "hub"), "acme/tiny-idefics2", tiny_model)
+    snapshot = tmp_path / "hub" / "models--acme--tiny-idefics2" / "snapshots" / commit
+    with open(snapshot / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    options = ModelOptions(model="acme/tiny-idefics2", device="cpu", quant="none", offline=True)
+    with pytest.raises(IdeficsError) as info:
+        load_engine(options)
+    assert info.value.message.startswith("cannot load acme/tiny-idefics2: Error while deserializing header")
+    # a hub id whose files are not cached is the one failure that says so
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        try:
+            raise LocalEntryNotFoundError("Cannot find the requested files in the disk cache")
+        except LocalEntryNotFoundError as exc:
+            raise OSError("We could not load the files") from exc
+    except OSError as exc:
+        missed = model_error(exc, options)
+    assert missed.message == "acme/tiny-idefics2 is not in the local cache (offline)"
+    other = model_error(ValueError("something else"), options)
+    assert other.message == "cannot load acme/tiny-idefics2: something else"

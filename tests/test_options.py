@@ -1,5 +1,6 @@
 """cli/options.py: the help every command prints reads like the README (usage, metavars, choices, defaults)."""
 
+import os
 import re
 
 import pytest
@@ -121,3 +122,28 @@ def test_every_command_shows_the_same_model_options(command, names):
 
     got, ask = shown(command), shown("ask")
     assert list(got) == names and all(got[n] == ask[n] for n in names)
+
+
+BAD_DEVICES = ["tpu", "gpu", "mps", "CPU", "cuda:", "cuda:x", "cuda:-1", " cpu", ""]
+
+
+@pytest.mark.parametrize("device", BAD_DEVICES)
+def test_a_bad_device_is_a_usage_error_before_anything_loads(cli, tmp_path, device):
+    """--device takes auto, cpu, cuda or cuda:N: anything else is one usage line and exit 2, before the model is
+    looked for (a missing model would otherwise be model_error, exit 5); doctor does not get to say "ready"."""
+    page = tmp_path / "p.png"
+    page.write_bytes(b"never read")
+    for args in (["ask", page, "q"], ["transcribe", page, "--out", tmp_path / "r.jsonl"], ["doctor"],
+                 ["quantize", tmp_path / "q"]):
+        result = cli(*args, "--model", tmp_path / "no-model", "--device", device)
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2 and result.stdout == "", (args, result.stdout, lines)
+        assert lines == [f"error [usage]: --device {device!r} is not a device (use auto, cpu, cuda or cuda:N)"]
+    assert sorted(os.listdir(tmp_path)) == ["p.png"]
+
+
+def test_good_devices_are_handed_on():
+    probe, got = _probe_app()
+    for device in ("auto", "cpu", "cuda", "cuda:0", "cuda:12"):
+        assert CliRunner().invoke(probe, ["a.pdf", "--device", device]).exit_code == 0
+        assert got["opts"].device == device

@@ -92,3 +92,27 @@ def test_unwritable_out_dir_fails_before_the_model_loads(tmp_path, tiny_model):
         stderr = res.stderr.decode()
         assert res.returncode == 4 and stderr.startswith("error [output_error]: "), stderr
         assert len(stderr.strip().splitlines()) == 1 and imported == []
+
+
+def test_a_saved_nf4_checkpoint_says_nf4_whatever_quant_asks(cli, quantized, tmp_path):
+    """The answer's model info states what is loaded, as doctor does: a checkpoint saved in nf4 loads in nf4 (saying
+    why) even with --quant none; the options, and so the transcribe settings hash, keep what was asked."""
+    from idefics_cli.tasks.pipeline import TranscribeRequest
+
+    img = tmp_path / "page.png"
+    make_image(120, 90, seed=2).save(img)
+    saved = {"quantization": "nf4", "quantization_reason": "the checkpoint is saved in nf4"}
+    for quant in ("none", "4bit", "auto"):
+        answer = cli("ask", img, "What?", "--json", "--model", quantized, "--device", "cpu", "--quant", quant,
+                     "--max-new-tokens", "2")
+        assert answer.exit_code == 0, answer.stderr
+        model = json.loads(answer.stdout)["model"]
+        assert {k: model[k] for k in saved} == saved, (quant, model)
+        doctor = json.loads(cli("doctor", "--json", "--model", quantized, "--device", "cpu", "--quant", quant).stdout)
+        assert {k: doctor["setup"][k] for k in saved} == saved, (quant, doctor["setup"])
+    asked = ModelOptions(model=quantized, quant="none", device="cpu")
+    engine = load_engine(asked)
+    assert engine.info["quantization"] == "nf4" and linear4bit(engine.model)
+    assert engine.options == asked  # what `Model.transcribe` hashes: as asked, as before
+    assert TranscribeRequest([str(img)], None, engine.options).settings_hash == \
+        TranscribeRequest([str(img)], None, asked).settings_hash

@@ -19,8 +19,8 @@ from typing import Annotated, NoReturn
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from ..errors import IdeficsError
-from ..interface import DPI_RANGE, MAX_NEW_TOKENS
+from ..errors import IdeficsError, UsageError
+from ..interface import DEVICES, DPI_RANGE, MAX_NEW_TOKENS, check_device
 from ..runtime.families import render_side
 from ..runtime.model import DEFAULT_MODEL, ModelOptions
 
@@ -112,7 +112,7 @@ Revision = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or
 QuantOpt = Annotated[Quant, typer.Option("--quant", help="auto: 4bit from 4B parameters, else none; 4bit = "
                                                          "bitsandbytes nf4 + double quant.")]
 DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="auto: bfloat16/float16 on a GPU, float32 on the CPU.")]
-Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+Device = Annotated[str, typer.Option(help=f"{DEVICES}.")]
 Offline = Annotated[bool, typer.Option("--offline", help="Never touch the network; use the local cache only.")]
 Split = Annotated[bool, typer.Option("--split/--no-split",
                                      help="Image splitting: 4 crops + the original (5 x 64 visual tokens).")]
@@ -170,6 +170,8 @@ def env_offline() -> bool:
 
 def model_options(model: str, revision: str | None, quant: Quant, dtype: Dtype, device: str, offline: bool,
                   split: bool, max_new_tokens: int) -> ModelOptions:
+    """The options as one `ModelOptions` (`UsageError` for a `--device` that is no device)."""
+    check_device(device, "--device")
     return ModelOptions(model=model or DEFAULT_MODEL, revision=revision, quant=quant.value, dtype=dtype.value,
                         device=device, offline=offline or env_offline(), split=split, max_new_tokens=max_new_tokens)
 
@@ -202,7 +204,14 @@ def model_params(max_new_tokens: int = ANSWER_TOKENS, only: tuple[str, ...] | No
 
         def with_options(**kwargs):
             given = {name: kwargs.pop(name) for name in shown}
-            return command(opts=model_options(**(values | given)), **kwargs)
+            try:
+                opts = model_options(**(values | given))
+            except UsageError as err:  # one line and exit 2, before the command starts
+                from ..output import Output
+
+                Output().error(err)
+                raise typer.Exit(int(err.exit_status)) from None
+            return command(opts=opts, **kwargs)
 
         return _with_params(command, params, with_options)
 

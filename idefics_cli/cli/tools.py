@@ -141,10 +141,12 @@ def render(r: dict) -> str:
                      f"(tolerance {b['tolerance']:g}), nf4 vs float {b['quantization_error']:.2g}")
     else:
         lines.append(f"4-bit      {bad} {b.get('error')}")
+    where = "local folder" if m["local_folder"] else f"HF cache, commit {m['commit']}"
     if m["available"]:
-        where = "local folder" if m["local_folder"] else f"HF cache, commit {m['commit']}"
         pre = f", pre-quantized {m['pre_quantized']}" if m["pre_quantized"] else ""
         lines.append(f"model      {ok} {where} ({hb(m['size_bytes'])}{pre}): {m['path']}")
+    elif m["unreadable"]:
+        lines.append(f"model      {bad} {where}, cannot be read: {'; '.join(m['unreadable'][:3])}")
     else:
         lines.append(f"model      {bad} not available locally (missing {', '.join(m['missing'][:3])})")
     if "total_bytes" in e:

@@ -107,9 +107,10 @@ class LocalEngine(Preparer):
     """A loaded processor + model pair and what is known about it."""
 
     def __init__(self, processor, model, options: ModelOptions, device: str, dtype, load_s: float,
-                 quant_reason: str | None = None):
+                 quant_reason: str | None = None, quant: str | None = None):
         super().__init__(processor, options, device)
         self.model, self.dtype, self.load_s = model, dtype, load_s
+        self.quant = quant or options.quant  # what is loaded: a checkpoint saved quantized is, whatever was asked
         self.quant_reason = quant_reason or f"--quant {options.quant}"
         tokenizer = processor.tokenizer
         self.image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
@@ -124,7 +125,7 @@ class LocalEngine(Preparer):
     @property
     def info(self) -> dict:
         return {"id": self.options.model, "revision": self.options.revision,
-                "quantization": QUANT_NAMES[self.options.quant], "quantization_reason": self.quant_reason,
+                "quantization": QUANT_NAMES[self.quant], "quantization_reason": self.quant_reason,
                 "dtype": str(self.dtype).replace("torch.", ""), "device": self.device, "family": self.family.name}
 
     def prompt_tokens(self, n_images: int, question: str) -> int:

@@ -1,8 +1,9 @@
 """Model families: what differs between Idefics2, Idefics3 (SmolVLM v1, SmolDocling, granite-docling) and SmolVLM2.
 
 `detect(options, local_files_only)` reads config.json (no weights): (its `Family`, the config), or a one-line
-`IdeficsError("model_error")` for another model type or a processor that cannot be built here. `auto_quant(config)` is
-`--quant auto`; `render_side(options)` and `doctags(options)` read the checkpoint's files at hand.
+`IdeficsError("model_error")` for another model type or a processor that cannot be built here. `chosen_quant(quant,
+config)` is what a load quantizes to and why: a checkpoint saved quantized as saved, whatever is asked, `auto_quant`
+for auto. `render_side(options)` and `doctags(options)` read the checkpoint's files at hand.
 """
 
 from __future__ import annotations
@@ -141,11 +142,29 @@ def parameters(config: dict) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def auto_quant(config: dict) -> tuple[str, str]:
-    """`--quant auto`: (quant, why). A checkpoint saved quantized keeps its own."""
+def saved_quant(config: dict) -> tuple[str, str] | None:
+    """(quant, why) of a checkpoint saved quantized, which loads as saved whatever `--quant` asks; None if not."""
     saved = config.get("quantization_config") or {}
+    if not saved:
+        return None
+    if saved.get("load_in_4bit"):
+        return "4bit", f"the checkpoint is saved in {saved.get('bnb_4bit_quant_type') or 'nf4'}"
+    return "8bit", f"the checkpoint is saved in {'int8' if saved.get('load_in_8bit') else 'a quantized format'}"
+
+
+def chosen_quant(quant: str, config: dict) -> tuple[str, str]:
+    """The quantization a load uses and why (`quantization_reason`): the saved one, `auto_quant`, or as asked."""
+    saved = saved_quant(config)
     if saved:
-        return ("4bit" if saved.get("load_in_4bit") else "8bit"), "the checkpoint is saved quantized"
+        return saved
+    if quant == "auto":
+        quant, why = auto_quant(config)
+        return quant, f"auto: {why}"
+    return quant, f"--quant {quant}"
+
+
+def auto_quant(config: dict) -> tuple[str, str]:
+    """`--quant auto` for a checkpoint saved unquantized: (quant, why), from its size."""
     n = parameters(config)
     if n >= NF4_FROM:
         return "4bit", f"{n / 1e9:.1f}B parameters: nf4 from 4B"

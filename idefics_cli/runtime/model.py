@@ -17,9 +17,9 @@ from .. import process
 from ..ahead import in_thread
 from ..errors import IdeficsError, is_oom
 from ..hub import PULL_HINT, check_local_model, local_only, looks_local, source
-from ..interface import DEFAULT_MODEL, ModelOptions  # noqa: F401 - re-exported: the loader's options
+from ..interface import DEFAULT_MODEL, ModelOptions, check_device  # noqa: F401 - DEFAULT_MODEL re-exported
 from .engine import LocalEngine
-from .families import auto_quant, detect
+from .families import chosen_quant, detect
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -31,8 +31,11 @@ def quiet_libraries() -> None:
 
 
 def resolve_device(device: str) -> str:
+    """The device to load on: `auto` resolved; UsageError for a value that is no device, model_error for CUDA
+    asked without a GPU."""
     import torch
 
+    check_device(device, "--device")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -112,11 +115,28 @@ def quantization_config(quant: str, dtype):
     return None
 
 
+def cache_miss(exc: BaseException, options: ModelOptions) -> bool:
+    """Whether a load failed because a hub id's files are not cached and the hub was not asked (offline) or could not
+    be reached; a local folder is never a cache miss, nor is any other failure offline."""
+    if looks_local(options.model):
+        return False
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    seen = exc
+    while seen is not None:  # transformers re-raises the hub's errors as OSError
+        if isinstance(seen, (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return "offline" in text.lower() or "connect" in text.lower() or "local_files_only" in text
+
+
 def model_error(exc: BaseException, options: ModelOptions) -> IdeficsError:
+    """The one-line `IdeficsError` of a failed load: out of memory, a cache miss, or what went wrong."""
     if is_oom(exc):
         return IdeficsError("out_of_memory", f"out of memory loading {options.model}", "try --quant 4bit")
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    if options.offline or "offline" in text.lower() or "connect" in text.lower() or "local_files_only" in text:
+    if cache_miss(exc, options):
         why = "(offline)" if options.offline else "and the hub cannot be reached"
         return IdeficsError("model_error", f"{options.model} is not in the local cache {why}", PULL_HINT)
     if "safetensors" in text.lower():
@@ -160,9 +180,9 @@ class Loading:
     `LocalEngine` (or raises the load's `IdeficsError`)."""
 
     def __init__(self, options: ModelOptions, processor, device: str, dtype, weights: Future, start: float,
-                 quant_reason: str | None = None):
+                 quant_reason: str | None = None, quant: str | None = None):
         self.options, self.processor, self.device, self.dtype = options, processor, device, dtype
-        self._weights, self._start, self.quant_reason = weights, start, quant_reason
+        self._weights, self._start, self.quant_reason, self.quant = weights, start, quant_reason, quant
 
     def finish(self) -> LocalEngine:
         try:
@@ -175,7 +195,7 @@ class Loading:
             self._weights = None  # the Future lets go of the model (or its error)
         model.eval()
         return LocalEngine(self.processor, model, self.options, self.device, self.dtype,
-                           time.perf_counter() - self._start, self.quant_reason)
+                           time.perf_counter() - self._start, self.quant_reason, self.quant)
 
 
 def expand_block_scales(model) -> None:
@@ -233,6 +253,7 @@ def start_load(options: ModelOptions, cpu_kernels: bool = True) -> Loading:
     """Start loading: the checks, the weights' thread, then the processor in this thread. `cpu_kernels`: on the CPU,
     `expand_block_scales` and `pack_text_linears` (off to save or train the weights as loaded)."""
     start = time.perf_counter()
+    check_device(options.device, "--device")  # a usage error before anything is read
     if looks_local(options.model):
         check_local_model(options.model)
     common = {"revision": options.revision, "local_files_only": local_only(options), "trust_remote_code": False}
@@ -241,10 +262,9 @@ def start_load(options: ModelOptions, cpu_kernels: bool = True) -> Loading:
     except (OSError, ValueError) as exc:
         raise model_error(exc, options) from exc
     quiet_libraries()
-    quant_reason = f"--quant {options.quant}"
-    if options.quant == "auto":  # resolved from the config
-        quant, why = auto_quant(config)
-        options, quant_reason = dataclasses.replace(options, quant=quant), f"auto: {why}"
+    loaded, quant_reason = chosen_quant(options.quant, config)  # a checkpoint saved quantized: as saved
+    if options.quant == "auto":  # resolved in the options (what the library's transcribe hashes); else as asked
+        options = dataclasses.replace(options, quant=loaded)
     from concurrent.futures import wait
 
     import torch
@@ -256,11 +276,11 @@ def start_load(options: ModelOptions, cpu_kernels: bool = True) -> Loading:
     kwargs = {"dtype": dtype, "use_safetensors": True, "attn_implementation": "sdpa", **common,
               "device_map": {"": device if device != "cuda" else f"cuda:{torch.cuda.current_device()}"}}
     try:
-        quant = quantization_config(options.quant, dtype)
+        quant = quantization_config(loaded, dtype)
     except Exception as exc:  # bitsandbytes missing, or transformers' OSError/ValueError
         raise model_error(exc, options) from exc
     if quant is not None:
-        if not device.startswith("cuda") and options.quant == "8bit":
+        if not device.startswith("cuda") and loaded == "8bit":
             raise IdeficsError("model_error", "--quant 8bit needs a CUDA GPU", "use --quant 4bit or none")
         kwargs["quantization_config"] = quant
     # In a short-lived thread: its idle OpenMP workers end with it instead of slowing the generating thread
@@ -279,4 +299,4 @@ def start_load(options: ModelOptions, cpu_kernels: bool = True) -> Loading:
         if isinstance(exc, Exception) and not isinstance(exc, IdeficsError):
             raise model_error(exc, options) from exc
         raise
-    return Loading(options, processor, device, dtype, weights, start, quant_reason)
+    return Loading(options, processor, device, dtype, weights, start, quant_reason, loaded)

@@ -111,23 +111,68 @@ def dir_size(path: str) -> int:
     return total
 
 
+INDEX = "model.safetensors.index.json"
+
+
+def _weights(folder: str) -> list[str]:
+    """The weight files loading reads: the index's shards, else every .safetensors file (ValueError or
+    AttributeError: a bad index)."""
+    index = os.path.join(folder, INDEX)
+    if not os.path.exists(index):
+        return sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+    with open(index) as f:
+        return sorted(set(json.load(f).get("weight_map", {}).values()))
+
+
 def _missing_weights(folder: str) -> list[str]:
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f).get("weight_map", {}).values()))
-        return [s for s in shards if not os.path.exists(os.path.join(folder, s))]
-    if any(n.endswith(".safetensors") for n in os.listdir(folder)):
+    try:
+        names = _weights(folder)
+    except (OSError, ValueError, AttributeError):  # the index itself is unreadable: `unreadable` says so
         return []
-    return ["model.safetensors"]
+    if not names and not os.path.exists(os.path.join(folder, INDEX)):
+        return ["model.safetensors"]
+    return [n for n in names if not os.path.exists(os.path.join(folder, n))]
+
+
+def _why(exc: BaseException) -> str:
+    return (f"{type(exc).__name__}: {exc}".splitlines() or [type(exc).__name__])[0][:200]
+
+
+def unreadable(folder: str) -> list[str]:
+    """What of a model folder cannot be read, checked cheaply without loading weights: config.json and the index
+    parse as JSON objects, each weight file's safetensors header parses (metadata only); `file: why` each."""
+    from safetensors import safe_open
+
+    problems, names = [], []
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            if not isinstance(json.load(f), dict):
+                raise ValueError("not a JSON object")
+    except FileNotFoundError:
+        pass  # reported as missing
+    except (OSError, ValueError) as exc:
+        problems.append(f"config.json: {_why(exc)}")
+    try:
+        names = _weights(folder)
+    except (OSError, ValueError, AttributeError) as exc:
+        problems.append(f"{INDEX}: {_why(exc)}")
+    for name in names:
+        if os.path.exists(os.path.join(folder, name)):
+            try:
+                with safe_open(os.path.join(folder, name), framework="pt"):
+                    pass  # the header is read, and checked to cover the file, as it opens
+            except Exception as exc:  # noqa: BLE001 - SafetensorError or OSError: the finding
+                problems.append(f"{name}: {_why(exc)}")
+    return problems
 
 
 def model_files(model: str, revision: str | None) -> dict:
-    """Where the model's files are: a local folder, the HF cache (which commit), or nowhere yet."""
+    """Where the model's files are: a local folder, the HF cache (which commit), or nowhere yet; `available` when
+    none is `missing` and none `unreadable` (as `unreadable()` checks: headers, not weights)."""
     from ..hub import looks_local
 
     found = {"id": model, "revision": revision, "local_folder": False, "available": False, "path": None,
-             "commit": None, "missing": [], "size_bytes": None, "pre_quantized": None}
+             "commit": None, "missing": [], "unreadable": [], "size_bytes": None, "pre_quantized": None}
     if looks_local(model):
         folder = os.path.expanduser(model)
         found.update(local_folder=True, path=os.path.abspath(folder) if os.path.isdir(folder) else None)
@@ -149,8 +194,9 @@ def model_files(model: str, revision: str | None) -> dict:
     names = set(os.listdir(folder))
     missing += [one for one, other in (("preprocessor_config.json", "processor_config.json"),
                                        ("tokenizer.json", "tokenizer.model")) if not {one, other} & names]
-    found.update(missing=missing, available=not missing, size_bytes=dir_size(folder))
-    if "config.json" not in missing:
+    bad = unreadable(folder)
+    found.update(missing=missing, unreadable=bad, available=not missing and not bad, size_bytes=dir_size(folder))
+    if "config.json" not in missing and not any(p.startswith("config.json:") for p in bad):
         with open(os.path.join(folder, "config.json")) as f:
             qc = json.load(f).get("quantization_config")
         if qc:
@@ -264,7 +310,9 @@ def diagnose(options) -> dict:
         problems.append(f"bitsandbytes 4-bit does not work on {device}: {report['bnb_4bit']['error']}")
     if quant == "8bit" and device and not cuda:
         problems.append("--quant 8bit needs a CUDA GPU")
-    if not files["available"]:
+    if files["unreadable"]:
+        problems.append(f"{options.model} cannot be read: {'; '.join(files['unreadable'][:3])} (copy or pull it again)")
+    elif not files["available"]:
         where = "the local folder" if files["local_folder"] else "the local HF cache"
         hint = "" if files["local_folder"] else f" (run `idefics pull {options.model}`)"
         problems.append(f"{options.model} is not complete in {where}, missing {', '.join(files['missing'][:3])}{hint}")
@@ -278,18 +326,20 @@ def diagnose(options) -> dict:
 
 
 def _quant(options, files: dict, local: bool) -> tuple[str, str]:
-    """The quantization a load would use, and why (`--quant auto` resolved from the config, as loading does)."""
-    if files["pre_quantized"] == "nf4":
-        return "4bit", "the checkpoint is saved in nf4"
-    if options.quant != "auto":
-        return options.quant, f"--quant {options.quant}"
-    from ..runtime.families import auto_quant, read_config
+    """The quantization a load would use, and why, decided as loading does (`chosen_quant`): from the config at hand,
+    fetched only for `--quant auto`."""
+    from ..runtime.families import chosen_quant, read_config
 
+    at_hand = os.path.join(files["path"], "config.json") if files["path"] else None
     try:
-        quant, why = auto_quant(read_config(options, local))
+        if at_hand and os.path.exists(at_hand):
+            with open(at_hand) as f:
+                return chosen_quant(options.quant, json.load(f))
+        return chosen_quant(options.quant, read_config(options, local) if options.quant == "auto" else {})
     except Exception as exc:  # noqa: BLE001 - no config yet: what a load of an 8B model would do
+        if options.quant != "auto":
+            return options.quant, f"--quant {options.quant}"
         return "4bit", f"auto: config.json unreadable ({type(exc).__name__}), assumed 4B parameters or more"
-    return quant, f"auto: {why}"
 
 
 def free_bytes(cuda: dict, device: str | None) -> int | None:
