@@ -74,6 +74,24 @@ def test_prefetch_groups_pages_by_size_within_a_bounded_window(tmp_path):
     assert max(waiting) <= 2 * 2
 
 
+def test_a_page_of_another_size_is_passed_over_by_one_batch_at_most(tmp_path):
+    """A photo, then a PDF of same-size pages: same-size batches fill at once, but the photo goes in the second
+    batch (topped up), not at the end, so the records behind it are not held back for the whole run."""
+    from conftest import make_image, make_pdf
+
+    from idefics_cli.documents import open_document
+
+    make_image(240, 180, seed=7).save(tmp_path / "a.png")
+    make_pdf(tmp_path / "b.pdf", 6)
+    docs = [batch.Input(str(tmp_path / "a.png"), "a.png"), batch.Input(str(tmp_path / "b.pdf"), "b.pdf")]
+    items = list(Prefetcher(docs, open_document, lambda doc: list(range(1, doc.page_count + 1)),
+                            lambda sha, page: False, lambda images: None, batch_size=2))
+    batches = [[(t.input.rel, t.page) for t in i.tasks] for i in items if isinstance(i, batch.Batch)]
+    assert batches[0] == [("b.pdf", 1), ("b.pdf", 2)] and ("a.png", 1) in batches[1], batches
+    seqs = [t.seq for i in items if isinstance(i, batch.Batch) for t in i.tasks]
+    assert sorted(seqs) == [0, *range(2, 8)]  # a.png's DocumentDone is 1, read after its page
+
+
 def _pdf(tmp_path, pages: int) -> list:
     from conftest import make_pdf
 

@@ -233,6 +233,7 @@ class Prefetcher:
         self.pending: list[tuple[PageTask, object]] = []  # rendered pages not yet in a batch
         self.finished: list[DocumentDone] = []
         self.read = 0  # items read so far: the next one's `seq`
+        self.passed = 0
         # the turn is its one place: claimed before a build, released when the model's thread takes the batch
         self._work = WorkAhead("idefics-prefetch", depth=1, places=1)
 
@@ -264,18 +265,20 @@ class Prefetcher:
         self._flush(final=True)
 
     def _next_batch(self, final: bool) -> list | None:
-        """`batch_size` pending pages of one size; else, once 2 batches wait or at the end, the oldest page's size
-        first, topped up with the oldest others (a vision call per size)."""
+        """`batch_size` pending pages of one size; else, once 2 batches wait, at the end, or when the oldest page
+        was passed over by a batch already, the oldest page's size first, topped up with the oldest others (a vision
+        call per size). So no page waits more than a batch behind later ones: records are written in read order."""
         pending, size = self.pending, self.batch_size
         groups: dict = {}
         for k, (_, image) in enumerate(pending):
             groups.setdefault(getattr(image, "size", None), []).append(k)
         chosen = next((ks[:size] for ks in groups.values() if len(ks) >= size), None)
-        if chosen is None and pending and (final or len(pending) >= 2 * size):
+        if pending and (final or len(pending) >= 2 * size if chosen is None else 0 not in chosen and self.passed):
             first = groups[getattr(pending[0][1], "size", None)]
             chosen = (first + [k for k in range(len(pending)) if k not in set(first)])[:size]
         if chosen is None:
             return None
+        self.passed = 0 if 0 in chosen else self.passed + 1  # batches that left the oldest page behind
         take = set(chosen)
         out = [pending[k] for k in sorted(take)]
         pending[:] = [p for k, p in enumerate(pending) if k not in take]
