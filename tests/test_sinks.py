@@ -52,6 +52,21 @@ def test_folder_sink_writes_markdown_from_this_run_and_earlier_records(tmp_path)
     assert [json.loads(line)["page"] for line in lines] == [1, 2]
 
 
+def test_a_document_done_in_page_chunks_keeps_every_page_in_its_markdown(tmp_path):
+    """`--pages 1-2`, then `--pages 3`: the .md holds pages 1 to 3, in page order, not only the last run's."""
+    doc = Input(str(tmp_path / "a.pdf"), "a.pdf")
+    record = {"path": doc.path, "status": "ok", "sha256": "h", "settings": "s"}
+    for chosen in ([2, 1], [3]):
+        with FolderSink(str(tmp_path / "out"), [doc], "s") as sink:
+            for page in chosen:
+                sink.write({**record, "page": page, "text": f"text {page}"})
+            sink.document_done(DocumentDone(doc, "h", chosen, 3))
+        md = (tmp_path / "out" / "a.md").read_text()
+        if chosen == [2, 1]:  # one run: its own order
+            assert md.index("text 2") < md.index("text 1") and "text 3" not in md
+    assert md.index("text 1") < md.index("text 2") < md.index("text 3"), md
+
+
 def test_one_relative_path_under_two_folders_gets_two_markdown_files(tmp_path):
     """`transcribe ca cb` with ca/x/doc.pdf and cb/x/doc.pdf: the second document's .md is "x/doc (2).md", not
     written over the first's."""
