@@ -242,6 +242,16 @@ def _tiff_bits(bits: int, width: int = 64, height: int = 16) -> bytes:
     return b"II*\x00" + struct.pack("<I", 8 + len(packed)) + bytes(packed) + ifd
 
 
+def _int32_tiff() -> bytes:
+    """A signed 32-bit TIFF holding a 16-bit ramp (0..65535), as scientific tools write 16-bit data."""
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.tile(np.linspace(0, 65535, 64), (16, 1)).astype(np.int32)).save(buf, "TIFF")
+    return buf.getvalue()
+
+
 def _libtiff_error_tiff() -> bytes:
     """A PackBits TIFF whose strip data is zeroed in the middle: libtiff prints its complaint straight to fd 2."""
     from PIL import Image
@@ -344,6 +354,7 @@ def build(root: str) -> list[Case]:
     add("blank-image.png", _image_bytes(color=(255, 255, 255), blank=True), "ok", warnings=["blank_page"])
     add("repaired.pdf", _pdf_bytes(2).replace(b"startxref", b"startxreF"), "ok", warnings=["repaired"])
     add("twelve-bit.tif", _tiff_bits(12), "ok", check=_spans_full_range)
+    add("int32-sixteen-bit.tif", _int32_tiff(), "ok", check=_spans_full_range)
     add("libtiff-error.tif", _libtiff_error_tiff(), "corrupt")
     add("corrupt-exif.jpg", _corrupt_exif_jpeg(), "ok")
     add("damaged-encryption.pdf", _damaged_encryption_pdf(), "corrupt")

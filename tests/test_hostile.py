@@ -114,7 +114,8 @@ def test_transcribe_records_each_case_and_goes_on(cli, tiny_model, corpus, tmp_p
 
 def test_pages_come_out_with_the_pixels_the_file_holds(corpus):
     checked = [c for c in corpus if c.check]
-    assert {"cut-last-chunk.png", "twelve-bit.tif", "sixteen-bit.pgm", "layers.psd"} <= {c.name for c in checked}
+    assert {"cut-last-chunk.png", "twelve-bit.tif", "int32-sixteen-bit.tif", "sixteen-bit.pgm",
+            "layers.psd"} <= {c.name for c in checked}
     for case in checked:
         with open_document(case.path) as doc:
             assert case.check(doc.render(1)), case.name

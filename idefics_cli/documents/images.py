@@ -121,7 +121,10 @@ def _to_rgb(im: Image, bits: int | None = None) -> Image:
     from PIL import Image as PILImage
 
     if im.mode.startswith("I"):  # I, I;16, I;16B, ...: 12-, 16- or 32-bit samples (PNG, TIFF)
-        top = (1 << (bits if bits and bits > 8 else 16)) - 1
+        bits = bits if bits and bits > 8 else 16
+        if bits > 16 and im.getextrema()[1] < 1 << 16:  # 16-bit values in a 32-bit container
+            bits = 16
+        top = (1 << bits) - 1
         im = im.convert("I").point(lambda v: v * (255 / top), "L")
     elif im.mode == "F":  # 32-bit float samples: scientific TIFFs hold 0..1
         low, high = im.getextrema()
