@@ -83,6 +83,13 @@ def test_walk_mixed_inputs_are_deduplicated(tmp_path):
         os.path.realpath(root / n) for n in ("a.pdf", "sub/b.pdf"))
 
 
+def test_a_folder_holding_a_file_and_a_link_to_it_gives_the_file_once(tmp_path):
+    touch(tmp_path, "three.pdf")
+    os.symlink("three.pdf", tmp_path / "link.pdf")  # sorts first, but names the same document
+    docs, missing = batch.walk([str(tmp_path)])
+    assert rels(docs) == ["three.pdf"] and not missing
+
+
 def test_walk_reports_missing_paths_and_empty_globs(tmp_path):
     touch(tmp_path, "real.pdf")
     docs, missing = batch.walk([str(tmp_path / "real.pdf"), str(tmp_path / "nope.pdf"), str(tmp_path / "*.xyz")])

@@ -56,7 +56,9 @@ def walk(inputs: list[str], skipped: list[str] | None = None) -> tuple[list[Inpu
     def add(items: list[Input]) -> None:
         for item in sorted(items, key=lambda i: (i.rel, i.path)):
             real = os.path.realpath(item.path)
-            if real in found:
+            if real in found:  # one document under two names: the file itself rather than a link to it
+                if os.path.islink(found[real].path) and not os.path.islink(item.path):
+                    found[real] = item
                 continue
             if is_document(item.path):
                 found[real] = item
