@@ -71,6 +71,16 @@ class IdeficsError(Exception):
     def to_dict(self) -> dict:
         return {"code": self.code, "message": self.message}
 
+    def __reduce__(self):  # pickled whole, subclasses too: a Ray actor's error reaches the driver as raised
+        return _rebuilt, (type(self), self.__dict__)
+
+
+def _rebuilt(cls, state: dict) -> IdeficsError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, state.get("message"))
+    err.__dict__.update(state)
+    return err
+
 
 class UsageError(IdeficsError):
     def __init__(self, message: str, hint: str | None = None):

@@ -202,3 +202,15 @@ def test_a_bad_device_is_never_ready_in_the_library():
 
     report = diagnose(ModelOptions(model="/no/such/model", device="tpu"))
     assert report["ok"] is False and "--device 'tpu' is not a device" in report["reason"]
+
+
+def test_a_checkpoint_of_another_architecture_is_not_ready(cli, tiny_model, tmp_path):
+    """The files read, but `ask` would refuse the model type: doctor says so and exits 5, as the load would."""
+    folder = tmp_path / "llava"
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "llava"}))
+    result = cli("doctor", "--model", folder, "--device", "cpu", "--quant", "none")
+    assert result.exit_code == 5 and "✓ ready" not in result.stdout, result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is a llava model; idefics-cli runs" in lines[0], lines

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -149,6 +150,20 @@ def test_stdin_is_refused_with_ray(cli, tiny_model, local_ray):
     assert result.exit_code == 2 and "stdin" in result.stderr
 
 
+def test_a_model_that_cannot_load_is_one_model_error_line_before_ray_starts(cli, tiny_model, folder, tmp_path):
+    """As the local engine says it (exit 5), not a traceback per actor and an internal error."""
+    other = tmp_path / "llava"
+    shutil.copytree(tiny_model, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "llava"}))
+    for model, why in ((tmp_path / "nowhere", "does not exist"), (other, "is a llava model")):
+        for engine in ("local", "ray"):
+            result = cli("transcribe", folder, "--out", tmp_path / "o.jsonl", "--engine", engine, "--model", model)
+            lines = result.stderr.strip().splitlines()
+            assert result.exit_code == 5 and len(lines) == 1 and why in lines[0], (engine, result.stderr[-2000:])
+            assert lines[0].startswith("error [model_error]: ")
+
+
 
 def test_each_document_is_opened_and_hashed_once(tiny_model, local_ray, tmp_path):
     """Not once per page: reading and hashing a file a page would cost pages x file size."""
@@ -181,3 +196,13 @@ def test_each_document_is_opened_and_hashed_once(tiny_model, local_ray, tmp_path
         ("four.pdf", p, "ok") for p in range(1, 5)] + [("one.png", 1, "ok")]
     assert Counter(open(log).read().split()) == {"four.pdf": 1, "one.png": 1}
     assert job.summary.ok == 5 and job.summary.total == 5
+
+
+def test_a_model_actor_that_cannot_load_is_a_model_error_line(cli, tiny_model, local_ray, folder, tmp_path):
+    """What only the actor finds (8-bit needs a CUDA GPU, and a Ray cluster without one): exit 5 and a one-line
+    model_error naming it, not an internal error (Ray keeps only the text of an actor's creation error)."""
+    result = cli("transcribe", folder, "--out", tmp_path / "o.jsonl", "--engine", "ray", "--model", tiny_model,
+                 *FAST, "--quant", "8bit")
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.exit_code == 5 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert last.startswith("error [model_error]: a Ray model actor could not load the model: ") and "8bit" in last

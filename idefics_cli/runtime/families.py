@@ -142,6 +142,18 @@ def parameters(config: dict) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def refusal(options) -> str | None:
+    """Why a load would refuse the checkpoint at hand (its architecture, a processor's missing package); None if not,
+    or if its config.json cannot be read (doctor reports that)."""
+    try:
+        detect(options, True)
+    except IdeficsError as err:
+        return err.message
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def saved_quant(config: dict) -> tuple[str, str] | None:
     """(quant, why) of a checkpoint saved quantized, which loads as saved whatever `--quant` asks; None if not."""
     saved = config.get("quantization_config") or {}

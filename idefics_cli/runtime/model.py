@@ -249,18 +249,24 @@ def pack_text_linears(model) -> None:
             module.weight = None
 
 
+def check_model(options: ModelOptions) -> dict:
+    """What a load checks before any weight is read (the device's name, a local folder, the family): its config.json,
+    or the UsageError / model_error a load would raise."""
+    check_device(options.device, "--device")
+    if looks_local(options.model):
+        check_local_model(options.model)
+    try:
+        return detect(options, local_only(options))[1]
+    except (OSError, ValueError) as exc:
+        raise model_error(exc, options) from exc
+
+
 def start_load(options: ModelOptions, cpu_kernels: bool = True) -> Loading:
     """Start loading: the checks, the weights' thread, then the processor in this thread. `cpu_kernels`: on the CPU,
     `expand_block_scales` and `pack_text_linears` (off to save or train the weights as loaded)."""
     start = time.perf_counter()
-    check_device(options.device, "--device")  # a usage error before anything is read
-    if looks_local(options.model):
-        check_local_model(options.model)
+    config = check_model(options)
     common = {"revision": options.revision, "local_files_only": local_only(options), "trust_remote_code": False}
-    try:
-        _, config = detect(options, common["local_files_only"])
-    except (OSError, ValueError) as exc:
-        raise model_error(exc, options) from exc
     quiet_libraries()
     loaded, quant_reason = chosen_quant(options.quant, config)  # a checkpoint saved quantized: as saved
     if options.quant == "auto":  # resolved in the options (what the library's transcribe hashes); else as asked

@@ -283,6 +283,7 @@ def diagnose(options) -> dict:
     from ..errors import IdeficsError
     from ..hub import local_only
     from ..runtime.engine import QUANT_NAMES
+    from ..runtime.families import refusal
     from ..runtime.model import quiet_libraries, resolve_device, resolve_dtype
 
     local = local_only(options)  # not cached and cannot be fetched: one error at once, before the checks
@@ -312,6 +313,8 @@ def diagnose(options) -> dict:
         problems.append("--quant 8bit needs a CUDA GPU")
     if files["unreadable"]:
         problems.append(f"{options.model} cannot be read: {'; '.join(files['unreadable'][:3])} (copy or pull it again)")
+    elif files["available"] and (refused := refusal(options)):
+        problems.append(refused)
     elif not files["available"]:
         where = "the local folder" if files["local_folder"] else "the local HF cache"
         hint = "" if files["local_folder"] else f" (run `idefics pull {options.model}`)"

@@ -100,7 +100,21 @@ def _quiet_ray() -> None:
     for name in ("ray", "ray.data"):
         for handler in logging.getLogger(name).handlers:
             if not isinstance(handler, logging.FileHandler):
-                handler.setLevel(logging.ERROR)
+                handler.setLevel(logging.ERROR if os.environ.get("IDEFICS_DEBUG") else logging.CRITICAL)
+
+
+def _actors_errors(rows: Iterator) -> Iterator:
+    """`rows`; a model actor that could not start (Ray keeps only its error's text) is a `model_error` naming it."""
+    try:
+        yield from rows
+    except Exception as exc:
+        if type(exc).__name__ != "ActorDiedError":
+            raise
+        text = str(exc).replace("\x1b", "")
+        why = next((line.split("IdeficsError: ", 1)[1] for line in reversed(text.splitlines())
+                    if "IdeficsError: " in line), text.splitlines()[-1] if text else "it died")
+        raise IdeficsError("model_error", f"a Ray model actor could not load the model: {why}"[:300],
+                           "--engine local shows the same error") from None
 
 
 def run_on_ray(job: TranscribeJob, address: str | None = None) -> Iterator[PageRecord]:
@@ -122,7 +136,7 @@ def run_on_ray(job: TranscribeJob, address: str | None = None) -> Iterator[PageR
                         compute=ray.data.ActorPoolStrategy(size=max(gpus, 1)),  # one model actor a GPU
                         max_restarts=-1, max_task_retries=-1, **({} if gpus else {"num_cpus": 1}))
     begun = set()
-    for row in ds.iter_rows():
+    for row in _actors_errors(ds.iter_rows()):
         event = pickle.loads(row["event"])
         if not isinstance(event, DocumentDone):
             yield job.emit(PageRecord.from_dict(event))

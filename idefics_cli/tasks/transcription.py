@@ -118,10 +118,10 @@ class Transcription:
         request.check_grammar()
         with ExitStack() as stack:
             if request.engine == "ray":
-                from ..hub import local_only
+                from ..runtime.model import check_model
                 from . import ray_engine
 
-                local_only(request.options)  # fail at once here rather than in every actor
+                check_model(request.options)  # fail at once here rather than in every actor
                 job.request = replace(request, batch_size=request.batch_size or RAY_BATCH_SIZE)
                 records = ray_engine.run_on_ray(job, request.ray_address)
             else:
