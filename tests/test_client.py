@@ -465,3 +465,20 @@ def test_a_client_renders_pdf_pages_at_the_servers_family_size(tiny_idefics3, en
         sent = json.loads(body)["messages"][0]["content"][0]["image_url"]["url"]
         with open_document("page", data=_data_url(sent, "page")) as doc:
             assert max(doc.render(1).size) == 2048
+
+
+def test_a_server_started_with_quant_auto_and_a_local_run_resume_each_other(cli, tiny_model, tmp_path):
+    """Both leave --quant at auto: the same settings hash, so neither redoes the other's pages (the test server runs
+    --no-split, so the local run does too)."""
+    srv = Server(tiny_model, "--quant", "auto").wait_ready()
+    try:
+        make_image(seed=5).save(tmp_path / "page.png")
+        out = tmp_path / "o.jsonl"
+        remote = cli("transcribe", tmp_path / "page.png", "--out", out, "--server", srv.url, "--max-new-tokens", "4")
+        assert remote.exit_code == 0, remote.stderr
+        local = cli("transcribe", tmp_path / "page.png", "--out", out, "--model", tiny_model, "--device", "cpu",
+                    "--no-split", "--max-new-tokens", "4")
+        assert local.exit_code == 0 and "1 already done" in local.stderr + local.stdout, local.stderr
+        assert len(out.read_text().splitlines()) == 1
+    finally:
+        srv.stop()

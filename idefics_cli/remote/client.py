@@ -21,6 +21,13 @@ from .transport import LOST, SERVER_HINT, ServerLoading, Transport, events
 
 LOAD_WAIT_S = 600.0  # how long a request waits for a server that is still loading its model
 QUANT_OPTIONS = {"nf4": "4bit", "int8": "8bit", "none": "none"}  # engine.QUANT_NAMES, reversed
+
+
+def _asked_quant(info: dict) -> str:
+    """The `--quant` the server was started with, as a local run's settings hash holds it: `auto` when it chose."""
+    if str(info.get("quantization_reason") or "").startswith("auto"):
+        return "auto"
+    return QUANT_OPTIONS.get(info["quantization"], "4bit")
 TIFF_BUDGET = 8 * 2**20  # PackBits TIFF bytes per request at most (10.7 MiB as base64); past it, pages go as PNG
 
 
@@ -51,7 +58,7 @@ class RemoteEngine:
         self._info = {k: described.get(k) for k in ("id", "revision", "quantization", "quantization_reason", "dtype",
                                                     "device", "family")}
         self.options = ModelOptions(model=self._info["id"] or self.model_id, revision=self._info["revision"],
-                                    quant=QUANT_OPTIONS.get(self._info["quantization"], "4bit"),
+                                    quant=_asked_quant(self._info),
                                     dtype=self._info["dtype"] or "auto", device=self._info["device"] or "auto",
                                     offline=True, split=bool(described.get("split", True)),
                                     max_new_tokens=max_new_tokens or ModelOptions().max_new_tokens)
