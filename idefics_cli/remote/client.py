@@ -21,6 +21,7 @@ from .transport import LOST, SERVER_HINT, ServerLoading, Transport, events
 
 LOAD_WAIT_S = 600.0  # how long a request waits for a server that is still loading its model
 QUANT_OPTIONS = {"nf4": "4bit", "int8": "8bit", "none": "none"}  # engine.QUANT_NAMES, reversed
+TIFF_BUDGET = 8 * 2**20  # PackBits TIFF bytes per request at most (10.7 MiB as base64); past it, pages go as PNG
 
 
 def _asked_quant(info: dict) -> str:
@@ -28,7 +29,6 @@ def _asked_quant(info: dict) -> str:
     if str(info.get("quantization_reason") or "").startswith("auto"):
         return "auto"
     return QUANT_OPTIONS.get(info["quantization"], "4bit")
-TIFF_BUDGET = 8 * 2**20  # PackBits TIFF bytes per request at most (10.7 MiB as base64); past it, pages go as PNG
 
 
 class RemoteInputs:

@@ -198,8 +198,10 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
                 watcher.cancel()
                 job.cancel()
         record["tokens"] = len(job.token_ids)
-        if kind == "error" or job.shed:
-            return _from_error(payload) if kind == "error" else _shed()
+        if kind == "error":
+            return _from_error(payload)
+        if job.shed:
+            return _shed()
         return JSONResponse({**meta, "object": "chat.completion", "choices": [
             {"index": 0, "message": {"role": "assistant", "content": job.text},
              "logprobs": _logprobs(job.logprob_content() if req.logprobs else None),

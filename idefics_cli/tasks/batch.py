@@ -151,6 +151,14 @@ class BlankPage:
 
     task: PageTask
 
+    @property
+    def seq(self) -> int | None:
+        return self.task.seq
+
+    @seq.setter
+    def seq(self, value: int) -> None:
+        self.task.seq = value
+
 
 @dataclass
 class Batch:
@@ -331,5 +339,5 @@ class Prefetcher:
 
     def _number(self, item):
         """Give an item read its `seq`: the pipeline writes records in this order, whatever the batches' order."""
-        (item.task if isinstance(item, BlankPage) else item).seq, self.read = self.read, self.read + 1
+        item.seq, self.read = self.read, self.read + 1
         return item

@@ -7,6 +7,7 @@ become error records; an out-of-memory page is retried alone, then unsplit; a `m
 """
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -208,16 +209,15 @@ def transcribe(engine, job: TranscribeJob, started: Prefetcher | None = None) ->
     job.begin()
     items = started or prefetcher(engine, job)
     waiting: dict[int, _Slot] = {}  # by `seq`: the order the prefetcher read them (else the order they came)
-    turn = [0, 0]  # the next seq to write; items that came without one
+    arrival, turn = itertools.count(), 0  # turn: the next seq to write
 
     def place(slot: _Slot, seq: int | None) -> None:
-        waiting[turn[1] if seq is None else seq] = slot
-        turn[1] += seq is None
+        waiting[next(arrival) if seq is None else seq] = slot
 
     def feed():
         for item in items:
             if not isinstance(item, Batch):
-                place(_Slot(item), (item.task if isinstance(item, BlankPage) else item).seq)
+                place(_Slot(item), item.seq)
                 continue
             for row in range(len(item.tasks)):
                 slot = _Slot(item, row)
@@ -225,11 +225,12 @@ def transcribe(engine, job: TranscribeJob, started: Prefetcher | None = None) ->
                 yield slot, item.inputs, row
 
     def flush(final: bool = False) -> Iterator[PageRecord]:
+        nonlocal turn
         while waiting:
-            seq = turn[0] if turn[0] in waiting or not final else min(waiting)
+            seq = turn if turn in waiting or not final else min(waiting)
             if seq not in waiting or not waiting[seq].ready:
                 return
-            turn[0] = seq + 1
+            turn = seq + 1
             if (record := _record(engine, waiting.pop(seq), request, job)) is not None:
                 yield job.emit(record)
 

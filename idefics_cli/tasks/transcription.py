@@ -75,13 +75,7 @@ class Transcription:
             self.exit_status = ExitStatus.OK
             return
         with self._sink(docs) as sink:
-            for err in self.errors:  # an input that matched nothing has its error record too (page 0)
-                record = error_record(err.path, err, request.settings_hash)
-                sink.write(record.to_dict())
-                self.summary.add(record)
-                yield record
-            if docs:
-                yield from self._transcribe(docs, sink)
+            yield from self._transcribe(docs, sink)
         if not self.quiet:
             output.console.print(self.summary.line(), markup=False)
             for line in self.summary.failure_lines(sink.records_name):
@@ -108,6 +102,8 @@ class Transcription:
             if not docling_available():
                 output.warn(DOCTAGS_HINT)
         job = pipeline.TranscribeJob(request, docs, sink, request.open_document, request.select_pages, self.summary)
+        for err in self.errors:  # an input that matched nothing has its error record too (page 0)
+            yield job.emit(error_record(err.path, err, request.settings_hash))
         if not needs_model(docs, job.open_doc, job.select_pages, job.is_done):
             # nothing left for the model: no torch import; documents that cannot be read are recorded again
             yield from pipeline.transcribe(None, job)

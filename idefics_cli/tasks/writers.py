@@ -264,7 +264,8 @@ class FolderSink(JsonlSink):
     def document_done(self, done) -> None:
         pages = {**self.earlier.get(done.sha256, {}), **self.texts.pop((done.input.path, done.sha256), {})}
         parts = []
-        earlier = [page for page in pages if page not in set(done.pages)]  # answered by a run with other --pages
+        chosen = set(done.pages)
+        earlier = [page for page in pages if page not in chosen]  # answered by a run with other --pages
         for page in sorted({*done.pages, *earlier}) if earlier else done.pages:
             record = pages.get(page)
             if record and record.get("status") == "ok":
