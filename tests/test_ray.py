@@ -6,12 +6,15 @@ import json
 import os
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 
 import pytest
-from conftest import make_image, make_pdf
+from conftest import make_image, make_pdf, run_idefics
 
 ray = pytest.importorskip("ray")
 
@@ -206,3 +209,48 @@ def test_a_model_actor_that_cannot_load_is_a_model_error_line(cli, tiny_model, l
     last = result.stderr.strip().splitlines()[-1]
     assert result.exit_code == 5 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert last.startswith("error [model_error]: a Ray model actor could not load the model: ") and "8bit" in last
+
+
+def test_an_address_that_refuses_is_one_model_error_line_at_once(tiny_model, folder, tmp_path):
+    """Ray itself retries an unreachable address for minutes; the run says so within seconds, before Ray starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    started = time.monotonic()
+    res = run_idefics("transcribe", folder, "--out", tmp_path / "o.jsonl", "--engine", "ray", "--ray-address",
+                      f"127.0.0.1:{port}", "--model", tiny_model, *FAST, timeout=120)
+    lines = res.stderr.decode().strip().splitlines()
+    assert res.returncode == 5 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error [model_error]: cannot reach Ray at 127.0.0.1:{port}: ")
+    assert time.monotonic() - started < 60 and not records(tmp_path / "o.jsonl")  # as a model that cannot load
+
+
+def test_sigterm_under_ray_exits_130_with_the_pages_done(tiny_model, tmp_path):
+    """Ray installs its own SIGTERM handler (exit 15); the run keeps the CLI's: flush, `interrupted`, exit 130.
+    The pages done so far are in the records, and the next run does only the rest."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    make_pdf(docs / "long.pdf", n_pages=8)
+    out = tmp_path / "o.jsonl"
+    args = ["transcribe", docs, "--out", out, "--model", tiny_model, "--quant", "none", "--max-new-tokens", "120",
+            "--batch-size", "1", "--dpi", "36"]
+    proc = subprocess.Popen([sys.executable, "-m", "idefics_cli", *map(str, args), "--engine", "ray"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not (out.exists() and out.stat().st_size) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before the signal"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        stderr = proc.communicate()[1].decode(errors="replace")
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    rows = records(out)  # every line whole, and each page's record written once done, not at the document's end
+    assert 1 <= len(rows) < 8 and all(r["status"] == "ok" for r in rows), len(rows)
+    rest = run_idefics(*args, timeout=300)
+    assert rest.returncode == 0 and sorted(r["page"] for r in records(out)) == list(range(1, 9))

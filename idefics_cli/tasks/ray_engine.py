@@ -10,6 +10,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import signal
+import socket
+import threading
 from collections.abc import Iterator
 
 from ..errors import IdeficsError, UsageError
@@ -17,6 +20,8 @@ from .batch import DocumentDone, Failure, Input, build_batch, read_document
 from .pipeline import TranscribeJob, page_builder, transcribe
 from .records import PageRecord
 from .writers import Sink
+
+REACH_S = 10  # how long a Ray address may take to accept a connection
 
 
 class RayPages:
@@ -81,13 +86,31 @@ def init(address: str | None) -> object:
         raise UsageError("--engine ray needs Ray", "pip install 'idefics-cli[ray]'") from None
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
+        _reachable(address)
+        handler = signal.getsignal(signal.SIGTERM)  # Ray's own would exit 15, not 130 after the flush
         try:
             ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False,
                      logging_level="ERROR")
         except Exception as exc:  # noqa: BLE001
             raise IdeficsError("model_error", f"cannot start or reach Ray ({address or 'local'}): {exc}"[:300]) \
                 from None
+        finally:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, handler)
     return ray
+
+
+def _reachable(address: str | None) -> None:
+    """A `host:port` address that refuses or ignores a connection is a `model_error` within REACH_S, where Ray
+    would retry for minutes; "auto", "local" and ray:// addresses are left to Ray."""
+    host, _, port = (address or "").rpartition(":")
+    if not port.isdigit() or "://" in host:
+        return
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=REACH_S).close()
+    except OSError as exc:
+        raise IdeficsError("model_error", f"cannot reach Ray at {address}: {exc.strerror or exc}",
+                           "start it with `ray start --head`, or check --ray-address and RAY_ADDRESS") from None
 
 
 def _quiet_ray() -> None:
@@ -125,6 +148,7 @@ def run_on_ray(job: TranscribeJob, address: str | None = None) -> Iterator[PageR
     ctx = ray.data.DataContext.get_current()
     _quiet_ray()
     ctx.execution_options.preserve_order = True
+    ctx.target_max_block_size = 1  # a block a row: each page's record comes back once done, not a document's
     ctx.enable_progress_bars = ctx.print_on_execution_start = False
     job.begin()
     gpus = int(ray.cluster_resources().get("GPU", 0))
