@@ -30,6 +30,17 @@ def looks_local(model: str) -> bool:
     return os.path.isabs(model) or model.startswith((".", "~")) or os.path.exists(model) or model.count("/") > 1
 
 
+def hub_id(model: str) -> bool:
+    """Whether `model` is spelled as a hub repository id (name or owner/name)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        return False
+    return True
+
+
 def cached_snapshot(model: str, revision: str | None, need: str = "model") -> str | None:
     """A hub id's snapshot folder in the HF cache when what `need` ("model" or "processor") needs is there."""
     from huggingface_hub import try_to_load_from_cache

@@ -44,6 +44,15 @@ def test_local_path_is_a_usage_error(cli, tmp_path):
     assert result.exit_code == 2 and "local path" in result.stderr
 
 
+@pytest.mark.parametrize("model", ["bad//id", "a b/c", "owner/name/extra", "owner/", "a/b..c"])
+def test_a_name_that_is_no_hub_id_is_a_usage_error(cli, model, monkeypatch):
+    """Said before any request, not as a local path or a cache miss."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = cli("pull", model)
+    assert result.exit_code == 2 and result.stderr.startswith(f"error [usage]: '{model}' is not a hub id"), \
+        result.stderr
+
+
 def acme_or_endpoint(err: str, endpoint: str) -> bool:
     """The line names what failed: the endpoint (unreachable) or the model (an interceptor answered junk)."""
     return endpoint in err or "acme/some-model" in err

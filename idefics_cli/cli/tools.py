@@ -177,11 +177,13 @@ def pull_command(
     revision: o.Revision = None,
 ) -> int:
     """Download a model into the Hugging Face cache. Weights, config and processor files, for --offline."""
-    from ..hub import looks_local, pull
+    from ..hub import hub_id, pull
     from ..tasks.doctor import dir_size
 
-    if looks_local(model):
+    if os.path.exists(model) or os.path.isabs(model) or model.startswith((".", "~")):
         raise UsageError(f"{model} is a local path; pull downloads a model from the hub", "pass a hub id (owner/name)")
+    if not hub_id(model):
+        raise UsageError(f"{model!r} is not a hub id", "pass owner/name, e.g. HuggingFaceM4/idefics2-8b")
     offline = f"{o.OFFLINE_ENV} is set" if o.env_offline() else None
     path = pull(model, revision, offline,
                 on_start=lambda cache: out.info(f"Pulling {model}{'@' + revision if revision else ''} into {cache}…"))
