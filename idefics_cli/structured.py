@@ -137,10 +137,15 @@ def concise_schema(text: str) -> dict:
 
 
 def check_schema(schema: Any) -> None:
-    """Meta-schema check, then every keyword must be one the grammar enforces (or an annotation)."""
+    """Strict JSON (no NaN or Infinity), the meta-schema, then every keyword one the grammar enforces (or an
+    annotation)."""
     jsonschema = _need("jsonschema")
     if not isinstance(schema, dict):
         raise UsageError(f"a JSON Schema must be an object, not {type(schema).__name__}")
+    try:  # Python's json reads NaN, Infinity and 1e400 (inf); a dict may hold anything
+        json.dumps(schema, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"the schema is not valid JSON: {exc}") from None
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     try:
         cls.check_schema(schema)

@@ -158,6 +158,17 @@ def test_bad_schemas_are_usage_errors(value, named):
     assert info.value.exit_status == ExitStatus.USAGE
 
 
+@pytest.mark.parametrize("value", ['{"type": "number", "minimum": NaN}', '{"type": "number", "maximum": Infinity}',
+                                   '{"type": "number", "maximum": 1e400}', '{"enum": [-Infinity]}',
+                                   {"type": "number", "minimum": float("nan")},
+                                   {"type": "string", "default": {1, 2}}])
+def test_a_schema_that_is_not_json_is_a_usage_error(value):
+    """Python's json reads NaN and Infinity (and 1e400 as inf); a dict may hold anything: no JSON Schema."""
+    with pytest.raises(UsageError) as info:
+        st.as_schema(value)
+    assert "not valid JSON" in info.value.one_line()
+
+
 def test_schema_errors_do_not_import_torch(tmp_path):
     """Keyword and grammar errors alike: llguidance builds and checks the grammar without torch."""
     code = ("import sys\nfrom idefics_cli.structured import parse_schema\nfrom idefics_cli.errors import UsageError\n"
