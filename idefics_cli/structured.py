@@ -111,6 +111,8 @@ def _loads(text: str, where: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise UsageError(f"{where} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    except RecursionError:
+        raise UsageError(f"{where} is nested too deeply") from None
 
 
 def concise_schema(text: str) -> dict:
@@ -144,16 +146,18 @@ def check_schema(schema: Any) -> None:
         raise UsageError(f"a JSON Schema must be an object, not {type(schema).__name__}")
     try:  # Python's json reads NaN, Infinity and 1e400 (inf); a dict may hold anything
         json.dumps(schema, allow_nan=False)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise UsageError(f"the schema is not valid JSON: {exc}") from None
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     try:
         cls.check_schema(schema)
+        _check_keywords(schema, "")
     except jsonschema.SchemaError as exc:
         where = "/".join(str(p) for p in exc.path)
         keyword = exc.path[-1] if exc.path else exc.validator
         raise UsageError(f"invalid JSON Schema: {keyword!r} at /{where}: {exc.message[:200]}") from None
-    _check_keywords(schema, "")
+    except RecursionError:
+        raise UsageError("--schema is nested too deeply") from None
 
 
 def _check_keywords(node: Any, where: str) -> None:
@@ -222,7 +226,10 @@ def closed(node: Any) -> Any:
 def grammar(schema: dict) -> str:
     """The llguidance grammar of `schema` (no tokenizer needed); UsageError if it cannot be built."""
     ll = _need("llguidance")
-    text = ll.LLMatcher.grammar_from_json_schema(json.dumps(closed(schema)), overrides=JSON_OPTIONS)
+    try:  # llguidance's own recursion limit is a ValueError
+        text = ll.LLMatcher.grammar_from_json_schema(json.dumps(closed(schema)), overrides=JSON_OPTIONS)
+    except (ValueError, RecursionError) as exc:
+        raise UsageError(f"--schema cannot be turned into a grammar: {str(exc)[:200]}") from None
     failed, messages = ll.LLMatcher.validate_grammar_with_warnings(text)
     if failed:
         message = " ".join(line.strip() for line in messages[0].splitlines() if line.strip())

@@ -169,6 +169,23 @@ def test_a_schema_that_is_not_json_is_a_usage_error(value):
     assert "not valid JSON" in info.value.one_line()
 
 
+def nested(depth: int) -> dict:
+    schema = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+@pytest.mark.parametrize("depth", [80, 100, 400, 3000])
+def test_a_schema_nested_too_deeply_is_a_usage_error(depth):
+    """Whichever of json, jsonschema or llguidance gives up first, the user gets a usage line, not a bug report."""
+    text = '{"type": "object", "properties": {"a": ' * depth + '{"type": "string"}' + "}}" * depth
+    for value in (text, nested(depth)):
+        with pytest.raises(UsageError) as info:
+            st.as_schema(value)
+        assert "deep" in info.value.one_line() or "recursion" in info.value.one_line(), info.value.one_line()
+
+
 def test_schema_errors_do_not_import_torch(tmp_path):
     """Keyword and grammar errors alike: llguidance builds and checks the grammar without torch."""
     code = ("import sys\nfrom idefics_cli.structured import parse_schema\nfrom idefics_cli.errors import UsageError\n"
