@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import UsageError
+from .errors import IdeficsError, UsageError
 
 TRUNCATED = "schema_truncated"
 MISMATCH = "schema_mismatch"
@@ -144,6 +144,8 @@ def check_schema(schema: Any) -> None:
     jsonschema = _need("jsonschema")
     if not isinstance(schema, dict):
         raise UsageError(f"a JSON Schema must be an object, not {type(schema).__name__}")
+    if not isinstance(schema.get("$schema", ""), str):  # jsonschema's validator_for fails on one
+        raise UsageError(f"invalid JSON Schema: '$schema' at /$schema: {schema['$schema']!r} is not a string")
     try:  # Python's json reads NaN, Infinity and 1e400 (inf); a dict may hold anything
         json.dumps(schema, allow_nan=False)
     except (TypeError, ValueError, RecursionError) as exc:
@@ -389,8 +391,6 @@ def read_answer(text: str, schema: Schema, finish_reason: str | None) -> tuple[A
 
 def answer_error(code: str, max_new_tokens: int | None = None):
     """The IdeficsError of a `read_answer` code (exit 5, like generation_error)."""
-    from .errors import IdeficsError
-
     if code == TRUNCATED:
         cut = f" --max-new-tokens {max_new_tokens}" if max_new_tokens else " --max-new-tokens"
         return IdeficsError(code, f"the answer was cut at{cut} before its JSON ended", "raise --max-new-tokens")

@@ -146,6 +146,7 @@ def test_prompt_text():
     ('{"properties": {"a": {}}, "minProperties": 2}', "min/maxProperties only supported when all keys"),
     ('{"allOf": [{"type": "integer"}, {"type": "string"}]}', "Unsatisfiable schema: incompatible types"),
     ('{"type": ', "not valid JSON"),
+    ('{"$schema": 5}', "'$schema' at /$schema"),
     ("total integer", "'integer'"),
     ("missing.schema.json", "no such schema file"),
     ("", "empty"),
