@@ -69,7 +69,7 @@ def parse_schema(value: str, grammar_check: bool = True) -> Schema:
         raise UsageError("--schema is empty")
     if text.startswith("{"):
         schema, source = _loads(text, "--schema"), "json"
-    elif os.path.isfile(value):
+    elif os.path.exists(value) and not os.path.isdir(value):  # a file, or a pipe: --schema <(jq ...)
         try:
             with open(value, encoding="utf-8") as f:
                 schema = _loads(f.read(), value)
@@ -77,7 +77,8 @@ def parse_schema(value: str, grammar_check: bool = True) -> Schema:
             raise UsageError(f"cannot read the schema file {value}: {exc}") from exc
         source = "file"
     elif (text.endswith(".json") or "/" in text or os.sep in text) and "," not in text and "\n" not in text:
-        raise UsageError(f"no such schema file: {value}")
+        raise UsageError(f"the schema file {value} is a folder" if os.path.isdir(value) else
+                         f"no such schema file: {value}")
     else:
         schema, source = concise_schema(text), "concise"
     check_schema(schema)

@@ -120,6 +120,20 @@ def test_file_inline_and_hash(tmp_path):
     assert parse("total int").sha256 != from_file.sha256
 
 
+def test_a_schema_file_may_be_a_pipe_and_a_folder_is_named_as_one(tmp_path):
+    """`--schema <(jq ...)`: the shell passes /dev/fd/N, a pipe that exists but is no regular file."""
+    read, write = os.pipe()
+    os.write(write, b'{"enum": ["paid", "unpaid"]}')
+    os.close(write)
+    try:
+        schema = st.parse_schema(f"/dev/fd/{read}")
+    finally:
+        os.close(read)
+    assert schema.schema == {"enum": ["paid", "unpaid"]} and schema.source == "file"
+    with pytest.raises(UsageError, match="is a folder"):
+        st.parse_schema(f"{tmp_path}/")
+
+
 def test_prompt_text():
     s = parse("total float")
     assert st.with_schema("What is due?", s) == ("What is due?\n\nAnswer with JSON only, valid against this JSON "
