@@ -71,7 +71,7 @@ def parse_schema(value: str, grammar_check: bool = True) -> Schema:
         schema, source = _loads(text, "--schema"), "json"
     elif os.path.exists(value) and not os.path.isdir(value):  # a file, or a pipe: --schema <(jq ...)
         try:
-            with open(value, encoding="utf-8") as f:
+            with open(value, encoding="utf-8-sig") as f:  # a BOM (Notepad) is skipped
                 schema = _loads(f.read(), value)
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"cannot read the schema file {value}: {exc}") from exc

@@ -134,6 +134,13 @@ def test_a_schema_file_may_be_a_pipe_and_a_folder_is_named_as_one(tmp_path):
         st.parse_schema(f"{tmp_path}/")
 
 
+def test_a_schema_file_saved_with_a_byte_order_mark_is_read(tmp_path):
+    """UTF-8 with a BOM (what Windows Notepad saves) is UTF-8: read as without it."""
+    path = tmp_path / "bom.schema.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"type": "string"}).encode())
+    assert st.parse_schema(str(path)).schema == {"type": "string"}
+
+
 def test_prompt_text():
     s = parse("total float")
     assert st.with_schema("What is due?", s) == ("What is due?\n\nAnswer with JSON only, valid against this JSON "
