@@ -81,7 +81,7 @@ def parse_schema(value: str, grammar_check: bool = True) -> Schema:
                          f"no such schema file: {value}")
     else:
         schema, source = concise_schema(text), "concise"
-    check_schema(schema)
+    schema = check_schema(schema)
     if grammar_check:
         grammar(schema)
     return Schema(schema, schema_hash(schema), source)
@@ -92,7 +92,7 @@ def as_schema(value, grammar_check: bool = True) -> Schema | None:
     if value is None or isinstance(value, Schema):
         return value
     if isinstance(value, dict):
-        check_schema(value)
+        value = check_schema(value)
         if grammar_check:
             grammar(value)
         return Schema(value, schema_hash(value), "json")
@@ -139,16 +139,15 @@ def concise_schema(text: str) -> dict:
     return {"type": "object", "properties": properties, "required": list(properties)}
 
 
-def check_schema(schema: Any) -> None:
-    """Strict JSON (no NaN or Infinity), the meta-schema, then every keyword one the grammar enforces (or an
-    annotation)."""
+def check_schema(schema: Any) -> dict:
+    """Its JSON copy (strict: no NaN), checked by the meta-schema, every keyword one the grammar enforces."""
     jsonschema = _need("jsonschema")
     if not isinstance(schema, dict):
         raise UsageError(f"a JSON Schema must be an object, not {type(schema).__name__}")
     if not isinstance(schema.get("$schema", ""), str):  # jsonschema's validator_for fails on one
         raise UsageError(f"invalid JSON Schema: '$schema' at /$schema: {schema['$schema']!r} is not a string")
-    try:  # Python's json reads NaN, Infinity and 1e400 (inf); a dict may hold anything
-        json.dumps(schema, allow_nan=False)
+    try:  # Python's json reads NaN, Infinity and 1e400 (inf); a dict may hold anything, keys of any type
+        schema = json.loads(json.dumps(schema, allow_nan=False))
     except (TypeError, ValueError, RecursionError) as exc:
         raise UsageError(f"the schema is not valid JSON: {exc}") from None
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
@@ -161,6 +160,7 @@ def check_schema(schema: Any) -> None:
         raise UsageError(f"invalid JSON Schema: {keyword!r} at /{where}: {exc.message[:200]}") from None
     except RecursionError:
         raise UsageError("--schema is nested too deeply") from None
+    return schema
 
 
 def _check_keywords(node: Any, where: str) -> None:

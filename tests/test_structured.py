@@ -208,6 +208,20 @@ def test_a_schema_nested_too_deeply_is_a_usage_error(depth):
         assert "deep" in info.value.one_line() or "recursion" in info.value.one_line(), info.value.one_line()
 
 
+@pytest.mark.parametrize("value, named", [
+    ({"type": "string", 1: 2}, "keyword '1'"),
+    ({"type": "object", "properties": {"a": {"type": "string"}, 1: {"type": "string"}}}, None),
+    ({"type": "string", None: 1}, "keyword 'null'"),
+])
+def test_a_dict_schema_is_taken_as_its_json(value, named):
+    """A Python dict may have keys that are not strings: the schema is what its JSON says (keys as text)."""
+    if named is None:
+        assert st.as_schema(value).schema == json.loads(json.dumps(value))
+        return
+    with pytest.raises(UsageError, match=named):
+        st.as_schema(value)
+
+
 def test_schema_errors_do_not_import_torch(tmp_path):
     """Keyword and grammar errors alike: llguidance builds and checks the grammar without torch."""
     code = ("import sys\nfrom idefics_cli.structured import parse_schema\nfrom idefics_cli.errors import UsageError\n"
