@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import UsageError
+from .errors import IdeficsError, UsageError
 
 TRUNCATED = "schema_truncated"
 MISMATCH = "schema_mismatch"
@@ -69,18 +69,19 @@ def parse_schema(value: str, grammar_check: bool = True) -> Schema:
         raise UsageError("--schema is empty")
     if text.startswith("{"):
         schema, source = _loads(text, "--schema"), "json"
-    elif os.path.isfile(value):
+    elif os.path.exists(value) and not os.path.isdir(value):  # a file, or a pipe: --schema <(jq ...)
         try:
-            with open(value, encoding="utf-8") as f:
+            with open(value, encoding="utf-8-sig") as f:  # a BOM (Notepad) is skipped
                 schema = _loads(f.read(), value)
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"cannot read the schema file {value}: {exc}") from exc
         source = "file"
     elif (text.endswith(".json") or "/" in text or os.sep in text) and "," not in text and "\n" not in text:
-        raise UsageError(f"no such schema file: {value}")
+        raise UsageError(f"the schema file {value} is a folder" if os.path.isdir(value) else
+                         f"no such schema file: {value}")
     else:
         schema, source = concise_schema(text), "concise"
-    check_schema(schema)
+    schema = check_schema(schema)
     if grammar_check:
         grammar(schema)
     return Schema(schema, schema_hash(schema), source)
@@ -91,7 +92,7 @@ def as_schema(value, grammar_check: bool = True) -> Schema | None:
     if value is None or isinstance(value, Schema):
         return value
     if isinstance(value, dict):
-        check_schema(value)
+        value = check_schema(value)
         if grammar_check:
             grammar(value)
         return Schema(value, schema_hash(value), "json")
@@ -111,6 +112,8 @@ def _loads(text: str, where: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise UsageError(f"{where} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    except RecursionError:
+        raise UsageError(f"{where} is nested too deeply") from None
 
 
 def concise_schema(text: str) -> dict:
@@ -136,19 +139,28 @@ def concise_schema(text: str) -> dict:
     return {"type": "object", "properties": properties, "required": list(properties)}
 
 
-def check_schema(schema: Any) -> None:
-    """Meta-schema check, then every keyword must be one the grammar enforces (or an annotation)."""
+def check_schema(schema: Any) -> dict:
+    """Its JSON copy (strict: no NaN), checked by the meta-schema, every keyword one the grammar enforces."""
     jsonschema = _need("jsonschema")
     if not isinstance(schema, dict):
         raise UsageError(f"a JSON Schema must be an object, not {type(schema).__name__}")
+    if not isinstance(schema.get("$schema", ""), str):  # jsonschema's validator_for fails on one
+        raise UsageError(f"invalid JSON Schema: '$schema' at /$schema: {schema['$schema']!r} is not a string")
+    try:  # Python's json reads NaN, Infinity and 1e400 (inf); a dict may hold anything, keys of any type
+        schema = json.loads(json.dumps(schema, allow_nan=False))
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise UsageError(f"the schema is not valid JSON: {exc}") from None
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     try:
         cls.check_schema(schema)
+        _check_keywords(schema, "")
     except jsonschema.SchemaError as exc:
         where = "/".join(str(p) for p in exc.path)
         keyword = exc.path[-1] if exc.path else exc.validator
         raise UsageError(f"invalid JSON Schema: {keyword!r} at /{where}: {exc.message[:200]}") from None
-    _check_keywords(schema, "")
+    except RecursionError:
+        raise UsageError("--schema is nested too deeply") from None
+    return schema
 
 
 def _check_keywords(node: Any, where: str) -> None:
@@ -217,7 +229,10 @@ def closed(node: Any) -> Any:
 def grammar(schema: dict) -> str:
     """The llguidance grammar of `schema` (no tokenizer needed); UsageError if it cannot be built."""
     ll = _need("llguidance")
-    text = ll.LLMatcher.grammar_from_json_schema(json.dumps(closed(schema)), overrides=JSON_OPTIONS)
+    try:  # llguidance's own recursion limit is a ValueError
+        text = ll.LLMatcher.grammar_from_json_schema(json.dumps(closed(schema)), overrides=JSON_OPTIONS)
+    except (ValueError, RecursionError) as exc:
+        raise UsageError(f"--schema cannot be turned into a grammar: {str(exc)[:200]}") from None
     failed, messages = ll.LLMatcher.validate_grammar_with_warnings(text)
     if failed:
         message = " ".join(line.strip() for line in messages[0].splitlines() if line.strip())
@@ -377,8 +392,6 @@ def read_answer(text: str, schema: Schema, finish_reason: str | None) -> tuple[A
 
 def answer_error(code: str, max_new_tokens: int | None = None):
     """The IdeficsError of a `read_answer` code (exit 5, like generation_error)."""
-    from .errors import IdeficsError
-
     if code == TRUNCATED:
         cut = f" --max-new-tokens {max_new_tokens}" if max_new_tokens else " --max-new-tokens"
         return IdeficsError(code, f"the answer was cut at{cut} before its JSON ended", "raise --max-new-tokens")

@@ -167,3 +167,17 @@ def test_min_confidence_warns_low_pages_keeps_them_ok_and_counts_them(engine, tm
     assert "2 pages transcribed (2 low confidence)" in res.stderr
     res = cli("transcribe", doc, "--min-confidence", "1.5", "--model", tiny_model)
     assert res.exit_code == 2 and "--min-confidence" in res.stderr
+
+
+def test_data_that_is_null_has_null_field_confidence_in_answers_and_records(engine, tmp_path):
+    """formats.md: `field_confidence` is null when `data` is, in `ask`'s answer and a page's record alike; the
+    page's lowest field is then its lowest token (--min-confidence)."""
+    page = tmp_path / "page.png"
+    make_image(seed=3).save(page)
+    schema = {"type": "null"}
+    answer = Model(engine).ask(str(page), "Anything?", schema=schema).to_dict()
+    records = list(Model(engine).transcribe([str(page)], schema=schema, min_confidence=1))
+    assert answer["answer"] == "null" and answer["data"] is None and "error" not in answer
+    assert [(r.status, r.data, r.field_confidence) for r in records] == [("ok", None, None)]
+    assert answer["field_confidence"] is None
+    assert records[0].warnings == ["low_confidence"] and records[0].confidence["min_prob"] < 1

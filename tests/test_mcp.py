@@ -28,7 +28,9 @@ def folders(tmp_path_factory):
     shared, outside = tmp_path_factory.mktemp("mcp-root"), tmp_path_factory.mktemp("mcp-outside")
     shutil.copy(os.path.join(SAMPLES, "invoice.pdf"), outside / "secret.pdf")
     os.symlink(outside / "secret.pdf", shared / "link.pdf")  # inside the root, pointing out of it
-    return {"root": str(shared), "outside": str(outside / "secret.pdf"), "stderr": str(outside / "stderr.txt")}
+    (outside / "secret.json").write_text('{"type": "leaked-secret"}')
+    return {"root": str(shared), "outside": str(outside / "secret.pdf"), "stderr": str(outside / "stderr.txt"),
+            "secret_json": str(outside / "secret.json")}
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +55,7 @@ def session(tiny_model, folders):
         "symlink": ("ask_document", {"path": os.path.join(folders["root"], "link.pdf"), "question": QUESTION}),
         "missing": ("list_pages", {"path": os.path.join(SAMPLES, "nothing.pdf")}),
         "bad_pages": ("ask_document", {"path": invoice, "question": QUESTION, "pages": "9"}),
+        "schema_file": ("ask_document", {"path": invoice, "question": QUESTION, "schema": folders["secret_json"]}),
     }
 
     async def run():
@@ -129,6 +132,12 @@ def test_paths_outside_the_roots_are_refused(session, folders):
         message = refusal(session[name])
         assert message.startswith("error [permission_denied]") and "only files under the --root folders" in message
         assert "symlinks resolved" in message, message
+
+
+def test_a_schema_naming_a_file_is_refused_unread(session, folders):
+    """Only documents under the roots are read: a schema string naming a file (here outside them) is not opened."""
+    message = refusal(session["schema_file"])
+    assert message.startswith("error [usage]") and "leaked-secret" not in message, message
 
 
 def test_document_errors_are_tool_errors_with_their_codes(session):

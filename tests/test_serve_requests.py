@@ -150,6 +150,8 @@ def test_response_format_kinds():
      "true or false"),
     ({"type": "json_schema", "json_schema": {"schema": {"type": "array", "uniqueItems": True}}},
      "response_format.json_schema.schema", "keyword 'uniqueItems' at /uniqueItems"),
+    ({"type": "json_schema", "json_schema": {"schema": {"$schema": 5}}}, "response_format.json_schema.schema",
+     "'$schema'"),
     ({"type": "json_schema", "json_schema": {"schema": {"type": "objekt"}}}, "response_format.json_schema.schema",
      "invalid JSON Schema"),
 ])

@@ -120,6 +120,27 @@ def test_file_inline_and_hash(tmp_path):
     assert parse("total int").sha256 != from_file.sha256
 
 
+def test_a_schema_file_may_be_a_pipe_and_a_folder_is_named_as_one(tmp_path):
+    """`--schema <(jq ...)`: the shell passes /dev/fd/N, a pipe that exists but is no regular file."""
+    read, write = os.pipe()
+    os.write(write, b'{"enum": ["paid", "unpaid"]}')
+    os.close(write)
+    try:
+        schema = st.parse_schema(f"/dev/fd/{read}")
+    finally:
+        os.close(read)
+    assert schema.schema == {"enum": ["paid", "unpaid"]} and schema.source == "file"
+    with pytest.raises(UsageError, match="is a folder"):
+        st.parse_schema(f"{tmp_path}/")
+
+
+def test_a_schema_file_saved_with_a_byte_order_mark_is_read(tmp_path):
+    """UTF-8 with a BOM (what Windows Notepad saves) is UTF-8: read as without it."""
+    path = tmp_path / "bom.schema.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"type": "string"}).encode())
+    assert st.parse_schema(str(path)).schema == {"type": "string"}
+
+
 def test_prompt_text():
     s = parse("total float")
     assert st.with_schema("What is due?", s) == ("What is due?\n\nAnswer with JSON only, valid against this JSON "
@@ -146,6 +167,7 @@ def test_prompt_text():
     ('{"properties": {"a": {}}, "minProperties": 2}', "min/maxProperties only supported when all keys"),
     ('{"allOf": [{"type": "integer"}, {"type": "string"}]}', "Unsatisfiable schema: incompatible types"),
     ('{"type": ', "not valid JSON"),
+    ('{"$schema": 5}', "'$schema' at /$schema"),
     ("total integer", "'integer'"),
     ("missing.schema.json", "no such schema file"),
     ("", "empty"),
@@ -156,6 +178,48 @@ def test_bad_schemas_are_usage_errors(value, named):
         st.parse_schema(value)
     assert named in info.value.one_line()
     assert info.value.exit_status == ExitStatus.USAGE
+
+
+@pytest.mark.parametrize("value", ['{"type": "number", "minimum": NaN}', '{"type": "number", "maximum": Infinity}',
+                                   '{"type": "number", "maximum": 1e400}', '{"enum": [-Infinity]}',
+                                   {"type": "number", "minimum": float("nan")},
+                                   {"type": "string", "default": {1, 2}}])
+def test_a_schema_that_is_not_json_is_a_usage_error(value):
+    """Python's json reads NaN and Infinity (and 1e400 as inf); a dict may hold anything: no JSON Schema."""
+    with pytest.raises(UsageError) as info:
+        st.as_schema(value)
+    assert "not valid JSON" in info.value.one_line()
+
+
+def nested(depth: int) -> dict:
+    schema = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+@pytest.mark.parametrize("depth", [80, 100, 400, 3000])
+def test_a_schema_nested_too_deeply_is_a_usage_error(depth):
+    """Whichever of json, jsonschema or llguidance gives up first, the user gets a usage line, not a bug report."""
+    text = '{"type": "object", "properties": {"a": ' * depth + '{"type": "string"}' + "}}" * depth
+    for value in (text, nested(depth)):
+        with pytest.raises(UsageError) as info:
+            st.as_schema(value)
+        assert "deep" in info.value.one_line() or "recursion" in info.value.one_line(), info.value.one_line()
+
+
+@pytest.mark.parametrize("value, named", [
+    ({"type": "string", 1: 2}, "keyword '1'"),
+    ({"type": "object", "properties": {"a": {"type": "string"}, 1: {"type": "string"}}}, None),
+    ({"type": "string", None: 1}, "keyword 'null'"),
+])
+def test_a_dict_schema_is_taken_as_its_json(value, named):
+    """A Python dict may have keys that are not strings: the schema is what its JSON says (keys as text)."""
+    if named is None:
+        assert st.as_schema(value).schema == json.loads(json.dumps(value))
+        return
+    with pytest.raises(UsageError, match=named):
+        st.as_schema(value)
 
 
 def test_schema_errors_do_not_import_torch(tmp_path):

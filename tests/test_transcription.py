@@ -275,3 +275,16 @@ def test_records_follow_the_read_order_whatever_the_batches(engine, tmp_path, mo
     assert yielded == [("d/a.png", "ok"), ("d/b.png", "ok"), ("d/c.png", "ok"), ("d/d.pdf", "error"),
                        ("d/e.png", "ok"), ("d/f.png", "ok")]
     assert [(r["path"], r["status"]) for r in read_records("out.jsonl")] == yielded
+
+
+def test_a_prompt_over_the_context_is_refused_before_any_page(engine, tiny_model, scans, cli, monkeypatch):
+    """As `ask` does (and a server does for each page): the prompt and its schema must fit the model's context, with
+    one page and --max-new-tokens; over it, one usage line (exit 2) once the model is loaded, and no record."""
+    with monkeypatch.context() as patch, pytest.raises(UsageError, match="more than the model's context of 200"):
+        patch.setattr(engine, "context_size", 200)
+        list(Model(engine).transcribe(["scans/page-1.png"], out="over.jsonl", schema="vendor, total float"))
+    assert not os.path.exists("over.jsonl") or open("over.jsonl").read() == ""
+    result = cli("transcribe", "scans/page-1.png", *same_options(tiny_model), "--prompt", "Read it. " * 12000)
+    assert result.exit_code == 2 and result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error [usage]: ") and "--prompt" in lines[0], lines

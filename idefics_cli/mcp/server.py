@@ -16,7 +16,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
 from ..ahead import in_thread
-from ..errors import IdeficsError, classify
+from ..errors import IdeficsError, UsageError, classify
 
 INSTRUCTIONS = ("Read local PDFs and images (scans, invoices, reports, photos of pages) with a vision-language "
                 "model running on this machine. Paths must be under the folders the user shared.")
@@ -33,6 +33,19 @@ def resolve(roots: list[str], path: str) -> str:
     if os.path.isdir(real):
         raise ToolError(f"error [usage]: {path} is a folder: give a document (list its files with your own tools)")
     return real
+
+
+def unread(schema):
+    """A schema argument: an object, inline JSON or fields, never a file read (only documents under the roots are);
+    text that names one is a usage error."""
+    text = schema.strip() if isinstance(schema, str) else "{"
+    if text.startswith("{") or not text:
+        return schema
+    if (text.endswith(".json") or "/" in text or os.sep in text) and "," not in text and "\n" not in text:
+        raise UsageError("schema names a file, which is not read here", "give the JSON Schema itself, or fields")
+    from ..structured import concise_schema
+
+    return concise_schema(text)
 
 
 def build_mcp(roots: list[str], loader, log=lambda line: None) -> MCPServer:
@@ -69,7 +82,7 @@ def build_mcp(roots: list[str], loader, log=lambda line: None) -> MCPServer:
         text) or fields such as "vendor, total float, paid bool": the answer is JSON valid against it, in `data`.
         """
         real = resolve(roots, path)
-        return answering(lambda m: m.ask(real, question, pages=pages, schema=schema).to_dict())
+        return answering(lambda m: m.ask(real, question, pages=pages, schema=unread(schema)).to_dict())
 
     @server.tool(structured_output=True)
     def transcribe_document(path: str, pages: str | None = None) -> dict[str, Any]:

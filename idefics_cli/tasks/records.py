@@ -73,7 +73,7 @@ def ok_record(task, gen, usage: dict, preprocess_s: float, settings: str, batch_
         data, code = structured.read_answer(gen.text, schema, gen.finish_reason)
         if code is not None:
             error = structured.answer_error(code).to_dict()
-        else:
+        elif data is not None:  # null data: null field_confidence, as an answer's (formats.md)
             fields_ = confidence.fields(gen.text, gen.logprobs, gen.ends)
     low = confidence.lowest(fields_)
     low = (summary or {}).get("min_prob") if low is None else low

@@ -122,6 +122,7 @@ class Transcription:
                 records = ray_engine.run_on_ray(job, request.ray_address)
             else:
                 engine, started = (self.engine, None) if self.engine is not None else self._load(job, stack)
+                fits(engine, request)
                 job.request = replace(job.request, batch_size=job.request.batch_size or engine.auto_batch_size())
                 records = pipeline.transcribe(engine, job, started)
             with progress(output) as job.progress:
@@ -144,6 +145,15 @@ class Transcription:
                 preparer = Preparer(load.processor, request.options, load.device)
                 started = stack.enter_context(closing(pipeline.prefetcher(preparer, job).start()))
             return load.finish(), started
+
+
+def fits(engine, request) -> None:
+    """One page, the prompt (its schema too) and --max-new-tokens fit the model's context, or a UsageError now, as
+    `ask` refuses (a server's engine leaves it to the server, which refuses each page)."""
+    try:
+        engine.check_context(1, request.model_prompt, request.options.max_new_tokens)
+    except UsageError as err:
+        raise UsageError(err.message, "shorten --prompt or --schema, or lower --max-new-tokens") from None
 
 
 @contextmanager
