@@ -74,6 +74,18 @@ def test_a_stop_string_across_tokens_cuts_the_answer_and_is_never_streamed(sharp
     assert len(ends) == len(row.logprobs) == len(row.token_ids) and ends == sorted(ends) and ends[-1] == len(row.text)
 
 
+def test_a_stop_string_longer_than_the_text_so_far_streams_nothing_past_the_stop():
+    """The holdback of a long stop string never slices from the end (a text shorter than it streams nothing)."""
+    pieces = {1: '="$', 2: " Craft", 3: " Craft"}
+    row = Row([0], max_tokens=12, stop=["Craft Craft"])
+    streamed = []
+    row.on_text = streamed.append
+    for token in (1, 2, 3):
+        row._accept(token, set(), lambda ids: "".join(pieces[i] for i in ids))
+    assert row.finish_reason == "stop" and row.text == '="$ '
+    assert "".join(streamed) == row.text
+
+
 def _forcing(ids: list[int]):
     """A logits processor that makes a row write `ids`, one a step."""
 

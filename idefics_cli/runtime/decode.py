@@ -94,7 +94,7 @@ class Row:
             if text.endswith("\ufffd"):
                 return
             hold = max((len(s) - 1 for s in self.stop), default=0)
-            stable = text[: len(text) - hold] if hold else text
+            stable = text[: max(0, len(text) - hold)]
         if len(stable) > len(self.text) and stable.startswith(self.text):
             piece, self.text = stable[len(self.text):], stable
             self.on_text(piece)
