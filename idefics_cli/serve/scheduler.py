@@ -17,7 +17,6 @@ from ..runtime.decode import Loop, Row
 from ..structured import row_grammar
 from .cache import image_digest, prefix_key
 from .pixels import Ahead
-from .requests import RequestError
 
 _UNKEYED = object()
 
@@ -254,16 +253,13 @@ def token_text(engine, token: int) -> str:
 
 def prompt_ids(engine, messages: list[dict], images: list | None = None) -> list[int]:
     """The template's ids, images expanded as `ask` does (`images` in order: their sizes decide a sized family's
-    tokens; None: one tile each). Text holding the image token itself (`<image>`) is a `usage` RequestError."""
+    tokens; None: one tile each). Text holding the image token itself (`<image>`) is a UsageError (engine.chat_text)."""
     processor = engine.processor
     with engine.text_lock:  # the tokenizer is shared with the decode loop's thread
-        text = processor.apply_chat_template(messages, add_generation_prompt=True)
-        n = text.count(processor.image_token)
-        if n != sum(part["type"] == "image" for message in messages for part in message["content"]):
-            raise RequestError("usage", f"a message's text holds {processor.image_token}, the model's image token",
-                               "messages", "send images as image_url or file parts, and write the text another way")
+        text = engine.chat_text(messages)
         if not engine.family.sized:
             return [int(t) for t in processor(text=[text]).input_ids[0]]
+        n = text.count(processor.image_token)
         kwargs = {"do_image_splitting": engine.options.split}
         grids = [(0, 0)] * n if images is None else [
             tuple(processor.image_processor.get_number_of_image_patches(im.height, im.width, kwargs)[1:])
