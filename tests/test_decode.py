@@ -74,6 +74,34 @@ def test_a_stop_string_across_tokens_cuts_the_answer_and_is_never_streamed(sharp
     assert len(ends) == len(row.logprobs) == len(row.token_ids) and ends == sorted(ends) and ends[-1] == len(row.text)
 
 
+def test_a_stop_string_longer_than_the_text_so_far_streams_nothing_past_the_stop():
+    """The holdback of a long stop string never slices from the end (a text shorter than it streams nothing)."""
+    pieces = {1: '="$', 2: " Craft", 3: " Craft"}
+    row = Row([0], max_tokens=12, stop=["Craft Craft"])
+    streamed = []
+    row.on_text = streamed.append
+    for token in (1, 2, 3):
+        row._accept(token, set(), lambda ids: "".join(pieces[i] for i in ids))
+    assert row.finish_reason == "stop" and row.text == '="$ '
+    assert "".join(streamed) == row.text
+
+
+def test_a_vanishing_temperature_samples_the_greedy_answer_and_keeps_the_loop_alive(sharp_engine, prompts):
+    """A temperature too small for float32 (serve accepts 0..2) is greedy's limit, with finite log-probabilities;
+    a row whose sampling fails fails alone (it used to raise out of `Loop.add`, ending serve's worker thread)."""
+    import math
+
+    greedy = _alone(sharp_engine, prompts[0], max_tokens=6, top_n=2)
+    for temperature in (1e-45, 5e-324):
+        row = _alone(sharp_engine, prompts[0], max_tokens=6, temperature=temperature, seed=1, top_n=2)
+        assert row.finish_reason == "length" and row.token_ids == greedy.token_ids
+        assert all(math.isfinite(v) for v in row.logprobs)
+    loop = Loop(sharp_engine)
+    broken, fine = _row(prompts[0], temperature=float("nan")), _row(prompts[1], max_tokens=3)
+    ended = loop.add([broken, fine])
+    assert broken in ended and broken.finish_reason == "error" and fine in loop.rows
+
+
 def _forcing(ids: list[int]):
     """A logits processor that makes a row write `ids`, one a step."""
 

@@ -63,3 +63,17 @@ def test_a_page_is_prefilled_whole(engine):
     lengths, gen = _prefill_lengths(engine, lambda: engine.generate(
         engine.prepare([([make_image()], "What is this?")])))
     assert engine.prefill_chunk == 1024 and 320 < lengths[0] < 1024 and gen.completion_tokens > 0
+
+
+def test_a_question_holding_the_image_token_is_a_usage_error(engine):
+    """`ask scan.png "What is <image> here?"` was a generation_error (exit 5: one more image placeholder than
+    images); the question is refused up front as usage (exit 2), for `chat` turns too."""
+    from idefics_cli.errors import UsageError
+    from idefics_cli.interface import user_turn
+
+    with pytest.raises(UsageError, match="<image>"):
+        engine.prepare([([make_image()], "What is <image> here?")])
+    with pytest.raises(UsageError, match="<image>"):
+        engine.chat_inputs([user_turn(1, "What?"), {"role": "assistant", "content": [{"type": "text", "text": "A"}]},
+                            user_turn(0, "and <image>?")], [make_image()], 4)
+    assert engine.prompt(1, "What is <img> here?").count("<image>") == 1

@@ -76,3 +76,30 @@ def test_a_page_seen_before_is_not_decoded_again_while_its_prefix_is_cached(shar
     state.pages.entries.clear()  # a page the memo forgot is decoded, and still finds its prefix in the scheduler
     _, fresh = _prepare(state, body, None)
     assert len(fresh.images) == 1 and fresh.prefix is None and state.scheduler._key(fresh) == key
+
+
+@pytest.mark.parametrize("text", ["What is <image> here?", "<image>"])
+def test_a_text_holding_the_image_token_is_a_usage_error_not_a_generation_error(sharp_engine, text):
+    """The literal `<image>` in a message's text would be one more image placeholder than images (a 500 in the
+    decode loop): it is refused before anything is queued, 400 `usage` naming `messages`."""
+    import base64
+    import io
+
+    from conftest import make_image
+
+    from idefics_cli.serve.app import _from_error, _prepare
+    from idefics_cli.serve.cache import PrefixCache
+    from idefics_cli.serve.requests import RequestError
+    from idefics_cli.serve.scheduler import Scheduler
+
+    png = io.BytesIO()
+    make_image(64, 48).save(png, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": text}]}]}
+    state = ServerState(engine=sharp_engine, scheduler=Scheduler(sharp_engine, PrefixCache(0)), status="ok")
+    with pytest.raises(RequestError) as caught:
+        _prepare(state, body, None)
+    response = _from_error(caught.value)
+    assert response.status_code == 400 and caught.value.code == "usage" and caught.value.param == "messages"
+    assert "<image>" in caught.value.message

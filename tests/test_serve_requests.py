@@ -160,3 +160,14 @@ def test_bad_response_formats_are_usage_errors_naming_their_param(fmt, param, sa
         parse({"messages": [{"role": "user", "content": "Fields?"}], "response_format": fmt})
     assert (info.value.code, info.value.param) == ("usage", param) and says in info.value.message
     assert "--schema" not in info.value.message
+
+
+def test_the_data_scheme_is_case_insensitive(tmp_path):
+    """`DATA:` is the same scheme as `data:` (RFC 3986): an image_url or file_data spelled so is read, not refused
+    as a URL the server would have to fetch, nor as bad base64."""
+    pdf = "DATA:application/pdf;base64," + base64.b64encode(open(make_pdf(tmp_path / "r.pdf", 2), "rb").read()).decode()
+    req = parse({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "DATA" + png_url()[4:]}},
+        {"type": "file", "file": {"file_data": pdf, "pages": "2"}}, {"type": "text", "text": "What?"}]}]})
+    assert [page for _, page in req.pages] == [1, 2]
+    req.close()

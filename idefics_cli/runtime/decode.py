@@ -15,6 +15,8 @@ from itertools import islice
 from ..errors import IdeficsError, classify
 from .kvcache import KV, KVBatch, prefill
 
+_TINY = 1.1754943508222875e-38  # the smallest normal float32: the least temperature logits are divided by
+
 
 class Row:
     """One answer being generated; per token: `logprobs` (masked, at its temperature, before top-p), `ends`, `top`."""
@@ -94,7 +96,7 @@ class Row:
             if text.endswith("\ufffd"):
                 return
             hold = max((len(s) - 1 for s in self.stop), default=0)
-            stable = text[: len(text) - hold] if hold else text
+            stable = text[: max(0, len(text) - hold)]
         if len(stable) > len(self.text) and stable.startswith(self.text):
             piece, self.text = stable[len(self.text):], stable
             self.on_text(piece)
@@ -236,7 +238,7 @@ class Loop:
                 from ..structured import mask_rows
 
                 mask_rows(logits, [row.grammar for row in rows])
-            chosen = [failed[k] if k in failed else _pick(logits[k], row) for k, row in enumerate(rows)]
+            chosen = [failed[k] if k in failed else _pick_or_error(logits[k], row) for k, row in enumerate(rows)]
             if self._confidence:
                 _score(logits, rows, chosen)
             return chosen
@@ -251,8 +253,10 @@ def _score(logits, rows: list[Row], chosen: list) -> None:
         return
     x = logits if len(ok) == len(rows) else logits[ok]
     scale = [rows[k].temperature or 1.0 for k in ok]
-    if any(t != 1.0 for t in scale):
-        x = x / torch.tensor(scale, device=x.device)[:, None]
+    if any(t != 1.0 for t in scale):  # shifted to a max of 0 first: a tiny temperature cannot overflow to inf
+        scale = torch.tensor(scale, device=x.device)[:, None]
+        shift = torch.where(scale != 1.0, x.max(-1, keepdim=True).values, 0.0)
+        x = (x - shift) / scale.clamp(min=_TINY)
     lse = torch.logsumexp(x, -1)
     picked = x.gather(1, torch.tensor([chosen[k] for k in ok], device=x.device)[:, None])[:, 0] - lse
     for j, (k, value) in enumerate(zip(ok, picked.tolist())):
@@ -263,8 +267,17 @@ def _score(logits, rows: list[Row], chosen: list) -> None:
             row.top.append(list(zip(ids.tolist(), (values - lse[j]).tolist())))
 
 
+def _pick_or_error(logits, row: Row):
+    """`_pick`, or the exception it raised: one row's sampling failing fails that row, not the loop."""
+    try:
+        return _pick(logits, row)
+    except Exception as exc:  # noqa: BLE001
+        return exc
+
+
 def _pick(logits, row: Row) -> int:
-    """Greedy (argmax) or, with a temperature, top-p sampling from the row's seeded generator."""
+    """Greedy (argmax) or, with a temperature, top-p sampling from the row's seeded generator (a temperature too
+    small for float32 is greedy's limit: the logits are shifted to a max of 0 before they are divided)."""
     import torch
 
     if not row.temperature:
@@ -272,7 +285,8 @@ def _pick(logits, row: Row) -> int:
     if row._generator is None:
         row._generator = torch.Generator(device="cpu")
         row._generator.manual_seed(row.seed if row.seed is not None else int(torch.seed()))
-    probs = torch.softmax(logits.cpu() / row.temperature, dim=-1)
+    logits = logits.cpu()
+    probs = torch.softmax((logits - logits.max()) / max(row.temperature, _TINY), dim=-1)
     if row.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         sorted_probs[sorted_probs.cumsum(0) - sorted_probs > row.top_p] = 0

@@ -32,7 +32,17 @@ class Preparer:
         self.family = for_processor(processor)
 
     def prompt(self, n_images: int, question: str) -> str:
-        return self.processor.apply_chat_template([user_turn(n_images, question)], add_generation_prompt=True)
+        return self.chat_text([user_turn(n_images, question)])
+
+    def chat_text(self, messages: list[dict]) -> str:
+        """The chat template's text of `messages` (transformers' format); text holding the image token itself
+        (`<image>`, which would stand for an image not given) is a UsageError."""
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        images = sum(isinstance(part, dict) and part.get("type") == "image" for m in messages for part in m["content"])
+        if text.count(self.processor.image_token) != images:
+            raise UsageError(f"the text holds {self.processor.image_token}, the model's image token",
+                             "write it another way")
+        return text
 
     def build_inputs(self, batch: list[tuple[list, str]], split: bool | None = None):
         """The model card's processor call (padded pixels, on the device): the reference path of tests and benches.
@@ -156,7 +166,7 @@ class LocalEngine(Preparer):
         """A whole conversation's token ids (refused over the context) and its images for vision.py."""
         from .vision import VisionInputs
 
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        text = self.chat_text(messages)
         vision = VisionInputs([list(images)], self.options.split, self.family.image_kwargs)
         if self.family.sized:  # the prompt's image tokens follow the pixels' grids
             vision.collect(self.processor.image_processor)

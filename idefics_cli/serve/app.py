@@ -254,8 +254,8 @@ def _prepare(state: ServerState, body, loop):
         max_tokens = req.max_tokens or engine.options.max_new_tokens
         memo = state.pages if state.scheduler.cache.max_bytes else None  # no prefix cache: no digests to keep
         images, digests = req.render(memo)  # first: a family's image tokens may follow each page's size
-        ids = prompt_ids(engine, req.messages, images)
         try:
+            ids = prompt_ids(engine, req.messages, images)
             engine.fit_context(len(ids), max_tokens, "the prompt", "send fewer pages or turns")
         except UsageError as err:  # the OpenAI error names the parameter
             raise RequestError(err.code, err.message, "messages", err.hint) from None

@@ -18,7 +18,7 @@ from ..interface import MAX_NEW_TOKENS
 
 _SPACE = re.compile(r"\s+")
 _SURROGATE = re.compile("[\ud800-\udfff]")  # a lone surrogate ("\ud800" in JSON): not UTF-8, not text to tokenize
-_DATA_URL = re.compile(r"data:(?P<type>[^,;]*)(?P<params>(?:;[^,;]*)*),(?P<data>.*)", re.DOTALL)
+_DATA_URL = re.compile(r"data:(?P<type>[^,;]*)(?P<params>(?:;[^,;]*)*),(?P<data>.*)", re.DOTALL | re.IGNORECASE)
 
 
 class RequestError(IdeficsError):
@@ -189,7 +189,7 @@ def _attach(part: dict, kind: str, here: str, req: ChatRequest) -> int:
         inner = part.get("image_url")
         url = inner.get("url") if isinstance(inner, dict) else inner
         need(isinstance(url, str), f"{here}.image_url.url must be a string", f"{here}.image_url")
-        need(url.startswith("data:"), f"{here}: only data: URLs are accepted (the server never fetches a URL)",
+        need(url[:5].lower() == "data:", f"{here}: only data: URLs are accepted (the server never fetches a URL)",
              f"{here}.image_url", "send the image inline as data:image/png;base64,...")
         data = _data_url(url, here)
     else:
@@ -200,7 +200,7 @@ def _attach(part: dict, kind: str, here: str, req: ChatRequest) -> int:
         raw = inner.get("file_data")
         need(isinstance(raw, str) and raw, f"{here}.file.file_data must be a data: URL or base64 text",
              f"{here}.file.file_data")
-        data = _data_url(raw, here) if raw.startswith("data:") else _base64(raw, here)
+        data = _data_url(raw, here) if raw[:5].lower() == "data:" else _base64(raw, here)
         spec_text, password = inner.get("pages"), inner.get("password")
         need(spec_text is None or isinstance(spec_text, (str, int)),
              f"{here}.file.pages must be a page spec such as \"1-3,7\"", f"{here}.file.pages")

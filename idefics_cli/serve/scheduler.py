@@ -253,10 +253,10 @@ def token_text(engine, token: int) -> str:
 
 def prompt_ids(engine, messages: list[dict], images: list | None = None) -> list[int]:
     """The template's ids, images expanded as `ask` does (`images` in order: their sizes decide a sized family's
-    tokens; None: one tile each)."""
+    tokens; None: one tile each). Text holding the image token itself (`<image>`) is a UsageError (engine.chat_text)."""
     processor = engine.processor
     with engine.text_lock:  # the tokenizer is shared with the decode loop's thread
-        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        text = engine.chat_text(messages)
         if not engine.family.sized:
             return [int(t) for t in processor(text=[text]).input_ids[0]]
         n = text.count(processor.image_token)
