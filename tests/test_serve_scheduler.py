@@ -15,8 +15,8 @@ from idefics_cli.serve.cache import PrefixCache
 from idefics_cli.serve.scheduler import Job, QueueFull, Scheduler, encode_images, prefix_length, prompt_ids
 
 
-def run_jobs(scheduler, specs, on_delta=None):
-    """Submit [(messages, images, max_tokens)] at once; returns the finished jobs."""
+def run_jobs(scheduler, specs, on_delta=None, timeout: float = 300):
+    """Submit [(messages, images, max_tokens)] at once; returns the finished jobs (TimeoutError past `timeout`)."""
     engine = scheduler.engine
 
     async def main():
@@ -36,7 +36,7 @@ def run_jobs(scheduler, specs, on_delta=None):
                 if kind == "done":
                     return job
 
-        return await asyncio.gather(*(drain(job) for job in jobs))
+        return await asyncio.wait_for(asyncio.gather(*(drain(job) for job in jobs)), timeout)
 
     return asyncio.run(main())
 
@@ -171,3 +171,23 @@ def test_a_full_queue_is_a_503_with_retry_after(sharp_engine):
                                                           json={"messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
     assert r.json()["error"]["code"] == "overloaded"
+
+
+def test_an_unexpected_error_fails_the_jobs_it_held_and_the_worker_goes_on(make_scheduler):
+    """Not a dead worker thread with every later request hanging while /health says ok."""
+    scheduler = make_scheduler()
+    put, calls = scheduler.cache.put, []
+
+    def broken_put(key, kv):
+        calls.append(key)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the worker")
+        return put(key, kv)
+
+    scheduler.cache.put = broken_put
+    spec = ([user_turn(1, "What is the total?")], PAGES[:1], 3)
+    with pytest.raises(Exception, match="a bug in the worker"):
+        run_jobs(scheduler, [spec], timeout=60)
+    (job,) = run_jobs(scheduler, [spec], timeout=60)  # the next request is answered
+    assert job.finish_reason == "length" and len(calls) == 2
+    assert scheduler.thread.is_alive() and scheduler.counts["failed"] == 1

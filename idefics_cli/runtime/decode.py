@@ -156,7 +156,7 @@ class Loop:
             try:
                 self.batch.add([kv for _, kv in joining])
             except BaseException as exc:  # e.g. out of memory halfway: the batch is no longer whole
-                ended += self._fail_all([*self.rows, *(r for r, _ in joining)], exc)
+                ended += self.fail_all(exc, [*self.rows, *(r for r, _ in joining)])
                 continue
             self.rows.extend(row for row, _ in joining)
         return ended
@@ -171,7 +171,7 @@ class Loop:
             logits = self.batch.step([row.token_ids[-1] for row in rows])
             chosen = self._choose(logits, rows)
         except BaseException as exc:  # noqa: BLE001
-            return ended + self._fail_all(rows, exc)
+            return ended + self.fail_all(exc, rows)
         self.steps += 1
         for row, token in zip(rows, chosen):
             self._take(row, token)
@@ -183,8 +183,10 @@ class Loop:
             row.finish("cancelled")
         self.rows, self.batch = [], KVBatch(self.engine.model)
 
-    def _fail_all(self, rows: list[Row], exc: BaseException) -> list[Row]:
-        """A forward pass failed: its rows fail and the batch starts empty (Ctrl-C goes on up)."""
+    def fail_all(self, exc: BaseException, rows: list[Row] | None = None) -> list[Row]:
+        """A forward pass failed: its rows (default: every running row) fail and the batch starts empty (Ctrl-C goes
+        on up)."""
+        rows = list(self.rows) if rows is None else rows
         for row in rows:
             row.fail(exc)
         self.rows, self.batch = [], KVBatch(self.engine.model)

@@ -116,6 +116,7 @@ class Scheduler:
         self.stopping = self.cancelling = False  # cancelling: the worker cancels every job it holds
         self.thread: threading.Thread | None = None
         self.counts = {"answered": 0, "cancelled": 0, "failed": 0}  # for /health
+        self._admitted: list[Job] = []  # taken from the queue this turn, not yet rows
         self.pixels = Ahead(self, self.max_batch if ahead is None else ahead)
 
     # ---- the callers' side ---------------------------------------------------------------------
@@ -157,25 +158,38 @@ class Scheduler:
     # ---- the worker ----------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            self._sweep()
-            with self.cond:
-                while not (self.stopping or self.decode.rows or self.waiting):
-                    self.cond.wait()
-                if self.stopping and not self.decode.rows and not self.waiting:
-                    self.pixels.work.stop()
+            try:
+                if not self._turn():
                     return
-                for job in [*self.waiting, *self.decode.rows] if self.cancelling else ():
-                    job.cancelled.set()
-                free = min(len(self.waiting), self.max_batch - len(self.decode.rows))
-                admit = [self.waiting.popleft() for _ in range(free)]
-            ready = [job for job in admit if self._ready(job)]
-            self.decode.add(ready)
-            for job in ready:
-                if job.prefix_kv is not None:
-                    self.cache.put(job.cache_key, job.prefix_kv)
-                    job.prefix_kv = None
-            if self.decode.rows:
-                self.decode.step()
+            except Exception as exc:  # noqa: BLE001 - a bug: the jobs it holds fail with it, the worker goes on
+                for job in self._admitted:
+                    job.fail(exc)
+                self._admitted = []
+                self.decode.fail_all(exc)
+
+    def _turn(self) -> bool:
+        """Admit what fits, then one step; False once stopped."""
+        self._sweep()
+        with self.cond:
+            while not (self.stopping or self.decode.rows or self.waiting):
+                self.cond.wait()
+            if self.stopping and not self.decode.rows and not self.waiting:
+                self.pixels.work.stop()
+                return False
+            for job in [*self.waiting, *self.decode.rows] if self.cancelling else ():
+                job.cancelled.set()
+            free = min(len(self.waiting), self.max_batch - len(self.decode.rows))
+            admit = self._admitted = [self.waiting.popleft() for _ in range(free)]
+        ready = [job for job in admit if self._ready(job)]
+        self.decode.add(ready)
+        for job in ready:
+            if job.prefix_kv is not None:
+                self.cache.put(job.cache_key, job.prefix_kv)
+                job.prefix_kv = None
+        if self.decode.rows:
+            self.decode.step()
+        self._admitted = []
+        return True
 
     def _sweep(self) -> None:
         """Waiting jobs that were cancelled or whose pixels failed end now: their places are free at once."""
