@@ -371,6 +371,27 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(server, docs):
     assert logged and all(re.search(r" tokens=\d+ \d+\.\d+s$", line) for line in logged)
 
 
+def test_a_client_that_times_out_before_a_plain_answer_is_logged_as_499(server, docs):
+    """Not as a 200 that nobody read: the access log and the status counts say the client went away."""
+    before = server.health()
+    body = {"messages": [image_message(data_url(docs["image"]), QUESTION)], "max_tokens": 4000}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                   timeout=httpx.Timeout(30, read=1.5))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        health = server.health()
+        if health["running"] == 0 and health["cancelled"] == before["cancelled"] + 1:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the row was not freed: {server.health()}")
+    deadline = time.monotonic() + 10
+    while not any(line.startswith("POST /v1/chat/completions 499 ") for line in server.lines):
+        assert time.monotonic() < deadline, server.lines[-5:]
+        time.sleep(0.1)
+
+
 def test_sigterm_drains_in_flight_requests_and_exits_0(server, docs):
     """The module's last test: SIGTERM while a stream is in flight; it finishes whole, then the server exits 0."""
     client = server.client()

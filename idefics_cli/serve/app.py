@@ -202,6 +202,8 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
             return _from_error(payload)
         if job.shed:
             return _shed()
+        if job.finish_reason == "cancelled":  # the client went away: logged and counted as nginx's 499
+            return error_response(499, "cancelled", "the client closed the request")
         return JSONResponse({**meta, "object": "chat.completion", "choices": [
             {"index": 0, "message": {"role": "assistant", "content": job.text},
              "logprobs": _logprobs(job.logprob_content() if req.logprobs else None),
