@@ -57,6 +57,16 @@ def test_close_stops_generating_and_keeps_what_was_read(engine, page):
     assert answer.usage["completion_tokens"] is None and list(answer) == []
 
 
+def test_a_schema_answer_closed_early_is_interrupted_not_a_schema_error(engine, page):
+    """The user stopped it: no data and no error, as without a schema (not `schema_mismatch`)."""
+    answer = Model(engine).ask([page], QUESTION, schema="vendor, total float", max_new_tokens=200)
+    first = next(iter(answer))
+    answer.close()
+    out = answer.to_dict()
+    assert answer.interrupted and answer.text == first and answer.schema_error is None
+    assert out["data"] is None and out["finish_reason"] is None and "error" not in out
+
+
 def test_to_dict_equals_ask_json(engine, page, cli, tiny_model):
     """The library's answer object is what `idefics ask --json` prints for the same input (timing aside)."""
     result = cli("ask", page, QUESTION, "--json", "--model", tiny_model, "--quant", "none", "--device", "cpu",

@@ -270,8 +270,9 @@ class Response:
 
     @property
     def schema_error(self):
-        """With a schema: None when `.data` is the answer, else the IdeficsError saying why there is none."""
-        code = self._read_back[1] if self.schema is not None else None
+        """With a schema: None when `.data` is the answer or the answer was interrupted, else the IdeficsError saying
+        why there is none."""
+        code = self._read_back[1] if self.schema is not None and not self.interrupted else None
         if code is None:
             return None
         from ..structured import answer_error
