@@ -269,5 +269,8 @@ def build_formats(root: str, add) -> None:
     add("flipped-bit.jpg", b"\xff\xd9" + jpeg[2:], "corrupt")
     tif = _multi_tiff(1)
     add("flipped-bit.tif", b"IH" + tif[2:], "corrupt")
+    # a well-formed ZIP that is no container MuPDF reads, named as one: decided by the bytes
+    add("docx-named.epub", _zip([("[Content_Types].xml", b"<Types/>"), ("word/document.xml", b"<w:document/>")]),
+        "unsupported_format")
     # readable files refused before
     add("bad-ancillary-crc.png", _png_bad_ancillary_crc(), "ok", warnings=["repaired"])

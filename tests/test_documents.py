@@ -617,3 +617,19 @@ def test_mupdf_workers_are_quiet_and_die_with_the_process(tmp_path):
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_a_readable_zip_named_as_a_container_is_unsupported_not_a_damaged_signature(tmp_path):
+    """A well-formed ZIP that is not an EPUB, CBZ or XPS is `unsupported_format` whatever its name says (the format
+    is decided by the bytes); only a ZIP whose directory cannot be read is `corrupt`, and is not called a flipped
+    bit."""
+    from hostile_formats import _zip
+
+    word = _zip([("[Content_Types].xml", b"<Types/>"), ("word/document.xml", b"<w:document/>")])
+    for name in ("report.epub", "report.cbz", "report.xps", "report.oxps"):
+        with pytest.raises(IdeficsError) as err:
+            open_document(write(tmp_path, name, word))
+        assert err.value.code == "unsupported_format" and "ZIP" in err.value.message, err.value.message
+    with pytest.raises(IdeficsError) as err:
+        open_document(write(tmp_path, "cut.epub", word[:len(word) // 2]))
+    assert err.value.code == "corrupt" and "flipped" not in err.value.message, err.value.message

@@ -87,16 +87,23 @@ def _iso_brand(head: bytes) -> str | None:
     return "heif" if brands & _HEIF_BRANDS else None
 
 
-def _zip_kind(data: bytes) -> str | None:
-    """EPUB from its first entry (`mimetype`); XPS and CBZ from the names in the ZIP's directory."""
-    if data[30:38] == b"mimetype" and data[38:58].startswith(b"application/epub+zip"):
-        return "epub"
+def _zip_names(data: bytes) -> list[str] | None:
+    """The file names in a ZIP's directory; None when it cannot be read."""
     import zipfile
 
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            names = [n for n in archive.namelist() if not n.endswith("/")]
+            return [n for n in archive.namelist() if not n.endswith("/")]
     except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return None
+
+
+def _zip_kind(data: bytes) -> str | None:
+    """EPUB from its first entry (`mimetype`); XPS and CBZ from the names in the ZIP's directory."""
+    if data[30:38] == b"mimetype" and data[38:58].startswith(b"application/epub+zip"):
+        return "epub"
+    names = _zip_names(data)
+    if names is None:
         return None
     lower = [n.lower() for n in names]
     if "mimetype" in lower and any(n.endswith(".opf") for n in lower):
@@ -129,7 +136,7 @@ def damaged_signature(data: bytes, name: str) -> str | None:
     ext = os.path.splitext(name)[1].lower().lstrip(".")
     kind = _BY_EXTENSION.get(ext)
     head = bytes(data[:64])
-    if ext in ("epub", "xps", "oxps", "cbz") and head.startswith(b"PK"):
+    if ext in ("epub", "xps", "oxps", "cbz") and head.startswith(b"PK") and _zip_names(data) is None:
         return "xps" if ext == "oxps" else ext  # a ZIP container whose directory cannot be read
     if kind is None or len(head) < 8:
         return None
@@ -194,11 +201,16 @@ def open_document(path: str, *, password: str | None = None, dpi: int | None = N
     kind = sniff(data)
     if kind is None:
         damaged = damaged_signature(data, path)
+        if damaged in MUPDF_FORMATS:
+            raise IdeficsError("corrupt", f"the file is named as {NAMES[damaged]} but its ZIP directory cannot be "
+                               "read (truncated or damaged)", path=path)
         if damaged is not None:
             raise IdeficsError("corrupt", f"the file is named as {NAMES[damaged]} but its signature is damaged (a "
                                "flipped bit, or line endings rewritten by a text-mode transfer)", path=path)
         if data[:4] == b"8BPS":
             raise IdeficsError("unsupported_format", "PSB (Photoshop's large document format) is not supported",
                                "save it as PSD or PNG", path)
-        raise IdeficsError("unsupported_format", f"not a supported document ({_SUPPORTED})", path=path)
+        zipped = data[:4] == b"PK\x03\x04" and _zip_names(data) is not None
+        what = "a ZIP archive but not an EPUB, CBZ or XPS" if zipped else "not a supported document"
+        raise IdeficsError("unsupported_format", f"{what} ({_SUPPORTED})", path=path)
     return Remote(path, kind, data, password, dpi, longest_side)
