@@ -218,3 +218,25 @@ def test_shards_cover_everything_once_and_are_stable_when_files_are_added(tmp_pa
     # the rule is the documented one: sha1(relative path) % N
     for d in docs2:
         assert batch.in_shard(d.rel, int(hashlib.sha1(d.rel.encode()).hexdigest(), 16) % 3, 3)
+
+
+def test_walk_keeps_a_cbz_or_xps_without_its_extension_whatever_its_size(tmp_path):
+    """A ZIP container is judged by the names in its directory, at the end of the file: a comic saved as .zip is
+    a document however large, and a ZIP of other files is skipped."""
+    import io
+    import zipfile
+
+    def zipped(path, entries):
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as archive:
+            for name, data in entries:
+                archive.writestr(name, data)
+        path.write_bytes(buf.getvalue())
+
+    (tmp_path / "in").mkdir()
+    zipped(tmp_path / "in" / "comic.zip", [(f"{i:03}.png", os.urandom(600)) for i in range(4)])
+    zipped(tmp_path / "in" / "source.zip", [("main.py", os.urandom(2000))])
+    assert os.path.getsize(tmp_path / "in" / "comic.zip") > 2048
+    skipped: list[str] = []
+    docs, _ = batch.walk([str(tmp_path / "in")], skipped)
+    assert rels(docs) == ["comic.zip"] and [os.path.basename(p) for p in skipped] == ["source.zip"]

@@ -87,22 +87,33 @@ def _iso_brand(head: bytes) -> str | None:
     return "heif" if brands & _HEIF_BRANDS else None
 
 
-def _zip_names(data: bytes) -> list[str] | None:
-    """The file names in a ZIP's directory; None when it cannot be read."""
+def _zip_names(data) -> list[str] | None:
+    """The file names in a ZIP's directory (`data`: its bytes or a binary file); None when it cannot be read."""
     import zipfile
 
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        with zipfile.ZipFile(io.BytesIO(data) if isinstance(data, bytes) else data) as archive:
             return [n for n in archive.namelist() if not n.endswith("/")]
     except (zipfile.BadZipFile, OSError, ValueError, EOFError):
         return None
 
 
-def _zip_kind(data: bytes) -> str | None:
-    """EPUB from its first entry (`mimetype`); XPS and CBZ from the names in the ZIP's directory."""
+def sniff_file(path: str) -> str | None:
+    """`sniff` of a file on disk, reading its first 1024 bytes and, for a ZIP, only its directory."""
+    with open(path, "rb") as f:
+        head = f.read(1024)
+        if head.startswith(b"PK\x03\x04"):
+            f.seek(0)
+            return _zip_kind(head, f)
+    return sniff(head)
+
+
+def _zip_kind(data: bytes, file=None) -> str | None:
+    """EPUB from its first entry (`mimetype`); XPS and CBZ from the names in the ZIP's directory (read from `file`
+    when given, else from `data`)."""
     if data[30:38] == b"mimetype" and data[38:58].startswith(b"application/epub+zip"):
         return "epub"
-    names = _zip_names(data)
+    names = _zip_names(data if file is None else file)
     if names is None:
         return None
     lower = [n.lower() for n in names]

@@ -36,13 +36,12 @@ DOCUMENT_EXTENSIONS = (".pdf", ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp"
 
 def is_document(path: str) -> bool:
     """Whether a file met while expanding a folder or glob is a supported document: by extension, then magic bytes."""
-    from ..documents import sniff
+    from ..documents import sniff_file
 
     if path.lower().endswith(DOCUMENT_EXTENSIONS):
         return True
     try:
-        with open(path, "rb") as f:
-            return sniff(f.read(1024)) is not None
+        return sniff_file(path) is not None
     except OSError:
         return False
 
