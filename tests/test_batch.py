@@ -240,3 +240,16 @@ def test_walk_keeps_a_cbz_or_xps_without_its_extension_whatever_its_size(tmp_pat
     skipped: list[str] = []
     docs, _ = batch.walk([str(tmp_path / "in")], skipped)
     assert rels(docs) == ["comic.zip"] and [os.path.basename(p) for p in skipped] == ["source.zip"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_walk_skips_a_named_pipe_a_folder_holds_instead_of_waiting_on_it(tmp_path):
+    """A FIFO (or socket, device) met in a folder is not a document: skipped and counted, never opened (reading
+    it would wait forever); one named explicitly is read, as `<(cat doc.pdf)` is."""
+    touch(tmp_path / "in", "a.pdf")
+    os.mkfifo(tmp_path / "in" / "pipe.pdf")
+    skipped: list[str] = []
+    docs, _ = batch.walk([str(tmp_path / "in")], skipped)
+    assert rels(docs) == ["a.pdf"] and [os.path.basename(p) for p in skipped] == ["pipe.pdf"]
+    docs, _ = batch.walk([str(tmp_path / "in" / "pipe.pdf")])
+    assert rels(docs) == ["pipe.pdf"]
