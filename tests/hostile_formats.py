@@ -238,6 +238,7 @@ def build_formats(root: str, add) -> None:
     add("epub-zip-bomb.epub", _zip_with_bomb(_epub_entries(), stored_first=True), "image_too_large")
     pages = [_pil_bytes(_striped(size=(60, 80)), "PNG"), _pil_bytes(_striped(size=(60, 80)).rotate(180), "JPEG")]
     add("comic.cbz", _zip([("001.png", pages[0]), ("002.jpg", pages[1])]), "ok")
+    add("webp-pages.cbz", _zip([("001.webp", _pil_bytes(_striped(), "WEBP"))]), "unsupported_format")  # MuPDF skips
     add("cbz-zip-bomb.cbz", _zip_with_bomb([("001.png", pages[0])], suffix=".png"), "image_too_large")
     add("cbz-image-bomb.cbz", _zip([("001.png", _png_header(50000, 50000))]), "image_too_large")
     add("paper.xps", _xps(), "ok")

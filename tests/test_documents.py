@@ -633,3 +633,18 @@ def test_a_readable_zip_named_as_a_container_is_unsupported_not_a_damaged_signat
     with pytest.raises(IdeficsError) as err:
         open_document(write(tmp_path, "cut.epub", word[:len(word) // 2]))
     assert err.value.code == "corrupt" and "flipped" not in err.value.message, err.value.message
+
+
+def test_a_cbz_whose_pages_mupdf_skips_is_unsupported_not_empty_or_short(tmp_path):
+    """MuPDF's CBZ reader skips WebP and AVIF entries: a comic of them is `unsupported_format` naming one (not an
+    `empty_document`), and one mixing them with PNGs is refused rather than read with pages silently missing."""
+    from hostile_formats import _pil_bytes, _striped, _zip
+
+    png, webp = _pil_bytes(_striped(), "PNG"), _pil_bytes(_striped(), "WEBP")
+    for name, entries, skipped in [("webp.cbz", [("001.webp", webp), ("002.webp", webp)], "001.webp"),
+                                   ("mixed.cbz", [("001.png", png), ("002.webp", webp), ("003.png", png)], "002.webp")]:
+        with pytest.raises(IdeficsError) as err:
+            open_document(write(tmp_path, name, _zip(entries)))
+        assert err.value.code == "unsupported_format" and skipped in err.value.message, err.value.message
+    with open_document(write(tmp_path, "png.cbz", _zip([("001.png", png), ("ComicInfo.xml", b"<x/>")]))) as doc:
+        assert doc.page_count == 1

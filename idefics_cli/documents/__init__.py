@@ -15,7 +15,7 @@ import re
 import sys
 
 from idefics_cli.documents.images import ImageDocument
-from idefics_cli.documents.pages import DEFAULT_LONGEST_SIDE, MAX_IMAGE_PIXELS, MAX_PIXELS, NAMES, Document
+from idefics_cli.documents.pages import DEFAULT_LONGEST_SIDE, IMAGE_NAMES, MAX_IMAGE_PIXELS, MAX_PIXELS, NAMES, Document
 from idefics_cli.documents.pdf import PdfDocument
 from idefics_cli.documents.worker import Remote
 from idefics_cli.errors import IdeficsError, UsageError
@@ -46,7 +46,6 @@ _AVIF_BRANDS = {b"avif", b"avis"}
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
 _PNM = re.compile(rb"P[1-6](?:\s|#)+(?:#[^\n]*\n\s*)*\d")
 _XML_PROLOG = re.compile(rb"^(?:\xef\xbb\xbf)?\s*(?:<\?xml[^>]*\?>\s*|<!--.*?-->\s*|<!DOCTYPE[^>]*>\s*)*", re.S)
-_IMAGE_NAMES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".jp2", ".jpx", ".avif")
 # file name extensions of the images whose signature a damaged file may still be recognised by
 _BY_EXTENSION = {"png": "png", "jpg": "jpeg", "jpeg": "jpeg", "jpe": "jpeg", "jfif": "jpeg", "gif": "gif",
                  "tif": "tiff", "tiff": "tiff", "bmp": "bmp", "dib": "bmp", "webp": "webp", "jp2": "jp2",
@@ -121,8 +120,8 @@ def _zip_kind(data: bytes, file=None) -> str | None:
         return "epub"
     if any(n.endswith((".fpage", ".fdseq")) for n in lower):
         return "xps"
-    pages = [n for n in lower if n.endswith(_IMAGE_NAMES)]
-    others = [n for n in lower if not n.endswith(_IMAGE_NAMES) and not n.endswith((".xml", ".txt", ".nfo"))
+    pages = [n for n in lower if n.endswith(IMAGE_NAMES)]
+    others = [n for n in lower if not n.endswith(IMAGE_NAMES) and not n.endswith((".xml", ".txt", ".nfo"))
               and not os.path.basename(n).startswith(".")]
     return "cbz" if pages and not others else None
 

@@ -16,7 +16,7 @@ import unicodedata
 import warnings
 from typing import TYPE_CHECKING
 
-from idefics_cli.documents.pages import MAX_IMAGE_PIXELS, MAX_PIXELS, NAMES, Document, why
+from idefics_cli.documents.pages import IMAGE_NAMES, MAX_IMAGE_PIXELS, MAX_PIXELS, NAMES, Document, why
 from idefics_cli.errors import IdeficsError
 
 if TYPE_CHECKING:
@@ -45,6 +45,8 @@ class PdfDocument(Document):
             if self._doc.needs_pass:
                 self._authenticate(password)
             self.page_count = self._doc.page_count
+            if kind == "cbz":
+                self._check_cbz_pages(data)
             if self.page_count == 0 and kind == "pdf" and not empty_page_tree(self._doc):
                 found = page_objects(self._doc)
                 raise self._error("corrupt", f"the PDF is damaged: its page tree reaches none of its {found} "
@@ -96,6 +98,19 @@ class PdfDocument(Document):
                     big = f"{info.filename} is {width}x{height} pixels"
                 raise self._error("image_too_large", f"the {name} holds an image over the limit of "
                                   f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels ({big})", "downscale it first")
+
+    def _check_cbz_pages(self, data: bytes) -> None:
+        """`unsupported_format` when MuPDF paginates fewer of a CBZ's images than it holds (it skips WebP and AVIF
+        entries), rather than a comic read with pages silently missing or called empty."""
+        import zipfile
+
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            images = [n for n in archive.namelist() if n.lower().endswith(IMAGE_NAMES)]
+        if len(images) > self.page_count:
+            skipped = next((n for n in images if n.lower().endswith((".webp", ".avif"))), images[-1])
+            raise self._error("unsupported_format", f"MuPDF reads {self.page_count} of the {len(images)} images in "
+                              f"this CBZ: it skips WebP and AVIF pages such as {skipped}",
+                              "convert them to PNG or JPEG")
 
     def _authenticate(self, password: str | None) -> None:
         """Open an encrypted PDF; AES-256 passwords are tried as typed, then SASLprep-normalised (PDF 2.0)."""
