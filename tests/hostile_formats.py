@@ -235,6 +235,7 @@ def build_formats(root: str, add) -> None:
     epub = _zip(_epub_entries(), stored_first=True)
     add("book.epub", epub, "ok")
     add("epub-truncated.epub", epub[:len(epub) // 2], "corrupt")
+    add("epub-missing-chapter.epub", _zip(_epub_entries()[:3], stored_first=True), "corrupt")  # not MuPDF's error text
     add("epub-zip-bomb.epub", _zip_with_bomb(_epub_entries(), stored_first=True), "image_too_large")
     pages = [_pil_bytes(_striped(size=(60, 80)), "PNG"), _pil_bytes(_striped(size=(60, 80)).rotate(180), "JPEG")]
     add("comic.cbz", _zip([("001.png", pages[0]), ("002.jpg", pages[1])]), "ok")

@@ -648,3 +648,22 @@ def test_a_cbz_whose_pages_mupdf_skips_is_unsupported_not_empty_or_short(tmp_pat
         assert err.value.code == "unsupported_format" and skipped in err.value.message, err.value.message
     with open_document(write(tmp_path, "png.cbz", _zip([("001.png", png), ("ComicInfo.xml", b"<x/>")]))) as doc:
         assert doc.page_count == 1
+
+
+def test_an_epub_chapter_mupdf_cannot_find_is_a_corrupt_page_not_its_error_text(tmp_path):
+    """MuPDF lays out a chapter missing from the EPUB, or encrypted by DRM, as a page reading 'ERROR: cannot find
+    chapter ...': that page is `corrupt` (its text would be transcribed as the book's), the others are read."""
+    from hostile_formats import _epub_entries, _zip
+
+    entries = dict(_epub_entries())
+    entries["content.opf"] = entries["content.opf"].replace(
+        b'media-type="application/xhtml+xml"/>', b'media-type="application/xhtml+xml"/><item id="c2" href="c2.xhtml" '
+        b'media-type="application/xhtml+xml"/>').replace(b'<itemref idref="c1"/>', b'<itemref idref="c1"/>'
+                                                         b'<itemref idref="c2"/>')
+    with open_document(write(tmp_path, "book.epub", _zip(list(entries.items()), stored_first=True))) as doc:
+        assert doc.page_count == 2
+        doc.render(1)
+        with pytest.raises(IdeficsError) as err:
+            doc.render(2)
+    assert err.value.code == "corrupt" and "c2.xhtml" in err.value.message, err.value.message
+

@@ -2,8 +2,9 @@
 
 Contract: a page's longest side is `longest_side` px, or it is rendered at `dpi`, rotation honored, within
 `MAX_PIXELS` (else `downscaled`). No JavaScript runs, no attachment is extracted. 0 pages is `empty_document`
-only for an empty page tree, else `corrupt`, as is a damaged encryption dictionary. A ZIP container whose
-entries expand past MAX_ARCHIVE_BYTES, or hold an image over MAX_IMAGE_PIXELS, is `image_too_large`.
+only for an empty page tree, else `corrupt`, as is a damaged encryption dictionary, and the page of an EPUB chapter
+MuPDF cannot find. A ZIP container whose entries expand past MAX_ARCHIVE_BYTES, or hold an image over
+MAX_IMAGE_PIXELS, is `image_too_large`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import re
 import stringprep
 import unicodedata
 import warnings
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
 MAX_ARCHIVE_BYTES = 1 << 30  # what the entries of an EPUB, CBZ or XPS may expand to, in all
+_LOST_CHAPTER = re.compile(r'ERROR: cannot find chapter ("[^"\n]*")')  # the page MuPDF lays out in its place
 
 
 class PdfDocument(Document):
@@ -128,6 +131,9 @@ class PdfDocument(Document):
         from PIL import Image as PILImage
 
         p = self._doc.load_page(page - 1)
+        if self.kind == "epub" and (lost := _LOST_CHAPTER.fullmatch(p.get_text().strip())):
+            raise self._error("corrupt", f"page {page} could not be decoded: its chapter {lost[1]} is missing or "
+                              "cannot be read (damaged, or encrypted by DRM)")
         rect = p.rect  # at (0, 0), rotation already applied
         if rect.width <= 0 or rect.height <= 0:
             raise self._error("corrupt", f"page {page} has an empty page box")
