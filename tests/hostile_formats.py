@@ -240,6 +240,8 @@ def build_formats(root: str, add) -> None:
     pages = [_pil_bytes(_striped(size=(60, 80)), "PNG"), _pil_bytes(_striped(size=(60, 80)).rotate(180), "JPEG")]
     add("comic.cbz", _zip([("001.png", pages[0]), ("002.jpg", pages[1])]), "ok")
     add("webp-pages.cbz", _zip([("001.webp", _pil_bytes(_striped(), "WEBP"))]), "unsupported_format")  # MuPDF skips
+    add("mac-zipped.cbz", _zip([("001.png", pages[0]), ("__MACOSX/._001.png", b"\x00\x05\x16\x07" + bytes(80))]),
+        "ok")  # AppleDouble metadata is not a page
     add("cbz-zip-bomb.cbz", _zip_with_bomb([("001.png", pages[0])], suffix=".png"), "image_too_large")
     add("cbz-image-bomb.cbz", _zip([("001.png", _png_header(50000, 50000))]), "image_too_large")
     add("paper.xps", _xps(), "ok")

@@ -667,3 +667,17 @@ def test_an_epub_chapter_mupdf_cannot_find_is_a_corrupt_page_not_its_error_text(
             doc.render(2)
     assert err.value.code == "corrupt" and "c2.xhtml" in err.value.message, err.value.message
 
+
+def test_a_cbz_zipped_on_a_mac_has_its_pages_only_not_its_appledouble_files(tmp_path):
+    """`__MACOSX/._001.png` (AppleDouble metadata a Mac adds when zipping) and dot-files are not pages: MuPDF would
+    count each as one more page, failing to decode it."""
+    from hostile_formats import _pil_bytes, _striped, _zip
+
+    png = _pil_bytes(_striped(size=(60, 80)), "PNG")
+    apple = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(60)
+    data = _zip([("001.png", png), ("002.png", png), ("__MACOSX/._001.png", apple), ("__MACOSX/._002.png", apple),
+                 (".cover.png", apple)])
+    with open_document(write(tmp_path, "mac.cbz", data)) as doc:
+        assert doc.page_count == 2 and doc.sha256 == hashlib.sha256(data).hexdigest()
+        assert [doc.render(p).size for p in (1, 2)] == [(1470, 1960)] * 2
+

@@ -38,6 +38,8 @@ class PdfDocument(Document):
         name = NAMES[kind]
         if kind in ("epub", "cbz", "xps"):
             self._check_archive(data, name)
+        if kind == "cbz":
+            data = without_hidden(data)
         import pymupdf
 
         try:
@@ -148,6 +150,28 @@ class PdfDocument(Document):
 
     def close(self) -> None:
         self._doc.close()
+
+
+def without_hidden(data: bytes) -> bytes:
+    """A CBZ without its hidden entries (`__MACOSX/` AppleDouble files, dot-files), which MuPDF would count as pages;
+    `data` itself when it has none or its directory cannot be read (MuPDF judges it)."""
+    import zipfile
+
+    def hidden(name: str) -> bool:
+        return any(part.startswith((".", "__MACOSX")) for part in name.split("/"))
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as src:
+            if not any(hidden(info.filename) for info in src.infolist()):
+                return data
+            out = io.BytesIO()
+            with zipfile.ZipFile(out, "w") as dst:
+                for info in src.infolist():
+                    if not hidden(info.filename):
+                        dst.writestr(info, src.read(info))
+            return out.getvalue()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError):
+        return data
 
 
 # RFC 4013 2.3: non-ASCII space, control, private use, non-character, surrogate, and tables C.6 to C.9
