@@ -681,3 +681,11 @@ def test_a_cbz_zipped_on_a_mac_has_its_pages_only_not_its_appledouble_files(tmp_
         assert doc.page_count == 2 and doc.sha256 == hashlib.sha256(data).hexdigest()
         assert [doc.render(p).size for p in (1, 2)] == [(1470, 1960)] * 2
 
+
+def test_a_comic_zipped_on_windows_with_its_thumbnail_cache_is_a_cbz():
+    """Explorer's `Thumbs.db` and `desktop.ini` in a folder of scans zipped on Windows do not make it 'not a CBZ'."""
+    from hostile_formats import _pil_bytes, _striped, _zip
+
+    png = _pil_bytes(_striped(), "PNG")
+    assert sniff(_zip([("001.png", png), ("Thumbs.db", bytes(64)), ("scans/desktop.ini", b"[x]")])) == "cbz"
+    assert sniff(_zip([("001.png", png), ("setup.exe", bytes(64))])) is None

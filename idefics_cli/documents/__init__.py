@@ -41,6 +41,7 @@ _MAGIC = (
     (b"\xffO\xffQ", "jp2"),  # a bare JPEG 2000 codestream (.j2k, .j2c)
     (b"8BPS\x00\x01", "psd"),
 )
+_SYSTEM_FILES = ("thumbs.db", "desktop.ini")  # what Windows leaves in a folder of scans zipped as a comic
 _BMP_HEADER_SIZES = (12, 16, 40, 52, 56, 64, 108, 124)
 _AVIF_BRANDS = {b"avif", b"avis"}
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
@@ -122,7 +123,7 @@ def _zip_kind(data: bytes, file=None) -> str | None:
         return "xps"
     pages = [n for n in lower if n.endswith(IMAGE_NAMES)]
     others = [n for n in lower if not n.endswith(IMAGE_NAMES) and not n.endswith((".xml", ".txt", ".nfo"))
-              and not os.path.basename(n).startswith(".")]
+              and not os.path.basename(n).startswith(".") and os.path.basename(n) not in _SYSTEM_FILES]
     return "cbz" if pages and not others else None
 
 
