@@ -689,3 +689,22 @@ def test_a_comic_zipped_on_windows_with_its_thumbnail_cache_is_a_cbz():
     png = _pil_bytes(_striped(), "PNG")
     assert sniff(_zip([("001.png", png), ("Thumbs.db", bytes(64)), ("scans/desktop.ini", b"[x]")])) == "cbz"
     assert sniff(_zip([("001.png", png), ("setup.exe", bytes(64))])) is None
+
+
+ILLUSTRATOR_SVG = (b'<?xml version="1.0" encoding="utf-8"?>\n<!-- Generator: Adobe Illustrator 16.0.0, SVG Export '
+                   b'Plug-In . SVG Version: 6.00 Build 0)  -->\n<!DOCTYPE svg PUBLIC "-//W3C//DTD SVG 1.1//EN" '
+                   b'"http://www.w3.org/Graphics/SVG/1.1/DTD/svg11.dtd" [\n\t<!ENTITY ns_extend '
+                   b'"http://ns.adobe.com/Extensibility/1.0/">\n]>\n<svg version="1.1" '
+                   b'xmlns="http://www.w3.org/2000/svg" width="100" height="50"><text x="5" y="30">Hi</text></svg>')
+
+
+def test_an_svg_with_a_doctype_internal_subset_or_a_long_prolog_is_an_svg(tmp_path):
+    """Adobe Illustrator's SVGs declare entities inside their DOCTYPE (`[ <!ENTITY ...> ]`), and a licence comment
+    can push `<svg` past the first KiB: both are SVGs, read as such (also when a folder is walked)."""
+    from idefics_cli.documents import sniff_file
+
+    long_prolog = ILLUSTRATOR_SVG.replace(b"-->", b"licence " * 300 + b"-->", 1)
+    for name, data in [("ai.svg", ILLUSTRATOR_SVG), ("licence.svg", long_prolog)]:
+        assert sniff(data) == "svg" and sniff_file(write(tmp_path, name.replace(".svg", ""), data)) == "svg", name
+        with open_document(write(tmp_path, name, data)) as doc:
+            assert doc.kind == "svg" and doc.page_count == 1 and doc.render(1).size == (1960, 980)

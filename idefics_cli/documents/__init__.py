@@ -46,7 +46,10 @@ _BMP_HEADER_SIZES = (12, 16, 40, 52, 56, 64, 108, 124)
 _AVIF_BRANDS = {b"avif", b"avis"}
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
 _PNM = re.compile(rb"P[1-6](?:\s|#)+(?:#[^\n]*\n\s*)*\d")
-_XML_PROLOG = re.compile(rb"^(?:\xef\xbb\xbf)?\s*(?:<\?xml[^>]*\?>\s*|<!--.*?-->\s*|<!DOCTYPE[^>]*>\s*)*", re.S)
+# XML declaration, comments and a DOCTYPE (its internal subset `[...]` too, as Adobe Illustrator writes it)
+_XML_PROLOG = re.compile(rb"^(?:\xef\xbb\xbf)?\s*(?:<\?xml[^>]*\?>\s*|<!--.*?-->\s*"
+                         rb"|<!DOCTYPE[^>\[]*(?:\[.*?\]\s*)?>\s*)*", re.S)
+_XML_HEAD = 1 << 16  # how far an SVG's or FB2's root element may sit behind its prolog
 # file name extensions of the images whose signature a damaged file may still be recognised by
 _BY_EXTENSION = {"png": "png", "jpg": "jpeg", "jpeg": "jpeg", "jpe": "jpeg", "jfif": "jpeg", "gif": "gif",
                  "tif": "tiff", "tiff": "tiff", "bmp": "bmp", "dib": "bmp", "webp": "webp", "jp2": "jp2",
@@ -54,7 +57,8 @@ _BY_EXTENSION = {"png": "png", "jpg": "jpeg", "jpeg": "jpeg", "jpe": "jpeg", "jf
 
 
 def sniff(data: bytes) -> str | None:
-    """The format of a file from its bytes (1024 are enough but for XPS and CBZ): one of FORMATS, or None."""
+    """The format of a file from its bytes (1024 are enough but for XPS and CBZ, and SVG or FB2 behind a long
+    prolog: _XML_HEAD): one of FORMATS, or None."""
     head = bytes(data[:1024])
     if head.startswith(b"%PDF-"):
         return "pdf"
@@ -75,7 +79,7 @@ def sniff(data: bytes) -> str | None:
         return "pnm"
     if b"%PDF-" in head:  # PDF readers accept junk before the header
         return "pdf"
-    return _xml_kind(head)
+    return _xml_kind(bytes(data[:_XML_HEAD]))
 
 
 def _iso_brand(head: bytes) -> str | None:
@@ -99,9 +103,9 @@ def _zip_names(data) -> list[str] | None:
 
 
 def sniff_file(path: str) -> str | None:
-    """`sniff` of a file on disk, reading its first 1024 bytes and, for a ZIP, only its directory."""
+    """`sniff` of a file on disk, reading its first bytes (_XML_HEAD) and, for a ZIP, only its directory."""
     with open(path, "rb") as f:
-        head = f.read(1024)
+        head = f.read(_XML_HEAD)
         if head.startswith(b"PK\x03\x04"):
             f.seek(0)
             return _zip_kind(head, f)
