@@ -235,9 +235,13 @@ def build_formats(root: str, add) -> None:
     epub = _zip(_epub_entries(), stored_first=True)
     add("book.epub", epub, "ok")
     add("epub-truncated.epub", epub[:len(epub) // 2], "corrupt")
+    add("epub-missing-chapter.epub", _zip(_epub_entries()[:3], stored_first=True), "corrupt")  # not MuPDF's error text
     add("epub-zip-bomb.epub", _zip_with_bomb(_epub_entries(), stored_first=True), "image_too_large")
     pages = [_pil_bytes(_striped(size=(60, 80)), "PNG"), _pil_bytes(_striped(size=(60, 80)).rotate(180), "JPEG")]
     add("comic.cbz", _zip([("001.png", pages[0]), ("002.jpg", pages[1])]), "ok")
+    add("webp-pages.cbz", _zip([("001.webp", _pil_bytes(_striped(), "WEBP"))]), "unsupported_format")  # MuPDF skips
+    add("mac-zipped.cbz", _zip([("001.png", pages[0]), ("__MACOSX/._001.png", b"\x00\x05\x16\x07" + bytes(80))]),
+        "ok")  # AppleDouble metadata is not a page
     add("cbz-zip-bomb.cbz", _zip_with_bomb([("001.png", pages[0])], suffix=".png"), "image_too_large")
     add("cbz-image-bomb.cbz", _zip([("001.png", _png_header(50000, 50000))]), "image_too_large")
     add("paper.xps", _xps(), "ok")
@@ -245,6 +249,8 @@ def build_formats(root: str, add) -> None:
     add("book.mobi", _mobi(), "ok")
     add("book.fb2", _fb2(), "ok")
     add("drawing.svg", _svg(), "ok")
+    add("illustrator.svg", b'<?xml version="1.0"?>\n<!DOCTYPE svg PUBLIC "-//W3C//DTD SVG 1.1//EN" "svg11.dtd" [\n'
+        b'<!ENTITY ns_ai "http://ns.adobe.com/AdobeIllustrator/10.0/">\n]>\n' + _svg()[21:], "ok")  # DOCTYPE entities
     add("drawing-huge.svg", _svg("1000000", "1000000"), "ok", warnings=["downscaled"], extra=["--dpi", "72"])
     # valid files the decoders cannot read: unsupported_format naming the variant, not corrupt
     add("twelve-bit.jpg", _jpeg_variant(0xC1, 12), "unsupported_format")
@@ -269,5 +275,8 @@ def build_formats(root: str, add) -> None:
     add("flipped-bit.jpg", b"\xff\xd9" + jpeg[2:], "corrupt")
     tif = _multi_tiff(1)
     add("flipped-bit.tif", b"IH" + tif[2:], "corrupt")
+    # a well-formed ZIP that is no container MuPDF reads, named as one: decided by the bytes
+    add("docx-named.epub", _zip([("[Content_Types].xml", b"<Types/>"), ("word/document.xml", b"<w:document/>")]),
+        "unsupported_format")
     # readable files refused before
     add("bad-ancillary-crc.png", _png_bad_ancillary_crc(), "ok", warnings=["repaired"])

@@ -218,3 +218,38 @@ def test_shards_cover_everything_once_and_are_stable_when_files_are_added(tmp_pa
     # the rule is the documented one: sha1(relative path) % N
     for d in docs2:
         assert batch.in_shard(d.rel, int(hashlib.sha1(d.rel.encode()).hexdigest(), 16) % 3, 3)
+
+
+def test_walk_keeps_a_cbz_or_xps_without_its_extension_whatever_its_size(tmp_path):
+    """A ZIP container is judged by the names in its directory, at the end of the file: a comic saved as .zip is
+    a document however large, and a ZIP of other files is skipped."""
+    import io
+    import zipfile
+
+    def zipped(path, entries):
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as archive:
+            for name, data in entries:
+                archive.writestr(name, data)
+        path.write_bytes(buf.getvalue())
+
+    (tmp_path / "in").mkdir()
+    zipped(tmp_path / "in" / "comic.zip", [(f"{i:03}.png", os.urandom(600)) for i in range(4)])
+    zipped(tmp_path / "in" / "source.zip", [("main.py", os.urandom(2000))])
+    assert os.path.getsize(tmp_path / "in" / "comic.zip") > 2048
+    skipped: list[str] = []
+    docs, _ = batch.walk([str(tmp_path / "in")], skipped)
+    assert rels(docs) == ["comic.zip"] and [os.path.basename(p) for p in skipped] == ["source.zip"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_walk_skips_a_named_pipe_a_folder_holds_instead_of_waiting_on_it(tmp_path):
+    """A FIFO (or socket, device) met in a folder is not a document: skipped and counted, never opened (reading
+    it would wait forever); one named explicitly is read, as `<(cat doc.pdf)` is."""
+    touch(tmp_path / "in", "a.pdf")
+    os.mkfifo(tmp_path / "in" / "pipe.pdf")
+    skipped: list[str] = []
+    docs, _ = batch.walk([str(tmp_path / "in")], skipped)
+    assert rels(docs) == ["a.pdf"] and [os.path.basename(p) for p in skipped] == ["pipe.pdf"]
+    docs, _ = batch.walk([str(tmp_path / "in" / "pipe.pdf")])
+    assert rels(docs) == ["pipe.pdf"]

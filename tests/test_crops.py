@@ -74,6 +74,16 @@ def test_pdf_page_no_split_and_default_name(cli, tiny_model, tmp_path, monkeypat
     assert result.stdout == os.path.join("one", "crop-1-whole.png") + "\n"
 
 
+def test_the_default_name_of_a_document_with_a_newline_in_its_name_is_one_line(cli, tiny_model, tmp_path, monkeypatch):
+    """stdout is one written path a line: a newline (or another unprintable) of the document's name is `_` in the
+    sheet's default name."""
+    make_image(seed=2).save(tmp_path / "scan\nfront.png")
+    monkeypatch.chdir(tmp_path)
+    result = cli("crops", "scan\nfront.png", "--no-split", "--model", tiny_model)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == "scan_front-page1-crops.png\n" and os.path.exists("scan_front-page1-crops.png")
+
+
 def test_needs_no_model_weights(cli, tiny_model, tmp_path):
     """Only the processor is loaded: a folder without any weights is enough."""
     proc_only = tmp_path / "processor-only"

@@ -617,3 +617,94 @@ def test_mupdf_workers_are_quiet_and_die_with_the_process(tmp_path):
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_a_readable_zip_named_as_a_container_is_unsupported_not_a_damaged_signature(tmp_path):
+    """A well-formed ZIP that is not an EPUB, CBZ or XPS is `unsupported_format` whatever its name says (the format
+    is decided by the bytes); only a ZIP whose directory cannot be read is `corrupt`, and is not called a flipped
+    bit."""
+    from hostile_formats import _zip
+
+    word = _zip([("[Content_Types].xml", b"<Types/>"), ("word/document.xml", b"<w:document/>")])
+    for name in ("report.epub", "report.cbz", "report.xps", "report.oxps"):
+        with pytest.raises(IdeficsError) as err:
+            open_document(write(tmp_path, name, word))
+        assert err.value.code == "unsupported_format" and "ZIP" in err.value.message, err.value.message
+    with pytest.raises(IdeficsError) as err:
+        open_document(write(tmp_path, "cut.epub", word[:len(word) // 2]))
+    assert err.value.code == "corrupt" and "flipped" not in err.value.message, err.value.message
+
+
+def test_a_cbz_whose_pages_mupdf_skips_is_unsupported_not_empty_or_short(tmp_path):
+    """MuPDF's CBZ reader skips WebP and AVIF entries: a comic of them is `unsupported_format` naming one (not an
+    `empty_document`), and one mixing them with PNGs is refused rather than read with pages silently missing."""
+    from hostile_formats import _pil_bytes, _striped, _zip
+
+    png, webp = _pil_bytes(_striped(), "PNG"), _pil_bytes(_striped(), "WEBP")
+    for name, entries, skipped in [("webp.cbz", [("001.webp", webp), ("002.webp", webp)], "001.webp"),
+                                   ("mixed.cbz", [("001.png", png), ("002.webp", webp), ("003.png", png)], "002.webp")]:
+        with pytest.raises(IdeficsError) as err:
+            open_document(write(tmp_path, name, _zip(entries)))
+        assert err.value.code == "unsupported_format" and skipped in err.value.message, err.value.message
+    with open_document(write(tmp_path, "png.cbz", _zip([("001.png", png), ("ComicInfo.xml", b"<x/>")]))) as doc:
+        assert doc.page_count == 1
+
+
+def test_an_epub_chapter_mupdf_cannot_find_is_a_corrupt_page_not_its_error_text(tmp_path):
+    """MuPDF lays out a chapter missing from the EPUB, or encrypted by DRM, as a page reading 'ERROR: cannot find
+    chapter ...': that page is `corrupt` (its text would be transcribed as the book's), the others are read."""
+    from hostile_formats import _epub_entries, _zip
+
+    entries = dict(_epub_entries())
+    entries["content.opf"] = entries["content.opf"].replace(
+        b'media-type="application/xhtml+xml"/>', b'media-type="application/xhtml+xml"/><item id="c2" href="c2.xhtml" '
+        b'media-type="application/xhtml+xml"/>').replace(b'<itemref idref="c1"/>', b'<itemref idref="c1"/>'
+                                                         b'<itemref idref="c2"/>')
+    with open_document(write(tmp_path, "book.epub", _zip(list(entries.items()), stored_first=True))) as doc:
+        assert doc.page_count == 2
+        doc.render(1)
+        with pytest.raises(IdeficsError) as err:
+            doc.render(2)
+    assert err.value.code == "corrupt" and "c2.xhtml" in err.value.message, err.value.message
+
+
+def test_a_cbz_zipped_on_a_mac_has_its_pages_only_not_its_appledouble_files(tmp_path):
+    """`__MACOSX/._001.png` (AppleDouble metadata a Mac adds when zipping) and dot-files are not pages: MuPDF would
+    count each as one more page, failing to decode it."""
+    from hostile_formats import _pil_bytes, _striped, _zip
+
+    png = _pil_bytes(_striped(size=(60, 80)), "PNG")
+    apple = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(60)
+    data = _zip([("001.png", png), ("002.png", png), ("__MACOSX/._001.png", apple), ("__MACOSX/._002.png", apple),
+                 (".cover.png", apple)])
+    with open_document(write(tmp_path, "mac.cbz", data)) as doc:
+        assert doc.page_count == 2 and doc.sha256 == hashlib.sha256(data).hexdigest()
+        assert [doc.render(p).size for p in (1, 2)] == [(1470, 1960)] * 2
+
+
+def test_a_comic_zipped_on_windows_with_its_thumbnail_cache_is_a_cbz():
+    """Explorer's `Thumbs.db` and `desktop.ini` in a folder of scans zipped on Windows do not make it 'not a CBZ'."""
+    from hostile_formats import _pil_bytes, _striped, _zip
+
+    png = _pil_bytes(_striped(), "PNG")
+    assert sniff(_zip([("001.png", png), ("Thumbs.db", bytes(64)), ("scans/desktop.ini", b"[x]")])) == "cbz"
+    assert sniff(_zip([("001.png", png), ("setup.exe", bytes(64))])) is None
+
+
+ILLUSTRATOR_SVG = (b'<?xml version="1.0" encoding="utf-8"?>\n<!-- Generator: Adobe Illustrator 16.0.0, SVG Export '
+                   b'Plug-In . SVG Version: 6.00 Build 0)  -->\n<!DOCTYPE svg PUBLIC "-//W3C//DTD SVG 1.1//EN" '
+                   b'"http://www.w3.org/Graphics/SVG/1.1/DTD/svg11.dtd" [\n\t<!ENTITY ns_extend '
+                   b'"http://ns.adobe.com/Extensibility/1.0/">\n]>\n<svg version="1.1" '
+                   b'xmlns="http://www.w3.org/2000/svg" width="100" height="50"><text x="5" y="30">Hi</text></svg>')
+
+
+def test_an_svg_with_a_doctype_internal_subset_or_a_long_prolog_is_an_svg(tmp_path):
+    """Adobe Illustrator's SVGs declare entities inside their DOCTYPE (`[ <!ENTITY ...> ]`), and a licence comment
+    can push `<svg` past the first KiB: both are SVGs, read as such (also when a folder is walked)."""
+    from idefics_cli.documents import sniff_file
+
+    long_prolog = ILLUSTRATOR_SVG.replace(b"-->", b"licence " * 300 + b"-->", 1)
+    for name, data in [("ai.svg", ILLUSTRATOR_SVG), ("licence.svg", long_prolog)]:
+        assert sniff(data) == "svg" and sniff_file(write(tmp_path, name.replace(".svg", ""), data)) == "svg", name
+        with open_document(write(tmp_path, name, data)) as doc:
+            assert doc.kind == "svg" and doc.page_count == 1 and doc.render(1).size == (1960, 980)

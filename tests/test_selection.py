@@ -44,3 +44,17 @@ def test_input_errors_come_before_any_model(tmp_path):
     assert info.value.code == "page_out_of_range"
     with pytest.raises(UsageError):
         open_pages([])
+
+
+def test_a_path_given_as_bytes_is_one_document_not_a_list_of_numbers(tmp_path):
+    """`os.fsencode(path)` is a path as `os.PathLike` is (a non-UTF-8 name on Linux): one document, not its bytes
+    iterated as paths (a TypeError traceback)."""
+    import os
+
+    pdf = make_pdf(tmp_path / "r.pdf", n_pages=2)
+    chosen = open_pages(os.fsencode(pdf), "2")
+    assert [(p.doc.path, p.page) for p in chosen.pages] == [(str(pdf), 2)]
+    chosen.close()
+    both = open_pages([os.fsencode(pdf), pdf], "1")
+    assert [p.doc.path for p in both.pages] == [str(pdf), str(pdf)]
+    both.close()

@@ -85,3 +85,16 @@ def test_null_sink_keeps_nothing():
     with NullSink() as sink:
         sink.write({"status": "ok"})
         assert sink.existing == [] and sink.records_name is None
+
+
+def test_two_names_that_write_the_same_markdown_name_get_two_files(tmp_path):
+    """`a\\nb.bmp` and `a_b.png` are told apart on disk, but the .md names they turn into (a newline is written as
+    `_`) are one: the second gets "a_b (2).md" rather than writing over the first's."""
+    docs = [Input(str(tmp_path / "in" / "a\nb.bmp"), "a\nb.bmp"), Input(str(tmp_path / "in" / "a_b.png"), "a_b.png")]
+    with FolderSink(str(tmp_path / "out"), docs, "s") as sink:
+        for k, (doc, text) in enumerate(zip(docs, ("first", "second"))):
+            sink.write({"path": doc.path, "page": 1, "status": "ok", "text": text, "sha256": f"h{k}", "settings": "s"})
+            sink.document_done(DocumentDone(doc, f"h{k}", [1], 1))
+    out = tmp_path / "out"
+    assert sorted(n for n in os.listdir(out) if n.endswith(".md")) == ["a_b (2).md", "a_b.md"]
+    assert "first" in (out / "a_b.md").read_text() and "second" in (out / "a_b (2).md").read_text()

@@ -322,6 +322,15 @@ def test_summary_lists_every_failure_or_says_how_many_more_and_where(tmp_path, c
     assert len(nowhere.failure_lines(None)) == 25  # nowhere else to look: all of them
 
 
+def test_a_failed_file_whose_name_holds_a_newline_is_one_summary_line():
+    """Each failed page is one line of the summary, as an error line is: a newline in a file name is a space."""
+    from idefics_cli.tasks.records import PageRecord
+
+    summary = Summary()
+    summary.add(PageRecord("scans/bad\nname.png", 0, 0, "error", "", "s", error={"code": "corrupt", "message": "x"}))
+    assert summary.failure_lines(None) == ["  failed: scans/bad name.png page 0: corrupt"]
+
+
 # ---- shards ----------------------------------------------------------------------------------------------
 
 

@@ -80,6 +80,7 @@ def crops_command(
         out += ".png"
     if dir_ is None and out is None:
         stem = "stdin" if doc == "-" else os.path.splitext(os.path.basename(doc.rstrip("/")))[0] or "document"
+        stem = "".join(c if c.isprintable() else "_" for c in stem)  # one written path a line on stdout
         out = f"{stem}-page{page}-crops.png"
     with open_document(doc, password=password, dpi=dpi, longest_side=o.render_side(opts)) as opened:
         image = opened.render(page)

@@ -15,7 +15,7 @@ import re
 import sys
 
 from idefics_cli.documents.images import ImageDocument
-from idefics_cli.documents.pages import DEFAULT_LONGEST_SIDE, MAX_IMAGE_PIXELS, MAX_PIXELS, NAMES, Document
+from idefics_cli.documents.pages import DEFAULT_LONGEST_SIDE, IMAGE_NAMES, MAX_IMAGE_PIXELS, MAX_PIXELS, NAMES, Document
 from idefics_cli.documents.pdf import PdfDocument
 from idefics_cli.documents.worker import Remote
 from idefics_cli.errors import IdeficsError, UsageError
@@ -41,12 +41,15 @@ _MAGIC = (
     (b"\xffO\xffQ", "jp2"),  # a bare JPEG 2000 codestream (.j2k, .j2c)
     (b"8BPS\x00\x01", "psd"),
 )
+_SYSTEM_FILES = ("thumbs.db", "desktop.ini")  # what Windows leaves in a folder of scans zipped as a comic
 _BMP_HEADER_SIZES = (12, 16, 40, 52, 56, 64, 108, 124)
 _AVIF_BRANDS = {b"avif", b"avis"}
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
 _PNM = re.compile(rb"P[1-6](?:\s|#)+(?:#[^\n]*\n\s*)*\d")
-_XML_PROLOG = re.compile(rb"^(?:\xef\xbb\xbf)?\s*(?:<\?xml[^>]*\?>\s*|<!--.*?-->\s*|<!DOCTYPE[^>]*>\s*)*", re.S)
-_IMAGE_NAMES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".jp2", ".jpx", ".avif")
+# XML declaration, comments and a DOCTYPE (its internal subset `[...]` too, as Adobe Illustrator writes it)
+_XML_PROLOG = re.compile(rb"^(?:\xef\xbb\xbf)?\s*(?:<\?xml[^>]*\?>\s*|<!--.*?-->\s*"
+                         rb"|<!DOCTYPE[^>\[]*(?:\[.*?\]\s*)?>\s*)*", re.S)
+_XML_HEAD = 1 << 16  # how far an SVG's or FB2's root element may sit behind its prolog
 # file name extensions of the images whose signature a damaged file may still be recognised by
 _BY_EXTENSION = {"png": "png", "jpg": "jpeg", "jpeg": "jpeg", "jpe": "jpeg", "jfif": "jpeg", "gif": "gif",
                  "tif": "tiff", "tiff": "tiff", "bmp": "bmp", "dib": "bmp", "webp": "webp", "jp2": "jp2",
@@ -54,7 +57,8 @@ _BY_EXTENSION = {"png": "png", "jpg": "jpeg", "jpeg": "jpeg", "jpe": "jpeg", "jf
 
 
 def sniff(data: bytes) -> str | None:
-    """The format of a file from its bytes (1024 are enough but for XPS and CBZ): one of FORMATS, or None."""
+    """The format of a file from its bytes (1024 are enough but for XPS and CBZ, and SVG or FB2 behind a long
+    prolog: _XML_HEAD): one of FORMATS, or None."""
     head = bytes(data[:1024])
     if head.startswith(b"%PDF-"):
         return "pdf"
@@ -75,7 +79,7 @@ def sniff(data: bytes) -> str | None:
         return "pnm"
     if b"%PDF-" in head:  # PDF readers accept junk before the header
         return "pdf"
-    return _xml_kind(head)
+    return _xml_kind(bytes(data[:_XML_HEAD]))
 
 
 def _iso_brand(head: bytes) -> str | None:
@@ -87,25 +91,43 @@ def _iso_brand(head: bytes) -> str | None:
     return "heif" if brands & _HEIF_BRANDS else None
 
 
-def _zip_kind(data: bytes) -> str | None:
-    """EPUB from its first entry (`mimetype`); XPS and CBZ from the names in the ZIP's directory."""
-    if data[30:38] == b"mimetype" and data[38:58].startswith(b"application/epub+zip"):
-        return "epub"
+def _zip_names(data) -> list[str] | None:
+    """The file names in a ZIP's directory (`data`: its bytes or a binary file); None when it cannot be read."""
     import zipfile
 
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            names = [n for n in archive.namelist() if not n.endswith("/")]
+        with zipfile.ZipFile(io.BytesIO(data) if isinstance(data, bytes) else data) as archive:
+            return [n for n in archive.namelist() if not n.endswith("/")]
     except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return None
+
+
+def sniff_file(path: str) -> str | None:
+    """`sniff` of a file on disk, reading its first bytes (_XML_HEAD) and, for a ZIP, only its directory."""
+    with open(path, "rb") as f:
+        head = f.read(_XML_HEAD)
+        if head.startswith(b"PK\x03\x04"):
+            f.seek(0)
+            return _zip_kind(head, f)
+    return sniff(head)
+
+
+def _zip_kind(data: bytes, file=None) -> str | None:
+    """EPUB from its first entry (`mimetype`); XPS and CBZ from the names in the ZIP's directory (read from `file`
+    when given, else from `data`)."""
+    if data[30:38] == b"mimetype" and data[38:58].startswith(b"application/epub+zip"):
+        return "epub"
+    names = _zip_names(data if file is None else file)
+    if names is None:
         return None
     lower = [n.lower() for n in names]
     if "mimetype" in lower and any(n.endswith(".opf") for n in lower):
         return "epub"
     if any(n.endswith((".fpage", ".fdseq")) for n in lower):
         return "xps"
-    pages = [n for n in lower if n.endswith(_IMAGE_NAMES)]
-    others = [n for n in lower if not n.endswith(_IMAGE_NAMES) and not n.endswith((".xml", ".txt", ".nfo"))
-              and not os.path.basename(n).startswith(".")]
+    pages = [n for n in lower if n.endswith(IMAGE_NAMES)]
+    others = [n for n in lower if not n.endswith(IMAGE_NAMES) and not n.endswith((".xml", ".txt", ".nfo"))
+              and not os.path.basename(n).startswith(".") and os.path.basename(n) not in _SYSTEM_FILES]
     return "cbz" if pages and not others else None
 
 
@@ -129,7 +151,7 @@ def damaged_signature(data: bytes, name: str) -> str | None:
     ext = os.path.splitext(name)[1].lower().lstrip(".")
     kind = _BY_EXTENSION.get(ext)
     head = bytes(data[:64])
-    if ext in ("epub", "xps", "oxps", "cbz") and head.startswith(b"PK"):
+    if ext in ("epub", "xps", "oxps", "cbz") and head.startswith(b"PK") and _zip_names(data) is None:
         return "xps" if ext == "oxps" else ext  # a ZIP container whose directory cannot be read
     if kind is None or len(head) < 8:
         return None
@@ -194,11 +216,16 @@ def open_document(path: str, *, password: str | None = None, dpi: int | None = N
     kind = sniff(data)
     if kind is None:
         damaged = damaged_signature(data, path)
+        if damaged in MUPDF_FORMATS:
+            raise IdeficsError("corrupt", f"the file is named as {NAMES[damaged]} but its ZIP directory cannot be "
+                               "read (truncated or damaged)", path=path)
         if damaged is not None:
             raise IdeficsError("corrupt", f"the file is named as {NAMES[damaged]} but its signature is damaged (a "
                                "flipped bit, or line endings rewritten by a text-mode transfer)", path=path)
         if data[:4] == b"8BPS":
             raise IdeficsError("unsupported_format", "PSB (Photoshop's large document format) is not supported",
                                "save it as PSD or PNG", path)
-        raise IdeficsError("unsupported_format", f"not a supported document ({_SUPPORTED})", path=path)
+        zipped = data[:4] == b"PK\x03\x04" and _zip_names(data) is not None
+        what = "a ZIP archive but not an EPUB, CBZ or XPS" if zipped else "not a supported document"
+        raise IdeficsError("unsupported_format", f"{what} ({_SUPPORTED})", path=path)
     return Remote(path, kind, data, password, dpi, longest_side)

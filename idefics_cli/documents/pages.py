@@ -24,6 +24,7 @@ MAX_IMAGE_PIXELS = 178_956_970  # images above this are refused before decoding 
 NAMES = {"pdf": "PDF", "png": "PNG", "jpeg": "JPEG", "webp": "WebP", "gif": "GIF", "bmp": "BMP", "tiff": "TIFF",
          "jp2": "JPEG 2000", "pnm": "netpbm", "avif": "AVIF", "heif": "HEIF", "psd": "PSD", "xps": "XPS",
          "epub": "EPUB", "mobi": "MOBI", "fb2": "FB2", "cbz": "CBZ", "svg": "SVG"}
+IMAGE_NAMES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".jp2", ".jpx", ".avif")  # in a CBZ
 # One comma-separated item: "N", "N-", "N-M" or "-N" (ASCII digits only).
 _ITEM = re.compile(r"(?:(?P<start>[0-9]+)\s*(?:(?P<dash>-)\s*(?P<end>[0-9]+)?)?|-\s*(?P<tail>[0-9]+))", re.ASCII)
 _HINT = "use 1-based pages, e.g. 3, 1-4, 1,3,7- or -2 for the last two"

@@ -2,8 +2,9 @@
 
 Contract: a page's longest side is `longest_side` px, or it is rendered at `dpi`, rotation honored, within
 `MAX_PIXELS` (else `downscaled`). No JavaScript runs, no attachment is extracted. 0 pages is `empty_document`
-only for an empty page tree, else `corrupt`, as is a damaged encryption dictionary. A ZIP container whose
-entries expand past MAX_ARCHIVE_BYTES, or hold an image over MAX_IMAGE_PIXELS, is `image_too_large`.
+only for an empty page tree, else `corrupt`, as is a damaged encryption dictionary, and the page of an EPUB chapter
+MuPDF cannot find. A ZIP container whose entries expand past MAX_ARCHIVE_BYTES, or hold an image over
+MAX_IMAGE_PIXELS, is `image_too_large`.
 """
 
 from __future__ import annotations
@@ -11,18 +12,20 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import re
 import stringprep
 import unicodedata
 import warnings
 from typing import TYPE_CHECKING
 
-from idefics_cli.documents.pages import MAX_IMAGE_PIXELS, MAX_PIXELS, NAMES, Document, why
+from idefics_cli.documents.pages import IMAGE_NAMES, MAX_IMAGE_PIXELS, MAX_PIXELS, NAMES, Document, why
 from idefics_cli.errors import IdeficsError
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
 MAX_ARCHIVE_BYTES = 1 << 30  # what the entries of an EPUB, CBZ or XPS may expand to, in all
+_LOST_CHAPTER = re.compile(r'ERROR: cannot find chapter ("[^"\n]*")')  # the page MuPDF lays out in its place
 
 
 class PdfDocument(Document):
@@ -35,6 +38,8 @@ class PdfDocument(Document):
         name = NAMES[kind]
         if kind in ("epub", "cbz", "xps"):
             self._check_archive(data, name)
+        if kind == "cbz":
+            data = without_hidden(data)
         import pymupdf
 
         try:
@@ -45,6 +50,8 @@ class PdfDocument(Document):
             if self._doc.needs_pass:
                 self._authenticate(password)
             self.page_count = self._doc.page_count
+            if kind == "cbz":
+                self._check_cbz_pages(data)
             if self.page_count == 0 and kind == "pdf" and not empty_page_tree(self._doc):
                 found = page_objects(self._doc)
                 raise self._error("corrupt", f"the PDF is damaged: its page tree reaches none of its {found} "
@@ -97,6 +104,19 @@ class PdfDocument(Document):
                 raise self._error("image_too_large", f"the {name} holds an image over the limit of "
                                   f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels ({big})", "downscale it first")
 
+    def _check_cbz_pages(self, data: bytes) -> None:
+        """`unsupported_format` when MuPDF paginates fewer of a CBZ's images than it holds (it skips WebP and AVIF
+        entries), rather than a comic read with pages silently missing or called empty."""
+        import zipfile
+
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            images = [n for n in archive.namelist() if n.lower().endswith(IMAGE_NAMES)]
+        if len(images) > self.page_count:
+            skipped = next((n for n in images if n.lower().endswith((".webp", ".avif"))), images[-1])
+            raise self._error("unsupported_format", f"MuPDF reads {self.page_count} of the {len(images)} images in "
+                              f"this CBZ: it skips WebP and AVIF pages such as {skipped}",
+                              "convert them to PNG or JPEG")
+
     def _authenticate(self, password: str | None) -> None:
         """Open an encrypted PDF; AES-256 passwords are tried as typed, then SASLprep-normalised (PDF 2.0)."""
         if password is not None and any(self._doc.authenticate(p) for p in candidates(password)):
@@ -113,6 +133,9 @@ class PdfDocument(Document):
         from PIL import Image as PILImage
 
         p = self._doc.load_page(page - 1)
+        if self.kind == "epub" and (lost := _LOST_CHAPTER.fullmatch(p.get_text().strip())):
+            raise self._error("corrupt", f"page {page} could not be decoded: its chapter {lost[1]} is missing or "
+                              "cannot be read (damaged, or encrypted by DRM)")
         rect = p.rect  # at (0, 0), rotation already applied
         if rect.width <= 0 or rect.height <= 0:
             raise self._error("corrupt", f"page {page} has an empty page box")
@@ -127,6 +150,28 @@ class PdfDocument(Document):
 
     def close(self) -> None:
         self._doc.close()
+
+
+def without_hidden(data: bytes) -> bytes:
+    """A CBZ without its hidden entries (`__MACOSX/` AppleDouble files, dot-files), which MuPDF would count as pages;
+    `data` itself when it has none or its directory cannot be read (MuPDF judges it)."""
+    import zipfile
+
+    def hidden(name: str) -> bool:
+        return any(part.startswith((".", "__MACOSX")) for part in name.split("/"))
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as src:
+            if not any(hidden(info.filename) for info in src.infolist()):
+                return data
+            out = io.BytesIO()
+            with zipfile.ZipFile(out, "w") as dst:
+                for info in src.infolist():
+                    if not hidden(info.filename):
+                        dst.writestr(info, src.read(info))
+            return out.getvalue()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError):
+        return data
 
 
 # RFC 4013 2.3: non-ASCII space, control, private use, non-character, surrogate, and tables C.6 to C.9

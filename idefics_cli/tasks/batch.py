@@ -11,9 +11,10 @@ import glob
 import hashlib
 import itertools
 import os
+import stat
 import time
 from collections.abc import Iterator
-from contextlib import closing
+from contextlib import closing, suppress
 from dataclasses import dataclass, field
 
 from ..ahead import WorkAhead
@@ -35,14 +36,17 @@ DOCUMENT_EXTENSIONS = (".pdf", ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp"
 
 
 def is_document(path: str) -> bool:
-    """Whether a file met while expanding a folder or glob is a supported document: by extension, then magic bytes."""
-    from ..documents import sniff
+    """Whether a file met while expanding a folder or glob is a supported document: a regular file (a named pipe
+    would block), by extension, then magic bytes."""
+    from ..documents import sniff_file
 
+    with suppress(OSError):  # a dangling link or a loop is judged by its name, and gets its record
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
     if path.lower().endswith(DOCUMENT_EXTENSIONS):
         return True
     try:
-        with open(path, "rb") as f:
-            return sniff(f.read(1024)) is not None
+        return sniff_file(path) is not None
     except OSError:
         return False
 

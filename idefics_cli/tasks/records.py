@@ -128,7 +128,8 @@ class Summary:
             self.low_confidence += "low_confidence" in record.warnings
         else:
             self.failed += 1
-            self.failures.append(f"{record.path} page {record.page}: {record.error['code']}")
+            line = f"{record.path} page {record.page}: {record.error['code']}"
+            self.failures.append(line.replace("\n", " "))  # one line each, as errors.py's
 
     @property
     def exit_status(self) -> ExitStatus:

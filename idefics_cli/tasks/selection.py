@@ -85,13 +85,14 @@ class Selection:
 
 def open_selection(documents, pages: str | None = None, *, password: str | None = None, dpi: int | None = None,
                status=None, longest_side: int | None = None) -> Selection:
-    """Open `documents` (a path or a list of paths), choose `pages` in each and decode them all (`longest_side`:
-    the model's render size, families.render_side)."""
+    """Open `documents` (a path, str, bytes or PathLike, or a list of paths), choose `pages` in each and decode them
+    all (`longest_side`: the model's render size, families.render_side)."""
     from ..documents import open_document
     from ..documents.pages import parse_page_spec
 
     started = time.perf_counter()
-    paths = [os.fspath(p) for p in ([documents] if isinstance(documents, (str, os.PathLike)) else documents)]
+    one = isinstance(documents, (str, bytes, os.PathLike))  # a path, also os.fsencode's; else a list of them
+    paths = [os.fsdecode(p) for p in ([documents] if one else documents)]
     if not paths:
         raise UsageError("give at least one document")
     if paths.count("-") > 1:

@@ -247,11 +247,12 @@ class FolderSink(JsonlSink):
         stems = [os.path.splitext(d.rel)[0] for d in docs]
         counts = Counter(os.path.splitext(rel)[0] for rel in {d.rel for d in docs})  # stems of different names
         names = [stem if counts[stem] == 1 else d.rel for d, stem in zip(docs, stems)]
-        seen = Counter()  # one relative path under two folders: "NAME (2).md" for the second
-        self.md_rel = {}
+        seen = Counter()  # one .md name twice (one relative path under two folders, or names safe_join makes one):
+        self.md_rel = {}  # "NAME (2).md" for the second
         for d, name in zip(docs, names):
-            seen[name] += 1
-            self.md_rel[(d.path, d.rel)] = (f"{name} ({seen[name]})" if seen[name] > 1 else name) + ".md"
+            key = safe_join(folder, name)
+            seen[key] += 1
+            self.md_rel[(d.path, d.rel)] = (f"{name} ({seen[key]})" if seen[key] > 1 else name) + ".md"
 
     def _usable(self, record: dict) -> bool:
         return record.get("settings") == self.settings and bool(record.get("page"))
