@@ -345,6 +345,17 @@ def test_16_concurrent_clients_good_and_bad(server, docs):
     assert health["status"] == "ok" and health["running"] == 0 and health["waiting"] == 0
 
 
+def wait_until_freed(server, before: dict) -> None:
+    """Until no row runs and one more job than in `before` counts as cancelled."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        health = server.health()
+        if health["running"] == 0 and health["cancelled"] == before["cancelled"] + 1:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the row was not freed: {server.health()}")
+
+
 def test_a_client_that_disconnects_mid_stream_frees_its_row(server, docs):
     before = server.health()
     body = {"messages": [image_message(data_url(docs["image"]), QUESTION)], "stream": True, "max_tokens": 4000}
@@ -357,14 +368,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(server, docs):
         else:
             raise AssertionError("the stream ended before its first piece")
     # the connection is closed: the row leaves the batch and the job counts as cancelled, long before 4000 tokens
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        health = server.health()
-        if health["running"] == 0 and health["cancelled"] == before["cancelled"] + 1:
-            break
-        time.sleep(0.1)
-    else:
-        raise AssertionError(f"the row was not freed: {server.health()}")
+    wait_until_freed(server, before)
     answer = server.client().chat.completions.create(model="x", messages=body["messages"])
     assert answer.choices[0].finish_reason in ("stop", "length")
     logged = [line for line in server.lines if line.startswith("POST /v1/chat/completions 200")]
@@ -378,14 +382,7 @@ def test_a_client_that_times_out_before_a_plain_answer_is_logged_as_499(server, 
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
                    timeout=httpx.Timeout(30, read=1.5))
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        health = server.health()
-        if health["running"] == 0 and health["cancelled"] == before["cancelled"] + 1:
-            break
-        time.sleep(0.1)
-    else:
-        raise AssertionError(f"the row was not freed: {server.health()}")
+    wait_until_freed(server, before)
     deadline = time.monotonic() + 10
     while not any(line.startswith("POST /v1/chat/completions 499 ") for line in server.lines):
         assert time.monotonic() < deadline, server.lines[-5:]
