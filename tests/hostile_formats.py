@@ -43,6 +43,12 @@ def _psd(width=40, height=30, channels=3) -> bytes:
             + struct.pack(">H", 0) + b"".join(planes))
 
 
+def _zeroed_pixels(png: bytes) -> bytes:
+    """A PNG whose header is whole and whose compressed pixels are zeros (the CRCs left as they were)."""
+    at = png.index(b"IDAT") + 4
+    return png[:at] + bytes(len(png) - at - 12) + png[-12:]
+
+
 def _zip(entries: list[tuple[str, bytes]], stored_first=False) -> bytes:
     import zipfile
 
@@ -242,6 +248,7 @@ def build_formats(root: str, add) -> None:
     add("webp-pages.cbz", _zip([("001.webp", _pil_bytes(_striped(), "WEBP"))]), "unsupported_format")  # MuPDF skips
     add("mac-zipped.cbz", _zip([("001.png", pages[0]), ("__MACOSX/._001.png", b"\x00\x05\x16\x07" + bytes(80))]),
         "ok")  # AppleDouble metadata is not a page
+    add("damaged-page.cbz", _zip([("001.png", _zeroed_pixels(pages[0]))]), "corrupt")  # MuPDF drew it blank
     add("cbz-zip-bomb.cbz", _zip_with_bomb([("001.png", pages[0])], suffix=".png"), "image_too_large")
     add("cbz-image-bomb.cbz", _zip([("001.png", _png_header(50000, 50000))]), "image_too_large")
     add("paper.xps", _xps(), "ok")

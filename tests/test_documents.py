@@ -682,6 +682,19 @@ def test_a_cbz_zipped_on_a_mac_has_its_pages_only_not_its_appledouble_files(tmp_
         assert [doc.render(p).size for p in (1, 2)] == [(1470, 1960)] * 2
 
 
+def test_a_cbz_page_whose_image_mupdf_cannot_decode_is_corrupt_not_blank(tmp_path):
+    """MuPDF draws a damaged page image as a blank page; it is `corrupt`, as the image alone is, not `blank_page`."""
+    from hostile_formats import _pil_bytes, _striped, _zeroed_pixels, _zip
+
+    png = _pil_bytes(_striped(size=(60, 80)), "PNG")
+    with open_document(write(tmp_path, "damaged.cbz", _zip([("001.png", png), ("002.png", _zeroed_pixels(png))]))) \
+            as doc:
+        assert doc.render(1).size and "blank_page" not in doc.warnings(1)
+        with pytest.raises(IdeficsError) as err:
+            doc.render(2)
+        assert err.value.code == "corrupt" and "page 2's image could not be decoded" in err.value.message
+
+
 def test_a_comic_zipped_on_windows_with_its_thumbnail_cache_is_a_cbz():
     """Explorer's `Thumbs.db` and `desktop.ini` in a folder of scans zipped on Windows do not make it 'not a CBZ'."""
     from hostile_formats import _pil_bytes, _striped, _zip

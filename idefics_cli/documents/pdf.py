@@ -145,8 +145,14 @@ class PdfDocument(Document):
             scale *= 0.999
         if scale < wanted * 0.99:
             self._notes[page] = ["downscaled"]
+        if self.kind == "cbz":
+            pymupdf.TOOLS.reset_mupdf_warnings()
         pix = p.get_pixmap(matrix=pymupdf.Matrix(scale, scale), colorspace=pymupdf.csRGB, alpha=False)
-        return PILImage.frombytes("RGB", (pix.width, pix.height), pix.samples, "raw", "RGB", pix.stride)
+        image = PILImage.frombytes("RGB", (pix.width, pix.height), pix.samples, "raw", "RGB", pix.stride)
+        said = pymupdf.TOOLS.mupdf_warnings() if self.kind == "cbz" else ""
+        if "error" in said and all(low == high for low, high in image.getextrema()):  # not a blank page: a broken one
+            raise self._error("corrupt", f"page {page}'s image could not be decoded ({said.splitlines()[0][:120]})")
+        return image
 
     def close(self) -> None:
         self._doc.close()
