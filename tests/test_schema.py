@@ -186,6 +186,7 @@ def test_a_truncated_page_is_an_error_record_that_keeps_its_text_and_is_retried(
     assert res.exit_code == 4, res.stderr  # the one page failed: nothing readable (3 when other pages are done)
     (record,) = read(out)
     assert record["status"] == "error" and record["error"]["code"] == "schema_truncated"
+    assert record["error"]["message"] == "the answer was cut at --max-new-tokens 12 before its JSON ended"  # as ask's
     assert record["data"] is None and record["text"].startswith('{"vendor": "') and record["finish_reason"] == "length"
     assert "failed: " in res.stderr and "schema_truncated" in res.stderr
     assert cli(*args).exit_code == 4 and len(read(out)) == 2  # resume retries it

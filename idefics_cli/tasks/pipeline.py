@@ -271,7 +271,7 @@ def _record(engine, slot: _Slot, request: TranscribeRequest, job: TranscribeJob)
     if isinstance(result, IdeficsError):
         return task_error(task, result, settings)
     return ok_record(task, result, result.prompt_usage, preprocess_s / n, settings, n, request.schema,
-                     request.min_confidence, request.doctags)
+                     request.min_confidence, request.doctags, request.options.max_new_tokens)
 
 
 def answer_single(engine, task, image, request: TranscribeRequest) -> PageRecord:
@@ -284,7 +284,7 @@ def answer_single(engine, task, image, request: TranscribeRequest) -> PageRecord
             preprocess_s = time.perf_counter() - t0
             gen = engine.generate_batch(inputs, request.options.max_new_tokens, schema=request.schema)[0]
             return ok_record(task, gen, gen.prompt_usage, preprocess_s, request.settings_hash, 1, request.schema,
-                             request.min_confidence, request.doctags)
+                             request.min_confidence, request.doctags, request.options.max_new_tokens)
         except Exception as exc:  # noqa: BLE001 - recorded per page
             err = classify(exc, task.input.path)
             if err.code != "out_of_memory":

@@ -59,10 +59,11 @@ class PageRecord:
 
 
 def ok_record(task, gen, usage: dict, preprocess_s: float, settings: str, batch_size: int = 1,
-              schema=None, min_confidence: float | None = None, doctags: bool = False) -> PageRecord:
+              schema=None, min_confidence: float | None = None, doctags: bool = False,
+              max_new_tokens: int | None = None) -> PageRecord:
     """The record of a page (batch.PageTask) answered by `gen`, timed as its share of its batch's call. With a
-    `schema`, `data` or an error record keeping the text; below `min_confidence` a `low_confidence` warning;
-    `doctags`: the text is DocTags, given as Markdown too."""
+    `schema`, `data` or an error record keeping the text (naming `max_new_tokens` when cut); below `min_confidence`
+    a `low_confidence` warning; `doctags`: the text is DocTags, given as Markdown too."""
     from . import confidence
 
     data, error, fields_, warnings = NO_DATA, None, None, list(task.warnings)
@@ -72,7 +73,7 @@ def ok_record(task, gen, usage: dict, preprocess_s: float, settings: str, batch_
 
         data, code = structured.read_answer(gen.text, schema, gen.finish_reason)
         if code is not None:
-            error = structured.answer_error(code).to_dict()
+            error = structured.answer_error(code, max_new_tokens).to_dict()
         elif data is not None:  # null data: null field_confidence, as an answer's (formats.md)
             fields_ = confidence.fields(gen.text, gen.logprobs, gen.ends)
     low = confidence.lowest(fields_)
