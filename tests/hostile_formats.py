@@ -256,6 +256,8 @@ def build_formats(root: str, add) -> None:
     add("book.mobi", _mobi(), "ok")
     add("book.fb2", _fb2(), "ok")
     add("drawing.svg", _svg(), "ok")
+    add("utf16.svg", _svg().decode().replace('version="1.0"', 'version="1.0" encoding="UTF-16"').encode("utf-16"),
+        "ok")  # as Windows tools save it, with its byte order mark
     add("illustrator.svg", b'<?xml version="1.0"?>\n<!DOCTYPE svg PUBLIC "-//W3C//DTD SVG 1.1//EN" "svg11.dtd" [\n'
         b'<!ENTITY ns_ai "http://ns.adobe.com/AdobeIllustrator/10.0/">\n]>\n' + _svg()[21:], "ok")  # DOCTYPE entities
     add("drawing-huge.svg", _svg("1000000", "1000000"), "ok", warnings=["downscaled"], extra=["--dpi", "72"])

@@ -695,6 +695,16 @@ def test_a_cbz_page_whose_image_mupdf_cannot_decode_is_corrupt_not_blank(tmp_pat
         assert err.value.code == "corrupt" and "page 2's image could not be decoded" in err.value.message
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be"])
+def test_an_svg_saved_as_utf16_is_an_svg(tmp_path, encoding):
+    svg = ('<?xml version="1.0" encoding="UTF-16"?><svg xmlns="http://www.w3.org/2000/svg" width="100" height="80">'
+           '<rect width="50" height="40" fill="red"/></svg>')
+    data = (b"\xfe\xff" if encoding == "utf-16-be" else b"") + svg.encode(encoding)
+    assert sniff(data) == "svg"
+    with open_document(write(tmp_path, "drawing.svg", data)) as doc:
+        assert doc.kind == "svg" and doc.page_count == 1 and "blank_page" not in (doc.render(1) and doc.warnings(1))
+
+
 def test_a_comic_zipped_on_windows_with_its_thumbnail_cache_is_a_cbz():
     """Explorer's `Thumbs.db` and `desktop.ini` in a folder of scans zipped on Windows do not make it 'not a CBZ'."""
     from hostile_formats import _pil_bytes, _striped, _zip

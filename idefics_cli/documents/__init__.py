@@ -132,7 +132,9 @@ def _zip_kind(data: bytes, file=None) -> str | None:
 
 
 def _xml_kind(head: bytes) -> str | None:
-    """SVG and FB2: XML whose root element is `<svg` or `<FictionBook`."""
+    """SVG and FB2: XML whose root element is `<svg` or `<FictionBook` (UTF-16 with its byte order mark too)."""
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        head = head.decode("utf-16", "ignore").encode()
     rest = head[_XML_PROLOG.match(head).end():]
     if rest.startswith(b"<svg") or rest.startswith(b"<svg:svg"):
         return "svg"
