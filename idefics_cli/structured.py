@@ -76,7 +76,7 @@ def parse_schema(value: str, grammar_check: bool = True) -> Schema:
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"cannot read the schema file {value}: {exc}") from exc
         source = "file"
-    elif (text.endswith(".json") or "/" in text or os.sep in text) and "," not in text and "\n" not in text:
+    elif (text.endswith((".json", ".yaml", ".yml")) or "/" in text or os.sep in text) and not set(",\n") & set(text):
         raise UsageError(f"the schema file {value} is a folder" if os.path.isdir(value) else
                          f"no such schema file: {value}")
     else:

@@ -140,6 +140,16 @@ def test_a_schema_naming_a_file_is_refused_unread(session, folders):
     assert message.startswith("error [usage]") and "leaked-secret" not in message, message
 
 
+@pytest.mark.parametrize("text", ["invoice.yaml", "schemas/invoice", "invoice.schema.json"])
+def test_schema_text_that_names_a_file_is_refused_as_the_cli_would_look_for_one(text):
+    from idefics_cli.errors import UsageError
+    from idefics_cli.mcp.server import unread
+
+    with pytest.raises(UsageError, match="schema names a file"):
+        unread(text)
+    assert unread("vendor, total float")["required"] == ["vendor", "total"]
+
+
 def test_document_errors_are_tool_errors_with_their_codes(session):
     assert refusal(session["missing"]).startswith("error [not_found]")
     assert refusal(session["bad_pages"]).startswith("error [page_out_of_range]")

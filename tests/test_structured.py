@@ -170,6 +170,7 @@ def test_prompt_text():
     ('{"$schema": 5}', "'$schema' at /$schema"),
     ("total integer", "'integer'"),
     ("missing.schema.json", "no such schema file"),
+    ("invoice.yaml", "no such schema file: invoice.yaml"),  # not a one-field schema named "invoice.yaml"
     ("", "empty"),
     (", ,", "no fields"),
 ])

@@ -41,7 +41,7 @@ def unread(schema):
     text = schema.strip() if isinstance(schema, str) else "{"
     if text.startswith("{") or not text:
         return schema
-    if (text.endswith(".json") or "/" in text or os.sep in text) and "," not in text and "\n" not in text:
+    if (text.endswith((".json", ".yaml", ".yml")) or "/" in text or os.sep in text) and not set(",\n") & set(text):
         raise UsageError("schema names a file, which is not read here", "give the JSON Schema itself, or fields")
     from ..structured import concise_schema
 
