@@ -27,7 +27,12 @@ def check_local_model(path: str) -> None:
 
 
 def looks_local(model: str) -> bool:
-    return os.path.isabs(model) or model.startswith((".", "~")) or os.path.exists(model) or model.count("/") > 1
+    return names_path(model) or model.count("/") > 1
+
+
+def names_path(model: str) -> bool:
+    """Whether `model` is written as a path on this machine (absolute, ./ or ~, or one that exists)."""
+    return os.path.isabs(model) or model.startswith((".", "~")) or os.path.exists(model)
 
 
 def hub_id(model: str) -> bool:

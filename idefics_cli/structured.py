@@ -62,14 +62,15 @@ def schema_hash(schema: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def parse_schema(value: str, grammar_check: bool = True) -> Schema:
-    """A `--schema` value -> a checked Schema; UsageError naming what is wrong."""
+def parse_schema(value: str, grammar_check: bool = True, files: bool = True) -> Schema:
+    """A `--schema` value -> a checked Schema; UsageError naming what is wrong. `files=False`: text that names a
+    file is refused unread (MCP reads only the documents under its roots)."""
     text = value.strip()
     if not text:
         raise UsageError("--schema is empty")
     if text.startswith("{"):
         schema, source = _loads(text, "--schema"), "json"
-    elif os.path.exists(value) and not os.path.isdir(value):  # a file, or a pipe: --schema <(jq ...)
+    elif files and os.path.exists(value) and not os.path.isdir(value):  # a file, or a pipe: --schema <(jq ...)
         try:
             with open(value, encoding="utf-8-sig") as f:  # a BOM (Notepad) is skipped
                 schema = _loads(f.read(), value)
@@ -77,7 +78,8 @@ def parse_schema(value: str, grammar_check: bool = True) -> Schema:
             raise UsageError(f"cannot read the schema file {value}: {exc}") from exc
         source = "file"
     elif (text.endswith((".json", ".yaml", ".yml")) or "/" in text or os.sep in text) and not set(",\n") & set(text):
-        raise UsageError(f"the schema file {value} is a folder" if os.path.isdir(value) else
+        raise UsageError("the schema names a file, which is not read here: give the JSON Schema itself, or fields"
+                         if not files else f"the schema file {value} is a folder" if os.path.isdir(value) else
                          f"no such schema file: {value}")
     else:
         schema, source = concise_schema(text), "concise"
@@ -168,9 +170,7 @@ def _check_keywords(node: Any, where: str) -> None:
         return
     for key, sub in node.items():
         at = f"{where}/{key}"
-        if key not in ENFORCED and key not in ANNOTATIONS:
-            if key.startswith("x-"):
-                continue
+        if key not in ENFORCED and key not in ANNOTATIONS and not key.startswith("x-"):  # x-: an extension's
             why = WHY.get(key)
             hint = why or "the grammar engine cannot enforce it; remove it"
             what = "is not enforced by constrained decoding" if why is not None else "is not supported"

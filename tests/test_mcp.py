@@ -147,7 +147,7 @@ def test_schema_text_that_names_a_file_is_refused_as_the_cli_would_look_for_one(
 
     with pytest.raises(UsageError, match="schema names a file"):
         unread(text)
-    assert unread("vendor, total float")["required"] == ["vendor", "total"]
+    assert unread("vendor, total float").schema["required"] == ["vendor", "total"]
 
 
 def test_document_errors_are_tool_errors_with_their_codes(session):

@@ -178,10 +178,10 @@ def pull_command(
     revision: o.Revision = None,
 ) -> int:
     """Download a model into the Hugging Face cache. Weights, config and processor files, for --offline."""
-    from ..hub import hub_id, pull
+    from ..hub import hub_id, names_path, pull
     from ..tasks.doctor import dir_size
 
-    if os.path.exists(model) or os.path.isabs(model) or model.startswith((".", "~")):
+    if names_path(model):
         raise UsageError(f"{model} is a local path; pull downloads a model from the hub", "pass a hub id (owner/name)")
     if not hub_id(model):
         raise UsageError(f"{model!r} is not a hub id", "pass owner/name, e.g. HuggingFaceM4/idefics2-8b")

@@ -16,7 +16,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
 from ..ahead import in_thread
-from ..errors import IdeficsError, UsageError, classify
+from ..errors import IdeficsError, classify
 
 INSTRUCTIONS = ("Read local PDFs and images (scans, invoices, reports, photos of pages) with a vision-language "
                 "model running on this machine. Paths must be under the folders the user shared.")
@@ -38,14 +38,9 @@ def resolve(roots: list[str], path: str) -> str:
 def unread(schema):
     """A schema argument: an object, inline JSON or fields, never a file read (only documents under the roots are);
     text that names one is a usage error."""
-    text = schema.strip() if isinstance(schema, str) else "{"
-    if text.startswith("{") or not text:
-        return schema
-    if (text.endswith((".json", ".yaml", ".yml")) or "/" in text or os.sep in text) and not set(",\n") & set(text):
-        raise UsageError("schema names a file, which is not read here", "give the JSON Schema itself, or fields")
-    from ..structured import concise_schema
+    from ..structured import parse_schema
 
-    return concise_schema(text)
+    return parse_schema(schema, files=False) if isinstance(schema, str) and schema.strip() else schema
 
 
 def build_mcp(roots: list[str], loader, log=lambda line: None) -> MCPServer:
