@@ -347,7 +347,7 @@ def test_pages_reach_the_server_as_the_very_pixels_of_a_local_run(docs):
     from PIL import Image
 
     from idefics_cli.documents import open_document
-    from idefics_cli.remote.client import page_data_url, png_data_url
+    from idefics_cli.remote.client import page_data_url
     from idefics_cli.serve.requests import _data_url
 
     cmyk = docs["root"] / "cmyk.jpg"
@@ -366,14 +366,14 @@ def test_pages_reach_the_server_as_the_very_pixels_of_a_local_run(docs):
     pages.append(raw)
     for image in pages:
         tiff, spent = page_data_url(image)
-        for url in (tiff, png_data_url(image)):
+        for url in (tiff, page_data_url(image, 0)[0]):
             with open_document("part", data=_data_url(url, "part")) as doc:
                 seen = doc.render(1)
             assert image.mode == "RGB" and seen.mode == "RGB"
             assert seen.size == image.size and seen.tobytes() == image.tobytes()
         assert tiff.startswith("data:image/tiff;base64,") and base64.b64decode(tiff.split(",", 1)[1])[:4] == b"II*\x00"
         assert spent == len(base64.b64decode(tiff.split(",", 1)[1]))
-    png = png_data_url(pages[0])
+    png = page_data_url(pages[0], 0)[0]
     assert png.startswith("data:image/png;base64,") and base64.b64decode(png.split(",", 1)[1])[:4] == b"\x89PNG"
 
 

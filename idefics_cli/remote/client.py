@@ -12,7 +12,7 @@ import base64
 import io
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from itertools import accumulate, islice
 
 from ..errors import IdeficsError, UsageError
@@ -145,8 +145,6 @@ class RemoteEngine:
     def generate_rows(self, items, max_new_tokens: int | None = None, schema=None, width: int | None = None):
         """(tag, inputs, row) items answered up to `width` requests at once, the next sent as one ends; yields
         (tag, Generation or IdeficsError) as answers arrive."""
-        from concurrent.futures import FIRST_COMPLETED, wait
-
         pending = iter(items)
         running: dict = {}
         width = max(1, width or self.auto_batch_size())
@@ -267,22 +265,11 @@ def _local_only(logits_processor) -> None:
         raise UsageError("a logits processor cannot run through a server", "run without --server")
 
 
-def _plain_rgb(image):
-    """The image as a plain RGB `Image` (a TIFF frame's own tags, which Pillow would write again, left behind)."""
-    return image.convert("RGB") if image.mode != "RGB" or hasattr(image, "tag_v2") else image
-
-
-def png_data_url(image) -> str:
-    """A page as a lossless PNG data: URL (RGB, no colour profile or transparency): the server decodes these pixels."""
-    image = _plain_rgb(image)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=1, icc_profile=None, transparency=None)
-    return "data:image/png;base64," + base64.b64encode(buf.getbuffer()).decode("ascii")
-
-
 def page_data_url(image, budget: int = TIFF_BUDGET) -> tuple[str, int]:
-    """A page as a lossless data: URL and the bytes spent of `budget`: a PackBits TIFF if it fits, else PNG (0)."""
-    image = _plain_rgb(image)
+    """A page as a lossless data: URL and the bytes spent of `budget`: a PackBits TIFF if it fits, else PNG (0).
+    Either is plain RGB (no colour profile, transparency or TIFF tags): the server decodes these pixels."""
+    if image.mode != "RGB" or hasattr(image, "tag_v2"):  # a TIFF frame's own tags: Pillow would write them again
+        image = image.convert("RGB")
     smallest = image.height * -(-3 * image.width // 128) * 2  # PackBits: 2 bytes per 128-byte run at best
     if 0 < smallest <= budget:
         from PIL import TiffImagePlugin  # noqa: F401 - registers TIFF saving, so Pillow skips loading every plugin
@@ -291,7 +278,9 @@ def page_data_url(image, budget: int = TIFF_BUDGET) -> tuple[str, int]:
         image.save(buf, format="TIFF", compression="packbits", icc_profile=None)
         if buf.tell() <= budget:
             return "data:image/tiff;base64," + base64.b64encode(buf.getbuffer()).decode("ascii"), buf.tell()
-    return png_data_url(image), 0
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1, icc_profile=None, transparency=None)
+    return "data:image/png;base64," + base64.b64encode(buf.getbuffer()).decode("ascii"), 0
 
 
 def _image_part(image, budget: list[int]) -> dict:

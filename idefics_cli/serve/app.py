@@ -172,7 +172,7 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
                 req, job = await asyncio.to_thread(_prepare, state, body, loop)
         except IdeficsError as err:
             return _from_error(err)
-        metrics.rendered(len(job.images))
+        metrics.pages.inc(len(job.images))
         try:
             scheduler.submit(job)
         except QueueFull as exc:
@@ -339,8 +339,7 @@ async def _lifespan(state: ServerState, config: ServeConfig):
         state.status = "stopping"
         if state.scheduler is not None:
             await asyncio.to_thread(state.scheduler.stop, True, 30)
-        if not task.done():
-            task.cancel()
+        task.cancel()
 
 
 def _load(state: ServerState, config: ServeConfig) -> None:
@@ -360,4 +359,4 @@ def _load(state: ServerState, config: ServeConfig) -> None:
         if state.error.code == "corrupt":
             state.error.code = "model_error"
         state.status = "error"
-        state.on_fatal(state)
+        state.on_fatal()

@@ -1,7 +1,7 @@
 """`GET /metrics`: the server's numbers in the Prometheus text format (prometheus-client; names in docs/serve.md).
 
 Contract: `Metrics(state)` owns its `CollectorRegistry` (one per app). `requests` counts /v1/* responses by status
-(app.py's access log), `ended(job)` a job's timings and tokens, `rendered(n)` pages decoded; the queue, running
+(app.py's access log), `ended(job)` a job's timings and tokens, `pages` pages decoded; the queue, running
 rows and prefix cache are read at each scrape. `render()` returns the text and its content type.
 """
 
@@ -39,9 +39,6 @@ class Metrics:
         self.generated.inc(len(job.token_ids))
         if len(job.token_ids) > 1:
             self.per_token.observe((job.total_s - job.first_token_s) / (len(job.token_ids) - 1))
-
-    def rendered(self, pages: int) -> None:
-        self.pages.inc(pages)
 
     def collect(self):
         load = self.state.scheduler.load() if self.state.scheduler is not None else {}

@@ -9,6 +9,7 @@ then ("done", entries) or ("error", IdeficsError); `entries`: new tokens' logpro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from bisect import bisect_right
 from collections import deque
@@ -54,16 +55,14 @@ class Job(Row):
     @property
     def shed(self) -> bool:
         """Cancelled because the server is stopping, not by its client."""
-        return self.finish_reason == "cancelled" and self._scheduler is not None and self._scheduler.stopping
+        return self.finish_reason == "cancelled" and self._scheduler.stopping
 
     def _emit(self, kind: str, payload=None) -> None:
         if self.loop is None:
             self.events.put_nowait((kind, payload))
         else:
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens any more
                 self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
-            except RuntimeError:  # the loop is closed: nobody listens any more
-                pass
 
     def on_start(self) -> None:
         self._emit("start")
@@ -73,11 +72,10 @@ class Job(Row):
 
     def on_end(self) -> None:
         self.images = []
-        if self._scheduler is not None:
-            key = {"stop": "answered", "length": "answered", "cancelled": "cancelled"}.get(self.finish_reason, "failed")
-            self._scheduler.counts[key] += 1
-            if self._scheduler.on_end is not None:
-                self._scheduler.on_end(self)
+        key = {"stop": "answered", "length": "answered", "cancelled": "cancelled"}.get(self.finish_reason, "failed")
+        self._scheduler.counts[key] += 1  # only the scheduler ends a job: submit set it
+        if self._scheduler.on_end is not None:
+            self._scheduler.on_end(self)
         if self.error is not None:
             self._emit("error", self.error)
         else:
@@ -111,7 +109,8 @@ class Scheduler:
         self.max_batch, self.max_queue = max(1, max_batch), max(0, max_queue)
         self.waiting: deque[Job] = deque()
         self.decode = Loop(engine)
-        self.settings = settings_key(engine)
+        info = describe(engine)  # the model's settings, part of every prefix-cache key
+        self.settings = "|".join(str(info[k]) for k in ("id", "revision", "quantization", "dtype", "device", "split"))
         self.cond = threading.Condition()
         self.stopping = self.cancelling = False  # cancelling: the worker cancels every job it holds
         self.thread: threading.Thread | None = None
@@ -249,11 +248,6 @@ def describe(engine) -> dict:
             "doctags": engine.doctags}
 
 
-def settings_key(engine) -> str:
-    info = describe(engine)
-    return "|".join(str(info[k]) for k in ("id", "revision", "quantization", "dtype", "device", "split"))
-
-
 def token_text(engine, token: int) -> str:
     """One token's text as it reads after other text (its leading space kept; cached): a top_logprobs entry."""
     texts = engine.__dict__.setdefault("_token_texts", {})
@@ -265,19 +259,17 @@ def token_text(engine, token: int) -> str:
     return texts[token]
 
 
-def prompt_ids(engine, messages: list[dict], images: list | None = None) -> list[int]:
+def prompt_ids(engine, messages: list[dict], images: list = ()) -> list[int]:
     """The template's ids, images expanded as `ask` does (`images` in order: their sizes decide a sized family's
-    tokens; None: one tile each). Text holding the image token itself (`<image>`) is a UsageError (engine.chat_text)."""
+    tokens). Text holding the image token itself (`<image>`) is a UsageError (engine.chat_text)."""
     processor = engine.processor
     with engine.text_lock:  # the tokenizer is shared with the decode loop's thread
         text = engine.chat_text(messages)
         if not engine.family.sized:
             return [int(t) for t in processor(text=[text]).input_ids[0]]
-        n = text.count(processor.image_token)
         kwargs = {"do_image_splitting": engine.options.split}
-        grids = [(0, 0)] * n if images is None else [
-            tuple(processor.image_processor.get_number_of_image_patches(im.height, im.width, kwargs)[1:])
-            for im in images]
+        grids = [tuple(processor.image_processor.get_number_of_image_patches(im.height, im.width, kwargs)[1:])
+                 for im in images]
         text = engine.family.expand(processor, [text], grids)[0] if grids else text
         return [int(t) for t in processor.tokenizer(text).input_ids]
 

@@ -46,11 +46,9 @@ def run_server(config: ServeConfig, loader, log=None) -> int:
     sock = _bind(config.host, config.port)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    server: uvicorn.Server | None = None
 
-    def fatal(state: ServerState) -> None:
-        if server is not None:
-            server.should_exit = True
+    def fatal() -> None:  # the model failed to load (run by the lifespan, so `server` is set)
+        server.should_exit = True
 
     state = ServerState(loader=loader, log=log, on_fatal=fatal)
 
