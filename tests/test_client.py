@@ -306,7 +306,8 @@ def odd_server():
             self.wfile.write(body)
 
         def do_GET(self):
-            self._send(json.dumps(CARD).encode(), "application/json")
+            health = self.path == "/health" and odd.health
+            self._send(health or json.dumps(CARD).encode(), "application/json")
 
         def do_POST(self):
             assert json.loads(self.rfile.read(int(self.headers["content-length"])))["stream"] is True
@@ -314,6 +315,7 @@ def odd_server():
 
     odd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     odd.url = f"http://127.0.0.1:{odd.server_address[1]}"
+    odd.health = None  # /health's body; None: the card
     threading.Thread(target=odd.serve_forever, daemon=True).start()
     yield odd
     odd.shutdown()
@@ -339,6 +341,14 @@ def test_a_server_answer_that_is_not_a_chat_completion_is_a_model_error(odd_serv
         assert res.returncode == 5, (reply, lines)
         assert f"error [model_error]: the server at {odd_server.url} sent an answer that is not a chat completion" \
             in lines[-1], (reply, lines)
+
+
+def test_a_health_body_that_is_not_an_object_leaves_the_default_batch(odd_server):
+    from idefics_cli.remote.client import RemoteEngine
+
+    for body in (b"[4, 8]", b"null", b'"max_batch"'):
+        odd_server.health = body
+        assert RemoteEngine(odd_server.url).auto_batch_size() == 4, body
 
 
 def test_pages_reach_the_server_as_the_very_pixels_of_a_local_run(docs):

@@ -59,6 +59,7 @@ def test_error_objects_keep_the_clis_codes():
 
 def test_retry_after_is_bounded():
     assert [retry_after(v) for v in ("1", "0", "3600", None, "soon")] == [1.0, 0.1, 10.0, 1.0, 1.0]
+    assert [retry_after(v) for v in ("nan", "inf", "-inf")] == [1.0, 10.0, 0.1]  # time.sleep(nan) raises
 
 
 def test_server_sent_events_end_at_done():

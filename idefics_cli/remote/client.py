@@ -83,7 +83,7 @@ class RemoteEngine:
             health = self.http.json("GET", "/health")
         except IdeficsError:
             return 4
-        size = health.get("max_batch")
+        size = health.get("max_batch") if isinstance(health, dict) else None
         return size if isinstance(size, int) and size > 0 else 4
 
     def prepare(self, batch: list[tuple[list, str]], split: bool | None = None, collect: bool = False):

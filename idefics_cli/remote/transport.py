@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import socket
 import time
 import urllib.parse
@@ -147,9 +148,10 @@ class Transport:
 def retry_after(value: str | None) -> float:
     """Seconds to wait before retrying an overloaded server: its Retry-After, within 0.1 to 10 s (1 s if none)."""
     try:
-        return min(max(float(value), 0.1), 10.0)
+        seconds = float(value)
     except (TypeError, ValueError):
         return 1.0
+    return 1.0 if math.isnan(seconds) else min(max(seconds, 0.1), 10.0)
 
 
 def events(resp):
