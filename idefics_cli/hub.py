@@ -65,10 +65,6 @@ def cached_snapshot(model: str, revision: str | None, need: str = "model") -> st
     return os.path.dirname(found) if found else None
 
 
-def is_cached(model: str, revision: str | None, need: str = "model") -> bool:
-    return cached_snapshot(model, revision, need) is not None
-
-
 def source(options, local_files_only: bool, need: str = "model") -> str:
     """What to hand `from_pretrained`: loading locally, a cached hub id's folder (the hub's download path, which may
     connect even with `local_files_only`, is never entered); else `options.model`."""
@@ -106,7 +102,7 @@ def local_only(options, need: str = "model") -> bool:
     if looks_local(options.model):
         return True
     quiet_hub()  # commands: no retry chatter on stderr (process.py)
-    if is_cached(options.model, options.revision, need):
+    if cached_snapshot(options.model, options.revision, need):
         return True
     if options.offline:
         raise IdeficsError("model_error", f"{options.model} is not in the local cache (offline)", PULL_HINT)

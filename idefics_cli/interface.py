@@ -11,7 +11,9 @@ from __future__ import annotations
 import re
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
+
+from .errors import UsageError
 
 DEFAULT_MODEL = "HuggingFaceM4/idefics2-8b"
 TRANSCRIBE_PROMPT = (
@@ -26,8 +28,6 @@ DPI_RANGE = (10, 1200)  # --dpi's bounds, and the API's dpi
 def check_option(name: str, value, low: int, high: int):
     """`value` if it is None or an integer from `low` to `high`; else UsageError naming the option."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high):
-        from .errors import UsageError
-
         raise UsageError(f"{name} must be an integer from {low} to {high}, not {value!r}")
     return value
 
@@ -38,8 +38,6 @@ DEVICES = "auto, cpu, cuda or cuda:N"  # --device's values (N: a GPU's index)
 def check_device(device, name: str = "device") -> str:
     """`device` if it is one of `DEVICES`; else UsageError naming the option (before anything loads)."""
     if not (isinstance(device, str) and (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:[0-9]+", device))):
-        from .errors import UsageError
-
         raise UsageError(f"{name} {device!r} is not a device", f"use {DEVICES}")
     return device
 
@@ -73,7 +71,6 @@ class Generation:
     ends: list[int] = field(default_factory=list)  # where each token's part of `text` ends (Row.token_ends)
 
 
-@runtime_checkable
 class Engine(Protocol):
     """A model that answers prompts made of page images and text."""
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import signal
 import sys
@@ -109,14 +108,13 @@ def _sigterm(signum, frame):
 
 
 def run(body, out: Output | None = None) -> int:
-    """Run a command body and turn whatever happens into an exit status (never a traceback); Python warnings and
-    bitsandbytes' log lines are hidden unless IDEFICS_DEBUG=1, which also shows tracebacks."""
+    """Run a command body and turn whatever happens into an exit status (never a traceback); Python warnings are
+    hidden unless IDEFICS_DEBUG=1, which also shows tracebacks."""
     out = out or Output()
     previous = signal.signal(signal.SIGTERM, _sigterm)
     with warnings.catch_warnings():
         if not os.environ.get("IDEFICS_DEBUG"):
             warnings.simplefilter("ignore")
-            logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         try:
             return int(body() or ExitStatus.OK)
         except KeyboardInterrupt:

@@ -43,7 +43,7 @@ def test_uncached_hub_id_without_hub_fails_in_seconds(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     assert hub.probe_endpoint(constants.ENDPOINT, timeout=1.0) is not None  # says why: unreachable
-    assert hub.is_cached("org/never-downloaded", None) is False
+    assert hub.cached_snapshot("org/never-downloaded", None) is None
     start = time.monotonic()
     with pytest.raises(IdeficsError, match="not in the local cache") as err:
         hub.local_only(SimpleNamespace(model="org/never-downloaded", revision=None, offline=False))

@@ -16,10 +16,8 @@ from .options import Command, Group
 app = typer.Typer(
     name="idefics",
     cls=Group,  # click's usage errors as one line `error [usage]: ...`
-    help="Ask documents questions and transcribe them with Idefics2-8B, locally, 4-bit, on one GPU.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    pretty_exceptions_show_locals=False,
     rich_markup_mode=None,  # plain help, drawn without Rich: a faster `--help`
     context_settings={"help_option_names": ["-h", "--help"]},
 )

@@ -53,7 +53,7 @@ def ask_command(
     remote, side = o.connect_first(opts, server, api_key, out)
     selection = open_selection(paths, pages, password=password, dpi=dpi, status=out.status,  # before the model loads
                                longest_side=side)
-    engine = remote or o.engine(opts, server, api_key, out)
+    engine = remote or o.engine(opts, out)
     status = 0
     for group in selection.each_page() if each_page else [selection]:
         with out.status(f"Preparing {len(group)} page(s)…"):

@@ -57,7 +57,7 @@ def chat_command(
     session = Session(out, chat, interactive)
     previous = signal.signal(signal.SIGTERM, _terminate)  # Ctrl-C at the prompt goes on; SIGTERM never does
     try:
-        chat.start(remote or o.engine(opts, server, api_key, out), schema=schema)
+        chat.start(remote or o.engine(opts, out), schema=schema)
         return session.run()
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -2,8 +2,8 @@
 
 Contract: `@model_params(max_new_tokens)` puts the model options in place of a command's `opts` parameter and hands
 them to it as one `ModelOptions`; `@runs` makes a command's first parameter its `Output` and runs the body through
-`output.run` (errors as one line, the exit status). `engine()` loads the model or connects to `--server`, which
-`connect_first()` does before pages are rendered. `Command`: every command's usage and help, as the README writes.
+`output.run` (errors as one line, the exit status). `connect_first()` connects to `--server` before pages are
+rendered; `engine()` loads the model otherwise. `Command`: every command's usage and help, as the README writes.
 `Group`: the app, whose click usage errors (bad values, unknown options or commands, missing arguments) are one line.
 """
 
@@ -74,8 +74,6 @@ class OneLineUsageError(ClickUsageError):
 def _one_line_usage():
     try:
         yield
-    except OneLineUsageError:
-        raise
     except ClickUsageError as error:
         if type(error).__name__ == "NoArgsIsHelpError":  # click 8.2+: `idefics` alone prints its help, as before
             raise
@@ -136,27 +134,24 @@ ApiKey = Annotated[str | None, typer.Option("--api-key", metavar="KEY", envvar="
                                             help="The --server's API key.")]
 
 
-def engine(opts: ModelOptions, server: str | None, api_key: str | None, out):
-    """The model loaded here, or with `server` that server's (no torch import then); another `--model` is warned."""
-    if not server:
-        from ..runtime.model import load_engine
+def engine(opts: ModelOptions, out):
+    """The model loaded here (without `--server`)."""
+    from ..runtime.model import load_engine
 
-        with out.status(f"Loading {opts.model} ({opts.quant})…"):
-            return load_engine(opts)
+    with out.status(f"Loading {opts.model} ({opts.quant})…"):
+        return load_engine(opts)
+
+
+def connect_first(opts: ModelOptions, server: str | None, api_key: str | None, out):
+    """(`--server`'s engine or None, the page size); the server is connected first: it says what size pages are."""
+    if not server:
+        return None, render_side(opts)
     from ..remote.client import RemoteEngine
 
     with out.status(f"Connecting to {server}…"):
         remote = RemoteEngine(server, api_key, opts.max_new_tokens)
     if opts.model not in (DEFAULT_MODEL, remote.options.model):
         out.warn(f"--model {opts.model} is not used: the server at {remote.url} serves {remote.options.model}")
-    return remote
-
-
-def connect_first(opts: ModelOptions, server: str | None, api_key: str | None, out):
-    """The `--server` engine (connected first: it says what size it wants pages at) or None, and that page size."""
-    if not server:
-        return None, render_side(opts)
-    remote = engine(opts, server, api_key, out)
     return remote, remote.render_side
 
 
