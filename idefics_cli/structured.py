@@ -44,7 +44,7 @@ _SUBSCHEMA = {"additionalProperties", "items"}
 _SUBSCHEMA_MAPS = {"properties", "patternProperties", "$defs", "definitions"}
 _SUBSCHEMA_LISTS = {"anyOf", "allOf", "prefixItems", "items"}
 _CLOSED_ONE = {"additionalProperties", "items", "not"}  # where `closed` looks for object schemas
-_CLOSED_LISTS = {"anyOf", "allOf", "oneOf", "prefixItems"}
+_CLOSED_LISTS = {"anyOf", "allOf", "oneOf", "prefixItems", "items"}  # items: draft-07 tuples
 
 
 @dataclass(frozen=True)

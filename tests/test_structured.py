@@ -557,3 +557,6 @@ def test_closed_adds_additional_properties_false_where_the_schema_says_nothing()
     assert out["$defs"]["d"]["additionalProperties"] is False and out["anyOf"][0]["additionalProperties"] is False
     assert "additionalProperties" not in schema  # a copy: the user's schema (and its hash) is left alone
     assert json.loads(st.grammar(schema))  # the grammar is JSON text
+    tuple_ = {"$schema": "http://json-schema.org/draft-07/schema#", "type": "array",
+              "items": [{"type": "object", "properties": {"a": {"type": "string"}}}]}  # draft-07's tuple form
+    assert st.closed(tuple_)["items"][0]["additionalProperties"] is False
