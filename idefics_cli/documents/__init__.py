@@ -158,11 +158,9 @@ def damaged_signature(data: bytes, name: str) -> str | None:
     if kind is None or len(head) < 8:
         return None
     text_mode = head.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-    for magic in (m for m, k in _MAGIC if k == kind):
-        plain = magic.replace(b"\r\n", b"\n")
-        if _bit_distance(head[:len(magic)], magic) <= 2 or text_mode.startswith(plain):
-            return kind
-        if b"\r\n" in magic and (head.startswith(magic.replace(b"\n", b"\r\n")) or head.startswith(plain)):
+    for magic in (m for m, k in _MAGIC if k == kind):  # bits flipped, CRLF made LF, or LF made CRLF
+        if (_bit_distance(head[:len(magic)], magic) <= 2 or text_mode.startswith(magic.replace(b"\r\n", b"\n"))
+                or head.startswith(magic.replace(b"\n", b"\r\n"))):
             return kind
     if kind == "png" and head[1:4] == b"PNG" and b"IHDR" in head[:40]:
         return kind
