@@ -108,8 +108,7 @@ class ImageDocument(Document):
 
 def _bits_per_sample(im: Image) -> int | None:
     """The bits per sample a TIFF declares (12-bit scans arrive in 16-bit containers), else None."""
-    tags = getattr(im, "tag_v2", None)
-    value = tags.get(258) if tags is not None else None
+    value = getattr(im, "tag_v2", {}).get(258)
     if isinstance(value, (tuple, list)):
         value = value[0] if value else None
     return int(value) if isinstance(value, int) and 1 <= value <= 32 else None
