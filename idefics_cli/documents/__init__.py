@@ -107,7 +107,6 @@ def sniff_file(path: str) -> str | None:
     with open(path, "rb") as f:
         head = f.read(_XML_HEAD)
         if head.startswith(b"PK\x03\x04"):
-            f.seek(0)
             return _zip_kind(head, f)
     return sniff(head)
 
