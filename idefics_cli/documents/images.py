@@ -171,8 +171,6 @@ def complete_png(data: bytes) -> bytes | None:
 
 def drop_bad_ancillary(data: bytes) -> bytes | None:
     """The PNG without its ancillary chunks of bad checksum; None when none is bad."""
-    if not data.startswith(PNG_MAGIC):
-        return None
     pos, keep, dropped = len(PNG_MAGIC), [], False
     while pos + 12 <= len(data):
         length, kind = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
