@@ -112,8 +112,7 @@ def sniff_file(path: str) -> str | None:
 
 
 def _zip_kind(data: bytes, file=None) -> str | None:
-    """EPUB from its first entry (`mimetype`); XPS and CBZ from the names in the ZIP's directory (read from `file`
-    when given, else from `data`)."""
+    """EPUB from its first entry (`mimetype`); XPS and CBZ from the names in the ZIP's directory (`file`'s if given)."""
     if data[30:38] == b"mimetype" and data[38:58].startswith(b"application/epub+zip"):
         return "epub"
     names = _zip_names(data if file is None else file)
@@ -135,7 +134,7 @@ def _xml_kind(head: bytes) -> str | None:
     if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
         head = head.decode("utf-16", "ignore").encode()
     rest = head[_XML_PROLOG.match(head).end():]
-    if rest.startswith(b"<svg") or rest.startswith(b"<svg:svg"):
+    if rest.startswith(b"<svg"):  # <svg:svg too
         return "svg"
     if rest.startswith(b"<FictionBook"):
         return "fb2"
