@@ -114,7 +114,7 @@ def _bits_per_sample(im: Image) -> int | None:
     return int(value) if isinstance(value, int) and 1 <= value <= 32 else None
 
 
-def _to_rgb(im: Image, bits: int | None = None) -> Image:
+def _to_rgb(im: Image, bits: int | None) -> Image:
     """Any mode -> RGB: deep gray scaled by its real range (`bits`, default 16), transparency onto white, a 1-px side
     padded to 2 px with white (the processor cannot split it into crops otherwise)."""
     from PIL import Image as PILImage
@@ -129,7 +129,7 @@ def _to_rgb(im: Image, bits: int | None = None) -> Image:
         low, high = im.getextrema()
         im = im.point(lambda v: v * 255, "L") if 0 <= low and high <= 1 else im.convert("L")
     size = (max(im.width, 2), max(im.height, 2))
-    transparent = im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or im.has_transparency_data
+    transparent = im.has_transparency_data  # alpha modes too
     if not transparent and size == im.size:
         return im if im.mode == "RGB" else im.convert("RGB")
     im = im.convert("RGBA" if transparent else "RGB")
@@ -196,7 +196,7 @@ _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 
 _TIFF_COMPRESSIONS = {1, 2, 3, 4, 5, 6, 7, 8, 32771, 32773, 32809, 32946, 34925, 50000, 50001}
 
 
-def unsupported_variant(kind: str, data: bytes, reason: str = "") -> str | None:
+def unsupported_variant(kind: str, data: bytes, reason: str) -> str | None:
     """The variant a header declares that the decoder cannot read ("12-bit JPEG"; `reason`: the decoder's message),
     else None (damaged bytes)."""
     read = {"jpeg": _jpeg, "tiff": _tiff, "bmp": _bmp}.get(kind)
