@@ -195,7 +195,7 @@ def open_here(path: str, kind: str, data: bytes, password: str | None, dpi: int 
               ) -> Document:
     """The document decoded in this process: a worker's side of `open_document`."""
     if kind in MUPDF_FORMATS:
-        return PdfDocument(path, kind, data, password, dpi, longest_side)
+        return PdfDocument(path, data, password, dpi, longest_side, kind)
     return ImageDocument(path, kind, data)
 
 

@@ -171,6 +171,8 @@ def complete_png(data: bytes) -> bytes | None:
 
 def drop_bad_ancillary(data: bytes) -> bytes | None:
     """The PNG without its ancillary chunks of bad checksum; None when none is bad."""
+    if not data.startswith(PNG_MAGIC):
+        return None
     pos, keep, dropped = len(PNG_MAGIC), [], False
     while pos + 12 <= len(data):
         length, kind = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
@@ -196,7 +198,7 @@ _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 
 _TIFF_COMPRESSIONS = {1, 2, 3, 4, 5, 6, 7, 8, 32771, 32773, 32809, 32946, 34925, 50000, 50001}
 
 
-def unsupported_variant(kind: str, data: bytes, reason: str) -> str | None:
+def unsupported_variant(kind: str, data: bytes, reason: str = "") -> str | None:
     """The variant a header declares that the decoder cannot read ("12-bit JPEG"; `reason`: the decoder's message),
     else None (damaged bytes)."""
     read = {"jpeg": _jpeg, "tiff": _tiff, "bmp": _bmp}.get(kind)

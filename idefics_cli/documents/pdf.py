@@ -31,7 +31,8 @@ _LOST_CHAPTER = re.compile(r'ERROR: cannot find chapter ("[^"\n]*")')  # the pag
 class PdfDocument(Document):
     """A document MuPDF opens: PDF, and XPS/OXPS, EPUB, MOBI, FB2, CBZ and SVG, paginated by MuPDF."""
 
-    def __init__(self, path: str, kind: str, data: bytes, password: str | None, dpi: int | None, longest_side: int):
+    def __init__(self, path: str, data: bytes, password: str | None, dpi: int | None, longest_side: int,
+                 kind: str = "pdf"):
         super().__init__(path, kind, data)
         self._dpi, self._longest_side = dpi, longest_side
         name = NAMES[kind]
