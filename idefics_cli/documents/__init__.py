@@ -107,14 +107,12 @@ def sniff_file(path: str) -> str | None:
     with open(path, "rb") as f:
         head = f.read(_XML_HEAD)
         if head.startswith(b"PK\x03\x04"):
-            f.seek(0)
             return _zip_kind(head, f)
     return sniff(head)
 
 
 def _zip_kind(data: bytes, file=None) -> str | None:
-    """EPUB from its first entry (`mimetype`); XPS and CBZ from the names in the ZIP's directory (read from `file`
-    when given, else from `data`)."""
+    """EPUB from its first entry (`mimetype`); XPS and CBZ from the names in the ZIP's directory (`file`'s if given)."""
     if data[30:38] == b"mimetype" and data[38:58].startswith(b"application/epub+zip"):
         return "epub"
     names = _zip_names(data if file is None else file)
@@ -136,7 +134,7 @@ def _xml_kind(head: bytes) -> str | None:
     if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
         head = head.decode("utf-16", "ignore").encode()
     rest = head[_XML_PROLOG.match(head).end():]
-    if rest.startswith(b"<svg") or rest.startswith(b"<svg:svg"):
+    if rest.startswith(b"<svg"):  # <svg:svg too
         return "svg"
     if rest.startswith(b"<FictionBook"):
         return "fb2"
@@ -158,11 +156,9 @@ def damaged_signature(data: bytes, name: str) -> str | None:
     if kind is None or len(head) < 8:
         return None
     text_mode = head.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-    for magic in (m for m, k in _MAGIC if k == kind):
-        plain = magic.replace(b"\r\n", b"\n")
-        if _bit_distance(head[:len(magic)], magic) <= 2 or text_mode.startswith(plain):
-            return kind
-        if b"\r\n" in magic and (head.startswith(magic.replace(b"\n", b"\r\n")) or head.startswith(plain)):
+    for magic in (m for m, k in _MAGIC if k == kind):  # bits flipped, CRLF made LF, or LF made CRLF
+        if (_bit_distance(head[:len(magic)], magic) <= 2 or text_mode.startswith(magic.replace(b"\r\n", b"\n"))
+                or head.startswith(magic.replace(b"\n", b"\r\n"))):
             return kind
     if kind == "png" and head[1:4] == b"PNG" and b"IHDR" in head[:40]:
         return kind

@@ -108,14 +108,13 @@ class ImageDocument(Document):
 
 def _bits_per_sample(im: Image) -> int | None:
     """The bits per sample a TIFF declares (12-bit scans arrive in 16-bit containers), else None."""
-    tags = getattr(im, "tag_v2", None)
-    value = tags.get(258) if tags is not None else None
+    value = getattr(im, "tag_v2", {}).get(258)
     if isinstance(value, (tuple, list)):
         value = value[0] if value else None
     return int(value) if isinstance(value, int) and 1 <= value <= 32 else None
 
 
-def _to_rgb(im: Image, bits: int | None = None) -> Image:
+def _to_rgb(im: Image, bits: int | None) -> Image:
     """Any mode -> RGB: deep gray scaled by its real range (`bits`, default 16), transparency onto white, a 1-px side
     padded to 2 px with white (the processor cannot split it into crops otherwise)."""
     from PIL import Image as PILImage
@@ -130,7 +129,7 @@ def _to_rgb(im: Image, bits: int | None = None) -> Image:
         low, high = im.getextrema()
         im = im.point(lambda v: v * 255, "L") if 0 <= low and high <= 1 else im.convert("L")
     size = (max(im.width, 2), max(im.height, 2))
-    transparent = im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or im.has_transparency_data
+    transparent = im.has_transparency_data  # alpha modes too
     if not transparent and size == im.size:
         return im if im.mode == "RGB" else im.convert("RGB")
     im = im.convert("RGBA" if transparent else "RGB")

@@ -49,10 +49,6 @@ class PageSpec:
 
     ranges: tuple[PageRange, ...] = ()
 
-    @property
-    def is_all(self) -> bool:
-        return not self.ranges
-
     def __str__(self) -> str:
         return ",".join(map(str, self.ranges)) or "all"
 

@@ -121,9 +121,8 @@ class PdfDocument(Document):
         """Open an encrypted PDF; AES-256 passwords are tried as typed, then SASLprep-normalised (PDF 2.0)."""
         if password is not None and any(self._doc.authenticate(p) for p in candidates(password)):
             return
-        why = encryption_damage(self._doc)
-        if why:
-            raise self._error("corrupt", f"the PDF cannot be decrypted with any password: {why}")
+        if damage := encryption_damage(self._doc):
+            raise self._error("corrupt", f"the PDF cannot be decrypted with any password: {damage}")
         if password is None:
             raise self._error("encrypted", "the PDF is encrypted", "pass --password")
         raise self._error("wrong_password", "the password does not open this PDF", "check --password")

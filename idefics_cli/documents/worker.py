@@ -65,18 +65,16 @@ class Worker:
         seconds = timeout()
         try:
             self.conn.send(request)
-            answered = self.conn.poll(seconds)
-            reply = self.conn.recv() if answered else None
+            if self.conn.poll(seconds):
+                return self.conn.recv()
         except (EOFError, OSError):
             self.kill()
             raise ChildProcessError("its decoder's process ended") from None
         except BaseException:  # interrupted: its late reply must not answer the next request
             self.kill()
             raise
-        if not answered:  # past the bound: the same
-            self.kill()
-            raise TimeoutError(f"took longer than {seconds:g} s")
-        return reply
+        self.kill()  # past the bound: the same
+        raise TimeoutError(f"took longer than {seconds:g} s")
 
     def kill(self) -> None:
         with _lock:
