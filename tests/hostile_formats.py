@@ -238,6 +238,7 @@ def build_formats(root: str, add) -> None:
     add("psd-truncated.psd", _psd()[:200], "corrupt")
     add("psd-bomb.psd", _psd()[:14] + struct.pack(">II", 50000, 50000) + _psd()[22:], "image_too_large")
     add("large-document.psb", _psd().replace(b"8BPS\x00\x01", b"8BPS\x00\x02", 1), "unsupported_format")
+    add("psb-named.psd", _psd().replace(b"8BPS\x00\x01", b"8BPS\x00\x02", 1), "unsupported_format")  # not corrupt
     epub = _zip(_epub_entries(), stored_first=True)
     add("book.epub", epub, "ok")
     add("epub-truncated.epub", epub[:len(epub) // 2], "corrupt")

@@ -539,6 +539,8 @@ def test_pages_read_but_maybe_not_as_expected_carry_warnings():
 
 
 def test_sniff_names_the_new_formats_by_their_bytes():
+    from hostile_formats import _zip
+
     from idefics_cli.documents import damaged_signature
 
     assert sniff(b"\x00\x00\x00\x0cjP  \r\n\x87\n" + bytes(20)) == "jp2"
@@ -551,6 +553,8 @@ def test_sniff_names_the_new_formats_by_their_bytes():
     assert sniff(b'<?xml version="1.0"?>\n<!-- x --><svg xmlns="http://www.w3.org/2000/svg"/>') == "svg"
     assert sniff(b"<FictionBook xmlns='x'/>") == "fb2" and sniff(b"<html><body/></html>") is None
     assert sniff(bytes(60) + b"BOOKMOBI") == "mobi"
+    cbz = _zip([("001.png", b"png"), ("002.png", b"png")])
+    assert [sniff(kind(cbz)) for kind in (bytes, bytearray, memoryview)] == ["cbz"] * 3  # any bytes-like
     assert damaged_signature(b"\x89PNG\n\x1a\n" + bytes(30), "scan.png") == "png"
     assert damaged_signature(b"\x89PNG\n\x1a\n" + bytes(30), "scan.bin") is None  # the name says nothing
     assert damaged_signature(b"hello, I am text", "text.png") is None
@@ -601,6 +605,24 @@ def test_mupdf_documents_open_and_render_at_once_from_several_threads(tmp_path):
         for _ in range(3):
             assert list(pool.map(pixels, paths)) == alone
     assert len(worker._alive) <= worker.IDLE  # a worker is held only during a call; extras are killed
+
+
+def test_an_idle_worker_that_died_is_reaped_not_kept(tmp_path):
+    """A worker that dies while idle (killed, out of memory) is replaced, and its connection closed."""
+    from idefics_cli.documents import worker
+
+    path = write(tmp_path, "a.pdf", pdf_bytes((200, 300)))
+    with open_document(path, dpi=36) as doc:
+        doc.render(1)
+    idle = list(worker._idle)
+    assert idle
+    for one in idle:
+        one.proc.kill()
+        one.proc.wait()
+    with open_document(path, dpi=36) as doc:
+        assert doc.render(1).size
+    assert all(one.conn.closed and one not in worker._alive for one in idle)
+    assert all(one.proc.poll() is None for one in worker._alive)
 
 
 def test_mupdf_workers_are_quiet_and_die_with_the_process(tmp_path):

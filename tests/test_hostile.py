@@ -224,7 +224,9 @@ def test_every_new_format_reads_and_each_variant_is_named(corpus):
     named = {"twelve-bit.jpg": "12-bit JPEG is not supported", "lossless.jpg": "lossless JPEG (SOF3) is not supported",
              "float64.tif": "64-bit float TIFF is not supported", "logluv.tif": "LogLuv TIFF is not supported",
              "os2-rle24.bmp": "OS/2 BMP with 24-bit RLE is not supported",
-             "bitfields.bmp": "BMP with unusual bit-field masks is not supported"}
+             "bitfields.bmp": "BMP with unusual bit-field masks is not supported",
+             "large-document.psb": "PSB (Photoshop's large document format) is not supported",
+             "psb-named.psd": "PSB (Photoshop's large document format) is not supported"}
     for name, message in named.items():
         with pytest.raises(IdeficsError) as err:
             open_document(by_name[name].path).render(1)

@@ -96,7 +96,7 @@ def _zip_names(data) -> list[str] | None:
     import zipfile
 
     try:
-        with zipfile.ZipFile(io.BytesIO(data) if isinstance(data, bytes) else data) as archive:
+        with zipfile.ZipFile(io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data) as archive:
             return [n for n in archive.namelist() if not n.endswith("/")]
     except (zipfile.BadZipFile, OSError, ValueError, EOFError):
         return None
@@ -170,6 +170,7 @@ def damaged_signature(data: bytes, name: str) -> str | None:
         return kind
     return None
 
+
 def _read(path: str) -> bytes:
     if path == "-":
         stdin = sys.stdin
@@ -213,6 +214,9 @@ def open_document(path: str, *, password: str | None = None, dpi: int | None = N
         raise IdeficsError("empty_document", "the file is empty", path=path)
     kind = sniff(data)
     if kind is None:
+        if data[:6] == b"8BPS\x00\x02":  # before the signature check: PSB is PSD's signature with 2 bits flipped
+            raise IdeficsError("unsupported_format", "PSB (Photoshop's large document format) is not supported",
+                               "save it as PSD or PNG", path)
         damaged = damaged_signature(data, path)
         if damaged in MUPDF_FORMATS:
             raise IdeficsError("corrupt", f"the file is named as {NAMES[damaged]} but its ZIP directory cannot be "
@@ -220,9 +224,6 @@ def open_document(path: str, *, password: str | None = None, dpi: int | None = N
         if damaged is not None:
             raise IdeficsError("corrupt", f"the file is named as {NAMES[damaged]} but its signature is damaged (a "
                                "flipped bit, or line endings rewritten by a text-mode transfer)", path=path)
-        if data[:4] == b"8BPS":
-            raise IdeficsError("unsupported_format", "PSB (Photoshop's large document format) is not supported",
-                               "save it as PSD or PNG", path)
         zipped = data[:4] == b"PK\x03\x04" and _zip_names(data) is not None
         what = "a ZIP archive but not an EPUB, CBZ or XPS" if zipped else "not a supported document"
         raise IdeficsError("unsupported_format", f"{what} ({_SUPPORTED})", path=path)

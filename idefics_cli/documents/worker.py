@@ -85,13 +85,19 @@ class Worker:
 
 
 def _take(key: int) -> Worker:
-    """An idle worker, the one holding document `key` first; a new one when none is idle."""
+    """An idle worker, the one holding document `key` first; a new one when none is idle. Idle workers found dead
+    are reaped (process waited for, connection closed)."""
+    found, dead = None, []
     with _lock:
         for worker in sorted(_idle, key=lambda w: w.key != key):
             _idle.remove(worker)
             if worker.proc.poll() is None:
-                return worker
-    return Worker()
+                found = worker
+                break
+            dead.append(worker)
+    for worker in dead:
+        worker.kill()
+    return found or Worker()
 
 
 def _give(worker: Worker) -> None:
