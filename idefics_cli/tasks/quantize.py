@@ -8,11 +8,10 @@ step. torch and transformers are imported inside functions only.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import IdeficsError, UsageError
 from .doctor import model_files
@@ -36,7 +35,7 @@ def save_4bit(options, out_dir: str, status=lambda message: contextlib.nullconte
     """Load `options.model` in 4-bit and save it with its processor into the new folder `out_dir`."""
     from ..runtime.model import load_processor, start_load
 
-    options = dataclasses.replace(options, quant="4bit")  # whatever the model's size (--quant auto would not)
+    options = replace(options, quant="4bit")  # whatever the model's size (--quant auto would not)
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise UsageError(f"{out_dir} exists and is not an empty folder", "choose a new folder")
