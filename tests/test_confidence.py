@@ -141,11 +141,11 @@ def test_min_confidence_marks_pages_under_it_by_their_lowest_field_or_token():
     schema = as_schema("n int")
 
     def warned(bound, schema=schema, gen=gen):
-        record = ok_record(task, gen, {}, 0.0, "s", schema=schema, min_confidence=bound)
+        record = ok_record(task, gen, 0.0, "s", schema=schema, min_confidence=bound)
         assert record.status == "ok" or schema is not None
         return "low_confidence" in record.warnings
 
-    assert ok_record(task, gen, {}, 0.0, "s", schema=schema).field_confidence == {"n": 0.6}
+    assert ok_record(task, gen, 0.0, "s", schema=schema).field_confidence == {"n": 0.6}
     assert [warned(b) for b in (0.5, 0.6, 0.61, None)] == [False, False, True, False]  # the field's 0.6
     assert [warned(b, None) for b in (0.4, 0.41)] == [False, True]  # no schema: the lowest token, the end's 0.4
     assert not warned(0.99, gen=Generation(text='{"n": 1', finish_reason="length", logprobs=[-1.0], ends=[7]))

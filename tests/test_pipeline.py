@@ -11,7 +11,7 @@ from conftest import make_image
 
 from idefics_cli.runtime.model import ModelOptions
 from idefics_cli.tasks.batch import Batch, Input, PageTask
-from idefics_cli.tasks.pipeline import TranscribeJob, answer_batch, transcribe
+from idefics_cli.tasks.pipeline import TranscribeJob, transcribe
 from idefics_cli.tasks.transcription import TranscribeRequest
 from idefics_cli.tasks.writers import Sink
 
@@ -51,6 +51,11 @@ class OomInjector:
             return real(eng, rows)
 
         monkeypatch.setattr(decode, "prefill", prefill)
+
+
+def answer_batch(engine, batch: Batch, request: TranscribeRequest) -> list:
+    """The records of one batch's pages, in page order (written nowhere)."""
+    return list(transcribe(engine, TranscribeJob(request, [], Sink(), None, None), [batch]))
 
 
 def _batch(engine):

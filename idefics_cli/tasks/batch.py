@@ -18,7 +18,7 @@ from contextlib import closing, suppress
 from dataclasses import dataclass, field
 
 from ..ahead import WorkAhead
-from ..errors import IdeficsError, classify
+from ..errors import IdeficsError, UsageError, classify
 
 GLOB_CHARS = set("*?[")
 
@@ -113,8 +113,6 @@ def in_shard(rel: str, index: int, count: int) -> bool:
 
 
 def parse_shard(spec: str | None) -> tuple[int, int] | None:
-    from ..errors import UsageError
-
     if not spec:
         return None
     try:
@@ -154,14 +152,7 @@ class BlankPage:
     """A page that rendered as one flat colour: recorded with empty text, never sent to the model."""
 
     task: PageTask
-
-    @property
-    def seq(self) -> int | None:
-        return self.task.seq
-
-    @seq.setter
-    def seq(self, value: int) -> None:
-        self.task.seq = value
+    seq: int | None = None
 
 
 @dataclass

@@ -14,7 +14,10 @@ import os
 import time
 
 from ..interface import assistant_turn, user_turn
+from ..structured import as_schema
+from .records import Source
 from .selection import ChosenPage, Response, Selection, answer_limit, check_question, prompt_for
+from .writers import atomic_write
 
 CHAT_SCHEMA = "idefics-cli.chat/1"
 
@@ -28,8 +31,7 @@ class ChatSession:
         self.messages: list[dict] = []
         self.shown: list[ChosenPage] = []  # the pages of the committed turns
         self.sources: list[dict] = []
-        self.pages = self.render(spec, status)
-        self.pending = list(self.pages)  # shown with the next question
+        self.show(spec, status)  # self.pages, and self.pending: shown with the next question
 
     @classmethod
     def open(cls, path: str, pages: str | None = None, *, password: str | None = None, dpi: int | None = None,
@@ -55,8 +57,6 @@ class ChatSession:
     def start(self, engine, schema=None) -> ChatSession:
         """Begin the conversation on `engine` (the pages must fit its context with room for an answer); `schema`
         constrains every answer (a structured.Schema, a dict or a `--schema` string)."""
-        from ..structured import as_schema
-
         self.schema = as_schema(schema)
         engine.check_context(len(self.pages), "", engine.options.max_new_tokens)
         self.engine = engine
@@ -102,8 +102,6 @@ class ChatSession:
 
     def save(self, path: str) -> int:
         """`/save FILE`: write the conversation as JSON (atomically); returns how many messages were written."""
-        from .writers import atomic_write
-
         atomic_write(os.path.expanduser(path), json.dumps(self.to_dict(), ensure_ascii=False, indent=2) + "\n")
         return len(self.messages)
 
@@ -111,9 +109,6 @@ class ChatSession:
             schema=None) -> Response:
         """The next turn: the whole conversation plus `question`, committed when the answer has been read;
         `schema` for this turn only (default: the session's, from `start`)."""
-        from ..structured import as_schema
-        from .records import Source
-
         engine, start = self.engine, time.perf_counter()
         schema = as_schema(schema) or self.schema
         prompt = prompt_for(check_question(question), schema)

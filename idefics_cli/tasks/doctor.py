@@ -46,7 +46,7 @@ def cuda_info() -> dict:
             free, total = torch.cuda.mem_get_info(i)
             gpu.update(free_bytes=int(free), total_bytes=int(total))
         except Exception as exc:  # noqa: BLE001 - a GPU that cannot be queried is itself a finding
-            gpu["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+            gpu["error"] = _why(exc)
         info["devices"].append(gpu)
     return info
 
@@ -97,7 +97,7 @@ def check_4bit(device: str | None, dtype) -> dict:
         if not result["ok"]:
             result["error"] = f"4-bit matmul is off by {worst:.3g} (tolerance {tolerance})"
     except Exception as exc:  # noqa: BLE001 - any failure here is the finding
-        result["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        result["error"] = _why(exc, 300)
     result["seconds"] = round(time.perf_counter() - start, 4)
     return result
 
@@ -114,61 +114,58 @@ def dir_size(path: str) -> int:
 INDEX = "model.safetensors.index.json"
 
 
-def _weights(folder: str) -> list[str]:
-    """The weight files loading reads: the index's shards, else every .safetensors file (ValueError or
-    AttributeError: a bad index)."""
-    index = os.path.join(folder, INDEX)
-    if not os.path.exists(index):
-        return sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
-    with open(index) as f:
-        return sorted(set(json.load(f).get("weight_map", {}).values()))
+def _why(exc: BaseException, limit: int = 200) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:limit]
 
 
-def _missing_weights(folder: str) -> list[str]:
-    try:
-        names = _weights(folder)
-    except (OSError, ValueError, AttributeError):  # the index itself is unreadable: `unreadable` says so
-        return []
-    if not names and not os.path.exists(os.path.join(folder, INDEX)):
-        return ["model.safetensors"]
-    return [n for n in names if not os.path.exists(os.path.join(folder, n))]
-
-
-def _why(exc: BaseException) -> str:
-    return (f"{type(exc).__name__}: {exc}".splitlines() or [type(exc).__name__])[0][:200]
-
-
-def unreadable(folder: str) -> list[str]:
-    """What of a model folder cannot be read, checked cheaply without loading weights: config.json and the index
-    parse as JSON objects, each weight file's safetensors header parses (metadata only); `file: why` each."""
+def check_folder(folder: str) -> tuple[dict | None, list[str], list[str]]:
+    """(config.json's object or None, the files loading needs that are missing, what cannot be read as `file: why`),
+    checked cheaply without loading weights: config.json and the index parse as JSON objects, each weight file's
+    safetensors header parses (metadata only)."""
     from safetensors import safe_open
 
-    problems, names = [], []
+    config, problems = None, []
+    missing = [] if os.path.exists(os.path.join(folder, "config.json")) else ["config.json"]
     try:
         with open(os.path.join(folder, "config.json")) as f:
-            if not isinstance(json.load(f), dict):
-                raise ValueError("not a JSON object")
+            config = json.load(f)
+        if not isinstance(config, dict):
+            config = None
+            raise ValueError("not a JSON object")
     except FileNotFoundError:
         pass  # reported as missing
     except (OSError, ValueError) as exc:
         problems.append(f"config.json: {_why(exc)}")
-    try:
-        names = _weights(folder)
-    except (OSError, ValueError, AttributeError) as exc:
+    index = os.path.join(folder, INDEX)
+    try:  # the weight files loading reads: the index's shards, else every .safetensors file
+        if os.path.exists(index):
+            with open(index) as f:
+                names = sorted(set(json.load(f).get("weight_map", {}).values()))
+        else:
+            names = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+    except (OSError, ValueError, AttributeError) as exc:  # AttributeError: an index that is no object
+        names = []
         problems.append(f"{INDEX}: {_why(exc)}")
+    if not names and not os.path.exists(index):
+        missing.append("model.safetensors")
     for name in names:
-        if os.path.exists(os.path.join(folder, name)):
-            try:
-                with safe_open(os.path.join(folder, name), framework="pt"):
-                    pass  # the header is read, and checked to cover the file, as it opens
-            except Exception as exc:  # noqa: BLE001 - SafetensorError or OSError: the finding
-                problems.append(f"{name}: {_why(exc)}")
-    return problems
+        if not os.path.exists(os.path.join(folder, name)):
+            missing.append(name)
+            continue
+        try:
+            with safe_open(os.path.join(folder, name), framework="pt"):
+                pass  # the header is read, and checked to cover the file, as it opens
+        except Exception as exc:  # noqa: BLE001 - SafetensorError or OSError: the finding
+            problems.append(f"{name}: {_why(exc)}")
+    listed = set(os.listdir(folder))
+    missing += [one for one, other in (("preprocessor_config.json", "processor_config.json"),
+                                       ("tokenizer.json", "tokenizer.model")) if not {one, other} & listed]
+    return config, missing, problems
 
 
 def model_files(model: str, revision: str | None) -> dict:
     """Where the model's files are: a local folder, the HF cache (which commit), or nowhere yet; `available` when
-    none is `missing` and none `unreadable` (as `unreadable()` checks: headers, not weights)."""
+    none is `missing` and none `unreadable` (as `check_folder()` checks: headers, not weights)."""
     from ..hub import looks_local
 
     found = {"id": model, "revision": revision, "local_folder": False, "available": False, "path": None,
@@ -189,19 +186,12 @@ def model_files(model: str, revision: str | None) -> dict:
             return {**found, "missing": ["config.json"]}
         folder = os.path.dirname(cached)
         found.update(path=folder, commit=os.path.basename(folder))
-    missing = [] if os.path.exists(os.path.join(folder, "config.json")) else ["config.json"]
-    missing += _missing_weights(folder)
-    names = set(os.listdir(folder))
-    missing += [one for one, other in (("preprocessor_config.json", "processor_config.json"),
-                                       ("tokenizer.json", "tokenizer.model")) if not {one, other} & names]
-    bad = unreadable(folder)
+    config, missing, bad = check_folder(folder)
     found.update(missing=missing, unreadable=bad, available=not missing and not bad, size_bytes=dir_size(folder))
-    if "config.json" not in missing and not any(p.startswith("config.json:") for p in bad):
-        with open(os.path.join(folder, "config.json")) as f:
-            qc = json.load(f).get("quantization_config")
-        if qc:
-            found["pre_quantized"] = qc.get("bnb_4bit_quant_type") if qc.get("load_in_4bit") else qc.get(
-                "quant_method", "yes")
+    qc = (config or {}).get("quantization_config")
+    if qc:
+        found["pre_quantized"] = qc.get("bnb_4bit_quant_type") if qc.get("load_in_4bit") else qc.get(
+            "quant_method", "yes")
     return found
 
 
@@ -355,9 +345,6 @@ def free_bytes(cuda: dict, device: str | None) -> int | None:
     return system_info()["ram_available_bytes"]
 
 
-CONFIG_FILES = ("config.json", "processor_config.json", "preprocessor_config.json")
-
-
 def _estimate(options, files: dict, local: bool, quant: str, dtype, cuda: bool) -> dict:
     """The memory estimate from the local config.json, fetched first when not cached and the hub can be reached."""
     folder = files["path"]
@@ -368,7 +355,7 @@ def _estimate(options, files: dict, local: bool, quant: str, dtype, cuda: bool) 
 
             config = hf_hub_download(options.model, "config.json", revision=options.revision, etag_timeout=5)
             folder = os.path.dirname(config)
-            for name in CONFIG_FILES[1:]:
+            for name in ("processor_config.json", "preprocessor_config.json"):
                 with contextlib.suppress(Exception):  # optional here: missing, the estimate says what is
                     hf_hub_download(options.model, name, revision=options.revision, etag_timeout=5)
         if not (config and os.path.exists(config)):
@@ -379,7 +366,7 @@ def _estimate(options, files: dict, local: bool, quant: str, dtype, cuda: bool) 
         return memory_estimate(config, os.path.join(folder, "processor_config.json"), quant, options.split, nbytes,
                                options.max_new_tokens, cuda)
     except Exception as exc:  # noqa: BLE001 - the estimate is advisory
-        return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+        return {"error": _why(exc, 300)}
 
 
 def human_bytes(n: int | None) -> str:

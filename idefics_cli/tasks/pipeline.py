@@ -13,16 +13,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING
 
 from ..errors import IdeficsError, UsageError, classify
 from ..interface import DOCLING_PROMPT, DPI_RANGE, MAX_NEW_TOKENS, TRANSCRIBE_PROMPT, ModelOptions, check_option
+from ..structured import as_schema, grammar
 from .batch import Batch, BlankPage, DocumentDone, Failure, Input, Prefetcher, parse_shard
 from .records import PageRecord, Summary, blank_record, error_record, ok_record, settings_hash, task_error
 from .selection import prompt_for
-
-if TYPE_CHECKING:
-    from .writers import Sink
+from .writers import Sink
 
 ENGINES = ("local", "ray")
 
@@ -73,8 +71,6 @@ class TranscribeRequest:
         if low is not None and (isinstance(low, bool) or not isinstance(low, (int, float)) or not 0 <= low <= 1):
             raise UsageError(f"bad --min-confidence {low!r}", "a probability from 0 to 1, e.g. 0.5")
         if self.schema is not None:
-            from ..structured import as_schema
-
             set_("schema", as_schema(self.schema, grammar_check=False))  # the grammar: check_grammar()
         set_("settings_hash", self._settings_hash())
 
@@ -96,8 +92,6 @@ class TranscribeRequest:
     def check_grammar(self) -> None:
         """The schema converts to a grammar (llguidance, no torch): a UsageError now, before any model loads."""
         if self.schema is not None:
-            from ..structured import grammar
-
             grammar(self.schema.schema)
 
     def select_pages(self, doc) -> list[int]:
@@ -237,21 +231,13 @@ def transcribe(engine, job: TranscribeJob, started: Prefetcher | None = None) ->
     if engine is None:
         for _ in feed():
             raise RuntimeError("a page needs the model, but no engine was given")
-        yield from flush(final=True)
     else:
         for slot, result in engine.generate_rows(feed(), request.options.max_new_tokens, request.schema,
                                                  request.batch_size or 1):
             slot.settle(result)
             yield from flush()
-        yield from flush(final=True)
+    yield from flush(final=True)
     job.tick()
-
-
-def answer_batch(engine, batch: Batch, request: TranscribeRequest) -> list[PageRecord]:
-    """The records of one batch's pages, in page order (written nowhere)."""
-    from .writers import Sink
-
-    return list(transcribe(engine, TranscribeJob(request, [], Sink(), None, None), [batch]))
 
 
 def _record(engine, slot: _Slot, request: TranscribeRequest, job: TranscribeJob) -> PageRecord | None:
@@ -270,7 +256,7 @@ def _record(engine, slot: _Slot, request: TranscribeRequest, job: TranscribeJob)
         raise result  # stop; a rerun resumes
     if isinstance(result, IdeficsError):
         return task_error(task, result, settings)
-    return ok_record(task, result, result.prompt_usage, preprocess_s / n, settings, n, request.schema,
+    return ok_record(task, result, preprocess_s / n, settings, n, request.schema,
                      request.min_confidence, request.doctags, request.options.max_new_tokens)
 
 
@@ -283,7 +269,7 @@ def answer_single(engine, task, image, request: TranscribeRequest) -> PageRecord
             inputs = engine.prepare([([image], request.model_prompt)], split=split, collect=True)
             preprocess_s = time.perf_counter() - t0
             gen = engine.generate_batch(inputs, request.options.max_new_tokens, schema=request.schema)[0]
-            return ok_record(task, gen, gen.prompt_usage, preprocess_s, request.settings_hash, 1, request.schema,
+            return ok_record(task, gen, preprocess_s, request.settings_hash, 1, request.schema,
                              request.min_confidence, request.doctags, request.options.max_new_tokens)
         except Exception as exc:  # noqa: BLE001 - recorded per page
             err = classify(exc, task.input.path)

@@ -11,9 +11,11 @@ import contextlib
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import IdeficsError, UsageError
+from .doctor import model_files
+from .writers import follow_umask, umask
 
 
 @dataclass(frozen=True)
@@ -31,23 +33,16 @@ def weights_bytes(folder: str) -> int:
 
 def save_4bit(options, out_dir: str, status=lambda message: contextlib.nullcontext()) -> Quantized:
     """Load `options.model` in 4-bit and save it with its processor into the new folder `out_dir`."""
-    import dataclasses
-
     from ..runtime.model import load_processor, start_load
-    from .doctor import model_files
-    from .writers import follow_umask, umask
 
-    options = dataclasses.replace(options, quant="4bit")  # whatever the model's size (--quant auto would not)
+    options = replace(options, quant="4bit")  # whatever the model's size (--quant auto would not)
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise UsageError(f"{out_dir} exists and is not an empty folder", "choose a new folder")
-    parent = os.path.dirname(out_dir)
+    parent, tmp = os.path.dirname(out_dir), None
     try:  # the temporary folder is made first, so an unwritable OUT_DIR fails before the model loads
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".idefics-quantize-", dir=parent)
-    except OSError as exc:
-        raise IdeficsError("output_error", f"cannot write {out_dir}: {exc.strerror or exc}") from exc
-    try:
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private; the model folder should not be
         with status(f"Loading {options.model} in 4-bit…"):
             engine = start_load(options, cpu_kernels=False).finish()  # saved as loaded: double-quantized
@@ -66,6 +61,6 @@ def save_4bit(options, out_dir: str, status=lambda message: contextlib.nullconte
     except OSError as exc:
         raise IdeficsError("output_error", f"cannot write {out_dir}: {exc.strerror or exc}") from exc
     finally:
-        if os.path.isdir(tmp):
+        if tmp is not None and os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     return Quantized(out_dir, before, weights_bytes(out_dir), engine.info["dtype"])

@@ -8,11 +8,13 @@ Errors are caught per page, as the local pipeline does. Works with Ray 2.40-2.60
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import pickle
 import signal
 import socket
 import threading
+import warnings
 from collections.abc import Iterator
 
 from ..errors import IdeficsError, UsageError
@@ -115,9 +117,6 @@ def _reachable(address: str | None) -> None:
 
 def _quiet_ray() -> None:
     """Ray Data's console chatter (execution plans, deprecations) off; its log files stay."""
-    import logging
-    import warnings
-
     warnings.filterwarnings("ignore", module="ray")
     warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
     for name in ("ray", "ray.data"):

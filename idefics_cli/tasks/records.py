@@ -11,7 +11,9 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 
+from .. import structured
 from ..errors import ExitStatus, IdeficsError
+from . import confidence
 
 DOCTAGS_HINT = ("the model answers in DocTags; pip install 'idefics-cli[docling]' (docling-core) to add \"markdown\" "
                 "to each record and write Markdown to the .md files, which hold the DocTags meanwhile")
@@ -58,19 +60,15 @@ class PageRecord:
         return cls(**{f.name: record[f.name] for f in fields(cls) if f.name in record})
 
 
-def ok_record(task, gen, usage: dict, preprocess_s: float, settings: str, batch_size: int = 1,
+def ok_record(task, gen, preprocess_s: float, settings: str, batch_size: int = 1,
               schema=None, min_confidence: float | None = None, doctags: bool = False,
               max_new_tokens: int | None = None) -> PageRecord:
     """The record of a page (batch.PageTask) answered by `gen`, timed as its share of its batch's call. With a
     `schema`, `data` or an error record keeping the text (naming `max_new_tokens` when cut); below `min_confidence`
     a `low_confidence` warning; `doctags`: the text is DocTags, given as Markdown too."""
-    from . import confidence
-
     data, error, fields_, warnings = NO_DATA, None, None, list(task.warnings)
     summary = confidence.summary(gen.logprobs, gen.ends)
     if schema is not None:
-        from .. import structured
-
         data, code = structured.read_answer(gen.text, schema, gen.finish_reason)
         if code is not None:
             error = structured.answer_error(code, max_new_tokens).to_dict()
@@ -82,7 +80,8 @@ def ok_record(task, gen, usage: dict, preprocess_s: float, settings: str, batch_
         warnings.append("low_confidence")
     return PageRecord(path=task.input.path, page=task.page, pages=task.pages, status="error" if error else "ok",
                       sha256=task.sha256, settings=settings, text=gen.text, error=error,
-                      finish_reason=gen.finish_reason, usage={**usage, "completion_tokens": gen.completion_tokens},
+                      finish_reason=gen.finish_reason,
+                      usage={**gen.prompt_usage, "completion_tokens": gen.completion_tokens},
                       timing={"preprocess_s": round(preprocess_s, 4), "generate_s": round(gen.total_s / batch_size, 4),
                               "batch_size": batch_size}, warnings=warnings, data=data, confidence=summary,
                       field_confidence=fields_, markdown=to_markdown(gen.text) if doctags and not error else None)

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 
 from ..errors import IdeficsError, UsageError, classify
 from ..interface import MAX_NEW_TOKENS, check_option
+from ..structured import answer_error, read_answer, with_schema
+from .confidence import fields, summary
 from .records import Source
 
 ANSWER_SCHEMA = "idefics-cli.answer/1"
@@ -144,8 +146,6 @@ def prompt_for(question: str, schema) -> str:
     """What the model is asked: `question`, plus the schema's text with a schema (structured.with_schema)."""
     if schema is None:
         return question
-    from ..structured import with_schema
-
     return with_schema(question, schema)
 
 
@@ -244,24 +244,18 @@ class Response:
     @property
     def confidence(self) -> dict | None:
         """{"mean_logprob", "min_prob", "min_at"} (tasks/confidence.py); None when interrupted."""
-        from .confidence import summary
-
         gen = self._ended()
         return summary(gen.logprobs, gen.ends) if gen else None
 
     @property
     def field_confidence(self):
         """With a schema and `.data`: `data`'s shape with each leaf's lowest token probability; else None."""
-        from .confidence import fields
-
         if self.data is None or self._generation is None:
             return None
         return fields(self.text, self._generation.logprobs, self._generation.ends)
 
     @functools.cached_property
     def _read_back(self) -> tuple:  # (data, error code) read against the schema
-        from ..structured import read_answer
-
         return read_answer(self.text, self.schema, self.finish_reason)
 
     @property
@@ -276,8 +270,6 @@ class Response:
         code = self._read_back[1] if self.schema is not None and not self.interrupted else None
         if code is None:
             return None
-        from ..structured import answer_error
-
         return answer_error(code, self.max_new_tokens)
 
     def to_dict(self) -> dict:

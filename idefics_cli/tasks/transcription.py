@@ -12,8 +12,11 @@ from contextlib import ExitStack, closing, contextmanager, nullcontext
 from dataclasses import replace
 
 from ..errors import ExitStatus, IdeficsError, UsageError
+from . import pipeline
+from .batch import in_shard, needs_model, parse_shard, walk
 from .pipeline import TranscribeRequest  # noqa: F401 - re-exported: what a run is made of
-from .records import PageRecord, Summary, error_record
+from .records import DOCTAGS_HINT, PageRecord, Summary, docling_available, error_record
+from .writers import NullSink, StdoutSink, open_sink
 
 RAY_BATCH_SIZE = 4  # pages a model actor answers a call when the batch size is auto
 
@@ -57,16 +60,14 @@ class Transcription:
         return self.output is None or self.output.quiet
 
     def _run(self) -> Iterator[PageRecord]:
-        from . import batch as b
-
         request, output = self.request, self.output
         not_documents: list[str] = []
-        docs, self.errors = b.walk(list(request.inputs), not_documents)
+        docs, self.errors = walk(list(request.inputs), not_documents)
         for err in self.errors if output is not None else ():
             output.error(err)
-        shard = b.parse_shard(request.shard)
+        shard = parse_shard(request.shard)
         if shard:
-            docs = [d for d in docs if b.in_shard(d.rel, *shard)]
+            docs = [d for d in docs if in_shard(d.rel, *shard)]
         self.summary.not_documents = len(not_documents)
         if not docs and not self.errors:
             if output is not None:
@@ -83,8 +84,6 @@ class Transcription:
         self.exit_status = self.summary.exit_status
 
     def _sink(self, docs):
-        from .writers import NullSink, StdoutSink, open_sink
-
         if self.request.out is not None:
             return open_sink(self.request.out, docs, self.request.settings_hash)
         if self.output is not None:
@@ -92,15 +91,9 @@ class Transcription:
         return NullSink()
 
     def _transcribe(self, docs, sink) -> Iterator[PageRecord]:
-        from . import pipeline
-        from .batch import needs_model
-
         request, output = self.request, self.output
-        if request.doctags and output is not None:
-            from .records import DOCTAGS_HINT, docling_available
-
-            if not docling_available():
-                output.warn(DOCTAGS_HINT)
+        if request.doctags and output is not None and not docling_available():
+            output.warn(DOCTAGS_HINT)
         job = pipeline.TranscribeJob(request, docs, sink, request.open_document, request.select_pages, self.summary)
         for err in self.errors:  # an input that matched nothing has its error record too (page 0)
             yield job.emit(error_record(err.path, err, request.settings_hash))
@@ -133,7 +126,6 @@ class Transcription:
         (given, or the CPU's), the first batch is prepared while the weights load."""
         from ..runtime.engine import CPU_BATCH_SIZE, Preparer
         from ..runtime.model import start_load
-        from . import pipeline
 
         request, output, started = job.request, self.output, None
         loading = f"Loading {request.options.model} ({request.options.quant})…"
