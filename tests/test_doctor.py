@@ -194,6 +194,14 @@ def test_a_model_whose_files_cannot_be_read_is_not_ready(cli, tiny_model, tmp_pa
     assert model_files(str(index.parent), None)["missing"] == ["model-1.safetensors"]
     index.write_text("[]")
     assert model_files(str(index.parent), None)["unreadable"][0].startswith(f"{index.name}: AttributeError")
+    for shard in (["a.safetensors"], {"a": 1}, 5):  # not file names: a finding, not a crash
+        index.write_text(json.dumps({"weight_map": {"a": shard}}))
+        assert model_files(str(index.parent), None)["unreadable"][0].startswith(f"{index.name}: "), shard
+    with open(os.path.join(tiny_model, "config.json")) as f:
+        config = json.load(f)
+    (tmp_path / "config" / "config.json").write_text(json.dumps({**config, "quantization_config": "bnb"}))
+    found = model_files(str(tmp_path / "config"), None)
+    assert not found["available"] and found["unreadable"][0].startswith("config.json: ValueError: "), found
 
 
 def test_a_bad_device_is_never_ready_in_the_library():

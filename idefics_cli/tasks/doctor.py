@@ -129,9 +129,9 @@ def check_folder(folder: str) -> tuple[dict | None, list[str], list[str]]:
     try:
         with open(os.path.join(folder, "config.json")) as f:
             config = json.load(f)
-        if not isinstance(config, dict):
+        if not isinstance(config, dict) or not isinstance(config.get("quantization_config", {}), dict):
             config = None
-            raise ValueError("not a JSON object")
+            raise ValueError("not a JSON object, or its quantization_config is not")
     except FileNotFoundError:
         pass  # reported as missing
     except (OSError, ValueError) as exc:
@@ -140,10 +140,13 @@ def check_folder(folder: str) -> tuple[dict | None, list[str], list[str]]:
     try:  # the weight files loading reads: the index's shards, else every .safetensors file
         if os.path.exists(index):
             with open(index) as f:
-                names = sorted(set(json.load(f).get("weight_map", {}).values()))
+                shards = set(json.load(f).get("weight_map", {}).values())
+            if not all(isinstance(name, str) for name in shards):
+                raise ValueError("weight_map holds a value that is not a file name")
+            names = sorted(shards)
         else:
             names = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
-    except (OSError, ValueError, AttributeError) as exc:  # AttributeError: an index that is no object
+    except (OSError, ValueError, AttributeError, TypeError) as exc:  # an index that is no object; lists as names
         names = []
         problems.append(f"{INDEX}: {_why(exc)}")
     if not names and not os.path.exists(index):
