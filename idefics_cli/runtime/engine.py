@@ -44,17 +44,15 @@ class Preparer:
                              "write it another way")
         return text
 
-    def build_inputs(self, batch: list[tuple[list, str]], split: bool | None = None):
-        """The model card's processor call (padded pixels, on the device): the reference path of tests and benches.
-        `split` overrides image splitting for this call only."""
-        images = [list(imgs) for imgs, _ in batch]
-        return self._processor_call(batch, split, images if any(images) else None)
-
-    def _processor_call(self, batch, split: bool | None, images=None):
+    def build_inputs(self, batch: list[tuple[list, str]], split: bool | None = None, pixels: bool = True):
+        """The model card's processor call (padded pixels, on the device): the reference path of tests and benches;
+        `pixels=False`: the token ids alone. `split` overrides image splitting for this call only."""
         texts = [self.prompt(len(imgs), question) for imgs, question in batch]
+        images = [list(imgs) for imgs, _ in batch] if pixels else []
         # Threads share the processor: no call changes its state (the split picks a copy; padding asked every call).
         processor = self._processor_for(self.options.split if split is None else split)
-        return processor(text=texts, images=images, return_tensors="pt", padding=True).to(self.device)
+        return processor(text=texts, images=images if any(images) else None, return_tensors="pt",
+                         padding=True).to(self.device)
 
     def _processor_for(self, split: bool):
         """The processor, or a copy splitting the other way (Idefics2 expands image tokens from the attribute)."""
@@ -83,14 +81,16 @@ class Preparer:
         if sized:
             inputs = self.tokenize([self.prompt(len(images), question) for images, question in batch], vision)
         else:
-            inputs = self._processor_call(batch, split)
+            inputs = self.build_inputs(batch, split, pixels=False)
         inputs["vision"] = vision
         return inputs
 
     @property
     def render_side(self) -> int | None:
         """The longest side pages are rendered at for this model (None: the documents' default)."""
-        return self.family.render_side(self.processor.image_processor)
+        if not self.family.sized:
+            return None
+        return int((getattr(self.processor.image_processor, "size", None) or {}).get("longest_edge") or 0) or None
 
     def fit_context(self, tokens: int, max_new_tokens: int, what: str, hint: str) -> None:
         """The one context check: `tokens` + `max_new_tokens` over the model's context is a UsageError."""
@@ -116,12 +116,11 @@ class Preparer:
 class LocalEngine(Preparer):
     """A loaded processor + model pair and what is known about it."""
 
-    def __init__(self, processor, model, options: ModelOptions, device: str, dtype, load_s: float,
-                 quant_reason: str | None = None, quant: str | None = None):
+    def __init__(self, processor, model, options: ModelOptions, device: str, dtype, load_s: float, quant_reason: str,
+                 quant: str):
         super().__init__(processor, options, device)
         self.model, self.dtype, self.load_s = model, dtype, load_s
-        self.quant = quant or options.quant  # what is loaded: a checkpoint saved quantized is, whatever was asked
-        self.quant_reason = quant_reason or f"--quant {options.quant}"
+        self.quant, self.quant_reason = quant, quant_reason  # families.chosen_quant: a saved quantization as saved
         tokenizer = processor.tokenizer
         self.image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
         self.doctags = DOCTAG in tokenizer.get_added_vocab()  # a document model: its DocTags are kept in answers
@@ -194,10 +193,7 @@ class LocalEngine(Preparer):
 
         if "pixel_values" in inputs:
             raise TypeError("the engine decodes prepare()'s inputs; build_inputs() is the model card's, for reference")
-        vision = inputs.get("vision")
-        if vision is None:
-            return [None] * len(inputs["input_ids"])
-        return encode(self.model, vision, self.vision_chunk or auto_chunk(self.model, self.device),
+        return encode(self.model, inputs["vision"], self.vision_chunk or auto_chunk(self.model, self.device),
                       self.processor.image_processor)
 
     def rows(self, inputs, max_new_tokens: int | None = None, logits_processor=None, schema=None) -> list:
