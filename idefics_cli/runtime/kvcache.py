@@ -184,9 +184,7 @@ class KVBatch:
             self.cache, self.mask, self.positions = None, None, []
             return
         mask = self.mask[rows]
-        used = mask.any(dim=0).nonzero()
-        first = int(used[0]) if used.numel() else 0
-        self.mask = mask[:, first:]
+        self.mask = mask[:, int(mask.any(dim=0).nonzero()[0]):]  # every row has its prompt's positions
         layers, width = _layers(self.cache), self.mask.shape[1]
         self.cache = _copied([(layers, r, width) for r in rows], width)
         self.positions = [self.positions[r] for r in rows]
@@ -207,9 +205,8 @@ class KVBatch:
 
 
 def _copied(rows: list, width: int):
-    """A cache owning new buffers (with spare room), written in place by decode steps, holding `rows` [(layers, row,
-    n)], each row's last `n` positions right-aligned to `width` and zeros before. Each `layers` list is emptied
-    (None) layer by layer as it is copied, so that its tensors can go before the next layer is copied."""
+    """A cache of new buffers (with spare room) holding `rows` [(layers, row, n)]: each row's last `n` positions
+    right-aligned to `width`, zeros before. Each `layers` list is emptied (None) layer by layer as it is copied."""
     buffers = []
     for i in range(len(rows[0][0])):
         k0, v0 = rows[0][0][i]
