@@ -13,7 +13,9 @@ import time
 
 from ..errors import IdeficsError, UsageError, is_oom
 from ..interface import Generation, ModelOptions, user_turn
-from .families import DOCTAG
+from .decode import Loop, Row, run_rows, stream
+from .families import DOCTAG, for_processor
+from .vision import VisionInputs, auto_chunk, encode
 
 QUANT_NAMES = {"4bit": "nf4", "8bit": "int8", "none": "none"}
 PREFILL_CHUNK, PREFILL_CHUNK_ENV = 1024, "IDEFICS_PREFILL_CHUNK"  # prompt tokens prefilled at a time
@@ -26,8 +28,6 @@ class Preparer:
     context_size: int | None = None  # the model's, once its config is loaded (LocalEngine)
 
     def __init__(self, processor, options: ModelOptions, device: str):
-        from .families import for_processor
-
         self.processor, self.options, self.device = processor, options, device
         self.family = for_processor(processor)
 
@@ -72,8 +72,6 @@ class Preparer:
     def prepare(self, batch: list[tuple[list, str]], split: bool | None = None, collect: bool = False):
         """Token ids with a `"vision"` entry (vision.py) instead of pixels, built now with `collect` and always for a
         sized family (its prompts follow the grids)."""
-        from .vision import VisionInputs
-
         split, processor, sized = self.options.split if split is None else split, self.processor, self.family.sized
         vision = VisionInputs([images for images, _ in batch], split, self.family.image_kwargs)
         if collect or sized:
@@ -163,8 +161,6 @@ class LocalEngine(Preparer):
 
     def chat_inputs(self, messages: list[dict], images: list, max_new_tokens: int):
         """A whole conversation's token ids (refused over the context) and its images for vision.py."""
-        from .vision import VisionInputs
-
         text = self.chat_text(messages)
         vision = VisionInputs([list(images)], self.options.split, self.family.image_kwargs)
         if self.family.sized:  # the prompt's image tokens follow the pixels' grids
@@ -189,8 +185,6 @@ class LocalEngine(Preparer):
 
     def features(self, inputs) -> list:
         """Image features of each row of `inputs` (None for a row without images), through vision.py."""
-        from .vision import auto_chunk, encode
-
         if "pixel_values" in inputs:
             raise TypeError("the engine decodes prepare()'s inputs; build_inputs() is the model card's, for reference")
         return encode(self.model, inputs["vision"], self.vision_chunk or auto_chunk(self.model, self.device),
@@ -199,7 +193,6 @@ class LocalEngine(Preparer):
     def rows(self, inputs, max_new_tokens: int | None = None, logits_processor=None, schema=None) -> list:
         """A decode-loop `Row` for each row of `prepare`'s (or `chat_inputs`') `inputs`, its images encoded now."""
         from ..structured import row_grammar
-        from .decode import Row
 
         limit = max_new_tokens or self.options.max_new_tokens
         features = self.features(inputs)
@@ -224,8 +217,6 @@ class LocalEngine(Preparer):
 
     def stream_generate(self, inputs, max_new_tokens: int | None = None, logits_processor=None, schema=None):
         """Yield the one-row answer's pieces from the first `next()`; return its `Generation`. Closing stops it."""
-        from .decode import Loop, stream
-
         started = time.perf_counter()
         try:
             (row,) = self.rows(inputs, max_new_tokens, logits_processor, schema)
@@ -244,8 +235,6 @@ class LocalEngine(Preparer):
     def generate_batch(self, inputs, max_new_tokens: int | None = None, logits_processor=None,
                        schema=None) -> list[Generation]:
         """Every row's answer, the rows decoding together; the first failed row raises its error."""
-        from .decode import Loop, run_rows
-
         try:
             rows = self.rows(inputs, max_new_tokens, logits_processor, schema)
             list(run_rows(Loop(self), rows, len(rows)))
@@ -258,8 +247,6 @@ class LocalEngine(Preparer):
     def generate_rows(self, items, max_new_tokens: int | None = None, schema=None, width: int | None = None):
         """Continuous batching: `items` yields (tag, inputs, row); up to `width` rows decode at once, the next
         item taken as soon as a row ends. Yields (tag, Generation or IdeficsError) as rows end."""
-        from .decode import Loop, run_rows
-
         def rows():
             last, made = None, []
             for tag, inputs, r in items:
