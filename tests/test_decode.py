@@ -61,7 +61,7 @@ def test_rows_join_and_leave_between_steps_with_their_solo_answers(sharp_engine,
 
 def test_a_stop_string_across_tokens_cuts_the_answer_and_is_never_streamed(sharp_engine, prompts):
     full = _alone(sharp_engine, prompts[1], max_tokens=12)
-    pieces = [sharp_engine.decode(full.answer_ids[:k]) for k in range(1, len(full.answer_ids) + 1)]
+    pieces = [sharp_engine.decode(full.token_ids[:k]) for k in range(1, len(full.token_ids) + 1)]
     k = next(k for k in range(1, len(pieces)) if len(pieces[k - 1]) >= 2 and len(pieces[k]) > len(pieces[k - 1]))
     cut = len(pieces[k - 1]) - 1
     stop = pieces[k][cut:cut + 2]  # the last character of one token and the first of the next

@@ -106,7 +106,7 @@ def test_generate_is_bit_identical_to_dynamic_cache_past_the_spare_room(engine, 
     assert all(torch.equal(a, b) for a, b in zip(ours.logits, theirs.logits))
     assert torch.equal(ours.sequences, theirs.sequences)
     layer = ours.cache.layers[0]
-    assert layer._k[0].shape[-2] > layer._k[2] - layer._k[1]  # it kept spare room
+    assert layer._k[0].shape[-2] > layer._k[1]  # it kept spare room
     # the engine's own calls use the cache and give the same tokens
     prompt = engine.prepare(rows)["input_ids"].shape[1]
     want = [until_eos(ids, engine.eos_ids) for ids in theirs.sequences[:, prompt:].tolist()]

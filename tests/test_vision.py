@@ -220,7 +220,7 @@ def test_built_pixels_stay_8_bit_until_the_tower_reads_them(engines):
     vision = VisionInputs([[pages[0]], [pages[1]]], True).collect(image_processor)
     built = [p for bucket in vision.buckets.values() for _, _, p in bucket]
     assert len(built) == 10 and all(p.dtype == np.uint8 for p in built) and vision.table is not None
-    assert vision.pixel_bytes() == sum(3 * p.shape[1] * p.shape[2] for p in built)  # one byte a value
+    assert sum(p.nbytes for p in built) == sum(3 * p.shape[1] * p.shape[2] for p in built)  # one byte a value
     features = encode(engine.model, vision, 1, image_processor)  # one image a call, as compared below
     with torch.inference_mode():
         for row, page in enumerate(pages):

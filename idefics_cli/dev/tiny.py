@@ -105,35 +105,30 @@ def _tokenizer(**settings):
         return AutoTokenizer.from_pretrained(tok_dir)
 
 
-def build_processor(out_dir: str):
-    """Save the idefics2-8b processor (real tokenizer, chat template, image settings) into out_dir."""
-    from transformers import Idefics2Processor
+def build_processor(out_dir: str, family: str = "idefics2", size: str = "tiny"):
+    """Save the processor of `family` into out_dir: idefics2-8b's (real tokenizer, chat template, image settings), or
+    SmolVLM-256M-Instruct's settings, template and special tokens (+ DocTags for smoldocling)."""
+    from transformers import Idefics2Processor, Idefics3Processor
     from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
-
-    tokenizer = _tokenizer(pad_token="<unk>", add_bos_token=True)
-    image_processor = Idefics2ImageProcessorPil(**PROCESSOR)
-    processor = Idefics2Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=64,
-                                  chat_template=CHAT_TEMPLATE)
-    processor.save_pretrained(out_dir)
-    return processor
-
-
-def build_smol_processor(out_dir: str, docling: bool = False, size: str = "tiny"):
-    """Save SmolVLM-256M-Instruct's processor settings, template and special tokens (+ DocTags) into out_dir."""
-    from transformers import Idefics3Processor
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
-    tokenizer = _tokenizer(add_bos_token=False)
-    tokenizer.add_special_tokens({"additional_special_tokens": [
-        "<fake_token_around_image>", "<image>", "<end_of_utterance>", *GRID_TOKENS, "<|im_start|>", "<|im_end|>"]})
-    if docling:
-        tokenizer.add_tokens(DOCTAGS, special_tokens=True)
-    tokenizer.bos_token, tokenizer.pad_token, tokenizer.eos_token = "<|im_start|>", "<|im_end|>", "<end_of_utterance>"
-    patch, tile, scale, side = SMOL_IMAGE.get(size, SMOL_256M_IMAGE)
-    image_processor = Idefics3ImageProcessorPil(**{**SMOL_PROCESSOR, "size": {"longest_edge": side},
-                                                   "max_image_size": {"longest_edge": tile}})
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
-                                  image_seq_len=(tile // patch) ** 2 // scale**2, chat_template=SMOL_TEMPLATE)
+    if family == "idefics2":
+        processor = Idefics2Processor(image_processor=Idefics2ImageProcessorPil(**PROCESSOR),
+                                      tokenizer=_tokenizer(pad_token="<unk>", add_bos_token=True), image_seq_len=64,
+                                      chat_template=CHAT_TEMPLATE)
+    else:
+        tokenizer = _tokenizer(add_bos_token=False)
+        tokenizer.add_special_tokens({"additional_special_tokens": [
+            "<fake_token_around_image>", "<image>", "<end_of_utterance>", *GRID_TOKENS, "<|im_start|>", "<|im_end|>"]})
+        if family == "smoldocling":
+            tokenizer.add_tokens(DOCTAGS, special_tokens=True)
+        tokenizer.bos_token, tokenizer.pad_token = "<|im_start|>", "<|im_end|>"
+        tokenizer.eos_token = "<end_of_utterance>"
+        patch, tile, scale, side = SMOL_IMAGE.get(size, SMOL_256M_IMAGE)
+        image_processor = Idefics3ImageProcessorPil(**{**SMOL_PROCESSOR, "size": {"longest_edge": side},
+                                                       "max_image_size": {"longest_edge": tile}})
+        processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                      image_seq_len=(tile // patch) ** 2 // scale**2, chat_template=SMOL_TEMPLATE)
     processor.save_pretrained(out_dir)
     return processor
 
@@ -164,12 +159,11 @@ def build(out_dir: str, size: str = "tiny", seed: int = 0, device: str = "cpu", 
     from ..tasks.writers import follow_umask
 
     os.makedirs(out_dir, exist_ok=True)
+    processor = build_processor(out_dir, family, size)
     if family == "idefics2":
-        build_processor(out_dir)
         model_config, generation = config(size), GENERATION
     else:
-        model_config = smol_config(build_smol_processor(out_dir, docling=family == "smoldocling", size=size).tokenizer,
-                                   size)
+        model_config = smol_config(processor.tokenizer, size)
         generation = {k: getattr(model_config.text_config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     torch.manual_seed(seed)
     with torch.device(device):

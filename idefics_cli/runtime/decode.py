@@ -34,7 +34,6 @@ class Row:
         self.tag = tag
         self.cancelled = threading.Event()
         self.token_ids: list[int] = []
-        self.answer_ids: list[int] = []  # token_ids less the end token
         self.logprobs: list[float] = []
         self.ends: list[int] = []
         self.top_n, self.top = top_n, []
@@ -77,13 +76,8 @@ class Row:
         if self.grammar is not None:
             self.grammar.accept(token)
         self.token_ids.append(token)
-        ended = None
-        text = self.text
-        if token in eos:
-            ended = "stop"
-        else:
-            self.answer_ids.append(token)
-            text = decode(self.answer_ids)
+        ended = "stop" if token in eos else None  # an end token ends the row: token_ids is the answer until then
+        text = self.text if ended else decode(self.token_ids)
         for s in self.stop:
             at = text.find(s)
             if at >= 0:
@@ -184,8 +178,7 @@ class Loop:
         self.rows, self.batch = [], KVBatch(self.engine.model)
 
     def fail_all(self, exc: BaseException, rows: list[Row] | None = None) -> list[Row]:
-        """A forward pass failed: its rows (default: every running row) fail and the batch starts empty (Ctrl-C goes
-        on up)."""
+        """A forward pass failed: its rows (default: every running row) fail, the batch starts empty; Ctrl-C goes on."""
         rows = list(self.rows) if rows is None else rows
         for row in rows:
             row.fail(exc)
@@ -225,7 +218,7 @@ class Loop:
         with torch.inference_mode():
             if self.suppressed:
                 logits[:, self.suppressed] = float("-inf")
-            failed: dict = {}
+            chosen: list = [None] * len(rows)
             for k, row in enumerate(rows):
                 if row.processors:
                     try:
@@ -235,12 +228,17 @@ class Loop:
                             scores = processor(ids, scores)
                         logits[k] = scores[0]
                     except Exception as exc:  # noqa: BLE001
-                        failed[k] = exc
+                        chosen[k] = exc
             if any(row.grammar is not None for row in rows):
                 from ..structured import mask_rows
 
                 mask_rows(logits, [row.grammar for row in rows])
-            chosen = [failed[k] if k in failed else _pick_or_error(logits[k], row) for k, row in enumerate(rows)]
+            for k, row in enumerate(rows):
+                if chosen[k] is None:
+                    try:
+                        chosen[k] = _pick(logits[k], row)
+                    except Exception as exc:  # noqa: BLE001 - one row's sampling failing fails that row, not the loop
+                        chosen[k] = exc
             if self._confidence:
                 _score(logits, rows, chosen)
             return chosen
@@ -267,14 +265,6 @@ def _score(logits, rows: list[Row], chosen: list) -> None:
         if row.top_n:
             values, ids = torch.topk(x[j], row.top_n)
             row.top.append(list(zip(ids.tolist(), (values - lse[j]).tolist())))
-
-
-def _pick_or_error(logits, row: Row):
-    """`_pick`, or the exception it raised: one row's sampling failing fails that row, not the loop."""
-    try:
-        return _pick(logits, row)
-    except Exception as exc:  # noqa: BLE001
-        return exc
 
 
 def _pick(logits, row: Row) -> int:

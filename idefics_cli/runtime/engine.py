@@ -13,7 +13,9 @@ import time
 
 from ..errors import IdeficsError, UsageError, is_oom
 from ..interface import Generation, ModelOptions, user_turn
-from .families import DOCTAG
+from .decode import Loop, Row, run_rows, stream
+from .families import DOCTAG, for_processor
+from .vision import VisionInputs, auto_chunk, encode
 
 QUANT_NAMES = {"4bit": "nf4", "8bit": "int8", "none": "none"}
 PREFILL_CHUNK, PREFILL_CHUNK_ENV = 1024, "IDEFICS_PREFILL_CHUNK"  # prompt tokens prefilled at a time
@@ -26,8 +28,6 @@ class Preparer:
     context_size: int | None = None  # the model's, once its config is loaded (LocalEngine)
 
     def __init__(self, processor, options: ModelOptions, device: str):
-        from .families import for_processor
-
         self.processor, self.options, self.device = processor, options, device
         self.family = for_processor(processor)
 
@@ -44,17 +44,15 @@ class Preparer:
                              "write it another way")
         return text
 
-    def build_inputs(self, batch: list[tuple[list, str]], split: bool | None = None):
-        """The model card's processor call (padded pixels, on the device): the reference path of tests and benches.
-        `split` overrides image splitting for this call only."""
-        images = [list(imgs) for imgs, _ in batch]
-        return self._processor_call(batch, split, images if any(images) else None)
-
-    def _processor_call(self, batch, split: bool | None, images=None):
+    def build_inputs(self, batch: list[tuple[list, str]], split: bool | None = None, pixels: bool = True):
+        """The model card's processor call (padded pixels, on the device): the reference path of tests and benches;
+        `pixels=False`: the token ids alone. `split` overrides image splitting for this call only."""
         texts = [self.prompt(len(imgs), question) for imgs, question in batch]
+        images = [list(imgs) for imgs, _ in batch] if pixels else []
         # Threads share the processor: no call changes its state (the split picks a copy; padding asked every call).
         processor = self._processor_for(self.options.split if split is None else split)
-        return processor(text=texts, images=images, return_tensors="pt", padding=True).to(self.device)
+        return processor(text=texts, images=images if any(images) else None, return_tensors="pt",
+                         padding=True).to(self.device)
 
     def _processor_for(self, split: bool):
         """The processor, or a copy splitting the other way (Idefics2 expands image tokens from the attribute)."""
@@ -74,8 +72,6 @@ class Preparer:
     def prepare(self, batch: list[tuple[list, str]], split: bool | None = None, collect: bool = False):
         """Token ids with a `"vision"` entry (vision.py) instead of pixels, built now with `collect` and always for a
         sized family (its prompts follow the grids)."""
-        from .vision import VisionInputs
-
         split, processor, sized = self.options.split if split is None else split, self.processor, self.family.sized
         vision = VisionInputs([images for images, _ in batch], split, self.family.image_kwargs)
         if collect or sized:
@@ -83,14 +79,16 @@ class Preparer:
         if sized:
             inputs = self.tokenize([self.prompt(len(images), question) for images, question in batch], vision)
         else:
-            inputs = self._processor_call(batch, split)
+            inputs = self.build_inputs(batch, split, pixels=False)
         inputs["vision"] = vision
         return inputs
 
     @property
     def render_side(self) -> int | None:
         """The longest side pages are rendered at for this model (None: the documents' default)."""
-        return self.family.render_side(self.processor.image_processor)
+        if not self.family.sized:
+            return None
+        return int((getattr(self.processor.image_processor, "size", None) or {}).get("longest_edge") or 0) or None
 
     def fit_context(self, tokens: int, max_new_tokens: int, what: str, hint: str) -> None:
         """The one context check: `tokens` + `max_new_tokens` over the model's context is a UsageError."""
@@ -116,12 +114,11 @@ class Preparer:
 class LocalEngine(Preparer):
     """A loaded processor + model pair and what is known about it."""
 
-    def __init__(self, processor, model, options: ModelOptions, device: str, dtype, load_s: float,
-                 quant_reason: str | None = None, quant: str | None = None):
+    def __init__(self, processor, model, options: ModelOptions, device: str, dtype, load_s: float, quant_reason: str,
+                 quant: str):
         super().__init__(processor, options, device)
         self.model, self.dtype, self.load_s = model, dtype, load_s
-        self.quant = quant or options.quant  # what is loaded: a checkpoint saved quantized is, whatever was asked
-        self.quant_reason = quant_reason or f"--quant {options.quant}"
+        self.quant, self.quant_reason = quant, quant_reason  # families.chosen_quant: a saved quantization as saved
         tokenizer = processor.tokenizer
         self.image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
         self.doctags = DOCTAG in tokenizer.get_added_vocab()  # a document model: its DocTags are kept in answers
@@ -164,8 +161,6 @@ class LocalEngine(Preparer):
 
     def chat_inputs(self, messages: list[dict], images: list, max_new_tokens: int):
         """A whole conversation's token ids (refused over the context) and its images for vision.py."""
-        from .vision import VisionInputs
-
         text = self.chat_text(messages)
         vision = VisionInputs([list(images)], self.options.split, self.family.image_kwargs)
         if self.family.sized:  # the prompt's image tokens follow the pixels' grids
@@ -190,20 +185,14 @@ class LocalEngine(Preparer):
 
     def features(self, inputs) -> list:
         """Image features of each row of `inputs` (None for a row without images), through vision.py."""
-        from .vision import auto_chunk, encode
-
         if "pixel_values" in inputs:
             raise TypeError("the engine decodes prepare()'s inputs; build_inputs() is the model card's, for reference")
-        vision = inputs.get("vision")
-        if vision is None:
-            return [None] * len(inputs["input_ids"])
-        return encode(self.model, vision, self.vision_chunk or auto_chunk(self.model, self.device),
+        return encode(self.model, inputs["vision"], self.vision_chunk or auto_chunk(self.model, self.device),
                       self.processor.image_processor)
 
     def rows(self, inputs, max_new_tokens: int | None = None, logits_processor=None, schema=None) -> list:
         """A decode-loop `Row` for each row of `prepare`'s (or `chat_inputs`') `inputs`, its images encoded now."""
         from ..structured import row_grammar
-        from .decode import Row
 
         limit = max_new_tokens or self.options.max_new_tokens
         features = self.features(inputs)
@@ -228,8 +217,6 @@ class LocalEngine(Preparer):
 
     def stream_generate(self, inputs, max_new_tokens: int | None = None, logits_processor=None, schema=None):
         """Yield the one-row answer's pieces from the first `next()`; return its `Generation`. Closing stops it."""
-        from .decode import Loop, stream
-
         started = time.perf_counter()
         try:
             (row,) = self.rows(inputs, max_new_tokens, logits_processor, schema)
@@ -248,8 +235,6 @@ class LocalEngine(Preparer):
     def generate_batch(self, inputs, max_new_tokens: int | None = None, logits_processor=None,
                        schema=None) -> list[Generation]:
         """Every row's answer, the rows decoding together; the first failed row raises its error."""
-        from .decode import Loop, run_rows
-
         try:
             rows = self.rows(inputs, max_new_tokens, logits_processor, schema)
             list(run_rows(Loop(self), rows, len(rows)))
@@ -262,8 +247,6 @@ class LocalEngine(Preparer):
     def generate_rows(self, items, max_new_tokens: int | None = None, schema=None, width: int | None = None):
         """Continuous batching: `items` yields (tag, inputs, row); up to `width` rows decode at once, the next
         item taken as soon as a row ends. Yields (tag, Generation or IdeficsError) as rows end."""
-        from .decode import Loop, run_rows
-
         def rows():
             last, made = None, []
             for tag, inputs, r in items:

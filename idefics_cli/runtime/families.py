@@ -2,8 +2,7 @@
 
 `detect(options, local_files_only)` reads config.json (no weights): (its `Family`, the config), or a one-line
 `IdeficsError("model_error")` for another model type or a processor that cannot be built here. `chosen_quant(quant,
-config)` is what a load quantizes to and why: a checkpoint saved quantized as saved, whatever is asked, `auto_quant`
-for auto. `render_side(options)` and `doctags(options)` read the checkpoint's files at hand.
+config)` is what a load quantizes to and why. `render_side(options)` and `doctags(options)` read the files at hand.
 """
 
 from __future__ import annotations
@@ -30,12 +29,6 @@ class Family:
         info = {"rows": [[r for r, _ in grids]], "cols": [[c for _, c in grids]]}
         replacements = [processor.replace_image_token(info, k) for k in range(len(grids))]
         return processor.get_text_with_replacements(list(texts), images_replacements=replacements)[0]
-
-    def render_side(self, image_processor) -> int | None:
-        """Longest side in px a page is rendered at (None: the documents' default)."""
-        if not self.sized:
-            return None
-        return int((getattr(image_processor, "size", None) or {}).get("longest_edge") or 0) or None
 
 
 IDEFICS2 = Family("idefics2", sized=False)
@@ -154,30 +147,17 @@ def refusal(options) -> str | None:
     return None
 
 
-def saved_quant(config: dict) -> tuple[str, str] | None:
-    """(quant, why) of a checkpoint saved quantized, which loads as saved whatever `--quant` asks; None if not."""
+def chosen_quant(quant: str, config: dict) -> tuple[str, str]:
+    """The quantization a load uses and why (`quantization_reason`): a checkpoint saved quantized loads as saved,
+    whatever `--quant` asks; `auto` is nf4 from NF4_FROM parameters (counted from `config`), none below."""
     saved = config.get("quantization_config") or {}
-    if not saved:
-        return None
     if saved.get("load_in_4bit"):
         return "4bit", f"the checkpoint is saved in {saved.get('bnb_4bit_quant_type') or 'nf4'}"
-    return "8bit", f"the checkpoint is saved in {'int8' if saved.get('load_in_8bit') else 'a quantized format'}"
-
-
-def chosen_quant(quant: str, config: dict) -> tuple[str, str]:
-    """The quantization a load uses and why (`quantization_reason`): the saved one, `auto_quant`, or as asked."""
-    saved = saved_quant(config)
     if saved:
-        return saved
-    if quant == "auto":
-        quant, why = auto_quant(config)
-        return quant, f"auto: {why}"
-    return quant, f"--quant {quant}"
-
-
-def auto_quant(config: dict) -> tuple[str, str]:
-    """`--quant auto` for a checkpoint saved unquantized: (quant, why), from its size."""
+        return "8bit", f"the checkpoint is saved in {'int8' if saved.get('load_in_8bit') else 'a quantized format'}"
+    if quant != "auto":
+        return quant, f"--quant {quant}"
     n = parameters(config)
     if n >= NF4_FROM:
-        return "4bit", f"{n / 1e9:.1f}B parameters: nf4 from 4B"
-    return "none", f"{n / 1e9:.2f}B parameters: unquantized below 4B"
+        return "4bit", f"auto: {n / 1e9:.1f}B parameters: nf4 from 4B"
+    return "none", f"auto: {n / 1e9:.2f}B parameters: unquantized below 4B"

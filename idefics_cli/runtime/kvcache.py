@@ -15,32 +15,31 @@ SPARE = 128  # positions a buffer keeps beyond what it holds when it grows
 
 
 def _adopt(tensor):
-    """A tensor assigned from outside as [buffer, start, end]: full, so never written in place."""
+    """A tensor assigned from outside as [buffer, end]: full, so never written in place."""
     if tensor is None:
         return None
-    return [tensor, 0, tensor.shape[-2] if tensor.dim() > 1 else 0]  # 1-d: DynamicLayer's first empties
+    return [tensor, tensor.shape[-2] if tensor.dim() > 1 else 0]  # 1-d: DynamicLayer's first empties
 
 
 def _view(slot):
     if slot is None:
         return None
-    buffer, start, end = slot
-    return buffer if start == 0 and end == buffer.shape[-2] else buffer[:, :, start:end]
+    buffer, end = slot
+    return buffer if end == buffer.shape[-2] else buffer[:, :, :end]
 
 
 def _append(slot, new, spare: int):
     """Write `new` after the filled part of `slot` (in place while there is room); the filled part's view."""
-    buffer, start, end = slot
+    buffer, end = slot
     n = new.shape[-2]
     if buffer.shape[-2] < end + n:
-        length = end - start
-        grown = new.new_empty((*new.shape[:-2], length + n + spare, new.shape[-1]))
-        if length:
-            grown[:, :, :length] = buffer[:, :, start:end]
-        buffer, start, end = grown, 0, length
+        grown = new.new_empty((*new.shape[:-2], end + n + spare, new.shape[-1]))
+        if end:
+            grown[:, :, :end] = buffer[:, :, :end]
+        buffer = grown
     buffer[:, :, end:end + n] = new
-    slot[:] = [buffer, start, end + n]
-    return buffer[:, :, start:end + n]
+    slot[:] = [buffer, end + n]
+    return buffer[:, :, :end + n]
 
 
 @functools.cache
@@ -69,7 +68,7 @@ def room_layer():
             return _append(self._k, key_states, self.spare), _append(self._v, value_states, self.spare)
 
         def get_seq_length(self) -> int:
-            return self._k[2] - self._k[1] if self.is_initialized and self._k is not None else 0
+            return self._k[1] if self.is_initialized and self._k is not None else 0
 
     return RoomLayer
 
@@ -78,14 +77,11 @@ def new_cache(config=None, layers=None, spare: int = SPARE):
     """A `DynamicCache` of in-place layers keeping every position: for `config`'s decoder (a sliding window is the
     attention mask's to apply, as in KVBatch's steps), or over `layers` [(keys, values)], adopted."""
     from transformers import DynamicCache
-    from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, get_layer_types_and_kwargs
 
     cache = DynamicCache()
-    if config is not None:
-        types, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
-        attention = ("full_attention", "sliding_attention", "chunked_attention")
-        cache.layers = [room_layer()(spare=spare) if t in attention else DYNAMIC_LAYER_TYPE_MAPPING[t](**kw)
-                        for t, kw in zip(types, kwargs)]
+    if config is not None:  # the families' decoders (Mistral, Llama) have attention layers only
+        n = config.get_text_config(decoder=True).num_hidden_layers
+        cache.layers = [room_layer()(spare=spare) for _ in range(n)]
     else:
         cache.layers = []
         for keys, values in layers:
@@ -184,9 +180,7 @@ class KVBatch:
             self.cache, self.mask, self.positions = None, None, []
             return
         mask = self.mask[rows]
-        used = mask.any(dim=0).nonzero()
-        first = int(used[0]) if used.numel() else 0
-        self.mask = mask[:, first:]
+        self.mask = mask[:, int(mask.any(dim=0).nonzero()[0]):]  # every row has its prompt's positions
         layers, width = _layers(self.cache), self.mask.shape[1]
         self.cache = _copied([(layers, r, width) for r in rows], width)
         self.positions = [self.positions[r] for r in rows]
@@ -207,9 +201,8 @@ class KVBatch:
 
 
 def _copied(rows: list, width: int):
-    """A cache owning new buffers (with spare room), written in place by decode steps, holding `rows` [(layers, row,
-    n)], each row's last `n` positions right-aligned to `width` and zeros before. Each `layers` list is emptied
-    (None) layer by layer as it is copied, so that its tensors can go before the next layer is copied."""
+    """A cache of new buffers (with spare room) holding `rows` [(layers, row, n)]: each row's last `n` positions
+    right-aligned to `width`, zeros before. Each `layers` list is emptied (None) layer by layer as it is copied."""
     buffers = []
     for i in range(len(rows[0][0])):
         k0, v0 = rows[0][0][i]
@@ -226,5 +219,5 @@ def _copied(rows: list, width: int):
         buffers.append((keys, values))
     cache = new_cache(layers=[(k[:, :, :width], v[:, :, :width]) for k, v in buffers])
     for layer, (k, v) in zip(cache.layers, buffers):
-        layer._k, layer._v = [k, 0, width], [v, 0, width]
+        layer._k, layer._v = [k, width], [v, width]
     return cache

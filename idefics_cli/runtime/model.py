@@ -90,8 +90,7 @@ def import_bitsandbytes():
 
 
 def _deferred(compile_):
-    """`compile_` (torch.compile) called on a function's first call instead of at once: bitsandbytes hands its
-    fallback kernels to torch.compile as it is imported, and torch.compile's own imports take a second."""
+    """`compile_` (torch.compile) called at a function's first call, not as bitsandbytes' import hands it kernels."""
 
     def deferred(fn=None, **kwargs):
         if fn is None:  # used as @torch.compile(...)
@@ -180,7 +179,7 @@ class Loading:
     `LocalEngine` (or raises the load's `IdeficsError`)."""
 
     def __init__(self, options: ModelOptions, processor, device: str, dtype, weights: Future, start: float,
-                 quant_reason: str | None = None, quant: str | None = None):
+                 quant_reason: str, quant: str):
         self.options, self.processor, self.device, self.dtype = options, processor, device, dtype
         self._weights, self._start, self.quant_reason, self.quant = weights, start, quant_reason, quant
 
@@ -199,8 +198,7 @@ class Loading:
 
 
 def expand_block_scales(model) -> None:
-    """4-bit layers' 8-bit block scales (double quantization) expanded to float32 once, as bitsandbytes does on
-    every forward otherwise: the same numbers, about 1/8 less time a CPU forward, 3/64 more bytes a parameter."""
+    """4-bit layers' 8-bit block scales (double quantization) expanded to float32 once, not by bitsandbytes per call."""
     import torch
 
     for module in model.modules():
@@ -225,10 +223,9 @@ def _packed_linear():
 
 
 def pack_text_linears(model) -> None:
-    """Float32 CPU: the language model's linear layers and its head compute over oneDNN's prepacked weights, as
-    torch.compile's frozen CPU graphs do: faster for the few rows of a decoding step than MKL's products, the same
-    up to float rounding. Each original weight is dropped unless the input embedding shares it, so the model is for
-    inference only. A torch without oneDNN (or without the op) keeps the layers as they are."""
+    """Float32 CPU: the language model's linear layers and its head compute over oneDNN's prepacked weights (as
+    torch.compile's frozen CPU graphs do), the same up to float rounding. Each original weight is dropped unless the
+    input embedding shares it: inference only. A torch without oneDNN (or the op) keeps the layers as they are."""
     import torch
 
     text = getattr(getattr(model, "model", None), "text_model", None)

@@ -55,9 +55,6 @@ class VisionInputs:
             self.build_one(image_processor)
         return self
 
-    def pixel_bytes(self) -> int:
-        return sum(p.nbytes for b in self.buckets.values() for _, _, p in b)
-
 
 def _own_size_pixels(image_processor, image, split: bool, kwargs: dict | None = None) -> list:
     """The processor's float32 pixels for one source image (crops, then the whole), each at its own size."""
