@@ -27,10 +27,11 @@ PAGES, WIDTH, SHORT, LONG = 16, 8, 8, 64
 def child(model: str, image: str, reps: int, pages: int, short: int, long: int) -> dict:
     from PIL import Image
 
+    from idefics_cli.process import quiet_loaded
     from idefics_cli.runtime.decode import Loop, Row, run_rows
-    from idefics_cli.runtime.model import ModelOptions, load_engine, quiet_libraries
+    from idefics_cli.runtime.model import ModelOptions, load_engine
 
-    quiet_libraries()
+    quiet_loaded()
     engine = load_engine(ModelOptions(model=model, quant="4bit", device="cpu"))
     page = Image.open(image).convert("RGB")
     prompts = []

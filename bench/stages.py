@@ -126,9 +126,9 @@ def main(argv=None) -> None:
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--quant", default="4bit", help="model-only: the model options' --quant (default 4bit)")
     args = p.parse_args(argv)
-    from idefics_cli.runtime.model import quiet_libraries
+    from idefics_cli.process import quiet_loaded
 
-    quiet_libraries()
+    quiet_loaded()
     (model_only if args.mode == "model-only" else decompose)(args)
 
 

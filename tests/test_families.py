@@ -174,6 +174,18 @@ def test_another_architecture_is_a_model_error_before_the_weights(cli, tmp_path)
     assert "is a llava model" in result.stderr and "Idefics2, Idefics3" in result.stderr
 
 
+def test_a_config_that_is_no_object_is_a_model_error_not_a_crash(cli, tmp_path):
+    page = tmp_path / "p.png"
+    make_image().save(page)
+    folder = _folder(tmp_path, "idefics2")
+    for config in ([], {"model_type": "idefics2", "quantization_config": "bnb"}):
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(config, f)
+        result = cli("ask", page, "What?", "--model", folder)
+        assert result.exit_code == 5 and result.stderr.count("\n") == 1, (config, result.stderr)
+        assert result.stderr.startswith("error [model_error]: ") and "not a JSON object" in result.stderr
+
+
 def test_smolvlm2_says_what_to_install(cli, tmp_path):
     from idefics_cli.runtime.families import SMOLVLM, _importable
 

@@ -85,7 +85,8 @@ def doctags(options) -> bool:
 
 
 def read_config(options, local_files_only: bool) -> dict:
-    """config.json of the checkpoint: the local folder's, the cached one, or fetched alone from the hub."""
+    """config.json of the checkpoint: the local folder's, the cached one, or fetched alone from the hub (ValueError:
+    not a JSON object, or its quantization_config is not)."""
     folder = _folder(options, need="model")
     if folder:
         path = os.path.join(folder, "config.json")
@@ -95,7 +96,10 @@ def read_config(options, local_files_only: bool) -> dict:
         path = hf_hub_download(options.model, "config.json", revision=options.revision,
                                local_files_only=local_files_only)
     with open(path) as f:
-        return json.load(f)
+        config = json.load(f)
+    if not isinstance(config, dict) or not isinstance(config.get("quantization_config") or {}, dict):
+        raise ValueError("config.json is not a JSON object, or its quantization_config is not")
+    return config
 
 
 def _importable(module: str) -> bool:

@@ -25,11 +25,6 @@ if TYPE_CHECKING:
     from concurrent.futures import Future
 
 
-def quiet_libraries() -> None:
-    """Opted-in processes (process.py) hear transformers' errors only, without progress bars."""
-    process.quiet_loaded()
-
-
 def resolve_device(device: str) -> str:
     """The device to load on: `auto` resolved; UsageError for a value that is no device, model_error for CUDA
     asked without a GPU."""
@@ -153,7 +148,7 @@ def load_processor(options: ModelOptions, configure: bool = True, local_files_on
         if looks_local(options.model) and not os.path.isdir(options.model):
             raise IdeficsError("model_error", f"model folder {options.model!r} does not exist")
         local_files_only = local_only(options, need="processor")  # not cached and no hub: fails here, at once
-    quiet_libraries()
+    process.quiet_loaded()
     from transformers import AutoProcessor
 
     try:
@@ -264,7 +259,7 @@ def start_load(options: ModelOptions, cpu_kernels: bool = True) -> Loading:
     start = time.perf_counter()
     config = check_model(options)
     common = {"revision": options.revision, "local_files_only": local_only(options), "trust_remote_code": False}
-    quiet_libraries()
+    process.quiet_loaded()
     loaded, quant_reason = chosen_quant(options.quant, config)  # a checkpoint saved quantized: as saved
     if options.quant == "auto":  # resolved in the options (what the library's transcribe hashes); else as asked
         options = dataclasses.replace(options, quant=loaded)

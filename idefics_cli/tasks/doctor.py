@@ -272,15 +272,15 @@ def memory_estimate(config_path: str, processor_config_path: str | None, quant: 
 
 def diagnose(options) -> dict:
     """Every check, as one JSON-ready dict (`ok` and `reason` hold the verdict)."""
-    from .. import extras
+    from .. import extras, process
     from ..errors import IdeficsError
     from ..hub import local_only
     from ..runtime.engine import QUANT_NAMES
     from ..runtime.families import refusal
-    from ..runtime.model import quiet_libraries, resolve_device, resolve_dtype
+    from ..runtime.model import resolve_device, resolve_dtype
 
     local = local_only(options)  # not cached and cannot be fetched: one error at once, before the checks
-    quiet_libraries()
+    process.quiet_loaded()
     report: dict = {"schema": SCHEMA, "ok": False, "reason": None, "versions": versions(), "system": system_info(),
                     "cuda": cuda_info()}
     problems: list[str] = []
