@@ -46,6 +46,9 @@ def test_error_objects_keep_the_clis_codes():
         (401, body("invalid_api_key"), None, "model_error"),
         (500, body("internal"), None, "model_error"),
         (502, b"<html>bad gateway</html>", None, "model_error"),
+        (400, body(["usage"]), None, "model_error"),  # a code of another type: no TypeError (unhashable)
+        (400, body({"code": "usage"}), None, "model_error"),
+        (502, b"[" * 100_000, None, "model_error"),  # nested past Python's recursion limit
     ]
     for status, raw, cls, code in cases:
         err = http.error(status, raw)

@@ -125,11 +125,12 @@ class Transport:
         """The server's OpenAI error object as the CLI's error (its code kept where the CLI has it)."""
         try:
             obj = json.loads(raw) if isinstance(raw, bytes) else raw
-        except ValueError:
+        except (ValueError, RecursionError):
             obj = None
         error = obj.get("error") if isinstance(obj, dict) else None
         error = error if isinstance(error, dict) else {}
-        code, message = error.get("code"), str(error.get("message") or f"HTTP {status}").replace("\n", " ")[:500]
+        code = error.get("code") if isinstance(error.get("code"), str) else None  # a list's `in` would raise
+        message = str(error.get("message") or f"HTTP {status}").replace("\n", " ")[:500]
         if status == 401 or code == "invalid_api_key":
             return IdeficsError("model_error", f"the server at {self.url} refused the API key", KEY_HINT)
         if status == 503 and code == "loading":
