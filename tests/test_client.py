@@ -307,7 +307,7 @@ def odd_server():
 
         def do_GET(self):
             health = self.path == "/health" and odd.health
-            self._send(health or json.dumps(CARD).encode(), "application/json")
+            self._send(health or odd.card, "application/json")
 
         def do_POST(self):
             assert json.loads(self.rfile.read(int(self.headers["content-length"])))["stream"] is True
@@ -316,6 +316,7 @@ def odd_server():
     odd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     odd.url = f"http://127.0.0.1:{odd.server_address[1]}"
     odd.health = None  # /health's body; None: the card
+    odd.card = json.dumps(CARD).encode()
     threading.Thread(target=odd.serve_forever, daemon=True).start()
     yield odd
     odd.shutdown()
@@ -349,6 +350,26 @@ def test_a_health_body_that_is_not_an_object_leaves_the_default_batch(odd_server
     for body in (b"[4, 8]", b"null", b'"max_batch"'):
         odd_server.health = body
         assert RemoteEngine(odd_server.url).auto_batch_size() == 4, body
+
+
+def test_a_model_card_with_odd_values_is_a_model_error_or_the_defaults(odd_server):
+    from idefics_cli.errors import IdeficsError
+    from idefics_cli.remote.client import TIFF_BUDGET, RemoteEngine
+
+    def card(**described) -> bytes:
+        return json.dumps({"data": [{"id": "m", "idefics": {**CARD["data"][0]["idefics"], **described}}]}).encode()
+
+    for odd_server.card in (card(quantization=["nf4"]), card(quantization={}), b"[" * 100_000):
+        with pytest.raises(IdeficsError) as err:
+            RemoteEngine(odd_server.url)
+        assert err.value.code == "model_error" and "not" in err.value.message, odd_server.card[:60]
+    odd_server.card = card(max_request_mb=1e400)  # read as infinity: no limit
+    assert RemoteEngine(odd_server.url).tiff_budget == TIFF_BUDGET
+    odd_server.card = card(id=["m"], revision={}, dtype=7, device=[], family=1, quantization_reason=5)
+    engine = RemoteEngine(odd_server.url)
+    assert engine.info == {"id": None, "revision": None, "quantization": "nf4", "quantization_reason": None,
+                           "dtype": None, "device": None, "family": None}
+    assert (engine.options.model, engine.options.dtype, engine.options.device) == ("m", "auto", "auto")
 
 
 def test_pages_reach_the_server_as_the_very_pixels_of_a_local_run(docs):

@@ -47,16 +47,16 @@ class RemoteEngine:
         start = time.perf_counter()
         card = self._models()
         self.load_s = time.perf_counter() - start  # what a local run spends loading: here, reaching the server
-        self.model_id = card.get("id") or ""
+        self.model_id = card.get("id") if isinstance(card.get("id"), str) else ""
         described = card.get("idefics")
-        if not isinstance(described, dict) or "quantization" not in described:
+        if not isinstance(described, dict) or not isinstance(described.get("quantization"), str):
             raise IdeficsError("model_error", f"{self.url} is not an `idefics serve` server (no model settings in "
                                "/v1/models)", SERVER_HINT)
         side = described.get("render_side")  # the server's render size; absent (an older server): the default
         self.render_side = side if isinstance(side, int) and not isinstance(side, bool) and side > 0 else None
         self.doctags = described.get("doctags") is True  # a document model: its own prompt, Markdown in records
-        self._info = {k: described.get(k) for k in ("id", "revision", "quantization", "quantization_reason", "dtype",
-                                                    "device", "family")}
+        self._info = {k: described.get(k) if isinstance(described.get(k), str) else None  # odd types: unknown
+                      for k in ("id", "revision", "quantization", "quantization_reason", "dtype", "device", "family")}
         self.options = ModelOptions(model=self._info["id"] or self.model_id, revision=self._info["revision"],
                                     quant=_asked_quant(self._info),
                                     dtype=self._info["dtype"] or "auto", device=self._info["device"] or "auto",
@@ -64,7 +64,7 @@ class RemoteEngine:
                                     max_new_tokens=max_new_tokens or ModelOptions().max_new_tokens)
         cap = described.get("max_request_mb")
         known = isinstance(cap, (int, float)) and not isinstance(cap, bool) and cap > 0
-        self.tiff_budget = min(TIFF_BUDGET, int(cap * 2**20) // 4) if known else 0  # TIFF bytes per request
+        self.tiff_budget = int(min(TIFF_BUDGET, cap * 2**18)) if known else 0  # TIFF bytes per request (inf: no cap)
 
     @property
     def info(self) -> dict:

@@ -107,7 +107,7 @@ class Transport:
             conn.close()
         try:
             return json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested past Python's limit
             raise IdeficsError("model_error", f"{self.url} answered {path} with something that is not JSON",
                                SERVER_HINT) from None
 
