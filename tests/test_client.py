@@ -281,7 +281,9 @@ CARD = {"object": "list", "data": [{"id": "m", "object": "model", "idefics": {
 BAD_STREAMS = [b"data: {not json", b'data: ["a", "list"]', b'data: {"choices": "zz"}', b'data: {"choices": ["zz"]}',
                b'data: {"choices": [{"delta": ["x"]}]}', b'data: {"choices": [{"delta": {"content": 5}}]}',
                b'data: {"choices": [{"delta": {}, "finish_reason": "stop"}], "usage": "zz"}',
-               b'data: {"choices": [], "usage": {"completion_tokens": "8"}}']
+               b'data: {"choices": [], "usage": {"completion_tokens": "8"}}',
+               b'data: {"choices": [{"delta": {"content": "caf\xe9"}}]}',  # Latin-1, not UTF-8: no lost connection
+               b"data: " + b"[" * 100_000]  # nested past Python's recursion limit
 BAD_ANSWERS = [b'data: {"choices": [{"delta": {"content": 5}, "finish_reason": "stop"}], "usage": {}}',
                b'data: {"choices": [{"delta": {"content": "x"}, "finish_reason": "stop"}], '
                b'"usage": {"completion_tokens": "eight"}}',

@@ -186,7 +186,7 @@ class RemoteEngine:
                     first = time.perf_counter() - start if first is None else first
                     pieces.append(piece)
                     yield piece
-        except (*MALFORMED, json.JSONDecodeError):
+        except (*MALFORMED, json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # not JSON, or no completion
             raise IdeficsError("model_error", f"the server at {self.url} sent {what} that is not a chat completion",
                                SERVER_HINT) from None
         except (*LOST, ValueError) as exc:
