@@ -288,7 +288,10 @@ BAD_ANSWERS = [b'data: {"choices": [{"delta": {"content": 5}, "finish_reason": "
                b'data: {"choices": [{"delta": {"content": "x"}, "finish_reason": "stop"}], '
                b'"usage": {"completion_tokens": "eight"}}',
                b'data: {"choices": [{"delta": {"content": "x"}, "logprobs": {"content": [{"token": "x", '
-               b'"logprob": "low"}]}, "finish_reason": "stop"}], "usage": {}}']
+               b'"logprob": "low"}]}, "finish_reason": "stop"}], "usage": {}}'] + [
+    b'data: {"choices": [{"delta": {"content": "x"}, "logprobs": {"content": [{"token": "x", "logprob": %s}]}, '
+    b'"finish_reason": "stop"}], "usage": {}}' % number for number in (b"NaN", b"Infinity", b"-Infinity", b'"nan"')]
+# (Python's json reads NaN and Infinity, which no JSON reader takes back: the record would not be JSON)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from itertools import accumulate, islice
@@ -255,9 +256,12 @@ def _chunk(event) -> tuple[str, str | None, list[tuple[str, float]], dict | None
 
 def _number(value) -> float:
     try:
-        return float(value)
+        number = float(value)
     except ValueError:  # a string that is not a number: TypeError, as any malformed chunk
         raise TypeError from None
+    if not math.isfinite(number):  # NaN or Infinity (Python's json reads them): no JSON record could hold it
+        raise TypeError
+    return number
 
 
 def _local_only(logits_processor) -> None:
