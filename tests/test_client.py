@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -316,14 +320,23 @@ def odd_server():
 
         def do_POST(self):
             assert json.loads(self.rfile.read(int(self.headers["content-length"])))["stream"] is True
+            odd.posts += 1
+            if odd.stall is not None and odd.posts > odd.stall:  # its headers, then nothing until the test ends
+                self.send_response(200)
+                self.end_headers()
+                odd.stalled.set()
+                odd.released.wait()
+                return
             self._send(odd.reply + b"\n\ndata: [DONE]\n\n", "text/event-stream")
 
     odd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     odd.url = f"http://127.0.0.1:{odd.server_address[1]}"
     odd.health = None  # /health's body; None: the card
     odd.card = json.dumps(CARD).encode()
+    odd.posts, odd.stall, odd.stalled, odd.released = 0, None, threading.Event(), threading.Event()  # stall: after N
     threading.Thread(target=odd.serve_forever, daemon=True).start()
     yield odd
+    odd.released.set()
     odd.shutdown()
     odd.server_close()
 
@@ -347,6 +360,36 @@ def test_a_server_answer_that_is_not_a_chat_completion_is_a_model_error(odd_serv
         assert res.returncode == 5, (reply, lines)
         assert f"error [model_error]: the server at {odd_server.url} sent an answer that is not a chat completion" \
             in lines[-1], (reply, lines)
+
+
+def test_ctrl_c_or_sigterm_while_a_server_stalls_ends_transcribe_at_once_keeping_its_pages(odd_server, docs, tmp_path):
+    """A server that stops answering mid-transcription: Ctrl-C and SIGTERM end the run within seconds (exit 130; no
+    thread left reading a connection the interpreter waits for), the page answered before kept for the rerun."""
+    odd_server.reply = (b'data: {"choices": [{"delta": {"content": "x"}, "finish_reason": "stop"}], '
+                        b'"usage": {"completion_tokens": 1}}')
+    out, args = tmp_path / "r.jsonl", ["--batch-size", "1", "--server", odd_server.url]
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        odd_server.posts, odd_server.stall = 0, 1
+        odd_server.stalled.clear()
+        out.unlink(missing_ok=True)
+        proc = subprocess.Popen([sys.executable, "-m", "idefics_cli", "transcribe", docs["pdf"], "--out", str(out),
+                                 *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        try:
+            odd_server.stalled.wait(120)
+            proc.send_signal(sig)
+            _, err = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{sig!r}: transcribe still ran 15 s after it")
+        finally:
+            proc.kill()
+            proc.communicate()
+        assert proc.returncode == 130, (sig, err.decode())
+        assert [json.loads(line)["page"] for line in out.read_text().splitlines()] == [1], sig
+    odd_server.posts, odd_server.stall = 0, None
+    res = run_idefics("transcribe", docs["pdf"], "--out", str(out), *args)
+    assert res.returncode == 0 and odd_server.posts == 2, res.stderr.decode()  # pages 2 and 3: page 1 was kept
+    assert [json.loads(line)["page"] for line in out.read_text().splitlines()] == [1, 2, 3]
 
 
 def test_a_health_body_that_is_not_an_object_leaves_the_default_batch(odd_server):

@@ -18,7 +18,7 @@ from itertools import accumulate, islice
 
 from ..errors import IdeficsError, UsageError
 from ..interface import Generation, ModelOptions
-from .transport import LOST, SERVER_HINT, ServerLoading, Transport, events
+from .transport import LOST, SERVER_HINT, InFlight, ServerLoading, Transport, events
 
 LOAD_WAIT_S = 600.0  # how long a request waits for a server that is still loading its model
 QUANT_OPTIONS = {"nf4": "4bit", "int8": "8bit", "none": "none"}  # engine.QUANT_NAMES, reversed
@@ -149,19 +149,23 @@ class RemoteEngine:
         pending = iter(items)
         running: dict = {}
         width = max(1, width or self.auto_batch_size())
-        with ThreadPoolExecutor(width, thread_name_prefix="idefics-client") as pool:
+        pool, live = ThreadPoolExecutor(width, thread_name_prefix="idefics-client"), InFlight()
+        try:
             while True:
                 for tag, inputs, row in islice(pending, width - len(running)):
-                    running[pool.submit(self._answer, inputs, row, max_new_tokens, schema)] = tag
+                    running[pool.submit(self._answer, inputs, row, max_new_tokens, schema, live)] = tag
                 if not running:
                     return
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
                     yield running.pop(future), future.result()
+        finally:  # an error, Ctrl-C or a closed generator: the requests still running are given up, not waited for
+            live.cancel()
+            pool.shutdown(wait=False, cancel_futures=True)
 
-    def _answer(self, inputs: RemoteInputs, row: int, max_new_tokens: int | None, schema):
+    def _answer(self, inputs: RemoteInputs, row: int, max_new_tokens: int | None, schema, live: InFlight):
         """One row's answer (its stream read to the end), or its IdeficsError."""
-        stream = self._stream(inputs, row, max_new_tokens, schema, "an answer")
+        stream = self._stream(inputs, row, max_new_tokens, schema, "an answer", live)
         try:
             while True:
                 next(stream)
@@ -170,11 +174,12 @@ class RemoteEngine:
         except IdeficsError as err:
             return err
 
-    def _stream(self, inputs: RemoteInputs, row: int, max_new_tokens: int | None, schema, what: str):
+    def _stream(self, inputs: RemoteInputs, row: int, max_new_tokens: int | None, schema, what: str,
+                live: InFlight | None = None):
         """Yield a row's pieces as the server streams them; return its Generation (`what`: its name in errors)."""
         start = time.perf_counter()
         conn, resp = self.http.send("POST", "/v1/chat/completions", self._body(inputs.rows[row], max_new_tokens,
-                                                                               schema))
+                                                                               schema), live)
         pieces, first, finish, usage, tokens = [], None, None, None, []
         try:
             for event in events(resp):

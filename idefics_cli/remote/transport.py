@@ -2,16 +2,19 @@
 
 Contract: `normalize_url(url)` gives the server's root URL (else `UsageError`). `Transport(url, api_key)`: `send`
 (connection, response of a 200), `json` (its body); unreachable (CONNECT_TIMEOUT_S) or lost is a `model_error`;
-503 `overloaded` is retried for OVERLOAD_WAIT_S. `error(status, body)` maps OpenAI's error object to the CLI's
-(`ServerLoading`, `Overloaded`, `UsageError`, its own codes). `events(resp)`: a stream's JSON objects. Stdlib only.
+503 `overloaded` is retried for OVERLOAD_WAIT_S; an `InFlight`'s requests are given up at once (Ctrl-C).
+`error(status, body)` maps OpenAI's error object to the CLI's (`ServerLoading`, `Overloaded`, `UsageError`, its own
+codes). `events(resp)`: a stream's JSON objects. Stdlib only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import math
 import socket
+import threading
 import time
 import urllib.parse
 
@@ -23,6 +26,20 @@ SERVER_HINT = "start it with `idefics serve`, or check --server / IDEFICS_SERVER
 KEY_HINT = "pass --api-key KEY or set IDEFICS_API_KEY: the key `idefics serve` was started with"
 _CLIENT_CODES = set(EXIT_FOR_CODE) - {"internal", "interrupted"}
 LOST = (OSError, http.client.HTTPException)  # what a dropped connection raises while reading
+
+
+class InFlight:
+    """The requests that threads make for one caller, who may give them all up at once (`cancel`: a Ctrl-C, a closed
+    generator): their sockets are shut, so a thread reading one (from a stalled server) returns at once."""
+
+    def __init__(self):
+        self.socks, self.cancelled = {}, threading.Event()  # socks: each thread's latest (a response may hold it)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        for sock in list(self.socks.values()):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 class ServerLoading(IdeficsError):
@@ -60,7 +77,7 @@ class Transport:
         self._https, self._host, self._port, self._root = (parts.scheme == "https", parts.hostname, parts.port,
                                                            parts.path)
 
-    def _connection(self) -> http.client.HTTPConnection:
+    def _connection(self, live: InFlight) -> http.client.HTTPConnection:
         kind = http.client.HTTPSConnection if self._https else http.client.HTTPConnection  # https: verified
         conn = kind(self._host, self._port, timeout=CONNECT_TIMEOUT_S)
         try:
@@ -68,11 +85,16 @@ class Transport:
         except LOST as exc:
             conn.close()
             raise self.lost(exc, "cannot reach") from None
+        live.socks[threading.get_ident()] = conn.sock
+        if live.cancelled.is_set():  # after the socket is known: a cancel either sees it or is seen here
+            conn.close()
+            raise IdeficsError("interrupted", f"the request to {self.url} was given up")
         conn.sock.settimeout(None)  # an answer may take long to start (a prefill over many pages): no read timeout
         return conn
 
-    def send(self, method: str, path: str, body: bytes | None = None):
+    def send(self, method: str, path: str, body: bytes | None = None, live: InFlight | None = None):
         """(connection, response) of one request whose status is 200; retried while the server is overloaded."""
+        live = live or InFlight()
         headers = {"Accept": "application/json, text/event-stream", "User-Agent": "idefics-cli"}
         if body is not None:
             headers["Content-Type"] = "application/json"
@@ -80,7 +102,7 @@ class Transport:
             headers["Authorization"] = f"Bearer {self.api_key}"
         deadline = time.monotonic() + OVERLOAD_WAIT_S
         while True:
-            conn = self._connection()
+            conn = self._connection(live)
             try:
                 conn.request(method, self._root + path, body=body, headers=headers)
                 resp = conn.getresponse()
@@ -93,7 +115,7 @@ class Transport:
             conn.close()
             err = self.error(resp.status, raw)
             if isinstance(err, Overloaded) and time.monotonic() < deadline:
-                time.sleep(retry_after(resp.getheader("Retry-After")))
+                live.cancelled.wait(retry_after(resp.getheader("Retry-After")))
                 continue
             raise err
 
