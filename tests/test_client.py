@@ -315,6 +315,9 @@ def odd_server():
             self.wfile.write(body)
 
         def do_GET(self):
+            if self.path in odd.silent:  # no answer until the test ends
+                odd.released.wait()
+                return
             health = self.path == "/health" and odd.health
             self._send(health or odd.card, "application/json")
 
@@ -334,6 +337,7 @@ def odd_server():
     odd.health = None  # /health's body; None: the card
     odd.card = json.dumps(CARD).encode()
     odd.posts, odd.stall, odd.stalled, odd.released = 0, None, threading.Event(), threading.Event()  # stall: after N
+    odd.silent = set()  # the GET paths left unanswered
     threading.Thread(target=odd.serve_forever, daemon=True).start()
     yield odd
     odd.released.set()
@@ -390,6 +394,22 @@ def test_ctrl_c_or_sigterm_while_a_server_stalls_ends_transcribe_at_once_keeping
     res = run_idefics("transcribe", docs["pdf"], "--out", str(out), *args)
     assert res.returncode == 0 and odd_server.posts == 2, res.stderr.decode()  # pages 2 and 3: page 1 was kept
     assert [json.loads(line)["page"] for line in out.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_server_that_never_answers_its_model_card_is_a_model_error_in_time(odd_server, monkeypatch):
+    """/v1/models and /health answer at once (even while the model loads): a server that takes the connection and
+    never answers them (a wrong port, a stuck proxy) is a model_error after JSON_TIMEOUT_S, not a hang."""
+    from idefics_cli.errors import IdeficsError
+    from idefics_cli.remote import transport
+    from idefics_cli.remote.client import RemoteEngine
+
+    monkeypatch.setattr(transport, "JSON_TIMEOUT_S", 0.5)
+    odd_server.silent = {"/health"}
+    assert RemoteEngine(odd_server.url).auto_batch_size() == 4  # the default, once the wait is over
+    odd_server.silent = {"/v1/models"}
+    with pytest.raises(IdeficsError) as err:
+        RemoteEngine(odd_server.url)
+    assert err.value.code == "model_error" and err.value.message.endswith(": no answer within 0.5 s"), err.value
 
 
 def test_a_health_body_that_is_not_an_object_leaves_the_default_batch(odd_server):

@@ -1,7 +1,8 @@
 """HTTP to a running `idefics serve`: connections, retries, server-sent events and errors as the CLI's errors.
 
 Contract: `normalize_url(url)` gives the server's root URL (else `UsageError`). `Transport(url, api_key)`: `send`
-(connection, response of a 200), `json` (its body); unreachable (CONNECT_TIMEOUT_S) or lost is a `model_error`;
+(connection, response of a 200), `json` (its body, within JSON_TIMEOUT_S); unreachable (CONNECT_TIMEOUT_S) or lost
+is a `model_error`;
 503 `overloaded` is retried for OVERLOAD_WAIT_S; an `InFlight`'s requests are given up at once (Ctrl-C).
 `error(status, body)` maps OpenAI's error object to the CLI's (`ServerLoading`, `Overloaded`, `UsageError`, its own
 codes). `events(resp)`: a stream's JSON objects. Stdlib only.
@@ -21,6 +22,7 @@ import urllib.parse
 from ..errors import EXIT_FOR_CODE, IdeficsError, UsageError
 
 CONNECT_TIMEOUT_S = 1.5  # a server that does not answer the connection: model_error well within 2 s
+JSON_TIMEOUT_S = 30.0  # /v1/models and /health answer at once, even while the model loads: past this, no server
 OVERLOAD_WAIT_S = 120.0  # how long a request is retried while the server's queue is full
 SERVER_HINT = "start it with `idefics serve`, or check --server / IDEFICS_SERVER"
 KEY_HINT = "pass --api-key KEY or set IDEFICS_API_KEY: the key `idefics serve` was started with"
@@ -77,7 +79,7 @@ class Transport:
         self._https, self._host, self._port, self._root = (parts.scheme == "https", parts.hostname, parts.port,
                                                            parts.path)
 
-    def _connection(self, live: InFlight) -> http.client.HTTPConnection:
+    def _connection(self, live: InFlight, timeout: float | None) -> http.client.HTTPConnection:
         kind = http.client.HTTPSConnection if self._https else http.client.HTTPConnection  # https: verified
         conn = kind(self._host, self._port, timeout=CONNECT_TIMEOUT_S)
         try:
@@ -89,11 +91,13 @@ class Transport:
         if live.cancelled.is_set():  # after the socket is known: a cancel either sees it or is seen here
             conn.close()
             raise IdeficsError("interrupted", f"the request to {self.url} was given up")
-        conn.sock.settimeout(None)  # an answer may take long to start (a prefill over many pages): no read timeout
+        conn.sock.settimeout(timeout)  # a streamed answer may take long to start (a prefill over many pages): None
         return conn
 
-    def send(self, method: str, path: str, body: bytes | None = None, live: InFlight | None = None):
-        """(connection, response) of one request whose status is 200; retried while the server is overloaded."""
+    def send(self, method: str, path: str, body: bytes | None = None, live: InFlight | None = None,
+             timeout: float | None = None):
+        """(connection, response) of one request whose status is 200; retried while the server is overloaded.
+        `timeout`: the longest wait for each read (None: no limit)."""
         live = live or InFlight()
         headers = {"Accept": "application/json, text/event-stream", "User-Agent": "idefics-cli"}
         if body is not None:
@@ -102,7 +106,7 @@ class Transport:
             headers["Authorization"] = f"Bearer {self.api_key}"
         deadline = time.monotonic() + OVERLOAD_WAIT_S
         while True:
-            conn = self._connection(live)
+            conn = self._connection(live, timeout)
             try:
                 conn.request(method, self._root + path, body=body, headers=headers)
                 resp = conn.getresponse()
@@ -111,7 +115,7 @@ class Transport:
                 raw = resp.read()
             except LOST as exc:
                 conn.close()
-                raise self.lost(exc) from None
+                raise self.lost(exc, waited=timeout) from None
             conn.close()
             err = self.error(resp.status, raw)
             if isinstance(err, Overloaded) and time.monotonic() < deadline:
@@ -120,11 +124,11 @@ class Transport:
             raise err
 
     def json(self, method: str, path: str, body: bytes | None = None) -> dict:
-        conn, resp = self.send(method, path, body)
+        conn, resp = self.send(method, path, body, timeout=JSON_TIMEOUT_S)
         try:
             raw = resp.read()
         except LOST as exc:
-            raise self.lost(exc) from None
+            raise self.lost(exc, waited=JSON_TIMEOUT_S) from None
         finally:
             conn.close()
         try:
@@ -134,11 +138,13 @@ class Transport:
                                SERVER_HINT) from None
 
     # ---- errors ----------------------------------------------------------------------------------
-    def lost(self, exc: BaseException, what: str = "lost the connection to") -> IdeficsError:
-        """A connection refused (`what`: "cannot reach"), timed out or dropped, as a `model_error`."""
+    def lost(self, exc: BaseException, what: str = "lost the connection to",
+             waited: float | None = None) -> IdeficsError:
+        """A connection refused (`what`: "cannot reach"), timed out (`waited` s for an answer) or dropped, as a
+        `model_error`."""
         why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         if isinstance(exc, socket.timeout):
-            why = f"no answer within {CONNECT_TIMEOUT_S:g} s"
+            why = f"no answer within {waited or CONNECT_TIMEOUT_S:g} s"
         elif isinstance(exc, socket.gaierror):
             why = f"unknown host {self._host}"
         return IdeficsError("model_error", f"{what} the idefics server at {self.url}: {why}", SERVER_HINT)
