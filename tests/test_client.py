@@ -326,11 +326,12 @@ def odd_server():
             odd.posts += 1
             if odd.stall is not None and odd.posts > odd.stall:  # its headers, then nothing until the test ends
                 self.send_response(200)
+                self.send_header("content-type", odd.kind)
                 self.end_headers()
                 odd.stalled.set()
                 odd.released.wait()
                 return
-            self._send(odd.reply + b"\n\ndata: [DONE]\n\n", "text/event-stream")
+            self._send(odd.reply + b"\n\ndata: [DONE]\n\n", odd.kind)
 
     odd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     odd.url = f"http://127.0.0.1:{odd.server_address[1]}"
@@ -338,6 +339,7 @@ def odd_server():
     odd.card = json.dumps(CARD).encode()
     odd.posts, odd.stall, odd.stalled, odd.released = 0, None, threading.Event(), threading.Event()  # stall: after N
     odd.silent = set()  # the GET paths left unanswered
+    odd.kind = "text/event-stream"  # the content type of its answers
     threading.Thread(target=odd.serve_forever, daemon=True).start()
     yield odd
     odd.released.set()
@@ -410,6 +412,17 @@ def test_a_server_that_never_answers_its_model_card_is_a_model_error_in_time(odd
     with pytest.raises(IdeficsError) as err:
         RemoteEngine(odd_server.url)
     assert err.value.code == "model_error" and err.value.message.endswith(": no answer within 0.5 s"), err.value
+
+
+def test_an_answer_that_is_no_event_stream_is_not_a_chat_completion(odd_server, docs):
+    """A 200 that is a proxy's HTML page, or an answer not streamed, is no answer that ended early (ask again)."""
+    for odd_server.kind, odd_server.reply in [("text/html", b"<html><body>Sign in to continue</body></html>"),
+                                              ("application/json", json.dumps({"choices": [{"message": {
+                                                  "content": "x"}, "finish_reason": "stop"}]}).encode())]:
+        res = run_idefics("ask", docs["png"], QUESTION, "--server", odd_server.url)
+        assert res.returncode == 5 and res.stderr.decode().splitlines() == [
+            f"error [model_error]: the server at {odd_server.url} sent a stream that is not a chat completion "
+            "(start it with `idefics serve`, or check --server / IDEFICS_SERVER)"], res.stderr.decode()
 
 
 def test_a_health_body_that_is_not_an_object_leaves_the_default_batch(odd_server):

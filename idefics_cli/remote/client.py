@@ -182,6 +182,8 @@ class RemoteEngine:
                                                                                schema), live)
         pieces, first, finish, usage, tokens = [], None, None, None, []
         try:
+            if "text/event-stream" not in (resp.getheader("Content-Type") or "").lower():
+                raise TypeError  # a proxy's HTML page, an answer not streamed: no stream to read
             for event in events(resp):
                 if isinstance(event, dict) and "error" in event:
                     raise self.http.error(500, event)
