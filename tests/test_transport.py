@@ -43,6 +43,7 @@ def test_error_objects_keep_the_clis_codes():
         (503, body("loading"), ServerLoading, "model_error"),
         (503, body("overloaded"), Overloaded, "model_error"),
         (413, body("request_too_large"), UsageError, "usage"),
+        (413, b"<html><title>413 Request Entity Too Large</title></html>", UsageError, "usage"),  # nginx's 1 MiB
         (401, body("invalid_api_key"), None, "model_error"),
         (500, body("internal"), None, "model_error"),
         (502, b"<html>bad gateway</html>", None, "model_error"),

@@ -166,9 +166,10 @@ class Transport:
         if code == "overloaded":
             return Overloaded("model_error", f"the server at {self.url} is overloaded: {message}",
                               "try again later, or start it with a larger --max-queue")
-        if code == "request_too_large":
+        if code == "request_too_large" or status == 413:  # 413 alone: a proxy's body limit (nginx: 1 MiB)
             return UsageError(f"the pages are too large for the server at {self.url}: {message}",
-                              "choose fewer pages (--pages), or start the server with a larger --max-request-mb")
+                              "choose fewer pages (--pages), or raise the server's --max-request-mb (or its proxy's "
+                              "body limit)")
         if code in _CLIENT_CODES and code != "model_error":
             return IdeficsError(code, message)
         return IdeficsError("model_error", f"the server at {self.url} failed: {message}", SERVER_HINT)
