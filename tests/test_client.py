@@ -318,6 +318,11 @@ def odd_server():
             if self.path in odd.silent:  # no answer until the test ends
                 odd.released.wait()
                 return
+            if odd.moved:  # a proxy sending http:// to https://
+                self.send_response(301)
+                self.send_header("location", odd.moved + self.path)
+                self.end_headers()
+                return
             health = self.path == "/health" and odd.health
             self._send(health or odd.card, "application/json")
 
@@ -340,6 +345,7 @@ def odd_server():
     odd.posts, odd.stall, odd.stalled, odd.released = 0, None, threading.Event(), threading.Event()  # stall: after N
     odd.silent = set()  # the GET paths left unanswered
     odd.kind = "text/event-stream"  # the content type of its answers
+    odd.moved = None  # where GETs are redirected to (None: answered)
     threading.Thread(target=odd.serve_forever, daemon=True).start()
     yield odd
     odd.released.set()
@@ -423,6 +429,14 @@ def test_an_answer_that_is_no_event_stream_is_not_a_chat_completion(odd_server, 
         assert res.returncode == 5 and res.stderr.decode().splitlines() == [
             f"error [model_error]: the server at {odd_server.url} sent a stream that is not a chat completion "
             "(start it with `idefics serve`, or check --server / IDEFICS_SERVER)"], res.stderr.decode()
+
+
+def test_a_redirect_names_where_it_goes(odd_server, docs):
+    odd_server.moved = "https://idefics.example"
+    res = run_idefics("ask", docs["png"], QUESTION, "--server", odd_server.url)
+    assert res.returncode == 5 and res.stderr.decode().splitlines() == [
+        f"error [model_error]: the server at {odd_server.url} redirects /v1/models to "
+        "https://idefics.example/v1/models (pass the URL it redirects to as --server)"], res.stderr.decode()
 
 
 def test_a_health_body_that_is_not_an_object_leaves_the_default_batch(odd_server):

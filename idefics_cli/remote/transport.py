@@ -117,6 +117,9 @@ class Transport:
                 conn.close()
                 raise self.lost(exc, waited=timeout) from None
             conn.close()
+            if 300 <= resp.status < 400 and resp.getheader("Location"):  # http:// to https://: not followed
+                raise IdeficsError("model_error", f"the server at {self.url} redirects {path} to "
+                                   f"{resp.getheader('Location')[:300]}", "pass the URL it redirects to as --server")
             err = self.error(resp.status, raw)
             if isinstance(err, Overloaded) and time.monotonic() < deadline:
                 live.cancelled.wait(retry_after(resp.getheader("Retry-After")))
