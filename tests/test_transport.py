@@ -30,6 +30,15 @@ def test_a_url_with_a_space_is_a_usage_error_in_the_cli(cli, tmp_path):
     assert result.exit_code == 2 and result.stderr.startswith("error [usage]: --server"), result.stderr
 
 
+def test_an_api_key_no_header_can_carry_is_a_usage_error(cli, tmp_path):
+    make_image(64, 48).save(tmp_path / "p.png")
+    for key in ("secret\r", "a\nb", "ключ"):  # \r: a key file saved on Windows, read with $(cat key.txt)
+        result = cli("ask", tmp_path / "p.png", "hi", "--server", "127.0.0.1:9", "--api-key", key)
+        assert result.exit_code == 2 and result.stderr.startswith("error [usage]: the API key"), (key, result.stderr)
+        assert len(result.stderr.splitlines()) == 1
+    assert Transport("127.0.0.1:9", "s3cret clé-_.~+/=").api_key == "s3cret clé-_.~+/="  # Latin-1: the server's too
+
+
 def body(code, message="m") -> bytes:
     return json.dumps({"error": {"message": message, "type": "t", "code": code, "param": None}}).encode()
 

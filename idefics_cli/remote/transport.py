@@ -75,6 +75,9 @@ class Transport:
     def __init__(self, url: str, api_key: str | None = None):
         self.url = normalize_url(url)
         self.api_key = api_key or None
+        if self.api_key and not (self.api_key.isprintable() and max(map(ord, self.api_key)) < 256):  # (http.client)
+            raise UsageError("the API key has a character an HTTP header cannot carry (a line break, a control "
+                             "character, a letter past Latin-1)", "a key file from Windows ends in \\r: " + KEY_HINT)
         parts = urllib.parse.urlsplit(self.url)
         self._https, self._host, self._port, self._root = (parts.scheme == "https", parts.hostname, parts.port,
                                                            parts.path)
