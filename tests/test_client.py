@@ -445,6 +445,8 @@ def test_a_health_body_that_is_not_an_object_leaves_the_default_batch(odd_server
     for body in (b"[4, 8]", b"null", b'"max_batch"'):
         odd_server.health = body
         assert RemoteEngine(odd_server.url).auto_batch_size() == 4, body
+    odd_server.health = b'{"max_batch": 1000000}'  # past serve's --max-batch 256: pages rendered and sent at once
+    assert RemoteEngine(odd_server.url).auto_batch_size() == 256
 
 
 def test_a_model_card_with_odd_values_is_a_model_error_or_the_defaults(odd_server):

@@ -21,6 +21,7 @@ from ..interface import Generation, ModelOptions
 from .transport import LOST, SERVER_HINT, InFlight, ServerLoading, Transport, events
 
 LOAD_WAIT_S = 600.0  # how long a request waits for a server that is still loading its model
+MAX_BATCH = 256  # serve's largest --max-batch: a /health saying more would have every page rendered and sent at once
 QUANT_OPTIONS = {"nf4": "4bit", "int8": "8bit", "none": "none"}  # engine.QUANT_NAMES, reversed
 TIFF_BUDGET = 8 * 2**20  # PackBits TIFF bytes per request at most (10.7 MiB as base64); past it, pages go as PNG
 
@@ -79,13 +80,13 @@ class RemoteEngine:
         """Left to the server: it refuses a prompt over the model's context (`usage`) before rendering."""
 
     def auto_batch_size(self) -> int:
-        """Pages a transcription sends at once: the server's --max-batch (rows it decodes together)."""
+        """Pages a transcription sends at once: the server's --max-batch (rows it decodes together; 256 at most)."""
         try:
             health = self.http.json("GET", "/health")
         except IdeficsError:
             return 4
         size = health.get("max_batch") if isinstance(health, dict) else None
-        return size if isinstance(size, int) and size > 0 else 4
+        return min(size, MAX_BATCH) if isinstance(size, int) and size > 0 else 4
 
     def prepare(self, batch: list[tuple[list, str]], split: bool | None = None, collect: bool = False):
         """One request per (images, question), pages first; images may be functions rendering one. `split` is the
