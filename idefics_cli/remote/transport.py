@@ -58,7 +58,10 @@ def normalize_url(url: str) -> str:
     if "://" not in url:
         url = f"http://{url}"
     url = url.rstrip("/").removesuffix("/v1")
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # an IPv6 address with no closing bracket
+        parts = urllib.parse.urlsplit("")
     if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() or not c.isprintable()
                                                                            for c in url):
         raise UsageError(f"--server {url!r} is not an http(s) URL", "e.g. --server http://127.0.0.1:8000")
