@@ -40,6 +40,27 @@ def test_an_api_key_no_header_can_carry_is_a_usage_error(cli, tmp_path):
     assert Transport("127.0.0.1:9", "s3cret clé-_.~+/=").api_key == "s3cret clé-_.~+/="  # Latin-1: the server's too
 
 
+def test_https_to_a_plain_http_server_says_to_try_http():
+    import socket
+    import threading
+
+    from idefics_cli.errors import IdeficsError
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        def answer():  # what uvicorn says to a TLS hello
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+
+        threading.Thread(target=answer, daemon=True).start()
+        url = f"https://127.0.0.1:{listener.getsockname()[1]}"
+        with pytest.raises(IdeficsError) as err:
+            Transport(url).json("GET", "/v1/models")
+    assert err.value.code == "model_error" and err.value.message == (
+        f"cannot reach the idefics server at {url}: it does not speak TLS (https): is it http://?"), err.value.message
+
+
 def body(code, message="m") -> bytes:
     return json.dumps({"error": {"message": message, "type": "t", "code": code, "param": None}}).encode()
 

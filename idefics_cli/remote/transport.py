@@ -156,6 +156,8 @@ class Transport:
             why = f"no answer within {waited or CONNECT_TIMEOUT_S:g} s"
         elif isinstance(exc, socket.gaierror):
             why = f"unknown host {self._host}"
+        elif getattr(exc, "reason", None) == "WRONG_VERSION_NUMBER":  # ssl.SSLError: a plain HTTP answer to TLS
+            why = "it does not speak TLS (https): is it http://?"
         return IdeficsError("model_error", f"{what} the idefics server at {self.url}: {why}", SERVER_HINT)
 
     def error(self, status: int, raw) -> IdeficsError:
