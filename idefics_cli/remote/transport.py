@@ -2,10 +2,9 @@
 
 Contract: `normalize_url(url)` gives the server's root URL (else `UsageError`). `Transport(url, api_key)`: `send`
 (connection, response of a 200), `json` (its body, within JSON_TIMEOUT_S); unreachable (CONNECT_TIMEOUT_S) or lost
-is a `model_error`;
-503 `overloaded` is retried for OVERLOAD_WAIT_S; an `InFlight`'s requests are given up at once (Ctrl-C).
-`error(status, body)` maps OpenAI's error object to the CLI's (`ServerLoading`, `Overloaded`, `UsageError`, its own
-codes). `events(resp)`: a stream's JSON objects. Stdlib only.
+is a `model_error`; 503 `overloaded` is retried for OVERLOAD_WAIT_S; an `InFlight`'s requests are given up at once
+(Ctrl-C). `error(status, body)` maps OpenAI's error object to the CLI's (`ServerLoading`, `Overloaded`,
+`UsageError`, its own codes). `events(resp)`: a stream's JSON objects. Stdlib only.
 """
 
 from __future__ import annotations
