@@ -19,6 +19,8 @@ def test_server_urls_are_normalized_and_checked():
     assert normalize_url("127.0.0.1:8000") == "http://127.0.0.1:8000"
     assert normalize_url(" http://localhost:8000/v1/ ") == "http://localhost:8000"
     assert normalize_url("https://h.example/idefics/") == "https://h.example/idefics"
+    # a user name and password are not sent (the API key is): not kept, so no error message prints them
+    assert normalize_url("https://bob:hunter2@h.example:8443/idefics") == "https://h.example:8443/idefics"
     for bad in ("ftp://h:1", "http://", "http://h:notaport", "not a url", "http://h.example/a b", "http://h\x00:1",
                 "http://[::1", "[::1:8000"):  # an IPv6 address not closed: urlsplit's ValueError
         with pytest.raises(UsageError):

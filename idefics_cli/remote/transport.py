@@ -68,6 +68,8 @@ def normalize_url(url: str) -> str:
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
         raise UsageError(f"--server {url!r} has a bad port", "e.g. --server http://127.0.0.1:8000") from None
+    if "@" in parts.netloc:  # user:password@ is never sent (the API key is): dropped, so no message prints it
+        url = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
     return url
 
 
