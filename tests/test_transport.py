@@ -75,6 +75,7 @@ def test_error_objects_keep_the_clis_codes():
         (503, body("out_of_memory"), None, "out_of_memory"),
         (503, body("loading"), ServerLoading, "model_error"),
         (503, body("overloaded"), Overloaded, "model_error"),
+        (429, b"<html>Too Many Requests</html>", Overloaded, "model_error"),  # a gateway's rate limit: retried
         (413, body("request_too_large"), UsageError, "usage"),
         (413, b"<html><title>413 Request Entity Too Large</title></html>", UsageError, "usage"),  # nginx's 1 MiB
         (401, body("invalid_api_key"), None, "model_error"),

@@ -175,7 +175,7 @@ class Transport:
             return IdeficsError("model_error", f"the server at {self.url} refused the API key", KEY_HINT)
         if status == 503 and code == "loading":
             return ServerLoading("model_error", f"the server at {self.url} is still loading its model")
-        if code == "overloaded":
+        if code == "overloaded" or status == 429:  # 429: a gateway's rate limit, retried as a full queue is
             return Overloaded("model_error", f"the server at {self.url} is overloaded: {message}",
                               "try again later, or start it with a larger --max-queue")
         if code == "request_too_large" or status == 413:  # 413 alone: a proxy's body limit (nginx: 1 MiB)
