@@ -411,13 +411,13 @@ def test_a_server_that_never_answers_its_model_card_is_a_model_error_in_time(odd
     from idefics_cli.remote import transport
     from idefics_cli.remote.client import RemoteEngine
 
-    monkeypatch.setattr(transport, "JSON_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(transport, "JSON_TIMEOUT_S", 1.0)
     odd_server.silent = {"/health"}
     assert RemoteEngine(odd_server.url).auto_batch_size() == 4  # the default, once the wait is over
     odd_server.silent = {"/v1/models"}
     with pytest.raises(IdeficsError) as err:
         RemoteEngine(odd_server.url)
-    assert err.value.code == "model_error" and err.value.message.endswith(": no answer within 0.5 s"), err.value
+    assert err.value.code == "model_error" and err.value.message.endswith(": no answer within 1 s"), err.value
 
 
 def test_an_answer_that_is_no_event_stream_is_not_a_chat_completion(odd_server, docs):
