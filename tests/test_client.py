@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -281,12 +285,17 @@ CARD = {"object": "list", "data": [{"id": "m", "object": "model", "idefics": {
 BAD_STREAMS = [b"data: {not json", b'data: ["a", "list"]', b'data: {"choices": "zz"}', b'data: {"choices": ["zz"]}',
                b'data: {"choices": [{"delta": ["x"]}]}', b'data: {"choices": [{"delta": {"content": 5}}]}',
                b'data: {"choices": [{"delta": {}, "finish_reason": "stop"}], "usage": "zz"}',
-               b'data: {"choices": [], "usage": {"completion_tokens": "8"}}']
+               b'data: {"choices": [], "usage": {"completion_tokens": "8"}}',
+               b'data: {"choices": [{"delta": {"content": "caf\xe9"}}]}',  # Latin-1, not UTF-8: no lost connection
+               b"data: " + b"[" * 100_000]  # nested past Python's recursion limit
 BAD_ANSWERS = [b'data: {"choices": [{"delta": {"content": 5}, "finish_reason": "stop"}], "usage": {}}',
                b'data: {"choices": [{"delta": {"content": "x"}, "finish_reason": "stop"}], '
                b'"usage": {"completion_tokens": "eight"}}',
                b'data: {"choices": [{"delta": {"content": "x"}, "logprobs": {"content": [{"token": "x", '
-               b'"logprob": "low"}]}, "finish_reason": "stop"}], "usage": {}}']
+               b'"logprob": "low"}]}, "finish_reason": "stop"}], "usage": {}}'] + [
+    b'data: {"choices": [{"delta": {"content": "x"}, "logprobs": {"content": [{"token": "x", "logprob": %s}]}, '
+    b'"finish_reason": "stop"}], "usage": {}}' % number for number in (b"NaN", b"Infinity", b"-Infinity", b'"nan"')]
+# (Python's json reads NaN and Infinity, which no JSON reader takes back: the record would not be JSON)
 
 
 @pytest.fixture
@@ -306,18 +315,40 @@ def odd_server():
             self.wfile.write(body)
 
         def do_GET(self):
+            if self.path in odd.silent:  # no answer until the test ends
+                odd.released.wait()
+                return
+            if odd.moved:  # a proxy sending http:// to https://
+                self.send_response(301)
+                self.send_header("location", odd.moved + self.path)
+                self.end_headers()
+                return
             health = self.path == "/health" and odd.health
-            self._send(health or json.dumps(CARD).encode(), "application/json")
+            self._send(health or odd.card, "application/json")
 
         def do_POST(self):
             assert json.loads(self.rfile.read(int(self.headers["content-length"])))["stream"] is True
-            self._send(odd.reply + b"\n\ndata: [DONE]\n\n", "text/event-stream")
+            odd.posts += 1
+            if odd.stall is not None and odd.posts > odd.stall:  # its headers, then nothing until the test ends
+                self.send_response(200)
+                self.send_header("content-type", odd.kind)
+                self.end_headers()
+                odd.stalled.set()
+                odd.released.wait()
+                return
+            self._send(odd.reply + b"\n\ndata: [DONE]\n\n", odd.kind)
 
     odd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     odd.url = f"http://127.0.0.1:{odd.server_address[1]}"
     odd.health = None  # /health's body; None: the card
+    odd.card = json.dumps(CARD).encode()
+    odd.posts, odd.stall, odd.stalled, odd.released = 0, None, threading.Event(), threading.Event()  # stall: after N
+    odd.silent = set()  # the GET paths left unanswered
+    odd.kind = "text/event-stream"  # the content type of its answers
+    odd.moved = None  # where GETs are redirected to (None: answered)
     threading.Thread(target=odd.serve_forever, daemon=True).start()
     yield odd
+    odd.released.set()
     odd.shutdown()
     odd.server_close()
 
@@ -343,12 +374,99 @@ def test_a_server_answer_that_is_not_a_chat_completion_is_a_model_error(odd_serv
             in lines[-1], (reply, lines)
 
 
+def test_ctrl_c_or_sigterm_while_a_server_stalls_ends_transcribe_at_once_keeping_its_pages(odd_server, docs, tmp_path):
+    """A server that stops answering mid-transcription: Ctrl-C and SIGTERM end the run within seconds (exit 130; no
+    thread left reading a connection the interpreter waits for), the page answered before kept for the rerun."""
+    odd_server.reply = (b'data: {"choices": [{"delta": {"content": "x"}, "finish_reason": "stop"}], '
+                        b'"usage": {"completion_tokens": 1}}')
+    out, args = tmp_path / "r.jsonl", ["--batch-size", "1", "--server", odd_server.url]
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        odd_server.posts, odd_server.stall = 0, 1
+        odd_server.stalled.clear()
+        out.unlink(missing_ok=True)
+        proc = subprocess.Popen([sys.executable, "-m", "idefics_cli", "transcribe", docs["pdf"], "--out", str(out),
+                                 *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        try:
+            odd_server.stalled.wait(120)
+            proc.send_signal(sig)
+            _, err = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{sig!r}: transcribe still ran 15 s after it")
+        finally:
+            proc.kill()
+            proc.communicate()
+        assert proc.returncode == 130, (sig, err.decode())
+        assert [json.loads(line)["page"] for line in out.read_text().splitlines()] == [1], sig
+    odd_server.posts, odd_server.stall = 0, None
+    res = run_idefics("transcribe", docs["pdf"], "--out", str(out), *args)
+    assert res.returncode == 0 and odd_server.posts == 2, res.stderr.decode()  # pages 2 and 3: page 1 was kept
+    assert [json.loads(line)["page"] for line in out.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_server_that_never_answers_its_model_card_is_a_model_error_in_time(odd_server, monkeypatch):
+    """/v1/models and /health answer at once (even while the model loads): a server that takes the connection and
+    never answers them (a wrong port, a stuck proxy) is a model_error after JSON_TIMEOUT_S, not a hang."""
+    from idefics_cli.errors import IdeficsError
+    from idefics_cli.remote import transport
+    from idefics_cli.remote.client import RemoteEngine
+
+    monkeypatch.setattr(transport, "JSON_TIMEOUT_S", 1.0)
+    odd_server.silent = {"/health"}
+    assert RemoteEngine(odd_server.url).auto_batch_size() == 4  # the default, once the wait is over
+    odd_server.silent = {"/v1/models"}
+    with pytest.raises(IdeficsError) as err:
+        RemoteEngine(odd_server.url)
+    assert err.value.code == "model_error" and err.value.message.endswith(": no answer within 1 s"), err.value
+
+
+def test_an_answer_that_is_no_event_stream_is_not_a_chat_completion(odd_server, docs):
+    """A 200 that is a proxy's HTML page, or an answer not streamed, is no answer that ended early (ask again)."""
+    for odd_server.kind, odd_server.reply in [("text/html", b"<html><body>Sign in to continue</body></html>"),
+                                              ("application/json", json.dumps({"choices": [{"message": {
+                                                  "content": "x"}, "finish_reason": "stop"}]}).encode())]:
+        res = run_idefics("ask", docs["png"], QUESTION, "--server", odd_server.url)
+        assert res.returncode == 5 and res.stderr.decode().splitlines() == [
+            f"error [model_error]: the server at {odd_server.url} sent a stream that is not a chat completion "
+            "(start it with `idefics serve`, or check --server / IDEFICS_SERVER)"], res.stderr.decode()
+
+
+def test_a_redirect_names_where_it_goes(odd_server, docs):
+    odd_server.moved = "https://idefics.example"
+    res = run_idefics("ask", docs["png"], QUESTION, "--server", odd_server.url)
+    assert res.returncode == 5 and res.stderr.decode().splitlines() == [
+        f"error [model_error]: the server at {odd_server.url} redirects /v1/models to "
+        "https://idefics.example/v1/models (pass the URL it redirects to as --server)"], res.stderr.decode()
+
+
 def test_a_health_body_that_is_not_an_object_leaves_the_default_batch(odd_server):
     from idefics_cli.remote.client import RemoteEngine
 
     for body in (b"[4, 8]", b"null", b'"max_batch"'):
         odd_server.health = body
         assert RemoteEngine(odd_server.url).auto_batch_size() == 4, body
+    odd_server.health = b'{"max_batch": 1000000}'  # past serve's --max-batch 256: pages rendered and sent at once
+    assert RemoteEngine(odd_server.url).auto_batch_size() == 256
+
+
+def test_a_model_card_with_odd_values_is_a_model_error_or_the_defaults(odd_server):
+    from idefics_cli.errors import IdeficsError
+    from idefics_cli.remote.client import TIFF_BUDGET, RemoteEngine
+
+    def card(**described) -> bytes:
+        return json.dumps({"data": [{"id": "m", "idefics": {**CARD["data"][0]["idefics"], **described}}]}).encode()
+
+    for odd_server.card in (card(quantization=["nf4"]), card(quantization={}), b"[" * 100_000):
+        with pytest.raises(IdeficsError) as err:
+            RemoteEngine(odd_server.url)
+        assert err.value.code == "model_error" and "not" in err.value.message, odd_server.card[:60]
+    odd_server.card = card(max_request_mb=1e400)  # read as infinity: no limit
+    assert RemoteEngine(odd_server.url).tiff_budget == TIFF_BUDGET
+    odd_server.card = card(id=["m"], revision={}, dtype=7, device=[], family=1, quantization_reason=5)
+    engine = RemoteEngine(odd_server.url)
+    assert engine.info == {"id": None, "revision": None, "quantization": "nf4", "quantization_reason": None,
+                           "dtype": None, "device": None, "family": None}
+    assert (engine.options.model, engine.options.dtype, engine.options.device) == ("m", "auto", "auto")
 
 
 def test_pages_reach_the_server_as_the_very_pixels_of_a_local_run(docs):

@@ -19,7 +19,10 @@ def test_server_urls_are_normalized_and_checked():
     assert normalize_url("127.0.0.1:8000") == "http://127.0.0.1:8000"
     assert normalize_url(" http://localhost:8000/v1/ ") == "http://localhost:8000"
     assert normalize_url("https://h.example/idefics/") == "https://h.example/idefics"
-    for bad in ("ftp://h:1", "http://", "http://h:notaport", "not a url", "http://h.example/a b", "http://h\x00:1"):
+    # a user name and password are not sent (the API key is): not kept, so no error message prints them
+    assert normalize_url("https://bob:hunter2@h.example:8443/idefics") == "https://h.example:8443/idefics"
+    for bad in ("ftp://h:1", "http://", "http://h:notaport", "not a url", "http://h.example/a b", "http://h\x00:1",
+                "http://[::1", "[::1:8000"):  # an IPv6 address not closed: urlsplit's ValueError
         with pytest.raises(UsageError):
             normalize_url(bad)
 
@@ -28,6 +31,36 @@ def test_a_url_with_a_space_is_a_usage_error_in_the_cli(cli, tmp_path):
     make_image(64, 48).save(tmp_path / "p.png")
     result = cli("ask", tmp_path / "p.png", "hi", "--server", "not a url")
     assert result.exit_code == 2 and result.stderr.startswith("error [usage]: --server"), result.stderr
+
+
+def test_an_api_key_no_header_can_carry_is_a_usage_error(cli, tmp_path):
+    make_image(64, 48).save(tmp_path / "p.png")
+    for key in ("secret\r", "a\nb", "ключ"):  # \r: a key file saved on Windows, read with $(cat key.txt)
+        result = cli("ask", tmp_path / "p.png", "hi", "--server", "127.0.0.1:9", "--api-key", key)
+        assert result.exit_code == 2 and result.stderr.startswith("error [usage]: the API key"), (key, result.stderr)
+        assert len(result.stderr.splitlines()) == 1
+    assert Transport("127.0.0.1:9", "s3cret clé-_.~+/=").api_key == "s3cret clé-_.~+/="  # Latin-1: the server's too
+
+
+def test_https_to_a_plain_http_server_says_to_try_http():
+    import socket
+    import threading
+
+    from idefics_cli.errors import IdeficsError
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        def answer():  # what uvicorn says to a TLS hello
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+
+        threading.Thread(target=answer, daemon=True).start()
+        url = f"https://127.0.0.1:{listener.getsockname()[1]}"
+        with pytest.raises(IdeficsError) as err:
+            Transport(url).json("GET", "/v1/models")
+    assert err.value.code == "model_error" and err.value.message == (
+        f"cannot reach the idefics server at {url}: it does not speak TLS (https): is it http://?"), err.value.message
 
 
 def body(code, message="m") -> bytes:
@@ -42,10 +75,15 @@ def test_error_objects_keep_the_clis_codes():
         (503, body("out_of_memory"), None, "out_of_memory"),
         (503, body("loading"), ServerLoading, "model_error"),
         (503, body("overloaded"), Overloaded, "model_error"),
+        (429, b"<html>Too Many Requests</html>", Overloaded, "model_error"),  # a gateway's rate limit: retried
         (413, body("request_too_large"), UsageError, "usage"),
+        (413, b"<html><title>413 Request Entity Too Large</title></html>", UsageError, "usage"),  # nginx's 1 MiB
         (401, body("invalid_api_key"), None, "model_error"),
         (500, body("internal"), None, "model_error"),
         (502, b"<html>bad gateway</html>", None, "model_error"),
+        (400, body(["usage"]), None, "model_error"),  # a code of another type: no TypeError (unhashable)
+        (400, body({"code": "usage"}), None, "model_error"),
+        (502, b"[" * 100_000, None, "model_error"),  # nested past Python's recursion limit
     ]
     for status, raw, cls, code in cases:
         err = http.error(status, raw)

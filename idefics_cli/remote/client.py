@@ -11,15 +11,17 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from itertools import accumulate, islice
 
 from ..errors import IdeficsError, UsageError
 from ..interface import Generation, ModelOptions
-from .transport import LOST, SERVER_HINT, ServerLoading, Transport, events
+from .transport import LOST, SERVER_HINT, InFlight, ServerLoading, Transport, events
 
 LOAD_WAIT_S = 600.0  # how long a request waits for a server that is still loading its model
+MAX_BATCH = 256  # serve's largest --max-batch: a /health saying more would have every page rendered and sent at once
 QUANT_OPTIONS = {"nf4": "4bit", "int8": "8bit", "none": "none"}  # engine.QUANT_NAMES, reversed
 TIFF_BUDGET = 8 * 2**20  # PackBits TIFF bytes per request at most (10.7 MiB as base64); past it, pages go as PNG
 
@@ -47,16 +49,16 @@ class RemoteEngine:
         start = time.perf_counter()
         card = self._models()
         self.load_s = time.perf_counter() - start  # what a local run spends loading: here, reaching the server
-        self.model_id = card.get("id") or ""
+        self.model_id = card.get("id") if isinstance(card.get("id"), str) else ""
         described = card.get("idefics")
-        if not isinstance(described, dict) or "quantization" not in described:
+        if not isinstance(described, dict) or not isinstance(described.get("quantization"), str):
             raise IdeficsError("model_error", f"{self.url} is not an `idefics serve` server (no model settings in "
                                "/v1/models)", SERVER_HINT)
         side = described.get("render_side")  # the server's render size; absent (an older server): the default
         self.render_side = side if isinstance(side, int) and not isinstance(side, bool) and side > 0 else None
         self.doctags = described.get("doctags") is True  # a document model: its own prompt, Markdown in records
-        self._info = {k: described.get(k) for k in ("id", "revision", "quantization", "quantization_reason", "dtype",
-                                                    "device", "family")}
+        self._info = {k: described.get(k) if isinstance(described.get(k), str) else None  # odd types: unknown
+                      for k in ("id", "revision", "quantization", "quantization_reason", "dtype", "device", "family")}
         self.options = ModelOptions(model=self._info["id"] or self.model_id, revision=self._info["revision"],
                                     quant=_asked_quant(self._info),
                                     dtype=self._info["dtype"] or "auto", device=self._info["device"] or "auto",
@@ -64,7 +66,7 @@ class RemoteEngine:
                                     max_new_tokens=max_new_tokens or ModelOptions().max_new_tokens)
         cap = described.get("max_request_mb")
         known = isinstance(cap, (int, float)) and not isinstance(cap, bool) and cap > 0
-        self.tiff_budget = min(TIFF_BUDGET, int(cap * 2**20) // 4) if known else 0  # TIFF bytes per request
+        self.tiff_budget = int(min(TIFF_BUDGET, cap * 2**18)) if known else 0  # TIFF bytes per request (inf: no cap)
 
     @property
     def info(self) -> dict:
@@ -78,13 +80,13 @@ class RemoteEngine:
         """Left to the server: it refuses a prompt over the model's context (`usage`) before rendering."""
 
     def auto_batch_size(self) -> int:
-        """Pages a transcription sends at once: the server's --max-batch (rows it decodes together)."""
+        """Pages a transcription sends at once: the server's --max-batch (rows it decodes together; 256 at most)."""
         try:
             health = self.http.json("GET", "/health")
         except IdeficsError:
             return 4
         size = health.get("max_batch") if isinstance(health, dict) else None
-        return size if isinstance(size, int) and size > 0 else 4
+        return min(size, MAX_BATCH) if isinstance(size, int) and size > 0 else 4
 
     def prepare(self, batch: list[tuple[list, str]], split: bool | None = None, collect: bool = False):
         """One request per (images, question), pages first; images may be functions rendering one. `split` is the
@@ -148,19 +150,23 @@ class RemoteEngine:
         pending = iter(items)
         running: dict = {}
         width = max(1, width or self.auto_batch_size())
-        with ThreadPoolExecutor(width, thread_name_prefix="idefics-client") as pool:
+        pool, live = ThreadPoolExecutor(width, thread_name_prefix="idefics-client"), InFlight()
+        try:
             while True:
                 for tag, inputs, row in islice(pending, width - len(running)):
-                    running[pool.submit(self._answer, inputs, row, max_new_tokens, schema)] = tag
+                    running[pool.submit(self._answer, inputs, row, max_new_tokens, schema, live)] = tag
                 if not running:
                     return
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
                     yield running.pop(future), future.result()
+        finally:  # an error, Ctrl-C or a closed generator: the requests still running are given up, not waited for
+            live.cancel()
+            pool.shutdown(wait=False, cancel_futures=True)
 
-    def _answer(self, inputs: RemoteInputs, row: int, max_new_tokens: int | None, schema):
+    def _answer(self, inputs: RemoteInputs, row: int, max_new_tokens: int | None, schema, live: InFlight):
         """One row's answer (its stream read to the end), or its IdeficsError."""
-        stream = self._stream(inputs, row, max_new_tokens, schema, "an answer")
+        stream = self._stream(inputs, row, max_new_tokens, schema, "an answer", live)
         try:
             while True:
                 next(stream)
@@ -169,13 +175,16 @@ class RemoteEngine:
         except IdeficsError as err:
             return err
 
-    def _stream(self, inputs: RemoteInputs, row: int, max_new_tokens: int | None, schema, what: str):
+    def _stream(self, inputs: RemoteInputs, row: int, max_new_tokens: int | None, schema, what: str,
+                live: InFlight | None = None):
         """Yield a row's pieces as the server streams them; return its Generation (`what`: its name in errors)."""
         start = time.perf_counter()
         conn, resp = self.http.send("POST", "/v1/chat/completions", self._body(inputs.rows[row], max_new_tokens,
-                                                                               schema))
+                                                                               schema), live)
         pieces, first, finish, usage, tokens = [], None, None, None, []
         try:
+            if "text/event-stream" not in (resp.getheader("Content-Type") or "").lower():
+                raise TypeError  # a proxy's HTML page, an answer not streamed: no stream to read
             for event in events(resp):
                 if isinstance(event, dict) and "error" in event:
                     raise self.http.error(500, event)
@@ -186,7 +195,7 @@ class RemoteEngine:
                     first = time.perf_counter() - start if first is None else first
                     pieces.append(piece)
                     yield piece
-        except (*MALFORMED, json.JSONDecodeError):
+        except (*MALFORMED, json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # not JSON, or no completion
             raise IdeficsError("model_error", f"the server at {self.url} sent {what} that is not a chat completion",
                                SERVER_HINT) from None
         except (*LOST, ValueError) as exc:
@@ -255,9 +264,12 @@ def _chunk(event) -> tuple[str, str | None, list[tuple[str, float]], dict | None
 
 def _number(value) -> float:
     try:
-        return float(value)
+        number = float(value)
     except ValueError:  # a string that is not a number: TypeError, as any malformed chunk
         raise TypeError from None
+    if not math.isfinite(number):  # NaN or Infinity (Python's json reads them): no JSON record could hold it
+        raise TypeError
+    return number
 
 
 def _local_only(logits_processor) -> None:
