@@ -16,7 +16,6 @@ from functools import partial
 
 from ..errors import IdeficsError, UsageError, classify
 from ..interface import DOCLING_PROMPT, DPI_RANGE, MAX_NEW_TOKENS, TRANSCRIBE_PROMPT, ModelOptions, check_option
-from ..structured import as_schema, grammar
 from .batch import Batch, BlankPage, DocumentDone, Failure, Input, Prefetcher, parse_shard
 from .records import PageRecord, Summary, blank_record, error_record, ok_record, settings_hash, task_error
 from .selection import prompt_for
@@ -71,6 +70,8 @@ class TranscribeRequest:
         if low is not None and (isinstance(low, bool) or not isinstance(low, (int, float)) or not 0 <= low <= 1):
             raise UsageError(f"bad --min-confidence {low!r}", "a probability from 0 to 1, e.g. 0.5")
         if self.schema is not None:
+            from ..structured import as_schema
+
             set_("schema", as_schema(self.schema, grammar_check=False))  # the grammar: check_grammar()
         set_("settings_hash", self._settings_hash())
 
@@ -92,6 +93,8 @@ class TranscribeRequest:
     def check_grammar(self) -> None:
         """The schema converts to a grammar (llguidance, no torch): a UsageError now, before any model loads."""
         if self.schema is not None:
+            from ..structured import grammar
+
             grammar(self.schema.schema)
 
     def select_pages(self, doc) -> list[int]:

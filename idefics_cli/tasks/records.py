@@ -11,7 +11,6 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 
-from .. import structured
 from ..errors import ExitStatus, IdeficsError
 from . import confidence
 
@@ -69,6 +68,8 @@ def ok_record(task, gen, preprocess_s: float, settings: str, batch_size: int = 1
     data, error, fields_, warnings = NO_DATA, None, None, list(task.warnings)
     summary = confidence.summary(gen.logprobs, gen.ends)
     if schema is not None:
+        from .. import structured  # only with a schema: no schema machinery otherwise
+
         data, code = structured.read_answer(gen.text, schema, gen.finish_reason)
         if code is not None:
             error = structured.answer_error(code, max_new_tokens).to_dict()

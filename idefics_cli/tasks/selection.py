@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 
 from ..errors import IdeficsError, UsageError, classify
 from ..interface import MAX_NEW_TOKENS, check_option
-from ..structured import answer_error, read_answer, with_schema
 from .confidence import fields, summary
 from .records import Source
 
@@ -146,6 +145,8 @@ def prompt_for(question: str, schema) -> str:
     """What the model is asked: `question`, plus the schema's text with a schema (structured.with_schema)."""
     if schema is None:
         return question
+    from ..structured import with_schema  # only with a schema: no schema machinery otherwise
+
     return with_schema(question, schema)
 
 
@@ -256,6 +257,8 @@ class Response:
 
     @functools.cached_property
     def _read_back(self) -> tuple:  # (data, error code) read against the schema
+        from ..structured import read_answer
+
         return read_answer(self.text, self.schema, self.finish_reason)
 
     @property
@@ -270,6 +273,8 @@ class Response:
         code = self._read_back[1] if self.schema is not None and not self.interrupted else None
         if code is None:
             return None
+        from ..structured import answer_error
+
         return answer_error(code, self.max_new_tokens)
 
     def to_dict(self) -> dict:
