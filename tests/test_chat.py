@@ -268,3 +268,35 @@ def test_library_session_commits_each_turn_when_its_answer_is_read(engine, tmp_p
         assert chat.save(str(tmp_path / "c.json")) == 4
     finally:
         chat.close()
+
+
+def test_a_piped_line_that_is_not_utf8_is_one_usage_error_and_the_conversation_goes_on(cli, tiny_model, tmp_path):
+    """stdin read strictly (a UTF-8 locale) died on the first undecodable byte before any answer; read leniently
+    (C locale) the line reached the tokenizer as lone surrogates: an internal error either way."""
+    pdf = make_pdf(tmp_path / "r.pdf", n_pages=1)
+    saved = tmp_path / "c.json"
+    result = cli("chat", pdf, "--model", tiny_model, *FAST, input=f"One?\nTwo \xff\xfe?\nThree?\n/save {saved}\n"
+                 .encode("latin-1"))
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error [usage]: the question is not valid UTF-8"), result.stderr
+    assert [json.loads(line)["turn"] for line in result.stdout.splitlines()] == [1, 2]
+    assert result.exit_code == 2
+    assert len(json.loads(saved.read_text())["messages"]) == 4
+
+
+def test_terminal_a_line_that_is_not_utf8_is_refused_and_the_chat_goes_on(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONIOENCODING", "utf-8:strict")  # as a UTF-8 locale reads a terminal
+    pdf = make_pdf(tmp_path / "r.pdf", n_pages=1)
+    term = Terminal(pdf, "--model", tiny_model, *FAST)
+    try:
+        assert term.wait_for(b">>> "), term.seen[-2000:]
+        os.write(term.fd, b"Two \xff?\r")
+        assert term.wait_for(b"error [usage]: the question is not valid UTF-8"), term.seen[-2000:]
+        assert term.wait_for(b">>> "), term.seen[-2000:]
+        term.type("What is it?\r")
+        assert term.wait_for(b"\n>>> "), term.seen[-2000:]
+        time.sleep(0.5)
+        term.type("\x04")
+        assert term.exit_code() == 0, term.seen[-2000:]
+    finally:
+        term.close()
