@@ -116,3 +116,14 @@ def test_a_saved_nf4_checkpoint_says_nf4_whatever_quant_asks(cli, quantized, tmp
     assert engine.options == asked  # what `Model.transcribe` hashes: as asked, as before
     assert TranscribeRequest([str(img)], None, engine.options).settings_hash == \
         TranscribeRequest([str(img)], None, asked).settings_hash
+
+
+def test_an_already_quantized_model_is_a_usage_error_before_it_loads(cli, quantized, tmp_path):
+    """Quantizing a saved nf4 folder again loaded it, then failed in save_pretrained with an internal
+    NotImplementedError."""
+    out = tmp_path / "again"
+    result = cli("quantize", out, "--model", quantized, "--device", "cpu")
+    assert result.exit_code == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error [usage]: ") and "already quantized" in lines[0], lines
+    assert result.stdout == "" and list(tmp_path.iterdir()) == []

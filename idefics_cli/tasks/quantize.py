@@ -2,8 +2,9 @@
 
 Contract: `save_4bit(options, out_dir, status)` loads the model as `--quant 4bit` does and saves it with its
 processor into `out_dir` (empty or missing, else `UsageError`), written under a temporary name beside it and renamed
-(an unwritable place: `output_error` before the model loads). Returns `Quantized`; `status(message)` wraps each long
-step. torch and transformers are imported inside functions only.
+(an unwritable place: `output_error` before the model loads; an already quantized model: `UsageError`, unloaded).
+Returns `Quantized`; `status(message)` wraps each long step. torch and transformers are imported inside functions
+only.
 """
 from __future__ import annotations
 
@@ -44,12 +45,16 @@ def save_4bit(options, out_dir: str, status=lambda message: contextlib.nullconte
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".idefics-quantize-", dir=parent)
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private; the model folder should not be
+        found = model_files(options.model, options.revision)
+        if found["pre_quantized"]:  # transformers cannot save a loaded quantized checkpoint again
+            raise UsageError(f"{options.model} is already quantized ({found['pre_quantized']})",
+                             "use it as it is: --model " + options.model)
         with status(f"Loading {options.model} in 4-bit…"):
             engine = start_load(options, cpu_kernels=False).finish()  # saved as loaded: double-quantized
         cfg = getattr(engine.model.config, "quantization_config", None)
         if cfg is None or not getattr(cfg, "load_in_4bit", False):
             raise IdeficsError("model_error", f"{options.model} did not load as a 4-bit model")
-        source = model_files(options.model, options.revision)["path"]
+        source = found["path"]
         before = weights_bytes(source) if source and os.path.isdir(source) else None
         with status(f"Saving to {out_dir}…"):
             engine.model.save_pretrained(tmp)
