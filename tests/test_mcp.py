@@ -29,6 +29,7 @@ def folders(tmp_path_factory):
     shutil.copy(os.path.join(SAMPLES, "invoice.pdf"), outside / "secret.pdf")
     os.symlink(outside / "secret.pdf", shared / "link.pdf")  # inside the root, pointing out of it
     (outside / "secret.json").write_text('{"type": "leaked-secret"}')
+    os.mkfifo(shared / "pipe.pdf")  # no writer ever: opening it for reading blocks
     return {"root": str(shared), "outside": str(outside / "secret.pdf"), "stderr": str(outside / "stderr.txt"),
             "secret_json": str(outside / "secret.json")}
 
@@ -56,6 +57,10 @@ def session(tiny_model, folders):
         "missing": ("list_pages", {"path": os.path.join(SAMPLES, "nothing.pdf")}),
         "bad_pages": ("ask_document", {"path": invoice, "question": QUESTION, "pages": "9"}),
         "schema_file": ("ask_document", {"path": invoice, "question": QUESTION, "schema": folders["secret_json"]}),
+        "nul": ("list_pages", {"path": invoice + "\x00.txt"}),
+        "nul_ask": ("ask_document", {"path": "\x00", "question": QUESTION}),
+        "fifo": ("list_pages", {"path": "pipe.pdf"}),
+        "fifo_transcribe": ("transcribe_document", {"path": os.path.join(folders["root"], "pipe.pdf")}),
     }
 
     async def run():
@@ -63,7 +68,10 @@ def session(tiny_model, folders):
             await client.initialize()
             out = {"tools": (await client.list_tools()).tools}
             for name, (tool, args) in calls.items():
-                out[name] = await client.call_tool(tool, args)
+                try:  # a call that hangs is that test's failure, not the module's
+                    out[name] = await asyncio.wait_for(client.call_tool(tool, args), 60)
+                except TimeoutError as exc:
+                    out[name] = exc
             return out
 
     with open(folders["stderr"], "w") as errlog:  # the server's stderr: its own lines, the libraries' logs
@@ -153,6 +161,14 @@ def test_schema_text_that_names_a_file_is_refused_as_the_cli_would_look_for_one(
 def test_document_errors_are_tool_errors_with_their_codes(session):
     assert refusal(session["missing"]).startswith("error [not_found]")
     assert refusal(session["bad_pages"]).startswith("error [page_out_of_range]")
+
+
+def test_a_path_with_a_nul_or_naming_no_regular_file_is_a_usage_error(session):
+    """A NUL in the path was an uncoded "Error executing tool" (a ValueError in realpath); a FIFO under a root hung
+    the call for ever, waiting for a writer."""
+    for name in ("nul", "nul_ask", "fifo", "fifo_transcribe"):
+        assert not isinstance(session[name], Exception), (name, session[name])
+        assert refusal(session[name]).startswith("error [usage]: "), (name, session[name].content)
 
 
 def test_without_the_extra_a_one_line_usage_error(tmp_path):
