@@ -126,3 +126,16 @@ def test_an_unwritable_sheet_or_folder_is_one_output_error(tmp_path):
     assert written == [str(tmp_path / "d" / "crop-1-tile-1.png"), str(tmp_path / "d" / "crop-2-whole.png"),
                        str(tmp_path / "s" / "s.png")]
     assert all(os.path.getsize(p) > 0 for p in written)
+
+
+@pytest.mark.parametrize("args", [["--out", ""], ["--out", "{tmp}/sheets/"], ["--dir", ""]])
+def test_an_out_or_dir_without_a_name_is_a_usage_error(cli, tiny_model, tmp_path, monkeypatch, args):
+    """`--out DIR/` (or `--out ''`) wrote a hidden `DIR/.png`; `--dir ''` was an output_error with no path."""
+    monkeypatch.chdir(tmp_path)
+    img = tmp_path / "page.png"
+    make_image(60, 40, seed=1).save(img)
+    (tmp_path / "sheets").mkdir()
+    result = cli("crops", img, "--model", tiny_model, *[a.format(tmp=tmp_path) for a in args])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error [usage]: "), result.stderr
+    assert result.stdout == "" and sorted(p.name for p in tmp_path.rglob("*")) == ["page.png", "sheets"]

@@ -76,6 +76,8 @@ def crops_command(
     from ..runtime.model import load_processor
     from ..tasks.crops import model_images, save_crops
 
+    if out is not None and not os.path.basename(out) or dir_ == "":  # `--out DIR/` would write a hidden DIR/.png
+        raise UsageError("--out needs a file name and --dir a folder name", "e.g. --out p3.png or --dir crops/")
     if out is not None and not out.lower().endswith(".png"):
         out += ".png"
     if dir_ is None and out is None:
