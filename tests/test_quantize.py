@@ -127,3 +127,17 @@ def test_an_already_quantized_model_is_a_usage_error_before_it_loads(cli, quanti
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error [usage]: ") and "already quantized" in lines[0], lines
     assert result.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+def test_an_out_dir_that_is_a_symlink_is_written_through_it(cli, tiny_model, tmp_path):
+    """OUT_DIR a symlink to an empty folder, or to a folder still to make: the model was loaded and saved, then the
+    rename onto the link failed (`output_error: Not a directory`) and the work was lost."""
+    (tmp_path / "empty").mkdir()
+    os.symlink(tmp_path / "empty", tmp_path / "to-empty")
+    os.symlink(tmp_path / "later", tmp_path / "to-later")
+    for link, target in (("to-empty", "empty"), ("to-later", "later")):
+        result = cli("quantize", tmp_path / link, "--model", tiny_model, "--device", "cpu")
+        assert result.exit_code == 0, result.stderr
+        assert result.stdout == f"{tmp_path / link}\n"
+        assert os.path.islink(tmp_path / link) and "model.safetensors" in os.listdir(tmp_path / target)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".idefics-quantize-")]

@@ -38,9 +38,10 @@ def save_4bit(options, out_dir: str, status=lambda message: contextlib.nullconte
 
     options = replace(options, quant="4bit")  # whatever the model's size (--quant auto would not)
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+    real = os.path.realpath(out_dir)  # a symlink's target: renamed onto, the link is kept
+    if os.path.exists(real) and (not os.path.isdir(real) or os.listdir(real)):
         raise UsageError(f"{out_dir} exists and is not an empty folder", "choose a new folder")
-    parent, tmp = os.path.dirname(out_dir), None
+    parent, tmp = os.path.dirname(real), None
     try:  # the temporary folder is made first, so an unwritable OUT_DIR fails before the model loads
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".idefics-quantize-", dir=parent)
@@ -60,9 +61,9 @@ def save_4bit(options, out_dir: str, status=lambda message: contextlib.nullconte
             engine.model.save_pretrained(tmp)
             load_processor(options, configure=False).save_pretrained(tmp)
             follow_umask(tmp)  # transformers writes the weights 0600
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)  # empty, checked above
-        os.rename(tmp, out_dir)
+        if os.path.isdir(real):
+            os.rmdir(real)  # empty, checked above
+        os.rename(tmp, real)
     except OSError as exc:
         raise IdeficsError("output_error", f"cannot write {out_dir}: {exc.strerror or exc}") from exc
     finally:
