@@ -300,3 +300,15 @@ def test_terminal_a_line_that_is_not_utf8_is_refused_and_the_chat_goes_on(tiny_m
         assert term.exit_code() == 0, term.seen[-2000:]
     finally:
         term.close()
+
+
+def test_save_of_a_document_whose_name_is_not_utf8(cli, tiny_model, tmp_path):
+    """The file's `sources` path holds lone surrogates: `/save` raised an internal UnicodeEncodeError that ended the
+    chat, the conversation lost; JSON now escapes them (as the JSON lines do), and the name reads back."""
+    pdf = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"r\xff.pdf"))
+    os.rename(make_pdf(tmp_path / "r.pdf", n_pages=1), pdf)
+    saved = tmp_path / "c.json"
+    result = cli("chat", pdf, "--model", tiny_model, *FAST, input=f"One?\n/save {saved}\nTwo?\n")
+    assert result.exit_code == 0, result.stderr
+    assert [json.loads(line)["turn"] for line in result.stdout.splitlines()] == [1, 2]
+    assert json.loads(saved.read_text())["sources"] == [{"message": 0, "path": pdf, "pages": [1]}]

@@ -102,7 +102,12 @@ class ChatSession:
 
     def save(self, path: str) -> int:
         """`/save FILE`: write the conversation as JSON (atomically); returns how many messages were written."""
-        atomic_write(os.path.expanduser(path), json.dumps(self.to_dict(), ensure_ascii=False, indent=2) + "\n")
+        text = json.dumps(self.to_dict(), ensure_ascii=False, indent=2)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates (a non-UTF-8 file name): let JSON escape them
+            text = json.dumps(self.to_dict(), indent=2)
+        atomic_write(os.path.expanduser(path), text + "\n")
         return len(self.messages)
 
     def ask(self, question: str, max_new_tokens: int | None = None, logits_processor=None,
