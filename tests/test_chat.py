@@ -312,3 +312,13 @@ def test_save_of_a_document_whose_name_is_not_utf8(cli, tiny_model, tmp_path):
     assert result.exit_code == 0, result.stderr
     assert [json.loads(line)["turn"] for line in result.stdout.splitlines()] == [1, 2]
     assert json.loads(saved.read_text())["sources"] == [{"message": 0, "path": pdf, "pages": [1]}]
+
+
+def test_a_piped_script_with_a_byte_order_mark_runs_its_first_command(cli, tiny_model, tmp_path, model_calls):
+    """A script saved by Notepad or piped from PowerShell starts with a BOM: `\\ufeff/pages 2` was asked as a
+    question (about every page) instead of choosing page 2."""
+    pdf = make_pdf(tmp_path / "r.pdf", n_pages=2)
+    result = cli("chat", pdf, "--model", tiny_model, *FAST, input="\ufeff/pages 2\r\nWhat is it?\r\n".encode())
+    assert result.exit_code == 0, result.stderr
+    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(a["question"], a["sources"]) for a in answers] == [("What is it?", [{"path": pdf, "pages": [2]}])]
