@@ -322,3 +322,16 @@ def test_a_piped_script_with_a_byte_order_mark_runs_its_first_command(cli, tiny_
     assert result.exit_code == 0, result.stderr
     answers = [json.loads(line) for line in result.stdout.splitlines()]
     assert [(a["question"], a["sources"]) for a in answers] == [("What is it?", [{"path": pdf, "pages": [2]}])]
+
+
+def test_save_onto_the_document_itself_is_refused(cli, tiny_model, tmp_path):
+    """`/save r.pdf` (a slip for r.json) replaced the very PDF the chat is about with the JSON conversation."""
+    pdf = make_pdf(tmp_path / "r.pdf", n_pages=1)
+    before = open(pdf, "rb").read()
+    link = tmp_path / "same.pdf"
+    os.symlink(pdf, link)
+    result = cli("chat", pdf, "--model", tiny_model, *FAST, input=f"One?\n/save {pdf}\n/save {link}\nTwo?\n")
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("error [usage]: ") for line in lines), result.stderr
+    assert result.exit_code == 2 and [json.loads(line)["turn"] for line in result.stdout.splitlines()] == [1, 2]
+    assert open(pdf, "rb").read() == before and os.path.islink(link)
