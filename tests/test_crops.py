@@ -139,3 +139,15 @@ def test_an_out_or_dir_without_a_name_is_a_usage_error(cli, tiny_model, tmp_path
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error [usage]: "), result.stderr
     assert result.stdout == "" and sorted(p.name for p in tmp_path.rglob("*")) == ["page.png", "sheets"]
+
+
+def test_a_sheet_onto_the_document_itself_is_refused(cli, tiny_model, tmp_path):
+    """`crops scan.png --out scan.png` replaced the scan with the contact sheet."""
+    img = tmp_path / "scan.png"
+    make_image(60, 40, seed=3).save(img)
+    before = img.read_bytes()
+    for out in (img, tmp_path / "scan"):  # `.png` is added
+        result = cli("crops", img, "--model", tiny_model, "--out", out)
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error [usage]: "), result.stderr
+        assert result.stdout == "" and img.read_bytes() == before
