@@ -335,3 +335,15 @@ def test_save_onto_the_document_itself_is_refused(cli, tiny_model, tmp_path):
     assert len(lines) == 2 and all(line.startswith("error [usage]: ") for line in lines), result.stderr
     assert result.exit_code == 2 and [json.loads(line)["turn"] for line in result.stdout.splitlines()] == [1, 2]
     assert open(pdf, "rb").read() == before and os.path.islink(link)
+
+
+def test_a_closed_stdin_is_an_empty_script(tiny_model, tmp_path):
+    """stdin closed (`<&-`, a service without one): `sys.stdin` is None and the chat crashed with an internal
+    TypeError; it is the end of input, as /dev/null is: exit 0, nothing written."""
+    import subprocess
+
+    pdf = make_pdf(tmp_path / "r.pdf", n_pages=1)
+    result = subprocess.run([sys.executable, "-m", "idefics_cli", "chat", pdf, "--model", tiny_model, *FAST],
+                            capture_output=True, timeout=300, preexec_fn=lambda: os.close(0),
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0 and result.stdout == b"" and b"error" not in result.stderr, result.stderr

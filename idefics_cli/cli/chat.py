@@ -184,6 +184,8 @@ class Session:
 def _piped():
     """stdin's lines, stripped (a byte order mark too: Notepad, PowerShell); bytes that do not decode stay as lone
     surrogates for check_question to refuse (strict decoding would end the chat at the first, the conversation lost)."""
+    if sys.stdin is None:  # stdin closed: no lines
+        return
     encoding = sys.stdin.encoding or "utf-8"
     for line in getattr(sys.stdin, "buffer", sys.stdin):
         yield (line.decode(encoding, "surrogateescape") if isinstance(line, bytes) else line).strip().lstrip("\ufeff")
