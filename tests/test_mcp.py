@@ -192,6 +192,17 @@ def test_without_the_extra_a_one_line_usage_error(tmp_path):
     assert run.returncode == 2 and run.stdout == "" and "is not a folder" in run.stderr
 
 
+def test_a_closed_stdin_ends_the_server_at_once(tmp_path):
+    """stdin closed (`<&-`): `sys.stdin` is None and the server crashed with an internal AttributeError; with no
+    host to serve it exits 0, as when the host closes stdin."""
+    import subprocess
+
+    run = subprocess.run([sys.executable, "-m", "idefics_cli", "mcp", "--root", str(tmp_path), "--model",
+                          str(tmp_path / "no-model")], capture_output=True, text=True, timeout=120,
+                         preexec_fn=lambda: os.close(0), cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0 and run.stdout == "" and "error" not in run.stderr, run.stderr
+
+
 def test_a_model_that_cannot_load_is_each_model_tools_error(tmp_path):
     from mcp import ClientSession, StdioServerParameters, stdio_client
 
