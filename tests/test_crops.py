@@ -151,3 +151,29 @@ def test_a_sheet_onto_the_document_itself_is_refused(cli, tiny_model, tmp_path):
         lines = result.stderr.strip().splitlines()
         assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error [usage]: "), result.stderr
         assert result.stdout == "" and img.read_bytes() == before
+
+
+def test_a_sheet_that_cannot_be_written_whole_leaves_the_previous_one(tiny_model, tmp_path):
+    """The sheet was written in place: a write failing half-way (a full disk, here a file size limit) left a
+    truncated PNG where the previous sheet was. It is written beside and renamed; nothing else is left."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    img = tmp_path / "scan.png"
+    make_image(300, 200, seed=4).save(img)
+    sheet = tmp_path / "sheet.png"
+    sheet.write_bytes(b"previous sheet" * 1000)
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit is EFBIG, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    result = subprocess.run([sys.executable, "-m", "idefics_cli", "crops", str(img), "--out", str(sheet), "--model",
+                             tiny_model], capture_output=True, timeout=300, preexec_fn=limited,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 4 and len(lines) == 1 and lines[0].startswith("error [output_error]"), lines
+    assert sheet.read_bytes() == b"previous sheet" * 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.png", "sheet.png"]
