@@ -141,3 +141,23 @@ def test_an_out_dir_that_is_a_symlink_is_written_through_it(cli, tiny_model, tmp
         assert result.stdout == f"{tmp_path / link}\n"
         assert os.path.islink(tmp_path / link) and "model.safetensors" in os.listdir(tmp_path / target)
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".idefics-quantize-")]
+
+
+def test_a_full_disk_while_saving_is_an_output_error_and_leaves_nothing(tiny_model, tmp_path):
+    """safetensors reports a failed write with its own SafetensorError, not an OSError: a full disk (here a file
+    size limit) was an internal error (exit 1) instead of output_error (exit 4)."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit is EFBIG, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    result = subprocess.run([sys.executable, "-m", "idefics_cli", "quantize", str(tmp_path / "nf4"), "--model",
+                             tiny_model, "--device", "cpu"], capture_output=True, timeout=300, preexec_fn=limited,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 4 and len(lines) == 1 and lines[0].startswith("error [output_error]: "), lines
+    assert result.stdout == b"" and os.listdir(tmp_path) == []

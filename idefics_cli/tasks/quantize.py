@@ -58,7 +58,12 @@ def save_4bit(options, out_dir: str, status=lambda message: contextlib.nullconte
         source = found["path"]
         before = weights_bytes(source) if source and os.path.isdir(source) else None
         with status(f"Saving to {out_dir}…"):
-            engine.model.save_pretrained(tmp)
+            try:
+                engine.model.save_pretrained(tmp)
+            except Exception as exc:
+                if type(exc).__name__ != "SafetensorError":  # safetensors' own error for a failed write (full disk)
+                    raise
+                raise OSError(str(exc).splitlines()[0]) from exc
             load_processor(options, configure=False).save_pretrained(tmp)
             follow_umask(tmp)  # transformers writes the weights 0600
         if os.path.isdir(real):
