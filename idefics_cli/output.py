@@ -21,8 +21,8 @@ from .errors import ExitStatus, IdeficsError
 class Output:
     def __init__(self, quiet: bool = False):
         self.quiet = quiet
-        self.stdout_tty = sys.stdout.isatty()
-        self.stderr_tty = sys.stderr.isatty()
+        self.stdout_tty = sys.stdout is not None and sys.stdout.isatty()  # None: closed (`>&-`)
+        self.stderr_tty = sys.stderr is not None and sys.stderr.isatty()
         self._console = None
 
     @property
@@ -36,6 +36,8 @@ class Output:
 
     def write(self, text: str) -> None:
         text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # lone surrogates (a non-UTF-8 file name)
+        if sys.stdout is None:
+            raise IdeficsError("output_error", "cannot write to stdout: it is closed")
         try:
             sys.stdout.write(text)
             sys.stdout.flush()
@@ -96,7 +98,7 @@ class Output:
         try:
             sys.stderr.write(line.translate(_CONTROL) + "\n")
             sys.stderr.flush()
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):  # AttributeError: None, closed before the start (`2>&-`)
             pass  # a closed stderr: nothing more can be said
 
 

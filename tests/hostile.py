@@ -342,6 +342,7 @@ def build(root: str) -> list[Case]:
     os.symlink(loop_a, loop_b)
     cases.append(Case("symlink-loop", loop_a, "not_found"))
     cases.append(Case("missing", os.path.join(root, "missing.pdf"), "not_found"))
+    cases.append(Case("name-too-long", os.path.join(root, "x" * 300 + ".pdf"), "not_found"))  # ENAMETOOLONG
     # real-world classes met in other projects' public corpora (pdf.js, qpdf, pypdf, PyMuPDF, Pillow)
     cut, pixels = _png_cut_after_pixels()
     add("cut-last-chunk.png", cut, "ok", check=lambda image: image.tobytes() == pixels)

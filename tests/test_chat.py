@@ -268,3 +268,82 @@ def test_library_session_commits_each_turn_when_its_answer_is_read(engine, tmp_p
         assert chat.save(str(tmp_path / "c.json")) == 4
     finally:
         chat.close()
+
+
+def test_a_piped_line_that_is_not_utf8_is_one_usage_error_and_the_conversation_goes_on(cli, tiny_model, tmp_path):
+    """stdin read strictly (a UTF-8 locale) died on the first undecodable byte before any answer; read leniently
+    (C locale) the line reached the tokenizer as lone surrogates: an internal error either way."""
+    pdf = make_pdf(tmp_path / "r.pdf", n_pages=1)
+    saved = tmp_path / "c.json"
+    result = cli("chat", pdf, "--model", tiny_model, *FAST, input=f"One?\nTwo \xff\xfe?\nThree?\n/save {saved}\n"
+                 .encode("latin-1"))
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error [usage]: the question is not valid UTF-8"), result.stderr
+    assert [json.loads(line)["turn"] for line in result.stdout.splitlines()] == [1, 2]
+    assert result.exit_code == 2
+    assert len(json.loads(saved.read_text())["messages"]) == 4
+
+
+def test_terminal_a_line_that_is_not_utf8_is_refused_and_the_chat_goes_on(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONIOENCODING", "utf-8:strict")  # as a UTF-8 locale reads a terminal
+    pdf = make_pdf(tmp_path / "r.pdf", n_pages=1)
+    term = Terminal(pdf, "--model", tiny_model, *FAST)
+    try:
+        assert term.wait_for(b">>> "), term.seen[-2000:]
+        os.write(term.fd, b"Two \xff?\r")
+        assert term.wait_for(b"error [usage]: the question is not valid UTF-8"), term.seen[-2000:]
+        assert term.wait_for(b">>> "), term.seen[-2000:]
+        term.type("What is it?\r")
+        assert term.wait_for(b"\n>>> "), term.seen[-2000:]
+        time.sleep(0.5)
+        term.type("\x04")
+        assert term.exit_code() == 0, term.seen[-2000:]
+    finally:
+        term.close()
+
+
+def test_save_of_a_document_whose_name_is_not_utf8(cli, tiny_model, tmp_path):
+    """The file's `sources` path holds lone surrogates: `/save` raised an internal UnicodeEncodeError that ended the
+    chat, the conversation lost; JSON now escapes them (as the JSON lines do), and the name reads back."""
+    pdf = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"r\xff.pdf"))
+    os.rename(make_pdf(tmp_path / "r.pdf", n_pages=1), pdf)
+    saved = tmp_path / "c.json"
+    result = cli("chat", pdf, "--model", tiny_model, *FAST, input=f"One?\n/save {saved}\nTwo?\n")
+    assert result.exit_code == 0, result.stderr
+    assert [json.loads(line)["turn"] for line in result.stdout.splitlines()] == [1, 2]
+    assert json.loads(saved.read_text())["sources"] == [{"message": 0, "path": pdf, "pages": [1]}]
+
+
+def test_a_piped_script_with_a_byte_order_mark_runs_its_first_command(cli, tiny_model, tmp_path, model_calls):
+    """A script saved by Notepad or piped from PowerShell starts with a BOM: `\\ufeff/pages 2` was asked as a
+    question (about every page) instead of choosing page 2."""
+    pdf = make_pdf(tmp_path / "r.pdf", n_pages=2)
+    result = cli("chat", pdf, "--model", tiny_model, *FAST, input="\ufeff/pages 2\r\nWhat is it?\r\n".encode())
+    assert result.exit_code == 0, result.stderr
+    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(a["question"], a["sources"]) for a in answers] == [("What is it?", [{"path": pdf, "pages": [2]}])]
+
+
+def test_save_onto_the_document_itself_is_refused(cli, tiny_model, tmp_path):
+    """`/save r.pdf` (a slip for r.json) replaced the very PDF the chat is about with the JSON conversation."""
+    pdf = make_pdf(tmp_path / "r.pdf", n_pages=1)
+    before = open(pdf, "rb").read()
+    link = tmp_path / "same.pdf"
+    os.symlink(pdf, link)
+    result = cli("chat", pdf, "--model", tiny_model, *FAST, input=f"One?\n/save {pdf}\n/save {link}\nTwo?\n")
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("error [usage]: ") for line in lines), result.stderr
+    assert result.exit_code == 2 and [json.loads(line)["turn"] for line in result.stdout.splitlines()] == [1, 2]
+    assert open(pdf, "rb").read() == before and os.path.islink(link)
+
+
+def test_a_closed_stdin_is_an_empty_script(tiny_model, tmp_path):
+    """stdin closed (`<&-`, a service without one): `sys.stdin` is None and the chat crashed with an internal
+    TypeError; it is the end of input, as /dev/null is: exit 0, nothing written."""
+    import subprocess
+
+    pdf = make_pdf(tmp_path / "r.pdf", n_pages=1)
+    result = subprocess.run([sys.executable, "-m", "idefics_cli", "chat", pdf, "--model", tiny_model, *FAST],
+                            capture_output=True, timeout=300, preexec_fn=lambda: os.close(0),
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0 and result.stdout == b"" and b"error" not in result.stderr, result.stderr

@@ -126,3 +126,54 @@ def test_an_unwritable_sheet_or_folder_is_one_output_error(tmp_path):
     assert written == [str(tmp_path / "d" / "crop-1-tile-1.png"), str(tmp_path / "d" / "crop-2-whole.png"),
                        str(tmp_path / "s" / "s.png")]
     assert all(os.path.getsize(p) > 0 for p in written)
+
+
+@pytest.mark.parametrize("args", [["--out", ""], ["--out", "{tmp}/sheets/"], ["--dir", ""]])
+def test_an_out_or_dir_without_a_name_is_a_usage_error(cli, tiny_model, tmp_path, monkeypatch, args):
+    """`--out DIR/` (or `--out ''`) wrote a hidden `DIR/.png`; `--dir ''` was an output_error with no path."""
+    monkeypatch.chdir(tmp_path)
+    img = tmp_path / "page.png"
+    make_image(60, 40, seed=1).save(img)
+    (tmp_path / "sheets").mkdir()
+    result = cli("crops", img, "--model", tiny_model, *[a.format(tmp=tmp_path) for a in args])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error [usage]: "), result.stderr
+    assert result.stdout == "" and sorted(p.name for p in tmp_path.rglob("*")) == ["page.png", "sheets"]
+
+
+def test_a_sheet_onto_the_document_itself_is_refused(cli, tiny_model, tmp_path):
+    """`crops scan.png --out scan.png` replaced the scan with the contact sheet."""
+    img = tmp_path / "scan.png"
+    make_image(60, 40, seed=3).save(img)
+    before = img.read_bytes()
+    for out in (img, tmp_path / "scan"):  # `.png` is added
+        result = cli("crops", img, "--model", tiny_model, "--out", out)
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error [usage]: "), result.stderr
+        assert result.stdout == "" and img.read_bytes() == before
+
+
+def test_a_sheet_that_cannot_be_written_whole_leaves_the_previous_one(tiny_model, tmp_path):
+    """The sheet was written in place: a write failing half-way (a full disk, here a file size limit) left a
+    truncated PNG where the previous sheet was. It is written beside and renamed; nothing else is left."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    img = tmp_path / "scan.png"
+    make_image(300, 200, seed=4).save(img)
+    sheet = tmp_path / "sheet.png"
+    sheet.write_bytes(b"previous sheet" * 1000)
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit is EFBIG, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    result = subprocess.run([sys.executable, "-m", "idefics_cli", "crops", str(img), "--out", str(sheet), "--model",
+                             tiny_model], capture_output=True, timeout=300, preexec_fn=limited,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 4 and len(lines) == 1 and lines[0].startswith("error [output_error]"), lines
+    assert sheet.read_bytes() == b"previous sheet" * 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.png", "sheet.png"]

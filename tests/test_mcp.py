@@ -29,6 +29,7 @@ def folders(tmp_path_factory):
     shutil.copy(os.path.join(SAMPLES, "invoice.pdf"), outside / "secret.pdf")
     os.symlink(outside / "secret.pdf", shared / "link.pdf")  # inside the root, pointing out of it
     (outside / "secret.json").write_text('{"type": "leaked-secret"}')
+    os.mkfifo(shared / "pipe.pdf")  # no writer ever: opening it for reading blocks
     return {"root": str(shared), "outside": str(outside / "secret.pdf"), "stderr": str(outside / "stderr.txt"),
             "secret_json": str(outside / "secret.json")}
 
@@ -56,6 +57,10 @@ def session(tiny_model, folders):
         "missing": ("list_pages", {"path": os.path.join(SAMPLES, "nothing.pdf")}),
         "bad_pages": ("ask_document", {"path": invoice, "question": QUESTION, "pages": "9"}),
         "schema_file": ("ask_document", {"path": invoice, "question": QUESTION, "schema": folders["secret_json"]}),
+        "nul": ("list_pages", {"path": invoice + "\x00.txt"}),
+        "nul_ask": ("ask_document", {"path": "\x00", "question": QUESTION}),
+        "fifo": ("list_pages", {"path": "pipe.pdf"}),
+        "fifo_transcribe": ("transcribe_document", {"path": os.path.join(folders["root"], "pipe.pdf")}),
     }
 
     async def run():
@@ -63,7 +68,10 @@ def session(tiny_model, folders):
             await client.initialize()
             out = {"tools": (await client.list_tools()).tools}
             for name, (tool, args) in calls.items():
-                out[name] = await client.call_tool(tool, args)
+                try:  # a call that hangs is that test's failure, not the module's
+                    out[name] = await asyncio.wait_for(client.call_tool(tool, args), 60)
+                except TimeoutError as exc:
+                    out[name] = exc
             return out
 
     with open(folders["stderr"], "w") as errlog:  # the server's stderr: its own lines, the libraries' logs
@@ -155,6 +163,14 @@ def test_document_errors_are_tool_errors_with_their_codes(session):
     assert refusal(session["bad_pages"]).startswith("error [page_out_of_range]")
 
 
+def test_a_path_with_a_nul_or_naming_no_regular_file_is_a_usage_error(session):
+    """A NUL in the path was an uncoded "Error executing tool" (a ValueError in realpath); a FIFO under a root hung
+    the call for ever, waiting for a writer."""
+    for name in ("nul", "nul_ask", "fifo", "fifo_transcribe"):
+        assert not isinstance(session[name], Exception), (name, session[name])
+        assert refusal(session[name]).startswith("error [usage]: "), (name, session[name].content)
+
+
 def test_without_the_extra_a_one_line_usage_error(tmp_path):
     import subprocess
 
@@ -174,6 +190,17 @@ def test_without_the_extra_a_one_line_usage_error(tmp_path):
     run = subprocess.run([sys.executable, "-m", "idefics_cli", "mcp", "--root", str(tmp_path / "nope")],
                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, cwd=ROOT)
     assert run.returncode == 2 and run.stdout == "" and "is not a folder" in run.stderr
+
+
+def test_a_closed_stdin_ends_the_server_at_once(tmp_path):
+    """stdin closed (`<&-`): `sys.stdin` is None and the server crashed with an internal AttributeError; with no
+    host to serve it exits 0, as when the host closes stdin."""
+    import subprocess
+
+    run = subprocess.run([sys.executable, "-m", "idefics_cli", "mcp", "--root", str(tmp_path), "--model",
+                          str(tmp_path / "no-model")], capture_output=True, text=True, timeout=120,
+                         preexec_fn=lambda: os.close(0), cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0 and run.stdout == "" and "error" not in run.stderr, run.stderr
 
 
 def test_a_model_that_cannot_load_is_each_model_tools_error(tmp_path):

@@ -91,6 +91,25 @@ def test_full_disk_on_stdout_is_a_clear_error(tiny_model, tmp_path):
     assert result.returncode == 4 and lines == ["error [output_error]: cannot write to stdout: No space left on device"]
 
 
+def test_a_closed_stdout_or_stderr_is_a_clear_error(tiny_model, tmp_path):
+    """stdout closed (`>&-`): `sys.stdout` is None and every command died with a traceback before it began; the
+    work is done and writing its result is the one output_error line. stderr closed: an error exited 1, not its own
+    status."""
+    image = tmp_path / "p.png"
+    make_image(80, 60).save(image)
+    sheet = tmp_path / "s.png"
+    result = subprocess.run([sys.executable, "-m", "idefics_cli", "crops", str(image), "--out", str(sheet), "--model",
+                             tiny_model], capture_output=True, timeout=300, preexec_fn=lambda: os.close(1),
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 4 and lines == ["error [output_error]: cannot write to stdout: it is closed"], lines
+    assert sheet.stat().st_size > 0
+    result = subprocess.run([sys.executable, "-m", "idefics_cli", "crops", str(tmp_path / "missing.png"), "--model",
+                             tiny_model], capture_output=True, timeout=300, preexec_fn=lambda: os.close(2),
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 4 and result.stdout == b""  # stderr closed: the error's status all the same (was 1)
+
+
 def test_offline_makes_no_network_connection(tiny_model, tmp_path):
     """Every socket connect fails loudly in the child; --offline must never try one."""
     guard = tmp_path / "guard"

@@ -116,3 +116,48 @@ def test_a_saved_nf4_checkpoint_says_nf4_whatever_quant_asks(cli, quantized, tmp
     assert engine.options == asked  # what `Model.transcribe` hashes: as asked, as before
     assert TranscribeRequest([str(img)], None, engine.options).settings_hash == \
         TranscribeRequest([str(img)], None, asked).settings_hash
+
+
+def test_an_already_quantized_model_is_a_usage_error_before_it_loads(cli, quantized, tmp_path):
+    """Quantizing a saved nf4 folder again loaded it, then failed in save_pretrained with an internal
+    NotImplementedError."""
+    out = tmp_path / "again"
+    result = cli("quantize", out, "--model", quantized, "--device", "cpu")
+    assert result.exit_code == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error [usage]: ") and "already quantized" in lines[0], lines
+    assert result.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+def test_an_out_dir_that_is_a_symlink_is_written_through_it(cli, tiny_model, tmp_path):
+    """OUT_DIR a symlink to an empty folder, or to a folder still to make: the model was loaded and saved, then the
+    rename onto the link failed (`output_error: Not a directory`) and the work was lost."""
+    (tmp_path / "empty").mkdir()
+    os.symlink(tmp_path / "empty", tmp_path / "to-empty")
+    os.symlink(tmp_path / "later", tmp_path / "to-later")
+    for link, target in (("to-empty", "empty"), ("to-later", "later")):
+        result = cli("quantize", tmp_path / link, "--model", tiny_model, "--device", "cpu")
+        assert result.exit_code == 0, result.stderr
+        assert result.stdout == f"{tmp_path / link}\n"
+        assert os.path.islink(tmp_path / link) and "model.safetensors" in os.listdir(tmp_path / target)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".idefics-quantize-")]
+
+
+def test_a_full_disk_while_saving_is_an_output_error_and_leaves_nothing(tiny_model, tmp_path):
+    """safetensors reports a failed write with its own SafetensorError, not an OSError: a full disk (here a file
+    size limit) was an internal error (exit 1) instead of output_error (exit 4)."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit is EFBIG, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    result = subprocess.run([sys.executable, "-m", "idefics_cli", "quantize", str(tmp_path / "nf4"), "--model",
+                             tiny_model, "--device", "cpu"], capture_output=True, timeout=300, preexec_fn=limited,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 4 and len(lines) == 1 and lines[0].startswith("error [output_error]: "), lines
+    assert result.stdout == b"" and os.listdir(tmp_path) == []

@@ -80,7 +80,7 @@ class Session:
         """One question or /command a line, until the end of input or /quit (/exit, /bye: piped too, the lines after
         it are not read); piped, the exit status is the first failed line's (0 when none failed)."""
         status = 0
-        for text in self._typed() if self.interactive else (line.strip() for line in sys.stdin):
+        for text in self._typed() if self.interactive else _piped():
             if not text:
                 continue
             if text in QUIT:
@@ -120,6 +120,9 @@ class Session:
             except EOFError:
                 sys.stderr.write("\n")
                 return
+            except UnicodeDecodeError:  # a strict locale: the line is refused as the piped one is, the chat goes on
+                self.out.error(UsageError("the question is not valid UTF-8 text"))
+                continue
             except KeyboardInterrupt as stop:
                 if isinstance(stop, Terminated):
                     raise
@@ -176,6 +179,16 @@ class Session:
                 return
         if response.schema_error is not None:  # --schema: the turn stays; the line counts as failed
             raise response.schema_error
+
+
+def _piped():
+    """stdin's lines, stripped (a byte order mark too: Notepad, PowerShell); bytes that do not decode stay as lone
+    surrogates for check_question to refuse (strict decoding would end the chat at the first, the conversation lost)."""
+    if sys.stdin is None:  # stdin closed: no lines
+        return
+    encoding = sys.stdin.encoding or "utf-8"
+    for line in getattr(sys.stdin, "buffer", sys.stdin):
+        yield (line.decode(encoding, "surrogateescape") if isinstance(line, bytes) else line).strip().lstrip("\ufeff")
 
 
 class Terminated(KeyboardInterrupt):

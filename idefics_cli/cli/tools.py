@@ -7,6 +7,7 @@ mcp reads only under its `--root` folders, exits 0 when stdin closes, and SIGTER
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -76,12 +77,17 @@ def crops_command(
     from ..runtime.model import load_processor
     from ..tasks.crops import model_images, save_crops
 
+    if out is not None and not os.path.basename(out) or dir_ == "":  # `--out DIR/` would write a hidden DIR/.png
+        raise UsageError("--out needs a file name and --dir a folder name", "e.g. --out p3.png or --dir crops/")
     if out is not None and not out.lower().endswith(".png"):
         out += ".png"
     if dir_ is None and out is None:
         stem = "stdin" if doc == "-" else os.path.splitext(os.path.basename(doc.rstrip("/")))[0] or "document"
         stem = "".join(c if c.isprintable() else "_" for c in stem)  # one written path a line on stdout
         out = f"{stem}-page{page}-crops.png"
+    with contextlib.suppress(OSError, ValueError):
+        if out is not None and os.path.samefile(out, doc):
+            raise UsageError(f"--out {out} would overwrite the document itself", "choose another --out")
     with open_document(doc, password=password, dpi=dpi, longest_side=o.render_side(opts)) as opened:
         image = opened.render(page)
     with output.status(f"Loading the processor of {opts.model}…"):

@@ -189,6 +189,8 @@ def _read(path: str) -> bytes:
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise IdeficsError("not_found", "a loop of symbolic links", "check the link", path) from None
+        if e.errno == errno.ENAMETOOLONG:  # no such file can exist: not a damaged one
+            raise IdeficsError("not_found", "the file name is too long", "check the path", path) from None
         raise IdeficsError("corrupt", f"cannot read the file ({e.strerror or e})", path=path) from None
 
 

@@ -1,14 +1,16 @@
 """The MCP server of `idefics mcp`: three tools over stdio, reading only files under the given roots.
 
 Contract: `serve_mcp(roots, loader, log)` serves `build_mcp(roots, loader)`'s tools `list_pages`, `ask_document`
-and `transcribe_document` until stdin closes. A path must resolve (symlinks followed) to a file under a root, else
-a `permission_denied` tool error; an `IdeficsError` is a tool error `error [CODE]: message (hint)`. `loader()`
-(the library `Model`) runs once in a thread; model tools wait for it and answer one at a time. Logs go to stderr.
+and `transcribe_document` until stdin closes (returns at once when it is closed). A path must resolve (symlinks
+followed) to a file under a root, else a `permission_denied` tool error (a NUL in it, a folder, a FIFO or device:
+`usage`); an `IdeficsError` is a tool error `error [CODE]: message (hint)`. `loader()` (the library `Model`) runs
+once in a thread; model tools wait for it and answer one at a time. Logs go to stderr.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from typing import Any
 
@@ -24,6 +26,8 @@ INSTRUCTIONS = ("Read local PDFs and images (scans, invoices, reports, photos of
 
 def resolve(roots: list[str], path: str) -> str:
     """The real path of `path` when it is a file under one of `roots` (symlinks resolved), else a ToolError."""
+    if "\x00" in path:
+        raise ToolError("error [usage]: a path cannot contain a NUL character")
     candidates = [path] if os.path.isabs(path) else [os.path.join(root, path) for root in roots]
     real = next((r for r in map(os.path.realpath, candidates) if os.path.exists(r)),
                 os.path.realpath(candidates[0]))
@@ -32,6 +36,8 @@ def resolve(roots: list[str], path: str) -> str:
                         f"({', '.join(roots)}), symlinks resolved")
     if os.path.isdir(real):
         raise ToolError(f"error [usage]: {path} is a folder: give a document (list its files with your own tools)")
+    if os.path.exists(real) and not os.path.isfile(real):  # a FIFO would block the call for ever
+        raise ToolError(f"error [usage]: {path} is not a regular file (a FIFO, socket or device): give a document")
     return real
 
 
@@ -111,6 +117,9 @@ def _load(loader, log):
 
 
 def serve_mcp(roots: list[str], loader, log=lambda line: None) -> int:
+    if sys.stdin is None:  # stdin closed (`<&-`): no host to serve, as when it closes stdin
+        log("stdin is closed: nothing to serve")
+        return 0
     log(f"serving {', '.join(roots)} over stdio; loading the model…")
     build_mcp(roots, loader, log).run("stdio")
     return 0

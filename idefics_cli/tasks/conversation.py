@@ -13,6 +13,7 @@ import json
 import os
 import time
 
+from ..errors import UsageError
 from ..interface import assistant_turn, user_turn
 from ..structured import as_schema
 from .records import Source
@@ -101,8 +102,18 @@ class ChatSession:
                 "messages": self.messages, "sources": self.sources}
 
     def save(self, path: str) -> int:
-        """`/save FILE`: write the conversation as JSON (atomically); returns how many messages were written."""
-        atomic_write(os.path.expanduser(path), json.dumps(self.to_dict(), ensure_ascii=False, indent=2) + "\n")
+        """`/save FILE`: write the conversation as JSON (atomically); returns how many messages were written. The
+        document itself is never overwritten (a `UsageError`)."""
+        path = os.path.expanduser(path)
+        with contextlib.suppress(OSError, ValueError):
+            if os.path.samefile(path, self.doc.path):
+                raise UsageError(f"/save {path} would overwrite the document itself", "e.g. /save chat.json")
+        text = json.dumps(self.to_dict(), ensure_ascii=False, indent=2)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates (a non-UTF-8 file name): let JSON escape them
+            text = json.dumps(self.to_dict(), indent=2)
+        atomic_write(path, text + "\n")
         return len(self.messages)
 
     def ask(self, question: str, max_new_tokens: int | None = None, logits_processor=None,

@@ -2,12 +2,15 @@
 
 Contract: `model_images(processor, image)` takes the images back out of the processor's `pixel_values`, exactly the
 pixels the vision encoder sees (5 with idefics2 splitting, 1 without). `contact_sheet` lays them out under labels;
-`save_crops` writes `crop-<k>-<position>.png` files and/or the sheet (a failed write: `output_error`).
+`save_crops` writes `crop-<k>-<position>.png` files and/or the sheet, each beside and renamed (a failed write:
+`output_error`, what was there kept).
 torch and PIL are imported inside functions only.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 
 from ..errors import IdeficsError
 
@@ -107,6 +110,24 @@ def contact_sheet(panels: list, labels: list[str], title: str):
     return sheet
 
 
+def _save_png(image, path: str) -> None:
+    """Written beside `path` and renamed onto it: a failed write leaves what was there, and nothing else."""
+    from .writers import umask
+
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=os.path.dirname(path) or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG")
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it private; the output should follow the umask
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            exc.filename = path
+        raise
+
+
 def save_crops(images: list, names: list[str], folder: str | None, sheet_path: str | None, title: str,
                labels: list[str]) -> list[str]:
     """Write the images into `folder` and/or the contact sheet to `sheet_path`; the paths written, in order."""
@@ -116,11 +137,11 @@ def save_crops(images: list, names: list[str], folder: str | None, sheet_path: s
             os.makedirs(folder, exist_ok=True)
             for k, (name, im) in enumerate(zip(names, images, strict=True), 1):
                 path = os.path.join(folder, f"crop-{k}-{name}.png")
-                im.save(path, format="PNG")
+                _save_png(im, path)
                 written.append(path)
         if sheet_path is not None:
             os.makedirs(os.path.dirname(sheet_path) or ".", exist_ok=True)
-            contact_sheet(images, labels, title).save(sheet_path, format="PNG")
+            _save_png(contact_sheet(images, labels, title), sheet_path)
             written.append(sheet_path)
     except OSError as exc:
         where = exc.filename or "the output"

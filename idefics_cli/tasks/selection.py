@@ -116,6 +116,10 @@ def check_question(question: str) -> str:
         raise UsageError(f"the question must be a string, not {type(question).__name__}")
     if not question.strip():
         raise UsageError("the question is empty")
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: bytes that were not UTF-8 (argv, a piped line)
+        raise UsageError("the question is not valid UTF-8 text", "check the input's encoding") from None
     return question
 
 
