@@ -60,6 +60,7 @@ def session(tiny_model, folders):
         "nul": ("list_pages", {"path": invoice + "\x00.txt"}),
         "nul_ask": ("ask_document", {"path": "\x00", "question": QUESTION}),
         "fifo": ("list_pages", {"path": "pipe.pdf"}),
+        "empty": ("list_pages", {"path": " "}),
         "fifo_transcribe": ("transcribe_document", {"path": os.path.join(folders["root"], "pipe.pdf")}),
     }
 
@@ -166,9 +167,10 @@ def test_document_errors_are_tool_errors_with_their_codes(session):
 def test_a_path_with_a_nul_or_naming_no_regular_file_is_a_usage_error(session):
     """A NUL in the path was an uncoded "Error executing tool" (a ValueError in realpath); a FIFO under a root hung
     the call for ever, waiting for a writer."""
-    for name in ("nul", "nul_ask", "fifo", "fifo_transcribe"):
+    for name in ("nul", "nul_ask", "fifo", "fifo_transcribe", "empty"):
         assert not isinstance(session[name], Exception), (name, session[name])
         assert refusal(session[name]).startswith("error [usage]: "), (name, session[name].content)
+    assert refusal(session["empty"]) == "error [usage]: the path is empty: give a document under the --root folders"
 
 
 def test_without_the_extra_a_one_line_usage_error(tmp_path):

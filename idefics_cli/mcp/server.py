@@ -28,6 +28,8 @@ def resolve(roots: list[str], path: str) -> str:
     """The real path of `path` when it is a file under one of `roots` (symlinks resolved), else a ToolError."""
     if "\x00" in path:
         raise ToolError("error [usage]: a path cannot contain a NUL character")
+    if not path.strip():
+        raise ToolError("error [usage]: the path is empty: give a document under the --root folders")
     candidates = [path] if os.path.isabs(path) else [os.path.join(root, path) for root in roots]
     real = next((r for r in map(os.path.realpath, candidates) if os.path.exists(r)),
                 os.path.realpath(candidates[0]))
