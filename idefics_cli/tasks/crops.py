@@ -8,9 +8,8 @@ torch and PIL are imported inside functions only.
 """
 from __future__ import annotations
 
-import contextlib
+import io
 import os
-import tempfile
 
 from ..errors import IdeficsError
 
@@ -111,20 +110,15 @@ def contact_sheet(panels: list, labels: list[str], title: str):
 
 
 def _save_png(image, path: str) -> None:
-    """Written beside `path` and renamed onto it: a failed write leaves what was there, and nothing else."""
-    from .writers import umask
+    """Written beside `path` and renamed onto it (writers.replace_file): a failed write leaves what was there."""
+    from .writers import replace_file
 
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=os.path.dirname(path) or ".")
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
     try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it private; the output should follow the umask
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            exc.filename = path
+        replace_file(path, buf.getvalue())
+    except OSError as exc:
+        exc.filename = path  # not the temporary file's name
         raise
 
 

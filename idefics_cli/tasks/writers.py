@@ -78,22 +78,28 @@ def follow_umask(folder: str) -> None:
             os.chmod(os.path.join(root, name), mode)
 
 
-def atomic_write(path: str, text: str) -> None:
+def replace_file(path: str, data: str | bytes) -> None:
+    """Write `data` (text as UTF-8) beside `path`, in the umask's mode and synced, then rename it onto `path`: a failed
+    write leaves what was there and no temporary file (OSError)."""
     folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-        try:
-            os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes it private; the output should follow the umask
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes it private; the output should follow the umask
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write(path: str, text: str) -> None:
+    try:
+        replace_file(path, text)
     except OSError as exc:
         raise output_error(path, exc) from exc
 
