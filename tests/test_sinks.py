@@ -52,6 +52,18 @@ def test_folder_sink_writes_markdown_from_this_run_and_earlier_records(tmp_path)
     assert [json.loads(line)["page"] for line in lines] == [1, 2]
 
 
+def test_folder_sink_writes_a_markdown_symlink_s_target(tmp_path):
+    """A `.md` under `--out` that is a symlink keeps the link; its target gets the Markdown."""
+    doc = Input(str(tmp_path / "a.pdf"), "a.pdf")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "kept.md").write_text("old")
+    os.symlink(tmp_path / "kept.md", tmp_path / "out" / "a.md")
+    with FolderSink(str(tmp_path / "out"), [doc], "s") as sink:
+        sink.write({"path": doc.path, "page": 1, "status": "ok", "text": "one", "sha256": "h", "settings": "s"})
+        sink.document_done(DocumentDone(doc, "h", [1], 1))
+    assert os.path.islink(tmp_path / "out" / "a.md") and "one" in (tmp_path / "kept.md").read_text()
+
+
 def test_a_document_done_in_page_chunks_keeps_every_page_in_its_markdown(tmp_path):
     """`--pages 1-2`, then `--pages 3`: the .md holds pages 1 to 3, in page order, not only the last run's."""
     doc = Input(str(tmp_path / "a.pdf"), "a.pdf")
