@@ -37,6 +37,16 @@ def test_a_sink_holds_its_lock_until_closed_and_a_second_one_is_refused(tmp_path
         assert again.existing == [{"status": "ok", "page": 1}]
 
 
+def test_a_link_to_a_locked_records_file_is_refused_too(tmp_path):
+    """The lock sat beside the name given, so `--out link.jsonl` and `--out pages.jsonl` (its target) both ran."""
+    path, link = str(tmp_path / "pages.jsonl"), str(tmp_path / "link.jsonl")
+    os.symlink(path, link)
+    with JsonlSink(link):
+        with pytest.raises(UsageError, match="another idefics process is writing to"):
+            JsonlSink(path)
+    assert os.path.islink(link) and sorted(os.listdir(tmp_path)) == ["link.jsonl", "pages.jsonl"]
+
+
 def test_folder_sink_writes_markdown_from_this_run_and_earlier_records(tmp_path):
     doc = Input(str(tmp_path / "in" / "a.pdf"), "sub/a.pdf")
     record = {"path": doc.path, "page": 1, "status": "ok", "text": "one", "sha256": "h", "settings": "s"}

@@ -184,7 +184,7 @@ class JsonlSink(Sink):
     """Records appended to one locked .jsonl file, crash-safe and resumable (a torn last line is dropped)."""
 
     def __init__(self, path: str, fsync_every: float = 2.0):
-        self.lock = OutputLock(path + ".lock")
+        self.lock = OutputLock(os.path.realpath(path) + ".lock")  # one lock for a file and a link to it
         self.path = self.records_name = path
         self.fsync_every, self.existing, self.fd = fsync_every, [], None
         try:
