@@ -337,6 +337,23 @@ def test_save_onto_the_document_itself_is_refused(cli, tiny_model, tmp_path):
     assert open(pdf, "rb").read() == before and os.path.islink(link)
 
 
+def test_save_onto_a_symlink_writes_its_target_and_keeps_the_link(engine, tmp_path):
+    """`/save PATH` with PATH a symlink replaced the link with a regular file; as `>` does, the target gets it."""
+    from idefics_cli.tasks.conversation import ChatSession
+
+    pdf = make_pdf(tmp_path / "r.pdf", n_pages=1)
+    (tmp_path / "keep").mkdir()
+    target, link = tmp_path / "keep" / "c.json", tmp_path / "c.json"
+    target.write_text("old")
+    os.symlink(target, link)
+    chat = ChatSession.open(pdf, dpi=40).start(engine)
+    try:
+        assert chat.save(str(link)) == 0
+    finally:
+        chat.close()
+    assert os.path.islink(link) and json.loads(target.read_text())["schema"] == "idefics-cli.chat/1"
+
+
 def test_a_closed_stdin_is_an_empty_script(tiny_model, tmp_path):
     """stdin closed (`<&-`, a service without one): `sys.stdin` is None and the chat crashed with an internal
     TypeError; it is the end of input, as /dev/null is: exit 0, nothing written."""

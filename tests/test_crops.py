@@ -128,6 +128,19 @@ def test_an_unwritable_sheet_or_folder_is_one_output_error(tmp_path):
     assert all(os.path.getsize(p) > 0 for p in written)
 
 
+def test_a_sheet_or_crop_that_is_a_symlink_is_written_through_the_link(tmp_path):
+    """`--out` (or a file in `--dir`) that is a symlink was replaced by a regular file; its target gets the PNG."""
+    images = [make_image(40, 30, seed=k) for k in range(2)]
+    (tmp_path / "real").mkdir()
+    (tmp_path / "d").mkdir()
+    os.symlink(tmp_path / "real" / "sheet.png", tmp_path / "s.png")  # dangling: the sheet is made there
+    os.symlink(tmp_path / "real" / "whole.png", tmp_path / "d" / "crop-2-whole.png")
+    save_crops(images, ["tile-1", "whole"], str(tmp_path / "d"), str(tmp_path / "s.png"), "t", ["a", "b"])
+    assert os.path.islink(tmp_path / "s.png") and os.path.islink(tmp_path / "d" / "crop-2-whole.png")
+    assert Image.open(tmp_path / "real" / "whole.png").size == (40, 30)
+    assert sorted(os.listdir(tmp_path / "real")) == ["sheet.png", "whole.png"]
+
+
 @pytest.mark.parametrize("args", [["--out", ""], ["--out", "{tmp}/sheets/"], ["--dir", ""]])
 def test_an_out_or_dir_without_a_name_is_a_usage_error(cli, tiny_model, tmp_path, monkeypatch, args):
     """`--out DIR/` (or `--out ''`) wrote a hidden `DIR/.png`; `--dir ''` was an output_error with no path."""

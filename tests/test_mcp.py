@@ -1,7 +1,7 @@
 """`idefics mcp` driven by the mcp package's own stdio client: one real subprocess for the module.
 
-The server reads under two roots (the bundled samples/ and a temporary folder holding a symlink that points out of
-both); every call of the module goes through one session (`session` runs them all, the tests read the results).
+The server reads under two roots (a temporary folder holding symlinks that point out of both, then the bundled
+samples/); every call of the module goes through one session (`session` runs them all, the tests read the results).
 Answers are compared with the library's on the same tiny model and options (the session's `engine`).
 """
 
@@ -28,6 +28,7 @@ def folders(tmp_path_factory):
     shared, outside = tmp_path_factory.mktemp("mcp-root"), tmp_path_factory.mktemp("mcp-outside")
     shutil.copy(os.path.join(SAMPLES, "invoice.pdf"), outside / "secret.pdf")
     os.symlink(outside / "secret.pdf", shared / "link.pdf")  # inside the root, pointing out of it
+    os.symlink(outside / "secret.pdf", shared / "invoice.pdf")  # so relative "invoice.pdf" is samples/' own file
     (outside / "secret.json").write_text('{"type": "leaked-secret"}')
     os.mkfifo(shared / "pipe.pdf")  # no writer ever: opening it for reading blocks
     return {"root": str(shared), "outside": str(outside / "secret.pdf"), "stderr": str(outside / "stderr.txt"),
@@ -40,12 +41,12 @@ def session(tiny_model, folders):
     from mcp import ClientSession, StdioServerParameters, stdio_client
 
     params = StdioServerParameters(command=sys.executable, args=[
-        "-m", "idefics_cli", "mcp", "--root", SAMPLES, "--root", folders["root"], "--model", tiny_model, *FLAGS],
+        "-m", "idefics_cli", "mcp", "--root", folders["root"], "--root", SAMPLES, "--model", tiny_model, *FLAGS],
         env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT)
     invoice, receipt = os.path.join(SAMPLES, "invoice.pdf"), os.path.join(SAMPLES, "receipt.jpg")
     calls = {
         "pages": ("list_pages", {"path": os.path.join(SAMPLES, "report.pdf")}),
-        "relative": ("list_pages", {"path": "invoice.pdf"}),  # looked up in the roots
+        "relative": ("list_pages", {"path": "invoice.pdf"}),  # looked up in the roots, past the first's link
         "ask": ("ask_document", {"path": invoice, "question": QUESTION, "pages": "1"}),
         "schema": ("ask_document", {"path": receipt, "question": "Who?", "schema": {"type": "object", "properties": {
             "merchant": {"type": "string"}}, "required": ["merchant"]}}),
@@ -114,7 +115,29 @@ def test_list_pages(session):
     doc = open_document(path)
     assert value(session["pages"]) == {"path": path, "format": "pdf", "pages": doc.page_count} and doc.page_count > 1
     doc.close()
-    assert value(session["relative"])["path"] == os.path.join(SAMPLES, "invoice.pdf")
+    assert value(session["relative"])["path"] == os.path.join(SAMPLES, "invoice.pdf")  # not the link out of root 1
+
+
+def test_a_relative_path_is_taken_from_the_first_root_where_it_stays_inside(tmp_path):
+    """`x.pdf` under root A as a link out of the roots was refused although root B holds a real `x.pdf`."""
+    from mcp.server.mcpserver.exceptions import ToolError
+
+    from idefics_cli.mcp.server import resolve
+
+    a, b, out = (os.path.realpath(tmp_path / name) for name in ("a", "b", "out"))
+    for folder in (a, b, out):
+        os.mkdir(folder)
+    for folder in (b, out):
+        shutil.copy(os.path.join(SAMPLES, "invoice.pdf"), os.path.join(folder, "x.pdf"))
+    os.symlink(os.path.join(out, "x.pdf"), os.path.join(a, "x.pdf"))
+    os.symlink(os.path.join(out, "x.pdf"), os.path.join(a, "only.pdf"))
+    os.symlink(os.path.join(b, "x.pdf"), os.path.join(a, "across.pdf"))
+    assert resolve([a, b], "x.pdf") == os.path.join(b, "x.pdf")
+    assert resolve([a, b], "across.pdf") == os.path.join(b, "x.pdf")  # a link into another root is inside
+    assert resolve([a, b], "missing.pdf") == os.path.join(a, "missing.pdf")  # not_found when opened, as before
+    for path in ("only.pdf", os.path.join(a, "x.pdf")):  # no root gives an allowed file; absolute as before
+        with pytest.raises(ToolError, match=r"^error \[permission_denied\]: "):
+            resolve([a, b], path)
 
 
 def test_ask_and_transcribe_answer_as_the_library_does(session, engine):

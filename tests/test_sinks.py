@@ -37,6 +37,16 @@ def test_a_sink_holds_its_lock_until_closed_and_a_second_one_is_refused(tmp_path
         assert again.existing == [{"status": "ok", "page": 1}]
 
 
+def test_a_link_to_a_locked_records_file_is_refused_too(tmp_path):
+    """The lock sat beside the name given, so `--out link.jsonl` and `--out pages.jsonl` (its target) both ran."""
+    path, link = str(tmp_path / "pages.jsonl"), str(tmp_path / "link.jsonl")
+    os.symlink(path, link)
+    with JsonlSink(link):
+        with pytest.raises(UsageError, match="another idefics process is writing to"):
+            JsonlSink(path)
+    assert os.path.islink(link) and sorted(os.listdir(tmp_path)) == ["link.jsonl", "pages.jsonl"]
+
+
 def test_folder_sink_writes_markdown_from_this_run_and_earlier_records(tmp_path):
     doc = Input(str(tmp_path / "in" / "a.pdf"), "sub/a.pdf")
     record = {"path": doc.path, "page": 1, "status": "ok", "text": "one", "sha256": "h", "settings": "s"}
@@ -50,6 +60,18 @@ def test_folder_sink_writes_markdown_from_this_run_and_earlier_records(tmp_path)
                   "<!-- page 3: error [missing] not transcribed -->\n")
     lines = (tmp_path / "out" / "records.jsonl").read_text().splitlines()
     assert [json.loads(line)["page"] for line in lines] == [1, 2]
+
+
+def test_folder_sink_writes_a_markdown_symlink_s_target(tmp_path):
+    """A `.md` under `--out` that is a symlink keeps the link; its target gets the Markdown."""
+    doc = Input(str(tmp_path / "a.pdf"), "a.pdf")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "kept.md").write_text("old")
+    os.symlink(tmp_path / "kept.md", tmp_path / "out" / "a.md")
+    with FolderSink(str(tmp_path / "out"), [doc], "s") as sink:
+        sink.write({"path": doc.path, "page": 1, "status": "ok", "text": "one", "sha256": "h", "settings": "s"})
+        sink.document_done(DocumentDone(doc, "h", [1], 1))
+    assert os.path.islink(tmp_path / "out" / "a.md") and "one" in (tmp_path / "kept.md").read_text()
 
 
 def test_a_document_done_in_page_chunks_keeps_every_page_in_its_markdown(tmp_path):

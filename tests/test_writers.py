@@ -96,6 +96,31 @@ def test_atomic_write_failure_leaves_no_temp_and_keeps_old_content(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["taken"] and os.listdir(target) == ["inside"]
 
 
+def test_atomic_write_through_a_symlink_keeps_the_link_and_replaces_its_target(tmp_path):
+    """As `>` does: the link stays and its target gets the text, renamed onto it (a new inode), the temporary file
+    beside the target; a dangling link makes its target; a loop of links is one output_error."""
+    (tmp_path / "data").mkdir()
+    target, link = tmp_path / "data" / "chat.json", tmp_path / "link.json"
+    target.write_text("old")
+    link.symlink_to(os.path.join("data", "chat.json"))
+    inode = target.stat().st_ino
+    atomic_write(str(link), "new")
+    assert link.is_symlink() and os.readlink(link) == os.path.join("data", "chat.json")
+    assert target.read_text() == "new" and target.stat().st_ino != inode
+    assert sorted(os.listdir(tmp_path)) == ["data", "link.json"] and os.listdir(tmp_path / "data") == ["chat.json"]
+
+    dangling = tmp_path / "dangling.md"
+    dangling.symlink_to(tmp_path / "data" / "made.md")
+    atomic_write(str(dangling), "made")
+    assert dangling.is_symlink() and (tmp_path / "data" / "made.md").read_text() == "made"
+
+    loop = tmp_path / "loop.md"
+    loop.symlink_to(loop)
+    with pytest.raises(IdeficsError) as exc:
+        atomic_write(str(loop), "x")
+    assert exc.value.code == "output_error" and "symbolic links" in exc.value.message and loop.is_symlink()
+
+
 def test_output_lock_refuses_a_second_holder(tmp_path):
     lock_path = str(tmp_path / "out" / "records.jsonl.lock")
     with OutputLock(lock_path):

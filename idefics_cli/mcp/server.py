@@ -25,15 +25,18 @@ INSTRUCTIONS = ("Read local PDFs and images (scans, invoices, reports, photos of
 
 
 def resolve(roots: list[str], path: str) -> str:
-    """The real path of `path` when it is a file under one of `roots` (symlinks resolved), else a ToolError."""
+    """The real path of `path` when it is a file under one of `roots` (symlinks resolved), else a ToolError. A
+    relative path is tried in each root in turn: the first that exists and stays under the roots is used."""
     if "\x00" in path:
         raise ToolError("error [usage]: a path cannot contain a NUL character")
     if not path.strip():
         raise ToolError("error [usage]: the path is empty: give a document under the --root folders")
     candidates = [path] if os.path.isabs(path) else [os.path.join(root, path) for root in roots]
-    real = next((r for r in map(os.path.realpath, candidates) if os.path.exists(r)),
-                os.path.realpath(candidates[0]))
-    if not any(os.path.commonpath([real, root]) == root for root in roots):
+    reals = [os.path.realpath(c) for c in candidates]
+    inside = [r for r in reals if any(os.path.commonpath([r, root]) == root for root in roots)]
+    real = next((r for r in inside if os.path.exists(r)), None) or next(
+        (r for r in reals if os.path.exists(r)), reals[0])
+    if real not in inside:
         raise ToolError(f"error [permission_denied]: {path}: only files under the --root folders may be read "
                         f"({', '.join(roots)}), symlinks resolved")
     if os.path.isdir(real):

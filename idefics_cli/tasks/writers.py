@@ -8,6 +8,7 @@ a second process gets a usage error); `FolderSink` adds an atomically written `.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -80,8 +81,12 @@ def follow_umask(folder: str) -> None:
 
 def replace_file(path: str, data: str | bytes) -> None:
     """Write `data` (text as UTF-8) beside `path`, in the umask's mode and synced, then rename it onto `path`: a failed
-    write leaves what was there and no temporary file (OSError)."""
-    folder = os.path.dirname(os.path.abspath(path))
+    write leaves what was there and no temporary file (OSError). A symlink is followed as `>` does: the link stays
+    and its target (made if missing) is replaced; a loop of links is ELOOP."""
+    target = os.path.realpath(path) if os.path.islink(path) else path
+    if os.path.islink(target):  # realpath stops inside a loop
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
+    folder = os.path.dirname(os.path.abspath(target))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
@@ -90,7 +95,7 @@ def replace_file(path: str, data: str | bytes) -> None:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -179,7 +184,7 @@ class JsonlSink(Sink):
     """Records appended to one locked .jsonl file, crash-safe and resumable (a torn last line is dropped)."""
 
     def __init__(self, path: str, fsync_every: float = 2.0):
-        self.lock = OutputLock(path + ".lock")
+        self.lock = OutputLock(os.path.realpath(path) + ".lock")  # one lock for a file and a link to it
         self.path = self.records_name = path
         self.fsync_every, self.existing, self.fd = fsync_every, [], None
         try:
