@@ -171,7 +171,8 @@ def test_schema_smoke(smoke):
 def test_continuous_smoke(smoke):
     out = finished(smoke, "continuous")
     assert re.search(r"\| fixed batches of 8\s*\| [\d.]+ s\s*\| [\d.]+ pages/s", out)
-    assert re.search(r"\| continuous\s*\| [\d.]+ s\s*\| [\d.]+ pages/s", out)
+    assert re.search(r"\| continuous\s*\| [\d.]+ s\s*\| [\d.]+ pages/s\s*\| [\d.]+ s\s*\| [\d.]+ s", out)
+    assert re.search(r"# the steps alone \(time less prefill\): continuous vs fixed batches [\d.]+x", out)
     assert re.search(r"^P13 [\d.]+x$", out.strip().splitlines()[-1])
 
 
