@@ -87,6 +87,11 @@ class UsageError(IdeficsError):
         super().__init__("usage", message, hint)
 
 
+class StalledAnswer(IdeficsError):
+    """A `model_error` of one answer only: a server's stream that sent nothing for too long (remote/transport.py).
+    transcribe records its page and chat its turn, and both go on, where another model_error ends them."""
+
+
 def is_oom(exc: BaseException) -> bool:
     """True for CUDA/CPU out-of-memory errors, without importing torch."""
     name = type(exc).__name__

@@ -3,6 +3,7 @@
 `tune_process()` opts this process in (the commands call it; a program may): TOKENIZERS_PARALLELISM=false unless set,
 library warnings ignored, bitsandbytes and kernels loggers at errors (unless IDEFICS_DEBUG=1). `quiet_hub()`,
 `quiet_loaded()` and `tune_allocators()` (`tune()`) do their part as libraries load, only opted in. Idempotent.
+`env_seconds(name, default)`: a time bound that an environment variable may set (tests make them short).
 """
 
 from __future__ import annotations
@@ -20,6 +21,15 @@ _done: list[str] | None = None
 
 def debug() -> bool:
     return bool(os.environ.get("IDEFICS_DEBUG"))
+
+
+def env_seconds(name: str, default: float) -> float:
+    """Seconds from the environment variable `name` when it holds a positive number, else `default`."""
+    try:
+        value = float(os.environ.get(name, default))
+    except ValueError:
+        return default
+    return value if 0 < value < float("inf") else default
 
 
 def tune_process() -> None:

@@ -329,10 +329,12 @@ def odd_server():
         def do_POST(self):
             assert json.loads(self.rfile.read(int(self.headers["content-length"])))["stream"] is True
             odd.posts += 1
-            if odd.stall is not None and odd.posts > odd.stall:  # its headers, then nothing until the test ends
+            if odd.posts in odd.stalls:  # its headers and a first chunk, then nothing until the test ends
                 self.send_response(200)
                 self.send_header("content-type", odd.kind)
                 self.end_headers()
+                self.wfile.write(b'data: {"choices": [{"delta": {"role": "assistant", "content": "x"}}]}\n\n')
+                self.wfile.flush()
                 odd.stalled.set()
                 odd.released.wait()
                 return
@@ -342,7 +344,7 @@ def odd_server():
     odd.url = f"http://127.0.0.1:{odd.server_address[1]}"
     odd.health = None  # /health's body; None: the card
     odd.card = json.dumps(CARD).encode()
-    odd.posts, odd.stall, odd.stalled, odd.released = 0, None, threading.Event(), threading.Event()  # stall: after N
+    odd.posts, odd.stalls, odd.stalled, odd.released = 0, set(), threading.Event(), threading.Event()  # stalls: POST #s
     odd.silent = set()  # the GET paths left unanswered
     odd.kind = "text/event-stream"  # the content type of its answers
     odd.moved = None  # where GETs are redirected to (None: answered)
@@ -381,7 +383,7 @@ def test_ctrl_c_or_sigterm_while_a_server_stalls_ends_transcribe_at_once_keeping
                         b'"usage": {"completion_tokens": 1}}')
     out, args = tmp_path / "r.jsonl", ["--batch-size", "1", "--server", odd_server.url]
     for sig in (signal.SIGINT, signal.SIGTERM):
-        odd_server.posts, odd_server.stall = 0, 1
+        odd_server.posts, odd_server.stalls = 0, {2, 3}
         odd_server.stalled.clear()
         out.unlink(missing_ok=True)
         proc = subprocess.Popen([sys.executable, "-m", "idefics_cli", "transcribe", docs["pdf"], "--out", str(out),
@@ -398,10 +400,40 @@ def test_ctrl_c_or_sigterm_while_a_server_stalls_ends_transcribe_at_once_keeping
             proc.communicate()
         assert proc.returncode == 130, (sig, err.decode())
         assert [json.loads(line)["page"] for line in out.read_text().splitlines()] == [1], sig
-    odd_server.posts, odd_server.stall = 0, None
+    odd_server.posts, odd_server.stalls = 0, set()
     res = run_idefics("transcribe", docs["pdf"], "--out", str(out), *args)
     assert res.returncode == 0 and odd_server.posts == 2, res.stderr.decode()  # pages 2 and 3: page 1 was kept
     assert [json.loads(line)["page"] for line in out.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_an_answer_that_stalls_is_given_up_after_the_idle_bound_and_the_run_goes_on(odd_server, docs, tmp_path):
+    """A server that sends its headers and one chunk, then nothing (wedged, or a proxy holding the connection): past
+    IDEFICS_STREAM_IDLE_S the answer is a model_error saying so. ask exits 5; transcribe records that page and goes
+    on (a rerun redoes it); chat reports the turn and answers the next."""
+    odd_server.reply = (b'data: {"choices": [{"delta": {"content": "x"}, "finish_reason": "stop"}], '
+                        b'"usage": {"completion_tokens": 1}}')
+    env, url = {"IDEFICS_STREAM_IDLE_S": "0.5"}, odd_server.url
+    said = f"the idefics server at {url} sent nothing for 0.5 s"
+    line = f"error [model_error]: {said} (it is stuck, or a proxy holds the connection; IDEFICS_STREAM_IDLE_S sets " \
+           "the wait)"
+    odd_server.stalls = {1}
+    res = run_idefics("ask", docs["png"], QUESTION, "--server", url, env=env, timeout=60)
+    assert (res.returncode, res.stderr.decode().splitlines()) == (5, [line]), res.stderr.decode()
+    out, args = tmp_path / "r.jsonl", ["--out", tmp_path / "r.jsonl", "--batch-size", "1", "--server", url]
+    odd_server.posts, odd_server.stalls = 0, {1}
+    res = run_idefics("transcribe", docs["pdf"], *args, env=env, timeout=60)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert res.returncode == 3 and odd_server.posts == 3, res.stderr.decode()  # some pages failed
+    assert [(r["page"], r["status"]) for r in records] == [(1, "error"), (2, "ok"), (3, "ok")]
+    assert records[0]["error"] == {"code": "model_error", "message": said}
+    odd_server.posts, odd_server.stalls = 0, set()
+    res = run_idefics("transcribe", docs["pdf"], *args, env=env, timeout=60)
+    assert res.returncode == 0 and odd_server.posts == 1, res.stderr.decode()  # page 1 alone, redone
+    assert [(r["page"], r["status"]) for r in map(json.loads, out.read_text().splitlines())][-1] == (1, "ok")
+    odd_server.posts, odd_server.stalls = 0, {1}
+    res = run_idefics("chat", docs["png"], "--server", url, input=TURNS, env=env, timeout=60)
+    assert (res.returncode, res.stderr.decode().splitlines()) == (5, [line]), res.stderr.decode()
+    assert [json.loads(line)["answer"] for line in res.stdout.splitlines()] == ["x"]  # the second turn's
 
 
 def test_a_server_that_never_answers_its_model_card_is_a_model_error_in_time(odd_server, monkeypatch):

@@ -34,8 +34,8 @@ FOLLOW_UP = "And who is the merchant?"
 class Server:
     """`python -m idefics_cli serve --port 0 ...` in a subprocess; stderr collected line by line."""
 
-    def __init__(self, model: str, *args: str):
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    def __init__(self, model: str, *args: str, env: dict | None = None):
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
         env.pop("IDEFICS_API_KEY", None)
         self.proc = subprocess.Popen([sys.executable, "-m", "idefics_cli", "serve", "--model", model, "--port", "0",
                                       *FLAGS, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)

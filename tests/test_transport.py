@@ -104,3 +104,42 @@ def test_server_sent_events_end_at_done():
     stream = io.BytesIO(b': comment\n\ndata: {"a": 1}\n\ndata:{"b": 2}\n\ndata: [DONE]\n\ndata: {"c": 3}\n\n')
     assert list(events(stream)) == [{"a": 1}, {"b": 2}]
     assert list(events(io.BytesIO(b'data: {"a": 1}\n\n'))) == [{"a": 1}]  # a stream cut before [DONE]
+
+
+def test_the_idle_bound_of_a_stream_is_per_block_of_its_upload_not_the_whole(monkeypatch):
+    """A request body that takes longer than the bound to go out (a slow link) is sent: only a block that makes no
+    progress for the bound would give the answer up. Small socket buffers, so the upload is paced by the reader."""
+    import socket
+    import threading
+    import time
+
+    size, connect = 4 * 2**20, socket.create_connection
+
+    def small_buffers(*args, **kwargs):
+        sock = connect(*args, **kwargs)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2**16)
+        return sock
+
+    monkeypatch.setattr(socket, "create_connection", small_buffers)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2**16)
+
+        def answer():  # 64 KiB every 10 ms: about a second for the body
+            conn, _ = listener.accept()
+            with conn:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += conn.recv(2**16)
+                got = len(head.partition(b"\r\n\r\n")[2])
+                while got < size:
+                    got += len(conn.recv(2**16))
+                    time.sleep(0.01)
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\ndata: [DONE]\n\n")
+
+        threading.Thread(target=answer, daemon=True).start()
+        start = time.monotonic()
+        conn, resp = Transport(f"http://127.0.0.1:{listener.getsockname()[1]}").send(
+            "POST", "/v1/chat/completions", b"x" * size, timeout=0.5, stream=True)
+        assert resp.status == 200 and list(events(resp)) == []
+        conn.close()
+    assert time.monotonic() - start > 0.5  # longer than the bound, as a whole

@@ -9,7 +9,7 @@ from __future__ import annotations
 import signal
 import sys
 
-from ..errors import IdeficsError, UsageError, warning_line
+from ..errors import IdeficsError, StalledAnswer, UsageError, warning_line
 from . import options as o
 
 EXAMPLES = {"chat": """
@@ -93,7 +93,7 @@ class Session:
                 self.out.write("\n")
                 self.out.console.print("(stopped)", style="yellow")
             except IdeficsError as err:  # the turn is forgotten; the conversation goes on
-                if err.code == "model_error":
+                if err.code == "model_error" and not isinstance(err, StalledAnswer):  # the model or server is gone
                     raise
                 if self.interactive and err.code == "out_of_memory" and not err.hint:
                     err.hint = "/reset to start a shorter conversation"

@@ -3,7 +3,8 @@
 Contract: `RemoteEngine(url, api_key, max_new_tokens)` reads the server's model card (waiting LOAD_WAIT_S while it
 loads; `render_side`: the px to render PDF pages at). `prepare` sends pages as lossless data: URLs (TIFF within
 `tiff_budget`, then PNG); every row is one streamed request (its usage and logprobs the server's). Errors keep
-the CLI's codes; a 503 `overloaded` is retried (transport.py); a lost connection is `model_error`.
+the CLI's codes; a 503 `overloaded` is retried (transport.py); a lost connection is `model_error`, and so is a stream
+that sends nothing for `stream_idle_s()` (`StalledAnswer`: transcribe and chat go on after it).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from itertools import accumulate, islice
 
 from ..errors import IdeficsError, UsageError
 from ..interface import Generation, ModelOptions
-from .transport import LOST, SERVER_HINT, InFlight, ServerLoading, Transport, events
+from .transport import LOST, SERVER_HINT, InFlight, ServerLoading, Transport, events, stream_idle_s
 
 LOAD_WAIT_S = 600.0  # how long a request waits for a server that is still loading its model
 MAX_BATCH = 256  # serve's largest --max-batch: a /health saying more would have every page rendered and sent at once
@@ -178,9 +179,9 @@ class RemoteEngine:
     def _stream(self, inputs: RemoteInputs, row: int, max_new_tokens: int | None, schema, what: str,
                 live: InFlight | None = None):
         """Yield a row's pieces as the server streams them; return its Generation (`what`: its name in errors)."""
-        start = time.perf_counter()
+        start, idle = time.perf_counter(), stream_idle_s()  # a server sends `: ping` while it has nothing to send
         conn, resp = self.http.send("POST", "/v1/chat/completions", self._body(inputs.rows[row], max_new_tokens,
-                                                                               schema), live)
+                                                                               schema), live, idle, stream=True)
         pieces, first, finish, usage, tokens = [], None, None, None, []
         try:
             if "text/event-stream" not in (resp.getheader("Content-Type") or "").lower():
@@ -199,7 +200,7 @@ class RemoteEngine:
             raise IdeficsError("model_error", f"the server at {self.url} sent {what} that is not a chat completion",
                                SERVER_HINT) from None
         except (*LOST, ValueError) as exc:
-            raise self.http.lost(exc) from None
+            raise self.http.lost(exc, waited=idle, stream=True) from None
         finally:
             conn.close()
         if finish is None or usage is None:

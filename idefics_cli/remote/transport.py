@@ -2,15 +2,17 @@
 
 Contract: `normalize_url(url)` gives the server's root URL (else `UsageError`). `Transport(url, api_key)`: `send`
 (connection, response of a 200), `json` (its body, within JSON_TIMEOUT_S); unreachable (CONNECT_TIMEOUT_S) or lost
-is a `model_error`; 503 `overloaded` is retried for OVERLOAD_WAIT_S; an `InFlight`'s requests are given up at once
-(Ctrl-C). `error(status, body)` maps OpenAI's error object to the CLI's (`ServerLoading`, `Overloaded`,
-`UsageError`, its own codes). `events(resp)`: a stream's JSON objects. Stdlib only.
+is a `model_error`, and so is a stream silent for `stream_idle_s()` (`StalledAnswer`); 503 `overloaded` is retried
+for OVERLOAD_WAIT_S; an `InFlight`'s requests are given up at once (Ctrl-C). `error(status, body)` maps OpenAI's
+error object to the CLI's (`ServerLoading`, `Overloaded`, `UsageError`, its own codes). `events(resp)`: a stream's
+JSON objects. Stdlib only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import http.client
+import io
 import json
 import math
 import socket
@@ -18,11 +20,15 @@ import threading
 import time
 import urllib.parse
 
-from ..errors import EXIT_FOR_CODE, IdeficsError, UsageError
+from ..errors import EXIT_FOR_CODE, IdeficsError, StalledAnswer, UsageError
+from ..process import env_seconds
 
 CONNECT_TIMEOUT_S = 1.5  # a server that does not answer the connection: model_error well within 2 s
 JSON_TIMEOUT_S = 30.0  # /v1/models and /health answer at once, even while the model loads: past this, no server
 OVERLOAD_WAIT_S = 120.0  # how long a request is retried while the server's queue is full
+# a streamed answer that sends not a byte for this long (IDEFICS_STREAM_IDLE_S) is given up: `idefics serve` sends
+# `: ping` every 15 s while a request waits, prefills or is held up (serve/app.py PING_S)
+STREAM_IDLE_S = 120.0
 SERVER_HINT = "start it with `idefics serve`, or check --server / IDEFICS_SERVER"
 KEY_HINT = "pass --api-key KEY or set IDEFICS_API_KEY: the key `idefics serve` was started with"
 _CLIENT_CODES = set(EXIT_FOR_CODE) - {"internal", "interrupted"}
@@ -88,7 +94,7 @@ class Transport:
 
     def _connection(self, live: InFlight, timeout: float | None) -> http.client.HTTPConnection:
         kind = http.client.HTTPSConnection if self._https else http.client.HTTPConnection  # https: verified
-        conn = kind(self._host, self._port, timeout=CONNECT_TIMEOUT_S)
+        conn = kind(self._host, self._port, timeout=CONNECT_TIMEOUT_S, blocksize=2**16)
         try:
             conn.connect()
         except LOST as exc:
@@ -98,31 +104,32 @@ class Transport:
         if live.cancelled.is_set():  # after the socket is known: a cancel either sees it or is seen here
             conn.close()
             raise IdeficsError("interrupted", f"the request to {self.url} was given up")
-        conn.sock.settimeout(timeout)  # a streamed answer may take long to start (a prefill over many pages): None
+        conn.sock.settimeout(timeout)
         return conn
 
     def send(self, method: str, path: str, body: bytes | None = None, live: InFlight | None = None,
-             timeout: float | None = None):
+             timeout: float | None = None, stream: bool = False):
         """(connection, response) of one request whose status is 200; retried while the server is overloaded.
-        `timeout`: the longest wait for each read (None: no limit)."""
+        `timeout`: the longest wait for each read (None: no limit); `stream`: past it, a `StalledAnswer`."""
         live = live or InFlight()
         headers = {"Accept": "application/json, text/event-stream", "User-Agent": "idefics-cli"}
         if body is not None:
-            headers["Content-Type"] = "application/json"
+            headers.update({"Content-Type": "application/json", "Content-Length": str(len(body))})
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         deadline = time.monotonic() + OVERLOAD_WAIT_S
         while True:
             conn = self._connection(live, timeout)
             try:
-                conn.request(method, self._root + path, body=body, headers=headers)
+                # the body as a file: sent a block at a time, so `timeout` bounds each block, not the whole upload
+                conn.request(method, self._root + path, body=body and io.BytesIO(body), headers=headers)
                 resp = conn.getresponse()
                 if resp.status == 200:
                     return conn, resp
                 raw = resp.read()
             except LOST as exc:
                 conn.close()
-                raise self.lost(exc, waited=timeout) from None
+                raise self.lost(exc, waited=timeout, stream=stream) from None
             conn.close()
             if 300 <= resp.status < 400 and resp.getheader("Location"):  # http:// to https://: not followed
                 raise IdeficsError("model_error", f"the server at {self.url} redirects {path} to "
@@ -148,10 +155,13 @@ class Transport:
                                SERVER_HINT) from None
 
     # ---- errors ----------------------------------------------------------------------------------
-    def lost(self, exc: BaseException, what: str = "lost the connection to",
-             waited: float | None = None) -> IdeficsError:
-        """A connection refused (`what`: "cannot reach"), timed out (`waited` s for an answer) or dropped, as a
-        `model_error`."""
+    def lost(self, exc: BaseException, what: str = "lost the connection to", waited: float | None = None,
+             stream: bool = False) -> IdeficsError:
+        """A connection refused (`what`: "cannot reach"), timed out (`waited` s for an answer; a `stream`'s is a
+        `StalledAnswer`) or dropped, as a `model_error`."""
+        if stream and isinstance(exc, socket.timeout):
+            return StalledAnswer("model_error", f"the idefics server at {self.url} sent nothing for {waited:g} s",
+                                 "it is stuck, or a proxy holds the connection; IDEFICS_STREAM_IDLE_S sets the wait")
         why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         if isinstance(exc, socket.timeout):
             why = f"no answer within {waited or CONNECT_TIMEOUT_S:g} s"
@@ -185,6 +195,11 @@ class Transport:
         if code in _CLIENT_CODES and code != "model_error":
             return IdeficsError(code, message)
         return IdeficsError("model_error", f"the server at {self.url} failed: {message}", SERVER_HINT)
+
+
+def stream_idle_s() -> float:
+    """How long a streamed answer may send nothing (no piece, no `: ping`) before it is given up."""
+    return env_seconds("IDEFICS_STREAM_IDLE_S", STREAM_IDLE_S)
 
 
 def retry_after(value: str | None) -> float:

@@ -4,6 +4,7 @@ Contract (in full: docs/serve.md): `build_app(config, state)` returns the app; i
 thread (`state.loader`; until then 503 `loading`, a failure sets `state.error` and calls `state.on_fatal()`), then
 sizes the prefix cache, starts a `Scheduler` and logs `ready` (`state.log`). Every error is OpenAI's `{"error":
 {...}}` with the CLI's codes; one access-log line per request on stderr: `METHOD PATH STATUS tokens=N S.SSSs`.
+A stream sends `: ping` whenever it has sent nothing for PING_S (a request queued that long is answered 200 then).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fastapi.middleware import Middleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import IdeficsError, UsageError, classify
+from ..process import env_seconds
 from .cache import PrefixCache
 from .config import ServeConfig, default_cache_bytes
 from .metrics import Metrics
@@ -31,6 +33,11 @@ from .requests import RequestError, parse
 from .scheduler import Job, QueueFull, Scheduler, describe, prompt_ids
 
 LOG_KEY = "idefics.log"
+# a stream that has sent nothing for this long (IDEFICS_SSE_PING_S) sends `: ping` (an SSE comment, which clients
+# skip): while it waits in the queue, during its prefill, or held up by other rows' prefills; so one not started by
+# then starts at once (its errors then come as its last event). `--server` clients give up after 120 s of silence.
+PING_S = 15.0
+PING = b": ping\n\n"
 
 
 @dataclass
@@ -101,6 +108,7 @@ def access_log(app, metrics: Metrics):
 def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
     key = config.api_key.encode() if config.api_key else None
     metrics = state.metrics = Metrics(state)
+    ping_s = env_seconds("IDEFICS_SSE_PING_S", PING_S)
     # requests decoded and rendered at once: more would only take CPU (and the GIL) from the batch that generates,
     # and hold more rendered pages in memory
     preparing = asyncio.Semaphore(max(1, min(4, (os.cpu_count() or 2) // 2)))
@@ -182,12 +190,12 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_id}
         image_token, streamed = state.engine.image_token_id, None
         try:
-            kind, payload = await job.events.get()
+            kind, payload = await _next(job, ping_s if req.stream else None)
             if kind == "done":  # cancelled before it started (the client went away, or stopping)
                 return _shed() if job.shed else error_response(503, "cancelled", "the request was cancelled before "
                                                                                    "it started")
-            if kind != "error" and req.stream:  # the stream ends the job and the watcher
-                streamed = StreamingResponse(_stream(job, req, meta, record, watcher, image_token),
+            if kind != "error" and req.stream:  # started, or waiting still (None); the stream ends job and watcher
+                streamed = StreamingResponse(_stream(job, req, meta, record, watcher, image_token, kind, ping_s),
                                              media_type="text/event-stream",
                                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
                 return streamed
@@ -304,15 +312,26 @@ def _sse(obj) -> bytes:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
 
 
-async def _stream(job: Job, req, meta: dict, record: dict, watcher, image_token: int):
-    chunk = {**meta, "object": "chat.completion.chunk"}
+async def _next(job: Job, ping_s: float | None) -> tuple:
+    """The job's next event, or (None, None) after `ping_s` without one."""
     try:
-        yield _sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                          "logprobs": None, "finish_reason": None}]})
+        return await asyncio.wait_for(job.events.get(), ping_s)  # a get cancelled by the timeout takes no event
+    except asyncio.TimeoutError:
+        return None, None
+
+
+async def _stream(job: Job, req, meta: dict, record: dict, watcher, image_token: int, kind: str | None,
+                  ping_s: float):
+    """The server-sent events from the job's first event `kind` ("start", or None: not started yet) on."""
+    chunk, payload = {**meta, "object": "chat.completion.chunk"}, None
+    try:
         while True:
-            kind, payload = await job.events.get()
-            record["tokens"] = len(job.token_ids)
-            if kind == "delta":
+            if kind is None:  # nothing to send for ping_s
+                yield PING
+            elif kind == "start":
+                yield _sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                  "logprobs": None, "finish_reason": None}]})
+            elif kind == "delta":
                 yield _sse({**chunk, "choices": [{"index": 0, "delta": {"content": payload[0]},
                                                   "logprobs": _logprobs(payload[1]), "finish_reason": None}]})
             elif kind == "error" or kind == "done" and job.shed:
@@ -324,6 +343,8 @@ async def _stream(job: Job, req, meta: dict, record: dict, watcher, image_token:
                 if req.include_usage:
                     yield _sse({**chunk, "choices": [], "usage": _usage(job, image_token)})
                 break
+            kind, payload = await _next(job, ping_s)
+            record["tokens"] = len(job.token_ids)
         yield b"data: [DONE]\n\n"
     finally:
         job.cancel()

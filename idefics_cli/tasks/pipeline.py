@@ -3,7 +3,8 @@
 Contract: `TranscribeRequest` (frozen; bad values: `UsageError`) holds the options and `settings_hash`, the resume
 key. A `TranscribeJob` is one run's work; `emit(record)` writes and counts a record. `transcribe(engine, job)` feeds
 the prefetcher's pages to the engine's decode loop and yields each record once written, in page order. Failed pages
-become error records; an out-of-memory page is retried alone, then unsplit; a `model_error` ends the run.
+become error records; an out-of-memory page is retried alone, then unsplit; a `model_error` ends the run (but a
+`StalledAnswer`, one answer a server stopped sending, is that page's error record).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 
-from ..errors import IdeficsError, UsageError, classify
+from ..errors import IdeficsError, StalledAnswer, UsageError, classify
 from ..interface import DOCLING_PROMPT, DPI_RANGE, MAX_NEW_TOKENS, TRANSCRIBE_PROMPT, ModelOptions, check_option
 from .batch import Batch, BlankPage, DocumentDone, Failure, Input, Prefetcher, parse_shard
 from .records import PageRecord, Summary, blank_record, error_record, ok_record, settings_hash, task_error
@@ -255,8 +256,8 @@ def _record(engine, slot: _Slot, request: TranscribeRequest, job: TranscribeJob)
     if isinstance(item, Batch):  # out of memory among other rows: this page alone, then without splitting
         return answer_single(engine, item.tasks[slot.row], item.images[slot.row], request)
     task, n, preprocess_s = item
-    if isinstance(result, IdeficsError) and result.code == "model_error":  # a server that went away (client.py):
-        raise result  # stop; a rerun resumes
+    if isinstance(result, IdeficsError) and result.code == "model_error" and not isinstance(result, StalledAnswer):
+        raise result  # a server that went away (client.py): stop; a rerun resumes
     if isinstance(result, IdeficsError):
         return task_error(task, result, settings)
     return ok_record(task, result, preprocess_s / n, settings, n, request.schema,
