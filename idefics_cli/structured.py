@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import IdeficsError, UsageError
+from .finite import check_finite
 
-TRUNCATED = "schema_truncated"
-MISMATCH = "schema_mismatch"
+TRUNCATED, MISMATCH = "schema_truncated", "schema_mismatch"
 SCHEMA_PROMPT = "Answer with JSON only, valid against this JSON Schema:"
 CONCISE_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}
 SEPARATORS = (", ", ": ")  # item and key separators of the answer (json.dumps's); no other whitespace
@@ -156,6 +156,7 @@ def check_schema(schema: Any) -> dict:
     try:
         cls.check_schema(schema)
         _check_keywords(schema, "")
+        check_finite(schema)
     except jsonschema.SchemaError as exc:
         where = "/".join(str(p) for p in exc.path)
         keyword = exc.path[-1] if exc.path else exc.validator

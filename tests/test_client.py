@@ -262,7 +262,7 @@ def test_a_server_that_is_down_is_a_model_error_naming_the_url(docs, tmp_path):
 
 
 def test_server_errors_come_back_with_the_clis_codes(server, docs):
-    # over the model's context (32768): the server refuses with `usage`, exit 2, as a local run does
+    # over the model's context (32768): refused with `usage`, exit 2, as a local run is
     res = run_idefics("ask", docs["png"], QUESTION, "--server", server.url, "--api-key", KEY,
                       "--max-new-tokens", "32768")
     lines = res.stderr.decode().strip().splitlines()
@@ -277,6 +277,23 @@ def test_server_errors_come_back_with_the_clis_codes(server, docs):
     res = remote(server, "ask", docs["corrupt"], QUESTION)
     lines = res.stderr.decode().strip().splitlines()
     assert res.returncode == 4 and lines[0].startswith("error [corrupt]: "), lines
+
+
+def test_a_run_over_the_context_is_refused_before_any_page_as_locally(server, docs, tmp_path):
+    """The card gives the server's context and the tokens its template and a page take: a `--server` run whose pages
+    and --max-new-tokens cannot fit is the local run's one usage line (exit 2) before a page is sent, not one
+    usage record a page."""
+    out = tmp_path / "over.jsonl"
+    res = client(server, "transcribe", docs["pdf"], "--out", out, "--max-new-tokens", "32768")
+    lines = res.stderr.decode().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("error [usage]: 1 page images needs at least ") and "context of 32768" in lines[0]
+    assert not out.exists() or out.read_text() == ""
+    res = client(server, "ask", docs["pdf"], QUESTION, "--max-new-tokens", "32600")  # 65 tokens a page: 2 fit
+    lines = res.stderr.decode().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error [usage]: 3 page images needs at "
+                                                                           "least "), lines
+    assert lines[0].endswith("(at most 2 pages fit: narrow --pages)")
 
 
 # what a server that is not (quite) `idefics serve` may send back: each must be a one-line model_error, exit 5
@@ -492,6 +509,11 @@ def test_a_model_card_with_odd_values_is_a_model_error_or_the_defaults(odd_serve
         with pytest.raises(IdeficsError) as err:
             RemoteEngine(odd_server.url)
         assert err.value.code == "model_error" and "not" in err.value.message, odd_server.card[:60]
+    for odd_server.card in (card(), card(context_size="8", prompt_tokens=9, page_tokens=True)):
+        RemoteEngine(odd_server.url).check_context(1, QUESTION, 32768)  # no (usable) context: left to the server
+    odd_server.card = card(context_size=8, page_tokens=1)
+    with pytest.raises(IdeficsError, match="context of 8"):
+        RemoteEngine(odd_server.url).check_context(1, QUESTION, 8)
     odd_server.card = card(max_request_mb=1e400)  # read as infinity: no limit
     assert RemoteEngine(odd_server.url).tiff_budget == TIFF_BUDGET
     odd_server.card = card(id=["m"], revision={}, dtype=7, device=[], family=1, quantization_reason=5)

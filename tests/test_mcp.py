@@ -88,9 +88,9 @@ def value(result) -> dict:
 
 
 def refusal(result) -> str:
-    """The tool error's own line (the mcp package puts "Error executing tool NAME: " before it)."""
-    assert result.is_error
-    return result.content[0].text.partition(": ")[2]
+    """The tool error's text: our one line alone, as the CLI prints it (no "Error executing tool NAME: " before it)."""
+    assert result.is_error and len(result.content) == 1, result.content
+    return result.content[0].text
 
 
 def test_stdout_is_the_protocol_and_the_rest_goes_to_stderr(session, folders):
@@ -183,7 +183,8 @@ def test_schema_text_that_names_a_file_is_refused_as_the_cli_would_look_for_one(
 
 
 def test_document_errors_are_tool_errors_with_their_codes(session):
-    assert refusal(session["missing"]).startswith("error [not_found]")
+    path = os.path.join(SAMPLES, "nothing.pdf")
+    assert refusal(session["missing"]) == f"error [not_found]: {path}: no such file (check the path)"
     assert refusal(session["bad_pages"]).startswith("error [page_out_of_range]")
 
 

@@ -257,3 +257,49 @@ def test_the_jobs_done_pages_are_its_sinks_ok_records():
     assert TranscribeJob(SETTINGS, [], Sink(), None, None).done == set()
     forced = TranscribeJob(TranscribeRequest((), force=True), [], sink, None, None)
     assert forced.done == set() and forced.recorded == set()
+
+
+
+def test_a_ctrl_c_while_the_prefetcher_stops_after_an_error_is_raised_not_ignored(engine, tmp_path, monkeypatch):
+    """A run ending on an error (here a record that cannot be written) stops its prefetcher there and then, in the
+    run's own flow: a Ctrl-C landing meanwhile (sent by the prefetcher's thread, rendering the next batch, once told
+    to stop: the stop's join waits for it) ends the run as Ctrl-C does, and is not left to a garbage-collected
+    generator, which printed "Exception ignored in ... Prefetcher.__iter__" and lost the Ctrl-C."""
+    import signal
+    import sys
+    import threading
+
+    import pytest
+    from conftest import make_pdf
+
+    from idefics_cli.documents import open_document
+    from idefics_cli.tasks.batch import Prefetcher
+    from idefics_cli.tasks.pipeline import page_builder
+
+    ignored, builds, building, sent = [], [], threading.Event(), threading.Event()
+    monkeypatch.setattr(sys, "unraisablehook", ignored.append)
+    request = TranscribeRequest((), options=ModelOptions(max_new_tokens=2), prompt="Transcribe.", batch_size=1)
+    real = page_builder(engine, request)
+
+    def build(images):
+        builds.append(len(images))
+        if len(builds) == 2:  # the second batch, built while the model answers the first
+            building.set()
+            for _ in range(3000):  # until the run stops this thread (30 s at most)
+                if prefetcher._work.stopped:
+                    sent.set()
+                    os.kill(os.getpid(), signal.SIGINT)
+                    break
+                threading.Event().wait(0.01)
+        return real(images)
+
+    class Full(Sink):
+        def write(self, record):
+            building.wait(30)
+            raise OSError(28, "No space left on device")
+
+    prefetcher = Prefetcher([Input(make_pdf(tmp_path / "a.pdf", 3), "a.pdf")], lambda path: open_document(path, dpi=36),
+                            lambda doc: [1, 2, 3], lambda sha, page: False, build, batch_size=1)
+    with pytest.raises(KeyboardInterrupt):
+        list(transcribe(engine, TranscribeJob(request, [], Full(), None, None), prefetcher))
+    assert sent.is_set() and ignored == []

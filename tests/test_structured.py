@@ -166,6 +166,8 @@ def test_prompt_text():
     ('{"type": "string", "pattern": "[z-a]"}', "'pattern'"),
     ('{"properties": {"a": {}}, "minProperties": 2}', "min/maxProperties only supported when all keys"),
     ('{"allOf": [{"type": "integer"}, {"type": "string"}]}', "Unsatisfiable schema: incompatible types"),
+    ('{"$ref": "#/$defs/a", "$defs": {"a": {"type": "object", "properties": {"a": {"$ref": "#/$defs/a"}}, '
+     '"required": ["a"]}}}', "--schema has no finite instance"),  # was a generation_error once the model ran
     ('{"type": ', "not valid JSON"),
     ('{"$schema": 5}', "'$schema' at /$schema"),
     ("total integer", "'integer'"),
@@ -260,6 +262,9 @@ KEYWORD_CASES = [  # (schema, an instance that keeps the keyword, one that break
     ({"type": "integer"}, "3", '"3"'), ({"enum": ["a", "b"]}, '"b"', '"c"'), ({"const": "x"}, '"x"', '"y"'),
     ({"$defs": {"n": {"type": "integer"}}, "$ref": "#/$defs/n"}, "1", "true"),
     ({"anyOf": [{"type": "integer"}, {"type": "boolean"}]}, "true", '"s"'),
+    ({"$defs": {"t": {"type": "object", "properties": {"v": {"type": "string"}, "kids": {"type": "array", "items": {
+        "$ref": "#/$defs/t"}}}, "required": ["v"]}}, "$ref": "#/$defs/t"},  # recursion that can stop: kept
+     '{"v": "a", "kids": [{"v": "b"}]}', '{"kids": []}'),
     ({"allOf": [{"type": "integer"}, {"minimum": 3}]}, "4", "2"),
     ({"type": "object", "properties": {"a": {"type": "integer"}}}, '{"a": 1}', '{"a": "x"}'),
     ({"type": "object", "properties": {"a": {"type": "integer"}}}, "{}", '{"b": 1}'),  # closed by default

@@ -3,12 +3,13 @@
 Contract: `serve_mcp(roots, loader, log)` serves `build_mcp(roots, loader)`'s tools `list_pages`, `ask_document`
 and `transcribe_document` until stdin closes (returns at once when it is closed). A path must resolve (symlinks
 followed) to a file under a root, else a `permission_denied` tool error (a NUL in it, a folder, a FIFO or device:
-`usage`); an `IdeficsError` is a tool error `error [CODE]: message (hint)`. `loader()` (the library `Model`) runs
-once in a thread; model tools wait for it and answer one at a time. Logs go to stderr.
+`usage`); an `IdeficsError` is a tool error whose text is its line `error [CODE]: message (hint)`. `loader()`
+(the library `Model`) runs once in a thread; model tools wait for it and answer one at a time. Logs go to stderr.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -16,6 +17,7 @@ from typing import Any
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import CallToolResult, TextContent
 
 from ..ahead import in_thread
 from ..errors import IdeficsError, classify
@@ -60,6 +62,18 @@ def build_mcp(roots: list[str], loader, log=lambda line: None) -> MCPServer:
     lock = threading.Lock()  # one answer at a time: the engine is not shared between threads
     server = MCPServer("idefics", instructions=INSTRUCTIONS, log_level="WARNING")
 
+    def tool(fn):
+        """`fn` as a tool whose ToolError is an error result holding its text alone (raised, it would reach the
+        client after "Error executing tool NAME: ")."""
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except ToolError as exc:
+                return CallToolResult(content=[TextContent(type="text", text=str(exc))], is_error=True)
+
+        return server.tool(structured_output=True)(run)
+
     def answering(work):
         try:
             with lock:
@@ -67,7 +81,7 @@ def build_mcp(roots: list[str], loader, log=lambda line: None) -> MCPServer:
         except Exception as exc:  # noqa: BLE001 - a tool error with its code (generation_error when unknown)
             raise ToolError(classify(exc).one_line()) from None
 
-    @server.tool(structured_output=True)
+    @tool
     def list_pages(path: str) -> dict[str, Any]:
         """How many pages a document has (PDF, image, TIFF, EPUB, ...) and its format, without the model."""
         from ..documents import open_document
@@ -79,7 +93,7 @@ def build_mcp(roots: list[str], loader, log=lambda line: None) -> MCPServer:
         except IdeficsError as err:
             raise ToolError(err.one_line()) from None
 
-    @server.tool(structured_output=True)
+    @tool
     def ask_document(path: str, question: str, pages: str | None = None,
                      schema: str | dict | None = None) -> dict[str, Any]:
         """Ask a question about a document's pages; returns the answer object (`answer`, `sources`, `usage`).
@@ -90,7 +104,7 @@ def build_mcp(roots: list[str], loader, log=lambda line: None) -> MCPServer:
         real = resolve(roots, path)
         return answering(lambda m: m.ask(real, question, pages=pages, schema=unread(schema)).to_dict())
 
-    @server.tool(structured_output=True)
+    @tool
     def transcribe_document(path: str, pages: str | None = None) -> dict[str, Any]:
         """Transcribe a document's pages to Markdown; returns one record per page (`text`, `status`, `page`).
 

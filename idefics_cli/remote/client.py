@@ -55,8 +55,9 @@ class RemoteEngine:
         if not isinstance(described, dict) or not isinstance(described.get("quantization"), str):
             raise IdeficsError("model_error", f"{self.url} is not an `idefics serve` server (no model settings in "
                                "/v1/models)", SERVER_HINT)
-        side = described.get("render_side")  # the server's render size; absent (an older server): the default
-        self.render_side = side if isinstance(side, int) and not isinstance(side, bool) and side > 0 else None
+        self.render_side = _count(described.get("render_side"))  # absent (an older server): the default
+        # the server's context, its template's tokens and the least a page adds; absent: left to the server
+        self.context = tuple(_count(described.get(k)) for k in ("context_size", "prompt_tokens", "page_tokens"))
         self.doctags = described.get("doctags") is True  # a document model: its own prompt, Markdown in records
         self._info = {k: described.get(k) if isinstance(described.get(k), str) else None  # odd types: unknown
                       for k in ("id", "revision", "quantization", "quantization_reason", "dtype", "device", "family")}
@@ -78,7 +79,15 @@ class RemoteEngine:
 
     # ---- interface.Engine: what ask, chat and transcribe use ---------------------------------------
     def check_context(self, n_images: int, question: str, max_new_tokens: int) -> None:
-        """Left to the server: it refuses a prompt over the model's context (`usage`) before rendering."""
+        """Refuse up front (UsageError, as a local engine) when the pages alone and `max_new_tokens` cannot fit the
+        context the server's card gives (the text is not counted: no tokenizer here); the rest is left to the
+        server, which refuses a prompt over the context (`usage`) before rendering."""
+        size, base, per = self.context
+        base = base or 0
+        if size and per and base + n_images * per + max_new_tokens > size:
+            raise UsageError(f"{n_images} page images needs at least {base + n_images * per} prompt tokens + "
+                             f"{max_new_tokens} new tokens, more than the model's context of {size}",
+                             f"at most {max((size - max_new_tokens - base) // per, 0)} pages fit: narrow --pages")
 
     def auto_batch_size(self) -> int:
         """Pages a transcription sends at once: the server's --max-batch (rows it decodes together; 256 at most)."""
@@ -261,6 +270,11 @@ def _chunk(event) -> tuple[str, str | None, list[tuple[str, float]], dict | None
     if not all(count is None or (type(count) is int and count >= 0) for count in counts):
         raise TypeError
     return (*out, {**usage, "completion_tokens": usage.get("completion_tokens") or 0})
+
+
+def _count(value) -> int | None:
+    """A card's count: a positive int, else None (unknown)."""
+    return value if type(value) is int and value > 0 else None
 
 
 def _number(value) -> float:

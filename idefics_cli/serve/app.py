@@ -53,7 +53,8 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     log: object = None  # (line) -> None
     on_fatal: object = None
-    per_image: int = 0
+    per_image: int = 0  # the least tokens a page adds to a prompt
+    base_tokens: int = 0  # the chat template's tokens with no page and no text
     metrics: Metrics | None = None  # set by build_app; the scheduler reports each job's end to it
 
 
@@ -136,7 +137,9 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
     async def models(request: Request) -> JSONResponse:
         if (refusal := refused(request)) is not None:
             return refusal
-        info = {**describe(state.engine), "max_request_mb": config.max_request_mb}
+        info = {**describe(state.engine), "max_request_mb": config.max_request_mb,
+                "context_size": state.engine.context_size, "prompt_tokens": state.base_tokens,
+                "page_tokens": state.per_image}
         return JSONResponse({"object": "list", "data": [{"id": state.model_id, "object": "model",
                                                          "created": state.created, "owned_by": "idefics-cli",
                                                          "idefics": info}]})
@@ -367,7 +370,8 @@ def _load(state: ServerState, config: ServeConfig) -> None:
     try:
         engine = state.engine = state.loader()
         state.model_id = describe(engine)["id"]
-        state.per_image = engine.prompt_tokens(1, "") - engine.prompt_tokens(0, "")  # tokens an image adds
+        state.base_tokens = engine.prompt_tokens(0, "")
+        state.per_image = engine.prompt_tokens(1, "") - state.base_tokens
         size = int(config.cache_mb * 2**20) if config.cache_mb is not None else default_cache_bytes(engine.device)
         state.scheduler = Scheduler(engine, PrefixCache(size), config.max_batch, config.max_queue,
                                     on_end=state.metrics.ended)

@@ -12,6 +12,7 @@ import itertools
 import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -213,14 +214,18 @@ def transcribe(engine, job: TranscribeJob, started: Prefetcher | None = None) ->
         waiting[next(arrival) if seq is None else seq] = slot
 
     def feed():
-        for item in items:
-            if not isinstance(item, Batch):
-                place(_Slot(item), item.seq)
-                continue
-            for row in range(len(item.tasks)):
-                slot = _Slot(item, row)
-                place(slot, item.tasks[row].seq)
-                yield slot, item.inputs, row
+        read = iter(items)  # a Prefetcher's generator (its thread stopped as it closes), or a list's iterator
+        try:
+            for item in read:
+                if not isinstance(item, Batch):
+                    place(_Slot(item), item.seq)
+                    continue
+                for row in range(len(item.tasks)):
+                    slot = _Slot(item, row)
+                    place(slot, item.tasks[row].seq)
+                    yield slot, item.inputs, row
+        finally:
+            getattr(read, "close", lambda: None)()
 
     def flush(final: bool = False) -> Iterator[PageRecord]:
         nonlocal turn
@@ -232,14 +237,17 @@ def transcribe(engine, job: TranscribeJob, started: Prefetcher | None = None) ->
             if (record := _record(engine, waiting.pop(seq), request, job)) is not None:
                 yield job.emit(record)
 
-    if engine is None:
-        for _ in feed():
-            raise RuntimeError("a page needs the model, but no engine was given")
-    else:
-        for slot, result in engine.generate_rows(feed(), request.options.max_new_tokens, request.schema,
-                                                 request.batch_size or 1):
-            slot.settle(result)
-            yield from flush()
+    # closed here, on an error too (not when garbage collected, where a Ctrl-C while the prefetcher stops is lost)
+    with closing(feed()) as rows:
+        if engine is None:
+            for _ in rows:
+                raise RuntimeError("a page needs the model, but no engine was given")
+        else:
+            with closing(engine.generate_rows(rows, request.options.max_new_tokens, request.schema,
+                                              request.batch_size or 1)) as answers:
+                for slot, result in answers:
+                    slot.settle(result)
+                    yield from flush()
     yield from flush(final=True)
     job.tick()
 

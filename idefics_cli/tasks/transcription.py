@@ -141,7 +141,7 @@ class Transcription:
 
 def fits(engine, request) -> None:
     """One page, the prompt (its schema too) and --max-new-tokens fit the model's context, or a UsageError now, as
-    `ask` refuses (a server's engine leaves it to the server, which refuses each page)."""
+    `ask` refuses (a server's engine as far as its model card tells; the rest is refused page by page)."""
     try:
         engine.check_context(1, request.model_prompt, request.options.max_new_tokens)
     except UsageError as err:
