@@ -7,7 +7,7 @@ import os
 
 PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "idefics_cli")
 # what each part may import from the package (besides itself); the top-level modules below are shared by all
-SHARED = {"errors", "interface", "hub", "extras", "structured", "process", "ahead"}
+SHARED = {"errors", "interface", "hub", "extras", "structured", "finite", "process", "ahead"}
 ALLOWED = {
     "documents": set(),
     "runtime": set(),
