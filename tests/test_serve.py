@@ -389,6 +389,43 @@ def test_a_client_that_times_out_before_a_plain_answer_is_logged_as_499(server, 
         time.sleep(0.1)
 
 
+def test_a_client_gone_before_its_answer_started_is_logged_as_499(server, docs):
+    """Mid-upload (not a 500 with a traceback) or while queued behind a full batch (not a 503)."""
+    import socket
+
+    def send(body: bytes, length: int | None = None) -> socket.socket:
+        conn = socket.create_connection(server.url.removeprefix("http://").split(":"))
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (KEY.encode(), length or len(body), body))
+        return conn
+
+    def wait(test, what: str) -> None:
+        deadline = time.monotonic() + 30
+        while not test():
+            assert time.monotonic() < deadline, (what, server.health(), server.lines[-5:])
+            time.sleep(0.05)
+
+    def logged(status: str) -> int:
+        return sum(line.startswith(f"POST /v1/chat/completions {status} ") for line in server.lines)
+
+    gone = logged("499")
+    send(b'{"messages": [', 1000).close()  # hangs up halfway through its body
+    wait(lambda: logged("499") == gone + 1, "the upload's 499")
+    messages = [image_message(data_url(docs["image"]), QUESTION)]
+    long = json.dumps({"messages": messages, "stream": True, "max_tokens": 4000}).encode()
+    rows = [send(long) for _ in range(4)]  # the batch is full
+    wait(lambda: server.health()["running"] == 4, "a full batch")
+    queued = send(json.dumps({"messages": messages, "max_tokens": 4}).encode())
+    wait(lambda: server.health()["waiting"] == 1, "a queued request")
+    queued.close()
+    wait(lambda: logged("499") == gone + 2, "the queued request's 499")
+    for row in rows:
+        row.close()
+    wait(lambda: server.health()["running"] == 0, "the rows freed")
+    assert not logged("500") and not logged("503")
+    assert not any("Traceback" in line or "internal error" in line for line in server.lines), server.lines
+
+
 def test_sigterm_drains_in_flight_requests_and_exits_0(server, docs):
     """The module's last test: SIGTERM while a stream is in flight; it finishes whole, then the server exits 0."""
     client = server.client()

@@ -64,6 +64,11 @@ def test_parts_become_images_first_then_text_and_earlier_turns_keep_their_images
      "corrupt", "messages[0].content[0]"),
     ({"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_data": "é"}}]}]},
      "corrupt", "messages[0].content[0]"),
+    ({"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_data": "JVBERi0=",
+                                                                          "password": "\ud800"}}]}]},
+     "usage", "messages[0].content[0].file.password"),  # not `corrupt`: the PDF is not at fault
+    ({"messages": [{"role": "user", "content": "x"}], "stream": True, "stream_options": {"include_usage": "no"}},
+     "usage", "stream_options.include_usage"),
 ])
 def test_bad_requests_name_their_code_and_param(body, code, param):
     with pytest.raises(RequestError) as info:

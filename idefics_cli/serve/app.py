@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import StarletteHTTPException as HTTPException
 from fastapi.middleware import Middleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from ..errors import IdeficsError, UsageError, classify
 from ..process import env_seconds
@@ -154,12 +155,15 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
         if length.isdigit() and int(length) > drain:  # client, still sending, gets the 413 and not a reset
             return too_big
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > drain:
-                return too_big
-            if size <= limit:
-                chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > drain:
+                    return too_big
+                if size <= limit:
+                    chunks.append(chunk)
+        except ClientDisconnect:  # gone before its body was sent: logged and counted as 499
+            return _gone()
         if size > limit:
             return too_big
         try:
@@ -195,8 +199,7 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
         try:
             kind, payload = await _next(job, ping_s if req.stream else None)
             if kind == "done":  # cancelled before it started (the client went away, or stopping)
-                return _shed() if job.shed else error_response(503, "cancelled", "the request was cancelled before "
-                                                                                   "it started")
+                return _shed() if job.shed else _gone()
             if kind != "error" and req.stream:  # started, or waiting still (None); the stream ends job and watcher
                 streamed = StreamingResponse(_stream(job, req, meta, record, watcher, image_token, kind, ping_s),
                                              media_type="text/event-stream",
@@ -213,8 +216,8 @@ def build_app(config: ServeConfig, state: ServerState) -> FastAPI:
             return _from_error(payload)
         if job.shed:
             return _shed()
-        if job.finish_reason == "cancelled":  # the client went away: logged and counted as nginx's 499
-            return error_response(499, "cancelled", "the client closed the request")
+        if job.finish_reason == "cancelled":
+            return _gone()
         return JSONResponse({**meta, "object": "chat.completion", "choices": [
             {"index": 0, "message": {"role": "assistant", "content": job.text},
              "logprobs": _logprobs(job.logprob_content() if req.logprobs else None),
@@ -294,6 +297,11 @@ async def _watch_disconnect(request: Request, job: Job) -> None:
 def _shed() -> JSONResponse:
     return error_response(503, "shutting_down", "the server stopped before the answer ended",
                           headers={"Retry-After": "5"})
+
+
+def _gone() -> JSONResponse:
+    """The client went away before its answer: logged and counted as nginx's 499."""
+    return error_response(499, "cancelled", "the client closed the request")
 
 
 def _finish(job: Job) -> str:

@@ -104,6 +104,8 @@ def parse(body, *, max_images: int | None = None, longest_side: int | None = Non
     need(isinstance(stream, bool) or stream is None, "stream must be true or false", "stream")
     options = body.get("stream_options") or {}
     need(isinstance(options, dict), "stream_options must be an object", "stream_options")
+    need(isinstance(options.get("include_usage", False), bool) or options["include_usage"] is None,
+         "stream_options.include_usage must be true or false", "stream_options.include_usage")
     logprobs = body.get("logprobs") or False
     need(isinstance(logprobs, bool), "logprobs must be true or false", "logprobs")
     top = _number(body, "top_logprobs", 0, 20, integer=True) or 0
@@ -204,8 +206,8 @@ def _attach(part: dict, kind: str, here: str, req: ChatRequest) -> int:
         spec_text, password = inner.get("pages"), inner.get("password")
         need(spec_text is None or isinstance(spec_text, (str, int)),
              f"{here}.file.pages must be a page spec such as \"1-3,7\"", f"{here}.file.pages")
-        need(password is None or isinstance(password, str), f"{here}.file.password must be a string",
-             f"{here}.file.password")
+        need(password is None or isinstance(password, str) and not _SURROGATE.search(password),
+             f"{here}.file.password must be a string of valid Unicode", f"{here}.file.password")
     try:
         spec = parse_page_spec(None if spec_text is None else str(spec_text))
     except IdeficsError as err:
