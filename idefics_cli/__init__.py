@@ -7,6 +7,8 @@ Warnings, logging, environment and allocators are left alone unless `tune_proces
 
 from __future__ import annotations
 
+import os
+
 from .errors import UsageError
 from .interface import DEFAULT_MODEL, MAX_NEW_TOKENS, Engine, ModelOptions, check_device, check_option
 from .process import tune_process
@@ -84,6 +86,9 @@ def load(model: str = DEFAULT_MODEL, *, revision: str | None = _DEFAULTS.revisio
     in to the commands' process settings. Raises `IdeficsError("model_error" | "out_of_memory")` with a hint."""
     from .runtime.model import load_engine as load_model
 
+    if not isinstance(model, (str, os.PathLike)) or not os.fspath(model):
+        raise UsageError(f"model must be a hub id or a folder (str or os.PathLike), not {model!r}")
+    model = os.fspath(model)
     if quant not in ("auto", "4bit", "8bit", "none"):
         raise UsageError(f"quant {quant!r}: use auto, 4bit, 8bit or none")
     if dtype not in ("auto", "bfloat16", "float16", "float32"):
@@ -109,4 +114,7 @@ def connect(url: str, *, api_key: str | None = None, max_new_tokens: int = _DEFA
     from .remote.client import RemoteEngine
 
     check_option("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
+    if not isinstance(url, str) or not (api_key is None or isinstance(api_key, str)):
+        bad = ("url", url) if not isinstance(url, str) else ("api_key", api_key)
+        raise UsageError(f"{bad[0]} must be a string, not {type(bad[1]).__name__}")
     return Model(RemoteEngine(url, api_key, max_new_tokens))

@@ -104,6 +104,8 @@ class ChatSession:
     def save(self, path: str) -> int:
         """`/save FILE`: write the conversation as JSON (atomically); returns how many messages were written. The
         document itself is never overwritten (a `UsageError`)."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise UsageError(f"save to a file path, not {type(path).__name__}", "e.g. save('chat.json')")
         path = os.path.expanduser(path)
         with contextlib.suppress(OSError, ValueError):
             if os.path.samefile(path, self.doc.path):
