@@ -89,6 +89,11 @@ def load(model: str = DEFAULT_MODEL, *, revision: str | None = _DEFAULTS.revisio
     if not isinstance(model, (str, os.PathLike)) or not os.fspath(model):
         raise UsageError(f"model must be a hub id or a folder (str or os.PathLike), not {model!r}")
     model = os.fspath(model)
+    for name, value in (("offline", offline), ("split", split), ("tune_process", tune_process)):
+        if not isinstance(value, bool):
+            raise UsageError(f"{name} must be True or False, not {value!r}")
+    if not (revision is None or isinstance(revision, str)):
+        raise UsageError(f"revision must be a string (a branch, tag or commit), not {revision!r}")
     if quant not in ("auto", "4bit", "8bit", "none"):
         raise UsageError(f"quant {quant!r}: use auto, 4bit, 8bit or none")
     if dtype not in ("auto", "bfloat16", "float16", "float32"):

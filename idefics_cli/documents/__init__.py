@@ -219,6 +219,8 @@ def open_document(path: str, *, password: str | None = None, dpi: int | None = N
     path = document_path(path)
     longest_side = DEFAULT_LONGEST_SIDE if longest_side is None else longest_side
     check_option("dpi", dpi, *DPI_RANGE)
+    if not (password is None or isinstance(password, str)):
+        raise UsageError(f"the password must be a string, not {type(password).__name__}")
     if longest_side <= 0:
         raise UsageError(f"the longest side must be a positive number of pixels, not {longest_side}")
     if data is None:

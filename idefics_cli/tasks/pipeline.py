@@ -61,6 +61,10 @@ class TranscribeRequest:
         set_("out", None if self.out is None else os.fspath(self.out))
         if not (self.prompt is None or isinstance(self.prompt, str)):
             raise UsageError(f"the prompt must be a string, not {type(self.prompt).__name__}")
+        if not isinstance(self.force, bool):
+            raise UsageError(f"force must be True or False, not {self.force!r}")
+        if not (self.password is None or isinstance(self.password, str)):
+            raise UsageError(f"the password must be a string, not {type(self.password).__name__}")
         check_option("dpi", self.dpi, *DPI_RANGE)
         check_option("max_new_tokens", self.options.max_new_tokens, 1, MAX_NEW_TOKENS)
         set_("prompt", self.prompt or (DOCLING_PROMPT if self.doctags else TRANSCRIBE_PROMPT))
