@@ -18,6 +18,7 @@ _tune_process = tune_process  # `load`'s keyword of the same name hides it
 __version__ = "0.1.0"
 __all__ = ["DEFAULT_MODEL", "Model", "connect", "load", "open_pages", "tune_process"]
 
+TRANSCRIBE_FIELDS = ("prompt", "pages", "dpi", "password", "batch_size", "force", "shard", "schema", "min_confidence")
 _DEFAULTS = ModelOptions()  # one set of defaults: the CLI's options and this function's keywords
 
 
@@ -61,8 +62,13 @@ class Model:
 
     def transcribe(self, inputs, out: str | None = None, **request_fields):
         """Transcribe files, folders or globs as `idefics transcribe` does; iterate for each `PageRecord`.
-        `request_fields` are `TranscribeRequest`'s; `summary` and `exit_status` afterwards."""
+        `request_fields` are those of docs/python.md (else UsageError); `summary` and `exit_status` afterwards."""
         from .tasks.transcription import TranscribeRequest, Transcription
+
+        unknown = sorted(set(request_fields) - set(TRANSCRIBE_FIELDS))
+        if unknown:
+            raise UsageError(f"transcribe() takes no {', '.join(unknown)}",
+                             f"its options: {', '.join(TRANSCRIBE_FIELDS)}")
 
         request_fields.setdefault("longest_side", self.engine.render_side)
         request_fields.setdefault("doctags", self.engine.doctags)

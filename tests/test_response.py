@@ -204,7 +204,8 @@ def test_wrong_types_for_outputs_model_and_server_are_usage_errors(engine, page)
              lambda: idefics_cli.connect(5), lambda: idefics_cli.connect("http://127.0.0.1:9", api_key=5)]
     calls += [lambda: model.ask(page, QUESTION, password=5), lambda: idefics_cli.open_pages(page, password=b"x"),
               lambda: model.chat(page, password=5), lambda: model.transcribe([page], password=5),
-              lambda: model.transcribe([page], force="no")]
+              lambda: model.transcribe([page], force="no"), lambda: model.transcribe([page], temperature=0.5),
+              lambda: model.transcribe([page], options=None), lambda: model.transcribe([page], max_new_tokens=4)]
     calls += [lambda kw=kw: idefics_cli.load("/no/such/model", **kw)  # "no" is truthy: split would stay on
               for kw in ({"split": "no"}, {"offline": 1}, {"tune_process": "yes"}, {"revision": 5})]
     for call in calls:
