@@ -7,6 +7,8 @@ Warnings, logging, environment and allocators are left alone unless `tune_proces
 
 from __future__ import annotations
 
+import os
+
 from .errors import UsageError
 from .interface import DEFAULT_MODEL, MAX_NEW_TOKENS, Engine, ModelOptions, check_device, check_option
 from .process import tune_process
@@ -16,6 +18,7 @@ _tune_process = tune_process  # `load`'s keyword of the same name hides it
 __version__ = "0.1.0"
 __all__ = ["DEFAULT_MODEL", "Model", "connect", "load", "open_pages", "tune_process"]
 
+TRANSCRIBE_FIELDS = ("prompt", "pages", "dpi", "password", "batch_size", "force", "shard", "schema", "min_confidence")
 _DEFAULTS = ModelOptions()  # one set of defaults: the CLI's options and this function's keywords
 
 
@@ -59,8 +62,13 @@ class Model:
 
     def transcribe(self, inputs, out: str | None = None, **request_fields):
         """Transcribe files, folders or globs as `idefics transcribe` does; iterate for each `PageRecord`.
-        `request_fields` are `TranscribeRequest`'s; `summary` and `exit_status` afterwards."""
+        `request_fields` are those of docs/python.md (else UsageError); `summary` and `exit_status` afterwards."""
         from .tasks.transcription import TranscribeRequest, Transcription
+
+        unknown = sorted(set(request_fields) - set(TRANSCRIBE_FIELDS))
+        if unknown:
+            raise UsageError(f"transcribe() takes no {', '.join(unknown)}",
+                             f"its options: {', '.join(TRANSCRIBE_FIELDS)}")
 
         request_fields.setdefault("longest_side", self.engine.render_side)
         request_fields.setdefault("doctags", self.engine.doctags)
@@ -84,6 +92,14 @@ def load(model: str = DEFAULT_MODEL, *, revision: str | None = _DEFAULTS.revisio
     in to the commands' process settings. Raises `IdeficsError("model_error" | "out_of_memory")` with a hint."""
     from .runtime.model import load_engine as load_model
 
+    if not isinstance(model, (str, os.PathLike)) or not os.fspath(model):
+        raise UsageError(f"model must be a hub id or a folder (str or os.PathLike), not {model!r}")
+    model = os.fspath(model)
+    for name, value in (("offline", offline), ("split", split), ("tune_process", tune_process)):
+        if not isinstance(value, bool):
+            raise UsageError(f"{name} must be True or False, not {value!r}")
+    if not (revision is None or isinstance(revision, str)):
+        raise UsageError(f"revision must be a string (a branch, tag or commit), not {revision!r}")
     if quant not in ("auto", "4bit", "8bit", "none"):
         raise UsageError(f"quant {quant!r}: use auto, 4bit, 8bit or none")
     if dtype not in ("auto", "bfloat16", "float16", "float32"):
@@ -109,4 +125,7 @@ def connect(url: str, *, api_key: str | None = None, max_new_tokens: int = _DEFA
     from .remote.client import RemoteEngine
 
     check_option("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
+    if not isinstance(url, str) or not (api_key is None or isinstance(api_key, str)):
+        bad = ("url", url) if not isinstance(url, str) else ("api_key", api_key)
+        raise UsageError(f"{bad[0]} must be a string, not {type(bad[1]).__name__}")
     return Model(RemoteEngine(url, api_key, max_new_tokens))

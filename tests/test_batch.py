@@ -116,11 +116,13 @@ def test_parse_shard(spec, expected):
     assert batch.parse_shard(spec) == expected
 
 
-@pytest.mark.parametrize("spec", ["3/3", "-1/3", "1/0", "0/0", "a/b", "1", "1/2/3", "1.5/3", "/3", "1/"])
+@pytest.mark.parametrize("spec", ["3/3", "-1/3", "1/0", "0/0", "a/b", "1", "1/2/3", "1.5/3", "/3", "1/",
+                                  "\u0661/\u0662", "+0/+2", "0_0/2_0", "1/" + "9" * 5000, 5, (0, 2), b"0/2"])
 def test_parse_shard_errors(spec):
-    with pytest.raises(UsageError) as exc:
+    with pytest.raises(UsageError) as exc:  # ASCII digits only, as --pages; never a TypeError from a non-string
         batch.parse_shard(spec)
     assert exc.value.code == "usage" and exc.value.exit_status == 2 and "I/N" in exc.value.hint
+    assert len(exc.value.message) < 60  # a huge spec is not echoed whole
 
 
 def test_in_shard_partitions():

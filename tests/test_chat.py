@@ -270,6 +270,33 @@ def test_library_session_commits_each_turn_when_its_answer_is_read(engine, tmp_p
         chat.close()
 
 
+def test_a_turn_asked_before_the_last_answer_was_read_stops_that_answer_and_keeps_the_order(engine, tmp_path):
+    """An answer left half-read (or unread) when the next question comes is stopped and committed, interrupted, as
+    far as it went: the conversation keeps its turns in order, each with its pages, and the next answer works."""
+    from idefics_cli.tasks.conversation import ChatSession
+
+    pdf = make_pdf(tmp_path / "r.pdf", n_pages=2)
+    chat = ChatSession.open(pdf, "1", dpi=40).start(engine)
+    try:
+        first = chat.ask("one", max_new_tokens=50)
+        piece = next(iter(first))
+        second = chat.ask("two", max_new_tokens=5)
+        assert first.done and first.interrupted and first.text == piece  # stopped: reading it later adds nothing
+        unread = chat.ask("three", max_new_tokens=5)  # `second` was never read
+        assert second.interrupted and second.text == "" and unread.text
+        questions = [m["content"][-1]["text"] for m in chat.messages if m["role"] == "user"]
+        assert questions == ["one", "two", "three"]
+        assert [len(m["content"]) for m in chat.messages if m["role"] == "user"] == [2, 1, 1]  # the page: turn one
+        assert [m.get("interrupted", False) for m in chat.messages if m["role"] == "assistant"] == [True, True, False]
+        assert unread.to_dict()["turn"] == 3 and chat.turn == 3
+        fourth = chat.ask("four", max_new_tokens=5)
+        chat.show("2")  # the pages of the next question, not of the answer left unread
+        assert fourth.interrupted and chat.messages[-2]["content"] == [{"type": "text", "text": "four"}]
+        assert chat.pending and chat.ask("five", max_new_tokens=5).to_dict()["sources"][0]["pages"] == [1, 2]
+    finally:
+        chat.close()
+
+
 def test_a_piped_line_that_is_not_utf8_is_one_usage_error_and_the_conversation_goes_on(cli, tiny_model, tmp_path):
     """stdin read strictly (a UTF-8 locale) died on the first undecodable byte before any answer; read leniently
     (C locale) the line reached the tokenizer as lone surrogates: an internal error either way."""

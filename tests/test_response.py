@@ -170,3 +170,46 @@ def test_transcribe_takes_a_path_object_for_out(engine, page, tmp_path):
     assert [r.status for r in run] == ["ok"] and run.exit_status == 0
     with open(tmp_path / "out" / "records.jsonl") as f:
         assert [json.loads(line)["page"] for line in f] == [1]
+
+
+@pytest.mark.parametrize("bad", [None, 5, "file", "image", "array", [None], [3], "a\0b.pdf"])
+def test_what_is_not_a_document_path_is_a_usage_error_in_every_entry_point(engine, page, tmp_path, bad):
+    """A document is given by its path (str, bytes, os.PathLike): None, a number, an open file, a PIL image or an
+    array is one UsageError in `ask`, `open_pages`, `chat` and `transcribe`, not a TypeError from deep inside."""
+    import numpy as np
+    from PIL import Image
+
+    import idefics_cli
+    from idefics_cli.errors import UsageError
+
+    model = Model(engine)
+    with open(page, "rb") as file, Image.open(page) as image:
+        value = {"file": file, "image": image, "array": np.zeros((4, 4, 3), np.uint8)}.get(bad, bad) \
+            if isinstance(bad, str) else bad
+        for call in (lambda: model.ask(value, QUESTION), lambda: idefics_cli.open_pages(value),
+                     lambda: model.chat(value), lambda: model.transcribe(value, tmp_path / "out")):
+            with pytest.raises(UsageError, match="path"):
+                call()
+    assert not (tmp_path / "out").exists()
+
+
+def test_wrong_types_for_outputs_model_and_server_are_usage_errors(engine, page):
+    import idefics_cli
+    from idefics_cli.errors import UsageError
+
+    model = Model(engine)
+    chat = model.chat(page)
+    calls = [lambda: chat.save(None), lambda: chat.save(5), lambda: model.transcribe([page], 5),
+             lambda: model.transcribe([page], prompt=5), lambda: idefics_cli.load(None), lambda: idefics_cli.load(5),
+             lambda: idefics_cli.connect(5), lambda: idefics_cli.connect("http://127.0.0.1:9", api_key=5)]
+    calls += [lambda: model.ask(page, QUESTION, password=5), lambda: idefics_cli.open_pages(page, password=b"x"),
+              lambda: model.chat(page, password=5), lambda: model.transcribe([page], password=5),
+              lambda: model.transcribe([page], force="no"), lambda: model.transcribe([page], temperature=0.5),
+              lambda: model.transcribe([page], options=None), lambda: model.transcribe([page], max_new_tokens=4)]
+    calls += [lambda kw=kw: idefics_cli.load("/no/such/model", **kw)  # "no" is truthy: split would stay on
+              for kw in ({"split": "no"}, {"offline": 1}, {"tune_process": "yes"}, {"revision": 5})]
+    for call in calls:
+        with pytest.raises(UsageError):
+            call()
+    chat.close()
+    assert model.ask(page, QUESTION).text  # the model still answers

@@ -202,12 +202,25 @@ def open_here(path: str, kind: str, data: bytes, password: str | None, dpi: int 
     return ImageDocument(path, kind, data)
 
 
+def document_path(path) -> str | bytes:
+    """`os.fspath(path)`; a UsageError for what is not a path (None, a file object, an image, an array) or holds NUL."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise UsageError(f"a document is given by its path (str, bytes or os.PathLike), not {type(path).__name__}",
+                         "save it to a file and pass the file's path")
+    path = os.fspath(path)
+    if ("\0" if isinstance(path, str) else b"\0") in path:
+        raise UsageError(f"the document path {path!r} holds a NUL character")
+    return path
+
+
 def open_document(path: str, *, password: str | None = None, dpi: int | None = None, longest_side: int | None = None,
                   data: bytes | None = None) -> Document:
     """Open `path` ("-" = stdin; or `data`); `longest_side`: PDF pages' size without `dpi` (DEFAULT_LONGEST_SIDE)."""
-    path = os.fspath(path)
+    path = document_path(path)
     longest_side = DEFAULT_LONGEST_SIDE if longest_side is None else longest_side
     check_option("dpi", dpi, *DPI_RANGE)
+    if not (password is None or isinstance(password, str)):
+        raise UsageError(f"the password must be a string, not {type(password).__name__}")
     if longest_side <= 0:
         raise UsageError(f"the longest side must be a positive number of pixels, not {longest_side}")
     if data is None:

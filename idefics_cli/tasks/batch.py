@@ -11,6 +11,7 @@ import glob
 import hashlib
 import itertools
 import os
+import re
 import stat
 import time
 from collections.abc import Iterator
@@ -113,15 +114,14 @@ def in_shard(rel: str, index: int, count: int) -> bool:
 
 
 def parse_shard(spec: str | None) -> tuple[int, int] | None:
-    if not spec:
+    """`"I/N"` (ASCII digits, 0 <= I < N) as (I, N); None or "" for no shard; anything else a UsageError."""
+    if spec is None or spec == "":
         return None
-    try:
-        index, count = (int(x) for x in spec.split("/"))
-        if count < 1 or not 0 <= index < count:
-            raise ValueError(spec)
-    except ValueError:
-        raise UsageError(f"bad --shard {spec!r}", "use I/N with 0 <= I < N, e.g. 0/4") from None
-    return index, count
+    m = re.fullmatch(r"\s*([0-9]{1,18})\s*/\s*([0-9]{1,18})\s*", spec, re.ASCII) if isinstance(spec, str) else None
+    if m is None or not 0 <= int(m[1]) < int(m[2]):
+        shown = repr(spec) if len(repr(spec)) <= 40 else repr(spec)[:37] + "..."
+        raise UsageError(f"bad --shard {shown}", "use I/N with 0 <= I < N, e.g. 0/4")
+    return int(m[1]), int(m[2])
 
 
 def needs_model(docs: list[Input], open_doc, select_pages, is_done) -> bool:

@@ -1,9 +1,10 @@
 """Conversation: a multi-turn chat about page images, in the transformers chat format.
 
 Contract: `ChatSession.open(path, pages)` decodes the chosen pages before any model loads; `start(engine,
-schema=None)` checks that they fit; `ask(question)` returns the streaming `Response`, committed when it ends; `show`,
-`reset` and `save` are `/pages`, `/reset` and `/save` (`to_dict()`: the `idefics-cli.chat/1` file). It holds the
-messages and the pages shown, in image order. Nothing here imports torch.
+schema=None)` checks that they fit; `ask(question)` returns the streaming `Response`, committed when it ends (one
+still streaming at the next `ask`, `show` or `reset` is stopped first, as `close()` does: turns keep their order);
+`show`, `reset` and `save` are `/pages`, `/reset` and `/save` (`to_dict()`: the `idefics-cli.chat/1` file). It
+holds the messages and the pages shown, in image order. Nothing here imports torch.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class ChatSession:
         self.messages: list[dict] = []
         self.shown: list[ChosenPage] = []  # the pages of the committed turns
         self.sources: list[dict] = []
+        self.answer: Response | None = None  # the last turn's answer
         self.show(spec, status)  # self.pages, and self.pending: shown with the next question
 
     @classmethod
@@ -70,13 +72,20 @@ class ChatSession:
 
     def show(self, spec: str | None, status=None) -> list[ChosenPage]:
         """`/pages SPEC`: these pages come with the next question (earlier turns keep theirs)."""
-        self.pages = self.render(spec, status)
-        self.pending = list(self.pages)
+        pages = self.render(spec, status)
+        self.settle()
+        self.pages, self.pending = pages, list(pages)
         return self.pages
 
     def reset(self) -> None:
         """`/reset`: forget the conversation; the current pages come with the next question."""
+        self.settle()
         self.messages, self.shown, self.sources, self.pending = [], [], [], list(self.pages)
+
+    def settle(self) -> None:
+        """Stop the last answer if it is still streaming: committed as far as it went, interrupted."""
+        if self.answer is not None:
+            self.answer.close()
 
     def commit(self, question: str, answer: str, interrupted: bool = False) -> None:
         """Append a turn; an answer stopped by Ctrl-C is kept as far as it went, marked `"interrupted": true`."""
@@ -104,6 +113,8 @@ class ChatSession:
     def save(self, path: str) -> int:
         """`/save FILE`: write the conversation as JSON (atomically); returns how many messages were written. The
         document itself is never overwritten (a `UsageError`)."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise UsageError(f"save to a file path, not {type(path).__name__}", "e.g. save('chat.json')")
         path = os.path.expanduser(path)
         with contextlib.suppress(OSError, ValueError):
             if os.path.samefile(path, self.doc.path):
@@ -119,19 +130,22 @@ class ChatSession:
     def ask(self, question: str, max_new_tokens: int | None = None, logits_processor=None,
             schema=None) -> Response:
         """The next turn: the whole conversation plus `question`, committed when the answer has been read;
-        `schema` for this turn only (default: the session's, from `start`)."""
+        `schema` for this turn only (default: the session's, from `start`). The last answer, if not read to its end,
+        is stopped first (committed as far as it went, interrupted), so turns stay in order."""
         engine, start = self.engine, time.perf_counter()
         schema = as_schema(schema) or self.schema
         prompt = prompt_for(check_question(question), schema)
         limit = answer_limit(engine, max_new_tokens)
+        self.settle()
         pages = self.shown + self.pending
         inputs = engine.chat_inputs([*self.messages, user_turn(len(self.pending), prompt)],
                                     [p.image for p in pages], limit)  # refused over the context
-        return Response(engine, inputs, question, limit, logits_processor, schema,
-                        sources=[Source(s["path"], s["pages"]) for s in self.seen()],
-                        preprocess_s=time.perf_counter() - start, started=start, warnings=Selection(pages).warnings(),
-                        extra={"turn": self.turn + 1},
-                        on_end=lambda reply: self.commit(prompt, reply.received, interrupted=reply.interrupted))
+        self.answer = Response(engine, inputs, question, limit, logits_processor, schema,
+                               sources=[Source(s["path"], s["pages"]) for s in self.seen()],
+                               preprocess_s=time.perf_counter() - start, started=start,
+                               warnings=Selection(pages).warnings(), extra={"turn": self.turn + 1},
+                               on_end=lambda reply: self.commit(prompt, reply.received, interrupted=reply.interrupted))
+        return self.answer
 
     def close(self) -> None:
         self.doc.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
 from functools import partial
@@ -49,12 +49,22 @@ class TranscribeRequest:
     settings_hash: str = field(init=False)
 
     def __post_init__(self):
+        from ..documents import document_path
         from ..documents.pages import parse_page_spec
 
         set_ = partial(object.__setattr__, self)
-        one = isinstance(self.inputs, (str, os.PathLike))
-        set_("inputs", tuple(os.fspath(p) for p in ((self.inputs,) if one else self.inputs)))
+        one = isinstance(self.inputs, (str, bytes, os.PathLike)) or not isinstance(self.inputs, Iterable) \
+            or hasattr(self.inputs, "read")  # as open_selection: a file object or None is one (refused) input
+        set_("inputs", tuple(os.fsdecode(document_path(p)) for p in ((self.inputs,) if one else self.inputs)))
+        if not (self.out is None or isinstance(self.out, (str, os.PathLike))):
+            raise UsageError(f"out must be a file or folder path, not {type(self.out).__name__}")
         set_("out", None if self.out is None else os.fspath(self.out))
+        if not (self.prompt is None or isinstance(self.prompt, str)):
+            raise UsageError(f"the prompt must be a string, not {type(self.prompt).__name__}")
+        if not isinstance(self.force, bool):
+            raise UsageError(f"force must be True or False, not {self.force!r}")
+        if not (self.password is None or isinstance(self.password, str)):
+            raise UsageError(f"the password must be a string, not {type(self.password).__name__}")
         check_option("dpi", self.dpi, *DPI_RANGE)
         check_option("max_new_tokens", self.options.max_new_tokens, 1, MAX_NEW_TOKENS)
         set_("prompt", self.prompt or (DOCLING_PROMPT if self.doctags else TRANSCRIBE_PROMPT))

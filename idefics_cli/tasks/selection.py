@@ -13,7 +13,7 @@ import functools
 import itertools
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
 from ..errors import IdeficsError, UsageError, classify
@@ -88,12 +88,14 @@ def open_selection(documents, pages: str | None = None, *, password: str | None 
                status=None, longest_side: int | None = None) -> Selection:
     """Open `documents` (a path, str, bytes or PathLike, or a list of paths), choose `pages` in each and decode them
     all (`longest_side`: the model's render size, families.render_side)."""
-    from ..documents import open_document
+    from ..documents import document_path, open_document
     from ..documents.pages import parse_page_spec
 
     started = time.perf_counter()
-    one = isinstance(documents, (str, bytes, os.PathLike))  # a path, also os.fsencode's; else a list of them
-    paths = [os.fsdecode(p) for p in ([documents] if one else documents)]
+    # a path (also os.fsencode's), else a list of them; a file object, an image or None is one (refused) document
+    one = isinstance(documents, (str, bytes, os.PathLike)) or not isinstance(documents, Iterable) \
+        or hasattr(documents, "read")
+    paths = [os.fsdecode(document_path(p)) for p in ([documents] if one else documents)]
     if not paths:
         raise UsageError("give at least one document")
     if paths.count("-") > 1:
