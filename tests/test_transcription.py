@@ -165,9 +165,11 @@ def test_the_settings_hash_is_the_resume_key_of_earlier_versions_and_only_what_c
     assert len({r.settings_hash for r in changed} | {request.settings_hash}) == len(changed) + 1
 
 
-def test_a_loaded_engine_runs_locally(engine):
-    with pytest.raises(UsageError, match="locally"):
+def test_a_loaded_model_takes_no_engine_keyword(engine):
+    """A loaded model transcribes locally: `engine=` is not among transcribe()'s keywords (docs/python.md)."""
+    with pytest.raises(UsageError, match="takes no engine") as caught:
         Model(engine).transcribe(["scans/"], engine="ray")
+    assert "batch_size" in caught.value.hint
 
 
 def test_the_first_batch_is_prepared_while_the_weights_load(engine, tiny_model, scans, monkeypatch):
