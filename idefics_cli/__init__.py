@@ -125,7 +125,7 @@ def connect(url: str, *, api_key: str | None = None, max_new_tokens: int = _DEFA
     from .remote.client import RemoteEngine
 
     check_option("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
-    if not isinstance(url, str) or not (api_key is None or isinstance(api_key, str)):
-        bad = ("url", url) if not isinstance(url, str) else ("api_key", api_key)
-        raise UsageError(f"{bad[0]} must be a string, not {type(bad[1]).__name__}")
+    for name, value in (("url", url), ("api_key", "" if api_key is None else api_key)):
+        if not isinstance(value, str):
+            raise UsageError(f"{name} must be a string, not {type(value).__name__}")
     return Model(RemoteEngine(url, api_key, max_new_tokens))

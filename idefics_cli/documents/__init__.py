@@ -13,6 +13,7 @@ import io
 import os
 import re
 import sys
+from collections.abc import Iterable
 
 from idefics_cli.documents.images import ImageDocument
 from idefics_cli.documents.pages import DEFAULT_LONGEST_SIDE, IMAGE_NAMES, MAX_IMAGE_PIXELS, MAX_PIXELS, NAMES, Document
@@ -211,6 +212,14 @@ def document_path(path) -> str | bytes:
     if ("\0" if isinstance(path, str) else b"\0") in path:
         raise UsageError(f"the document path {path!r} holds a NUL character")
     return path
+
+
+def document_paths(documents) -> list[str]:
+    """One path, or an iterable of them, as str paths (`document_path` each); a file object, an image or None is one
+    document, refused."""
+    one = isinstance(documents, (str, bytes, os.PathLike)) or not isinstance(documents, Iterable) \
+        or hasattr(documents, "read")
+    return [os.fsdecode(document_path(p)) for p in ([documents] if one else documents)]
 
 
 def open_document(path: str, *, password: str | None = None, dpi: int | None = None, longest_side: int | None = None,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
 from functools import partial
@@ -49,13 +49,11 @@ class TranscribeRequest:
     settings_hash: str = field(init=False)
 
     def __post_init__(self):
-        from ..documents import document_path
+        from ..documents import document_paths
         from ..documents.pages import parse_page_spec
 
         set_ = partial(object.__setattr__, self)
-        one = isinstance(self.inputs, (str, bytes, os.PathLike)) or not isinstance(self.inputs, Iterable) \
-            or hasattr(self.inputs, "read")  # as open_selection: a file object or None is one (refused) input
-        set_("inputs", tuple(os.fsdecode(document_path(p)) for p in ((self.inputs,) if one else self.inputs)))
+        set_("inputs", tuple(document_paths(self.inputs)))
         if not (self.out is None or isinstance(self.out, (str, os.PathLike))):
             raise UsageError(f"out must be a file or folder path, not {type(self.out).__name__}")
         set_("out", None if self.out is None else os.fspath(self.out))

@@ -11,9 +11,8 @@ import contextlib
 import copy
 import functools
 import itertools
-import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 from ..errors import IdeficsError, UsageError, classify
@@ -88,14 +87,11 @@ def open_selection(documents, pages: str | None = None, *, password: str | None 
                status=None, longest_side: int | None = None) -> Selection:
     """Open `documents` (a path, str, bytes or PathLike, or a list of paths), choose `pages` in each and decode them
     all (`longest_side`: the model's render size, families.render_side)."""
-    from ..documents import document_path, open_document
+    from ..documents import document_paths, open_document
     from ..documents.pages import parse_page_spec
 
     started = time.perf_counter()
-    # a path (also os.fsencode's), else a list of them; a file object, an image or None is one (refused) document
-    one = isinstance(documents, (str, bytes, os.PathLike)) or not isinstance(documents, Iterable) \
-        or hasattr(documents, "read")
-    paths = [os.fsdecode(document_path(p)) for p in ([documents] if one else documents)]
+    paths = document_paths(documents)  # a path (also os.fsencode's), else a list of them
     if not paths:
         raise UsageError("give at least one document")
     if paths.count("-") > 1:
