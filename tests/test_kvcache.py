@@ -204,7 +204,12 @@ def _batch_schedule(engine, kvs):
             batch.add([kvs[2]])
         if step == 20:
             batch.keep([1, 0])
-        out.append(batch.step([7 + step % 5] * batch.rows))
+        if step == 28:  # the oldest row leaves and a new one takes its slot: written in place, its columns dropped
+            batch.keep([0])
+            batch.add([kvs[3]])
+        if step == 33:
+            batch.keep([1])
+        out.append(batch.step([7 + step % 5 + row for row in range(batch.rows)]))
     return out
 
 
@@ -214,11 +219,15 @@ def test_serve_batch_add_keep_and_step_equal_dynamic_cache(sharp_engine, monkeyp
     from transformers import DynamicCache
 
     prompts = [[user_turn(0, "Hello there")], [user_turn(0, "A much longer question about nothing at all, really")],
-               [user_turn(0, "Short")]]
+               [user_turn(0, "Short")], [user_turn(0, "Hi")]]
     kvs = [prefill_one(sharp_engine, prompt_ids(sharp_engine, p))[1] for p in prompts]
     held = [list(kv.layers) for kv in kvs]  # the prefilled tensors themselves: add() empties each KV's list
     kept = [[(k.clone(), v.clone()) for k, v in layers] for layers in held]
+    copies = []
+    monkeypatch.setattr(prefill_module, "_copied", lambda rows, width, copied=prefill_module._copied:
+                        copies.append(len(rows)) or copied(rows, width))
     ours = _batch_schedule(sharp_engine, kvs)
+    assert copies == [1, 2, 1, 2, 1]  # made, grown (steps 3, 12), made smaller (10, 33); step 28's join took a slot
     assert all(layer is None for kv in kvs for layer in kv.layers)  # used up, so that they can be freed
     def dynamic(rows, width):  # the same rows, padded and concatenated into transformers' own cache
         import torch.nn.functional as F
@@ -226,9 +235,13 @@ def test_serve_batch_add_keep_and_step_equal_dynamic_cache(sharp_engine, monkeyp
         def part(t, r, n):
             return F.pad(t[r:r + 1, :, t.shape[2] - n:], (0, 0, width - n, 0))
 
-        return DynamicCache(ddp_cache_data=[(torch.cat([part(layers[i][0], r, n) for layers, r, n in rows]),
-                                             torch.cat([part(layers[i][1], r, n) for layers, r, n in rows]))
-                                            for i in range(len(rows[0][0]))])
+        cache = DynamicCache(ddp_cache_data=[(torch.cat([part(layers[i][0], r, n) for layers, r, n in rows]),
+                                              torch.cat([part(layers[i][1], r, n) for layers, r, n in rows]))
+                                             for i in range(len(rows[0][0]))])
+        for layer in cache.layers:  # RoomLayer.drop, done by slicing
+            layer.drop = lambda n, layer=layer: (setattr(layer, "keys", layer.keys[:, :, n:]),
+                                                 setattr(layer, "values", layer.values[:, :, n:]))
+        return cache
 
     monkeypatch.setattr(prefill_module, "_copied", dynamic)
     theirs = _batch_schedule(sharp_engine, [KV(list(layers), kv.length) for layers, kv in zip(held, kvs)])

@@ -70,6 +70,11 @@ def room_layer():
         def get_seq_length(self) -> int:
             return self._k[1] if self.is_initialized and self._k is not None else 0
 
+        def drop(self, n: int) -> None:
+            """Forget the first `n` positions (views of the same buffers, still written in place)."""
+            self._k = [self._k[0][:, :, n:], self._k[1] - n]
+            self._v = [self._v[0][:, :, n:], self._v[1] - n]
+
     return RoomLayer
 
 
@@ -145,59 +150,102 @@ def prefill(engine, rows: list) -> tuple:
 
 
 class KVBatch:
-    """Rows of several prompts decoding together: a left-padded cache, its attention mask and positions;
-    `step(tokens)` -> next-token logits [rows, vocab] (float32)."""
+    """Rows of several prompts decoding together in the slots of a left-padded cache (its attention mask and
+    positions per slot); `step(tokens)` -> next-token logits [rows, vocab] (float32). A row that leaves frees its
+    slot; a row that joins and fits the batch's width is written into a free slot, and the batch is copied only when
+    it must grow, or before a step with slots no row took."""
 
     def __init__(self, model):
         self.model = model
-        self.cache = None  # kvcache.new_cache, [rows, heads, width, dim] per layer
-        self.mask = None  # [rows, width] long
-        self.positions: list[int] = []  # next position of each row
+        self.cache = None  # kvcache.new_cache, [slots, heads, width, dim] per layer
+        self.mask = None  # [slots, width] long
+        self.positions: list[int] = []  # next position of each slot
+        self.slots: list[int] = []  # the slot of each row, in row order
 
     @property
     def rows(self) -> int:
-        return len(self.positions)
+        return len(self.slots)
 
     def add(self, kvs: list[KV]) -> None:
-        """Append rows (prefilled prompts), padding them or the batch on the left to a common width; the `kvs` are
-        used up (their layers emptied as they are copied)."""
-        import torch
-
+        """Append rows (prefilled prompts); the `kvs` are used up (their layers emptied as they are copied)."""
         if not kvs:
             return
-        parts = ([] if self.cache is None else [(_layers(self.cache), self.mask)])
-        parts += [(kv.layers, torch.ones((1, kv.length), dtype=torch.long, device=kv.layers[0][0].device))
+        free = [] if self.mask is None else sorted(set(range(self.mask.shape[0])) - set(self.slots))
+        if len(kvs) <= len(free) and all(kv.length <= self.mask.shape[1] for kv in kvs):
+            for slot, kv in zip(free, kvs):
+                self._write(slot, kv)
+            self.slots += free[:len(kvs)]
+            self._trim()
+            return
+        import torch
+
+        parts = ([] if self.cache is None else [(_layers(self.cache), self.slots, self.mask[self.slots])])
+        parts += [(kv.layers, [0], torch.ones((1, kv.length), dtype=torch.long, device=kv.layers[0][0].device))
                   for kv in kvs]
-        self.positions += [kv.length for kv in kvs]
-        width = max(mask.shape[1] for _, mask in parts)
-        rows = [(layers, r, mask.shape[1]) for layers, mask in parts for r in range(mask.shape[0])]
-        self.cache = _copied(rows, width)
-        self.mask = torch.cat([torch.nn.functional.pad(mask, (width - mask.shape[1], 0)) for _, mask in parts])
+        self.positions = [self.positions[s] for s in self.slots] + [kv.length for kv in kvs]
+        width = max(mask.shape[1] for _, _, mask in parts)
+        self.cache = _copied([(layers, r, mask.shape[1]) for layers, slots, mask in parts for r in slots], width)
+        self.mask = torch.cat([torch.nn.functional.pad(mask, (width - mask.shape[1], 0)) for _, _, mask in parts])
+        self.slots = list(range(len(self.positions)))
 
     def keep(self, rows: list[int]) -> None:
-        """Keep only these rows (in this order); left columns that no kept row uses are dropped."""
+        """Keep only these rows (in this order); the others' slots are free."""
+        self.slots = [self.slots[r] for r in rows]
         if not rows:
             self.cache, self.mask, self.positions = None, None, []
-            return
-        mask = self.mask[rows]
-        self.mask = mask[:, int(mask.any(dim=0).nonzero()[0]):]  # every row has its prompt's positions
-        layers, width = _layers(self.cache), self.mask.shape[1]
-        self.cache = _copied([(layers, r, width) for r in rows], width)
-        self.positions = [self.positions[r] for r in rows]
 
     def step(self, tokens: list[int]):
         """Feed one token per row; returns the next-token logits [rows, vocab] (float32)."""
         import torch
 
+        if len(self.slots) < self.mask.shape[0]:  # slots no row took: copy the batch smaller
+            self._compact()
         device = self.mask.device
+        order = None if self.slots == sorted(self.slots) else self.slots  # rows in other slots than their own
+        fed = list(tokens)
+        for row, slot in enumerate(order or ()):
+            fed[slot] = tokens[row]
         self.mask = torch.cat([self.mask, torch.ones((self.rows, 1), dtype=torch.long, device=device)], dim=1)
         with torch.inference_mode():
-            out = self.model(input_ids=torch.tensor([[t] for t in tokens], device=device), attention_mask=self.mask,
+            out = self.model(input_ids=torch.tensor([[t] for t in fed], device=device), attention_mask=self.mask,
                              position_ids=torch.tensor([[p] for p in self.positions], device=device),
                              cache=self.cache, use_cache=True, logits_to_keep=1)
         self.cache = out.cache
         self.positions = [p + 1 for p in self.positions]
-        return out.logits[:, -1].float()
+        logits = out.logits[:, -1].float()
+        return logits if order is None else logits[order]
+
+    def _write(self, slot: int, kv: KV) -> None:
+        """The row `kv` into `slot`, right-aligned to the batch's width, zeros before it."""
+        import torch
+
+        width, n = self.mask.shape[1], kv.length
+        with torch.inference_mode():  # a buffer grown in a step is an inference tensor
+            for i, (layer, (k, v)) in enumerate(zip(self.cache.layers, kv.layers)):
+                for into, new in ((layer.keys, k), (layer.values, v)):
+                    into[slot, :, :width - n] = 0
+                    into[slot, :, width - n:] = new[0, :, new.shape[2] - n:]
+                kv.layers[i] = None
+            self.mask[slot] = 0
+            self.mask[slot, width - n:] = 1
+        self.positions[slot] = n
+
+    def _trim(self) -> None:
+        """Drop the left columns that no slot uses (views: nothing is copied)."""
+        first = int(self.mask.any(dim=0).nonzero()[0])
+        if first:
+            self.mask = self.mask[:, first:]
+            for layer in self.cache.layers:
+                layer.drop(first)
+
+    def _compact(self) -> None:
+        """The rows alone, in row order, in a new cache without the left columns no row uses."""
+        mask = self.mask[self.slots]
+        self.mask = mask[:, int(mask.any(dim=0).nonzero()[0]):]  # every row has its prompt's positions
+        layers, width = _layers(self.cache), self.mask.shape[1]
+        self.cache = _copied([(layers, r, width) for r in self.slots], width)
+        self.positions = [self.positions[s] for s in self.slots]
+        self.slots = list(range(len(self.slots)))
 
 
 def _copied(rows: list, width: int):
