@@ -58,16 +58,21 @@ class Output:
 
     def stream(self, response, where: str = "") -> None:
         """Write an answer's pieces as they come (a spinner until the first), a newline, and a note (prefixed by
-        `where`) if it was cut; whatever stops the writing closes the response."""
+        `where`) if it was cut; whatever stops the writing closes the response, and after Ctrl-C the screen shows
+        all the text the response keeps."""
+        shown = 0
         try:
             with self.status("Thinking…") as spinner:
                 for piece in response:
                     if spinner is not None:
                         spinner.stop()
                         spinner = None
+                    shown += len(piece)
                     self.write(piece)
-        except BaseException:
+        except BaseException as exc:
             response.close()
+            if isinstance(exc, KeyboardInterrupt) and response.received[shown:]:  # kept before it was shown
+                self.write(response.received[shown:])
             raise
         self.write("\n")
         if response.finish_reason == "length":

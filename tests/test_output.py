@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import make_image, run_idefics
 
 from idefics_cli import Model
@@ -158,4 +159,23 @@ def test_stream_writes_pieces_and_a_stop_while_writing_stops_the_answer(engine, 
     except KeyboardInterrupt:
         pass
     assert long.interrupted and long.done and long.text == "".join(written) and long.finish_reason is None
+
+
+def test_ctrl_c_after_a_piece_is_kept_but_before_it_is_shown_still_shows_it(engine, tmp_path, capsys):
+    """Ctrl-C that lands after the answer kept a piece and before the terminal got it: the piece is written, so
+    what chat keeps of the interrupted answer is what the screen shows."""
+    image = tmp_path / "p.png"
+    make_image(seed=3).save(image)
+    answer = Model(engine).ask([str(image)], "What is it?", max_new_tokens=300)
+
+    class Kept(list):  # the answer's own list of pieces: Ctrl-C lands just after the third is kept
+        def append(self, piece):
+            super().append(piece)
+            if len(self) == 3:
+                raise KeyboardInterrupt
+
+    answer._pieces = Kept()
+    with pytest.raises(KeyboardInterrupt):
+        Output().stream(answer)
+    assert answer.interrupted and len(answer.text) > 0 and capsys.readouterr().out == answer.text
 
