@@ -110,13 +110,13 @@ def test_walk_stdin():
     assert docs == [batch.Input("-", "stdin")] and not missing
 
 
-@pytest.mark.parametrize("spec, expected", [(None, None), ("", None), ("0/1", (0, 1)), ("0/3", (0, 3)),
+@pytest.mark.parametrize("spec, expected", [(None, None), ("0/1", (0, 1)), ("0/3", (0, 3)),
                                             ("2/3", (2, 3)), (" 1 / 4 ", (1, 4))])
 def test_parse_shard(spec, expected):
     assert batch.parse_shard(spec) == expected
 
 
-@pytest.mark.parametrize("spec", ["3/3", "-1/3", "1/0", "0/0", "a/b", "1", "1/2/3", "1.5/3", "/3", "1/",
+@pytest.mark.parametrize("spec", ["", "  ", "3/3", "-1/3", "1/0", "0/0", "a/b", "1", "1/2/3", "1.5/3", "/3", "1/",
                                   "\u0661/\u0662", "+0/+2", "0_0/2_0", "1/" + "9" * 5000, 5, (0, 2), b"0/2"])
 def test_parse_shard_errors(spec):
     with pytest.raises(UsageError) as exc:  # ASCII digits only, as --pages; never a TypeError from a non-string

@@ -351,6 +351,9 @@ def test_shard_option_splits_a_run(tmp_path, cli, tiny_model):
     assert sorted(seen) == sorted(str(folder / f"img{k}.png") for k in range(6))
     res = cli("transcribe", folder, "--shard", "3/3", *model_args(tiny_model))
     assert res.exit_code == 2 and "--shard" in res.stderr
+    out = tmp_path / "unset.jsonl"  # `--shard "$SHARD"` with SHARD unset: one usage line, nothing transcribed
+    res = cli("transcribe", folder, "--shard", "", "--out", out, *model_args(tiny_model))
+    assert res.exit_code == 2 and res.stderr.startswith("error [usage]: --shard is empty") and not out.exists()
 
 
 # ---- stdout ----------------------------------------------------------------------------------------------

@@ -114,9 +114,12 @@ def in_shard(rel: str, index: int, count: int) -> bool:
 
 
 def parse_shard(spec: str | None) -> tuple[int, int] | None:
-    """`"I/N"` (ASCII digits, 0 <= I < N) as (I, N); None or "" for no shard; anything else a UsageError."""
-    if spec is None or spec == "":
+    """`"I/N"` (ASCII digits, 0 <= I < N) as (I, N); None for no shard; anything else (`""` too: an unset variable
+    in a job array must not run every document in every job) a UsageError."""
+    if spec is None:
         return None
+    if isinstance(spec, str) and not spec.strip():
+        raise UsageError("--shard is empty", "use I/N with 0 <= I < N, e.g. 0/4 (is the variable that gives it set?)")
     m = re.fullmatch(r"\s*([0-9]{1,18})\s*/\s*([0-9]{1,18})\s*", spec, re.ASCII) if isinstance(spec, str) else None
     if m is None or not 0 <= int(m[1]) < int(m[2]):
         shown = repr(spec) if len(repr(spec)) <= 40 else repr(spec)[:37] + "..."
