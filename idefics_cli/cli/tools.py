@@ -63,7 +63,7 @@ EXAMPLES = {
 def crops_command(
     output,
     doc: o.Doc,
-    page: Annotated[int, typer.Option("--page", min=1, help="1-based page to show.")] = 1,
+    page: Annotated[int, typer.Option("--page", min=1, metavar="N", help="1-based page to show.")] = 1,
     out: Annotated[str | None, typer.Option("--out", "-o", metavar="FILE",
                                             help="Where to write the sheet (PNG).")] = None,
     dir_: Annotated[str | None, typer.Option("--dir", metavar="DIR",
