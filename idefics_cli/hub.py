@@ -11,7 +11,7 @@ import os
 
 from .ahead import in_thread
 from .errors import IdeficsError
-from .process import quiet_hub
+from .process import env_seconds, quiet_hub
 
 
 def check_local_model(path: str) -> None:
@@ -108,7 +108,7 @@ def local_only(options, need: str = "model") -> bool:
         raise IdeficsError("model_error", f"{options.model} is not in the local cache (offline)", PULL_HINT)
     from huggingface_hub import constants
 
-    why = probe_endpoint(constants.ENDPOINT, timeout=float(os.environ.get("IDEFICS_PROBE_TIMEOUT", "1.5")))
+    why = probe_endpoint(constants.ENDPOINT, timeout=env_seconds("IDEFICS_PROBE_TIMEOUT", 1.5))
     if why is not None:
         raise IdeficsError("model_error", f"{options.model} is not in the local cache and the hub cannot be reached "
                                           f"({why})", PULL_HINT)
@@ -124,7 +124,7 @@ def pull(model: str, revision: str | None, offline: str | None = None, on_start=
     from huggingface_hub import constants, snapshot_download
 
     if offline is None:
-        why = probe_endpoint(constants.ENDPOINT, timeout=float(os.environ.get("IDEFICS_PROBE_TIMEOUT", "5")))
+        why = probe_endpoint(constants.ENDPOINT, timeout=env_seconds("IDEFICS_PROBE_TIMEOUT", 5.0))
         if why:
             raise IdeficsError("model_error", f"cannot reach the hub {constants.ENDPOINT} ({why})",
                                "check the network or proxy; offline, copy a pulled HF cache and use --offline")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import huggingface_hub.constants
@@ -74,6 +75,15 @@ def test_human_report_and_missing_model_exit_5(cli, tiny_model, tmp_path):
     report = json.loads(result.stdout)
     assert report["ok"] is False and "not complete in the local folder" in report["reason"]
     assert len(result.stderr.strip().splitlines()) == 1 and "error [model_error]" in result.stderr
+
+
+def test_human_report_gives_each_extra_its_name_then_its_mark(cli, tiny_model):
+    """`docling` (7 letters) is as wide as the name column was: its line read `docling- not installed`."""
+    out = cli("doctor", "--model", tiny_model, "--device", "cpu", "--quant", "none").stdout.splitlines()
+    lines = out[[k for k, line in enumerate(out) if line.startswith("extras")][0]:-1]  # up to the verdict
+    assert [line.removeprefix("extras").split()[0] for line in lines] == ["ray", "serve", "mcp", "docling"], out
+    for line in lines:
+        assert re.match(r"(extras| ) +[a-z]+ +(✓|- not installed) ", line), line
 
 
 def test_images_per_page_are_what_the_image_processor_makes(tiny_model, tmp_path):

@@ -50,6 +50,22 @@ def test_uncached_hub_id_without_hub_fails_in_seconds(monkeypatch, tmp_path):
     assert err.value.code == "model_error" and time.monotonic() - start < 5
 
 
+@pytest.mark.parametrize("value", ["abc", "-1", "0", "inf"])
+def test_a_probe_timeout_that_is_no_number_of_seconds_is_the_default(monkeypatch, tmp_path, value):
+    """IDEFICS_PROBE_TIMEOUT as the other seconds variables: a value that is no positive number is the default
+    (1.5 s), not a `cannot load ...: could not convert string to float` nor `no answer within -1 s`."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("IDEFICS_PROBE_TIMEOUT", value)
+    with pytest.raises(IdeficsError) as err:
+        hub.local_only(SimpleNamespace(model="org/never-downloaded", revision=None, offline=False))
+    assert err.value.code == "model_error"
+    assert "not in the local cache and the hub cannot be reached" in err.value.message
+    assert "within" not in err.value.message  # refused at once: a real timeout, not one that was already over
+
+
 def test_offline_and_local_folders_never_touch_the_network(monkeypatch, tmp_path):
     from huggingface_hub import constants
 

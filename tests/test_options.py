@@ -147,3 +147,23 @@ def test_good_devices_are_handed_on():
     for device in ("auto", "cpu", "cuda", "cuda:0", "cuda:12"):
         assert CliRunner().invoke(probe, ["a.pdf", "--device", device]).exit_code == 0
         assert got["opts"].device == device
+
+
+def _documented_metavars() -> list[tuple[str, str, str]]:
+    """(command, flag, METAVAR) for each `--flag METAVAR` in the first column of docs/COMMAND.md's option table
+    (docs/models.md's: the model options, as `ask` shows them)."""
+    docs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
+    found = []
+    for command in ("ask", "transcribe", "chat", "crops", "doctor", "pull", "quantize", "serve", "models"):
+        with open(os.path.join(docs, f"{command}.md"), encoding="utf-8") as f:
+            firsts = [line.split("|")[1] for line in f if line.startswith("| `-")]
+        for cell in firsts:
+            for flag, metavar in re.findall(r"`(--[\w-]+)(?:, -\w)? ([A-Z][A-Z_/]*)", cell):
+                found.append(("ask" if command == "models" else command, flag, metavar))
+    return found
+
+
+@pytest.mark.parametrize("command, flag, metavar", _documented_metavars())
+def test_help_names_each_value_as_the_docs_do(command, flag, metavar):
+    """`--dpi N` in docs/ask.md is `--dpi N` in `idefics ask --help`, not `--dpi DPI`."""
+    assert re.search(rf"{flag} {re.escape(metavar)}\b", _help(command)), f"idefics {command} --help: {flag}"

@@ -106,7 +106,7 @@ def _argument_name(param) -> str:
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", metavar="ID_OR_DIR", envvar="IDEFICS_MODEL",
                                        help="Hub id or local folder of the model.")]
-Revision = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")]
+Revision = Annotated[str | None, typer.Option(metavar="REV", help="Hub revision (branch, tag or commit).")]
 QuantOpt = Annotated[Quant, typer.Option("--quant", help="auto: 4bit from 4B parameters, else none; 4bit = "
                                                          "bitsandbytes nf4 + double quant.")]
 DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="auto: bfloat16/float16 on a GPU, float32 on the CPU.")]
@@ -119,10 +119,10 @@ MaxNewTokens = Annotated[int, typer.Option(min=1, max=MAX_NEW_TOKENS, metavar="N
 Doc = Annotated[str, typer.Argument(metavar="DOC", show_default=False, help="A PDF or image (- for stdin).")]
 PagesOpt = Annotated[str | None, typer.Option("--pages", "-p", metavar="SPEC",
                                               help="1-based pages per document: 3, 1-4, 1,3,7-, -2.")]
-Dpi = Annotated[int | None, typer.Option(min=DPI_RANGE[0], max=DPI_RANGE[1],
-                                         help="Render PDFs at this DPI (default: longest side 1960 px, or the model's "
+Dpi = Annotated[int | None, typer.Option(min=DPI_RANGE[0], max=DPI_RANGE[1], metavar="N",
+                                         help="Render PDFs at N dpi (default: longest side 1960 px, or the model's "
                                               "own image size).")]
-Password = Annotated[str | None, typer.Option(help="Password for encrypted PDFs.")]
+Password = Annotated[str | None, typer.Option(metavar="PW", help="Password for encrypted PDFs.")]
 SchemaOpt = Annotated[str | None, typer.Option("--schema", metavar="SCHEMA",
                                                help="Answer as JSON valid against this JSON Schema: a file, inline "
                                                     "JSON, or fields 'vendor, total float, paid bool' (types str, "

@@ -63,7 +63,7 @@ EXAMPLES = {
 def crops_command(
     output,
     doc: o.Doc,
-    page: Annotated[int, typer.Option("--page", min=1, help="1-based page to show.")] = 1,
+    page: Annotated[int, typer.Option("--page", min=1, metavar="N", help="1-based page to show.")] = 1,
     out: Annotated[str | None, typer.Option("--out", "-o", metavar="FILE",
                                             help="Where to write the sheet (PNG).")] = None,
     dir_: Annotated[str | None, typer.Option("--dir", metavar="DIR",
@@ -169,9 +169,9 @@ def render(r: dict) -> str:
         head = "extras     " if k == 0 else " " * 11
         if x["installed"]:
             have = ", ".join(f"{dist} {ver}" for dist, ver in x["packages"].items())
-            lines.append(f"{head}{name:<7}{ok} {have}: {x['enables']}")
+            lines.append(f"{head}{name:<8}{ok} {have}: {x['enables']}")
         else:
-            lines.append(f"{head}{name:<7}- not installed ({x['install']}), would enable {x['enables']}")
+            lines.append(f"{head}{name:<8}- not installed ({x['install']}), would enable {x['enables']}")
     lines.append(f"verdict    {ok} ready" if r["ok"] else f"verdict    {bad} not ready: {r['reason']}")
     return "\n".join(lines) + "\n"
 

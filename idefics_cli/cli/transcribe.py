@@ -51,8 +51,8 @@ def transcribe_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
     schema: o.SchemaOpt = None,
     min_confidence: Annotated[float | None, typer.Option(
-        "--min-confidence", help="Warn low_confidence on pages whose lowest field (or, without --schema, token) "
-                                 "probability is under this.")] = None,
+        "--min-confidence", metavar="P", help="Warn low_confidence on pages whose lowest field (or, without "
+                                                  "--schema, token) probability is under P (0 to 1).")] = None,
     pages: o.PagesOpt = None,
     dpi: o.Dpi = None,
     password: o.Password = None,
