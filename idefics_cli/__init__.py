@@ -8,9 +8,18 @@ Warnings, logging, environment and allocators are left alone unless `tune_proces
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 from .errors import UsageError
-from .interface import DEFAULT_MODEL, MAX_NEW_TOKENS, Engine, ModelOptions, check_device, check_option
+from .interface import (
+    DEFAULT_MODEL,
+    MAX_NEW_TOKENS,
+    TRANSCRIBE_TOKENS,
+    Engine,
+    ModelOptions,
+    check_device,
+    check_option,
+)
 from .process import tune_process
 
 _tune_process = tune_process  # `load`'s keyword of the same name hides it
@@ -23,10 +32,12 @@ _DEFAULTS = ModelOptions()  # one set of defaults: the CLI's options and this fu
 
 
 class Model:
-    """The tasks (ask, transcribe, chat) over one engine: what `load` and `connect` return."""
+    """The tasks (ask, transcribe, chat) over one engine: what `load` and `connect` return; `transcribe` answers up
+    to `transcribe_tokens` new tokens a page (default: the engine's max_new_tokens)."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, transcribe_tokens: int | None = None):
         self.engine = engine
+        self.transcribe_tokens = transcribe_tokens or engine.options.max_new_tokens
 
     @property
     def options(self):
@@ -72,7 +83,8 @@ class Model:
 
         request_fields.setdefault("longest_side", self.engine.render_side)
         request_fields.setdefault("doctags", self.engine.doctags)
-        return Transcription(TranscribeRequest(inputs, out, self.engine.options, **request_fields), engine=self.engine)
+        options = replace(self.engine.options, max_new_tokens=self.transcribe_tokens)
+        return Transcription(TranscribeRequest(inputs, out, options, **request_fields), engine=self.engine)
 
     def chat(self, path: str, pages: str | None = None, *, password: str | None = None, dpi: int | None = None,
              schema=None):
@@ -85,11 +97,11 @@ class Model:
 
 def load(model: str = DEFAULT_MODEL, *, revision: str | None = _DEFAULTS.revision, quant: str = _DEFAULTS.quant,
          dtype: str = _DEFAULTS.dtype, device: str = _DEFAULTS.device, offline: bool = _DEFAULTS.offline,
-         split: bool = _DEFAULTS.split, max_new_tokens: int = _DEFAULTS.max_new_tokens,
-         tune_process: bool = False) -> Model:
+         split: bool = _DEFAULTS.split, max_new_tokens: int | None = None, tune_process: bool = False) -> Model:
     """Load a model (hub id or local folder) as the CLI's model options do; its `Model`. quant: auto, 4bit, 8bit
-    (CUDA) or none; dtype: auto, bfloat16, float16 or float32; device: auto, cpu, cuda or cuda:N; tune_process: opt
-    in to the commands' process settings. Raises `IdeficsError("model_error" | "out_of_memory")` with a hint."""
+    (CUDA) or none; dtype: auto, bfloat16, float16 or float32; device: auto, cpu, cuda or cuda:N; max_new_tokens:
+    every answer's limit (default: the commands', 512 for ask and chat, 1024 a page for transcribe); tune_process:
+    opt in to the commands' process settings. Raises `IdeficsError("model_error" | "out_of_memory")` with a hint."""
     from .runtime.model import load_engine as load_model
 
     if not isinstance(model, (str, os.PathLike)) or not os.fspath(model):
@@ -105,11 +117,13 @@ def load(model: str = DEFAULT_MODEL, *, revision: str | None = _DEFAULTS.revisio
     if dtype not in ("auto", "bfloat16", "float16", "float32"):
         raise UsageError(f"dtype {dtype!r}: use auto, bfloat16, float16 or float32")
     check_device(device)
-    check_option("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
+    if max_new_tokens is not None:
+        check_option("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
     if tune_process:
         _tune_process()
-    return Model(load_model(ModelOptions(model=model, revision=revision, quant=quant, dtype=dtype, device=device,
-                                         offline=offline, split=split, max_new_tokens=max_new_tokens)))
+    options = ModelOptions(model=model, revision=revision, quant=quant, dtype=dtype, device=device, offline=offline,
+                           split=split, max_new_tokens=max_new_tokens or _DEFAULTS.max_new_tokens)
+    return Model(load_model(options), max_new_tokens or TRANSCRIBE_TOKENS)
 
 
 def open_pages(documents, pages: str | None = None, *, password: str | None = None, dpi: int | None = None):
@@ -119,13 +133,14 @@ def open_pages(documents, pages: str | None = None, *, password: str | None = No
     return open_selection(documents, pages, password=password, dpi=dpi)
 
 
-def connect(url: str, *, api_key: str | None = None, max_new_tokens: int = _DEFAULTS.max_new_tokens):
-    """The `Model` of a running `idefics serve` at `url` (pages rendered here); `IdeficsError("model_error")` naming
-    the URL when the server cannot be reached or refuses the key."""
+def connect(url: str, *, api_key: str | None = None, max_new_tokens: int | None = None):
+    """The `Model` of a running `idefics serve` at `url` (pages rendered here; max_new_tokens as `load`'s);
+    `IdeficsError("model_error")` naming the URL when the server cannot be reached or refuses the key."""
     from .remote.client import RemoteEngine
 
-    check_option("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
+    if max_new_tokens is not None:
+        check_option("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
     for name, value in (("url", url), ("api_key", "" if api_key is None else api_key)):
         if not isinstance(value, str):
             raise UsageError(f"{name} must be a string, not {type(value).__name__}")
-    return Model(RemoteEngine(url, api_key, max_new_tokens))
+    return Model(RemoteEngine(url, api_key, max_new_tokens), max_new_tokens or TRANSCRIBE_TOKENS)

@@ -22,6 +22,7 @@ TRANSCRIBE_PROMPT = (
 )
 DOCLING_PROMPT = "Convert this page to docling."  # SmolDocling's and granite-docling's own (DocTags answers)
 MAX_NEW_TOKENS = 32768  # the most new tokens an answer may ask for: the CLI's, the API's and the server's bound
+TRANSCRIBE_TOKENS = 1024  # `transcribe`'s default --max-new-tokens (a whole page); ask and chat: ModelOptions'
 DPI_RANGE = (10, 1200)  # --dpi's bounds, and the API's dpi
 
 

@@ -12,9 +12,10 @@ import shutil
 from dataclasses import replace
 
 import pytest
-from conftest import make_image, make_pdf
+from conftest import make_image, make_pdf, run_idefics
 from PIL import Image
 
+import idefics_cli
 from idefics_cli import Model
 from idefics_cli.errors import UsageError
 from idefics_cli.runtime.model import ModelOptions
@@ -290,3 +291,21 @@ def test_a_prompt_over_the_context_is_refused_before_any_page(engine, tiny_model
     assert result.exit_code == 2 and result.stdout == ""
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error [usage]: ") and "--prompt" in lines[0], lines
+
+
+def test_a_loaded_model_transcribes_as_the_command_does_and_resumes_its_records(tiny_model, tmp_path, monkeypatch):
+    """`load()` without max_new_tokens: transcribe answers up to the command's 1024 new tokens a page (ask keeps
+    512), so a library run resumes the records of a plain `idefics transcribe`; one given applies to both."""
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (600, 800), "white").save("blank.png")  # a blank page: recorded without generating
+    res = run_idefics("transcribe", "blank.png", "--out", "pages.jsonl", "--model", tiny_model, "--quant", "none",
+                      "--device", "cpu")
+    assert res.returncode == 0 and len(read_records("pages.jsonl")) == 1, res.stderr
+    model = idefics_cli.load(tiny_model, quant="none", device="cpu")
+    assert model.options.max_new_tokens == 512  # ask's and chat's
+    with model.transcribe(["blank.png"], out="pages.jsonl") as run:
+        assert run.request.options.max_new_tokens == 1024
+        assert list(run) == [] and run.summary.skipped == 1  # the command's record, resumed
+    given = idefics_cli.load(tiny_model, quant="none", device="cpu", max_new_tokens=8)
+    assert given.options.max_new_tokens == 8 and given.transcribe(["blank.png"]).request.options.max_new_tokens == 8
+

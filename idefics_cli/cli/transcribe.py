@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from ..errors import UsageError
-from ..interface import TRANSCRIBE_PROMPT
+from ..interface import TRANSCRIBE_PROMPT, TRANSCRIBE_TOKENS
 from ..runtime.families import doctags
 from . import options as o
 
@@ -28,7 +28,7 @@ EXAMPLES = {"transcribe": """
 """}
 
 
-@o.model_params(1024)
+@o.model_params(TRANSCRIBE_TOKENS)
 @o.runs
 def transcribe_command(
     output,
