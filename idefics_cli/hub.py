@@ -120,7 +120,8 @@ ALLOW_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.jinja", "*.tx
 
 def pull(model: str, revision: str | None, offline: str | None = None, on_start=None) -> str:
     """Download what loading needs into the HF cache (the hub probed first); the snapshot folder. `offline`: why
-    (then only looked up in the cache); `on_start(cache_folder)` is called as the download starts."""
+    (then only looked up in the cache: one without weights or processor is a `model_error`); `on_start(cache_folder)`
+    is called as the download starts."""
     from huggingface_hub import constants, snapshot_download
 
     if offline is None:
@@ -131,10 +132,14 @@ def pull(model: str, revision: str | None, offline: str | None = None, on_start=
     if on_start is not None:
         on_start(constants.HF_HUB_CACHE)
     try:
-        return snapshot_download(model, revision=revision, allow_patterns=ALLOW_PATTERNS,
+        path = snapshot_download(model, revision=revision, allow_patterns=ALLOW_PATTERNS,
                                  local_files_only=offline is not None, etag_timeout=10)
     except Exception as exc:  # noqa: BLE001 - mapped to one line below
         raise pull_error(exc, model, revision, offline) from exc
+    if offline is not None and not (cached_snapshot(model, revision) and cached_snapshot(model, revision, "processor")):
+        raise IdeficsError("model_error", f"{model} is only partly in the local cache and {offline}",
+                           "turn offline mode off to download the rest")
+    return path
 
 
 def pull_error(exc: Exception, model: str, revision: str | None, offline: str | None) -> IdeficsError:

@@ -166,6 +166,24 @@ def test_a_sheet_onto_the_document_itself_is_refused(cli, tiny_model, tmp_path):
         assert result.stdout == "" and img.read_bytes() == before
 
 
+def test_a_crop_onto_the_document_or_the_sheet_is_refused_before_any_write(cli, tiny_model, tmp_path):
+    """`crops crops/crop-1-whole.png --no-split --dir crops` replaced the document with its own crop (exit 0), and a
+    sheet named as a crop replaced that crop: a usage error now, with nothing written."""
+    folder = tmp_path / "crops"
+    folder.mkdir()
+    img = folder / "crop-1-whole.png"
+    make_image(60, 40, seed=3).save(img)
+    before = img.read_bytes()
+    other = tmp_path / "page.png"
+    make_image(60, 40, seed=4).save(other)
+    for doc, extra in ((img, []), (other, ["--out", str(folder / "crop-1-whole.png")])):
+        result = cli("crops", doc, "--model", tiny_model, "--no-split", "--dir", folder, *extra)
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error [usage]: "), result.stderr
+        assert result.stdout == "" and img.read_bytes() == before
+        assert sorted(p.name for p in folder.iterdir()) == ["crop-1-whole.png"]
+
+
 def test_a_sheet_that_cannot_be_written_whole_leaves_the_previous_one(tiny_model, tmp_path):
     """The sheet was written in place: a write failing half-way (a full disk, here a file size limit) left a
     truncated PNG where the previous sheet was. It is written beside and renamed; nothing else is left."""

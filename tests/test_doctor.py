@@ -73,7 +73,7 @@ def test_human_report_and_missing_model_exit_5(cli, tiny_model, tmp_path):
     result = cli("doctor", "--json", "--model", str(tmp_path / "nothing-here"), "--device", "cpu")
     assert result.exit_code == 5
     report = json.loads(result.stdout)
-    assert report["ok"] is False and "not complete in the local folder" in report["reason"]
+    assert report["ok"] is False and "does not exist" in report["reason"]
     assert len(result.stderr.strip().splitlines()) == 1 and "error [model_error]" in result.stderr
 
 
@@ -84,6 +84,17 @@ def test_human_report_gives_each_extra_its_name_then_its_mark(cli, tiny_model):
     assert [line.removeprefix("extras").split()[0] for line in lines] == ["ray", "serve", "mcp", "docling"], out
     for line in lines:
         assert re.match(r"(extras| ) +[a-z]+ +(✓|- not installed) ", line), line
+
+
+def test_a_model_folder_that_is_missing_or_a_file_is_said_so(cli, tiny_model, tmp_path):
+    """The reason was "X is not complete in the local folder, missing X": for no folder at all, and for a file
+    (`--model model/config.json`), which is there. It now says what `ask` says."""
+    for model, says in ((str(tmp_path / "nothing-here"), "does not exist"),
+                        (os.path.join(tiny_model, "config.json"), "is not a folder")):
+        result = cli("doctor", "--json", "--model", model, "--device", "cpu")
+        assert result.exit_code == 5
+        assert json.loads(result.stdout)["reason"] == f"model folder {model!r} {says}", result.stdout
+        assert result.stderr.startswith("error [model_error]: ") and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_images_per_page_are_what_the_image_processor_makes(tiny_model, tmp_path):

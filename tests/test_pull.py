@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import huggingface_hub.constants
@@ -36,6 +37,19 @@ def test_offline_cached_prints_the_snapshot(cli, tiny_model, tmp_path, monkeypat
     result = cli("pull", "acme/never-pulled")
     assert result.exit_code == 5
     assert result.stdout == "" and "HF_HUB_OFFLINE is set" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("drop", ["model.safetensors", "processor_config.json"])
+def test_offline_partly_cached_is_not_reported_pulled(cli, tiny_model, tmp_path, monkeypatch, drop):
+    """A snapshot missing its weights (or processor) is no pulled model: `ask --offline` would fail on it."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    commit = fake_cache(str(tmp_path), "acme/half-pulled", tiny_model)
+    os.remove(os.path.join(tmp_path, "models--acme--half-pulled", "snapshots", commit, drop))
+    result = cli("pull", "acme/half-pulled")
+    assert result.exit_code == 5 and result.stdout == "", result.stdout
+    assert result.stderr.startswith("error [model_error]: acme/half-pulled is only partly in the local cache")
     assert len(result.stderr.strip().splitlines()) == 1
 
 

@@ -161,3 +161,12 @@ def test_a_full_disk_while_saving_is_an_output_error_and_leaves_nothing(tiny_mod
     lines = result.stderr.decode().strip().splitlines()
     assert result.returncode == 4 and len(lines) == 1 and lines[0].startswith("error [output_error]: "), lines
     assert result.stdout == b"" and os.listdir(tmp_path) == []
+
+
+def test_a_failed_quantize_leaves_no_folder_it_made(cli, tiny_model, quantized, tmp_path):
+    """OUT_DIR's missing parents were made before the model loaded: a model that could not be loaded (here an
+    already quantized one; a hub id not cached, a damaged file, no GPU) left them behind, empty."""
+    (tmp_path / "kept").mkdir()
+    result = cli("quantize", tmp_path / "kept" / "new" / "deeper" / "nf4", "--model", quantized, "--device", "cpu")
+    assert result.exit_code == 2 and result.stdout == "", result.stderr
+    assert [p.name for p in tmp_path.rglob("*")] == ["kept"]

@@ -96,7 +96,7 @@ def crops_command(
     labels = [f"{name} · {im.width}x{im.height} px" for name, im in zip(names, images, strict=True)]
     title = (f"{os.path.basename(doc)} · page {page} · rendered {image.width}x{image.height} px -> "
              f"{len(images)} image(s), {image_tokens} image tokens · {opts.model}")
-    written = save_crops(images, names, dir_, out, title, labels)
+    written = save_crops(images, names, dir_, out, title, labels, None if doc == "-" else doc)
     for label in labels:
         output.info(label)
     for path in written:

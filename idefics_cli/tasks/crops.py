@@ -3,15 +3,16 @@
 Contract: `model_images(processor, image)` takes the images back out of the processor's `pixel_values`, exactly the
 pixels the vision encoder sees (5 with idefics2 splitting, 1 without). `contact_sheet` lays them out under labels;
 `save_crops` writes `crop-<k>-<position>.png` files and/or the sheet, each beside and renamed (a failed write:
-`output_error`, what was there kept).
+`output_error`, what was there kept; one onto the document or onto another of them: `usage`, nothing written).
 torch and PIL are imported inside functions only.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 
-from ..errors import IdeficsError
+from ..errors import IdeficsError, UsageError
 
 POSITIONS_5 = ("top-left", "top-right", "bottom-left", "bottom-right", "whole")
 
@@ -123,14 +124,22 @@ def _save_png(image, path: str) -> None:
 
 
 def save_crops(images: list, names: list[str], folder: str | None, sheet_path: str | None, title: str,
-               labels: list[str]) -> list[str]:
-    """Write the images into `folder` and/or the contact sheet to `sheet_path`; the paths written, in order."""
+               labels: list[str], document: str | None = None) -> list[str]:
+    """Write the images into `folder` and/or the contact sheet to `sheet_path`; the paths written, in order. A path
+    that is `document` itself or another of them is a `UsageError`, before anything is written."""
+    paths = [os.path.join(folder, f"crop-{k}-{name}.png") for k, name in enumerate(names, 1)] \
+        if folder is not None else []
+    for k, path in enumerate(paths + ([sheet_path] if sheet_path is not None else [])):
+        with contextlib.suppress(OSError):
+            if document and os.path.samefile(path, document):
+                raise UsageError(f"{path} would overwrite the document itself", "choose another --out or --dir")
+        if os.path.realpath(path) in map(os.path.realpath, paths[:k]):
+            raise UsageError(f"--out {path} would overwrite a crop of --dir", "choose another --out")
     written = []
     try:
         if folder is not None:
             os.makedirs(folder, exist_ok=True)
-            for k, (name, im) in enumerate(zip(names, images, strict=True), 1):
-                path = os.path.join(folder, f"crop-{k}-{name}.png")
+            for path, im in zip(paths, images, strict=True):
                 _save_png(im, path)
                 written.append(path)
         if sheet_path is not None:

@@ -308,6 +308,9 @@ def diagnose(options) -> dict:
         problems.append(f"{options.model} cannot be read: {'; '.join(files['unreadable'][:3])} (copy or pull it again)")
     elif files["available"] and (refused := refusal(options)):
         problems.append(refused)
+    elif files["local_folder"] and files["path"] is None:
+        why = "is not a folder" if os.path.exists(os.path.expanduser(options.model)) else "does not exist"
+        problems.append(f"model folder {options.model!r} {why}")
     elif not files["available"]:
         where = "the local folder" if files["local_folder"] else "the local HF cache"
         hint = "" if files["local_folder"] else f" (run `idefics pull {options.model}`)"

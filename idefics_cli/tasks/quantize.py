@@ -2,7 +2,8 @@
 
 Contract: `save_4bit(options, out_dir, status)` loads the model as `--quant 4bit` does and saves it with its
 processor into `out_dir` (empty or missing, else `UsageError`), written under a temporary name beside it and renamed
-(an unwritable place: `output_error` before the model loads; an already quantized model: `UsageError`, unloaded).
+(an unwritable place: `output_error` before the model loads; an already quantized model: `UsageError`, unloaded);
+a failure leaves no folder it made.
 Returns `Quantized`; `status(message)` wraps each long step. torch and transformers are imported inside functions
 only.
 """
@@ -41,7 +42,11 @@ def save_4bit(options, out_dir: str, status=lambda message: contextlib.nullconte
     real = os.path.realpath(out_dir)  # a symlink's target: renamed onto, the link is kept
     if os.path.exists(real) and (not os.path.isdir(real) or os.listdir(real)):
         raise UsageError(f"{out_dir} exists and is not an empty folder", "choose a new folder")
-    parent, tmp = os.path.dirname(real), None
+    parent, tmp, made = os.path.dirname(real), None, []
+    folder = parent
+    while not os.path.lexists(folder):  # the folders makedirs makes, deepest first: removed if it fails
+        made.append(folder)
+        folder = os.path.dirname(folder)
     try:  # the temporary folder is made first, so an unwritable OUT_DIR fails before the model loads
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".idefics-quantize-", dir=parent)
@@ -74,4 +79,7 @@ def save_4bit(options, out_dir: str, status=lambda message: contextlib.nullconte
     finally:
         if tmp is not None and os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made if not os.path.isdir(real) else []:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
     return Quantized(out_dir, before, weights_bytes(out_dir), engine.info["dtype"])
