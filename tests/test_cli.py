@@ -71,3 +71,33 @@ def test_the_installed_entry_point_prints_usage_errors_as_one_line_and_help_as_b
     bare = subprocess.run([sys.executable, "-m", "idefics_cli"], capture_output=True, timeout=120,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "80"})
     assert bare.returncode == 2 and "Usage: " in bare.stderr.decode() and "Commands:" in bare.stderr.decode()
+
+
+BUSY_TORCH = """
+import sys, threading, time
+import torch
+
+def busy():  # as a model loading in its daemon thread: in and out of torch's C++ code
+    a = torch.randn(400, 400)
+    while True:
+        torch.linalg.qr(a)
+
+threading.Thread(target=busy, daemon=True).start()
+time.sleep(0.5)
+from idefics_cli.cli import entry
+sys.argv = ["idefics", "ask", "/nonexistent.pdf", "q"]
+entry()
+"""
+
+
+def test_a_command_ending_while_a_daemon_thread_is_inside_torch_exits_with_its_status(tmp_path):
+    """Ctrl-C or an error while the model still loads in its thread: the command's own status, never SIGABRT
+    ("terminate called without an active exception") from the thread unwound as the interpreter finalizes."""
+    script = tmp_path / "busy.py"
+    script.write_text(BUSY_TORCH)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    runs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+            for _ in range(6)]  # without the fix about half of them abort
+    ended = [(p.wait(timeout=120), p.stdout.read(), p.stderr.read().decode()) for p in runs]
+    assert [(code, out) for code, out, _ in ended] == [(4, b"")] * 6, ended
+    assert all(err.startswith("error [not_found]: /nonexistent.pdf") for _, _, err in ended), ended

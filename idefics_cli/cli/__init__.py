@@ -6,7 +6,12 @@ command imports what it needs when it runs (options.py: `runs` turns errors into
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import gc
+import os
+import sys
+import threading
 
 import typer
 
@@ -43,5 +48,20 @@ def root(version: bool = typer.Option(False, "--version", callback=_version, is_
 def entry() -> None:
     try:
         app()
+    except SystemExit as done:
+        if done.code not in (0, None) and any(t.daemon and t.is_alive() for t in threading.enumerate()):
+            _exit_now(done.code)
+        raise
     finally:
         gc.freeze()  # what is alive now is left out of the shutdown's collections: a faster exit
+
+
+def _exit_now(code) -> None:
+    """Exit without finalizing the interpreter: a daemon thread still inside torch (a model loading when Ctrl-C or
+    an error ends the command) would be unwound from C++ as the interpreter goes, and the process abort (SIGABRT).
+    The exit handlers run and the standard streams are flushed first."""
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code if isinstance(code, int) else 1)
