@@ -391,3 +391,23 @@ def test_a_closed_stdin_is_an_empty_script(tiny_model, tmp_path):
                             capture_output=True, timeout=300, preexec_fn=lambda: os.close(0),
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0 and result.stdout == b"" and b"error" not in result.stderr, result.stderr
+
+
+def test_save_onto_the_chats_own_stdout_or_stdin_is_refused_and_the_answers_stay(tiny_model, tmp_path):
+    """`/save /dev/stdout` with stdout redirected to a file replaced that file by the chat JSON: every answer line,
+    those before and after, was lost (exit 0). Saving onto the chat's stdin, stdout or stderr is a usage error now."""
+    import subprocess
+
+    pdf = make_pdf(tmp_path / "r.pdf", n_pages=1)
+    script = tmp_path / "script.txt"
+    script.write_text(f"One?\n/save /dev/stdout\n/save {script}\nTwo?\n")
+    answers = tmp_path / "answers.jsonl"
+    with open(script, "rb") as stdin, open(answers, "wb") as stdout:
+        result = subprocess.run([sys.executable, "-m", "idefics_cli", "chat", pdf, "--model", tiny_model, *FAST],
+                                stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, timeout=300,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert [json.loads(line)["turn"] for line in answers.read_text().splitlines()] == [1, 2], answers.read_text()
+    assert script.read_text().startswith("One?\n")  # the questions being read are not overwritten either
+    errors = result.stderr.decode().splitlines()
+    assert len(errors) == 2 and all(e.startswith("error [usage]: /save ") for e in errors), errors
+    assert result.returncode == 2

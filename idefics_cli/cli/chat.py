@@ -157,6 +157,8 @@ class Session:
     def _save(self, path: str) -> None:
         if not path:
             raise UsageError("/save needs a file name", "e.g. /save chat.json")
+        if _is_stdio(path):  # `/save /dev/stdout`: the answer lines (or the script, the errors) would be replaced
+            raise UsageError(f"/save {path} would write over the chat's own input or output", "e.g. /save chat.json")
         self._note(f"saved {self.chat.save(path)} messages to {path}")
 
     def _note(self, message: str) -> None:
@@ -189,6 +191,24 @@ def _piped():
     encoding = sys.stdin.encoding or "utf-8"
     for line in getattr(sys.stdin, "buffer", sys.stdin):
         yield (line.decode(encoding, "surrogateescape") if isinstance(line, bytes) else line).strip().lstrip("\ufeff")
+
+
+def _is_stdio(path: str) -> bool:
+    """True when `path` is the file (or pipe, or terminal) of this process's stdin, stdout or stderr."""
+    import os
+
+    try:
+        st = os.stat(os.path.expanduser(path))
+    except (OSError, ValueError):
+        return False
+    for fd in (0, 1, 2):
+        try:
+            std = os.fstat(fd)
+        except OSError:  # closed
+            continue
+        if (std.st_dev, std.st_ino) == (st.st_dev, st.st_ino):
+            return True
+    return False
 
 
 class Terminated(KeyboardInterrupt):
