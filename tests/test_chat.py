@@ -411,3 +411,23 @@ def test_save_onto_the_chats_own_stdout_or_stdin_is_refused_and_the_answers_stay
     errors = result.stderr.decode().splitlines()
     assert len(errors) == 2 and all(e.startswith("error [usage]: /save ") for e in errors), errors
     assert result.returncode == 2
+
+
+@pytest.mark.parametrize("stdout", ["closed", "/dev/full"])
+def test_a_stdout_that_cannot_be_written_ends_the_chat(tiny_model, tmp_path, stdout):
+    """stdout full (ENOSPC) or closed: the chat went on answering every line, the later answers going to /dev/null
+    without a word (full) or each one more error line (closed). Now the first failed write is the one error line and
+    the chat ends there (exit 4): the lines after it, the /save too, are not read."""
+    import subprocess
+
+    pdf = make_pdf(tmp_path / "r.pdf", n_pages=1)
+    saved = tmp_path / "chat.json"
+    script = f"One?\nTwo?\nThree?\n/save {saved}\n".encode()
+    with open(os.devnull if stdout == "closed" else stdout, "wb") as sink:
+        result = subprocess.run([sys.executable, "-m", "idefics_cli", "chat", pdf, "--model", tiny_model, *FAST],
+                                input=script, stdout=sink, stderr=subprocess.PIPE, timeout=300,
+                                preexec_fn=(lambda: os.close(1)) if stdout == "closed" else None,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    errors = result.stderr.decode().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("error [output_error]: cannot write to stdout"), errors
+    assert result.returncode == 4 and not saved.exists()

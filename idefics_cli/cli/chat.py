@@ -78,7 +78,7 @@ class Session:
 
     def run(self) -> int:
         """One question or /command a line, until the end of input or /quit (/exit, /bye: piped too, the lines after
-        it are not read); piped, the exit status is the first failed line's (0 when none failed)."""
+        it are not read) or a stdout that cannot be written; piped, the exit status is the first failed line's."""
         status = 0
         for text in self._typed() if self.interactive else _piped():
             if not text:
@@ -94,6 +94,8 @@ class Session:
                 self.out.console.print("(stopped)", style="yellow")
             except IdeficsError as err:  # the turn is forgotten; the conversation goes on
                 if err.code == "model_error" and not isinstance(err, StalledAnswer):  # the model or server is gone
+                    raise
+                if err.code == "output_error" and err.path is None:  # stdout is gone (full, closed): so are answers
                     raise
                 if self.interactive and err.code == "out_of_memory" and not err.hint:
                     err.hint = "/reset to start a shorter conversation"
