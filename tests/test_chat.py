@@ -115,9 +115,11 @@ def test_piped_quit_leaves_and_the_lines_after_it_are_not_read(cli, tiny_model, 
 class Terminal:
     """`idefics chat` on a real pseudo-terminal (stdin, stdout and stderr are all the tty)."""
 
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, stdout: str | None = None):
         self.pid, self.fd = pty.fork()
         if self.pid == 0:
+            if stdout:  # stdout elsewhere (a file, /dev/full): stdin and stderr stay the tty
+                os.dup2(os.open(stdout, os.O_WRONLY), 1)
             # NOFLSH: a Ctrl-C must not make the tty drop the output this reader has not read yet (up to a few
             # KB while a test sleeps), or an answer the program did write would be missing from `seen`
             attrs = termios.tcgetattr(0)
@@ -431,3 +433,19 @@ def test_a_stdout_that_cannot_be_written_ends_the_chat(tiny_model, tmp_path, std
     errors = result.stderr.decode().splitlines()
     assert len(errors) == 1 and errors[0].startswith("error [output_error]: cannot write to stdout"), errors
     assert result.returncode == 4 and not saved.exists()
+
+
+def test_terminal_chat_with_a_full_stdout_is_one_output_error(tiny_model, tmp_path):
+    """A typed chat whose stdout is on a full disk (`idefics chat doc > log` with no space) stopped at the first prompt
+    with `error [internal]` (exit 1, "this is a bug"): input() flushed the broken stdout. The prompt now reads the
+    line without touching stdout, and the first answer that cannot be written ends the chat (output_error, exit 4)."""
+    pdf = make_pdf(tmp_path / "r.pdf", n_pages=1)
+    term = Terminal(pdf, "--model", tiny_model, *FAST, stdout="/dev/full")
+    try:
+        assert term.wait_for(b">>> "), term.seen[-2000:]
+        term.type("What is it?\r")
+        assert term.wait_for(b"error [output_error]: cannot write to stdout"), term.seen[-2000:]
+        assert term.exit_code() == 4, term.seen[-2000:]
+        assert b"internal" not in term.seen, term.seen[-2000:]
+    finally:
+        term.close()

@@ -115,10 +115,14 @@ class Session:
                                "/help for commands, Ctrl-D to leave.", style="dim", markup=False)
         while True:
             try:
-                if not self.out.stdout_tty:
+                if self.out.stdout_tty:
+                    text = input(">>> ")
+                else:  # as input() does then, but it flushes stdout, which may not take it (full): an internal error
                     sys.stderr.write(">>> ")
                     sys.stderr.flush()
-                text = input(">>> " if self.out.stdout_tty else "")
+                    text = sys.stdin.readline()
+                    if not text:
+                        raise EOFError
             except EOFError:
                 sys.stderr.write("\n")
                 return
