@@ -90,7 +90,7 @@ class Output:
             self.console.print(message, style="dim")
 
     def warn(self, message: str) -> None:
-        self._line(f"warning: {message}", "yellow")
+        self._line(f"warning: {message}".replace("\n", " "), "yellow")  # one line, a file name with a newline too
 
     def error(self, err: IdeficsError) -> None:
         self._line(err.one_line(), "bold red" if self.stderr_tty else None, soft_wrap=True)

@@ -115,9 +115,11 @@ def test_piped_quit_leaves_and_the_lines_after_it_are_not_read(cli, tiny_model, 
 class Terminal:
     """`idefics chat` on a real pseudo-terminal (stdin, stdout and stderr are all the tty)."""
 
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, stdout: str | None = None):
         self.pid, self.fd = pty.fork()
         if self.pid == 0:
+            if stdout:  # stdout elsewhere (a file, /dev/full): stdin and stderr stay the tty
+                os.dup2(os.open(stdout, os.O_WRONLY), 1)
             # NOFLSH: a Ctrl-C must not make the tty drop the output this reader has not read yet (up to a few
             # KB while a test sleeps), or an answer the program did write would be missing from `seen`
             attrs = termios.tcgetattr(0)
@@ -391,3 +393,59 @@ def test_a_closed_stdin_is_an_empty_script(tiny_model, tmp_path):
                             capture_output=True, timeout=300, preexec_fn=lambda: os.close(0),
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0 and result.stdout == b"" and b"error" not in result.stderr, result.stderr
+
+
+def test_save_onto_the_chats_own_stdout_or_stdin_is_refused_and_the_answers_stay(tiny_model, tmp_path):
+    """`/save /dev/stdout` with stdout redirected to a file replaced that file by the chat JSON: every answer line,
+    those before and after, was lost (exit 0). Saving onto the chat's stdin, stdout or stderr is a usage error now."""
+    import subprocess
+
+    pdf = make_pdf(tmp_path / "r.pdf", n_pages=1)
+    script = tmp_path / "script.txt"
+    script.write_text(f"One?\n/save /dev/stdout\n/save {script}\nTwo?\n")
+    answers = tmp_path / "answers.jsonl"
+    with open(script, "rb") as stdin, open(answers, "wb") as stdout:
+        result = subprocess.run([sys.executable, "-m", "idefics_cli", "chat", pdf, "--model", tiny_model, *FAST],
+                                stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, timeout=300,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert [json.loads(line)["turn"] for line in answers.read_text().splitlines()] == [1, 2], answers.read_text()
+    assert script.read_text().startswith("One?\n")  # the questions being read are not overwritten either
+    errors = result.stderr.decode().splitlines()
+    assert len(errors) == 2 and all(e.startswith("error [usage]: /save ") for e in errors), errors
+    assert result.returncode == 2
+
+
+@pytest.mark.parametrize("stdout", ["closed", "/dev/full"])
+def test_a_stdout_that_cannot_be_written_ends_the_chat(tiny_model, tmp_path, stdout):
+    """stdout full (ENOSPC) or closed: the chat went on answering every line, the later answers going to /dev/null
+    without a word (full) or each one more error line (closed). Now the first failed write is the one error line and
+    the chat ends there (exit 4): the lines after it, the /save too, are not read."""
+    import subprocess
+
+    pdf = make_pdf(tmp_path / "r.pdf", n_pages=1)
+    saved = tmp_path / "chat.json"
+    script = f"One?\nTwo?\nThree?\n/save {saved}\n".encode()
+    with open(os.devnull if stdout == "closed" else stdout, "wb") as sink:
+        result = subprocess.run([sys.executable, "-m", "idefics_cli", "chat", pdf, "--model", tiny_model, *FAST],
+                                input=script, stdout=sink, stderr=subprocess.PIPE, timeout=300,
+                                preexec_fn=(lambda: os.close(1)) if stdout == "closed" else None,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    errors = result.stderr.decode().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("error [output_error]: cannot write to stdout"), errors
+    assert result.returncode == 4 and not saved.exists()
+
+
+def test_terminal_chat_with_a_full_stdout_is_one_output_error(tiny_model, tmp_path):
+    """A typed chat whose stdout is on a full disk (`idefics chat doc > log` with no space) stopped at the first prompt
+    with `error [internal]` (exit 1, "this is a bug"): input() flushed the broken stdout. The prompt now reads the
+    line without touching stdout, and the first answer that cannot be written ends the chat (output_error, exit 4)."""
+    pdf = make_pdf(tmp_path / "r.pdf", n_pages=1)
+    term = Terminal(pdf, "--model", tiny_model, *FAST, stdout="/dev/full")
+    try:
+        assert term.wait_for(b">>> "), term.seen[-2000:]
+        term.type("What is it?\r")
+        assert term.wait_for(b"error [output_error]: cannot write to stdout"), term.seen[-2000:]
+        assert term.exit_code() == 4, term.seen[-2000:]
+        assert b"internal" not in term.seen, term.seen[-2000:]
+    finally:
+        term.close()

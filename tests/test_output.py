@@ -179,3 +179,14 @@ def test_ctrl_c_after_a_piece_is_kept_but_before_it_is_shown_still_shows_it(engi
         Output().stream(answer)
     assert answer.interrupted and len(answer.text) > 0 and capsys.readouterr().out == answer.text
 
+
+
+def test_a_warning_about_a_file_with_a_newline_in_its_name_is_one_stderr_line(tiny_model, tmp_path):
+    """`ask --each-page` on `new<LF>line.png`: the "answer was cut" warning carried the name as it is, two stderr
+    lines where a warning is one (the page warnings and errors already put a space for it)."""
+    image = tmp_path / "new\nline.png"
+    make_image().save(image)
+    result = run_idefics("ask", image, "q", "--each-page", "--model", tiny_model, *FAST)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.decode().splitlines() == [f"warning: {tmp_path}/new line.png page 1: the answer was cut at "
+                                                   "--max-new-tokens 4; raise it for the whole answer"]

@@ -121,6 +121,23 @@ def test_atomic_write_through_a_symlink_keeps_the_link_and_replaces_its_target(t
     assert exc.value.code == "output_error" and "symbolic links" in exc.value.message and loop.is_symlink()
 
 
+def test_atomic_write_to_a_fifo_or_device_writes_into_it_and_never_replaces_it(tmp_path):
+    """`/save /dev/null` as root must not put a regular file where the device was: a FIFO or device is written into,
+    as `>` does (a FIFO with its reader here, so nothing blocks)."""
+    import stat
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        atomic_write(str(fifo), "through the pipe\n")
+        assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+        assert os.read(reader, 100) == b"through the pipe\n"
+    finally:
+        os.close(reader)
+    assert os.listdir(tmp_path) == ["pipe"]  # no temporary file left beside it
+
+
 def test_output_lock_refuses_a_second_holder(tmp_path):
     lock_path = str(tmp_path / "out" / "records.jsonl.lock")
     with OutputLock(lock_path):

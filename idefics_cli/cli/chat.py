@@ -78,7 +78,7 @@ class Session:
 
     def run(self) -> int:
         """One question or /command a line, until the end of input or /quit (/exit, /bye: piped too, the lines after
-        it are not read); piped, the exit status is the first failed line's (0 when none failed)."""
+        it are not read) or a stdout that cannot be written; piped, the exit status is the first failed line's."""
         status = 0
         for text in self._typed() if self.interactive else _piped():
             if not text:
@@ -94,6 +94,8 @@ class Session:
                 self.out.console.print("(stopped)", style="yellow")
             except IdeficsError as err:  # the turn is forgotten; the conversation goes on
                 if err.code == "model_error" and not isinstance(err, StalledAnswer):  # the model or server is gone
+                    raise
+                if err.code == "output_error" and err.path is None:  # stdout is gone (full, closed): so are answers
                     raise
                 if self.interactive and err.code == "out_of_memory" and not err.hint:
                     err.hint = "/reset to start a shorter conversation"
@@ -113,10 +115,14 @@ class Session:
                                "/help for commands, Ctrl-D to leave.", style="dim", markup=False)
         while True:
             try:
-                if not self.out.stdout_tty:
+                if self.out.stdout_tty:
+                    text = input(">>> ")
+                else:  # as input() does then, but it flushes stdout, which may not take it (full): an internal error
                     sys.stderr.write(">>> ")
                     sys.stderr.flush()
-                text = input(">>> " if self.out.stdout_tty else "")
+                    text = sys.stdin.readline()
+                    if not text:
+                        raise EOFError
             except EOFError:
                 sys.stderr.write("\n")
                 return
@@ -157,6 +163,8 @@ class Session:
     def _save(self, path: str) -> None:
         if not path:
             raise UsageError("/save needs a file name", "e.g. /save chat.json")
+        if _is_stdio(path):  # `/save /dev/stdout`: the answer lines (or the script, the errors) would be replaced
+            raise UsageError(f"/save {path} would write over the chat's own input or output", "e.g. /save chat.json")
         self._note(f"saved {self.chat.save(path)} messages to {path}")
 
     def _note(self, message: str) -> None:
@@ -189,6 +197,24 @@ def _piped():
     encoding = sys.stdin.encoding or "utf-8"
     for line in getattr(sys.stdin, "buffer", sys.stdin):
         yield (line.decode(encoding, "surrogateescape") if isinstance(line, bytes) else line).strip().lstrip("\ufeff")
+
+
+def _is_stdio(path: str) -> bool:
+    """True when `path` is the file (or pipe, or terminal) of this process's stdin, stdout or stderr."""
+    import os
+
+    try:
+        st = os.stat(os.path.expanduser(path))
+    except (OSError, ValueError):
+        return False
+    for fd in (0, 1, 2):
+        try:
+            std = os.fstat(fd)
+        except OSError:  # closed
+            continue
+        if (std.st_dev, std.st_ino) == (st.st_dev, st.st_ino):
+            return True
+    return False
 
 
 class Terminated(KeyboardInterrupt):

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import json
 import os
+import stat
 import tempfile
 import time
 from collections import Counter
@@ -82,10 +83,16 @@ def follow_umask(folder: str) -> None:
 def replace_file(path: str, data: str | bytes) -> None:
     """Write `data` (text as UTF-8) beside `path`, in the umask's mode and synced, then rename it onto `path`: a failed
     write leaves what was there and no temporary file (OSError). A symlink is followed as `>` does: the link stays
-    and its target (made if missing) is replaced; a loop of links is ELOOP."""
+    and its target (made if missing) is replaced; a loop of links is ELOOP. A FIFO or device is written into, as `>`
+    does, never replaced (`/dev/null` stays a device)."""
     target = os.path.realpath(path) if os.path.islink(path) else path
     if os.path.islink(target):  # realpath stops inside a loop
         raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
+    mode = os.stat(path).st_mode if os.path.exists(path) else stat.S_IFREG  # /dev/stdout: the pipe itself
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a FIFO, device or socket: written into, never replaced
+        with open(target, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        return
     folder = os.path.dirname(os.path.abspath(target))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
