@@ -300,6 +300,19 @@ def test_usage_errors(cli):
     assert cli("ask", "a.pdf", "q", "--quant", "3bit").exit_code == 2
 
 
+def test_two_documents_and_no_question_is_refused_not_asked(cli, tiny_model, tmp_path, monkeypatch):
+    """`idefics ask a.pdf b.png`, the question forgotten: b.png was asked as the question (exit 0); a last argument
+    that names a file (one word) is a usage error now, before anything loads."""
+    monkeypatch.chdir(tmp_path)
+    make_pdf(tmp_path / "a.pdf", 1)
+    make_image().save(tmp_path / "b.png")
+    res = cli("ask", "a.pdf", "b.png", "--model", tiny_model, "--quant", "none", "--max-new-tokens", "2")
+    assert res.exit_code == 2 and res.stdout == ""
+    assert res.stderr.startswith("error [usage]: the question 'b.png' is a file: no question was given"), res.stderr
+    res = cli("ask", "b.png", "a.pdf is what?", "--model", tiny_model, "--quant", "none", "--max-new-tokens", "2")
+    assert res.exit_code == 0 and res.stdout.strip()  # a question that mentions a file is a question
+
+
 @pytest.mark.parametrize("args", [["--help"], ["ask", "--help"], ["transcribe", "--help"]])
 def test_help_imports_no_torch_and_shows_examples(args):
     code = (f"import sys\nfrom idefics_cli.cli import app\ntry:\n    app({args!r})\nexcept SystemExit:\n    pass\n"

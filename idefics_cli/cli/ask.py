@@ -6,6 +6,7 @@ before the model loads, so input errors are instant; `--schema` without an answe
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
@@ -49,6 +50,9 @@ def ask_command(
     if len(docs_and_question) < 2:
         raise UsageError("give at least one document and a question", 'e.g. idefics ask doc.pdf "What is this?"')
     *paths, question = docs_and_question
+    if " " not in question and os.path.isfile(question):  # `idefics ask a.pdf b.pdf`: the question left out
+        raise UsageError(f"the question {question!r} is a file: no question was given",
+                         'the question comes last, e.g. idefics ask a.pdf b.pdf "What is this?"')
     check_question(question)
     remote, side = o.connect_first(opts, server, api_key, out)
     selection = open_selection(paths, pages, password=password, dpi=dpi, status=out.status,  # before the model loads
