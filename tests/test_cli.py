@@ -101,3 +101,18 @@ def test_a_command_ending_while_a_daemon_thread_is_inside_torch_exits_with_its_s
     ended = [(p.wait(timeout=120), p.stdout.read(), p.stderr.read().decode()) for p in runs]
     assert [(code, out) for code, out, _ in ended] == [(4, b"")] * 6, ended
     assert all(err.startswith("error [not_found]: /nonexistent.pdf") for _, _, err in ended), ended
+
+
+CTRL_C_AT = {  # Ctrl-C while the command line's modules import, and while its arguments are parsed
+    "import": "import builtins\nreal = builtins.__import__\n"
+              "builtins.__import__ = lambda name, *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()) "
+              "if name == 'typer' else real(name, *a, **k)\n",
+    "parse": "import idefics_cli.cli as cli\ncli.app = lambda: (_ for _ in ()).throw(KeyboardInterrupt())\n",
+}
+
+
+@pytest.mark.parametrize("when", sorted(CTRL_C_AT))
+def test_ctrl_c_as_the_command_line_starts_is_exit_130_without_a_traceback(when):
+    code = CTRL_C_AT[when] + "import sys\nsys.argv = ['idefics', '-h']\nfrom idefics_cli.__main__ import main\nmain()\n"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert (res.returncode, res.stdout, res.stderr) == (130, b"", b"interrupted\n")

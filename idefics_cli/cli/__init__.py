@@ -48,6 +48,9 @@ def root(version: bool = typer.Option(False, "--version", callback=_version, is_
 def entry() -> None:
     try:
         app()
+    except KeyboardInterrupt:  # before a command's own handling (parsing its arguments)
+        sys.stderr.write("interrupted\n")
+        _exit_now(130)
     except SystemExit as done:
         if done.code not in (0, None) and any(t.daemon and t.is_alive() for t in threading.enumerate()):
             _exit_now(done.code)
