@@ -179,9 +179,10 @@ def _with_params(command, params, call):
     return wrapper
 
 
-def model_params(max_new_tokens: int = ANSWER_TOKENS, only: tuple[str, ...] | None = None, fixed: dict | None = None):
+def model_params(max_new_tokens: int | None = ANSWER_TOKENS, only: tuple[str, ...] | None = None,
+                 fixed: dict | None = None):
     """Decorator: the command's `opts` parameter becomes the model options (all, or `only` these), handed to it as
-    one `ModelOptions` (`fixed` values for those not shown)."""
+    one `ModelOptions` (`fixed` values for those not shown; `max_new_tokens` None: None when not given)."""
     declared = {"model": (ModelOpt, DEFAULT_MODEL), "revision": (Revision, None), "quant": (QuantOpt, Quant.auto),
                 "dtype": (DtypeOpt, Dtype.auto), "device": (Device, "auto"), "offline": (Offline, False),
                 "split": (Split, True), "max_new_tokens": (MaxNewTokens, max_new_tokens)}

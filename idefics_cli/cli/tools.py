@@ -258,7 +258,7 @@ def serve_command(
     return run_server(config, lambda: load_engine(opts))
 
 
-@o.model_params(o.ANSWER_TOKENS)
+@o.model_params(None)  # not given: each tool answers up to its command's default (transcribe's 1024, ask's 512)
 @o.runs
 def mcp_command(
     out,
