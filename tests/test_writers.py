@@ -231,3 +231,38 @@ def test_safe_join_keeps_ordinary_names(tmp_path):
     assert safe_join(root, "sub/my file.md") == os.path.join(root, "sub", "my file.md")
     assert safe_join(root, "é文件.md") == os.path.join(root, "é文件.md")
     assert safe_join(root, os.fsdecode(b"bad\xff.md")) == os.path.join(root, "bad\ufffd.md")
+
+
+def _folder_run(out, docs, texts):
+    from idefics_cli.tasks.batch import DocumentDone
+    from idefics_cli.tasks.writers import FolderSink
+
+    with FolderSink(str(out), docs, "s") as sink:
+        for k, (doc, text) in enumerate(zip(docs, texts)):
+            sink.write({"path": doc.path, "page": 1, "status": "ok", "text": text, "sha256": f"h{k}", "settings": "s"})
+            sink.document_done(DocumentDone(doc, f"h{k}", [1], 1))
+    return {n: (out / n).read_text() for n in os.listdir(out) if n != "records.jsonl"}
+
+
+def test_a_document_named_like_a_numbered_copy_keeps_its_own_markdown(tmp_path):
+    """`transcribe n1 n2` with n1/a.pdf, n2/a.pdf and n1/"a (2).pdf": the second a.pdf's "a (2).md" was written over
+    by the third document's (or it over the second's): three documents, three .md files."""
+    from idefics_cli.tasks.batch import Input
+
+    docs = [Input("n1/a.pdf", "a.pdf"), Input("n2/a.pdf", "a.pdf"), Input("n1/a (2).pdf", "a (2).pdf")]
+    written = _folder_run(tmp_path / "out", docs, ("first", "second", "third"))
+    assert len(written) == 3 and sorted(written.values()) == sorted(f"<!-- page 1 -->\n\n{t}\n" for t in
+                                                                    ("first", "second", "third"))
+
+
+def test_long_names_give_markdown_names_within_name_max(tmp_path):
+    """A name near NAME_MAX (255 bytes): `é`*125 + .jpg and + .png (one stem, so NAME.jpg.md: 257 bytes) ended the run
+    with output_error; a 251-character stem lost its `.md` (cut at 200 characters). Each gets its own `.md`."""
+    from idefics_cli.tasks.batch import Input
+
+    names = ["é" * 125 + ".jpg", "é" * 125 + ".png", "L" * 251 + ".jpg", os.fsdecode(b"\xff" * 250 + b".jpg"),
+             os.fsdecode(b"\xff" * 250 + b".png")]
+    texts = [f"text {k}" for k in range(len(names))]
+    written = _folder_run(tmp_path / "out", [Input(name, name) for name in names], texts)
+    assert len(written) == len(names) and all(n.endswith(".md") and len(n.encode()) <= 255 for n in written)
+    assert sorted(written.values()) == sorted(f"<!-- page 1 -->\n\n{t}\n" for t in texts)

@@ -116,15 +116,21 @@ def atomic_write(path: str, text: str) -> None:
         raise output_error(path, exc) from exc
 
 
+NAME_MAX = 255  # bytes in one file name
+
+
 def safe_join(root: str, rel: str) -> str:
-    """A path under root for rel, whatever rel holds: never outside root."""
+    """A path under root for rel, whatever rel holds: never outside root; each name printable UTF-8, cut in its
+    middle to NAME_MAX bytes, its last 24 characters kept."""
     parts = []
     for part in rel.replace("\\", "/").split("/"):
         if part in ("", ".", ".."):
             continue
         part = part.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         part = "".join(ch if ch.isprintable() else "_" for ch in part).lstrip(".") or "_"
-        parts.append(part[:200])
+        while len(part.encode()) > NAME_MAX:  # cut in the middle: the end (" (2).md") tells names apart
+            part = part[:-25] + part[-24:]
+        parts.append(part)
     path = os.path.join(os.path.abspath(root), *(parts or ["_"]))
     assert os.path.commonpath([os.path.abspath(root), path]) == os.path.abspath(root)
     return path
@@ -265,12 +271,14 @@ class FolderSink(JsonlSink):
         stems = [os.path.splitext(d.rel)[0] for d in docs]
         counts = Counter(os.path.splitext(rel)[0] for rel in {d.rel for d in docs})  # stems of different names
         names = [stem if counts[stem] == 1 else d.rel for d, stem in zip(docs, stems)]
-        seen = Counter()  # one .md name twice (one relative path under two folders, or names safe_join makes one):
-        self.md_rel = {}  # "NAME (2).md" for the second
+        taken = set()  # one .md name twice (one relative path under two folders, or names safe_join makes one):
+        self.md_rel = {}  # "NAME (2).md" for the second, or the next number no other document's .md has
         for d, name in zip(docs, names):
-            key = safe_join(folder, name)
-            seen[key] += 1
-            self.md_rel[(d.path, d.rel)] = (f"{name} ({seen[key]})" if seen[key] > 1 else name) + ".md"
+            n = 1
+            while (md := (f"{name} ({n})" if n > 1 else name) + ".md") and safe_join(folder, md) in taken:
+                n += 1
+            taken.add(safe_join(folder, md))
+            self.md_rel[(d.path, d.rel)] = md
 
     def _usable(self, record: dict) -> bool:
         return record.get("settings") == self.settings and bool(record.get("page"))
