@@ -17,6 +17,7 @@ import time
 from collections import Counter
 
 from ..errors import IdeficsError, UsageError, warning_line
+from .records import trusted
 
 
 class OutputLock:
@@ -281,7 +282,7 @@ class FolderSink(JsonlSink):
             self.md_rel[(d.path, d.rel)] = md
 
     def _usable(self, record: dict) -> bool:
-        return record.get("settings") == self.settings and bool(record.get("page"))
+        return record.get("settings") == self.settings and trusted(record) and record["page"] > 0
 
     def write(self, record: dict) -> None:
         super().write(record)
