@@ -266,3 +266,21 @@ def test_long_names_give_markdown_names_within_name_max(tmp_path):
     written = _folder_run(tmp_path / "out", [Input(name, name) for name in names], texts)
     assert len(written) == len(names) and all(n.endswith(".md") and len(n.encode()) <= 255 for n in written)
     assert sorted(written.values()) == sorted(f"<!-- page 1 -->\n\n{t}\n" for t in texts)
+
+
+def test_a_folder_named_like_a_document_s_markdown_does_not_end_the_run(tmp_path):
+    """`a.jpg` beside a folder `a.md/` holding `z.jpg`: a.jpg's `a.md` took the name the folder needs (or the folder
+    the name a.jpg's .md needs), an output_error that ended the run. The .md gets another name."""
+    from idefics_cli.tasks.batch import DocumentDone, Input
+    from idefics_cli.tasks.writers import FolderSink
+
+    out = tmp_path / "out"
+    docs = [Input("c/a.jpg", "a.jpg"), Input("c/a.md/z.jpg", "a.md/z.jpg")]
+    with FolderSink(str(out), docs, "s") as sink:
+        for k, doc in enumerate(docs):
+            sink.write({"path": doc.path, "page": 1, "status": "ok", "text": f"text {k}", "sha256": f"h{k}",
+                        "settings": "s"})
+            sink.document_done(DocumentDone(doc, f"h{k}", [1], 1))
+    written = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, files in os.walk(out) for f in files)
+    assert written == ["a (2).md", "a.md/z.md", "records.jsonl"]
+    assert "text 0" in (out / "a (2).md").read_text() and "text 1" in (out / "a.md" / "z.md").read_text()

@@ -272,8 +272,14 @@ class FolderSink(JsonlSink):
         stems = [os.path.splitext(d.rel)[0] for d in docs]
         counts = Counter(os.path.splitext(rel)[0] for rel in {d.rel for d in docs})  # stems of different names
         names = [stem if counts[stem] == 1 else d.rel for d, stem in zip(docs, stems)]
-        taken = set()  # one .md name twice (one relative path under two folders, or names safe_join makes one):
-        self.md_rel = {}  # "NAME (2).md" for the second, or the next number no other document's .md has
+        # one .md name twice (one relative path under two folders, or names safe_join makes one), or a .md named as a
+        # folder other .md files go into: "NAME (2).md", or the next number no other document's .md has
+        root, taken, self.md_rel = os.path.abspath(folder), set(), {}
+        for name in names:
+            path = os.path.dirname(safe_join(folder, name + ".md"))
+            while path != root:
+                taken.add(path)
+                path = os.path.dirname(path)
         for d, name in zip(docs, names):
             n = 1
             while (md := (f"{name} ({n})" if n > 1 else name) + ".md") and safe_join(folder, md) in taken:
