@@ -41,6 +41,17 @@ def test_record_log_drops_a_torn_last_line(tmp_path):
     assert path.read_bytes() == b'{"page": 1}\n{"page": 2}\n{"page": 3}\n'
 
 
+def test_record_log_keeps_a_whole_last_record_that_only_lacks_its_newline(tmp_path):
+    """A records file saved by an editor that drops the final newline: its last record, whole, was cut off the file
+    as if torn by a crash (and its page done again). It is kept, and the newline added before appending."""
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(b'{"page": 1}\n{"page": 2}')
+    with JsonlSink(str(path)) as log:
+        assert log.existing == [{"page": 1}, {"page": 2}]
+        log.write({"page": 3})
+    assert path.read_bytes() == b'{"page": 1}\n{"page": 2}\n{"page": 3}\n'
+
+
 def test_record_log_whole_file_torn(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_bytes(b'{"page": 1, "st')

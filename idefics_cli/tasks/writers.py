@@ -219,8 +219,13 @@ class JsonlSink(Sink):
         with open(self.path, "rb+") as f:
             data = f.read()
             end = data.rfind(b"\n") + 1
-            if end != len(data):  # a torn last line from a crash: drop it
-                f.truncate(end)
+            if end != len(data):  # a torn last line from a crash: dropped; a whole record (an editor's save
+                try:  # dropped its newline): kept, the newline added
+                    whole = isinstance(json.loads(data[end:]), dict)
+                except ValueError:
+                    whole = False
+                f.write(b"\n") if whole else f.truncate(end)
+                end = len(data) if whole else end
                 f.flush()
                 os.fsync(f.fileno())
         for line in data[:end].splitlines():
