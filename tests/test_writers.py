@@ -295,3 +295,24 @@ def test_a_folder_named_like_a_document_s_markdown_does_not_end_the_run(tmp_path
     written = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, files in os.walk(out) for f in files)
     assert written == ["a (2).md", "a.md/z.md", "records.jsonl"]
     assert "text 0" in (out / "a (2).md").read_text() and "text 1" in (out / "a.md" / "z.md").read_text()
+
+
+def test_a_folder_named_records_jsonl_in_the_input_does_not_end_the_run(tmp_path):
+    """`in/records.jsonl/r.jpg`: its .md went into out/records.jsonl/, the records file itself: an output_error that
+    ended the run. It goes into `_records.jsonl/`."""
+    from idefics_cli.tasks.batch import DocumentDone, Input
+    from idefics_cli.tasks.writers import FolderSink
+
+    out = tmp_path / "out"
+    docs = [Input("in/records.jsonl/r.jpg", "records.jsonl/r.jpg"), Input("in/records.jsonl.lock/l.jpg",
+                                                                            "records.jsonl.lock/l.jpg"),
+            Input("in/records.jsonl/sub/s.jpg", "records.jsonl/sub/s.jpg")]
+    with FolderSink(str(out), docs, "s") as sink:
+        for k, doc in enumerate(docs):
+            sink.write({"path": doc.path, "page": 1, "status": "ok", "text": f"text {k}", "sha256": f"h{k}",
+                        "settings": "s"})
+            sink.document_done(DocumentDone(doc, f"h{k}", [1], 1))
+    assert "text 0" in (out / "_records.jsonl" / "r.md").read_text()
+    assert "text 1" in (out / "_records.jsonl.lock" / "l.md").read_text()
+    assert "text 2" in (out / "_records.jsonl" / "sub" / "s.md").read_text()
+    assert len((out / "records.jsonl").read_text().splitlines()) == 3

@@ -277,6 +277,8 @@ class FolderSink(JsonlSink):
         stems = [os.path.splitext(d.rel)[0] for d in docs]
         counts = Counter(os.path.splitext(rel)[0] for rel in {d.rel for d in docs})  # stems of different names
         names = [stem if counts[stem] == 1 else d.rel for d, stem in zip(docs, stems)]
+        own = tuple(os.path.join(os.path.abspath(folder), n, "") for n in ("records.jsonl", "records.jsonl.lock"))
+        names = [f"_{name}" if safe_join(folder, name).startswith(own) else name for name in names]  # not into those
         # one .md name twice (one relative path under two folders, or names safe_join makes one), or a .md named as a
         # folder other .md files go into: "NAME (2).md", or the next number no other document's .md has
         root, taken, self.md_rel = os.path.abspath(folder), set(), {}
