@@ -316,3 +316,12 @@ def test_a_folder_named_records_jsonl_in_the_input_does_not_end_the_run(tmp_path
     assert "text 1" in (out / "_records.jsonl.lock" / "l.md").read_text()
     assert "text 2" in (out / "_records.jsonl" / "sub" / "s.md").read_text()
     assert len((out / "records.jsonl").read_text().splitlines()) == 3
+
+
+def test_record_log_skips_a_line_nested_past_the_parser_s_depth(tmp_path):
+    """A garbage line of 100,000 `[` (json.loads raises RecursionError, not ValueError) ended the run as internal."""
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(b"[" * 100_000 + b"\n" + b'{"page": 1}\n' + b"[" * 100_000)
+    with JsonlSink(str(path)) as log:
+        assert log.existing == [{"page": 1}]
+    assert path.read_bytes() == b"[" * 100_000 + b'\n{"page": 1}\n'  # the torn tail dropped

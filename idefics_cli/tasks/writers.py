@@ -222,14 +222,14 @@ class JsonlSink(Sink):
             if end != len(data):  # a torn last line from a crash: dropped; a whole record (an editor's save
                 try:  # dropped its newline): kept, the newline added
                     whole = isinstance(json.loads(data[end:]), dict)
-                except ValueError:
+                except (ValueError, RecursionError):  # RecursionError: a line nested past the parser's depth
                     whole = False
                 f.write(b"\n") if whole else f.truncate(end)
                 end = len(data) if whole else end
                 f.flush()
                 os.fsync(f.fileno())
         for line in data[:end].splitlines():
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, RecursionError):
                 self.existing.append(json.loads(line))
         self.existing = [record for record in self.existing if isinstance(record, dict)]
 
