@@ -333,6 +333,7 @@ def build(root: str) -> list[Case]:
     add("newline", _image_bytes(), "ok", filename="new\nline.png")
     add("non-utf8", _image_bytes(), "ok", filename=os.fsdecode(b"caf\xe9-\xff.png"))
     add("non-ascii", _image_bytes(), "ok", filename="é文件.png")
+    add("non-utf8-long-name", _image_bytes(), "ok", filename=os.fsdecode(b"\xff" * 240 + b".png"))  # 720-byte .md
     add("dotdot", _image_bytes(), "ok", filename="evil..%2F..png")
     folder = os.path.join(root, "x.pdf")
     os.makedirs(folder, exist_ok=True)

@@ -255,3 +255,23 @@ def test_walk_skips_a_named_pipe_a_folder_holds_instead_of_waiting_on_it(tmp_pat
     assert rels(docs) == ["a.pdf"] and [os.path.basename(p) for p in skipped] == ["pipe.pdf"]
     docs, _ = batch.walk([str(tmp_path / "in" / "pipe.pdf")])
     assert rels(docs) == ["pipe.pdf"]
+
+
+def test_walk_reports_a_folder_it_cannot_read_instead_of_leaving_it_out(tmp_path):
+    """os.walk passes over a folder it cannot list (unreadable, or a path past PATH_MAX as here, where root reads
+    anything): its documents were left out of the run without a word, and the run exited 0. The folder now gets an
+    error (an error record, page 0), as an input that matches nothing does."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    fd = os.open(folder, os.O_RDONLY)
+    for _ in range(21):  # 21 names of 200 bytes: past PATH_MAX (4096)
+        os.mkdir("d" * 200, dir_fd=fd)
+        fd, old = os.open("d" * 200, os.O_RDONLY, dir_fd=fd), fd
+        os.close(old)
+    os.close(os.open("deep.png", os.O_WRONLY | os.O_CREAT, dir_fd=fd))
+    os.close(fd)
+    docs, errors = batch.walk([str(folder)])
+    assert [d.rel for d in docs] == ["a.png"]
+    assert len(errors) == 1 and errors[0].code == "not_found" and errors[0].path.endswith("d" * 200)
+    assert "cannot read the folder" in errors[0].message

@@ -116,3 +116,22 @@ def test_ctrl_c_as_the_command_line_starts_is_exit_130_without_a_traceback(when)
     code = CTRL_C_AT[when] + "import sys\nsys.argv = ['idefics', '-h']\nfrom idefics_cli.__main__ import main\nmain()\n"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
     assert (res.returncode, res.stdout, res.stderr) == (130, b"", b"interrupted\n")
+
+
+SECOND_CTRL_C = ("import atexit, os, signal, time\n"  # a second Ctrl-C (or SIGTERM) as the exit handlers run
+                 "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), os.kill(os.getpid(), signal.SIGTERM),"
+                 " time.sleep(0.5)))\n")
+
+
+@pytest.mark.parametrize("how", ["raised", "status"])
+def test_a_second_ctrl_c_while_an_interrupted_command_exits_is_no_traceback(how):
+    """The first Ctrl-C stops `transcribe` (130); an impatient second one, landing in the exit handlers (the document
+    workers', torch's), printed "Exception ignored in atexit callback" and a traceback. Once interrupted, the
+    command ignores further Ctrl-C and SIGTERM while it exits."""
+    stop = ("(_ for _ in ()).throw(KeyboardInterrupt())" if how == "raised"
+            else "(_ for _ in ()).throw(SystemExit(130))")  # the command's own handling: run() gave 130
+    code = (SECOND_CTRL_C + f"import idefics_cli.cli as cli\ncli.app = lambda: {stop}\n"
+            "import sys\nsys.argv = ['idefics', '-h']\nfrom idefics_cli.__main__ import main\nmain()\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert (res.returncode, res.stdout) == (130, b"") and b"Traceback" not in res.stderr, res.stderr.decode()
+    assert res.stderr == (b"interrupted\n" if how == "raised" else b"")

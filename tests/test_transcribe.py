@@ -243,6 +243,28 @@ def test_torn_last_line_is_dropped_and_its_page_redone(tmp_path, cli, tiny_model
     assert [page for page, _ in md_sections(out / "doc.md")] == [1, 2, 3]
 
 
+def test_hand_edited_records_that_are_not_page_records_are_redone(tmp_path, cli, tiny_model):
+    """A records file edited by hand before resuming: a page given as "2", a text set to null (and a blank line, a
+    line of garbage) ended the run with an internal error as the .md was written; such records are not trusted, so
+    their pages are done again."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    make_pdf(folder / "doc.pdf", 3)
+    out = tmp_path / "out"
+    args = ["transcribe", folder, "--out", out, *model_args(tiny_model, "--no-split")]
+    assert cli(*args).exit_code == 0
+    records_path = out / "records.jsonl"
+    first, second, third = read_records(records_path)
+    edited = [{**first, "text": None}, {**second, "page": str(second["page"])}, third]
+    records_path.write_text("\n".join([*map(json.dumps, edited), "", "garbage{", "[1]"]) + "\n")
+
+    res = cli(*args)
+    assert res.exit_code == 0, res.stderr
+    assert "2 pages transcribed, 1 already done" in res.stderr
+    sections = md_sections(out / "doc.md")
+    assert [page for page, _ in sections] == [1, 2, 3] and all(text for _, text in sections)
+
+
 def test_identical_files_both_get_their_markdown_on_resume(tmp_path, cli, tiny_model):
     folder = tmp_path / "in"
     folder.mkdir()

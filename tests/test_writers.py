@@ -41,6 +41,17 @@ def test_record_log_drops_a_torn_last_line(tmp_path):
     assert path.read_bytes() == b'{"page": 1}\n{"page": 2}\n{"page": 3}\n'
 
 
+def test_record_log_keeps_a_whole_last_record_that_only_lacks_its_newline(tmp_path):
+    """A records file saved by an editor that drops the final newline: its last record, whole, was cut off the file
+    as if torn by a crash (and its page done again). It is kept, and the newline added before appending."""
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(b'{"page": 1}\n{"page": 2}')
+    with JsonlSink(str(path)) as log:
+        assert log.existing == [{"page": 1}, {"page": 2}]
+        log.write({"page": 3})
+    assert path.read_bytes() == b'{"page": 1}\n{"page": 2}\n{"page": 3}\n'
+
+
 def test_record_log_whole_file_torn(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_bytes(b'{"page": 1, "st')
@@ -231,3 +242,86 @@ def test_safe_join_keeps_ordinary_names(tmp_path):
     assert safe_join(root, "sub/my file.md") == os.path.join(root, "sub", "my file.md")
     assert safe_join(root, "é文件.md") == os.path.join(root, "é文件.md")
     assert safe_join(root, os.fsdecode(b"bad\xff.md")) == os.path.join(root, "bad\ufffd.md")
+
+
+def _folder_run(out, docs, texts):
+    from idefics_cli.tasks.batch import DocumentDone
+    from idefics_cli.tasks.writers import FolderSink
+
+    with FolderSink(str(out), docs, "s") as sink:
+        for k, (doc, text) in enumerate(zip(docs, texts)):
+            sink.write({"path": doc.path, "page": 1, "status": "ok", "text": text, "sha256": f"h{k}", "settings": "s"})
+            sink.document_done(DocumentDone(doc, f"h{k}", [1], 1))
+    return {n: (out / n).read_text() for n in os.listdir(out) if n != "records.jsonl"}
+
+
+def test_a_document_named_like_a_numbered_copy_keeps_its_own_markdown(tmp_path):
+    """`transcribe n1 n2` with n1/a.pdf, n2/a.pdf and n1/"a (2).pdf": the second a.pdf's "a (2).md" was written over
+    by the third document's (or it over the second's): three documents, three .md files."""
+    from idefics_cli.tasks.batch import Input
+
+    docs = [Input("n1/a.pdf", "a.pdf"), Input("n2/a.pdf", "a.pdf"), Input("n1/a (2).pdf", "a (2).pdf")]
+    written = _folder_run(tmp_path / "out", docs, ("first", "second", "third"))
+    assert len(written) == 3 and sorted(written.values()) == sorted(f"<!-- page 1 -->\n\n{t}\n" for t in
+                                                                    ("first", "second", "third"))
+
+
+def test_long_names_give_markdown_names_within_name_max(tmp_path):
+    """A name near NAME_MAX (255 bytes): `é`*125 + .jpg and + .png (one stem, so NAME.jpg.md: 257 bytes) ended the run
+    with output_error; a 251-character stem lost its `.md` (cut at 200 characters). Each gets its own `.md`."""
+    from idefics_cli.tasks.batch import Input
+
+    names = ["é" * 125 + ".jpg", "é" * 125 + ".png", "L" * 251 + ".jpg", os.fsdecode(b"\xff" * 250 + b".jpg"),
+             os.fsdecode(b"\xff" * 250 + b".png")]
+    texts = [f"text {k}" for k in range(len(names))]
+    written = _folder_run(tmp_path / "out", [Input(name, name) for name in names], texts)
+    assert len(written) == len(names) and all(n.endswith(".md") and len(n.encode()) <= 255 for n in written)
+    assert sorted(written.values()) == sorted(f"<!-- page 1 -->\n\n{t}\n" for t in texts)
+
+
+def test_a_folder_named_like_a_document_s_markdown_does_not_end_the_run(tmp_path):
+    """`a.jpg` beside a folder `a.md/` holding `z.jpg`: a.jpg's `a.md` took the name the folder needs (or the folder
+    the name a.jpg's .md needs), an output_error that ended the run. The .md gets another name."""
+    from idefics_cli.tasks.batch import DocumentDone, Input
+    from idefics_cli.tasks.writers import FolderSink
+
+    out = tmp_path / "out"
+    docs = [Input("c/a.jpg", "a.jpg"), Input("c/a.md/z.jpg", "a.md/z.jpg")]
+    with FolderSink(str(out), docs, "s") as sink:
+        for k, doc in enumerate(docs):
+            sink.write({"path": doc.path, "page": 1, "status": "ok", "text": f"text {k}", "sha256": f"h{k}",
+                        "settings": "s"})
+            sink.document_done(DocumentDone(doc, f"h{k}", [1], 1))
+    written = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, files in os.walk(out) for f in files)
+    assert written == ["a (2).md", "a.md/z.md", "records.jsonl"]
+    assert "text 0" in (out / "a (2).md").read_text() and "text 1" in (out / "a.md" / "z.md").read_text()
+
+
+def test_a_folder_named_records_jsonl_in_the_input_does_not_end_the_run(tmp_path):
+    """`in/records.jsonl/r.jpg`: its .md went into out/records.jsonl/, the records file itself: an output_error that
+    ended the run. It goes into `_records.jsonl/`."""
+    from idefics_cli.tasks.batch import DocumentDone, Input
+    from idefics_cli.tasks.writers import FolderSink
+
+    out = tmp_path / "out"
+    docs = [Input("in/records.jsonl/r.jpg", "records.jsonl/r.jpg"), Input("in/records.jsonl.lock/l.jpg",
+                                                                            "records.jsonl.lock/l.jpg"),
+            Input("in/records.jsonl/sub/s.jpg", "records.jsonl/sub/s.jpg")]
+    with FolderSink(str(out), docs, "s") as sink:
+        for k, doc in enumerate(docs):
+            sink.write({"path": doc.path, "page": 1, "status": "ok", "text": f"text {k}", "sha256": f"h{k}",
+                        "settings": "s"})
+            sink.document_done(DocumentDone(doc, f"h{k}", [1], 1))
+    assert "text 0" in (out / "_records.jsonl" / "r.md").read_text()
+    assert "text 1" in (out / "_records.jsonl.lock" / "l.md").read_text()
+    assert "text 2" in (out / "_records.jsonl" / "sub" / "s.md").read_text()
+    assert len((out / "records.jsonl").read_text().splitlines()) == 3
+
+
+def test_record_log_skips_a_line_nested_past_the_parser_s_depth(tmp_path):
+    """A garbage line of 100,000 `[` (json.loads raises RecursionError, not ValueError) ended the run as internal."""
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(b"[" * 100_000 + b"\n" + b'{"page": 1}\n' + b"[" * 100_000)
+    with JsonlSink(str(path)) as log:
+        assert log.existing == [{"page": 1}]
+    assert path.read_bytes() == b"[" * 100_000 + b'\n{"page": 1}\n'  # the torn tail dropped

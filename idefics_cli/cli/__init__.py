@@ -10,6 +10,7 @@ import atexit
 import contextlib
 import gc
 import os
+import signal
 import sys
 import threading
 
@@ -49,14 +50,24 @@ def entry() -> None:
     try:
         app()
     except KeyboardInterrupt:  # before a command's own handling (parsing its arguments)
+        _stay_interrupted()
         sys.stderr.write("interrupted\n")
         _exit_now(130)
     except SystemExit as done:
+        if done.code == 130:
+            _stay_interrupted()
         if done.code not in (0, None) and any(t.daemon and t.is_alive() for t in threading.enumerate()):
             _exit_now(done.code)
         raise
     finally:
         gc.freeze()  # what is alive now is left out of the shutdown's collections: a faster exit
+
+
+def _stay_interrupted() -> None:
+    """Interrupted: a second Ctrl-C or SIGTERM while the command exits (its exit handlers) is ignored, not a
+    traceback from the handler it lands in."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _exit_now(code) -> None:

@@ -53,8 +53,9 @@ def is_document(path: str) -> bool:
 
 
 def walk(inputs: list[str], skipped: list[str] | None = None) -> tuple[list[Input], list[IdeficsError]]:
-    """(documents, errors for inputs that matched nothing): explicit inputs in the order given, each expansion
-    sorted by relative path; files an expansion meets that are not documents are appended to `skipped`."""
+    """(documents, errors for inputs that matched nothing and folders that cannot be read): explicit inputs in the
+    order given, each expansion sorted by relative path; files an expansion meets that are not documents are
+    appended to `skipped`."""
     found: dict[str, Input] = {}
     errors, skipped = [], [] if skipped is None else skipped
 
@@ -74,7 +75,7 @@ def walk(inputs: list[str], skipped: list[str] | None = None) -> tuple[list[Inpu
         if given == "-":
             found.setdefault("-", Input("-", "stdin"))
         elif os.path.isdir(given):
-            add([Input(path, os.path.relpath(path, given)) for path in _walk_dir(given)])
+            add([Input(path, os.path.relpath(path, given)) for path in _walk_dir(given, errors)])
         elif os.path.lexists(given) or not (GLOB_CHARS & set(given)):
             if not os.path.exists(given):
                 errors.append(IdeficsError("not_found", "no such file or folder", path=given))
@@ -94,9 +95,14 @@ def _glob_root(pattern: str) -> str:
     return os.sep.join(fixed) or "."
 
 
-def _walk_dir(root: str) -> Iterator[str]:
+def _walk_dir(root: str, errors: list[IdeficsError]) -> Iterator[str]:
+    """The files under root; a folder that cannot be listed gets an error rather than being passed over."""
+    def unreadable(exc: OSError) -> None:
+        code = "permission_denied" if isinstance(exc, PermissionError) else "not_found"
+        errors.append(IdeficsError(code, f"cannot read the folder ({exc.strerror})", path=exc.filename))
+
     seen = set()
-    for folder, dirs, files in os.walk(root, followlinks=True):
+    for folder, dirs, files in os.walk(root, onerror=unreadable, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen:
             dirs[:] = []

@@ -19,7 +19,7 @@ from functools import partial
 from ..errors import IdeficsError, StalledAnswer, UsageError, classify
 from ..interface import DOCLING_PROMPT, DPI_RANGE, MAX_NEW_TOKENS, TRANSCRIBE_PROMPT, ModelOptions, check_option
 from .batch import Batch, BlankPage, DocumentDone, Failure, Input, Prefetcher, parse_shard
-from .records import PageRecord, Summary, blank_record, error_record, ok_record, settings_hash, task_error
+from .records import PageRecord, Summary, blank_record, error_record, ok_record, settings_hash, task_error, trusted
 from .selection import prompt_for
 from .writers import Sink
 
@@ -134,7 +134,8 @@ class TranscribeJob:
     start: float = field(init=False)
 
     def __post_init__(self):
-        earlier = [] if self.request.force else [r for r in self.sink.existing if r.get("status") == "ok"]
+        existing = [] if self.request.force else self.sink.existing
+        earlier = [r for r in existing if r.get("status") == "ok" and trusted(r)]  # a hand-edited line may not be
         self.earlier = {(r.get("sha256"), r.get("page"), r.get("settings")): r for r in earlier}
         self.done = set(self.earlier)
         self.recorded = {(r.get("path"), r.get("page")) for r in earlier}

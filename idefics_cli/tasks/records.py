@@ -154,6 +154,19 @@ class Summary:
                 f"in {self.seconds:.1f}s ({rate:.2f} pages/s)")
 
 
+def trusted(record: dict) -> bool:
+    """Whether a record read back from a records file (edited by hand, it may hold anything) is one resume and the
+    .md files can use: path, sha256 and settings strings, a page number, an ok page's text or an error's code and
+    message."""
+    if not all(isinstance(record.get(k), str) for k in ("path", "sha256", "settings")) or type(
+            record.get("page")) is not int:
+        return False
+    if record.get("status") == "ok":
+        return isinstance(record.get("text"), str) and isinstance(record.get("markdown"), (str, type(None)))
+    error = record.get("error")
+    return isinstance(error, dict) and all(isinstance(error.get(k), str) for k in ("code", "message"))
+
+
 def settings_hash(**settings) -> str:
     """Short, stable hash of the settings that change a page's text (model, quant, split, size, prompt...)."""
     blob = json.dumps(settings, sort_keys=True, ensure_ascii=True, default=str)

@@ -17,6 +17,7 @@ import time
 from collections import Counter
 
 from ..errors import IdeficsError, UsageError, warning_line
+from .records import trusted
 
 
 class OutputLock:
@@ -116,15 +117,21 @@ def atomic_write(path: str, text: str) -> None:
         raise output_error(path, exc) from exc
 
 
+NAME_MAX = 255  # bytes in one file name
+
+
 def safe_join(root: str, rel: str) -> str:
-    """A path under root for rel, whatever rel holds: never outside root."""
+    """A path under root for rel, whatever rel holds: never outside root; each name printable UTF-8, cut in its
+    middle to NAME_MAX bytes, its last 24 characters kept."""
     parts = []
     for part in rel.replace("\\", "/").split("/"):
         if part in ("", ".", ".."):
             continue
         part = part.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         part = "".join(ch if ch.isprintable() else "_" for ch in part).lstrip(".") or "_"
-        parts.append(part[:200])
+        while len(part.encode()) > NAME_MAX:  # cut in the middle: the end (" (2).md") tells names apart
+            part = part[:-25] + part[-24:]
+        parts.append(part)
     path = os.path.join(os.path.abspath(root), *(parts or ["_"]))
     assert os.path.commonpath([os.path.abspath(root), path]) == os.path.abspath(root)
     return path
@@ -212,12 +219,17 @@ class JsonlSink(Sink):
         with open(self.path, "rb+") as f:
             data = f.read()
             end = data.rfind(b"\n") + 1
-            if end != len(data):  # a torn last line from a crash: drop it
-                f.truncate(end)
+            if end != len(data):  # a torn last line from a crash: dropped; a whole record (an editor's save
+                try:  # dropped its newline): kept, the newline added
+                    whole = isinstance(json.loads(data[end:]), dict)
+                except (ValueError, RecursionError):  # RecursionError: a line nested past the parser's depth
+                    whole = False
+                f.write(b"\n") if whole else f.truncate(end)
+                end = len(data) if whole else end
                 f.flush()
                 os.fsync(f.fileno())
         for line in data[:end].splitlines():
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, RecursionError):
                 self.existing.append(json.loads(line))
         self.existing = [record for record in self.existing if isinstance(record, dict)]
 
@@ -265,15 +277,25 @@ class FolderSink(JsonlSink):
         stems = [os.path.splitext(d.rel)[0] for d in docs]
         counts = Counter(os.path.splitext(rel)[0] for rel in {d.rel for d in docs})  # stems of different names
         names = [stem if counts[stem] == 1 else d.rel for d, stem in zip(docs, stems)]
-        seen = Counter()  # one .md name twice (one relative path under two folders, or names safe_join makes one):
-        self.md_rel = {}  # "NAME (2).md" for the second
+        own = tuple(os.path.join(os.path.abspath(folder), n, "") for n in ("records.jsonl", "records.jsonl.lock"))
+        names = [f"_{name}" if safe_join(folder, name).startswith(own) else name for name in names]  # not into those
+        # one .md name twice (one relative path under two folders, or names safe_join makes one), or a .md named as a
+        # folder other .md files go into: "NAME (2).md", or the next number no other document's .md has
+        root, taken, self.md_rel = os.path.abspath(folder), set(), {}
+        for name in names:
+            path = os.path.dirname(safe_join(folder, name + ".md"))
+            while path != root:
+                taken.add(path)
+                path = os.path.dirname(path)
         for d, name in zip(docs, names):
-            key = safe_join(folder, name)
-            seen[key] += 1
-            self.md_rel[(d.path, d.rel)] = (f"{name} ({seen[key]})" if seen[key] > 1 else name) + ".md"
+            n = 1
+            while (md := (f"{name} ({n})" if n > 1 else name) + ".md") and safe_join(folder, md) in taken:
+                n += 1
+            taken.add(safe_join(folder, md))
+            self.md_rel[(d.path, d.rel)] = md
 
     def _usable(self, record: dict) -> bool:
-        return record.get("settings") == self.settings and bool(record.get("page"))
+        return record.get("settings") == self.settings and trusted(record) and record["page"] > 0
 
     def write(self, record: dict) -> None:
         super().write(record)
