@@ -220,14 +220,19 @@ def read_records_tolerant(path) -> list[dict]:
     return [json.loads(line) for line in complete.splitlines()]
 
 
-def test_torn_last_line_is_dropped_and_its_page_redone(tmp_path, cli, tiny_model):
+def _three_pages_done(tmp_path, cli, tiny_model):
+    """A 3-page PDF transcribed into a folder: (the command's args, the folder, its records file)."""
     folder = tmp_path / "in"
     folder.mkdir()
     make_pdf(folder / "doc.pdf", 3)
     out = tmp_path / "out"
     args = ["transcribe", folder, "--out", out, *model_args(tiny_model, "--no-split")]
     assert cli(*args).exit_code == 0
-    records_path = out / "records.jsonl"
+    return args, out, out / "records.jsonl"
+
+
+def test_torn_last_line_is_dropped_and_its_page_redone(tmp_path, cli, tiny_model):
+    args, out, records_path = _three_pages_done(tmp_path, cli, tiny_model)
     lines = records_path.read_bytes().splitlines(keepends=True)
     assert len(lines) == 3
     torn_page = json.loads(lines[-1])["page"]
@@ -247,13 +252,7 @@ def test_hand_edited_records_that_are_not_page_records_are_redone(tmp_path, cli,
     """A records file edited by hand before resuming: a page given as "2", a text set to null (and a blank line, a
     line of garbage) ended the run with an internal error as the .md was written; such records are not trusted, so
     their pages are done again."""
-    folder = tmp_path / "in"
-    folder.mkdir()
-    make_pdf(folder / "doc.pdf", 3)
-    out = tmp_path / "out"
-    args = ["transcribe", folder, "--out", out, *model_args(tiny_model, "--no-split")]
-    assert cli(*args).exit_code == 0
-    records_path = out / "records.jsonl"
+    args, out, records_path = _three_pages_done(tmp_path, cli, tiny_model)
     first, second, third = read_records(records_path)
     edited = [{**first, "text": None}, {**second, "page": str(second["page"])}, third]
     records_path.write_text("\n".join([*map(json.dumps, edited), "", "garbage{", "[1]"]) + "\n")
