@@ -244,12 +244,13 @@ def test_each_page_gets_its_share_of_the_batch_time(engine):
 def test_the_jobs_done_pages_are_its_sinks_ok_records():
     sink = Sink()
     sink.existing = [
-        {"path": "a.pdf", "sha256": "a", "page": 1, "settings": "s", "status": "ok"},
+        {"path": "a.pdf", "sha256": "a", "page": 1, "settings": "s", "status": "ok", "text": "one"},
         {"path": "a.pdf", "sha256": "a", "page": 2, "settings": "s", "status": "error"},
-        {"path": "a.pdf", "sha256": "a", "page": 3, "settings": "t", "status": "ok"},
-        {"path": "b.pdf", "sha256": "b", "page": 1, "settings": "s", "status": "ok"},
-        {"path": "c.pdf", "sha256": "b", "page": 1, "settings": "s", "status": "ok"},
+        {"path": "a.pdf", "sha256": "a", "page": 3, "settings": "t", "status": "ok", "text": "three"},
+        {"path": "b.pdf", "sha256": "b", "page": 1, "settings": "s", "status": "ok", "text": ""},
+        {"path": "c.pdf", "sha256": "b", "page": 1, "settings": "s", "status": "ok", "text": "copy"},
         {"page": 9},  # a record missing fields is tolerated and never done
+        {"path": "d.pdf", "sha256": "d", "page": 1, "settings": "s", "status": "ok"},  # no text: not trusted, redone
     ]
     job = TranscribeJob(SETTINGS, [], sink, None, None)
     assert job.done == {("a", 1, "s"), ("a", 3, "t"), ("b", 1, "s")}
@@ -257,7 +258,6 @@ def test_the_jobs_done_pages_are_its_sinks_ok_records():
     assert TranscribeJob(SETTINGS, [], Sink(), None, None).done == set()
     forced = TranscribeJob(TranscribeRequest((), force=True), [], sink, None, None)
     assert forced.done == set() and forced.recorded == set()
-
 
 
 def test_a_ctrl_c_while_the_prefetcher_stops_after_an_error_is_raised_not_ignored(engine, tmp_path, monkeypatch):
