@@ -90,13 +90,15 @@ class Output:
             self.console.print(message, style="dim")
 
     def warn(self, message: str) -> None:
-        self._line(f"warning: {message}".replace("\n", " "), "yellow")  # one line, a file name with a newline too
+        self._line(f"warning: {message}", "yellow")
 
     def error(self, err: IdeficsError) -> None:
         self._line(err.one_line(), "bold red" if self.stderr_tty else None, soft_wrap=True)
 
     def _line(self, line: str, style: str | None, **options) -> None:
-        """`line` on stderr: drawn by Rich on a terminal (or FORCE_COLOR), else written plain as Rich would."""
+        """`line` on stderr, one line (a newline in a file name a space): drawn by Rich on a terminal (or
+        FORCE_COLOR), else written plain as Rich would."""
+        line = line.replace("\n", " ")
         if self.stderr_tty or self._console is not None or os.environ.get("FORCE_COLOR"):
             self.console.print(line, style=style, markup=False, **options)
             return

@@ -203,18 +203,9 @@ def _is_stdio(path: str) -> bool:
     """True when `path` is the file (or pipe, or terminal) of this process's stdin, stdout or stderr."""
     import os
 
-    try:
-        st = os.stat(os.path.expanduser(path))
-    except (OSError, ValueError):
-        return False
-    for fd in (0, 1, 2):
-        try:
-            std = os.fstat(fd)
-        except OSError:  # closed
-            continue
-        if (std.st_dev, std.st_ino) == (st.st_dev, st.st_ino):
-            return True
-    return False
+    from ..tasks.writers import same_file
+
+    return any(same_file(os.path.expanduser(path), fd) for fd in (0, 1, 2))
 
 
 class Terminated(KeyboardInterrupt):

@@ -7,7 +7,6 @@ mcp reads only under its `--root` folders, exits 0 when stdin closes, and SIGTER
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from pathlib import Path
@@ -85,9 +84,6 @@ def crops_command(
         stem = "stdin" if doc == "-" else os.path.splitext(os.path.basename(doc.rstrip("/")))[0] or "document"
         stem = "".join(c if c.isprintable() else "_" for c in stem)  # one written path a line on stdout
         out = f"{stem}-page{page}-crops.png"
-    with contextlib.suppress(OSError, ValueError):
-        if out is not None and os.path.samefile(out, doc):
-            raise UsageError(f"--out {out} would overwrite the document itself", "choose another --out")
     with open_document(doc, password=password, dpi=dpi, longest_side=o.render_side(opts)) as opened:
         image = opened.render(page)
     with output.status(f"Loading the processor of {opts.model}…"):

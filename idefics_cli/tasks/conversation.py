@@ -19,7 +19,7 @@ from ..interface import assistant_turn, user_turn
 from ..structured import as_schema
 from .records import Source
 from .selection import ChosenPage, Response, Selection, answer_limit, check_question, prompt_for
-from .writers import atomic_write
+from .writers import atomic_write, same_file
 
 CHAT_SCHEMA = "idefics-cli.chat/1"
 
@@ -116,9 +116,8 @@ class ChatSession:
         if not isinstance(path, (str, os.PathLike)):
             raise UsageError(f"save to a file path, not {type(path).__name__}", "e.g. save('chat.json')")
         path = os.path.expanduser(path)
-        with contextlib.suppress(OSError, ValueError):
-            if os.path.samefile(path, self.doc.path):
-                raise UsageError(f"/save {path} would overwrite the document itself", "e.g. /save chat.json")
+        if same_file(path, self.doc.path):
+            raise UsageError(f"/save {path} would overwrite the document itself", "e.g. /save chat.json")
         text = json.dumps(self.to_dict(), ensure_ascii=False, indent=2)
         try:
             text.encode("utf-8")

@@ -8,7 +8,6 @@ torch and PIL are imported inside functions only.
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 
@@ -129,10 +128,11 @@ def save_crops(images: list, names: list[str], folder: str | None, sheet_path: s
     that is `document` itself or another of them is a `UsageError`, before anything is written."""
     paths = [os.path.join(folder, f"crop-{k}-{name}.png") for k, name in enumerate(names, 1)] \
         if folder is not None else []
+    from .writers import same_file
+
     for k, path in enumerate(paths + ([sheet_path] if sheet_path is not None else [])):
-        with contextlib.suppress(OSError):
-            if document and os.path.samefile(path, document):
-                raise UsageError(f"{path} would overwrite the document itself", "choose another --out or --dir")
+        if document and same_file(path, document):
+            raise UsageError(f"{path} would overwrite the document itself", "choose another --out or --dir")
         if os.path.realpath(path) in map(os.path.realpath, paths[:k]):
             raise UsageError(f"--out {path} would overwrite a crop of --dir", "choose another --out")
     written = []

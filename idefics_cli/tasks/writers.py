@@ -4,6 +4,7 @@ Contract: a sink (a context manager) has `existing` (records already written), `
 `close()` and `records_name`. `JsonlSink` appends to a locked .jsonl file (a torn last line dropped; `OutputLock`:
 a second process gets a usage error); `FolderSink` adds an atomically written `.md` per document;
 `open_sink(out, docs, settings)` picks one for `--out`. `safe_join(root, rel)` never leaves root; files follow umask.
+`same_file(path, other)`: whether a path to write is a file already in use (a path or an open descriptor).
 """
 from __future__ import annotations
 
@@ -56,6 +57,14 @@ class OutputLock:
                 os.unlink(self.path)  # removed while still held, so no one can lock a file that is going away
             os.close(self.fd)
             self.fd = None
+
+
+def same_file(path, other) -> bool:
+    """Whether `path` is `other` (a path, or an open file descriptor) on disk; False when either cannot be read."""
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(other) if isinstance(other, int) else os.stat(other))
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def output_error(path: str, exc: OSError) -> IdeficsError:
